@@ -1,0 +1,201 @@
+//! An async Rust client for the wire protocol, with pipelining.
+//!
+//! Many calls may be in flight on one connection at once: each gets its own
+//! request id and its answer is matched by that id, in whatever order the
+//! server sends them.
+//!
+//! ```no_run
+//! # async fn demo() -> Result<(), tally::client::ClientError> {
+//! use serde_json::json;
+//! let c = tally::client::Client::connect("127.0.0.1:7707").await?;
+//! c.login("admin", "secret").await?;
+//! c.call("create_account", json!({"account": "alice", "initial": 100})).await?;
+//! let t = c.call("transfer", json!({"from": "alice", "to": "@treasury", "amount": 5})).await?;
+//! assert_eq!(t["from_balance"], 95);
+//! # Ok(()) }
+//! ```
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use bytes::BytesMut;
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::tcp::OwnedWriteHalf;
+use tokio::net::{TcpStream, ToSocketAddrs};
+use tokio::sync::oneshot;
+
+use crate::frame;
+
+/// What can go wrong with a call.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    /// The server answered with an error code.
+    #[error("{code}: {message}")]
+    Server { code: String, message: String },
+    #[error("connection: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("protocol: {0}")]
+    Protocol(String),
+    #[error("the connection closed before the answer came")]
+    Closed,
+}
+
+impl ClientError {
+    /// The server's error code, if the server answered with one.
+    #[must_use]
+    pub fn code(&self) -> Option<&str> {
+        match self {
+            ClientError::Server { code, .. } => Some(code),
+            _ => None,
+        }
+    }
+}
+
+type Pending = Arc<Mutex<HashMap<u64, oneshot::Sender<Result<Value, ClientError>>>>>;
+
+/// One connection to a Tally server. Cheap to share: `call` takes `&self`.
+pub struct Client {
+    writer: tokio::sync::Mutex<OwnedWriteHalf>,
+    pending: Pending,
+    next_id: AtomicU64,
+    reader: tokio::task::JoinHandle<()>,
+}
+
+#[derive(Deserialize)]
+struct RawResponse {
+    id: Option<u64>,
+    ok: Option<Value>,
+    err: Option<RawError>,
+}
+
+#[derive(Deserialize)]
+struct RawError {
+    code: String,
+    message: String,
+}
+
+impl Client {
+    /// Connects in binary mode.
+    pub async fn connect(addr: impl ToSocketAddrs) -> Result<Client, ClientError> {
+        let stream = TcpStream::connect(addr).await?;
+        stream.set_nodelay(true)?;
+        let (mut rd, wr) = stream.into_split();
+        let pending: Pending = Arc::default();
+        let p = pending.clone();
+        let reader = tokio::spawn(async move {
+            let mut buf = BytesMut::with_capacity(64 * 1024);
+            loop {
+                while buf.len() >= 4 {
+                    let n = u32::from_be_bytes([buf[0], buf[1], buf[2], buf[3]]) as usize;
+                    if buf.len() < 4 + n {
+                        buf.reserve(4 + n - buf.len());
+                        break;
+                    }
+                    let body = buf.split_to(4 + n);
+                    deliver(&p, &body[4..]);
+                }
+                match rd.read_buf(&mut buf).await {
+                    Ok(0) | Err(_) => break,
+                    Ok(_) => {}
+                }
+            }
+            // Fail every call still waiting.
+            p.lock().map(|mut m| m.clear()).ok();
+        });
+        Ok(Client {
+            writer: tokio::sync::Mutex::new(wr),
+            pending,
+            next_id: AtomicU64::new(1),
+            reader,
+        })
+    }
+
+    /// Sends `op` with `args` (any serializable map, e.g. `json!({...})`) and
+    /// waits for its answer's `ok` value.
+    pub async fn call<A: Serialize>(&self, op: &str, args: A) -> Result<Value, ClientError> {
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let mut out = BytesMut::with_capacity(128);
+        frame::encode_request(&mut out, id, op, &args)
+            .map_err(|e| ClientError::Protocol(e.to_string()))?;
+        let (tx, rx) = oneshot::channel();
+        self.pending
+            .lock()
+            .map_err(|_| ClientError::Closed)?
+            .insert(id, tx);
+        let written = self.writer.lock().await.write_all(&out).await;
+        if let Err(e) = written {
+            if let Ok(mut m) = self.pending.lock() {
+                m.remove(&id);
+            }
+            return Err(e.into());
+        }
+        rx.await.map_err(|_| ClientError::Closed)?
+    }
+
+    /// Logs in and binds this connection to the user.
+    pub async fn login(&self, user: &str, password: &str) -> Result<Value, ClientError> {
+        self.call(
+            "login",
+            serde_json::json!({"user": user, "password": password}),
+        )
+        .await
+    }
+
+    /// Balance of `account` (the caller's own account when `None`).
+    pub async fn balance(&self, account: Option<&str>) -> Result<i64, ClientError> {
+        let v = self
+            .call("balance", serde_json::json!({ "account": account }))
+            .await?;
+        v["balance"]
+            .as_i64()
+            .ok_or_else(|| ClientError::Protocol("balance without a balance".into()))
+    }
+
+    /// Moves `amount` from `from` (the caller's own account when `None`) to `to`.
+    pub async fn transfer(
+        &self,
+        from: Option<&str>,
+        to: &str,
+        amount: i64,
+        key: Option<&str>,
+    ) -> Result<Value, ClientError> {
+        self.call(
+            "transfer",
+            serde_json::json!({"from": from, "to": to, "amount": amount, "key": key}),
+        )
+        .await
+    }
+}
+
+impl Drop for Client {
+    fn drop(&mut self) {
+        self.reader.abort();
+    }
+}
+
+fn deliver(pending: &Pending, body: &[u8]) {
+    let Ok(r) = rmp_serde::from_slice::<RawResponse>(body) else {
+        return;
+    };
+    let Some(id) = r.id else {
+        tracing::warn!("answer without an id (a frame the server could not read)");
+        return;
+    };
+    let result = match (r.ok, r.err) {
+        (_, Some(e)) => Err(ClientError::Server {
+            code: e.code,
+            message: e.message,
+        }),
+        (Some(v), None) => Ok(v),
+        (None, None) => Err(ClientError::Protocol(
+            "an answer with neither ok nor err".into(),
+        )),
+    };
+    let waiter = pending.lock().ok().and_then(|mut m| m.remove(&id));
+    if let Some(w) = waiter {
+        let _ = w.send(result);
+    }
+}

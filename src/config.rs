@@ -1,0 +1,431 @@
+//! Configuration: defaults, then the preset, then the TOML file, then
+//! `TALLY_*` environment variables, then command-line flags; later wins.
+
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+use crate::constants::{
+    COMMIT_BATCH_MAX, CONNECTIONS_MAX, DATA_DEFAULT, FRAME_BYTES_MAX, INFLIGHT_MAX,
+    INFLIGHT_PER_CONNECTION_MAX, LISTEN_DEFAULT, SHARDS_DEFAULT, TOKEN_TTL_S_DEFAULT,
+};
+
+/// A configuration that cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("invalid TOML in {path}: {source}")]
+    Toml {
+        path: PathBuf,
+        source: Box<toml::de::Error>,
+    },
+    #[error("invalid configuration: {0}")]
+    Invalid(String),
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    pub listen: String,
+    pub data: PathBuf,
+    pub text_mode: bool,
+    pub preset: Option<String>,
+    /// Number of shard actors owning the accounts.
+    pub shards: usize,
+    pub auth: AuthConfig,
+    pub mail: MailConfig,
+    pub otp: OtpConfig,
+    pub limits: LimitsConfig,
+    pub policy: PolicyConfig,
+}
+
+#[derive(Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AuthConfig {
+    pub admin_password: Option<String>,
+    pub jwt_secret: Option<String>,
+    pub token_ttl_s: u64,
+    pub signup: bool,
+}
+
+impl std::fmt::Debug for AuthConfig {
+    // Secrets never reach a log line.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AuthConfig")
+            .field(
+                "admin_password",
+                &self.admin_password.as_ref().map(|_| "<set>"),
+            )
+            .field("jwt_secret", &self.jwt_secret.as_ref().map(|_| "<set>"))
+            .field("token_ttl_s", &self.token_ttl_s)
+            .field("signup", &self.signup)
+            .finish()
+    }
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MailConfig {
+    pub transport: String,
+    pub from: String,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct OtpConfig {
+    pub ttl_s: u64,
+    pub tries_max: u32,
+    pub resends_max: u32,
+    pub transfer_min: Option<i64>,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LimitsConfig {
+    pub min_balance: i64,
+    pub max_balance: Option<i64>,
+    pub frame_bytes_max: usize,
+    pub connections_max: usize,
+    pub inflight_per_connection_max: usize,
+    pub inflight_max: usize,
+    pub commit_batch_max: usize,
+}
+
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PolicyConfig {
+    pub min_events: u64,
+    pub fee_same_group_bps: u32,
+    pub fee_cross_group_bps: u32,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            listen: LISTEN_DEFAULT.into(),
+            data: DATA_DEFAULT.into(),
+            text_mode: true,
+            preset: None,
+            shards: SHARDS_DEFAULT,
+            auth: AuthConfig::default(),
+            mail: MailConfig::default(),
+            otp: OtpConfig::default(),
+            limits: LimitsConfig::default(),
+            policy: PolicyConfig::default(),
+        }
+    }
+}
+
+impl Default for AuthConfig {
+    fn default() -> Self {
+        AuthConfig {
+            admin_password: None,
+            jwt_secret: None,
+            token_ttl_s: TOKEN_TTL_S_DEFAULT,
+            signup: true,
+        }
+    }
+}
+
+impl Default for MailConfig {
+    fn default() -> Self {
+        MailConfig {
+            transport: "log".into(),
+            from: "Tally <noreply@localhost>".into(),
+        }
+    }
+}
+
+impl Default for OtpConfig {
+    fn default() -> Self {
+        OtpConfig {
+            ttl_s: 120,
+            tries_max: 5,
+            resends_max: 3,
+            transfer_min: None,
+        }
+    }
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        LimitsConfig {
+            min_balance: 0,
+            max_balance: None,
+            frame_bytes_max: FRAME_BYTES_MAX,
+            connections_max: CONNECTIONS_MAX,
+            inflight_per_connection_max: INFLIGHT_PER_CONNECTION_MAX,
+            inflight_max: INFLIGHT_MAX,
+            commit_batch_max: COMMIT_BATCH_MAX,
+        }
+    }
+}
+
+
+/// Keys that may be set from the environment, per section ("" = top level).
+const KEYS: &[(&str, &[&str])] = &[
+    ("", &["listen", "data", "text_mode", "preset", "shards"]),
+    (
+        "auth",
+        &["admin_password", "jwt_secret", "token_ttl_s", "signup"],
+    ),
+    ("mail", &["transport", "from"]),
+    (
+        "otp",
+        &["ttl_s", "tries_max", "resends_max", "transfer_min"],
+    ),
+    (
+        "limits",
+        &[
+            "min_balance",
+            "max_balance",
+            "frame_bytes_max",
+            "connections_max",
+            "inflight_per_connection_max",
+            "inflight_max",
+            "commit_batch_max",
+        ],
+    ),
+    (
+        "policy",
+        &["min_events", "fee_same_group_bps", "fee_cross_group_bps"],
+    ),
+];
+
+/// The campus-coin rules (SPEC section 5).
+fn campus_preset() -> toml::Table {
+    toml::from_str(
+        r#"
+        [limits]
+        min_balance = 0
+        max_balance = 10001
+        [policy]
+        min_events = 6
+        fee_same_group_bps = 200
+        fee_cross_group_bps = 3300
+        [otp]
+        transfer_min = 1
+        "#,
+    )
+    .expect("the campus preset is valid TOML")
+}
+
+fn env_value(raw: &str) -> toml::Value {
+    if let Ok(i) = raw.parse::<i64>() {
+        return toml::Value::Integer(i);
+    }
+    match raw {
+        "true" => toml::Value::Boolean(true),
+        "false" => toml::Value::Boolean(false),
+        _ => toml::Value::String(raw.to_owned()),
+    }
+}
+
+fn section<'a>(table: &'a mut toml::Table, name: &str) -> &'a mut toml::Table {
+    if name.is_empty() {
+        return table;
+    }
+    let entry = table
+        .entry(name.to_owned())
+        .or_insert_with(|| toml::Value::Table(toml::Table::new()));
+    if !entry.is_table() {
+        *entry = toml::Value::Table(toml::Table::new());
+    }
+    entry.as_table_mut().expect("made a table above")
+}
+
+fn merge(base: &mut toml::Table, over: toml::Table) {
+    for (k, v) in over {
+        match (base.get_mut(&k), v) {
+            (Some(toml::Value::Table(b)), toml::Value::Table(o)) => merge(b, o),
+            (_, v) => {
+                base.insert(k, v);
+            }
+        }
+    }
+}
+
+/// Command-line values that override everything else.
+#[derive(Clone, Debug, Default)]
+pub struct Overrides {
+    pub listen: Option<String>,
+    pub data: Option<PathBuf>,
+    pub preset: Option<String>,
+}
+
+impl Config {
+    /// Builds the configuration from a file, environment variables and flags.
+    pub fn load(
+        file: Option<&Path>,
+        env: impl IntoIterator<Item = (String, String)>,
+        overrides: &Overrides,
+    ) -> Result<Config, ConfigError> {
+        let mut user = match file {
+            None => toml::Table::new(),
+            Some(path) => {
+                let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+                    path: path.to_owned(),
+                    source,
+                })?;
+                toml::from_str(&text).map_err(|source| ConfigError::Toml {
+                    path: path.to_owned(),
+                    source: Box::new(source),
+                })?
+            }
+        };
+        for (name, raw) in env {
+            let Some(rest) = name.strip_prefix("TALLY_") else {
+                continue;
+            };
+            let rest = rest.to_ascii_lowercase();
+            for (sec, keys) in KEYS {
+                let key = if sec.is_empty() {
+                    Some(rest.as_str())
+                } else {
+                    rest.strip_prefix(sec).and_then(|r| r.strip_prefix('_'))
+                };
+                if let Some(key) = key.filter(|k| keys.contains(k)) {
+                    section(&mut user, sec).insert(key.to_owned(), env_value(&raw));
+                }
+            }
+        }
+        if let Some(l) = &overrides.listen {
+            user.insert("listen".into(), toml::Value::String(l.clone()));
+        }
+        if let Some(d) = &overrides.data {
+            user.insert("data".into(), toml::Value::String(d.display().to_string()));
+        }
+        if let Some(p) = &overrides.preset {
+            user.insert("preset".into(), toml::Value::String(p.clone()));
+        }
+        let mut merged = match user.get("preset").map(|p| p.as_str()) {
+            None => toml::Table::new(),
+            Some(Some("campus")) => campus_preset(),
+            Some(other) => {
+                return Err(ConfigError::Invalid(format!(
+                    "unknown preset {other:?} (known: \"campus\")"
+                )))
+            }
+        };
+        merge(&mut merged, user);
+        let config: Config = toml::Value::Table(merged)
+            .try_into()
+            .map_err(|e: toml::de::Error| ConfigError::Invalid(e.to_string()))?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        let bad = |m: &str| Err(ConfigError::Invalid(m.to_owned()));
+        if let Some(max) = self.limits.max_balance {
+            if max < self.limits.min_balance {
+                return bad("limits.max_balance is below limits.min_balance");
+            }
+        }
+        if self.limits.frame_bytes_max == 0 || self.limits.frame_bytes_max > FRAME_BYTES_MAX * 16 {
+            return bad("limits.frame_bytes_max must be 1..=16 MiB");
+        }
+        if !(1..=CONNECTIONS_MAX * 10).contains(&self.limits.connections_max) {
+            return bad("limits.connections_max must be 1..=100000");
+        }
+        if !(1..=65_536).contains(&self.limits.inflight_per_connection_max) {
+            return bad("limits.inflight_per_connection_max must be 1..=65536");
+        }
+        if !(1..=INFLIGHT_MAX * 8).contains(&self.limits.inflight_max) {
+            return bad("limits.inflight_max must be 1..=1048576");
+        }
+        if !(1..=COMMIT_BATCH_MAX * 8).contains(&self.limits.commit_batch_max) {
+            return bad("limits.commit_batch_max must be 1..=65536");
+        }
+        if !(1..=1024).contains(&self.shards) {
+            return bad("shards must be 1..=1024");
+        }
+        if self.policy.fee_same_group_bps > 10_000 || self.policy.fee_cross_group_bps > 10_000 {
+            return bad("fees are at most 10000 basis points");
+        }
+        if self.auth.token_ttl_s == 0 {
+            return bad("auth.token_ttl_s must be positive");
+        }
+        Ok(())
+    }
+
+    /// The balance bounds for the ledger core.
+    #[must_use]
+    pub fn ledger_limits(&self) -> crate::ledger::Limits {
+        crate::ledger::Limits {
+            min_balance: self.limits.min_balance,
+            max_balance: self.limits.max_balance,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+        pairs
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect()
+    }
+
+    #[test]
+    fn defaults() {
+        let c = Config::load(None, env(&[]), &Overrides::default()).unwrap();
+        assert_eq!(c.listen, "127.0.0.1:7707");
+        assert_eq!(c.limits.max_balance, None);
+        assert_eq!(c.otp.transfer_min, None);
+    }
+
+    #[test]
+    fn preset_then_env_then_flags() {
+        let c = Config::load(
+            None,
+            env(&[
+                ("TALLY_PRESET", "campus"),
+                ("TALLY_OTP_TRANSFER_MIN", "0"),
+                ("TALLY_LISTEN", "0.0.0.0:1"),
+                ("TALLY_PASSWORD", "ignored: not a config key"),
+            ]),
+            &Overrides {
+                listen: Some("127.0.0.1:9".into()),
+                ..Overrides::default()
+            },
+        )
+        .unwrap();
+        assert_eq!(c.limits.max_balance, Some(10001));
+        assert_eq!(c.policy.fee_cross_group_bps, 3300);
+        assert_eq!(c.otp.transfer_min, Some(0));
+        assert_eq!(c.listen, "127.0.0.1:9");
+    }
+
+    #[test]
+    fn file_keys_override_the_preset_and_typos_are_errors() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("t.toml");
+        std::fs::write(&path, "preset = \"campus\"\n[limits]\nmax_balance = 500\n").unwrap();
+        let c = Config::load(Some(&path), env(&[]), &Overrides::default()).unwrap();
+        assert_eq!(c.limits.max_balance, Some(500));
+        assert_eq!(c.policy.min_events, 6);
+        std::fs::write(&path, "[limits]\nmax_balanse = 500\n").unwrap();
+        assert!(Config::load(Some(&path), env(&[]), &Overrides::default()).is_err());
+        std::fs::write(&path, "preset = \"casino\"\n").unwrap();
+        assert!(Config::load(Some(&path), env(&[]), &Overrides::default()).is_err());
+    }
+
+    #[test]
+    fn secrets_are_not_in_debug_output() {
+        let c = Config::load(
+            None,
+            env(&[("TALLY_AUTH_ADMIN_PASSWORD", "hunter2-secret")]),
+            &Overrides::default(),
+        )
+        .unwrap();
+        assert!(!format!("{c:?}").contains("hunter2-secret"));
+    }
+}

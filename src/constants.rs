@@ -1,0 +1,55 @@
+//! Every limit Tally enforces, in one place.
+//!
+//! Config may lower most of these (see `config.rs`); none can be raised past
+//! the hard maxima here without a code change, because each one bounds memory
+//! or time that a single client could otherwise claim.
+
+/// Default listen address of `tally serve`.
+pub const LISTEN_DEFAULT: &str = "127.0.0.1:7707";
+/// Default data folder of `tally serve`.
+pub const DATA_DEFAULT: &str = "./tally-data";
+
+/// Largest frame body accepted by default (`limits.frame_bytes_max`).
+pub const FRAME_BYTES_MAX: usize = 1024 * 1024;
+/// Longest text-mode line, newline excluded.
+pub const LINE_BYTES_MAX: usize = 64 * 1024;
+/// Deepest nesting of MessagePack arrays and maps accepted in a request.
+pub const DECODE_DEPTH_MAX: usize = 16;
+/// Connections served at once by default (`limits.connections_max`).
+pub const CONNECTIONS_MAX: usize = 10_000;
+/// Requests in flight on one connection by default (`limits.inflight_per_connection_max`).
+pub const INFLIGHT_PER_CONNECTION_MAX: usize = 1024;
+/// Requests in flight in the whole server (bounds every shard mailbox and
+/// the journal queue; `limits.inflight_max`).
+pub const INFLIGHT_MAX: usize = 131_072;
+/// How long a peer may take to finish sending a frame it has started.
+pub const FRAME_READ_TIMEOUT_MS: u64 = 30_000;
+
+/// Most commands the journal applies in one redb write transaction.
+pub const COMMIT_BATCH_MAX: usize = 8192;
+/// Number of shard actors; each is the single writer of the accounts hashed to it.
+pub const SHARDS_DEFAULT: usize = 32;
+/// Committed idempotency keys each shard keeps in memory (older ones are read from disk).
+pub const KEYS_CACHED_PER_SHARD_MAX: usize = 16_384;
+
+/// Longest account id in bytes (SPEC: 1-64 bytes).
+pub const ACCOUNT_ID_BYTES_MAX: usize = 64;
+/// Longest memo in bytes.
+pub const MEMO_BYTES_MAX: usize = 256;
+/// Longest idempotency key in bytes.
+pub const KEY_BYTES_MAX: usize = 64;
+/// Longest tag in bytes.
+pub const TAG_BYTES_MAX: usize = 32;
+/// Most tags on one account.
+pub const TAGS_PER_ACCOUNT_MAX: usize = 16;
+/// Longest user id in bytes.
+pub const USER_ID_BYTES_MAX: usize = 64;
+/// Longest password in bytes (argon2 takes any length; this bounds hashing time).
+pub const PASSWORD_BYTES_MAX: usize = 1024;
+
+/// Default and largest page of `history` and `list_accounts`.
+pub const PAGE_LIMIT_DEFAULT: usize = 100;
+pub const PAGE_LIMIT_MAX: usize = 1000;
+
+/// Default lifetime of a login token.
+pub const TOKEN_TTL_S_DEFAULT: u64 = 1800;

@@ -1,0 +1,128 @@
+//! Error codes of the wire protocol and the one error type every handler returns.
+
+use serde::Serialize;
+
+/// A stable, snake_case error code (SPEC section 3).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+#[non_exhaustive]
+pub enum ErrorCode {
+    /// The frame could not be decoded as a request.
+    BadFrame,
+    /// The frame's declared length exceeds `limits.frame_bytes_max`.
+    FrameTooLarge,
+    /// The request's arguments are missing, of the wrong type or out of range.
+    BadRequest,
+    /// The op is not one Tally knows.
+    UnknownOp,
+    /// The connection is not bound to a user, or its token no longer works.
+    Unauthenticated,
+    /// The user may not do this.
+    Forbidden,
+    /// The account, transfer or user does not exist.
+    NotFound,
+    /// The id is taken.
+    Exists,
+    /// The account was deleted.
+    Deleted,
+    /// The debit would take the account below its minimum.
+    InsufficientFunds,
+    /// The credit would take the account above its maximum.
+    AboveMax,
+    /// The change would take the account below its minimum.
+    BelowMin,
+    /// Sender or receiver lacks the events required.
+    Ineligible,
+    OtpInvalid,
+    OtpExpired,
+    OtpExhausted,
+    /// Too many attempts; try later.
+    RateLimited,
+    /// The idempotency key was used with different arguments.
+    KeyConflict,
+    /// The server is at a limit; try later.
+    Overloaded,
+    /// Something failed inside the server (disk, bug); nothing was changed.
+    Internal,
+}
+
+impl ErrorCode {
+    /// The code as it appears on the wire.
+    #[must_use]
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ErrorCode::BadFrame => "bad_frame",
+            ErrorCode::FrameTooLarge => "frame_too_large",
+            ErrorCode::BadRequest => "bad_request",
+            ErrorCode::UnknownOp => "unknown_op",
+            ErrorCode::Unauthenticated => "unauthenticated",
+            ErrorCode::Forbidden => "forbidden",
+            ErrorCode::NotFound => "not_found",
+            ErrorCode::Exists => "exists",
+            ErrorCode::Deleted => "deleted",
+            ErrorCode::InsufficientFunds => "insufficient_funds",
+            ErrorCode::AboveMax => "above_max",
+            ErrorCode::BelowMin => "below_min",
+            ErrorCode::Ineligible => "ineligible",
+            ErrorCode::OtpInvalid => "otp_invalid",
+            ErrorCode::OtpExpired => "otp_expired",
+            ErrorCode::OtpExhausted => "otp_exhausted",
+            ErrorCode::RateLimited => "rate_limited",
+            ErrorCode::KeyConflict => "key_conflict",
+            ErrorCode::Overloaded => "overloaded",
+            ErrorCode::Internal => "internal",
+        }
+    }
+}
+
+/// An error reply: a code for programs and a message for people.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, thiserror::Error)]
+#[error("{code:?}: {message}")]
+pub struct ApiError {
+    pub code: ErrorCode,
+    pub message: String,
+}
+
+impl ApiError {
+    pub fn new(code: ErrorCode, message: impl Into<String>) -> Self {
+        ApiError {
+            code,
+            message: message.into(),
+        }
+    }
+    pub fn bad_request(message: impl Into<String>) -> Self {
+        Self::new(ErrorCode::BadRequest, message)
+    }
+    pub fn not_found(what: impl std::fmt::Display) -> Self {
+        Self::new(ErrorCode::NotFound, format!("{what} not found"))
+    }
+    pub fn forbidden(message: impl Into<String>) -> Self {
+        Self::new(ErrorCode::Forbidden, message)
+    }
+    pub fn internal(message: impl Into<String>) -> Self {
+        Self::new(ErrorCode::Internal, message)
+    }
+}
+
+impl From<crate::ledger::LedgerError> for ApiError {
+    fn from(e: crate::ledger::LedgerError) -> Self {
+        use crate::ledger::LedgerError as L;
+        let code = match e {
+            L::InsufficientFunds { .. } => ErrorCode::InsufficientFunds,
+            L::AboveMax { .. } | L::Overflow => ErrorCode::AboveMax,
+            L::BelowMin { .. } | L::Underflow => ErrorCode::BelowMin,
+            L::NotFound(_) => ErrorCode::NotFound,
+            L::Deleted(_) => ErrorCode::Deleted,
+            L::Exists(_) => ErrorCode::Exists,
+            L::BadAmount(_) | L::BadId(_) | L::SameAccount => ErrorCode::BadRequest,
+        };
+        ApiError::new(code, e.to_string())
+    }
+}
+
+impl From<redb::Error> for ApiError {
+    fn from(e: redb::Error) -> Self {
+        tracing::error!(error = %e, "storage error");
+        ApiError::internal("storage error")
+    }
+}

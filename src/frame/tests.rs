@@ -1,0 +1,121 @@
+//! Proves the envelope decoder accepts good requests and refuses every
+//! malformed body with an error rather than a panic or a large allocation.
+
+use proptest::prelude::*;
+
+use super::*;
+
+fn request(id: u64, op: &str, args: &serde_json::Value) -> Vec<u8> {
+    let mut out = BytesMut::new();
+    encode_request(&mut out, id, op, args).unwrap();
+    out[HEADER_BYTES..].to_vec()
+}
+
+#[test]
+fn parses_a_request() {
+    let body = request(7, "transfer", &serde_json::json!({"to": "b", "amount": 5}));
+    let env = parse_envelope(&body).unwrap();
+    assert_eq!(env.id, 7);
+    assert_eq!(env.op, "transfer");
+    let v: serde_json::Value = decode_args(env.args).unwrap();
+    assert_eq!(v, serde_json::json!({"to": "b", "amount": 5}));
+}
+
+#[test]
+fn missing_args_is_an_empty_map() {
+    // {"id": 1, "op": "ping"}
+    let body = [
+        0x82, 0xa2, b'i', b'd', 0x01, 0xa2, b'o', b'p', 0xa4, b'p', b'i', b'n', b'g',
+    ];
+    let env = parse_envelope(&body).unwrap();
+    assert_eq!(env.args, EMPTY_MAP);
+}
+
+#[test]
+fn refuses_non_maps_and_garbage() {
+    for body in [
+        &[][..],
+        &[0x90],
+        &[0xc1],
+        &[0x81, 0xa2, b'i', b'd'],
+        &[0x83],
+    ] {
+        assert_eq!(
+            parse_envelope(body).unwrap_err().error.code,
+            ErrorCode::BadFrame
+        );
+    }
+}
+
+#[test]
+fn refuses_huge_claimed_lengths_without_allocating() {
+    // {"id":1,"op":"x","args": array32 claiming 4 billion items}
+    let mut body = vec![
+        0x83, 0xa2, b'i', b'd', 0x01, 0xa2, b'o', b'p', 0xa1, b'x', 0xa4, b'a', b'r', b'g', b's',
+    ];
+    body.extend_from_slice(&[0xdd, 0xff, 0xff, 0xff, 0xff]);
+    let e = parse_envelope(&body).unwrap_err();
+    assert_eq!(e.id, Some(1));
+    assert_eq!(e.error.code, ErrorCode::BadFrame);
+    let map32 = [0xdf, 0xff, 0xff, 0xff, 0xff, 0x01];
+    assert!(validate_value(&map32).is_err());
+}
+
+#[test]
+fn refuses_deep_nesting() {
+    let mut deep = vec![0x91; 400_000];
+    deep.push(0xc0);
+    assert!(validate_value(&deep).is_err());
+    let mut ok = vec![0x91; DECODE_DEPTH_MAX];
+    ok.push(0xc0);
+    assert!(validate_value(&ok).is_ok());
+}
+
+#[test]
+fn refuses_invalid_utf8_op() {
+    let body = [
+        0x82, 0xa2, b'i', b'd', 0x01, 0xa2, b'o', b'p', 0xa2, 0xff, 0xfe,
+    ];
+    let e = parse_envelope(&body).unwrap_err();
+    assert_eq!(e.id, Some(1));
+}
+
+#[test]
+fn responses_round_trip() {
+    let mut out = BytesMut::new();
+    encode_response::<u32>(&mut out, Some(3), &Ok(5));
+    encode_response::<u32>(&mut out, None, &Err(ApiError::bad_request("no")));
+    let n = u32::from_be_bytes(out[..4].try_into().unwrap()) as usize;
+    let first: serde_json::Value = rmp_serde::from_slice(&out[4..4 + n]).unwrap();
+    assert_eq!(first, serde_json::json!({"id": 3, "ok": 5}));
+    let second: serde_json::Value = rmp_serde::from_slice(&out[8 + n..]).unwrap();
+    assert_eq!(
+        second,
+        serde_json::json!({"id": null, "err": {"code": "bad_request", "message": "no"}})
+    );
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(4096))]
+
+    #[test]
+    fn random_bytes_never_panic(body in prop::collection::vec(any::<u8>(), 0..256)) {
+        let _ = parse_envelope(&body);
+        let _ = validate_value(&body);
+    }
+
+    #[test]
+    fn mutated_requests_never_panic(
+        pos in 0usize..64,
+        byte in any::<u8>(),
+        cut in 0usize..64,
+    ) {
+        let mut body = request(9, "transfer", &serde_json::json!({"to": "b", "amount": 5, "memo": "m"}));
+        let i = pos % body.len();
+        body[i] = byte;
+        body.truncate(body.len() - cut % body.len());
+        if let Ok(env) = parse_envelope(&body) {
+            let _ = decode_args::<serde_json::Value>(env.args);
+        }
+    }
+}

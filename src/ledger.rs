@@ -1,0 +1,462 @@
+//! The ledger rules as plain functions over plain data: no IO, no async, no actors.
+//!
+//! Two views of every balance exist at run time, and this module defines both:
+//!
+//! - the *owner's view* ([`OwnerAccount`]), kept by the shard actor that is the
+//!   account's single writer. A debit is *reserved* there before it is
+//!   committed, so concurrent debits can never spend the same unit twice;
+//!   credits arrive only after they are durable.
+//! - the *book* ([`Book`]), the journal's committed view, in commit order. It
+//!   decides what the owner cannot know alone (does the receiver exist, would
+//!   the credit cross its cap or overflow) and is what gets persisted.
+//!
+//! Because the owner subtracts debits early and adds credits late, its
+//! available amount never exceeds the committed balance, which is why a check
+//! against the owner's view is enough to keep the book above every minimum.
+
+use std::collections::HashMap;
+
+use crate::constants::{ACCOUNT_ID_BYTES_MAX, KEY_BYTES_MAX, MEMO_BYTES_MAX};
+
+/// Issuance account: every unit in circulation came from here; unbounded.
+pub const MINT: &str = "@mint";
+/// Collects fees.
+pub const TREASURY: &str = "@treasury";
+/// Receives value handed out for goods.
+pub const REDEEMED: &str = "@redeemed";
+/// The system accounts, present from the first start.
+pub const SYSTEM_ACCOUNTS: [&str; 3] = [MINT, TREASURY, REDEEMED];
+
+/// A violated money rule. Every variant is a refusal: nothing was changed.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum LedgerError {
+    #[error("insufficient funds in {account}: available {available}, needed {amount}")]
+    InsufficientFunds {
+        account: String,
+        available: i64,
+        amount: i64,
+    },
+    #[error("{account} would exceed its maximum balance {max}")]
+    AboveMax { account: String, max: i64 },
+    #[error("{account} would fall below its minimum balance {min}")]
+    BelowMin { account: String, min: i64 },
+    #[error("the balance would overflow a 64-bit integer")]
+    Overflow,
+    #[error("the balance would underflow a 64-bit integer")]
+    Underflow,
+    #[error("account {0} not found")]
+    NotFound(String),
+    #[error("account {0} was deleted")]
+    Deleted(String),
+    #[error("account {0} exists")]
+    Exists(String),
+    #[error("bad amount: {0}")]
+    BadAmount(String),
+    #[error("bad id: {0}")]
+    BadId(String),
+    #[error("from and to are the same account")]
+    SameAccount,
+}
+
+/// The kind of a transfer record (SPEC section 2).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Kind {
+    Transfer,
+    Mint,
+    Adjust,
+    Redeem,
+    Close,
+    Hold,
+    Post,
+    Void,
+}
+
+impl Kind {
+    /// Stable one-byte tag used in the stored record format.
+    #[must_use]
+    pub fn to_u8(self) -> u8 {
+        match self {
+            Kind::Transfer => 0,
+            Kind::Mint => 1,
+            Kind::Adjust => 2,
+            Kind::Redeem => 3,
+            Kind::Close => 4,
+            Kind::Hold => 5,
+            Kind::Post => 6,
+            Kind::Void => 7,
+        }
+    }
+    #[must_use]
+    pub fn from_u8(b: u8) -> Option<Kind> {
+        Some(match b {
+            0 => Kind::Transfer,
+            1 => Kind::Mint,
+            2 => Kind::Adjust,
+            3 => Kind::Redeem,
+            4 => Kind::Close,
+            5 => Kind::Hold,
+            6 => Kind::Post,
+            7 => Kind::Void,
+            _ => return None,
+        })
+    }
+}
+
+/// `min_balance` and `max_balance` from config.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Limits {
+    pub min_balance: i64,
+    pub max_balance: Option<i64>,
+}
+
+/// The inclusive range one account's balance must stay in; `None` is unbounded.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Bounds {
+    pub min: Option<i64>,
+    pub max: Option<i64>,
+}
+
+impl Limits {
+    /// Bounds of an account: `@mint` is unbounded (its balance is minus
+    /// everything issued), the other system accounts cannot go negative and
+    /// have no cap, client accounts follow config.
+    #[must_use]
+    pub fn bounds(&self, account: &str) -> Bounds {
+        if account == MINT {
+            Bounds {
+                min: None,
+                max: None,
+            }
+        } else if is_system(account) {
+            Bounds {
+                min: Some(0),
+                max: None,
+            }
+        } else {
+            Bounds {
+                min: Some(self.min_balance),
+                max: self.max_balance,
+            }
+        }
+    }
+}
+
+/// True for ids that only the server may create.
+#[must_use]
+pub fn is_system(account: &str) -> bool {
+    account.starts_with('@')
+}
+
+/// Checks an account id: 1-64 bytes of `A-Za-z0-9._:@-`.
+pub fn validate_account_id(id: &str) -> Result<(), LedgerError> {
+    if id.is_empty() || id.len() > ACCOUNT_ID_BYTES_MAX {
+        return Err(LedgerError::BadId(format!(
+            "account ids are 1-{ACCOUNT_ID_BYTES_MAX} bytes"
+        )));
+    }
+    if !id
+        .bytes()
+        .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b':' | b'@' | b'-'))
+    {
+        return Err(LedgerError::BadId(
+            "account ids use only A-Za-z0-9._:@-".into(),
+        ));
+    }
+    Ok(())
+}
+
+/// Checks a transfer amount: a positive integer.
+pub fn validate_amount(amount: i64) -> Result<(), LedgerError> {
+    if amount <= 0 {
+        return Err(LedgerError::BadAmount(format!(
+            "amount must be a positive integer, got {amount}"
+        )));
+    }
+    Ok(())
+}
+
+/// Checks the optional free-text fields of a transfer.
+pub fn validate_memo_key(memo: Option<&str>, key: Option<&str>) -> Result<(), LedgerError> {
+    if memo.is_some_and(|m| m.len() > MEMO_BYTES_MAX) {
+        return Err(LedgerError::BadId(format!(
+            "memo is longer than {MEMO_BYTES_MAX} bytes"
+        )));
+    }
+    if key.is_some_and(|k| k.is_empty() || k.len() > KEY_BYTES_MAX) {
+        return Err(LedgerError::BadId(format!(
+            "key must be 1-{KEY_BYTES_MAX} bytes"
+        )));
+    }
+    Ok(())
+}
+
+/// The fee on `amount` at `bps` basis points, rounded down.
+#[must_use]
+pub fn fee(amount: i64, bps: u32) -> i64 {
+    // i128 so that amount * bps cannot overflow; the result is <= amount.
+    let fee = i128::from(amount) * i128::from(bps) / 10_000;
+    i64::try_from(fee).unwrap_or(amount).min(amount)
+}
+
+/// `balance - amount`, refused if it would leave `bounds`.
+pub fn debit(account: &str, balance: i64, amount: i64, bounds: Bounds) -> Result<i64, LedgerError> {
+    let after = balance.checked_sub(amount).ok_or(LedgerError::Underflow)?;
+    if let Some(min) = bounds.min {
+        if after < min {
+            return Err(LedgerError::BelowMin {
+                account: account.to_owned(),
+                min,
+            });
+        }
+    }
+    Ok(after)
+}
+
+/// `balance + amount`, refused if it would leave `bounds`.
+pub fn credit(
+    account: &str,
+    balance: i64,
+    amount: i64,
+    bounds: Bounds,
+) -> Result<i64, LedgerError> {
+    let after = balance.checked_add(amount).ok_or(LedgerError::Overflow)?;
+    if let Some(max) = bounds.max {
+        if after > max {
+            return Err(LedgerError::AboveMax {
+                account: account.to_owned(),
+                max,
+            });
+        }
+    }
+    Ok(after)
+}
+
+/// Applies a signed change within bounds (admin `add`).
+pub fn adjust(account: &str, balance: i64, delta: i64, bounds: Bounds) -> Result<i64, LedgerError> {
+    if delta >= 0 {
+        credit(account, balance, delta, bounds)
+    } else {
+        let magnitude = delta.checked_neg().ok_or(LedgerError::Underflow)?;
+        debit(account, balance, magnitude, bounds)
+    }
+}
+
+/// Whether an account accepts changes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Status {
+    Open,
+    Deleted,
+}
+
+/// An account as its owning shard sees it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct OwnerAccount {
+    /// Committed balance, as far as committed batches have been delivered.
+    pub balance: i64,
+    /// Debits reserved but not yet committed.
+    pub reserved: i64,
+    pub status: Status,
+}
+
+impl OwnerAccount {
+    #[must_use]
+    pub fn new(balance: i64) -> Self {
+        OwnerAccount {
+            balance,
+            reserved: 0,
+            status: Status::Open,
+        }
+    }
+
+    /// What can be spent now: the balance less every reservation.
+    #[must_use]
+    pub fn available(&self) -> i64 {
+        self.balance.saturating_sub(self.reserved)
+    }
+
+    /// Reserves `amount` for a debit, or refuses it whole.
+    pub fn reserve(
+        &mut self,
+        account: &str,
+        amount: i64,
+        bounds: Bounds,
+    ) -> Result<(), LedgerError> {
+        if self.status == Status::Deleted {
+            return Err(LedgerError::Deleted(account.to_owned()));
+        }
+        validate_amount(amount)?;
+        let reserved = self
+            .reserved
+            .checked_add(amount)
+            .ok_or(LedgerError::Underflow)?;
+        let after = self
+            .balance
+            .checked_sub(reserved)
+            .ok_or(LedgerError::Underflow)?;
+        if let Some(min) = bounds.min {
+            if after < min {
+                return Err(LedgerError::InsufficientFunds {
+                    account: account.to_owned(),
+                    available: self.available(),
+                    amount,
+                });
+            }
+        }
+        self.reserved = reserved;
+        Ok(())
+    }
+
+    /// Applies a committed change: `delta` to the balance, and `release`
+    /// taken off the reservations it was made under.
+    pub fn settle(&mut self, delta: i64, release: i64) {
+        self.balance = self
+            .balance
+            .checked_add(delta)
+            .expect("the book refused any change that overflows, so its owner view cannot");
+        self.reserved -= release;
+        assert!(self.reserved >= 0, "released more than was reserved");
+    }
+}
+
+/// One account in the journal's committed view.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct BookAccount {
+    pub balance: i64,
+    pub status: Status,
+}
+
+/// The outcome of applying a transfer to the book.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Applied {
+    pub from_balance: i64,
+    pub to_balance: i64,
+}
+
+/// The journal's committed view of every account, in commit order.
+#[derive(Clone, Debug, Default)]
+pub struct Book {
+    pub accounts: HashMap<Box<str>, BookAccount>,
+    pub limits: Limits,
+}
+
+impl Book {
+    #[must_use]
+    pub fn new(limits: Limits) -> Self {
+        let mut book = Book {
+            accounts: HashMap::new(),
+            limits,
+        };
+        for id in SYSTEM_ACCOUNTS {
+            book.accounts.insert(
+                id.into(),
+                BookAccount {
+                    balance: 0,
+                    status: Status::Open,
+                },
+            );
+        }
+        book
+    }
+
+    fn open(&self, id: &str) -> Result<BookAccount, LedgerError> {
+        match self.accounts.get(id) {
+            None => Err(LedgerError::NotFound(id.to_owned())),
+            Some(a) if a.status == Status::Deleted => Err(LedgerError::Deleted(id.to_owned())),
+            Some(a) => Ok(*a),
+        }
+    }
+
+    /// Creates an open account with a zero balance.
+    pub fn create(&mut self, id: &str) -> Result<(), LedgerError> {
+        match self.accounts.get(id) {
+            Some(a) if a.status == Status::Deleted => Err(LedgerError::Deleted(id.to_owned())),
+            Some(_) => Err(LedgerError::Exists(id.to_owned())),
+            None => {
+                self.accounts.insert(
+                    id.into(),
+                    BookAccount {
+                        balance: 0,
+                        status: Status::Open,
+                    },
+                );
+                Ok(())
+            }
+        }
+    }
+
+    /// Moves `amount` from `from` to `to`, of which `fee` goes to `@treasury`.
+    /// Either every balance changes or none does.
+    ///
+    /// `checked_min` says the source's owner already reserved the amount, in
+    /// which case falling below the minimum here is a broken invariant, not a
+    /// user error.
+    pub fn transfer(
+        &mut self,
+        from: &str,
+        to: &str,
+        amount: i64,
+        fee: i64,
+        reserved_by_owner: bool,
+    ) -> Result<Applied, LedgerError> {
+        validate_amount(amount)?;
+        if from == to {
+            return Err(LedgerError::SameAccount);
+        }
+        if !(0..=amount).contains(&fee) {
+            return Err(LedgerError::BadAmount("fee outside 0..=amount".into()));
+        }
+        let source = self.open(from)?;
+        let dest = self.open(to)?;
+        let from_bounds = self.limits.bounds(from);
+        let from_after = match debit(from, source.balance, amount, from_bounds) {
+            Ok(b) => b,
+            Err(e) => {
+                assert!(
+                    !reserved_by_owner || matches!(e, LedgerError::Underflow),
+                    "owner reserved {amount} from {from} but the book holds {}: double spend",
+                    source.balance
+                );
+                return Err(e);
+            }
+        };
+        let to_after = credit(to, dest.balance, amount - fee, self.limits.bounds(to))?;
+        let treasury_after = if fee > 0 {
+            let t = self.open(TREASURY)?;
+            // The treasury is also the receiver when a fee is charged on a
+            // payment to it; add both legs to one balance then.
+            let base = if to == TREASURY { to_after } else { t.balance };
+            Some(credit(TREASURY, base, fee, self.limits.bounds(TREASURY))?)
+        } else {
+            None
+        };
+        self.set_balance(from, from_after);
+        self.set_balance(to, to_after);
+        if let Some(t) = treasury_after {
+            self.set_balance(TREASURY, t);
+        }
+        Ok(Applied {
+            from_balance: from_after,
+            to_balance: if to == TREASURY {
+                treasury_after.unwrap_or(to_after)
+            } else {
+                to_after
+            },
+        })
+    }
+
+    fn set_balance(&mut self, id: &str, balance: i64) {
+        if let Some(a) = self.accounts.get_mut(id) {
+            a.balance = balance;
+        }
+    }
+
+    /// The sum of every balance; 0 whenever the book is consistent.
+    #[must_use]
+    pub fn sum(&self) -> i128 {
+        self.accounts.values().map(|a| i128::from(a.balance)).sum()
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,216 @@
+//! Proves the ledger rules keep money whole: random interleavings of owner
+//! reservations, journal commits and late delivery of committed effects keep
+//! the sum at 0 and every balance inside its bounds.
+
+use std::collections::{HashMap, VecDeque};
+
+use proptest::prelude::*;
+
+use super::*;
+
+const USERS: [&str; 4] = ["a", "b", "c", "d"];
+
+#[derive(Clone, Debug)]
+enum Step {
+    Reserve {
+        from: usize,
+        to: usize,
+        amount: i64,
+        fee_bps: u32,
+    },
+    Mint {
+        to: usize,
+        amount: i64,
+    },
+    Commit,
+    Deliver,
+}
+
+fn step() -> impl Strategy<Value = Step> {
+    prop_oneof![
+        4 => (0..4usize, 0..5usize, -3i64..60, prop_oneof![Just(0u32), Just(200), Just(3300)])
+            .prop_map(|(from, to, amount, fee_bps)| Step::Reserve { from, to, amount, fee_bps }),
+        1 => (0..5usize, 1i64..80).prop_map(|(to, amount)| Step::Mint { to, amount }),
+        3 => Just(Step::Commit),
+        2 => Just(Step::Deliver),
+    ]
+}
+
+/// Index 4 is an account that never exists, to exercise `not_found`.
+fn name(i: usize) -> &'static str {
+    USERS.get(i).copied().unwrap_or("ghost")
+}
+
+struct World {
+    book: Book,
+    owners: HashMap<&'static str, OwnerAccount>,
+    pending: VecDeque<(&'static str, &'static str, i64, i64)>,
+    undelivered: Vec<(&'static str, i64, i64)>,
+}
+
+impl World {
+    fn new(limits: Limits) -> World {
+        let mut book = Book::new(limits);
+        let mut owners = HashMap::new();
+        for id in USERS.iter().copied().chain(SYSTEM_ACCOUNTS) {
+            if !is_system(id) {
+                book.create(id).unwrap();
+            }
+            owners.insert(id, OwnerAccount::new(0));
+        }
+        // Start every user at the minimum so that bounds hold from the start.
+        for id in USERS {
+            let delta = limits.min_balance;
+            book.accounts.get_mut(id).unwrap().balance = delta;
+            book.accounts.get_mut(MINT).unwrap().balance -= delta;
+            owners.get_mut(id).unwrap().balance = delta;
+            owners.get_mut(MINT).unwrap().balance -= delta;
+        }
+        World {
+            book,
+            owners,
+            pending: VecDeque::new(),
+            undelivered: Vec::new(),
+        }
+    }
+
+    fn reserve(&mut self, from: &'static str, to: &'static str, amount: i64, fee: i64) {
+        let bounds = self.book.limits.bounds(from);
+        if self
+            .owners
+            .get_mut(from)
+            .unwrap()
+            .reserve(from, amount, bounds)
+            .is_ok()
+        {
+            self.pending.push_back((from, to, amount, fee));
+        }
+    }
+
+    fn commit(&mut self) {
+        let Some((from, to, amount, fee)) = self.pending.pop_front() else {
+            return;
+        };
+        match self.book.transfer(from, to, amount, fee, true) {
+            Ok(_) => {
+                self.undelivered.push((from, -amount, amount));
+                self.undelivered.push((to, amount - fee, 0));
+                if fee > 0 {
+                    self.undelivered.push((TREASURY, fee, 0));
+                }
+            }
+            Err(_) => self.undelivered.push((from, 0, amount)),
+        }
+    }
+
+    fn deliver(&mut self) {
+        for (id, delta, release) in self.undelivered.drain(..) {
+            if let Some(o) = self.owners.get_mut(id) {
+                o.settle(delta, release);
+            }
+        }
+    }
+
+    fn check(&self) {
+        assert_eq!(self.book.sum(), 0, "sum of balances");
+        for (id, a) in &self.book.accounts {
+            let bounds = self.book.limits.bounds(id);
+            if let Some(min) = bounds.min {
+                assert!(a.balance >= min, "{id} below min: {}", a.balance);
+            }
+            if let Some(max) = bounds.max {
+                assert!(a.balance <= max, "{id} above max: {}", a.balance);
+            }
+            // The owner may never believe more is available than is committed.
+            let owner = &self.owners[&**id];
+            assert!(
+                owner.available() <= a.balance,
+                "{id} owner view ahead of the book"
+            );
+        }
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(512))]
+
+    #[test]
+    fn random_interleavings_keep_sum_zero_and_bounds(
+        min_balance in -20i64..5,
+        max_balance in prop::option::of(40i64..200),
+        steps in prop::collection::vec(step(), 1..200),
+    ) {
+        let limits = Limits { min_balance, max_balance };
+        let mut w = World::new(limits);
+        for s in steps {
+            match s {
+                Step::Reserve { from, to, amount, fee_bps } => {
+                    w.reserve(name(from), name(to), amount, fee(amount.max(0), fee_bps));
+                }
+                Step::Mint { to, amount } => w.reserve(MINT, name(to), amount, 0),
+                Step::Commit => w.commit(),
+                Step::Deliver => w.deliver(),
+            }
+            w.check();
+        }
+        while !w.pending.is_empty() {
+            w.commit();
+        }
+        w.deliver();
+        w.check();
+        for (id, o) in &w.owners {
+            prop_assert_eq!(o.reserved, 0);
+            prop_assert_eq!(o.balance, w.book.accounts[*id].balance);
+        }
+    }
+}
+
+#[test]
+fn fee_rounds_down_and_never_exceeds_amount() {
+    assert_eq!(fee(100, 200), 2);
+    assert_eq!(fee(100, 3300), 33);
+    assert_eq!(fee(49, 200), 0);
+    assert_eq!(fee(i64::MAX, 10_000), i64::MAX);
+}
+
+#[test]
+fn credit_overflow_is_an_error_not_a_wrap() {
+    let unbounded = Bounds {
+        min: None,
+        max: None,
+    };
+    assert_eq!(
+        credit("x", i64::MAX, 1, unbounded),
+        Err(LedgerError::Overflow)
+    );
+    assert_eq!(
+        debit("x", i64::MIN, 1, unbounded),
+        Err(LedgerError::Underflow)
+    );
+}
+
+#[test]
+fn account_ids() {
+    assert!(validate_account_id("alice.w-1:x@y_z").is_ok());
+    assert!(validate_account_id("").is_err());
+    assert!(validate_account_id(&"a".repeat(65)).is_err());
+    assert!(validate_account_id("a b").is_err());
+    assert!(validate_account_id("é").is_err());
+}
+
+#[test]
+fn transfer_to_missing_or_same_account_changes_nothing() {
+    let mut book = Book::new(Limits::default());
+    book.create("a").unwrap();
+    book.transfer(MINT, "a", 10, 0, true).unwrap();
+    let before = book.accounts.clone();
+    assert_eq!(
+        book.transfer("a", "nobody", 5, 0, true),
+        Err(LedgerError::NotFound("nobody".into()))
+    );
+    assert_eq!(
+        book.transfer("a", "a", 5, 0, true),
+        Err(LedgerError::SameAccount)
+    );
+    assert_eq!(book.accounts, before);
+}

@@ -1,0 +1,477 @@
+//! The dispatcher: checks each op's arguments and caller, then answers it
+//! directly, hands it to the owning shard, or reads the store off the
+//! async threads.
+
+use std::sync::Arc;
+
+use crate::auth::{self, Principal};
+use crate::constants::{
+    PAGE_LIMIT_DEFAULT, PAGE_LIMIT_MAX, PASSWORD_BYTES_MAX, TAGS_PER_ACCOUNT_MAX, TAG_BYTES_MAX,
+    USER_ID_BYTES_MAX,
+};
+use crate::error::{ApiError, ErrorCode};
+use crate::frame::decode_args;
+use crate::ledger::{self, is_system, Kind, MINT};
+use crate::protocol::{
+    AccountArg, AuditReply, AuthArgs, AuthReply, CreateAccountArgs, GetTransferArgs, HelloReply,
+    HistoryArgs, HistoryReply, LoginArgs, LoginReply, MintArgs, NoArgs, Reply, StatsReply,
+    TransferArgs, OPS, PROTOCOL_VERSION,
+};
+use crate::reply::ReplyTo;
+use crate::server::{role_of, Ctx, Session};
+use crate::shard::{DebitReq, ReadKind, ShardMsg};
+use crate::stats::Stats;
+use crate::store::{self, AccountMeta};
+
+/// Decodes args or answers `bad_request` and returns from the caller.
+macro_rules! args {
+    ($ty:ty, $raw:expr, $reply:expr) => {
+        match decode_args::<$ty>($raw) {
+            Ok(a) => a,
+            Err(e) => return $reply.err(e),
+        }
+    };
+}
+
+/// Unwraps a `Result<_, ApiError>` or answers with the error.
+macro_rules! check {
+    ($e:expr, $reply:expr) => {
+        match $e {
+            Ok(v) => v,
+            Err(e) => return $reply.err(e.into()),
+        }
+    };
+}
+
+fn unauthenticated() -> ApiError {
+    ApiError::new(ErrorCode::Unauthenticated, "log in first (login or auth)")
+}
+
+fn admin_only(p: &Principal) -> Result<(), ApiError> {
+    if p.is_admin() {
+        Ok(())
+    } else {
+        Err(ApiError::forbidden("this op is for admins"))
+    }
+}
+
+/// Runs `f` on the blocking pool and answers with its result.
+fn blocking<F>(reply: ReplyTo, f: F)
+where
+    F: FnOnce() -> Result<Reply, ApiError> + Send + 'static,
+{
+    tokio::spawn(async move {
+        let r = tokio::task::spawn_blocking(f)
+            .await
+            .unwrap_or_else(|_| Err(ApiError::internal("the query failed")));
+        reply.send(r);
+    });
+}
+
+fn account_id(id: &str) -> Result<(), ApiError> {
+    ledger::validate_account_id(id).map_err(ApiError::from)
+}
+
+/// Handles one request. Only `login` and `auth` are awaited here (they bind
+/// the connection, so the next request must see their outcome); every other
+/// op is handed on and answered through `reply` whenever it finishes.
+pub async fn dispatch(
+    ctx: &Arc<Ctx>,
+    session: &mut Session,
+    op: &str,
+    args: &[u8],
+    reply: ReplyTo,
+) {
+    match op {
+        "hello" => {
+            args!(NoArgs, args, reply);
+            reply.ok(Reply::Hello(HelloReply {
+                server: "tally",
+                version: env!("CARGO_PKG_VERSION"),
+                protocol: PROTOCOL_VERSION,
+            }));
+        }
+        "ping" => {
+            args!(NoArgs, args, reply);
+            reply.ok(Reply::Text("pong"));
+        }
+        "help" => {
+            args!(NoArgs, args, reply);
+            reply.ok(Reply::List(OPS));
+        }
+        "login" => {
+            let a = args!(LoginArgs, args, reply);
+            let r = login(ctx, session, a).await;
+            reply.send(r);
+        }
+        "auth" => {
+            let a = args!(AuthArgs, args, reply);
+            let r = bind_token(ctx, session, &a.token).await;
+            reply.send(r);
+        }
+        _ => {
+            if !OPS.contains(&op) {
+                return reply.err(ApiError::new(
+                    ErrorCode::UnknownOp,
+                    format!("unknown op {op:?}: try help"),
+                ));
+            }
+            let Some(principal) = session.principal.clone() else {
+                return reply.err(unauthenticated());
+            };
+            authed(ctx, principal, op, args, reply);
+        }
+    }
+}
+
+async fn login(ctx: &Arc<Ctx>, session: &mut Session, a: LoginArgs) -> Result<Reply, ApiError> {
+    let denied = || ApiError::new(ErrorCode::Unauthenticated, "wrong user or password");
+    if a.user.len() > USER_ID_BYTES_MAX || a.password.len() > PASSWORD_BYTES_MAX {
+        return Err(denied());
+    }
+    let db = ctx.db.clone();
+    let user = a.user.clone();
+    let checked =
+        tokio::task::spawn_blocking(move || -> Result<Option<store::UserRecord>, ApiError> {
+            let Some(u) = store::get_user(&db, &user)? else {
+                // Spend the same time as a real check so timing does not reveal
+                // which user ids exist.
+                let _ = auth::verify_password(&a.password, DUMMY_HASH);
+                return Ok(None);
+            };
+            Ok(auth::verify_password(&a.password, &u.password_hash).then_some(u))
+        })
+        .await
+        .map_err(|_| ApiError::internal("login failed"))??;
+    let Some(u) = checked else {
+        return Err(denied());
+    };
+    let role = role_of(&u);
+    let (token, expires_at) = ctx.tokens.issue(&u.user, role, u.token_epoch)?;
+    session.principal = Some(Principal {
+        user: u.user.as_str().into(),
+        role,
+    });
+    Ok(Reply::Login(LoginReply {
+        token,
+        expires_at,
+        user: u.user,
+        role: role.as_str(),
+    }))
+}
+
+/// An argon2id hash of a random password, checked against when the user
+/// does not exist.
+const DUMMY_HASH: &str = "$argon2id$v=19$m=19456,t=2,p=1$c29tZXNhbHRzb21lc2FsdA$2/2D7Jm9d0hXhm1NHxu0Vn6cUHxYCOqGKq/KCN4cVJ8";
+
+async fn bind_token(ctx: &Arc<Ctx>, session: &mut Session, token: &str) -> Result<Reply, ApiError> {
+    let claims = ctx.tokens.check(token)?;
+    let db = ctx.db.clone();
+    let sub = claims.sub.clone();
+    let user = tokio::task::spawn_blocking(move || store::get_user(&db, &sub))
+        .await
+        .map_err(|_| ApiError::internal("auth failed"))??;
+    let revoked = || ApiError::new(ErrorCode::Unauthenticated, "the token was revoked");
+    let Some(u) = user else { return Err(revoked()) };
+    if u.token_epoch != claims.ep {
+        return Err(revoked());
+    }
+    let role = role_of(&u);
+    session.principal = Some(Principal {
+        user: u.user.as_str().into(),
+        role,
+    });
+    Ok(Reply::Auth(AuthReply {
+        user: u.user,
+        role: role.as_str(),
+    }))
+}
+
+fn authed(ctx: &Arc<Ctx>, p: Principal, op: &str, args: &[u8], reply: ReplyTo) {
+    match op {
+        "whoami" => {
+            args!(NoArgs, args, reply);
+            let db = ctx.db.clone();
+            blocking(reply, move || {
+                let u =
+                    store::get_user(&db, &p.user)?.ok_or_else(|| ApiError::not_found("user"))?;
+                Ok(Reply::Json(serde_json::json!({
+                    "user": u.user, "name": u.name, "email": u.email, "role": u.role,
+                    "group": u.group, "events": u.events,
+                })))
+            });
+        }
+        "balance" | "account" => {
+            let a = args!(AccountArg, args, reply);
+            let account = a.account.unwrap_or_else(|| p.user.to_string());
+            check!(account_id(&account), reply);
+            let kind = if op == "balance" {
+                ReadKind::Balance
+            } else {
+                ReadKind::Account
+            };
+            ctx.router.send(
+                &account,
+                ShardMsg::Read {
+                    account: account.as_str().into(),
+                    kind,
+                    principal: p,
+                    reply,
+                },
+            );
+        }
+        "transfer" => {
+            let a = args!(TransferArgs, args, reply);
+            let from = a.from.unwrap_or_else(|| p.user.to_string());
+            check!(
+                validate_transfer(&from, &a.to, a.amount, a.memo.as_deref(), a.key.as_deref()),
+                reply
+            );
+            if from == MINT {
+                return reply.err(ApiError::bad_request("use mint to issue from @mint"));
+            }
+            debit(
+                ctx,
+                Kind::Transfer,
+                from,
+                a.to,
+                a.amount,
+                a.memo,
+                a.key,
+                p,
+                reply,
+            );
+        }
+        "mint" => {
+            check!(admin_only(&p), reply);
+            let a = args!(MintArgs, args, reply);
+            check!(
+                validate_transfer(MINT, &a.to, a.amount, a.memo.as_deref(), a.key.as_deref()),
+                reply
+            );
+            debit(
+                ctx,
+                Kind::Mint,
+                MINT.into(),
+                a.to,
+                a.amount,
+                a.memo,
+                a.key,
+                p,
+                reply,
+            );
+        }
+        "create_account" => {
+            check!(admin_only(&p), reply);
+            let a = args!(CreateAccountArgs, args, reply);
+            let (account, meta, initial) = check!(validate_create(ctx, a), reply);
+            ctx.router.send(
+                &account,
+                ShardMsg::Create {
+                    account: account.as_str().into(),
+                    meta,
+                    initial,
+                    reply,
+                },
+            );
+        }
+        "history" => {
+            let a = args!(HistoryArgs, args, reply);
+            let account = a.account.unwrap_or_else(|| p.user.to_string());
+            check!(account_id(&account), reply);
+            let limit = match a.limit {
+                None => PAGE_LIMIT_DEFAULT,
+                Some(l) if (1..=PAGE_LIMIT_MAX as u64).contains(&l) => l as usize,
+                Some(_) => {
+                    return reply.err(ApiError::bad_request(format!(
+                        "limit must be 1..={PAGE_LIMIT_MAX}"
+                    )))
+                }
+            };
+            let db = ctx.db.clone();
+            blocking(reply, move || {
+                let meta = store::account_meta(&db, &account)?
+                    .ok_or_else(|| ApiError::not_found(format!("account {account}")))?;
+                owns(&p, &meta)?;
+                let (transfers, next) = store::history(&db, &account, a.after.unwrap_or(0), limit)?;
+                Ok(Reply::History(HistoryReply {
+                    account,
+                    transfers,
+                    next,
+                }))
+            });
+        }
+        "get_transfer" => {
+            let a = args!(GetTransferArgs, args, reply);
+            let db = ctx.db.clone();
+            blocking(reply, move || {
+                let t = store::get_transfer(&db, a.id)?
+                    .ok_or_else(|| ApiError::not_found(format!("transfer {}", a.id)))?;
+                if !p.is_admin() {
+                    let party = [&t.from, &t.to].into_iter().any(|acct| {
+                        store::account_meta(&db, acct)
+                            .ok()
+                            .flatten()
+                            .is_some_and(|m| m.owner.as_deref() == Some(&*p.user))
+                    });
+                    if !party {
+                        return Err(ApiError::not_found(format!("transfer {}", a.id)));
+                    }
+                }
+                Ok(Reply::Transfer(Arc::new(t)))
+            });
+        }
+        "audit" => {
+            check!(admin_only(&p), reply);
+            args!(NoArgs, args, reply);
+            let db = ctx.db.clone();
+            blocking(reply, move || {
+                let a: AuditReply = store::audit(&db)?;
+                Ok(Reply::Audit(a))
+            });
+        }
+        "stats" => {
+            check!(admin_only(&p), reply);
+            args!(NoArgs, args, reply);
+            let s = &ctx.stats;
+            let commits = Stats::get(&s.commits);
+            let items = Stats::get(&s.batch_items);
+            let inflight = ctx
+                .config
+                .limits
+                .inflight_max
+                .saturating_sub(ctx.inflight.available_permits());
+            reply.ok(Reply::Stats(StatsReply {
+                connections: Stats::get(&s.connections),
+                connections_total: Stats::get(&s.connections_total),
+                ops: Stats::get(&s.ops),
+                transfers: Stats::get(&s.transfers),
+                commits,
+                batch_items: items,
+                batch_max: Stats::get(&s.batch_max),
+                batch_mean: if commits == 0 {
+                    0.0
+                } else {
+                    items as f64 / commits as f64
+                },
+                journal_queue: ctx.journal.depth() as u64,
+                inflight: inflight as u64,
+            }));
+        }
+        _ => reply.err(ApiError::new(
+            ErrorCode::UnknownOp,
+            format!("unknown op {op:?}"),
+        )),
+    }
+}
+
+fn owns(p: &Principal, meta: &AccountMeta) -> Result<(), ApiError> {
+    if p.is_admin() || meta.owner.as_deref() == Some(&*p.user) {
+        Ok(())
+    } else {
+        Err(ApiError::forbidden("not your account"))
+    }
+}
+
+fn validate_transfer(
+    from: &str,
+    to: &str,
+    amount: i64,
+    memo: Option<&str>,
+    key: Option<&str>,
+) -> Result<(), ApiError> {
+    account_id(from)?;
+    account_id(to)?;
+    ledger::validate_amount(amount)?;
+    ledger::validate_memo_key(memo, key)?;
+    if from == to {
+        return Err(ledger::LedgerError::SameAccount.into());
+    }
+    Ok(())
+}
+
+#[allow(clippy::too_many_arguments)] // one request's fields, handed straight on
+fn debit(
+    ctx: &Ctx,
+    kind: Kind,
+    from: String,
+    to: String,
+    amount: i64,
+    memo: Option<String>,
+    key: Option<String>,
+    principal: Principal,
+    reply: ReplyTo,
+) {
+    let req = DebitReq {
+        kind,
+        from: from.into(),
+        to: to.into(),
+        amount,
+        memo: memo.map(Into::into),
+        key: key.map(Into::into),
+        principal,
+        reply,
+    };
+    let shard = ctx.router.shard_of(&req.from);
+    ctx.router.cast(shard, ShardMsg::Debit(Box::new(req)));
+}
+
+fn validate_create(
+    ctx: &Ctx,
+    a: CreateAccountArgs,
+) -> Result<(String, AccountMeta, i64), ApiError> {
+    account_id(&a.account)?;
+    if is_system(&a.account) {
+        return Err(ApiError::forbidden(
+            "ids starting with @ are system accounts",
+        ));
+    }
+    ledger::validate_memo_key(a.memo.as_deref(), None)?;
+    if let Some(owner) = &a.owner {
+        if owner.is_empty() || owner.len() > USER_ID_BYTES_MAX {
+            return Err(ApiError::bad_request("owner must be a user id"));
+        }
+    }
+    let mut tags = a.tags.unwrap_or_default();
+    tags.sort();
+    tags.dedup();
+    if tags.len() > TAGS_PER_ACCOUNT_MAX {
+        return Err(ApiError::bad_request(format!(
+            "at most {TAGS_PER_ACCOUNT_MAX} tags"
+        )));
+    }
+    if tags.iter().any(|t| t.is_empty() || t.len() > TAG_BYTES_MAX) {
+        return Err(ApiError::bad_request(format!(
+            "tags are 1-{TAG_BYTES_MAX} bytes"
+        )));
+    }
+    let initial = a.initial.unwrap_or(0);
+    let bounds = ctx.limits.bounds(&a.account);
+    if let Some(min) = bounds.min {
+        if initial < min {
+            return Err(ApiError::new(
+                ErrorCode::BelowMin,
+                format!("initial {initial} is below the minimum {min}"),
+            ));
+        }
+    }
+    if let Some(max) = bounds.max {
+        if initial > max {
+            return Err(ApiError::new(
+                ErrorCode::AboveMax,
+                format!("initial {initial} is above the maximum {max}"),
+            ));
+        }
+    }
+    if initial < 0 {
+        return Err(ApiError::bad_request("initial must not be negative"));
+    }
+    let meta = AccountMeta {
+        owner: a.owner,
+        tags,
+        created: store::now_ms(),
+        memo: a.memo,
+        deleted: None,
+    };
+    Ok((a.account, meta, initial))
+}

@@ -1,0 +1,215 @@
+//! Arguments and results of every op, as they travel on the wire.
+//!
+//! Argument structs refuse unknown fields: in a money system a misspelt
+//! `from` must be an error, not a transfer from the caller's default account.
+
+use std::sync::Arc;
+
+use serde::{Deserialize, Serialize};
+
+use crate::ledger::Kind;
+
+/// Protocol version spoken by this server.
+pub const PROTOCOL_VERSION: u32 = 1;
+
+/// Every op the server knows, as listed by `help`.
+pub const OPS: &[&str] = &[
+    "hello",
+    "ping",
+    "help",
+    "login",
+    "auth",
+    "whoami",
+    "balance",
+    "account",
+    "transfer",
+    "mint",
+    "create_account",
+    "history",
+    "get_transfer",
+    "audit",
+    "stats",
+];
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NoArgs {}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LoginArgs {
+    pub user: String,
+    pub password: String,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuthArgs {
+    pub token: String,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AccountArg {
+    pub account: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TransferArgs {
+    pub from: Option<String>,
+    pub to: String,
+    pub amount: i64,
+    pub memo: Option<String>,
+    pub key: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MintArgs {
+    pub to: String,
+    pub amount: i64,
+    pub memo: Option<String>,
+    pub key: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CreateAccountArgs {
+    pub account: String,
+    pub owner: Option<String>,
+    pub tags: Option<Vec<String>>,
+    pub initial: Option<i64>,
+    pub memo: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HistoryArgs {
+    pub account: Option<String>,
+    pub after: Option<u64>,
+    pub limit: Option<u64>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GetTransferArgs {
+    pub id: u64,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct HelloReply {
+    pub server: &'static str,
+    pub version: &'static str,
+    pub protocol: u32,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct LoginReply {
+    pub token: String,
+    /// Milliseconds since the Unix epoch.
+    pub expires_at: u64,
+    pub user: String,
+    pub role: &'static str,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct AuthReply {
+    pub user: String,
+    pub role: &'static str,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct BalanceReply {
+    pub account: String,
+    pub balance: i64,
+    /// The balance less funds reserved by transfers not yet committed.
+    pub available: i64,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct AccountView {
+    pub account: String,
+    pub owner: Option<String>,
+    pub tags: Vec<String>,
+    pub balance: i64,
+    pub available: i64,
+    pub status: &'static str,
+    /// Milliseconds since the Unix epoch.
+    pub created: u64,
+    pub memo: Option<String>,
+}
+
+/// A transfer record as the wire shows it.
+#[derive(Clone, Debug, Serialize)]
+pub struct TransferView {
+    pub id: u64,
+    pub kind: Kind,
+    pub from: String,
+    pub to: String,
+    pub amount: i64,
+    pub fee: i64,
+    pub memo: Option<String>,
+    /// Milliseconds since the Unix epoch.
+    pub time: u64,
+    pub key: Option<String>,
+    /// Hex hash of the previous record: the journal is a hash chain.
+    pub prev: String,
+    /// Hex hash of this record.
+    pub hash: String,
+    /// Balance of `from` right after this transfer, in commit order (only in
+    /// the reply to the request that made it).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub from_balance: Option<i64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub to_balance: Option<i64>,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct HistoryReply {
+    pub account: String,
+    pub transfers: Vec<TransferView>,
+    /// Pass as `after` to get the next page; absent on the last page.
+    pub next: Option<u64>,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct AuditReply {
+    pub accounts: u64,
+    pub sum: i64,
+    pub transfers: u64,
+    pub chain_ok: bool,
+    pub head: String,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct StatsReply {
+    pub connections: u64,
+    pub connections_total: u64,
+    pub ops: u64,
+    pub transfers: u64,
+    pub commits: u64,
+    pub batch_items: u64,
+    pub batch_max: u64,
+    pub batch_mean: f64,
+    pub journal_queue: u64,
+    pub inflight: u64,
+}
+
+/// The `ok` value of any reply.
+#[derive(Clone, Debug, Serialize)]
+#[serde(untagged)]
+pub enum Reply {
+    Text(&'static str),
+    List(&'static [&'static str]),
+    Hello(HelloReply),
+    Login(LoginReply),
+    Auth(AuthReply),
+    Balance(BalanceReply),
+    Account(Box<AccountView>),
+    Transfer(Arc<TransferView>),
+    History(HistoryReply),
+    Audit(AuditReply),
+    Stats(StatsReply),
+    Json(serde_json::Value),
+}

@@ -1,0 +1,548 @@
+//! Shard actors: each account is owned by exactly one of them, its single writer.
+//!
+//! Accounts are hashed onto a fixed pool of ractor actors. The owner checks
+//! and reserves every debit of its accounts, in mailbox order, with no lock:
+//! that is what makes double spending impossible. It then hands the transfer
+//! to the journal and moves on; it never waits for the journal or for another
+//! actor. Committed changes come back as [`Effect`]s, one message per batch.
+//!
+//! Why a pool and not one actor per account: DESIGN-NOTES measured ~8.4 KB
+//! and several µs of message hops per live actor-per-account, against ~60 MB
+//! for a million accounts and ~1.9x the throughput for a pool (README).
+
+use std::collections::{HashMap, VecDeque};
+use std::hash::{BuildHasher, BuildHasherDefault, DefaultHasher};
+use std::sync::Arc;
+
+use ractor::{Actor, ActorProcessingErr, ActorRef};
+use redb::Database;
+
+use crate::auth::Principal;
+use crate::error::{ApiError, ErrorCode};
+use crate::journal::{Command, CreateCmd, JournalHandle, TransferCmd};
+use crate::ledger::{is_system, Kind, Limits, OwnerAccount, Status};
+use crate::protocol::{AccountView, BalanceReply, Reply, TransferView};
+use crate::reply::ReplyTo;
+use crate::store::{self, AccountMeta};
+
+/// Everything the owner keeps about one account.
+pub struct Slot {
+    pub acct: OwnerAccount,
+    pub meta: AccountMeta,
+    /// Created by a command the journal has not committed yet.
+    pub creating: bool,
+}
+
+/// A debit request: `transfer` or `mint` (from `@mint`).
+pub struct DebitReq {
+    pub kind: Kind,
+    pub from: Box<str>,
+    pub to: Box<str>,
+    pub amount: i64,
+    pub memo: Option<Box<str>>,
+    pub key: Option<Box<str>>,
+    pub principal: Principal,
+    pub reply: ReplyTo,
+}
+
+/// What a read wants.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ReadKind {
+    Balance,
+    Account,
+}
+
+/// A committed change, sent back to the owner after the commit.
+pub enum Effect {
+    /// Add `delta` to the balance and drop `release` from the reservations.
+    Settle {
+        account: Box<str>,
+        delta: i64,
+        release: i64,
+    },
+    /// The transfer made under an idempotency key is settled.
+    KeyDone {
+        from: Box<str>,
+        key: Box<str>,
+        result: Result<Arc<TransferView>, ApiError>,
+    },
+    /// A create finished: `meta` is `None` when it was refused.
+    Created {
+        account: Box<str>,
+        balance: i64,
+        meta: Option<AccountMeta>,
+    },
+}
+
+pub enum ShardMsg {
+    Debit(Box<DebitReq>),
+    Create {
+        account: Box<str>,
+        meta: AccountMeta,
+        initial: i64,
+        reply: ReplyTo,
+    },
+    Read {
+        account: Box<str>,
+        kind: ReadKind,
+        principal: Principal,
+        reply: ReplyTo,
+    },
+    Effects(Vec<Effect>),
+}
+
+/// What an idempotency key stands for, as far as the owner knows.
+enum KeyState {
+    /// In the journal; duplicates wait here for its outcome.
+    Pending {
+        fingerprint: Fingerprint,
+        waiters: Vec<ReplyTo>,
+    },
+    Done {
+        fingerprint: Fingerprint,
+        view: Arc<TransferView>,
+    },
+}
+
+/// The arguments a repeated key must match.
+#[derive(Clone, PartialEq, Eq)]
+struct Fingerprint {
+    kind: Kind,
+    to: Box<str>,
+    amount: i64,
+    memo: Option<Box<str>>,
+}
+
+impl Fingerprint {
+    fn of_view(v: &TransferView) -> Fingerprint {
+        Fingerprint {
+            kind: v.kind,
+            to: v.to.as_str().into(),
+            amount: v.amount,
+            memo: v.memo.as_deref().map(Into::into),
+        }
+    }
+}
+
+pub struct ShardState {
+    accounts: HashMap<Box<str>, Slot>,
+    keys: HashMap<(Box<str>, Box<str>), KeyState>,
+    /// Settled keys in the order they settled, to bound `keys`.
+    keys_done: VecDeque<(Box<str>, Box<str>)>,
+    keys_cached_max: usize,
+    journal: JournalHandle,
+    limits: Limits,
+    db: Arc<Database>,
+}
+
+pub struct ShardArgs {
+    pub accounts: HashMap<Box<str>, Slot>,
+    pub journal: JournalHandle,
+    pub limits: Limits,
+    pub db: Arc<Database>,
+    pub keys_cached_max: usize,
+}
+
+pub struct ShardActor;
+
+impl Actor for ShardActor {
+    type Msg = ShardMsg;
+    type State = ShardState;
+    type Arguments = ShardArgs;
+
+    async fn pre_start(
+        &self,
+        _myself: ActorRef<ShardMsg>,
+        args: ShardArgs,
+    ) -> Result<ShardState, ActorProcessingErr> {
+        Ok(ShardState {
+            accounts: args.accounts,
+            keys: HashMap::new(),
+            keys_done: VecDeque::new(),
+            keys_cached_max: args.keys_cached_max,
+            journal: args.journal,
+            limits: args.limits,
+            db: args.db,
+        })
+    }
+
+    async fn handle(
+        &self,
+        _myself: ActorRef<ShardMsg>,
+        msg: ShardMsg,
+        state: &mut ShardState,
+    ) -> Result<(), ActorProcessingErr> {
+        match msg {
+            ShardMsg::Debit(req) => state.debit(*req),
+            ShardMsg::Create {
+                account,
+                meta,
+                initial,
+                reply,
+            } => state.create(account, meta, initial, reply),
+            ShardMsg::Read {
+                account,
+                kind,
+                principal,
+                reply,
+            } => state.read(&account, kind, &principal, reply),
+            ShardMsg::Effects(effects) => {
+                for e in effects {
+                    state.apply(e);
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+fn may_use(principal: &Principal, meta: &AccountMeta) -> bool {
+    principal.is_admin() || meta.owner.as_deref() == Some(&*principal.user)
+}
+
+impl ShardState {
+    fn slot(&self, account: &str, principal: &Principal) -> Result<&Slot, ApiError> {
+        match self.accounts.get(account) {
+            Some(s) if !s.creating => {
+                if !may_use(principal, &s.meta) {
+                    return Err(ApiError::forbidden(format!(
+                        "account {account} is not yours"
+                    )));
+                }
+                if s.acct.status == Status::Deleted {
+                    return Err(ApiError::new(
+                        ErrorCode::Deleted,
+                        format!("account {account} was deleted"),
+                    ));
+                }
+                Ok(s)
+            }
+            _ => Err(ApiError::not_found(format!("account {account}"))),
+        }
+    }
+
+    fn read(&self, account: &str, kind: ReadKind, principal: &Principal, reply: ReplyTo) {
+        let slot = match self.slot(account, principal) {
+            Ok(s) => s,
+            Err(e) => return reply.err(e),
+        };
+        let r = match kind {
+            ReadKind::Balance => Reply::Balance(BalanceReply {
+                account: account.to_owned(),
+                balance: slot.acct.balance,
+                available: slot.acct.available(),
+            }),
+            ReadKind::Account => Reply::Account(Box::new(AccountView {
+                account: account.to_owned(),
+                owner: slot.meta.owner.clone(),
+                tags: slot.meta.tags.clone(),
+                balance: slot.acct.balance,
+                available: slot.acct.available(),
+                status: "open",
+                created: slot.meta.created,
+                memo: slot.meta.memo.clone(),
+            })),
+        };
+        reply.ok(r);
+    }
+
+    fn debit(&mut self, req: DebitReq) {
+        let DebitReq {
+            kind,
+            from,
+            to,
+            amount,
+            memo,
+            key,
+            principal,
+            reply,
+        } = req;
+        if let Err(e) = self.slot(&from, &principal) {
+            return reply.err(e);
+        }
+        let fingerprint = Fingerprint {
+            kind,
+            to: to.clone(),
+            amount,
+            memo: memo.clone(),
+        };
+        let mut reply = Some(reply);
+        if let Some(key) = &key {
+            match self.check_key(&from, key, &fingerprint, &mut reply) {
+                Ok(true) => {}
+                Ok(false) => return,
+                Err(e) => {
+                    if let Some(r) = reply {
+                        r.err(e);
+                    }
+                    return;
+                }
+            }
+        }
+        let Some(reply) = reply else { return };
+        let bounds = self.limits.bounds(&from);
+        let slot = self.accounts.get_mut(&*from).expect("checked above");
+        if let Err(e) = slot.acct.reserve(&from, amount, bounds) {
+            return reply.err(e.into());
+        }
+        if let Some(key) = &key {
+            self.keys.insert(
+                (from.clone(), key.clone()),
+                KeyState::Pending {
+                    fingerprint,
+                    waiters: Vec::new(),
+                },
+            );
+        }
+        let cmd = Command::Transfer(TransferCmd {
+            kind,
+            from,
+            to,
+            amount,
+            fee: 0,
+            memo,
+            key,
+            reserved: true,
+            reply,
+        });
+        if let Err(Command::Transfer(t)) = self.journal.send(cmd).map_err(|c| *c) {
+            self.accounts
+                .get_mut(&*t.from)
+                .expect("checked above")
+                .acct
+                .settle(0, t.amount);
+            if let Some(key) = &t.key {
+                self.keys.remove(&(t.from.clone(), key.clone()));
+            }
+            t.reply.err(ApiError::internal("the journal has stopped"));
+        }
+    }
+
+    /// Looks the key up. `Ok(true)`: new key, go ahead. `Ok(false)`: the
+    /// reply was taken (answered, or parked until the first use settles).
+    fn check_key(
+        &mut self,
+        from: &str,
+        key: &str,
+        fingerprint: &Fingerprint,
+        reply: &mut Option<ReplyTo>,
+    ) -> Result<bool, ApiError> {
+        let conflict = || {
+            ApiError::new(
+                ErrorCode::KeyConflict,
+                format!("key {key:?} was used with different arguments"),
+            )
+        };
+        match self
+            .keys
+            .get_mut(&(Box::<str>::from(from), Box::<str>::from(key)))
+        {
+            Some(KeyState::Pending {
+                fingerprint: f,
+                waiters,
+            }) => {
+                if f != fingerprint {
+                    return Err(conflict());
+                }
+                waiters.extend(reply.take());
+                Ok(false)
+            }
+            Some(KeyState::Done {
+                fingerprint: f,
+                view,
+            }) => {
+                if f != fingerprint {
+                    return Err(conflict());
+                }
+                if let Some(r) = reply.take() {
+                    r.ok(Reply::Transfer(view.clone()));
+                }
+                Ok(false)
+            }
+            None => {
+                // Settled keys leave memory after a while; the disk has them all.
+                let Some(view) = store::lookup_key(&self.db, from, key)? else {
+                    return Ok(true);
+                };
+                if Fingerprint::of_view(&view) != *fingerprint {
+                    return Err(conflict());
+                }
+                let view = Arc::new(view);
+                self.remember_key(from.into(), key.into(), fingerprint.clone(), view.clone());
+                if let Some(r) = reply.take() {
+                    r.ok(Reply::Transfer(view));
+                }
+                Ok(false)
+            }
+        }
+    }
+
+    fn remember_key(
+        &mut self,
+        from: Box<str>,
+        key: Box<str>,
+        fingerprint: Fingerprint,
+        view: Arc<TransferView>,
+    ) {
+        self.keys_done.push_back((from.clone(), key.clone()));
+        self.keys
+            .insert((from, key), KeyState::Done { fingerprint, view });
+        while self.keys_done.len() > self.keys_cached_max {
+            if let Some(old) = self.keys_done.pop_front() {
+                if matches!(self.keys.get(&old), Some(KeyState::Done { .. })) {
+                    self.keys.remove(&old);
+                }
+            }
+        }
+    }
+
+    fn create(&mut self, account: Box<str>, meta: AccountMeta, initial: i64, reply: ReplyTo) {
+        if let Some(s) = self.accounts.get(&*account) {
+            let e = if s.acct.status == Status::Deleted {
+                ApiError::new(
+                    ErrorCode::Deleted,
+                    format!("account {account} was deleted and cannot be created again"),
+                )
+            } else {
+                ApiError::new(ErrorCode::Exists, format!("account {account} exists"))
+            };
+            return reply.err(e);
+        }
+        debug_assert!(!is_system(&account));
+        self.accounts.insert(
+            account.clone(),
+            Slot {
+                acct: OwnerAccount::new(0),
+                meta: meta.clone(),
+                creating: true,
+            },
+        );
+        let cmd = Command::Create(CreateCmd {
+            account,
+            meta,
+            initial,
+            reply,
+        });
+        if let Err(Command::Create(c)) = self.journal.send(cmd).map_err(|c| *c) {
+            self.accounts.remove(&*c.account);
+            c.reply.err(ApiError::internal("the journal has stopped"));
+        }
+    }
+
+    fn apply(&mut self, effect: Effect) {
+        match effect {
+            Effect::Settle {
+                account,
+                delta,
+                release,
+            } => {
+                if let Some(s) = self.accounts.get_mut(&*account) {
+                    s.acct.settle(delta, release);
+                }
+            }
+            Effect::KeyDone { from, key, result } => {
+                let state = self.keys.remove(&(from.clone(), key.clone()));
+                let Some(KeyState::Pending {
+                    fingerprint,
+                    waiters,
+                }) = state
+                else {
+                    return;
+                };
+                match result {
+                    Ok(view) => {
+                        for w in waiters {
+                            w.ok(Reply::Transfer(view.clone()));
+                        }
+                        self.remember_key(from, key, fingerprint, view);
+                    }
+                    // A refused transfer used nothing up: the key is free again.
+                    Err(e) => {
+                        for w in waiters {
+                            w.err(e.clone());
+                        }
+                    }
+                }
+            }
+            Effect::Created {
+                account,
+                balance,
+                meta,
+            } => match meta {
+                Some(meta) => {
+                    self.accounts.insert(
+                        account,
+                        Slot {
+                            acct: OwnerAccount::new(balance),
+                            meta,
+                            creating: false,
+                        },
+                    );
+                }
+                None => {
+                    if self.accounts.get(&*account).is_some_and(|s| s.creating) {
+                        self.accounts.remove(&*account);
+                    }
+                }
+            },
+        }
+    }
+}
+
+/// Maps accounts to their owning shard.
+#[derive(Clone)]
+pub struct ShardRouter {
+    shards: Arc<Vec<ActorRef<ShardMsg>>>,
+}
+
+/// A fixed hasher so an account maps to the same shard for the whole run.
+type FixedState = BuildHasherDefault<DefaultHasher>;
+
+/// Index of the shard owning `account` among `n`.
+#[must_use]
+pub fn shard_index(account: &str, n: usize) -> usize {
+    let h = FixedState::default().hash_one(account);
+    usize::try_from(h % n as u64).unwrap_or(0)
+}
+
+impl ShardRouter {
+    #[must_use]
+    pub fn new(shards: Vec<ActorRef<ShardMsg>>) -> Self {
+        ShardRouter {
+            shards: Arc::new(shards),
+        }
+    }
+
+    #[must_use]
+    pub fn len(&self) -> usize {
+        self.shards.len()
+    }
+
+    #[must_use]
+    pub fn is_empty(&self) -> bool {
+        self.shards.is_empty()
+    }
+
+    #[must_use]
+    pub fn shard_of(&self, account: &str) -> usize {
+        shard_index(account, self.shards.len())
+    }
+
+    /// Sends to shard `i`. A stopped shard means the server is shutting down;
+    /// the message (and any reply in it) is dropped, closing those requests.
+    pub fn cast(&self, i: usize, msg: ShardMsg) {
+        if self.shards[i].cast(msg).is_err() {
+            tracing::warn!(shard = i, "message to a stopped shard dropped");
+        }
+    }
+
+    /// Sends to the owner of `account`.
+    pub fn send(&self, account: &str, msg: ShardMsg) {
+        self.cast(self.shard_of(account), msg);
+    }
+
+    #[must_use]
+    pub fn refs(&self) -> &[ActorRef<ShardMsg>] {
+        &self.shards
+    }
+}
