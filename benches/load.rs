@@ -1,1 +1,416 @@
-fn main() {}
+//! Load harness: drives a Tally server over TCP and reports throughput and
+//! latency percentiles (measured from send to reply).
+//!
+//! ```text
+//! cargo bench --bench load -- --spawn --accounts 100000 --connections 64 --pipeline 64 --duration 10
+//! cargo bench --bench load -- --connect 127.0.0.1:7707 --user admin   # TALLY_PASSWORD in the env
+//! ```
+//!
+//! Flags: `--workload uniform|zipf|hot`, `--reads PCT` (share of `balance`
+//! reads), `--json` (summary as one JSON object on the last line).
+
+use std::collections::HashMap;
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::{Buf, BytesMut};
+use hdrhistogram::Histogram;
+use serde_json::{json, Value};
+use tally::client::Client;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Workload {
+    Uniform,
+    Zipf,
+    Hot,
+}
+
+#[derive(Clone, Debug)]
+struct Opts {
+    connect: Option<String>,
+    spawn: bool,
+    user: String,
+    password: String,
+    accounts: usize,
+    duration_s: f64,
+    connections: usize,
+    pipeline: usize,
+    workload: Workload,
+    reads_pct: u32,
+    json: bool,
+}
+
+fn parse_opts() -> Opts {
+    let mut o = Opts {
+        connect: None,
+        spawn: false,
+        user: "admin".into(),
+        password: std::env::var("TALLY_PASSWORD").unwrap_or_else(|_| "bench-admin".into()),
+        accounts: 10_000,
+        duration_s: 10.0,
+        connections: 64,
+        pipeline: 64,
+        workload: Workload::Uniform,
+        reads_pct: 0,
+        json: false,
+    };
+    let mut args = std::env::args().skip(1);
+    while let Some(a) = args.next() {
+        let mut val = || args.next().unwrap_or_else(|| panic!("{a} needs a value"));
+        match a.as_str() {
+            "--connect" => o.connect = Some(val()),
+            "--spawn" => o.spawn = true,
+            "--user" => o.user = val(),
+            "--accounts" => o.accounts = val().parse().expect("--accounts N"),
+            "--duration" => o.duration_s = val().parse().expect("--duration S"),
+            "--connections" => o.connections = val().parse().expect("--connections C"),
+            "--pipeline" => o.pipeline = val().parse().expect("--pipeline P"),
+            "--reads" => o.reads_pct = val().parse().expect("--reads PCT"),
+            "--workload" => {
+                o.workload = match val().as_str() {
+                    "uniform" => Workload::Uniform,
+                    "zipf" => Workload::Zipf,
+                    "hot" => Workload::Hot,
+                    w => panic!("unknown workload {w}"),
+                }
+            }
+            "--json" => o.json = true,
+            "--bench" => {} // passed by `cargo bench`
+            other => panic!("unknown flag {other}"),
+        }
+    }
+    if o.connect.is_none() {
+        o.spawn = true;
+    }
+    o
+}
+
+/// xorshift64*: fast, good enough to pick accounts.
+struct Rng(u64);
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
+    }
+    fn below(&mut self, n: usize) -> usize {
+        (self.next() % n as u64) as usize
+    }
+    fn unit(&mut self) -> f64 {
+        (self.next() >> 11) as f64 / (1u64 << 53) as f64
+    }
+}
+
+fn pick(rng: &mut Rng, w: Workload, n: usize) -> usize {
+    match w {
+        Workload::Uniform | Workload::Hot => rng.below(n),
+        // P(rank <= k) = ln k / ln n: a Zipf-like skew with s = 1.
+        Workload::Zipf => ((n as f64).powf(rng.unit()) as usize)
+            .saturating_sub(1)
+            .min(n - 1),
+    }
+}
+
+fn spawn_server() -> (Child, String, tempfile::TempDir) {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_tally"))
+        .args(["serve", "--listen", "127.0.0.1:0", "--data"])
+        .arg(dir.path().join("data"))
+        .env("TALLY_AUTH_ADMIN_PASSWORD", "bench-admin")
+        .env("TALLY_LOG", "warn")
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("spawn tally");
+    let mut line = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(child.stdout.take().unwrap()),
+        &mut line,
+    )
+    .unwrap();
+    let addr = line
+        .trim()
+        .strip_prefix("tally listening on ")
+        .expect("listening line")
+        .to_owned();
+    (child, addr, dir)
+}
+
+fn account_name(i: usize) -> String {
+    format!("acct{i}")
+}
+
+async fn setup(addr: &str, o: &Opts) -> Client {
+    let admin = Client::connect(addr).await.expect("connect");
+    admin.login(&o.user, &o.password).await.expect("login");
+    // Create the accounts in parallel over a few connections.
+    let per = o.accounts.div_ceil(8);
+    let mut tasks = Vec::new();
+    for part in 0..8 {
+        let (addr, user, password) = (addr.to_owned(), o.user.clone(), o.password.clone());
+        let n = o.accounts;
+        tasks.push(tokio::spawn(async move {
+            let c = Arc::new(Client::connect(addr.as_str()).await.unwrap());
+            c.login(&user, &password).await.unwrap();
+            let mut inflight = Vec::new();
+            for i in part * per..((part + 1) * per).min(n) {
+                let c = c.clone();
+                inflight.push(tokio::spawn(async move {
+                    let r = c
+                        .call(
+                            "create_account",
+                            json!({"account": account_name(i), "initial": 1_000_000_000}),
+                        )
+                        .await;
+                    match r {
+                        Ok(_) => {}
+                        Err(e) if e.code() == Some("exists") => {}
+                        Err(e) => panic!("create_account: {e}"),
+                    }
+                }));
+                if inflight.len() >= 256 {
+                    for t in inflight.drain(..) {
+                        t.await.unwrap();
+                    }
+                }
+            }
+            for t in inflight {
+                t.await.unwrap();
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    admin
+}
+
+struct Totals {
+    transfers: AtomicU64,
+    reads: AtomicU64,
+    errors: std::sync::Mutex<HashMap<String, u64>>,
+}
+
+fn encode(out: &mut BytesMut, id: u64, op: &str, args: &Value) {
+    tally::frame::encode_request(out, id, op, args).expect("encode");
+}
+
+/// One connection keeping `pipeline` requests in flight until `stop`.
+async fn drive(
+    addr: String,
+    o: Opts,
+    seed: u64,
+    stop: Arc<AtomicBool>,
+    totals: Arc<Totals>,
+) -> Histogram<u64> {
+    let mut hist = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).unwrap();
+    let mut stream = TcpStream::connect(addr.as_str()).await.unwrap();
+    stream.set_nodelay(true).unwrap();
+    let mut out = BytesMut::new();
+    encode(
+        &mut out,
+        0,
+        "login",
+        &json!({"user": o.user, "password": o.password}),
+    );
+    stream.write_all(&out).await.unwrap();
+    out.clear();
+    let mut buf = BytesMut::with_capacity(1 << 16);
+    let mut rng = Rng(seed | 1);
+    let mut sent: HashMap<u64, (Instant, bool)> = HashMap::with_capacity(o.pipeline * 2);
+    let mut next_id = 1u64;
+    let mut logged_in = false;
+    let n = o.accounts;
+    let mut make = |out: &mut BytesMut, sent: &mut HashMap<u64, (Instant, bool)>, rng: &mut Rng| {
+        let id = next_id;
+        next_id += 1;
+        let is_read = o.reads_pct > 0 && (rng.below(100) as u32) < o.reads_pct;
+        if is_read {
+            encode(
+                out,
+                id,
+                "balance",
+                &json!({"account": account_name(pick(rng, o.workload, n))}),
+            );
+        } else {
+            let from = pick(rng, o.workload, n);
+            let mut to = if o.workload == Workload::Hot {
+                0
+            } else {
+                pick(rng, o.workload, n)
+            };
+            if to == from {
+                to = (from + 1) % n;
+            }
+            encode(
+                out,
+                id,
+                "transfer",
+                &json!({"from": account_name(from), "to": account_name(to), "amount": 1}),
+            );
+        }
+        sent.insert(id, (Instant::now(), is_read));
+    };
+    loop {
+        while buf.len() >= 4 {
+            let len = u32::from_be_bytes([buf[0], buf[1], buf[2], buf[3]]) as usize;
+            if buf.len() < 4 + len {
+                break;
+            }
+            buf.advance(4);
+            let body = buf.split_to(len);
+            let v: Value = rmp_serde::from_slice(&body).expect("reply");
+            let id = v["id"].as_u64().unwrap_or(u64::MAX);
+            if id == 0 {
+                assert!(v["ok"].is_object(), "login failed: {v}");
+                logged_in = true;
+                for _ in 0..o.pipeline {
+                    make(&mut out, &mut sent, &mut rng);
+                }
+                continue;
+            }
+            let Some((t0, is_read)) = sent.remove(&id) else {
+                continue;
+            };
+            let us = t0.elapsed().as_micros() as u64;
+            let _ = hist.record(us.max(1));
+            if let Some(code) = v["err"]["code"].as_str() {
+                *totals
+                    .errors
+                    .lock()
+                    .unwrap()
+                    .entry(code.to_owned())
+                    .or_default() += 1;
+            } else if is_read {
+                totals.reads.fetch_add(1, Ordering::Relaxed);
+            } else {
+                totals.transfers.fetch_add(1, Ordering::Relaxed);
+            }
+            if !stop.load(Ordering::Relaxed) {
+                make(&mut out, &mut sent, &mut rng);
+            }
+        }
+        if logged_in && sent.is_empty() && stop.load(Ordering::Relaxed) {
+            return hist;
+        }
+        if !out.is_empty() {
+            stream.write_all(&out).await.unwrap();
+            out.clear();
+        }
+        if stream.read_buf(&mut buf).await.unwrap() == 0 {
+            return hist;
+        }
+    }
+}
+
+#[tokio::main]
+async fn main() {
+    let o = parse_opts();
+    let (child, addr, _dir) = if o.spawn {
+        let (c, a, d) = spawn_server();
+        (Some(c), a, Some(d))
+    } else {
+        (None, o.connect.clone().unwrap(), None)
+    };
+    let t_setup = Instant::now();
+    let admin = setup(&addr, &o).await;
+    let setup_s = t_setup.elapsed().as_secs_f64();
+    eprintln!("created {} accounts in {setup_s:.1}s", o.accounts);
+    let before = admin.call("stats", json!({})).await.unwrap();
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let totals = Arc::new(Totals {
+        transfers: AtomicU64::new(0),
+        reads: AtomicU64::new(0),
+        errors: std::sync::Mutex::new(HashMap::new()),
+    });
+    let start = Instant::now();
+    let mut tasks = Vec::new();
+    for i in 0..o.connections {
+        tasks.push(tokio::spawn(drive(
+            addr.clone(),
+            o.clone(),
+            0x9E37_79B9_7F4A_7C15 ^ ((i as u64 + 1) * 0x1234_5678_9abc),
+            stop.clone(),
+            totals.clone(),
+        )));
+    }
+    let deadline = start + Duration::from_secs_f64(o.duration_s);
+    let mut last = 0;
+    while Instant::now() < deadline {
+        tokio::time::sleep(
+            Duration::from_secs(1).min(deadline.saturating_duration_since(Instant::now())),
+        )
+        .await;
+        let now = totals.transfers.load(Ordering::Relaxed);
+        eprintln!(
+            "  {:>5.1}s  {:>9} transfers/s",
+            start.elapsed().as_secs_f64(),
+            now - last
+        );
+        last = now;
+    }
+    stop.store(true, Ordering::Relaxed);
+    let mut hist = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).unwrap();
+    for t in tasks {
+        hist.add(t.await.unwrap()).unwrap();
+    }
+    let seconds = start.elapsed().as_secs_f64();
+    let transfers = totals.transfers.load(Ordering::Relaxed);
+    let reads = totals.reads.load(Ordering::Relaxed);
+    let errors = totals.errors.lock().unwrap().clone();
+
+    let after = admin.call("stats", json!({})).await.unwrap();
+    let server_transfers =
+        after["transfers"].as_u64().unwrap() - before["transfers"].as_u64().unwrap();
+    let audit = admin.call("audit", json!({})).await.unwrap();
+    let counters_agree = server_transfers == transfers;
+    let audit_ok = audit["sum"] == 0 && audit["chain_ok"] == true;
+
+    let tps = transfers as f64 / seconds;
+    println!(
+        "workload {:?}: {} connections x pipeline {}, {} accounts, {:.1}s",
+        o.workload, o.connections, o.pipeline, o.accounts, seconds
+    );
+    println!("transfers {transfers}  reads {reads}  errors {errors:?}");
+    println!(
+        "transfers/s {tps:.0}  ops/s {:.0}",
+        (transfers + reads) as f64 / seconds
+    );
+    println!(
+        "latency us: p50 {} p90 {} p99 {} p999 {} max {}",
+        hist.value_at_quantile(0.5),
+        hist.value_at_quantile(0.9),
+        hist.value_at_quantile(0.99),
+        hist.value_at_quantile(0.999),
+        hist.max()
+    );
+    println!(
+        "server: commits {} batch_mean {:.1} batch_max {}; counters agree: {counters_agree}; audit sum {} chain_ok {}",
+        after["commits"], after["batch_mean"].as_f64().unwrap_or(0.0), after["batch_max"], audit["sum"], audit["chain_ok"]
+    );
+    if o.json {
+        println!(
+            "{}",
+            json!({
+                "transfers": transfers, "seconds": seconds, "transfers_per_s": tps,
+                "p50_us": hist.value_at_quantile(0.5), "p90_us": hist.value_at_quantile(0.9),
+                "p99_us": hist.value_at_quantile(0.99), "p999_us": hist.value_at_quantile(0.999),
+                "max_us": hist.max(), "errors": errors, "reads": reads,
+                "counters_agree": counters_agree, "audit_ok": audit_ok,
+            })
+        );
+    }
+    if let Some(mut c) = child {
+        let _ = c.kill();
+        let _ = c.wait();
+    }
+    if !counters_agree || !audit_ok {
+        eprintln!("verification failed");
+        std::process::exit(1);
+    }
+}

@@ -165,7 +165,6 @@ impl Default for LimitsConfig {
     }
 }
 
-
 /// Keys that may be set from the environment, per section ("" = top level).
 const KEYS: &[(&str, &[&str])] = &[
     ("", &["listen", "data", "text_mode", "preset", "shards"]),

@@ -1,0 +1,133 @@
+//! Starts the real `tally` binary on port 0 with a temporary data folder.
+
+#![allow(dead_code)] // each test file uses a different part of this
+
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+
+use serde_json::{json, Value};
+use tally::client::{Client, ClientError};
+
+pub const ADMIN_PASSWORD: &str = "test-admin-password";
+
+pub struct Server {
+    pub addr: SocketAddr,
+    child: Child,
+    pub data: PathBuf,
+    _dir: Option<tempfile::TempDir>,
+    env: Vec<(String, String)>,
+}
+
+impl Server {
+    /// A new server with an empty data folder.
+    pub fn start() -> Server {
+        Self::start_with(&[])
+    }
+
+    /// A new server with extra `TALLY_*` environment variables.
+    pub fn start_with(env: &[(&str, &str)]) -> Server {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let data = dir.path().join("data");
+        let env: Vec<(String, String)> = env
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect();
+        let (child, addr) = spawn(&data, &env);
+        Server {
+            addr,
+            child,
+            data,
+            _dir: Some(dir),
+            env,
+        }
+    }
+
+    /// Kills the server with SIGKILL: no shutdown code runs.
+    pub fn kill9(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// Starts the server again on the same data folder (new port).
+    pub fn restart(&mut self) {
+        self.kill9();
+        let (child, addr) = spawn(&self.data, &self.env);
+        self.child = child;
+        self.addr = addr;
+    }
+
+    pub async fn client(&self) -> Client {
+        Client::connect(self.addr).await.expect("connect")
+    }
+
+    pub async fn admin(&self) -> Client {
+        let c = self.client().await;
+        c.login("admin", ADMIN_PASSWORD).await.expect("admin login");
+        c
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+fn spawn(data: &Path, env: &[(String, String)]) -> (Child, SocketAddr) {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_tally"));
+    cmd.args(["serve", "--listen", "127.0.0.1:0", "--data"])
+        .arg(data)
+        .env("TALLY_AUTH_ADMIN_PASSWORD", ADMIN_PASSWORD)
+        .env("TALLY_LOG", "warn")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit());
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let mut child = cmd.spawn().expect("spawn tally");
+    let stdout = child.stdout.take().expect("stdout");
+    let mut line = String::new();
+    BufReader::new(stdout)
+        .read_line(&mut line)
+        .expect("read the listening line");
+    let addr = line
+        .trim()
+        .strip_prefix("tally listening on ")
+        .unwrap_or_else(|| panic!("unexpected first line {line:?}"))
+        .parse()
+        .expect("address");
+    (child, addr)
+}
+
+/// The error code of a failed call; panics if the call succeeded.
+pub fn code(r: Result<Value, ClientError>) -> String {
+    match r {
+        Ok(v) => panic!("expected an error, got {v}"),
+        Err(e) => e
+            .code()
+            .unwrap_or_else(|| panic!("expected a server error, got {e}"))
+            .to_owned(),
+    }
+}
+
+pub async fn balance(c: &Client, account: &str) -> i64 {
+    c.balance(Some(account)).await.expect("balance")
+}
+
+pub async fn create(c: &Client, account: &str, initial: i64) {
+    c.call(
+        "create_account",
+        json!({"account": account, "initial": initial}),
+    )
+    .await
+    .expect("create_account");
+}
+
+pub async fn audit_ok(c: &Client) -> Value {
+    let a = c.call("audit", json!({})).await.expect("audit");
+    assert_eq!(a["sum"], 0, "audit sum: {a}");
+    assert_eq!(a["chain_ok"], true, "audit chain: {a}");
+    a
+}

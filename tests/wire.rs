@@ -1,0 +1,172 @@
+//! Proves the server's handling of raw bytes: oversized and malformed frames
+//! get error replies, the server keeps serving everyone, and the dev text
+//! mode works over a plain socket.
+
+mod common;
+
+use std::time::Duration;
+
+use common::{audit_ok, balance, create, Server, ADMIN_PASSWORD};
+use serde_json::Value;
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::net::TcpStream;
+
+async fn read_frame(s: &mut TcpStream) -> Option<Value> {
+    let mut len = [0u8; 4];
+    tokio::time::timeout(Duration::from_secs(5), s.read_exact(&mut len))
+        .await
+        .ok()?
+        .ok()?;
+    let mut body = vec![0u8; u32::from_be_bytes(len) as usize];
+    s.read_exact(&mut body).await.ok()?;
+    Some(rmp_serde::from_slice(&body).expect("a msgpack reply"))
+}
+
+fn frame(body: &[u8]) -> Vec<u8> {
+    let mut out = (body.len() as u32).to_be_bytes().to_vec();
+    out.extend_from_slice(body);
+    out
+}
+
+async fn closed(s: &mut TcpStream) -> bool {
+    let mut b = [0u8; 1];
+    matches!(
+        tokio::time::timeout(Duration::from_secs(5), s.read(&mut b)).await,
+        Ok(Ok(0)) | Ok(Err(_))
+    )
+}
+
+#[tokio::test]
+async fn oversized_frame_is_refused_and_the_connection_closed() {
+    let s = Server::start();
+    let mut raw = TcpStream::connect(s.addr).await.unwrap();
+    raw.write_all(&0xFFFF_FFFFu32.to_be_bytes()).await.unwrap();
+    let reply = read_frame(&mut raw).await.expect("an error frame");
+    assert_eq!(reply["err"]["code"], "frame_too_large");
+    assert!(reply["id"].is_null());
+    assert!(closed(&mut raw).await);
+    // Everyone else is still served.
+    let c = s.admin().await;
+    assert_eq!(c.call("ping", serde_json::json!({})).await.unwrap(), "pong");
+}
+
+#[tokio::test]
+async fn malformed_frames_get_errors_and_the_connection_keeps_working() {
+    let s = Server::start();
+    let mut raw = TcpStream::connect(s.addr).await.unwrap();
+    let cases: Vec<Vec<u8>> = vec![
+        vec![],                                     // zero-length frame
+        vec![0xc1],                                 // reserved byte
+        vec![0x93, 0x01, 0x02, 0x03],               // an array, not a map
+        vec![0xdd, 0xff, 0xff, 0xff, 0xff],         // array claiming 4 billion items
+        vec![0x81, 0xa2, b'i', b'd'],               // truncated
+        [vec![0x91; 100_000], vec![0xc0]].concat(), // nesting 100,000 deep
+    ];
+    for body in &cases {
+        raw.write_all(&frame(body)).await.unwrap();
+        let reply = read_frame(&mut raw).await.expect("a reply");
+        assert_eq!(
+            reply["err"]["code"],
+            "bad_frame",
+            "body {:?}",
+            &body[..body.len().min(8)]
+        );
+    }
+    // {"id": 5, "op": "ping"} still works on the same connection.
+    raw.write_all(&frame(&[
+        0x82, 0xa2, b'i', b'd', 0x05, 0xa2, b'o', b'p', 0xa4, b'p', b'i', b'n', b'g',
+    ]))
+    .await
+    .unwrap();
+    let reply = read_frame(&mut raw).await.unwrap();
+    assert_eq!(reply["id"], 5);
+    assert_eq!(reply["ok"], "pong");
+    let c = s.admin().await;
+    audit_ok(&c).await;
+}
+
+#[tokio::test]
+async fn byte_level_example_from_protocol_md() {
+    // The exact bytes documented in protocol.md.
+    let s = Server::start();
+    let mut raw = TcpStream::connect(s.addr).await.unwrap();
+    let request = [
+        0x00, 0x00, 0x00, 0x0d, 0x82, 0xa2, 0x69, 0x64, 0x01, 0xa2, 0x6f, 0x70, 0xa4, 0x70, 0x69,
+        0x6e, 0x67,
+    ];
+    raw.write_all(&request).await.unwrap();
+    let mut reply = [0u8; 17];
+    raw.read_exact(&mut reply).await.unwrap();
+    assert_eq!(
+        reply,
+        [
+            0x00, 0x00, 0x00, 0x0d, 0x82, 0xa2, 0x69, 0x64, 0x01, 0xa2, 0x6f, 0x6b, 0xa4, 0x70,
+            0x6f, 0x6e, 0x67
+        ]
+    );
+}
+
+#[tokio::test]
+async fn text_mode_over_a_plain_socket() {
+    let s = Server::start();
+    {
+        let c = s.admin().await;
+        create(&c, "alice", 50).await;
+        create(&c, "bob", 0).await;
+    }
+    let stream = TcpStream::connect(s.addr).await.unwrap();
+    let (rd, mut wr) = stream.into_split();
+    let mut lines = BufReader::new(rd).lines();
+    let mut say = async |line: &str| -> Value {
+        wr.write_all(format!("{line}\n").as_bytes()).await.unwrap();
+        let got = lines.next_line().await.unwrap().expect("a line");
+        serde_json::from_str(&got).expect("one JSON object per line")
+    };
+    assert_eq!(say("ping").await["ok"], "pong");
+    assert_eq!(
+        say("balance account=alice").await["err"]["code"],
+        "unauthenticated"
+    );
+    assert_eq!(
+        say(&format!("login user=admin password=\"{ADMIN_PASSWORD}\"")).await["ok"]["user"],
+        "admin"
+    );
+    let t = say("transfer from=alice to=bob amount=20 memo=\"for the \\\"good\\\" coffee\"").await;
+    assert_eq!(t["ok"]["to_balance"], 20);
+    assert_eq!(t["ok"]["memo"], "for the \"good\" coffee");
+    assert_eq!(
+        say("transfer from=alice to=bob amount=abc").await["err"]["code"],
+        "bad_request"
+    );
+    assert_eq!(
+        say("transfer from=alice to=bob amount=18446744073709551615").await["err"]["code"],
+        "bad_request"
+    );
+    assert_eq!(say("nonsense").await["err"]["code"], "unknown_op");
+    assert_eq!(
+        say("transfer from=alice to=\"bob").await["err"]["code"],
+        "bad_request"
+    );
+    let help = say("help").await;
+    assert!(help["ok"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|o| o == "transfer"));
+    let c = s.admin().await;
+    assert_eq!(balance(&c, "alice").await, 30);
+}
+
+#[tokio::test]
+async fn overlong_text_line_is_refused() {
+    let s = Server::start();
+    let mut raw = TcpStream::connect(s.addr).await.unwrap();
+    let line = vec![b'a'; 200_000];
+    // The server may close before reading everything; a failed write is fine.
+    let _ = raw.write_all(&line).await;
+    let mut reply = String::new();
+    let _ = tokio::time::timeout(Duration::from_secs(5), raw.read_to_string(&mut reply)).await;
+    assert!(reply.contains("frame_too_large"), "{reply:?}");
+    let c = s.admin().await;
+    assert_eq!(c.call("ping", serde_json::json!({})).await.unwrap(), "pong");
+}
