@@ -14,6 +14,6 @@ if [ -f clients/python/pyproject.toml ]; then
         python3 -m venv "$venv"
     fi
     "$venv/bin/pip" install --quiet --upgrade pip >/dev/null
-    "$venv/bin/pip" install --quiet ./clients/python pytest pytest-asyncio
+    "$venv/bin/pip" install --quiet ./clients/python pytest
     TALLY_BIN="$PWD/target/debug/tally" "$venv/bin/python" -m pytest -q clients/python/tests
 fi

@@ -1,0 +1,17 @@
+"""Thin Python client for the Tally ledger server.
+
+Speaks the wire protocol directly: a 4-byte big-endian length, then a
+MessagePack map ``{"id", "op", "args"}``. Every method returns the reply's
+``ok`` value as plain Python data, or raises :class:`TallyError` with the
+protocol's error ``code``.
+
+>>> from tally import Client
+>>> with Client("127.0.0.1", 7707) as c:          # doctest: +SKIP
+...     c.login("admin", "change-me")
+...     c.create_account("alice", initial=100)
+...     c.transfer("bob", 30, from_="alice")["to_balance"]
+"""
+
+from ._client import AsyncClient, Client, Pipeline, TallyConnectionError, TallyError
+
+__all__ = ["Client", "AsyncClient", "Pipeline", "TallyError", "TallyConnectionError"]

@@ -1,0 +1,402 @@
+"""Sync and asyncio clients sharing one set of op methods."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import socket
+import struct
+import threading
+from typing import Any, Dict, List, Optional
+
+import msgpack
+
+__all__ = ["Client", "AsyncClient", "Pipeline", "TallyError", "TallyConnectionError"]
+
+_HEADER = struct.Struct(">I")
+#: Largest reply the client accepts (the server's default frame limit, with room).
+FRAME_BYTES_MAX = 16 * 1024 * 1024
+
+
+class TallyError(Exception):
+    """The server answered with an error; nothing was changed.
+
+    ``code`` is the protocol's error code (``insufficient_funds``, ...).
+    """
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(f"{code}: {message}")
+        self.code = code
+        self.message = message
+
+
+class TallyConnectionError(ConnectionError):
+    """The connection failed or closed; the outcome of calls in flight is unknown."""
+
+
+def _frame(request_id: int, op: str, args: Dict[str, Any]) -> bytes:
+    body = msgpack.packb(
+        {"id": request_id, "op": op, "args": {k: v for k, v in args.items() if v is not None}},
+        use_bin_type=True,
+    )
+    return _HEADER.pack(len(body)) + body
+
+
+def _result(reply: Dict[str, Any]) -> Any:
+    err = reply.get("err")
+    if err is not None:
+        return TallyError(err.get("code", "internal"), err.get("message", ""))
+    return reply.get("ok")
+
+
+class _Ops:
+    """One method per op of the protocol; each calls ``self.call``.
+
+    On :class:`Client` they return the result; on :class:`AsyncClient` they
+    return an awaitable of it.
+    """
+
+    def call(self, op: str, **args: Any) -> Any:  # pragma: no cover - overridden
+        raise NotImplementedError
+
+    # Anyone
+    def hello(self) -> Any:
+        return self.call("hello")
+
+    def ping(self) -> Any:
+        return self.call("ping")
+
+    def help(self) -> Any:
+        return self.call("help")
+
+    def signup(self, user: str, name: str, email: str, password: str, group: Optional[str] = None) -> Any:
+        return self.call("signup", user=user, name=name, email=email, password=password, group=group)
+
+    def login(self, user: str, password: str) -> Any:
+        return self.call("login", user=user, password=password)
+
+    def auth(self, token: str) -> Any:
+        return self.call("auth", token=token)
+
+    def reset_password(self, user: str) -> Any:
+        return self.call("reset_password", user=user)
+
+    # Users
+    def whoami(self) -> Any:
+        return self.call("whoami")
+
+    def logout(self) -> Any:
+        return self.call("logout")
+
+    def change_password(self, old_password: str, new_password: str) -> Any:
+        return self.call("change_password", old_password=old_password, new_password=new_password)
+
+    def balance(self, account: Optional[str] = None) -> Any:
+        return self.call("balance", account=account)
+
+    def account(self, account: str) -> Any:
+        return self.call("account", account=account)
+
+    def transfer(
+        self,
+        to: str,
+        amount: int,
+        from_: Optional[str] = None,
+        memo: Optional[str] = None,
+        key: Optional[str] = None,
+    ) -> Any:
+        return self.call("transfer", to=to, amount=amount, memo=memo, key=key, **{"from": from_})
+
+    def confirm(self, pending: str, otp: str, new_password: Optional[str] = None) -> Any:
+        return self.call("confirm", pending=pending, otp=otp, new_password=new_password)
+
+    def resend(self, pending: str) -> Any:
+        return self.call("resend", pending=pending)
+
+    def history(self, account: Optional[str] = None, after: Optional[int] = None, limit: Optional[int] = None) -> Any:
+        return self.call("history", account=account, after=after, limit=limit)
+
+    def get_transfer(self, id: int) -> Any:  # noqa: A002 - the protocol's name
+        return self.call("get_transfer", id=id)
+
+    def redeem(self, item: str, amount: int, memo: Optional[str] = None) -> Any:
+        return self.call("redeem", item=item, amount=amount, memo=memo)
+
+    def my_redeems(self) -> Any:
+        return self.call("my_redeems")
+
+    def hold(self, **args: Any) -> Any:
+        return self.call("hold", **args)
+
+    def post(self, **args: Any) -> Any:
+        return self.call("post", **args)
+
+    def void(self, **args: Any) -> Any:
+        return self.call("void", **args)
+
+    # Admins
+    def mint(self, to: str, amount: int, memo: Optional[str] = None, key: Optional[str] = None) -> Any:
+        return self.call("mint", to=to, amount=amount, memo=memo, key=key)
+
+    def create_account(
+        self,
+        account: str,
+        initial: int = 0,
+        owner: Optional[str] = None,
+        tags: Optional[List[str]] = None,
+        memo: Optional[str] = None,
+    ) -> Any:
+        return self.call("create_account", account=account, initial=initial, owner=owner, tags=tags, memo=memo)
+
+    def add(self, account: str, delta: int, memo: Optional[str] = None, key: Optional[str] = None) -> Any:
+        return self.call("add", account=account, delta=delta, memo=memo, key=key)
+
+    def delete_account(self, account: str, reason: str) -> Any:
+        return self.call("delete_account", account=account, reason=reason)
+
+    def delete_reason(self, account: str) -> Any:
+        return self.call("delete_reason", account=account)
+
+    def list_accounts(self, **filters: Any) -> Any:
+        return self.call("list_accounts", **filters)
+
+    def tag(self, account: str, add: Optional[List[str]] = None, remove: Optional[List[str]] = None) -> Any:
+        return self.call("tag", account=account, add=add, remove=remove)
+
+    def bulk_add(self, tag: str, delta: int, memo: Optional[str] = None, force: Optional[bool] = None) -> Any:
+        return self.call("bulk_add", tag=tag, delta=delta, memo=memo, force=force)
+
+    def reap(self, reason: str, below: Optional[int] = None) -> Any:
+        return self.call("reap", reason=reason, below=below)
+
+    def set_events(self, user: str, events: int) -> Any:
+        return self.call("set_events", user=user, events=events)
+
+    def redeems(self, status: Optional[str] = None) -> Any:
+        return self.call("redeems", status=status)
+
+    def decide_redeem(self, request: Any, accept: bool, note: Optional[str] = None) -> Any:
+        return self.call("decide_redeem", request=request, accept=accept, note=note)
+
+    def audit(self) -> Any:
+        return self.call("audit")
+
+    def stats(self) -> Any:
+        return self.call("stats")
+
+
+class Client(_Ops):
+    """A blocking client over one TCP connection.
+
+    Thread-safe: a lock serializes calls, so threads may share one client
+    (they take turns; use one client per thread, or :meth:`pipeline`, for
+    throughput).
+    """
+
+    def __init__(self, host: str = "127.0.0.1", port: int = 7707, timeout: Optional[float] = 10.0) -> None:
+        try:
+            self._sock = socket.create_connection((host, port), timeout=timeout)
+        except OSError as e:
+            raise TallyConnectionError(f"cannot connect to {host}:{port}: {e}") from e
+        self._sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self._lock = threading.Lock()
+        self._ids = itertools.count(1)
+        self._buf = bytearray()
+
+    def __enter__(self) -> "Client":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def close(self) -> None:
+        try:
+            self._sock.close()
+        except OSError:
+            pass
+
+    def _send(self, data: bytes) -> None:
+        try:
+            self._sock.sendall(data)
+        except OSError as e:
+            raise TallyConnectionError(str(e)) from e
+
+    def _read_reply(self) -> Dict[str, Any]:
+        while True:
+            if len(self._buf) >= 4:
+                (n,) = _HEADER.unpack_from(self._buf)
+                if n > FRAME_BYTES_MAX:
+                    raise TallyConnectionError(f"reply of {n} bytes is too large")
+                if len(self._buf) >= 4 + n:
+                    body = bytes(self._buf[4 : 4 + n])
+                    del self._buf[: 4 + n]
+                    return msgpack.unpackb(body, raw=False, strict_map_key=False)
+            try:
+                chunk = self._sock.recv(65536)
+            except OSError as e:
+                raise TallyConnectionError(str(e)) from e
+            if not chunk:
+                raise TallyConnectionError("the server closed the connection")
+            self._buf += chunk
+
+    def _exchange(self, requests: List[bytes], ids: List[int]) -> Dict[int, Any]:
+        with self._lock:
+            self._send(b"".join(requests))
+            want = set(ids)
+            got: Dict[int, Any] = {}
+            while want:
+                reply = self._read_reply()
+                rid = reply.get("id")
+                if rid is None:
+                    # The server could not read a request: fail them all.
+                    err = _result(reply)
+                    for i in want:
+                        got[i] = err
+                    break
+                if rid in want:
+                    want.discard(rid)
+                    got[rid] = _result(reply)
+            return got
+
+    def call(self, op: str, **args: Any) -> Any:
+        """Sends one request and returns its ``ok`` value (raises :class:`TallyError`)."""
+        rid = next(self._ids)
+        result = self._exchange([_frame(rid, op, args)], [rid])[rid]
+        if isinstance(result, TallyError):
+            raise result
+        return result
+
+    def pipeline(self) -> "Pipeline":
+        """Collects calls and sends them in one write; see :class:`Pipeline`."""
+        return Pipeline(self)
+
+
+class Pipeline(_Ops):
+    """Sends many requests at once and collects the replies by id.
+
+    >>> with c.pipeline() as p:                      # doctest: +SKIP
+    ...     for i in range(100):
+    ...         p.transfer("bob", 1, from_="alice")
+    >>> p.results                                     # doctest: +SKIP
+
+    Each call returns its index in :attr:`results`. After the ``with`` block,
+    ``results`` holds each reply's ``ok`` value, or a :class:`TallyError`
+    instance for a refused request (errors are not raised, so one refusal does
+    not hide the others).
+    """
+
+    def __init__(self, client: Client) -> None:
+        self._client = client
+        self._requests: List[bytes] = []
+        self._ids: List[int] = []
+        self.results: List[Any] = []
+
+    def call(self, op: str, **args: Any) -> int:
+        rid = next(self._client._ids)
+        self._requests.append(_frame(rid, op, args))
+        self._ids.append(rid)
+        return len(self._ids) - 1
+
+    def execute(self) -> List[Any]:
+        got = self._client._exchange(self._requests, self._ids) if self._ids else {}
+        self.results = [got[i] for i in self._ids]
+        self._requests, self._ids = [], []
+        return self.results
+
+    def __enter__(self) -> "Pipeline":
+        return self
+
+    def __exit__(self, exc_type: Any, *exc: Any) -> None:
+        if exc_type is None:
+            self.execute()
+
+
+class AsyncClient(_Ops):
+    """An asyncio client; many calls may be in flight at once (pipelining).
+
+    Use from one event loop. ``await AsyncClient.connect(...)`` or
+    ``async with AsyncClient(...)``.
+    """
+
+    def __init__(self, host: str = "127.0.0.1", port: int = 7707, timeout: Optional[float] = 10.0) -> None:
+        self._host, self._port, self._timeout = host, port, timeout
+        self._reader: Optional[asyncio.StreamReader] = None
+        self._writer: Optional[asyncio.StreamWriter] = None
+        self._pending: Dict[int, "asyncio.Future[Any]"] = {}
+        self._ids = itertools.count(1)
+        self._task: Optional["asyncio.Task[None]"] = None
+
+    @classmethod
+    async def connect(cls, host: str = "127.0.0.1", port: int = 7707, timeout: Optional[float] = 10.0) -> "AsyncClient":
+        c = cls(host, port, timeout)
+        await c._open()
+        return c
+
+    async def _open(self) -> None:
+        try:
+            self._reader, self._writer = await asyncio.wait_for(
+                asyncio.open_connection(self._host, self._port), self._timeout
+            )
+        except (OSError, asyncio.TimeoutError) as e:
+            raise TallyConnectionError(f"cannot connect to {self._host}:{self._port}: {e}") from e
+        self._task = asyncio.get_running_loop().create_task(self._read_loop())
+
+    async def __aenter__(self) -> "AsyncClient":
+        if self._writer is None:
+            await self._open()
+        return self
+
+    async def __aexit__(self, *exc: Any) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+        if self._writer is not None:
+            self._writer.close()
+            try:
+                await self._writer.wait_closed()
+            except OSError:
+                pass
+        self._fail_all(TallyConnectionError("the client was closed"))
+
+    def _fail_all(self, error: Exception) -> None:
+        for f in self._pending.values():
+            if not f.done():
+                f.set_exception(error)
+        self._pending.clear()
+
+    async def _read_loop(self) -> None:
+        assert self._reader is not None
+        try:
+            while True:
+                header = await self._reader.readexactly(4)
+                (n,) = _HEADER.unpack(header)
+                if n > FRAME_BYTES_MAX:
+                    raise TallyConnectionError(f"reply of {n} bytes is too large")
+                reply = msgpack.unpackb(await self._reader.readexactly(n), raw=False, strict_map_key=False)
+                fut = self._pending.pop(reply.get("id"), None)
+                if fut is not None and not fut.done():
+                    fut.set_result(_result(reply))
+        except (asyncio.IncompleteReadError, OSError, TallyConnectionError) as e:
+            self._fail_all(TallyConnectionError(f"connection lost: {e}"))
+        except asyncio.CancelledError:
+            pass
+
+    async def call(self, op: str, **args: Any) -> Any:  # type: ignore[override]
+        """Sends one request and awaits its ``ok`` value (raises :class:`TallyError`)."""
+        if self._writer is None:
+            raise TallyConnectionError("not connected")
+        rid = next(self._ids)
+        fut: "asyncio.Future[Any]" = asyncio.get_running_loop().create_future()
+        self._pending[rid] = fut
+        try:
+            self._writer.write(_frame(rid, op, args))
+            await self._writer.drain()
+        except OSError as e:
+            self._pending.pop(rid, None)
+            raise TallyConnectionError(str(e)) from e
+        result = await asyncio.wait_for(fut, self._timeout) if self._timeout else await fut
+        if isinstance(result, TallyError):
+            raise result
+        return result

@@ -1,0 +1,111 @@
+"""Proves the Python client against the real server: results, error codes,
+pipelining and the asyncio client."""
+
+import asyncio
+
+import pytest
+
+from tally import AsyncClient, Client, TallyConnectionError, TallyError
+
+from conftest import ADMIN_PASSWORD
+
+
+def admin(server) -> Client:
+    c = Client(*server)
+    c.login("admin", ADMIN_PASSWORD)
+    return c
+
+
+def test_transfer_moves_exact_amounts(server):
+    with admin(server) as c:
+        assert c.ping() == "pong"
+        assert c.hello()["protocol"] == 1
+        c.create_account("alice", initial=100)
+        c.create_account("bob")
+        t = c.transfer("bob", 30, from_="alice", memo="lunch")
+        assert (t["from"], t["to"], t["amount"], t["fee"]) == ("alice", "bob", 30, 0)
+        assert (t["from_balance"], t["to_balance"]) == (70, 30)
+        assert c.balance("alice")["balance"] == 70
+        assert c.balance("bob") == {"account": "bob", "balance": 30, "available": 30}
+        assert c.get_transfer(t["id"])["memo"] == "lunch"
+        audit = c.audit()
+        assert audit["sum"] == 0 and audit["chain_ok"] is True
+
+
+def test_error_codes(server):
+    with admin(server) as c:
+        c.create_account("alice", initial=5)
+        c.create_account("bob")
+        cases = [
+            (lambda: c.transfer("bob", 6, from_="alice"), "insufficient_funds"),
+            (lambda: c.transfer("nobody", 1, from_="alice"), "not_found"),
+            (lambda: c.transfer("bob", 0, from_="alice"), "bad_request"),
+            (lambda: c.transfer("bob", 2**64 - 1, from_="alice"), "bad_request"),
+            (lambda: c.transfer("bob", 1.5, from_="alice"), "bad_request"),
+            (lambda: c.call("no_such_op"), "unknown_op"),
+            (lambda: c.create_account("alice"), "exists"),
+        ]
+        for fn, code in cases:
+            with pytest.raises(TallyError) as e:
+                fn()
+            assert e.value.code == code
+        assert c.balance("alice")["balance"] == 5
+    with Client(*server) as anon:
+        with pytest.raises(TallyError) as e:
+            anon.balance("alice")
+        assert e.value.code == "unauthenticated"
+        with pytest.raises(TallyError) as e:
+            anon.login("admin", "wrong")
+        assert e.value.code == "unauthenticated"
+
+
+def test_pipeline_collects_replies_by_id(server):
+    with admin(server) as c:
+        c.create_account("alice", initial=50)
+        c.create_account("bob")
+        with c.pipeline() as p:
+            for _ in range(60):
+                p.transfer("bob", 1, from_="alice")
+            p.balance("nobody")
+        results = p.results
+        assert len(results) == 61
+        ok = [r for r in results[:60] if not isinstance(r, TallyError)]
+        refused = [r for r in results[:60] if isinstance(r, TallyError)]
+        assert len(ok) == 50
+        assert {r.code for r in refused} == {"insufficient_funds"}
+        assert isinstance(results[60], TallyError) and results[60].code == "not_found"
+        assert c.balance("bob")["balance"] == 50
+
+
+def test_async_client_pipelines(server):
+    async def main():
+        async with AsyncClient(*server) as c:
+            await c.login("admin", ADMIN_PASSWORD)
+            await c.create_account("alice", initial=1000)
+            await c.create_account("bob")
+            results = await asyncio.gather(*(c.transfer("bob", 2, from_="alice") for _ in range(200)))
+            assert len({r["id"] for r in results}) == 200
+            assert (await c.balance("bob"))["balance"] == 400
+            with pytest.raises(TallyError) as e:
+                await c.transfer("bob", 10_000, from_="alice")
+            assert e.value.code == "insufficient_funds"
+
+    asyncio.run(main())
+
+
+def test_idempotent_key(server):
+    with admin(server) as c:
+        c.create_account("alice", initial=10)
+        c.create_account("bob")
+        first = c.transfer("bob", 4, from_="alice", key="k-1")
+        again = c.transfer("bob", 4, from_="alice", key="k-1")
+        assert first["id"] == again["id"]
+        with pytest.raises(TallyError) as e:
+            c.transfer("bob", 5, from_="alice", key="k-1")
+        assert e.value.code == "key_conflict"
+        assert c.balance("bob")["balance"] == 4
+
+
+def test_connection_errors_are_distinct():
+    with pytest.raises(TallyConnectionError):
+        Client("127.0.0.1", 1, timeout=2)
