@@ -11,19 +11,24 @@
 //! command exists only for a request holding one of the server's
 //! `inflight_max` permits.
 
-use std::collections::HashMap;
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, Sender};
 use redb::{Database, Durability};
 
 use crate::error::ApiError;
-use crate::ledger::{Applied, Book, BookAccount, Kind, MINT, TREASURY};
+use crate::ledger::{Applied, Book, Kind, MINT, TREASURY};
 use crate::protocol::{AccountView, Reply, TransferView};
 use crate::reply::ReplyTo;
 use crate::shard::{Effect, ShardMsg, ShardRouter};
 use crate::stats::Stats;
 use crate::store::{self, AccountMeta, Head, RecordRef, StoreError};
+
+/// How often balances are checkpointed (bounds the replay at start-up).
+const CHECKPOINT_INTERVAL: Duration = Duration::from_secs(1);
+/// Checkpoint early when this many accounts changed since the last one.
+const CHECKPOINT_DIRTY_MAX: usize = 262_144;
 
 /// A transfer whose source has been checked (and, if `reserved`, reserved) by its owner.
 pub struct TransferCmd {
@@ -106,14 +111,15 @@ pub struct Journal {
     pub head: Head,
     pub batch_max: usize,
     pub stats: Arc<Stats>,
+    /// When the last checkpoint was committed.
+    pub checkpoint_at: Instant,
 }
 
 impl Journal {
     /// Runs until every [`JournalHandle`] is dropped, then returns after the
     /// last commit. Committed batches go to `fanout` in commit order.
-    pub fn run(mut self, rx: &Receiver<Command>, fanout: &Sender<Vec<OutcomeBatch>>) {
+    pub fn run(mut self, rx: &Receiver<Command>, fanout: &Sender<OutcomeBatch>) {
         let mut batch: Vec<Command> = Vec::with_capacity(self.batch_max);
-        let mut undo: HashMap<Box<str>, Option<BookAccount>> = HashMap::new();
         let mut buf = Vec::with_capacity(512);
         while let Ok(first) = rx.recv() {
             batch.push(first);
@@ -126,39 +132,37 @@ impl Journal {
             self.stats
                 .journal_queue
                 .fetch_sub(batch.len() as u64, std::sync::atomic::Ordering::Relaxed);
-            let outcomes = self.commit(&mut batch, &mut undo, &mut buf);
-            if fanout.send(vec![OutcomeBatch(outcomes)]).is_err() {
+            let outcomes = self.commit(&mut batch, &mut buf);
+            if fanout.send(OutcomeBatch(outcomes)).is_err() {
                 break;
+            }
+        }
+        // Leave a fresh checkpoint so the next start replays nothing.
+        if !self.book.dirty.is_empty() {
+            let mut none = Vec::new();
+            if let Err(e) = self.write(std::iter::empty(), &mut buf, &mut none, true) {
+                tracing::warn!(error = %e, "final checkpoint failed; the next start replays the tail");
             }
         }
         tracing::info!(head = self.head.id, "journal stopped");
     }
 
-    fn commit(
-        &mut self,
-        batch: &mut Vec<Command>,
-        undo: &mut HashMap<Box<str>, Option<BookAccount>>,
-        buf: &mut Vec<u8>,
-    ) -> Vec<Outcome> {
-        undo.clear();
+    fn commit(&mut self, batch: &mut Vec<Command>, buf: &mut Vec<u8>) -> Vec<Outcome> {
         let head_before = self.head;
         let items = batch.len() as u64;
         let mut outcomes = Vec::with_capacity(batch.len());
-        let written = self.write(batch.drain(..), undo, buf, &mut outcomes);
-        if let Err(e) = written {
+        let checkpoint = self.book.dirty.len() >= CHECKPOINT_DIRTY_MAX
+            || (!self.book.dirty.is_empty() && self.checkpoint_at.elapsed() >= CHECKPOINT_INTERVAL);
+        if let Err(e) = self.write(batch.drain(..), buf, &mut outcomes, checkpoint) {
             tracing::error!(error = %e, "commit failed; the batch is refused");
-            // Nothing reached the disk: put the book and head back as they were.
-            for (id, before) in undo.drain() {
-                match before {
-                    Some(a) => {
-                        self.book.accounts.insert(id, a);
-                    }
-                    None => {
-                        self.book.accounts.remove(&id);
-                    }
-                }
-            }
-            self.head = head_before;
+            // Nothing of this batch reached the disk. Rebuild the book from
+            // what did; if even that fails the disk is gone, and stopping is
+            // the only answer that cannot serve wrong balances.
+            let loaded = store::load(&self.db, self.book.limits)
+                .unwrap_or_else(|e| panic!("cannot reload the ledger after a failed commit: {e}"));
+            assert_eq!(loaded.head, head_before, "a failed commit moved the head");
+            self.book = loaded.book;
+            self.head = loaded.head;
             let failed = ApiError::internal("the journal could not commit; nothing was changed");
             for o in &mut outcomes {
                 match o {
@@ -168,125 +172,129 @@ impl Journal {
             }
             return outcomes;
         }
-        let transfers = self.head.id - head_before.id;
-        self.stats.record_batch(items, transfers);
+        if checkpoint {
+            self.book.checkpointed();
+            self.checkpoint_at = Instant::now();
+        }
+        self.stats
+            .record_batch(items, self.head.id - head_before.id);
         outcomes
     }
 
-    fn remember(&self, undo: &mut HashMap<Box<str>, Option<BookAccount>>, id: &str) {
-        if !undo.contains_key(id) {
-            undo.insert(id.into(), self.book.accounts.get(id).copied());
+    /// Appends one record: links it into its parties' histories, hashes it
+    /// onto the chain and moves the head.
+    fn append(
+        &mut self,
+        transfers: &mut redb::Table<'_, u64, &[u8]>,
+        keys: &mut redb::Table<'_, (&str, &str), u64>,
+        buf: &mut Vec<u8>,
+        fields: Fields<'_>,
+        applied: Applied,
+    ) -> Result<Done, StoreError> {
+        let id = self.head.id + 1;
+        let links = self.book.link(id, fields.from, fields.to, fields.fee > 0);
+        let rec = RecordRef {
+            id,
+            kind: fields.kind,
+            from: fields.from,
+            to: fields.to,
+            amount: fields.amount,
+            fee: fields.fee,
+            memo: fields.memo,
+            time: fields.time,
+            key: fields.key,
+            prev: &self.head.hash,
+            links,
+        };
+        buf.clear();
+        rec.encode(buf);
+        let hash = store::record_hash(buf);
+        transfers.insert(id, &buf[..])?;
+        if let Some(key) = fields.key {
+            keys.insert((fields.from, key), id)?;
         }
+        let prev = self.head.hash;
+        self.head = Head { id, hash };
+        Ok(Done {
+            id,
+            time: fields.time,
+            prev,
+            hash,
+            applied,
+        })
     }
 
     fn write(
         &mut self,
         commands: impl Iterator<Item = Command>,
-        undo: &mut HashMap<Box<str>, Option<BookAccount>>,
         buf: &mut Vec<u8>,
         outcomes: &mut Vec<Outcome>,
+        checkpoint: bool,
     ) -> Result<(), StoreError> {
         let mut txn = self.db.begin_write()?;
         txn.set_durability(Durability::Immediate)
             .map_err(|e| StoreError::Corrupt(format!("durability: {e}")))?;
         {
             let mut transfers = txn.open_table(store::TRANSFERS)?;
-            let mut history = txn.open_table(store::HISTORY)?;
             let mut keys = txn.open_table(store::KEYS)?;
             let mut accounts = txn.open_table(store::ACCOUNTS)?;
-            let now = store::now_ms();
-            let mut append = |journal: &mut Journal,
-                              rec: &RecordRef<'_>,
-                              applied: Applied|
-             -> Result<Done, StoreError> {
-                buf.clear();
-                rec.encode(buf);
-                let hash = store::record_hash(buf);
-                transfers.insert(rec.id, &buf[..])?;
-                history.insert((rec.from, rec.id), ())?;
-                history.insert((rec.to, rec.id), ())?;
-                if rec.fee > 0 && rec.to != TREASURY {
-                    history.insert((TREASURY, rec.id), ())?;
-                }
-                if let Some(key) = rec.key {
-                    keys.insert((rec.from, key), rec.id)?;
-                }
-                assert!(
-                    rec.id == journal.head.id + 1,
-                    "transfer ids are strictly increasing"
-                );
-                journal.head = Head { id: rec.id, hash };
-                Ok(Done {
-                    id: rec.id,
-                    time: rec.time,
-                    prev: *rec.prev,
-                    hash,
-                    applied,
-                })
-            };
+            let time = store::now_ms();
             for cmd in commands {
                 match cmd {
                     Command::Transfer(t) => {
-                        self.remember(undo, &t.from);
-                        self.remember(undo, &t.to);
-                        if t.fee > 0 {
-                            self.remember(undo, TREASURY);
-                        }
                         let result = match self
                             .book
                             .transfer(&t.from, &t.to, t.amount, t.fee, t.reserved)
                         {
                             Err(e) => Err(ApiError::from(e)),
                             Ok(applied) => {
-                                let prev = self.head.hash;
-                                let rec = RecordRef {
-                                    id: self.head.id + 1,
+                                let fields = Fields {
                                     kind: t.kind,
                                     from: &t.from,
                                     to: &t.to,
                                     amount: t.amount,
                                     fee: t.fee,
                                     memo: t.memo.as_deref(),
-                                    time: now,
                                     key: t.key.as_deref(),
-                                    prev: &prev,
+                                    time,
                                 };
-                                Ok(append(self, &rec, applied)?)
+                                Ok(self.append(&mut transfers, &mut keys, buf, fields, applied)?)
                             }
                         };
                         outcomes.push(Outcome::Transfer(t, result));
                     }
                     Command::Create(c) => {
-                        self.remember(undo, &c.account);
                         let result = match self.book.create(&c.account) {
                             Err(e) => Err(ApiError::from(e)),
                             Ok(()) => {
                                 accounts.insert(&*c.account, &c.meta.encode()[..])?;
                                 if c.initial > 0 {
-                                    self.remember(undo, MINT);
                                     match self.book.transfer(MINT, &c.account, c.initial, 0, false)
                                     {
                                         Err(e) => {
-                                            // Undo the create too: the account and its funding are one step.
+                                            // The account and its funding are one step: undo the create.
                                             self.book.accounts.remove(&*c.account);
                                             accounts.remove(&*c.account)?;
                                             Err(ApiError::from(e))
                                         }
                                         Ok(applied) => {
-                                            let prev = self.head.hash;
-                                            let rec = RecordRef {
-                                                id: self.head.id + 1,
+                                            let fields = Fields {
                                                 kind: Kind::Mint,
                                                 from: MINT,
                                                 to: &c.account,
                                                 amount: c.initial,
                                                 fee: 0,
                                                 memo: c.meta.memo.as_deref(),
-                                                time: now,
                                                 key: None,
-                                                prev: &prev,
+                                                time,
                                             };
-                                            Ok(Some(append(self, &rec, applied)?))
+                                            Ok(Some(self.append(
+                                                &mut transfers,
+                                                &mut keys,
+                                                buf,
+                                                fields,
+                                                applied,
+                                            )?))
                                         }
                                     }
                                 } else {
@@ -298,11 +306,8 @@ impl Journal {
                     }
                 }
             }
-            let mut balances = txn.open_table(store::BALANCES)?;
-            for id in undo.keys() {
-                if let Some(a) = self.book.accounts.get(id) {
-                    balances.insert(&**id, a.balance)?;
-                }
+            if checkpoint {
+                store::write_checkpoint(&txn, &self.book, self.head)?;
             }
             let mut meta = txn.open_table(store::META)?;
             meta.insert("head", &self.head.encode()[..])?;
@@ -312,6 +317,18 @@ impl Journal {
     }
 }
 
+/// The fields of a record about to be appended.
+struct Fields<'a> {
+    kind: Kind,
+    from: &'a str,
+    to: &'a str,
+    amount: i64,
+    fee: i64,
+    memo: Option<&'a str>,
+    key: Option<&'a str>,
+    time: u64,
+}
+
 /// One committed batch on its way to the fan-out thread.
 pub struct OutcomeBatch(Vec<Outcome>);
 
@@ -319,15 +336,13 @@ pub struct OutcomeBatch(Vec<Outcome>);
 /// shard what changed (one message per shard per batch), then answers the
 /// clients. Owners hear before clients do, so a client that reads right
 /// after its reply sees its own transfer.
-pub fn run_fanout(rx: &Receiver<Vec<OutcomeBatch>>, router: &ShardRouter) {
+pub fn run_fanout(rx: &Receiver<OutcomeBatch>, router: &ShardRouter) {
     let n = router.len();
     let mut per_shard: Vec<Vec<Effect>> = (0..n).map(|_| Vec::new()).collect();
     let mut replies = Vec::new();
-    while let Ok(batches) = rx.recv() {
-        for OutcomeBatch(outcomes) in batches {
-            for o in outcomes {
-                fan_out(o, router, &mut per_shard, &mut replies);
-            }
+    while let Ok(OutcomeBatch(outcomes)) = rx.recv() {
+        for o in outcomes {
+            fan_out(o, router, &mut per_shard, &mut replies);
         }
         for (i, effects) in per_shard.iter_mut().enumerate() {
             if !effects.is_empty() {
@@ -340,18 +355,22 @@ pub fn run_fanout(rx: &Receiver<Vec<OutcomeBatch>>, router: &ShardRouter) {
     }
 }
 
+/// Queues a settlement for `account`'s owner; `id` is the committed
+/// transfer (0 when only a reservation is released).
 fn settle(
     router: &ShardRouter,
     per_shard: &mut [Vec<Effect>],
     account: &str,
     delta: i64,
     release: i64,
+    id: u64,
 ) {
-    if delta != 0 || release != 0 {
+    if delta != 0 || release != 0 || id != 0 {
         per_shard[router.shard_of(account)].push(Effect::Settle {
             account: account.into(),
             delta,
             release,
+            id,
         });
     }
 }
@@ -385,14 +404,16 @@ fn fan_out(
             let release = if t.reserved { t.amount } else { 0 };
             let result = match result {
                 Ok(done) => {
-                    settle(router, per_shard, &t.from, -t.amount, release);
-                    settle(router, per_shard, &t.to, t.amount - t.fee, 0);
-                    settle(router, per_shard, TREASURY, t.fee, 0);
+                    settle(router, per_shard, &t.from, -t.amount, release, done.id);
+                    settle(router, per_shard, &t.to, t.amount - t.fee, 0, done.id);
+                    if t.fee > 0 {
+                        settle(router, per_shard, TREASURY, t.fee, 0, done.id);
+                    }
                     let view = Arc::new(view_of(&t, &done));
                     Ok(view)
                 }
                 Err(e) => {
-                    settle(router, per_shard, &t.from, 0, release);
+                    settle(router, per_shard, &t.from, 0, release, 0);
                     Err(e)
                 }
             };
@@ -409,7 +430,10 @@ fn fan_out(
             let shard = router.shard_of(&c.account);
             match result {
                 Ok(done) => {
-                    settle(router, per_shard, MINT, -c.initial, 0);
+                    let last = done.as_ref().map_or(0, |d| d.id);
+                    if last != 0 {
+                        settle(router, per_shard, MINT, -c.initial, 0, last);
+                    }
                     let view = AccountView {
                         account: c.account.to_string(),
                         owner: c.meta.owner.clone(),
@@ -420,10 +444,10 @@ fn fan_out(
                         created: c.meta.created,
                         memo: c.meta.memo.clone(),
                     };
-                    debug_assert!(done.is_some() == (c.initial > 0));
                     per_shard[shard].push(Effect::Created {
                         account: c.account,
                         balance: c.initial,
+                        last,
                         meta: Some(c.meta),
                     });
                     replies.push((c.reply, Ok(Reply::Account(Box::new(view)))));
@@ -432,6 +456,7 @@ fn fan_out(
                     per_shard[shard].push(Effect::Created {
                         account: c.account,
                         balance: 0,
+                        last: 0,
                         meta: None,
                     });
                     replies.push((c.reply, Err(e)));

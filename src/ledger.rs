@@ -324,6 +324,32 @@ impl OwnerAccount {
 pub struct BookAccount {
     pub balance: i64,
     pub status: Status,
+    /// Id of the last transfer touching the account (0: none): the head of
+    /// its history list.
+    pub last: u64,
+    /// Changed since the last checkpoint.
+    pub dirty: bool,
+}
+
+impl BookAccount {
+    #[must_use]
+    pub fn new(balance: i64, status: Status, last: u64) -> Self {
+        BookAccount {
+            balance,
+            status,
+            last,
+            dirty: false,
+        }
+    }
+}
+
+/// The previous transfer of each party, linked from a new record.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Links {
+    pub from: u64,
+    pub to: u64,
+    /// Of `@treasury`, when the record carries a fee (0 otherwise).
+    pub fee: u64,
 }
 
 /// The outcome of applying a transfer to the book.
@@ -338,6 +364,8 @@ pub struct Applied {
 pub struct Book {
     pub accounts: HashMap<Box<str>, BookAccount>,
     pub limits: Limits,
+    /// Accounts changed since the last checkpoint, each once.
+    pub dirty: Vec<Box<str>>,
 }
 
 impl Book {
@@ -346,15 +374,11 @@ impl Book {
         let mut book = Book {
             accounts: HashMap::new(),
             limits,
+            dirty: Vec::new(),
         };
         for id in SYSTEM_ACCOUNTS {
-            book.accounts.insert(
-                id.into(),
-                BookAccount {
-                    balance: 0,
-                    status: Status::Open,
-                },
-            );
+            book.accounts
+                .insert(id.into(), BookAccount::new(0, Status::Open, 0));
         }
         book
     }
@@ -373,13 +397,9 @@ impl Book {
             Some(a) if a.status == Status::Deleted => Err(LedgerError::Deleted(id.to_owned())),
             Some(_) => Err(LedgerError::Exists(id.to_owned())),
             None => {
-                self.accounts.insert(
-                    id.into(),
-                    BookAccount {
-                        balance: 0,
-                        status: Status::Open,
-                    },
-                );
+                self.accounts
+                    .insert(id.into(), BookAccount::new(0, Status::Open, 0));
+                self.touch(id);
                 Ok(())
             }
         }
@@ -406,6 +426,11 @@ impl Book {
         if !(0..=amount).contains(&fee) {
             return Err(LedgerError::BadAmount("fee outside 0..=amount".into()));
         }
+        if fee > 0 && (from == TREASURY || to == TREASURY) {
+            return Err(LedgerError::BadAmount(
+                "no fee on transfers with @treasury".into(),
+            ));
+        }
         let source = self.open(from)?;
         let dest = self.open(to)?;
         let from_bounds = self.limits.bounds(from);
@@ -423,10 +448,12 @@ impl Book {
         let to_after = credit(to, dest.balance, amount - fee, self.limits.bounds(to))?;
         let treasury_after = if fee > 0 {
             let t = self.open(TREASURY)?;
-            // The treasury is also the receiver when a fee is charged on a
-            // payment to it; add both legs to one balance then.
-            let base = if to == TREASURY { to_after } else { t.balance };
-            Some(credit(TREASURY, base, fee, self.limits.bounds(TREASURY))?)
+            Some(credit(
+                TREASURY,
+                t.balance,
+                fee,
+                self.limits.bounds(TREASURY),
+            )?)
         } else {
             None
         };
@@ -437,17 +464,50 @@ impl Book {
         }
         Ok(Applied {
             from_balance: from_after,
-            to_balance: if to == TREASURY {
-                treasury_after.unwrap_or(to_after)
-            } else {
-                to_after
-            },
+            to_balance: to_after,
         })
     }
 
     fn set_balance(&mut self, id: &str, balance: i64) {
         if let Some(a) = self.accounts.get_mut(id) {
             a.balance = balance;
+            if !a.dirty {
+                a.dirty = true;
+                self.dirty.push(id.into());
+            }
+        }
+    }
+
+    /// Marks an account as changed since the last checkpoint.
+    pub fn touch(&mut self, id: &str) {
+        if let Some(a) = self.accounts.get_mut(id) {
+            if !a.dirty {
+                a.dirty = true;
+                self.dirty.push(id.into());
+            }
+        }
+    }
+
+    /// Makes transfer `id` the head of the history lists of its parties and
+    /// returns the heads it replaces.
+    pub fn link(&mut self, id: u64, from: &str, to: &str, fee: bool) -> Links {
+        let mut swap = |account: &str| {
+            self.accounts
+                .get_mut(account)
+                .map_or(0, |a| std::mem::replace(&mut a.last, id))
+        };
+        let from = swap(from);
+        let to = swap(to);
+        let fee = if fee { swap(TREASURY) } else { 0 };
+        Links { from, to, fee }
+    }
+
+    /// Clears the dirty marks after a checkpoint has been committed.
+    pub fn checkpointed(&mut self) {
+        for id in self.dirty.drain(..) {
+            if let Some(a) = self.accounts.get_mut(&id) {
+                a.dirty = false;
+            }
         }
     }
 

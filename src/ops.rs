@@ -14,12 +14,12 @@ use crate::frame::decode_args;
 use crate::ledger::{self, is_system, Kind, MINT};
 use crate::protocol::{
     AccountArg, AuditReply, AuthArgs, AuthReply, CreateAccountArgs, GetTransferArgs, HelloReply,
-    HistoryArgs, HistoryReply, LoginArgs, LoginReply, MintArgs, NoArgs, Reply, StatsReply,
-    TransferArgs, OPS, PROTOCOL_VERSION,
+    HistoryArgs, LoginArgs, LoginReply, MintArgs, NoArgs, Reply, StatsReply, TransferArgs, OPS,
+    PROTOCOL_VERSION,
 };
 use crate::reply::ReplyTo;
 use crate::server::{role_of, Ctx, Session};
-use crate::shard::{DebitReq, ReadKind, ShardMsg};
+use crate::shard::{DebitReq, HistoryReq, ReadKind, ShardMsg};
 use crate::stats::Stats;
 use crate::store::{self, AccountMeta};
 
@@ -288,18 +288,14 @@ fn authed(ctx: &Arc<Ctx>, p: Principal, op: &str, args: &[u8], reply: ReplyTo) {
                     )))
                 }
             };
-            let db = ctx.db.clone();
-            blocking(reply, move || {
-                let meta = store::account_meta(&db, &account)?
-                    .ok_or_else(|| ApiError::not_found(format!("account {account}")))?;
-                owns(&p, &meta)?;
-                let (transfers, next) = store::history(&db, &account, a.after.unwrap_or(0), limit)?;
-                Ok(Reply::History(HistoryReply {
-                    account,
-                    transfers,
-                    next,
-                }))
-            });
+            let req = HistoryReq {
+                account: account.as_str().into(),
+                after: a.after,
+                limit,
+                principal: p,
+                reply,
+            };
+            ctx.router.send(&account, ShardMsg::History(Box::new(req)));
         }
         "get_transfer" => {
             let a = args!(GetTransferArgs, args, reply);
@@ -362,14 +358,6 @@ fn authed(ctx: &Arc<Ctx>, p: Principal, op: &str, args: &[u8], reply: ReplyTo) {
             ErrorCode::UnknownOp,
             format!("unknown op {op:?}"),
         )),
-    }
-}
-
-fn owns(p: &Principal, meta: &AccountMeta) -> Result<(), ApiError> {
-    if p.is_admin() || meta.owner.as_deref() == Some(&*p.user) {
-        Ok(())
-    } else {
-        Err(ApiError::forbidden("not your account"))
     }
 }
 

@@ -20,7 +20,7 @@ use crate::constants::{FRAME_READ_TIMEOUT_MS, KEYS_CACHED_PER_SHARD_MAX, LINE_BY
 use crate::error::{ApiError, ErrorCode};
 use crate::frame::{self, HEADER_BYTES};
 use crate::journal::{self, Journal, JournalHandle};
-use crate::ledger::{Book, BookAccount, Limits, OwnerAccount, Status};
+use crate::ledger::{Limits, OwnerAccount, Status};
 use crate::ops;
 use crate::reply::{Outgoing, Permits, ReplyTo};
 use crate::shard::{shard_index, ShardActor, ShardArgs, ShardRouter, Slot};
@@ -132,34 +132,23 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
     let tokens = Tokens::new(&secret, config.auth.token_ttl_s);
     let limits = config.ledger_limits();
 
-    let (accounts, head) = store::load(&db)?;
+    let loaded = store::load(&db, limits)?;
     let n = config.shards;
-    let mut book = Book::new(limits);
     let mut per_shard: Vec<HashMap<Box<str>, Slot>> = (0..n).map(|_| HashMap::new()).collect();
-    for a in accounts {
-        let status = if a.meta.deleted.is_some() {
-            Status::Deleted
-        } else {
-            Status::Open
-        };
-        book.accounts.insert(
-            a.id.as_str().into(),
-            BookAccount {
-                balance: a.balance,
-                status,
-            },
-        );
+    for a in loaded.accounts {
         let mut acct = OwnerAccount::new(a.balance);
-        acct.status = status;
-        per_shard[shard_index(&a.id, n)].insert(
-            a.id.into(),
-            Slot {
-                acct,
-                meta: a.meta,
-                creating: false,
-            },
-        );
+        if a.meta.deleted.is_some() {
+            acct.status = Status::Deleted;
+        }
+        let slot = Slot {
+            acct,
+            meta: a.meta,
+            creating: false,
+            last: a.last,
+        };
+        per_shard[shard_index(&a.id, n)].insert(a.id.into(), slot);
     }
+    let (book, head) = (loaded.book, loaded.head);
     let sum = book.sum();
     if sum != 0 {
         return Err(StartError::Other(format!(
@@ -196,6 +185,7 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
         head,
         batch_max: config.limits.commit_batch_max,
         stats: stats.clone(),
+        checkpoint_at: std::time::Instant::now(),
     };
     std::thread::Builder::new()
         .name("tally-journal".into())

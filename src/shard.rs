@@ -21,7 +21,7 @@ use crate::auth::Principal;
 use crate::error::{ApiError, ErrorCode};
 use crate::journal::{Command, CreateCmd, JournalHandle, TransferCmd};
 use crate::ledger::{is_system, Kind, Limits, OwnerAccount, Status};
-use crate::protocol::{AccountView, BalanceReply, Reply, TransferView};
+use crate::protocol::{AccountView, BalanceReply, HistoryReply, Reply, TransferView};
 use crate::reply::ReplyTo;
 use crate::store::{self, AccountMeta};
 
@@ -31,6 +31,8 @@ pub struct Slot {
     pub meta: AccountMeta,
     /// Created by a command the journal has not committed yet.
     pub creating: bool,
+    /// The last committed transfer touching the account (head of its history).
+    pub last: u64,
 }
 
 /// A debit request: `transfer` or `mint` (from `@mint`).
@@ -59,6 +61,7 @@ pub enum Effect {
         account: Box<str>,
         delta: i64,
         release: i64,
+        id: u64,
     },
     /// The transfer made under an idempotency key is settled.
     KeyDone {
@@ -70,8 +73,18 @@ pub enum Effect {
     Created {
         account: Box<str>,
         balance: i64,
+        last: u64,
         meta: Option<AccountMeta>,
     },
+}
+
+/// A `history` page request.
+pub struct HistoryReq {
+    pub account: Box<str>,
+    pub after: Option<u64>,
+    pub limit: usize,
+    pub principal: Principal,
+    pub reply: ReplyTo,
 }
 
 pub enum ShardMsg {
@@ -88,6 +101,7 @@ pub enum ShardMsg {
         principal: Principal,
         reply: ReplyTo,
     },
+    History(Box<HistoryReq>),
     Effects(Vec<Effect>),
 }
 
@@ -186,6 +200,7 @@ impl Actor for ShardActor {
                 principal,
                 reply,
             } => state.read(&account, kind, &principal, reply),
+            ShardMsg::History(req) => state.history(*req),
             ShardMsg::Effects(effects) => {
                 for e in effects {
                     state.apply(e);
@@ -244,6 +259,44 @@ impl ShardState {
             })),
         };
         reply.ok(r);
+    }
+
+    /// Checks the caller here, where the account's last transfer is known,
+    /// then reads the page on the blocking pool: the shard does not wait.
+    fn history(&self, req: HistoryReq) {
+        let last = match self.slot(&req.account, &req.principal) {
+            Ok(s) => s.last,
+            Err(e) => return req.reply.err(e),
+        };
+        let db = self.db.clone();
+        tokio::task::spawn_blocking(move || {
+            let HistoryReq {
+                account,
+                after,
+                limit,
+                reply,
+                ..
+            } = req;
+            let page = || -> Result<Reply, ApiError> {
+                let start = match after {
+                    None => last,
+                    Some(cursor) => {
+                        store::history_after(&db, &account, cursor)?.ok_or_else(|| {
+                            ApiError::bad_request(format!(
+                                "after={cursor} is not a transfer of {account}"
+                            ))
+                        })?
+                    }
+                };
+                let (transfers, next) = store::history(&db, &account, start, limit)?;
+                Ok(Reply::History(HistoryReply {
+                    account: account.to_string(),
+                    transfers,
+                    next,
+                }))
+            };
+            reply.send(page());
+        });
     }
 
     fn debit(&mut self, req: DebitReq) {
@@ -415,6 +468,7 @@ impl ShardState {
                 acct: OwnerAccount::new(0),
                 meta: meta.clone(),
                 creating: true,
+                last: 0,
             },
         );
         let cmd = Command::Create(CreateCmd {
@@ -435,9 +489,11 @@ impl ShardState {
                 account,
                 delta,
                 release,
+                id,
             } => {
                 if let Some(s) = self.accounts.get_mut(&*account) {
                     s.acct.settle(delta, release);
+                    s.last = s.last.max(id);
                 }
             }
             Effect::KeyDone { from, key, result } => {
@@ -467,6 +523,7 @@ impl ShardState {
             Effect::Created {
                 account,
                 balance,
+                last,
                 meta,
             } => match meta {
                 Some(meta) => {
@@ -476,6 +533,7 @@ impl ShardState {
                             acct: OwnerAccount::new(balance),
                             meta,
                             creating: false,
+                            last,
                         },
                     );
                 }

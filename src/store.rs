@@ -5,43 +5,53 @@
 //! | table | key | value | written by |
 //! |---|---|---|---|
 //! | `transfers` | id `u64` | stored record (below) | journal, append-only |
-//! | `balances` | account | `i64` | journal, once per dirty account per batch |
+//! | `balances` | account | (balance `i64`, last transfer id `u64`) | journal, at checkpoints |
 //! | `accounts` | account | MessagePack [`AccountMeta`] | journal |
-//! | `history` | (account, id) | `()` | journal: index of transfers per account |
 //! | `keys` | (from account, key) | transfer id | journal: idempotency keys |
 //! | `users` | user | MessagePack [`UserRecord`] | start-up, later the journal |
-//! | `meta` | name | bytes | `head` = last id (8 bytes BE) + its hash (32 bytes) |
+//! | `meta` | name | bytes | `head` = last id (8 bytes BE) + its hash (32 bytes); `checkpoint` = id (8 bytes BE) |
 //!
-//! Balances are stored, not derived, so start-up reads one row per account and
-//! never replays the history. Each batch writes its transfers, the changed
-//! balances and the new head in one transaction, so they can never disagree.
+//! The hot path only appends: a batch writes its records (sequential keys,
+//! so always at the end of the tree) and the new head. Balances live in
+//! memory; about once a second a batch also writes every balance changed
+//! since the last checkpoint and the id the checkpoint is valid at, in the
+//! same transaction. Start-up (and `audit`) read the checkpointed balances
+//! and replay only the records after it: at most about a second of work,
+//! never the whole history.
+//!
+//! Each record links to the previous record of each of its parties, and
+//! each account knows its last record, so an account's history is a linked
+//! list read newest first, with no index to update per transfer.
 //!
 //! # Stored record format (version 1)
 //!
 //! `1u8 | id u64 | kind u8 | amount i64 | fee i64 | time_ms u64 | prev [32] |
+//! prev_from u64 | prev_to u64 | prev_fee u64 |
 //! from_len u8 | from | to_len u8 | to | memo_len u16 | memo | key_len u8 | key`,
 //! integers big-endian. A record's hash is BLAKE3 of exactly these bytes, and
 //! `prev` is the hash of the record before it (zeros for the first), so the
 //! journal is a hash chain that `audit` re-verifies from the start.
+//! `prev_from`/`prev_to`/`prev_fee` are the previous record of `from`, `to`
+//! and (for a fee) `@treasury`, 0 for none.
 
 use std::path::Path;
 
 use redb::{Database, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition};
 use serde::{Deserialize, Serialize};
 
-use crate::ledger::{Kind, MINT, SYSTEM_ACCOUNTS};
+use crate::ledger::{Book, BookAccount, Kind, Limits, Links, Status, SYSTEM_ACCOUNTS, TREASURY};
 use crate::protocol::{AuditReply, TransferView};
 
 pub const TRANSFERS: TableDefinition<u64, &[u8]> = TableDefinition::new("transfers");
-pub const BALANCES: TableDefinition<&str, i64> = TableDefinition::new("balances");
+pub const BALANCES: TableDefinition<&str, (i64, u64)> = TableDefinition::new("balances");
 pub const ACCOUNTS: TableDefinition<&str, &[u8]> = TableDefinition::new("accounts");
-pub const HISTORY: TableDefinition<(&str, u64), ()> = TableDefinition::new("history");
 pub const KEYS: TableDefinition<(&str, &str), u64> = TableDefinition::new("keys");
 pub const USERS: TableDefinition<&str, &[u8]> = TableDefinition::new("users");
 pub const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
 
 const RECORD_VERSION: u8 = 1;
 const HEAD: &str = "head";
+const CHECKPOINT: &str = "checkpoint";
 
 /// Hash of "no previous record".
 pub const GENESIS: [u8; 32] = [0; 32];
@@ -92,6 +102,7 @@ pub struct TransferRecord {
     pub time: u64,
     pub key: Option<Box<str>>,
     pub prev: [u8; 32],
+    pub links: Links,
 }
 
 /// A record to be stored, borrowing its fields.
@@ -107,6 +118,7 @@ pub struct RecordRef<'a> {
     pub time: u64,
     pub key: Option<&'a str>,
     pub prev: &'a [u8; 32],
+    pub links: Links,
 }
 
 impl RecordRef<'_> {
@@ -120,6 +132,9 @@ impl RecordRef<'_> {
         out.extend_from_slice(&self.fee.to_be_bytes());
         out.extend_from_slice(&self.time.to_be_bytes());
         out.extend_from_slice(self.prev);
+        out.extend_from_slice(&self.links.from.to_be_bytes());
+        out.extend_from_slice(&self.links.to.to_be_bytes());
+        out.extend_from_slice(&self.links.fee.to_be_bytes());
         let short = |out: &mut Vec<u8>, s: &str| {
             let n = u8::try_from(s.len()).expect("ids and keys are at most 64 bytes");
             out.push(n);
@@ -149,6 +164,7 @@ impl TransferRecord {
             time: self.time,
             key: self.key.as_deref(),
             prev: &self.prev,
+            links: self.links,
         }
         .encode(out);
     }
@@ -174,6 +190,11 @@ impl TransferRecord {
         let fee = u64_at(take(8)?) as i64;
         let time = u64_at(take(8)?);
         let prev: [u8; 32] = take(32)?.try_into().map_err(|_| corrupt())?;
+        let links = Links {
+            from: u64_at(take(8)?),
+            to: u64_at(take(8)?),
+            fee: u64_at(take(8)?),
+        };
         let text = |s: &[u8]| -> Result<Box<str>, StoreError> {
             Ok(std::str::from_utf8(s).map_err(|_| corrupt())?.into())
         };
@@ -197,7 +218,23 @@ impl TransferRecord {
             time,
             key,
             prev,
+            links,
         })
+    }
+
+    /// The previous record of `account` in its history list, if `account`
+    /// is a party of this record.
+    #[must_use]
+    pub fn link_of(&self, account: &str) -> Option<u64> {
+        if &*self.from == account {
+            Some(self.links.from)
+        } else if &*self.to == account {
+            Some(self.links.to)
+        } else if self.fee > 0 && account == TREASURY {
+            Some(self.links.fee)
+        } else {
+            None
+        }
     }
 
     /// The record as the wire shows it, given its own hash.
@@ -348,7 +385,6 @@ pub fn open(path: &Path) -> Result<Database, StoreError> {
     let txn = db.begin_write()?;
     {
         txn.open_table(TRANSFERS)?;
-        txn.open_table(HISTORY)?;
         txn.open_table(KEYS)?;
         txn.open_table(USERS)?;
         let mut meta = txn.open_table(META)?;
@@ -372,7 +408,7 @@ pub fn open(path: &Path) -> Result<Database, StoreError> {
                     ..AccountMeta::default()
                 };
                 accounts.insert(id, &meta.encode()[..])?;
-                balances.insert(id, 0)?;
+                balances.insert(id, (0, 0))?;
             }
         }
     }
@@ -385,26 +421,132 @@ pub struct LoadedAccount {
     pub id: String,
     pub meta: AccountMeta,
     pub balance: i64,
+    /// Its last transfer (head of its history list).
+    pub last: u64,
 }
 
-/// Reads every account and the journal head.
-pub fn load(db: &Database) -> Result<(Vec<LoadedAccount>, Head), StoreError> {
+/// The committed state: every account with its balance, and the head.
+pub struct Loaded {
+    pub accounts: Vec<LoadedAccount>,
+    pub book: Book,
+    pub head: Head,
+}
+
+fn read_u64(bytes: &[u8]) -> Result<u64, StoreError> {
+    let a: [u8; 8] = bytes
+        .try_into()
+        .map_err(|_| StoreError::Corrupt("meta".into()))?;
+    Ok(u64::from_be_bytes(a))
+}
+
+/// The balance changes one record makes, in the book's terms.
+fn replay(
+    balances: &mut std::collections::HashMap<String, (i64, u64)>,
+    r: &TransferRecord,
+) -> Result<(), StoreError> {
+    let overflow = || StoreError::Corrupt(format!("replaying transfer {} overflows", r.id));
+    let mut apply = |account: &str, delta: i64, link: bool| -> Result<(), StoreError> {
+        let e = balances.entry(account.to_owned()).or_insert((0, 0));
+        e.0 = e.0.checked_add(delta).ok_or_else(overflow)?;
+        if link {
+            e.1 = r.id;
+        }
+        Ok(())
+    };
+    apply(&r.from, r.amount.checked_neg().ok_or_else(overflow)?, true)?;
+    apply(&r.to, r.amount - r.fee, true)?;
+    if r.fee > 0 {
+        apply(TREASURY, r.fee, true)?;
+    }
+    Ok(())
+}
+
+/// Reads the checkpointed balances and replays the records after the
+/// checkpoint, checking that they chain onto each other and end at the head.
+/// Used at start-up and by the journal to recover from a failed commit.
+pub fn load(db: &Database, limits: Limits) -> Result<Loaded, StoreError> {
     let txn = db.begin_read()?;
-    let accounts = txn.open_table(ACCOUNTS)?;
-    let balances = txn.open_table(BALANCES)?;
-    let mut out = Vec::with_capacity(usize::try_from(accounts.len()?).unwrap_or(0));
-    for row in accounts.iter()? {
+    let head = read_head(&txn)?;
+    let meta = txn.open_table(META)?;
+    let checkpoint = match meta.get(CHECKPOINT)? {
+        Some(v) => read_u64(v.value())?,
+        None => 0,
+    };
+    let table = txn.open_table(BALANCES)?;
+    let mut balances = std::collections::HashMap::new();
+    for row in table.iter()? {
+        let (k, v) = row?;
+        balances.insert(k.value().to_owned(), v.value());
+    }
+    let transfers = txn.open_table(TRANSFERS)?;
+    let mut touched = Vec::new();
+    let mut prev = match checkpoint {
+        0 => GENESIS,
+        id => {
+            let stored = transfers
+                .get(id)?
+                .ok_or_else(|| StoreError::Corrupt(format!("checkpoint record {id} is missing")))?;
+            record_hash(stored.value())
+        }
+    };
+    let mut expected = checkpoint + 1;
+    for row in transfers.range(checkpoint + 1..)? {
+        let (k, v) = row?;
+        let r = TransferRecord::decode(v.value())?;
+        if r.id != k.value() || r.id != expected || r.prev != prev {
+            return Err(StoreError::Corrupt(format!(
+                "the journal breaks at transfer {}",
+                k.value()
+            )));
+        }
+        replay(&mut balances, &r)?;
+        touched.extend([r.from.to_string(), r.to.to_string()]);
+        prev = record_hash(v.value());
+        expected += 1;
+    }
+    if expected - 1 != head.id || prev != head.hash {
+        return Err(StoreError::Corrupt(format!(
+            "the journal ends at transfer {} but its head says {}",
+            expected - 1,
+            head.id
+        )));
+    }
+    let accounts_table = txn.open_table(ACCOUNTS)?;
+    let mut book = Book::new(limits);
+    let mut accounts = Vec::with_capacity(usize::try_from(accounts_table.len()?).unwrap_or(0));
+    for row in accounts_table.iter()? {
         let (k, v) = row?;
         let id = k.value().to_owned();
-        let balance = balances.get(id.as_str())?.map_or(0, |b| b.value());
-        out.push(LoadedAccount {
-            meta: AccountMeta::decode(v.value())?,
+        let meta = AccountMeta::decode(v.value())?;
+        let (balance, last) = balances.remove(&id).unwrap_or((0, 0));
+        let status = if meta.deleted.is_some() {
+            Status::Deleted
+        } else {
+            Status::Open
+        };
+        book.accounts
+            .insert(id.as_str().into(), BookAccount::new(balance, status, last));
+        accounts.push(LoadedAccount {
             id,
+            meta,
             balance,
+            last,
         });
     }
-    let head = read_head(&txn)?;
-    Ok((out, head))
+    if let Some(orphan) = balances.keys().next() {
+        return Err(StoreError::Corrupt(format!(
+            "balance without an account: {orphan}"
+        )));
+    }
+    // What the replay changed goes into the next checkpoint.
+    for id in touched {
+        book.touch(&id);
+    }
+    Ok(Loaded {
+        accounts,
+        book,
+        head,
+    })
 }
 
 fn read_head(txn: &redb::ReadTransaction) -> Result<Head, StoreError> {
@@ -413,6 +555,24 @@ fn read_head(txn: &redb::ReadTransaction) -> Result<Head, StoreError> {
         .get(HEAD)?
         .ok_or_else(|| StoreError::Corrupt("no head".into()))?;
     Head::decode(head.value())
+}
+
+/// Writes the balances changed since the last checkpoint, and the id the
+/// checkpoint is valid at, into an open write transaction.
+pub fn write_checkpoint(
+    txn: &redb::WriteTransaction,
+    book: &Book,
+    head: Head,
+) -> Result<(), StoreError> {
+    let mut balances = txn.open_table(BALANCES)?;
+    for id in &book.dirty {
+        if let Some(a) = book.accounts.get(id) {
+            balances.insert(&**id, (a.balance, a.last))?;
+        }
+    }
+    txn.open_table(META)?
+        .insert(CHECKPOINT, &head.id.to_be_bytes()[..])?;
+    Ok(())
 }
 
 /// Reads one user.
@@ -472,51 +632,66 @@ pub fn account_meta(db: &Database, account: &str) -> Result<Option<AccountMeta>,
         .transpose()
 }
 
-/// A page of the transfers touching `account` with ids above `after`, oldest
-/// first, and the cursor of the next page.
+/// A page of `account`'s history, newest first, starting at record
+/// `start` (the account's last record, or the one before the cursor), and
+/// the cursor of the next page.
 pub fn history(
     db: &Database,
     account: &str,
-    after: u64,
+    start: u64,
     limit: usize,
 ) -> Result<(Vec<TransferView>, Option<u64>), StoreError> {
     let txn = db.begin_read()?;
-    let index = txn.open_table(HISTORY)?;
     let transfers = txn.open_table(TRANSFERS)?;
     let mut out = Vec::with_capacity(limit.min(1024));
-    let start = after.saturating_add(1);
-    for row in index.range((account, start)..=(account, u64::MAX))? {
-        let (k, ()) = row.map(|(k, v)| (k, v.value()))?;
-        let id = k.value().1;
-        if out.len() == limit {
-            let next = out_last(&out);
-            return Ok((out, Some(next)));
-        }
+    let mut id = start;
+    while id != 0 && out.len() < limit {
         let stored = transfers.get(id)?.ok_or_else(|| {
             StoreError::Corrupt(format!("history points at missing transfer {id}"))
         })?;
-        out.push(view_of(stored.value())?);
+        let r = TransferRecord::decode(stored.value())?;
+        let prev = r
+            .link_of(account)
+            .ok_or_else(|| StoreError::Corrupt(format!("transfer {id} is not {account}'s")))?;
+        out.push(r.view(&record_hash(stored.value())));
+        id = prev;
     }
-    Ok((out, None))
+    let next = if id == 0 {
+        None
+    } else {
+        out.last().map(|t| t.id)
+    };
+    Ok((out, next))
 }
 
-fn out_last(out: &[TransferView]) -> u64 {
-    out.last().map_or(0, |t| t.id)
+/// Where the page after cursor `after` starts: the record before `after` in
+/// `account`'s list. `None` if `after` is not one of the account's records.
+pub fn history_after(db: &Database, account: &str, after: u64) -> Result<Option<u64>, StoreError> {
+    let txn = db.begin_read()?;
+    let transfers = txn.open_table(TRANSFERS)?;
+    let Some(stored) = transfers.get(after)? else {
+        return Ok(None);
+    };
+    Ok(TransferRecord::decode(stored.value())?.link_of(account))
 }
 
-/// Sums every balance and re-verifies the hash chain from the first record,
-/// all in one read transaction (one consistent instant).
+/// In one read transaction (one consistent instant): counts the accounts,
+/// re-verifies the hash chain from the first record, and sums every
+/// balance (checkpointed balances plus the records after the checkpoint).
 pub fn audit(db: &Database) -> Result<AuditReply, StoreError> {
     let txn = db.begin_read()?;
-    let balances = txn.open_table(BALANCES)?;
-    let mut sum: i128 = 0;
-    let mut accounts = 0u64;
-    for row in balances.iter()? {
-        let (_, v) = row?;
-        sum += i128::from(v.value());
-        accounts += 1;
-    }
     let head = read_head(&txn)?;
+    let meta = txn.open_table(META)?;
+    let checkpoint = match meta.get(CHECKPOINT)? {
+        Some(v) => read_u64(v.value())?,
+        None => 0,
+    };
+    let table = txn.open_table(BALANCES)?;
+    let mut balances = std::collections::HashMap::new();
+    for row in table.iter()? {
+        let (k, v) = row?;
+        balances.insert(k.value().to_owned(), v.value());
+    }
     let transfers = txn.open_table(TRANSFERS)?;
     let mut prev = GENESIS;
     let mut chain_ok = true;
@@ -524,18 +699,23 @@ pub fn audit(db: &Database) -> Result<AuditReply, StoreError> {
     for (expected_id, row) in (1u64..).zip(transfers.iter()?) {
         let (k, v) = row?;
         let stored = v.value();
-        let ok = TransferRecord::decode(stored)
-            .is_ok_and(|r| r.prev == prev && r.id == k.value() && r.id == expected_id);
-        if !ok {
+        let Ok(r) = TransferRecord::decode(stored) else {
             chain_ok = false;
             break;
+        };
+        if r.prev != prev || r.id != k.value() || r.id != expected_id {
+            chain_ok = false;
+            break;
+        }
+        if r.id > checkpoint {
+            replay(&mut balances, &r)?;
         }
         prev = record_hash(stored);
         count += 1;
     }
     chain_ok = chain_ok && prev == head.hash && count == head.id;
-    // Sanity: the issuance account exists in every consistent database.
-    chain_ok = chain_ok && balances.get(MINT)?.is_some();
+    let sum: i128 = balances.values().map(|(b, _)| i128::from(*b)).sum();
+    let accounts = txn.open_table(ACCOUNTS)?.len()?;
     Ok(AuditReply {
         accounts,
         sum: i64::try_from(sum).unwrap_or(i64::MAX),
@@ -562,6 +742,11 @@ mod tests {
             time: 1_700_000_000_000,
             key: Some("k1".into()),
             prev: [7; 32],
+            links: Links {
+                from: 3,
+                to: 0,
+                fee: 9,
+            },
         };
         let mut out = Vec::new();
         r.encode(&mut out);

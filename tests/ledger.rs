@@ -276,7 +276,7 @@ async fn idempotency_keys_apply_once_and_survive_restart() {
 }
 
 #[tokio::test]
-async fn history_pages_with_a_cursor() {
+async fn history_pages_newest_first_with_a_cursor() {
     let s = Server::start();
     let c = s.admin().await;
     create(&c, "a", 100).await;
@@ -302,7 +302,7 @@ async fn history_pages_with_a_cursor() {
             .map(|t| t["amount"].as_i64().unwrap())
             .collect()
     };
-    assert_eq!(amounts(&p1), vec![1, 2]);
+    assert_eq!(amounts(&p1), vec![5, 4]);
     let p2 = c
         .call(
             "history",
@@ -310,7 +310,7 @@ async fn history_pages_with_a_cursor() {
         )
         .await
         .unwrap();
-    assert_eq!(amounts(&p2), vec![3, 4]);
+    assert_eq!(amounts(&p2), vec![3, 2]);
     let p3 = c
         .call(
             "history",
@@ -318,7 +318,7 @@ async fn history_pages_with_a_cursor() {
         )
         .await
         .unwrap();
-    assert_eq!(amounts(&p3), vec![5]);
+    assert_eq!(amounts(&p3), vec![1]);
     assert!(p3["next"].is_null());
     assert_eq!(
         code(
