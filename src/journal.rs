@@ -12,7 +12,6 @@
 //! `inflight_max` permits.
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, Sender};
 use redb::{Database, Durability};
@@ -25,10 +24,11 @@ use crate::shard::{Effect, ShardMsg, ShardRouter};
 use crate::stats::Stats;
 use crate::store::{self, AccountMeta, Head, RecordRef, StoreError};
 
-/// How often balances are checkpointed (bounds the replay at start-up).
-const CHECKPOINT_INTERVAL: Duration = Duration::from_secs(1);
-/// Checkpoint early when this many accounts changed since the last one.
-const CHECKPOINT_DIRTY_MAX: usize = 262_144;
+/// A full sweep of the balance rows takes at most this many commits, which
+/// bounds the replay at start-up to about twice as many batches.
+const SWEEP_COMMITS: usize = 16;
+/// The fewest account numbers a commit sweeps.
+const SWEEP_CHUNK_MIN: usize = 4096;
 
 /// A transfer whose source has been checked (and, if `reserved`, reserved) by its owner.
 pub struct TransferCmd {
@@ -111,8 +111,11 @@ pub struct Journal {
     pub head: Head,
     pub batch_max: usize,
     pub stats: Arc<Stats>,
-    /// When the last checkpoint was committed.
-    pub checkpoint_at: Instant,
+    /// Next account number the balance-row sweep writes.
+    pub sweep_cursor: u32,
+    /// The head when the current sweep began: once it completes, every
+    /// balance row includes all transfers up to here.
+    pub sweep_from: u64,
 }
 
 impl Journal {
@@ -137,12 +140,9 @@ impl Journal {
                 break;
             }
         }
-        // Leave a fresh checkpoint so the next start replays nothing.
-        if !self.book.dirty.is_empty() {
-            let mut none = Vec::new();
-            if let Err(e) = self.write(std::iter::empty(), &mut buf, &mut none, true) {
-                tracing::warn!(error = %e, "final checkpoint failed; the next start replays the tail");
-            }
+        // Leave a full checkpoint so the next start replays nothing.
+        if let Err(e) = self.final_checkpoint() {
+            tracing::warn!(error = %e, "final checkpoint failed; the next start replays the tail");
         }
         tracing::info!(head = self.head.id, "journal stopped");
     }
@@ -151,9 +151,7 @@ impl Journal {
         let head_before = self.head;
         let items = batch.len() as u64;
         let mut outcomes = Vec::with_capacity(batch.len());
-        let checkpoint = self.book.dirty.len() >= CHECKPOINT_DIRTY_MAX
-            || (!self.book.dirty.is_empty() && self.checkpoint_at.elapsed() >= CHECKPOINT_INTERVAL);
-        if let Err(e) = self.write(batch.drain(..), buf, &mut outcomes, checkpoint) {
+        if let Err(e) = self.write(batch.drain(..), buf, &mut outcomes) {
             tracing::error!(error = %e, "commit failed; the batch is refused");
             // Nothing of this batch reached the disk. Rebuild the book from
             // what did; if even that fails the disk is gone, and stopping is
@@ -163,6 +161,8 @@ impl Journal {
             assert_eq!(loaded.head, head_before, "a failed commit moved the head");
             self.book = loaded.book;
             self.head = loaded.head;
+            self.sweep_cursor = 0;
+            self.sweep_from = self.head.id;
             let failed = ApiError::internal("the journal could not commit; nothing was changed");
             for o in &mut outcomes {
                 match o {
@@ -171,10 +171,6 @@ impl Journal {
                 }
             }
             return outcomes;
-        }
-        if checkpoint {
-            self.book.checkpointed();
-            self.checkpoint_at = Instant::now();
         }
         self.stats
             .record_batch(items, self.head.id - head_before.id);
@@ -224,12 +220,41 @@ impl Journal {
         })
     }
 
+    /// Writes every dirty balance row and a checkpoint at the head.
+    fn final_checkpoint(&mut self) -> Result<(), StoreError> {
+        let txn = self.db.begin_write()?;
+        let all = u32::try_from(self.book.len()).unwrap_or(u32::MAX);
+        store::write_rows(&txn, &mut self.book, 0..all)?;
+        store::write_checkpoint(&txn, self.head.id)?;
+        txn.commit()?;
+        Ok(())
+    }
+
+    /// Writes the next slice of balance rows; completes the sweep (and moves
+    /// the checkpoint) when the slice reaches the last account.
+    fn sweep(&mut self, txn: &redb::WriteTransaction) -> Result<(), StoreError> {
+        let len = self.book.len();
+        let chunk = (len / SWEEP_COMMITS).max(SWEEP_CHUNK_MIN);
+        let start = self.sweep_cursor as usize;
+        let end = (start + chunk).min(len);
+        let to_u32 = |n: usize| u32::try_from(n).unwrap_or(u32::MAX);
+        store::write_rows(txn, &mut self.book, to_u32(start)..to_u32(end))?;
+        if end >= len {
+            store::write_checkpoint(txn, self.sweep_from)?;
+            self.sweep_cursor = 0;
+            // The next sweep covers everything this commit adds.
+            self.sweep_from = self.head.id;
+        } else {
+            self.sweep_cursor = to_u32(end);
+        }
+        Ok(())
+    }
+
     fn write(
         &mut self,
         commands: impl Iterator<Item = Command>,
         buf: &mut Vec<u8>,
         outcomes: &mut Vec<Outcome>,
-        checkpoint: bool,
     ) -> Result<(), StoreError> {
         let mut txn = self.db.begin_write()?;
         txn.set_durability(Durability::Immediate)
@@ -263,17 +288,18 @@ impl Journal {
                         };
                         outcomes.push(Outcome::Transfer(t, result));
                     }
-                    Command::Create(c) => {
+                    Command::Create(mut c) => {
                         let result = match self.book.create(&c.account) {
                             Err(e) => Err(ApiError::from(e)),
-                            Ok(()) => {
+                            Ok(num) => {
+                                c.meta.num = num;
                                 accounts.insert(&*c.account, &c.meta.encode()[..])?;
                                 if c.initial > 0 {
                                     match self.book.transfer(MINT, &c.account, c.initial, 0, false)
                                     {
                                         Err(e) => {
                                             // The account and its funding are one step: undo the create.
-                                            self.book.accounts.remove(&*c.account);
+                                            self.book.uncreate(&c.account);
                                             accounts.remove(&*c.account)?;
                                             Err(ApiError::from(e))
                                         }
@@ -306,9 +332,7 @@ impl Journal {
                     }
                 }
             }
-            if checkpoint {
-                store::write_checkpoint(&txn, &self.book, self.head)?;
-            }
+            self.sweep(&txn)?;
             let mut meta = txn.open_table(store::META)?;
             meta.insert("head", &self.head.encode()[..])?;
         }

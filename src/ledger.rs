@@ -327,7 +327,7 @@ pub struct BookAccount {
     /// Id of the last transfer touching the account (0: none): the head of
     /// its history list.
     pub last: u64,
-    /// Changed since the last checkpoint.
+    /// Changed since its balance row was last written.
     pub dirty: bool,
 }
 
@@ -360,31 +360,101 @@ pub struct Applied {
 }
 
 /// The journal's committed view of every account, in commit order.
+///
+/// Accounts are numbered densely in creation order (`num`); the number is
+/// the key of the account's balance row, so a sweep over the numbers writes
+/// the rows in key order.
 #[derive(Clone, Debug, Default)]
 pub struct Book {
-    pub accounts: HashMap<Box<str>, BookAccount>,
+    index: HashMap<Box<str>, u32>,
+    accounts: Vec<BookAccount>,
     pub limits: Limits,
-    /// Accounts changed since the last checkpoint, each once.
-    pub dirty: Vec<Box<str>>,
 }
 
 impl Book {
+    /// A book holding only the system accounts (numbered 0, 1, 2).
     #[must_use]
     pub fn new(limits: Limits) -> Self {
-        let mut book = Book {
-            accounts: HashMap::new(),
-            limits,
-            dirty: Vec::new(),
-        };
+        let mut book = Book::empty(limits);
         for id in SYSTEM_ACCOUNTS {
-            book.accounts
-                .insert(id.into(), BookAccount::new(0, Status::Open, 0));
+            book.insert(id, BookAccount::new(0, Status::Open, 0));
         }
         book
     }
 
+    /// A book with no accounts at all (loading fills it).
+    #[must_use]
+    pub fn empty(limits: Limits) -> Self {
+        Book {
+            index: HashMap::new(),
+            accounts: Vec::new(),
+            limits,
+        }
+    }
+
+    /// Sets the last transfer of one account (recovery replay).
+    pub fn link_one(&mut self, id: &str, last: u64) {
+        if let Some(a) = self.get_mut(id) {
+            a.last = last;
+        }
+    }
+
+    /// Adds an account under the next number and returns that number.
+    pub fn insert(&mut self, id: &str, account: BookAccount) -> u32 {
+        let num = u32::try_from(self.accounts.len()).expect("fewer than 2^32 accounts");
+        self.index.insert(id.into(), num);
+        self.accounts.push(account);
+        num
+    }
+
+    /// Number of accounts, deleted ones included.
+    #[must_use]
+    pub fn len(&self) -> usize {
+        self.accounts.len()
+    }
+
+    #[must_use]
+    pub fn is_empty(&self) -> bool {
+        self.accounts.is_empty()
+    }
+
+    #[must_use]
+    pub fn num(&self, id: &str) -> Option<u32> {
+        self.index.get(id).copied()
+    }
+
+    #[must_use]
+    pub fn get(&self, id: &str) -> Option<&BookAccount> {
+        self.num(id).map(|n| &self.accounts[n as usize])
+    }
+
+    fn get_mut(&mut self, id: &str) -> Option<&mut BookAccount> {
+        let n = self.num(id)?;
+        Some(&mut self.accounts[n as usize])
+    }
+
+    /// The account numbered `num`.
+    #[must_use]
+    pub fn by_num(&self, num: u32) -> Option<&BookAccount> {
+        self.accounts.get(num as usize)
+    }
+
+    /// Marks account `num` as written to its balance row.
+    pub fn mark_clean(&mut self, num: u32) {
+        if let Some(a) = self.accounts.get_mut(num as usize) {
+            a.dirty = false;
+        }
+    }
+
+    /// Every account with its id.
+    pub fn iter(&self) -> impl Iterator<Item = (&str, &BookAccount)> {
+        self.index
+            .iter()
+            .map(|(id, &n)| (&**id, &self.accounts[n as usize]))
+    }
+
     fn open(&self, id: &str) -> Result<BookAccount, LedgerError> {
-        match self.accounts.get(id) {
+        match self.get(id) {
             None => Err(LedgerError::NotFound(id.to_owned())),
             Some(a) if a.status == Status::Deleted => Err(LedgerError::Deleted(id.to_owned())),
             Some(a) => Ok(*a),
@@ -392,25 +462,33 @@ impl Book {
     }
 
     /// Creates an open account with a zero balance.
-    pub fn create(&mut self, id: &str) -> Result<(), LedgerError> {
-        match self.accounts.get(id) {
+    pub fn create(&mut self, id: &str) -> Result<u32, LedgerError> {
+        match self.get(id) {
             Some(a) if a.status == Status::Deleted => Err(LedgerError::Deleted(id.to_owned())),
             Some(_) => Err(LedgerError::Exists(id.to_owned())),
             None => {
-                self.accounts
-                    .insert(id.into(), BookAccount::new(0, Status::Open, 0));
-                self.touch(id);
-                Ok(())
+                let mut a = BookAccount::new(0, Status::Open, 0);
+                a.dirty = true;
+                Ok(self.insert(id, a))
             }
+        }
+    }
+
+    /// Takes back the account created last, if it is `id` and untouched.
+    pub fn uncreate(&mut self, id: &str) {
+        let last = self.accounts.len().checked_sub(1);
+        if last.is_some() && self.num(id).map(|n| n as usize) == last {
+            self.index.remove(id);
+            self.accounts.pop();
         }
     }
 
     /// Moves `amount` from `from` to `to`, of which `fee` goes to `@treasury`.
     /// Either every balance changes or none does.
     ///
-    /// `checked_min` says the source's owner already reserved the amount, in
-    /// which case falling below the minimum here is a broken invariant, not a
-    /// user error.
+    /// `reserved_by_owner` says the source's owner already reserved the
+    /// amount, in which case falling below the minimum here is a broken
+    /// invariant (a double spend), not a user error.
     pub fn transfer(
         &mut self,
         from: &str,
@@ -433,8 +511,7 @@ impl Book {
         }
         let source = self.open(from)?;
         let dest = self.open(to)?;
-        let from_bounds = self.limits.bounds(from);
-        let from_after = match debit(from, source.balance, amount, from_bounds) {
+        let from_after = match debit(from, source.balance, amount, self.limits.bounds(from)) {
             Ok(b) => b,
             Err(e) => {
                 assert!(
@@ -469,31 +546,22 @@ impl Book {
     }
 
     fn set_balance(&mut self, id: &str, balance: i64) {
-        if let Some(a) = self.accounts.get_mut(id) {
+        if let Some(a) = self.get_mut(id) {
             a.balance = balance;
-            if !a.dirty {
-                a.dirty = true;
-                self.dirty.push(id.into());
-            }
+            a.dirty = true;
         }
     }
 
-    /// Marks an account as changed since the last checkpoint.
-    pub fn touch(&mut self, id: &str) {
-        if let Some(a) = self.accounts.get_mut(id) {
-            if !a.dirty {
-                a.dirty = true;
-                self.dirty.push(id.into());
-            }
-        }
+    /// Sets a balance directly (recovery replay and tests).
+    pub fn set(&mut self, id: &str, balance: i64) {
+        self.set_balance(id, balance);
     }
 
     /// Makes transfer `id` the head of the history lists of its parties and
     /// returns the heads it replaces.
     pub fn link(&mut self, id: u64, from: &str, to: &str, fee: bool) -> Links {
         let mut swap = |account: &str| {
-            self.accounts
-                .get_mut(account)
+            self.get_mut(account)
                 .map_or(0, |a| std::mem::replace(&mut a.last, id))
         };
         let from = swap(from);
@@ -502,19 +570,10 @@ impl Book {
         Links { from, to, fee }
     }
 
-    /// Clears the dirty marks after a checkpoint has been committed.
-    pub fn checkpointed(&mut self) {
-        for id in self.dirty.drain(..) {
-            if let Some(a) = self.accounts.get_mut(&id) {
-                a.dirty = false;
-            }
-        }
-    }
-
     /// The sum of every balance; 0 whenever the book is consistent.
     #[must_use]
     pub fn sum(&self) -> i128 {
-        self.accounts.values().map(|a| i128::from(a.balance)).sum()
+        self.accounts.iter().map(|a| i128::from(a.balance)).sum()
     }
 }
 

@@ -455,6 +455,7 @@ fn validate_create(
         return Err(ApiError::bad_request("initial must not be negative"));
     }
     let meta = AccountMeta {
+        num: 0, // assigned by the journal at commit
         owner: a.owner,
         tags,
         created: store::now_ms(),

@@ -155,11 +155,7 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
             "refusing to start: balances sum to {sum}, not 0"
         )));
     }
-    tracing::info!(
-        accounts = book.accounts.len(),
-        head = head.id,
-        "ledger loaded"
-    );
+    tracing::info!(accounts = book.len(), head = head.id, "ledger loaded");
 
     let stats = Arc::new(Stats::default());
     let (journal_handle, journal_rx) = journal::channel(stats.clone());
@@ -185,7 +181,8 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
         head,
         batch_max: config.limits.commit_batch_max,
         stats: stats.clone(),
-        checkpoint_at: std::time::Instant::now(),
+        sweep_cursor: 0,
+        sweep_from: head.id,
     };
     std::thread::Builder::new()
         .name("tally-journal".into())

@@ -5,7 +5,7 @@
 //! | table | key | value | written by |
 //! |---|---|---|---|
 //! | `transfers` | id `u64` | stored record (below) | journal, append-only |
-//! | `balances` | account | (balance `i64`, last transfer id `u64`) | journal, at checkpoints |
+//! | `balances` | account number `u32` | (balance `i64`, last transfer id `u64`) | journal, swept in key order |
 //! | `accounts` | account | MessagePack [`AccountMeta`] | journal |
 //! | `keys` | (from account, key) | transfer id | journal: idempotency keys |
 //! | `users` | user | MessagePack [`UserRecord`] | start-up, later the journal |
@@ -13,11 +13,13 @@
 //!
 //! The hot path only appends: a batch writes its records (sequential keys,
 //! so always at the end of the tree) and the new head. Balances live in
-//! memory; about once a second a batch also writes every balance changed
-//! since the last checkpoint and the id the checkpoint is valid at, in the
-//! same transaction. Start-up (and `audit`) read the checkpointed balances
-//! and replay only the records after it: at most about a second of work,
-//! never the whole history.
+//! memory. Each batch also writes the changed balance rows of the next slice
+//! of account numbers (a sweep in key order, so a batch touches few pages);
+//! when a sweep completes, every row includes all transfers up to the head
+//! at the sweep's start, and that id is stored as the `checkpoint`. Start-up
+//! (and `audit`) read the rows and replay only the records after the
+//! checkpoint, applying a record to a row only if the row's last transfer
+//! is older: a few batches of work, never the whole history.
 //!
 //! Each record links to the previous record of each of its parties, and
 //! each account knows its last record, so an account's history is a linked
@@ -43,7 +45,7 @@ use crate::ledger::{Book, BookAccount, Kind, Limits, Links, Status, SYSTEM_ACCOU
 use crate::protocol::{AuditReply, TransferView};
 
 pub const TRANSFERS: TableDefinition<u64, &[u8]> = TableDefinition::new("transfers");
-pub const BALANCES: TableDefinition<&str, (i64, u64)> = TableDefinition::new("balances");
+pub const BALANCES: TableDefinition<u32, (i64, u64)> = TableDefinition::new("balances");
 pub const ACCOUNTS: TableDefinition<&str, &[u8]> = TableDefinition::new("accounts");
 pub const KEYS: TableDefinition<(&str, &str), u64> = TableDefinition::new("keys");
 pub const USERS: TableDefinition<&str, &[u8]> = TableDefinition::new("users");
@@ -279,6 +281,8 @@ pub fn hex(bytes: &[u8]) -> String {
 /// Everything about an account except its balance.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct AccountMeta {
+    /// Dense number in creation order: the key of the balance row.
+    pub num: u32,
     pub owner: Option<String>,
     pub tags: Vec<String>,
     /// Milliseconds since the Unix epoch.
@@ -400,15 +404,16 @@ pub fn open(path: &Path) -> Result<Database, StoreError> {
         }
         let mut accounts = txn.open_table(ACCOUNTS)?;
         let mut balances = txn.open_table(BALANCES)?;
-        for id in SYSTEM_ACCOUNTS {
+        for (num, id) in (0u32..).zip(SYSTEM_ACCOUNTS) {
             if accounts.get(id)?.is_none() {
                 let meta = AccountMeta {
+                    num,
                     created: now_ms(),
                     memo: Some("system account".into()),
                     ..AccountMeta::default()
                 };
                 accounts.insert(id, &meta.encode()[..])?;
-                balances.insert(id, (0, 0))?;
+                balances.insert(num, (0, 0))?;
             }
         }
     }
@@ -439,47 +444,86 @@ fn read_u64(bytes: &[u8]) -> Result<u64, StoreError> {
     Ok(u64::from_be_bytes(a))
 }
 
-/// The balance changes one record makes, in the book's terms.
-fn replay(
-    balances: &mut std::collections::HashMap<String, (i64, u64)>,
-    r: &TransferRecord,
-) -> Result<(), StoreError> {
-    let overflow = || StoreError::Corrupt(format!("replaying transfer {} overflows", r.id));
-    let mut apply = |account: &str, delta: i64, link: bool| -> Result<(), StoreError> {
-        let e = balances.entry(account.to_owned()).or_insert((0, 0));
-        e.0 = e.0.checked_add(delta).ok_or_else(overflow)?;
-        if link {
-            e.1 = r.id;
+fn read_checkpoint(txn: &redb::ReadTransaction) -> Result<u64, StoreError> {
+    let meta = txn.open_table(META)?;
+    let v = meta.get(CHECKPOINT)?;
+    v.map_or(Ok(0), |v| read_u64(v.value()))
+}
+
+/// Applies one replayed record to the book. Each leg is applied only if the
+/// account's balance row does not include it yet (its `last` is older).
+fn replay(book: &mut Book, r: &TransferRecord) -> Result<(), StoreError> {
+    let corrupt = |what: &str| StoreError::Corrupt(format!("replaying transfer {}: {what}", r.id));
+    let leg = |book: &mut Book, account: &str, delta: i64| -> Result<(), StoreError> {
+        let a = *book
+            .get(account)
+            .ok_or_else(|| corrupt("unknown account"))?;
+        if r.id > a.last {
+            let balance = a
+                .balance
+                .checked_add(delta)
+                .ok_or_else(|| corrupt("overflow"))?;
+            book.set(account, balance);
+            book.link_one(account, r.id);
         }
         Ok(())
     };
-    apply(&r.from, r.amount.checked_neg().ok_or_else(overflow)?, true)?;
-    apply(&r.to, r.amount - r.fee, true)?;
+    leg(
+        book,
+        &r.from,
+        r.amount.checked_neg().ok_or_else(|| corrupt("amount"))?,
+    )?;
+    leg(book, &r.to, r.amount - r.fee)?;
     if r.fee > 0 {
-        apply(TREASURY, r.fee, true)?;
+        leg(book, TREASURY, r.fee)?;
     }
     Ok(())
 }
 
-/// Reads the checkpointed balances and replays the records after the
-/// checkpoint, checking that they chain onto each other and end at the head.
-/// Used at start-up and by the journal to recover from a failed commit.
+/// Reads the balance rows and replays the records after the checkpoint,
+/// checking that they chain onto each other and end at the head. Used at
+/// start-up, by the journal to recover from a failed commit, and by `audit`.
 pub fn load(db: &Database, limits: Limits) -> Result<Loaded, StoreError> {
     let txn = db.begin_read()?;
-    let head = read_head(&txn)?;
-    let meta = txn.open_table(META)?;
-    let checkpoint = match meta.get(CHECKPOINT)? {
-        Some(v) => read_u64(v.value())?,
-        None => 0,
-    };
-    let table = txn.open_table(BALANCES)?;
-    let mut balances = std::collections::HashMap::new();
-    for row in table.iter()? {
+    load_txn(&txn, limits)
+}
+
+fn load_txn(txn: &redb::ReadTransaction, limits: Limits) -> Result<Loaded, StoreError> {
+    let head = read_head(txn)?;
+    let checkpoint = read_checkpoint(txn)?;
+    let rows = txn.open_table(BALANCES)?;
+    let accounts_table = txn.open_table(ACCOUNTS)?;
+    let mut accounts = Vec::with_capacity(usize::try_from(accounts_table.len()?).unwrap_or(0));
+    for row in accounts_table.iter()? {
         let (k, v) = row?;
-        balances.insert(k.value().to_owned(), v.value());
+        let meta = AccountMeta::decode(v.value())?;
+        let (balance, last) = rows.get(meta.num)?.map_or((0, 0), |v| v.value());
+        accounts.push(LoadedAccount {
+            id: k.value().to_owned(),
+            meta,
+            balance,
+            last,
+        });
+    }
+    if rows.len()? > accounts.len() as u64 {
+        return Err(StoreError::Corrupt("balance rows without accounts".into()));
+    }
+    accounts.sort_by_key(|a| a.meta.num);
+    let mut book = Book::empty(limits);
+    for (expected, a) in (0u32..).zip(&accounts) {
+        if a.meta.num != expected {
+            return Err(StoreError::Corrupt(format!(
+                "account numbers skip {expected}"
+            )));
+        }
+        let status = if a.meta.deleted.is_some() {
+            Status::Deleted
+        } else {
+            Status::Open
+        };
+        book.insert(&a.id, BookAccount::new(a.balance, status, a.last));
     }
     let transfers = txn.open_table(TRANSFERS)?;
-    let mut touched = Vec::new();
     let mut prev = match checkpoint {
         0 => GENESIS,
         id => {
@@ -499,8 +543,7 @@ pub fn load(db: &Database, limits: Limits) -> Result<Loaded, StoreError> {
                 k.value()
             )));
         }
-        replay(&mut balances, &r)?;
-        touched.extend([r.from.to_string(), r.to.to_string()]);
+        replay(&mut book, &r)?;
         prev = record_hash(v.value());
         expected += 1;
     }
@@ -511,36 +554,10 @@ pub fn load(db: &Database, limits: Limits) -> Result<Loaded, StoreError> {
             head.id
         )));
     }
-    let accounts_table = txn.open_table(ACCOUNTS)?;
-    let mut book = Book::new(limits);
-    let mut accounts = Vec::with_capacity(usize::try_from(accounts_table.len()?).unwrap_or(0));
-    for row in accounts_table.iter()? {
-        let (k, v) = row?;
-        let id = k.value().to_owned();
-        let meta = AccountMeta::decode(v.value())?;
-        let (balance, last) = balances.remove(&id).unwrap_or((0, 0));
-        let status = if meta.deleted.is_some() {
-            Status::Deleted
-        } else {
-            Status::Open
-        };
-        book.accounts
-            .insert(id.as_str().into(), BookAccount::new(balance, status, last));
-        accounts.push(LoadedAccount {
-            id,
-            meta,
-            balance,
-            last,
-        });
-    }
-    if let Some(orphan) = balances.keys().next() {
-        return Err(StoreError::Corrupt(format!(
-            "balance without an account: {orphan}"
-        )));
-    }
-    // What the replay changed goes into the next checkpoint.
-    for id in touched {
-        book.touch(&id);
+    for a in &mut accounts {
+        let b = book.get(&a.id).expect("inserted above");
+        a.balance = b.balance;
+        a.last = b.last;
     }
     Ok(Loaded {
         accounts,
@@ -557,21 +574,26 @@ fn read_head(txn: &redb::ReadTransaction) -> Result<Head, StoreError> {
     Head::decode(head.value())
 }
 
-/// Writes the balances changed since the last checkpoint, and the id the
-/// checkpoint is valid at, into an open write transaction.
-pub fn write_checkpoint(
+/// Writes the balance rows of the dirty accounts numbered `nums`, in key order.
+pub fn write_rows(
     txn: &redb::WriteTransaction,
-    book: &Book,
-    head: Head,
+    book: &mut Book,
+    nums: std::ops::Range<u32>,
 ) -> Result<(), StoreError> {
-    let mut balances = txn.open_table(BALANCES)?;
-    for id in &book.dirty {
-        if let Some(a) = book.accounts.get(id) {
-            balances.insert(&**id, (a.balance, a.last))?;
+    let mut rows = txn.open_table(BALANCES)?;
+    for num in nums {
+        if let Some(a) = book.by_num(num).filter(|a| a.dirty) {
+            rows.insert(num, (a.balance, a.last))?;
+            book.mark_clean(num);
         }
     }
+    Ok(())
+}
+
+/// Records that every balance row includes all transfers up to `id`.
+pub fn write_checkpoint(txn: &redb::WriteTransaction, id: u64) -> Result<(), StoreError> {
     txn.open_table(META)?
-        .insert(CHECKPOINT, &head.id.to_be_bytes()[..])?;
+        .insert(CHECKPOINT, &id.to_be_bytes()[..])?;
     Ok(())
 }
 
@@ -676,46 +698,35 @@ pub fn history_after(db: &Database, account: &str, after: u64) -> Result<Option<
 }
 
 /// In one read transaction (one consistent instant): counts the accounts,
-/// re-verifies the hash chain from the first record, and sums every
-/// balance (checkpointed balances plus the records after the checkpoint).
+/// sums every balance (rows plus the records after the checkpoint), and
+/// re-verifies the hash chain from the first record.
 pub fn audit(db: &Database) -> Result<AuditReply, StoreError> {
     let txn = db.begin_read()?;
     let head = read_head(&txn)?;
-    let meta = txn.open_table(META)?;
-    let checkpoint = match meta.get(CHECKPOINT)? {
-        Some(v) => read_u64(v.value())?,
-        None => 0,
+    let (mut chain_ok, sum, accounts) = match load_txn(&txn, Limits::default()) {
+        Ok(l) => (true, l.book.sum(), l.book.len() as u64),
+        Err(StoreError::Corrupt(e)) => {
+            tracing::error!(error = %e, "audit found a broken journal");
+            (false, 0, txn.open_table(ACCOUNTS)?.len()?)
+        }
+        Err(e) => return Err(e),
     };
-    let table = txn.open_table(BALANCES)?;
-    let mut balances = std::collections::HashMap::new();
-    for row in table.iter()? {
-        let (k, v) = row?;
-        balances.insert(k.value().to_owned(), v.value());
-    }
     let transfers = txn.open_table(TRANSFERS)?;
     let mut prev = GENESIS;
-    let mut chain_ok = true;
     let mut count = 0u64;
     for (expected_id, row) in (1u64..).zip(transfers.iter()?) {
         let (k, v) = row?;
         let stored = v.value();
-        let Ok(r) = TransferRecord::decode(stored) else {
+        let ok = TransferRecord::decode(stored)
+            .is_ok_and(|r| r.prev == prev && r.id == k.value() && r.id == expected_id);
+        if !ok {
             chain_ok = false;
             break;
-        };
-        if r.prev != prev || r.id != k.value() || r.id != expected_id {
-            chain_ok = false;
-            break;
-        }
-        if r.id > checkpoint {
-            replay(&mut balances, &r)?;
         }
         prev = record_hash(stored);
         count += 1;
     }
     chain_ok = chain_ok && prev == head.hash && count == head.id;
-    let sum: i128 = balances.values().map(|(b, _)| i128::from(*b)).sum();
-    let accounts = txn.open_table(ACCOUNTS)?.len()?;
     Ok(AuditReply {
         accounts,
         sum: i64::try_from(sum).unwrap_or(i64::MAX),

@@ -61,8 +61,9 @@ impl World {
         // Start every user at the minimum so that bounds hold from the start.
         for id in USERS {
             let delta = limits.min_balance;
-            book.accounts.get_mut(id).unwrap().balance = delta;
-            book.accounts.get_mut(MINT).unwrap().balance -= delta;
+            book.set(id, delta);
+            let mint = book.get(MINT).unwrap().balance;
+            book.set(MINT, mint - delta);
             owners.get_mut(id).unwrap().balance = delta;
             owners.get_mut(MINT).unwrap().balance -= delta;
         }
@@ -113,7 +114,7 @@ impl World {
 
     fn check(&self) {
         assert_eq!(self.book.sum(), 0, "sum of balances");
-        for (id, a) in &self.book.accounts {
+        for (id, a) in self.book.iter() {
             let bounds = self.book.limits.bounds(id);
             if let Some(min) = bounds.min {
                 assert!(a.balance >= min, "{id} below min: {}", a.balance);
@@ -122,7 +123,7 @@ impl World {
                 assert!(a.balance <= max, "{id} above max: {}", a.balance);
             }
             // The owner may never believe more is available than is committed.
-            let owner = &self.owners[&**id];
+            let owner = &self.owners[id];
             assert!(
                 owner.available() <= a.balance,
                 "{id} owner view ahead of the book"
@@ -160,7 +161,7 @@ proptest! {
         w.check();
         for (id, o) in &w.owners {
             prop_assert_eq!(o.reserved, 0);
-            prop_assert_eq!(o.balance, w.book.accounts[*id].balance);
+            prop_assert_eq!(o.balance, w.book.get(id).unwrap().balance);
         }
     }
 }
@@ -203,7 +204,7 @@ fn transfer_to_missing_or_same_account_changes_nothing() {
     let mut book = Book::new(Limits::default());
     book.create("a").unwrap();
     book.transfer(MINT, "a", 10, 0, true).unwrap();
-    let before = book.accounts.clone();
+    let before: Vec<(String, BookAccount)> = book.iter().map(|(k, v)| (k.to_owned(), *v)).collect();
     assert_eq!(
         book.transfer("a", "nobody", 5, 0, true),
         Err(LedgerError::NotFound("nobody".into()))
@@ -212,5 +213,6 @@ fn transfer_to_missing_or_same_account_changes_nothing() {
         book.transfer("a", "a", 5, 0, true),
         Err(LedgerError::SameAccount)
     );
-    assert_eq!(book.accounts, before);
+    let after: Vec<(String, BookAccount)> = book.iter().map(|(k, v)| (k.to_owned(), *v)).collect();
+    assert_eq!(after, before);
 }
