@@ -110,9 +110,7 @@ fn pick(rng: &mut Rng, w: Workload, n: usize) -> usize {
     match w {
         Workload::Uniform | Workload::Hot => rng.below(n),
         // P(rank <= k) = ln k / ln n: a Zipf-like skew with s = 1.
-        Workload::Zipf => ((n as f64).powf(rng.unit()) as usize)
-            .saturating_sub(1)
-            .min(n - 1),
+        Workload::Zipf => ((n as f64).powf(rng.unit()) as usize).saturating_sub(1).min(n - 1),
     }
 }
 
@@ -127,16 +125,8 @@ fn spawn_server() -> (Child, String, tempfile::TempDir) {
         .spawn()
         .expect("spawn tally");
     let mut line = String::new();
-    std::io::BufRead::read_line(
-        &mut std::io::BufReader::new(child.stdout.take().unwrap()),
-        &mut line,
-    )
-    .unwrap();
-    let addr = line
-        .trim()
-        .strip_prefix("tally listening on ")
-        .expect("listening line")
-        .to_owned();
+    std::io::BufRead::read_line(&mut std::io::BufReader::new(child.stdout.take().unwrap()), &mut line).unwrap();
+    let addr = line.trim().strip_prefix("tally listening on ").expect("listening line").to_owned();
     (child, addr, dir)
 }
 
@@ -144,28 +134,25 @@ fn account_name(i: usize) -> String {
     format!("acct{i}")
 }
 
-async fn setup(addr: &str, o: &Opts) -> Client {
+async fn setup(addr: &str, o: &Opts) -> (Client, String) {
     let admin = Client::connect(addr).await.expect("connect");
-    admin.login(&o.user, &o.password).await.expect("login");
+    let login = admin.login(&o.user, &o.password).await.expect("login");
+    let token = login["token"].as_str().expect("token").to_owned();
     // Create the accounts in parallel over a few connections.
     let per = o.accounts.div_ceil(8);
     let mut tasks = Vec::new();
     for part in 0..8 {
-        let (addr, user, password) = (addr.to_owned(), o.user.clone(), o.password.clone());
+        let (addr, token) = (addr.to_owned(), token.clone());
         let n = o.accounts;
         tasks.push(tokio::spawn(async move {
             let c = Arc::new(Client::connect(addr.as_str()).await.unwrap());
-            c.login(&user, &password).await.unwrap();
+            c.call("auth", json!({ "token": token })).await.unwrap();
             let mut inflight = Vec::new();
             for i in part * per..((part + 1) * per).min(n) {
                 let c = c.clone();
                 inflight.push(tokio::spawn(async move {
-                    let r = c
-                        .call(
-                            "create_account",
-                            json!({"account": account_name(i), "initial": 1_000_000_000}),
-                        )
-                        .await;
+                    let r =
+                        c.call("create_account", json!({"account": account_name(i), "initial": 1_000_000_000})).await;
                     match r {
                         Ok(_) => {}
                         Err(e) if e.code() == Some("exists") => {}
@@ -186,7 +173,7 @@ async fn setup(addr: &str, o: &Opts) -> Client {
     for t in tasks {
         t.await.unwrap();
     }
-    admin
+    (admin, token)
 }
 
 struct Totals {
@@ -199,62 +186,57 @@ fn encode(out: &mut BytesMut, id: u64, op: &str, args: &Value) {
     tally::frame::encode_request(out, id, op, args).expect("encode");
 }
 
+/// Opens a connection and binds it with the admin token (no password
+/// hashing per connection, so the run starts at full speed).
+async fn open(addr: &str, token: &str) -> TcpStream {
+    let mut stream = TcpStream::connect(addr).await.unwrap();
+    stream.set_nodelay(true).unwrap();
+    let mut out = BytesMut::new();
+    encode(&mut out, 0, "auth", &json!({ "token": token }));
+    stream.write_all(&out).await.unwrap();
+    let mut len = [0u8; 4];
+    stream.read_exact(&mut len).await.unwrap();
+    let mut body = vec![0u8; u32::from_be_bytes(len) as usize];
+    stream.read_exact(&mut body).await.unwrap();
+    let v: Value = rmp_serde::from_slice(&body).unwrap();
+    assert!(v["ok"].is_object(), "auth failed: {v}");
+    stream
+}
+
 /// One connection keeping `pipeline` requests in flight until `stop`.
 async fn drive(
-    addr: String,
+    mut stream: TcpStream,
     o: Opts,
     seed: u64,
     stop: Arc<AtomicBool>,
     totals: Arc<Totals>,
 ) -> Histogram<u64> {
     let mut hist = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).unwrap();
-    let mut stream = TcpStream::connect(addr.as_str()).await.unwrap();
-    stream.set_nodelay(true).unwrap();
     let mut out = BytesMut::new();
-    encode(
-        &mut out,
-        0,
-        "login",
-        &json!({"user": o.user, "password": o.password}),
-    );
-    stream.write_all(&out).await.unwrap();
-    out.clear();
     let mut buf = BytesMut::with_capacity(1 << 16);
     let mut rng = Rng(seed | 1);
     let mut sent: HashMap<u64, (Instant, bool)> = HashMap::with_capacity(o.pipeline * 2);
     let mut next_id = 1u64;
-    let mut logged_in = false;
     let n = o.accounts;
     let mut make = |out: &mut BytesMut, sent: &mut HashMap<u64, (Instant, bool)>, rng: &mut Rng| {
         let id = next_id;
         next_id += 1;
         let is_read = o.reads_pct > 0 && (rng.below(100) as u32) < o.reads_pct;
         if is_read {
-            encode(
-                out,
-                id,
-                "balance",
-                &json!({"account": account_name(pick(rng, o.workload, n))}),
-            );
+            encode(out, id, "balance", &json!({"account": account_name(pick(rng, o.workload, n))}));
         } else {
             let from = pick(rng, o.workload, n);
-            let mut to = if o.workload == Workload::Hot {
-                0
-            } else {
-                pick(rng, o.workload, n)
-            };
+            let mut to = if o.workload == Workload::Hot { 0 } else { pick(rng, o.workload, n) };
             if to == from {
                 to = (from + 1) % n;
             }
-            encode(
-                out,
-                id,
-                "transfer",
-                &json!({"from": account_name(from), "to": account_name(to), "amount": 1}),
-            );
+            encode(out, id, "transfer", &json!({"from": account_name(from), "to": account_name(to), "amount": 1}));
         }
         sent.insert(id, (Instant::now(), is_read));
     };
+    for _ in 0..o.pipeline {
+        make(&mut out, &mut sent, &mut rng);
+    }
     loop {
         while buf.len() >= 4 {
             let len = u32::from_be_bytes([buf[0], buf[1], buf[2], buf[3]]) as usize;
@@ -265,26 +247,13 @@ async fn drive(
             let body = buf.split_to(len);
             let v: Value = rmp_serde::from_slice(&body).expect("reply");
             let id = v["id"].as_u64().unwrap_or(u64::MAX);
-            if id == 0 {
-                assert!(v["ok"].is_object(), "login failed: {v}");
-                logged_in = true;
-                for _ in 0..o.pipeline {
-                    make(&mut out, &mut sent, &mut rng);
-                }
-                continue;
-            }
             let Some((t0, is_read)) = sent.remove(&id) else {
                 continue;
             };
             let us = t0.elapsed().as_micros() as u64;
             let _ = hist.record(us.max(1));
             if let Some(code) = v["err"]["code"].as_str() {
-                *totals
-                    .errors
-                    .lock()
-                    .unwrap()
-                    .entry(code.to_owned())
-                    .or_default() += 1;
+                *totals.errors.lock().unwrap().entry(code.to_owned()).or_default() += 1;
             } else if is_read {
                 totals.reads.fetch_add(1, Ordering::Relaxed);
             } else {
@@ -294,7 +263,7 @@ async fn drive(
                 make(&mut out, &mut sent, &mut rng);
             }
         }
-        if logged_in && sent.is_empty() && stop.load(Ordering::Relaxed) {
+        if sent.is_empty() && stop.load(Ordering::Relaxed) {
             return hist;
         }
         if !out.is_empty() {
@@ -317,7 +286,7 @@ async fn main() {
         (None, o.connect.clone().unwrap(), None)
     };
     let t_setup = Instant::now();
-    let admin = setup(&addr, &o).await;
+    let (admin, token) = setup(&addr, &o).await;
     let setup_s = t_setup.elapsed().as_secs_f64();
     eprintln!("created {} accounts in {setup_s:.1}s", o.accounts);
     let before = admin.call("stats", json!({})).await.unwrap();
@@ -328,30 +297,22 @@ async fn main() {
         reads: AtomicU64::new(0),
         errors: std::sync::Mutex::new(HashMap::new()),
     });
+    let mut streams = Vec::new();
+    for _ in 0..o.connections {
+        streams.push(open(&addr, &token).await);
+    }
     let start = Instant::now();
     let mut tasks = Vec::new();
-    for i in 0..o.connections {
-        tasks.push(tokio::spawn(drive(
-            addr.clone(),
-            o.clone(),
-            0x9E37_79B9_7F4A_7C15 ^ ((i as u64 + 1) * 0x1234_5678_9abc),
-            stop.clone(),
-            totals.clone(),
-        )));
+    for (i, stream) in streams.into_iter().enumerate() {
+        let seed = 0x9E37_79B9_7F4A_7C15 ^ ((i as u64 + 1) * 0x1234_5678_9abc);
+        tasks.push(tokio::spawn(drive(stream, o.clone(), seed, stop.clone(), totals.clone())));
     }
     let deadline = start + Duration::from_secs_f64(o.duration_s);
     let mut last = 0;
     while Instant::now() < deadline {
-        tokio::time::sleep(
-            Duration::from_secs(1).min(deadline.saturating_duration_since(Instant::now())),
-        )
-        .await;
+        tokio::time::sleep(Duration::from_secs(1).min(deadline.saturating_duration_since(Instant::now()))).await;
         let now = totals.transfers.load(Ordering::Relaxed);
-        eprintln!(
-            "  {:>5.1}s  {:>9} transfers/s",
-            start.elapsed().as_secs_f64(),
-            now - last
-        );
+        eprintln!("  {:>5.1}s  {:>9} transfers/s", start.elapsed().as_secs_f64(), now - last);
         last = now;
     }
     stop.store(true, Ordering::Relaxed);
@@ -365,8 +326,7 @@ async fn main() {
     let errors = totals.errors.lock().unwrap().clone();
 
     let after = admin.call("stats", json!({})).await.unwrap();
-    let server_transfers =
-        after["transfers"].as_u64().unwrap() - before["transfers"].as_u64().unwrap();
+    let server_transfers = after["transfers"].as_u64().unwrap() - before["transfers"].as_u64().unwrap();
     let audit = admin.call("audit", json!({})).await.unwrap();
     let counters_agree = server_transfers == transfers;
     let audit_ok = audit["sum"] == 0 && audit["chain_ok"] == true;
@@ -377,10 +337,7 @@ async fn main() {
         o.workload, o.connections, o.pipeline, o.accounts, seconds
     );
     println!("transfers {transfers}  reads {reads}  errors {errors:?}");
-    println!(
-        "transfers/s {tps:.0}  ops/s {:.0}",
-        (transfers + reads) as f64 / seconds
-    );
+    println!("transfers/s {tps:.0}  ops/s {:.0}", (transfers + reads) as f64 / seconds);
     println!(
         "latency us: p50 {} p90 {} p99 {} p999 {} max {}",
         hist.value_at_quantile(0.5),
@@ -391,7 +348,11 @@ async fn main() {
     );
     println!(
         "server: commits {} batch_mean {:.1} batch_max {}; counters agree: {counters_agree}; audit sum {} chain_ok {}",
-        after["commits"], after["batch_mean"].as_f64().unwrap_or(0.0), after["batch_max"], audit["sum"], audit["chain_ok"]
+        after["commits"],
+        after["batch_mean"].as_f64().unwrap_or(0.0),
+        after["batch_max"],
+        audit["sum"],
+        audit["chain_ok"]
     );
     if o.json {
         println!(

@@ -64,11 +64,7 @@ pub fn hash_password(password: &str) -> Result<String, ApiError> {
 /// Checks a password against a PHC string in constant time (blocking).
 #[must_use]
 pub fn verify_password(password: &str, phc: &str) -> bool {
-    PasswordHash::new(phc).is_ok_and(|h| {
-        Argon2::default()
-            .verify_password(password.as_bytes(), &h)
-            .is_ok()
-    })
+    PasswordHash::new(phc).is_ok_and(|h| Argon2::default().verify_password(password.as_bytes(), &h).is_ok())
 }
 
 /// The claims inside a login token.
@@ -109,13 +105,8 @@ impl Tokens {
     /// A token for `user`, and its expiry in milliseconds.
     pub fn issue(&self, user: &str, role: Role, epoch: u64) -> Result<(String, u64), ApiError> {
         let now = crate::store::now_ms() / 1000;
-        let claims = Claims {
-            sub: user.to_owned(),
-            role: role.as_str().to_owned(),
-            exp: now + self.ttl_s,
-            iat: now,
-            ep: epoch,
-        };
+        let claims =
+            Claims { sub: user.to_owned(), role: role.as_str().to_owned(), exp: now + self.ttl_s, iat: now, ep: epoch };
         let token = jsonwebtoken::encode(&Header::new(Algorithm::HS256), &claims, &self.encoding)
             .map_err(|_| ApiError::internal("could not sign the token"))?;
         Ok((token, claims.exp * 1000))
@@ -125,12 +116,7 @@ impl Tokens {
     pub fn check(&self, token: &str) -> Result<Claims, ApiError> {
         jsonwebtoken::decode::<Claims>(token, &self.decoding, &self.validation)
             .map(|d| d.claims)
-            .map_err(|e| {
-                ApiError::new(
-                    ErrorCode::Unauthenticated,
-                    format!("invalid token: {}", e.kind_name()),
-                )
-            })
+            .map_err(|e| ApiError::new(ErrorCode::Unauthenticated, format!("invalid token: {}", e.kind_name())))
     }
 }
 
@@ -160,10 +146,7 @@ pub fn load_secret(configured: Option<&str>, data: &Path) -> std::io::Result<Vec
     match std::fs::read(&path) {
         Ok(s) if s.len() >= 32 => return Ok(s),
         Ok(_) => {
-            return Err(std::io::Error::other(format!(
-                "{} is too short",
-                path.display()
-            )));
+            return Err(std::io::Error::other(format!("{} is too short", path.display())));
         }
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
         Err(e) => return Err(e),

@@ -105,12 +105,7 @@ impl Client {
             // Fail every call still waiting.
             p.lock().map(|mut m| m.clear()).ok();
         });
-        Ok(Client {
-            writer: tokio::sync::Mutex::new(wr),
-            pending,
-            next_id: AtomicU64::new(1),
-            reader,
-        })
+        Ok(Client { writer: tokio::sync::Mutex::new(wr), pending, next_id: AtomicU64::new(1), reader })
     }
 
     /// Sends `op` with `args` (any serializable map, e.g. `json!({...})`) and
@@ -118,13 +113,9 @@ impl Client {
     pub async fn call<A: Serialize>(&self, op: &str, args: A) -> Result<Value, ClientError> {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let mut out = BytesMut::with_capacity(128);
-        frame::encode_request(&mut out, id, op, &args)
-            .map_err(|e| ClientError::Protocol(e.to_string()))?;
+        frame::encode_request(&mut out, id, op, &args).map_err(|e| ClientError::Protocol(e.to_string()))?;
         let (tx, rx) = oneshot::channel();
-        self.pending
-            .lock()
-            .map_err(|_| ClientError::Closed)?
-            .insert(id, tx);
+        self.pending.lock().map_err(|_| ClientError::Closed)?.insert(id, tx);
         let written = self.writer.lock().await.write_all(&out).await;
         if let Err(e) = written {
             if let Ok(mut m) = self.pending.lock() {
@@ -137,21 +128,13 @@ impl Client {
 
     /// Logs in and binds this connection to the user.
     pub async fn login(&self, user: &str, password: &str) -> Result<Value, ClientError> {
-        self.call(
-            "login",
-            serde_json::json!({"user": user, "password": password}),
-        )
-        .await
+        self.call("login", serde_json::json!({"user": user, "password": password})).await
     }
 
     /// Balance of `account` (the caller's own account when `None`).
     pub async fn balance(&self, account: Option<&str>) -> Result<i64, ClientError> {
-        let v = self
-            .call("balance", serde_json::json!({ "account": account }))
-            .await?;
-        v["balance"]
-            .as_i64()
-            .ok_or_else(|| ClientError::Protocol("balance without a balance".into()))
+        let v = self.call("balance", serde_json::json!({ "account": account })).await?;
+        v["balance"].as_i64().ok_or_else(|| ClientError::Protocol("balance without a balance".into()))
     }
 
     /// Moves `amount` from `from` (the caller's own account when `None`) to `to`.
@@ -162,11 +145,7 @@ impl Client {
         amount: i64,
         key: Option<&str>,
     ) -> Result<Value, ClientError> {
-        self.call(
-            "transfer",
-            serde_json::json!({"from": from, "to": to, "amount": amount, "key": key}),
-        )
-        .await
+        self.call("transfer", serde_json::json!({"from": from, "to": to, "amount": amount, "key": key})).await
     }
 }
 
@@ -185,14 +164,9 @@ fn deliver(pending: &Pending, body: &[u8]) {
         return;
     };
     let result = match (r.ok, r.err) {
-        (_, Some(e)) => Err(ClientError::Server {
-            code: e.code,
-            message: e.message,
-        }),
+        (_, Some(e)) => Err(ClientError::Server { code: e.code, message: e.message }),
         (Some(v), None) => Ok(v),
-        (None, None) => Err(ClientError::Protocol(
-            "an answer with neither ok nor err".into(),
-        )),
+        (None, None) => Err(ClientError::Protocol("an answer with neither ok nor err".into())),
     };
     let waiter = pending.lock().ok().and_then(|mut m| m.remove(&id));
     if let Some(w) = waiter {

@@ -6,23 +6,17 @@ use std::path::{Path, PathBuf};
 use serde::Deserialize;
 
 use crate::constants::{
-    COMMIT_BATCH_MAX, CONNECTIONS_MAX, DATA_DEFAULT, FRAME_BYTES_MAX, INFLIGHT_MAX,
-    INFLIGHT_PER_CONNECTION_MAX, LISTEN_DEFAULT, SHARDS_DEFAULT, TOKEN_TTL_S_DEFAULT,
+    COMMIT_BATCH_MAX, CONNECTIONS_MAX, DATA_DEFAULT, FRAME_BYTES_MAX, INFLIGHT_MAX, INFLIGHT_PER_CONNECTION_MAX,
+    LISTEN_DEFAULT, SHARDS_DEFAULT, TOKEN_TTL_S_DEFAULT,
 };
 
 /// A configuration that cannot be used.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("cannot read {path}: {source}")]
-    Read {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    Read { path: PathBuf, source: std::io::Error },
     #[error("invalid TOML in {path}: {source}")]
-    Toml {
-        path: PathBuf,
-        source: Box<toml::de::Error>,
-    },
+    Toml { path: PathBuf, source: Box<toml::de::Error> },
     #[error("invalid configuration: {0}")]
     Invalid(String),
 }
@@ -56,10 +50,7 @@ impl std::fmt::Debug for AuthConfig {
     // Secrets never reach a log line.
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("AuthConfig")
-            .field(
-                "admin_password",
-                &self.admin_password.as_ref().map(|_| "<set>"),
-            )
+            .field("admin_password", &self.admin_password.as_ref().map(|_| "<set>"))
             .field("jwt_secret", &self.jwt_secret.as_ref().map(|_| "<set>"))
             .field("token_ttl_s", &self.token_ttl_s)
             .field("signup", &self.signup)
@@ -122,32 +113,19 @@ impl Default for Config {
 
 impl Default for AuthConfig {
     fn default() -> Self {
-        AuthConfig {
-            admin_password: None,
-            jwt_secret: None,
-            token_ttl_s: TOKEN_TTL_S_DEFAULT,
-            signup: true,
-        }
+        AuthConfig { admin_password: None, jwt_secret: None, token_ttl_s: TOKEN_TTL_S_DEFAULT, signup: true }
     }
 }
 
 impl Default for MailConfig {
     fn default() -> Self {
-        MailConfig {
-            transport: "log".into(),
-            from: "Tally <noreply@localhost>".into(),
-        }
+        MailConfig { transport: "log".into(), from: "Tally <noreply@localhost>".into() }
     }
 }
 
 impl Default for OtpConfig {
     fn default() -> Self {
-        OtpConfig {
-            ttl_s: 120,
-            tries_max: 5,
-            resends_max: 3,
-            transfer_min: None,
-        }
+        OtpConfig { ttl_s: 120, tries_max: 5, resends_max: 3, transfer_min: None }
     }
 }
 
@@ -168,15 +146,9 @@ impl Default for LimitsConfig {
 /// Keys that may be set from the environment, per section ("" = top level).
 const KEYS: &[(&str, &[&str])] = &[
     ("", &["listen", "data", "text_mode", "preset", "shards"]),
-    (
-        "auth",
-        &["admin_password", "jwt_secret", "token_ttl_s", "signup"],
-    ),
+    ("auth", &["admin_password", "jwt_secret", "token_ttl_s", "signup"]),
     ("mail", &["transport", "from"]),
-    (
-        "otp",
-        &["ttl_s", "tries_max", "resends_max", "transfer_min"],
-    ),
+    ("otp", &["ttl_s", "tries_max", "resends_max", "transfer_min"]),
     (
         "limits",
         &[
@@ -189,10 +161,7 @@ const KEYS: &[(&str, &[&str])] = &[
             "commit_batch_max",
         ],
     ),
-    (
-        "policy",
-        &["min_events", "fee_same_group_bps", "fee_cross_group_bps"],
-    ),
+    ("policy", &["min_events", "fee_same_group_bps", "fee_cross_group_bps"]),
 ];
 
 /// The campus-coin rules (SPEC section 5).
@@ -228,9 +197,7 @@ fn section<'a>(table: &'a mut toml::Table, name: &str) -> &'a mut toml::Table {
     if name.is_empty() {
         return table;
     }
-    let entry = table
-        .entry(name.to_owned())
-        .or_insert_with(|| toml::Value::Table(toml::Table::new()));
+    let entry = table.entry(name.to_owned()).or_insert_with(|| toml::Value::Table(toml::Table::new()));
     if !entry.is_table() {
         *entry = toml::Value::Table(toml::Table::new());
     }
@@ -266,14 +233,10 @@ impl Config {
         let mut user = match file {
             None => toml::Table::new(),
             Some(path) => {
-                let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-                    path: path.to_owned(),
-                    source,
-                })?;
-                toml::from_str(&text).map_err(|source| ConfigError::Toml {
-                    path: path.to_owned(),
-                    source: Box::new(source),
-                })?
+                let text = std::fs::read_to_string(path)
+                    .map_err(|source| ConfigError::Read { path: path.to_owned(), source })?;
+                toml::from_str(&text)
+                    .map_err(|source| ConfigError::Toml { path: path.to_owned(), source: Box::new(source) })?
             }
         };
         for (name, raw) in env {
@@ -304,16 +267,11 @@ impl Config {
         let mut merged = match user.get("preset").map(|p| p.as_str()) {
             None => toml::Table::new(),
             Some(Some("campus")) => campus_preset(),
-            Some(other) => {
-                return Err(ConfigError::Invalid(format!(
-                    "unknown preset {other:?} (known: \"campus\")"
-                )))
-            }
+            Some(other) => return Err(ConfigError::Invalid(format!("unknown preset {other:?} (known: \"campus\")"))),
         };
         merge(&mut merged, user);
-        let config: Config = toml::Value::Table(merged)
-            .try_into()
-            .map_err(|e: toml::de::Error| ConfigError::Invalid(e.to_string()))?;
+        let config: Config =
+            toml::Value::Table(merged).try_into().map_err(|e: toml::de::Error| ConfigError::Invalid(e.to_string()))?;
         config.validate()?;
         Ok(config)
     }
@@ -355,10 +313,7 @@ impl Config {
     /// The balance bounds for the ledger core.
     #[must_use]
     pub fn ledger_limits(&self) -> crate::ledger::Limits {
-        crate::ledger::Limits {
-            min_balance: self.limits.min_balance,
-            max_balance: self.limits.max_balance,
-        }
+        crate::ledger::Limits { min_balance: self.limits.min_balance, max_balance: self.limits.max_balance }
     }
 }
 
@@ -367,10 +322,7 @@ mod tests {
     use super::*;
 
     fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
-        pairs
-            .iter()
-            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
-            .collect()
+        pairs.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())).collect()
     }
 
     #[test]
@@ -391,10 +343,7 @@ mod tests {
                 ("TALLY_LISTEN", "0.0.0.0:1"),
                 ("TALLY_PASSWORD", "ignored: not a config key"),
             ]),
-            &Overrides {
-                listen: Some("127.0.0.1:9".into()),
-                ..Overrides::default()
-            },
+            &Overrides { listen: Some("127.0.0.1:9".into()), ..Overrides::default() },
         )
         .unwrap();
         assert_eq!(c.limits.max_balance, Some(10001));
@@ -419,12 +368,8 @@ mod tests {
 
     #[test]
     fn secrets_are_not_in_debug_output() {
-        let c = Config::load(
-            None,
-            env(&[("TALLY_AUTH_ADMIN_PASSWORD", "hunter2-secret")]),
-            &Overrides::default(),
-        )
-        .unwrap();
+        let c =
+            Config::load(None, env(&[("TALLY_AUTH_ADMIN_PASSWORD", "hunter2-secret")]), &Overrides::default()).unwrap();
         assert!(!format!("{c:?}").contains("hunter2-secret"));
     }
 }

@@ -42,19 +42,12 @@ struct Cursor<'a> {
 }
 
 fn malformed(what: &str) -> ApiError {
-    ApiError::new(
-        ErrorCode::BadFrame,
-        format!("malformed MessagePack: {what}"),
-    )
+    ApiError::new(ErrorCode::BadFrame, format!("malformed MessagePack: {what}"))
 }
 
 impl<'a> Cursor<'a> {
     fn take(&mut self, n: usize) -> Result<&'a [u8], ApiError> {
-        let end = self
-            .pos
-            .checked_add(n)
-            .filter(|&e| e <= self.buf.len())
-            .ok_or_else(|| malformed("truncated"))?;
+        let end = self.pos.checked_add(n).filter(|&e| e <= self.buf.len()).ok_or_else(|| malformed("truncated"))?;
         let s = &self.buf[self.pos..end];
         self.pos = end;
         Ok(s)
@@ -65,10 +58,7 @@ impl<'a> Cursor<'a> {
     }
 
     fn be(&mut self, n: usize) -> Result<u64, ApiError> {
-        Ok(self
-            .take(n)?
-            .iter()
-            .fold(0u64, |acc, &b| (acc << 8) | u64::from(b)))
+        Ok(self.take(n)?.iter().fold(0u64, |acc, &b| (acc << 8) | u64::from(b)))
     }
 
     fn len(&mut self, n: usize) -> Result<usize, ApiError> {
@@ -81,10 +71,7 @@ impl<'a> Cursor<'a> {
             m @ 0x80..=0x8f => Ok(usize::from(m & 0x0f)),
             0xde => self.len(2),
             0xdf => self.len(4),
-            _ => Err(ApiError::new(
-                ErrorCode::BadFrame,
-                "a request must be a MessagePack map",
-            )),
+            _ => Err(ApiError::new(ErrorCode::BadFrame, "a request must be a MessagePack map")),
         }
     }
 
@@ -119,10 +106,7 @@ impl<'a> Cursor<'a> {
     /// Skips one value, checking lengths against the bytes present and depth.
     fn skip(&mut self, depth: usize) -> Result<(), ApiError> {
         if depth > DECODE_DEPTH_MAX {
-            return Err(ApiError::new(
-                ErrorCode::BadFrame,
-                format!("nesting deeper than {DECODE_DEPTH_MAX}"),
-            ));
+            return Err(ApiError::new(ErrorCode::BadFrame, format!("nesting deeper than {DECODE_DEPTH_MAX}")));
         }
         let m = self.u8()?;
         let (skip, items) = match m {
@@ -183,13 +167,7 @@ pub fn parse_envelope(body: &[u8]) -> Result<Envelope<'_>, EnvelopeError> {
     let fail = |id, error| EnvelopeError { id, error };
     let pairs = c.map_len().map_err(|e| fail(None, e))?;
     if pairs > 3 {
-        return Err(fail(
-            None,
-            ApiError::new(
-                ErrorCode::BadFrame,
-                "a request has the keys id, op and args only",
-            ),
-        ));
+        return Err(fail(None, ApiError::new(ErrorCode::BadFrame, "a request has the keys id, op and args only")));
     }
     for _ in 0..pairs {
         let key = c.str().map_err(|e| fail(id, e))?;
@@ -209,13 +187,7 @@ pub fn parse_envelope(body: &[u8]) -> Result<Envelope<'_>, EnvelopeError> {
                 }
             }
             other => {
-                return Err(fail(
-                    id,
-                    ApiError::new(
-                        ErrorCode::BadFrame,
-                        format!("unknown request key {other:?}"),
-                    ),
-                ))
+                return Err(fail(id, ApiError::new(ErrorCode::BadFrame, format!("unknown request key {other:?}"))))
             }
         }
     }
@@ -223,22 +195,12 @@ pub fn parse_envelope(body: &[u8]) -> Result<Envelope<'_>, EnvelopeError> {
         return Err(fail(id, malformed("trailing bytes after the request")));
     }
     let Some(id) = id else {
-        return Err(fail(
-            None,
-            ApiError::new(ErrorCode::BadFrame, "the request has no id"),
-        ));
+        return Err(fail(None, ApiError::new(ErrorCode::BadFrame, "the request has no id")));
     };
     let Some(op) = op else {
-        return Err(fail(
-            Some(id),
-            ApiError::new(ErrorCode::BadFrame, "the request has no op"),
-        ));
+        return Err(fail(Some(id), ApiError::new(ErrorCode::BadFrame, "the request has no op")));
     };
-    Ok(Envelope {
-        id,
-        op,
-        args: args.unwrap_or(EMPTY_MAP),
-    })
+    Ok(Envelope { id, op, args: args.unwrap_or(EMPTY_MAP) })
 }
 
 /// Checks that `body` is exactly one well-formed MessagePack value.
@@ -269,11 +231,7 @@ struct ErrFrame<'a> {
 }
 
 /// Appends one response frame (length prefix and body) to `out`.
-pub fn encode_response<T: Serialize>(
-    out: &mut BytesMut,
-    id: Option<u64>,
-    result: &Result<T, ApiError>,
-) {
+pub fn encode_response<T: Serialize>(out: &mut BytesMut, id: Option<u64>, result: &Result<T, ApiError>) {
     let start = out.len();
     out.put_u32(0);
     let mut w = out.writer();
@@ -311,9 +269,7 @@ pub fn encode_line<T: Serialize>(out: &mut BytesMut, result: &Result<T, ApiError
     };
     let out = w.into_inner();
     if encoded.is_err() {
-        out.extend_from_slice(
-            br#"{"err":{"code":"internal","message":"could not encode the reply"}}"#,
-        );
+        out.extend_from_slice(br#"{"err":{"code":"internal","message":"could not encode the reply"}}"#);
     }
     out.put_u8(b'\n');
 }

@@ -84,9 +84,7 @@ impl JournalHandle {
     pub fn send(&self, cmd: Command) -> Result<(), Box<Command>> {
         Stats::add(&self.stats.journal_queue, 1);
         self.tx.send(cmd).map_err(|e| {
-            self.stats
-                .journal_queue
-                .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+            self.stats.journal_queue.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
             Box::new(e.into_inner())
         })
     }
@@ -132,9 +130,7 @@ impl Journal {
                     Err(_) => break,
                 }
             }
-            self.stats
-                .journal_queue
-                .fetch_sub(batch.len() as u64, std::sync::atomic::Ordering::Relaxed);
+            self.stats.journal_queue.fetch_sub(batch.len() as u64, std::sync::atomic::Ordering::Relaxed);
             let outcomes = self.commit(&mut batch, &mut buf);
             if fanout.send(OutcomeBatch(outcomes)).is_err() {
                 break;
@@ -172,8 +168,7 @@ impl Journal {
             }
             return outcomes;
         }
-        self.stats
-            .record_batch(items, self.head.id - head_before.id);
+        self.stats.record_batch(items, self.head.id - head_before.id);
         outcomes
     }
 
@@ -211,13 +206,7 @@ impl Journal {
         }
         let prev = self.head.hash;
         self.head = Head { id, hash };
-        Ok(Done {
-            id,
-            time: fields.time,
-            prev,
-            hash,
-            applied,
-        })
+        Ok(Done { id, time: fields.time, prev, hash, applied })
     }
 
     /// Writes every dirty balance row and a checkpoint at the head.
@@ -257,8 +246,7 @@ impl Journal {
         outcomes: &mut Vec<Outcome>,
     ) -> Result<(), StoreError> {
         let mut txn = self.db.begin_write()?;
-        txn.set_durability(Durability::Immediate)
-            .map_err(|e| StoreError::Corrupt(format!("durability: {e}")))?;
+        txn.set_durability(Durability::Immediate).map_err(|e| StoreError::Corrupt(format!("durability: {e}")))?;
         {
             let mut transfers = txn.open_table(store::TRANSFERS)?;
             let mut keys = txn.open_table(store::KEYS)?;
@@ -267,10 +255,7 @@ impl Journal {
             for cmd in commands {
                 match cmd {
                     Command::Transfer(t) => {
-                        let result = match self
-                            .book
-                            .transfer(&t.from, &t.to, t.amount, t.fee, t.reserved)
-                        {
+                        let result = match self.book.transfer(&t.from, &t.to, t.amount, t.fee, t.reserved) {
                             Err(e) => Err(ApiError::from(e)),
                             Ok(applied) => {
                                 let fields = Fields {
@@ -295,8 +280,7 @@ impl Journal {
                                 c.meta.num = num;
                                 accounts.insert(&*c.account, &c.meta.encode()[..])?;
                                 if c.initial > 0 {
-                                    match self.book.transfer(MINT, &c.account, c.initial, 0, false)
-                                    {
+                                    match self.book.transfer(MINT, &c.account, c.initial, 0, false) {
                                         Err(e) => {
                                             // The account and its funding are one step: undo the create.
                                             self.book.uncreate(&c.account);
@@ -314,13 +298,7 @@ impl Journal {
                                                 key: None,
                                                 time,
                                             };
-                                            Ok(Some(self.append(
-                                                &mut transfers,
-                                                &mut keys,
-                                                buf,
-                                                fields,
-                                                applied,
-                                            )?))
+                                            Ok(Some(self.append(&mut transfers, &mut keys, buf, fields, applied)?))
                                         }
                                     }
                                 } else {
@@ -381,21 +359,9 @@ pub fn run_fanout(rx: &Receiver<OutcomeBatch>, router: &ShardRouter) {
 
 /// Queues a settlement for `account`'s owner; `id` is the committed
 /// transfer (0 when only a reservation is released).
-fn settle(
-    router: &ShardRouter,
-    per_shard: &mut [Vec<Effect>],
-    account: &str,
-    delta: i64,
-    release: i64,
-    id: u64,
-) {
+fn settle(router: &ShardRouter, per_shard: &mut [Vec<Effect>], account: &str, delta: i64, release: i64, id: u64) {
     if delta != 0 || release != 0 || id != 0 {
-        per_shard[router.shard_of(account)].push(Effect::Settle {
-            account: account.into(),
-            delta,
-            release,
-            id,
-        });
+        per_shard[router.shard_of(account)].push(Effect::Settle { account: account.into(), delta, release, id });
     }
 }
 
@@ -442,11 +408,7 @@ fn fan_out(
                 }
             };
             if let Some(key) = t.key {
-                per_shard[router.shard_of(&t.from)].push(Effect::KeyDone {
-                    from: t.from,
-                    key,
-                    result: result.clone(),
-                });
+                per_shard[router.shard_of(&t.from)].push(Effect::KeyDone { from: t.from, key, result: result.clone() });
             }
             replies.push((t.reply, result.map(Reply::Transfer)));
         }
@@ -477,12 +439,7 @@ fn fan_out(
                     replies.push((c.reply, Ok(Reply::Account(Box::new(view)))));
                 }
                 Err(e) => {
-                    per_shard[shard].push(Effect::Created {
-                        account: c.account,
-                        balance: 0,
-                        last: 0,
-                        meta: None,
-                    });
+                    per_shard[shard].push(Effect::Created { account: c.account, balance: 0, last: 0, meta: None });
                     replies.push((c.reply, Err(e)));
                 }
             }

@@ -31,11 +31,7 @@ pub const SYSTEM_ACCOUNTS: [&str; 3] = [MINT, TREASURY, REDEEMED];
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 pub enum LedgerError {
     #[error("insufficient funds in {account}: available {available}, needed {amount}")]
-    InsufficientFunds {
-        account: String,
-        available: i64,
-        amount: i64,
-    },
+    InsufficientFunds { account: String, available: i64, amount: i64 },
     #[error("{account} would exceed its maximum balance {max}")]
     AboveMax { account: String, max: i64 },
     #[error("{account} would fall below its minimum balance {min}")]
@@ -124,20 +120,11 @@ impl Limits {
     #[must_use]
     pub fn bounds(&self, account: &str) -> Bounds {
         if account == MINT {
-            Bounds {
-                min: None,
-                max: None,
-            }
+            Bounds { min: None, max: None }
         } else if is_system(account) {
-            Bounds {
-                min: Some(0),
-                max: None,
-            }
+            Bounds { min: Some(0), max: None }
         } else {
-            Bounds {
-                min: Some(self.min_balance),
-                max: self.max_balance,
-            }
+            Bounds { min: Some(self.min_balance), max: self.max_balance }
         }
     }
 }
@@ -151,17 +138,10 @@ pub fn is_system(account: &str) -> bool {
 /// Checks an account id: 1-64 bytes of `A-Za-z0-9._:@-`.
 pub fn validate_account_id(id: &str) -> Result<(), LedgerError> {
     if id.is_empty() || id.len() > ACCOUNT_ID_BYTES_MAX {
-        return Err(LedgerError::BadId(format!(
-            "account ids are 1-{ACCOUNT_ID_BYTES_MAX} bytes"
-        )));
+        return Err(LedgerError::BadId(format!("account ids are 1-{ACCOUNT_ID_BYTES_MAX} bytes")));
     }
-    if !id
-        .bytes()
-        .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b':' | b'@' | b'-'))
-    {
-        return Err(LedgerError::BadId(
-            "account ids use only A-Za-z0-9._:@-".into(),
-        ));
+    if !id.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b':' | b'@' | b'-')) {
+        return Err(LedgerError::BadId("account ids use only A-Za-z0-9._:@-".into()));
     }
     Ok(())
 }
@@ -169,9 +149,7 @@ pub fn validate_account_id(id: &str) -> Result<(), LedgerError> {
 /// Checks a transfer amount: a positive integer.
 pub fn validate_amount(amount: i64) -> Result<(), LedgerError> {
     if amount <= 0 {
-        return Err(LedgerError::BadAmount(format!(
-            "amount must be a positive integer, got {amount}"
-        )));
+        return Err(LedgerError::BadAmount(format!("amount must be a positive integer, got {amount}")));
     }
     Ok(())
 }
@@ -179,14 +157,10 @@ pub fn validate_amount(amount: i64) -> Result<(), LedgerError> {
 /// Checks the optional free-text fields of a transfer.
 pub fn validate_memo_key(memo: Option<&str>, key: Option<&str>) -> Result<(), LedgerError> {
     if memo.is_some_and(|m| m.len() > MEMO_BYTES_MAX) {
-        return Err(LedgerError::BadId(format!(
-            "memo is longer than {MEMO_BYTES_MAX} bytes"
-        )));
+        return Err(LedgerError::BadId(format!("memo is longer than {MEMO_BYTES_MAX} bytes")));
     }
     if key.is_some_and(|k| k.is_empty() || k.len() > KEY_BYTES_MAX) {
-        return Err(LedgerError::BadId(format!(
-            "key must be 1-{KEY_BYTES_MAX} bytes"
-        )));
+        return Err(LedgerError::BadId(format!("key must be 1-{KEY_BYTES_MAX} bytes")));
     }
     Ok(())
 }
@@ -204,29 +178,18 @@ pub fn debit(account: &str, balance: i64, amount: i64, bounds: Bounds) -> Result
     let after = balance.checked_sub(amount).ok_or(LedgerError::Underflow)?;
     if let Some(min) = bounds.min {
         if after < min {
-            return Err(LedgerError::BelowMin {
-                account: account.to_owned(),
-                min,
-            });
+            return Err(LedgerError::BelowMin { account: account.to_owned(), min });
         }
     }
     Ok(after)
 }
 
 /// `balance + amount`, refused if it would leave `bounds`.
-pub fn credit(
-    account: &str,
-    balance: i64,
-    amount: i64,
-    bounds: Bounds,
-) -> Result<i64, LedgerError> {
+pub fn credit(account: &str, balance: i64, amount: i64, bounds: Bounds) -> Result<i64, LedgerError> {
     let after = balance.checked_add(amount).ok_or(LedgerError::Overflow)?;
     if let Some(max) = bounds.max {
         if after > max {
-            return Err(LedgerError::AboveMax {
-                account: account.to_owned(),
-                max,
-            });
+            return Err(LedgerError::AboveMax { account: account.to_owned(), max });
         }
     }
     Ok(after)
@@ -262,11 +225,7 @@ pub struct OwnerAccount {
 impl OwnerAccount {
     #[must_use]
     pub fn new(balance: i64) -> Self {
-        OwnerAccount {
-            balance,
-            reserved: 0,
-            status: Status::Open,
-        }
+        OwnerAccount { balance, reserved: 0, status: Status::Open }
     }
 
     /// What can be spent now: the balance less every reservation.
@@ -276,24 +235,13 @@ impl OwnerAccount {
     }
 
     /// Reserves `amount` for a debit, or refuses it whole.
-    pub fn reserve(
-        &mut self,
-        account: &str,
-        amount: i64,
-        bounds: Bounds,
-    ) -> Result<(), LedgerError> {
+    pub fn reserve(&mut self, account: &str, amount: i64, bounds: Bounds) -> Result<(), LedgerError> {
         if self.status == Status::Deleted {
             return Err(LedgerError::Deleted(account.to_owned()));
         }
         validate_amount(amount)?;
-        let reserved = self
-            .reserved
-            .checked_add(amount)
-            .ok_or(LedgerError::Underflow)?;
-        let after = self
-            .balance
-            .checked_sub(reserved)
-            .ok_or(LedgerError::Underflow)?;
+        let reserved = self.reserved.checked_add(amount).ok_or(LedgerError::Underflow)?;
+        let after = self.balance.checked_sub(reserved).ok_or(LedgerError::Underflow)?;
         if let Some(min) = bounds.min {
             if after < min {
                 return Err(LedgerError::InsufficientFunds {
@@ -334,12 +282,7 @@ pub struct BookAccount {
 impl BookAccount {
     #[must_use]
     pub fn new(balance: i64, status: Status, last: u64) -> Self {
-        BookAccount {
-            balance,
-            status,
-            last,
-            dirty: false,
-        }
+        BookAccount { balance, status, last, dirty: false }
     }
 }
 
@@ -385,11 +328,7 @@ impl Book {
     /// A book with no accounts at all (loading fills it).
     #[must_use]
     pub fn empty(limits: Limits) -> Self {
-        Book {
-            index: HashMap::new(),
-            accounts: Vec::new(),
-            limits,
-        }
+        Book { index: HashMap::new(), accounts: Vec::new(), limits }
     }
 
     /// Sets the last transfer of one account (recovery replay).
@@ -448,9 +387,7 @@ impl Book {
 
     /// Every account with its id.
     pub fn iter(&self) -> impl Iterator<Item = (&str, &BookAccount)> {
-        self.index
-            .iter()
-            .map(|(id, &n)| (&**id, &self.accounts[n as usize]))
+        self.index.iter().map(|(id, &n)| (&**id, &self.accounts[n as usize]))
     }
 
     fn open(&self, id: &str) -> Result<BookAccount, LedgerError> {
@@ -505,9 +442,7 @@ impl Book {
             return Err(LedgerError::BadAmount("fee outside 0..=amount".into()));
         }
         if fee > 0 && (from == TREASURY || to == TREASURY) {
-            return Err(LedgerError::BadAmount(
-                "no fee on transfers with @treasury".into(),
-            ));
+            return Err(LedgerError::BadAmount("no fee on transfers with @treasury".into()));
         }
         let source = self.open(from)?;
         let dest = self.open(to)?;
@@ -525,12 +460,7 @@ impl Book {
         let to_after = credit(to, dest.balance, amount - fee, self.limits.bounds(to))?;
         let treasury_after = if fee > 0 {
             let t = self.open(TREASURY)?;
-            Some(credit(
-                TREASURY,
-                t.balance,
-                fee,
-                self.limits.bounds(TREASURY),
-            )?)
+            Some(credit(TREASURY, t.balance, fee, self.limits.bounds(TREASURY))?)
         } else {
             None
         };
@@ -539,10 +469,7 @@ impl Book {
         if let Some(t) = treasury_after {
             self.set_balance(TREASURY, t);
         }
-        Ok(Applied {
-            from_balance: from_after,
-            to_balance: to_after,
-        })
+        Ok(Applied { from_balance: from_after, to_balance: to_after })
     }
 
     fn set_balance(&mut self, id: &str, balance: i64) {
@@ -560,10 +487,7 @@ impl Book {
     /// Makes transfer `id` the head of the history lists of its parties and
     /// returns the heads it replaces.
     pub fn link(&mut self, id: u64, from: &str, to: &str, fee: bool) -> Links {
-        let mut swap = |account: &str| {
-            self.get_mut(account)
-                .map_or(0, |a| std::mem::replace(&mut a.last, id))
-        };
+        let mut swap = |account: &str| self.get_mut(account).map_or(0, |a| std::mem::replace(&mut a.last, id));
         let from = swap(from);
         let to = swap(to);
         let fee = if fee { swap(TREASURY) } else { 0 };

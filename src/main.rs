@@ -7,11 +7,7 @@ use clap::{Parser, Subcommand};
 use tally::config::{Config, Overrides};
 
 #[derive(Parser)]
-#[command(
-    name = "tally",
-    version,
-    about = "A ledger server for points, coins and tokens"
-)]
+#[command(name = "tally", version, about = "A ledger server for points, coins and tokens")]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -41,25 +37,13 @@ enum Command {
 
 fn main() -> ExitCode {
     tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("TALLY_LOG")
-                .unwrap_or_else(|_| "info".into()),
-        )
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_env("TALLY_LOG").unwrap_or_else(|_| "info".into()))
         .with_writer(std::io::stderr)
         .init();
     let cli = Cli::parse();
     match cli.command {
-        Command::Serve {
-            config,
-            listen,
-            data,
-            preset,
-        } => {
-            let overrides = Overrides {
-                listen,
-                data,
-                preset,
-            };
+        Command::Serve { config, listen, data, preset } => {
+            let overrides = Overrides { listen, data, preset };
             let config = match Config::load(config.as_deref(), std::env::vars(), &overrides) {
                 Ok(c) => c,
                 Err(e) => {
@@ -67,10 +51,7 @@ fn main() -> ExitCode {
                     return ExitCode::from(2);
                 }
             };
-            let runtime = match tokio::runtime::Builder::new_multi_thread()
-                .enable_all()
-                .build()
-            {
+            let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
                 Ok(r) => r,
                 Err(e) => {
                     eprintln!("tally: cannot start the runtime: {e}");

@@ -6,16 +6,14 @@ use std::sync::Arc;
 
 use crate::auth::{self, Principal};
 use crate::constants::{
-    PAGE_LIMIT_DEFAULT, PAGE_LIMIT_MAX, PASSWORD_BYTES_MAX, TAGS_PER_ACCOUNT_MAX, TAG_BYTES_MAX,
-    USER_ID_BYTES_MAX,
+    PAGE_LIMIT_DEFAULT, PAGE_LIMIT_MAX, PASSWORD_BYTES_MAX, TAGS_PER_ACCOUNT_MAX, TAG_BYTES_MAX, USER_ID_BYTES_MAX,
 };
 use crate::error::{ApiError, ErrorCode};
 use crate::frame::decode_args;
 use crate::ledger::{self, is_system, Kind, MINT};
 use crate::protocol::{
-    AccountArg, AuditReply, AuthArgs, AuthReply, CreateAccountArgs, GetTransferArgs, HelloReply,
-    HistoryArgs, LoginArgs, LoginReply, MintArgs, NoArgs, Reply, StatsReply, TransferArgs, OPS,
-    PROTOCOL_VERSION,
+    AccountArg, AuditReply, AuthArgs, AuthReply, CreateAccountArgs, GetTransferArgs, HelloReply, HistoryArgs,
+    LoginArgs, LoginReply, MintArgs, NoArgs, Reply, StatsReply, TransferArgs, OPS, PROTOCOL_VERSION,
 };
 use crate::reply::ReplyTo;
 use crate::server::{role_of, Ctx, Session};
@@ -61,9 +59,7 @@ where
     F: FnOnce() -> Result<Reply, ApiError> + Send + 'static,
 {
     tokio::spawn(async move {
-        let r = tokio::task::spawn_blocking(f)
-            .await
-            .unwrap_or_else(|_| Err(ApiError::internal("the query failed")));
+        let r = tokio::task::spawn_blocking(f).await.unwrap_or_else(|_| Err(ApiError::internal("the query failed")));
         reply.send(r);
     });
 }
@@ -75,13 +71,7 @@ fn account_id(id: &str) -> Result<(), ApiError> {
 /// Handles one request. Only `login` and `auth` are awaited here (they bind
 /// the connection, so the next request must see their outcome); every other
 /// op is handed on and answered through `reply` whenever it finishes.
-pub async fn dispatch(
-    ctx: &Arc<Ctx>,
-    session: &mut Session,
-    op: &str,
-    args: &[u8],
-    reply: ReplyTo,
-) {
+pub async fn dispatch(ctx: &Arc<Ctx>, session: &mut Session, op: &str, args: &[u8], reply: ReplyTo) {
     match op {
         "hello" => {
             args!(NoArgs, args, reply);
@@ -111,10 +101,7 @@ pub async fn dispatch(
         }
         _ => {
             if !OPS.contains(&op) {
-                return reply.err(ApiError::new(
-                    ErrorCode::UnknownOp,
-                    format!("unknown op {op:?}: try help"),
-                ));
+                return reply.err(ApiError::new(ErrorCode::UnknownOp, format!("unknown op {op:?}: try help")));
             }
             let Some(principal) = session.principal.clone() else {
                 return reply.err(unauthenticated());
@@ -131,38 +118,30 @@ async fn login(ctx: &Arc<Ctx>, session: &mut Session, a: LoginArgs) -> Result<Re
     }
     let db = ctx.db.clone();
     let user = a.user.clone();
-    let checked =
-        tokio::task::spawn_blocking(move || -> Result<Option<store::UserRecord>, ApiError> {
-            let Some(u) = store::get_user(&db, &user)? else {
-                // Spend the same time as a real check so timing does not reveal
-                // which user ids exist.
-                let _ = auth::verify_password(&a.password, DUMMY_HASH);
-                return Ok(None);
-            };
-            Ok(auth::verify_password(&a.password, &u.password_hash).then_some(u))
-        })
-        .await
-        .map_err(|_| ApiError::internal("login failed"))??;
+    let checked = tokio::task::spawn_blocking(move || -> Result<Option<store::UserRecord>, ApiError> {
+        let Some(u) = store::get_user(&db, &user)? else {
+            // Spend the same time as a real check so timing does not reveal
+            // which user ids exist.
+            let _ = auth::verify_password(&a.password, DUMMY_HASH);
+            return Ok(None);
+        };
+        Ok(auth::verify_password(&a.password, &u.password_hash).then_some(u))
+    })
+    .await
+    .map_err(|_| ApiError::internal("login failed"))??;
     let Some(u) = checked else {
         return Err(denied());
     };
     let role = role_of(&u);
     let (token, expires_at) = ctx.tokens.issue(&u.user, role, u.token_epoch)?;
-    session.principal = Some(Principal {
-        user: u.user.as_str().into(),
-        role,
-    });
-    Ok(Reply::Login(LoginReply {
-        token,
-        expires_at,
-        user: u.user,
-        role: role.as_str(),
-    }))
+    session.principal = Some(Principal { user: u.user.as_str().into(), role });
+    Ok(Reply::Login(LoginReply { token, expires_at, user: u.user, role: role.as_str() }))
 }
 
 /// An argon2id hash of a random password, checked against when the user
 /// does not exist.
-const DUMMY_HASH: &str = "$argon2id$v=19$m=19456,t=2,p=1$c29tZXNhbHRzb21lc2FsdA$2/2D7Jm9d0hXhm1NHxu0Vn6cUHxYCOqGKq/KCN4cVJ8";
+const DUMMY_HASH: &str =
+    "$argon2id$v=19$m=19456,t=2,p=1$c29tZXNhbHRzb21lc2FsdA$2/2D7Jm9d0hXhm1NHxu0Vn6cUHxYCOqGKq/KCN4cVJ8";
 
 async fn bind_token(ctx: &Arc<Ctx>, session: &mut Session, token: &str) -> Result<Reply, ApiError> {
     let claims = ctx.tokens.check(token)?;
@@ -177,14 +156,8 @@ async fn bind_token(ctx: &Arc<Ctx>, session: &mut Session, token: &str) -> Resul
         return Err(revoked());
     }
     let role = role_of(&u);
-    session.principal = Some(Principal {
-        user: u.user.as_str().into(),
-        role,
-    });
-    Ok(Reply::Auth(AuthReply {
-        user: u.user,
-        role: role.as_str(),
-    }))
+    session.principal = Some(Principal { user: u.user.as_str().into(), role });
+    Ok(Reply::Auth(AuthReply { user: u.user, role: role.as_str() }))
 }
 
 fn authed(ctx: &Arc<Ctx>, p: Principal, op: &str, args: &[u8], reply: ReplyTo) {
@@ -193,8 +166,7 @@ fn authed(ctx: &Arc<Ctx>, p: Principal, op: &str, args: &[u8], reply: ReplyTo) {
             args!(NoArgs, args, reply);
             let db = ctx.db.clone();
             blocking(reply, move || {
-                let u =
-                    store::get_user(&db, &p.user)?.ok_or_else(|| ApiError::not_found("user"))?;
+                let u = store::get_user(&db, &p.user)?.ok_or_else(|| ApiError::not_found("user"))?;
                 Ok(Reply::Json(serde_json::json!({
                     "user": u.user, "name": u.name, "email": u.email, "role": u.role,
                     "group": u.group, "events": u.events,
@@ -205,75 +177,29 @@ fn authed(ctx: &Arc<Ctx>, p: Principal, op: &str, args: &[u8], reply: ReplyTo) {
             let a = args!(AccountArg, args, reply);
             let account = a.account.unwrap_or_else(|| p.user.to_string());
             check!(account_id(&account), reply);
-            let kind = if op == "balance" {
-                ReadKind::Balance
-            } else {
-                ReadKind::Account
-            };
-            ctx.router.send(
-                &account,
-                ShardMsg::Read {
-                    account: account.as_str().into(),
-                    kind,
-                    principal: p,
-                    reply,
-                },
-            );
+            let kind = if op == "balance" { ReadKind::Balance } else { ReadKind::Account };
+            ctx.router.send(&account, ShardMsg::Read { account: account.as_str().into(), kind, principal: p, reply });
         }
         "transfer" => {
             let a = args!(TransferArgs, args, reply);
             let from = a.from.unwrap_or_else(|| p.user.to_string());
-            check!(
-                validate_transfer(&from, &a.to, a.amount, a.memo.as_deref(), a.key.as_deref()),
-                reply
-            );
+            check!(validate_transfer(&from, &a.to, a.amount, a.memo.as_deref(), a.key.as_deref()), reply);
             if from == MINT {
                 return reply.err(ApiError::bad_request("use mint to issue from @mint"));
             }
-            debit(
-                ctx,
-                Kind::Transfer,
-                from,
-                a.to,
-                a.amount,
-                a.memo,
-                a.key,
-                p,
-                reply,
-            );
+            debit(ctx, Kind::Transfer, from, a.to, a.amount, a.memo, a.key, p, reply);
         }
         "mint" => {
             check!(admin_only(&p), reply);
             let a = args!(MintArgs, args, reply);
-            check!(
-                validate_transfer(MINT, &a.to, a.amount, a.memo.as_deref(), a.key.as_deref()),
-                reply
-            );
-            debit(
-                ctx,
-                Kind::Mint,
-                MINT.into(),
-                a.to,
-                a.amount,
-                a.memo,
-                a.key,
-                p,
-                reply,
-            );
+            check!(validate_transfer(MINT, &a.to, a.amount, a.memo.as_deref(), a.key.as_deref()), reply);
+            debit(ctx, Kind::Mint, MINT.into(), a.to, a.amount, a.memo, a.key, p, reply);
         }
         "create_account" => {
             check!(admin_only(&p), reply);
             let a = args!(CreateAccountArgs, args, reply);
             let (account, meta, initial) = check!(validate_create(ctx, a), reply);
-            ctx.router.send(
-                &account,
-                ShardMsg::Create {
-                    account: account.as_str().into(),
-                    meta,
-                    initial,
-                    reply,
-                },
-            );
+            ctx.router.send(&account, ShardMsg::Create { account: account.as_str().into(), meta, initial, reply });
         }
         "history" => {
             let a = args!(HistoryArgs, args, reply);
@@ -282,27 +208,17 @@ fn authed(ctx: &Arc<Ctx>, p: Principal, op: &str, args: &[u8], reply: ReplyTo) {
             let limit = match a.limit {
                 None => PAGE_LIMIT_DEFAULT,
                 Some(l) if (1..=PAGE_LIMIT_MAX as u64).contains(&l) => l as usize,
-                Some(_) => {
-                    return reply.err(ApiError::bad_request(format!(
-                        "limit must be 1..={PAGE_LIMIT_MAX}"
-                    )))
-                }
+                Some(_) => return reply.err(ApiError::bad_request(format!("limit must be 1..={PAGE_LIMIT_MAX}"))),
             };
-            let req = HistoryReq {
-                account: account.as_str().into(),
-                after: a.after,
-                limit,
-                principal: p,
-                reply,
-            };
+            let req = HistoryReq { account: account.as_str().into(), after: a.after, limit, principal: p, reply };
             ctx.router.send(&account, ShardMsg::History(Box::new(req)));
         }
         "get_transfer" => {
             let a = args!(GetTransferArgs, args, reply);
             let db = ctx.db.clone();
             blocking(reply, move || {
-                let t = store::get_transfer(&db, a.id)?
-                    .ok_or_else(|| ApiError::not_found(format!("transfer {}", a.id)))?;
+                let t =
+                    store::get_transfer(&db, a.id)?.ok_or_else(|| ApiError::not_found(format!("transfer {}", a.id)))?;
                 if !p.is_admin() {
                     let party = [&t.from, &t.to].into_iter().any(|acct| {
                         store::account_meta(&db, acct)
@@ -332,11 +248,7 @@ fn authed(ctx: &Arc<Ctx>, p: Principal, op: &str, args: &[u8], reply: ReplyTo) {
             let s = &ctx.stats;
             let commits = Stats::get(&s.commits);
             let items = Stats::get(&s.batch_items);
-            let inflight = ctx
-                .config
-                .limits
-                .inflight_max
-                .saturating_sub(ctx.inflight.available_permits());
+            let inflight = ctx.config.limits.inflight_max.saturating_sub(ctx.inflight.available_permits());
             reply.ok(Reply::Stats(StatsReply {
                 connections: Stats::get(&s.connections),
                 connections_total: Stats::get(&s.connections_total),
@@ -345,29 +257,16 @@ fn authed(ctx: &Arc<Ctx>, p: Principal, op: &str, args: &[u8], reply: ReplyTo) {
                 commits,
                 batch_items: items,
                 batch_max: Stats::get(&s.batch_max),
-                batch_mean: if commits == 0 {
-                    0.0
-                } else {
-                    items as f64 / commits as f64
-                },
+                batch_mean: if commits == 0 { 0.0 } else { items as f64 / commits as f64 },
                 journal_queue: ctx.journal.depth() as u64,
                 inflight: inflight as u64,
             }));
         }
-        _ => reply.err(ApiError::new(
-            ErrorCode::UnknownOp,
-            format!("unknown op {op:?}"),
-        )),
+        _ => reply.err(ApiError::new(ErrorCode::UnknownOp, format!("unknown op {op:?}"))),
     }
 }
 
-fn validate_transfer(
-    from: &str,
-    to: &str,
-    amount: i64,
-    memo: Option<&str>,
-    key: Option<&str>,
-) -> Result<(), ApiError> {
+fn validate_transfer(from: &str, to: &str, amount: i64, memo: Option<&str>, key: Option<&str>) -> Result<(), ApiError> {
     account_id(from)?;
     account_id(to)?;
     ledger::validate_amount(amount)?;
@@ -404,15 +303,10 @@ fn debit(
     ctx.router.cast(shard, ShardMsg::Debit(Box::new(req)));
 }
 
-fn validate_create(
-    ctx: &Ctx,
-    a: CreateAccountArgs,
-) -> Result<(String, AccountMeta, i64), ApiError> {
+fn validate_create(ctx: &Ctx, a: CreateAccountArgs) -> Result<(String, AccountMeta, i64), ApiError> {
     account_id(&a.account)?;
     if is_system(&a.account) {
-        return Err(ApiError::forbidden(
-            "ids starting with @ are system accounts",
-        ));
+        return Err(ApiError::forbidden("ids starting with @ are system accounts"));
     }
     ledger::validate_memo_key(a.memo.as_deref(), None)?;
     if let Some(owner) = &a.owner {
@@ -424,31 +318,21 @@ fn validate_create(
     tags.sort();
     tags.dedup();
     if tags.len() > TAGS_PER_ACCOUNT_MAX {
-        return Err(ApiError::bad_request(format!(
-            "at most {TAGS_PER_ACCOUNT_MAX} tags"
-        )));
+        return Err(ApiError::bad_request(format!("at most {TAGS_PER_ACCOUNT_MAX} tags")));
     }
     if tags.iter().any(|t| t.is_empty() || t.len() > TAG_BYTES_MAX) {
-        return Err(ApiError::bad_request(format!(
-            "tags are 1-{TAG_BYTES_MAX} bytes"
-        )));
+        return Err(ApiError::bad_request(format!("tags are 1-{TAG_BYTES_MAX} bytes")));
     }
     let initial = a.initial.unwrap_or(0);
     let bounds = ctx.limits.bounds(&a.account);
     if let Some(min) = bounds.min {
         if initial < min {
-            return Err(ApiError::new(
-                ErrorCode::BelowMin,
-                format!("initial {initial} is below the minimum {min}"),
-            ));
+            return Err(ApiError::new(ErrorCode::BelowMin, format!("initial {initial} is below the minimum {min}")));
         }
     }
     if let Some(max) = bounds.max {
         if initial > max {
-            return Err(ApiError::new(
-                ErrorCode::AboveMax,
-                format!("initial {initial} is above the maximum {max}"),
-            ));
+            return Err(ApiError::new(ErrorCode::AboveMax, format!("initial {initial} is above the maximum {max}")));
         }
     }
     if initial < 0 {

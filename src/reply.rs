@@ -37,11 +37,7 @@ impl ReplyTo {
 
     /// Sends the answer; a closed connection simply drops it.
     pub fn send(self, result: Result<Reply, ApiError>) {
-        let _ = self.tx.send(Outgoing {
-            id: self.id,
-            result,
-            permits: self.permits,
-        });
+        let _ = self.tx.send(Outgoing { id: self.id, result, permits: self.permits });
     }
 
     pub fn ok(self, reply: Reply) {

@@ -31,17 +31,11 @@ use crate::store::{self, UserRecord};
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
     #[error("data folder {path}: {source}")]
-    Data {
-        path: String,
-        source: std::io::Error,
-    },
+    Data { path: String, source: std::io::Error },
     #[error(transparent)]
     Store(#[from] store::StoreError),
     #[error("cannot listen on {addr}: {source}")]
-    Listen {
-        addr: String,
-        source: std::io::Error,
-    },
+    Listen { addr: String, source: std::io::Error },
     #[error("cannot start an actor: {0}")]
     Actor(String),
     #[error("{0}")]
@@ -112,10 +106,7 @@ fn bootstrap_admin(db: &Database, password: &str) -> Result<(), StartError> {
 /// shards and the listener.
 pub async fn start(config: Config) -> Result<Running, StartError> {
     let data = config.data.clone();
-    std::fs::create_dir_all(&data).map_err(|source| StartError::Data {
-        path: data.display().to_string(),
-        source,
-    })?;
+    std::fs::create_dir_all(&data).map_err(|source| StartError::Data { path: data.display().to_string(), source })?;
     let db = Arc::new(store::open(&data.join("tally.redb"))?);
     if let Some(pw) = &config.auth.admin_password {
         let (db, pw) = (db.clone(), pw.clone());
@@ -123,12 +114,8 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
             .await
             .map_err(|e| StartError::Other(e.to_string()))??;
     }
-    let secret = auth::load_secret(config.auth.jwt_secret.as_deref(), &data).map_err(|source| {
-        StartError::Data {
-            path: data.display().to_string(),
-            source,
-        }
-    })?;
+    let secret = auth::load_secret(config.auth.jwt_secret.as_deref(), &data)
+        .map_err(|source| StartError::Data { path: data.display().to_string(), source })?;
     let tokens = Tokens::new(&secret, config.auth.token_ttl_s);
     let limits = config.ledger_limits();
 
@@ -140,20 +127,13 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
         if a.meta.deleted.is_some() {
             acct.status = Status::Deleted;
         }
-        let slot = Slot {
-            acct,
-            meta: a.meta,
-            creating: false,
-            last: a.last,
-        };
+        let slot = Slot { acct, meta: a.meta, creating: false, last: a.last };
         per_shard[shard_index(&a.id, n)].insert(a.id.into(), slot);
     }
     let (book, head) = (loaded.book, loaded.head);
     let sum = book.sum();
     if sum != 0 {
-        return Err(StartError::Other(format!(
-            "refusing to start: balances sum to {sum}, not 0"
-        )));
+        return Err(StartError::Other(format!("refusing to start: balances sum to {sum}, not 0")));
     }
     tracing::info!(accounts = book.len(), head = head.id, "ledger loaded");
 
@@ -169,9 +149,7 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
             db: db.clone(),
             keys_cached_max: KEYS_CACHED_PER_SHARD_MAX,
         };
-        let (r, _) = Actor::spawn(None, ShardActor, args)
-            .await
-            .map_err(|e| StartError::Actor(e.to_string()))?;
+        let (r, _) = Actor::spawn(None, ShardActor, args).await.map_err(|e| StartError::Actor(e.to_string()))?;
         refs.push(r);
     }
     let router = ShardRouter::new(refs);
@@ -194,16 +172,10 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
         .spawn(move || journal::run_fanout(&fanout_rx, &fanout_router))
         .map_err(|e| StartError::Other(e.to_string()))?;
 
-    let listener =
-        TcpListener::bind(&config.listen)
-            .await
-            .map_err(|source| StartError::Listen {
-                addr: config.listen.clone(),
-                source,
-            })?;
-    let addr = listener
-        .local_addr()
-        .map_err(|e| StartError::Other(e.to_string()))?;
+    let listener = TcpListener::bind(&config.listen)
+        .await
+        .map_err(|source| StartError::Listen { addr: config.listen.clone(), source })?;
+    let addr = listener.local_addr().map_err(|e| StartError::Other(e.to_string()))?;
     let ctx = Arc::new(Ctx {
         inflight: Arc::new(Semaphore::new(config.limits.inflight_max)),
         config,
@@ -216,12 +188,7 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
     });
     let shutdown = CancellationToken::new();
     let accept = tokio::spawn(accept_loop(listener, ctx.clone(), shutdown.clone()));
-    Ok(Running {
-        addr,
-        ctx,
-        shutdown,
-        accept,
-    })
+    Ok(Running { addr, ctx, shutdown, accept })
 }
 
 async fn accept_loop(listener: TcpListener, ctx: Arc<Ctx>, shutdown: CancellationToken) {
@@ -250,9 +217,7 @@ async fn accept_loop(listener: TcpListener, ctx: Arc<Ctx>, shutdown: Cancellatio
             Stats::add(&ctx.stats.connections_total, 1);
             tracing::debug!(%peer, "connection opened");
             connection(&ctx, stream).await;
-            ctx.stats
-                .connections
-                .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+            ctx.stats.connections.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
             drop(permit);
         });
     }
@@ -261,8 +226,7 @@ async fn accept_loop(listener: TcpListener, ctx: Arc<Ctx>, shutdown: Cancellatio
 /// Tells a client over the connection limit why it is being dropped.
 async fn refuse(mut stream: TcpStream) {
     let mut out = BytesMut::new();
-    let err: Result<(), ApiError> =
-        Err(ApiError::new(ErrorCode::Overloaded, "too many connections"));
+    let err: Result<(), ApiError> = Err(ApiError::new(ErrorCode::Overloaded, "too many connections"));
     frame::encode_response(&mut out, None, &err);
     let _ = tokio::time::timeout(Duration::from_secs(1), stream.write_all(&out)).await;
 }
@@ -280,24 +244,13 @@ enum Mode {
 
 /// Reads more bytes; `Ok(false)` on a clean end of stream. A peer that has
 /// started a frame must finish it within `FRAME_READ_TIMEOUT_MS`.
-async fn fill(
-    rd: &mut tokio::net::tcp::OwnedReadHalf,
-    buf: &mut BytesMut,
-) -> std::io::Result<bool> {
+async fn fill(rd: &mut tokio::net::tcp::OwnedReadHalf, buf: &mut BytesMut) -> std::io::Result<bool> {
     if buf.is_empty() {
         return Ok(rd.read_buf(buf).await? > 0);
     }
-    match tokio::time::timeout(
-        Duration::from_millis(FRAME_READ_TIMEOUT_MS),
-        rd.read_buf(buf),
-    )
-    .await
-    {
+    match tokio::time::timeout(Duration::from_millis(FRAME_READ_TIMEOUT_MS), rd.read_buf(buf)).await {
         Ok(r) => Ok(r? > 0),
-        Err(_) => Err(std::io::Error::new(
-            std::io::ErrorKind::TimedOut,
-            "incomplete frame",
-        )),
+        Err(_) => Err(std::io::Error::new(std::io::ErrorKind::TimedOut, "incomplete frame")),
     }
 }
 
@@ -309,11 +262,7 @@ async fn connection(ctx: &Arc<Ctx>, stream: TcpStream) {
         Ok(true) => {}
         _ => return,
     }
-    let mode = if ctx.config.text_mode && buf[0].is_ascii_alphabetic() {
-        Mode::Text
-    } else {
-        Mode::Binary
-    };
+    let mode = if ctx.config.text_mode && buf[0].is_ascii_alphabetic() { Mode::Text } else { Mode::Binary };
     let (tx, rx) = mpsc::unbounded_channel();
     let writer = tokio::spawn(write_loop(wr, rx, matches!(mode, Mode::Text)));
     let per_connection = match mode {
@@ -323,12 +272,7 @@ async fn connection(ctx: &Arc<Ctx>, stream: TcpStream) {
     };
     let slots = Arc::new(Semaphore::new(per_connection));
     let mut session = Session::default();
-    let mut reader = Reader {
-        ctx,
-        tx: &tx,
-        slots: &slots,
-        session: &mut session,
-    };
+    let mut reader = Reader { ctx, tx: &tx, slots: &slots, session: &mut session };
     let result = match mode {
         Mode::Binary => reader.binary(&mut rd, &mut buf).await,
         Mode::Text => reader.text(&mut rd, &mut buf).await,
@@ -361,11 +305,7 @@ impl Reader<'_> {
         ReplyTo::new(self.tx.clone(), id, Permits::default()).err(error);
     }
 
-    async fn binary(
-        &mut self,
-        rd: &mut tokio::net::tcp::OwnedReadHalf,
-        buf: &mut BytesMut,
-    ) -> std::io::Result<()> {
+    async fn binary(&mut self, rd: &mut tokio::net::tcp::OwnedReadHalf, buf: &mut BytesMut) -> std::io::Result<()> {
         let frame_max = self.ctx.config.limits.frame_bytes_max;
         loop {
             while buf.len() < HEADER_BYTES {
@@ -403,26 +343,15 @@ impl Reader<'_> {
         }
     }
 
-    async fn text(
-        &mut self,
-        rd: &mut tokio::net::tcp::OwnedReadHalf,
-        buf: &mut BytesMut,
-    ) -> std::io::Result<()> {
+    async fn text(&mut self, rd: &mut tokio::net::tcp::OwnedReadHalf, buf: &mut BytesMut) -> std::io::Result<()> {
         let mut scanned = 0;
         loop {
-            let Some(pos) = buf[scanned..]
-                .iter()
-                .position(|&b| b == b'\n')
-                .map(|p| p + scanned)
-            else {
+            let Some(pos) = buf[scanned..].iter().position(|&b| b == b'\n').map(|p| p + scanned) else {
                 scanned = buf.len();
                 if buf.len() > LINE_BYTES_MAX {
                     self.error_now(
                         None,
-                        ApiError::new(
-                            ErrorCode::FrameTooLarge,
-                            format!("line longer than {LINE_BYTES_MAX} bytes"),
-                        ),
+                        ApiError::new(ErrorCode::FrameTooLarge, format!("line longer than {LINE_BYTES_MAX} bytes")),
                     );
                     return Ok(());
                 }
@@ -467,11 +396,7 @@ async fn write_loop(mut wr: OwnedWriteHalf, mut rx: mpsc::UnboundedReceiver<Outg
                 frame::encode_response(&mut out, msg.id, &msg.result);
             }
             drop(msg);
-            next = if out.len() < WRITE_BATCH_BYTES {
-                rx.try_recv().ok()
-            } else {
-                None
-            };
+            next = if out.len() < WRITE_BATCH_BYTES { rx.try_recv().ok() } else { None };
         }
         if wr.write_all(&out).await.is_err() {
             return;

@@ -57,25 +57,11 @@ pub enum ReadKind {
 /// A committed change, sent back to the owner after the commit.
 pub enum Effect {
     /// Add `delta` to the balance and drop `release` from the reservations.
-    Settle {
-        account: Box<str>,
-        delta: i64,
-        release: i64,
-        id: u64,
-    },
+    Settle { account: Box<str>, delta: i64, release: i64, id: u64 },
     /// The transfer made under an idempotency key is settled.
-    KeyDone {
-        from: Box<str>,
-        key: Box<str>,
-        result: Result<Arc<TransferView>, ApiError>,
-    },
+    KeyDone { from: Box<str>, key: Box<str>, result: Result<Arc<TransferView>, ApiError> },
     /// A create finished: `meta` is `None` when it was refused.
-    Created {
-        account: Box<str>,
-        balance: i64,
-        last: u64,
-        meta: Option<AccountMeta>,
-    },
+    Created { account: Box<str>, balance: i64, last: u64, meta: Option<AccountMeta> },
 }
 
 /// A `history` page request.
@@ -89,18 +75,8 @@ pub struct HistoryReq {
 
 pub enum ShardMsg {
     Debit(Box<DebitReq>),
-    Create {
-        account: Box<str>,
-        meta: AccountMeta,
-        initial: i64,
-        reply: ReplyTo,
-    },
-    Read {
-        account: Box<str>,
-        kind: ReadKind,
-        principal: Principal,
-        reply: ReplyTo,
-    },
+    Create { account: Box<str>, meta: AccountMeta, initial: i64, reply: ReplyTo },
+    Read { account: Box<str>, kind: ReadKind, principal: Principal, reply: ReplyTo },
     History(Box<HistoryReq>),
     Effects(Vec<Effect>),
 }
@@ -164,11 +140,7 @@ impl Actor for ShardActor {
     type State = ShardState;
     type Arguments = ShardArgs;
 
-    async fn pre_start(
-        &self,
-        _myself: ActorRef<ShardMsg>,
-        args: ShardArgs,
-    ) -> Result<ShardState, ActorProcessingErr> {
+    async fn pre_start(&self, _myself: ActorRef<ShardMsg>, args: ShardArgs) -> Result<ShardState, ActorProcessingErr> {
         Ok(ShardState {
             accounts: args.accounts,
             keys: HashMap::new(),
@@ -188,18 +160,8 @@ impl Actor for ShardActor {
     ) -> Result<(), ActorProcessingErr> {
         match msg {
             ShardMsg::Debit(req) => state.debit(*req),
-            ShardMsg::Create {
-                account,
-                meta,
-                initial,
-                reply,
-            } => state.create(account, meta, initial, reply),
-            ShardMsg::Read {
-                account,
-                kind,
-                principal,
-                reply,
-            } => state.read(&account, kind, &principal, reply),
+            ShardMsg::Create { account, meta, initial, reply } => state.create(account, meta, initial, reply),
+            ShardMsg::Read { account, kind, principal, reply } => state.read(&account, kind, &principal, reply),
             ShardMsg::History(req) => state.history(*req),
             ShardMsg::Effects(effects) => {
                 for e in effects {
@@ -220,15 +182,10 @@ impl ShardState {
         match self.accounts.get(account) {
             Some(s) if !s.creating => {
                 if !may_use(principal, &s.meta) {
-                    return Err(ApiError::forbidden(format!(
-                        "account {account} is not yours"
-                    )));
+                    return Err(ApiError::forbidden(format!("account {account} is not yours")));
                 }
                 if s.acct.status == Status::Deleted {
-                    return Err(ApiError::new(
-                        ErrorCode::Deleted,
-                        format!("account {account} was deleted"),
-                    ));
+                    return Err(ApiError::new(ErrorCode::Deleted, format!("account {account} was deleted")));
                 }
                 Ok(s)
             }
@@ -270,55 +227,27 @@ impl ShardState {
         };
         let db = self.db.clone();
         tokio::task::spawn_blocking(move || {
-            let HistoryReq {
-                account,
-                after,
-                limit,
-                reply,
-                ..
-            } = req;
+            let HistoryReq { account, after, limit, reply, .. } = req;
             let page = || -> Result<Reply, ApiError> {
                 let start = match after {
                     None => last,
-                    Some(cursor) => {
-                        store::history_after(&db, &account, cursor)?.ok_or_else(|| {
-                            ApiError::bad_request(format!(
-                                "after={cursor} is not a transfer of {account}"
-                            ))
-                        })?
-                    }
+                    Some(cursor) => store::history_after(&db, &account, cursor)?.ok_or_else(|| {
+                        ApiError::bad_request(format!("after={cursor} is not a transfer of {account}"))
+                    })?,
                 };
                 let (transfers, next) = store::history(&db, &account, start, limit)?;
-                Ok(Reply::History(HistoryReply {
-                    account: account.to_string(),
-                    transfers,
-                    next,
-                }))
+                Ok(Reply::History(HistoryReply { account: account.to_string(), transfers, next }))
             };
             reply.send(page());
         });
     }
 
     fn debit(&mut self, req: DebitReq) {
-        let DebitReq {
-            kind,
-            from,
-            to,
-            amount,
-            memo,
-            key,
-            principal,
-            reply,
-        } = req;
+        let DebitReq { kind, from, to, amount, memo, key, principal, reply } = req;
         if let Err(e) = self.slot(&from, &principal) {
             return reply.err(e);
         }
-        let fingerprint = Fingerprint {
-            kind,
-            to: to.clone(),
-            amount,
-            memo: memo.clone(),
-        };
+        let fingerprint = Fingerprint { kind, to: to.clone(), amount, memo: memo.clone() };
         let mut reply = Some(reply);
         if let Some(key) = &key {
             match self.check_key(&from, key, &fingerprint, &mut reply) {
@@ -339,31 +268,11 @@ impl ShardState {
             return reply.err(e.into());
         }
         if let Some(key) = &key {
-            self.keys.insert(
-                (from.clone(), key.clone()),
-                KeyState::Pending {
-                    fingerprint,
-                    waiters: Vec::new(),
-                },
-            );
+            self.keys.insert((from.clone(), key.clone()), KeyState::Pending { fingerprint, waiters: Vec::new() });
         }
-        let cmd = Command::Transfer(TransferCmd {
-            kind,
-            from,
-            to,
-            amount,
-            fee: 0,
-            memo,
-            key,
-            reserved: true,
-            reply,
-        });
+        let cmd = Command::Transfer(TransferCmd { kind, from, to, amount, fee: 0, memo, key, reserved: true, reply });
         if let Err(Command::Transfer(t)) = self.journal.send(cmd).map_err(|c| *c) {
-            self.accounts
-                .get_mut(&*t.from)
-                .expect("checked above")
-                .acct
-                .settle(0, t.amount);
+            self.accounts.get_mut(&*t.from).expect("checked above").acct.settle(0, t.amount);
             if let Some(key) = &t.key {
                 self.keys.remove(&(t.from.clone(), key.clone()));
             }
@@ -380,30 +289,17 @@ impl ShardState {
         fingerprint: &Fingerprint,
         reply: &mut Option<ReplyTo>,
     ) -> Result<bool, ApiError> {
-        let conflict = || {
-            ApiError::new(
-                ErrorCode::KeyConflict,
-                format!("key {key:?} was used with different arguments"),
-            )
-        };
-        match self
-            .keys
-            .get_mut(&(Box::<str>::from(from), Box::<str>::from(key)))
-        {
-            Some(KeyState::Pending {
-                fingerprint: f,
-                waiters,
-            }) => {
+        let conflict =
+            || ApiError::new(ErrorCode::KeyConflict, format!("key {key:?} was used with different arguments"));
+        match self.keys.get_mut(&(Box::<str>::from(from), Box::<str>::from(key))) {
+            Some(KeyState::Pending { fingerprint: f, waiters }) => {
                 if f != fingerprint {
                     return Err(conflict());
                 }
                 waiters.extend(reply.take());
                 Ok(false)
             }
-            Some(KeyState::Done {
-                fingerprint: f,
-                view,
-            }) => {
+            Some(KeyState::Done { fingerprint: f, view }) => {
                 if f != fingerprint {
                     return Err(conflict());
                 }
@@ -430,16 +326,9 @@ impl ShardState {
         }
     }
 
-    fn remember_key(
-        &mut self,
-        from: Box<str>,
-        key: Box<str>,
-        fingerprint: Fingerprint,
-        view: Arc<TransferView>,
-    ) {
+    fn remember_key(&mut self, from: Box<str>, key: Box<str>, fingerprint: Fingerprint, view: Arc<TransferView>) {
         self.keys_done.push_back((from.clone(), key.clone()));
-        self.keys
-            .insert((from, key), KeyState::Done { fingerprint, view });
+        self.keys.insert((from, key), KeyState::Done { fingerprint, view });
         while self.keys_done.len() > self.keys_cached_max {
             if let Some(old) = self.keys_done.pop_front() {
                 if matches!(self.keys.get(&old), Some(KeyState::Done { .. })) {
@@ -452,31 +341,16 @@ impl ShardState {
     fn create(&mut self, account: Box<str>, meta: AccountMeta, initial: i64, reply: ReplyTo) {
         if let Some(s) = self.accounts.get(&*account) {
             let e = if s.acct.status == Status::Deleted {
-                ApiError::new(
-                    ErrorCode::Deleted,
-                    format!("account {account} was deleted and cannot be created again"),
-                )
+                ApiError::new(ErrorCode::Deleted, format!("account {account} was deleted and cannot be created again"))
             } else {
                 ApiError::new(ErrorCode::Exists, format!("account {account} exists"))
             };
             return reply.err(e);
         }
         debug_assert!(!is_system(&account));
-        self.accounts.insert(
-            account.clone(),
-            Slot {
-                acct: OwnerAccount::new(0),
-                meta: meta.clone(),
-                creating: true,
-                last: 0,
-            },
-        );
-        let cmd = Command::Create(CreateCmd {
-            account,
-            meta,
-            initial,
-            reply,
-        });
+        self.accounts
+            .insert(account.clone(), Slot { acct: OwnerAccount::new(0), meta: meta.clone(), creating: true, last: 0 });
+        let cmd = Command::Create(CreateCmd { account, meta, initial, reply });
         if let Err(Command::Create(c)) = self.journal.send(cmd).map_err(|c| *c) {
             self.accounts.remove(&*c.account);
             c.reply.err(ApiError::internal("the journal has stopped"));
@@ -485,12 +359,7 @@ impl ShardState {
 
     fn apply(&mut self, effect: Effect) {
         match effect {
-            Effect::Settle {
-                account,
-                delta,
-                release,
-                id,
-            } => {
+            Effect::Settle { account, delta, release, id } => {
                 if let Some(s) = self.accounts.get_mut(&*account) {
                     s.acct.settle(delta, release);
                     s.last = s.last.max(id);
@@ -498,11 +367,7 @@ impl ShardState {
             }
             Effect::KeyDone { from, key, result } => {
                 let state = self.keys.remove(&(from.clone(), key.clone()));
-                let Some(KeyState::Pending {
-                    fingerprint,
-                    waiters,
-                }) = state
-                else {
+                let Some(KeyState::Pending { fingerprint, waiters }) = state else {
                     return;
                 };
                 match result {
@@ -520,22 +385,10 @@ impl ShardState {
                     }
                 }
             }
-            Effect::Created {
-                account,
-                balance,
-                last,
-                meta,
-            } => match meta {
+            Effect::Created { account, balance, last, meta } => match meta {
                 Some(meta) => {
-                    self.accounts.insert(
-                        account,
-                        Slot {
-                            acct: OwnerAccount::new(balance),
-                            meta,
-                            creating: false,
-                            last,
-                        },
-                    );
+                    self.accounts
+                        .insert(account, Slot { acct: OwnerAccount::new(balance), meta, creating: false, last });
                 }
                 None => {
                     if self.accounts.get(&*account).is_some_and(|s| s.creating) {
@@ -566,9 +419,7 @@ pub fn shard_index(account: &str, n: usize) -> usize {
 impl ShardRouter {
     #[must_use]
     pub fn new(shards: Vec<ActorRef<ShardMsg>>) -> Self {
-        ShardRouter {
-            shards: Arc::new(shards),
-        }
+        ShardRouter { shards: Arc::new(shards) }
     }
 
     #[must_use]

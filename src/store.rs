@@ -76,13 +76,7 @@ macro_rules! from_redb {
         }
     )*};
 }
-from_redb!(
-    redb::DatabaseError,
-    redb::TransactionError,
-    redb::TableError,
-    redb::StorageError,
-    redb::CommitError
-);
+from_redb!(redb::DatabaseError, redb::TransactionError, redb::TableError, redb::StorageError, redb::CommitError);
 
 impl From<StoreError> for crate::error::ApiError {
     fn from(e: StoreError) -> Self {
@@ -192,14 +186,9 @@ impl TransferRecord {
         let fee = u64_at(take(8)?) as i64;
         let time = u64_at(take(8)?);
         let prev: [u8; 32] = take(32)?.try_into().map_err(|_| corrupt())?;
-        let links = Links {
-            from: u64_at(take(8)?),
-            to: u64_at(take(8)?),
-            fee: u64_at(take(8)?),
-        };
-        let text = |s: &[u8]| -> Result<Box<str>, StoreError> {
-            Ok(std::str::from_utf8(s).map_err(|_| corrupt())?.into())
-        };
+        let links = Links { from: u64_at(take(8)?), to: u64_at(take(8)?), fee: u64_at(take(8)?) };
+        let text =
+            |s: &[u8]| -> Result<Box<str>, StoreError> { Ok(std::str::from_utf8(s).map_err(|_| corrupt())?.into()) };
         let n = usize::from(take(1)?[0]);
         let from = text(take(n)?)?;
         let n = usize::from(take(1)?[0]);
@@ -209,19 +198,7 @@ impl TransferRecord {
         let memo = Some(text(take(n)?)?).filter(|m| !m.is_empty());
         let n = usize::from(take(1)?[0]);
         let key = Some(text(take(n)?)?).filter(|k| !k.is_empty());
-        Ok(TransferRecord {
-            id,
-            kind,
-            from,
-            to,
-            amount,
-            fee,
-            memo,
-            time,
-            key,
-            prev,
-            links,
-        })
+        Ok(TransferRecord { id, kind, from, to, amount, fee, memo, time, key, prev, links })
     }
 
     /// The previous record of `account` in its history list, if `account`
@@ -270,12 +247,10 @@ pub fn record_hash(stored: &[u8]) -> [u8; 32] {
 #[must_use]
 pub fn hex(bytes: &[u8]) -> String {
     use std::fmt::Write;
-    bytes
-        .iter()
-        .fold(String::with_capacity(bytes.len() * 2), |mut s, b| {
-            let _ = write!(s, "{b:02x}");
-            s
-        })
+    bytes.iter().fold(String::with_capacity(bytes.len() * 2), |mut s, b| {
+        let _ = write!(s, "{b:02x}");
+        s
+    })
 }
 
 /// Everything about an account except its balance.
@@ -325,10 +300,7 @@ pub struct UserRecord {
 
 impl std::fmt::Debug for UserRecord {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("UserRecord")
-            .field("user", &self.user)
-            .field("role", &self.role)
-            .finish_non_exhaustive()
+        f.debug_struct("UserRecord").field("user", &self.user).field("role", &self.role).finish_non_exhaustive()
     }
 }
 
@@ -365,10 +337,7 @@ impl Head {
         id.copy_from_slice(&bytes[..8]);
         let mut hash = [0u8; 32];
         hash.copy_from_slice(&bytes[8..]);
-        Ok(Head {
-            id: u64::from_be_bytes(id),
-            hash,
-        })
+        Ok(Head { id: u64::from_be_bytes(id), hash })
     }
 }
 
@@ -383,9 +352,7 @@ pub fn now_ms() -> u64 {
 /// Opens (or creates) the database and makes sure every table and system
 /// account exists.
 pub fn open(path: &Path) -> Result<Database, StoreError> {
-    let db = Database::builder()
-        .set_cache_size(256 * 1024 * 1024)
-        .create(path)?;
+    let db = Database::builder().set_cache_size(256 * 1024 * 1024).create(path)?;
     let txn = db.begin_write()?;
     {
         txn.open_table(TRANSFERS)?;
@@ -393,14 +360,7 @@ pub fn open(path: &Path) -> Result<Database, StoreError> {
         txn.open_table(USERS)?;
         let mut meta = txn.open_table(META)?;
         if meta.get(HEAD)?.is_none() {
-            meta.insert(
-                HEAD,
-                &Head {
-                    id: 0,
-                    hash: GENESIS,
-                }
-                .encode()[..],
-            )?;
+            meta.insert(HEAD, &Head { id: 0, hash: GENESIS }.encode()[..])?;
         }
         let mut accounts = txn.open_table(ACCOUNTS)?;
         let mut balances = txn.open_table(BALANCES)?;
@@ -438,9 +398,7 @@ pub struct Loaded {
 }
 
 fn read_u64(bytes: &[u8]) -> Result<u64, StoreError> {
-    let a: [u8; 8] = bytes
-        .try_into()
-        .map_err(|_| StoreError::Corrupt("meta".into()))?;
+    let a: [u8; 8] = bytes.try_into().map_err(|_| StoreError::Corrupt("meta".into()))?;
     Ok(u64::from_be_bytes(a))
 }
 
@@ -455,24 +413,15 @@ fn read_checkpoint(txn: &redb::ReadTransaction) -> Result<u64, StoreError> {
 fn replay(book: &mut Book, r: &TransferRecord) -> Result<(), StoreError> {
     let corrupt = |what: &str| StoreError::Corrupt(format!("replaying transfer {}: {what}", r.id));
     let leg = |book: &mut Book, account: &str, delta: i64| -> Result<(), StoreError> {
-        let a = *book
-            .get(account)
-            .ok_or_else(|| corrupt("unknown account"))?;
+        let a = *book.get(account).ok_or_else(|| corrupt("unknown account"))?;
         if r.id > a.last {
-            let balance = a
-                .balance
-                .checked_add(delta)
-                .ok_or_else(|| corrupt("overflow"))?;
+            let balance = a.balance.checked_add(delta).ok_or_else(|| corrupt("overflow"))?;
             book.set(account, balance);
             book.link_one(account, r.id);
         }
         Ok(())
     };
-    leg(
-        book,
-        &r.from,
-        r.amount.checked_neg().ok_or_else(|| corrupt("amount"))?,
-    )?;
+    leg(book, &r.from, r.amount.checked_neg().ok_or_else(|| corrupt("amount"))?)?;
     leg(book, &r.to, r.amount - r.fee)?;
     if r.fee > 0 {
         leg(book, TREASURY, r.fee)?;
@@ -498,12 +447,7 @@ fn load_txn(txn: &redb::ReadTransaction, limits: Limits) -> Result<Loaded, Store
         let (k, v) = row?;
         let meta = AccountMeta::decode(v.value())?;
         let (balance, last) = rows.get(meta.num)?.map_or((0, 0), |v| v.value());
-        accounts.push(LoadedAccount {
-            id: k.value().to_owned(),
-            meta,
-            balance,
-            last,
-        });
+        accounts.push(LoadedAccount { id: k.value().to_owned(), meta, balance, last });
     }
     if rows.len()? > accounts.len() as u64 {
         return Err(StoreError::Corrupt("balance rows without accounts".into()));
@@ -512,24 +456,17 @@ fn load_txn(txn: &redb::ReadTransaction, limits: Limits) -> Result<Loaded, Store
     let mut book = Book::empty(limits);
     for (expected, a) in (0u32..).zip(&accounts) {
         if a.meta.num != expected {
-            return Err(StoreError::Corrupt(format!(
-                "account numbers skip {expected}"
-            )));
+            return Err(StoreError::Corrupt(format!("account numbers skip {expected}")));
         }
-        let status = if a.meta.deleted.is_some() {
-            Status::Deleted
-        } else {
-            Status::Open
-        };
+        let status = if a.meta.deleted.is_some() { Status::Deleted } else { Status::Open };
         book.insert(&a.id, BookAccount::new(a.balance, status, a.last));
     }
     let transfers = txn.open_table(TRANSFERS)?;
     let mut prev = match checkpoint {
         0 => GENESIS,
         id => {
-            let stored = transfers
-                .get(id)?
-                .ok_or_else(|| StoreError::Corrupt(format!("checkpoint record {id} is missing")))?;
+            let stored =
+                transfers.get(id)?.ok_or_else(|| StoreError::Corrupt(format!("checkpoint record {id} is missing")))?;
             record_hash(stored.value())
         }
     };
@@ -538,10 +475,7 @@ fn load_txn(txn: &redb::ReadTransaction, limits: Limits) -> Result<Loaded, Store
         let (k, v) = row?;
         let r = TransferRecord::decode(v.value())?;
         if r.id != k.value() || r.id != expected || r.prev != prev {
-            return Err(StoreError::Corrupt(format!(
-                "the journal breaks at transfer {}",
-                k.value()
-            )));
+            return Err(StoreError::Corrupt(format!("the journal breaks at transfer {}", k.value())));
         }
         replay(&mut book, &r)?;
         prev = record_hash(v.value());
@@ -559,27 +493,17 @@ fn load_txn(txn: &redb::ReadTransaction, limits: Limits) -> Result<Loaded, Store
         a.balance = b.balance;
         a.last = b.last;
     }
-    Ok(Loaded {
-        accounts,
-        book,
-        head,
-    })
+    Ok(Loaded { accounts, book, head })
 }
 
 fn read_head(txn: &redb::ReadTransaction) -> Result<Head, StoreError> {
     let meta = txn.open_table(META)?;
-    let head = meta
-        .get(HEAD)?
-        .ok_or_else(|| StoreError::Corrupt("no head".into()))?;
+    let head = meta.get(HEAD)?.ok_or_else(|| StoreError::Corrupt("no head".into()))?;
     Head::decode(head.value())
 }
 
 /// Writes the balance rows of the dirty accounts numbered `nums`, in key order.
-pub fn write_rows(
-    txn: &redb::WriteTransaction,
-    book: &mut Book,
-    nums: std::ops::Range<u32>,
-) -> Result<(), StoreError> {
+pub fn write_rows(txn: &redb::WriteTransaction, book: &mut Book, nums: std::ops::Range<u32>) -> Result<(), StoreError> {
     let mut rows = txn.open_table(BALANCES)?;
     for num in nums {
         if let Some(a) = book.by_num(num).filter(|a| a.dirty) {
@@ -592,8 +516,7 @@ pub fn write_rows(
 
 /// Records that every balance row includes all transfers up to `id`.
 pub fn write_checkpoint(txn: &redb::WriteTransaction, id: u64) -> Result<(), StoreError> {
-    txn.open_table(META)?
-        .insert(CHECKPOINT, &id.to_be_bytes()[..])?;
+    txn.open_table(META)?.insert(CHECKPOINT, &id.to_be_bytes()[..])?;
     Ok(())
 }
 
@@ -601,17 +524,13 @@ pub fn write_checkpoint(txn: &redb::WriteTransaction, id: u64) -> Result<(), Sto
 pub fn get_user(db: &Database, user: &str) -> Result<Option<UserRecord>, StoreError> {
     let txn = db.begin_read()?;
     let users = txn.open_table(USERS)?;
-    users
-        .get(user)?
-        .map(|v| UserRecord::decode(v.value()))
-        .transpose()
+    users.get(user)?.map(|v| UserRecord::decode(v.value())).transpose()
 }
 
 /// Writes one user directly (start-up only, before the journal runs).
 pub fn put_user(db: &Database, user: &UserRecord) -> Result<(), StoreError> {
     let txn = db.begin_write()?;
-    txn.open_table(USERS)?
-        .insert(user.user.as_str(), &user.encode()[..])?;
+    txn.open_table(USERS)?.insert(user.user.as_str(), &user.encode()[..])?;
     txn.commit()?;
     Ok(())
 }
@@ -628,20 +547,14 @@ pub fn get_transfer(db: &Database, id: u64) -> Result<Option<TransferView>, Stor
 }
 
 /// Finds the transfer an idempotency key was first used for.
-pub fn lookup_key(
-    db: &Database,
-    from: &str,
-    key: &str,
-) -> Result<Option<TransferView>, StoreError> {
+pub fn lookup_key(db: &Database, from: &str, key: &str) -> Result<Option<TransferView>, StoreError> {
     let txn = db.begin_read()?;
     let keys = txn.open_table(KEYS)?;
     let Some(id) = keys.get((from, key))?.map(|v| v.value()) else {
         return Ok(None);
     };
     let t = txn.open_table(TRANSFERS)?;
-    let stored = t
-        .get(id)?
-        .ok_or_else(|| StoreError::Corrupt(format!("key points at missing transfer {id}")))?;
+    let stored = t.get(id)?.ok_or_else(|| StoreError::Corrupt(format!("key points at missing transfer {id}")))?;
     Ok(Some(view_of(stored.value())?))
 }
 
@@ -649,9 +562,7 @@ pub fn lookup_key(
 pub fn account_meta(db: &Database, account: &str) -> Result<Option<AccountMeta>, StoreError> {
     let txn = db.begin_read()?;
     let a = txn.open_table(ACCOUNTS)?;
-    a.get(account)?
-        .map(|v| AccountMeta::decode(v.value()))
-        .transpose()
+    a.get(account)?.map(|v| AccountMeta::decode(v.value())).transpose()
 }
 
 /// A page of `account`'s history, newest first, starting at record
@@ -668,21 +579,16 @@ pub fn history(
     let mut out = Vec::with_capacity(limit.min(1024));
     let mut id = start;
     while id != 0 && out.len() < limit {
-        let stored = transfers.get(id)?.ok_or_else(|| {
-            StoreError::Corrupt(format!("history points at missing transfer {id}"))
-        })?;
+        let stored = transfers
+            .get(id)?
+            .ok_or_else(|| StoreError::Corrupt(format!("history points at missing transfer {id}")))?;
         let r = TransferRecord::decode(stored.value())?;
-        let prev = r
-            .link_of(account)
-            .ok_or_else(|| StoreError::Corrupt(format!("transfer {id} is not {account}'s")))?;
+        let prev =
+            r.link_of(account).ok_or_else(|| StoreError::Corrupt(format!("transfer {id} is not {account}'s")))?;
         out.push(r.view(&record_hash(stored.value())));
         id = prev;
     }
-    let next = if id == 0 {
-        None
-    } else {
-        out.last().map(|t| t.id)
-    };
+    let next = if id == 0 { None } else { out.last().map(|t| t.id) };
     Ok((out, next))
 }
 
@@ -717,8 +623,8 @@ pub fn audit(db: &Database) -> Result<AuditReply, StoreError> {
     for (expected_id, row) in (1u64..).zip(transfers.iter()?) {
         let (k, v) = row?;
         let stored = v.value();
-        let ok = TransferRecord::decode(stored)
-            .is_ok_and(|r| r.prev == prev && r.id == k.value() && r.id == expected_id);
+        let ok =
+            TransferRecord::decode(stored).is_ok_and(|r| r.prev == prev && r.id == k.value() && r.id == expected_id);
         if !ok {
             chain_ok = false;
             break;
@@ -753,11 +659,7 @@ mod tests {
             time: 1_700_000_000_000,
             key: Some("k1".into()),
             prev: [7; 32],
-            links: Links {
-                from: 3,
-                to: 0,
-                fee: 9,
-            },
+            links: Links { from: 3, to: 0, fee: 9 },
         };
         let mut out = Vec::new();
         r.encode(&mut out);

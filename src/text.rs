@@ -131,11 +131,7 @@ fn bare_value(raw: String) -> TextValue {
         }
     }
     if let Some(inner) = raw.strip_prefix('[').and_then(|r| r.strip_suffix(']')) {
-        let items = inner
-            .split(',')
-            .filter(|s| !s.is_empty())
-            .map(str::to_owned)
-            .collect();
+        let items = inner.split(',').filter(|s| !s.is_empty()).map(str::to_owned).collect();
         return TextValue::List(items);
     }
     TextValue::Str(raw)
@@ -147,10 +143,7 @@ impl Line {
     pub fn args_msgpack(&self) -> Vec<u8> {
         let mut out = Vec::with_capacity(16 + self.args.len() * 16);
         // Writes into a Vec cannot fail.
-        let _ = rmp::encode::write_map_len(
-            &mut out,
-            u32::try_from(self.args.len()).unwrap_or(u32::MAX),
-        );
+        let _ = rmp::encode::write_map_len(&mut out, u32::try_from(self.args.len()).unwrap_or(u32::MAX));
         for (k, v) in &self.args {
             let _ = rmp::encode::write_str(&mut out, k);
             match v {
@@ -170,10 +163,7 @@ impl Line {
                     let _ = rmp::encode::write_str(&mut out, s);
                 }
                 TextValue::List(items) => {
-                    let _ = rmp::encode::write_array_len(
-                        &mut out,
-                        u32::try_from(items.len()).unwrap_or(u32::MAX),
-                    );
+                    let _ = rmp::encode::write_array_len(&mut out, u32::try_from(items.len()).unwrap_or(u32::MAX));
                     for s in items {
                         let _ = rmp::encode::write_str(&mut out, s);
                     }
@@ -190,10 +180,7 @@ mod tests {
 
     #[test]
     fn parses_ops_and_values() {
-        let l = parse_line(
-            r#"transfer to=bob amount=5 memo="coffee \"x\"" key=k-1 ok=true n=-3 tags=[a,b]"#,
-        )
-        .unwrap();
+        let l = parse_line(r#"transfer to=bob amount=5 memo="coffee \"x\"" key=k-1 ok=true n=-3 tags=[a,b]"#).unwrap();
         assert_eq!(l.op, "transfer");
         assert_eq!(
             l.args,
@@ -220,15 +207,7 @@ mod tests {
 
     #[test]
     fn refuses_bad_lines() {
-        for line in [
-            "",
-            "   ",
-            "op novalue",
-            "op k=\"open",
-            "op =v",
-            r#"op k="a"b"#,
-            r#"op k="\q""#,
-        ] {
+        for line in ["", "   ", "op novalue", "op k=\"open", "op =v", r#"op k="a"b"#, r#"op k="\q""#] {
             assert!(parse_line(line).is_err(), "{line:?}");
         }
     }

@@ -15,13 +15,7 @@ async fn transfers_move_value_exactly() {
     let c = s.admin().await;
     create(&c, "alice", 100).await;
     create(&c, "bob", 0).await;
-    let t = c
-        .call(
-            "transfer",
-            json!({"from": "alice", "to": "bob", "amount": 30, "memo": "lunch"}),
-        )
-        .await
-        .unwrap();
+    let t = c.call("transfer", json!({"from": "alice", "to": "bob", "amount": 30, "memo": "lunch"})).await.unwrap();
     assert_eq!(t["kind"], "transfer");
     assert_eq!(t["amount"], 30);
     assert_eq!(t["fee"], 0);
@@ -32,26 +26,17 @@ async fn transfers_move_value_exactly() {
     assert_eq!(balance(&c, "bob").await, 30);
     assert_eq!(balance(&c, "@mint").await, -100);
 
-    let m = c
-        .call("mint", json!({"to": "bob", "amount": 5}))
-        .await
-        .unwrap();
+    let m = c.call("mint", json!({"to": "bob", "amount": 5})).await.unwrap();
     assert_eq!(m["kind"], "mint");
     assert_eq!(m["from"], "@mint");
     assert_eq!(m["to_balance"], 35);
 
-    let got = c
-        .call("get_transfer", json!({"id": t["id"]}))
-        .await
-        .unwrap();
+    let got = c.call("get_transfer", json!({"id": t["id"]})).await.unwrap();
     assert_eq!(got["from"], "alice");
     assert_eq!(got["amount"], 30);
     assert_eq!(got["hash"], t["hash"]);
 
-    let acct = c
-        .call("account", json!({"account": "alice"}))
-        .await
-        .unwrap();
+    let acct = c.call("account", json!({"account": "alice"})).await.unwrap();
     assert_eq!(acct["balance"], 70);
     assert_eq!(acct["status"], "open");
 
@@ -71,18 +56,9 @@ async fn refusals_change_nothing() {
     let before = audit_ok(&c).await;
 
     let t = |args: serde_json::Value| c.call("transfer", args);
-    assert_eq!(
-        code(t(json!({"from": "alice", "to": "bob", "amount": 11})).await),
-        "insufficient_funds"
-    );
-    assert_eq!(
-        code(t(json!({"from": "alice", "to": "nobody", "amount": 1})).await),
-        "not_found"
-    );
-    assert_eq!(
-        code(t(json!({"from": "nobody", "to": "bob", "amount": 1})).await),
-        "not_found"
-    );
+    assert_eq!(code(t(json!({"from": "alice", "to": "bob", "amount": 11})).await), "insufficient_funds");
+    assert_eq!(code(t(json!({"from": "alice", "to": "nobody", "amount": 1})).await), "not_found");
+    assert_eq!(code(t(json!({"from": "nobody", "to": "bob", "amount": 1})).await), "not_found");
     for bad in [
         json!({"from": "alice", "to": "bob", "amount": 0}),
         json!({"from": "alice", "to": "bob", "amount": -5}),
@@ -99,63 +75,21 @@ async fn refusals_change_nothing() {
         assert_eq!(code(t(bad.clone()).await), "bad_request", "{bad}");
     }
     // @mint is unbounded but still a 64-bit integer: issuing i64::MAX more would wrap it.
-    assert_eq!(
-        code(
-            c.call("mint", json!({"to": "bob", "amount": i64::MAX}))
-                .await
-        ),
-        "below_min"
-    );
+    assert_eq!(code(c.call("mint", json!({"to": "bob", "amount": i64::MAX})).await), "below_min");
     assert_eq!(code(c.call("frobnicate", json!({})).await), "unknown_op");
-    assert_eq!(
-        code(
-            c.call("balance", json!({"account": "alice", "extra": 1}))
-                .await
-        ),
-        "bad_request"
-    );
-    assert_eq!(
-        code(c.call("create_account", json!({"account": "alice"})).await),
-        "exists"
-    );
-    assert_eq!(
-        code(c.call("create_account", json!({"account": "@bank"})).await),
-        "forbidden"
-    );
-    assert_eq!(
-        code(
-            c.call("create_account", json!({"account": "x", "initial": -1}))
-                .await
-        ),
-        "below_min"
-    );
-    assert_eq!(
-        code(
-            c.call("create_account", json!({"account": "y", "initial": 2.5}))
-                .await
-        ),
-        "bad_request"
-    );
+    assert_eq!(code(c.call("balance", json!({"account": "alice", "extra": 1})).await), "bad_request");
+    assert_eq!(code(c.call("create_account", json!({"account": "alice"})).await), "exists");
+    assert_eq!(code(c.call("create_account", json!({"account": "@bank"})).await), "forbidden");
+    assert_eq!(code(c.call("create_account", json!({"account": "x", "initial": -1})).await), "below_min");
+    assert_eq!(code(c.call("create_account", json!({"account": "y", "initial": 2.5})).await), "bad_request");
 
     let anon = s.client().await;
     assert_eq!(
-        code(
-            anon.call(
-                "transfer",
-                json!({"from": "alice", "to": "bob", "amount": 1})
-            )
-            .await
-        ),
+        code(anon.call("transfer", json!({"from": "alice", "to": "bob", "amount": 1})).await),
         "unauthenticated"
     );
-    assert_eq!(
-        code(anon.call("mint", json!({"to": "bob", "amount": 1})).await),
-        "unauthenticated"
-    );
-    assert_eq!(
-        code(anon.call("balance", json!({"account": "alice"})).await),
-        "unauthenticated"
-    );
+    assert_eq!(code(anon.call("mint", json!({"to": "bob", "amount": 1})).await), "unauthenticated");
+    assert_eq!(code(anon.call("balance", json!({"account": "alice"})).await), "unauthenticated");
     assert_eq!(code(anon.login("admin", "wrong").await), "unauthenticated");
     assert_eq!(code(anon.call("audit", json!({})).await), "unauthenticated");
     assert_eq!(anon.call("ping", json!({})).await.unwrap(), "pong");
@@ -182,11 +116,7 @@ async fn concurrent_debits_never_overdraw() {
     for i in 0..60 {
         let c = clients[i % clients.len()].clone();
         tasks.push(tokio::spawn(async move {
-            c.call(
-                "transfer",
-                json!({"from": "payer", "to": "shop", "amount": 1}),
-            )
-            .await
+            c.call("transfer", json!({"from": "payer", "to": "shop", "amount": 1})).await
         }));
     }
     let mut ok = 0;
@@ -217,8 +147,7 @@ async fn many_pipelined_requests_on_one_connection_are_all_answered() {
         let c = c.clone();
         tasks.push(tokio::spawn(async move {
             if i % 2 == 0 {
-                c.call("transfer", json!({"from": "a", "to": "b", "amount": 1}))
-                    .await
+                c.call("transfer", json!({"from": "a", "to": "b", "amount": 1})).await
             } else {
                 c.call("balance", json!({"account": "a"})).await
             }
@@ -247,23 +176,11 @@ async fn idempotency_keys_apply_once_and_survive_restart() {
     assert_eq!(first["id"], again["id"]);
     assert_eq!(balance(&c, "b").await, 7);
     let other = json!({"from": "a", "to": "b", "amount": 8, "key": "order-1"});
-    assert_eq!(
-        code(c.call("transfer", other.clone()).await),
-        "key_conflict"
-    );
+    assert_eq!(code(c.call("transfer", other.clone()).await), "key_conflict");
     // A refused transfer does not use its key up.
     let refused = json!({"from": "a", "to": "b", "amount": 1000, "key": "order-2"});
-    assert_eq!(
-        code(c.call("transfer", refused).await),
-        "insufficient_funds"
-    );
-    let ok2 = c
-        .call(
-            "transfer",
-            json!({"from": "a", "to": "b", "amount": 3, "key": "order-2"}),
-        )
-        .await
-        .unwrap();
+    assert_eq!(code(c.call("transfer", refused).await), "insufficient_funds");
+    let ok2 = c.call("transfer", json!({"from": "a", "to": "b", "amount": 3, "key": "order-2"})).await.unwrap();
     assert_eq!(ok2["amount"], 3);
 
     s.restart();
@@ -283,50 +200,20 @@ async fn history_pages_newest_first_with_a_cursor() {
     create(&c, "b", 0).await;
     create(&c, "z", 0).await;
     for i in 1..=5 {
-        c.call("transfer", json!({"from": "a", "to": "b", "amount": i}))
-            .await
-            .unwrap();
-        c.call("transfer", json!({"from": "a", "to": "z", "amount": 1}))
-            .await
-            .unwrap();
+        c.call("transfer", json!({"from": "a", "to": "b", "amount": i})).await.unwrap();
+        c.call("transfer", json!({"from": "a", "to": "z", "amount": 1})).await.unwrap();
     }
-    let p1 = c
-        .call("history", json!({"account": "b", "limit": 2}))
-        .await
-        .unwrap();
+    let p1 = c.call("history", json!({"account": "b", "limit": 2})).await.unwrap();
     let amounts = |p: &serde_json::Value| -> Vec<i64> {
-        p["transfers"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|t| t["amount"].as_i64().unwrap())
-            .collect()
+        p["transfers"].as_array().unwrap().iter().map(|t| t["amount"].as_i64().unwrap()).collect()
     };
     assert_eq!(amounts(&p1), vec![5, 4]);
-    let p2 = c
-        .call(
-            "history",
-            json!({"account": "b", "limit": 2, "after": p1["next"]}),
-        )
-        .await
-        .unwrap();
+    let p2 = c.call("history", json!({"account": "b", "limit": 2, "after": p1["next"]})).await.unwrap();
     assert_eq!(amounts(&p2), vec![3, 2]);
-    let p3 = c
-        .call(
-            "history",
-            json!({"account": "b", "limit": 2, "after": p2["next"]}),
-        )
-        .await
-        .unwrap();
+    let p3 = c.call("history", json!({"account": "b", "limit": 2, "after": p2["next"]})).await.unwrap();
     assert_eq!(amounts(&p3), vec![1]);
     assert!(p3["next"].is_null());
-    assert_eq!(
-        code(
-            c.call("history", json!({"account": "b", "limit": 100_000}))
-                .await
-        ),
-        "bad_request"
-    );
+    assert_eq!(code(c.call("history", json!({"account": "b", "limit": 100_000})).await), "bad_request");
 }
 
 #[tokio::test]
@@ -355,11 +242,7 @@ async fn acknowledged_transfers_survive_kill_9() {
                     let amount = (i % 13 + 1) as i64;
                     let c = c.clone();
                     batch.push(tokio::spawn(async move {
-                        c.call(
-                            "transfer",
-                            json!({"from": from, "to": to, "amount": amount}),
-                        )
-                        .await
+                        c.call("transfer", json!({"from": from, "to": to, "amount": amount})).await
                     }));
                 }
                 let mut dead = false;
@@ -382,26 +265,13 @@ async fn acknowledged_transfers_survive_kill_9() {
     for w in workers {
         acked.extend(w.await.unwrap());
     }
-    assert!(
-        acked.len() > 50,
-        "only {} transfers acknowledged before the kill",
-        acked.len()
-    );
+    assert!(acked.len() > 50, "only {} transfers acknowledged before the kill", acked.len());
     s.restart();
     let c = s.admin().await;
     for t in &acked {
-        let got = c
-            .call("get_transfer", json!({"id": t["id"]}))
-            .await
-            .unwrap();
-        for field in [
-            "from", "to", "amount", "fee", "kind", "hash", "prev", "time",
-        ] {
-            assert_eq!(
-                got[field], t[field],
-                "field {field} of transfer {}",
-                t["id"]
-            );
+        let got = c.call("get_transfer", json!({"id": t["id"]})).await.unwrap();
+        for field in ["from", "to", "amount", "fee", "kind", "hash", "prev", "time"] {
+            assert_eq!(got[field], t[field], "field {field} of transfer {}", t["id"]);
         }
     }
     let mut total = 0;
@@ -426,12 +296,7 @@ async fn restart_rebuilds_every_balance_from_rows_and_the_replayed_tail() {
     for i in 0..N {
         let c = c.clone();
         tasks.push(tokio::spawn(async move {
-            c.call(
-                "create_account",
-                json!({"account": format!("w{i}"), "initial": 100}),
-            )
-            .await
-            .unwrap();
+            c.call("create_account", json!({"account": format!("w{i}"), "initial": 100})).await.unwrap();
         }));
     }
     for t in tasks {
@@ -449,12 +314,9 @@ async fn restart_rebuilds_every_balance_from_rows_and_the_replayed_tail() {
         expected[to] += amount;
         let c = c.clone();
         tasks.push(tokio::spawn(async move {
-            c.call(
-                "transfer",
-                json!({"from": format!("w{from}"), "to": format!("w{to}"), "amount": amount}),
-            )
-            .await
-            .unwrap();
+            c.call("transfer", json!({"from": format!("w{from}"), "to": format!("w{to}"), "amount": amount}))
+                .await
+                .unwrap();
         }));
     }
     for t in tasks {
@@ -465,9 +327,7 @@ async fn restart_rebuilds_every_balance_from_rows_and_the_replayed_tail() {
     let mut tasks = Vec::new();
     for i in 0..N {
         let c = c.clone();
-        tasks.push(tokio::spawn(async move {
-            (i, c.balance(Some(&format!("w{i}"))).await.unwrap())
-        }));
+        tasks.push(tokio::spawn(async move { (i, c.balance(Some(&format!("w{i}"))).await.unwrap()) }));
     }
     for t in tasks {
         let (i, b) = t.await.unwrap();

@@ -13,10 +13,7 @@ use tokio::net::TcpStream;
 
 async fn read_frame(s: &mut TcpStream) -> Option<Value> {
     let mut len = [0u8; 4];
-    tokio::time::timeout(Duration::from_secs(5), s.read_exact(&mut len))
-        .await
-        .ok()?
-        .ok()?;
+    tokio::time::timeout(Duration::from_secs(5), s.read_exact(&mut len)).await.ok()?.ok()?;
     let mut body = vec![0u8; u32::from_be_bytes(len) as usize];
     s.read_exact(&mut body).await.ok()?;
     Some(rmp_serde::from_slice(&body).expect("a msgpack reply"))
@@ -30,10 +27,7 @@ fn frame(body: &[u8]) -> Vec<u8> {
 
 async fn closed(s: &mut TcpStream) -> bool {
     let mut b = [0u8; 1];
-    matches!(
-        tokio::time::timeout(Duration::from_secs(5), s.read(&mut b)).await,
-        Ok(Ok(0)) | Ok(Err(_))
-    )
+    matches!(tokio::time::timeout(Duration::from_secs(5), s.read(&mut b)).await, Ok(Ok(0)) | Ok(Err(_)))
 }
 
 #[tokio::test]
@@ -65,19 +59,12 @@ async fn malformed_frames_get_errors_and_the_connection_keeps_working() {
     for body in &cases {
         raw.write_all(&frame(body)).await.unwrap();
         let reply = read_frame(&mut raw).await.expect("a reply");
-        assert_eq!(
-            reply["err"]["code"],
-            "bad_frame",
-            "body {:?}",
-            &body[..body.len().min(8)]
-        );
+        assert_eq!(reply["err"]["code"], "bad_frame", "body {:?}", &body[..body.len().min(8)]);
     }
     // {"id": 5, "op": "ping"} still works on the same connection.
-    raw.write_all(&frame(&[
-        0x82, 0xa2, b'i', b'd', 0x05, 0xa2, b'o', b'p', 0xa4, b'p', b'i', b'n', b'g',
-    ]))
-    .await
-    .unwrap();
+    raw.write_all(&frame(&[0x82, 0xa2, b'i', b'd', 0x05, 0xa2, b'o', b'p', 0xa4, b'p', b'i', b'n', b'g']))
+        .await
+        .unwrap();
     let reply = read_frame(&mut raw).await.unwrap();
     assert_eq!(reply["id"], 5);
     assert_eq!(reply["ok"], "pong");
@@ -90,19 +77,14 @@ async fn byte_level_example_from_protocol_md() {
     // The exact bytes documented in protocol.md.
     let s = Server::start();
     let mut raw = TcpStream::connect(s.addr).await.unwrap();
-    let request = [
-        0x00, 0x00, 0x00, 0x0d, 0x82, 0xa2, 0x69, 0x64, 0x01, 0xa2, 0x6f, 0x70, 0xa4, 0x70, 0x69,
-        0x6e, 0x67,
-    ];
+    let request =
+        [0x00, 0x00, 0x00, 0x0d, 0x82, 0xa2, 0x69, 0x64, 0x01, 0xa2, 0x6f, 0x70, 0xa4, 0x70, 0x69, 0x6e, 0x67];
     raw.write_all(&request).await.unwrap();
     let mut reply = [0u8; 17];
     raw.read_exact(&mut reply).await.unwrap();
     assert_eq!(
         reply,
-        [
-            0x00, 0x00, 0x00, 0x0d, 0x82, 0xa2, 0x69, 0x64, 0x01, 0xa2, 0x6f, 0x6b, 0xa4, 0x70,
-            0x6f, 0x6e, 0x67
-        ]
+        [0x00, 0x00, 0x00, 0x0d, 0x82, 0xa2, 0x69, 0x64, 0x01, 0xa2, 0x6f, 0x6b, 0xa4, 0x70, 0x6f, 0x6e, 0x67]
     );
 }
 
@@ -123,36 +105,17 @@ async fn text_mode_over_a_plain_socket() {
         serde_json::from_str(&got).expect("one JSON object per line")
     };
     assert_eq!(say("ping").await["ok"], "pong");
-    assert_eq!(
-        say("balance account=alice").await["err"]["code"],
-        "unauthenticated"
-    );
-    assert_eq!(
-        say(&format!("login user=admin password=\"{ADMIN_PASSWORD}\"")).await["ok"]["user"],
-        "admin"
-    );
+    assert_eq!(say("balance account=alice").await["err"]["code"], "unauthenticated");
+    assert_eq!(say(&format!("login user=admin password=\"{ADMIN_PASSWORD}\"")).await["ok"]["user"], "admin");
     let t = say("transfer from=alice to=bob amount=20 memo=\"for the \\\"good\\\" coffee\"").await;
     assert_eq!(t["ok"]["to_balance"], 20);
     assert_eq!(t["ok"]["memo"], "for the \"good\" coffee");
-    assert_eq!(
-        say("transfer from=alice to=bob amount=abc").await["err"]["code"],
-        "bad_request"
-    );
-    assert_eq!(
-        say("transfer from=alice to=bob amount=18446744073709551615").await["err"]["code"],
-        "bad_request"
-    );
+    assert_eq!(say("transfer from=alice to=bob amount=abc").await["err"]["code"], "bad_request");
+    assert_eq!(say("transfer from=alice to=bob amount=18446744073709551615").await["err"]["code"], "bad_request");
     assert_eq!(say("nonsense").await["err"]["code"], "unknown_op");
-    assert_eq!(
-        say("transfer from=alice to=\"bob").await["err"]["code"],
-        "bad_request"
-    );
+    assert_eq!(say("transfer from=alice to=\"bob").await["err"]["code"], "bad_request");
     let help = say("help").await;
-    assert!(help["ok"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .any(|o| o == "transfer"));
+    assert!(help["ok"].as_array().unwrap().iter().any(|o| o == "transfer"));
     let c = s.admin().await;
     assert_eq!(balance(&c, "alice").await, 30);
 }

@@ -24,35 +24,22 @@ fn parses_a_request() {
 #[test]
 fn missing_args_is_an_empty_map() {
     // {"id": 1, "op": "ping"}
-    let body = [
-        0x82, 0xa2, b'i', b'd', 0x01, 0xa2, b'o', b'p', 0xa4, b'p', b'i', b'n', b'g',
-    ];
+    let body = [0x82, 0xa2, b'i', b'd', 0x01, 0xa2, b'o', b'p', 0xa4, b'p', b'i', b'n', b'g'];
     let env = parse_envelope(&body).unwrap();
     assert_eq!(env.args, EMPTY_MAP);
 }
 
 #[test]
 fn refuses_non_maps_and_garbage() {
-    for body in [
-        &[][..],
-        &[0x90],
-        &[0xc1],
-        &[0x81, 0xa2, b'i', b'd'],
-        &[0x83],
-    ] {
-        assert_eq!(
-            parse_envelope(body).unwrap_err().error.code,
-            ErrorCode::BadFrame
-        );
+    for body in [&[][..], &[0x90], &[0xc1], &[0x81, 0xa2, b'i', b'd'], &[0x83]] {
+        assert_eq!(parse_envelope(body).unwrap_err().error.code, ErrorCode::BadFrame);
     }
 }
 
 #[test]
 fn refuses_huge_claimed_lengths_without_allocating() {
     // {"id":1,"op":"x","args": array32 claiming 4 billion items}
-    let mut body = vec![
-        0x83, 0xa2, b'i', b'd', 0x01, 0xa2, b'o', b'p', 0xa1, b'x', 0xa4, b'a', b'r', b'g', b's',
-    ];
+    let mut body = vec![0x83, 0xa2, b'i', b'd', 0x01, 0xa2, b'o', b'p', 0xa1, b'x', 0xa4, b'a', b'r', b'g', b's'];
     body.extend_from_slice(&[0xdd, 0xff, 0xff, 0xff, 0xff]);
     let e = parse_envelope(&body).unwrap_err();
     assert_eq!(e.id, Some(1));
@@ -73,9 +60,7 @@ fn refuses_deep_nesting() {
 
 #[test]
 fn refuses_invalid_utf8_op() {
-    let body = [
-        0x82, 0xa2, b'i', b'd', 0x01, 0xa2, b'o', b'p', 0xa2, 0xff, 0xfe,
-    ];
+    let body = [0x82, 0xa2, b'i', b'd', 0x01, 0xa2, b'o', b'p', 0xa2, 0xff, 0xfe];
     let e = parse_envelope(&body).unwrap_err();
     assert_eq!(e.id, Some(1));
 }
@@ -89,10 +74,7 @@ fn responses_round_trip() {
     let first: serde_json::Value = rmp_serde::from_slice(&out[4..4 + n]).unwrap();
     assert_eq!(first, serde_json::json!({"id": 3, "ok": 5}));
     let second: serde_json::Value = rmp_serde::from_slice(&out[8 + n..]).unwrap();
-    assert_eq!(
-        second,
-        serde_json::json!({"id": null, "err": {"code": "bad_request", "message": "no"}})
-    );
+    assert_eq!(second, serde_json::json!({"id": null, "err": {"code": "bad_request", "message": "no"}}));
 }
 
 proptest! {

@@ -12,16 +12,8 @@ const USERS: [&str; 4] = ["a", "b", "c", "d"];
 
 #[derive(Clone, Debug)]
 enum Step {
-    Reserve {
-        from: usize,
-        to: usize,
-        amount: i64,
-        fee_bps: u32,
-    },
-    Mint {
-        to: usize,
-        amount: i64,
-    },
+    Reserve { from: usize, to: usize, amount: i64, fee_bps: u32 },
+    Mint { to: usize, amount: i64 },
     Commit,
     Deliver,
 }
@@ -67,23 +59,12 @@ impl World {
             owners.get_mut(id).unwrap().balance = delta;
             owners.get_mut(MINT).unwrap().balance -= delta;
         }
-        World {
-            book,
-            owners,
-            pending: VecDeque::new(),
-            undelivered: Vec::new(),
-        }
+        World { book, owners, pending: VecDeque::new(), undelivered: Vec::new() }
     }
 
     fn reserve(&mut self, from: &'static str, to: &'static str, amount: i64, fee: i64) {
         let bounds = self.book.limits.bounds(from);
-        if self
-            .owners
-            .get_mut(from)
-            .unwrap()
-            .reserve(from, amount, bounds)
-            .is_ok()
-        {
+        if self.owners.get_mut(from).unwrap().reserve(from, amount, bounds).is_ok() {
             self.pending.push_back((from, to, amount, fee));
         }
     }
@@ -124,10 +105,7 @@ impl World {
             }
             // The owner may never believe more is available than is committed.
             let owner = &self.owners[id];
-            assert!(
-                owner.available() <= a.balance,
-                "{id} owner view ahead of the book"
-            );
+            assert!(owner.available() <= a.balance, "{id} owner view ahead of the book");
         }
     }
 }
@@ -176,18 +154,9 @@ fn fee_rounds_down_and_never_exceeds_amount() {
 
 #[test]
 fn credit_overflow_is_an_error_not_a_wrap() {
-    let unbounded = Bounds {
-        min: None,
-        max: None,
-    };
-    assert_eq!(
-        credit("x", i64::MAX, 1, unbounded),
-        Err(LedgerError::Overflow)
-    );
-    assert_eq!(
-        debit("x", i64::MIN, 1, unbounded),
-        Err(LedgerError::Underflow)
-    );
+    let unbounded = Bounds { min: None, max: None };
+    assert_eq!(credit("x", i64::MAX, 1, unbounded), Err(LedgerError::Overflow));
+    assert_eq!(debit("x", i64::MIN, 1, unbounded), Err(LedgerError::Underflow));
 }
 
 #[test]
@@ -205,14 +174,8 @@ fn transfer_to_missing_or_same_account_changes_nothing() {
     book.create("a").unwrap();
     book.transfer(MINT, "a", 10, 0, true).unwrap();
     let before: Vec<(String, BookAccount)> = book.iter().map(|(k, v)| (k.to_owned(), *v)).collect();
-    assert_eq!(
-        book.transfer("a", "nobody", 5, 0, true),
-        Err(LedgerError::NotFound("nobody".into()))
-    );
-    assert_eq!(
-        book.transfer("a", "a", 5, 0, true),
-        Err(LedgerError::SameAccount)
-    );
+    assert_eq!(book.transfer("a", "nobody", 5, 0, true), Err(LedgerError::NotFound("nobody".into())));
+    assert_eq!(book.transfer("a", "a", 5, 0, true), Err(LedgerError::SameAccount));
     let after: Vec<(String, BookAccount)> = book.iter().map(|(k, v)| (k.to_owned(), *v)).collect();
     assert_eq!(after, before);
 }

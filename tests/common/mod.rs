@@ -30,18 +30,9 @@ impl Server {
     pub fn start_with(env: &[(&str, &str)]) -> Server {
         let dir = tempfile::tempdir().expect("temp dir");
         let data = dir.path().join("data");
-        let env: Vec<(String, String)> = env
-            .iter()
-            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
-            .collect();
+        let env: Vec<(String, String)> = env.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())).collect();
         let (child, addr) = spawn(&data, &env);
-        Server {
-            addr,
-            child,
-            data,
-            _dir: Some(dir),
-            env,
-        }
+        Server { addr, child, data, _dir: Some(dir), env }
     }
 
     /// Kills the server with SIGKILL: no shutdown code runs.
@@ -89,9 +80,7 @@ fn spawn(data: &Path, env: &[(String, String)]) -> (Child, SocketAddr) {
     let mut child = cmd.spawn().expect("spawn tally");
     let stdout = child.stdout.take().expect("stdout");
     let mut line = String::new();
-    BufReader::new(stdout)
-        .read_line(&mut line)
-        .expect("read the listening line");
+    BufReader::new(stdout).read_line(&mut line).expect("read the listening line");
     let addr = line
         .trim()
         .strip_prefix("tally listening on ")
@@ -105,10 +94,7 @@ fn spawn(data: &Path, env: &[(String, String)]) -> (Child, SocketAddr) {
 pub fn code(r: Result<Value, ClientError>) -> String {
     match r {
         Ok(v) => panic!("expected an error, got {v}"),
-        Err(e) => e
-            .code()
-            .unwrap_or_else(|| panic!("expected a server error, got {e}"))
-            .to_owned(),
+        Err(e) => e.code().unwrap_or_else(|| panic!("expected a server error, got {e}")).to_owned(),
     }
 }
 
@@ -117,12 +103,7 @@ pub async fn balance(c: &Client, account: &str) -> i64 {
 }
 
 pub async fn create(c: &Client, account: &str, initial: i64) {
-    c.call(
-        "create_account",
-        json!({"account": account, "initial": initial}),
-    )
-    .await
-    .expect("create_account");
+    c.call("create_account", json!({"account": account, "initial": initial})).await.expect("create_account");
 }
 
 pub async fn audit_ok(c: &Client) -> Value {
