@@ -336,3 +336,27 @@ async fn restart_rebuilds_every_balance_from_rows_and_the_replayed_tail() {
     let audit = audit_ok(&c).await;
     assert_eq!(audit["accounts"], N + 3);
 }
+
+#[tokio::test]
+async fn max_balance_refuses_credits_whole() {
+    let s = Server::start_with(&[("TALLY_LIMITS_MAX_BALANCE", "100"), ("TALLY_LIMITS_MIN_BALANCE", "-20")]);
+    let c = s.admin().await;
+    create(&c, "rich", 100).await;
+    create(&c, "poor", 0).await;
+    assert_eq!(code(c.call("create_account", json!({"account": "x", "initial": 101})).await), "above_max");
+    assert_eq!(code(c.call("create_account", json!({"account": "y", "initial": -21})).await), "below_min");
+    assert_eq!(code(c.call("mint", json!({"to": "rich", "amount": 1})).await), "above_max");
+    // poor may go down to -20 (inclusive) and no further.
+    let t = c.call("transfer", json!({"from": "poor", "to": "@treasury", "amount": 20})).await.unwrap();
+    assert_eq!(t["from_balance"], -20);
+    assert_eq!(
+        code(c.call("transfer", json!({"from": "poor", "to": "@treasury", "amount": 1})).await),
+        "insufficient_funds"
+    );
+    // A refused credit releases the sender's reservation: nothing is held back.
+    assert_eq!(code(c.call("transfer", json!({"from": "@treasury", "to": "rich", "amount": 5})).await), "above_max");
+    let treasury = c.call("balance", json!({"account": "@treasury"})).await.unwrap();
+    assert_eq!((treasury["balance"].as_i64(), treasury["available"].as_i64()), (Some(20), Some(20)));
+    assert_eq!(balance(&c, "rich").await, 100);
+    audit_ok(&c).await;
+}

@@ -133,3 +133,34 @@ async fn overlong_text_line_is_refused() {
     let c = s.admin().await;
     assert_eq!(c.call("ping", serde_json::json!({})).await.unwrap(), "pong");
 }
+
+#[tokio::test]
+async fn connection_limit_refuses_with_overloaded() {
+    let s = Server::start_with(&[("TALLY_LIMITS_CONNECTIONS_MAX", "2")]);
+    let a = s.admin().await;
+    let _b = s.admin().await;
+    let mut third = TcpStream::connect(s.addr).await.unwrap();
+    let reply = read_frame(&mut third).await.expect("a refusal frame");
+    assert_eq!(reply["err"]["code"], "overloaded");
+    assert!(closed(&mut third).await);
+    assert_eq!(a.call("ping", serde_json::json!({})).await.unwrap(), "pong");
+}
+
+#[tokio::test]
+async fn a_small_in_flight_limit_applies_back_pressure_without_losing_requests() {
+    let s = Server::start_with(&[("TALLY_LIMITS_INFLIGHT_PER_CONNECTION_MAX", "4")]);
+    let c = std::sync::Arc::new(s.admin().await);
+    create(&c, "a", 1000).await;
+    create(&c, "b", 0).await;
+    let mut tasks = Vec::new();
+    for _ in 0..300 {
+        let c = c.clone();
+        tasks.push(tokio::spawn(async move {
+            c.call("transfer", serde_json::json!({"from": "a", "to": "b", "amount": 1})).await.unwrap()
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    assert_eq!(balance(&c, "b").await, 300);
+}
