@@ -1,4 +1,4 @@
-//! The `tally` command: `tally serve` runs the server.
+//! The `tally` command: `tally serve` runs the server, `tally call` sends one request.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -33,6 +33,81 @@ enum Command {
         #[arg(long)]
         preset: Option<String>,
     },
+    /// Sends one request and prints its result as JSON.
+    ///
+    /// Arguments are key=value pairs, typed like the text mode: integers,
+    /// true/false, null, [a,b] lists, anything else a string.
+    /// Exits 1 with the error code on stderr when the server refuses.
+    ///
+    /// Examples:
+    ///   tally call ping
+    ///   TALLY_PASSWORD=secret tally call --user admin create_account account=alice initial=100
+    ///   tally call --user admin --password secret transfer from=alice to=bob amount=5 memo="for lunch"
+    #[command(verbatim_doc_comment)]
+    Call {
+        /// Server address.
+        #[arg(long, default_value = tally::constants::LISTEN_DEFAULT)]
+        connect: String,
+        /// Log in as this user first (password from --password or TALLY_PASSWORD).
+        #[arg(long)]
+        user: Option<String>,
+        /// Password for --user (prefer the TALLY_PASSWORD environment variable).
+        #[arg(long, env = "TALLY_PASSWORD", hide_env_values = true)]
+        password: Option<String>,
+        /// The op, e.g. transfer.
+        op: String,
+        /// Arguments as key=value.
+        args: Vec<String>,
+    },
+}
+
+/// Runs `tally call`: returns the exit code.
+async fn call(connect: &str, user: Option<&str>, password: Option<&str>, op: &str, args: &[String]) -> ExitCode {
+    let mut map = serde_json::Map::new();
+    for a in args {
+        let Some((k, v)) = a.split_once('=') else {
+            eprintln!("tally: argument {a:?} is not key=value");
+            return ExitCode::from(2);
+        };
+        map.insert(k.to_owned(), tally::text::bare_value(v.to_owned()).to_json());
+    }
+    let client = match tally::client::Client::connect(connect).await {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("tally: cannot connect to {connect}: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    if let Some(user) = user {
+        let Some(password) = password else {
+            eprintln!("tally: --user needs --password or TALLY_PASSWORD");
+            return ExitCode::from(2);
+        };
+        if let Err(e) = client.login(user, password).await {
+            eprintln!("tally: login failed: {e}");
+            return ExitCode::FAILURE;
+        }
+    }
+    match client.call(op, serde_json::Value::Object(map)).await {
+        Ok(v) => {
+            println!("{v}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("tally: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn runtime() -> Option<tokio::runtime::Runtime> {
+    match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(r) => Some(r),
+        Err(e) => {
+            eprintln!("tally: cannot start the runtime: {e}");
+            None
+        }
+    }
 }
 
 fn main() -> ExitCode {
@@ -51,13 +126,7 @@ fn main() -> ExitCode {
                     return ExitCode::from(2);
                 }
             };
-            let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
-                Ok(r) => r,
-                Err(e) => {
-                    eprintln!("tally: cannot start the runtime: {e}");
-                    return ExitCode::FAILURE;
-                }
-            };
+            let Some(runtime) = runtime() else { return ExitCode::FAILURE };
             match runtime.block_on(tally::server::serve(config)) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
@@ -65,6 +134,10 @@ fn main() -> ExitCode {
                     ExitCode::FAILURE
                 }
             }
+        }
+        Command::Call { connect, user, password, op, args } => {
+            let Some(runtime) = runtime() else { return ExitCode::FAILURE };
+            runtime.block_on(call(&connect, user.as_deref(), password.as_deref(), &op, &args))
         }
     }
 }

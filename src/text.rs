@@ -114,7 +114,9 @@ pub fn parse_line(line: &str) -> Result<Line, ApiError> {
     Ok(Line { op, args })
 }
 
-fn bare_value(raw: String) -> TextValue {
+/// Types an unquoted value: booleans, null, integers, `[a,b]` lists, else a string.
+#[must_use]
+pub fn bare_value(raw: String) -> TextValue {
     match raw.as_str() {
         "true" => return TextValue::Bool(true),
         "false" => return TextValue::Bool(false),
@@ -135,6 +137,21 @@ fn bare_value(raw: String) -> TextValue {
         return TextValue::List(items);
     }
     TextValue::Str(raw)
+}
+
+impl TextValue {
+    /// The value as JSON (for the CLI, which sends it through the client).
+    #[must_use]
+    pub fn to_json(&self) -> serde_json::Value {
+        match self {
+            TextValue::Nil => serde_json::Value::Null,
+            TextValue::Bool(b) => (*b).into(),
+            TextValue::Int(i) => (*i).into(),
+            TextValue::Uint(u) => (*u).into(),
+            TextValue::Str(s) => s.as_str().into(),
+            TextValue::List(items) => items.iter().map(|s| serde_json::Value::from(s.as_str())).collect(),
+        }
+    }
 }
 
 impl Line {
