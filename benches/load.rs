@@ -366,6 +366,22 @@ async fn main() {
             })
         );
     }
+    if let Some(c) = &child {
+        // Peak and current resident memory of the spawned server (Linux).
+        if let Ok(status) = std::fs::read_to_string(format!("/proc/{}/status", c.id())) {
+            let field = |name: &str| {
+                status
+                    .lines()
+                    .find(|l| l.starts_with(name))
+                    .map(|l| l.split_whitespace().nth(1).unwrap_or("?").to_owned())
+            };
+            println!(
+                "server memory: VmRSS {} kB, VmHWM (peak) {} kB",
+                field("VmRSS:").unwrap_or_default(),
+                field("VmHWM:").unwrap_or_default()
+            );
+        }
+    }
     if let Some(mut c) = child {
         let _ = c.kill();
         let _ = c.wait();

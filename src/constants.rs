@@ -53,3 +53,8 @@ pub const PAGE_LIMIT_MAX: usize = 1000;
 
 /// Default lifetime of a login token.
 pub const TOKEN_TTL_S_DEFAULT: u64 = 1800;
+
+/// redb's page cache. The hot path only appends and sweeps balance rows in
+/// key order, so a small cache costs little; reads of old pages fall back to
+/// the OS page cache, which does not count against the server's memory.
+pub const REDB_CACHE_BYTES: usize = 64 * 1024 * 1024;

@@ -26,7 +26,7 @@ use crate::store::{self, AccountMeta, Head, RecordRef, StoreError};
 
 /// A full sweep of the balance rows takes at most this many commits, which
 /// bounds the replay at start-up to about twice as many batches.
-const SWEEP_COMMITS: usize = 16;
+const SWEEP_COMMITS: usize = 64;
 /// The fewest account numbers a commit sweeps.
 const SWEEP_CHUNK_MIN: usize = 4096;
 

@@ -20,7 +20,7 @@ use crate::constants::{FRAME_READ_TIMEOUT_MS, KEYS_CACHED_PER_SHARD_MAX, LINE_BY
 use crate::error::{ApiError, ErrorCode};
 use crate::frame::{self, HEADER_BYTES};
 use crate::journal::{self, Journal, JournalHandle};
-use crate::ledger::{Limits, OwnerAccount, Status};
+use crate::ledger::Limits;
 use crate::ops;
 use crate::reply::{Outgoing, Permits, ReplyTo};
 use crate::shard::{shard_index, ShardActor, ShardArgs, ShardRouter, Slot};
@@ -123,11 +123,7 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
     let n = config.shards;
     let mut per_shard: Vec<HashMap<Box<str>, Slot>> = (0..n).map(|_| HashMap::new()).collect();
     for a in loaded.accounts {
-        let mut acct = OwnerAccount::new(a.balance);
-        if a.meta.deleted.is_some() {
-            acct.status = Status::Deleted;
-        }
-        let slot = Slot { acct, meta: a.meta, creating: false, last: a.last };
+        let slot = Slot::new(&a.meta, a.balance, a.last);
         per_shard[shard_index(&a.id, n)].insert(a.id.into(), slot);
     }
     let (book, head) = (loaded.book, loaded.head);

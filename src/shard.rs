@@ -25,14 +25,63 @@ use crate::protocol::{AccountView, BalanceReply, HistoryReply, Reply, TransferVi
 use crate::reply::ReplyTo;
 use crate::store::{self, AccountMeta};
 
-/// Everything the owner keeps about one account.
+/// Everything the owner keeps about one account. Kept small: a million of
+/// these live in memory, most with no owner, tags or memo.
 pub struct Slot {
     pub acct: OwnerAccount,
-    pub meta: AccountMeta,
-    /// Created by a command the journal has not committed yet.
-    pub creating: bool,
     /// The last committed transfer touching the account (head of its history).
     pub last: u64,
+    /// Milliseconds since the Unix epoch.
+    pub created: u64,
+    /// Owner, tags and memo, when any is set.
+    pub extra: Option<Box<Extra>>,
+    /// Created by a command the journal has not committed yet.
+    pub creating: bool,
+}
+
+/// The rarely set parts of an account.
+pub struct Extra {
+    pub owner: Option<Box<str>>,
+    pub tags: Box<[Box<str>]>,
+    pub memo: Option<Box<str>>,
+}
+
+impl Slot {
+    /// A slot for an account with this stored metadata.
+    #[must_use]
+    pub fn new(meta: &AccountMeta, balance: i64, last: u64) -> Slot {
+        let mut acct = OwnerAccount::new(balance);
+        if meta.deleted.is_some() {
+            acct.status = Status::Deleted;
+        }
+        let extra = (meta.owner.is_some() || !meta.tags.is_empty() || meta.memo.is_some()).then(|| {
+            Box::new(Extra {
+                owner: meta.owner.as_deref().map(Into::into),
+                tags: meta.tags.iter().map(|t| t.as_str().into()).collect(),
+                memo: meta.memo.as_deref().map(Into::into),
+            })
+        });
+        Slot { acct, last, created: meta.created, extra, creating: false }
+    }
+
+    #[must_use]
+    pub fn owner(&self) -> Option<&str> {
+        self.extra.as_ref().and_then(|e| e.owner.as_deref())
+    }
+
+    fn view(&self, account: &str) -> AccountView {
+        let e = self.extra.as_deref();
+        AccountView {
+            account: account.to_owned(),
+            owner: self.owner().map(str::to_owned),
+            tags: e.map(|e| e.tags.iter().map(|t| t.to_string()).collect()).unwrap_or_default(),
+            balance: self.acct.balance,
+            available: self.acct.available(),
+            status: "open",
+            created: self.created,
+            memo: e.and_then(|e| e.memo.as_deref()).map(str::to_owned),
+        }
+    }
 }
 
 /// A debit request: `transfer` or `mint` (from `@mint`).
@@ -173,15 +222,15 @@ impl Actor for ShardActor {
     }
 }
 
-fn may_use(principal: &Principal, meta: &AccountMeta) -> bool {
-    principal.is_admin() || meta.owner.as_deref() == Some(&*principal.user)
+fn may_use(principal: &Principal, slot: &Slot) -> bool {
+    principal.is_admin() || slot.owner() == Some(&*principal.user)
 }
 
 impl ShardState {
     fn slot(&self, account: &str, principal: &Principal) -> Result<&Slot, ApiError> {
         match self.accounts.get(account) {
             Some(s) if !s.creating => {
-                if !may_use(principal, &s.meta) {
+                if !may_use(principal, s) {
                     return Err(ApiError::forbidden(format!("account {account} is not yours")));
                 }
                 if s.acct.status == Status::Deleted {
@@ -204,16 +253,7 @@ impl ShardState {
                 balance: slot.acct.balance,
                 available: slot.acct.available(),
             }),
-            ReadKind::Account => Reply::Account(Box::new(AccountView {
-                account: account.to_owned(),
-                owner: slot.meta.owner.clone(),
-                tags: slot.meta.tags.clone(),
-                balance: slot.acct.balance,
-                available: slot.acct.available(),
-                status: "open",
-                created: slot.meta.created,
-                memo: slot.meta.memo.clone(),
-            })),
+            ReadKind::Account => Reply::Account(Box::new(slot.view(account))),
         };
         reply.ok(r);
     }
@@ -348,8 +388,7 @@ impl ShardState {
             return reply.err(e);
         }
         debug_assert!(!is_system(&account));
-        self.accounts
-            .insert(account.clone(), Slot { acct: OwnerAccount::new(0), meta: meta.clone(), creating: true, last: 0 });
+        self.accounts.insert(account.clone(), Slot { creating: true, ..Slot::new(&meta, 0, 0) });
         let cmd = Command::Create(CreateCmd { account, meta, initial, reply });
         if let Err(Command::Create(c)) = self.journal.send(cmd).map_err(|c| *c) {
             self.accounts.remove(&*c.account);
@@ -387,8 +426,7 @@ impl ShardState {
             }
             Effect::Created { account, balance, last, meta } => match meta {
                 Some(meta) => {
-                    self.accounts
-                        .insert(account, Slot { acct: OwnerAccount::new(balance), meta, creating: false, last });
+                    self.accounts.insert(account, Slot::new(&meta, balance, last));
                 }
                 None => {
                     if self.accounts.get(&*account).is_some_and(|s| s.creating) {

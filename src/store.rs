@@ -41,6 +41,7 @@ use std::path::Path;
 use redb::{Database, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition};
 use serde::{Deserialize, Serialize};
 
+use crate::constants::REDB_CACHE_BYTES;
 use crate::ledger::{Book, BookAccount, Kind, Limits, Links, Status, SYSTEM_ACCOUNTS, TREASURY};
 use crate::protocol::{AuditReply, TransferView};
 
@@ -352,7 +353,7 @@ pub fn now_ms() -> u64 {
 /// Opens (or creates) the database and makes sure every table and system
 /// account exists.
 pub fn open(path: &Path) -> Result<Database, StoreError> {
-    let db = Database::builder().set_cache_size(256 * 1024 * 1024).create(path)?;
+    let db = Database::builder().set_cache_size(REDB_CACHE_BYTES).create(path)?;
     let txn = db.begin_write()?;
     {
         txn.open_table(TRANSFERS)?;
