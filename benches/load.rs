@@ -354,6 +354,24 @@ async fn main() {
         audit["sum"],
         audit["chain_ok"]
     );
+    let mut rss_kb = None;
+    if let Some(c) = &child {
+        // Peak and current resident memory of the spawned server (Linux).
+        if let Ok(status) = std::fs::read_to_string(format!("/proc/{}/status", c.id())) {
+            let field = |name: &str| {
+                status
+                    .lines()
+                    .find(|l| l.starts_with(name))
+                    .and_then(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
+            };
+            rss_kb = field("VmRSS:");
+            println!(
+                "server memory: VmRSS {} kB, VmHWM (peak) {} kB",
+                rss_kb.unwrap_or(0),
+                field("VmHWM:").unwrap_or(0)
+            );
+        }
+    }
     if o.json {
         println!(
             "{}",
@@ -362,25 +380,9 @@ async fn main() {
                 "p50_us": hist.value_at_quantile(0.5), "p90_us": hist.value_at_quantile(0.9),
                 "p99_us": hist.value_at_quantile(0.99), "p999_us": hist.value_at_quantile(0.999),
                 "max_us": hist.max(), "errors": errors, "reads": reads,
-                "counters_agree": counters_agree, "audit_ok": audit_ok,
+                "counters_agree": counters_agree, "audit_ok": audit_ok, "server_rss_kb": rss_kb,
             })
         );
-    }
-    if let Some(c) = &child {
-        // Peak and current resident memory of the spawned server (Linux).
-        if let Ok(status) = std::fs::read_to_string(format!("/proc/{}/status", c.id())) {
-            let field = |name: &str| {
-                status
-                    .lines()
-                    .find(|l| l.starts_with(name))
-                    .map(|l| l.split_whitespace().nth(1).unwrap_or("?").to_owned())
-            };
-            println!(
-                "server memory: VmRSS {} kB, VmHWM (peak) {} kB",
-                field("VmRSS:").unwrap_or_default(),
-                field("VmHWM:").unwrap_or_default()
-            );
-        }
     }
     if let Some(mut c) = child {
         let _ = c.kill();
