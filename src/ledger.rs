@@ -18,6 +18,10 @@ use std::collections::HashMap;
 
 use crate::constants::{ACCOUNT_ID_BYTES_MAX, KEY_BYTES_MAX, MEMO_BYTES_MAX};
 
+/// The hash map used for account ids: foldhash is several times faster
+/// than SipHash on short keys and still seeded per process.
+pub type AccountMap<V> = HashMap<Box<str>, V, foldhash::fast::RandomState>;
+
 /// Issuance account: every unit in circulation came from here; unbounded.
 pub const MINT: &str = "@mint";
 /// Collects fees.
@@ -309,7 +313,7 @@ pub struct Applied {
 /// the rows in key order.
 #[derive(Clone, Debug, Default)]
 pub struct Book {
-    index: HashMap<Box<str>, u32>,
+    index: AccountMap<u32>,
     accounts: Vec<BookAccount>,
     pub limits: Limits,
 }
@@ -328,7 +332,7 @@ impl Book {
     /// A book with no accounts at all (loading fills it).
     #[must_use]
     pub fn empty(limits: Limits) -> Self {
-        Book { index: HashMap::new(), accounts: Vec::new(), limits }
+        Book { index: AccountMap::default(), accounts: Vec::new(), limits }
     }
 
     /// Sets the last transfer of one account (recovery replay).

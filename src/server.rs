@@ -1,6 +1,5 @@
 //! Start-up, the accept loop, and one task pair (reader, writer) per connection.
 
-use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -20,7 +19,7 @@ use crate::constants::{FRAME_READ_TIMEOUT_MS, KEYS_CACHED_PER_SHARD_MAX, LINE_BY
 use crate::error::{ApiError, ErrorCode};
 use crate::frame::{self, HEADER_BYTES};
 use crate::journal::{self, Journal, JournalHandle};
-use crate::ledger::Limits;
+use crate::ledger::{AccountMap, Limits};
 use crate::ops;
 use crate::reply::{Outgoing, Permits, ReplyTo};
 use crate::shard::{shard_index, ShardActor, ShardArgs, ShardRouter, Slot};
@@ -121,7 +120,7 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
 
     let loaded = store::load(&db, limits)?;
     let n = config.shards;
-    let mut per_shard: Vec<HashMap<Box<str>, Slot>> = (0..n).map(|_| HashMap::new()).collect();
+    let mut per_shard: Vec<AccountMap<Slot>> = (0..n).map(|_| AccountMap::default()).collect();
     for a in loaded.accounts {
         let slot = Slot::new(&a.meta, a.balance, a.last);
         per_shard[shard_index(&a.id, n)].insert(a.id.into(), slot);

@@ -20,7 +20,7 @@ use redb::Database;
 use crate::auth::Principal;
 use crate::error::{ApiError, ErrorCode};
 use crate::journal::{Command, CreateCmd, JournalHandle, TransferCmd};
-use crate::ledger::{is_system, Kind, Limits, OwnerAccount, Status};
+use crate::ledger::{is_system, AccountMap, Kind, Limits, OwnerAccount, Status};
 use crate::protocol::{AccountView, BalanceReply, HistoryReply, Reply, TransferView};
 use crate::reply::ReplyTo;
 use crate::store::{self, AccountMeta};
@@ -164,8 +164,8 @@ impl Fingerprint {
 }
 
 pub struct ShardState {
-    accounts: HashMap<Box<str>, Slot>,
-    keys: HashMap<(Box<str>, Box<str>), KeyState>,
+    accounts: AccountMap<Slot>,
+    keys: HashMap<(Box<str>, Box<str>), KeyState, foldhash::fast::RandomState>,
     /// Settled keys in the order they settled, to bound `keys`.
     keys_done: VecDeque<(Box<str>, Box<str>)>,
     keys_cached_max: usize,
@@ -175,7 +175,7 @@ pub struct ShardState {
 }
 
 pub struct ShardArgs {
-    pub accounts: HashMap<Box<str>, Slot>,
+    pub accounts: AccountMap<Slot>,
     pub journal: JournalHandle,
     pub limits: Limits,
     pub db: Arc<Database>,
@@ -192,7 +192,7 @@ impl Actor for ShardActor {
     async fn pre_start(&self, _myself: ActorRef<ShardMsg>, args: ShardArgs) -> Result<ShardState, ActorProcessingErr> {
         Ok(ShardState {
             accounts: args.accounts,
-            keys: HashMap::new(),
+            keys: HashMap::default(),
             keys_done: VecDeque::new(),
             keys_cached_max: args.keys_cached_max,
             journal: args.journal,
