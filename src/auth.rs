@@ -166,3 +166,154 @@ pub fn load_secret(configured: Option<&str>, data: &Path) -> std::io::Result<Vec
     f.sync_all()?;
     Ok(hexed)
 }
+
+/// What the server keeps in memory about each user: enough to check a
+/// token on every request without touching the disk.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct UserState {
+    pub role: Role,
+    /// Tokens carrying an older epoch are revoked.
+    pub epoch: u64,
+    pub group: Option<Box<str>>,
+    pub events: u64,
+}
+
+impl UserState {
+    #[must_use]
+    pub fn of(u: &crate::store::UserRecord) -> UserState {
+        UserState {
+            role: Role::parse(&u.role),
+            epoch: u.token_epoch,
+            group: u.group.as_deref().map(Into::into),
+            events: u.events,
+        }
+    }
+}
+
+/// Every user's [`UserState`]. Writes come only from the fan-out thread
+/// after a commit (and from start-up); each write bumps `generation`, so a
+/// connection re-checks its token only when something changed.
+#[derive(Default)]
+pub struct Users {
+    map: std::sync::RwLock<std::collections::HashMap<Box<str>, UserState>>,
+    generation: std::sync::atomic::AtomicU64,
+}
+
+impl Users {
+    #[must_use]
+    pub fn get(&self, user: &str) -> Option<UserState> {
+        self.map.read().ok()?.get(user).cloned()
+    }
+
+    pub fn set(&self, user: &str, state: UserState) {
+        if let Ok(mut m) = self.map.write() {
+            m.insert(user.into(), state);
+        }
+        self.generation.fetch_add(1, std::sync::atomic::Ordering::Release);
+    }
+
+    #[must_use]
+    pub fn generation(&self) -> u64 {
+        self.generation.load(std::sync::atomic::Ordering::Acquire)
+    }
+}
+
+/// The user a connection is bound to, and what its token allows.
+#[derive(Clone, Debug)]
+pub struct Binding {
+    pub principal: Principal,
+    pub epoch: u64,
+    /// Token expiry, milliseconds since the Unix epoch.
+    pub expires_ms: u64,
+    /// [`Users::generation`] when the binding was last checked.
+    pub checked: u64,
+}
+
+/// Failed logins remembered per user, to slow down password guessing.
+/// Bounded: at most `USERS_TRACKED_MAX` users are tracked at once.
+pub struct Throttle {
+    failures: std::sync::Mutex<std::collections::HashMap<Box<str>, (u32, std::time::Instant)>>,
+}
+
+impl Default for Throttle {
+    fn default() -> Self {
+        Throttle { failures: std::sync::Mutex::new(std::collections::HashMap::new()) }
+    }
+}
+
+/// Failed logins before a user or connection is locked out.
+pub const LOGIN_FAILURES_MAX: u32 = 5;
+/// How long the lock-out lasts (and how long failures are remembered).
+pub const LOGIN_LOCK: std::time::Duration = std::time::Duration::from_secs(60);
+const USERS_TRACKED_MAX: usize = 10_000;
+
+impl Throttle {
+    /// `Err(rate_limited)` while `user` is locked out.
+    pub fn check(&self, user: &str) -> Result<(), ApiError> {
+        let locked = self.failures.lock().is_ok_and(|m| {
+            m.get(user).is_some_and(|(n, since)| *n >= LOGIN_FAILURES_MAX && since.elapsed() < LOGIN_LOCK)
+        });
+        if locked {
+            return Err(ApiError::new(ErrorCode::RateLimited, "too many failed logins; try again later"));
+        }
+        Ok(())
+    }
+
+    pub fn failed(&self, user: &str) {
+        let Ok(mut m) = self.failures.lock() else { return };
+        if m.len() >= USERS_TRACKED_MAX && !m.contains_key(user) {
+            m.retain(|_, (_, since)| since.elapsed() < LOGIN_LOCK);
+            if m.len() >= USERS_TRACKED_MAX {
+                // Still full of fresh entries: forget one rather than grow.
+                if let Some(k) = m.keys().next().cloned() {
+                    m.remove(&k);
+                }
+            }
+        }
+        let e = m.entry(user.into()).or_insert((0, std::time::Instant::now()));
+        if e.1.elapsed() >= LOGIN_LOCK {
+            *e = (0, std::time::Instant::now());
+        }
+        e.0 += 1;
+        e.1 = std::time::Instant::now();
+    }
+
+    pub fn succeeded(&self, user: &str) {
+        if let Ok(mut m) = self.failures.lock() {
+            m.remove(user);
+        }
+    }
+}
+
+/// Checks a new password: long enough to resist guessing, short enough to hash quickly.
+pub fn validate_password(password: &str) -> Result<(), ApiError> {
+    let n = password.chars().count();
+    if n < crate::constants::PASSWORD_CHARS_MIN {
+        return Err(ApiError::bad_request(format!(
+            "passwords have at least {} characters",
+            crate::constants::PASSWORD_CHARS_MIN
+        )));
+    }
+    if password.len() > crate::constants::PASSWORD_BYTES_MAX {
+        return Err(ApiError::bad_request("password too long"));
+    }
+    Ok(())
+}
+
+/// A plausible email address: one `@`, a dotted domain, no spaces.
+pub fn validate_email(email: &str) -> Result<(), ApiError> {
+    let bad = || ApiError::bad_request("invalid email address");
+    if email.len() > 254 || email.chars().any(|c| c.is_whitespace() || c.is_control()) {
+        return Err(bad());
+    }
+    let (local, domain) = email.split_once('@').ok_or_else(bad)?;
+    if local.is_empty()
+        || domain.contains('@')
+        || !domain.contains('.')
+        || domain.starts_with('.')
+        || domain.ends_with('.')
+    {
+        return Err(bad());
+    }
+    Ok(())
+}

@@ -60,6 +60,8 @@ type Pending = Arc<Mutex<HashMap<u64, oneshot::Sender<Result<Value, ClientError>
 pub struct Client {
     writer: tokio::sync::Mutex<OwnedWriteHalf>,
     pending: Pending,
+    /// Set by the reader when the connection ends; calls fail from then on.
+    closed: Arc<std::sync::atomic::AtomicBool>,
     next_id: AtomicU64,
     reader: tokio::task::JoinHandle<()>,
 }
@@ -85,6 +87,8 @@ impl Client {
         let (mut rd, wr) = stream.into_split();
         let pending: Pending = Arc::default();
         let p = pending.clone();
+        let closed = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let c = closed.clone();
         let reader = tokio::spawn(async move {
             let mut buf = BytesMut::with_capacity(64 * 1024);
             loop {
@@ -102,10 +106,11 @@ impl Client {
                     Ok(_) => {}
                 }
             }
-            // Fail every call still waiting.
+            // Fail every call still waiting, and (through `closed`) every later one.
+            c.store(true, Ordering::SeqCst);
             p.lock().map(|mut m| m.clear()).ok();
         });
-        Ok(Client { writer: tokio::sync::Mutex::new(wr), pending, next_id: AtomicU64::new(1), reader })
+        Ok(Client { writer: tokio::sync::Mutex::new(wr), pending, closed, next_id: AtomicU64::new(1), reader })
     }
 
     /// Sends `op` with `args` (any serializable map, e.g. `json!({...})`) and
@@ -116,6 +121,14 @@ impl Client {
         frame::encode_request(&mut out, id, op, &args).map_err(|e| ClientError::Protocol(e.to_string()))?;
         let (tx, rx) = oneshot::channel();
         self.pending.lock().map_err(|_| ClientError::Closed)?.insert(id, tx);
+        // Checked after inserting: the reader sets the flag before it clears
+        // the map, so a call can never wait on a connection that has ended.
+        if self.closed.load(Ordering::SeqCst) {
+            if let Ok(mut m) = self.pending.lock() {
+                m.remove(&id);
+            }
+            return Err(ClientError::Closed);
+        }
         let written = self.writer.lock().await.write_all(&out).await;
         if let Err(e) = written {
             if let Ok(mut m) = self.pending.lock() {

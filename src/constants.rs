@@ -58,3 +58,9 @@ pub const TOKEN_TTL_S_DEFAULT: u64 = 1800;
 /// key order, so a small cache costs little; reads of old pages fall back to
 /// the OS page cache, which does not count against the server's memory.
 pub const REDB_CACHE_BYTES: usize = 64 * 1024 * 1024;
+
+/// Shortest password accepted at signup or change.
+pub const PASSWORD_CHARS_MIN: usize = 8;
+/// Password hashes (argon2, ~19 MiB and tens of ms each) computed at once;
+/// more logins wait their turn instead of starving transfers of CPU and memory.
+pub const PASSWORD_HASHES_CONCURRENT_MAX: usize = 2;

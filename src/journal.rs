@@ -14,15 +14,16 @@
 use std::sync::Arc;
 
 use crossbeam_channel::{Receiver, Sender};
-use redb::{Database, Durability};
+use redb::{Database, Durability, ReadableTable};
 
-use crate::error::ApiError;
+use crate::auth::{UserState, Users};
+use crate::error::{ApiError, ErrorCode};
 use crate::ledger::{Applied, Book, Kind, MINT, TREASURY};
 use crate::protocol::{AccountView, Reply, TransferView};
 use crate::reply::ReplyTo;
 use crate::shard::{Effect, ShardMsg, ShardRouter};
 use crate::stats::Stats;
-use crate::store::{self, AccountMeta, Head, RecordRef, StoreError};
+use crate::store::{self, AccountMeta, Head, RecordRef, StoreError, UserRecord};
 
 /// A full sweep of the balance rows takes at most this many commits, which
 /// bounds the replay at start-up to about twice as many batches.
@@ -50,12 +51,32 @@ pub struct CreateCmd {
     pub meta: AccountMeta,
     /// Comes from `@mint` in the same transaction.
     pub initial: i64,
+    /// Set for `signup`: the user created together with the account.
+    pub user: Option<Box<UserRecord>>,
     pub reply: ReplyTo,
+}
+
+/// A change to one user's record.
+pub enum UserChange {
+    /// Revoke every token issued so far.
+    NewEpoch,
+    /// Set a new password hash (which also revokes every token).
+    Password(String),
+}
+
+/// A user change, answered through `done` once committed (the caller
+/// awaits it: login, logout and password changes finish before the
+/// connection's next request).
+pub struct UserCmd {
+    pub user: Box<str>,
+    pub change: UserChange,
+    pub done: tokio::sync::oneshot::Sender<Result<UserRecord, ApiError>>,
 }
 
 pub enum Command {
     Transfer(TransferCmd),
     Create(CreateCmd),
+    User(UserCmd),
 }
 
 /// What a committed transfer got.
@@ -70,6 +91,7 @@ pub struct Done {
 enum Outcome {
     Transfer(TransferCmd, Result<Done, ApiError>),
     Create(CreateCmd, Result<Option<Done>, ApiError>),
+    User(UserCmd, Result<UserRecord, ApiError>),
 }
 
 /// Handle used by shards to queue commands.
@@ -164,6 +186,7 @@ impl Journal {
                 match o {
                     Outcome::Transfer(_, r) => *r = Err(failed.clone()),
                     Outcome::Create(_, r) => *r = Err(failed.clone()),
+                    Outcome::User(_, r) => *r = Err(failed.clone()),
                 }
             }
             return outcomes;
@@ -251,6 +274,7 @@ impl Journal {
             let mut transfers = txn.open_table(store::TRANSFERS)?;
             let mut keys = txn.open_table(store::KEYS)?;
             let mut accounts = txn.open_table(store::ACCOUNTS)?;
+            let mut users = txn.open_table(store::USERS)?;
             let time = store::now_ms();
             for cmd in commands {
                 match cmd {
@@ -273,11 +297,38 @@ impl Journal {
                         };
                         outcomes.push(Outcome::Transfer(t, result));
                     }
+                    Command::User(u) => {
+                        let existing = users.get(&*u.user)?.map(|v| UserRecord::decode(v.value())).transpose()?;
+                        let result = match existing {
+                            None => Err(ApiError::not_found(format!("user {}", u.user))),
+                            Some(mut record) => {
+                                if let UserChange::Password(hash) = &u.change {
+                                    record.password_hash.clone_from(hash);
+                                }
+                                record.token_epoch += 1;
+                                users.insert(&*u.user, &record.encode()[..])?;
+                                Ok(record)
+                            }
+                        };
+                        outcomes.push(Outcome::User(u, result));
+                    }
                     Command::Create(mut c) => {
-                        let result = match self.book.create(&c.account) {
-                            Err(e) => Err(ApiError::from(e)),
+                        let taken = match &c.user {
+                            Some(u) => users.get(u.user.as_str())?.is_some(),
+                            None => false,
+                        };
+                        let created = if taken {
+                            Err(ApiError::new(ErrorCode::Exists, format!("user {} exists", c.account)))
+                        } else {
+                            self.book.create(&c.account).map_err(ApiError::from)
+                        };
+                        let result = match created {
+                            Err(e) => Err(e),
                             Ok(num) => {
                                 c.meta.num = num;
+                                if let Some(u) = &c.user {
+                                    users.insert(u.user.as_str(), &u.encode()[..])?;
+                                }
                                 accounts.insert(&*c.account, &c.meta.encode()[..])?;
                                 if c.initial > 0 {
                                     match self.book.transfer(MINT, &c.account, c.initial, 0, false) {
@@ -338,13 +389,13 @@ pub struct OutcomeBatch(Vec<Outcome>);
 /// shard what changed (one message per shard per batch), then answers the
 /// clients. Owners hear before clients do, so a client that reads right
 /// after its reply sees its own transfer.
-pub fn run_fanout(rx: &Receiver<OutcomeBatch>, router: &ShardRouter) {
+pub fn run_fanout(rx: &Receiver<OutcomeBatch>, router: &ShardRouter, users: &Users) {
     let n = router.len();
     let mut per_shard: Vec<Vec<Effect>> = (0..n).map(|_| Vec::new()).collect();
     let mut replies = Vec::new();
     while let Ok(OutcomeBatch(outcomes)) = rx.recv() {
         for o in outcomes {
-            fan_out(o, router, &mut per_shard, &mut replies);
+            fan_out(o, router, users, &mut per_shard, &mut replies);
         }
         for (i, effects) in per_shard.iter_mut().enumerate() {
             if !effects.is_empty() {
@@ -386,6 +437,7 @@ fn view_of(t: &TransferCmd, d: &Done) -> TransferView {
 fn fan_out(
     o: Outcome,
     router: &ShardRouter,
+    users: &Users,
     per_shard: &mut [Vec<Effect>],
     replies: &mut Vec<(ReplyTo, Result<Reply, ApiError>)>,
 ) {
@@ -420,15 +472,22 @@ fn fan_out(
                     if last != 0 {
                         settle(router, per_shard, MINT, -c.initial, 0, last);
                     }
-                    let view = AccountView {
-                        account: c.account.to_string(),
-                        owner: c.meta.owner.clone(),
-                        tags: c.meta.tags.clone(),
-                        balance: c.initial,
-                        available: c.initial,
-                        status: "open",
-                        created: c.meta.created,
-                        memo: c.meta.memo.clone(),
+                    let reply = match &c.user {
+                        // A signup answers with the user, never the password hash.
+                        Some(u) => {
+                            users.set(&u.user, UserState::of(u));
+                            Reply::Json(crate::protocol::user_view(u))
+                        }
+                        None => Reply::Account(Box::new(AccountView {
+                            account: c.account.to_string(),
+                            owner: c.meta.owner.clone(),
+                            tags: c.meta.tags.clone(),
+                            balance: c.initial,
+                            available: c.initial,
+                            status: "open",
+                            created: c.meta.created,
+                            memo: c.meta.memo.clone(),
+                        })),
                     };
                     per_shard[shard].push(Effect::Created {
                         account: c.account,
@@ -436,13 +495,21 @@ fn fan_out(
                         last,
                         meta: Some(c.meta),
                     });
-                    replies.push((c.reply, Ok(Reply::Account(Box::new(view)))));
+                    replies.push((c.reply, Ok(reply)));
                 }
                 Err(e) => {
                     per_shard[shard].push(Effect::Created { account: c.account, balance: 0, last: 0, meta: None });
                     replies.push((c.reply, Err(e)));
                 }
             }
+        }
+        Outcome::User(u, result) => {
+            // The registry changes before anyone hears of it, so a revoked
+            // token fails on every connection from the next request on.
+            if let Ok(record) = &result {
+                users.set(&record.user, UserState::of(record));
+            }
+            let _ = u.done.send(result);
         }
     }
 }

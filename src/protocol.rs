@@ -196,6 +196,32 @@ pub struct StatsReply {
     pub inflight: u64,
 }
 
+/// A user as the wire shows it: never the password hash or token epoch.
+#[must_use]
+pub fn user_view(u: &crate::store::UserRecord) -> serde_json::Value {
+    serde_json::json!({
+        "user": u.user, "name": u.name, "email": u.email, "role": u.role,
+        "group": u.group, "events": u.events,
+    })
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SignupArgs {
+    pub user: String,
+    pub name: String,
+    pub email: String,
+    pub password: String,
+    pub group: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ChangePasswordArgs {
+    pub old_password: String,
+    pub new_password: String,
+}
+
 /// The `ok` value of any reply.
 #[derive(Clone, Debug, Serialize)]
 #[serde(untagged)]

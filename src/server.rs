@@ -13,9 +13,11 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, Semaphore};
 use tokio_util::sync::CancellationToken;
 
-use crate::auth::{self, Principal, Role, Tokens};
+use crate::auth::{self, Binding, Throttle, Tokens, UserState, Users};
 use crate::config::Config;
-use crate::constants::{FRAME_READ_TIMEOUT_MS, KEYS_CACHED_PER_SHARD_MAX, LINE_BYTES_MAX};
+use crate::constants::{
+    FRAME_READ_TIMEOUT_MS, KEYS_CACHED_PER_SHARD_MAX, LINE_BYTES_MAX, PASSWORD_HASHES_CONCURRENT_MAX,
+};
 use crate::error::{ApiError, ErrorCode};
 use crate::frame::{self, HEADER_BYTES};
 use crate::journal::{self, Journal, JournalHandle};
@@ -52,6 +54,12 @@ pub struct Ctx {
     pub journal: JournalHandle,
     /// Requests in flight in the whole server.
     pub inflight: Arc<Semaphore>,
+    /// Every user's role and token epoch.
+    pub users: Arc<Users>,
+    /// Failed logins per user.
+    pub throttle: Throttle,
+    /// Bounds how many password hashes run at once.
+    pub hashing: Arc<Semaphore>,
 }
 
 /// A started server.
@@ -132,6 +140,11 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
     }
     tracing::info!(accounts = book.len(), head = head.id, "ledger loaded");
 
+    let users = Arc::new(Users::default());
+    for u in store::load_users(&db)? {
+        users.set(&u.user, UserState::of(&u));
+    }
+
     let stats = Arc::new(Stats::default());
     let (journal_handle, journal_rx) = journal::channel(stats.clone());
     let (fanout_tx, fanout_rx) = crossbeam_channel::unbounded();
@@ -162,9 +175,10 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
         .spawn(move || journal.run(&journal_rx, &fanout_tx))
         .map_err(|e| StartError::Other(e.to_string()))?;
     let fanout_router = router.clone();
+    let fanout_users = users.clone();
     std::thread::Builder::new()
         .name("tally-fanout".into())
-        .spawn(move || journal::run_fanout(&fanout_rx, &fanout_router))
+        .spawn(move || journal::run_fanout(&fanout_rx, &fanout_router, &fanout_users))
         .map_err(|e| StartError::Other(e.to_string()))?;
 
     let listener = TcpListener::bind(&config.listen)
@@ -180,6 +194,9 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
         stats,
         tokens,
         journal: journal_handle,
+        users,
+        throttle: Throttle::default(),
+        hashing: Arc::new(Semaphore::new(PASSWORD_HASHES_CONCURRENT_MAX)),
     });
     let shutdown = CancellationToken::new();
     let accept = tokio::spawn(accept_loop(listener, ctx.clone(), shutdown.clone()));
@@ -226,10 +243,15 @@ async fn refuse(mut stream: TcpStream) {
     let _ = tokio::time::timeout(Duration::from_secs(1), stream.write_all(&out)).await;
 }
 
-/// The user a connection is bound to, if any.
+/// What a connection knows about its caller.
 #[derive(Default)]
 pub struct Session {
-    pub principal: Option<Principal>,
+    /// The user it is bound to, if any.
+    pub binding: Option<Binding>,
+    /// Failed logins on this connection.
+    pub login_failures: u32,
+    /// Logins are refused until then.
+    pub locked_until: Option<std::time::Instant>,
 }
 
 enum Mode {
@@ -426,8 +448,4 @@ async fn wait_for_signal() {
         }
     }
     let _ = tokio::signal::ctrl_c().await;
-}
-
-pub(crate) fn role_of(u: &UserRecord) -> Role {
-    Role::parse(&u.role)
 }

@@ -23,7 +23,7 @@ use crate::journal::{Command, CreateCmd, JournalHandle, TransferCmd};
 use crate::ledger::{is_system, AccountMap, Kind, Limits, OwnerAccount, Status};
 use crate::protocol::{AccountView, BalanceReply, HistoryReply, Reply, TransferView};
 use crate::reply::ReplyTo;
-use crate::store::{self, AccountMeta};
+use crate::store::{self, AccountMeta, UserRecord};
 
 /// Everything the owner keeps about one account. Kept small: a million of
 /// these live in memory, most with no owner, tags or memo.
@@ -124,7 +124,7 @@ pub struct HistoryReq {
 
 pub enum ShardMsg {
     Debit(Box<DebitReq>),
-    Create { account: Box<str>, meta: AccountMeta, initial: i64, reply: ReplyTo },
+    Create { account: Box<str>, meta: AccountMeta, initial: i64, user: Option<Box<UserRecord>>, reply: ReplyTo },
     Read { account: Box<str>, kind: ReadKind, principal: Principal, reply: ReplyTo },
     History(Box<HistoryReq>),
     Effects(Vec<Effect>),
@@ -209,7 +209,9 @@ impl Actor for ShardActor {
     ) -> Result<(), ActorProcessingErr> {
         match msg {
             ShardMsg::Debit(req) => state.debit(*req),
-            ShardMsg::Create { account, meta, initial, reply } => state.create(account, meta, initial, reply),
+            ShardMsg::Create { account, meta, initial, user, reply } => {
+                state.create(account, meta, initial, user, reply)
+            }
             ShardMsg::Read { account, kind, principal, reply } => state.read(&account, kind, &principal, reply),
             ShardMsg::History(req) => state.history(*req),
             ShardMsg::Effects(effects) => {
@@ -378,7 +380,14 @@ impl ShardState {
         }
     }
 
-    fn create(&mut self, account: Box<str>, meta: AccountMeta, initial: i64, reply: ReplyTo) {
+    fn create(
+        &mut self,
+        account: Box<str>,
+        meta: AccountMeta,
+        initial: i64,
+        user: Option<Box<UserRecord>>,
+        reply: ReplyTo,
+    ) {
         if let Some(s) = self.accounts.get(&*account) {
             let e = if s.acct.status == Status::Deleted {
                 ApiError::new(ErrorCode::Deleted, format!("account {account} was deleted and cannot be created again"))
@@ -389,7 +398,7 @@ impl ShardState {
         }
         debug_assert!(!is_system(&account));
         self.accounts.insert(account.clone(), Slot { creating: true, ..Slot::new(&meta, 0, 0) });
-        let cmd = Command::Create(CreateCmd { account, meta, initial, reply });
+        let cmd = Command::Create(CreateCmd { account, meta, initial, user, reply });
         if let Err(Command::Create(c)) = self.journal.send(cmd).map_err(|c| *c) {
             self.accounts.remove(&*c.account);
             c.reply.err(ApiError::internal("the journal has stopped"));

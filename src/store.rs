@@ -530,6 +530,18 @@ pub fn get_user(db: &Database, user: &str) -> Result<Option<UserRecord>, StoreEr
     users.get(user)?.map(|v| UserRecord::decode(v.value())).transpose()
 }
 
+/// Reads every user (start-up: the registry of token epochs).
+pub fn load_users(db: &Database) -> Result<Vec<UserRecord>, StoreError> {
+    let txn = db.begin_read()?;
+    let users = txn.open_table(USERS)?;
+    let mut out = Vec::new();
+    for row in users.iter()? {
+        let (_, v) = row?;
+        out.push(UserRecord::decode(v.value())?);
+    }
+    Ok(out)
+}
+
 /// Writes one user directly (start-up only, before the journal runs).
 pub fn put_user(db: &Database, user: &UserRecord) -> Result<(), StoreError> {
     let txn = db.begin_write()?;

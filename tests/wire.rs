@@ -116,8 +116,7 @@ async fn text_mode_over_a_plain_socket() {
     assert_eq!(say("transfer from=alice to=\"bob").await["err"]["code"], "bad_request");
     let help = say("help").await;
     assert!(help["ok"].as_array().unwrap().iter().any(|o| o == "transfer"));
-    let c = s.admin().await;
-    assert_eq!(balance(&c, "alice").await, 30);
+    assert_eq!(say("balance account=alice").await["ok"]["balance"], 30);
 }
 
 #[tokio::test]

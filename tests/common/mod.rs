@@ -18,6 +18,9 @@ pub struct Server {
     pub data: PathBuf,
     _dir: Option<tempfile::TempDir>,
     env: Vec<(String, String)>,
+    /// The admin token: a new login would revoke every older one, so the
+    /// test's admin connections share one token.
+    admin_token: std::sync::Mutex<Option<String>>,
 }
 
 impl Server {
@@ -32,7 +35,7 @@ impl Server {
         let data = dir.path().join("data");
         let env: Vec<(String, String)> = env.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())).collect();
         let (child, addr) = spawn(&data, &env);
-        Server { addr, child, data, _dir: Some(dir), env }
+        Server { addr, child, data, _dir: Some(dir), env, admin_token: std::sync::Mutex::new(None) }
     }
 
     /// Kills the server with SIGKILL: no shutdown code runs.
@@ -53,9 +56,19 @@ impl Server {
         Client::connect(self.addr).await.expect("connect")
     }
 
+    /// A connection bound to the admin (logs in once, then reuses the token).
     pub async fn admin(&self) -> Client {
         let c = self.client().await;
-        c.login("admin", ADMIN_PASSWORD).await.expect("admin login");
+        let token = self.admin_token.lock().unwrap().clone();
+        match token {
+            Some(t) => {
+                c.call("auth", json!({ "token": t })).await.expect("admin auth");
+            }
+            None => {
+                let r = c.login("admin", ADMIN_PASSWORD).await.expect("admin login");
+                *self.admin_token.lock().unwrap() = Some(r["token"].as_str().unwrap().to_owned());
+            }
+        }
         c
     }
 }

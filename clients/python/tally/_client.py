@@ -325,6 +325,7 @@ class AsyncClient(_Ops):
         self._pending: Dict[int, "asyncio.Future[Any]"] = {}
         self._ids = itertools.count(1)
         self._task: Optional["asyncio.Task[None]"] = None
+        self._lost: Optional[Exception] = None
 
     @classmethod
     async def connect(cls, host: str = "127.0.0.1", port: int = 7707, timeout: Optional[float] = 10.0) -> "AsyncClient":
@@ -379,7 +380,8 @@ class AsyncClient(_Ops):
                 if fut is not None and not fut.done():
                     fut.set_result(_result(reply))
         except (asyncio.IncompleteReadError, OSError, TallyConnectionError) as e:
-            self._fail_all(TallyConnectionError(f"connection lost: {e}"))
+            self._lost = TallyConnectionError(f"connection lost: {e}")
+            self._fail_all(self._lost)
         except asyncio.CancelledError:
             pass
 
@@ -387,6 +389,8 @@ class AsyncClient(_Ops):
         """Sends one request and awaits its ``ok`` value (raises :class:`TallyError`)."""
         if self._writer is None:
             raise TallyConnectionError("not connected")
+        if self._lost is not None:
+            raise self._lost
         rid = next(self._ids)
         fut: "asyncio.Future[Any]" = asyncio.get_running_loop().create_future()
         self._pending[rid] = fut

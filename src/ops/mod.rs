@@ -4,19 +4,19 @@
 
 use std::sync::Arc;
 
-use crate::auth::{self, Principal};
-use crate::constants::{
-    PAGE_LIMIT_DEFAULT, PAGE_LIMIT_MAX, PASSWORD_BYTES_MAX, TAGS_PER_ACCOUNT_MAX, TAG_BYTES_MAX, USER_ID_BYTES_MAX,
-};
+mod users;
+
+use crate::auth::Principal;
+use crate::constants::{PAGE_LIMIT_DEFAULT, PAGE_LIMIT_MAX, TAGS_PER_ACCOUNT_MAX, TAG_BYTES_MAX, USER_ID_BYTES_MAX};
 use crate::error::{ApiError, ErrorCode};
 use crate::frame::decode_args;
 use crate::ledger::{self, is_system, Kind, MINT};
 use crate::protocol::{
-    AccountArg, AuditReply, AuthArgs, AuthReply, CreateAccountArgs, GetTransferArgs, HelloReply, HistoryArgs,
-    LoginArgs, LoginReply, MintArgs, NoArgs, Reply, StatsReply, TransferArgs, OPS, PROTOCOL_VERSION,
+    AccountArg, AuditReply, AuthArgs, ChangePasswordArgs, CreateAccountArgs, GetTransferArgs, HelloReply, HistoryArgs,
+    LoginArgs, MintArgs, NoArgs, Reply, SignupArgs, StatsReply, TransferArgs, OPS, PROTOCOL_VERSION,
 };
 use crate::reply::ReplyTo;
-use crate::server::{role_of, Ctx, Session};
+use crate::server::{Ctx, Session};
 use crate::shard::{DebitReq, HistoryReq, ReadKind, ShardMsg};
 use crate::stats::Stats;
 use crate::store::{self, AccountMeta};
@@ -39,10 +39,6 @@ macro_rules! check {
             Err(e) => return $reply.err(e.into()),
         }
     };
-}
-
-fn unauthenticated() -> ApiError {
-    ApiError::new(ErrorCode::Unauthenticated, "log in first (login or auth)")
 }
 
 fn admin_only(p: &Principal) -> Result<(), ApiError> {
@@ -68,9 +64,11 @@ fn account_id(id: &str) -> Result<(), ApiError> {
     ledger::validate_account_id(id).map_err(ApiError::from)
 }
 
-/// Handles one request. Only `login` and `auth` are awaited here (they bind
-/// the connection, so the next request must see their outcome); every other
-/// op is handed on and answered through `reply` whenever it finishes.
+/// Handles one request. Ops that bind or unbind the connection (`login`,
+/// `auth`, `logout`, `change_password`) and `signup` (which hashes a
+/// password) are awaited here, so the connection's next request sees their
+/// outcome; every other op is handed on and answered through `reply`
+/// whenever it finishes.
 pub async fn dispatch(ctx: &Arc<Ctx>, session: &mut Session, op: &str, args: &[u8], reply: ReplyTo) {
     match op {
         "hello" => {
@@ -89,75 +87,41 @@ pub async fn dispatch(ctx: &Arc<Ctx>, session: &mut Session, op: &str, args: &[u
             args!(NoArgs, args, reply);
             reply.ok(Reply::List(OPS));
         }
+        "signup" => {
+            let a = args!(SignupArgs, args, reply);
+            let (meta, user) = check!(users::signup(ctx, a).await, reply);
+            let account = user.user.clone();
+            ctx.router.send(
+                &account,
+                ShardMsg::Create { account: account.as_str().into(), meta, initial: 0, user: Some(user), reply },
+            );
+        }
         "login" => {
             let a = args!(LoginArgs, args, reply);
-            let r = login(ctx, session, a).await;
-            reply.send(r);
+            reply.send(users::login(ctx, session, a).await);
         }
         "auth" => {
             let a = args!(AuthArgs, args, reply);
-            let r = bind_token(ctx, session, &a.token).await;
-            reply.send(r);
+            reply.send(users::bind_token(ctx, session, &a.token));
         }
         _ => {
             if !OPS.contains(&op) {
                 return reply.err(ApiError::new(ErrorCode::UnknownOp, format!("unknown op {op:?}: try help")));
             }
-            let Some(principal) = session.principal.clone() else {
-                return reply.err(unauthenticated());
-            };
-            authed(ctx, principal, op, args, reply);
+            let p = check!(users::current(ctx, session), reply);
+            match op {
+                "logout" => {
+                    args!(NoArgs, args, reply);
+                    reply.send(users::logout(ctx, session, &p).await);
+                }
+                "change_password" => {
+                    let a = args!(ChangePasswordArgs, args, reply);
+                    reply.send(users::change_password(ctx, session, &p, a).await);
+                }
+                _ => authed(ctx, p, op, args, reply),
+            }
         }
     }
-}
-
-async fn login(ctx: &Arc<Ctx>, session: &mut Session, a: LoginArgs) -> Result<Reply, ApiError> {
-    let denied = || ApiError::new(ErrorCode::Unauthenticated, "wrong user or password");
-    if a.user.len() > USER_ID_BYTES_MAX || a.password.len() > PASSWORD_BYTES_MAX {
-        return Err(denied());
-    }
-    let db = ctx.db.clone();
-    let user = a.user.clone();
-    let checked = tokio::task::spawn_blocking(move || -> Result<Option<store::UserRecord>, ApiError> {
-        let Some(u) = store::get_user(&db, &user)? else {
-            // Spend the same time as a real check so timing does not reveal
-            // which user ids exist.
-            let _ = auth::verify_password(&a.password, DUMMY_HASH);
-            return Ok(None);
-        };
-        Ok(auth::verify_password(&a.password, &u.password_hash).then_some(u))
-    })
-    .await
-    .map_err(|_| ApiError::internal("login failed"))??;
-    let Some(u) = checked else {
-        return Err(denied());
-    };
-    let role = role_of(&u);
-    let (token, expires_at) = ctx.tokens.issue(&u.user, role, u.token_epoch)?;
-    session.principal = Some(Principal { user: u.user.as_str().into(), role });
-    Ok(Reply::Login(LoginReply { token, expires_at, user: u.user, role: role.as_str() }))
-}
-
-/// An argon2id hash of a random password, checked against when the user
-/// does not exist.
-const DUMMY_HASH: &str =
-    "$argon2id$v=19$m=19456,t=2,p=1$c29tZXNhbHRzb21lc2FsdA$2/2D7Jm9d0hXhm1NHxu0Vn6cUHxYCOqGKq/KCN4cVJ8";
-
-async fn bind_token(ctx: &Arc<Ctx>, session: &mut Session, token: &str) -> Result<Reply, ApiError> {
-    let claims = ctx.tokens.check(token)?;
-    let db = ctx.db.clone();
-    let sub = claims.sub.clone();
-    let user = tokio::task::spawn_blocking(move || store::get_user(&db, &sub))
-        .await
-        .map_err(|_| ApiError::internal("auth failed"))??;
-    let revoked = || ApiError::new(ErrorCode::Unauthenticated, "the token was revoked");
-    let Some(u) = user else { return Err(revoked()) };
-    if u.token_epoch != claims.ep {
-        return Err(revoked());
-    }
-    let role = role_of(&u);
-    session.principal = Some(Principal { user: u.user.as_str().into(), role });
-    Ok(Reply::Auth(AuthReply { user: u.user, role: role.as_str() }))
 }
 
 fn authed(ctx: &Arc<Ctx>, p: Principal, op: &str, args: &[u8], reply: ReplyTo) {
@@ -167,10 +131,7 @@ fn authed(ctx: &Arc<Ctx>, p: Principal, op: &str, args: &[u8], reply: ReplyTo) {
             let db = ctx.db.clone();
             blocking(reply, move || {
                 let u = store::get_user(&db, &p.user)?.ok_or_else(|| ApiError::not_found("user"))?;
-                Ok(Reply::Json(serde_json::json!({
-                    "user": u.user, "name": u.name, "email": u.email, "role": u.role,
-                    "group": u.group, "events": u.events,
-                })))
+                Ok(Reply::Json(crate::protocol::user_view(&u)))
             });
         }
         "balance" | "account" => {
@@ -199,7 +160,10 @@ fn authed(ctx: &Arc<Ctx>, p: Principal, op: &str, args: &[u8], reply: ReplyTo) {
             check!(admin_only(&p), reply);
             let a = args!(CreateAccountArgs, args, reply);
             let (account, meta, initial) = check!(validate_create(ctx, a), reply);
-            ctx.router.send(&account, ShardMsg::Create { account: account.as_str().into(), meta, initial, reply });
+            ctx.router.send(
+                &account,
+                ShardMsg::Create { account: account.as_str().into(), meta, initial, user: None, reply },
+            );
         }
         "history" => {
             let a = args!(HistoryArgs, args, reply);
@@ -227,7 +191,7 @@ fn authed(ctx: &Arc<Ctx>, p: Principal, op: &str, args: &[u8], reply: ReplyTo) {
                             .is_some_and(|m| m.owner.as_deref() == Some(&*p.user))
                     });
                     if !party {
-                        return Err(ApiError::not_found(format!("transfer {}", a.id)));
+                        return Err(ApiError::forbidden(format!("transfer {} is not yours", a.id)));
                     }
                 }
                 Ok(Reply::Transfer(Arc::new(t)))
