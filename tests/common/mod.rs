@@ -34,7 +34,8 @@ impl Server {
         let dir = tempfile::tempdir().expect("temp dir");
         let data = dir.path().join("data");
         let env: Vec<(String, String)> = env.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())).collect();
-        let (child, addr) = spawn(&data, &env);
+        let log = env.iter().any(|(k, _)| k == "TALLY_LOG").then(|| dir.path().join("server.log"));
+        let (child, addr) = spawn(&data, &env, log.as_deref());
         Server { addr, child, data, _dir: Some(dir), env, admin_token: std::sync::Mutex::new(None) }
     }
 
@@ -47,7 +48,7 @@ impl Server {
     /// Starts the server again on the same data folder (new port).
     pub fn restart(&mut self) {
         self.kill9();
-        let (child, addr) = spawn(&self.data, &self.env);
+        let (child, addr) = spawn(&self.data, &self.env, None);
         self.child = child;
         self.addr = addr;
     }
@@ -79,14 +80,23 @@ impl Drop for Server {
     }
 }
 
-fn spawn(data: &Path, env: &[(String, String)]) -> (Child, SocketAddr) {
+/// The server's log file, when the test set `TALLY_LOG` (else it goes to the test's stderr).
+pub fn log_path(s: &Server) -> PathBuf {
+    s.data.parent().expect("data has a parent").join("server.log")
+}
+
+fn spawn(data: &Path, env: &[(String, String)], log: Option<&Path>) -> (Child, SocketAddr) {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_tally"));
+    let stderr = match log {
+        Some(p) => Stdio::from(std::fs::File::create(p).expect("log file")),
+        None => Stdio::inherit(),
+    };
     cmd.args(["serve", "--listen", "127.0.0.1:0", "--data"])
         .arg(data)
         .env("TALLY_AUTH_ADMIN_PASSWORD", ADMIN_PASSWORD)
         .env("TALLY_LOG", "warn")
         .stdout(Stdio::piped())
-        .stderr(Stdio::inherit());
+        .stderr(stderr);
     for (k, v) in env {
         cmd.env(k, v);
     }
@@ -104,9 +114,9 @@ fn spawn(data: &Path, env: &[(String, String)]) -> (Child, SocketAddr) {
 }
 
 /// The error code of a failed call; panics if the call succeeded.
-pub fn code(r: Result<Value, ClientError>) -> String {
+pub fn code<T: std::fmt::Debug>(r: Result<T, ClientError>) -> String {
     match r {
-        Ok(v) => panic!("expected an error, got {v}"),
+        Ok(v) => panic!("expected an error, got {v:?}"),
         Err(e) => e.code().unwrap_or_else(|| panic!("expected a server error, got {e}")).to_owned(),
     }
 }
