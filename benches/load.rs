@@ -41,6 +41,7 @@ struct Opts {
     pipeline: usize,
     workload: Workload,
     reads_pct: u32,
+    logins: usize,
     json: bool,
 }
 
@@ -56,6 +57,7 @@ fn parse_opts() -> Opts {
         pipeline: 64,
         workload: Workload::Uniform,
         reads_pct: 0,
+        logins: 0,
         json: false,
     };
     let mut args = std::env::args().skip(1);
@@ -70,6 +72,7 @@ fn parse_opts() -> Opts {
             "--connections" => o.connections = val().parse().expect("--connections C"),
             "--pipeline" => o.pipeline = val().parse().expect("--pipeline P"),
             "--reads" => o.reads_pct = val().parse().expect("--reads PCT"),
+            "--logins" => o.logins = val().parse().expect("--logins K"),
             "--workload" => {
                 o.workload = match val().as_str() {
                     "uniform" => Workload::Uniform,
@@ -307,6 +310,30 @@ async fn main() {
         let seed = 0x9E37_79B9_7F4A_7C15 ^ ((i as u64 + 1) * 0x1234_5678_9abc);
         tasks.push(tokio::spawn(drive(stream, o.clone(), seed, stop.clone(), totals.clone())));
     }
+    // Optional login storm: K users logging in over and over while the
+    // transfers run (each login is an argon2 check plus a durable commit).
+    let mut login_tasks = Vec::new();
+    for k in 0..o.logins {
+        let (addr, stop) = (addr.clone(), stop.clone());
+        login_tasks.push(tokio::spawn(async move {
+            let c = Client::connect(addr.as_str()).await.unwrap();
+            let user = format!("bench-login-{k}-{}", std::process::id());
+            let password = "bench login password";
+            let _ = c
+                .call(
+                    "signup",
+                    json!({"user": user, "name": "Bench", "email": "bench@example.org", "password": password}),
+                )
+                .await;
+            let mut hist = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).unwrap();
+            while !stop.load(Ordering::Relaxed) {
+                let t0 = Instant::now();
+                c.login(&user, password).await.expect("login");
+                let _ = hist.record(t0.elapsed().as_micros() as u64);
+            }
+            hist
+        }));
+    }
     let deadline = start + Duration::from_secs_f64(o.duration_s);
     let mut last = 0;
     while Instant::now() < deadline {
@@ -324,6 +351,19 @@ async fn main() {
     let transfers = totals.transfers.load(Ordering::Relaxed);
     let reads = totals.reads.load(Ordering::Relaxed);
     let errors = totals.errors.lock().unwrap().clone();
+    let mut logins = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).unwrap();
+    for t in login_tasks {
+        logins.add(t.await.unwrap()).unwrap();
+    }
+    if o.logins > 0 {
+        println!(
+            "logins {} ({:.0}/s), login latency us: p50 {} p99 {}",
+            logins.len(),
+            logins.len() as f64 / seconds,
+            logins.value_at_quantile(0.5),
+            logins.value_at_quantile(0.99)
+        );
+    }
 
     let after = admin.call("stats", json!({})).await.unwrap();
     let server_transfers = after["transfers"].as_u64().unwrap() - before["transfers"].as_u64().unwrap();
