@@ -6,8 +6,8 @@ use std::path::{Path, PathBuf};
 use serde::Deserialize;
 
 use crate::constants::{
-    COMMIT_BATCH_MAX, CONNECTIONS_MAX, DATA_DEFAULT, FRAME_BYTES_MAX, INFLIGHT_MAX, INFLIGHT_PER_CONNECTION_MAX,
-    LISTEN_DEFAULT, SHARDS_DEFAULT, TOKEN_TTL_S_DEFAULT,
+    COMMIT_BATCH_MAX, CONNECTIONS_MAX, DATA_DEFAULT, FRAME_BYTES_MAX, FRAME_READ_TIMEOUT_MS, INFLIGHT_MAX,
+    INFLIGHT_PER_CONNECTION_MAX, LISTEN_DEFAULT, SHARDS_DEFAULT, TOKEN_TTL_S_DEFAULT,
 };
 
 /// A configuration that cannot be used.
@@ -84,6 +84,8 @@ pub struct LimitsConfig {
     pub inflight_per_connection_max: usize,
     pub inflight_max: usize,
     pub commit_batch_max: usize,
+    /// How long a peer may take to finish a frame or line it has started.
+    pub frame_timeout_ms: u64,
 }
 
 #[derive(Clone, Debug, Default, Deserialize)]
@@ -139,6 +141,7 @@ impl Default for LimitsConfig {
             inflight_per_connection_max: INFLIGHT_PER_CONNECTION_MAX,
             inflight_max: INFLIGHT_MAX,
             commit_batch_max: COMMIT_BATCH_MAX,
+            frame_timeout_ms: FRAME_READ_TIMEOUT_MS,
         }
     }
 }
@@ -159,6 +162,7 @@ const KEYS: &[(&str, &[&str])] = &[
             "inflight_per_connection_max",
             "inflight_max",
             "commit_batch_max",
+            "frame_timeout_ms",
         ],
     ),
     ("policy", &["min_events", "fee_same_group_bps", "fee_cross_group_bps"]),
@@ -303,6 +307,9 @@ impl Config {
         }
         if self.policy.fee_same_group_bps > 10_000 || self.policy.fee_cross_group_bps > 10_000 {
             return bad("fees are at most 10000 basis points");
+        }
+        if !(100..=600_000).contains(&self.limits.frame_timeout_ms) {
+            return bad("limits.frame_timeout_ms must be 100..=600000");
         }
         if self.auth.token_ttl_s == 0 {
             return bad("auth.token_ttl_s must be positive");

@@ -301,5 +301,17 @@ pub fn encode_request<A: Serialize>(
     Ok(())
 }
 
+/// Encodes a request frame into a new buffer (tests and tools).
+///
+/// # Panics
+///
+/// If `args` cannot be encoded as MessagePack (a serializer error).
+#[must_use]
+pub fn encode_request_vec<A: Serialize>(id: u64, op: &str, args: &A) -> Vec<u8> {
+    let mut out = BytesMut::new();
+    encode_request(&mut out, id, op, args).expect("args encode as MessagePack");
+    out.to_vec()
+}
+
 #[cfg(test)]
 mod tests;

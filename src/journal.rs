@@ -77,6 +77,8 @@ pub enum Command {
     Transfer(TransferCmd),
     Create(CreateCmd),
     User(UserCmd),
+    /// Commit what is queued, write a full checkpoint, stop, then answer.
+    Shutdown(tokio::sync::oneshot::Sender<()>),
 }
 
 /// What a committed transfer got.
@@ -297,6 +299,8 @@ impl Journal {
                         };
                         outcomes.push(Outcome::Transfer(t, result));
                     }
+                    // Taken out of the batch before writing.
+                    Command::Shutdown(_) => {}
                     Command::User(u) => {
                         let existing = users.get(&*u.user)?.map(|v| UserRecord::decode(v.value())).transpose()?;
                         let result = match existing {
