@@ -222,6 +222,33 @@ mod tests {
         assert_eq!(l.args[1].1, TextValue::Str("99999999999999999999".into()));
     }
 
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(4096))]
+
+        /// Stand-in for the cargo-fuzz target when nightly is missing:
+        /// any line parses or fails cleanly, and what parses re-encodes to
+        /// a valid MessagePack map.
+        #[test]
+        fn any_line_parses_or_fails_cleanly(line in "\\PC{0,200}") {
+            if let Ok(parsed) = parse_line(&line) {
+                let args = parsed.args_msgpack();
+                proptest::prop_assert!(crate::frame::validate_value(&args).is_ok());
+            }
+        }
+
+        #[test]
+        fn lines_of_request_shape_parse_or_fail_cleanly(
+            op in "[a-z_]{1,12}",
+            pairs in proptest::collection::vec(("[a-z]{1,6}", "(\"[^\"]{0,10}\"|[-0-9a-z\\[\\],]{0,12})"), 0..6),
+        ) {
+            let line = pairs.iter().fold(op.clone(), |l, (k, v)| format!("{l} {k}={v}"));
+            if let Ok(parsed) = parse_line(&line) {
+                proptest::prop_assert_eq!(&parsed.op, &op);
+                proptest::prop_assert!(crate::frame::validate_value(&parsed.args_msgpack()).is_ok());
+            }
+        }
+    }
+
     #[test]
     fn refuses_bad_lines() {
         for line in ["", "   ", "op novalue", "op k=\"open", "op =v", r#"op k="a"b"#, r#"op k="\q""#] {
