@@ -18,7 +18,7 @@ use redb::{Database, Durability, ReadableTable};
 
 use crate::auth::{UserState, Users};
 use crate::error::{ApiError, ErrorCode};
-use crate::ledger::{Applied, Book, Kind, MINT, TREASURY};
+use crate::ledger::{is_system, Applied, Book, Kind, Mode, Status, MINT, TREASURY};
 use crate::protocol::{AccountView, Reply, TransferView};
 use crate::reply::ReplyTo;
 use crate::shard::{Effect, ShardMsg, ShardRouter};
@@ -31,7 +31,8 @@ const SWEEP_COMMITS: usize = 64;
 /// The fewest account numbers a commit sweeps.
 const SWEEP_CHUNK_MIN: usize = 4096;
 
-/// A transfer whose source has been checked (and, if `reserved`, reserved) by its owner.
+/// A transfer whose source has been checked (and, with `Mode::Reserved`,
+/// reserved) by its owner.
 pub struct TransferCmd {
     pub kind: Kind,
     pub from: Box<str>,
@@ -40,8 +41,49 @@ pub struct TransferCmd {
     pub fee: i64,
     pub memo: Option<Box<str>>,
     pub key: Option<Box<str>>,
-    /// The source's owner reserved `amount` and waits for it to be settled.
-    pub reserved: bool,
+    pub mode: Mode,
+    /// What the reply looks like.
+    pub shape: Shape,
+    pub reply: ReplyTo,
+}
+
+/// The reply a committed transfer gets.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Shape {
+    /// The transfer record with both balances.
+    Transfer,
+    /// `add`: `{account, balance, change, transfer}`.
+    Add { account: Box<str>, delta: i64 },
+}
+
+/// `delete_account`: move the balance to `@mint` and leave a tombstone.
+pub struct CloseCmd {
+    pub account: Box<str>,
+    pub reason: String,
+    pub reply: ReplyTo,
+}
+
+/// `tag`: change an account's tags.
+pub struct TagCmd {
+    pub account: Box<str>,
+    pub add: Vec<String>,
+    pub remove: Vec<String>,
+    pub reply: ReplyTo,
+}
+
+/// `bulk_add`: add `delta` to every open account with `tag`, all or nothing.
+pub struct BulkCmd {
+    pub tag: String,
+    pub delta: i64,
+    pub memo: Option<String>,
+    pub force: bool,
+    pub reply: ReplyTo,
+}
+
+/// `reap`: delete every open client account whose balance is below `below`.
+pub struct ReapCmd {
+    pub below: i64,
+    pub reason: String,
     pub reply: ReplyTo,
 }
 
@@ -77,6 +119,10 @@ pub enum Command {
     Transfer(TransferCmd),
     Create(CreateCmd),
     User(UserCmd),
+    Close(CloseCmd),
+    Tag(TagCmd),
+    Bulk(BulkCmd),
+    Reap(ReapCmd),
     /// Commit what is queued, write a full checkpoint, stop, then answer.
     Shutdown(tokio::sync::oneshot::Sender<()>),
 }
@@ -94,6 +140,16 @@ enum Outcome {
     Transfer(TransferCmd, Result<Done, ApiError>),
     Create(CreateCmd, Result<Option<Done>, ApiError>),
     User(UserCmd, Result<UserRecord, ApiError>),
+    /// An admin change: its reply, and the changes owners must hear of.
+    Admin(ReplyTo, Result<(Reply, Vec<AdminEffect>), ApiError>),
+}
+
+/// What an admin change did to one account, for its owner.
+enum AdminEffect {
+    /// A committed transfer the owners did not reserve.
+    Moved { from: Box<str>, to: Box<str>, amount: i64, id: u64 },
+    Deleted(Box<str>),
+    Tagged(Box<str>, Vec<String>),
 }
 
 /// Handle used by shards to queue commands.
@@ -171,8 +227,12 @@ impl Journal {
         let head_before = self.head;
         let items = batch.len() as u64;
         let mut outcomes = Vec::with_capacity(batch.len());
-        if let Err(e) = self.write(batch.drain(..), buf, &mut outcomes) {
+        let mut commands = batch.drain(..);
+        let written = self.write(&mut commands, buf, &mut outcomes);
+        if let Err(e) = written {
             tracing::error!(error = %e, "commit failed; the batch is refused");
+            // Every command still gets an answer: those not reached too.
+            outcomes.extend(commands.filter_map(refused));
             // Nothing of this batch reached the disk. Rebuild the book from
             // what did; if even that fails the disk is gone, and stopping is
             // the only answer that cannot serve wrong balances.
@@ -189,6 +249,7 @@ impl Journal {
                     Outcome::Transfer(_, r) => *r = Err(failed.clone()),
                     Outcome::Create(_, r) => *r = Err(failed.clone()),
                     Outcome::User(_, r) => *r = Err(failed.clone()),
+                    Outcome::Admin(_, r) => *r = Err(failed.clone()),
                 }
             }
             return outcomes;
@@ -199,14 +260,7 @@ impl Journal {
 
     /// Appends one record: links it into its parties' histories, hashes it
     /// onto the chain and moves the head.
-    fn append(
-        &mut self,
-        transfers: &mut redb::Table<'_, u64, &[u8]>,
-        keys: &mut redb::Table<'_, (&str, &str), u64>,
-        buf: &mut Vec<u8>,
-        fields: Fields<'_>,
-        applied: Applied,
-    ) -> Result<Done, StoreError> {
+    fn append(&mut self, t: &mut Tables<'_>, buf: &mut Vec<u8>, fields: Fields<'_>, applied: Applied) -> Result<Done, StoreError> {
         let id = self.head.id + 1;
         let links = self.book.link(id, fields.from, fields.to, fields.fee > 0);
         let rec = RecordRef {
@@ -225,9 +279,9 @@ impl Journal {
         buf.clear();
         rec.encode(buf);
         let hash = store::record_hash(buf);
-        transfers.insert(id, &buf[..])?;
+        t.transfers.insert(id, &buf[..])?;
         if let Some(key) = fields.key {
-            keys.insert((fields.from, key), id)?;
+            t.keys.insert((fields.from, key), id)?;
         }
         let prev = self.head.hash;
         self.head = Head { id, hash };
@@ -266,104 +320,24 @@ impl Journal {
 
     fn write(
         &mut self,
-        commands: impl Iterator<Item = Command>,
+        commands: &mut impl Iterator<Item = Command>,
         buf: &mut Vec<u8>,
         outcomes: &mut Vec<Outcome>,
     ) -> Result<(), StoreError> {
         let mut txn = self.db.begin_write()?;
         txn.set_durability(Durability::Immediate).map_err(|e| StoreError::Corrupt(format!("durability: {e}")))?;
         {
-            let mut transfers = txn.open_table(store::TRANSFERS)?;
-            let mut keys = txn.open_table(store::KEYS)?;
-            let mut accounts = txn.open_table(store::ACCOUNTS)?;
-            let mut users = txn.open_table(store::USERS)?;
+            let mut tables = Tables {
+                transfers: txn.open_table(store::TRANSFERS)?,
+                keys: txn.open_table(store::KEYS)?,
+                accounts: txn.open_table(store::ACCOUNTS)?,
+                users: txn.open_table(store::USERS)?,
+                tags: txn.open_table(store::TAGS)?,
+                owners: txn.open_table(store::OWNERS)?,
+            };
             let time = store::now_ms();
-            for cmd in commands {
-                match cmd {
-                    Command::Transfer(t) => {
-                        let result = match self.book.transfer(&t.from, &t.to, t.amount, t.fee, t.reserved) {
-                            Err(e) => Err(ApiError::from(e)),
-                            Ok(applied) => {
-                                let fields = Fields {
-                                    kind: t.kind,
-                                    from: &t.from,
-                                    to: &t.to,
-                                    amount: t.amount,
-                                    fee: t.fee,
-                                    memo: t.memo.as_deref(),
-                                    key: t.key.as_deref(),
-                                    time,
-                                };
-                                Ok(self.append(&mut transfers, &mut keys, buf, fields, applied)?)
-                            }
-                        };
-                        outcomes.push(Outcome::Transfer(t, result));
-                    }
-                    // Taken out of the batch before writing.
-                    Command::Shutdown(_) => {}
-                    Command::User(u) => {
-                        let existing = users.get(&*u.user)?.map(|v| UserRecord::decode(v.value())).transpose()?;
-                        let result = match existing {
-                            None => Err(ApiError::not_found(format!("user {}", u.user))),
-                            Some(mut record) => {
-                                if let UserChange::Password(hash) = &u.change {
-                                    record.password_hash.clone_from(hash);
-                                }
-                                record.token_epoch += 1;
-                                users.insert(&*u.user, &record.encode()[..])?;
-                                Ok(record)
-                            }
-                        };
-                        outcomes.push(Outcome::User(u, result));
-                    }
-                    Command::Create(mut c) => {
-                        let taken = match &c.user {
-                            Some(u) => users.get(u.user.as_str())?.is_some(),
-                            None => false,
-                        };
-                        let created = if taken {
-                            Err(ApiError::new(ErrorCode::Exists, format!("user {} exists", c.account)))
-                        } else {
-                            self.book.create(&c.account).map_err(ApiError::from)
-                        };
-                        let result = match created {
-                            Err(e) => Err(e),
-                            Ok(num) => {
-                                c.meta.num = num;
-                                if let Some(u) = &c.user {
-                                    users.insert(u.user.as_str(), &u.encode()[..])?;
-                                }
-                                accounts.insert(&*c.account, &c.meta.encode()[..])?;
-                                if c.initial > 0 {
-                                    match self.book.transfer(MINT, &c.account, c.initial, 0, false) {
-                                        Err(e) => {
-                                            // The account and its funding are one step: undo the create.
-                                            self.book.uncreate(&c.account);
-                                            accounts.remove(&*c.account)?;
-                                            Err(ApiError::from(e))
-                                        }
-                                        Ok(applied) => {
-                                            let fields = Fields {
-                                                kind: Kind::Mint,
-                                                from: MINT,
-                                                to: &c.account,
-                                                amount: c.initial,
-                                                fee: 0,
-                                                memo: c.meta.memo.as_deref(),
-                                                key: None,
-                                                time,
-                                            };
-                                            Ok(Some(self.append(&mut transfers, &mut keys, buf, fields, applied)?))
-                                        }
-                                    }
-                                } else {
-                                    Ok(None)
-                                }
-                            }
-                        };
-                        outcomes.push(Outcome::Create(c, result));
-                    }
-                }
+            for cmd in commands.by_ref() {
+                self.apply(&mut tables, buf, time, cmd, outcomes)?;
             }
             self.sweep(&txn)?;
             let mut meta = txn.open_table(store::META)?;
@@ -371,6 +345,331 @@ impl Journal {
         }
         txn.commit()?;
         Ok(())
+    }
+
+    /// Applies one command and records its outcome, also when storage fails
+    /// (then the outcome is an error and the whole commit is abandoned).
+    fn apply(
+        &mut self,
+        t: &mut Tables<'_>,
+        buf: &mut Vec<u8>,
+        time: u64,
+        cmd: Command,
+        outcomes: &mut Vec<Outcome>,
+    ) -> Result<(), StoreError> {
+        match cmd {
+            Command::Transfer(c) => {
+                let (r, e) = split(self.apply_transfer(t, buf, time, &c));
+                outcomes.push(Outcome::Transfer(c, r));
+                e
+            }
+            Command::Create(mut c) => {
+                let (r, e) = split(self.apply_create(t, buf, time, &mut c));
+                outcomes.push(Outcome::Create(c, r));
+                e
+            }
+            Command::User(u) => {
+                let (r, e) = split(apply_user(t, &u));
+                outcomes.push(Outcome::User(u, r));
+                e
+            }
+            Command::Close(c) => {
+                let r = self.close(t, buf, time, &c.account, &c.reason).map(|r| {
+                    r.map(|(deleted, effects)| (Reply::Json(serde_json::json!({ "deleted": deleted })), effects))
+                });
+                let (r, e) = split(r);
+                outcomes.push(Outcome::Admin(c.reply, r));
+                e
+            }
+            Command::Tag(c) => {
+                let (r, e) = split(self.tag(t, &c.account, &c.add, &c.remove));
+                outcomes.push(Outcome::Admin(c.reply, r));
+                e
+            }
+            Command::Bulk(c) => {
+                let (r, e) = split(self.bulk(t, buf, time, &c));
+                outcomes.push(Outcome::Admin(c.reply, r));
+                e
+            }
+            Command::Reap(c) => {
+                let (r, e) = split(self.reap(t, buf, time, c.below, &c.reason));
+                outcomes.push(Outcome::Admin(c.reply, r));
+                e
+            }
+            // Taken out of the batch before writing.
+            Command::Shutdown(done) => {
+                let _ = done.send(());
+                Ok(())
+            }
+        }
+    }
+
+    fn apply_transfer(&mut self, t: &mut Tables<'_>, buf: &mut Vec<u8>, time: u64, c: &TransferCmd) -> Admin<Done> {
+        let applied = match self.book.transfer(&c.from, &c.to, c.amount, c.fee, c.mode) {
+            Ok(a) => a,
+            Err(e) => return Ok(Err(e.into())),
+        };
+        let fields = Fields {
+            kind: c.kind,
+            from: &c.from,
+            to: &c.to,
+            amount: c.amount,
+            fee: c.fee,
+            memo: c.memo.as_deref(),
+            key: c.key.as_deref(),
+            time,
+        };
+        Ok(Ok(self.append(t, buf, fields, applied)?))
+    }
+
+    /// Creates an account (and, for a signup, its user), funded from `@mint`
+    /// in the same step.
+    fn apply_create(&mut self, t: &mut Tables<'_>, buf: &mut Vec<u8>, time: u64, c: &mut CreateCmd) -> Admin<Option<Done>> {
+        if let Some(u) = &c.user {
+            if t.users.get(u.user.as_str())?.is_some() {
+                return Ok(Err(ApiError::new(ErrorCode::Exists, format!("user {} exists", c.account))));
+            }
+        }
+        let num = match self.book.create(&c.account) {
+            Ok(n) => n,
+            Err(e) => return Ok(Err(e.into())),
+        };
+        c.meta.num = num;
+        if c.initial > 0 {
+            let applied = match self.book.transfer(MINT, &c.account, c.initial, 0, Mode::Unreserved) {
+                Ok(a) => a,
+                Err(e) => {
+                    // The account and its funding are one step: undo the create.
+                    self.book.uncreate(&c.account);
+                    return Ok(Err(e.into()));
+                }
+            };
+            if let Some(u) = &c.user {
+                t.users.insert(u.user.as_str(), &u.encode()[..])?;
+            }
+            t.put_account(&c.account, &c.meta)?;
+            let fields = Fields {
+                kind: Kind::Mint,
+                from: MINT,
+                to: &c.account,
+                amount: c.initial,
+                fee: 0,
+                memo: c.meta.memo.as_deref(),
+                key: None,
+                time,
+            };
+            return Ok(Ok(Some(self.append(t, buf, fields, applied)?)));
+        }
+        if let Some(u) = &c.user {
+            t.users.insert(u.user.as_str(), &u.encode()[..])?;
+        }
+        t.put_account(&c.account, &c.meta)?;
+        Ok(Ok(None))
+    }
+}
+
+/// Revokes a user's tokens (and maybe sets a new password hash).
+fn apply_user(t: &mut Tables<'_>, u: &UserCmd) -> Admin<UserRecord> {
+    let existing = t.users.get(&*u.user)?.map(|v| UserRecord::decode(v.value())).transpose()?;
+    let Some(mut record) = existing else {
+        return Ok(Err(ApiError::not_found(format!("user {}", u.user))));
+    };
+    if let UserChange::Password(hash) = &u.change {
+        record.password_hash.clone_from(hash);
+    }
+    record.token_epoch += 1;
+    t.users.insert(&*u.user, &record.encode()[..])?;
+    Ok(Ok(record))
+}
+
+/// Separates a command's own result from a storage failure that fails the
+/// whole commit (the command is then answered with an error too).
+fn split<T>(r: Admin<T>) -> (Result<T, ApiError>, Result<(), StoreError>) {
+    match r {
+        Ok(r) => (r, Ok(())),
+        Err(e) => (Err(ApiError::internal("the journal could not commit; nothing was changed")), Err(e)),
+    }
+}
+
+/// The refusal of a command the failed commit never reached.
+fn refused(cmd: Command) -> Option<Outcome> {
+    fn failed<T>() -> Result<T, ApiError> {
+        Err(ApiError::internal("the journal could not commit; nothing was changed"))
+    }
+    Some(match cmd {
+        Command::Transfer(c) => Outcome::Transfer(c, failed()),
+        Command::Create(c) => Outcome::Create(c, failed()),
+        Command::User(u) => Outcome::User(u, failed()),
+        Command::Close(CloseCmd { reply, .. })
+        | Command::Tag(TagCmd { reply, .. })
+        | Command::Bulk(BulkCmd { reply, .. })
+        | Command::Reap(ReapCmd { reply, .. }) => Outcome::Admin(reply, failed()),
+        Command::Shutdown(done) => {
+            let _ = done.send(());
+            return None;
+        }
+    })
+}
+
+/// The tables one commit writes.
+struct Tables<'t> {
+    transfers: redb::Table<'t, u64, &'static [u8]>,
+    keys: redb::Table<'t, (&'static str, &'static str), u64>,
+    accounts: redb::Table<'t, &'static str, &'static [u8]>,
+    users: redb::Table<'t, &'static str, &'static [u8]>,
+    tags: redb::Table<'t, (&'static str, &'static str), ()>,
+    owners: redb::Table<'t, (&'static str, &'static str), ()>,
+}
+
+impl Tables<'_> {
+    /// Writes an account's metadata and its owner and tag index entries.
+    fn put_account(&mut self, id: &str, meta: &AccountMeta) -> Result<(), StoreError> {
+        self.accounts.insert(id, &meta.encode()[..])?;
+        if let Some(owner) = &meta.owner {
+            self.owners.insert((owner.as_str(), id), ())?;
+        }
+        for tag in &meta.tags {
+            self.tags.insert((tag.as_str(), id), ())?;
+        }
+        Ok(())
+    }
+
+    fn meta(&self, id: &str) -> Result<Option<AccountMeta>, StoreError> {
+        self.accounts.get(id)?.map(|v| AccountMeta::decode(v.value())).transpose()
+    }
+}
+
+/// A user error, or a storage error that fails the whole commit.
+type Admin<T> = Result<Result<T, ApiError>, StoreError>;
+
+impl Journal {
+    /// Moves an account's whole balance to `@mint` (a `close` record) and
+    /// leaves a tombstone with the reason. `Ok(false)` if it was already gone.
+    fn close(&mut self, t: &mut Tables<'_>, buf: &mut Vec<u8>, time: u64, account: &str, reason: &str) -> Admin<(bool, Vec<AdminEffect>)> {
+        if is_system(account) {
+            return Ok(Err(ApiError::forbidden("system accounts cannot be deleted")));
+        }
+        let Some(a) = self.book.get(account).copied() else {
+            return Ok(Err(ApiError::not_found(format!("account {account}"))));
+        };
+        if a.status == Status::Deleted {
+            return Ok(Ok((false, Vec::new())));
+        }
+        let mut effects = Vec::new();
+        if a.balance != 0 {
+            let (from, to) = if a.balance > 0 { (account, MINT) } else { (MINT, account) };
+            let Some(amount) = a.balance.checked_abs() else {
+                return Ok(Err(ApiError::bad_request("balance cannot be closed")));
+            };
+            let applied = match self.book.transfer(from, to, amount, 0, Mode::Force) {
+                Ok(a) => a,
+                Err(e) => return Ok(Err(e.into())),
+            };
+            let fields = Fields { kind: Kind::Close, from, to, amount, fee: 0, memo: Some(reason), key: None, time };
+            let done = self.append(t, buf, fields, applied)?;
+            effects.push(AdminEffect::Moved { from: from.into(), to: to.into(), amount, id: done.id });
+        }
+        self.book.delete(account);
+        let mut meta = t.meta(account)?.ok_or_else(|| StoreError::Corrupt(format!("no metadata for {account}")))?;
+        meta.deleted = Some(store::Tombstone { reason: reason.to_owned(), time });
+        t.accounts.insert(account, &meta.encode()[..])?;
+        effects.push(AdminEffect::Deleted(account.into()));
+        Ok(Ok((true, effects)))
+    }
+
+    /// Adds and removes tags, keeping the tag index in step.
+    fn tag(&mut self, t: &mut Tables<'_>, account: &str, add: &[String], remove: &[String]) -> Admin<(Reply, Vec<AdminEffect>)> {
+        let Some(mut meta) = t.meta(account)? else {
+            return Ok(Err(ApiError::not_found(format!("account {account}"))));
+        };
+        if meta.deleted.is_some() {
+            return Ok(Err(ApiError::new(ErrorCode::Deleted, format!("account {account} was deleted"))));
+        }
+        let mut tags: std::collections::BTreeSet<String> = meta.tags.iter().cloned().collect();
+        for r in remove {
+            tags.remove(r);
+        }
+        tags.extend(add.iter().cloned());
+        if tags.len() > crate::constants::TAGS_PER_ACCOUNT_MAX {
+            return Ok(Err(ApiError::bad_request(format!("at most {} tags", crate::constants::TAGS_PER_ACCOUNT_MAX))));
+        }
+        for old in &meta.tags {
+            if !tags.contains(old) {
+                t.tags.remove((old.as_str(), account))?;
+            }
+        }
+        for new in &tags {
+            t.tags.insert((new.as_str(), account), ())?;
+        }
+        meta.tags = tags.into_iter().collect();
+        t.accounts.insert(account, &meta.encode()[..])?;
+        let reply = Reply::Json(serde_json::json!({ "account": account, "tags": meta.tags }));
+        Ok(Ok((reply, vec![AdminEffect::Tagged(account.into(), meta.tags)])))
+    }
+
+    /// Adds `delta` to every open account with the tag: checks all first,
+    /// then applies all, so it is all or nothing. With `force` the bounds are
+    /// ignored (overflow never is).
+    fn bulk(&mut self, t: &mut Tables<'_>, buf: &mut Vec<u8>, time: u64, c: &BulkCmd) -> Admin<(Reply, Vec<AdminEffect>)> {
+        let mut members = Vec::new();
+        for row in t.tags.range((c.tag.as_str(), "")..)? {
+            let (k, ()) = row.map(|(k, v)| (k, v.value()))?;
+            let (tag, account) = k.value();
+            if tag != c.tag {
+                break;
+            }
+            if self.book.get(account).is_some_and(|a| a.status == Status::Open) {
+                members.push(account.to_owned());
+            }
+        }
+        let n = i64::try_from(members.len()).unwrap_or(i64::MAX);
+        let mint = self.book.get(MINT).map_or(0, |a| a.balance);
+        if c.delta.checked_mul(n).and_then(|total| mint.checked_sub(total)).is_none() {
+            return Ok(Err(ApiError::new(ErrorCode::BelowMin, "the total would overflow @mint")));
+        }
+        for account in &members {
+            let a = self.book.get(account).copied().unwrap_or(crate::ledger::BookAccount::new(0, Status::Open, 0));
+            let bounds = if c.force { crate::ledger::Bounds { min: None, max: None } } else { self.book.limits.bounds(account) };
+            if let Err(e) = crate::ledger::adjust(account, a.balance, c.delta, bounds) {
+                return Ok(Err(ApiError::from(e)));
+            }
+        }
+        let mode = if c.force { Mode::Force } else { Mode::Unreserved };
+        let mut effects = Vec::with_capacity(members.len());
+        for account in &members {
+            let (from, to, amount) =
+                if c.delta > 0 { (MINT, account.as_str(), c.delta) } else { (account.as_str(), MINT, -c.delta) };
+            // Every change was checked above: a refusal here is a bug, and
+            // failing the commit undoes the whole bulk change.
+            let applied = self
+                .book
+                .transfer(from, to, amount, 0, mode)
+                .map_err(|e| StoreError::Corrupt(format!("bulk_add passed its checks but failed: {e}")))?;
+            let fields = Fields { kind: Kind::Adjust, from, to, amount, fee: 0, memo: c.memo.as_deref(), key: None, time };
+            let done = self.append(t, buf, fields, applied)?;
+            effects.push(AdminEffect::Moved { from: from.into(), to: to.into(), amount, id: done.id });
+        }
+        let reply = Reply::Json(serde_json::json!({ "tag": c.tag, "delta": c.delta, "count": members.len() }));
+        Ok(Ok((reply, effects)))
+    }
+
+    /// Deletes every open client account whose balance is below `below`.
+    fn reap(&mut self, t: &mut Tables<'_>, buf: &mut Vec<u8>, time: u64, below: i64, reason: &str) -> Admin<(Reply, Vec<AdminEffect>)> {
+        let mut doomed: Vec<String> = self
+            .book
+            .iter()
+            .filter(|(id, a)| !is_system(id) && a.status == Status::Open && a.balance < below)
+            .map(|(id, _)| id.to_owned())
+            .collect();
+        doomed.sort();
+        let mut effects = Vec::new();
+        for account in &doomed {
+            match self.close(t, buf, time, account, reason)? {
+                Ok((_, e)) => effects.extend(e),
+                Err(e) => return Err(StoreError::Corrupt(format!("reap could not close {account}: {}", e.message))),
+            }
+        }
+        Ok(Ok((Reply::Json(serde_json::json!({ "count": doomed.len() })), effects)))
     }
 }
 
@@ -447,7 +746,7 @@ fn fan_out(
 ) {
     match o {
         Outcome::Transfer(t, result) => {
-            let release = if t.reserved { t.amount } else { 0 };
+            let release = if t.mode == Mode::Reserved { t.amount } else { 0 };
             let result = match result {
                 Ok(done) => {
                     settle(router, per_shard, &t.from, -t.amount, release, done.id);
@@ -466,7 +765,16 @@ fn fan_out(
             if let Some(key) = t.key {
                 per_shard[router.shard_of(&t.from)].push(Effect::KeyDone { from: t.from, key, result: result.clone() });
             }
-            replies.push((t.reply, result.map(Reply::Transfer)));
+            let reply = match &t.shape {
+                Shape::Transfer => result.map(Reply::Transfer),
+                Shape::Add { account, delta } => result.map(|v| {
+                    let balance = if *delta > 0 { v.to_balance } else { v.from_balance };
+                    Reply::Json(serde_json::json!({
+                        "account": account, "balance": balance, "change": delta, "transfer": v.id,
+                    }))
+                }),
+            };
+            replies.push((t.reply, reply));
         }
         Outcome::Create(c, result) => {
             let shard = router.shard_of(&c.account);
@@ -506,6 +814,26 @@ fn fan_out(
                     replies.push((c.reply, Err(e)));
                 }
             }
+        }
+        Outcome::Admin(reply, result) => {
+            let result = result.map(|(r, effects)| {
+                for e in effects {
+                    match e {
+                        AdminEffect::Moved { from, to, amount, id } => {
+                            settle(router, per_shard, &from, -amount, 0, id);
+                            settle(router, per_shard, &to, amount, 0, id);
+                        }
+                        AdminEffect::Deleted(account) => {
+                            per_shard[router.shard_of(&account)].push(Effect::Deleted(account));
+                        }
+                        AdminEffect::Tagged(account, tags) => {
+                            per_shard[router.shard_of(&account)].push(Effect::Tagged(account, tags));
+                        }
+                    }
+                }
+                r
+            });
+            replies.push((reply, result));
         }
         Outcome::User(u, result) => {
             // The registry changes before anyone hears of it, so a revoked

@@ -299,6 +299,20 @@ pub struct Links {
     pub fee: u64,
 }
 
+/// How the book checks a transfer's bounds.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Mode {
+    /// The source's owner reserved the amount. The book checks the bounds
+    /// again: an admin change the owner did not reserve (`bulk_add`, `reap`)
+    /// may have taken funds the reservation counted on, and then this debit
+    /// is refused rather than applied.
+    Reserved,
+    /// Nothing was reserved (issuance from `@mint`, account funding).
+    Unreserved,
+    /// Bounds are ignored (closing an account, `bulk_add` with `force`).
+    Force,
+}
+
 /// The outcome of applying a transfer to the book.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Applied {
@@ -425,19 +439,9 @@ impl Book {
     }
 
     /// Moves `amount` from `from` to `to`, of which `fee` goes to `@treasury`.
-    /// Either every balance changes or none does.
-    ///
-    /// `reserved_by_owner` says the source's owner already reserved the
-    /// amount, in which case falling below the minimum here is a broken
-    /// invariant (a double spend), not a user error.
-    pub fn transfer(
-        &mut self,
-        from: &str,
-        to: &str,
-        amount: i64,
-        fee: i64,
-        reserved_by_owner: bool,
-    ) -> Result<Applied, LedgerError> {
+    /// Either every balance changes or none does. `mode` says how bounds are
+    /// checked; overflow is refused in every mode.
+    pub fn transfer(&mut self, from: &str, to: &str, amount: i64, fee: i64, mode: Mode) -> Result<Applied, LedgerError> {
         validate_amount(amount)?;
         if from == to {
             return Err(LedgerError::SameAccount);
@@ -450,21 +454,12 @@ impl Book {
         }
         let source = self.open(from)?;
         let dest = self.open(to)?;
-        let from_after = match debit(from, source.balance, amount, self.limits.bounds(from)) {
-            Ok(b) => b,
-            Err(e) => {
-                assert!(
-                    !reserved_by_owner || matches!(e, LedgerError::Underflow),
-                    "owner reserved {amount} from {from} but the book holds {}: double spend",
-                    source.balance
-                );
-                return Err(e);
-            }
-        };
-        let to_after = credit(to, dest.balance, amount - fee, self.limits.bounds(to))?;
+        let bounds = |id: &str| if mode == Mode::Force { Bounds { min: None, max: None } } else { self.limits.bounds(id) };
+        let from_after = debit(from, source.balance, amount, bounds(from))?;
+        let to_after = credit(to, dest.balance, amount - fee, bounds(to))?;
         let treasury_after = if fee > 0 {
             let t = self.open(TREASURY)?;
-            Some(credit(TREASURY, t.balance, fee, self.limits.bounds(TREASURY))?)
+            Some(credit(TREASURY, t.balance, fee, bounds(TREASURY))?)
         } else {
             None
         };
@@ -479,6 +474,14 @@ impl Book {
     fn set_balance(&mut self, id: &str, balance: i64) {
         if let Some(a) = self.get_mut(id) {
             a.balance = balance;
+            a.dirty = true;
+        }
+    }
+
+    /// Marks an account deleted: it takes no more transfers.
+    pub fn delete(&mut self, id: &str) {
+        if let Some(a) = self.get_mut(id) {
+            a.status = Status::Deleted;
             a.dirty = true;
         }
     }

@@ -30,6 +30,14 @@ pub const OPS: &[&str] = &[
     "create_account",
     "history",
     "get_transfer",
+    "add",
+    "delete_account",
+    "delete_reason",
+    "list_accounts",
+    "tag",
+    "bulk_add",
+    "reap",
+    "backup",
     "audit",
     "stats",
 ];
@@ -223,6 +231,70 @@ pub struct SignupArgs {
 pub struct ChangePasswordArgs {
     pub old_password: String,
     pub new_password: String,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AddArgs {
+    pub account: String,
+    pub delta: i64,
+    pub memo: Option<String>,
+    pub key: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DeleteAccountArgs {
+    pub account: String,
+    pub reason: String,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AccountOnly {
+    pub account: String,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ListAccountsArgs {
+    pub owner: Option<String>,
+    pub tag: Option<String>,
+    pub balance_min: Option<i64>,
+    pub balance_max: Option<i64>,
+    pub after: Option<String>,
+    pub limit: Option<u64>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TagArgs {
+    pub account: String,
+    pub add: Option<Vec<String>>,
+    pub remove: Option<Vec<String>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BulkAddArgs {
+    pub tag: String,
+    pub delta: i64,
+    pub memo: Option<String>,
+    pub force: Option<bool>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ReapArgs {
+    pub reason: String,
+    pub below: Option<i64>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BackupArgs {
+    /// A file name; the copy is written to `DATA/backups/<out>`.
+    pub out: String,
 }
 
 /// The `ok` value of any reply.

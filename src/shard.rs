@@ -19,8 +19,8 @@ use redb::Database;
 
 use crate::auth::Principal;
 use crate::error::{ApiError, ErrorCode};
-use crate::journal::{Command, CreateCmd, JournalHandle, TransferCmd};
-use crate::ledger::{is_system, AccountMap, Kind, Limits, OwnerAccount, Status};
+use crate::journal::{Command, CreateCmd, JournalHandle, Shape, TransferCmd};
+use crate::ledger::{is_system, AccountMap, Kind, LedgerError, Limits, Mode, OwnerAccount, Status};
 use crate::protocol::{AccountView, BalanceReply, HistoryReply, Reply, TransferView};
 use crate::reply::ReplyTo;
 use crate::store::{self, AccountMeta, UserRecord};
@@ -87,6 +87,8 @@ impl Slot {
 /// A debit request: `transfer` or `mint` (from `@mint`).
 pub struct DebitReq {
     pub kind: Kind,
+    /// What the reply looks like (`transfer` or `add`).
+    pub shape: Shape,
     pub from: Box<str>,
     pub to: Box<str>,
     pub amount: i64,
@@ -94,6 +96,35 @@ pub struct DebitReq {
     pub key: Option<Box<str>>,
     pub principal: Principal,
     pub reply: ReplyTo,
+}
+
+impl DebitReq {
+    /// A debit request from one request's fields.
+    #[allow(clippy::too_many_arguments)] // one request's fields, handed straight on
+    #[must_use]
+    pub fn new(
+        kind: Kind,
+        shape: Shape,
+        from: &str,
+        to: &str,
+        amount: i64,
+        memo: Option<String>,
+        key: Option<String>,
+        principal: Principal,
+        reply: ReplyTo,
+    ) -> DebitReq {
+        DebitReq {
+            kind,
+            shape,
+            from: from.into(),
+            to: to.into(),
+            amount,
+            memo: memo.map(Into::into),
+            key: key.map(Into::into),
+            principal,
+            reply,
+        }
+    }
 }
 
 /// What a read wants.
@@ -111,6 +142,10 @@ pub enum Effect {
     KeyDone { from: Box<str>, key: Box<str>, result: Result<Arc<TransferView>, ApiError> },
     /// A create finished: `meta` is `None` when it was refused.
     Created { account: Box<str>, balance: i64, last: u64, meta: Option<AccountMeta> },
+    /// The account was deleted (`delete_account` or `reap`).
+    Deleted(Box<str>),
+    /// The account's tags changed.
+    Tagged(Box<str>, Vec<String>),
 }
 
 /// A `history` page request.
@@ -285,7 +320,7 @@ impl ShardState {
     }
 
     fn debit(&mut self, req: DebitReq) {
-        let DebitReq { kind, from, to, amount, memo, key, principal, reply } = req;
+        let DebitReq { kind, shape, from, to, amount, memo, key, principal, reply } = req;
         if let Err(e) = self.slot(&from, &principal) {
             return reply.err(e);
         }
@@ -307,12 +342,19 @@ impl ShardState {
         let bounds = self.limits.bounds(&from);
         let slot = self.accounts.get_mut(&*from).expect("checked above");
         if let Err(e) = slot.acct.reserve(&from, amount, bounds) {
+            // An `add` that would cross the minimum says so in its own terms.
+            let e = match (e, &shape) {
+                (LedgerError::InsufficientFunds { account, .. }, Shape::Add { .. }) => {
+                    LedgerError::BelowMin { account, min: bounds.min.unwrap_or(i64::MIN) }
+                }
+                (e, _) => e,
+            };
             return reply.err(e.into());
         }
         if let Some(key) = &key {
             self.keys.insert((from.clone(), key.clone()), KeyState::Pending { fingerprint, waiters: Vec::new() });
         }
-        let cmd = Command::Transfer(TransferCmd { kind, from, to, amount, fee: 0, memo, key, reserved: true, reply });
+        let cmd = Command::Transfer(TransferCmd { kind, from, to, amount, fee: 0, memo, key, mode: Mode::Reserved, shape, reply });
         if let Err(Command::Transfer(t)) = self.journal.send(cmd).map_err(|c| *c) {
             self.accounts.get_mut(&*t.from).expect("checked above").acct.settle(0, t.amount);
             if let Some(key) = &t.key {
@@ -431,6 +473,17 @@ impl ShardState {
                             w.err(e.clone());
                         }
                     }
+                }
+            }
+            Effect::Deleted(account) => {
+                if let Some(s) = self.accounts.get_mut(&*account) {
+                    s.acct.status = Status::Deleted;
+                }
+            }
+            Effect::Tagged(account, tags) => {
+                if let Some(s) = self.accounts.get_mut(&*account) {
+                    let extra = s.extra.get_or_insert_with(|| Box::new(Extra { owner: None, tags: Box::new([]), memo: None }));
+                    extra.tags = tags.iter().map(|t| t.as_str().into()).collect();
                 }
             }
             Effect::Created { account, balance, last, meta } => match meta {

@@ -8,6 +8,8 @@
 //! | `balances` | account number `u32` | (balance `i64`, last transfer id `u64`) | journal, swept in key order |
 //! | `accounts` | account | MessagePack [`AccountMeta`] | journal |
 //! | `keys` | (from account, key) | transfer id | journal: idempotency keys |
+//! | `tags` | (tag, account) | `()` | journal: index for `list_accounts {tag}` and `bulk_add` |
+//! | `owners` | (owner, account) | `()` | journal: index for `list_accounts {owner}` |
 //! | `users` | user | MessagePack [`UserRecord`] | start-up, later the journal |
 //! | `meta` | name | bytes | `head` = last id (8 bytes BE) + its hash (32 bytes); `checkpoint` = id (8 bytes BE) |
 //!
@@ -49,6 +51,10 @@ pub const TRANSFERS: TableDefinition<u64, &[u8]> = TableDefinition::new("transfe
 pub const BALANCES: TableDefinition<u32, (i64, u64)> = TableDefinition::new("balances");
 pub const ACCOUNTS: TableDefinition<&str, &[u8]> = TableDefinition::new("accounts");
 pub const KEYS: TableDefinition<(&str, &str), u64> = TableDefinition::new("keys");
+/// Index of accounts by tag: (tag, account).
+pub const TAGS: TableDefinition<(&str, &str), ()> = TableDefinition::new("tags");
+/// Index of accounts by owner: (owner, account).
+pub const OWNERS: TableDefinition<(&str, &str), ()> = TableDefinition::new("owners");
 pub const USERS: TableDefinition<&str, &[u8]> = TableDefinition::new("users");
 pub const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
 
@@ -360,6 +366,8 @@ pub fn open(path: &Path) -> Result<Database, StoreError> {
     {
         txn.open_table(TRANSFERS)?;
         txn.open_table(KEYS)?;
+        txn.open_table(TAGS)?;
+        txn.open_table(OWNERS)?;
         txn.open_table(USERS)?;
         let mut meta = txn.open_table(META)?;
         if meta.get(HEAD)?.is_none() {
@@ -616,6 +624,138 @@ pub fn history_after(db: &Database, account: &str, after: u64) -> Result<Option<
         return Ok(None);
     };
     Ok(TransferRecord::decode(stored.value())?.link_of(account))
+}
+
+/// Filters of `list_accounts`.
+#[derive(Clone, Debug, Default)]
+pub struct ListFilter {
+    pub owner: Option<String>,
+    pub tag: Option<String>,
+    pub balance_min: Option<i64>,
+    pub balance_max: Option<i64>,
+}
+
+/// Most index entries one `list_accounts` page examines. A selective
+/// balance filter can match few accounts; the page then ends early with a
+/// `next` cursor, so no single request scans everything.
+const LIST_SCAN_MAX: usize = 200_000;
+
+/// Balance changes of the records after the checkpoint, per account, for
+/// rows that do not include them yet.
+fn tail_deltas(txn: &redb::ReadTransaction) -> Result<std::collections::HashMap<String, Vec<(u64, i64)>>, StoreError> {
+    let checkpoint = read_checkpoint(txn)?;
+    let transfers = txn.open_table(TRANSFERS)?;
+    let mut tail: std::collections::HashMap<String, Vec<(u64, i64)>> = std::collections::HashMap::new();
+    for row in transfers.range(checkpoint + 1..)? {
+        let (_, v) = row?;
+        let r = TransferRecord::decode(v.value())?;
+        tail.entry(r.from.to_string()).or_default().push((r.id, -r.amount));
+        tail.entry(r.to.to_string()).or_default().push((r.id, r.amount - r.fee));
+        if r.fee > 0 {
+            tail.entry(TREASURY.to_owned()).or_default().push((r.id, r.fee));
+        }
+    }
+    Ok(tail)
+}
+
+/// A page of open accounts in id order, filtered, with balances as of one
+/// instant (one read transaction), and the cursor of the next page.
+pub fn list_accounts(
+    db: &Database,
+    f: &ListFilter,
+    after: Option<&str>,
+    limit: usize,
+) -> Result<(Vec<serde_json::Value>, Option<String>), StoreError> {
+    let txn = db.begin_read()?;
+    let tail = tail_deltas(&txn)?;
+    let rows = txn.open_table(BALANCES)?;
+    let accounts = txn.open_table(ACCOUNTS)?;
+    let after = after.unwrap_or("");
+    // Candidates in id order: from an index when there is one to use.
+    let mut candidates: Box<dyn Iterator<Item = Result<String, StoreError>>> = match (&f.owner, &f.tag) {
+        (Some(owner), _) => {
+            let index = txn.open_table(OWNERS)?;
+            let owner = owner.clone();
+            let it = index.range((owner.as_str(), after)..)?;
+            Box::new(
+                it.map(|r| r.map(|(k, _)| (k.value().0.to_owned(), k.value().1.to_owned())).map_err(StoreError::from))
+                    .take_while(move |r| r.as_ref().map_or(true, |(o, _)| *o == owner))
+                    .map(|r| r.map(|(_, a)| a)),
+            )
+        }
+        (None, Some(tag)) => {
+            let index = txn.open_table(TAGS)?;
+            let tag = tag.clone();
+            let it = index.range((tag.as_str(), after)..)?;
+            Box::new(
+                it.map(|r| r.map(|(k, _)| (k.value().0.to_owned(), k.value().1.to_owned())).map_err(StoreError::from))
+                    .take_while(move |r| r.as_ref().map_or(true, |(t, _)| *t == tag))
+                    .map(|r| r.map(|(_, a)| a)),
+            )
+        }
+        (None, None) => Box::new(
+            accounts.range(after..)?.map(|r| r.map(|(k, _)| k.value().to_owned()).map_err(StoreError::from)),
+        ),
+    };
+    let mut out = Vec::new();
+    let mut scanned = 0usize;
+    loop {
+        let Some(id) = candidates.next().transpose()? else {
+            return Ok((out, None));
+        };
+        if id == after {
+            continue;
+        }
+        scanned += 1;
+        let meta = accounts
+            .get(id.as_str())?
+            .map(|v| AccountMeta::decode(v.value()))
+            .transpose()?
+            .ok_or_else(|| StoreError::Corrupt(format!("index names a missing account {id}")))?;
+        let wanted_tag = f.tag.as_ref().is_none_or(|t| meta.tags.contains(t));
+        if meta.deleted.is_none() && wanted_tag {
+            let (mut balance, last) = rows.get(meta.num)?.map_or((0, 0), |v| v.value());
+            for (rid, delta) in tail.get(&id).map_or(&[][..], Vec::as_slice) {
+                if *rid > last {
+                    balance += delta;
+                }
+            }
+            if f.balance_min.is_none_or(|m| balance >= m) && f.balance_max.is_none_or(|m| balance <= m) {
+                out.push(serde_json::json!({
+                    "account": id.clone(), "owner": meta.owner, "tags": meta.tags, "balance": balance,
+                    "created": meta.created, "memo": meta.memo,
+                }));
+                if out.len() == limit {
+                    return Ok((out, Some(id)));
+                }
+            }
+        }
+        if scanned >= LIST_SCAN_MAX {
+            return Ok((out, Some(id)));
+        }
+    }
+}
+
+/// Copies every table through one read transaction into a new database at
+/// `out`: a consistent snapshot taken while the server keeps writing (the
+/// live file is never copied). Returns the head the copy ends at.
+pub fn backup(db: &Database, out: &Path) -> Result<Head, StoreError> {
+    let src = db.begin_read()?;
+    let dst = Database::create(out)?;
+    let w = dst.begin_write()?;
+    macro_rules! copy {
+        ($($def:expr),*) => {$({
+            let from = src.open_table($def)?;
+            let mut to = w.open_table($def)?;
+            for row in from.iter()? {
+                let (k, v) = row?;
+                to.insert(k.value(), v.value())?;
+            }
+        })*};
+    }
+    copy!(TRANSFERS, BALANCES, ACCOUNTS, KEYS, TAGS, OWNERS, USERS, META);
+    w.commit()?;
+    read_head(&src)
 }
 
 /// In one read transaction (one consistent instant): counts the accounts,

@@ -4,7 +4,6 @@
 
 use std::sync::Arc;
 
-mod users;
 
 use crate::auth::Principal;
 use crate::constants::{PAGE_LIMIT_DEFAULT, PAGE_LIMIT_MAX, TAGS_PER_ACCOUNT_MAX, TAG_BYTES_MAX, USER_ID_BYTES_MAX};
@@ -17,6 +16,7 @@ use crate::protocol::{
 };
 use crate::reply::ReplyTo;
 use crate::server::{Ctx, Session};
+use crate::journal::Shape;
 use crate::shard::{DebitReq, HistoryReq, ReadKind, ShardMsg};
 use crate::stats::Stats;
 use crate::store::{self, AccountMeta};
@@ -40,6 +40,9 @@ macro_rules! check {
         }
     };
 }
+
+mod points;
+mod users;
 
 fn admin_only(p: &Principal) -> Result<(), ApiError> {
     if p.is_admin() {
@@ -148,13 +151,13 @@ fn authed(ctx: &Arc<Ctx>, p: Principal, op: &str, args: &[u8], reply: ReplyTo) {
             if from == MINT {
                 return reply.err(ApiError::bad_request("use mint to issue from @mint"));
             }
-            debit(ctx, Kind::Transfer, from, a.to, a.amount, a.memo, a.key, p, reply);
+            debit(ctx, DebitReq::new(Kind::Transfer, Shape::Transfer, &from, &a.to, a.amount, a.memo, a.key, p, reply));
         }
         "mint" => {
             check!(admin_only(&p), reply);
             let a = args!(MintArgs, args, reply);
             check!(validate_transfer(MINT, &a.to, a.amount, a.memo.as_deref(), a.key.as_deref()), reply);
-            debit(ctx, Kind::Mint, MINT.into(), a.to, a.amount, a.memo, a.key, p, reply);
+            debit(ctx, DebitReq::new(Kind::Mint, Shape::Transfer, MINT, &a.to, a.amount, a.memo, a.key, p, reply));
         }
         "create_account" => {
             check!(admin_only(&p), reply);
@@ -226,7 +229,7 @@ fn authed(ctx: &Arc<Ctx>, p: Principal, op: &str, args: &[u8], reply: ReplyTo) {
                 inflight: inflight as u64,
             }));
         }
-        _ => reply.err(ApiError::new(ErrorCode::UnknownOp, format!("unknown op {op:?}"))),
+        _ => points::handle(ctx, p, op, args, reply),
     }
 }
 
@@ -241,28 +244,8 @@ fn validate_transfer(from: &str, to: &str, amount: i64, memo: Option<&str>, key:
     Ok(())
 }
 
-#[allow(clippy::too_many_arguments)] // one request's fields, handed straight on
-fn debit(
-    ctx: &Ctx,
-    kind: Kind,
-    from: String,
-    to: String,
-    amount: i64,
-    memo: Option<String>,
-    key: Option<String>,
-    principal: Principal,
-    reply: ReplyTo,
-) {
-    let req = DebitReq {
-        kind,
-        from: from.into(),
-        to: to.into(),
-        amount,
-        memo: memo.map(Into::into),
-        key: key.map(Into::into),
-        principal,
-        reply,
-    };
+/// Hands a debit to the shard owning its source account.
+fn debit(ctx: &Ctx, req: DebitReq) {
     let shard = ctx.router.shard_of(&req.from);
     ctx.router.cast(shard, ShardMsg::Debit(Box::new(req)));
 }

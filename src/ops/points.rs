@@ -1,0 +1,161 @@
+//! The points-manager ops (admin): `add`, `delete_account`, `delete_reason`,
+//! `list_accounts`, `tag`, `bulk_add`, `reap` and `backup`.
+
+use std::sync::Arc;
+
+use super::{account_id, admin_only, blocking};
+use crate::auth::Principal;
+use crate::constants::{PAGE_LIMIT_DEFAULT, PAGE_LIMIT_MAX, TAG_BYTES_MAX};
+use crate::error::{ApiError, ErrorCode};
+use crate::frame::decode_args;
+use crate::journal::{BulkCmd, CloseCmd, Command, ReapCmd, Shape, TagCmd};
+use crate::ledger::{self, Kind, MINT};
+use crate::protocol::{
+    AccountOnly, AddArgs, BackupArgs, BulkAddArgs, DeleteAccountArgs, ListAccountsArgs, ReapArgs, Reply, TagArgs,
+};
+use crate::reply::ReplyTo;
+use crate::server::Ctx;
+use crate::shard::{DebitReq, ShardMsg};
+use crate::store;
+
+/// Longest deletion reason.
+const REASON_BYTES_MAX: usize = 256;
+
+fn reason(r: &str) -> Result<(), ApiError> {
+    if r.trim().is_empty() || r.len() > REASON_BYTES_MAX {
+        return Err(ApiError::bad_request(format!("reason must be 1-{REASON_BYTES_MAX} bytes")));
+    }
+    Ok(())
+}
+
+fn tags(list: &[String]) -> Result<(), ApiError> {
+    if list.iter().any(|t| t.is_empty() || t.len() > TAG_BYTES_MAX) {
+        return Err(ApiError::bad_request(format!("tags are 1-{TAG_BYTES_MAX} bytes")));
+    }
+    Ok(())
+}
+
+fn to_journal(ctx: &Ctx, cmd: Command) {
+    if let Err(cmd) = ctx.journal.send(cmd) {
+        let reply = match *cmd {
+            Command::Close(CloseCmd { reply, .. })
+            | Command::Tag(TagCmd { reply, .. })
+            | Command::Bulk(BulkCmd { reply, .. })
+            | Command::Reap(ReapCmd { reply, .. }) => reply,
+            _ => return,
+        };
+        reply.err(ApiError::internal("the journal has stopped"));
+    }
+}
+
+/// Handles the points-manager ops; anything else is `unknown_op`.
+pub(super) fn handle(ctx: &Arc<Ctx>, p: Principal, op: &str, args: &[u8], reply: ReplyTo) {
+    if let Err(e) = admin_only(&p) {
+        return reply.err(e);
+    }
+    match op {
+        "add" => {
+            let a = args!(AddArgs, args, reply);
+            check!(account_id(&a.account), reply);
+            check!(ledger::validate_memo_key(a.memo.as_deref(), a.key.as_deref()), reply);
+            if a.delta == 0 {
+                return reply.err(ApiError::bad_request("delta must not be 0"));
+            }
+            let Some(magnitude) = a.delta.checked_abs() else {
+                return reply.err(ApiError::bad_request("delta out of range"));
+            };
+            let (from, to) = if a.delta > 0 { (MINT, a.account.as_str()) } else { (a.account.as_str(), MINT) };
+            if ledger::is_system(&a.account) {
+                return reply.err(ApiError::forbidden("system accounts change only through transfers"));
+            }
+            let shape = Shape::Add { account: a.account.as_str().into(), delta: a.delta };
+            let req = DebitReq::new(Kind::Adjust, shape, from, to, magnitude, a.memo, a.key, p, reply);
+            ctx.router.send(from, ShardMsg::Debit(Box::new(req)));
+        }
+        "delete_account" => {
+            let a = args!(DeleteAccountArgs, args, reply);
+            check!(account_id(&a.account), reply);
+            check!(reason(&a.reason), reply);
+            to_journal(ctx, Command::Close(CloseCmd { account: a.account.into(), reason: a.reason, reply }));
+        }
+        "delete_reason" => {
+            let a = args!(AccountOnly, args, reply);
+            check!(account_id(&a.account), reply);
+            let db = ctx.db.clone();
+            blocking(reply, move || {
+                let meta = store::account_meta(&db, &a.account)?
+                    .ok_or_else(|| ApiError::not_found(format!("account {}", a.account)))?;
+                let t = meta
+                    .deleted
+                    .ok_or_else(|| ApiError::not_found(format!("account {} is not deleted", a.account)))?;
+                Ok(Reply::Json(serde_json::json!({ "account": a.account, "reason": t.reason, "time": t.time })))
+            });
+        }
+        "list_accounts" => {
+            let a = args!(ListAccountsArgs, args, reply);
+            let limit = match a.limit {
+                None => PAGE_LIMIT_DEFAULT,
+                Some(l) if (1..=PAGE_LIMIT_MAX as u64).contains(&l) => l as usize,
+                Some(_) => return reply.err(ApiError::bad_request(format!("limit must be 1..={PAGE_LIMIT_MAX}"))),
+            };
+            if let (Some(lo), Some(hi)) = (a.balance_min, a.balance_max) {
+                if lo > hi {
+                    return reply.err(ApiError::bad_request("balance_min is above balance_max"));
+                }
+            }
+            let filter =
+                store::ListFilter { owner: a.owner, tag: a.tag, balance_min: a.balance_min, balance_max: a.balance_max };
+            let db = ctx.db.clone();
+            blocking(reply, move || {
+                let (accounts, next) = store::list_accounts(&db, &filter, a.after.as_deref(), limit)?;
+                Ok(Reply::Json(serde_json::json!({ "accounts": accounts, "next": next })))
+            });
+        }
+        "tag" => {
+            let a = args!(TagArgs, args, reply);
+            check!(account_id(&a.account), reply);
+            let (add, remove) = (a.add.unwrap_or_default(), a.remove.unwrap_or_default());
+            check!(tags(&add), reply);
+            check!(tags(&remove), reply);
+            to_journal(ctx, Command::Tag(TagCmd { account: a.account.into(), add, remove, reply }));
+        }
+        "bulk_add" => {
+            let a = args!(BulkAddArgs, args, reply);
+            check!(tags(std::slice::from_ref(&a.tag)), reply);
+            check!(ledger::validate_memo_key(a.memo.as_deref(), None), reply);
+            if a.delta == 0 || a.delta == i64::MIN {
+                return reply.err(ApiError::bad_request("delta must be a non-zero 64-bit integer"));
+            }
+            let cmd = BulkCmd { tag: a.tag, delta: a.delta, memo: a.memo, force: a.force.unwrap_or(false), reply };
+            to_journal(ctx, Command::Bulk(cmd));
+        }
+        "reap" => {
+            let a = args!(ReapArgs, args, reply);
+            check!(reason(&a.reason), reply);
+            let below = a.below.unwrap_or(ctx.limits.min_balance);
+            to_journal(ctx, Command::Reap(ReapCmd { below, reason: a.reason, reply }));
+        }
+        "backup" => {
+            let a = args!(BackupArgs, args, reply);
+            let name_ok = !a.out.is_empty()
+                && a.out.len() <= 128
+                && a.out.bytes().all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b))
+                && !a.out.starts_with('.');
+            if !name_ok {
+                return reply.err(ApiError::bad_request("out must be a plain file name (A-Za-z0-9._-)"));
+            }
+            let dir = ctx.config.data.join("backups");
+            let db = ctx.db.clone();
+            blocking(reply, move || {
+                std::fs::create_dir_all(&dir).map_err(|e| ApiError::internal(format!("backups folder: {e}")))?;
+                let path = dir.join(&a.out);
+                if path.exists() {
+                    return Err(ApiError::new(ErrorCode::Exists, format!("{} exists", path.display())));
+                }
+                let head = store::backup(&db, &path)?;
+                Ok(Reply::Json(serde_json::json!({ "path": path.display().to_string(), "transfers": head.id, "head": store::hex(&head.hash) })))
+            });
+        }
+        _ => reply.err(ApiError::new(ErrorCode::UnknownOp, format!("unknown op {op:?}"))),
+    }
+}
