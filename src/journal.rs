@@ -56,6 +56,21 @@ pub enum Shape {
     Add { account: Box<str>, delta: i64 },
 }
 
+/// The reply to a committed transfer (or a repeat of its key), in the shape
+/// its op answers with. A repeat read back from disk carries no balances.
+#[must_use]
+pub fn shape_reply(shape: &Shape, v: Arc<TransferView>) -> Reply {
+    match shape {
+        Shape::Transfer => Reply::Transfer(v),
+        Shape::Add { account, delta } => {
+            let balance = if *delta > 0 { v.to_balance } else { v.from_balance };
+            Reply::Json(
+                serde_json::json!({ "account": account, "balance": balance, "change": delta, "transfer": v.id }),
+            )
+        }
+    }
+}
+
 /// `delete_account`: move the balance to `@mint` and leave a tombstone.
 pub struct CloseCmd {
     pub account: Box<str>,
@@ -147,7 +162,12 @@ enum Outcome {
 /// What an admin change did to one account, for its owner.
 enum AdminEffect {
     /// A committed transfer the owners did not reserve.
-    Moved { from: Box<str>, to: Box<str>, amount: i64, id: u64 },
+    Moved {
+        from: Box<str>,
+        to: Box<str>,
+        amount: i64,
+        id: u64,
+    },
     Deleted(Box<str>),
     Tagged(Box<str>, Vec<String>),
 }
@@ -260,7 +280,13 @@ impl Journal {
 
     /// Appends one record: links it into its parties' histories, hashes it
     /// onto the chain and moves the head.
-    fn append(&mut self, t: &mut Tables<'_>, buf: &mut Vec<u8>, fields: Fields<'_>, applied: Applied) -> Result<Done, StoreError> {
+    fn append(
+        &mut self,
+        t: &mut Tables<'_>,
+        buf: &mut Vec<u8>,
+        fields: Fields<'_>,
+        applied: Applied,
+    ) -> Result<Done, StoreError> {
         let id = self.head.id + 1;
         let links = self.book.link(id, fields.from, fields.to, fields.fee > 0);
         let rec = RecordRef {
@@ -424,7 +450,13 @@ impl Journal {
 
     /// Creates an account (and, for a signup, its user), funded from `@mint`
     /// in the same step.
-    fn apply_create(&mut self, t: &mut Tables<'_>, buf: &mut Vec<u8>, time: u64, c: &mut CreateCmd) -> Admin<Option<Done>> {
+    fn apply_create(
+        &mut self,
+        t: &mut Tables<'_>,
+        buf: &mut Vec<u8>,
+        time: u64,
+        c: &mut CreateCmd,
+    ) -> Admin<Option<Done>> {
         if let Some(u) = &c.user {
             if t.users.get(u.user.as_str())?.is_some() {
                 return Ok(Err(ApiError::new(ErrorCode::Exists, format!("user {} exists", c.account))));
@@ -545,7 +577,14 @@ type Admin<T> = Result<Result<T, ApiError>, StoreError>;
 impl Journal {
     /// Moves an account's whole balance to `@mint` (a `close` record) and
     /// leaves a tombstone with the reason. `Ok(false)` if it was already gone.
-    fn close(&mut self, t: &mut Tables<'_>, buf: &mut Vec<u8>, time: u64, account: &str, reason: &str) -> Admin<(bool, Vec<AdminEffect>)> {
+    fn close(
+        &mut self,
+        t: &mut Tables<'_>,
+        buf: &mut Vec<u8>,
+        time: u64,
+        account: &str,
+        reason: &str,
+    ) -> Admin<(bool, Vec<AdminEffect>)> {
         if is_system(account) {
             return Ok(Err(ApiError::forbidden("system accounts cannot be deleted")));
         }
@@ -578,7 +617,13 @@ impl Journal {
     }
 
     /// Adds and removes tags, keeping the tag index in step.
-    fn tag(&mut self, t: &mut Tables<'_>, account: &str, add: &[String], remove: &[String]) -> Admin<(Reply, Vec<AdminEffect>)> {
+    fn tag(
+        &mut self,
+        t: &mut Tables<'_>,
+        account: &str,
+        add: &[String],
+        remove: &[String],
+    ) -> Admin<(Reply, Vec<AdminEffect>)> {
         let Some(mut meta) = t.meta(account)? else {
             return Ok(Err(ApiError::not_found(format!("account {account}"))));
         };
@@ -610,7 +655,13 @@ impl Journal {
     /// Adds `delta` to every open account with the tag: checks all first,
     /// then applies all, so it is all or nothing. With `force` the bounds are
     /// ignored (overflow never is).
-    fn bulk(&mut self, t: &mut Tables<'_>, buf: &mut Vec<u8>, time: u64, c: &BulkCmd) -> Admin<(Reply, Vec<AdminEffect>)> {
+    fn bulk(
+        &mut self,
+        t: &mut Tables<'_>,
+        buf: &mut Vec<u8>,
+        time: u64,
+        c: &BulkCmd,
+    ) -> Admin<(Reply, Vec<AdminEffect>)> {
         let mut members = Vec::new();
         for row in t.tags.range((c.tag.as_str(), "")..)? {
             let (k, ()) = row.map(|(k, v)| (k, v.value()))?;
@@ -629,7 +680,8 @@ impl Journal {
         }
         for account in &members {
             let a = self.book.get(account).copied().unwrap_or(crate::ledger::BookAccount::new(0, Status::Open, 0));
-            let bounds = if c.force { crate::ledger::Bounds { min: None, max: None } } else { self.book.limits.bounds(account) };
+            let bounds =
+                if c.force { crate::ledger::Bounds { min: None, max: None } } else { self.book.limits.bounds(account) };
             if let Err(e) = crate::ledger::adjust(account, a.balance, c.delta, bounds) {
                 return Ok(Err(ApiError::from(e)));
             }
@@ -645,7 +697,8 @@ impl Journal {
                 .book
                 .transfer(from, to, amount, 0, mode)
                 .map_err(|e| StoreError::Corrupt(format!("bulk_add passed its checks but failed: {e}")))?;
-            let fields = Fields { kind: Kind::Adjust, from, to, amount, fee: 0, memo: c.memo.as_deref(), key: None, time };
+            let fields =
+                Fields { kind: Kind::Adjust, from, to, amount, fee: 0, memo: c.memo.as_deref(), key: None, time };
             let done = self.append(t, buf, fields, applied)?;
             effects.push(AdminEffect::Moved { from: from.into(), to: to.into(), amount, id: done.id });
         }
@@ -654,7 +707,14 @@ impl Journal {
     }
 
     /// Deletes every open client account whose balance is below `below`.
-    fn reap(&mut self, t: &mut Tables<'_>, buf: &mut Vec<u8>, time: u64, below: i64, reason: &str) -> Admin<(Reply, Vec<AdminEffect>)> {
+    fn reap(
+        &mut self,
+        t: &mut Tables<'_>,
+        buf: &mut Vec<u8>,
+        time: u64,
+        below: i64,
+        reason: &str,
+    ) -> Admin<(Reply, Vec<AdminEffect>)> {
         let mut doomed: Vec<String> = self
             .book
             .iter()
@@ -765,16 +825,7 @@ fn fan_out(
             if let Some(key) = t.key {
                 per_shard[router.shard_of(&t.from)].push(Effect::KeyDone { from: t.from, key, result: result.clone() });
             }
-            let reply = match &t.shape {
-                Shape::Transfer => result.map(Reply::Transfer),
-                Shape::Add { account, delta } => result.map(|v| {
-                    let balance = if *delta > 0 { v.to_balance } else { v.from_balance };
-                    Reply::Json(serde_json::json!({
-                        "account": account, "balance": balance, "change": delta, "transfer": v.id,
-                    }))
-                }),
-            };
-            replies.push((t.reply, reply));
+            replies.push((t.reply, result.map(|v| shape_reply(&t.shape, v))));
         }
         Outcome::Create(c, result) => {
             let shard = router.shard_of(&c.account);

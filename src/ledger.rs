@@ -441,7 +441,14 @@ impl Book {
     /// Moves `amount` from `from` to `to`, of which `fee` goes to `@treasury`.
     /// Either every balance changes or none does. `mode` says how bounds are
     /// checked; overflow is refused in every mode.
-    pub fn transfer(&mut self, from: &str, to: &str, amount: i64, fee: i64, mode: Mode) -> Result<Applied, LedgerError> {
+    pub fn transfer(
+        &mut self,
+        from: &str,
+        to: &str,
+        amount: i64,
+        fee: i64,
+        mode: Mode,
+    ) -> Result<Applied, LedgerError> {
         validate_amount(amount)?;
         if from == to {
             return Err(LedgerError::SameAccount);
@@ -454,7 +461,8 @@ impl Book {
         }
         let source = self.open(from)?;
         let dest = self.open(to)?;
-        let bounds = |id: &str| if mode == Mode::Force { Bounds { min: None, max: None } } else { self.limits.bounds(id) };
+        let bounds =
+            |id: &str| if mode == Mode::Force { Bounds { min: None, max: None } } else { self.limits.bounds(id) };
         let from_after = debit(from, source.balance, amount, bounds(from))?;
         let to_after = credit(to, dest.balance, amount - fee, bounds(to))?;
         let treasury_after = if fee > 0 {

@@ -19,7 +19,7 @@ use redb::Database;
 
 use crate::auth::Principal;
 use crate::error::{ApiError, ErrorCode};
-use crate::journal::{Command, CreateCmd, JournalHandle, Shape, TransferCmd};
+use crate::journal::{shape_reply, Command, CreateCmd, JournalHandle, Shape, TransferCmd};
 use crate::ledger::{is_system, AccountMap, Kind, LedgerError, Limits, Mode, OwnerAccount, Status};
 use crate::protocol::{AccountView, BalanceReply, HistoryReply, Reply, TransferView};
 use crate::reply::ReplyTo;
@@ -170,7 +170,7 @@ enum KeyState {
     /// In the journal; duplicates wait here for its outcome.
     Pending {
         fingerprint: Fingerprint,
-        waiters: Vec<ReplyTo>,
+        waiters: Vec<(ReplyTo, Shape)>,
     },
     Done {
         fingerprint: Fingerprint,
@@ -327,7 +327,7 @@ impl ShardState {
         let fingerprint = Fingerprint { kind, to: to.clone(), amount, memo: memo.clone() };
         let mut reply = Some(reply);
         if let Some(key) = &key {
-            match self.check_key(&from, key, &fingerprint, &mut reply) {
+            match self.check_key(&from, key, &fingerprint, &shape, &mut reply) {
                 Ok(true) => {}
                 Ok(false) => return,
                 Err(e) => {
@@ -354,7 +354,18 @@ impl ShardState {
         if let Some(key) = &key {
             self.keys.insert((from.clone(), key.clone()), KeyState::Pending { fingerprint, waiters: Vec::new() });
         }
-        let cmd = Command::Transfer(TransferCmd { kind, from, to, amount, fee: 0, memo, key, mode: Mode::Reserved, shape, reply });
+        let cmd = Command::Transfer(TransferCmd {
+            kind,
+            from,
+            to,
+            amount,
+            fee: 0,
+            memo,
+            key,
+            mode: Mode::Reserved,
+            shape,
+            reply,
+        });
         if let Err(Command::Transfer(t)) = self.journal.send(cmd).map_err(|c| *c) {
             self.accounts.get_mut(&*t.from).expect("checked above").acct.settle(0, t.amount);
             if let Some(key) = &t.key {
@@ -371,6 +382,7 @@ impl ShardState {
         from: &str,
         key: &str,
         fingerprint: &Fingerprint,
+        shape: &Shape,
         reply: &mut Option<ReplyTo>,
     ) -> Result<bool, ApiError> {
         let conflict =
@@ -380,7 +392,7 @@ impl ShardState {
                 if f != fingerprint {
                     return Err(conflict());
                 }
-                waiters.extend(reply.take());
+                waiters.extend(reply.take().map(|r| (r, shape.clone())));
                 Ok(false)
             }
             Some(KeyState::Done { fingerprint: f, view }) => {
@@ -388,7 +400,7 @@ impl ShardState {
                     return Err(conflict());
                 }
                 if let Some(r) = reply.take() {
-                    r.ok(Reply::Transfer(view.clone()));
+                    r.ok(shape_reply(shape, view.clone()));
                 }
                 Ok(false)
             }
@@ -403,7 +415,7 @@ impl ShardState {
                 let view = Arc::new(view);
                 self.remember_key(from.into(), key.into(), fingerprint.clone(), view.clone());
                 if let Some(r) = reply.take() {
-                    r.ok(Reply::Transfer(view));
+                    r.ok(shape_reply(shape, view));
                 }
                 Ok(false)
             }
@@ -462,14 +474,14 @@ impl ShardState {
                 };
                 match result {
                     Ok(view) => {
-                        for w in waiters {
-                            w.ok(Reply::Transfer(view.clone()));
+                        for (w, shape) in waiters {
+                            w.ok(shape_reply(&shape, view.clone()));
                         }
                         self.remember_key(from, key, fingerprint, view);
                     }
                     // A refused transfer used nothing up: the key is free again.
                     Err(e) => {
-                        for w in waiters {
+                        for (w, _) in waiters {
                             w.err(e.clone());
                         }
                     }
@@ -482,7 +494,8 @@ impl ShardState {
             }
             Effect::Tagged(account, tags) => {
                 if let Some(s) = self.accounts.get_mut(&*account) {
-                    let extra = s.extra.get_or_insert_with(|| Box::new(Extra { owner: None, tags: Box::new([]), memo: None }));
+                    let extra =
+                        s.extra.get_or_insert_with(|| Box::new(Extra { owner: None, tags: Box::new([]), memo: None }));
                     extra.tags = tags.iter().map(|t| t.as_str().into()).collect();
                 }
             }

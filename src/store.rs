@@ -693,9 +693,9 @@ pub fn list_accounts(
                     .map(|r| r.map(|(_, a)| a)),
             )
         }
-        (None, None) => Box::new(
-            accounts.range(after..)?.map(|r| r.map(|(k, _)| k.value().to_owned()).map_err(StoreError::from)),
-        ),
+        (None, None) => {
+            Box::new(accounts.range(after..)?.map(|r| r.map(|(k, _)| k.value().to_owned()).map_err(StoreError::from)))
+        }
     };
     let mut out = Vec::new();
     let mut scanned = 0usize;

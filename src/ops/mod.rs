@@ -4,11 +4,11 @@
 
 use std::sync::Arc;
 
-
 use crate::auth::Principal;
 use crate::constants::{PAGE_LIMIT_DEFAULT, PAGE_LIMIT_MAX, TAGS_PER_ACCOUNT_MAX, TAG_BYTES_MAX, USER_ID_BYTES_MAX};
 use crate::error::{ApiError, ErrorCode};
 use crate::frame::decode_args;
+use crate::journal::Shape;
 use crate::ledger::{self, is_system, Kind, MINT};
 use crate::protocol::{
     AccountArg, AuditReply, AuthArgs, ChangePasswordArgs, CreateAccountArgs, GetTransferArgs, HelloReply, HistoryArgs,
@@ -16,7 +16,6 @@ use crate::protocol::{
 };
 use crate::reply::ReplyTo;
 use crate::server::{Ctx, Session};
-use crate::journal::Shape;
 use crate::shard::{DebitReq, HistoryReq, ReadKind, ShardMsg};
 use crate::stats::Stats;
 use crate::store::{self, AccountMeta};

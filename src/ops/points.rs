@@ -85,9 +85,8 @@ pub(super) fn handle(ctx: &Arc<Ctx>, p: Principal, op: &str, args: &[u8], reply:
             blocking(reply, move || {
                 let meta = store::account_meta(&db, &a.account)?
                     .ok_or_else(|| ApiError::not_found(format!("account {}", a.account)))?;
-                let t = meta
-                    .deleted
-                    .ok_or_else(|| ApiError::not_found(format!("account {} is not deleted", a.account)))?;
+                let t =
+                    meta.deleted.ok_or_else(|| ApiError::not_found(format!("account {} is not deleted", a.account)))?;
                 Ok(Reply::Json(serde_json::json!({ "account": a.account, "reason": t.reason, "time": t.time })))
             });
         }
@@ -103,8 +102,12 @@ pub(super) fn handle(ctx: &Arc<Ctx>, p: Principal, op: &str, args: &[u8], reply:
                     return reply.err(ApiError::bad_request("balance_min is above balance_max"));
                 }
             }
-            let filter =
-                store::ListFilter { owner: a.owner, tag: a.tag, balance_min: a.balance_min, balance_max: a.balance_max };
+            let filter = store::ListFilter {
+                owner: a.owner,
+                tag: a.tag,
+                balance_min: a.balance_min,
+                balance_max: a.balance_max,
+            };
             let db = ctx.db.clone();
             blocking(reply, move || {
                 let (accounts, next) = store::list_accounts(&db, &filter, a.after.as_deref(), limit)?;
@@ -153,7 +156,9 @@ pub(super) fn handle(ctx: &Arc<Ctx>, p: Principal, op: &str, args: &[u8], reply:
                     return Err(ApiError::new(ErrorCode::Exists, format!("{} exists", path.display())));
                 }
                 let head = store::backup(&db, &path)?;
-                Ok(Reply::Json(serde_json::json!({ "path": path.display().to_string(), "transfers": head.id, "head": store::hex(&head.hash) })))
+                Ok(Reply::Json(
+                    serde_json::json!({ "path": path.display().to_string(), "transfers": head.id, "head": store::hex(&head.hash) }),
+                ))
             });
         }
         _ => reply.err(ApiError::new(ErrorCode::UnknownOp, format!("unknown op {op:?}"))),
