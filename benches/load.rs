@@ -42,6 +42,7 @@ struct Opts {
     workload: Workload,
     reads_pct: u32,
     logins: usize,
+    admin_ops: bool,
     json: bool,
 }
 
@@ -58,6 +59,7 @@ fn parse_opts() -> Opts {
         workload: Workload::Uniform,
         reads_pct: 0,
         logins: 0,
+        admin_ops: false,
         json: false,
     };
     let mut args = std::env::args().skip(1);
@@ -73,6 +75,7 @@ fn parse_opts() -> Opts {
             "--pipeline" => o.pipeline = val().parse().expect("--pipeline P"),
             "--reads" => o.reads_pct = val().parse().expect("--reads PCT"),
             "--logins" => o.logins = val().parse().expect("--logins K"),
+            "--admin-ops" => o.admin_ops = true,
             "--workload" => {
                 o.workload = match val().as_str() {
                     "uniform" => Workload::Uniform,
@@ -189,6 +192,28 @@ fn encode(out: &mut BytesMut, id: u64, op: &str, args: &Value) {
     tally::frame::encode_request(out, id, op, args).expect("encode");
 }
 
+/// Times `bulk_add` over every (tagged) account and a full `list_accounts`
+/// walk, before the transfer run.
+async fn admin_ops(admin: &Client, accounts: usize) {
+    let t0 = Instant::now();
+    let r = admin.call("bulk_add", json!({"tag": "bench", "delta": 1, "memo": "bench bonus"})).await.unwrap();
+    println!("bulk_add on {} tagged accounts: {:.3}s", r["count"], t0.elapsed().as_secs_f64());
+    let t0 = Instant::now();
+    let first = admin.call("list_accounts", json!({"limit": 1000})).await.unwrap();
+    let page_s = t0.elapsed().as_secs_f64();
+    let mut listed = first["accounts"].as_array().unwrap().len();
+    let mut next = first["next"].clone();
+    while let Some(after) = next.as_str() {
+        let p = admin.call("list_accounts", json!({"limit": 1000, "after": after})).await.unwrap();
+        listed += p["accounts"].as_array().unwrap().len();
+        next = p["next"].clone();
+    }
+    println!(
+        "list_accounts over {accounts} accounts: first page of 1000 in {page_s:.3}s, all {listed} in {:.1}s",
+        t0.elapsed().as_secs_f64()
+    );
+}
+
 /// Opens a connection and binds it with the admin token (no password
 /// hashing per connection, so the run starts at full speed).
 async fn open(addr: &str, token: &str) -> TcpStream {
@@ -292,6 +317,9 @@ async fn main() {
     let (admin, token) = setup(&addr, &o).await;
     let setup_s = t_setup.elapsed().as_secs_f64();
     eprintln!("created {} accounts in {setup_s:.1}s", o.accounts);
+    if o.admin_ops {
+        admin_ops(&admin, o.accounts).await;
+    }
     let before = admin.call("stats", json!({})).await.unwrap();
 
     let stop = Arc::new(AtomicBool::new(false));

@@ -33,6 +33,29 @@ enum Command {
         #[arg(long)]
         preset: Option<String>,
     },
+    /// Asks a running server for a consistent backup copy (admin).
+    ///
+    /// The copy is written by the server to DATA/backups/<OUT> through one
+    /// read transaction while it keeps serving. To restore, copy that file to
+    /// NEWDATA/tally.redb (and DATA/jwt.secret beside it to keep tokens valid)
+    /// and run `tally serve --data NEWDATA`.
+    ///
+    /// Example: TALLY_PASSWORD=secret tally backup --user admin --out nightly-2026-11-21.redb
+    #[command(verbatim_doc_comment)]
+    Backup {
+        /// Server address.
+        #[arg(long, default_value = tally::constants::LISTEN_DEFAULT)]
+        connect: String,
+        /// Admin user to log in as (password from --password or TALLY_PASSWORD).
+        #[arg(long, default_value = "admin")]
+        user: String,
+        /// Password for --user (prefer the TALLY_PASSWORD environment variable).
+        #[arg(long, env = "TALLY_PASSWORD", hide_env_values = true)]
+        password: Option<String>,
+        /// File name of the copy under the server's DATA/backups/.
+        #[arg(long)]
+        out: String,
+    },
     /// Sends one request and prints its result as JSON.
     ///
     /// Arguments are key=value pairs, typed like the text mode: integers,
@@ -134,6 +157,10 @@ fn main() -> ExitCode {
                     ExitCode::FAILURE
                 }
             }
+        }
+        Command::Backup { connect, user, password, out } => {
+            let Some(runtime) = runtime() else { return ExitCode::FAILURE };
+            runtime.block_on(call(&connect, Some(&user), password.as_deref(), "backup", &[format!("out={out}")]))
         }
         Command::Call { connect, user, password, op, args } => {
             let Some(runtime) = runtime() else { return ExitCode::FAILURE };

@@ -54,3 +54,19 @@ fn call_prints_results_and_fails_with_the_error_code() {
     let b = json(&call(&s, &["balance", "account=bob"]));
     assert_eq!(b["balance"], 30);
 }
+
+#[test]
+fn backup_command_writes_a_copy_under_the_data_folder() {
+    let s = Server::start();
+    json(&call(&s, &["create_account", "account=kept", "initial=9"]));
+    let out = Command::new(env!("CARGO_BIN_EXE_tally"))
+        .args(["backup", "--connect", &s.addr.to_string(), "--out", "copy.redb"])
+        .env("TALLY_PASSWORD", ADMIN_PASSWORD)
+        .output()
+        .unwrap();
+    let v = json(&out);
+    let path = std::path::PathBuf::from(v["path"].as_str().unwrap());
+    assert_eq!(path, s.data.join("backups").join("copy.redb"));
+    assert!(path.metadata().unwrap().len() > 0);
+    assert_eq!(v["transfers"], 1);
+}
