@@ -157,8 +157,8 @@ async fn setup(addr: &str, o: &Opts) -> (Client, String) {
             for i in part * per..((part + 1) * per).min(n) {
                 let c = c.clone();
                 inflight.push(tokio::spawn(async move {
-                    let r =
-                        c.call("create_account", json!({"account": account_name(i), "initial": 1_000_000_000})).await;
+                    let args = json!({"account": account_name(i), "initial": 1_000_000_000, "tags": ["bench"]});
+                    let r = c.call("create_account", args).await;
                     match r {
                         Ok(_) => {}
                         Err(e) if e.code() == Some("exists") => {}

@@ -28,6 +28,8 @@ use crate::store::{self, AccountMeta, Head, RecordRef, StoreError, UserRecord};
 /// A full sweep of the balance rows takes at most this many commits, which
 /// bounds the replay at start-up to about twice as many batches.
 const SWEEP_COMMITS: usize = 64;
+/// How long the journal waits for work before it sweeps on its own.
+const IDLE_SWEEP_AFTER: std::time::Duration = std::time::Duration::from_millis(50);
 /// The fewest account numbers a commit sweeps.
 const SWEEP_CHUNK_MIN: usize = 4096;
 
@@ -214,15 +216,26 @@ pub struct Journal {
     /// The head when the current sweep began: once it completes, every
     /// balance row includes all transfers up to here.
     pub sweep_from: u64,
+    /// Every balance row includes all transfers up to here (as last written).
+    pub checkpoint: u64,
 }
 
 impl Journal {
-    /// Runs until every [`JournalHandle`] is dropped, then returns after the
-    /// last commit. Committed batches go to `fanout` in commit order.
+    /// Runs until every [`JournalHandle`] is dropped or a
+    /// [`Command::Shutdown`] arrives, then writes a full checkpoint and
+    /// returns. Committed batches go to `fanout` in commit order.
     pub fn run(mut self, rx: &Receiver<Command>, fanout: &Sender<OutcomeBatch>) {
         let mut batch: Vec<Command> = Vec::with_capacity(self.batch_max);
         let mut buf = Vec::with_capacity(512);
-        while let Ok(first) = rx.recv() {
+        loop {
+            let first = match rx.recv_timeout(IDLE_SWEEP_AFTER) {
+                Ok(c) => c,
+                Err(crossbeam_channel::RecvTimeoutError::Timeout) => {
+                    self.catch_up(rx, &mut buf);
+                    continue;
+                }
+                Err(crossbeam_channel::RecvTimeoutError::Disconnected) => break,
+            };
             batch.push(first);
             while batch.len() < self.batch_max {
                 match rx.try_recv() {
@@ -231,12 +244,43 @@ impl Journal {
                 }
             }
             self.stats.journal_queue.fetch_sub(batch.len() as u64, std::sync::atomic::Ordering::Relaxed);
+            let mut stops = Vec::new();
+            batch.retain_mut(|c| match c {
+                Command::Shutdown(done) => {
+                    let (placeholder, _) = tokio::sync::oneshot::channel();
+                    stops.push(std::mem::replace(done, placeholder));
+                    false
+                }
+                _ => true,
+            });
             let outcomes = self.commit(&mut batch, &mut buf);
             if fanout.send(OutcomeBatch(outcomes)).is_err() {
                 break;
             }
+            if !stops.is_empty() {
+                self.stop();
+                for done in stops {
+                    let _ = done.send(());
+                }
+                return;
+            }
         }
-        // Leave a full checkpoint so the next start replays nothing.
+        self.stop();
+    }
+
+    /// While idle, keeps sweeping until the checkpoint reaches the head, so
+    /// that start-up, `audit` and `list_accounts` replay almost nothing.
+    /// Stops as soon as real work arrives.
+    fn catch_up(&mut self, rx: &Receiver<Command>, buf: &mut Vec<u8>) {
+        while self.checkpoint < self.head.id && rx.is_empty() {
+            let mut none = Vec::new();
+            let outcomes = self.commit(&mut none, buf);
+            debug_assert!(outcomes.is_empty());
+        }
+    }
+
+    /// Leaves a full checkpoint, so the next start replays nothing.
+    fn stop(&mut self) {
         if let Err(e) = self.final_checkpoint() {
             tracing::warn!(error = %e, "final checkpoint failed; the next start replays the tail");
         }
@@ -321,6 +365,7 @@ impl Journal {
         store::write_rows(&txn, &mut self.book, 0..all)?;
         store::write_checkpoint(&txn, self.head.id)?;
         txn.commit()?;
+        self.checkpoint = self.head.id;
         Ok(())
     }
 
@@ -335,6 +380,7 @@ impl Journal {
         store::write_rows(txn, &mut self.book, to_u32(start)..to_u32(end))?;
         if end >= len {
             store::write_checkpoint(txn, self.sweep_from)?;
+            self.checkpoint = self.sweep_from;
             self.sweep_cursor = 0;
             // The next sweep covers everything this commit adds.
             self.sweep_from = self.head.id;

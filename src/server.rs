@@ -175,6 +175,7 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
         stats: stats.clone(),
         sweep_cursor: 0,
         sweep_from: head.id,
+        checkpoint: 0,
     };
     std::thread::Builder::new()
         .name("tally-journal".into())
