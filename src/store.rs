@@ -658,6 +658,24 @@ fn tail_deltas(txn: &redb::ReadTransaction) -> Result<std::collections::HashMap<
     Ok(tail)
 }
 
+/// Accounts listed under `key` in an index table of (key, account) pairs,
+/// in account order, starting at `after`.
+fn index_members(
+    txn: &redb::ReadTransaction,
+    index: TableDefinition<(&str, &str), ()>,
+    key: &str,
+    after: &str,
+) -> Result<Box<dyn Iterator<Item = Result<String, StoreError>>>, StoreError> {
+    let table = txn.open_table(index)?;
+    let key = key.to_owned();
+    let it = table.range((key.as_str(), after)..)?;
+    Ok(Box::new(
+        it.map(|r| r.map(|(k, _)| (k.value().0.to_owned(), k.value().1.to_owned())).map_err(StoreError::from))
+            .take_while(move |r| r.as_ref().map_or(true, |(k, _)| *k == key))
+            .map(|r| r.map(|(_, account)| account)),
+    ))
+}
+
 /// A page of open accounts in id order, filtered, with balances as of one
 /// instant (one read transaction), and the cursor of the next page.
 pub fn list_accounts(
@@ -673,26 +691,8 @@ pub fn list_accounts(
     let after = after.unwrap_or("");
     // Candidates in id order: from an index when there is one to use.
     let mut candidates: Box<dyn Iterator<Item = Result<String, StoreError>>> = match (&f.owner, &f.tag) {
-        (Some(owner), _) => {
-            let index = txn.open_table(OWNERS)?;
-            let owner = owner.clone();
-            let it = index.range((owner.as_str(), after)..)?;
-            Box::new(
-                it.map(|r| r.map(|(k, _)| (k.value().0.to_owned(), k.value().1.to_owned())).map_err(StoreError::from))
-                    .take_while(move |r| r.as_ref().map_or(true, |(o, _)| *o == owner))
-                    .map(|r| r.map(|(_, a)| a)),
-            )
-        }
-        (None, Some(tag)) => {
-            let index = txn.open_table(TAGS)?;
-            let tag = tag.clone();
-            let it = index.range((tag.as_str(), after)..)?;
-            Box::new(
-                it.map(|r| r.map(|(k, _)| (k.value().0.to_owned(), k.value().1.to_owned())).map_err(StoreError::from))
-                    .take_while(move |r| r.as_ref().map_or(true, |(t, _)| *t == tag))
-                    .map(|r| r.map(|(_, a)| a)),
-            )
-        }
+        (Some(owner), _) => index_members(&txn, OWNERS, owner, after)?,
+        (None, Some(tag)) => index_members(&txn, TAGS, tag, after)?,
         (None, None) => {
             Box::new(accounts.range(after..)?.map(|r| r.map(|(k, _)| k.value().to_owned()).map_err(StoreError::from)))
         }
