@@ -43,6 +43,7 @@ struct Opts {
     reads_pct: u32,
     logins: usize,
     admin_ops: bool,
+    plot: Option<String>,
     json: bool,
 }
 
@@ -60,6 +61,7 @@ fn parse_opts() -> Opts {
         reads_pct: 0,
         logins: 0,
         admin_ops: false,
+        plot: None,
         json: false,
     };
     let mut args = std::env::args().skip(1);
@@ -76,6 +78,7 @@ fn parse_opts() -> Opts {
             "--reads" => o.reads_pct = val().parse().expect("--reads PCT"),
             "--logins" => o.logins = val().parse().expect("--logins K"),
             "--admin-ops" => o.admin_ops = true,
+            "--plot" => o.plot = Some(val()),
             "--workload" => {
                 o.workload = match val().as_str() {
                     "uniform" => Workload::Uniform,
@@ -214,6 +217,74 @@ async fn admin_ops(admin: &Client, accounts: usize) {
     );
 }
 
+/// An SVG with latency over time (p50 and p99 per second, and throughput)
+/// on top and the latency histogram below. Written by hand: two polylines
+/// and some bars need no plotting library.
+fn plot_svg(hist: &Histogram<u64>, per_second: &[Histogram<u64>], throughput: &[f64]) -> String {
+    use std::fmt::Write;
+    let (w, h, pad) = (900.0, 320.0, 50.0);
+    let mut svg = format!(
+        "<svg xmlns='http://www.w3.org/2000/svg' width='{w}' height='{}' font-family='sans-serif' font-size='12'>",
+        2.0 * h + 40.0
+    );
+    let line = |points: &[(f64, f64)], color: &str, ymax: f64, top: f64| {
+        let n = points.len().max(2) as f64 - 1.0;
+        let pts: Vec<String> = points
+            .iter()
+            .map(|(x, y)| {
+                format!("{:.1},{:.1}", pad + x / n * (w - 2.0 * pad), top + h - pad - y / ymax * (h - 2.0 * pad))
+            })
+            .collect();
+        format!("<polyline fill='none' stroke='{color}' stroke-width='2' points='{}'/>", pts.join(" "))
+    };
+    let p50: Vec<(f64, f64)> =
+        per_second.iter().enumerate().map(|(i, s)| (i as f64, s.value_at_quantile(0.5) as f64 / 1000.0)).collect();
+    let p99: Vec<(f64, f64)> =
+        per_second.iter().enumerate().map(|(i, s)| (i as f64, s.value_at_quantile(0.99) as f64 / 1000.0)).collect();
+    let ymax = p99.iter().map(|p| p.1).fold(1.0, f64::max) * 1.1;
+    let tmax = throughput.iter().copied().fold(1.0, f64::max) * 1.1;
+    let tp: Vec<(f64, f64)> = throughput.iter().enumerate().map(|(i, t)| (i as f64, t / tmax * ymax)).collect();
+    let _ = write!(
+        svg,
+        "<text x='{pad}' y='20'>latency per second (ms): p50 blue, p99 red; throughput green (max {tmax:.0}/s)</text>"
+    );
+    let _ = write!(svg, "<text x='5' y='{}'>{ymax:.1} ms</text>", pad);
+    svg += &line(&p50, "#1f77b4", ymax, 0.0);
+    svg += &line(&p99, "#d62728", ymax, 0.0);
+    svg += &line(&tp, "#2ca02c", ymax, 0.0);
+    // Histogram: counts per power-of-two latency bucket.
+    let buckets: Vec<(u64, u64)> = (0..26)
+        .map(|b| {
+            let (lo, hi) = (1u64 << b, (1u64 << (b + 1)) - 1);
+            (
+                lo,
+                hist.iter_recorded()
+                    .filter(|v| (lo..=hi).contains(&v.value_iterated_to()))
+                    .map(|v| v.count_at_value())
+                    .sum(),
+            )
+        })
+        .filter(|(_, c)| *c > 0)
+        .collect();
+    let cmax = buckets.iter().map(|b| b.1).max().unwrap_or(1) as f64;
+    let top = h + 40.0;
+    let _ =
+        write!(svg, "<text x='{pad}' y='{}'>latency histogram (count per power-of-two bucket, µs)</text>", top + 10.0);
+    let bw = (w - 2.0 * pad) / buckets.len().max(1) as f64;
+    for (i, (lo, c)) in buckets.iter().enumerate() {
+        let bh = *c as f64 / cmax * (h - 2.0 * pad);
+        let x = pad + i as f64 * bw;
+        let _ = write!(
+            svg,
+            "<rect x='{x:.1}' y='{:.1}' width='{:.1}' height='{bh:.1}' fill='#9467bd'/><text x='{x:.1}' y='{:.1}'>{lo}</text>",
+            top + h - pad - bh,
+            bw * 0.9,
+            top + h - pad + 14.0
+        );
+    }
+    svg + "</svg>"
+}
+
 /// Opens a connection and binds it with the admin token (no password
 /// hashing per connection, so the run starts at full speed).
 async fn open(addr: &str, token: &str) -> TcpStream {
@@ -238,8 +309,11 @@ async fn drive(
     seed: u64,
     stop: Arc<AtomicBool>,
     totals: Arc<Totals>,
-) -> Histogram<u64> {
+    start: Instant,
+) -> (Histogram<u64>, Vec<Histogram<u64>>) {
     let mut hist = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).unwrap();
+    // Latency per second of the run, for the plot.
+    let mut per_second: Vec<Histogram<u64>> = Vec::new();
     let mut out = BytesMut::new();
     let mut buf = BytesMut::with_capacity(1 << 16);
     let mut rng = Rng(seed | 1);
@@ -280,6 +354,11 @@ async fn drive(
             };
             let us = t0.elapsed().as_micros() as u64;
             let _ = hist.record(us.max(1));
+            let second = start.elapsed().as_secs() as usize;
+            while per_second.len() <= second {
+                per_second.push(Histogram::new_with_bounds(1, 60_000_000, 2).unwrap());
+            }
+            let _ = per_second[second].record(us.max(1));
             if let Some(code) = v["err"]["code"].as_str() {
                 *totals.errors.lock().unwrap().entry(code.to_owned()).or_default() += 1;
             } else if is_read {
@@ -292,14 +371,14 @@ async fn drive(
             }
         }
         if sent.is_empty() && stop.load(Ordering::Relaxed) {
-            return hist;
+            return (hist, per_second);
         }
         if !out.is_empty() {
             stream.write_all(&out).await.unwrap();
             out.clear();
         }
         if stream.read_buf(&mut buf).await.unwrap() == 0 {
-            return hist;
+            return (hist, per_second);
         }
     }
 }
@@ -336,7 +415,7 @@ async fn main() {
     let mut tasks = Vec::new();
     for (i, stream) in streams.into_iter().enumerate() {
         let seed = 0x9E37_79B9_7F4A_7C15 ^ ((i as u64 + 1) * 0x1234_5678_9abc);
-        tasks.push(tokio::spawn(drive(stream, o.clone(), seed, stop.clone(), totals.clone())));
+        tasks.push(tokio::spawn(drive(stream, o.clone(), seed, stop.clone(), totals.clone(), start)));
     }
     // Optional login storm: K users logging in over and over while the
     // transfers run (each login is an argon2 check plus a durable commit).
@@ -363,17 +442,43 @@ async fn main() {
         }));
     }
     let deadline = start + Duration::from_secs_f64(o.duration_s);
-    let mut last = 0;
+    // A live progress bar on a terminal (indicatif hides it otherwise).
+    let bar = indicatif::ProgressBar::new((o.duration_s * 10.0) as u64);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template("{bar:40} {elapsed}/{duration} {msg}")
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+    );
+    let mut last = (0u64, Instant::now());
+    let mut throughput = Vec::new();
     while Instant::now() < deadline {
-        tokio::time::sleep(Duration::from_secs(1).min(deadline.saturating_duration_since(Instant::now()))).await;
-        let now = totals.transfers.load(Ordering::Relaxed);
-        eprintln!("  {:>5.1}s  {:>9} transfers/s", start.elapsed().as_secs_f64(), now - last);
-        last = now;
+        tokio::time::sleep(Duration::from_millis(100).min(deadline.saturating_duration_since(Instant::now()))).await;
+        bar.set_position((start.elapsed().as_secs_f64() * 10.0) as u64);
+        if last.1.elapsed() >= Duration::from_secs(1) {
+            let now = totals.transfers.load(Ordering::Relaxed);
+            let rate = (now - last.0) as f64 / last.1.elapsed().as_secs_f64();
+            throughput.push(rate);
+            bar.set_message(format!("{rate:>9.0} transfers/s"));
+            last = (now, Instant::now());
+        }
     }
+    bar.finish_and_clear();
     stop.store(true, Ordering::Relaxed);
     let mut hist = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).unwrap();
+    let mut per_second: Vec<Histogram<u64>> = Vec::new();
     for t in tasks {
-        hist.add(t.await.unwrap()).unwrap();
+        let (h, seconds) = t.await.unwrap();
+        hist.add(h).unwrap();
+        for (i, s) in seconds.into_iter().enumerate() {
+            if per_second.len() <= i {
+                per_second.push(s);
+            } else {
+                per_second[i].add(s).unwrap();
+            }
+        }
+    }
+    if let Some(path) = &o.plot {
+        std::fs::write(path, plot_svg(&hist, &per_second, &throughput)).expect("write the plot");
+        println!("plot written to {path}");
     }
     let seconds = start.elapsed().as_secs_f64();
     let transfers = totals.transfers.load(Ordering::Relaxed);
