@@ -273,9 +273,15 @@ impl Journal {
     /// Stops as soon as real work arrives.
     fn catch_up(&mut self, rx: &Receiver<Command>, buf: &mut Vec<u8>) {
         while self.checkpoint < self.head.id && rx.is_empty() {
+            let before = (self.checkpoint, self.sweep_cursor);
             let mut none = Vec::new();
             let outcomes = self.commit(&mut none, buf);
             debug_assert!(outcomes.is_empty());
+            if (self.checkpoint, self.sweep_cursor) == before {
+                // The commit failed (it was logged): try again on the next
+                // idle period rather than spinning on a sick disk.
+                break;
+            }
         }
     }
 
