@@ -842,8 +842,8 @@ fn view_of(t: &TransferCmd, d: &Done) -> TransferView {
         memo: t.memo.as_deref().map(str::to_owned),
         time: d.time,
         key: t.key.as_deref().map(str::to_owned),
-        prev: store::hex(&d.prev),
-        hash: store::hex(&d.hash),
+        prev: crate::protocol::Hash32(d.prev),
+        hash: crate::protocol::Hash32(d.hash),
         from_balance: Some(d.applied.from_balance),
         to_balance: Some(d.applied.to_balance),
     }

@@ -408,12 +408,14 @@ impl Book {
         self.index.iter().map(|(id, &n)| (&**id, &self.accounts[n as usize]))
     }
 
-    fn open(&self, id: &str) -> Result<BookAccount, LedgerError> {
-        match self.get(id) {
-            None => Err(LedgerError::NotFound(id.to_owned())),
-            Some(a) if a.status == Status::Deleted => Err(LedgerError::Deleted(id.to_owned())),
-            Some(a) => Ok(*a),
+    /// The index of an open account (one hash lookup; the rest of a
+    /// transfer then works on the index).
+    fn open_num(&self, id: &str) -> Result<usize, LedgerError> {
+        let n = self.num(id).ok_or_else(|| LedgerError::NotFound(id.to_owned()))? as usize;
+        if self.accounts[n].status == Status::Deleted {
+            return Err(LedgerError::Deleted(id.to_owned()));
         }
+        Ok(n)
     }
 
     /// Creates an open account with a zero balance.
@@ -459,22 +461,22 @@ impl Book {
         if fee > 0 && (from == TREASURY || to == TREASURY) {
             return Err(LedgerError::BadAmount("no fee on transfers with @treasury".into()));
         }
-        let source = self.open(from)?;
-        let dest = self.open(to)?;
+        let (f, t) = (self.open_num(from)?, self.open_num(to)?);
+        let (source, dest) = (self.accounts[f], self.accounts[t]);
         let bounds =
             |id: &str| if mode == Mode::Force { Bounds { min: None, max: None } } else { self.limits.bounds(id) };
         let from_after = debit(from, source.balance, amount, bounds(from))?;
         let to_after = credit(to, dest.balance, amount - fee, bounds(to))?;
         let treasury_after = if fee > 0 {
-            let t = self.open(TREASURY)?;
-            Some(credit(TREASURY, t.balance, fee, bounds(TREASURY))?)
+            let n = self.open_num(TREASURY)?;
+            Some((n, credit(TREASURY, self.accounts[n].balance, fee, bounds(TREASURY))?))
         } else {
             None
         };
-        self.set_balance(from, from_after);
-        self.set_balance(to, to_after);
-        if let Some(t) = treasury_after {
-            self.set_balance(TREASURY, t);
+        for (n, balance) in [(f, from_after), (t, to_after)].into_iter().chain(treasury_after) {
+            let a = &mut self.accounts[n];
+            a.balance = balance;
+            a.dirty = true;
         }
         Ok(Applied { from_balance: from_after, to_balance: to_after })
     }

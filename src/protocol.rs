@@ -151,6 +151,24 @@ pub struct AccountView {
     pub memo: Option<String>,
 }
 
+/// A 32-byte hash, sent as 64 lower-case hex digits. Kept as bytes until
+/// it is written, so building a reply allocates no strings for it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Hash32(pub [u8; 32]);
+
+impl Serialize for Hash32 {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        const DIGITS: &[u8; 16] = b"0123456789abcdef";
+        let mut out = [0u8; 64];
+        for (i, b) in self.0.iter().enumerate() {
+            out[2 * i] = DIGITS[usize::from(b >> 4)];
+            out[2 * i + 1] = DIGITS[usize::from(b & 0x0f)];
+        }
+        // Hex digits are ASCII, so this cannot fail.
+        s.serialize_str(std::str::from_utf8(&out).unwrap_or_default())
+    }
+}
+
 /// A transfer record as the wire shows it.
 #[derive(Clone, Debug, Serialize)]
 pub struct TransferView {
@@ -164,10 +182,10 @@ pub struct TransferView {
     /// Milliseconds since the Unix epoch.
     pub time: u64,
     pub key: Option<String>,
-    /// Hex hash of the previous record: the journal is a hash chain.
-    pub prev: String,
-    /// Hex hash of this record.
-    pub hash: String,
+    /// Hash of the previous record (hex on the wire): the journal is a hash chain.
+    pub prev: Hash32,
+    /// Hash of this record (hex on the wire).
+    pub hash: Hash32,
     /// Balance of `from` right after this transfer, in commit order (only in
     /// the reply to the request that made it).
     #[serde(skip_serializing_if = "Option::is_none")]

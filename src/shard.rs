@@ -11,7 +11,7 @@
 //! for a million accounts and ~1.9x the throughput for a pool (README).
 
 use std::collections::{HashMap, VecDeque};
-use std::hash::{BuildHasher, BuildHasherDefault, DefaultHasher};
+use std::hash::BuildHasher;
 use std::sync::Arc;
 
 use ractor::{Actor, ActorProcessingErr, ActorRef};
@@ -519,13 +519,10 @@ pub struct ShardRouter {
     shards: Arc<Vec<ActorRef<ShardMsg>>>,
 }
 
-/// A fixed hasher so an account maps to the same shard for the whole run.
-type FixedState = BuildHasherDefault<DefaultHasher>;
-
 /// Index of the shard owning `account` among `n`.
 #[must_use]
 pub fn shard_index(account: &str, n: usize) -> usize {
-    let h = FixedState::default().hash_one(account);
+    let h = foldhash::fast::FixedState::with_seed(0x7a11_5eed).hash_one(account);
     usize::try_from(h % n as u64).unwrap_or(0)
 }
 

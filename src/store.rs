@@ -45,7 +45,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::constants::REDB_CACHE_BYTES;
 use crate::ledger::{Book, BookAccount, Kind, Limits, Links, Status, SYSTEM_ACCOUNTS, TREASURY};
-use crate::protocol::{AuditReply, TransferView};
+use crate::protocol::{AuditReply, Hash32, TransferView};
 
 pub const TRANSFERS: TableDefinition<u64, &[u8]> = TableDefinition::new("transfers");
 pub const BALANCES: TableDefinition<u32, (i64, u64)> = TableDefinition::new("balances");
@@ -236,8 +236,8 @@ impl TransferRecord {
             memo: self.memo.as_deref().map(str::to_owned),
             time: self.time,
             key: self.key.as_deref().map(str::to_owned),
-            prev: hex(&self.prev),
-            hash: hex(hash),
+            prev: Hash32(self.prev),
+            hash: Hash32(*hash),
             from_balance: None,
             to_balance: None,
         }
