@@ -8,16 +8,10 @@ mod common;
 
 use std::time::Duration;
 
-use common::{audit_ok, balance, code, create, Server};
+use common::{audit_ok, balance, code, create, frame, Server};
 use serde_json::json;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
-
-fn frame(body: &[u8]) -> Vec<u8> {
-    let mut out = (body.len() as u32).to_be_bytes().to_vec();
-    out.extend_from_slice(body);
-    out
-}
 
 /// `{"id": 1, "op": op, "args": <raw>}` with `args` given as raw MessagePack.
 fn request_with_raw_args(op: &str, args: &[u8]) -> Vec<u8> {

@@ -6,7 +6,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::{audit_ok, balance, create, Server, ADMIN_PASSWORD};
+use common::{audit_ok, balance, create, frame, Server, ADMIN_PASSWORD};
 use serde_json::Value;
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::TcpStream;
@@ -17,12 +17,6 @@ async fn read_frame(s: &mut TcpStream) -> Option<Value> {
     let mut body = vec![0u8; u32::from_be_bytes(len) as usize];
     s.read_exact(&mut body).await.ok()?;
     Some(rmp_serde::from_slice(&body).expect("a msgpack reply"))
-}
-
-fn frame(body: &[u8]) -> Vec<u8> {
-    let mut out = (body.len() as u32).to_be_bytes().to_vec();
-    out.extend_from_slice(body);
-    out
 }
 
 async fn closed(s: &mut TcpStream) -> bool {

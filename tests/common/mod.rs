@@ -157,3 +157,10 @@ pub async fn audit_ok(c: &Client) -> Value {
     assert_eq!(a["chain_ok"], true, "audit chain: {a}");
     a
 }
+
+/// A raw frame: the 4-byte big-endian length, then `body`.
+pub fn frame(body: &[u8]) -> Vec<u8> {
+    let mut out = (body.len() as u32).to_be_bytes().to_vec();
+    out.extend_from_slice(body);
+    out
+}
