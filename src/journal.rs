@@ -178,17 +178,12 @@ enum AdminEffect {
 #[derive(Clone)]
 pub struct JournalHandle {
     tx: Sender<Command>,
-    stats: Arc<Stats>,
 }
 
 impl JournalHandle {
     /// Queues a command; gives it back if the journal has stopped.
     pub fn send(&self, cmd: Command) -> Result<(), Box<Command>> {
-        Stats::add(&self.stats.journal_queue, 1);
-        self.tx.send(cmd).map_err(|e| {
-            self.stats.journal_queue.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
-            Box::new(e.into_inner())
-        })
+        self.tx.send(cmd).map_err(|e| Box::new(e.into_inner()))
     }
 
     /// Commands waiting for the journal.
@@ -200,9 +195,9 @@ impl JournalHandle {
 
 /// Creates the journal's queue.
 #[must_use]
-pub fn channel(stats: Arc<Stats>) -> (JournalHandle, Receiver<Command>) {
+pub fn channel() -> (JournalHandle, Receiver<Command>) {
     let (tx, rx) = crossbeam_channel::unbounded();
-    (JournalHandle { tx, stats }, rx)
+    (JournalHandle { tx }, rx)
 }
 
 pub struct Journal {
@@ -243,7 +238,6 @@ impl Journal {
                     Err(_) => break,
                 }
             }
-            self.stats.journal_queue.fetch_sub(batch.len() as u64, std::sync::atomic::Ordering::Relaxed);
             let mut stops = Vec::new();
             batch.retain_mut(|c| match c {
                 Command::Shutdown(done) => {

@@ -152,7 +152,7 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
     }
 
     let stats = Arc::new(Stats::default());
-    let (journal_handle, journal_rx) = journal::channel(stats.clone());
+    let (journal_handle, journal_rx) = journal::channel();
     let (fanout_tx, fanout_rx) = crossbeam_channel::unbounded();
     let mut refs = Vec::with_capacity(n);
     for accounts in per_shard {

@@ -559,9 +559,4 @@ impl ShardRouter {
     pub fn send(&self, account: &str, msg: ShardMsg) {
         self.cast(self.shard_of(account), msg);
     }
-
-    #[must_use]
-    pub fn refs(&self) -> &[ActorRef<ShardMsg>] {
-        &self.shards
-    }
 }

@@ -12,7 +12,6 @@ pub struct Stats {
     pub commits: AtomicU64,
     pub batch_items: AtomicU64,
     pub batch_max: AtomicU64,
-    pub journal_queue: AtomicU64,
 }
 
 impl Stats {

@@ -62,6 +62,23 @@ where
     });
 }
 
+/// The page size asked for: default 100, at most `PAGE_LIMIT_MAX`.
+fn page_limit(limit: Option<u64>) -> Result<usize, ApiError> {
+    match limit {
+        None => Ok(PAGE_LIMIT_DEFAULT),
+        Some(l) if (1..=PAGE_LIMIT_MAX as u64).contains(&l) => Ok(l as usize),
+        Some(_) => Err(ApiError::bad_request(format!("limit must be 1..={PAGE_LIMIT_MAX}"))),
+    }
+}
+
+/// Tags are 1-`TAG_BYTES_MAX` bytes.
+fn validate_tags(tags: &[String]) -> Result<(), ApiError> {
+    if tags.iter().any(|t| t.is_empty() || t.len() > TAG_BYTES_MAX) {
+        return Err(ApiError::bad_request(format!("tags are 1-{TAG_BYTES_MAX} bytes")));
+    }
+    Ok(())
+}
+
 fn account_id(id: &str) -> Result<(), ApiError> {
     ledger::validate_account_id(id).map_err(ApiError::from)
 }
@@ -171,11 +188,7 @@ fn authed(ctx: &Arc<Ctx>, p: Principal, op: &str, args: &[u8], reply: ReplyTo) {
             let a = args!(HistoryArgs, args, reply);
             let account = a.account.unwrap_or_else(|| p.user.to_string());
             check!(account_id(&account), reply);
-            let limit = match a.limit {
-                None => PAGE_LIMIT_DEFAULT,
-                Some(l) if (1..=PAGE_LIMIT_MAX as u64).contains(&l) => l as usize,
-                Some(_) => return reply.err(ApiError::bad_request(format!("limit must be 1..={PAGE_LIMIT_MAX}"))),
-            };
+            let limit = check!(page_limit(a.limit), reply);
             let req = HistoryReq { account: account.as_str().into(), after: a.after, limit, principal: p, reply };
             ctx.router.send(&account, ShardMsg::History(Box::new(req)));
         }
@@ -266,9 +279,7 @@ fn validate_create(ctx: &Ctx, a: CreateAccountArgs) -> Result<(String, AccountMe
     if tags.len() > TAGS_PER_ACCOUNT_MAX {
         return Err(ApiError::bad_request(format!("at most {TAGS_PER_ACCOUNT_MAX} tags")));
     }
-    if tags.iter().any(|t| t.is_empty() || t.len() > TAG_BYTES_MAX) {
-        return Err(ApiError::bad_request(format!("tags are 1-{TAG_BYTES_MAX} bytes")));
-    }
+    validate_tags(&tags)?;
     let initial = a.initial.unwrap_or(0);
     let bounds = ctx.limits.bounds(&a.account);
     if let Some(min) = bounds.min {

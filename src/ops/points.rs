@@ -3,9 +3,8 @@
 
 use std::sync::Arc;
 
-use super::{account_id, admin_only, blocking};
+use super::{account_id, admin_only, blocking, page_limit, validate_tags};
 use crate::auth::Principal;
-use crate::constants::{PAGE_LIMIT_DEFAULT, PAGE_LIMIT_MAX, TAG_BYTES_MAX};
 use crate::error::{ApiError, ErrorCode};
 use crate::frame::decode_args;
 use crate::journal::{BulkCmd, CloseCmd, Command, ReapCmd, Shape, TagCmd};
@@ -24,13 +23,6 @@ const REASON_BYTES_MAX: usize = 256;
 fn reason(r: &str) -> Result<(), ApiError> {
     if r.trim().is_empty() || r.len() > REASON_BYTES_MAX {
         return Err(ApiError::bad_request(format!("reason must be 1-{REASON_BYTES_MAX} bytes")));
-    }
-    Ok(())
-}
-
-fn tags(list: &[String]) -> Result<(), ApiError> {
-    if list.iter().any(|t| t.is_empty() || t.len() > TAG_BYTES_MAX) {
-        return Err(ApiError::bad_request(format!("tags are 1-{TAG_BYTES_MAX} bytes")));
     }
     Ok(())
 }
@@ -92,11 +84,7 @@ pub(super) fn handle(ctx: &Arc<Ctx>, p: Principal, op: &str, args: &[u8], reply:
         }
         "list_accounts" => {
             let a = args!(ListAccountsArgs, args, reply);
-            let limit = match a.limit {
-                None => PAGE_LIMIT_DEFAULT,
-                Some(l) if (1..=PAGE_LIMIT_MAX as u64).contains(&l) => l as usize,
-                Some(_) => return reply.err(ApiError::bad_request(format!("limit must be 1..={PAGE_LIMIT_MAX}"))),
-            };
+            let limit = check!(page_limit(a.limit), reply);
             if let (Some(lo), Some(hi)) = (a.balance_min, a.balance_max) {
                 if lo > hi {
                     return reply.err(ApiError::bad_request("balance_min is above balance_max"));
@@ -118,13 +106,13 @@ pub(super) fn handle(ctx: &Arc<Ctx>, p: Principal, op: &str, args: &[u8], reply:
             let a = args!(TagArgs, args, reply);
             check!(account_id(&a.account), reply);
             let (add, remove) = (a.add.unwrap_or_default(), a.remove.unwrap_or_default());
-            check!(tags(&add), reply);
-            check!(tags(&remove), reply);
+            check!(validate_tags(&add), reply);
+            check!(validate_tags(&remove), reply);
             to_journal(ctx, Command::Tag(TagCmd { account: a.account.into(), add, remove, reply }));
         }
         "bulk_add" => {
             let a = args!(BulkAddArgs, args, reply);
-            check!(tags(std::slice::from_ref(&a.tag)), reply);
+            check!(validate_tags(std::slice::from_ref(&a.tag)), reply);
             check!(ledger::validate_memo_key(a.memo.as_deref(), None), reply);
             if a.delta == 0 || a.delta == i64::MIN {
                 return reply.err(ApiError::bad_request("delta must be a non-zero 64-bit integer"));
