@@ -58,11 +58,26 @@ impl std::fmt::Debug for AuthConfig {
     }
 }
 
-#[derive(Clone, Debug, Deserialize)]
+#[derive(Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct MailConfig {
-    pub transport: String,
+    /// `smtp://host:port`, `smtps://user:pass@host:port`, `file:///dir` or
+    /// `log`; absent: `file://` into `DATA/mail` (one `.eml` per message).
+    pub transport: Option<String>,
     pub from: String,
+}
+
+impl std::fmt::Debug for MailConfig {
+    // An smtps:// URL may carry the relay's password.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let transport = self.transport.as_deref().map(|t| match t.split_once('@') {
+            Some((scheme_user, host)) => {
+                format!("{}://<credentials>@{host}", scheme_user.split(':').next().unwrap_or(""))
+            }
+            None => t.to_owned(),
+        });
+        f.debug_struct("MailConfig").field("transport", &transport).field("from", &self.from).finish()
+    }
 }
 
 #[derive(Clone, Debug, Deserialize)]
@@ -121,7 +136,7 @@ impl Default for AuthConfig {
 
 impl Default for MailConfig {
     fn default() -> Self {
-        MailConfig { transport: "log".into(), from: "Tally <noreply@localhost>".into() }
+        MailConfig { transport: None, from: "Tally <noreply@localhost>".into() }
     }
 }
 
@@ -311,10 +326,31 @@ impl Config {
         if !(100..=600_000).contains(&self.limits.frame_timeout_ms) {
             return bad("limits.frame_timeout_ms must be 100..=600000");
         }
+        if !(1..=86_400).contains(&self.otp.ttl_s) {
+            return bad("otp.ttl_s must be 1..=86400");
+        }
+        if !(1..=100).contains(&self.otp.tries_max) || self.otp.resends_max > 100 {
+            return bad("otp.tries_max must be 1..=100 and otp.resends_max at most 100");
+        }
+        if self.mail.from.parse::<lettre::message::Mailbox>().is_err() {
+            return bad("mail.from must be a mail address, e.g. \"Tally <noreply@example.org>\"");
+        }
         if self.auth.token_ttl_s == 0 {
             return bad("auth.token_ttl_s must be positive");
         }
         Ok(())
+    }
+
+    /// `mail.transport`, with the default (`DATA/mail`) filled in.
+    #[must_use]
+    pub fn mail_transport(&self) -> String {
+        match &self.mail.transport {
+            Some(t) => t.clone(),
+            None => {
+                let dir = std::path::absolute(self.data.join("mail")).unwrap_or_else(|_| self.data.join("mail"));
+                format!("file://{}", dir.display())
+            }
+        }
     }
 
     /// The balance bounds for the ledger core.
@@ -375,8 +411,18 @@ mod tests {
 
     #[test]
     fn secrets_are_not_in_debug_output() {
-        let c =
-            Config::load(None, env(&[("TALLY_AUTH_ADMIN_PASSWORD", "hunter2-secret")]), &Overrides::default()).unwrap();
-        assert!(!format!("{c:?}").contains("hunter2-secret"));
+        let c = Config::load(
+            None,
+            env(&[
+                ("TALLY_AUTH_ADMIN_PASSWORD", "hunter2-secret"),
+                ("TALLY_MAIL_TRANSPORT", "smtps://tally:relay-secret@mail.example.org:465"),
+            ]),
+            &Overrides::default(),
+        )
+        .unwrap();
+        let shown = format!("{c:?}");
+        assert!(!shown.contains("hunter2-secret"));
+        assert!(!shown.contains("relay-secret"), "{shown}");
+        assert!(shown.contains("mail.example.org:465"), "{shown}");
     }
 }

@@ -64,3 +64,18 @@ pub const PASSWORD_CHARS_MIN: usize = 8;
 /// Password hashes (argon2, ~19 MiB and tens of ms each) computed at once;
 /// more logins wait their turn instead of starving transfers of CPU and memory.
 pub const PASSWORD_HASHES_CONCURRENT_MAX: usize = 2;
+
+/// Pending OTP sessions kept at once, all users together; more get `overloaded`.
+pub const OTP_SESSIONS_MAX: usize = 100_000;
+/// Pending OTP sessions of one user; more get `rate_limited`.
+pub const OTP_SESSIONS_PER_USER_MAX: usize = 8;
+/// How often the OTP supervisor drops expired sessions.
+pub const OTP_SWEEP_INTERVAL_MS: u64 = 1000;
+/// Mails queued for the mailer at once; more get `overloaded`.
+pub const MAIL_QUEUE_MAX: usize = 256;
+/// Attempts at delivering one mail over SMTP (transient failures only).
+pub const MAIL_ATTEMPTS_MAX: u32 = 3;
+/// Wait before the second attempt; the n-th retry waits n times this.
+pub const MAIL_RETRY_DELAY_MS: u64 = 200;
+/// Longest an SMTP conversation may take before it counts as failed.
+pub const MAIL_SEND_TIMEOUT_MS: u64 = 10_000;

@@ -11,6 +11,8 @@
 //!   to it; they reserve debits and never wait on anything.
 //! - [`journal`]: the one redb writer, committing in groups, and the fan-out
 //!   that tells owners and clients after each durable commit.
+//! - [`otp`]: the OTP supervisor actor owning pending one-time-password
+//!   sessions, and its child [`mail`], the mailer actor (lettre).
 //! - [`store`]: the redb tables and read-side queries; [`auth`]: passwords
 //!   and tokens; [`config`]; [`constants`]: every limit.
 //! - [`client`]: the async Rust client used by the CLI, tests and benchmarks.
@@ -25,7 +27,9 @@ pub mod error;
 pub mod frame;
 pub mod journal;
 pub mod ledger;
+pub mod mail;
 pub mod ops;
+pub mod otp;
 pub mod protocol;
 pub mod reply;
 pub mod server;

@@ -23,6 +23,9 @@ pub const OPS: &[&str] = &[
     "whoami",
     "logout",
     "change_password",
+    "reset_password",
+    "confirm",
+    "resend",
     "balance",
     "account",
     "transfer",
@@ -246,6 +249,62 @@ pub struct SignupArgs {
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
+pub struct ResetPasswordArgs {
+    pub user: String,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ConfirmArgs {
+    pub pending: String,
+    /// Six digits, as a string (`"012345"`) or an integer (`12345`).
+    #[serde(deserialize_with = "otp_code")]
+    pub otp: String,
+    pub new_password: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ResendArgs {
+    pub pending: String,
+}
+
+/// A code is six digits; the text mode turns `otp=012345` into a number,
+/// so numbers below 1,000,000 are read back as six digits.
+fn otp_code<'de, D: serde::Deserializer<'de>>(d: D) -> Result<String, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Raw {
+        Text(String),
+        Number(u64),
+    }
+    let code = match Raw::deserialize(d)? {
+        Raw::Text(t) => t,
+        Raw::Number(n) if n < 1_000_000 => format!("{n:06}"),
+        Raw::Number(_) => String::new(),
+    };
+    if code.len() != crate::otp::CODE_DIGITS || !code.bytes().all(|b| b.is_ascii_digit()) {
+        return Err(serde::de::Error::custom("otp must be 6 digits"));
+    }
+    Ok(code)
+}
+
+/// An operation waiting for its code.
+#[derive(Clone, Debug, Serialize)]
+pub struct PendingReply {
+    /// The session id to pass to `confirm` and `resend`.
+    pub pending: String,
+    /// Milliseconds since the Unix epoch.
+    pub expires_at: u64,
+    /// Whether the mail with the code went out; if not, `mail_error` says
+    /// why and `resend` tries again.
+    pub delivered: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub mail_error: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct ChangePasswordArgs {
     pub old_password: String,
     pub new_password: String,
@@ -330,5 +389,6 @@ pub enum Reply {
     History(HistoryReply),
     Audit(AuditReply),
     Stats(StatsReply),
+    Pending(PendingReply),
     Json(serde_json::Value),
 }

@@ -21,9 +21,14 @@ pub struct Permits {
     pub server: Option<OwnedSemaphorePermit>,
 }
 
-/// The return address of one request. Dropping it without sending would
-/// leave the client waiting, so every path either sends or hands it on.
+/// The return address of one request. Every path sends exactly one answer;
+/// if a reply is dropped unanswered anyway (an actor killed with requests in
+/// its mailbox), the client gets `internal` instead of waiting forever.
 pub struct ReplyTo {
+    inner: Option<Inner>,
+}
+
+struct Inner {
     tx: mpsc::UnboundedSender<Outgoing>,
     id: Option<u64>,
     permits: Permits,
@@ -32,12 +37,22 @@ pub struct ReplyTo {
 impl ReplyTo {
     #[must_use]
     pub fn new(tx: mpsc::UnboundedSender<Outgoing>, id: Option<u64>, permits: Permits) -> Self {
-        ReplyTo { tx, id, permits }
+        ReplyTo { inner: Some(Inner { tx, id, permits }) }
+    }
+
+    /// A reply whose answer the caller awaits itself (an op that runs
+    /// another op first, e.g. a check before an OTP session is opened).
+    #[must_use]
+    pub fn channel() -> (ReplyTo, mpsc::UnboundedReceiver<Outgoing>) {
+        let (tx, rx) = mpsc::unbounded_channel();
+        (ReplyTo::new(tx, None, Permits::default()), rx)
     }
 
     /// Sends the answer; a closed connection simply drops it.
-    pub fn send(self, result: Result<Reply, ApiError>) {
-        let _ = self.tx.send(Outgoing { id: self.id, result, permits: self.permits });
+    pub fn send(mut self, result: Result<Reply, ApiError>) {
+        if let Some(i) = self.inner.take() {
+            let _ = i.tx.send(Outgoing { id: i.id, result, permits: i.permits });
+        }
     }
 
     pub fn ok(self, reply: Reply) {
@@ -47,4 +62,18 @@ impl ReplyTo {
     pub fn err(self, error: ApiError) {
         self.send(Err(error));
     }
+}
+
+impl Drop for ReplyTo {
+    fn drop(&mut self) {
+        if let Some(i) = self.inner.take() {
+            let result = Err(ApiError::internal("the request was dropped before it was answered"));
+            let _ = i.tx.send(Outgoing { id: i.id, result, permits: i.permits });
+        }
+    }
+}
+
+/// Awaits the one answer sent to a [`ReplyTo::channel`].
+pub async fn answer(rx: &mut mpsc::UnboundedReceiver<Outgoing>) -> Result<Reply, ApiError> {
+    rx.recv().await.map_or_else(|| Err(ApiError::internal("no answer")), |o| o.result)
 }

@@ -20,7 +20,9 @@ use crate::error::{ApiError, ErrorCode};
 use crate::frame::{self, HEADER_BYTES};
 use crate::journal::{self, Journal, JournalHandle};
 use crate::ledger::{AccountMap, Limits};
+use crate::mail::Transport;
 use crate::ops;
+use crate::otp::{OtpActor, OtpArgs, OtpMsg, Rules};
 use crate::reply::{Outgoing, Permits, ReplyTo};
 use crate::shard::{shard_index, ShardActor, ShardArgs, ShardRouter, Slot};
 use crate::stats::Stats;
@@ -60,6 +62,8 @@ pub struct Ctx {
     pub hashing: Arc<Semaphore>,
     /// Cancelled when the server shuts down: readers stop taking requests.
     pub shutdown: CancellationToken,
+    /// The OTP supervisor: pending one-time-password sessions.
+    pub otp: ractor::ActorRef<OtpMsg>,
 }
 
 /// A started server.
@@ -84,6 +88,7 @@ impl Running {
             Ok(_) => tracing::info!("all requests answered"),
             Err(_) => tracing::warn!("shutdown grace ran out with requests in flight"),
         }
+        self.ctx.otp.stop(None);
         let (done, stopped) = tokio::sync::oneshot::channel();
         if self.ctx.journal.send(journal::Command::Shutdown(done)).is_ok() {
             let _ = tokio::time::timeout(grace, stopped).await;
@@ -188,6 +193,14 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
         .spawn(move || journal::run_fanout(&fanout_rx, &fanout_router, &fanout_users))
         .map_err(|e| StartError::Other(e.to_string()))?;
 
+    let transport = Transport::parse(&config.mail_transport()).map_err(StartError::Other)?;
+    let from = config.mail.from.parse().map_err(|_| StartError::Other("mail.from is not a mail address".into()))?;
+    let rules =
+        Rules { ttl_ms: config.otp.ttl_s * 1000, tries_max: config.otp.tries_max, resends_max: config.otp.resends_max };
+    let (otp, _) = Actor::spawn(None, OtpActor, OtpArgs { rules, transport, from })
+        .await
+        .map_err(|e| StartError::Actor(e.to_string()))?;
+
     let listener = TcpListener::bind(&config.listen)
         .await
         .map_err(|source| StartError::Listen { addr: config.listen.clone(), source })?;
@@ -205,6 +218,7 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
         throttle: Throttle::default(),
         hashing: Arc::new(Semaphore::new(PASSWORD_HASHES_CONCURRENT_MAX)),
         shutdown: CancellationToken::new(),
+        otp,
     });
     let accept = tokio::spawn(accept_loop(listener, ctx.clone()));
     Ok(Running { addr, ctx, accept })

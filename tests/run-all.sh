@@ -3,17 +3,19 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
+# One Python venv for the Python client's tests and for the SMTP server
+# (aiosmtpd) that tests/otp.rs delivers mail to.
+venv="${TALLY_VENV:-target/py-venv}"
+if [ ! -x "$venv/bin/python" ]; then
+    python3 -m venv "$venv"
+fi
+"$venv/bin/pip" install --quiet --upgrade pip >/dev/null
+"$venv/bin/pip" install --quiet ./clients/python pytest aiosmtpd
+export TALLY_TEST_PYTHON="$PWD/$venv/bin/python"
+
 cargo fmt --check
 cargo clippy --all-targets -- -D warnings
 cargo build --bins
 cargo test
 
-if [ -f clients/python/pyproject.toml ]; then
-    venv="${TALLY_VENV:-target/py-venv}"
-    if [ ! -x "$venv/bin/python" ]; then
-        python3 -m venv "$venv"
-    fi
-    "$venv/bin/pip" install --quiet --upgrade pip >/dev/null
-    "$venv/bin/pip" install --quiet ./clients/python pytest
-    TALLY_BIN="$PWD/target/debug/tally" "$venv/bin/python" -m pytest -q clients/python/tests
-fi
+TALLY_BIN="$PWD/target/debug/tally" "$venv/bin/python" -m pytest -q clients/python/tests

@@ -11,8 +11,9 @@ use crate::frame::decode_args;
 use crate::journal::Shape;
 use crate::ledger::{self, is_system, Kind, MINT};
 use crate::protocol::{
-    AccountArg, AuditReply, AuthArgs, ChangePasswordArgs, CreateAccountArgs, GetTransferArgs, HelloReply, HistoryArgs,
-    LoginArgs, MintArgs, NoArgs, Reply, SignupArgs, StatsReply, TransferArgs, OPS, PROTOCOL_VERSION,
+    AccountArg, AuditReply, AuthArgs, ChangePasswordArgs, ConfirmArgs, CreateAccountArgs, GetTransferArgs, HelloReply,
+    HistoryArgs, LoginArgs, MintArgs, NoArgs, Reply, ResendArgs, ResetPasswordArgs, SignupArgs, StatsReply,
+    TransferArgs, OPS, PROTOCOL_VERSION,
 };
 use crate::reply::ReplyTo;
 use crate::server::{Ctx, Session};
@@ -40,6 +41,7 @@ macro_rules! check {
     };
 }
 
+mod otp;
 mod points;
 mod users;
 
@@ -123,6 +125,22 @@ pub async fn dispatch(ctx: &Arc<Ctx>, session: &mut Session, op: &str, args: &[u
             let a = args!(AuthArgs, args, reply);
             reply.send(users::bind_token(ctx, session, &a.token));
         }
+        // Anyone may reset a password; confirm and resend check the caller
+        // against the session (a reset is confirmed by whoever has the code).
+        "reset_password" => {
+            let a = args!(ResetPasswordArgs, args, reply);
+            otp::reset_password(ctx, a.user, reply);
+        }
+        "confirm" => {
+            let a = args!(ConfirmArgs, args, reply);
+            let caller = users::current(ctx, session).ok();
+            otp::confirm(ctx, caller, a, reply);
+        }
+        "resend" => {
+            let a = args!(ResendArgs, args, reply);
+            let caller = users::current(ctx, session).ok();
+            otp::resend(ctx, caller, a, reply);
+        }
         _ => {
             if !OPS.contains(&op) {
                 return reply.err(ApiError::new(ErrorCode::UnknownOp, format!("unknown op {op:?}: try help")));
@@ -166,6 +184,11 @@ fn authed(ctx: &Arc<Ctx>, p: Principal, op: &str, args: &[u8], reply: ReplyTo) {
             check!(validate_transfer(&from, &a.to, a.amount, a.memo.as_deref(), a.key.as_deref()), reply);
             if from == MINT {
                 return reply.err(ApiError::bad_request("use mint to issue from @mint"));
+            }
+            if otp::needs_code(ctx, &p, a.amount) {
+                let action =
+                    crate::otp::Action::Transfer { from, to: a.to, amount: a.amount, memo: a.memo, key: a.key };
+                return otp::transfer(ctx, p, action, reply);
             }
             debit(ctx, DebitReq::new(Kind::Transfer, Shape::Transfer, &from, &a.to, a.amount, a.memo, a.key, p, reply));
         }

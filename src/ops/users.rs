@@ -50,13 +50,16 @@ pub(super) fn current(ctx: &Ctx, session: &mut Session) -> Result<Principal, Api
 }
 
 /// Runs argon2 on the blocking pool, at most `PASSWORD_HASHES_CONCURRENT_MAX` at once.
-async fn on_hash_pool<T: Send + 'static>(ctx: &Ctx, f: impl FnOnce() -> T + Send + 'static) -> Result<T, ApiError> {
+pub(super) async fn on_hash_pool<T: Send + 'static>(
+    ctx: &Ctx,
+    f: impl FnOnce() -> T + Send + 'static,
+) -> Result<T, ApiError> {
     let _permit = ctx.hashing.acquire().await.map_err(|_| ApiError::internal("shutting down"))?;
     tokio::task::spawn_blocking(f).await.map_err(|_| ApiError::internal("password hashing failed"))
 }
 
 /// Commits a change to a user through the journal and waits for it.
-async fn change(ctx: &Ctx, user: &str, change: UserChange) -> Result<UserRecord, ApiError> {
+pub(super) async fn change(ctx: &Ctx, user: &str, change: UserChange) -> Result<UserRecord, ApiError> {
     let (done, rx) = oneshot::channel();
     ctx.journal
         .send(Command::User(UserCmd { user: user.into(), change, done }))

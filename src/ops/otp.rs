@@ -1,0 +1,185 @@
+//! Operations confirmed by a one-time password: opening a session (a large
+//! user transfer, a redeem, a password reset), `confirm` and `resend`.
+//!
+//! These run in their own task: they wait for the OTP supervisor, for the
+//! mail and (on confirm) for the confirmed operation, never blocking the
+//! connection's reader or any actor.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use ractor::rpc::CallResult;
+use ractor::RpcReplyPort;
+
+use crate::auth::{self, Principal, Role};
+use crate::constants::{MAIL_ATTEMPTS_MAX, MAIL_RETRY_DELAY_MS, MAIL_SEND_TIMEOUT_MS, USER_ID_BYTES_MAX};
+use crate::error::{ApiError, ErrorCode};
+use crate::journal::{Shape, UserChange};
+use crate::ledger::{Kind, LedgerError};
+use crate::otp::{Action, Opened, OtpMsg};
+use crate::protocol::{ConfirmArgs, PendingReply, Reply, ResendArgs};
+use crate::reply::{self, ReplyTo};
+use crate::server::Ctx;
+use crate::shard::{DebitReq, ReadKind, ShardMsg};
+use crate::store;
+
+use super::users::{change, on_hash_pool};
+
+/// Asks the OTP supervisor and waits for its answer.
+async fn ask<T: Send + 'static>(
+    ctx: &Ctx,
+    msg: impl FnOnce(RpcReplyPort<Result<T, ApiError>>) -> OtpMsg,
+) -> Result<T, ApiError> {
+    match ctx.otp.call(msg, None).await {
+        Ok(CallResult::Success(r)) => r,
+        _ => Err(ApiError::internal("the OTP supervisor is not running")),
+    }
+}
+
+/// Longest a request waits for its mail: every attempt timing out, plus the pauses.
+fn mail_wait() -> Duration {
+    let attempts = u64::from(MAIL_ATTEMPTS_MAX);
+    Duration::from_millis(attempts * MAIL_SEND_TIMEOUT_MS + attempts * attempts * MAIL_RETRY_DELAY_MS + 1000)
+}
+
+/// Waits for the mail of a session just opened or resent.
+async fn pending_reply(opened: Opened) -> Reply {
+    let outcome = match tokio::time::timeout(mail_wait(), opened.delivery).await {
+        Ok(Ok(r)) => r,
+        Ok(Err(_)) => Err("the mailer stopped before sending; use resend".to_owned()),
+        Err(_) => Err("the mail is taking too long; use resend if it does not arrive".to_owned()),
+    };
+    Reply::Pending(PendingReply {
+        pending: opened.pending,
+        expires_at: opened.expires_at,
+        delivered: outcome.is_ok(),
+        mail_error: outcome.err(),
+    })
+}
+
+/// The user's mail address, read off the async threads.
+async fn email_of(ctx: &Ctx, user: &str) -> Result<String, ApiError> {
+    let (db, user) = (ctx.db.clone(), user.to_owned());
+    tokio::task::spawn_blocking(move || store::get_user(&db, &user))
+        .await
+        .map_err(|_| ApiError::internal("the user lookup failed"))??
+        .map(|u| u.email)
+        .ok_or_else(|| ApiError::not_found("no such user"))
+}
+
+/// Opens a session for `user` waiting to run `action`, mails the code and
+/// answers with the session.
+async fn open(ctx: &Ctx, user: &str, action: Action) -> Result<Reply, ApiError> {
+    let email = email_of(ctx, user).await?;
+    let user: Arc<str> = user.into();
+    let opened = ask(ctx, |reply| OtpMsg::Open { user, email, action, reply }).await?;
+    Ok(pending_reply(opened).await)
+}
+
+/// Whether this transfer needs a code: user transfers of at least `otp.transfer_min`.
+pub(super) fn needs_code(ctx: &Ctx, p: &Principal, amount: i64) -> bool {
+    p.role == Role::User && ctx.config.otp.transfer_min.is_some_and(|min| amount >= min)
+}
+
+/// Reads an account's balance through its shard as `p` would.
+async fn read(ctx: &Ctx, account: &str, p: Principal) -> Result<Reply, ApiError> {
+    let (reply, mut rx) = ReplyTo::channel();
+    ctx.router.send(account, ShardMsg::Read { account: account.into(), kind: ReadKind::Balance, principal: p, reply });
+    reply::answer(&mut rx).await
+}
+
+/// The checks a transfer would fail now, so that no code is mailed for a
+/// transfer that cannot happen. They run again when it is confirmed: the
+/// balance may have changed in between.
+async fn precheck(ctx: &Ctx, p: &Principal, from: &str, to: &str, amount: i64) -> Result<(), ApiError> {
+    let Reply::Balance(b) = read(ctx, from, p.clone()).await? else {
+        return Err(ApiError::internal("unexpected reply to a balance read"));
+    };
+    let min = ctx.limits.bounds(from).min.unwrap_or(i64::MIN);
+    if b.available.checked_sub(amount).is_none_or(|left| left < min) {
+        return Err(LedgerError::InsufficientFunds { account: from.into(), available: b.available, amount }.into());
+    }
+    let system = Principal { user: "@system".into(), role: Role::Admin };
+    read(ctx, to, system).await?;
+    Ok(())
+}
+
+/// A user transfer at or above `otp.transfer_min`: checked, then held in a
+/// session until its code comes back.
+pub(super) fn transfer(ctx: &Arc<Ctx>, p: Principal, action: Action, reply: ReplyTo) {
+    let ctx = ctx.clone();
+    tokio::spawn(async move {
+        let r = async {
+            if let Action::Transfer { from, to, amount, .. } = &action {
+                precheck(&ctx, &p, from, to, *amount).await?;
+            }
+            open(&ctx, &p.user, action).await
+        };
+        reply.send(r.await);
+    });
+}
+
+/// `reset_password {user}`: anyone may ask; the code goes to the user's address.
+pub(super) fn reset_password(ctx: &Arc<Ctx>, user: String, reply: ReplyTo) {
+    if user.is_empty() || user.len() > USER_ID_BYTES_MAX {
+        return reply.err(ApiError::bad_request("user must be a user id"));
+    }
+    let ctx = ctx.clone();
+    tokio::spawn(async move { reply.send(open(&ctx, &user, Action::ResetPassword).await) });
+}
+
+/// `resend {pending}`: a new code for the session; the old one dies.
+pub(super) fn resend(ctx: &Arc<Ctx>, caller: Option<Principal>, a: ResendArgs, reply: ReplyTo) {
+    let ctx = ctx.clone();
+    tokio::spawn(async move {
+        let caller = caller.map(|p| p.user);
+        let r = ask(&ctx, |reply| OtpMsg::Resend { pending: a.pending, caller, reply }).await;
+        reply.send(match r {
+            Ok(opened) => Ok(pending_reply(opened).await),
+            Err(e) => Err(e),
+        });
+    });
+}
+
+/// `confirm {pending, otp, new_password?}`: checks the code with the
+/// supervisor, then runs the waiting operation, validated afresh.
+pub(super) fn confirm(ctx: &Arc<Ctx>, caller: Option<Principal>, a: ConfirmArgs, reply: ReplyTo) {
+    if let Some(pw) = &a.new_password {
+        if let Err(e) = auth::validate_password(pw) {
+            return reply.err(e);
+        }
+    }
+    let ctx = ctx.clone();
+    tokio::spawn(async move {
+        let ConfirmArgs { pending, otp, new_password } = a;
+        let has_new_password = new_password.is_some();
+        let who = caller.as_ref().map(|p| p.user.clone());
+        let confirmed =
+            ask(&ctx, |reply| OtpMsg::Confirm { pending, caller: who, code: otp, has_new_password, reply }).await;
+        let (user, action) = match confirmed {
+            Ok(c) => c,
+            Err(e) => return reply.err(e),
+        };
+        match action {
+            Action::Transfer { from, to, amount, memo, key } => {
+                let Some(p) = caller else {
+                    return reply.err(ApiError::internal("a confirmed transfer without its user"));
+                };
+                let req = DebitReq::new(Kind::Transfer, Shape::Transfer, &from, &to, amount, memo, key, p, reply);
+                super::debit(&ctx, req);
+            }
+            Action::ResetPassword => {
+                let password = new_password.unwrap_or_default();
+                let r = async {
+                    let hash = on_hash_pool(&ctx, move || auth::hash_password(&password)).await??;
+                    change(&ctx, &user, UserChange::Password(hash)).await?;
+                    Ok(Reply::Json(serde_json::json!({ "user": &*user, "password_reset": true })))
+                };
+                reply.send(r.await);
+            }
+            Action::Redeem { .. } => {
+                reply.err(ApiError::new(ErrorCode::Internal, "redeem is not available on this server"));
+            }
+        }
+    });
+}
