@@ -269,8 +269,17 @@ async fn passwords_never_reach_the_data_folder_or_the_log() {
     drop(c);
     let secrets = [PW, "second secret phrase", "a guessed password", ADMIN_PASSWORD];
     let mut files = vec![common::log_path(&s)];
-    for entry in std::fs::read_dir(&s.data).unwrap() {
-        files.push(entry.unwrap().path());
+    // Every file under the data folder (it also holds the dev mail folder).
+    let mut dirs = vec![s.data.clone()];
+    while let Some(d) = dirs.pop() {
+        for entry in std::fs::read_dir(d).unwrap() {
+            let p = entry.unwrap().path();
+            if p.is_dir() {
+                dirs.push(p);
+            } else {
+                files.push(p);
+            }
+        }
     }
     for f in &files {
         let bytes = std::fs::read(f).unwrap();
