@@ -112,6 +112,8 @@ impl From<crate::ledger::LedgerError> for ApiError {
             L::Deleted(_) => ErrorCode::Deleted,
             L::Exists(_) => ErrorCode::Exists,
             L::BadAmount(_) | L::BadId(_) | L::SameAccount => ErrorCode::BadRequest,
+            L::Ineligible { .. } => ErrorCode::Ineligible,
+            L::NotAllowed(_) => ErrorCode::Forbidden,
         };
         ApiError::new(code, e.to_string())
     }

@@ -121,6 +121,8 @@ pub enum UserChange {
     NewEpoch,
     /// Set a new password hash (which also revokes every token).
     Password(String),
+    /// Set the user's `events` (admin `set_events`).
+    Events(u64),
 }
 
 /// A user change, answered through `done` once committed (the caller
@@ -154,7 +156,8 @@ pub struct Done {
 }
 
 enum Outcome {
-    Transfer(TransferCmd, Result<Done, ApiError>),
+    /// A transfer, and the user whose `events` a `mint` counted up.
+    Transfer(TransferCmd, Result<Done, ApiError>, Option<Box<UserRecord>>),
     Create(CreateCmd, Result<Option<Done>, ApiError>),
     User(UserCmd, Result<UserRecord, ApiError>),
     /// An admin change: its reply, and the changes owners must hear of.
@@ -310,7 +313,10 @@ impl Journal {
             let failed = ApiError::internal("the journal could not commit; nothing was changed");
             for o in &mut outcomes {
                 match o {
-                    Outcome::Transfer(_, r) => *r = Err(failed.clone()),
+                    Outcome::Transfer(_, r, rewarded) => {
+                        *r = Err(failed.clone());
+                        *rewarded = None;
+                    }
                     Outcome::Create(_, r) => *r = Err(failed.clone()),
                     Outcome::User(_, r) => *r = Err(failed.clone()),
                     Outcome::Admin(_, r) => *r = Err(failed.clone()),
@@ -432,7 +438,11 @@ impl Journal {
         match cmd {
             Command::Transfer(c) => {
                 let (r, e) = split(self.apply_transfer(t, buf, time, &c));
-                outcomes.push(Outcome::Transfer(c, r));
+                let (r, rewarded) = match r {
+                    Ok((done, rewarded)) => (Ok(done), rewarded),
+                    Err(e) => (Err(e), None),
+                };
+                outcomes.push(Outcome::Transfer(c, r, rewarded));
                 e
             }
             Command::Create(mut c) => {
@@ -476,7 +486,15 @@ impl Journal {
         }
     }
 
-    fn apply_transfer(&mut self, t: &mut Tables<'_>, buf: &mut Vec<u8>, time: u64, c: &TransferCmd) -> Admin<Done> {
+    /// Applies a transfer; a `mint` to a user's account also counts one
+    /// event for that user (SPEC: events = rewards received).
+    fn apply_transfer(
+        &mut self,
+        t: &mut Tables<'_>,
+        buf: &mut Vec<u8>,
+        time: u64,
+        c: &TransferCmd,
+    ) -> Admin<(Done, Option<Box<UserRecord>>)> {
         let applied = match self.book.transfer(&c.from, &c.to, c.amount, c.fee, c.mode) {
             Ok(a) => a,
             Err(e) => return Ok(Err(e.into())),
@@ -491,7 +509,9 @@ impl Journal {
             key: c.key.as_deref(),
             time,
         };
-        Ok(Ok(self.append(t, buf, fields, applied)?))
+        let done = self.append(t, buf, fields, applied)?;
+        let rewarded = if c.kind == Kind::Mint { count_event(t, &c.to)? } else { None };
+        Ok(Ok((done, rewarded)))
     }
 
     /// Creates an account (and, for a signup, its user), funded from `@mint`
@@ -546,16 +566,36 @@ impl Journal {
     }
 }
 
-/// Revokes a user's tokens (and maybe sets a new password hash).
+/// Counts one event for the user owning `account`, if any.
+fn count_event(t: &mut Tables<'_>, account: &str) -> Result<Option<Box<UserRecord>>, StoreError> {
+    let Some(meta) = t.accounts.get(account)?.map(|v| AccountMeta::decode(v.value())).transpose()? else {
+        return Ok(None);
+    };
+    let Some(owner) = meta.owner else { return Ok(None) };
+    let Some(mut user) = t.users.get(owner.as_str())?.map(|v| UserRecord::decode(v.value())).transpose()? else {
+        return Ok(None);
+    };
+    user.events = user.events.saturating_add(1);
+    t.users.insert(owner.as_str(), &user.encode()[..])?;
+    Ok(Some(Box::new(user)))
+}
+
+/// Revokes a user's tokens (and maybe sets a new password hash), or sets
+/// their events.
 fn apply_user(t: &mut Tables<'_>, u: &UserCmd) -> Admin<UserRecord> {
     let existing = t.users.get(&*u.user)?.map(|v| UserRecord::decode(v.value())).transpose()?;
     let Some(mut record) = existing else {
         return Ok(Err(ApiError::not_found(format!("user {}", u.user))));
     };
-    if let UserChange::Password(hash) = &u.change {
-        record.password_hash.clone_from(hash);
+    match &u.change {
+        UserChange::NewEpoch => record.token_epoch += 1,
+        UserChange::Password(hash) => {
+            record.password_hash.clone_from(hash);
+            record.token_epoch += 1;
+        }
+        // An admin's count of events attended; tokens stay valid.
+        UserChange::Events(n) => record.events = *n,
     }
-    record.token_epoch += 1;
     t.users.insert(&*u.user, &record.encode()[..])?;
     Ok(Ok(record))
 }
@@ -575,7 +615,7 @@ fn refused(cmd: Command) -> Option<Outcome> {
         Err(ApiError::internal("the journal could not commit; nothing was changed"))
     }
     Some(match cmd {
-        Command::Transfer(c) => Outcome::Transfer(c, failed()),
+        Command::Transfer(c) => Outcome::Transfer(c, failed(), None),
         Command::Create(c) => Outcome::Create(c, failed()),
         Command::User(u) => Outcome::User(u, failed()),
         Command::Close(CloseCmd { reply, .. })
@@ -851,7 +891,10 @@ fn fan_out(
     replies: &mut Vec<(ReplyTo, Result<Reply, ApiError>)>,
 ) {
     match o {
-        Outcome::Transfer(t, result) => {
+        Outcome::Transfer(t, result, rewarded) => {
+            if let Some(u) = rewarded {
+                users.set(&u.user, UserState::of(&u));
+            }
             let release = if t.mode == Mode::Reserved { t.amount } else { 0 };
             let result = match result {
                 Ok(done) => {

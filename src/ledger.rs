@@ -56,6 +56,10 @@ pub enum LedgerError {
     BadId(String),
     #[error("from and to are the same account")]
     SameAccount,
+    #[error("{user} has attended {events} events; transfers need at least {min}")]
+    Ineligible { user: String, events: u64, min: u64 },
+    #[error("{0}")]
+    NotAllowed(String),
 }
 
 /// The kind of a transfer record (SPEC section 2).
@@ -167,6 +171,67 @@ pub fn validate_memo_key(memo: Option<&str>, key: Option<&str>) -> Result<(), Le
         return Err(LedgerError::BadId(format!("key must be 1-{KEY_BYTES_MAX} bytes")));
     }
     Ok(())
+}
+
+/// The campus rules for user-to-user transfers (`[policy]`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Policy {
+    pub min_events: u64,
+    pub fee_same_group_bps: u32,
+    pub fee_cross_group_bps: u32,
+}
+
+/// A user taking part in a transfer.
+#[derive(Clone, Copy, Debug)]
+pub struct Party<'a> {
+    pub user: &'a str,
+    pub admin: bool,
+    pub group: Option<&'a str>,
+    pub events: u64,
+}
+
+/// Who receives a user's transfer.
+#[derive(Clone, Copy, Debug)]
+pub enum Receiver<'a> {
+    /// An account owned by a user.
+    User(Party<'a>),
+    /// An account without an owner (e.g. a shop's till an admin created).
+    Unowned,
+    /// `@mint`, `@treasury`, `@redeemed`.
+    System,
+}
+
+impl Policy {
+    /// The fee a user (`sender`) pays to move `amount` to `receiver`, or
+    /// why the transfer is refused: users cannot pay system or admin
+    /// accounts; both users need `min_events`. Only user-to-user transfers
+    /// pay a fee: the same-group rate when both users have the same group
+    /// (or both none), the cross-group rate otherwise; it rounds down.
+    pub fn user_transfer(&self, sender: &Party<'_>, receiver: &Receiver<'_>, amount: i64) -> Result<i64, LedgerError> {
+        let eligible = |p: &Party<'_>| {
+            if p.events >= self.min_events {
+                Ok(())
+            } else {
+                Err(LedgerError::Ineligible { user: p.user.to_owned(), events: p.events, min: self.min_events })
+            }
+        };
+        match receiver {
+            Receiver::System => Err(LedgerError::NotAllowed("users cannot transfer to system accounts".into())),
+            Receiver::User(r) if r.admin => {
+                Err(LedgerError::NotAllowed("users cannot transfer to an admin's account".into()))
+            }
+            Receiver::Unowned => {
+                eligible(sender)?;
+                Ok(0)
+            }
+            Receiver::User(r) => {
+                eligible(sender)?;
+                eligible(r)?;
+                let bps = if sender.group == r.group { self.fee_same_group_bps } else { self.fee_cross_group_bps };
+                Ok(fee(amount, bps))
+            }
+        }
+    }
 }
 
 /// The fee on `amount` at `bps` basis points, rounded down.

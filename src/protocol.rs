@@ -41,6 +41,7 @@ pub const OPS: &[&str] = &[
     "bulk_add",
     "reap",
     "backup",
+    "set_events",
     "audit",
     "stats",
 ];
@@ -245,6 +246,13 @@ pub struct SignupArgs {
     pub email: String,
     pub password: String,
     pub group: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SetEventsArgs {
+    pub user: String,
+    pub events: u64,
 }
 
 #[derive(Debug, Deserialize)]

@@ -94,6 +94,8 @@ pub struct DebitReq {
     pub amount: i64,
     pub memo: Option<Box<str>>,
     pub key: Option<Box<str>>,
+    /// The part of `amount` that goes to `@treasury` (user-to-user fees).
+    pub fee: i64,
     pub principal: Principal,
     pub reply: ReplyTo,
 }
@@ -121,9 +123,17 @@ impl DebitReq {
             amount,
             memo: memo.map(Into::into),
             key: key.map(Into::into),
+            fee: 0,
             principal,
             reply,
         }
+    }
+
+    /// The same request with a fee for `@treasury`.
+    #[must_use]
+    pub fn with_fee(mut self, fee: i64) -> DebitReq {
+        self.fee = fee;
+        self
     }
 }
 
@@ -320,7 +330,7 @@ impl ShardState {
     }
 
     fn debit(&mut self, req: DebitReq) {
-        let DebitReq { kind, shape, from, to, amount, memo, key, principal, reply } = req;
+        let DebitReq { kind, shape, from, to, amount, memo, key, fee, principal, reply } = req;
         if let Err(e) = self.slot(&from, &principal) {
             return reply.err(e);
         }
@@ -359,7 +369,7 @@ impl ShardState {
             from,
             to,
             amount,
-            fee: 0,
+            fee,
             memo,
             key,
             mode: Mode::Reserved,

@@ -185,3 +185,49 @@ fn transfer_to_missing_or_same_account_changes_nothing() {
     let after: Vec<(String, BookAccount)> = book.iter().map(|(k, v)| (k.to_owned(), *v)).collect();
     assert_eq!(after, before);
 }
+
+mod policy {
+    use crate::ledger::{LedgerError, Party, Policy, Receiver};
+
+    const CAMPUS: Policy = Policy { min_events: 6, fee_same_group_bps: 200, fee_cross_group_bps: 3300 };
+
+    fn user<'a>(name: &'a str, group: Option<&'a str>, events: u64) -> Party<'a> {
+        Party { user: name, admin: false, group, events }
+    }
+
+    #[test]
+    fn fees_round_down_by_group() {
+        let a = user("a", Some("Y19"), 6);
+        let b = user("b", Some("Y19"), 9);
+        let c = user("c", Some("Y20"), 6);
+        assert_eq!(CAMPUS.user_transfer(&a, &Receiver::User(b), 100), Ok(2));
+        assert_eq!(CAMPUS.user_transfer(&a, &Receiver::User(c), 100), Ok(33));
+        assert_eq!(CAMPUS.user_transfer(&a, &Receiver::User(b), 49), Ok(0));
+        assert_eq!(CAMPUS.user_transfer(&a, &Receiver::User(c), 99), Ok(32));
+        assert_eq!(CAMPUS.user_transfer(&a, &Receiver::User(b), i64::MAX), Ok(i64::MAX / 50));
+        assert_eq!(CAMPUS.user_transfer(&a, &Receiver::Unowned, 100), Ok(0));
+        let none = user("n", None, 6);
+        assert_eq!(CAMPUS.user_transfer(&none, &Receiver::User(user("m", None, 6)), 100), Ok(2));
+        assert_eq!(CAMPUS.user_transfer(&none, &Receiver::User(a), 100), Ok(33));
+    }
+
+    #[test]
+    fn both_users_need_the_minimum_events() {
+        let ok = user("ok", Some("Y19"), 6);
+        let low = user("low", Some("Y19"), 5);
+        let e = CAMPUS.user_transfer(&low, &Receiver::User(ok), 10).unwrap_err();
+        assert_eq!(e, LedgerError::Ineligible { user: "low".into(), events: 5, min: 6 });
+        let e = CAMPUS.user_transfer(&ok, &Receiver::User(low), 10).unwrap_err();
+        assert!(matches!(e, LedgerError::Ineligible { ref user, .. } if user == "low"));
+        assert!(CAMPUS.user_transfer(&low, &Receiver::Unowned, 10).is_err());
+        assert_eq!(Policy::default().user_transfer(&low, &Receiver::User(low), 10), Ok(0));
+    }
+
+    #[test]
+    fn users_cannot_pay_admins_or_system_accounts() {
+        let a = user("a", None, 10);
+        let admin = Party { user: "admin", admin: true, group: None, events: 10 };
+        assert!(matches!(CAMPUS.user_transfer(&a, &Receiver::User(admin), 1), Err(LedgerError::NotAllowed(_))));
+        assert!(matches!(CAMPUS.user_transfer(&a, &Receiver::System, 1), Err(LedgerError::NotAllowed(_))));
+    }
+}

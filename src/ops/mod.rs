@@ -4,16 +4,16 @@
 
 use std::sync::Arc;
 
-use crate::auth::Principal;
+use crate::auth::{Principal, Role};
 use crate::constants::{PAGE_LIMIT_DEFAULT, PAGE_LIMIT_MAX, TAGS_PER_ACCOUNT_MAX, TAG_BYTES_MAX, USER_ID_BYTES_MAX};
 use crate::error::{ApiError, ErrorCode};
 use crate::frame::decode_args;
-use crate::journal::Shape;
+use crate::journal::{Shape, UserChange};
 use crate::ledger::{self, is_system, Kind, MINT};
 use crate::protocol::{
     AccountArg, AuditReply, AuthArgs, ChangePasswordArgs, ConfirmArgs, CreateAccountArgs, GetTransferArgs, HelloReply,
-    HistoryArgs, LoginArgs, MintArgs, NoArgs, Reply, ResendArgs, ResetPasswordArgs, SignupArgs, StatsReply,
-    TransferArgs, OPS, PROTOCOL_VERSION,
+    HistoryArgs, LoginArgs, MintArgs, NoArgs, Reply, ResendArgs, ResetPasswordArgs, SetEventsArgs, SignupArgs,
+    StatsReply, TransferArgs, OPS, PROTOCOL_VERSION,
 };
 use crate::reply::ReplyTo;
 use crate::server::{Ctx, Session};
@@ -185,10 +185,10 @@ fn authed(ctx: &Arc<Ctx>, p: Principal, op: &str, args: &[u8], reply: ReplyTo) {
             if from == MINT {
                 return reply.err(ApiError::bad_request("use mint to issue from @mint"));
             }
-            if otp::needs_code(ctx, &p, a.amount) {
+            if p.role == Role::User {
                 let action =
                     crate::otp::Action::Transfer { from, to: a.to, amount: a.amount, memo: a.memo, key: a.key };
-                return otp::transfer(ctx, p, action, reply);
+                return otp::user_transfer(ctx, p, action, reply);
             }
             debit(ctx, DebitReq::new(Kind::Transfer, Shape::Transfer, &from, &a.to, a.amount, a.memo, a.key, p, reply));
         }
@@ -233,6 +233,15 @@ fn authed(ctx: &Arc<Ctx>, p: Principal, op: &str, args: &[u8], reply: ReplyTo) {
                     }
                 }
                 Ok(Reply::Transfer(Arc::new(t)))
+            });
+        }
+        "set_events" => {
+            check!(admin_only(&p), reply);
+            let a = args!(SetEventsArgs, args, reply);
+            let ctx = ctx.clone();
+            tokio::spawn(async move {
+                let r = users::change(&ctx, &a.user, UserChange::Events(a.events)).await;
+                reply.send(r.map(|u| Reply::Json(crate::protocol::user_view(&u))));
             });
         }
         "audit" => {

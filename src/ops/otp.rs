@@ -11,11 +11,11 @@ use std::time::Duration;
 use ractor::rpc::CallResult;
 use ractor::RpcReplyPort;
 
-use crate::auth::{self, Principal, Role};
+use crate::auth::{self, Principal, Role, UserState};
 use crate::constants::{MAIL_ATTEMPTS_MAX, MAIL_RETRY_DELAY_MS, MAIL_SEND_TIMEOUT_MS, USER_ID_BYTES_MAX};
 use crate::error::{ApiError, ErrorCode};
 use crate::journal::{Shape, UserChange};
-use crate::ledger::{Kind, LedgerError};
+use crate::ledger::{is_system, Kind, LedgerError, Party, Policy, Receiver};
 use crate::otp::{Action, Opened, OtpMsg};
 use crate::protocol::{ConfirmArgs, PendingReply, Reply, ResendArgs};
 use crate::reply::{self, ReplyTo};
@@ -88,10 +88,9 @@ async fn read(ctx: &Ctx, account: &str, p: Principal) -> Result<Reply, ApiError>
     reply::answer(&mut rx).await
 }
 
-/// The checks a transfer would fail now, so that no code is mailed for a
-/// transfer that cannot happen. They run again when it is confirmed: the
-/// balance may have changed in between.
-async fn precheck(ctx: &Ctx, p: &Principal, from: &str, to: &str, amount: i64) -> Result<(), ApiError> {
+/// Whether `from` has `amount` available now, so that no code is mailed for
+/// a transfer that cannot happen. Checked again when it is confirmed.
+async fn funds(ctx: &Ctx, p: &Principal, from: &str, amount: i64) -> Result<(), ApiError> {
     let Reply::Balance(b) = read(ctx, from, p.clone()).await? else {
         return Err(ApiError::internal("unexpected reply to a balance read"));
     };
@@ -99,21 +98,68 @@ async fn precheck(ctx: &Ctx, p: &Principal, from: &str, to: &str, amount: i64) -
     if b.available.checked_sub(amount).is_none_or(|left| left < min) {
         return Err(LedgerError::InsufficientFunds { account: from.into(), available: b.available, amount }.into());
     }
-    let system = Principal { user: "@system".into(), role: Role::Admin };
-    read(ctx, to, system).await?;
     Ok(())
 }
 
-/// A user transfer at or above `otp.transfer_min`: checked, then held in a
-/// session until its code comes back.
-pub(super) fn transfer(ctx: &Arc<Ctx>, p: Principal, action: Action, reply: ReplyTo) {
+fn party<'a>(user: &'a str, state: &'a UserState) -> Party<'a> {
+    Party { user, admin: state.role == Role::Admin, group: state.group.as_deref(), events: state.events }
+}
+
+/// The `[policy]` rules for a user's transfer to `to`: who may receive,
+/// eligibility, and the fee (see `ledger::Policy`). Reads who owns `to`
+/// from its shard.
+async fn user_fee(ctx: &Ctx, p: &Principal, to: &str, amount: i64) -> Result<i64, ApiError> {
+    let policy = Policy {
+        min_events: ctx.config.policy.min_events,
+        fee_same_group_bps: ctx.config.policy.fee_same_group_bps,
+        fee_cross_group_bps: ctx.config.policy.fee_cross_group_bps,
+    };
+    let sender_state = ctx.users.get(&p.user).ok_or_else(|| ApiError::not_found("no such user"))?;
+    let sender = party(&p.user, &sender_state);
+    if is_system(to) {
+        return Ok(policy.user_transfer(&sender, &Receiver::System, amount)?);
+    }
+    let system = Principal { user: "@system".into(), role: Role::Admin };
+    let (reply, mut rx) = ReplyTo::channel();
+    ctx.router.send(to, ShardMsg::Read { account: to.into(), kind: ReadKind::Account, principal: system, reply });
+    let Reply::Account(view) = reply::answer(&mut rx).await? else {
+        return Err(ApiError::internal("unexpected reply to an account read"));
+    };
+    let owner_state = view.owner.as_deref().and_then(|o| ctx.users.get(o).map(|s| (o, s)));
+    let receiver = match &owner_state {
+        Some((o, s)) => Receiver::User(party(o, s)),
+        None => Receiver::Unowned,
+    };
+    let fee = policy.user_transfer(&sender, &receiver, amount)?;
+    // The journal enforces the cap at commit; asking now spares a useless code.
+    if let Some(max) = ctx.limits.bounds(to).max {
+        if view.balance.checked_add(amount - fee).is_none_or(|b| b > max) {
+            return Err(LedgerError::AboveMax { account: to.to_owned(), max }.into());
+        }
+    }
+    Ok(fee)
+}
+
+/// A user's transfer: the policy decides the fee (or refuses it); above
+/// `otp.transfer_min` it waits in a session for its code, else it goes to
+/// the owning shard at once.
+pub(super) fn user_transfer(ctx: &Arc<Ctx>, p: Principal, action: Action, reply: ReplyTo) {
     let ctx = ctx.clone();
     tokio::spawn(async move {
+        let Action::Transfer { from, to, amount, memo, key } = action else {
+            return reply.err(ApiError::internal("not a transfer"));
+        };
+        let fee = match user_fee(&ctx, &p, &to, amount).await {
+            Ok(f) => f,
+            Err(e) => return reply.err(e),
+        };
+        if !needs_code(&ctx, &p, amount) {
+            let req = DebitReq::new(Kind::Transfer, Shape::Transfer, &from, &to, amount, memo, key, p, reply);
+            return super::debit(&ctx, req.with_fee(fee));
+        }
         let r = async {
-            if let Action::Transfer { from, to, amount, .. } = &action {
-                precheck(&ctx, &p, from, to, *amount).await?;
-            }
-            open(&ctx, &p.user, action).await
+            funds(&ctx, &p, &from, amount).await?;
+            open(&ctx, &p.user, Action::Transfer { from, to, amount, memo, key }).await
         };
         reply.send(r.await);
     });
@@ -165,8 +211,13 @@ pub(super) fn confirm(ctx: &Arc<Ctx>, caller: Option<Principal>, a: ConfirmArgs,
                 let Some(p) = caller else {
                     return reply.err(ApiError::internal("a confirmed transfer without its user"));
                 };
+                // The rules again: events, groups or the receiver may have changed.
+                let fee = match user_fee(&ctx, &p, &to, amount).await {
+                    Ok(f) => f,
+                    Err(e) => return reply.err(e),
+                };
                 let req = DebitReq::new(Kind::Transfer, Shape::Transfer, &from, &to, amount, memo, key, p, reply);
-                super::debit(&ctx, req);
+                super::debit(&ctx, req.with_fee(fee));
             }
             Action::ResetPassword => {
                 let password = new_password.unwrap_or_default();

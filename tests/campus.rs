@@ -1,0 +1,156 @@
+//! Proves the campus-coin rules over real TCP with `--preset campus`: fees
+//! by group to `@treasury`, eligibility of sender and receiver (events
+//! counted from mints, or set by an admin), the balance cap for transfers
+//! and mints, no payments to admins, every user transfer confirmed by a
+//! mailed code, and `audit` at 0 throughout.
+
+mod common;
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use common::{balance, code, Server};
+use serde_json::{json, Value};
+use tally::client::Client;
+
+const PW: &str = "correct horse battery";
+
+struct Campus {
+    s: Server,
+    mail: PathBuf,
+    seen: Vec<PathBuf>,
+    admin: Client,
+    _dir: tempfile::TempDir,
+}
+
+impl Campus {
+    async fn start() -> Campus {
+        let dir = tempfile::tempdir().unwrap();
+        let mail = dir.path().join("mail");
+        let transport = format!("file://{}", mail.display());
+        let s = Server::start_with(&[("TALLY_PRESET", "campus"), ("TALLY_MAIL_TRANSPORT", &transport)]);
+        let admin = s.admin().await;
+        Campus { s, mail, seen: Vec::new(), admin, _dir: dir }
+    }
+
+    async fn user(&self, user: &str, group: &str, events: u64) -> Client {
+        let c = self.s.client().await;
+        let args = json!({"user": user, "name": user, "email": format!("{user}@campus.example"), "password": PW, "group": group});
+        c.call("signup", args).await.unwrap();
+        if events > 0 {
+            let u = self.admin.call("set_events", json!({"user": user, "events": events})).await.unwrap();
+            assert_eq!(u["events"], events);
+        }
+        c.login(user, PW).await.unwrap();
+        c
+    }
+
+    fn mails(&self) -> usize {
+        std::fs::read_dir(&self.mail).map(|d| d.count()).unwrap_or(0)
+    }
+
+    fn next_code(&mut self) -> String {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let fresh = std::fs::read_dir(&self.mail)
+                .into_iter()
+                .flatten()
+                .filter_map(|e| e.ok().map(|e| e.path()))
+                .find(|p| !self.seen.contains(p));
+            if let Some(p) = fresh {
+                self.seen.push(p.clone());
+                let text = std::fs::read_to_string(p).unwrap();
+                let at = text.find("code is ").expect("a code") + "code is ".len();
+                return text[at..at + 6].to_owned();
+            }
+            assert!(Instant::now() < deadline, "no mail");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// A user transfer: every one needs a code under the campus preset.
+    async fn transfer(&mut self, c: &Client, to: &str, amount: i64) -> Result<Value, tally::client::ClientError> {
+        let r = c.call("transfer", json!({"to": to, "amount": amount})).await?;
+        assert_eq!(r["delivered"], true, "every campus transfer waits for a code: {r}");
+        let otp = self.next_code();
+        c.call("confirm", json!({"pending": r["pending"], "otp": otp})).await
+    }
+}
+
+#[tokio::test]
+async fn fees_go_to_the_treasury_by_group() {
+    let mut t = Campus::start().await;
+    let a1 = t.user("a1", "Y19", 0).await;
+    let _a2 = t.user("a2", "Y19", 6).await;
+    let _b1 = t.user("b1", "Y20", 6).await;
+    // Six rewards make a1 eligible: events count mints.
+    for _ in 0..6 {
+        t.admin.call("mint", json!({"to": "a1", "amount": 100})).await.unwrap();
+    }
+    assert_eq!(a1.call("whoami", json!({})).await.unwrap()["events"], 6);
+
+    let same = t.transfer(&a1, "a2", 100).await.unwrap();
+    assert_eq!((same["amount"].as_i64(), same["fee"].as_i64()), (Some(100), Some(2)));
+    let cross = t.transfer(&a1, "b1", 100).await.unwrap();
+    assert_eq!((cross["amount"].as_i64(), cross["fee"].as_i64()), (Some(100), Some(33)));
+    assert_eq!(balance(&t.admin, "a1").await, 400);
+    assert_eq!(balance(&t.admin, "a2").await, 98);
+    assert_eq!(balance(&t.admin, "b1").await, 67);
+    assert_eq!(balance(&t.admin, "@treasury").await, 35);
+    // The fee is in the history too.
+    let h = a1.call("history", json!({})).await.unwrap();
+    let fees: Vec<i64> = h["transfers"].as_array().unwrap().iter().map(|t| t["fee"].as_i64().unwrap()).collect();
+    assert_eq!(fees[..2], [33, 2]);
+    // Admin transfers pay no fee and need no code.
+    let r = t.admin.call("transfer", json!({"from": "a2", "to": "b1", "amount": 10})).await.unwrap();
+    assert_eq!((r["fee"].as_i64(), balance(&t.admin, "b1").await), (Some(0), 77));
+    common::audit_ok(&t.admin).await;
+}
+
+#[tokio::test]
+async fn sender_and_receiver_need_six_events() {
+    let mut t = Campus::start().await;
+    let ok = t.user("ok", "Y19", 6).await;
+    let low = t.user("low", "Y19", 5).await;
+    t.admin.call("mint", json!({"to": "low", "amount": 50})).await.unwrap();
+    t.admin.call("mint", json!({"to": "ok", "amount": 50})).await.unwrap();
+    // The mint counted: low now has 6. Set it back to 5.
+    t.admin.call("set_events", json!({"user": "low", "events": 5})).await.unwrap();
+    assert_eq!(code(low.call("transfer", json!({"to": "ok", "amount": 10})).await), "ineligible");
+    assert_eq!(code(ok.call("transfer", json!({"to": "low", "amount": 10})).await), "ineligible");
+    assert_eq!(t.mails(), 0, "no code is mailed for a refused transfer");
+    assert_eq!((balance(&t.admin, "ok").await, balance(&t.admin, "low").await), (50, 50));
+    // Set by an admin, the count takes effect at once.
+    t.admin.call("set_events", json!({"user": "low", "events": 6})).await.unwrap();
+    t.transfer(&ok, "low", 10).await.unwrap();
+    assert_eq!(balance(&t.admin, "low").await, 60);
+    assert_eq!(code(t.admin.call("set_events", json!({"user": "ghost", "events": 6})).await), "not_found");
+    assert_eq!(code(ok.call("set_events", json!({"user": "ok", "events": 99})).await), "forbidden");
+    common::audit_ok(&t.admin).await;
+}
+
+#[tokio::test]
+async fn the_cap_refuses_whole_credits_and_users_cannot_pay_admins() {
+    let mut t = Campus::start().await;
+    let rich = t.user("rich", "Y19", 6).await;
+    let _full = t.user("full", "Y19", 6).await;
+    t.admin.call("mint", json!({"to": "rich", "amount": 10001})).await.unwrap();
+    t.admin.call("mint", json!({"to": "full", "amount": 10000})).await.unwrap();
+    // Mint: one unit over the cap is refused, nothing moves.
+    assert_eq!(code(t.admin.call("mint", json!({"to": "full", "amount": 2})).await), "above_max");
+    assert_eq!(code(t.admin.call("mint", json!({"to": "rich", "amount": 1})).await), "above_max");
+    // Transfer: 100 less a fee of 2 would take full to 10098.
+    assert_eq!(code(rich.call("transfer", json!({"to": "full", "amount": 100})).await), "above_max");
+    assert_eq!(t.mails(), 0);
+    // Up to the cap exactly is fine (1 unit: fee 0).
+    t.transfer(&rich, "full", 1).await.unwrap();
+    assert_eq!((balance(&t.admin, "rich").await, balance(&t.admin, "full").await), (10000, 10001));
+    assert_eq!(code(t.admin.call("transfer", json!({"from": "rich", "to": "full", "amount": 1})).await), "above_max");
+    // Users cannot pay an admin's account or a system account.
+    t.admin.call("create_account", json!({"account": "staff", "owner": "admin"})).await.unwrap();
+    assert_eq!(code(rich.call("transfer", json!({"to": "staff", "amount": 1})).await), "forbidden");
+    assert_eq!(code(rich.call("transfer", json!({"to": "@treasury", "amount": 1})).await), "forbidden");
+    let totals = (balance(&t.admin, "rich").await, balance(&t.admin, "full").await, balance(&t.admin, "@mint").await);
+    assert_eq!(totals, (10000, 10001, -20001));
+    common::audit_ok(&t.admin).await;
+}
