@@ -79,3 +79,8 @@ pub const MAIL_ATTEMPTS_MAX: u32 = 3;
 pub const MAIL_RETRY_DELAY_MS: u64 = 200;
 /// Longest an SMTP conversation may take before it counts as failed.
 pub const MAIL_SEND_TIMEOUT_MS: u64 = 10_000;
+
+/// Longest `timeout_s` of a hold: 30 days.
+pub const HOLD_TIMEOUT_S_MAX: u64 = 30 * 86_400;
+/// Longest redeem item name in bytes.
+pub const ITEM_BYTES_MAX: usize = 100;

@@ -16,14 +16,15 @@ use std::sync::Arc;
 use crossbeam_channel::{Receiver, Sender};
 use redb::{Database, Durability, ReadableTable};
 
+use crate::auth::Principal;
 use crate::auth::{UserState, Users};
 use crate::error::{ApiError, ErrorCode};
-use crate::ledger::{is_system, Applied, Book, Kind, Mode, Status, MINT, TREASURY};
+use crate::ledger::{fee, is_system, Applied, Book, Hold, HoldStatus, Kind, LedgerError, Mode, Status, MINT, TREASURY};
 use crate::protocol::{AccountView, Reply, TransferView};
 use crate::reply::ReplyTo;
 use crate::shard::{Effect, ShardMsg, ShardRouter};
 use crate::stats::Stats;
-use crate::store::{self, AccountMeta, Head, RecordRef, StoreError, UserRecord};
+use crate::store::{self, AccountMeta, Head, HoldRecord, RecordRef, RedeemRecord, StoreError, UserRecord};
 
 /// A full sweep of the balance rows takes at most this many commits, which
 /// bounds the replay at start-up to about twice as many batches.
@@ -46,7 +47,50 @@ pub struct TransferCmd {
     pub mode: Mode,
     /// What the reply looks like.
     pub shape: Shape,
+    /// Set for a `hold` (kind `Hold`): its terms.
+    pub hold: Option<Box<HoldSpec>>,
     pub reply: ReplyTo,
+}
+
+/// The terms of a hold beyond its source, destination and amount.
+#[derive(Clone, Debug, Default)]
+pub struct HoldSpec {
+    /// Voided automatically from this time on (ms since the epoch); 0: never.
+    pub expires_at: u64,
+    /// The fee rate its post pays (a user's hold to another user).
+    pub fee_bps: u32,
+    /// Set when the hold backs a redeem request.
+    pub redeem: Option<RedeemSpec>,
+}
+
+#[derive(Clone, Debug)]
+pub struct RedeemSpec {
+    pub user: String,
+    pub item: String,
+}
+
+/// Settles a hold: `post`, `void`, its timeout, or an admin's decision on
+/// the redeem request behind it.
+pub struct SettleCmd {
+    pub hold: u64,
+    pub op: SettleOp,
+    /// Who asks (`None`: the journal's own timer).
+    pub by: Option<Principal>,
+    pub note: Option<String>,
+    pub reply: ReplyTo,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SettleOp {
+    /// Post this much (default: all); the rest is released.
+    Post(Option<i64>),
+    Void,
+    /// The hold's timeout passed.
+    Expire,
+    /// `decide_redeem`: accept (post all to `@redeemed`) or reject (void).
+    Decide {
+        accept: bool,
+    },
 }
 
 /// The reply a committed transfer gets.
@@ -56,6 +100,10 @@ pub enum Shape {
     Transfer,
     /// `add`: `{account, balance, change, transfer}`.
     Add { account: Box<str>, delta: i64 },
+    /// `hold`: `{hold, status, expires_at, transfer}`.
+    Hold { expires_at: u64 },
+    /// A confirmed `redeem`: the new request.
+    Redeem { user: Box<str>, item: Box<str>, memo: Option<Box<str>> },
 }
 
 /// The reply to a committed transfer (or a repeat of its key), in the shape
@@ -70,6 +118,25 @@ pub fn shape_reply(shape: &Shape, v: Arc<TransferView>) -> Reply {
                 serde_json::json!({ "account": account, "balance": balance, "change": delta, "transfer": v.id }),
             )
         }
+        Shape::Hold { expires_at } => Reply::Json(serde_json::json!({
+            "hold": v.id,
+            "from": v.from,
+            "to": v.to,
+            "amount": v.amount,
+            "status": HoldStatus::Open.as_str(),
+            "expires_at": (*expires_at > 0).then_some(*expires_at),
+            "transfer": &*v,
+        })),
+        Shape::Redeem { user, item, memo } => Reply::Json(serde_json::json!({
+            "request": v.id,
+            "user": user,
+            "account": v.from,
+            "item": item,
+            "amount": v.amount,
+            "memo": memo,
+            "status": "pending",
+            "created": v.time,
+        })),
     }
 }
 
@@ -142,6 +209,7 @@ pub enum Command {
     Tag(TagCmd),
     Bulk(BulkCmd),
     Reap(ReapCmd),
+    Settle(SettleCmd),
     /// Commit what is queued, write a full checkpoint, stop, then answer.
     Shutdown(tokio::sync::oneshot::Sender<()>),
 }
@@ -175,6 +243,11 @@ enum AdminEffect {
     },
     Deleted(Box<str>),
     Tagged(Box<str>, Vec<String>),
+    /// What is held on the account changed by `delta`.
+    Held {
+        account: Box<str>,
+        delta: i64,
+    },
 }
 
 /// Handle used by shards to queue commands.
@@ -216,6 +289,8 @@ pub struct Journal {
     pub sweep_from: u64,
     /// Every balance row includes all transfers up to here (as last written).
     pub checkpoint: u64,
+    /// Open holds with a timeout: (expires_at, hold id).
+    pub expiring: std::collections::BTreeSet<(u64, u64)>,
 }
 
 impl Journal {
@@ -226,15 +301,17 @@ impl Journal {
         let mut batch: Vec<Command> = Vec::with_capacity(self.batch_max);
         let mut buf = Vec::with_capacity(512);
         loop {
-            let first = match rx.recv_timeout(IDLE_SWEEP_AFTER) {
-                Ok(c) => c,
-                Err(crossbeam_channel::RecvTimeoutError::Timeout) => {
-                    self.catch_up(rx, &mut buf);
-                    continue;
+            self.due_holds(&mut batch);
+            if batch.is_empty() {
+                match rx.recv_timeout(self.idle_wait()) {
+                    Ok(c) => batch.push(c),
+                    Err(crossbeam_channel::RecvTimeoutError::Timeout) => {
+                        self.catch_up(rx, &mut buf);
+                        continue;
+                    }
+                    Err(crossbeam_channel::RecvTimeoutError::Disconnected) => break,
                 }
-                Err(crossbeam_channel::RecvTimeoutError::Disconnected) => break,
-            };
-            batch.push(first);
+            }
             while batch.len() < self.batch_max {
                 match rx.try_recv() {
                     Ok(c) => batch.push(c),
@@ -263,6 +340,31 @@ impl Journal {
             }
         }
         self.stop();
+    }
+
+    /// Queues a void for every hold whose timeout has passed (at most a
+    /// batch's worth at a time).
+    fn due_holds(&mut self, batch: &mut Vec<Command>) {
+        let now = store::now_ms();
+        while batch.len() < self.batch_max {
+            let Some(&(expires_at, hold)) = self.expiring.first() else { break };
+            if expires_at > now {
+                break;
+            }
+            self.expiring.pop_first();
+            // Nobody waits for this answer.
+            let (reply, _) = ReplyTo::channel();
+            batch.push(Command::Settle(SettleCmd { hold, op: SettleOp::Expire, by: None, note: None, reply }));
+        }
+    }
+
+    /// How long to wait for work: until the next hold expires, at most
+    /// until the idle sweep.
+    fn idle_wait(&self) -> std::time::Duration {
+        let now = store::now_ms();
+        self.expiring.first().map_or(IDLE_SWEEP_AFTER, |&(at, _)| {
+            IDLE_SWEEP_AFTER.min(std::time::Duration::from_millis(at.saturating_sub(now)))
+        })
     }
 
     /// While idle, keeps sweeping until the checkpoint reaches the head, so
@@ -308,6 +410,7 @@ impl Journal {
             assert_eq!(loaded.head, head_before, "a failed commit moved the head");
             self.book = loaded.book;
             self.head = loaded.head;
+            self.expiring = loaded.expiring.into_iter().collect();
             self.sweep_cursor = 0;
             self.sweep_from = self.head.id;
             let failed = ApiError::internal("the journal could not commit; nothing was changed");
@@ -412,6 +515,9 @@ impl Journal {
                 users: txn.open_table(store::USERS)?,
                 tags: txn.open_table(store::TAGS)?,
                 owners: txn.open_table(store::OWNERS)?,
+                holds: txn.open_table(store::HOLDS)?,
+                redeems: txn.open_table(store::REDEEMS)?,
+                user_redeems: txn.open_table(store::USER_REDEEMS)?,
             };
             let time = store::now_ms();
             for cmd in commands.by_ref() {
@@ -478,6 +584,11 @@ impl Journal {
                 outcomes.push(Outcome::Admin(c.reply, r));
                 e
             }
+            Command::Settle(c) => {
+                let (r, e) = split(self.settle_hold(t, buf, time, &c));
+                outcomes.push(Outcome::Admin(c.reply, r));
+                e
+            }
             // Taken out of the batch before writing.
             Command::Shutdown(done) => {
                 let _ = done.send(());
@@ -495,6 +606,9 @@ impl Journal {
         time: u64,
         c: &TransferCmd,
     ) -> Admin<(Done, Option<Box<UserRecord>>)> {
+        if c.kind == Kind::Hold {
+            return self.apply_hold(t, buf, time, c);
+        }
         let applied = match self.book.transfer(&c.from, &c.to, c.amount, c.fee, c.mode) {
             Ok(a) => a,
             Err(e) => return Ok(Err(e.into())),
@@ -512,6 +626,224 @@ impl Journal {
         let done = self.append(t, buf, fields, applied)?;
         let rewarded = if c.kind == Kind::Mint { count_event(t, &c.to)? } else { None };
         Ok(Ok((done, rewarded)))
+    }
+
+    /// A hold: nothing moves, the amount stops being spendable on `from`,
+    /// and the hold (with its redeem request, if any) is written down.
+    fn apply_hold(
+        &mut self,
+        t: &mut Tables<'_>,
+        buf: &mut Vec<u8>,
+        time: u64,
+        c: &TransferCmd,
+    ) -> Admin<(Done, Option<Box<UserRecord>>)> {
+        let spec = c.hold.as_deref().cloned().unwrap_or_default();
+        if let Err(e) = self.book.hold(&c.from, &c.to, c.amount) {
+            return Ok(Err(e.into()));
+        }
+        let balance = |id: &str| self.book.get(id).map_or(0, |a| a.balance);
+        let applied = Applied { from_balance: balance(&c.from), to_balance: balance(&c.to) };
+        let fields = Fields {
+            kind: Kind::Hold,
+            from: &c.from,
+            to: &c.to,
+            amount: c.amount,
+            fee: 0,
+            memo: c.memo.as_deref(),
+            key: c.key.as_deref(),
+            time,
+        };
+        let done = self.append(t, buf, fields, applied)?;
+        let record = HoldRecord {
+            id: done.id,
+            hold: Hold::new(&c.from, &c.to, c.amount),
+            memo: c.memo.as_deref().map(str::to_owned),
+            expires_at: spec.expires_at,
+            fee_bps: spec.fee_bps,
+            redeem: spec.redeem.is_some(),
+            created: time,
+        };
+        t.holds.insert(done.id, &record.encode()[..])?;
+        if let Some(r) = &spec.redeem {
+            let request = RedeemRecord {
+                request: done.id,
+                user: r.user.clone(),
+                account: c.from.to_string(),
+                item: r.item.clone(),
+                amount: c.amount,
+                memo: record.memo.clone(),
+                status: "pending".into(),
+                created: time,
+                decided_by: None,
+                decided_at: None,
+                note: None,
+                settled_by: None,
+            };
+            t.redeems.insert(done.id, &request.encode()[..])?;
+            t.user_redeems.insert((r.user.as_str(), done.id), ())?;
+        }
+        if spec.expires_at > 0 {
+            self.expiring.insert((spec.expires_at, done.id));
+        }
+        Ok(Ok((done, None)))
+    }
+
+    /// Posts or voids a hold, exactly once, for its source's owner or an
+    /// admin (a redeem's hold only through `decide_redeem`), or when its
+    /// timeout has passed.
+    fn settle_hold(
+        &mut self,
+        t: &mut Tables<'_>,
+        buf: &mut Vec<u8>,
+        time: u64,
+        c: &SettleCmd,
+    ) -> Admin<(Reply, Vec<AdminEffect>)> {
+        let refuse = |e: ApiError| Ok(Err(e));
+        let Some(mut record) = t.holds.get(c.hold)?.map(|v| HoldRecord::decode(v.value())).transpose()? else {
+            return refuse(ApiError::not_found(format!("hold {}", c.hold)));
+        };
+        let mut request = if record.redeem {
+            t.redeems.get(c.hold)?.map(|v| RedeemRecord::decode(v.value())).transpose()?
+        } else {
+            None
+        };
+        let due = record.hold.status == HoldStatus::Open && record.expires_at > 0 && time >= record.expires_at;
+        if c.op == SettleOp::Expire && !due {
+            // Settled in the meantime: nothing to do.
+            return refuse(ApiError::bad_request("not due"));
+        }
+        match (c.op, &c.by) {
+            (SettleOp::Expire, _) => {}
+            (SettleOp::Decide { .. }, _) => {
+                let Some(r) = &request else {
+                    return refuse(ApiError::not_found(format!("redeem request {}", c.hold)));
+                };
+                if r.status != "pending" {
+                    return refuse(
+                        LedgerError::NotAllowed(format!("request {} was already {}", c.hold, r.status)).into(),
+                    );
+                }
+            }
+            (_, _) if record.redeem => {
+                return refuse(ApiError::forbidden("a redeem's hold is settled by decide_redeem"));
+            }
+            (_, Some(p)) if !p.is_admin() => {
+                let owner = t.meta(&record.hold.from)?.and_then(|m| m.owner);
+                if owner.as_deref() != Some(&*p.user) {
+                    return refuse(ApiError::forbidden(format!("hold {} is not yours", c.hold)));
+                }
+            }
+            _ => {}
+        }
+        let (from, to, held) = (record.hold.from.clone(), record.hold.to.clone(), record.hold.amount);
+        let post = match c.op {
+            SettleOp::Post(x) => Some(x),
+            SettleOp::Decide { accept: true } => Some(None),
+            _ => None,
+        };
+        let mut effects = vec![AdminEffect::Held { account: from.as_str().into(), delta: -held }];
+        let memo = format!("hold {}", c.hold);
+        let done = if let Some(x) = post {
+            let x = match record.hold.post_amount(x) {
+                Ok(x) => x,
+                Err(e) => return refuse(e.into()),
+            };
+            let fee = if is_system(&to) { 0 } else { fee(x, record.fee_bps) };
+            let applied = match self.book.post(&from, &to, held, x, fee) {
+                Ok(a) => a,
+                Err(e) => return refuse(e.into()),
+            };
+            let fields =
+                Fields { kind: Kind::Post, from: &from, to: &to, amount: x, fee, memo: Some(&memo), key: None, time };
+            let done = self.append(t, buf, fields, applied)?;
+            record.hold.posted(x);
+            effects.push(AdminEffect::Moved {
+                from: from.as_str().into(),
+                to: to.as_str().into(),
+                amount: x - fee,
+                id: done.id,
+            });
+            if fee > 0 {
+                effects.push(AdminEffect::Moved {
+                    from: from.as_str().into(),
+                    to: TREASURY.into(),
+                    amount: fee,
+                    id: done.id,
+                });
+            }
+            (done, fee)
+        } else {
+            if let Err(e) = record.hold.void() {
+                return refuse(e.into());
+            }
+            self.book.release(&from, held);
+            let balance = |id: &str| self.book.get(id).map_or(0, |a| a.balance);
+            let applied = Applied { from_balance: balance(&from), to_balance: balance(&to) };
+            let fields = Fields {
+                kind: Kind::Void,
+                from: &from,
+                to: &to,
+                amount: held,
+                fee: 0,
+                memo: Some(&memo),
+                key: None,
+                time,
+            };
+            let done = self.append(t, buf, fields, applied)?;
+            // Nothing moves; both parties' histories gain the record.
+            effects.push(AdminEffect::Moved {
+                from: from.as_str().into(),
+                to: to.as_str().into(),
+                amount: 0,
+                id: done.id,
+            });
+            (done, 0)
+        };
+        let (done, fee) = done;
+        self.expiring.remove(&(record.expires_at, c.hold));
+        t.holds.insert(c.hold, &record.encode()[..])?;
+        let view = TransferView {
+            id: done.id,
+            kind: if post.is_some() { Kind::Post } else { Kind::Void },
+            from: from.clone(),
+            to: to.clone(),
+            amount: if post.is_some() { record.hold.posted } else { held },
+            fee,
+            memo: Some(memo),
+            time,
+            key: None,
+            prev: crate::protocol::Hash32(done.prev),
+            hash: crate::protocol::Hash32(done.hash),
+            from_balance: Some(done.applied.from_balance),
+            to_balance: Some(done.applied.to_balance),
+        };
+        let reply = match (&mut request, c.op) {
+            (Some(r), SettleOp::Decide { accept }) => {
+                r.status = if accept { "accepted" } else { "rejected" }.into();
+                r.decided_by = c.by.as_ref().map(|p| p.user.to_string());
+                r.decided_at = Some(time);
+                r.note.clone_from(&c.note);
+                r.settled_by = Some(done.id);
+                t.redeems.insert(c.hold, &r.encode()[..])?;
+                Reply::Json(serde_json::to_value(&*r).unwrap_or_default())
+            }
+            (Some(r), SettleOp::Expire) => {
+                r.status = "rejected".into();
+                r.decided_at = Some(time);
+                r.note = Some("expired".into());
+                r.settled_by = Some(done.id);
+                t.redeems.insert(c.hold, &r.encode()[..])?;
+                Reply::Json(serde_json::json!({ "hold": c.hold, "status": record.hold.status.as_str() }))
+            }
+            _ => Reply::Json(serde_json::json!({
+                "hold": c.hold,
+                "status": record.hold.status.as_str(),
+                "posted": record.hold.posted,
+                "released": record.hold.released,
+                "transfer": view,
+            })),
+        };
+        Ok(Ok((reply, effects)))
     }
 
     /// Creates an account (and, for a signup, its user), funded from `@mint`
@@ -621,7 +953,8 @@ fn refused(cmd: Command) -> Option<Outcome> {
         Command::Close(CloseCmd { reply, .. })
         | Command::Tag(TagCmd { reply, .. })
         | Command::Bulk(BulkCmd { reply, .. })
-        | Command::Reap(ReapCmd { reply, .. }) => Outcome::Admin(reply, failed()),
+        | Command::Reap(ReapCmd { reply, .. })
+        | Command::Settle(SettleCmd { reply, .. }) => Outcome::Admin(reply, failed()),
         Command::Shutdown(done) => {
             let _ = done.send(());
             return None;
@@ -637,6 +970,9 @@ struct Tables<'t> {
     users: redb::Table<'t, &'static str, &'static [u8]>,
     tags: redb::Table<'t, (&'static str, &'static str), ()>,
     owners: redb::Table<'t, (&'static str, &'static str), ()>,
+    holds: redb::Table<'t, u64, &'static [u8]>,
+    redeems: redb::Table<'t, u64, &'static [u8]>,
+    user_redeems: redb::Table<'t, (&'static str, u64), ()>,
 }
 
 impl Tables<'_> {
@@ -679,6 +1015,13 @@ impl Journal {
         };
         if a.status == Status::Deleted {
             return Ok(Ok((false, Vec::new())));
+        }
+        if a.held > 0 {
+            return Ok(Err(LedgerError::NotAllowed(format!(
+                "{account} has {} held by open holds: post or void them first",
+                a.held
+            ))
+            .into()));
         }
         let mut effects = Vec::new();
         if a.balance != 0 {
@@ -804,7 +1147,7 @@ impl Journal {
         let mut doomed: Vec<String> = self
             .book
             .iter()
-            .filter(|(id, a)| !is_system(id) && a.status == Status::Open && a.balance < below)
+            .filter(|(id, a)| !is_system(id) && a.status == Status::Open && a.held == 0 && a.balance < below)
             .map(|(id, _)| id.to_owned())
             .collect();
         doomed.sort();
@@ -897,6 +1240,13 @@ fn fan_out(
             }
             let release = if t.mode == Mode::Reserved { t.amount } else { 0 };
             let result = match result {
+                Ok(done) if t.kind == Kind::Hold => {
+                    // Nothing moved: the reservation becomes a hold.
+                    settle(router, per_shard, &t.from, 0, release, done.id);
+                    settle(router, per_shard, &t.to, 0, 0, done.id);
+                    per_shard[router.shard_of(&t.from)].push(Effect::Held { account: t.from.clone(), delta: t.amount });
+                    Ok(Arc::new(view_of(&t, &done)))
+                }
                 Ok(done) => {
                     settle(router, per_shard, &t.from, -t.amount, release, done.id);
                     settle(router, per_shard, &t.to, t.amount - t.fee, 0, done.id);
@@ -968,6 +1318,9 @@ fn fan_out(
                         }
                         AdminEffect::Tagged(account, tags) => {
                             per_shard[router.shard_of(&account)].push(Effect::Tagged(account, tags));
+                        }
+                        AdminEffect::Held { account, delta } => {
+                            per_shard[router.shard_of(&account)].push(Effect::Held { account, delta });
                         }
                     }
                 }

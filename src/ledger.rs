@@ -173,6 +173,80 @@ pub fn validate_memo_key(memo: Option<&str>, key: Option<&str>) -> Result<(), Le
     Ok(())
 }
 
+/// Where a two-phase transfer stands.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum HoldStatus {
+    Open,
+    Posted,
+    Voided,
+}
+
+/// A two-phase transfer: `amount` held on `from` for `to`, then posted
+/// (whole or in part; the rest is released) or voided, exactly once.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Hold {
+    pub from: String,
+    pub to: String,
+    pub amount: i64,
+    pub status: HoldStatus,
+    /// What went to `to` (0 unless posted).
+    pub posted: i64,
+    /// What went back to being available on `from`.
+    pub released: i64,
+}
+
+impl Hold {
+    #[must_use]
+    pub fn new(from: &str, to: &str, amount: i64) -> Hold {
+        Hold { from: from.to_owned(), to: to.to_owned(), amount, status: HoldStatus::Open, posted: 0, released: 0 }
+    }
+
+    fn open(&self) -> Result<(), LedgerError> {
+        match self.status {
+            HoldStatus::Open => Ok(()),
+            s => Err(LedgerError::NotAllowed(format!("the hold is already {}", s.as_str()))),
+        }
+    }
+
+    /// How much a post of `amount` (default: all) moves; the rest is released.
+    pub fn post_amount(&self, amount: Option<i64>) -> Result<i64, LedgerError> {
+        self.open()?;
+        let x = amount.unwrap_or(self.amount);
+        if !(1..=self.amount).contains(&x) {
+            return Err(LedgerError::BadAmount(format!("a post moves 1..={} of this hold", self.amount)));
+        }
+        Ok(x)
+    }
+
+    /// Records a post of `x` (checked by `post_amount`).
+    pub fn posted(&mut self, x: i64) {
+        assert!(self.status == HoldStatus::Open && (1..=self.amount).contains(&x));
+        self.status = HoldStatus::Posted;
+        self.posted = x;
+        self.released = self.amount - x;
+    }
+
+    /// Voids the hold: everything is released.
+    pub fn void(&mut self) -> Result<i64, LedgerError> {
+        self.open()?;
+        self.status = HoldStatus::Voided;
+        self.released = self.amount;
+        Ok(self.amount)
+    }
+}
+
+impl HoldStatus {
+    #[must_use]
+    pub fn as_str(self) -> &'static str {
+        match self {
+            HoldStatus::Open => "open",
+            HoldStatus::Posted => "posted",
+            HoldStatus::Voided => "voided",
+        }
+    }
+}
+
 /// The campus rules for user-to-user transfers (`[policy]`).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Policy {
@@ -208,6 +282,11 @@ impl Policy {
     /// pay a fee: the same-group rate when both users have the same group
     /// (or both none), the cross-group rate otherwise; it rounds down.
     pub fn user_transfer(&self, sender: &Party<'_>, receiver: &Receiver<'_>, amount: i64) -> Result<i64, LedgerError> {
+        self.user_transfer_bps(sender, receiver).map(|bps| fee(amount, bps))
+    }
+
+    /// The fee rate of [`Policy::user_transfer`], or why it is refused.
+    pub fn user_transfer_bps(&self, sender: &Party<'_>, receiver: &Receiver<'_>) -> Result<u32, LedgerError> {
         let eligible = |p: &Party<'_>| {
             if p.events >= self.min_events {
                 Ok(())
@@ -227,8 +306,7 @@ impl Policy {
             Receiver::User(r) => {
                 eligible(sender)?;
                 eligible(r)?;
-                let bps = if sender.group == r.group { self.fee_same_group_bps } else { self.fee_cross_group_bps };
-                Ok(fee(amount, bps))
+                Ok(if sender.group == r.group { self.fee_same_group_bps } else { self.fee_cross_group_bps })
             }
         }
     }
@@ -288,19 +366,21 @@ pub struct OwnerAccount {
     pub balance: i64,
     /// Debits reserved but not yet committed.
     pub reserved: i64,
+    /// Held by open two-phase transfers (`hold`): still in the balance, not available.
+    pub held: i64,
     pub status: Status,
 }
 
 impl OwnerAccount {
     #[must_use]
     pub fn new(balance: i64) -> Self {
-        OwnerAccount { balance, reserved: 0, status: Status::Open }
+        OwnerAccount { balance, reserved: 0, held: 0, status: Status::Open }
     }
 
-    /// What can be spent now: the balance less every reservation.
+    /// What can be spent now: the balance less every reservation and hold.
     #[must_use]
     pub fn available(&self) -> i64 {
-        self.balance.saturating_sub(self.reserved)
+        self.balance.saturating_sub(self.reserved).saturating_sub(self.held)
     }
 
     /// Reserves `amount` for a debit, or refuses it whole.
@@ -310,7 +390,8 @@ impl OwnerAccount {
         }
         validate_amount(amount)?;
         let reserved = self.reserved.checked_add(amount).ok_or(LedgerError::Underflow)?;
-        let after = self.balance.checked_sub(reserved).ok_or(LedgerError::Underflow)?;
+        let after =
+            self.balance.checked_sub(reserved).and_then(|b| b.checked_sub(self.held)).ok_or(LedgerError::Underflow)?;
         if let Some(min) = bounds.min {
             if after < min {
                 return Err(LedgerError::InsufficientFunds {
@@ -334,12 +415,20 @@ impl OwnerAccount {
         self.reserved -= release;
         assert!(self.reserved >= 0, "released more than was reserved");
     }
+
+    /// Applies a committed change to the held amount.
+    pub fn settle_held(&mut self, delta: i64) {
+        self.held += delta;
+        assert!(self.held >= 0, "released more than was held");
+    }
 }
 
 /// One account in the journal's committed view.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct BookAccount {
     pub balance: i64,
+    /// Held by open holds: part of the balance that debits cannot take.
+    pub held: i64,
     pub status: Status,
     /// Id of the last transfer touching the account (0: none): the head of
     /// its history list.
@@ -351,7 +440,7 @@ pub struct BookAccount {
 impl BookAccount {
     #[must_use]
     pub fn new(balance: i64, status: Status, last: u64) -> Self {
-        BookAccount { balance, status, last, dirty: false }
+        BookAccount { balance, held: 0, status, last, dirty: false }
     }
 }
 
@@ -530,7 +619,10 @@ impl Book {
         let (source, dest) = (self.accounts[f], self.accounts[t]);
         let bounds =
             |id: &str| if mode == Mode::Force { Bounds { min: None, max: None } } else { self.limits.bounds(id) };
-        let from_after = debit(from, source.balance, amount, bounds(from))?;
+        // Held funds stay in the balance but no debit may take them, unless forced.
+        let spendable = if mode == Mode::Force { source.balance } else { source.balance.saturating_sub(source.held) };
+        debit(from, spendable, amount, bounds(from))?;
+        let from_after = source.balance.checked_sub(amount).ok_or(LedgerError::Underflow)?;
         let to_after = credit(to, dest.balance, amount - fee, bounds(to))?;
         let treasury_after = if fee > 0 {
             let n = self.open_num(TREASURY)?;
@@ -544,6 +636,70 @@ impl Book {
             a.dirty = true;
         }
         Ok(Applied { from_balance: from_after, to_balance: to_after })
+    }
+
+    /// Holds `amount` of `from` for a later `post` to `to`: the balance
+    /// stays, what debits can take shrinks. Refused like a debit would be.
+    pub fn hold(&mut self, from: &str, to: &str, amount: i64) -> Result<(), LedgerError> {
+        validate_amount(amount)?;
+        if from == to {
+            return Err(LedgerError::SameAccount);
+        }
+        let (f, _) = (self.open_num(from)?, self.open_num(to)?);
+        let source = self.accounts[f];
+        let held = source.held.checked_add(amount).ok_or(LedgerError::Overflow)?;
+        let spendable = source.balance.checked_sub(held).ok_or(LedgerError::Underflow)?;
+        if let Some(min) = self.limits.bounds(from).min {
+            if spendable < min {
+                return Err(LedgerError::InsufficientFunds {
+                    account: from.to_owned(),
+                    available: source.balance.saturating_sub(source.held),
+                    amount,
+                });
+            }
+        }
+        self.accounts[f].held = held;
+        Ok(())
+    }
+
+    /// Releases `amount` held on `from` (a void, or the first step of a post).
+    pub fn release(&mut self, from: &str, amount: i64) {
+        if let Some(a) = self.get_mut(from) {
+            a.held -= amount;
+            assert!(a.held >= 0, "released more than was held on {from}");
+        }
+    }
+
+    /// Posts a hold of `held` on `from`: releases it and moves `amount`
+    /// (at most `held`) to `to`, `fee` of it to `@treasury`. All or nothing:
+    /// if the move is refused (a cap on `to`), the hold stays.
+    pub fn post(&mut self, from: &str, to: &str, held: i64, amount: i64, fee: i64) -> Result<Applied, LedgerError> {
+        if !(1..=held).contains(&amount) {
+            return Err(LedgerError::BadAmount(format!("post 1..={held}")));
+        }
+        self.release(from, held);
+        match self.transfer(from, to, amount, fee, Mode::Unreserved) {
+            Ok(a) => Ok(a),
+            Err(e) => {
+                if let Some(a) = self.get_mut(from) {
+                    a.held += held;
+                }
+                Err(e)
+            }
+        }
+    }
+
+    /// What is held on an account.
+    #[must_use]
+    pub fn held(&self, id: &str) -> i64 {
+        self.get(id).map_or(0, |a| a.held)
+    }
+
+    /// Sets what is held on an account (loading).
+    pub fn set_held(&mut self, id: &str, held: i64) {
+        if let Some(a) = self.get_mut(id) {
+            a.held = held;
+        }
     }
 
     fn set_balance(&mut self, id: &str, balance: i64) {
@@ -569,7 +725,14 @@ impl Book {
     /// Makes transfer `id` the head of the history lists of its parties and
     /// returns the heads it replaces.
     pub fn link(&mut self, id: u64, from: &str, to: &str, fee: bool) -> Links {
-        let mut swap = |account: &str| self.get_mut(account).map_or(0, |a| std::mem::replace(&mut a.last, id));
+        // The row holds `last` too: a record that moves nothing (a hold, a
+        // void) still has to reach the balance rows.
+        let mut swap = |account: &str| {
+            self.get_mut(account).map_or(0, |a| {
+                a.dirty = true;
+                std::mem::replace(&mut a.last, id)
+            })
+        };
         let from = swap(from);
         let to = swap(to);
         let fee = if fee { swap(TREASURY) } else { 0 };

@@ -32,6 +32,8 @@ pub const CODE_DIGITS: usize = 6;
 pub enum Action {
     /// A user transfer at or above `otp.transfer_min`.
     Transfer { from: String, to: String, amount: i64, memo: Option<String>, key: Option<String> },
+    /// A user's hold (a two-phase transfer) at or above `otp.transfer_min`.
+    Hold { from: String, to: String, amount: i64, memo: Option<String>, key: Option<String>, timeout_s: Option<u64> },
     /// A password reset asked for anonymously; the mail went to the user's address.
     ResetPassword,
     /// A redeem request: the amount is held when it is confirmed.
@@ -44,6 +46,7 @@ impl Action {
     pub fn subject(&self) -> String {
         match self {
             Action::Transfer { to, amount, .. } => format!("Tally: confirm your transfer of {amount} to {to}"),
+            Action::Hold { to, amount, .. } => format!("Tally: confirm your hold of {amount} for {to}"),
             Action::ResetPassword => "Tally: reset your password".to_owned(),
             Action::Redeem { item, amount, .. } => format!("Tally: confirm your redeem of {amount} for {item}"),
         }

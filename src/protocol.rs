@@ -42,6 +42,13 @@ pub const OPS: &[&str] = &[
     "reap",
     "backup",
     "set_events",
+    "hold",
+    "post",
+    "void",
+    "redeem",
+    "redeems",
+    "my_redeems",
+    "decide_redeem",
     "audit",
     "stats",
 ];
@@ -138,7 +145,9 @@ pub struct AuthReply {
 pub struct BalanceReply {
     pub account: String,
     pub balance: i64,
-    /// The balance less funds reserved by transfers not yet committed.
+    /// Part of the balance held by open holds.
+    pub held: i64,
+    /// The balance less what is held and what transfers not yet committed reserved.
     pub available: i64,
 }
 
@@ -246,6 +255,55 @@ pub struct SignupArgs {
     pub email: String,
     pub password: String,
     pub group: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HoldArgs {
+    pub from: Option<String>,
+    pub to: String,
+    pub amount: i64,
+    pub memo: Option<String>,
+    pub key: Option<String>,
+    /// Voided automatically after this many seconds; absent: never.
+    pub timeout_s: Option<u64>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PostArgs {
+    pub hold: u64,
+    /// Default: the whole hold. The rest is released.
+    pub amount: Option<i64>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VoidArgs {
+    pub hold: u64,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RedeemArgs {
+    pub item: String,
+    pub amount: i64,
+    pub memo: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RedeemsArgs {
+    pub status: Option<String>,
+    pub limit: Option<u64>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DecideRedeemArgs {
+    pub request: u64,
+    pub accept: bool,
+    pub note: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -141,10 +141,11 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
     let n = config.shards;
     let mut per_shard: Vec<AccountMap<Slot>> = (0..n).map(|_| AccountMap::default()).collect();
     for a in loaded.accounts {
-        let slot = Slot::new(&a.meta, a.balance, a.last);
+        let mut slot = Slot::new(&a.meta, a.balance, a.last);
+        slot.acct.held = a.held;
         per_shard[shard_index(&a.id, n)].insert(a.id.into(), slot);
     }
-    let (book, head) = (loaded.book, loaded.head);
+    let (book, head, expiring) = (loaded.book, loaded.head, loaded.expiring);
     let sum = book.sum();
     if sum != 0 {
         return Err(StartError::Other(format!("refusing to start: balances sum to {sum}, not 0")));
@@ -181,6 +182,7 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
         sweep_cursor: 0,
         sweep_from: head.id,
         checkpoint: 0,
+        expiring: expiring.into_iter().collect(),
     };
     std::thread::Builder::new()
         .name("tally-journal".into())

@@ -96,6 +96,8 @@ pub struct DebitReq {
     pub key: Option<Box<str>>,
     /// The part of `amount` that goes to `@treasury` (user-to-user fees).
     pub fee: i64,
+    /// The terms of a hold (kind `Hold`).
+    pub hold: Option<Box<crate::journal::HoldSpec>>,
     pub principal: Principal,
     pub reply: ReplyTo,
 }
@@ -124,9 +126,17 @@ impl DebitReq {
             memo: memo.map(Into::into),
             key: key.map(Into::into),
             fee: 0,
+            hold: None,
             principal,
             reply,
         }
+    }
+
+    /// The same request as a hold with these terms.
+    #[must_use]
+    pub fn with_hold(mut self, spec: crate::journal::HoldSpec) -> DebitReq {
+        self.hold = Some(Box::new(spec));
+        self
     }
 
     /// The same request with a fee for `@treasury`.
@@ -156,6 +166,8 @@ pub enum Effect {
     Deleted(Box<str>),
     /// The account's tags changed.
     Tagged(Box<str>, Vec<String>),
+    /// What is held on the account changed (a hold committed, or was posted or voided).
+    Held { account: Box<str>, delta: i64 },
 }
 
 /// A `history` page request.
@@ -298,6 +310,7 @@ impl ShardState {
             ReadKind::Balance => Reply::Balance(BalanceReply {
                 account: account.to_owned(),
                 balance: slot.acct.balance,
+                held: slot.acct.held,
                 available: slot.acct.available(),
             }),
             ReadKind::Account => Reply::Account(Box::new(slot.view(account))),
@@ -330,7 +343,7 @@ impl ShardState {
     }
 
     fn debit(&mut self, req: DebitReq) {
-        let DebitReq { kind, shape, from, to, amount, memo, key, fee, principal, reply } = req;
+        let DebitReq { kind, shape, from, to, amount, memo, key, fee, hold, principal, reply } = req;
         if let Err(e) = self.slot(&from, &principal) {
             return reply.err(e);
         }
@@ -374,6 +387,7 @@ impl ShardState {
             key,
             mode: Mode::Reserved,
             shape,
+            hold,
             reply,
         });
         if let Err(Command::Transfer(t)) = self.journal.send(cmd).map_err(|c| *c) {
@@ -500,6 +514,11 @@ impl ShardState {
             Effect::Deleted(account) => {
                 if let Some(s) = self.accounts.get_mut(&*account) {
                     s.acct.status = Status::Deleted;
+                }
+            }
+            Effect::Held { account, delta } => {
+                if let Some(s) = self.accounts.get_mut(&*account) {
+                    s.acct.settle_held(delta);
                 }
             }
             Effect::Tagged(account, tags) => {

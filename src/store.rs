@@ -57,6 +57,12 @@ pub const TAGS: TableDefinition<(&str, &str), ()> = TableDefinition::new("tags")
 pub const OWNERS: TableDefinition<(&str, &str), ()> = TableDefinition::new("owners");
 pub const USERS: TableDefinition<&str, &[u8]> = TableDefinition::new("users");
 pub const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
+/// Two-phase transfers by id (the id of their `hold` record).
+pub const HOLDS: TableDefinition<u64, &[u8]> = TableDefinition::new("holds");
+/// Redeem requests by id (the id of the hold behind them).
+pub const REDEEMS: TableDefinition<u64, &[u8]> = TableDefinition::new("redeems");
+/// Index of redeem requests by user: (user, request).
+pub const USER_REDEEMS: TableDefinition<(&str, u64), ()> = TableDefinition::new("user_redeems");
 
 const RECORD_VERSION: u8 = 1;
 const HEAD: &str = "head";
@@ -323,6 +329,100 @@ impl UserRecord {
     }
 }
 
+/// A two-phase transfer as stored.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct HoldRecord {
+    pub id: u64,
+    pub hold: crate::ledger::Hold,
+    pub memo: Option<String>,
+    /// Voided automatically at this time (ms since the epoch); 0: never.
+    pub expires_at: u64,
+    /// The fee rate a post pays (a user's hold to another user).
+    pub fee_bps: u32,
+    /// Behind a redeem request: only `decide_redeem` settles it.
+    pub redeem: bool,
+    pub created: u64,
+}
+
+impl HoldRecord {
+    #[must_use]
+    pub fn encode(&self) -> Vec<u8> {
+        rmp_serde::to_vec_named(self).expect("hold records always encode")
+    }
+    pub fn decode(bytes: &[u8]) -> Result<HoldRecord, StoreError> {
+        rmp_serde::from_slice(bytes).map_err(|e| StoreError::Corrupt(format!("hold: {e}")))
+    }
+}
+
+/// A redeem request as stored and shown.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct RedeemRecord {
+    pub request: u64,
+    pub user: String,
+    pub account: String,
+    pub item: String,
+    pub amount: i64,
+    pub memo: Option<String>,
+    /// `pending`, `accepted` or `rejected`.
+    pub status: String,
+    pub created: u64,
+    pub decided_by: Option<String>,
+    pub decided_at: Option<u64>,
+    pub note: Option<String>,
+    /// The transfer that moved it to `@redeemed` (accepted) or released it (rejected).
+    pub settled_by: Option<u64>,
+}
+
+impl RedeemRecord {
+    #[must_use]
+    pub fn encode(&self) -> Vec<u8> {
+        rmp_serde::to_vec_named(self).expect("redeem records always encode")
+    }
+    pub fn decode(bytes: &[u8]) -> Result<RedeemRecord, StoreError> {
+        rmp_serde::from_slice(bytes).map_err(|e| StoreError::Corrupt(format!("redeem: {e}")))
+    }
+}
+
+/// Redeem requests, newest first: all of them (optionally of one status),
+/// or one user's. At most `limit`, looking at no more than `LIST_SCAN_MAX`.
+pub fn redeems(
+    db: &Database,
+    user: Option<&str>,
+    status: Option<&str>,
+    limit: usize,
+) -> Result<Vec<RedeemRecord>, StoreError> {
+    let txn = db.begin_read()?;
+    let table = txn.open_table(REDEEMS)?;
+    let mut out = Vec::new();
+    let mut keep = |r: RedeemRecord| {
+        if status.is_none_or(|s| r.status == s) {
+            out.push(r);
+        }
+        out.len() < limit
+    };
+    match user {
+        Some(u) => {
+            let index = txn.open_table(USER_REDEEMS)?;
+            for row in index.range((u, 0)..=(u, u64::MAX))?.rev().take(LIST_SCAN_MAX) {
+                let id = row?.0.value().1;
+                if let Some(v) = table.get(id)? {
+                    if !keep(RedeemRecord::decode(v.value())?) {
+                        break;
+                    }
+                }
+            }
+        }
+        None => {
+            for row in table.iter()?.rev().take(LIST_SCAN_MAX) {
+                if !keep(RedeemRecord::decode(row?.1.value())?) {
+                    break;
+                }
+            }
+        }
+    }
+    Ok(out)
+}
+
 /// The last record of the journal.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Head {
@@ -369,6 +469,9 @@ pub fn open(path: &Path) -> Result<Database, StoreError> {
         txn.open_table(TAGS)?;
         txn.open_table(OWNERS)?;
         txn.open_table(USERS)?;
+        txn.open_table(HOLDS)?;
+        txn.open_table(REDEEMS)?;
+        txn.open_table(USER_REDEEMS)?;
         let mut meta = txn.open_table(META)?;
         if meta.get(HEAD)?.is_none() {
             meta.insert(HEAD, &Head { id: 0, hash: GENESIS }.encode()[..])?;
@@ -399,6 +502,8 @@ pub struct LoadedAccount {
     pub balance: i64,
     /// Its last transfer (head of its history list).
     pub last: u64,
+    /// Held by open holds.
+    pub held: i64,
 }
 
 /// The committed state: every account with its balance, and the head.
@@ -406,6 +511,8 @@ pub struct Loaded {
     pub accounts: Vec<LoadedAccount>,
     pub book: Book,
     pub head: Head,
+    /// Open holds that expire: (expires_at, id).
+    pub expiring: Vec<(u64, u64)>,
 }
 
 fn read_u64(bytes: &[u8]) -> Result<u64, StoreError> {
@@ -432,8 +539,11 @@ fn replay(book: &mut Book, r: &TransferRecord) -> Result<(), StoreError> {
         }
         Ok(())
     };
-    leg(book, &r.from, r.amount.checked_neg().ok_or_else(|| corrupt("amount"))?)?;
-    leg(book, &r.to, r.amount - r.fee)?;
+    // A hold and a void move nothing (what is held comes from the holds
+    // table, written in the same transactions); they are only linked.
+    let moved = if matches!(r.kind, Kind::Hold | Kind::Void) { 0 } else { r.amount };
+    leg(book, &r.from, moved.checked_neg().ok_or_else(|| corrupt("amount"))?)?;
+    leg(book, &r.to, moved - r.fee)?;
     if r.fee > 0 {
         leg(book, TREASURY, r.fee)?;
     }
@@ -458,7 +568,7 @@ fn load_txn(txn: &redb::ReadTransaction, limits: Limits) -> Result<Loaded, Store
         let (k, v) = row?;
         let meta = AccountMeta::decode(v.value())?;
         let (balance, last) = rows.get(meta.num)?.map_or((0, 0), |v| v.value());
-        accounts.push(LoadedAccount { id: k.value().to_owned(), meta, balance, last });
+        accounts.push(LoadedAccount { id: k.value().to_owned(), meta, balance, last, held: 0 });
     }
     if rows.len()? > accounts.len() as u64 {
         return Err(StoreError::Corrupt("balance rows without accounts".into()));
@@ -499,12 +609,26 @@ fn load_txn(txn: &redb::ReadTransaction, limits: Limits) -> Result<Loaded, Store
             head.id
         )));
     }
+    // What is held: the open holds, committed with the records above.
+    let mut expiring = Vec::new();
+    for row in txn.open_table(HOLDS)?.iter()? {
+        let h = HoldRecord::decode(row?.1.value())?;
+        if h.hold.status == crate::ledger::HoldStatus::Open {
+            let held =
+                book.held(&h.hold.from).checked_add(h.hold.amount).ok_or_else(|| StoreError::Corrupt("held".into()))?;
+            book.set_held(&h.hold.from, held);
+            if h.expires_at > 0 {
+                expiring.push((h.expires_at, h.id));
+            }
+        }
+    }
     for a in &mut accounts {
         let b = book.get(&a.id).expect("inserted above");
         a.balance = b.balance;
         a.last = b.last;
+        a.held = b.held;
     }
-    Ok(Loaded { accounts, book, head })
+    Ok(Loaded { accounts, book, head, expiring })
 }
 
 fn read_head(txn: &redb::ReadTransaction) -> Result<Head, StoreError> {

@@ -154,3 +154,83 @@ async fn the_cap_refuses_whole_credits_and_users_cannot_pay_admins() {
     assert_eq!(totals, (10000, 10001, -20001));
     common::audit_ok(&t.admin).await;
 }
+
+#[tokio::test]
+async fn a_redeem_holds_the_amount_until_an_admin_decides_once() {
+    let mut t = Campus::start().await;
+    let r = t.user("rita", "Y19", 6).await;
+    let _o = t.user("omar", "Y19", 6).await;
+    t.admin.call("mint", json!({"to": "rita", "amount": 500})).await.unwrap();
+    assert_eq!(code(r.call("redeem", json!({"item": "hoodie", "amount": 501})).await), "insufficient_funds");
+    let p = r.call("redeem", json!({"item": "hoodie", "amount": 300, "memo": "size M"})).await.unwrap();
+    assert_eq!(p["delivered"], true, "{p}");
+    assert_eq!(balance(&t.admin, "rita").await, 500, "nothing is held before the code");
+    let otp = t.next_code();
+    let req = r.call("confirm", json!({"pending": p["pending"], "otp": otp})).await.unwrap();
+    assert_eq!(
+        (req["item"].as_str(), req["amount"].as_i64(), req["status"].as_str()),
+        (Some("hoodie"), Some(300), Some("pending"))
+    );
+    let id = req["request"].as_u64().unwrap();
+    let b = r.call("balance", json!({})).await.unwrap();
+    assert_eq!((b["balance"].as_i64(), b["held"].as_i64(), b["available"].as_i64()), (Some(500), Some(300), Some(200)));
+    // The held amount cannot be spent.
+    assert_eq!(code(r.call("transfer", json!({"to": "omar", "amount": 201})).await), "insufficient_funds");
+    // Only admins decide; the user cannot settle the hold either.
+    assert_eq!(code(r.call("decide_redeem", json!({"request": id, "accept": true})).await), "forbidden");
+    assert_eq!(code(r.call("redeems", json!({})).await), "forbidden");
+    assert_eq!(code(r.call("void", json!({"hold": id})).await), "forbidden");
+    assert_eq!(code(t.admin.call("void", json!({"hold": id})).await), "forbidden");
+    let pending = t.admin.call("redeems", json!({"status": "pending"})).await.unwrap();
+    assert_eq!(pending["requests"].as_array().unwrap().len(), 1);
+
+    let d = t.admin.call("decide_redeem", json!({"request": id, "accept": true, "note": "handed out"})).await.unwrap();
+    assert_eq!(
+        (d["status"].as_str(), d["decided_by"].as_str(), d["note"].as_str()),
+        (Some("accepted"), Some("admin"), Some("handed out"))
+    );
+    assert!(d["decided_at"].as_u64().unwrap() > 0);
+    let again = t.admin.call("decide_redeem", json!({"request": id, "accept": false})).await;
+    assert_eq!(code(again), "forbidden");
+    assert_eq!((balance(&t.admin, "rita").await, balance(&t.admin, "@redeemed").await), (200, 300));
+
+    // A rejected request gives the amount back.
+    let p = r.call("redeem", json!({"item": "mug", "amount": 150})).await.unwrap();
+    let otp = t.next_code();
+    let req = r.call("confirm", json!({"pending": p["pending"], "otp": otp})).await.unwrap();
+    let id2 = req["request"].as_u64().unwrap();
+    assert_eq!(r.call("balance", json!({})).await.unwrap()["available"], 50);
+    let d =
+        t.admin.call("decide_redeem", json!({"request": id2, "accept": false, "note": "out of stock"})).await.unwrap();
+    assert_eq!(d["status"], "rejected");
+    let b = r.call("balance", json!({})).await.unwrap();
+    assert_eq!((b["balance"].as_i64(), b["held"].as_i64(), b["available"].as_i64()), (Some(200), Some(0), Some(200)));
+    assert_eq!(balance(&t.admin, "@redeemed").await, 300);
+    let mine = r.call("my_redeems", json!({})).await.unwrap();
+    let statuses: Vec<(&str, &str)> = mine["requests"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|q| (q["item"].as_str().unwrap(), q["status"].as_str().unwrap()))
+        .collect();
+    assert_eq!(statuses, [("mug", "rejected"), ("hoodie", "accepted")]);
+    assert_eq!(code(t.admin.call("decide_redeem", json!({"request": 424_242, "accept": true})).await), "not_found");
+    common::audit_ok(&t.admin).await;
+}
+
+#[tokio::test]
+async fn a_users_hold_pays_the_fee_when_posted() {
+    let mut t = Campus::start().await;
+    let a = t.user("ana", "Y19", 6).await;
+    let _b = t.user("bo", "Y20", 6).await;
+    t.admin.call("mint", json!({"to": "ana", "amount": 100})).await.unwrap();
+    let p = a.call("hold", json!({"to": "bo", "amount": 100})).await.unwrap();
+    let otp = t.next_code();
+    let h = a.call("confirm", json!({"pending": p["pending"], "otp": otp})).await.unwrap();
+    let posted = a.call("post", json!({"hold": h["hold"]})).await.unwrap();
+    assert_eq!(posted["transfer"]["fee"], 33);
+    assert_eq!(balance(&t.admin, "bo").await, 67);
+    assert_eq!(balance(&t.admin, "@treasury").await, 33);
+    assert_eq!(balance(&t.admin, "ana").await, 0);
+    common::audit_ok(&t.admin).await;
+}

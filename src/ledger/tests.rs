@@ -231,3 +231,107 @@ mod policy {
         assert!(matches!(CAMPUS.user_transfer(&a, &Receiver::System, 1), Err(LedgerError::NotAllowed(_))));
     }
 }
+
+/// Holds against the book: random holds, posts (whole or part), voids and
+/// plain debits. What is available never goes below the minimum, each hold
+/// settles at most once with posted + released == its amount (and nothing
+/// while open), the book holds exactly the open holds, and the sum stays 0.
+mod holds {
+    use proptest::prelude::*;
+
+    use crate::ledger::{Book, Hold, HoldStatus, Limits, Mode, MINT};
+
+    const ACCOUNTS: [&str; 3] = ["a", "b", "c"];
+
+    #[derive(Clone, Debug)]
+    enum Op {
+        Hold { from: usize, to: usize, amount: i64 },
+        Post { hold: usize, amount: Option<i64> },
+        Void { hold: usize },
+        Debit { from: usize, to: usize, amount: i64 },
+        Mint { to: usize, amount: i64 },
+    }
+
+    fn op() -> impl Strategy<Value = Op> {
+        prop_oneof![
+            3 => (0..3usize, 0..3usize, -2i64..50).prop_map(|(from, to, amount)| Op::Hold { from, to, amount }),
+            2 => (0..12usize, prop::option::of(-2i64..60)).prop_map(|(hold, amount)| Op::Post { hold, amount }),
+            2 => (0..12usize).prop_map(|hold| Op::Void { hold }),
+            2 => (0..3usize, 0..3usize, 1i64..50).prop_map(|(from, to, amount)| Op::Debit { from, to, amount }),
+            1 => (0..3usize, 1i64..80).prop_map(|(to, amount)| Op::Mint { to, amount }),
+        ]
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(512))]
+        #[test]
+        fn holds_never_overspend_and_settle_once(ops in prop::collection::vec(op(), 1..80), min in -20i64..=0) {
+            let mut book = Book::new(Limits { min_balance: min, max_balance: Some(200) });
+            for id in ACCOUNTS {
+                book.create(id).unwrap();
+            }
+            let mut holds: Vec<Hold> = Vec::new();
+            for op in ops {
+                match op {
+                    Op::Hold { from, to, amount } => {
+                        if book.hold(ACCOUNTS[from], ACCOUNTS[to], amount).is_ok() {
+                            holds.push(Hold::new(ACCOUNTS[from], ACCOUNTS[to], amount));
+                        }
+                    }
+                    Op::Post { hold, amount } => {
+                        if let Some(h) = holds.get_mut(hold) {
+                            if let Ok(x) = h.post_amount(amount) {
+                                if book.post(&h.from, &h.to, h.amount, x, 0).is_ok() {
+                                    h.posted(x);
+                                }
+                            } else {
+                                prop_assert!(h.status != HoldStatus::Open || amount.is_some_and(|a| !(1..=h.amount).contains(&a)));
+                            }
+                        }
+                    }
+                    Op::Void { hold } => {
+                        if let Some(h) = holds.get_mut(hold) {
+                            if let Ok(released) = h.void() {
+                                book.release(&h.from, released);
+                            }
+                        }
+                    }
+                    Op::Debit { from, to, amount } => {
+                        let _ = book.transfer(ACCOUNTS[from], ACCOUNTS[to], amount, 0, Mode::Unreserved);
+                    }
+                    Op::Mint { to, amount } => {
+                        let _ = book.transfer(MINT, ACCOUNTS[to], amount, 0, Mode::Unreserved);
+                    }
+                }
+                prop_assert_eq!(book.sum(), 0);
+                for id in ACCOUNTS {
+                    let a = book.get(id).unwrap();
+                    prop_assert!(a.balance - a.held >= min, "{id}: balance {} held {} min {min}", a.balance, a.held);
+                    prop_assert!(a.balance <= 200);
+                    let open: i64 = holds.iter().filter(|h| h.from == id && h.status == HoldStatus::Open).map(|h| h.amount).sum();
+                    prop_assert_eq!(a.held, open);
+                }
+                for h in &holds {
+                    match h.status {
+                        HoldStatus::Open => prop_assert_eq!((h.posted, h.released), (0, 0)),
+                        _ => prop_assert_eq!(h.posted + h.released, h.amount),
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn a_hold_settles_exactly_once() {
+        let mut h = Hold::new("a", "b", 10);
+        assert_eq!(h.post_amount(Some(11)).map_err(|_| ()), Err(()));
+        assert_eq!(h.post_amount(None), Ok(10));
+        h.posted(4);
+        assert_eq!((h.posted, h.released, h.status), (4, 6, HoldStatus::Posted));
+        assert!(h.post_amount(None).is_err());
+        assert!(h.void().is_err());
+        let mut v = Hold::new("a", "b", 10);
+        assert_eq!(v.void(), Ok(10));
+        assert!(v.void().is_err() && v.post_amount(Some(1)).is_err());
+    }
+}

@@ -7,7 +7,6 @@ use std::sync::Arc;
 use crate::auth::{Principal, Role};
 use crate::constants::{PAGE_LIMIT_DEFAULT, PAGE_LIMIT_MAX, TAGS_PER_ACCOUNT_MAX, TAG_BYTES_MAX, USER_ID_BYTES_MAX};
 use crate::error::{ApiError, ErrorCode};
-use crate::frame::decode_args;
 use crate::journal::{Shape, UserChange};
 use crate::ledger::{self, is_system, Kind, MINT};
 use crate::protocol::{
@@ -24,7 +23,7 @@ use crate::store::{self, AccountMeta};
 /// Decodes args or answers `bad_request` and returns from the caller.
 macro_rules! args {
     ($ty:ty, $raw:expr, $reply:expr) => {
-        match decode_args::<$ty>($raw) {
+        match $crate::frame::decode_args::<$ty>($raw) {
             Ok(a) => a,
             Err(e) => return $reply.err(e),
         }
@@ -41,6 +40,7 @@ macro_rules! check {
     };
 }
 
+mod holds;
 mod otp;
 mod points;
 mod users;
@@ -273,7 +273,7 @@ fn authed(ctx: &Arc<Ctx>, p: Principal, op: &str, args: &[u8], reply: ReplyTo) {
                 inflight: inflight as u64,
             }));
         }
-        _ => points::handle(ctx, p, op, args, reply),
+        _ => holds::handle(ctx, p, op, args, reply),
     }
 }
 

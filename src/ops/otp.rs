@@ -13,9 +13,9 @@ use ractor::RpcReplyPort;
 
 use crate::auth::{self, Principal, Role, UserState};
 use crate::constants::{MAIL_ATTEMPTS_MAX, MAIL_RETRY_DELAY_MS, MAIL_SEND_TIMEOUT_MS, USER_ID_BYTES_MAX};
-use crate::error::{ApiError, ErrorCode};
-use crate::journal::{Shape, UserChange};
-use crate::ledger::{is_system, Kind, LedgerError, Party, Policy, Receiver};
+use crate::error::ApiError;
+use crate::journal::{HoldSpec, RedeemSpec, Shape, UserChange};
+use crate::ledger::{fee, is_system, Kind, LedgerError, Party, Policy, Receiver, REDEEMED};
 use crate::otp::{Action, Opened, OtpMsg};
 use crate::protocol::{ConfirmArgs, PendingReply, Reply, ResendArgs};
 use crate::reply::{self, ReplyTo};
@@ -105,10 +105,10 @@ fn party<'a>(user: &'a str, state: &'a UserState) -> Party<'a> {
     Party { user, admin: state.role == Role::Admin, group: state.group.as_deref(), events: state.events }
 }
 
-/// The `[policy]` rules for a user's transfer to `to`: who may receive,
-/// eligibility, and the fee (see `ledger::Policy`). Reads who owns `to`
-/// from its shard.
-async fn user_fee(ctx: &Ctx, p: &Principal, to: &str, amount: i64) -> Result<i64, ApiError> {
+/// The `[policy]` rules for a user's transfer or hold to `to`: who may
+/// receive, eligibility, and the fee rate (see `ledger::Policy`). Reads who
+/// owns `to` from its shard, and refuses early a credit above the cap.
+async fn user_bps(ctx: &Ctx, p: &Principal, to: &str, amount: i64) -> Result<u32, ApiError> {
     let policy = Policy {
         min_events: ctx.config.policy.min_events,
         fee_same_group_bps: ctx.config.policy.fee_same_group_bps,
@@ -117,7 +117,7 @@ async fn user_fee(ctx: &Ctx, p: &Principal, to: &str, amount: i64) -> Result<i64
     let sender_state = ctx.users.get(&p.user).ok_or_else(|| ApiError::not_found("no such user"))?;
     let sender = party(&p.user, &sender_state);
     if is_system(to) {
-        return Ok(policy.user_transfer(&sender, &Receiver::System, amount)?);
+        return Ok(policy.user_transfer_bps(&sender, &Receiver::System)?);
     }
     let system = Principal { user: "@system".into(), role: Role::Admin };
     let (reply, mut rx) = ReplyTo::channel();
@@ -130,36 +130,93 @@ async fn user_fee(ctx: &Ctx, p: &Principal, to: &str, amount: i64) -> Result<i64
         Some((o, s)) => Receiver::User(party(o, s)),
         None => Receiver::Unowned,
     };
-    let fee = policy.user_transfer(&sender, &receiver, amount)?;
+    let bps = policy.user_transfer_bps(&sender, &receiver)?;
     // The journal enforces the cap at commit; asking now spares a useless code.
     if let Some(max) = ctx.limits.bounds(to).max {
-        if view.balance.checked_add(amount - fee).is_none_or(|b| b > max) {
+        if view.balance.checked_add(amount - fee(amount, bps)).is_none_or(|b| b > max) {
             return Err(LedgerError::AboveMax { account: to.to_owned(), max }.into());
         }
     }
-    Ok(fee)
+    Ok(bps)
 }
 
-/// A user's transfer: the policy decides the fee (or refuses it); above
-/// `otp.transfer_min` it waits in a session for its code, else it goes to
-/// the owning shard at once.
+/// When a hold with this timeout expires (0: never).
+fn hold_expiry(timeout_s: Option<u64>) -> u64 {
+    timeout_s.map_or(0, |t| store::now_ms().saturating_add(t.saturating_mul(1000)))
+}
+
+/// Hands a transfer, hold or redeem to the shard owning its source, with
+/// the fee rate the policy gave.
+pub(super) fn send_debit(ctx: &Ctx, p: Principal, action: Action, bps: u32, reply: ReplyTo) {
+    let req = match action {
+        Action::Transfer { from, to, amount, memo, key } => {
+            DebitReq::new(Kind::Transfer, Shape::Transfer, &from, &to, amount, memo, key, p, reply)
+                .with_fee(fee(amount, bps))
+        }
+        Action::Hold { from, to, amount, memo, key, timeout_s } => {
+            let expires_at = hold_expiry(timeout_s);
+            DebitReq::new(Kind::Hold, Shape::Hold { expires_at }, &from, &to, amount, memo, key, p, reply)
+                .with_hold(HoldSpec { expires_at, fee_bps: bps, redeem: None })
+        }
+        Action::Redeem { account, item, amount, memo } => {
+            let user = p.user.to_string();
+            let shape = Shape::Redeem {
+                user: user.as_str().into(),
+                item: item.as_str().into(),
+                memo: memo.as_deref().map(Into::into),
+            };
+            DebitReq::new(Kind::Hold, shape, &account, REDEEMED, amount, memo, None, p, reply).with_hold(HoldSpec {
+                expires_at: 0,
+                fee_bps: 0,
+                redeem: Some(RedeemSpec { user, item }),
+            })
+        }
+        Action::ResetPassword => return reply.err(ApiError::internal("a password reset is not a debit")),
+    };
+    super::debit(ctx, req);
+}
+
+/// Source, destination and amount of a user's transfer or hold.
+fn route(action: &Action) -> Option<(&str, &str, i64)> {
+    match action {
+        Action::Transfer { from, to, amount, .. } | Action::Hold { from, to, amount, .. } => Some((from, to, *amount)),
+        _ => None,
+    }
+}
+
+/// A user's transfer or hold: the policy decides the fee (or refuses it);
+/// at or above `otp.transfer_min` it waits in a session for its code, else
+/// it goes to the owning shard at once.
 pub(super) fn user_transfer(ctx: &Arc<Ctx>, p: Principal, action: Action, reply: ReplyTo) {
     let ctx = ctx.clone();
     tokio::spawn(async move {
-        let Action::Transfer { from, to, amount, memo, key } = action else {
+        let Some((from, to, amount)) = route(&action).map(|(f, t, a)| (f.to_owned(), t.to_owned(), a)) else {
             return reply.err(ApiError::internal("not a transfer"));
         };
-        let fee = match user_fee(&ctx, &p, &to, amount).await {
-            Ok(f) => f,
+        let bps = match user_bps(&ctx, &p, &to, amount).await {
+            Ok(b) => b,
             Err(e) => return reply.err(e),
         };
         if !needs_code(&ctx, &p, amount) {
-            let req = DebitReq::new(Kind::Transfer, Shape::Transfer, &from, &to, amount, memo, key, p, reply);
-            return super::debit(&ctx, req.with_fee(fee));
+            return send_debit(&ctx, p, action, bps, reply);
         }
         let r = async {
             funds(&ctx, &p, &from, amount).await?;
-            open(&ctx, &p.user, Action::Transfer { from, to, amount, memo, key }).await
+            open(&ctx, &p.user, action).await
+        };
+        reply.send(r.await);
+    });
+}
+
+/// `redeem`: always confirmed by a code; the amount is held when it is.
+pub(super) fn redeem(ctx: &Arc<Ctx>, p: Principal, action: Action, reply: ReplyTo) {
+    let ctx = ctx.clone();
+    tokio::spawn(async move {
+        let r = async {
+            if let Action::Redeem { account, amount, .. } = &action {
+                funds(&ctx, &p, account, *amount).await?;
+            }
+            open(&ctx, &p.user, action).await
         };
         reply.send(r.await);
     });
@@ -207,17 +264,19 @@ pub(super) fn confirm(ctx: &Arc<Ctx>, caller: Option<Principal>, a: ConfirmArgs,
             Err(e) => return reply.err(e),
         };
         match action {
-            Action::Transfer { from, to, amount, memo, key } => {
+            Action::Transfer { .. } | Action::Hold { .. } | Action::Redeem { .. } => {
                 let Some(p) = caller else {
-                    return reply.err(ApiError::internal("a confirmed transfer without its user"));
+                    return reply.err(ApiError::internal("a confirmed debit without its user"));
                 };
                 // The rules again: events, groups or the receiver may have changed.
-                let fee = match user_fee(&ctx, &p, &to, amount).await {
-                    Ok(f) => f,
-                    Err(e) => return reply.err(e),
+                let bps = match route(&action) {
+                    Some((_, to, amount)) => match user_bps(&ctx, &p, to, amount).await {
+                        Ok(b) => b,
+                        Err(e) => return reply.err(e),
+                    },
+                    None => 0,
                 };
-                let req = DebitReq::new(Kind::Transfer, Shape::Transfer, &from, &to, amount, memo, key, p, reply);
-                super::debit(&ctx, req.with_fee(fee));
+                send_debit(&ctx, p, action, bps, reply);
             }
             Action::ResetPassword => {
                 let password = new_password.unwrap_or_default();
@@ -227,9 +286,6 @@ pub(super) fn confirm(ctx: &Arc<Ctx>, caller: Option<Principal>, a: ConfirmArgs,
                     Ok(Reply::Json(serde_json::json!({ "user": &*user, "password_reset": true })))
                 };
                 reply.send(r.await);
-            }
-            Action::Redeem { .. } => {
-                reply.err(ApiError::new(ErrorCode::Internal, "redeem is not available on this server"));
             }
         }
     });

@@ -6,7 +6,6 @@ use std::sync::Arc;
 use super::{account_id, admin_only, blocking, page_limit, validate_tags};
 use crate::auth::Principal;
 use crate::error::{ApiError, ErrorCode};
-use crate::frame::decode_args;
 use crate::journal::{BulkCmd, CloseCmd, Command, ReapCmd, Shape, TagCmd};
 use crate::ledger::{self, Kind, MINT};
 use crate::protocol::{
@@ -27,13 +26,15 @@ fn reason(r: &str) -> Result<(), ApiError> {
     Ok(())
 }
 
-fn to_journal(ctx: &Ctx, cmd: Command) {
+/// Queues an admin command; answers `internal` if the journal has stopped.
+pub(super) fn to_journal(ctx: &Ctx, cmd: Command) {
     if let Err(cmd) = ctx.journal.send(cmd) {
         let reply = match *cmd {
             Command::Close(CloseCmd { reply, .. })
             | Command::Tag(TagCmd { reply, .. })
             | Command::Bulk(BulkCmd { reply, .. })
-            | Command::Reap(ReapCmd { reply, .. }) => reply,
+            | Command::Reap(ReapCmd { reply, .. })
+            | Command::Settle(crate::journal::SettleCmd { reply, .. }) => reply,
             _ => return,
         };
         reply.err(ApiError::internal("the journal has stopped"));

@@ -1,0 +1,102 @@
+//! Two-phase transfers (`hold`, `post`, `void`) and redeem requests
+//! (`redeem`, `redeems`, `my_redeems`, `decide_redeem`).
+//!
+//! A hold is a debit reserved by the source's owner like any other, which the
+//! journal turns into a held amount (still in the balance, no longer
+//! available); `post` and `void` go straight to the journal, the one place
+//! that can settle a hold exactly once.
+
+use std::sync::Arc;
+
+use super::points::to_journal;
+use super::{account_id, admin_only, blocking, otp, page_limit, validate_transfer};
+use crate::auth::{Principal, Role};
+use crate::constants::{HOLD_TIMEOUT_S_MAX, ITEM_BYTES_MAX, MEMO_BYTES_MAX, PAGE_LIMIT_MAX};
+use crate::error::ApiError;
+use crate::journal::{Command, SettleCmd, SettleOp};
+use crate::ledger::{self, MINT};
+use crate::otp::Action;
+use crate::protocol::{DecideRedeemArgs, HoldArgs, NoArgs, PostArgs, RedeemArgs, RedeemsArgs, Reply, VoidArgs};
+use crate::reply::ReplyTo;
+use crate::server::Ctx;
+use crate::store;
+
+/// Handles the hold and redeem ops.
+pub(super) fn handle(ctx: &Arc<Ctx>, p: Principal, op: &str, args: &[u8], reply: ReplyTo) {
+    match op {
+        "hold" => {
+            let a = args!(HoldArgs, args, reply);
+            let from = a.from.unwrap_or_else(|| p.user.to_string());
+            check!(validate_transfer(&from, &a.to, a.amount, a.memo.as_deref(), a.key.as_deref()), reply);
+            if from == MINT {
+                return reply.err(ApiError::bad_request("holds cannot come from @mint"));
+            }
+            if a.timeout_s.is_some_and(|t| !(1..=HOLD_TIMEOUT_S_MAX).contains(&t)) {
+                return reply.err(ApiError::bad_request(format!("timeout_s must be 1..={HOLD_TIMEOUT_S_MAX}")));
+            }
+            let action =
+                Action::Hold { from, to: a.to, amount: a.amount, memo: a.memo, key: a.key, timeout_s: a.timeout_s };
+            if p.role == Role::User {
+                otp::user_transfer(ctx, p, action, reply);
+            } else {
+                otp::send_debit(ctx, p, action, 0, reply);
+            }
+        }
+        "post" | "void" => {
+            let (hold, op) = if op == "post" {
+                let a = args!(PostArgs, args, reply);
+                if let Some(x) = a.amount {
+                    check!(ledger::validate_amount(x), reply);
+                }
+                (a.hold, SettleOp::Post(a.amount))
+            } else {
+                (args!(VoidArgs, args, reply).hold, SettleOp::Void)
+            };
+            to_journal(ctx, Command::Settle(SettleCmd { hold, op, by: Some(p), note: None, reply }));
+        }
+        "redeem" => {
+            let a = args!(RedeemArgs, args, reply);
+            let item = a.item.trim();
+            if item.is_empty() || item.len() > ITEM_BYTES_MAX || item.chars().any(char::is_control) {
+                return reply.err(ApiError::bad_request(format!("item must be 1-{ITEM_BYTES_MAX} printable bytes")));
+            }
+            check!(ledger::validate_amount(a.amount), reply);
+            check!(ledger::validate_memo_key(a.memo.as_deref(), None), reply);
+            let account = p.user.to_string();
+            check!(account_id(&account), reply);
+            let action = Action::Redeem { account, item: item.to_owned(), amount: a.amount, memo: a.memo };
+            otp::redeem(ctx, p, action, reply);
+        }
+        "my_redeems" => {
+            args!(NoArgs, args, reply);
+            let db = ctx.db.clone();
+            blocking(reply, move || {
+                let requests = store::redeems(&db, Some(&p.user), None, PAGE_LIMIT_MAX)?;
+                Ok(Reply::Json(serde_json::json!({ "requests": requests })))
+            });
+        }
+        "redeems" => {
+            check!(admin_only(&p), reply);
+            let a = args!(RedeemsArgs, args, reply);
+            if a.status.as_deref().is_some_and(|s| !["pending", "accepted", "rejected"].contains(&s)) {
+                return reply.err(ApiError::bad_request("status is pending, accepted or rejected"));
+            }
+            let limit = check!(page_limit(a.limit), reply);
+            let db = ctx.db.clone();
+            blocking(reply, move || {
+                let requests = store::redeems(&db, None, a.status.as_deref(), limit)?;
+                Ok(Reply::Json(serde_json::json!({ "requests": requests })))
+            });
+        }
+        "decide_redeem" => {
+            check!(admin_only(&p), reply);
+            let a = args!(DecideRedeemArgs, args, reply);
+            if a.note.as_deref().is_some_and(|n| n.len() > MEMO_BYTES_MAX) {
+                return reply.err(ApiError::bad_request(format!("note is at most {MEMO_BYTES_MAX} bytes")));
+            }
+            let op = SettleOp::Decide { accept: a.accept };
+            to_journal(ctx, Command::Settle(SettleCmd { hold: a.request, op, by: Some(p), note: a.note, reply }));
+        }
+        _ => super::points::handle(ctx, p, op, args, reply),
+    }
+}
