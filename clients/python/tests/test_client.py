@@ -26,7 +26,7 @@ def test_transfer_moves_exact_amounts(server):
         assert (t["from"], t["to"], t["amount"], t["fee"]) == ("alice", "bob", 30, 0)
         assert (t["from_balance"], t["to_balance"]) == (70, 30)
         assert c.balance("alice")["balance"] == 70
-        assert c.balance("bob") == {"account": "bob", "balance": 30, "available": 30}
+        assert c.balance("bob") == {"account": "bob", "balance": 30, "held": 0, "available": 30}
         assert c.get_transfer(t["id"])["memo"] == "lunch"
         audit = c.audit()
         assert audit["sum"] == 0 and audit["chain_ok"] is True
