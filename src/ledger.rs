@@ -296,6 +296,8 @@ impl Policy {
         };
         match receiver {
             Receiver::System => Err(LedgerError::NotAllowed("users cannot transfer to system accounts".into())),
+            // Between one's own wallets: not user-to-user, so no fee and no rule.
+            Receiver::User(r) if r.user == sender.user => Ok(0),
             Receiver::User(r) if r.admin => {
                 Err(LedgerError::NotAllowed("users cannot transfer to an admin's account".into()))
             }

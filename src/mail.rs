@@ -131,3 +131,24 @@ async fn deliver(state: &MailerArgs, to: &str, subject: String, body: String) ->
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::Transport;
+
+    #[test]
+    fn transports_parse_and_bad_ones_say_why_without_echoing_secrets() {
+        assert!(matches!(Transport::parse("log"), Ok(Transport::Log)));
+        assert!(matches!(Transport::parse("smtp://127.0.0.1:2525"), Ok(Transport::Smtp(_))));
+        assert!(matches!(Transport::parse("smtps://tally:s3cret@mail.example.org:465"), Ok(Transport::Smtp(_))));
+        let dir = tempfile::tempdir().unwrap();
+        let spec = format!("file://{}", dir.path().join("out").display());
+        assert!(matches!(Transport::parse(&spec), Ok(Transport::File(_))));
+        assert!(dir.path().join("out").is_dir());
+        for bad in ["file://relative/dir", "pop3://host", "smtp://", "mailto:x@y"] {
+            assert!(Transport::parse(bad).is_err(), "{bad}");
+        }
+        let e = Transport::parse("smtp://user:s3cret@[bad").err().unwrap();
+        assert!(!e.contains("s3cret"), "{e}");
+    }
+}

@@ -388,3 +388,18 @@ fn assert_not_logged(s: &Server, secret: &str) {
         assert!(!rest.contains(secret), "secret in the log: {line}");
     }
 }
+
+#[tokio::test]
+async fn the_log_transport_notes_the_mail_but_never_the_code() {
+    let s =
+        Server::start_with(&[("TALLY_MAIL_TRANSPORT", "log"), ("TALLY_OTP_TRANSFER_MIN", "1"), ("TALLY_LOG", "info")]);
+    signup(&s, "alice").await;
+    signup(&s, "bob").await;
+    s.admin().await.call("mint", json!({"to": "alice", "amount": 5})).await.unwrap();
+    let alice = login(&s, "alice").await;
+    pending_transfer(&alice, "bob", 5).await;
+    let log = std::fs::read_to_string(common::log_path(&s)).unwrap();
+    assert!(log.contains("mail sent to the log transport"), "{log}");
+    assert!(!log.contains("code is"), "{log}");
+    assert_eq!(balance(&alice, "alice").await, 5);
+}

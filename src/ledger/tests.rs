@@ -209,6 +209,9 @@ mod policy {
         let none = user("n", None, 6);
         assert_eq!(CAMPUS.user_transfer(&none, &Receiver::User(user("m", None, 6)), 100), Ok(2));
         assert_eq!(CAMPUS.user_transfer(&none, &Receiver::User(a), 100), Ok(33));
+        // Between two wallets of one user: no fee, whatever the events.
+        let newcomer = user("new", Some("Y19"), 0);
+        assert_eq!(CAMPUS.user_transfer(&newcomer, &Receiver::User(newcomer), 100), Ok(0));
     }
 
     #[test]
