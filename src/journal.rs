@@ -613,19 +613,15 @@ impl Journal {
             Ok(a) => a,
             Err(e) => return Ok(Err(e.into())),
         };
-        let fields = Fields {
-            kind: c.kind,
-            from: &c.from,
-            to: &c.to,
-            amount: c.amount,
-            fee: c.fee,
-            memo: c.memo.as_deref(),
-            key: c.key.as_deref(),
-            time,
-        };
-        let done = self.append(t, buf, fields, applied)?;
+        let done = self.append(t, buf, Fields::of(c, time), applied)?;
         let rewarded = if c.kind == Kind::Mint { count_event(t, &c.to)? } else { None };
         Ok(Ok((done, rewarded)))
+    }
+
+    /// Both balances as they stand, for a record that moves nothing.
+    fn balances(&self, from: &str, to: &str) -> Applied {
+        let balance = |id: &str| self.book.get(id).map_or(0, |a| a.balance);
+        Applied { from_balance: balance(from), to_balance: balance(to) }
     }
 
     /// A hold: nothing moves, the amount stops being spendable on `from`,
@@ -641,19 +637,8 @@ impl Journal {
         if let Err(e) = self.book.hold(&c.from, &c.to, c.amount) {
             return Ok(Err(e.into()));
         }
-        let balance = |id: &str| self.book.get(id).map_or(0, |a| a.balance);
-        let applied = Applied { from_balance: balance(&c.from), to_balance: balance(&c.to) };
-        let fields = Fields {
-            kind: Kind::Hold,
-            from: &c.from,
-            to: &c.to,
-            amount: c.amount,
-            fee: 0,
-            memo: c.memo.as_deref(),
-            key: c.key.as_deref(),
-            time,
-        };
-        let done = self.append(t, buf, fields, applied)?;
+        let applied = self.balances(&c.from, &c.to);
+        let done = self.append(t, buf, Fields::of(c, time), applied)?;
         let record = HoldRecord {
             id: done.id,
             hold: Hold::new(&c.from, &c.to, c.amount),
@@ -777,8 +762,7 @@ impl Journal {
                 return refuse(e.into());
             }
             self.book.release(&from, held);
-            let balance = |id: &str| self.book.get(id).map_or(0, |a| a.balance);
-            let applied = Applied { from_balance: balance(&from), to_balance: balance(&to) };
+            let applied = self.balances(&from, &to);
             let fields = Fields {
                 kind: Kind::Void,
                 from: &from,
@@ -1172,6 +1156,22 @@ struct Fields<'a> {
     memo: Option<&'a str>,
     key: Option<&'a str>,
     time: u64,
+}
+
+impl<'a> Fields<'a> {
+    /// The fields of a transfer command's record.
+    fn of(c: &'a TransferCmd, time: u64) -> Fields<'a> {
+        Fields {
+            kind: c.kind,
+            from: &c.from,
+            to: &c.to,
+            amount: c.amount,
+            fee: c.fee,
+            memo: c.memo.as_deref(),
+            key: c.key.as_deref(),
+            time,
+        }
+    }
 }
 
 /// One committed batch on its way to the fan-out thread.

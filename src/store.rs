@@ -299,6 +299,22 @@ impl AccountMeta {
     }
 }
 
+/// `encode` / `decode` for a record stored as MessagePack with field names
+/// (readable by any later version that adds optional fields).
+macro_rules! named_record {
+    ($ty:ident, $what:literal) => {
+        impl $ty {
+            #[must_use]
+            pub fn encode(&self) -> Vec<u8> {
+                rmp_serde::to_vec_named(self).expect(concat!($what, " records always encode"))
+            }
+            pub fn decode(bytes: &[u8]) -> Result<$ty, StoreError> {
+                rmp_serde::from_slice(bytes).map_err(|e| StoreError::Corrupt(format!(concat!($what, ": {}"), e)))
+            }
+        }
+    };
+}
+
 /// A user who logs in. Only the argon2 PHC string of the password is kept.
 #[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct UserRecord {
@@ -319,15 +335,7 @@ impl std::fmt::Debug for UserRecord {
     }
 }
 
-impl UserRecord {
-    #[must_use]
-    pub fn encode(&self) -> Vec<u8> {
-        rmp_serde::to_vec_named(self).expect("user records always encode")
-    }
-    pub fn decode(bytes: &[u8]) -> Result<UserRecord, StoreError> {
-        rmp_serde::from_slice(bytes).map_err(|e| StoreError::Corrupt(format!("user: {e}")))
-    }
-}
+named_record!(UserRecord, "user");
 
 /// A two-phase transfer as stored.
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -344,15 +352,7 @@ pub struct HoldRecord {
     pub created: u64,
 }
 
-impl HoldRecord {
-    #[must_use]
-    pub fn encode(&self) -> Vec<u8> {
-        rmp_serde::to_vec_named(self).expect("hold records always encode")
-    }
-    pub fn decode(bytes: &[u8]) -> Result<HoldRecord, StoreError> {
-        rmp_serde::from_slice(bytes).map_err(|e| StoreError::Corrupt(format!("hold: {e}")))
-    }
-}
+named_record!(HoldRecord, "hold");
 
 /// A redeem request as stored and shown.
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -373,15 +373,7 @@ pub struct RedeemRecord {
     pub settled_by: Option<u64>,
 }
 
-impl RedeemRecord {
-    #[must_use]
-    pub fn encode(&self) -> Vec<u8> {
-        rmp_serde::to_vec_named(self).expect("redeem records always encode")
-    }
-    pub fn decode(bytes: &[u8]) -> Result<RedeemRecord, StoreError> {
-        rmp_serde::from_slice(bytes).map_err(|e| StoreError::Corrupt(format!("redeem: {e}")))
-    }
-}
+named_record!(RedeemRecord, "redeem");
 
 /// Redeem requests, newest first: all of them (optionally of one status),
 /// or one user's. At most `limit`, looking at no more than `LIST_SCAN_MAX`.
