@@ -125,14 +125,24 @@ class _Ops:
     def my_redeems(self) -> Any:
         return self.call("my_redeems")
 
-    def hold(self, **args: Any) -> Any:
-        return self.call("hold", **args)
+    def hold(
+        self,
+        to: str,
+        amount: int,
+        from_: Optional[str] = None,
+        memo: Optional[str] = None,
+        key: Optional[str] = None,
+        timeout_s: Optional[int] = None,
+    ) -> Any:
+        return self.call(
+            "hold", to=to, amount=amount, memo=memo, key=key, timeout_s=timeout_s, **{"from": from_}
+        )
 
-    def post(self, **args: Any) -> Any:
-        return self.call("post", **args)
+    def post(self, hold: int, amount: Optional[int] = None) -> Any:
+        return self.call("post", hold=hold, amount=amount)
 
-    def void(self, **args: Any) -> Any:
-        return self.call("void", **args)
+    def void(self, hold: int) -> Any:
+        return self.call("void", hold=hold)
 
     # Admins
     def mint(self, to: str, amount: int, memo: Optional[str] = None, key: Optional[str] = None) -> Any:

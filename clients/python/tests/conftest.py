@@ -21,9 +21,8 @@ def _binary() -> str:
     raise RuntimeError("build tally first (cargo build) or set TALLY_BIN")
 
 
-@pytest.fixture()
-def server(tmp_path):
-    env = dict(os.environ, TALLY_AUTH_ADMIN_PASSWORD=ADMIN_PASSWORD, TALLY_LOG="warn")
+def _start(tmp_path, **extra_env):
+    env = dict(os.environ, TALLY_AUTH_ADMIN_PASSWORD=ADMIN_PASSWORD, TALLY_LOG="warn", **extra_env)
     proc = subprocess.Popen(
         [_binary(), "serve", "--listen", "127.0.0.1:0", "--data", str(tmp_path / "data")],
         stdout=subprocess.PIPE,
@@ -33,6 +32,22 @@ def server(tmp_path):
     line = proc.stdout.readline().strip()
     assert line.startswith("tally listening on "), line
     host, port = line.rsplit(" ", 1)[1].rsplit(":", 1)
-    yield host, int(port)
+    return proc, (host, int(port))
+
+
+@pytest.fixture()
+def server(tmp_path):
+    proc, addr = _start(tmp_path)
+    yield addr
+    proc.kill()
+    proc.wait()
+
+
+@pytest.fixture()
+def campus(tmp_path):
+    """A server with the campus preset; OTP mail lands as .eml files in (addr, mail folder)."""
+    mail = tmp_path / "mail"
+    proc, addr = _start(tmp_path, TALLY_PRESET="campus", TALLY_MAIL_TRANSPORT=f"file://{mail}")
+    yield addr, mail
     proc.kill()
     proc.wait()
