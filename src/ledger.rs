@@ -20,7 +20,89 @@ use crate::constants::{ACCOUNT_ID_BYTES_MAX, KEY_BYTES_MAX, MEMO_BYTES_MAX};
 
 /// The hash map used for account ids: foldhash is several times faster
 /// than SipHash on short keys and still seeded per process.
-pub type AccountMap<V> = HashMap<Box<str>, V, foldhash::fast::RandomState>;
+pub type AccountMap<V> = HashMap<AccountKey, V, foldhash::fast::RandomState>;
+
+/// Longest id kept inside an [`AccountKey`] itself.
+const KEY_INLINE_BYTES: usize = 30;
+
+/// An account id as a map key. Ids of up to 30 bytes (nearly all) are kept
+/// inline, so a lookup compares bytes next to the hash table's own entry
+/// instead of following a pointer to a separate heap block: with 100,000
+/// accounts that extra cache miss showed up in perf as ~13% of the server's
+/// CPU (inside `memcmp`, called from the shards' and the book's lookups).
+#[derive(Clone)]
+pub enum AccountKey {
+    Inline { len: u8, bytes: [u8; KEY_INLINE_BYTES] },
+    Heap(Box<str>),
+}
+
+impl AccountKey {
+    #[must_use]
+    pub fn as_str(&self) -> &str {
+        match self {
+            // Built from a `&str` below, so the bytes are UTF-8; the check is
+            // a fast ASCII scan of at most 30 bytes.
+            AccountKey::Inline { len, bytes } => std::str::from_utf8(&bytes[..usize::from(*len)]).unwrap_or_default(),
+            AccountKey::Heap(s) => s,
+        }
+    }
+}
+
+impl From<&str> for AccountKey {
+    fn from(s: &str) -> Self {
+        if s.len() <= KEY_INLINE_BYTES {
+            let mut bytes = [0u8; KEY_INLINE_BYTES];
+            bytes[..s.len()].copy_from_slice(s.as_bytes());
+            AccountKey::Inline { len: s.len() as u8, bytes }
+        } else {
+            AccountKey::Heap(s.into())
+        }
+    }
+}
+
+impl From<Box<str>> for AccountKey {
+    fn from(s: Box<str>) -> Self {
+        if s.len() <= KEY_INLINE_BYTES {
+            AccountKey::from(&*s)
+        } else {
+            AccountKey::Heap(s)
+        }
+    }
+}
+
+impl std::borrow::Borrow<str> for AccountKey {
+    fn borrow(&self) -> &str {
+        self.as_str()
+    }
+}
+
+impl std::ops::Deref for AccountKey {
+    type Target = str;
+    fn deref(&self) -> &str {
+        self.as_str()
+    }
+}
+
+// Hashes and compares exactly as the `str` it holds, as `Borrow` requires.
+impl std::hash::Hash for AccountKey {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        self.as_str().hash(state);
+    }
+}
+
+impl PartialEq for AccountKey {
+    fn eq(&self, other: &Self) -> bool {
+        self.as_str() == other.as_str()
+    }
+}
+
+impl Eq for AccountKey {}
+
+impl std::fmt::Debug for AccountKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.as_str().fmt(f)
+    }
+}
 
 /// Issuance account: every unit in circulation came from here; unbounded.
 pub const MINT: &str = "@mint";

@@ -143,7 +143,7 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
     for a in loaded.accounts {
         let mut slot = Slot::new(&a.meta, a.balance, a.last);
         slot.acct.held = a.held;
-        per_shard[shard_index(&a.id, n)].insert(a.id.into(), slot);
+        per_shard[shard_index(&a.id, n)].insert(a.id.as_str().into(), slot);
     }
     let (book, head, expiring) = (loaded.book, loaded.head, loaded.expiring);
     let sum = book.sum();

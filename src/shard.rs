@@ -475,7 +475,7 @@ impl ShardState {
             return reply.err(e);
         }
         debug_assert!(!is_system(&account));
-        self.accounts.insert(account.clone(), Slot { creating: true, ..Slot::new(&meta, 0, 0) });
+        self.accounts.insert(account.clone().into(), Slot { creating: true, ..Slot::new(&meta, 0, 0) });
         let cmd = Command::Create(CreateCmd { account, meta, initial, user, reply });
         if let Err(Command::Create(c)) = self.journal.send(cmd).map_err(|c| *c) {
             self.accounts.remove(&*c.account);
@@ -530,7 +530,7 @@ impl ShardState {
             }
             Effect::Created { account, balance, last, meta } => match meta {
                 Some(meta) => {
-                    self.accounts.insert(account, Slot::new(&meta, balance, last));
+                    self.accounts.insert(account.into(), Slot::new(&meta, balance, last));
                 }
                 None => {
                     if self.accounts.get(&*account).is_some_and(|s| s.creating) {
