@@ -441,7 +441,10 @@ impl Journal {
         applied: Applied,
     ) -> Result<Done, StoreError> {
         let id = self.head.id + 1;
-        let links = self.book.link(id, fields.from, fields.to, fields.fee > 0);
+        let links = match applied.nums {
+            Some((f, t)) => self.book.link_nums(id, f, t, fields.fee > 0),
+            None => self.book.link(id, fields.from, fields.to, fields.fee > 0),
+        };
         let rec = RecordRef {
             id,
             kind: fields.kind,
@@ -621,7 +624,7 @@ impl Journal {
     /// Both balances as they stand, for a record that moves nothing.
     fn balances(&self, from: &str, to: &str) -> Applied {
         let balance = |id: &str| self.book.get(id).map_or(0, |a| a.balance);
-        Applied { from_balance: balance(from), to_balance: balance(to) }
+        Applied { from_balance: balance(from), to_balance: balance(to), nums: None }
     }
 
     /// A hold: nothing moves, the amount stops being spendable on `from`,
@@ -1208,15 +1211,18 @@ fn settle(router: &ShardRouter, per_shard: &mut [Vec<Effect>], account: &str, de
     }
 }
 
-fn view_of(t: &TransferCmd, d: &Done) -> TransferView {
+/// The record of a committed transfer, taking the command's strings
+/// (`Box<str>` to `String` moves, it does not copy).
+fn view_of(t: &mut TransferCmd, d: &Done) -> TransferView {
+    let take = |s: &mut Box<str>| std::mem::take(s).into_string();
     TransferView {
         id: d.id,
         kind: t.kind,
-        from: t.from.to_string(),
-        to: t.to.to_string(),
+        from: take(&mut t.from),
+        to: take(&mut t.to),
         amount: t.amount,
         fee: t.fee,
-        memo: t.memo.as_deref().map(str::to_owned),
+        memo: t.memo.take().map(str::into_string),
         time: d.time,
         key: t.key.as_deref().map(str::to_owned),
         prev: crate::protocol::Hash32(d.prev),
@@ -1234,7 +1240,7 @@ fn fan_out(
     replies: &mut Vec<(ReplyTo, Result<Reply, ApiError>)>,
 ) {
     match o {
-        Outcome::Transfer(t, result, rewarded) => {
+        Outcome::Transfer(mut t, result, rewarded) => {
             if let Some(u) = rewarded {
                 users.set(&u.user, UserState::of(&u));
             }
@@ -1245,7 +1251,7 @@ fn fan_out(
                     settle(router, per_shard, &t.from, 0, release, done.id);
                     settle(router, per_shard, &t.to, 0, 0, done.id);
                     per_shard[router.shard_of(&t.from)].push(Effect::Held { account: t.from.clone(), delta: t.amount });
-                    Ok(Arc::new(view_of(&t, &done)))
+                    Ok(Arc::new(view_of(&mut t, &done)))
                 }
                 Ok(done) => {
                     settle(router, per_shard, &t.from, -t.amount, release, done.id);
@@ -1253,7 +1259,7 @@ fn fan_out(
                     if t.fee > 0 {
                         settle(router, per_shard, TREASURY, t.fee, 0, done.id);
                     }
-                    let view = Arc::new(view_of(&t, &done));
+                    let view = Arc::new(view_of(&mut t, &done));
                     Ok(view)
                 }
                 Err(e) => {
@@ -1262,7 +1268,10 @@ fn fan_out(
                 }
             };
             if let Some(key) = t.key {
-                per_shard[router.shard_of(&t.from)].push(Effect::KeyDone { from: t.from, key, result: result.clone() });
+                // The view took `from` (a refusal left it in place).
+                let from: Box<str> =
+                    result.as_ref().map_or_else(|_| std::mem::take(&mut t.from), |v| v.from.as_str().into());
+                per_shard[router.shard_of(&from)].push(Effect::KeyDone { from, key, result: result.clone() });
             }
             replies.push((t.reply, result.map(|v| shape_reply(&t.shape, v))));
         }

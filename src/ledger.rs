@@ -40,9 +40,10 @@ impl AccountKey {
     #[must_use]
     pub fn as_str(&self) -> &str {
         match self {
-            // Built from a `&str` below, so the bytes are UTF-8; the check is
-            // a fast ASCII scan of at most 30 bytes.
-            AccountKey::Inline { len, bytes } => std::str::from_utf8(&bytes[..usize::from(*len)]).unwrap_or_default(),
+            // SAFETY: `bytes[..len]` was copied whole from a `&str` (see
+            // `From<&str>`), so it is valid UTF-8; skipping the check saves
+            // a scan on every hash-map probe.
+            AccountKey::Inline { len, bytes } => unsafe { std::str::from_utf8_unchecked(&bytes[..usize::from(*len)]) },
             AccountKey::Heap(s) => s,
         }
     }
@@ -556,6 +557,9 @@ pub enum Mode {
 pub struct Applied {
     pub from_balance: i64,
     pub to_balance: i64,
+    /// The parties' account numbers, when the book looked them up already
+    /// (saves the journal two hash lookups when it links the record).
+    pub nums: Option<(u32, u32)>,
 }
 
 /// The journal's committed view of every account, in commit order.
@@ -719,7 +723,8 @@ impl Book {
             a.balance = balance;
             a.dirty = true;
         }
-        Ok(Applied { from_balance: from_after, to_balance: to_after })
+        let nums = u32::try_from(f).ok().zip(u32::try_from(t).ok());
+        Ok(Applied { from_balance: from_after, to_balance: to_after, nums })
     }
 
     /// Holds `amount` of `from` for a later `post` to `to`: the balance
@@ -820,6 +825,20 @@ impl Book {
         let from = swap(from);
         let to = swap(to);
         let fee = if fee { swap(TREASURY) } else { 0 };
+        Links { from, to, fee }
+    }
+
+    /// [`Book::link`] for parties already looked up by number.
+    pub fn link_nums(&mut self, id: u64, from: u32, to: u32, fee: bool) -> Links {
+        let treasury = if fee { self.num(TREASURY) } else { None };
+        let mut swap = |n: u32| {
+            self.accounts.get_mut(n as usize).map_or(0, |a| {
+                a.dirty = true;
+                std::mem::replace(&mut a.last, id)
+            })
+        };
+        let (from, to) = (swap(from), swap(to));
+        let fee = treasury.map_or(0, swap);
         Links { from, to, fee }
     }
 
