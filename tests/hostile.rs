@@ -182,3 +182,42 @@ async fn fifteen_hundred_idle_or_half_sent_connections_do_not_block_others() {
     let stats = c.call("stats", json!({})).await.unwrap();
     assert!(stats["connections"].as_u64().unwrap() >= 750, "{stats}");
 }
+
+/// Every op the server lists, called by an admin and by a user with
+/// arguments of the wrong shape, answers an error and moves nothing.
+#[tokio::test]
+async fn every_op_refuses_wrong_shaped_arguments() {
+    let s = Server::start_with(&[("TALLY_PRESET", "campus")]);
+    let admin = s.admin().await;
+    create(&admin, "alice", 100).await;
+    let anon = s.client().await;
+    let pw = "correct horse battery";
+    let args = json!({"user": "uma", "name": "Uma", "email": "uma@example.org", "password": pw});
+    anon.call("signup", args).await.unwrap();
+    let user = s.client().await;
+    user.login("uma", pw).await.unwrap();
+    let before = audit_ok(&admin).await;
+    let ops = admin.call("help", json!({})).await.unwrap();
+    let shapes = [
+        json!({"no_such_argument": 1}),
+        json!({"account": 5, "to": ["x"], "amount": "1", "user": {}, "hold": -1, "request": "x", "pending": 7, "otp": 1.5, "item": null, "accept": "yes", "delta": 0.5, "status": 3, "token": 1}),
+        json!(["not", "a", "map"]),
+    ];
+    let known = ["bad_request", "unauthenticated", "forbidden", "not_found", "rate_limited", "unknown_op"];
+    for op in ops.as_array().unwrap().iter().map(|o| o.as_str().unwrap()) {
+        for shape in &shapes {
+            for (who, c) in [("admin", &admin), ("user", &user)] {
+                let e = code(c.call(op, shape.clone()).await);
+                assert!(known.contains(&e.as_str()), "{op} as {who} with {shape}: {e}");
+            }
+        }
+    }
+    // Nothing moved, and both sessions still work.
+    let after = audit_ok(&admin).await;
+    assert_eq!(
+        (after["head"].clone(), after["transfers"].clone()),
+        (before["head"].clone(), before["transfers"].clone())
+    );
+    assert_eq!(balance(&admin, "alice").await, 100);
+    assert_eq!(user.call("whoami", json!({})).await.unwrap()["user"], "uma");
+}
