@@ -353,6 +353,16 @@ impl Config {
         }
     }
 
+    /// The campus rules for the ledger core.
+    #[must_use]
+    pub fn ledger_policy(&self) -> crate::ledger::Policy {
+        crate::ledger::Policy {
+            min_events: self.policy.min_events,
+            fee_same_group_bps: self.policy.fee_same_group_bps,
+            fee_cross_group_bps: self.policy.fee_cross_group_bps,
+        }
+    }
+
     /// The balance bounds for the ledger core.
     #[must_use]
     pub fn ledger_limits(&self) -> crate::ledger::Limits {

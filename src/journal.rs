@@ -24,7 +24,9 @@ use crate::protocol::{AccountView, Reply, TransferView};
 use crate::reply::ReplyTo;
 use crate::shard::{Effect, ShardMsg, ShardRouter};
 use crate::stats::Stats;
-use crate::store::{self, AccountMeta, Head, HoldRecord, RecordRef, RedeemRecord, StoreError, UserRecord};
+use crate::store::{
+    self, AccountMeta, Head, HoldRecord, RecordRef, RedeemRecord, RedeemStatus, StoreError, UserRecord,
+};
 
 /// A full sweep of the balance rows takes at most this many commits, which
 /// bounds the replay at start-up to about twice as many batches.
@@ -134,7 +136,7 @@ pub fn shape_reply(shape: &Shape, v: Arc<TransferView>) -> Reply {
             "item": item,
             "amount": v.amount,
             "memo": memo,
-            "status": "pending",
+            "status": RedeemStatus::Pending.as_str(),
             "created": v.time,
         })),
     }
@@ -519,6 +521,7 @@ impl Journal {
                 tags: txn.open_table(store::TAGS)?,
                 owners: txn.open_table(store::OWNERS)?,
                 holds: txn.open_table(store::HOLDS)?,
+                open_holds: txn.open_table(store::OPEN_HOLDS)?,
                 redeems: txn.open_table(store::REDEEMS)?,
                 user_redeems: txn.open_table(store::USER_REDEEMS)?,
             };
@@ -652,6 +655,7 @@ impl Journal {
             created: time,
         };
         t.holds.insert(done.id, &record.encode()[..])?;
+        t.open_holds.insert(done.id, ())?;
         if let Some(r) = &spec.redeem {
             let request = RedeemRecord {
                 request: done.id,
@@ -660,7 +664,7 @@ impl Journal {
                 item: r.item.clone(),
                 amount: c.amount,
                 memo: record.memo.clone(),
-                status: "pending".into(),
+                status: RedeemStatus::Pending,
                 created: time,
                 decided_by: None,
                 decided_at: None,
@@ -706,10 +710,9 @@ impl Journal {
                 let Some(r) = &request else {
                     return refuse(ApiError::not_found(format!("redeem request {}", c.hold)));
                 };
-                if r.status != "pending" {
-                    return refuse(
-                        LedgerError::NotAllowed(format!("request {} was already {}", c.hold, r.status)).into(),
-                    );
+                if r.status != RedeemStatus::Pending {
+                    let status = r.status.as_str();
+                    return refuse(LedgerError::NotAllowed(format!("request {} was already {status}", c.hold)).into());
                 }
             }
             (_, _) if record.redeem => {
@@ -729,84 +732,52 @@ impl Journal {
             SettleOp::Decide { accept: true } => Some(None),
             _ => None,
         };
-        let mut effects = vec![AdminEffect::Held { account: from.as_str().into(), delta: -held }];
-        let memo = format!("hold {}", c.hold);
-        let done = if let Some(x) = post {
+        // A post moves `x` (its fee to `@treasury`) and releases the rest; a
+        // void releases everything and moves nothing. Either way the hold
+        // stops counting against `from`.
+        let (kind, amount, fee, applied) = if let Some(x) = post {
             let x = match record.hold.post_amount(x) {
                 Ok(x) => x,
                 Err(e) => return refuse(e.into()),
             };
             let fee = if is_system(&to) { 0 } else { fee(x, record.fee_bps) };
-            let applied = match self.book.post(&from, &to, held, x, fee) {
-                Ok(a) => a,
+            match self.book.post(&from, &to, held, x, fee) {
+                Ok(applied) => {
+                    record.hold.posted(x);
+                    (Kind::Post, x, fee, applied)
+                }
                 Err(e) => return refuse(e.into()),
-            };
-            let fields =
-                Fields { kind: Kind::Post, from: &from, to: &to, amount: x, fee, memo: Some(&memo), key: None, time };
-            let done = self.append(t, buf, fields, applied)?;
-            record.hold.posted(x);
-            effects.push(AdminEffect::Moved {
-                from: from.as_str().into(),
-                to: to.as_str().into(),
-                amount: x - fee,
-                id: done.id,
-            });
-            if fee > 0 {
-                effects.push(AdminEffect::Moved {
-                    from: from.as_str().into(),
-                    to: TREASURY.into(),
-                    amount: fee,
-                    id: done.id,
-                });
             }
-            (done, fee)
         } else {
             if let Err(e) = record.hold.void() {
                 return refuse(e.into());
             }
             self.book.release(&from, held);
-            let applied = self.balances(&from, &to);
-            let fields = Fields {
-                kind: Kind::Void,
-                from: &from,
-                to: &to,
-                amount: held,
-                fee: 0,
-                memo: Some(&memo),
-                key: None,
-                time,
-            };
-            let done = self.append(t, buf, fields, applied)?;
-            // Nothing moves; both parties' histories gain the record.
+            (Kind::Void, held, 0, self.balances(&from, &to))
+        };
+        let memo = format!("hold {}", c.hold);
+        let fields = Fields { kind, from: &from, to: &to, amount, fee, memo: Some(&memo), key: None, time };
+        let done = self.append(t, buf, fields, applied)?;
+        let moved = if kind == Kind::Post { amount - fee } else { 0 };
+        // A zero move still tells both owners of the record (their history).
+        let mut effects = vec![
+            AdminEffect::Held { account: from.as_str().into(), delta: -held },
+            AdminEffect::Moved { from: from.as_str().into(), to: to.as_str().into(), amount: moved, id: done.id },
+        ];
+        if fee > 0 {
             effects.push(AdminEffect::Moved {
                 from: from.as_str().into(),
-                to: to.as_str().into(),
-                amount: 0,
+                to: TREASURY.into(),
+                amount: fee,
                 id: done.id,
             });
-            (done, 0)
-        };
-        let (done, fee) = done;
+        }
         self.expiring.remove(&(record.expires_at, c.hold));
         t.holds.insert(c.hold, &record.encode()[..])?;
-        let view = TransferView {
-            id: done.id,
-            kind: if post.is_some() { Kind::Post } else { Kind::Void },
-            from: from.clone(),
-            to: to.clone(),
-            amount: if post.is_some() { record.hold.posted } else { held },
-            fee,
-            memo: Some(memo),
-            time,
-            key: None,
-            prev: crate::protocol::Hash32(done.prev),
-            hash: crate::protocol::Hash32(done.hash),
-            from_balance: Some(done.applied.from_balance),
-            to_balance: Some(done.applied.to_balance),
-        };
+        t.open_holds.remove(c.hold)?;
         let reply = match (&mut request, c.op) {
             (Some(r), SettleOp::Decide { accept }) => {
-                r.status = if accept { "accepted" } else { "rejected" }.into();
+                r.status = if accept { RedeemStatus::Accepted } else { RedeemStatus::Rejected };
                 r.decided_by = c.by.as_ref().map(|p| p.user.to_string());
                 r.decided_at = Some(time);
                 r.note.clone_from(&c.note);
@@ -814,21 +785,30 @@ impl Journal {
                 t.redeems.insert(c.hold, &r.encode()[..])?;
                 Reply::Json(serde_json::to_value(&*r).unwrap_or_default())
             }
-            (Some(r), SettleOp::Expire) => {
-                r.status = "rejected".into();
-                r.decided_at = Some(time);
-                r.note = Some("expired".into());
-                r.settled_by = Some(done.id);
-                t.redeems.insert(c.hold, &r.encode()[..])?;
-                Reply::Json(serde_json::json!({ "hold": c.hold, "status": record.hold.status.as_str() }))
+            _ => {
+                let view = TransferView {
+                    id: done.id,
+                    kind,
+                    from,
+                    to,
+                    amount,
+                    fee,
+                    memo: Some(memo),
+                    time,
+                    key: None,
+                    prev: crate::protocol::Hash32(done.prev),
+                    hash: crate::protocol::Hash32(done.hash),
+                    from_balance: Some(done.applied.from_balance),
+                    to_balance: Some(done.applied.to_balance),
+                };
+                Reply::Json(serde_json::json!({
+                    "hold": c.hold,
+                    "status": record.hold.status.as_str(),
+                    "posted": record.hold.posted,
+                    "released": record.hold.released,
+                    "transfer": view,
+                }))
             }
-            _ => Reply::Json(serde_json::json!({
-                "hold": c.hold,
-                "status": record.hold.status.as_str(),
-                "posted": record.hold.posted,
-                "released": record.hold.released,
-                "transfer": view,
-            })),
         };
         Ok(Ok((reply, effects)))
     }
@@ -958,6 +938,7 @@ struct Tables<'t> {
     tags: redb::Table<'t, (&'static str, &'static str), ()>,
     owners: redb::Table<'t, (&'static str, &'static str), ()>,
     holds: redb::Table<'t, u64, &'static [u8]>,
+    open_holds: redb::Table<'t, u64, ()>,
     redeems: redb::Table<'t, u64, &'static [u8]>,
     user_redeems: redb::Table<'t, (&'static str, u64), ()>,
 }

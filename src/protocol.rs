@@ -294,7 +294,8 @@ pub struct RedeemArgs {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RedeemsArgs {
-    pub status: Option<String>,
+    /// An unknown status is refused by serde, as `bad_request`.
+    pub status: Option<crate::store::RedeemStatus>,
     pub limit: Option<u64>,
 }
 

@@ -59,6 +59,8 @@ pub const USERS: TableDefinition<&str, &[u8]> = TableDefinition::new("users");
 pub const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
 /// Two-phase transfers by id (the id of their `hold` record).
 pub const HOLDS: TableDefinition<u64, &[u8]> = TableDefinition::new("holds");
+/// The holds still open: start-up reads only these, not every hold ever made.
+pub const OPEN_HOLDS: TableDefinition<u64, ()> = TableDefinition::new("open_holds");
 /// Redeem requests by id (the id of the hold behind them).
 pub const REDEEMS: TableDefinition<u64, &[u8]> = TableDefinition::new("redeems");
 /// Index of redeem requests by user: (user, request).
@@ -354,6 +356,26 @@ pub struct HoldRecord {
 
 named_record!(HoldRecord, "hold");
 
+/// Where a redeem request stands; it is decided once.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RedeemStatus {
+    Pending,
+    Accepted,
+    Rejected,
+}
+
+impl RedeemStatus {
+    #[must_use]
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RedeemStatus::Pending => "pending",
+            RedeemStatus::Accepted => "accepted",
+            RedeemStatus::Rejected => "rejected",
+        }
+    }
+}
+
 /// A redeem request as stored and shown.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct RedeemRecord {
@@ -363,8 +385,7 @@ pub struct RedeemRecord {
     pub item: String,
     pub amount: i64,
     pub memo: Option<String>,
-    /// `pending`, `accepted` or `rejected`.
-    pub status: String,
+    pub status: RedeemStatus,
     pub created: u64,
     pub decided_by: Option<String>,
     pub decided_at: Option<u64>,
@@ -380,7 +401,7 @@ named_record!(RedeemRecord, "redeem");
 pub fn redeems(
     db: &Database,
     user: Option<&str>,
-    status: Option<&str>,
+    status: Option<RedeemStatus>,
     limit: usize,
 ) -> Result<Vec<RedeemRecord>, StoreError> {
     let txn = db.begin_read()?;
@@ -462,6 +483,7 @@ pub fn open(path: &Path) -> Result<Database, StoreError> {
         txn.open_table(OWNERS)?;
         txn.open_table(USERS)?;
         txn.open_table(HOLDS)?;
+        txn.open_table(OPEN_HOLDS)?;
         txn.open_table(REDEEMS)?;
         txn.open_table(USER_REDEEMS)?;
         let mut meta = txn.open_table(META)?;
@@ -603,15 +625,19 @@ fn load_txn(txn: &redb::ReadTransaction, limits: Limits) -> Result<Loaded, Store
     }
     // What is held: the open holds, committed with the records above.
     let mut expiring = Vec::new();
-    for row in txn.open_table(HOLDS)?.iter()? {
-        let h = HoldRecord::decode(row?.1.value())?;
-        if h.hold.status == crate::ledger::HoldStatus::Open {
-            let held =
-                book.held(&h.hold.from).checked_add(h.hold.amount).ok_or_else(|| StoreError::Corrupt("held".into()))?;
-            book.set_held(&h.hold.from, held);
-            if h.expires_at > 0 {
-                expiring.push((h.expires_at, h.id));
-            }
+    let holds = txn.open_table(HOLDS)?;
+    for row in txn.open_table(OPEN_HOLDS)?.iter()? {
+        let id = row?.0.value();
+        let stored = holds.get(id)?.ok_or_else(|| StoreError::Corrupt(format!("open hold {id} is missing")))?;
+        let h = HoldRecord::decode(stored.value())?;
+        if h.hold.status != crate::ledger::HoldStatus::Open {
+            return Err(StoreError::Corrupt(format!("hold {id} is listed open but is {}", h.hold.status.as_str())));
+        }
+        let held =
+            book.held(&h.hold.from).checked_add(h.hold.amount).ok_or_else(|| StoreError::Corrupt("held".into()))?;
+        book.set_held(&h.hold.from, held);
+        if h.expires_at > 0 {
+            expiring.push((h.expires_at, h.id));
         }
     }
     for a in &mut accounts {
@@ -870,6 +896,7 @@ pub fn backup(db: &Database, out: &Path) -> Result<Head, StoreError> {
         })*};
     }
     copy!(TRANSFERS, BALANCES, ACCOUNTS, KEYS, TAGS, OWNERS, USERS, META);
+    copy!(HOLDS, OPEN_HOLDS, REDEEMS, USER_REDEEMS);
     w.commit()?;
     read_head(&src)
 }

@@ -186,6 +186,9 @@ async fn backup_under_write_load_restores_consistently() {
     for i in 0..20 {
         create(&c, &format!("b{i}"), 1000).await;
     }
+    // An open hold, which the copy must carry too.
+    create(&c, "holder", 100).await;
+    let hold = c.call("hold", json!({"from": "holder", "to": "b0", "amount": 40})).await.unwrap()["hold"].clone();
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let mut writers = Vec::new();
     for w in 0..4usize {
@@ -228,4 +231,8 @@ async fn backup_under_write_load_restores_consistently() {
         total += balance(&c, &format!("b{i}")).await;
     }
     assert_eq!(total, 20_000);
+    let h = c.call("balance", json!({"account": "holder"})).await.unwrap();
+    assert_eq!((h["balance"].as_i64(), h["held"].as_i64(), h["available"].as_i64()), (Some(100), Some(40), Some(60)));
+    c.call("post", json!({"hold": hold})).await.unwrap();
+    assert_eq!(balance(&c, "holder").await, 60);
 }

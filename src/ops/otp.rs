@@ -15,7 +15,7 @@ use crate::auth::{self, Principal, Role, UserState};
 use crate::constants::{MAIL_ATTEMPTS_MAX, MAIL_RETRY_DELAY_MS, MAIL_SEND_TIMEOUT_MS, USER_ID_BYTES_MAX};
 use crate::error::ApiError;
 use crate::journal::{HoldSpec, RedeemSpec, Shape, UserChange};
-use crate::ledger::{fee, is_system, Kind, LedgerError, Party, Policy, Receiver, REDEEMED};
+use crate::ledger::{fee, is_system, Kind, LedgerError, Party, Receiver, REDEEMED};
 use crate::otp::{Action, Opened, OtpMsg};
 use crate::protocol::{ConfirmArgs, PendingReply, Reply, ResendArgs};
 use crate::reply::{self, ReplyTo};
@@ -81,17 +81,17 @@ pub(super) fn needs_code(ctx: &Ctx, p: &Principal, amount: i64) -> bool {
     p.role == Role::User && ctx.config.otp.transfer_min.is_some_and(|min| amount >= min)
 }
 
-/// Reads an account's balance through its shard as `p` would.
-async fn read(ctx: &Ctx, account: &str, p: Principal) -> Result<Reply, ApiError> {
+/// Reads an account through its shard as `p` would.
+async fn read(ctx: &Ctx, account: &str, kind: ReadKind, p: Principal) -> Result<Reply, ApiError> {
     let (reply, mut rx) = ReplyTo::channel();
-    ctx.router.send(account, ShardMsg::Read { account: account.into(), kind: ReadKind::Balance, principal: p, reply });
+    ctx.router.send(account, ShardMsg::Read { account: account.into(), kind, principal: p, reply });
     reply::answer(&mut rx).await
 }
 
 /// Whether `from` has `amount` available now, so that no code is mailed for
 /// a transfer that cannot happen. Checked again when it is confirmed.
 async fn funds(ctx: &Ctx, p: &Principal, from: &str, amount: i64) -> Result<(), ApiError> {
-    let Reply::Balance(b) = read(ctx, from, p.clone()).await? else {
+    let Reply::Balance(b) = read(ctx, from, ReadKind::Balance, p.clone()).await? else {
         return Err(ApiError::internal("unexpected reply to a balance read"));
     };
     let min = ctx.limits.bounds(from).min.unwrap_or(i64::MIN);
@@ -109,20 +109,15 @@ fn party<'a>(user: &'a str, state: &'a UserState) -> Party<'a> {
 /// receive, eligibility, and the fee rate (see `ledger::Policy`). Reads who
 /// owns `to` from its shard, and refuses early a credit above the cap.
 async fn user_bps(ctx: &Ctx, p: &Principal, to: &str, amount: i64) -> Result<u32, ApiError> {
-    let policy = Policy {
-        min_events: ctx.config.policy.min_events,
-        fee_same_group_bps: ctx.config.policy.fee_same_group_bps,
-        fee_cross_group_bps: ctx.config.policy.fee_cross_group_bps,
-    };
+    let policy = ctx.config.ledger_policy();
     let sender_state = ctx.users.get(&p.user).ok_or_else(|| ApiError::not_found("no such user"))?;
     let sender = party(&p.user, &sender_state);
     if is_system(to) {
         return Ok(policy.user_transfer_bps(&sender, &Receiver::System)?);
     }
+    // Read as the server itself: the receiver is not the caller's account.
     let system = Principal { user: "@system".into(), role: Role::Admin };
-    let (reply, mut rx) = ReplyTo::channel();
-    ctx.router.send(to, ShardMsg::Read { account: to.into(), kind: ReadKind::Account, principal: system, reply });
-    let Reply::Account(view) = reply::answer(&mut rx).await? else {
+    let Reply::Account(view) = read(ctx, to, ReadKind::Account, system).await? else {
         return Err(ApiError::internal("unexpected reply to an account read"));
     };
     let owner_state = view.owner.as_deref().and_then(|o| ctx.users.get(o).map(|s| (o, s)));
