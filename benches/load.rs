@@ -22,6 +22,27 @@ use tally::client::Client;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
+const USAGE: &str = "\
+usage: cargo bench --bench load -- [flags]
+
+  --spawn               start a server of its own (temp data folder); the default
+  --connect ADDR        drive a running server instead (password in TALLY_PASSWORD)
+  --user NAME           admin user for --connect (default admin)
+  --accounts N          funded accounts to create first (default 10000)
+  --duration S          seconds of load (default 10)
+  --connections C       connections (default 64)
+  --pipeline P          requests in flight per connection (default 64)
+  --workload W          uniform | zipf | hot (default uniform)
+  --reads PCT           share of balance reads instead of transfers (default 0)
+  --logins K            K users logging in over and over meanwhile
+  --admin-ops           time bulk_add and a full list_accounts walk first
+  --plot FILE.svg       latency over time and histogram
+  --json                the summary as one JSON object on the last line";
+
+/// The same allocator as the server, so the load generator stays cheap.
+#[global_allocator]
+static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 enum Workload {
     Uniform,
@@ -89,7 +110,14 @@ fn parse_opts() -> Opts {
             }
             "--json" => o.json = true,
             "--bench" => {} // passed by `cargo bench`
-            other => panic!("unknown flag {other}"),
+            "--help" | "-h" => {
+                println!("{USAGE}");
+                std::process::exit(0);
+            }
+            other => {
+                eprintln!("unknown flag {other}\n\n{USAGE}");
+                std::process::exit(2);
+            }
         }
     }
     if o.connect.is_none() {
@@ -121,6 +149,21 @@ fn pick(rng: &mut Rng, w: Workload, n: usize) -> usize {
         // P(rank <= k) = ln k / ln n: a Zipf-like skew with s = 1.
         Workload::Zipf => ((n as f64).powf(rng.unit()) as usize).saturating_sub(1).min(n - 1),
     }
+}
+
+/// CPU seconds (user + system) process `pid` has used so far, from /proc
+/// (Linux): a measure of cost per transfer that machine noise moves far
+/// less than throughput.
+fn cpu_seconds(pid: &str) -> Option<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name may hold spaces: count fields after its ") ".
+    let fields: Vec<&str> = stat.rsplit_once(") ")?.1.split_whitespace().collect();
+    // utime and stime are fields 14 and 15 of the line; the first after the
+    // name is field 3.
+    let ticks = fields.get(11)?.parse::<f64>().ok()? + fields.get(12)?.parse::<f64>().ok()?;
+    // SAFETY: sysconf only reads a configuration value.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    (hz > 0).then(|| ticks / hz as f64)
 }
 
 fn spawn_server() -> (Child, String, tempfile::TempDir) {
@@ -454,6 +497,8 @@ async fn main() {
     for _ in 0..o.connections {
         streams.push(open(&addr, &token).await);
     }
+    let server_pid = child.as_ref().map(|c| c.id().to_string());
+    let cpu_before = (server_pid.as_deref().and_then(cpu_seconds), cpu_seconds("self"));
     let start = Instant::now();
     let mut tasks = Vec::new();
     for (i, stream) in streams.into_iter().enumerate() {
@@ -524,6 +569,7 @@ async fn main() {
         println!("plot written to {path}");
     }
     let seconds = start.elapsed().as_secs_f64();
+    let cpu_after = (server_pid.as_deref().and_then(cpu_seconds), cpu_seconds("self"));
     let transfers = totals.transfers.load(Ordering::Relaxed);
     let reads = totals.reads.load(Ordering::Relaxed);
     let errors = totals.errors.lock().unwrap().clone();
@@ -570,6 +616,17 @@ async fn main() {
         audit["sum"],
         audit["chain_ok"]
     );
+    // CPU per operation, server and load generator (the harness's own
+    // figure includes setting up, which is small next to the run).
+    let per_op = |before: Option<f64>, after: Option<f64>| {
+        let ops = (transfers + reads).max(1) as f64;
+        Some(((after? - before?) * 1e6 / ops * 100.0).round() / 100.0)
+    };
+    let server_cpu_us = per_op(cpu_before.0, cpu_after.0);
+    let harness_cpu_us = per_op(cpu_before.1, cpu_after.1);
+    if let Some(s) = server_cpu_us {
+        println!("cpu per operation: server {s} us, load generator {} us", harness_cpu_us.unwrap_or(0.0));
+    }
     let mut rss_kb = None;
     if let Some(c) = &child {
         // Peak and current resident memory of the spawned server (Linux).
@@ -597,6 +654,7 @@ async fn main() {
                 "p99_us": hist.value_at_quantile(0.99), "p999_us": hist.value_at_quantile(0.999),
                 "max_us": hist.max(), "errors": errors, "reads": reads,
                 "counters_agree": counters_agree, "audit_ok": audit_ok, "server_rss_kb": rss_kb,
+                "server_cpu_us_per_op": server_cpu_us, "harness_cpu_us_per_op": harness_cpu_us,
             })
         );
     }

@@ -28,13 +28,20 @@ use crate::store::{
     self, AccountMeta, Head, HoldRecord, RecordRef, RedeemRecord, RedeemStatus, StoreError, UserRecord,
 };
 
-/// A full sweep of the balance rows takes at most this many commits, which
-/// bounds the replay at start-up to about twice as many batches.
-const SWEEP_COMMITS: usize = 64;
+/// A full sweep of the balance rows completes within about this many
+/// records, which bounds the replay at start-up to about twice as many.
+/// Each commit sweeps a slice in proportion to the records it wrote, so the
+/// sweep costs the same per transfer whatever the batch size: small batches
+/// under a pulsing load no longer each pay for a fixed slice, and an account
+/// changed many times in one sweep has its row written once.
+const SWEEP_RECORDS: usize = 262_144;
 /// How long the journal waits for work before it sweeps on its own.
 const IDLE_SWEEP_AFTER: std::time::Duration = std::time::Duration::from_millis(50);
-/// The fewest account numbers a commit sweeps.
-const SWEEP_CHUNK_MIN: usize = 4096;
+/// The fewest account numbers a commit that wrote records sweeps.
+const SWEEP_CHUNK_MIN: usize = 256;
+/// The account numbers a commit without records (the idle journal catching
+/// up) sweeps.
+const SWEEP_CHUNK_IDLE: usize = 4096;
 
 /// A transfer whose source has been checked (and, with `Mode::Reserved`,
 /// reserved) by its owner.
@@ -485,9 +492,9 @@ impl Journal {
 
     /// Writes the next slice of balance rows; completes the sweep (and moves
     /// the checkpoint) when the slice reaches the last account.
-    fn sweep(&mut self, txn: &redb::WriteTransaction) -> Result<(), StoreError> {
+    fn sweep(&mut self, txn: &redb::WriteTransaction, records: u64) -> Result<(), StoreError> {
         let len = self.book.len();
-        let chunk = (len / SWEEP_COMMITS).max(SWEEP_CHUNK_MIN);
+        let chunk = sweep_chunk(len, usize::try_from(records).unwrap_or(usize::MAX));
         let start = self.sweep_cursor as usize;
         let end = (start + chunk).min(len);
         let to_u32 = |n: usize| u32::try_from(n).unwrap_or(u32::MAX);
@@ -510,6 +517,7 @@ impl Journal {
         buf: &mut Vec<u8>,
         outcomes: &mut Vec<Outcome>,
     ) -> Result<(), StoreError> {
+        let head_before = self.head.id;
         let mut txn = self.db.begin_write()?;
         txn.set_durability(Durability::Immediate).map_err(|e| StoreError::Corrupt(format!("durability: {e}")))?;
         {
@@ -529,7 +537,7 @@ impl Journal {
             for cmd in commands.by_ref() {
                 self.apply(&mut tables, buf, time, cmd, outcomes)?;
             }
-            self.sweep(&txn)?;
+            self.sweep(&txn, self.head.id - head_before)?;
             let mut meta = txn.open_table(store::META)?;
             meta.insert("head", &self.head.encode()[..])?;
         }
@@ -927,6 +935,15 @@ fn refused(cmd: Command) -> Option<Outcome> {
             return None;
         }
     })
+}
+
+/// How many account numbers a commit that wrote `records` records sweeps,
+/// of `len`: a full sweep takes about [`SWEEP_RECORDS`] records.
+fn sweep_chunk(len: usize, records: usize) -> usize {
+    if records == 0 {
+        return SWEEP_CHUNK_IDLE;
+    }
+    len.saturating_mul(records).div_ceil(SWEEP_RECORDS).max(SWEEP_CHUNK_MIN)
 }
 
 /// The tables one commit writes.

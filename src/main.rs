@@ -6,6 +6,13 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 use tally::config::{Config, Overrides};
 
+/// mimalloc instead of the system allocator: requests are allocated on the
+/// connection threads and freed on the journal and fan-out threads, and
+/// glibc's malloc spent ~13% of the server's CPU on that under load
+/// (`perf`); mimalloc frees across threads cheaply.
+#[global_allocator]
+static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Parser)]
 #[command(name = "tally", version, about = "A ledger server for points, coins and tokens")]
 struct Cli {
