@@ -26,6 +26,7 @@ const USAGE: &str = "\
 usage: cargo bench --bench load -- [flags]
 
   --spawn               start a server of its own (temp data folder); the default
+  --bin PATH            with --spawn: run this tally binary (compare two builds)
   --connect ADDR        drive a running server instead (password in TALLY_PASSWORD)
   --user NAME           admin user for --connect (default admin)
   --accounts N          funded accounts to create first (default 10000)
@@ -54,6 +55,8 @@ enum Workload {
 struct Opts {
     connect: Option<String>,
     spawn: bool,
+    /// The tally binary `--spawn` runs (to compare two builds side by side).
+    bin: Option<String>,
     user: String,
     password: String,
     accounts: usize,
@@ -72,6 +75,7 @@ fn parse_opts() -> Opts {
     let mut o = Opts {
         connect: None,
         spawn: false,
+        bin: None,
         user: "admin".into(),
         password: std::env::var("TALLY_PASSWORD").unwrap_or_else(|_| "bench-admin".into()),
         accounts: 10_000,
@@ -91,6 +95,7 @@ fn parse_opts() -> Opts {
         match a.as_str() {
             "--connect" => o.connect = Some(val()),
             "--spawn" => o.spawn = true,
+            "--bin" => o.bin = Some(val()),
             "--user" => o.user = val(),
             "--accounts" => o.accounts = val().parse().expect("--accounts N"),
             "--duration" => o.duration_s = val().parse().expect("--duration S"),
@@ -166,9 +171,9 @@ fn cpu_seconds(pid: &str) -> Option<f64> {
     (hz > 0).then(|| ticks / hz as f64)
 }
 
-fn spawn_server() -> (Child, String, tempfile::TempDir) {
+fn spawn_server(bin: Option<&str>) -> (Child, String, tempfile::TempDir) {
     let dir = tempfile::tempdir().expect("temp dir");
-    let mut child = Command::new(env!("CARGO_BIN_EXE_tally"))
+    let mut child = Command::new(bin.unwrap_or(env!("CARGO_BIN_EXE_tally")))
         .args(["serve", "--listen", "127.0.0.1:0", "--data"])
         .arg(dir.path().join("data"))
         .env("TALLY_AUTH_ADMIN_PASSWORD", "bench-admin")
@@ -343,6 +348,25 @@ struct ErrHead<'a> {
     code: &'a str,
 }
 
+/// The id of a reply and whether it is `ok`, read without decoding the
+/// `ok` value (most of the bytes): the server writes `id` first, then `ok`
+/// or `err`. `None` if the frame is laid out otherwise.
+fn fast_head(body: &[u8]) -> Option<(u64, bool)> {
+    let mut rd = body;
+    rmp::decode::read_map_len(&mut rd).ok()?;
+    let (key, rest) = rmp::decode::read_str_from_slice(rd).ok()?;
+    if key != "id" {
+        return None;
+    }
+    rd = rest;
+    let id: u64 = rmp::decode::read_int(&mut rd).ok()?;
+    match rmp::decode::read_str_from_slice(rd).ok()?.0 {
+        "ok" => Some((id, true)),
+        "err" => Some((id, false)),
+        _ => None,
+    }
+}
+
 /// Appends `{"id": id, "op": "transfer", "args": {"from", "to", "amount": 1}}`
 /// as a frame, written directly with rmp (no JSON value in between).
 fn encode_transfer(out: &mut BytesMut, id: u64, from: usize, to: usize) {
@@ -386,6 +410,9 @@ async fn open(addr: &str, token: &str) -> TcpStream {
     stream
 }
 
+/// Requests in flight on one connection: id -> (sent at, is a read).
+type Sent = HashMap<u64, (Instant, bool), foldhash::fast::FixedState>;
+
 /// One connection keeping `pipeline` requests in flight until `stop`.
 async fn drive(
     mut stream: TcpStream,
@@ -401,10 +428,10 @@ async fn drive(
     let mut out = BytesMut::new();
     let mut buf = BytesMut::with_capacity(1 << 16);
     let mut rng = Rng(seed | 1);
-    let mut sent: HashMap<u64, (Instant, bool)> = HashMap::with_capacity(o.pipeline * 2);
+    let mut sent: Sent = HashMap::with_capacity_and_hasher(o.pipeline * 2, foldhash::fast::FixedState::default());
     let mut next_id = 1u64;
     let n = o.accounts;
-    let mut make = |out: &mut BytesMut, sent: &mut HashMap<u64, (Instant, bool)>, rng: &mut Rng| {
+    let mut make = |out: &mut BytesMut, sent: &mut Sent, rng: &mut Rng| {
         let id = next_id;
         next_id += 1;
         let is_read = o.reads_pct > 0 && (rng.below(100) as u32) < o.reads_pct;
@@ -431,10 +458,15 @@ async fn drive(
             }
             buf.advance(4);
             let body = buf.split_to(len);
-            // Only the id and the error code are read: the `ok` value is
-            // skipped without being built, to keep the load generator cheap.
-            let v: ReplyHead<'_> = rmp_serde::from_slice(&body).expect("reply");
-            let id = v.id.unwrap_or(u64::MAX);
+            // Only the id and the error code are read, to keep the load
+            // generator cheap: an `ok` value is not even parsed.
+            let (id, code) = match fast_head(&body) {
+                Some((id, true)) => (id, None),
+                _ => {
+                    let v: ReplyHead<'_> = rmp_serde::from_slice(&body).expect("reply");
+                    (v.id.unwrap_or(u64::MAX), v.err.map(|e| e.code))
+                }
+            };
             let Some((t0, is_read)) = sent.remove(&id) else {
                 continue;
             };
@@ -445,7 +477,7 @@ async fn drive(
                 per_second.push(Histogram::new_with_bounds(1, 60_000_000, 2).unwrap());
             }
             let _ = per_second[second].record(us.max(1));
-            if let Some(code) = v.err.map(|e| e.code) {
+            if let Some(code) = code {
                 *totals.errors.lock().unwrap().entry(code.to_owned()).or_default() += 1;
             } else if is_read {
                 totals.reads.fetch_add(1, Ordering::Relaxed);
@@ -473,7 +505,7 @@ async fn drive(
 async fn main() {
     let o = parse_opts();
     let (child, addr, _dir) = if o.spawn {
-        let (c, a, d) = spawn_server();
+        let (c, a, d) = spawn_server(o.bin.as_deref());
         (Some(c), a, Some(d))
     } else {
         (None, o.connect.clone().unwrap(), None)

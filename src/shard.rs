@@ -23,7 +23,7 @@ use crate::journal::{shape_reply, Command, CreateCmd, JournalHandle, Shape, Tran
 use crate::ledger::{is_system, AccountMap, Kind, LedgerError, Limits, Mode, OwnerAccount, Status};
 use crate::protocol::{AccountView, BalanceReply, HistoryReply, Reply, TransferView};
 use crate::reply::ReplyTo;
-use crate::store::{self, AccountMeta, UserRecord};
+use crate::store::{self, AccountMeta};
 
 /// Everything the owner keeps about one account. Kept small: a million of
 /// these live in memory, most with no owner, tags or memo.
@@ -161,13 +161,21 @@ pub enum Effect {
     /// The transfer made under an idempotency key is settled.
     KeyDone { from: Box<str>, key: Box<str>, result: Result<Arc<TransferView>, ApiError> },
     /// A create finished: `meta` is `None` when it was refused.
-    Created { account: Box<str>, balance: i64, last: u64, meta: Option<AccountMeta> },
+    Created { account: Box<str>, balance: i64, last: u64, meta: Option<Box<AccountMeta>> },
     /// The account was deleted (`delete_account` or `reap`).
     Deleted(Box<str>),
     /// The account's tags changed.
     Tagged(Box<str>, Vec<String>),
     /// What is held on the account changed (a hold committed, or was posted or voided).
     Held { account: Box<str>, delta: i64 },
+}
+
+/// A `balance` or `account` read.
+pub struct ReadReq {
+    pub account: Box<str>,
+    pub kind: ReadKind,
+    pub principal: Principal,
+    pub reply: ReplyTo,
 }
 
 /// A `history` page request.
@@ -181,8 +189,9 @@ pub struct HistoryReq {
 
 pub enum ShardMsg {
     Debit(Box<DebitReq>),
-    Create { account: Box<str>, meta: AccountMeta, initial: i64, user: Option<Box<UserRecord>>, reply: ReplyTo },
-    Read { account: Box<str>, kind: ReadKind, principal: Principal, reply: ReplyTo },
+    /// Passed on to the journal as it is, once the owner has checked it.
+    Create(Box<CreateCmd>),
+    Read(Box<ReadReq>),
     History(Box<HistoryReq>),
     Effects(Vec<Effect>),
 }
@@ -266,10 +275,8 @@ impl Actor for ShardActor {
     ) -> Result<(), ActorProcessingErr> {
         match msg {
             ShardMsg::Debit(req) => state.debit(*req),
-            ShardMsg::Create { account, meta, initial, user, reply } => {
-                state.create(account, meta, initial, user, reply)
-            }
-            ShardMsg::Read { account, kind, principal, reply } => state.read(&account, kind, &principal, reply),
+            ShardMsg::Create(c) => state.create(c),
+            ShardMsg::Read(r) => state.read(&r.account, r.kind, &r.principal, r.reply),
             ShardMsg::History(req) => state.history(*req),
             ShardMsg::Effects(effects) => {
                 for e in effects {
@@ -377,7 +384,7 @@ impl ShardState {
         if let Some(key) = &key {
             self.keys.insert((from.clone(), key.clone()), KeyState::Pending { fingerprint, waiters: Vec::new() });
         }
-        let cmd = Command::Transfer(TransferCmd {
+        let cmd = Command::Transfer(Box::new(TransferCmd {
             kind,
             from,
             to,
@@ -389,7 +396,7 @@ impl ShardState {
             shape,
             hold,
             reply,
-        });
+        }));
         if let Err(Command::Transfer(t)) = self.journal.send(cmd).map_err(|c| *c) {
             self.accounts.get_mut(&*t.from).expect("checked above").acct.settle(0, t.amount);
             if let Some(key) = &t.key {
@@ -458,26 +465,19 @@ impl ShardState {
         }
     }
 
-    fn create(
-        &mut self,
-        account: Box<str>,
-        meta: AccountMeta,
-        initial: i64,
-        user: Option<Box<UserRecord>>,
-        reply: ReplyTo,
-    ) {
-        if let Some(s) = self.accounts.get(&*account) {
+    fn create(&mut self, c: Box<CreateCmd>) {
+        if let Some(s) = self.accounts.get(&*c.account) {
+            let account = &c.account;
             let e = if s.acct.status == Status::Deleted {
                 ApiError::new(ErrorCode::Deleted, format!("account {account} was deleted and cannot be created again"))
             } else {
                 ApiError::new(ErrorCode::Exists, format!("account {account} exists"))
             };
-            return reply.err(e);
+            return c.reply.err(e);
         }
-        debug_assert!(!is_system(&account));
-        self.accounts.insert(account.clone().into(), Slot { creating: true, ..Slot::new(&meta, 0, 0) });
-        let cmd = Command::Create(CreateCmd { account, meta, initial, user, reply });
-        if let Err(Command::Create(c)) = self.journal.send(cmd).map_err(|c| *c) {
+        debug_assert!(!is_system(&c.account));
+        self.accounts.insert(c.account.clone().into(), Slot { creating: true, ..Slot::new(&c.meta, 0, 0) });
+        if let Err(Command::Create(c)) = self.journal.send(Command::Create(c)).map_err(|c| *c) {
             self.accounts.remove(&*c.account);
             c.reply.err(ApiError::internal("the journal has stopped"));
         }

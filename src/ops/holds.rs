@@ -52,7 +52,7 @@ pub(super) fn handle(ctx: &Arc<Ctx>, p: Principal, op: &str, args: &[u8], reply:
             } else {
                 (args!(VoidArgs, args, reply).hold, SettleOp::Void)
             };
-            to_journal(ctx, Command::Settle(SettleCmd { hold, op, by: Some(p), note: None, reply }));
+            to_journal(ctx, Command::Settle(Box::new(SettleCmd { hold, op, by: Some(p), note: None, reply })));
         }
         "redeem" => {
             let a = args!(RedeemArgs, args, reply);
@@ -92,7 +92,10 @@ pub(super) fn handle(ctx: &Arc<Ctx>, p: Principal, op: &str, args: &[u8], reply:
                 return reply.err(ApiError::bad_request(format!("note is at most {MEMO_BYTES_MAX} bytes")));
             }
             let op = SettleOp::Decide { accept: a.accept };
-            to_journal(ctx, Command::Settle(SettleCmd { hold: a.request, op, by: Some(p), note: a.note, reply }));
+            to_journal(
+                ctx,
+                Command::Settle(Box::new(SettleCmd { hold: a.request, op, by: Some(p), note: a.note, reply })),
+            );
         }
         _ => super::points::handle(ctx, p, op, args, reply),
     }

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use crate::auth::{Principal, Role};
 use crate::constants::{PAGE_LIMIT_DEFAULT, PAGE_LIMIT_MAX, TAGS_PER_ACCOUNT_MAX, TAG_BYTES_MAX, USER_ID_BYTES_MAX};
 use crate::error::{ApiError, ErrorCode};
-use crate::journal::{Shape, UserChange};
+use crate::journal::{CreateCmd, Shape, UserChange};
 use crate::ledger::{self, is_system, Kind, MINT};
 use crate::protocol::{
     AccountArg, AuditReply, AuthArgs, ChangePasswordArgs, ConfirmArgs, CreateAccountArgs, GetTransferArgs, HelloReply,
@@ -16,7 +16,7 @@ use crate::protocol::{
 };
 use crate::reply::ReplyTo;
 use crate::server::{Ctx, Session};
-use crate::shard::{DebitReq, HistoryReq, ReadKind, ShardMsg};
+use crate::shard::{DebitReq, HistoryReq, ReadKind, ReadReq, ShardMsg};
 use crate::stats::Stats;
 use crate::store::{self, AccountMeta};
 
@@ -114,7 +114,13 @@ pub async fn dispatch(ctx: &Arc<Ctx>, session: &mut Session, op: &str, args: &[u
             let account = user.user.clone();
             ctx.router.send(
                 &account,
-                ShardMsg::Create { account: account.as_str().into(), meta, initial: 0, user: Some(user), reply },
+                ShardMsg::Create(Box::new(CreateCmd {
+                    account: account.as_str().into(),
+                    meta,
+                    initial: 0,
+                    user: Some(user),
+                    reply,
+                })),
             );
         }
         "login" => {
@@ -176,7 +182,10 @@ fn authed(ctx: &Arc<Ctx>, p: Principal, op: &str, args: &[u8], reply: ReplyTo) {
             let account = a.account.unwrap_or_else(|| p.user.to_string());
             check!(account_id(&account), reply);
             let kind = if op == "balance" { ReadKind::Balance } else { ReadKind::Account };
-            ctx.router.send(&account, ShardMsg::Read { account: account.as_str().into(), kind, principal: p, reply });
+            ctx.router.send(
+                &account,
+                ShardMsg::Read(Box::new(ReadReq { account: account.as_str().into(), kind, principal: p, reply })),
+            );
         }
         "transfer" => {
             let a = args!(TransferArgs, args, reply);
@@ -204,7 +213,13 @@ fn authed(ctx: &Arc<Ctx>, p: Principal, op: &str, args: &[u8], reply: ReplyTo) {
             let (account, meta, initial) = check!(validate_create(ctx, a), reply);
             ctx.router.send(
                 &account,
-                ShardMsg::Create { account: account.as_str().into(), meta, initial, user: None, reply },
+                ShardMsg::Create(Box::new(CreateCmd {
+                    account: account.as_str().into(),
+                    meta,
+                    initial,
+                    user: None,
+                    reply,
+                })),
             );
         }
         "history" => {

@@ -20,7 +20,7 @@ use crate::otp::{Action, Opened, OtpMsg};
 use crate::protocol::{ConfirmArgs, PendingReply, Reply, ResendArgs};
 use crate::reply::{self, ReplyTo};
 use crate::server::Ctx;
-use crate::shard::{DebitReq, ReadKind, ShardMsg};
+use crate::shard::{DebitReq, ReadKind, ReadReq, ShardMsg};
 use crate::store;
 
 use super::users::{change, on_hash_pool};
@@ -84,7 +84,7 @@ pub(super) fn needs_code(ctx: &Ctx, p: &Principal, amount: i64) -> bool {
 /// Reads an account through its shard as `p` would.
 async fn read(ctx: &Ctx, account: &str, kind: ReadKind, p: Principal) -> Result<Reply, ApiError> {
     let (reply, mut rx) = ReplyTo::channel();
-    ctx.router.send(account, ShardMsg::Read { account: account.into(), kind, principal: p, reply });
+    ctx.router.send(account, ShardMsg::Read(Box::new(ReadReq { account: account.into(), kind, principal: p, reply })));
     reply::answer(&mut rx).await
 }
 

@@ -30,11 +30,11 @@ fn reason(r: &str) -> Result<(), ApiError> {
 pub(super) fn to_journal(ctx: &Ctx, cmd: Command) {
     if let Err(cmd) = ctx.journal.send(cmd) {
         let reply = match *cmd {
-            Command::Close(CloseCmd { reply, .. })
-            | Command::Tag(TagCmd { reply, .. })
-            | Command::Bulk(BulkCmd { reply, .. })
-            | Command::Reap(ReapCmd { reply, .. })
-            | Command::Settle(crate::journal::SettleCmd { reply, .. }) => reply,
+            Command::Close(c) => c.reply,
+            Command::Tag(c) => c.reply,
+            Command::Bulk(c) => c.reply,
+            Command::Reap(c) => c.reply,
+            Command::Settle(c) => c.reply,
             _ => return,
         };
         reply.err(ApiError::internal("the journal has stopped"));
@@ -69,7 +69,7 @@ pub(super) fn handle(ctx: &Arc<Ctx>, p: Principal, op: &str, args: &[u8], reply:
             let a = args!(DeleteAccountArgs, args, reply);
             check!(account_id(&a.account), reply);
             check!(reason(&a.reason), reply);
-            to_journal(ctx, Command::Close(CloseCmd { account: a.account.into(), reason: a.reason, reply }));
+            to_journal(ctx, Command::Close(Box::new(CloseCmd { account: a.account.into(), reason: a.reason, reply })));
         }
         "delete_reason" => {
             let a = args!(AccountOnly, args, reply);
@@ -109,7 +109,7 @@ pub(super) fn handle(ctx: &Arc<Ctx>, p: Principal, op: &str, args: &[u8], reply:
             let (add, remove) = (a.add.unwrap_or_default(), a.remove.unwrap_or_default());
             check!(validate_tags(&add), reply);
             check!(validate_tags(&remove), reply);
-            to_journal(ctx, Command::Tag(TagCmd { account: a.account.into(), add, remove, reply }));
+            to_journal(ctx, Command::Tag(Box::new(TagCmd { account: a.account.into(), add, remove, reply })));
         }
         "bulk_add" => {
             let a = args!(BulkAddArgs, args, reply);
@@ -119,13 +119,13 @@ pub(super) fn handle(ctx: &Arc<Ctx>, p: Principal, op: &str, args: &[u8], reply:
                 return reply.err(ApiError::bad_request("delta must be a non-zero 64-bit integer"));
             }
             let cmd = BulkCmd { tag: a.tag, delta: a.delta, memo: a.memo, force: a.force.unwrap_or(false), reply };
-            to_journal(ctx, Command::Bulk(cmd));
+            to_journal(ctx, Command::Bulk(Box::new(cmd)));
         }
         "reap" => {
             let a = args!(ReapArgs, args, reply);
             check!(reason(&a.reason), reply);
             let below = a.below.unwrap_or(ctx.limits.min_balance);
-            to_journal(ctx, Command::Reap(ReapCmd { below, reason: a.reason, reply }));
+            to_journal(ctx, Command::Reap(Box::new(ReapCmd { below, reason: a.reason, reply })));
         }
         "backup" => {
             let a = args!(BackupArgs, args, reply);

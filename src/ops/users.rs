@@ -62,7 +62,7 @@ pub(super) async fn on_hash_pool<T: Send + 'static>(
 pub(super) async fn change(ctx: &Ctx, user: &str, change: UserChange) -> Result<UserRecord, ApiError> {
     let (done, rx) = oneshot::channel();
     ctx.journal
-        .send(Command::User(UserCmd { user: user.into(), change, done }))
+        .send(Command::User(Box::new(UserCmd { user: user.into(), change, done })))
         .map_err(|_| ApiError::internal("the journal has stopped"))?;
     rx.await.map_err(|_| ApiError::internal("the journal has stopped"))?
 }
