@@ -191,6 +191,19 @@ fn account_name(i: usize) -> String {
     format!("acct{i}")
 }
 
+/// Writes [`account_name`]`(i)` as a MessagePack string, without allocating.
+fn write_account(w: &mut impl std::io::Write, i: usize) {
+    let mut name = *b"acct00000000000000000000";
+    let digits = i.checked_ilog10().unwrap_or(0) as usize + 1;
+    let mut n = i;
+    for k in (4..4 + digits).rev() {
+        name[k] = b'0' + (n % 10) as u8;
+        n /= 10;
+    }
+    let _ = rmp::encode::write_str_len(&mut *w, (4 + digits) as u32);
+    let _ = w.write_all(&name[..4 + digits]);
+}
+
 async fn setup(addr: &str, o: &Opts) -> (Client, String) {
     let admin = Client::connect(addr).await.expect("connect");
     let login = admin.login(&o.user, &o.password).await.expect("login");
@@ -374,7 +387,6 @@ fn encode_transfer(out: &mut BytesMut, id: u64, from: usize, to: usize) {
     let start = out.len();
     out.put_u32(0);
     let mut w = out.writer();
-    let (from, to) = (account_name(from), account_name(to));
     let _ = rmp::encode::write_map_len(&mut w, 3);
     let _ = rmp::encode::write_str(&mut w, "id");
     let _ = rmp::encode::write_uint(&mut w, id);
@@ -383,9 +395,9 @@ fn encode_transfer(out: &mut BytesMut, id: u64, from: usize, to: usize) {
     let _ = rmp::encode::write_str(&mut w, "args");
     let _ = rmp::encode::write_map_len(&mut w, 3);
     let _ = rmp::encode::write_str(&mut w, "from");
-    let _ = rmp::encode::write_str(&mut w, &from);
+    write_account(&mut w, from);
     let _ = rmp::encode::write_str(&mut w, "to");
-    let _ = rmp::encode::write_str(&mut w, &to);
+    write_account(&mut w, to);
     let _ = rmp::encode::write_str(&mut w, "amount");
     let _ = rmp::encode::write_uint(&mut w, 1);
     let out = w.into_inner();
@@ -431,7 +443,7 @@ async fn drive(
     let mut sent: Sent = HashMap::with_capacity_and_hasher(o.pipeline * 2, foldhash::fast::FixedState::default());
     let mut next_id = 1u64;
     let n = o.accounts;
-    let mut make = |out: &mut BytesMut, sent: &mut Sent, rng: &mut Rng| {
+    let mut make = |out: &mut BytesMut, sent: &mut Sent, rng: &mut Rng, now: Instant| {
         let id = next_id;
         next_id += 1;
         let is_read = o.reads_pct > 0 && (rng.below(100) as u32) < o.reads_pct;
@@ -445,34 +457,39 @@ async fn drive(
             }
             encode_transfer(out, id, from, to);
         }
-        sent.insert(id, (Instant::now(), is_read));
+        sent.insert(id, (now, is_read));
     };
     for _ in 0..o.pipeline {
-        make(&mut out, &mut sent, &mut rng);
+        make(&mut out, &mut sent, &mut rng, Instant::now());
     }
     loop {
-        while buf.len() >= 4 {
-            let len = u32::from_be_bytes([buf[0], buf[1], buf[2], buf[3]]) as usize;
-            if buf.len() < 4 + len {
+        // Replies are read in place (no buffer split per frame) and one
+        // clock reading per reply serves its latency, its second of the run
+        // and the send time of the request that replaces it.
+        let mut pos = 0;
+        while buf.len() - pos >= 4 {
+            let len = u32::from_be_bytes([buf[pos], buf[pos + 1], buf[pos + 2], buf[pos + 3]]) as usize;
+            if buf.len() - pos - 4 < len {
                 break;
             }
-            buf.advance(4);
-            let body = buf.split_to(len);
+            let body = &buf[pos + 4..pos + 4 + len];
+            pos += 4 + len;
             // Only the id and the error code are read, to keep the load
             // generator cheap: an `ok` value is not even parsed.
-            let (id, code) = match fast_head(&body) {
+            let (id, code) = match fast_head(body) {
                 Some((id, true)) => (id, None),
                 _ => {
-                    let v: ReplyHead<'_> = rmp_serde::from_slice(&body).expect("reply");
+                    let v: ReplyHead<'_> = rmp_serde::from_slice(body).expect("reply");
                     (v.id.unwrap_or(u64::MAX), v.err.map(|e| e.code))
                 }
             };
             let Some((t0, is_read)) = sent.remove(&id) else {
                 continue;
             };
-            let us = t0.elapsed().as_micros() as u64;
+            let now = Instant::now();
+            let us = now.duration_since(t0).as_micros() as u64;
             let _ = hist.record(us.max(1));
-            let second = start.elapsed().as_secs() as usize;
+            let second = now.duration_since(start).as_secs() as usize;
             while per_second.len() <= second {
                 per_second.push(Histogram::new_with_bounds(1, 60_000_000, 2).unwrap());
             }
@@ -485,9 +502,10 @@ async fn drive(
                 totals.transfers.fetch_add(1, Ordering::Relaxed);
             }
             if !stop.load(Ordering::Relaxed) {
-                make(&mut out, &mut sent, &mut rng);
+                make(&mut out, &mut sent, &mut rng, now);
             }
         }
+        buf.advance(pos);
         if sent.is_empty() && stop.load(Ordering::Relaxed) {
             return (hist, per_second);
         }
@@ -507,6 +525,12 @@ async fn drive(
 #[tokio::main(flavor = "current_thread")]
 async fn main() {
     let o = parse_opts();
+    for i in [0, 7, 10, 99, 12_345, 999_999, 1_000_000] {
+        let (mut fast, mut plain) = (Vec::new(), Vec::new());
+        write_account(&mut fast, i);
+        rmp::encode::write_str(&mut plain, &account_name(i)).unwrap();
+        assert_eq!(fast, plain, "account name {i}");
+    }
     let (child, addr, _dir) = if o.spawn {
         let (c, a, d) = spawn_server(o.bin.as_deref());
         (Some(c), a, Some(d))
