@@ -6,8 +6,8 @@ use std::path::{Path, PathBuf};
 use serde::Deserialize;
 
 use crate::constants::{
-    COMMIT_BATCH_MAX, CONNECTIONS_MAX, DATA_DEFAULT, FRAME_BYTES_MAX, FRAME_READ_TIMEOUT_MS, INFLIGHT_MAX,
-    INFLIGHT_PER_CONNECTION_MAX, LISTEN_DEFAULT, SHARDS_DEFAULT, TOKEN_TTL_S_DEFAULT,
+    COMMIT_BATCH_LIMIT, COMMIT_BATCH_MAX, CONNECTIONS_MAX, DATA_DEFAULT, FRAME_BYTES_MAX, FRAME_READ_TIMEOUT_MS,
+    INFLIGHT_MAX, INFLIGHT_PER_CONNECTION_MAX, LISTEN_DEFAULT, SHARDS_DEFAULT, TOKEN_TTL_S_DEFAULT,
 };
 
 /// A configuration that cannot be used.
@@ -314,7 +314,7 @@ impl Config {
         if !(1..=INFLIGHT_MAX * 8).contains(&self.limits.inflight_max) {
             return bad("limits.inflight_max must be 1..=1048576");
         }
-        if !(1..=COMMIT_BATCH_MAX * 8).contains(&self.limits.commit_batch_max) {
+        if !(1..=COMMIT_BATCH_LIMIT).contains(&self.limits.commit_batch_max) {
             return bad("limits.commit_batch_max must be 1..=65536");
         }
         if !(1..=1024).contains(&self.shards) {
