@@ -39,8 +39,9 @@ const SWEEP_RECORDS: usize = 262_144;
 const IDLE_SWEEP_AFTER: std::time::Duration = std::time::Duration::from_millis(50);
 /// The fewest account numbers a commit that wrote records sweeps.
 const SWEEP_CHUNK_MIN: usize = 256;
-/// The account numbers a commit without records (the idle journal catching
-/// up) sweeps.
+/// The fewest account numbers a commit without records (the idle journal
+/// catching up) sweeps; at least 1/64 of them, so catching up takes at most
+/// 64 commits.
 const SWEEP_CHUNK_IDLE: usize = 4096;
 
 /// A transfer whose source has been checked (and, with `Mode::Reserved`,
@@ -949,7 +950,7 @@ fn refused(cmd: Command) -> Option<Outcome> {
 /// of `len`: a full sweep takes about [`SWEEP_RECORDS`] records.
 fn sweep_chunk(len: usize, records: usize) -> usize {
     if records == 0 {
-        return SWEEP_CHUNK_IDLE;
+        return (len / 64).max(SWEEP_CHUNK_IDLE);
     }
     len.saturating_mul(records).div_ceil(SWEEP_RECORDS).max(SWEEP_CHUNK_MIN)
 }
@@ -1351,5 +1352,40 @@ fn fan_out(
             }
             let _ = u.done.send(result.map(|r| *r));
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Commits of `batch` records each until a sweep of `len` accounts
+    /// completes: how many records that took.
+    fn records_per_sweep(len: usize, batch: usize) -> usize {
+        let (mut cursor, mut records) = (0, 0);
+        while cursor < len {
+            cursor += sweep_chunk(len, batch);
+            records += batch;
+        }
+        records
+    }
+
+    #[test]
+    fn a_sweep_takes_about_sweep_records_whatever_the_batches() {
+        for len in [3, 1_000, 100_000, 1_000_000, 10_000_000] {
+            for batch in [1, 7, 100, 1024, 8192] {
+                let records = records_per_sweep(len, batch);
+                // The replay bound: a full sweep within SWEEP_RECORDS (plus
+                // the batch that completes it).
+                assert!(records <= SWEEP_RECORDS + batch, "len {len} batch {batch}: {records}");
+                // And no commit sweeps less than the minimum.
+                assert!(sweep_chunk(len, batch) >= SWEEP_CHUNK_MIN);
+            }
+        }
+        // Proportional: a batch of 1,024 over 1M accounts sweeps 3,907 of them.
+        assert_eq!(sweep_chunk(1_000_000, 1024), 3907);
+        // Idle commits: at least 1/64 of the accounts, at least 4,096.
+        assert_eq!(sweep_chunk(1_000_000, 0), 15_625);
+        assert_eq!(sweep_chunk(1_000, 0), SWEEP_CHUNK_IDLE);
     }
 }
