@@ -6,8 +6,8 @@
 //! cargo bench --bench load -- --connect 127.0.0.1:7707 --user admin   # TALLY_PASSWORD in the env
 //! ```
 //!
-//! Flags: `--workload uniform|zipf|hot`, `--reads PCT` (share of `balance`
-//! reads), `--json` (summary as one JSON object on the last line).
+//! All flags: `cargo bench --bench load -- --help` (workloads, read mix,
+//! `--json`, `--plot`, `--bin` to compare two server builds).
 
 use std::collections::HashMap;
 use std::process::{Child, Command, Stdio};
