@@ -40,9 +40,10 @@ const IDLE_SWEEP_AFTER: std::time::Duration = std::time::Duration::from_millis(5
 /// The fewest account numbers a commit that wrote records sweeps.
 const SWEEP_CHUNK_MIN: usize = 256;
 /// The fewest account numbers a commit without records (the idle journal
-/// catching up) sweeps; at least 1/64 of them, so catching up takes at most
-/// 64 commits.
+/// catching up) sweeps.
 const SWEEP_CHUNK_IDLE: usize = 4096;
+/// An idle journal catches up in at most this many commits.
+const SWEEP_IDLE_COMMITS: usize = 64;
 
 /// A transfer whose source has been checked (and, with `Mode::Reserved`,
 /// reserved) by its owner.
@@ -224,6 +225,22 @@ pub enum Command {
     Settle(Box<SettleCmd>),
     /// Commit what is queued, write a full checkpoint, stop, then answer.
     Shutdown(tokio::sync::oneshot::Sender<()>),
+}
+
+impl Command {
+    /// The reply of an admin command (close, tag, bulk, reap, settle);
+    /// `None` for the others, which answer in their own shapes.
+    #[must_use]
+    pub fn admin_reply(self) -> Option<ReplyTo> {
+        match self {
+            Command::Close(c) => Some(c.reply),
+            Command::Tag(c) => Some(c.reply),
+            Command::Bulk(c) => Some(c.reply),
+            Command::Reap(c) => Some(c.reply),
+            Command::Settle(c) => Some(c.reply),
+            Command::Transfer(_) | Command::Create(_) | Command::User(_) | Command::Shutdown(_) => None,
+        }
+    }
 }
 
 /// What a committed transfer got.
@@ -934,15 +951,11 @@ fn refused(cmd: Command) -> Option<Outcome> {
         Command::Transfer(c) => Outcome::Transfer(c, failed(), None),
         Command::Create(c) => Outcome::Create(c, failed()),
         Command::User(u) => Outcome::User(u, failed()),
-        Command::Close(c) => Outcome::Admin(c.reply, failed()),
-        Command::Tag(c) => Outcome::Admin(c.reply, failed()),
-        Command::Bulk(c) => Outcome::Admin(c.reply, failed()),
-        Command::Reap(c) => Outcome::Admin(c.reply, failed()),
-        Command::Settle(c) => Outcome::Admin(c.reply, failed()),
         Command::Shutdown(done) => {
             let _ = done.send(());
             return None;
         }
+        admin => Outcome::Admin(admin.admin_reply()?, failed()),
     })
 }
 
@@ -950,7 +963,7 @@ fn refused(cmd: Command) -> Option<Outcome> {
 /// of `len`: a full sweep takes about [`SWEEP_RECORDS`] records.
 fn sweep_chunk(len: usize, records: usize) -> usize {
     if records == 0 {
-        return (len / 64).max(SWEEP_CHUNK_IDLE);
+        return (len / SWEEP_IDLE_COMMITS).max(SWEEP_CHUNK_IDLE);
     }
     len.saturating_mul(records).div_ceil(SWEEP_RECORDS).max(SWEEP_CHUNK_MIN)
 }

@@ -29,15 +29,9 @@ fn reason(r: &str) -> Result<(), ApiError> {
 /// Queues an admin command; answers `internal` if the journal has stopped.
 pub(super) fn to_journal(ctx: &Ctx, cmd: Command) {
     if let Err(cmd) = ctx.journal.send(cmd) {
-        let reply = match *cmd {
-            Command::Close(c) => c.reply,
-            Command::Tag(c) => c.reply,
-            Command::Bulk(c) => c.reply,
-            Command::Reap(c) => c.reply,
-            Command::Settle(c) => c.reply,
-            _ => return,
-        };
-        reply.err(ApiError::internal("the journal has stopped"));
+        if let Some(reply) = cmd.admin_reply() {
+            reply.err(ApiError::internal("the journal has stopped"));
+        }
     }
 }
 
