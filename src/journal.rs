@@ -50,6 +50,8 @@ const SWEEP_IDLE_COMMITS: usize = 64;
 pub struct TransferCmd {
     pub kind: Kind,
     pub from: Box<str>,
+    /// The source's number in the book, as its owner knows it (a hint).
+    pub from_num: Option<u32>,
     pub to: Box<str>,
     pub amount: i64,
     pub fee: i64,
@@ -649,7 +651,7 @@ impl Journal {
         if c.kind == Kind::Hold {
             return self.apply_hold(t, buf, time, c);
         }
-        let applied = match self.book.transfer(&c.from, &c.to, c.amount, c.fee, c.mode) {
+        let applied = match self.book.transfer_hinted(&c.from, c.from_num, &c.to, c.amount, c.fee, c.mode) {
             Ok(a) => a,
             Err(e) => return Ok(Err(e.into())),
         };

@@ -21,6 +21,23 @@ pub struct Permits {
     pub server: Option<OwnedSemaphorePermit>,
 }
 
+impl Permits {
+    /// Takes over `other`'s permits, so that one release returns both (a
+    /// release locks the semaphore; the writer releases once per write).
+    pub fn absorb(&mut self, other: Permits) {
+        fn merge(into: &mut Option<OwnedSemaphorePermit>, p: Option<OwnedSemaphorePermit>) {
+            match (into.as_mut(), p) {
+                (Some(a), Some(b)) if std::sync::Arc::ptr_eq(a.semaphore(), b.semaphore()) => a.merge(b),
+                (None, p) => *into = p,
+                // Another semaphore (not made by this server): released at once.
+                (Some(_), p) => drop(p),
+            }
+        }
+        merge(&mut self.connection, other.connection);
+        merge(&mut self.server, other.server);
+    }
+}
+
 /// The return address of one request. Every path sends exactly one answer;
 /// if a reply is dropped unanswered anyway (an actor killed with requests in
 /// its mailbox), the client gets `internal` instead of waiting forever.

@@ -434,15 +434,20 @@ async fn write_loop(mut wr: OwnedWriteHalf, mut rx: mpsc::UnboundedReceiver<Outg
     let mut out = BytesMut::with_capacity(64 * 1024);
     while let Some(first) = rx.recv().await {
         let mut next = Some(first);
-        while let Some(msg) = next {
+        let mut taken = Permits::default();
+        while let Some(Outgoing { id, result, permits }) = next {
             if text {
-                frame::encode_line(&mut out, &msg.result);
+                frame::encode_line(&mut out, &result);
             } else {
-                frame::encode_response(&mut out, msg.id, &msg.result);
+                frame::encode_reply(&mut out, id, &result);
             }
-            drop(msg);
+            drop(result);
+            taken.absorb(permits);
             next = if out.len() < WRITE_BATCH_BYTES { rx.try_recv().ok() } else { None };
         }
+        // Every answer of this write is taken: its requests' permits go back
+        // in one release per semaphore.
+        drop(taken);
         if wr.write_all(&out).await.is_err() {
             return;
         }

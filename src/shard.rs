@@ -35,6 +35,9 @@ pub struct Slot {
     pub created: u64,
     /// Owner, tags and memo, when any is set.
     pub extra: Option<Box<Extra>>,
+    /// The account's number in the journal's book (passed along with its
+    /// debits, to save the journal a lookup).
+    pub num: u32,
     /// Created by a command the journal has not committed yet.
     pub creating: bool,
 }
@@ -61,7 +64,7 @@ impl Slot {
                 memo: meta.memo.as_deref().map(Into::into),
             })
         });
-        Slot { acct, last, created: meta.created, extra, creating: false }
+        Slot { acct, last, created: meta.created, extra, num: meta.num, creating: false }
     }
 
     #[must_use]
@@ -354,23 +357,29 @@ impl ShardState {
         if let Err(e) = self.slot(&from, &principal) {
             return reply.err(e);
         }
-        let fingerprint = Fingerprint { kind, to: to.clone(), amount, memo: memo.clone() };
         let mut reply = Some(reply);
-        if let Some(key) = &key {
-            match self.check_key(&from, key, &fingerprint, &shape, &mut reply) {
-                Ok(true) => {}
-                Ok(false) => return,
-                Err(e) => {
-                    if let Some(r) = reply {
-                        r.err(e);
+        // Only a keyed request needs its fingerprint (two string copies).
+        let fingerprint = match &key {
+            Some(key) => {
+                let fingerprint = Fingerprint { kind, to: to.clone(), amount, memo: memo.clone() };
+                match self.check_key(&from, key, &fingerprint, &shape, &mut reply) {
+                    Ok(true) => {}
+                    Ok(false) => return,
+                    Err(e) => {
+                        if let Some(r) = reply {
+                            r.err(e);
+                        }
+                        return;
                     }
-                    return;
                 }
+                Some(fingerprint)
             }
-        }
+            None => None,
+        };
         let Some(reply) = reply else { return };
         let bounds = self.limits.bounds(&from);
         let slot = self.accounts.get_mut(&*from).expect("checked above");
+        let from_num = Some(slot.num);
         if let Err(e) = slot.acct.reserve(&from, amount, bounds) {
             // An `add` that would cross the minimum says so in its own terms.
             let e = match (e, &shape) {
@@ -381,12 +390,13 @@ impl ShardState {
             };
             return reply.err(e.into());
         }
-        if let Some(key) = &key {
+        if let (Some(key), Some(fingerprint)) = (&key, fingerprint) {
             self.keys.insert((from.clone(), key.clone()), KeyState::Pending { fingerprint, waiters: Vec::new() });
         }
         let cmd = Command::Transfer(Box::new(TransferCmd {
             kind,
             from,
+            from_num,
             to,
             amount,
             fee,

@@ -101,3 +101,56 @@ proptest! {
         }
     }
 }
+
+/// Integers around every boundary of MessagePack's integer forms.
+fn edge_ints() -> impl Strategy<Value = i64> {
+    let edges: Vec<i64> = [0i64, 1, 31, 32, 33, 127, 128, 255, 256, 65_535, 65_536, 4_294_967_295, 4_294_967_296]
+        .iter()
+        .flat_map(|&e| [e, -e, e - 1, -e - 1])
+        .chain([i64::MAX, i64::MIN, i64::MIN + 1, i32::MIN.into(), i16::MIN.into(), i8::MIN.into()])
+        .collect();
+    prop_oneof![prop::sample::select(edges), any::<i64>()]
+}
+
+fn transfer_view() -> impl Strategy<Value = crate::protocol::TransferView> {
+    use crate::ledger::Kind;
+    let kinds =
+        [Kind::Transfer, Kind::Mint, Kind::Adjust, Kind::Redeem, Kind::Close, Kind::Hold, Kind::Post, Kind::Void];
+    (
+        (edge_ints(), prop::sample::select(kinds.to_vec()), ".{0,40}", "[a-z@]{0,300}", edge_ints(), edge_ints()),
+        (prop::option::of(".{0,70000}"), edge_ints(), prop::option::of("[ -~]{0,40}")),
+        (any::<[u8; 32]>(), any::<[u8; 32]>(), prop::option::of(edge_ints()), prop::option::of(edge_ints())),
+    )
+        .prop_map(|((id, kind, from, to, amount, fee), (memo, time, key), (prev, hash, fb, tb))| {
+            crate::protocol::TransferView {
+                id: id.unsigned_abs(),
+                kind,
+                from,
+                to,
+                amount,
+                fee,
+                memo,
+                time: time.unsigned_abs(),
+                key,
+                prev: crate::protocol::Hash32(prev),
+                hash: crate::protocol::Hash32(hash),
+                from_balance: fb,
+                to_balance: tb,
+            }
+        })
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(512))]
+
+    /// The hand-written transfer reply is byte for byte what serde writes.
+    #[test]
+    fn transfer_replies_encode_as_serde_does(v in transfer_view(), id in prop::option::of(edge_ints())) {
+        let id = id.map(i64::unsigned_abs);
+        let reply = Ok(crate::protocol::Reply::Transfer(std::sync::Arc::new(v)));
+        let (mut fast, mut serde) = (BytesMut::from(&b"xy"[..]), BytesMut::from(&b"xy"[..]));
+        encode_reply(&mut fast, id, &reply);
+        encode_response(&mut serde, id, &reply);
+        prop_assert_eq!(&fast[..], &serde[..]);
+    }
+}
