@@ -190,7 +190,7 @@ impl UserState {
     }
 }
 
-/// Every user's [`UserState`]. Writes come only from the fan-out thread
+/// Every user's [`UserState`]. Writes come only from the fan-out task
 /// after a commit (and from start-up); each write bumps `generation`, so a
 /// connection re-checks its token only when something changed.
 #[derive(Default)]

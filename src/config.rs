@@ -30,6 +30,9 @@ pub struct Config {
     pub preset: Option<String>,
     /// Number of shard actors owning the accounts.
     pub shards: usize,
+    /// Threads of the async runtime (connections, shard actors, fan-out);
+    /// 0: the machine's cores less one, which the journal thread needs.
+    pub workers: usize,
     pub auth: AuthConfig,
     pub mail: MailConfig,
     pub otp: OtpConfig,
@@ -111,6 +114,21 @@ pub struct PolicyConfig {
     pub fee_cross_group_bps: u32,
 }
 
+impl Config {
+    /// The runtime's worker threads: `workers`, or the cores less one (at
+    /// least one). Under load the journal thread keeps about a core busy;
+    /// a worker per core on top made the runtime's threads and the journal
+    /// take turns on the same cores (measured on 2 cores: one worker gave
+    /// ~14% more transfers/s and ~11% less CPU per transfer than two).
+    #[must_use]
+    pub fn worker_threads(&self) -> usize {
+        if self.workers > 0 {
+            return self.workers;
+        }
+        std::thread::available_parallelism().map_or(1, |n| n.get().saturating_sub(1).max(1))
+    }
+}
+
 impl Default for Config {
     fn default() -> Self {
         Config {
@@ -119,6 +137,7 @@ impl Default for Config {
             text_mode: true,
             preset: None,
             shards: SHARDS_DEFAULT,
+            workers: 0,
             auth: AuthConfig::default(),
             mail: MailConfig::default(),
             otp: OtpConfig::default(),
@@ -163,7 +182,7 @@ impl Default for LimitsConfig {
 
 /// Keys that may be set from the environment, per section ("" = top level).
 const KEYS: &[(&str, &[&str])] = &[
-    ("", &["listen", "data", "text_mode", "preset", "shards"]),
+    ("", &["listen", "data", "text_mode", "preset", "shards", "workers"]),
     ("auth", &["admin_password", "jwt_secret", "token_ttl_s", "signup"]),
     ("mail", &["transport", "from"]),
     ("otp", &["ttl_s", "tries_max", "resends_max", "transfer_min"]),
@@ -320,6 +339,9 @@ impl Config {
         if !(1..=1024).contains(&self.shards) {
             return bad("shards must be 1..=1024");
         }
+        if self.workers > 1024 {
+            return bad("workers must be 0..=1024 (0: cores less one)");
+        }
         if self.policy.fee_same_group_bps > 10_000 || self.policy.fee_cross_group_bps > 10_000 {
             return bad("fees are at most 10000 basis points");
         }
@@ -417,6 +439,16 @@ mod tests {
         assert!(Config::load(Some(&path), env(&[]), &Overrides::default()).is_err());
         std::fs::write(&path, "preset = \"casino\"\n").unwrap();
         assert!(Config::load(Some(&path), env(&[]), &Overrides::default()).is_err());
+    }
+
+    #[test]
+    fn workers_default_to_the_cores_less_one() {
+        let c = Config::load(None, env(&[]), &Overrides::default()).unwrap();
+        let cores = std::thread::available_parallelism().unwrap().get();
+        assert_eq!(c.worker_threads(), (cores - 1).max(1));
+        let c = Config::load(None, env(&[("TALLY_WORKERS", "3")]), &Overrides::default()).unwrap();
+        assert_eq!(c.worker_threads(), 3);
+        assert!(Config::load(None, env(&[("TALLY_WORKERS", "1025")]), &Overrides::default()).is_err());
     }
 
     #[test]

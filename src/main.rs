@@ -130,8 +130,12 @@ async fn call(connect: &str, user: Option<&str>, password: Option<&str>, op: &st
     }
 }
 
-fn runtime() -> Option<tokio::runtime::Runtime> {
-    match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+fn runtime(workers: Option<usize>) -> Option<tokio::runtime::Runtime> {
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    if let Some(n) = workers {
+        builder.worker_threads(n);
+    }
+    match builder.enable_all().build() {
         Ok(r) => Some(r),
         Err(e) => {
             eprintln!("tally: cannot start the runtime: {e}");
@@ -156,7 +160,9 @@ fn main() -> ExitCode {
                     return ExitCode::from(2);
                 }
             };
-            let Some(runtime) = runtime() else { return ExitCode::FAILURE };
+            let workers = config.worker_threads();
+            tracing::info!(workers, "starting the runtime");
+            let Some(runtime) = runtime(Some(workers)) else { return ExitCode::FAILURE };
             match runtime.block_on(tally::server::serve(config)) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
@@ -166,11 +172,11 @@ fn main() -> ExitCode {
             }
         }
         Command::Backup { connect, user, password, out } => {
-            let Some(runtime) = runtime() else { return ExitCode::FAILURE };
+            let Some(runtime) = runtime(None) else { return ExitCode::FAILURE };
             runtime.block_on(call(&connect, Some(&user), password.as_deref(), "backup", &[format!("out={out}")]))
         }
         Command::Call { connect, user, password, op, args } => {
-            let Some(runtime) = runtime() else { return ExitCode::FAILURE };
+            let Some(runtime) = runtime(None) else { return ExitCode::FAILURE };
             runtime.block_on(call(&connect, user.as_deref(), password.as_deref(), &op, &args))
         }
     }

@@ -159,7 +159,7 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
 
     let stats = Arc::new(Stats::default());
     let (journal_handle, journal_rx) = journal::channel();
-    let (fanout_tx, fanout_rx) = crossbeam_channel::unbounded();
+    let (fanout_tx, fanout_rx) = tokio::sync::mpsc::unbounded_channel();
     let mut refs = Vec::with_capacity(n);
     for accounts in per_shard {
         let args = ShardArgs {
@@ -190,10 +190,7 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
         .map_err(|e| StartError::Other(e.to_string()))?;
     let fanout_router = router.clone();
     let fanout_users = users.clone();
-    std::thread::Builder::new()
-        .name("tally-fanout".into())
-        .spawn(move || journal::run_fanout(&fanout_rx, &fanout_router, &fanout_users))
-        .map_err(|e| StartError::Other(e.to_string()))?;
+    tokio::spawn(journal::run_fanout(fanout_rx, fanout_router, fanout_users));
 
     let transport = Transport::parse(&config.mail_transport()).map_err(StartError::Other)?;
     let from = config.mail.from.parse().map_err(|_| StartError::Other("mail.from is not a mail address".into()))?;
