@@ -2,12 +2,13 @@
 //! and the ledger core. `cargo bench --bench core`.
 
 use std::hint::black_box;
+use std::sync::Arc;
 
 use bytes::BytesMut;
 use criterion::{criterion_group, criterion_main, Criterion};
-use tally::frame::{decode_args, encode_request, encode_response, parse_envelope};
-use tally::ledger::{Book, Limits, Mode, OwnerAccount};
-use tally::protocol::TransferArgs;
+use tally::frame::{decode_args, encode_reply, encode_request, encode_response, parse_envelope};
+use tally::ledger::{Book, Kind, Limits, Mode, OwnerAccount};
+use tally::protocol::{Hash32, Reply, TransferArgs, TransferView};
 
 fn codec(c: &mut Criterion) {
     let args = serde_json::json!({"from": "acct12345", "to": "acct67890", "amount": 1, "memo": "coffee"});
@@ -26,6 +27,35 @@ fn codec(c: &mut Criterion) {
         b.iter(|| {
             out.clear();
             encode_response::<&str>(&mut out, Some(42), &Ok("pong"));
+            black_box(out.len())
+        })
+    });
+    let reply = Ok(Reply::Transfer(Arc::new(TransferView {
+        id: 123_456_789,
+        kind: Kind::Transfer,
+        from: "acct12345".into(),
+        to: "acct67890".into(),
+        amount: 1,
+        fee: 0,
+        memo: None,
+        time: 1_795_000_000_000,
+        key: None,
+        prev: Hash32([7; 32]),
+        hash: Hash32([9; 32]),
+        from_balance: Some(999_999),
+        to_balance: Some(1_000_001),
+    })));
+    c.bench_function("encode a transfer reply (by hand)", |b| {
+        b.iter(|| {
+            out.clear();
+            encode_reply(&mut out, Some(42), black_box(&reply));
+            black_box(out.len())
+        })
+    });
+    c.bench_function("encode a transfer reply (serde)", |b| {
+        b.iter(|| {
+            out.clear();
+            encode_response(&mut out, Some(42), black_box(&reply));
             black_box(out.len())
         })
     });

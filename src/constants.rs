@@ -27,9 +27,12 @@ pub const FRAME_READ_TIMEOUT_MS: u64 = 30_000;
 
 /// Most commands the journal applies in one redb write transaction. Larger
 /// batches cost less per transfer, but a request that just misses one waits
-/// for all of it: with 4,096 requests in flight, 1,024 measured ~5% more
-/// throughput and ~5% lower p99 than 8,192 (10 interleaved runs each).
-pub const COMMIT_BATCH_MAX: usize = 1024;
+/// for all of it. With 4,096 requests in flight: 1,024 measured ~5% more
+/// throughput and ~5% lower p99 than 8,192 (session 3); with the fan-out on
+/// the runtime and one worker per spare core, 2,048 did better than 1,024
+/// (8 interleaved pairs: more transfers/s in 6, lower p99 in 6, less CPU per
+/// transfer in 7), and 4,096 was mixed.
+pub const COMMIT_BATCH_MAX: usize = 2048;
 /// The largest `limits.commit_batch_max` a configuration may set.
 pub const COMMIT_BATCH_LIMIT: usize = 65_536;
 /// Number of shard actors; each is the single writer of the accounts hashed to it.

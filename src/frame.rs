@@ -270,39 +270,39 @@ fn encode_transfer_response(out: &mut BytesMut, id: Option<u64>, v: &TransferVie
     let start = out.len();
     out.reserve(HEADER_BYTES + 256 + v.from.len() + v.to.len() + v.memo.as_ref().map_or(0, String::len));
     out.put_u32(0);
-    mp::map(out, 2);
-    mp::str(out, "id");
+    // Keys are constants, written with their string headers in one go.
+    out.put_slice(b"\x82\xa2id");
     mp::opt_uint(out, id);
-    mp::str(out, "ok");
+    out.put_slice(b"\xa2ok");
     mp::map(out, 11 + u32::from(v.from_balance.is_some()) + u32::from(v.to_balance.is_some()));
-    mp::str(out, "id");
+    out.put_slice(b"\xa2id");
     mp::uint(out, v.id);
-    mp::str(out, "kind");
+    out.put_slice(b"\xa4kind");
     mp::str(out, v.kind.as_str());
-    mp::str(out, "from");
+    out.put_slice(b"\xa4from");
     mp::str(out, &v.from);
-    mp::str(out, "to");
+    out.put_slice(b"\xa2to");
     mp::str(out, &v.to);
-    mp::str(out, "amount");
+    out.put_slice(b"\xa6amount");
     mp::sint(out, v.amount);
-    mp::str(out, "fee");
+    out.put_slice(b"\xa3fee");
     mp::sint(out, v.fee);
-    mp::str(out, "memo");
+    out.put_slice(b"\xa4memo");
     mp::opt_str(out, v.memo.as_deref());
-    mp::str(out, "time");
+    out.put_slice(b"\xa4time");
     mp::uint(out, v.time);
-    mp::str(out, "key");
+    out.put_slice(b"\xa3key");
     mp::opt_str(out, v.key.as_deref());
-    mp::str(out, "prev");
+    out.put_slice(b"\xa4prev");
     mp::hex(out, &v.prev.0);
-    mp::str(out, "hash");
+    out.put_slice(b"\xa4hash");
     mp::hex(out, &v.hash.0);
     if let Some(b) = v.from_balance {
-        mp::str(out, "from_balance");
+        out.put_slice(b"\xacfrom_balance");
         mp::sint(out, b);
     }
     if let Some(b) = v.to_balance {
-        mp::str(out, "to_balance");
+        out.put_slice(b"\xaato_balance");
         mp::sint(out, b);
     }
     let body_len = u32::try_from(out.len() - start - HEADER_BYTES).unwrap_or(u32::MAX);
@@ -353,15 +353,25 @@ mod mp {
         }
     }
 
-    /// 32 bytes as 64 lowercase hex digits, a string.
+    /// 32 bytes as 64 lowercase hex digits, a string (header `d9 40`).
     pub fn hex(out: &mut BytesMut, bytes: &[u8; 32]) {
-        const DIGITS: &[u8; 16] = b"0123456789abcdef";
-        let mut text = [0u8; 64];
-        for (pair, b) in text.chunks_exact_mut(2).zip(bytes) {
-            pair[0] = DIGITS[usize::from(b >> 4)];
-            pair[1] = DIGITS[usize::from(b & 0x0f)];
+        /// The two hex digits of every byte value.
+        const PAIRS: [[u8; 2]; 256] = {
+            const DIGITS: &[u8; 16] = b"0123456789abcdef";
+            let mut t = [[0u8; 2]; 256];
+            let mut i = 0;
+            while i < 256 {
+                t[i] = [DIGITS[i >> 4], DIGITS[i & 0x0f]];
+                i += 1;
+            }
+            t
+        };
+        let mut text = [0u8; 66];
+        text[0] = 0xd9;
+        text[1] = 64;
+        for (pair, &b) in text[2..].chunks_exact_mut(2).zip(bytes) {
+            pair.copy_from_slice(&PAIRS[usize::from(b)]);
         }
-        str_header(out, text.len());
         out.put_slice(&text);
     }
 
