@@ -112,14 +112,16 @@ impl DebitReq {
     pub fn new(
         kind: Kind,
         shape: Shape,
-        from: &str,
-        to: &str,
+        from: impl Into<Box<str>>,
+        to: impl Into<Box<str>>,
         amount: i64,
         memo: Option<String>,
         key: Option<String>,
         principal: Principal,
         reply: ReplyTo,
     ) -> DebitReq {
+        // An owned `String` becomes the `Box<str>` in place (decoded strings
+        // have no spare capacity), where a `&str` would be copied.
         DebitReq {
             kind,
             shape,

@@ -199,13 +199,13 @@ fn authed(ctx: &Arc<Ctx>, p: Principal, op: &str, args: &[u8], reply: ReplyTo) {
                     crate::otp::Action::Transfer { from, to: a.to, amount: a.amount, memo: a.memo, key: a.key };
                 return otp::user_transfer(ctx, p, action, reply);
             }
-            debit(ctx, DebitReq::new(Kind::Transfer, Shape::Transfer, &from, &a.to, a.amount, a.memo, a.key, p, reply));
+            debit(ctx, DebitReq::new(Kind::Transfer, Shape::Transfer, from, a.to, a.amount, a.memo, a.key, p, reply));
         }
         "mint" => {
             check!(admin_only(&p), reply);
             let a = args!(MintArgs, args, reply);
             check!(validate_transfer(MINT, &a.to, a.amount, a.memo.as_deref(), a.key.as_deref()), reply);
-            debit(ctx, DebitReq::new(Kind::Mint, Shape::Transfer, MINT, &a.to, a.amount, a.memo, a.key, p, reply));
+            debit(ctx, DebitReq::new(Kind::Mint, Shape::Transfer, MINT, a.to, a.amount, a.memo, a.key, p, reply));
         }
         "create_account" => {
             check!(admin_only(&p), reply);
