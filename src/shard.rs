@@ -20,7 +20,7 @@ use redb::Database;
 use crate::auth::Principal;
 use crate::error::{ApiError, ErrorCode};
 use crate::journal::{shape_reply, Command, CreateCmd, JournalHandle, Shape, TransferCmd};
-use crate::ledger::{is_system, AccountMap, Kind, LedgerError, Limits, Mode, OwnerAccount, Status};
+use crate::ledger::{is_system, AccountKey, AccountMap, Kind, LedgerError, Limits, Mode, OwnerAccount, Status};
 use crate::protocol::{AccountView, BalanceReply, HistoryReply, Reply, TransferView};
 use crate::reply::ReplyTo;
 use crate::store::{self, AccountMeta};
@@ -162,7 +162,9 @@ pub enum ReadKind {
 /// A committed change, sent back to the owner after the commit.
 pub enum Effect {
     /// Add `delta` to the balance and drop `release` from the reservations.
-    Settle { account: Box<str>, delta: i64, release: i64, id: u64 },
+    /// (An inline key: ids up to 30 bytes are not allocated, and there are
+    /// two of these per transfer.)
+    Settle { account: AccountKey, delta: i64, release: i64, id: u64 },
     /// The transfer made under an idempotency key is settled.
     KeyDone { from: Box<str>, key: Box<str>, result: Result<Arc<TransferView>, ApiError> },
     /// A create finished: `meta` is `None` when it was refused.
