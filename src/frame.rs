@@ -266,160 +266,65 @@ pub fn encode_reply(out: &mut BytesMut, id: Option<u64>, result: &Result<Reply, 
 
 /// `{"id": id, "ok": transfer}` as rmp-serde writes it (maps with string keys,
 /// integers in their shortest form, `None` as nil), length prefix first.
+/// Values go through `rmp::encode`, as serde's do; the constant keys are
+/// written with their string headers in one go.
 fn encode_transfer_response(out: &mut BytesMut, id: Option<u64>, v: &TransferView) {
     let start = out.len();
     out.reserve(HEADER_BYTES + 256 + v.from.len() + v.to.len() + v.memo.as_ref().map_or(0, String::len));
     out.put_u32(0);
-    // Keys are constants, written with their string headers in one go.
-    out.put_slice(b"\x82\xa2id");
-    mp::opt_uint(out, id);
-    out.put_slice(b"\xa2ok");
-    mp::map(out, 11 + u32::from(v.from_balance.is_some()) + u32::from(v.to_balance.is_some()));
-    out.put_slice(b"\xa2id");
-    mp::uint(out, v.id);
-    out.put_slice(b"\xa4kind");
-    mp::str(out, v.kind.as_str());
-    out.put_slice(b"\xa4from");
-    mp::str(out, &v.from);
-    out.put_slice(b"\xa2to");
-    mp::str(out, &v.to);
-    out.put_slice(b"\xa6amount");
-    mp::sint(out, v.amount);
-    out.put_slice(b"\xa3fee");
-    mp::sint(out, v.fee);
-    out.put_slice(b"\xa4memo");
-    mp::opt_str(out, v.memo.as_deref());
-    out.put_slice(b"\xa4time");
-    mp::uint(out, v.time);
-    out.put_slice(b"\xa3key");
-    mp::opt_str(out, v.key.as_deref());
-    out.put_slice(b"\xa4prev");
-    mp::hex(out, &v.prev.0);
-    out.put_slice(b"\xa4hash");
-    mp::hex(out, &v.hash.0);
-    if let Some(b) = v.from_balance {
-        out.put_slice(b"\xacfrom_balance");
-        mp::sint(out, b);
-    }
-    if let Some(b) = v.to_balance {
-        out.put_slice(b"\xaato_balance");
-        mp::sint(out, b);
-    }
+    let mut w = out.writer();
+    // Writing to a `BytesMut` cannot fail.
+    let _ = write_transfer(&mut w, id, v);
+    let out = w.into_inner();
     let body_len = u32::try_from(out.len() - start - HEADER_BYTES).unwrap_or(u32::MAX);
     out[start..start + HEADER_BYTES].copy_from_slice(&body_len.to_be_bytes());
 }
 
-/// MessagePack writers for [`encode_transfer_response`], each choosing the
-/// shortest form as `rmp::encode` does.
-mod mp {
-    use bytes::{BufMut, BytesMut};
-
-    pub fn map(out: &mut BytesMut, n: u32) {
-        if n < 16 {
-            out.put_u8(0x80 | n as u8);
-        } else if let Ok(n) = u16::try_from(n) {
-            out.put_u8(0xde);
-            out.put_u16(n);
-        } else {
-            out.put_u8(0xdf);
-            out.put_u32(n);
-        }
+fn write_transfer<W: std::io::Write>(w: &mut W, id: Option<u64>, v: &TransferView) -> std::io::Result<()> {
+    use rmp::encode::{write_map_len, write_nil, write_sint, write_str, write_uint};
+    let opt_str = |w: &mut W, s: Option<&str>| match s {
+        Some(s) => write_str(w, s).map_err(std::io::Error::from),
+        None => write_nil(w),
+    };
+    w.write_all(b"\x82\xa2id")?;
+    match id {
+        Some(id) => write_uint(w, id).map(drop)?,
+        None => write_nil(w)?,
     }
-
-    fn str_header(out: &mut BytesMut, len: usize) {
-        if len < 32 {
-            out.put_u8(0xa0 | len as u8);
-        } else if let Ok(n) = u8::try_from(len) {
-            out.put_u8(0xd9);
-            out.put_u8(n);
-        } else if let Ok(n) = u16::try_from(len) {
-            out.put_u8(0xda);
-            out.put_u16(n);
-        } else {
-            out.put_u8(0xdb);
-            out.put_u32(u32::try_from(len).unwrap_or(u32::MAX));
-        }
+    w.write_all(b"\xa2ok")?;
+    write_map_len(w, 11 + u32::from(v.from_balance.is_some()) + u32::from(v.to_balance.is_some()))?;
+    w.write_all(b"\xa2id")?;
+    write_uint(w, v.id)?;
+    w.write_all(b"\xa4kind")?;
+    write_str(w, v.kind.as_str())?;
+    w.write_all(b"\xa4from")?;
+    write_str(w, &v.from)?;
+    w.write_all(b"\xa2to")?;
+    write_str(w, &v.to)?;
+    w.write_all(b"\xa6amount")?;
+    write_sint(w, v.amount)?;
+    w.write_all(b"\xa3fee")?;
+    write_sint(w, v.fee)?;
+    w.write_all(b"\xa4memo")?;
+    opt_str(w, v.memo.as_deref())?;
+    w.write_all(b"\xa4time")?;
+    write_uint(w, v.time)?;
+    w.write_all(b"\xa3key")?;
+    opt_str(w, v.key.as_deref())?;
+    // A hash is a 64-byte string: header d9 40, then the digits.
+    w.write_all(b"\xa4prev\xd9\x40")?;
+    w.write_all(&v.prev.hex())?;
+    w.write_all(b"\xa4hash\xd9\x40")?;
+    w.write_all(&v.hash.hex())?;
+    if let Some(b) = v.from_balance {
+        w.write_all(b"\xacfrom_balance")?;
+        write_sint(w, b)?;
     }
-
-    pub fn str(out: &mut BytesMut, s: &str) {
-        str_header(out, s.len());
-        out.put_slice(s.as_bytes());
+    if let Some(b) = v.to_balance {
+        w.write_all(b"\xaato_balance")?;
+        write_sint(w, b)?;
     }
-
-    pub fn opt_str(out: &mut BytesMut, s: Option<&str>) {
-        match s {
-            Some(s) => str(out, s),
-            None => out.put_u8(0xc0),
-        }
-    }
-
-    /// 32 bytes as 64 lowercase hex digits, a string (header `d9 40`).
-    pub fn hex(out: &mut BytesMut, bytes: &[u8; 32]) {
-        /// The two hex digits of every byte value.
-        const PAIRS: [[u8; 2]; 256] = {
-            const DIGITS: &[u8; 16] = b"0123456789abcdef";
-            let mut t = [[0u8; 2]; 256];
-            let mut i = 0;
-            while i < 256 {
-                t[i] = [DIGITS[i >> 4], DIGITS[i & 0x0f]];
-                i += 1;
-            }
-            t
-        };
-        let mut text = [0u8; 66];
-        text[0] = 0xd9;
-        text[1] = 64;
-        for (pair, &b) in text[2..].chunks_exact_mut(2).zip(bytes) {
-            pair.copy_from_slice(&PAIRS[usize::from(b)]);
-        }
-        out.put_slice(&text);
-    }
-
-    pub fn uint(out: &mut BytesMut, v: u64) {
-        if v < 128 {
-            out.put_u8(v as u8);
-        } else if let Ok(v) = u8::try_from(v) {
-            out.put_u8(0xcc);
-            out.put_u8(v);
-        } else if let Ok(v) = u16::try_from(v) {
-            out.put_u8(0xcd);
-            out.put_u16(v);
-        } else if let Ok(v) = u32::try_from(v) {
-            out.put_u8(0xce);
-            out.put_u32(v);
-        } else {
-            out.put_u8(0xcf);
-            out.put_u64(v);
-        }
-    }
-
-    pub fn opt_uint(out: &mut BytesMut, v: Option<u64>) {
-        match v {
-            Some(v) => uint(out, v),
-            None => out.put_u8(0xc0),
-        }
-    }
-
-    pub fn sint(out: &mut BytesMut, v: i64) {
-        if let Ok(v) = u64::try_from(v) {
-            return uint(out, v);
-        }
-        if v >= -32 {
-            out.put_i8(v as i8);
-        } else if let Ok(v) = i8::try_from(v) {
-            out.put_u8(0xd0);
-            out.put_i8(v);
-        } else if let Ok(v) = i16::try_from(v) {
-            out.put_u8(0xd1);
-            out.put_i16(v);
-        } else if let Ok(v) = i32::try_from(v) {
-            out.put_u8(0xd2);
-            out.put_i32(v);
-        } else {
-            out.put_u8(0xd3);
-            out.put_i64(v);
-        }
-    }
+    Ok(())
 }
 
 /// Appends one text-mode response line (`{"ok":...}` or `{"err":...}`) to `out`.

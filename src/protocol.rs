@@ -169,14 +169,31 @@ pub struct AccountView {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Hash32(pub [u8; 32]);
 
+impl Hash32 {
+    /// The 64 lower-case hex digits, from a table of every byte's two.
+    #[must_use]
+    pub fn hex(&self) -> [u8; 64] {
+        const PAIRS: [[u8; 2]; 256] = {
+            const DIGITS: &[u8; 16] = b"0123456789abcdef";
+            let mut t = [[0u8; 2]; 256];
+            let mut i = 0;
+            while i < 256 {
+                t[i] = [DIGITS[i >> 4], DIGITS[i & 0x0f]];
+                i += 1;
+            }
+            t
+        };
+        let mut out = [0u8; 64];
+        for (pair, &b) in out.chunks_exact_mut(2).zip(&self.0) {
+            pair.copy_from_slice(&PAIRS[usize::from(b)]);
+        }
+        out
+    }
+}
+
 impl Serialize for Hash32 {
     fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        const DIGITS: &[u8; 16] = b"0123456789abcdef";
-        let mut out = [0u8; 64];
-        for (i, b) in self.0.iter().enumerate() {
-            out[2 * i] = DIGITS[usize::from(b >> 4)];
-            out[2 * i + 1] = DIGITS[usize::from(b & 0x0f)];
-        }
+        let out = self.hex();
         // Hex digits are ASCII, so this cannot fail.
         s.serialize_str(std::str::from_utf8(&out).unwrap_or_default())
     }
