@@ -600,6 +600,11 @@ pub struct Book {
     pub limits: Limits,
 }
 
+/// Matches the index slot of account `id`.
+fn is_entry<'a>(entries: &'a [Entry], id: &'a str) -> impl Fn(&u32) -> bool + 'a {
+    move |&n| entries[n as usize].id.as_str() == id
+}
+
 /// An account of the book with its id, one cache line.
 #[derive(Clone)]
 #[repr(align(64))]
@@ -660,8 +665,7 @@ impl Book {
 
     #[must_use]
     pub fn num(&self, id: &str) -> Option<u32> {
-        let entries = &self.entries;
-        self.index.find(self.hasher.hash_one(id), |&n| entries[n as usize].id.as_str() == id).copied()
+        self.index.find(self.hasher.hash_one(id), is_entry(&self.entries, id)).copied()
     }
 
     /// The number of account `id`, trying `hint` first: an owner that knows
@@ -727,12 +731,9 @@ impl Book {
 
     /// Takes back the account created last, if it is `id` and untouched.
     pub fn uncreate(&mut self, id: &str) {
-        let last = self.entries.len().checked_sub(1);
-        if last.is_some() && self.num(id).map(|n| n as usize) == last {
-            let entries = &self.entries;
-            if let Ok(e) = self.index.find_entry(self.hasher.hash_one(id), |&n| entries[n as usize].id.as_str() == id) {
-                e.remove();
-            }
+        let Ok(e) = self.index.find_entry(self.hasher.hash_one(id), is_entry(&self.entries, id)) else { return };
+        if *e.get() as usize + 1 == self.entries.len() {
+            e.remove();
             self.entries.pop();
         }
     }

@@ -338,3 +338,21 @@ mod holds {
         assert!(v.void().is_err() && v.post_amount(Some(1)).is_err());
     }
 }
+
+#[test]
+fn uncreate_takes_back_only_the_last_account() {
+    let mut book = Book::new(Limits::default());
+    let before = book.len();
+    let a = book.create("a").unwrap();
+    book.uncreate("a");
+    assert_eq!((book.num("a"), book.len()), (None, before));
+    // The id is free again and gets the same number.
+    assert_eq!(book.create("a").unwrap(), a);
+    let b = book.create("b").unwrap();
+    book.uncreate("a");
+    assert_eq!((book.num("a"), book.num("b"), book.len()), (Some(a), Some(b), before + 2));
+    book.uncreate("b");
+    assert_eq!((book.num("a"), book.num("b"), book.len()), (Some(a), None, before + 1));
+    book.uncreate("nobody");
+    assert_eq!(book.len(), before + 1);
+}

@@ -143,29 +143,31 @@ fn hold_expiry(timeout_s: Option<u64>) -> u64 {
 /// Hands a transfer, hold or redeem to the shard owning its source, with
 /// the fee rate the policy gave.
 pub(super) fn send_debit(ctx: &Ctx, p: Principal, action: Action, bps: u32, reply: ReplyTo) {
-    let req =
-        match action {
-            Action::Transfer { from, to, amount, memo, key } => {
-                DebitReq::new(Kind::Transfer, Shape::Transfer, from, to, amount, memo, key, p, reply)
-                    .with_fee(fee(amount, bps))
-            }
-            Action::Hold { from, to, amount, memo, key, timeout_s } => {
-                let expires_at = hold_expiry(timeout_s);
-                DebitReq::new(Kind::Hold, Shape::Hold { expires_at }, from, to, amount, memo, key, p, reply)
-                    .with_hold(HoldSpec { expires_at, fee_bps: bps, redeem: None })
-            }
-            Action::Redeem { account, item, amount, memo } => {
-                let user = p.user.to_string();
-                let shape = Shape::Redeem {
-                    user: user.as_str().into(),
-                    item: item.as_str().into(),
-                    memo: memo.as_deref().map(Into::into),
-                };
-                DebitReq::new(Kind::Hold, shape, &*account, REDEEMED, amount, memo, None, p, reply)
-                    .with_hold(HoldSpec { expires_at: 0, fee_bps: 0, redeem: Some(RedeemSpec { user, item }) })
-            }
-            Action::ResetPassword => return reply.err(ApiError::internal("a password reset is not a debit")),
-        };
+    let req = match action {
+        Action::Transfer { from, to, amount, memo, key } => {
+            DebitReq::new(Kind::Transfer, Shape::Transfer, from, to, amount, memo, key, p, reply)
+                .with_fee(fee(amount, bps))
+        }
+        Action::Hold { from, to, amount, memo, key, timeout_s } => {
+            let expires_at = hold_expiry(timeout_s);
+            DebitReq::new(Kind::Hold, Shape::Hold { expires_at }, from, to, amount, memo, key, p, reply)
+                .with_hold(HoldSpec { expires_at, fee_bps: bps, redeem: None })
+        }
+        Action::Redeem { account, item, amount, memo } => {
+            let user = p.user.to_string();
+            let shape = Shape::Redeem {
+                user: user.as_str().into(),
+                item: item.as_str().into(),
+                memo: memo.as_deref().map(Into::into),
+            };
+            DebitReq::new(Kind::Hold, shape, account, REDEEMED, amount, memo, None, p, reply).with_hold(HoldSpec {
+                expires_at: 0,
+                fee_bps: 0,
+                redeem: Some(RedeemSpec { user, item }),
+            })
+        }
+        Action::ResetPassword => return reply.err(ApiError::internal("a password reset is not a debit")),
+    };
     super::debit(ctx, req);
 }
 
