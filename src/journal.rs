@@ -509,7 +509,7 @@ impl Journal {
 
     /// Writes every dirty balance row and a checkpoint at the head.
     fn final_checkpoint(&mut self) -> Result<(), StoreError> {
-        let txn = self.db.begin_write()?;
+        let txn = store::begin_write(&self.db)?;
         let all = u32::try_from(self.book.len()).unwrap_or(u32::MAX);
         store::write_rows(&txn, &mut self.book, 0..all)?;
         store::write_checkpoint(&txn, self.head.id)?;
@@ -546,7 +546,7 @@ impl Journal {
         outcomes: &mut Vec<Outcome>,
     ) -> Result<(), StoreError> {
         let head_before = self.head.id;
-        let mut txn = self.db.begin_write()?;
+        let mut txn = store::begin_write(&self.db)?;
         txn.set_durability(Durability::Immediate).map_err(|e| StoreError::Corrupt(format!("durability: {e}")))?;
         {
             let mut tables = Tables {
