@@ -33,6 +33,9 @@ pub const FRAME_READ_TIMEOUT_MS: u64 = 30_000;
 /// (8 interleaved pairs: more transfers/s in 6, lower p99 in 6, less CPU per
 /// transfer in 7), and 4,096 was mixed.
 pub const COMMIT_BATCH_MAX: usize = 2048;
+/// Most records in one stored chunk (one redb row): bounds what reading a
+/// single record (`get_transfer`, a history step) has to walk.
+pub const CHUNK_RECORDS_MAX: usize = 64;
 /// The largest `limits.commit_batch_max` a configuration may set.
 pub const COMMIT_BATCH_LIMIT: usize = 65_536;
 /// Number of shard actors; each is the single writer of the accounts hashed to it.

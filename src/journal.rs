@@ -498,7 +498,7 @@ impl Journal {
         buf.clear();
         rec.encode(buf);
         let hash = store::record_hash(buf);
-        t.transfers.insert(id, &buf[..])?;
+        t.pending.push(&mut t.chunks, id, buf)?;
         if let Some(key) = fields.key {
             t.keys.insert((fields.from, key), id)?;
         }
@@ -550,7 +550,8 @@ impl Journal {
         txn.set_durability(Durability::Immediate).map_err(|e| StoreError::Corrupt(format!("durability: {e}")))?;
         {
             let mut tables = Tables {
-                transfers: txn.open_table(store::TRANSFERS)?,
+                chunks: txn.open_table(store::CHUNKS)?,
+                pending: store::ChunkWriter::default(),
                 keys: txn.open_table(store::KEYS)?,
                 accounts: txn.open_table(store::ACCOUNTS)?,
                 users: txn.open_table(store::USERS)?,
@@ -565,6 +566,7 @@ impl Journal {
             for cmd in commands.by_ref() {
                 self.apply(&mut tables, buf, time, cmd, outcomes)?;
             }
+            tables.pending.flush(&mut tables.chunks)?;
             self.sweep(&txn, self.head.id - head_before)?;
             let mut meta = txn.open_table(store::META)?;
             meta.insert("head", &self.head.encode()[..])?;
@@ -972,7 +974,9 @@ fn sweep_chunk(len: usize, records: usize) -> usize {
 
 /// The tables one commit writes.
 struct Tables<'t> {
-    transfers: redb::Table<'t, u64, &'static [u8]>,
+    chunks: redb::Table<'t, u64, &'static [u8]>,
+    /// This commit's records not yet inserted (a chunk is inserted when full).
+    pending: store::ChunkWriter,
     keys: redb::Table<'t, (&'static str, &'static str), u64>,
     accounts: redb::Table<'t, &'static str, &'static [u8]>,
     users: redb::Table<'t, &'static str, &'static [u8]>,
