@@ -714,6 +714,7 @@ async fn main() {
                 "max_us": hist.max(), "errors": errors, "reads": reads,
                 "counters_agree": counters_agree, "audit_ok": audit_ok, "server_rss_kb": rss_kb,
                 "server_cpu_us_per_op": server_cpu_us, "harness_cpu_us_per_op": harness_cpu_us,
+                "p99_per_s_us": per_second.iter().map(|h| h.value_at_quantile(0.99)).collect::<Vec<_>>(),
             })
         );
     }
