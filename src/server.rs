@@ -273,6 +273,12 @@ pub struct Session {
     pub login_failures: u32,
     /// Logins are refused until then.
     pub locked_until: Option<std::time::Instant>,
+    /// When the bytes of the requests being handled were read, in ms since
+    /// the Unix epoch (0: not known, read the clock). A token is checked
+    /// against this: one clock reading serves every frame of a read instead
+    /// of one per request (~2% of the runtime's CPU under load), and a
+    /// request that arrived before its token expired is served.
+    pub read_ms: u64,
 }
 
 enum Mode {
@@ -354,6 +360,7 @@ impl Reader<'_> {
                 if !fill(self.ctx, rd, buf).await? {
                     return Ok(());
                 }
+                self.session.read_ms = store::now_ms();
             }
             let len = u32::from_be_bytes([buf[0], buf[1], buf[2], buf[3]]) as usize;
             if len > frame_max {
@@ -371,6 +378,7 @@ impl Reader<'_> {
                 if !fill(self.ctx, rd, buf).await? {
                     return Ok(());
                 }
+                self.session.read_ms = store::now_ms();
             }
             buf.advance(HEADER_BYTES);
             let body = buf.split_to(len);

@@ -299,20 +299,33 @@ fn may_use(principal: &Principal, slot: &Slot) -> bool {
     principal.is_admin() || slot.owner() == Some(&*principal.user)
 }
 
+/// The slot found for `account`, if `principal` may use it.
+fn usable<S: std::ops::Deref<Target = Slot>>(
+    found: Option<S>,
+    account: &str,
+    principal: &Principal,
+) -> Result<S, ApiError> {
+    match found {
+        Some(s) if !s.creating => {
+            if !may_use(principal, &s) {
+                return Err(ApiError::forbidden(format!("account {account} is not yours")));
+            }
+            if s.acct.status == Status::Deleted {
+                return Err(ApiError::new(ErrorCode::Deleted, format!("account {account} was deleted")));
+            }
+            Ok(s)
+        }
+        _ => Err(ApiError::not_found(format!("account {account}"))),
+    }
+}
+
 impl ShardState {
     fn slot(&self, account: &str, principal: &Principal) -> Result<&Slot, ApiError> {
-        match self.accounts.get(account) {
-            Some(s) if !s.creating => {
-                if !may_use(principal, s) {
-                    return Err(ApiError::forbidden(format!("account {account} is not yours")));
-                }
-                if s.acct.status == Status::Deleted {
-                    return Err(ApiError::new(ErrorCode::Deleted, format!("account {account} was deleted")));
-                }
-                Ok(s)
-            }
-            _ => Err(ApiError::not_found(format!("account {account}"))),
-        }
+        usable(self.accounts.get(account), account, principal)
+    }
+
+    fn slot_mut(&mut self, account: &str, principal: &Principal) -> Result<&mut Slot, ApiError> {
+        usable(self.accounts.get_mut(account), account, principal)
     }
 
     fn read(&self, account: &str, kind: ReadKind, principal: &Principal, reply: ReplyTo) {
@@ -358,13 +371,15 @@ impl ShardState {
 
     fn debit(&mut self, req: DebitReq) {
         let DebitReq { kind, shape, from, to, amount, memo, key, fee, hold, principal, reply } = req;
-        if let Err(e) = self.slot(&from, &principal) {
-            return reply.err(e);
-        }
         let mut reply = Some(reply);
         // Only a keyed request needs its fingerprint (two string copies).
         let fingerprint = match &key {
             Some(key) => {
+                // The account is checked before its key (one more lookup,
+                // for keyed requests only; the reservation below looks again).
+                if let Err(e) = self.slot(&from, &principal) {
+                    return reply.take().expect("not taken yet").err(e);
+                }
                 let fingerprint = Fingerprint { kind, to: to.clone(), amount, memo: memo.clone() };
                 match self.check_key(&from, key, &fingerprint, &shape, &mut reply) {
                     Ok(true) => {}
@@ -382,7 +397,10 @@ impl ShardState {
         };
         let Some(reply) = reply else { return };
         let bounds = self.limits.bounds(&from);
-        let slot = self.accounts.get_mut(&*from).expect("checked above");
+        let slot = match self.slot_mut(&from, &principal) {
+            Ok(s) => s,
+            Err(e) => return reply.err(e),
+        };
         let from_num = Some(slot.num);
         if let Err(e) = slot.acct.reserve(&from, amount, bounds) {
             // An `add` that would cross the minimum says so in its own terms.

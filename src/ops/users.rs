@@ -29,7 +29,8 @@ pub(super) fn current(ctx: &Ctx, session: &mut Session) -> Result<Principal, Api
     let Some(b) = session.binding.as_mut() else {
         return Err(unauthenticated("log in first (login or auth)"));
     };
-    if store::now_ms() >= b.expires_ms {
+    let now = if session.read_ms > 0 { session.read_ms } else { store::now_ms() };
+    if now >= b.expires_ms {
         session.binding = None;
         return Err(unauthenticated("the token expired; log in again"));
     }
