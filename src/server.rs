@@ -24,7 +24,7 @@ use crate::mail::Transport;
 use crate::ops;
 use crate::otp::{OtpActor, OtpArgs, OtpMsg, Rules};
 use crate::reply::{Outgoing, Permits, ReplyTo};
-use crate::shard::{shard_index, ShardActor, ShardArgs, ShardRouter, Slot};
+use crate::shard::{shard_index, Outbox, ShardActor, ShardArgs, ShardRouter, Slot};
 use crate::stats::Stats;
 use crate::store::{self, UserRecord};
 
@@ -279,6 +279,8 @@ pub struct Session {
     /// of one per request (~2% of the runtime's CPU under load), and a
     /// request that arrived before its token expired is served.
     pub read_ms: u64,
+    /// Debits decoded from this connection and not yet sent to their shards.
+    pub outbox: Outbox,
 }
 
 enum Mode {
@@ -328,6 +330,8 @@ async fn connection(ctx: &Arc<Ctx>, stream: TcpStream) {
     if let Err(e) = result {
         tracing::debug!(error = %e, "connection closed");
     }
+    // Debits already read are answered like any other request.
+    session.outbox.flush(&ctx.router);
     drop(tx);
     // The writer ends once every in-flight request has been answered.
     let _ = writer.await;
@@ -341,12 +345,34 @@ struct Reader<'a> {
 }
 
 impl Reader<'_> {
-    async fn reply_to(&self, id: Option<u64>) -> ReplyTo {
+    async fn reply_to(&mut self, id: Option<u64>) -> ReplyTo {
         // Waiting here is the back-pressure: a client past its in-flight
         // limit is simply not read from until answers free a slot.
-        let connection = self.slots.clone().acquire_owned().await.ok();
-        let server = self.ctx.inflight.clone().acquire_owned().await.ok();
+        let connection = self.permit(self.slots.clone()).await;
+        let server = self.permit(self.ctx.inflight.clone()).await;
         ReplyTo::new(self.tx.clone(), id, Permits { connection, server })
+    }
+
+    /// A permit of `semaphore`; before waiting for one, the debits in the
+    /// outbox go out (they hold permits, and only their answers free more).
+    async fn permit(&mut self, semaphore: Arc<Semaphore>) -> Option<tokio::sync::OwnedSemaphorePermit> {
+        match semaphore.clone().try_acquire_owned() {
+            Ok(p) => Some(p),
+            Err(tokio::sync::TryAcquireError::Closed) => None,
+            Err(tokio::sync::TryAcquireError::NoPermits) => {
+                self.session.outbox.flush(&self.ctx.router);
+                semaphore.acquire_owned().await.ok()
+            }
+        }
+    }
+
+    /// Reads more bytes, sending the outbox first (nothing waits in it
+    /// while the reader waits for the client).
+    async fn fill(&mut self, rd: &mut tokio::net::tcp::OwnedReadHalf, buf: &mut BytesMut) -> std::io::Result<bool> {
+        self.session.outbox.flush(&self.ctx.router);
+        let more = fill(self.ctx, rd, buf).await?;
+        self.session.read_ms = store::now_ms();
+        Ok(more)
     }
 
     fn error_now(&self, id: Option<u64>, error: ApiError) {
@@ -357,10 +383,9 @@ impl Reader<'_> {
         let frame_max = self.ctx.config.limits.frame_bytes_max;
         loop {
             while buf.len() < HEADER_BYTES {
-                if !fill(self.ctx, rd, buf).await? {
+                if !self.fill(rd, buf).await? {
                     return Ok(());
                 }
-                self.session.read_ms = store::now_ms();
             }
             let len = u32::from_be_bytes([buf[0], buf[1], buf[2], buf[3]]) as usize;
             if len > frame_max {
@@ -375,10 +400,9 @@ impl Reader<'_> {
             }
             buf.reserve(HEADER_BYTES + len);
             while buf.len() < HEADER_BYTES + len {
-                if !fill(self.ctx, rd, buf).await? {
+                if !self.fill(rd, buf).await? {
                     return Ok(());
                 }
-                self.session.read_ms = store::now_ms();
             }
             buf.advance(HEADER_BYTES);
             let body = buf.split_to(len);
@@ -405,7 +429,7 @@ impl Reader<'_> {
                     );
                     return Ok(());
                 }
-                if !fill(self.ctx, rd, buf).await? {
+                if !self.fill(rd, buf).await? {
                     return Ok(());
                 }
                 continue;

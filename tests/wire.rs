@@ -157,3 +157,56 @@ async fn a_small_in_flight_limit_applies_back_pressure_without_losing_requests()
     }
     assert_eq!(balance(&c, "b").await, 300);
 }
+
+/// Encodes `{"id", "op", "args"}` as one frame.
+fn request(id: u64, op: &str, args: Value) -> Vec<u8> {
+    frame(&rmp_serde::to_vec_named(&serde_json::json!({"id": id, "op": op, "args": args})).unwrap())
+}
+
+#[tokio::test]
+async fn requests_read_together_are_applied_in_the_order_sent() {
+    let s = Server::start();
+    let c = s.admin().await;
+    create(&c, "a", 10).await;
+    create(&c, "x", 5).await;
+    create(&c, "b", 0).await;
+    let mut raw = TcpStream::connect(s.addr).await.unwrap();
+    raw.write_all(&request(1, "login", serde_json::json!({"user": "admin", "password": ADMIN_PASSWORD})))
+        .await
+        .unwrap();
+    assert!(read_frame(&mut raw).await.unwrap()["ok"].is_object());
+    // One write, so the server reads these together: debits of the same
+    // account must still be reserved in the order sent, around other ops.
+    let transfer = |from: &str, amount: i64| serde_json::json!({"from": from, "to": "b", "amount": amount});
+    let batch = [
+        request(2, "transfer", transfer("a", 10)),
+        request(3, "transfer", transfer("a", 1)),
+        request(4, "ping", serde_json::json!({})),
+        request(5, "transfer", transfer("x", 4)),
+        request(6, "balance", serde_json::json!({"account": "x"})),
+        request(7, "transfer", transfer("x", 2)),
+        request(8, "transfer", transfer("x", 1)),
+    ]
+    .concat();
+    raw.write_all(&batch).await.unwrap();
+    let mut outcomes = std::collections::BTreeMap::new();
+    for _ in 2..=8 {
+        let r = read_frame(&mut raw).await.expect("every request is answered");
+        let outcome = match r["err"]["code"].as_str() {
+            Some(code) => code.to_owned(),
+            None => "ok".to_owned(),
+        };
+        outcomes.insert(r["id"].as_u64().unwrap(), outcome);
+    }
+    let expected: std::collections::BTreeMap<u64, String> =
+        [(2, "ok"), (3, "insufficient_funds"), (4, "ok"), (5, "ok"), (6, "ok"), (7, "insufficient_funds"), (8, "ok")]
+            .into_iter()
+            .map(|(id, o)| (id, o.to_owned()))
+            .collect();
+    assert_eq!(outcomes, expected);
+    // The raw login above revoked `c`'s token.
+    let c = s.client().await;
+    c.login("admin", ADMIN_PASSWORD).await.unwrap();
+    assert_eq!((balance(&c, "a").await, balance(&c, "x").await, balance(&c, "b").await), (0, 0, 15));
+    audit_ok(&c).await;
+}

@@ -16,7 +16,7 @@ use crate::protocol::{
 };
 use crate::reply::ReplyTo;
 use crate::server::{Ctx, Session};
-use crate::shard::{DebitReq, HistoryReq, ReadKind, ReadReq, ShardMsg};
+use crate::shard::{DebitReq, HistoryReq, Outbox, ReadKind, ReadReq, ShardMsg};
 use crate::stats::Stats;
 use crate::store::{self, AccountMeta};
 
@@ -91,6 +91,10 @@ fn account_id(id: &str) -> Result<(), ApiError> {
 /// outcome; every other op is handed on and answered through `reply`
 /// whenever it finishes.
 pub async fn dispatch(ctx: &Arc<Ctx>, session: &mut Session, op: &str, args: &[u8], reply: ReplyTo) {
+    // Debits read before this op go first: it may touch the same accounts.
+    if op != "transfer" && op != "mint" {
+        session.outbox.flush(&ctx.router);
+    }
     match op {
         "hello" => {
             args!(NoArgs, args, reply);
@@ -161,13 +165,15 @@ pub async fn dispatch(ctx: &Arc<Ctx>, session: &mut Session, op: &str, args: &[u
                     let a = args!(ChangePasswordArgs, args, reply);
                     reply.send(users::change_password(ctx, session, &p, a).await);
                 }
-                _ => authed(ctx, p, op, args, reply),
+                _ => authed(ctx, p, op, args, reply, &mut session.outbox),
             }
         }
     }
 }
 
-fn authed(ctx: &Arc<Ctx>, p: Principal, op: &str, args: &[u8], reply: ReplyTo) {
+/// Runs an op of a logged-in caller. Debits of `transfer` and `mint` wait in
+/// `outbox` for the reader to send them (see [`Outbox`]).
+fn authed(ctx: &Arc<Ctx>, p: Principal, op: &str, args: &[u8], reply: ReplyTo, outbox: &mut Outbox) {
     match op {
         "whoami" => {
             args!(NoArgs, args, reply);
@@ -199,13 +205,15 @@ fn authed(ctx: &Arc<Ctx>, p: Principal, op: &str, args: &[u8], reply: ReplyTo) {
                     crate::otp::Action::Transfer { from, to: a.to, amount: a.amount, memo: a.memo, key: a.key };
                 return otp::user_transfer(ctx, p, action, reply);
             }
-            debit(ctx, DebitReq::new(Kind::Transfer, Shape::Transfer, from, a.to, a.amount, a.memo, a.key, p, reply));
+            let req = DebitReq::new(Kind::Transfer, Shape::Transfer, from, a.to, a.amount, a.memo, a.key, p, reply);
+            outbox.push(&ctx.router, req);
         }
         "mint" => {
             check!(admin_only(&p), reply);
             let a = args!(MintArgs, args, reply);
             check!(validate_transfer(MINT, &a.to, a.amount, a.memo.as_deref(), a.key.as_deref()), reply);
-            debit(ctx, DebitReq::new(Kind::Mint, Shape::Transfer, MINT, a.to, a.amount, a.memo, a.key, p, reply));
+            let req = DebitReq::new(Kind::Mint, Shape::Transfer, MINT, a.to, a.amount, a.memo, a.key, p, reply);
+            outbox.push(&ctx.router, req);
         }
         "create_account" => {
             check!(admin_only(&p), reply);
