@@ -358,6 +358,12 @@ impl Journal {
                 }
                 _ => true,
             });
+            for c in &batch {
+                if let Command::Transfer(t) = c {
+                    self.book.prefetch(&t.from, t.from_num);
+                    self.book.prefetch(&t.to, None);
+                }
+            }
             let outcomes = self.commit(&mut batch, &mut buf);
             if fanout.send(OutcomeBatch(outcomes)).is_err() {
                 break;

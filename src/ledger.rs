@@ -600,6 +600,19 @@ pub struct Book {
     pub limits: Limits,
 }
 
+/// Asks the CPU to bring the cache line at `p` in (a hint: it never faults
+/// and changes nothing).
+#[inline]
+fn prefetch_line<T>(p: &T) {
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: `_mm_prefetch` only hints the cache; `p` is a valid reference.
+    unsafe {
+        std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(std::ptr::from_ref(p).cast());
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = p;
+}
+
 /// Matches the index slot of account `id`.
 fn is_entry<'a>(entries: &'a [Entry], id: &'a str) -> impl Fn(&u32) -> bool + 'a {
     move |&n| entries[n as usize].id.as_str() == id
@@ -666,6 +679,18 @@ impl Book {
     #[must_use]
     pub fn num(&self, id: &str) -> Option<u32> {
         self.index.find(self.hasher.hash_one(id), is_entry(&self.entries, id)).copied()
+    }
+
+    /// Starts loading account `id`'s entry into the cache (at `hint`, or
+    /// where the index's first candidate for its hash points), without
+    /// waiting for it: a pass over a batch lets the cache misses of its
+    /// lookups overlap instead of stalling one after another. Reads only the
+    /// index; a wrong guess costs one wasted load.
+    pub fn prefetch(&self, id: &str, hint: Option<u32>) {
+        let n = hint.or_else(|| self.index.iter_hash(self.hasher.hash_one(id)).next().copied());
+        if let Some(e) = n.and_then(|n| self.entries.get(n as usize)) {
+            prefetch_line(e);
+        }
     }
 
     /// The number of account `id`, trying `hint` first: an owner that knows
