@@ -285,6 +285,9 @@ impl Actor for ShardActor {
         match msg {
             ShardMsg::Debit(req) => state.debit(*req),
             ShardMsg::Debits(reqs) => {
+                for r in &reqs {
+                    state.accounts.prefetch(&r.from);
+                }
                 for req in reqs {
                     state.debit(req);
                 }
@@ -293,6 +296,13 @@ impl Actor for ShardActor {
             ShardMsg::Read(r) => state.read(&r.account, r.kind, &r.principal, r.reply),
             ShardMsg::History(req) => state.history(*req),
             ShardMsg::Effects(effects) => {
+                // Most are settlements of accounts not touched for a while
+                // (the receivers): let their cache misses overlap.
+                for e in &effects {
+                    if let Effect::Settle { account, .. } = e {
+                        state.accounts.prefetch(account);
+                    }
+                }
                 for e in effects {
                     state.apply(e);
                 }
@@ -437,7 +447,7 @@ impl ShardState {
             reply,
         }));
         if let Err(Command::Transfer(t)) = self.journal.send(cmd).map_err(|c| *c) {
-            self.accounts.get_mut(&*t.from).expect("checked above").acct.settle(0, t.amount);
+            self.accounts.get_mut(&t.from).expect("checked above").acct.settle(0, t.amount);
             if let Some(key) = &t.key {
                 self.keys.remove(&(t.from.clone(), key.clone()));
             }
@@ -505,7 +515,7 @@ impl ShardState {
     }
 
     fn create(&mut self, c: Box<CreateCmd>) {
-        if let Some(s) = self.accounts.get(&*c.account) {
+        if let Some(s) = self.accounts.get(&c.account) {
             let account = &c.account;
             let e = if s.acct.status == Status::Deleted {
                 ApiError::new(ErrorCode::Deleted, format!("account {account} was deleted and cannot be created again"))
@@ -517,7 +527,7 @@ impl ShardState {
         debug_assert!(!is_system(&c.account));
         self.accounts.insert(c.account.clone().into(), Slot { creating: true, ..Slot::new(&c.meta, 0, 0) });
         if let Err(Command::Create(c)) = self.journal.send(Command::Create(c)).map_err(|c| *c) {
-            self.accounts.remove(&*c.account);
+            self.accounts.remove(&c.account);
             c.reply.err(ApiError::internal("the journal has stopped"));
         }
     }
@@ -525,7 +535,7 @@ impl ShardState {
     fn apply(&mut self, effect: Effect) {
         match effect {
             Effect::Settle { account, delta, release, id } => {
-                if let Some(s) = self.accounts.get_mut(&*account) {
+                if let Some(s) = self.accounts.get_mut(&account) {
                     s.acct.settle(delta, release);
                     s.last = s.last.max(id);
                 }
@@ -551,17 +561,17 @@ impl ShardState {
                 }
             }
             Effect::Deleted(account) => {
-                if let Some(s) = self.accounts.get_mut(&*account) {
+                if let Some(s) = self.accounts.get_mut(&account) {
                     s.acct.status = Status::Deleted;
                 }
             }
             Effect::Held { account, delta } => {
-                if let Some(s) = self.accounts.get_mut(&*account) {
+                if let Some(s) = self.accounts.get_mut(&account) {
                     s.acct.settle_held(delta);
                 }
             }
             Effect::Tagged(account, tags) => {
-                if let Some(s) = self.accounts.get_mut(&*account) {
+                if let Some(s) = self.accounts.get_mut(&account) {
                     let extra =
                         s.extra.get_or_insert_with(|| Box::new(Extra { owner: None, tags: Box::new([]), memo: None }));
                     extra.tags = tags.iter().map(|t| t.as_str().into()).collect();
@@ -572,8 +582,8 @@ impl ShardState {
                     self.accounts.insert(account.into(), Slot::new(&meta, balance, last));
                 }
                 None => {
-                    if self.accounts.get(&*account).is_some_and(|s| s.creating) {
-                        self.accounts.remove(&*account);
+                    if self.accounts.get(&account).is_some_and(|s| s.creating) {
+                        self.accounts.remove(&account);
                     }
                 }
             },

@@ -356,3 +356,27 @@ fn uncreate_takes_back_only_the_last_account() {
     book.uncreate("nobody");
     assert_eq!(book.len(), before + 1);
 }
+
+#[test]
+fn account_map_inserts_replaces_and_removes_by_id() {
+    let mut m: AccountMap<i64> = AccountMap::default();
+    let long = "a-very-long-account-id-that-is-kept-on-the-heap";
+    for (i, id) in ["alice", "bob", long].iter().enumerate() {
+        assert_eq!(m.insert(AccountKey::from(*id), i as i64), None);
+    }
+    // A prefetch changes nothing, for present and absent ids alike.
+    m.prefetch("alice");
+    m.prefetch("nobody");
+    assert_eq!(m.insert(AccountKey::from("bob"), 10), Some(1));
+    assert_eq!((m.get("alice"), m.get("bob"), m.get(long), m.get("carol")), (Some(&0), Some(&10), Some(&2), None));
+    *m.get_mut(long).unwrap() += 5;
+    assert_eq!(m.remove("alice"), Some(0));
+    assert_eq!(m.remove("alice"), None);
+    assert_eq!((m.len(), m.get(long), m.get("alice")), (2, Some(&7), None));
+    // Many ids: every one found again after the table grew.
+    for i in 0..10_000 {
+        m.insert(AccountKey::from(format!("acct-{i}").as_str()), i);
+    }
+    assert!((0..10_000).all(|i| m.get(&format!("acct-{i}")) == Some(&i)));
+    assert_eq!(m.len(), 10_002);
+}
