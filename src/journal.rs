@@ -358,12 +358,6 @@ impl Journal {
                 }
                 _ => true,
             });
-            for c in &batch {
-                if let Command::Transfer(t) = c {
-                    self.book.prefetch(&t.from, t.from_num);
-                    self.book.prefetch(&t.to, None);
-                }
-            }
             let outcomes = self.commit(&mut batch, &mut buf);
             if fanout.send(OutcomeBatch(outcomes)).is_err() {
                 break;
@@ -436,6 +430,14 @@ impl Journal {
     }
 
     fn commit(&mut self, batch: &mut Vec<Command>, buf: &mut Vec<u8>) -> Vec<Outcome> {
+        // Start loading every book entry the batch's transfers touch, so
+        // their cache misses overlap instead of stalling one by one.
+        for c in batch.iter() {
+            if let Command::Transfer(t) = c {
+                self.book.prefetch(&t.from, t.from_num);
+                self.book.prefetch(&t.to, None);
+            }
+        }
         let head_before = self.head;
         let items = batch.len() as u64;
         let mut outcomes = Vec::with_capacity(batch.len());

@@ -16,8 +16,8 @@
 //! The hot path only appends: a batch writes its records in chunks of
 //! consecutive ids (sequential keys, so always at the end of the tree) and
 //! the new head. One B-tree insert per record was ~45% of the journal
-//! thread's time (perf); one per chunk of 64 is a small fraction of that. Balances live in
-//! memory. Each batch also writes the changed balance rows of the next slice
+//! thread's time (perf); one per chunk of 64 is a small fraction of that.
+//! Balances live in memory. Each batch also writes the changed balance rows of the next slice
 //! of account numbers (a sweep in key order, so a batch touches few pages);
 //! when a sweep completes, every row includes all transfers up to the head
 //! at the sweep's start, and that id is stored as the `checkpoint`. Start-up
@@ -50,7 +50,7 @@
 
 use std::path::Path;
 
-use redb::{Database, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition};
+use redb::{Database, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition, TableHandle};
 use serde::{Deserialize, Serialize};
 
 use crate::constants::{CHUNK_RECORDS_MAX, REDB_CACHE_BYTES};
@@ -490,10 +490,10 @@ pub fn now_ms() -> u64 {
 /// before it, which is right for a commit torn by a crash but silently drops
 /// an acknowledged batch when its pages were damaged after the fsync
 /// (`tests/reliability.rs` zeroes the file's last 8 KiB: with records in
-/// chunks, that served the batch before the last). Two phases (data,
-/// fsync, then the commit slot, fsync) mean the
-/// newest slot is only ever one that was completely on disk, so redb refuses
-/// to open a damaged one instead of rolling it back. It costs a second fsync
+/// chunks, that served the batch before the last). Two phases (data, fsync,
+/// then the commit slot, fsync) mean the newest slot is only ever one that
+/// was completely on disk, so redb refuses to open a damaged one instead of
+/// rolling it back. It costs a second fsync
 /// per commit (README, Performance).
 pub fn begin_write(db: &Database) -> Result<redb::WriteTransaction, StoreError> {
     let mut txn = db.begin_write()?;
@@ -543,6 +543,10 @@ pub fn open(path: &Path) -> Result<Database, StoreError> {
 /// Moves records kept one per row (before chunks) into chunks, in the
 /// transaction that opens the database; a no-op once done.
 fn migrate_legacy_records(txn: &redb::WriteTransaction) -> Result<(), StoreError> {
+    // Only look when the old table is there (opening it would create it).
+    if !txn.list_tables()?.any(|t| t.name() == LEGACY_TRANSFERS.name()) {
+        return Ok(());
+    }
     {
         let legacy = txn.open_table(LEGACY_TRANSFERS)?;
         if !legacy.is_empty()? {
