@@ -3,6 +3,7 @@
 //! Hashing costs tens of milliseconds by design, so it always runs on the
 //! blocking pool, never on the threads that move money.
 
+use std::net::IpAddr;
 use std::path::Path;
 use std::sync::Arc;
 
@@ -12,7 +13,9 @@ use argon2::Argon2;
 use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
 use serde::{Deserialize, Serialize};
 
+use crate::constants::{GUARD_ENTRIES_MAX, LOGIN_PAIR, LOGIN_SOURCE, LOGIN_UNDER_ATTACK, LOGIN_USER_FAILURES_MAX};
 use crate::error::{ApiError, ErrorCode};
+use crate::guard::{source_key, Backoff, Table};
 
 /// A user's role.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -229,58 +232,104 @@ pub struct Binding {
     pub checked: u64,
 }
 
-/// Failed logins remembered per user, to slow down password guessing.
-/// Bounded: at most `USERS_TRACKED_MAX` users are tracked at once.
-pub struct Throttle {
-    failures: std::sync::Mutex<std::collections::HashMap<Box<str>, (u32, std::time::Instant)>>,
+/// Wrong passwords, counted three ways so that guessing is slow and a
+/// guesser cannot lock anyone else out (constants in `constants.rs`):
+///
+/// - per (user, source address): 5 free, then waits from 1 s doubling;
+///   this is what a guesser from one address meets.
+/// - per user, from any address: past `LOGIN_USER_FAILURES_MAX` the user is
+///   under attack, and each address that has failed for the user gets one
+///   free try, then waits from a minute. An address with no failure for
+///   the user is let through at once: the right password from elsewhere
+///   always gets its try.
+/// - per source address, whatever the user: a spray across many user ids
+///   gets 20 free, then waits from 1 s doubling.
+///
+/// The tables are bounded; when one is full of live entries, a new key is
+/// refused (`rate_limited`) rather than forgetting someone's failures.
+pub struct LoginGuard {
+    inner: std::sync::Mutex<GuardTables>,
 }
 
-impl Default for Throttle {
+struct GuardTables {
+    pairs: Table<(Box<str>, IpAddr), Backoff>,
+    users: Table<Box<str>, Backoff>,
+    sources: Table<IpAddr, Backoff>,
+}
+
+impl Default for LoginGuard {
     fn default() -> Self {
-        Throttle { failures: std::sync::Mutex::new(std::collections::HashMap::new()) }
+        LoginGuard {
+            inner: std::sync::Mutex::new(GuardTables {
+                pairs: Table::new(GUARD_ENTRIES_MAX),
+                users: Table::new(GUARD_ENTRIES_MAX),
+                sources: Table::new(GUARD_ENTRIES_MAX),
+            }),
+        }
     }
 }
 
-/// Failed logins before a user or connection is locked out.
-pub const LOGIN_FAILURES_MAX: u32 = 5;
-/// How long the lock-out lasts (and how long failures are remembered).
-pub const LOGIN_LOCK: std::time::Duration = std::time::Duration::from_secs(60);
-const USERS_TRACKED_MAX: usize = 10_000;
+fn refused(wait_ms: u64) -> ApiError {
+    ApiError::new(
+        ErrorCode::RateLimited,
+        format!("too many failed logins; try again in {}", crate::guard::wait_text(wait_ms)),
+    )
+}
 
-impl Throttle {
-    /// `Err(rate_limited)` while `user` is locked out.
-    pub fn check(&self, user: &str) -> Result<(), ApiError> {
-        let locked = self.failures.lock().is_ok_and(|m| {
-            m.get(user).is_some_and(|(n, since)| *n >= LOGIN_FAILURES_MAX && since.elapsed() < LOGIN_LOCK)
-        });
-        if locked {
-            return Err(ApiError::new(ErrorCode::RateLimited, "too many failed logins; try again later"));
+impl LoginGuard {
+    /// `Err(rate_limited)` while a password from `source` for `user` must
+    /// wait; the password is then not even checked.
+    pub fn check(&self, user: &str, source: IpAddr, now_ms: u64) -> Result<(), ApiError> {
+        let source = source_key(source);
+        let Ok(t) = self.inner.lock() else { return Err(refused(1000)) };
+        if let Some(s) = t.sources.get(&source) {
+            let wait = s.wait_ms(&LOGIN_SOURCE, now_ms);
+            if wait > 0 {
+                return Err(refused(wait));
+            }
+        }
+        let Some(pair) = t.pairs.get(&(user.into(), source)) else {
+            // No failure from here for this user: the first try is never refused.
+            return Ok(());
+        };
+        let under_attack = t
+            .users
+            .get(&Box::<str>::from(user))
+            .is_some_and(|u| !u.forgotten(&LOGIN_PAIR, now_ms) && u.failures >= LOGIN_USER_FAILURES_MAX);
+        let rule = if under_attack { &LOGIN_UNDER_ATTACK } else { &LOGIN_PAIR };
+        let wait = pair.wait_ms(rule, now_ms);
+        if wait > 0 {
+            return Err(refused(wait));
         }
         Ok(())
     }
 
-    pub fn failed(&self, user: &str) {
-        let Ok(mut m) = self.failures.lock() else { return };
-        if m.len() >= USERS_TRACKED_MAX && !m.contains_key(user) {
-            m.retain(|_, (_, since)| since.elapsed() < LOGIN_LOCK);
-            if m.len() >= USERS_TRACKED_MAX {
-                // Still full of fresh entries: forget one rather than grow.
-                if let Some(k) = m.keys().next().cloned() {
-                    m.remove(&k);
-                }
-            }
+    /// Counts a wrong password for `user` from `source`.
+    pub fn failed(&self, user: &str, source: IpAddr, now_ms: u64) {
+        let source = source_key(source);
+        let Ok(mut t) = self.inner.lock() else { return };
+        let under_attack = t
+            .users
+            .get(&Box::<str>::from(user))
+            .is_some_and(|u| !u.forgotten(&LOGIN_PAIR, now_ms) && u.failures >= LOGIN_USER_FAILURES_MAX);
+        let rule = if under_attack { LOGIN_UNDER_ATTACK } else { LOGIN_PAIR };
+        // A full table forgets nothing: the failure simply is not counted
+        // there, and `check` keeps refusing whoever is already waiting.
+        if let Some(p) = t.pairs.entry(&(user.into(), source), |b| b.forgotten(&LOGIN_UNDER_ATTACK, now_ms)) {
+            p.fail(&rule, now_ms);
         }
-        let e = m.entry(user.into()).or_insert((0, std::time::Instant::now()));
-        if e.1.elapsed() >= LOGIN_LOCK {
-            *e = (0, std::time::Instant::now());
+        if let Some(u) = t.users.entry(&user.into(), |b| b.forgotten(&LOGIN_PAIR, now_ms)) {
+            u.fail(&LOGIN_PAIR, now_ms);
         }
-        e.0 += 1;
-        e.1 = std::time::Instant::now();
+        if let Some(s) = t.sources.entry(&source, |b| b.forgotten(&LOGIN_SOURCE, now_ms)) {
+            s.fail(&LOGIN_SOURCE, now_ms);
+        }
     }
 
-    pub fn succeeded(&self, user: &str) {
-        if let Ok(mut m) = self.failures.lock() {
-            m.remove(user);
+    /// A right password from `source`: its failures for `user` are forgiven.
+    pub fn succeeded(&self, user: &str, source: IpAddr) {
+        if let Ok(mut t) = self.inner.lock() {
+            t.pairs.remove(&(user.into(), source_key(source)));
         }
     }
 }
@@ -316,4 +365,62 @@ pub fn validate_email(email: &str) -> Result<(), ApiError> {
         return Err(bad());
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ip(n: u8) -> IpAddr {
+        IpAddr::from([127, 0, 0, n])
+    }
+
+    #[test]
+    fn one_address_gets_five_tries_then_waits_that_double() {
+        let g = LoginGuard::default();
+        for t in 0..5 {
+            g.check("alice", ip(2), t).unwrap();
+            g.failed("alice", ip(2), t);
+        }
+        let e = g.check("alice", ip(2), 4).unwrap_err();
+        assert_eq!(e.code, ErrorCode::RateLimited);
+        g.check("alice", ip(2), 4 + 1000).unwrap();
+        g.failed("alice", ip(2), 1004);
+        assert!(g.check("alice", ip(2), 1004 + 1999).is_err());
+        g.check("alice", ip(2), 1004 + 2000).unwrap();
+        // Other addresses and other users are not affected.
+        g.check("alice", ip(1), 1005).unwrap();
+        g.check("bob", ip(2), 1005).unwrap();
+        // The right password forgives that address.
+        g.succeeded("alice", ip(2));
+        g.check("alice", ip(2), 1005).unwrap();
+    }
+
+    #[test]
+    fn a_user_under_attack_slows_every_failing_address_but_never_a_new_one() {
+        let g = LoginGuard::default();
+        // 20 failures from 20 addresses, one each.
+        for n in 0..20 {
+            g.failed("admin", ip(10 + n), 0);
+        }
+        // Now a failing address waits a minute after its first failure...
+        g.failed("admin", ip(100), 1);
+        assert!(g.check("admin", ip(100), 59_000).is_err());
+        g.check("admin", ip(100), 60_001).unwrap();
+        // ...but an address that never failed for the user goes straight in.
+        g.check("admin", ip(1), 2).unwrap();
+    }
+
+    #[test]
+    fn a_spray_across_users_from_one_address_is_slowed_per_address() {
+        let g = LoginGuard::default();
+        for n in 0..20 {
+            let user = format!("user{n}");
+            g.check(&user, ip(2), 0).unwrap();
+            g.failed(&user, ip(2), 0);
+        }
+        assert_eq!(g.check("someone-else", ip(2), 0).unwrap_err().code, ErrorCode::RateLimited);
+        g.check("someone-else", ip(2), 1000).unwrap();
+        g.check("someone-else", ip(3), 0).unwrap();
+    }
 }

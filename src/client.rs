@@ -16,6 +16,7 @@
 //! ```
 
 use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
@@ -24,7 +25,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::tcp::OwnedWriteHalf;
-use tokio::net::{TcpStream, ToSocketAddrs};
+use tokio::net::{TcpSocket, TcpStream, ToSocketAddrs};
 use tokio::sync::oneshot;
 
 use crate::frame;
@@ -82,7 +83,19 @@ struct RawError {
 impl Client {
     /// Connects in binary mode.
     pub async fn connect(addr: impl ToSocketAddrs) -> Result<Client, ClientError> {
-        let stream = TcpStream::connect(addr).await?;
+        Client::from_stream(TcpStream::connect(addr).await?)
+    }
+
+    /// Connects from a given local address (e.g. 127.0.0.2, to act as
+    /// another host on loopback).
+    pub async fn connect_from(local: IpAddr, addr: SocketAddr) -> Result<Client, ClientError> {
+        let socket = if local.is_ipv4() { TcpSocket::new_v4()? } else { TcpSocket::new_v6()? };
+        socket.bind(SocketAddr::new(local, 0))?;
+        Client::from_stream(socket.connect(addr).await?)
+    }
+
+    /// Speaks the binary protocol over a connected stream.
+    pub fn from_stream(stream: TcpStream) -> Result<Client, ClientError> {
         stream.set_nodelay(true)?;
         let (mut rd, wr) = stream.into_split();
         let pending: Pending = Arc::default();

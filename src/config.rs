@@ -7,7 +7,8 @@ use serde::Deserialize;
 
 use crate::constants::{
     COMMIT_BATCH_LIMIT, COMMIT_BATCH_MAX, CONNECTIONS_MAX, DATA_DEFAULT, FRAME_BYTES_MAX, FRAME_READ_TIMEOUT_MS,
-    INFLIGHT_MAX, INFLIGHT_PER_CONNECTION_MAX, LISTEN_DEFAULT, SHARDS_DEFAULT, TOKEN_TTL_S_DEFAULT,
+    IDLE_ANONYMOUS_MS, INFLIGHT_MAX, INFLIGHT_PER_CONNECTION_MAX, LISTEN_DEFAULT, SHARDS_DEFAULT, TOKEN_TTL_S_DEFAULT,
+    WRITE_TIMEOUT_MS,
 };
 
 /// A configuration that cannot be used.
@@ -104,6 +105,11 @@ pub struct LimitsConfig {
     pub commit_batch_max: usize,
     /// How long a peer may take to finish a frame or line it has started.
     pub frame_timeout_ms: u64,
+    /// How long a socket may take none of its pending replies before the
+    /// connection is closed.
+    pub write_timeout_ms: u64,
+    /// How long a connection that is not logged in may stay silent.
+    pub idle_anonymous_ms: u64,
 }
 
 #[derive(Clone, Debug, Default, Deserialize)]
@@ -112,6 +118,8 @@ pub struct PolicyConfig {
     pub min_events: u64,
     pub fee_same_group_bps: u32,
     pub fee_cross_group_bps: u32,
+    /// `"down"` (default) or `"up"`.
+    pub fee_rounding: crate::ledger::FeeRounding,
 }
 
 impl Config {
@@ -176,6 +184,8 @@ impl Default for LimitsConfig {
             inflight_max: INFLIGHT_MAX,
             commit_batch_max: COMMIT_BATCH_MAX,
             frame_timeout_ms: FRAME_READ_TIMEOUT_MS,
+            write_timeout_ms: WRITE_TIMEOUT_MS,
+            idle_anonymous_ms: IDLE_ANONYMOUS_MS,
         }
     }
 }
@@ -197,10 +207,78 @@ const KEYS: &[(&str, &[&str])] = &[
             "inflight_max",
             "commit_batch_max",
             "frame_timeout_ms",
+            "write_timeout_ms",
+            "idle_anonymous_ms",
         ],
     ),
-    ("policy", &["min_events", "fee_same_group_bps", "fee_cross_group_bps"]),
+    ("policy", &["min_events", "fee_same_group_bps", "fee_cross_group_bps", "fee_rounding"]),
 ];
+
+/// `TALLY_*` variables read by the client side and the test scripts, not
+/// by the server: present in the environment, they are not mistakes.
+pub const CLIENT_VARIABLES: &[&str] = &[
+    "TALLY_PASSWORD",     // tally call / backup: the password of --user
+    "TALLY_NEW_PASSWORD", // tally admin reset-password
+    "TALLY_LOG",          // the log filter (tracing's EnvFilter syntax)
+    "TALLY_BIN",          // tests: the server binary the Python tests start
+    "TALLY_TEST_PYTHON",  // tests: the Python that runs the client tests
+    "TALLY_VENV",         // tests: where run-all.sh keeps its Python venv
+];
+
+/// The `TALLY_*` name of every setting, e.g. `TALLY_LIMITS_MAX_BALANCE`.
+fn variable_names() -> Vec<String> {
+    KEYS.iter()
+        .flat_map(|(sec, keys)| {
+            keys.iter().map(move |k| {
+                if sec.is_empty() {
+                    format!("TALLY_{}", k.to_ascii_uppercase())
+                } else {
+                    format!("TALLY_{}_{}", sec.to_ascii_uppercase(), k.to_ascii_uppercase())
+                }
+            })
+        })
+        .collect()
+}
+
+/// Edit distance, for "did you mean".
+fn distance(a: &str, b: &str) -> usize {
+    let b: Vec<char> = b.chars().collect();
+    let mut row: Vec<usize> = (0..=b.len()).collect();
+    for (i, ca) in a.chars().enumerate() {
+        let mut prev = row[0];
+        row[0] = i + 1;
+        for (j, cb) in b.iter().enumerate() {
+            let cur = row[j + 1];
+            row[j + 1] = (prev + usize::from(ca != *cb)).min(row[j] + 1).min(cur + 1);
+            prev = cur;
+        }
+    }
+    row[b.len()]
+}
+
+/// Why `name` (a `TALLY_*` variable that names no setting) is refused,
+/// with the nearest setting when there is a close one.
+fn unknown_variable(name: &str) -> String {
+    let names = variable_names();
+    // A setting whose name contains this one minus its section, e.g.
+    // TALLY_ADMIN_PASSWORD for TALLY_AUTH_ADMIN_PASSWORD.
+    let tail = name.strip_prefix("TALLY_").unwrap_or(name);
+    let nearest = names
+        .iter()
+        .map(|n| (distance(name, n), n))
+        .filter(|(d, _)| *d <= 3)
+        .min()
+        .map(|(_, n)| n.clone())
+        .or_else(|| names.iter().find(|n| n.ends_with(&format!("_{tail}"))).cloned());
+    match nearest {
+        Some(n) => format!("{name} names no setting (did you mean {n}?); the server does not start with it set"),
+        None => format!(
+            "{name} names no setting; the settings are TALLY_<SECTION>_<KEY> (see the README), and the \
+             client-side variables are {}",
+            CLIENT_VARIABLES.join(", ")
+        ),
+    }
+}
 
 /// The campus-coin rules (SPEC section 5).
 fn campus_preset() -> toml::Table {
@@ -213,6 +291,7 @@ fn campus_preset() -> toml::Table {
         min_events = 6
         fee_same_group_bps = 200
         fee_cross_group_bps = 3300
+        fee_rounding = "up"
         [otp]
         transfer_min = 1
         "#,
@@ -277,11 +356,14 @@ impl Config {
                     .map_err(|source| ConfigError::Toml { path: path.to_owned(), source: Box::new(source) })?
             }
         };
+        // A misspelt variable must not leave a limit silently unset.
+        let mut unknown = Vec::new();
         for (name, raw) in env {
             let Some(rest) = name.strip_prefix("TALLY_") else {
                 continue;
             };
             let rest = rest.to_ascii_lowercase();
+            let mut known = false;
             for (sec, keys) in KEYS {
                 let key = if sec.is_empty() {
                     Some(rest.as_str())
@@ -290,8 +372,16 @@ impl Config {
                 };
                 if let Some(key) = key.filter(|k| keys.contains(k)) {
                     section(&mut user, sec).insert(key.to_owned(), env_value(&raw));
+                    known = true;
                 }
             }
+            if !known && !CLIENT_VARIABLES.contains(&name.as_str()) {
+                unknown.push(unknown_variable(&name));
+            }
+        }
+        if !unknown.is_empty() {
+            unknown.sort();
+            return Err(ConfigError::Invalid(unknown.join("; ")));
         }
         if let Some(l) = &overrides.listen {
             user.insert("listen".into(), toml::Value::String(l.clone()));
@@ -348,6 +438,12 @@ impl Config {
         if !(100..=600_000).contains(&self.limits.frame_timeout_ms) {
             return bad("limits.frame_timeout_ms must be 100..=600000");
         }
+        if !(100..=600_000).contains(&self.limits.write_timeout_ms) {
+            return bad("limits.write_timeout_ms must be 100..=600000");
+        }
+        if !(100..=86_400_000).contains(&self.limits.idle_anonymous_ms) {
+            return bad("limits.idle_anonymous_ms must be 100..=86400000");
+        }
         if !(1..=86_400).contains(&self.otp.ttl_s) {
             return bad("otp.ttl_s must be 1..=86400");
         }
@@ -359,6 +455,13 @@ impl Config {
         }
         if self.auth.token_ttl_s == 0 {
             return bad("auth.token_ttl_s must be positive");
+        }
+        if let Some(pw) = &self.auth.admin_password {
+            // An empty or short value (a variable set to nothing, say) must
+            // not become the admin's password.
+            if crate::auth::validate_password(pw).is_err() {
+                return bad("auth.admin_password must be 8-1024 characters (or unset)");
+            }
         }
         Ok(())
     }
@@ -382,6 +485,7 @@ impl Config {
             min_events: self.policy.min_events,
             fee_same_group_bps: self.policy.fee_same_group_bps,
             fee_cross_group_bps: self.policy.fee_cross_group_bps,
+            fee_rounding: self.policy.fee_rounding,
         }
     }
 
@@ -439,6 +543,23 @@ mod tests {
         assert!(Config::load(Some(&path), env(&[]), &Overrides::default()).is_err());
         std::fs::write(&path, "preset = \"casino\"\n").unwrap();
         assert!(Config::load(Some(&path), env(&[]), &Overrides::default()).is_err());
+    }
+
+    #[test]
+    fn unknown_variables_are_refused_by_name() {
+        let e = Config::load(None, env(&[("TALLY_LIMITS_MAX_BALANC", "5")]), &Overrides::default()).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "invalid configuration: TALLY_LIMITS_MAX_BALANC names no setting (did you mean \
+             TALLY_LIMITS_MAX_BALANCE?); the server does not start with it set"
+        );
+        let e = Config::load(None, env(&[("TALLY_ADMIN_PASSWORD", "x")]), &Overrides::default()).unwrap_err();
+        assert!(e.to_string().contains("did you mean TALLY_AUTH_ADMIN_PASSWORD?"), "{e}");
+        let e = Config::load(None, env(&[("TALLY_FROBNICATE", "1")]), &Overrides::default()).unwrap_err();
+        assert!(e.to_string().contains("TALLY_FROBNICATE names no setting;"), "{e}");
+        // The client-side ones are allowed.
+        let client: Vec<(&str, &str)> = CLIENT_VARIABLES.iter().map(|n| (*n, "x")).collect();
+        Config::load(None, env(&client), &Overrides::default()).unwrap();
     }
 
     #[test]

@@ -17,13 +17,36 @@ pub const LINE_BYTES_MAX: usize = 64 * 1024;
 pub const DECODE_DEPTH_MAX: usize = 16;
 /// Connections served at once by default (`limits.connections_max`).
 pub const CONNECTIONS_MAX: usize = 10_000;
-/// Requests in flight on one connection by default (`limits.inflight_per_connection_max`).
+/// Reply slots (requests in flight) on one connection by default (`limits.inflight_per_connection_max`).
 pub const INFLIGHT_PER_CONNECTION_MAX: usize = 1024;
-/// Requests in flight in the whole server (bounds every shard mailbox and
-/// the journal queue; `limits.inflight_max`).
+/// Reply slots (requests in flight) in the whole server (bounds every
+/// shard mailbox, the journal queue and the replies waiting to be written;
+/// `limits.inflight_max`).
 pub const INFLIGHT_MAX: usize = 131_072;
 /// How long a peer may take to finish sending a frame it has started.
 pub const FRAME_READ_TIMEOUT_MS: u64 = 30_000;
+/// Largest frame a connection not yet logged in may send (a login or a
+/// signup needs a few hundred bytes), so that anonymous connections cannot
+/// make the server hold `frame_bytes_max` each.
+pub const ANONYMOUS_FRAME_BYTES_MAX: usize = 64 * 1024;
+/// How long a socket may take no bytes of pending replies before the
+/// connection is closed (`limits.write_timeout_ms`).
+pub const WRITE_TIMEOUT_MS: u64 = 30_000;
+/// How long a connection that is not logged in may send nothing
+/// (`limits.idle_anonymous_ms`).
+pub const IDLE_ANONYMOUS_MS: u64 = 60_000;
+/// What one reply slot stands for. Every reply but a page fits in one
+/// (error messages are cut to `ERROR_MESSAGE_BYTES_MAX`); a page takes one
+/// slot per `REPLY_SLOT_BYTES` of [`PAGE_ITEM_BYTES_MAX`] items. Slots are
+/// held until the reply is written, so the replies queued for a connection
+/// stay under `inflight_per_connection_max` x 2 KiB (2 MiB by default),
+/// and for the whole server under `inflight_max` x 2 KiB (256 MiB).
+pub const REPLY_SLOT_BYTES: usize = 2048;
+/// The most one item of a page (a transfer record, an account, a redeem
+/// request) takes on the wire, in MessagePack or JSON.
+pub const PAGE_ITEM_BYTES_MAX: usize = 1536;
+/// Longest error message sent; longer ones (which may quote input) are cut.
+pub const ERROR_MESSAGE_BYTES_MAX: usize = 512;
 
 /// Most commands the journal applies in one redb write transaction. Larger
 /// batches cost less per transfer, but a request that just misses one waits
@@ -95,3 +118,43 @@ pub const MAIL_SEND_TIMEOUT_MS: u64 = 10_000;
 pub const HOLD_TIMEOUT_S_MAX: u64 = 30 * 86_400;
 /// Longest redeem item name in bytes.
 pub const ITEM_BYTES_MAX: usize = 100;
+
+/// Wrong codes per user and purpose (password reset; confirming a
+/// transfer, hold or redeem): 5 free, then waits of 1, 2, 4, ... minutes up
+/// to a day; a day without a wrong code forgives them. New sessions do not
+/// refill it: it belongs to the user. At most 15 guesses in any day (see
+/// SECURITY.md), each with 1-in-a-million odds.
+pub const OTP_GUESSES: crate::guard::BackoffRule =
+    crate::guard::BackoffRule { free: 5, base_ms: 60_000, cap_ms: 86_400_000, forget_ms: 86_400_000 };
+/// Password resets asked for one user per hour (sessions opened, known user or not).
+pub const RESETS_PER_USER_PER_HOUR: usize = 3;
+/// Password resets asked for from one source address (IPv4, or IPv6 /64) per hour.
+pub const RESETS_PER_SOURCE_PER_HOUR: usize = 10;
+/// Reset mails (first codes and resends) to one mail address per hour.
+pub const RESET_MAILS_PER_ADDRESS_PER_HOUR: usize = 5;
+/// Codes mailed for one user's own transfers, holds and redeems per hour
+/// (resends included).
+pub const CODE_MAILS_PER_USER_PER_HOUR: usize = 30;
+/// Users, addresses and mail addresses each guard table tracks at once. A
+/// full table refuses new keys (`rate_limited`) rather than forget a budget.
+pub const GUARD_ENTRIES_MAX: usize = 100_000;
+/// One hour, the window of the hourly limits above.
+pub const HOUR_MS: u64 = 3_600_000;
+
+/// Wrong passwords for one user from one source address: 5 free, then
+/// waits from 1 s doubling up to 15 min; forgotten after an hour.
+pub const LOGIN_PAIR: crate::guard::BackoffRule =
+    crate::guard::BackoffRule { free: 5, base_ms: 1_000, cap_ms: 900_000, forget_ms: HOUR_MS };
+/// Wrong passwords for one user from any address before it counts as under
+/// attack. Then every address that has failed for the user gets one free
+/// try and waits from a minute doubling up to an hour ([`LOGIN_UNDER_ATTACK`]);
+/// an address that has not failed still gets its first try at once, so a
+/// correct password from elsewhere is never locked out.
+pub const LOGIN_USER_FAILURES_MAX: u32 = 20;
+/// The per-address rule for a user under attack.
+pub const LOGIN_UNDER_ATTACK: crate::guard::BackoffRule =
+    crate::guard::BackoffRule { free: 1, base_ms: 60_000, cap_ms: HOUR_MS, forget_ms: HOUR_MS };
+/// Wrong passwords from one source address, whatever the users (a spray
+/// across many user ids): 20 free, then waits from 1 s doubling up to 15 min.
+pub const LOGIN_SOURCE: crate::guard::BackoffRule =
+    crate::guard::BackoffRule { free: 20, base_ms: 1_000, cap_ms: 900_000, forget_ms: HOUR_MS };

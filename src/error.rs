@@ -42,6 +42,9 @@ pub enum ErrorCode {
     KeyConflict,
     /// The server is at a limit; try later.
     Overloaded,
+    /// The server cannot commit right now (its storage failed and is being
+    /// reopened); nothing was changed; try again shortly.
+    Unavailable,
     /// Something failed inside the server (disk, bug); nothing was changed.
     Internal,
 }
@@ -70,6 +73,7 @@ impl ErrorCode {
             ErrorCode::RateLimited => "rate_limited",
             ErrorCode::KeyConflict => "key_conflict",
             ErrorCode::Overloaded => "overloaded",
+            ErrorCode::Unavailable => "unavailable",
             ErrorCode::Internal => "internal",
         }
     }
@@ -84,8 +88,21 @@ pub struct ApiError {
 }
 
 impl ApiError {
+    /// An error with this code and message; a message longer than
+    /// `ERROR_MESSAGE_BYTES_MAX` (it may quote the request) is cut, so that
+    /// every error reply is small.
     pub fn new(code: ErrorCode, message: impl Into<String>) -> Self {
-        ApiError { code, message: message.into() }
+        let mut message = message.into();
+        let max = crate::constants::ERROR_MESSAGE_BYTES_MAX;
+        if message.len() > max {
+            let mut end = max - 3;
+            while !message.is_char_boundary(end) {
+                end -= 1;
+            }
+            message.truncate(end);
+            message.push_str("...");
+        }
+        ApiError { code, message }
     }
     pub fn bad_request(message: impl Into<String>) -> Self {
         Self::new(ErrorCode::BadRequest, message)
@@ -111,8 +128,10 @@ impl From<crate::ledger::LedgerError> for ApiError {
             L::NotFound(_) => ErrorCode::NotFound,
             L::Deleted(_) => ErrorCode::Deleted,
             L::Exists(_) => ErrorCode::Exists,
-            L::BadAmount(_) | L::BadId(_) | L::SameAccount => ErrorCode::BadRequest,
-            L::Ineligible { .. } => ErrorCode::Ineligible,
+            L::BadAmount(_) | L::BadId(_) | L::BadField(_) | L::SameAccount | L::NothingLeft { .. } => {
+                ErrorCode::BadRequest
+            }
+            L::SenderIneligible { .. } | L::ReceiverIneligible { .. } => ErrorCode::Ineligible,
             L::NotAllowed(_) => ErrorCode::Forbidden,
         };
         ApiError::new(code, e.to_string())

@@ -215,8 +215,33 @@ pub fn validate_value(body: &[u8]) -> Result<(), ApiError> {
 }
 
 /// Decodes a request's `args` into the op's argument type.
-pub fn decode_args<'a, T: serde::Deserialize<'a>>(args: &'a [u8]) -> Result<T, ApiError> {
-    rmp_serde::from_slice(args).map_err(|e| ApiError::bad_request(format!("bad args: {e}")))
+pub fn decode_args<T: serde::de::DeserializeOwned>(args: &[u8]) -> Result<T, ApiError> {
+    rmp_serde::from_slice(args).map_err(|e| ApiError::bad_request(format!("bad args: {}", explain::<T>(args, &e))))
+}
+
+/// Says which argument was wrong and what was expected. MessagePack's own
+/// errors name neither (`wrong msgpack marker FixStr(3)`), so on this cold
+/// path the args are decoded again through a JSON value, whose errors do.
+fn explain<T: serde::de::DeserializeOwned>(args: &[u8], e: &rmp_serde::decode::Error) -> String {
+    let Ok(value) = rmp_serde::from_slice::<serde_json::Value>(args) else {
+        return e.to_string();
+    };
+    match serde_path_to_error::deserialize::<_, T>(value) {
+        Err(e) => {
+            let inner = e.inner().to_string();
+            let inner = ["i64", "u64", "u32", "i32", "u8"]
+                .iter()
+                .fold(inner, |m, t| m.replace(&format!("expected {t}"), "expected an integer"));
+            let path = e.path().to_string();
+            // "unknown field `frm`" names the field already.
+            if path == "." || inner.contains(&format!("`{path}`")) {
+                inner
+            } else {
+                format!("{path}: {inner}")
+            }
+        }
+        Ok(_) => e.to_string(),
+    }
 }
 
 #[derive(Serialize)]

@@ -19,13 +19,15 @@ use redb::{Database, Durability, ReadableTable};
 use crate::auth::Principal;
 use crate::auth::{UserState, Users};
 use crate::error::{ApiError, ErrorCode};
-use crate::ledger::{fee, is_system, Applied, Book, Hold, HoldStatus, Kind, LedgerError, Mode, Status, MINT, TREASURY};
+use crate::ledger::{
+    is_system, net_fee, Applied, Book, FeeRounding, Hold, HoldStatus, Kind, LedgerError, Mode, Status, MINT, TREASURY,
+};
 use crate::protocol::{AccountView, Reply, TransferView};
 use crate::reply::ReplyTo;
 use crate::shard::{Effect, ShardMsg, ShardRouter};
 use crate::stats::Stats;
 use crate::store::{
-    self, AccountMeta, Head, HoldRecord, RecordRef, RedeemRecord, RedeemStatus, StoreError, UserRecord,
+    self, AccountMeta, Head, HoldRecord, RecordRef, RedeemRecord, RedeemStatus, Store, StoreError, UserRecord,
 };
 
 /// A full sweep of the balance rows completes within about this many
@@ -227,6 +229,8 @@ pub enum Command {
     Settle(Box<SettleCmd>),
     /// Commit what is queued, write a full checkpoint, stop, then answer.
     Shutdown(tokio::sync::oneshot::Sender<()>),
+    /// `health`: answered once the batch it rides in is committed (or not).
+    Probe(tokio::sync::oneshot::Sender<Result<(), ApiError>>),
 }
 
 impl Command {
@@ -240,7 +244,9 @@ impl Command {
             Command::Bulk(c) => Some(c.reply),
             Command::Reap(c) => Some(c.reply),
             Command::Settle(c) => Some(c.reply),
-            Command::Transfer(_) | Command::Create(_) | Command::User(_) | Command::Shutdown(_) => None,
+            Command::Transfer(_) | Command::Create(_) | Command::User(_) | Command::Shutdown(_) | Command::Probe(_) => {
+                None
+            }
         }
     }
 }
@@ -261,6 +267,8 @@ enum Outcome {
     User(Box<UserCmd>, Result<Box<UserRecord>, ApiError>),
     /// An admin change: its reply, and the changes owners must hear of.
     Admin(ReplyTo, Result<(Reply, Vec<AdminEffect>), ApiError>),
+    /// A `health` probe: whether its batch committed.
+    Probe(tokio::sync::oneshot::Sender<Result<(), ApiError>>, Result<(), ApiError>),
 }
 
 /// What an admin change did to one account, for its owner.
@@ -307,24 +315,115 @@ pub fn channel() -> (JournalHandle, Receiver<Command>) {
     (JournalHandle { tx }, rx)
 }
 
+/// Whether the journal can commit, for the `health` op: shared between
+/// the journal (which sets it) and every connection (which reads it).
+#[derive(Default)]
+pub struct Health {
+    /// Why the journal cannot commit; `None` while it can.
+    failure: std::sync::Mutex<Option<String>>,
+    /// When a commit last succeeded, ms since the Unix epoch.
+    last_commit_ms: std::sync::atomic::AtomicU64,
+}
+
+impl Health {
+    /// `Err(reason)` while the journal cannot commit.
+    pub fn status(&self) -> Result<(), String> {
+        match self.failure.lock() {
+            Ok(f) => f.clone().map_or(Ok(()), Err),
+            Err(_) => Err("the health state is poisoned".into()),
+        }
+    }
+
+    /// When a commit last succeeded (ms since the epoch; 0: none yet).
+    #[must_use]
+    pub fn last_commit_ms(&self) -> u64 {
+        self.last_commit_ms.load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    fn committed(&self, now_ms: u64) {
+        self.last_commit_ms.store(now_ms, std::sync::atomic::Ordering::Release);
+        if let Ok(mut f) = self.failure.lock() {
+            if f.is_some() {
+                *f = None;
+            }
+        }
+    }
+
+    fn failing(&self, reason: String) {
+        if let Ok(mut f) = self.failure.lock() {
+            *f = Some(reason);
+        }
+    }
+}
+
+/// How often a journal that cannot commit tries to reopen the database.
+const RECOVERY_RETRY: std::time::Duration = std::time::Duration::from_millis(500);
+
+/// The answer of every command while the journal cannot commit.
+fn unavailable() -> ApiError {
+    ApiError::new(ErrorCode::Unavailable, "the journal could not commit; nothing was changed; try again shortly")
+}
+
+/// A journal that cannot commit: why, and the database it took out of the
+/// store, kept until every reader has let go of it.
+struct Failure {
+    reason: String,
+    retired: Option<Arc<Database>>,
+}
+
 pub struct Journal {
-    pub db: Arc<Database>,
-    pub book: Book,
-    pub head: Head,
-    pub batch_max: usize,
-    pub stats: Arc<Stats>,
+    store: Arc<Store>,
+    book: Book,
+    head: Head,
+    batch_max: usize,
+    stats: Arc<Stats>,
+    health: Arc<Health>,
     /// Next account number the balance-row sweep writes.
-    pub sweep_cursor: u32,
+    sweep_cursor: u32,
     /// The head when the current sweep began: once it completes, every
     /// balance row includes all transfers up to here.
-    pub sweep_from: u64,
+    sweep_from: u64,
     /// Every balance row includes all transfers up to here (as last written).
-    pub checkpoint: u64,
+    checkpoint: u64,
     /// Open holds with a timeout: (expires_at, hold id).
-    pub expiring: std::collections::BTreeSet<(u64, u64)>,
+    expiring: std::collections::BTreeSet<(u64, u64)>,
+    /// How a posted hold's fee rounds (`policy.fee_rounding`).
+    fee_rounding: FeeRounding,
+    /// Set while the journal cannot commit.
+    failure: Option<Failure>,
+}
+
+/// What the journal starts from.
+pub struct JournalArgs {
+    pub store: Arc<Store>,
+    /// The ledger as loaded at start-up.
+    pub loaded: store::Loaded,
+    pub batch_max: usize,
+    pub stats: Arc<Stats>,
+    pub health: Arc<Health>,
+    pub fee_rounding: FeeRounding,
 }
 
 impl Journal {
+    #[must_use]
+    pub fn new(a: JournalArgs) -> Journal {
+        let store::Loaded { book, head, expiring, .. } = a.loaded;
+        Journal {
+            store: a.store,
+            book,
+            head,
+            batch_max: a.batch_max,
+            stats: a.stats,
+            health: a.health,
+            sweep_cursor: 0,
+            sweep_from: head.id,
+            checkpoint: 0,
+            expiring: expiring.into_iter().collect(),
+            fee_rounding: a.fee_rounding,
+            failure: None,
+        }
+    }
+
     /// Runs until every [`JournalHandle`] is dropped or a
     /// [`Command::Shutdown`] arrives, then writes a full checkpoint and
     /// returns. Committed batches go to `fanout` in commit order.
@@ -332,6 +431,12 @@ impl Journal {
         let mut batch: Vec<Command> = Vec::with_capacity(self.batch_max);
         let mut buf = Vec::with_capacity(512);
         loop {
+            if self.failure.is_some() {
+                match self.run_failing(rx, fanout, &mut buf) {
+                    Some(()) => continue,
+                    None => return,
+                }
+            }
             self.due_holds(&mut batch);
             if batch.is_empty() {
                 match rx.recv_timeout(self.idle_wait()) {
@@ -373,6 +478,104 @@ impl Journal {
         self.stop();
     }
 
+    /// One round of a journal that cannot commit: refuses whatever is
+    /// queued (`unavailable`, through the fan-out so that owners release
+    /// their reservations), and now and then tries to reopen the database.
+    /// `None` when the journal must stop.
+    fn run_failing(
+        &mut self,
+        rx: &Receiver<Command>,
+        fanout: &tokio::sync::mpsc::UnboundedSender<OutcomeBatch>,
+        buf: &mut Vec<u8>,
+    ) -> Option<()> {
+        let first = match rx.recv_timeout(RECOVERY_RETRY) {
+            Ok(c) => Some(c),
+            Err(crossbeam_channel::RecvTimeoutError::Timeout) => None,
+            Err(crossbeam_channel::RecvTimeoutError::Disconnected) => return None,
+        };
+        let mut refused_now = Vec::new();
+        for cmd in first.into_iter().chain(std::iter::from_fn(|| rx.try_recv().ok())) {
+            if let Command::Shutdown(done) = cmd {
+                let _ = fanout.send(OutcomeBatch(refused_now));
+                tracing::warn!("stopping while the journal cannot commit; the next start recovers");
+                let _ = done.send(());
+                return None;
+            }
+            refused_now.extend(refused(cmd, &unavailable()));
+        }
+        if !refused_now.is_empty() && fanout.send(OutcomeBatch(refused_now)).is_err() {
+            return None;
+        }
+        self.try_recover(buf);
+        Some(())
+    }
+
+    /// Records a failed commit: health turns failing, and the database is
+    /// taken out of the store to be reopened (redb refuses everything after
+    /// an IO error until then).
+    fn fail(&mut self, e: &StoreError) {
+        let reason = e.to_string();
+        tracing::error!(error = %reason, "the journal cannot commit; refusing writes until the storage recovers");
+        self.health.failing(reason.clone());
+        let retired = self.store.take();
+        self.failure = Some(Failure { reason, retired });
+    }
+
+    /// Tries once to reopen the database and carry on from what it holds.
+    fn try_recover(&mut self, buf: &mut Vec<u8>) {
+        let Some(failure) = self.failure.as_mut() else { return };
+        if let Some(old) = failure.retired.take() {
+            if Arc::strong_count(&old) > 1 {
+                // A reader (a backup, a page of history) still holds it.
+                failure.retired = Some(old);
+                return;
+            }
+            drop(old);
+        }
+        let db = match store::open(self.store.path()) {
+            Ok(db) => db,
+            Err(e) => {
+                if e.to_string() != failure.reason {
+                    tracing::warn!(error = %e, "the database cannot be reopened yet");
+                    failure.reason = e.to_string();
+                    self.health.failing(failure.reason.clone());
+                }
+                return;
+            }
+        };
+        let loaded = match store::load(&db, self.book.limits) {
+            Ok(l) => l,
+            Err(e) => {
+                tracing::warn!(error = %e, "the reopened database cannot be loaded yet");
+                return;
+            }
+        };
+        if loaded.head != self.head {
+            // The failed commit reached the disk after all, so its commands
+            // were refused but applied: the owners' views are wrong. Only a
+            // fresh start rebuilds everything from the disk.
+            tracing::error!(
+                disk = loaded.head.id,
+                memory = self.head.id,
+                "a commit reported as failed is on disk; stopping so that a restart rebuilds the ledger"
+            );
+            std::process::abort();
+        }
+        self.book = loaded.book;
+        self.expiring = loaded.expiring.into_iter().collect();
+        self.sweep_cursor = 0;
+        self.sweep_from = self.head.id;
+        self.store.put(Arc::new(db));
+        // Healthy only once a commit has gone through.
+        let reason = self.failure.take().map(|f| f.reason).unwrap_or_default();
+        let mut none = Vec::new();
+        let outcomes = self.commit(&mut none, buf);
+        debug_assert!(outcomes.is_empty());
+        if self.failure.is_none() {
+            tracing::warn!(after = %reason, "the storage recovered; the journal commits again");
+        }
+    }
+
     /// Queues a void for every hold whose timeout has passed (at most a
     /// batch's worth at a time).
     fn due_holds(&mut self, batch: &mut Vec<Command>) {
@@ -408,7 +611,7 @@ impl Journal {
     /// that start-up, `audit` and `list_accounts` replay almost nothing.
     /// Stops as soon as real work arrives.
     fn catch_up(&mut self, rx: &Receiver<Command>, buf: &mut Vec<u8>) {
-        while self.checkpoint < self.head.id && rx.is_empty() {
+        while self.checkpoint < self.head.id && rx.is_empty() && self.failure.is_none() {
             let before = (self.checkpoint, self.sweep_cursor);
             let mut none = Vec::new();
             let outcomes = self.commit(&mut none, buf);
@@ -444,21 +647,12 @@ impl Journal {
         let mut commands = batch.drain(..);
         let written = self.write(&mut commands, buf, &mut outcomes);
         if let Err(e) = written {
-            tracing::error!(error = %e, "commit failed; the batch is refused");
             // Every command still gets an answer: those not reached too.
-            outcomes.extend(commands.filter_map(refused));
-            // Nothing of this batch reached the disk. Rebuild the book from
-            // what did; if even that fails the disk is gone, and stopping is
-            // the only answer that cannot serve wrong balances.
-            let loaded = store::load(&self.db, self.book.limits)
-                .unwrap_or_else(|e| panic!("cannot reload the ledger after a failed commit: {e}"));
-            assert_eq!(loaded.head, head_before, "a failed commit moved the head");
-            self.book = loaded.book;
-            self.head = loaded.head;
-            self.expiring = loaded.expiring.into_iter().collect();
-            self.sweep_cursor = 0;
-            self.sweep_from = self.head.id;
-            let failed = ApiError::internal("the journal could not commit; nothing was changed");
+            let failed = unavailable();
+            outcomes.extend(commands.filter_map(|c| refused(c, &failed)));
+            // Nothing of this batch reached the disk: the book goes back to
+            // what did when the database is reopened (see `try_recover`).
+            self.head = head_before;
             for o in &mut outcomes {
                 match o {
                     Outcome::Transfer(_, r, rewarded) => {
@@ -468,10 +662,13 @@ impl Journal {
                     Outcome::Create(_, r) => *r = Err(failed.clone()),
                     Outcome::User(_, r) => *r = Err(failed.clone()),
                     Outcome::Admin(_, r) => *r = Err(failed.clone()),
+                    Outcome::Probe(_, r) => *r = Err(failed.clone()),
                 }
             }
+            self.fail(&e);
             return outcomes;
         }
+        self.health.committed(store::now_ms());
         self.stats.record_batch(items, self.head.id - head_before.id);
         outcomes
     }
@@ -517,7 +714,8 @@ impl Journal {
 
     /// Writes every dirty balance row and a checkpoint at the head.
     fn final_checkpoint(&mut self) -> Result<(), StoreError> {
-        let txn = store::begin_write(&self.db)?;
+        let db = self.store.db()?;
+        let txn = store::begin_write(&db)?;
         let all = u32::try_from(self.book.len()).unwrap_or(u32::MAX);
         store::write_rows(&txn, &mut self.book, 0..all)?;
         store::write_checkpoint(&txn, self.head.id)?;
@@ -554,7 +752,8 @@ impl Journal {
         outcomes: &mut Vec<Outcome>,
     ) -> Result<(), StoreError> {
         let head_before = self.head.id;
-        let mut txn = store::begin_write(&self.db)?;
+        let db = self.store.db()?;
+        let mut txn = store::begin_write(&db)?;
         txn.set_durability(Durability::Immediate).map_err(|e| StoreError::Corrupt(format!("durability: {e}")))?;
         {
             let mut tables = Tables {
@@ -644,6 +843,11 @@ impl Journal {
             // Taken out of the batch before writing.
             Command::Shutdown(done) => {
                 let _ = done.send(());
+                Ok(())
+            }
+            // Answered when the batch is committed.
+            Command::Probe(done) => {
+                outcomes.push(Outcome::Probe(done, Ok(())));
                 Ok(())
             }
         }
@@ -786,7 +990,14 @@ impl Journal {
                 Ok(x) => x,
                 Err(e) => return refuse(e.into()),
             };
-            let fee = if is_system(&to) { 0 } else { fee(x, record.fee_bps) };
+            let fee = if is_system(&to) {
+                0
+            } else {
+                match net_fee(x, record.fee_bps, self.fee_rounding) {
+                    Ok(f) => f,
+                    Err(e) => return refuse(e.into()),
+                }
+            };
             match self.book.post(&from, &to, held, x, fee) {
                 Ok(applied) => {
                     record.hold.posted(x);
@@ -954,20 +1165,18 @@ fn split<T>(r: Admin<T>) -> (Result<T, ApiError>, Result<(), StoreError>) {
     }
 }
 
-/// The refusal of a command the failed commit never reached.
-fn refused(cmd: Command) -> Option<Outcome> {
-    fn failed<T>() -> Result<T, ApiError> {
-        Err(ApiError::internal("the journal could not commit; nothing was changed"))
-    }
+/// The refusal of a command the journal will not apply.
+fn refused(cmd: Command, error: &ApiError) -> Option<Outcome> {
     Some(match cmd {
-        Command::Transfer(c) => Outcome::Transfer(c, failed(), None),
-        Command::Create(c) => Outcome::Create(c, failed()),
-        Command::User(u) => Outcome::User(u, failed()),
+        Command::Transfer(c) => Outcome::Transfer(c, Err(error.clone()), None),
+        Command::Create(c) => Outcome::Create(c, Err(error.clone())),
+        Command::User(u) => Outcome::User(u, Err(error.clone())),
+        Command::Probe(done) => Outcome::Probe(done, Err(error.clone())),
         Command::Shutdown(done) => {
             let _ = done.send(());
             return None;
         }
-        admin => Outcome::Admin(admin.admin_reply()?, failed()),
+        admin => Outcome::Admin(admin.admin_reply()?, Err(error.clone())),
     })
 }
 
@@ -1380,6 +1589,9 @@ fn fan_out(
                 r
             });
             replies.push((reply, result));
+        }
+        Outcome::Probe(done, result) => {
+            let _ = done.send(result);
         }
         Outcome::User(u, result) => {
             // The registry changes before anyone hears of it, so a revoked

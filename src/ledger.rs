@@ -91,8 +91,15 @@ const KEY_INLINE_BYTES: usize = 30;
 /// instead of following a pointer to a separate heap block: with 100,000
 /// accounts that extra cache miss showed up in perf as ~13% of the server's
 /// CPU (inside `memcmp`, called from the shards' and the book's lookups).
+///
+/// The representation is private: the only ways in are the `From`
+/// conversions from `&str` and `Box<str>`, which is what makes the
+/// unchecked UTF-8 read in [`AccountKey::as_str`] sound.
 #[derive(Clone)]
-pub enum AccountKey {
+pub struct AccountKey(KeyRepr);
+
+#[derive(Clone)]
+enum KeyRepr {
     Inline { len: u8, bytes: [u8; KEY_INLINE_BYTES] },
     Heap(Box<str>),
 }
@@ -100,12 +107,13 @@ pub enum AccountKey {
 impl AccountKey {
     #[must_use]
     pub fn as_str(&self) -> &str {
-        match self {
+        match &self.0 {
             // SAFETY: `bytes[..len]` was copied whole from a `&str` (see
-            // `From<&str>`), so it is valid UTF-8; skipping the check saves
-            // a scan on every hash-map probe.
-            AccountKey::Inline { len, bytes } => unsafe { std::str::from_utf8_unchecked(&bytes[..usize::from(*len)]) },
-            AccountKey::Heap(s) => s,
+            // `From<&str>`, the only constructor of `Inline`, unreachable
+            // from outside this module), so it is valid UTF-8; skipping the
+            // check saves a scan on every hash-map probe.
+            KeyRepr::Inline { len, bytes } => unsafe { std::str::from_utf8_unchecked(&bytes[..usize::from(*len)]) },
+            KeyRepr::Heap(s) => s,
         }
     }
 }
@@ -115,9 +123,10 @@ impl From<&str> for AccountKey {
         if s.len() <= KEY_INLINE_BYTES {
             let mut bytes = [0u8; KEY_INLINE_BYTES];
             bytes[..s.len()].copy_from_slice(s.as_bytes());
-            AccountKey::Inline { len: s.len() as u8, bytes }
+            // `s.len() <= 30`, so the length fits in a u8.
+            AccountKey(KeyRepr::Inline { len: s.len() as u8, bytes })
         } else {
-            AccountKey::Heap(s.into())
+            AccountKey(KeyRepr::Heap(s.into()))
         }
     }
 }
@@ -127,7 +136,7 @@ impl From<Box<str>> for AccountKey {
         if s.len() <= KEY_INLINE_BYTES {
             AccountKey::from(&*s)
         } else {
-            AccountKey::Heap(s)
+            AccountKey(KeyRepr::Heap(s))
         }
     }
 }
@@ -198,10 +207,21 @@ pub enum LedgerError {
     BadAmount(String),
     #[error("bad id: {0}")]
     BadId(String),
+    /// A free-text field (memo, idempotency key) out of its bounds.
+    #[error("{0}")]
+    BadField(String),
     #[error("from and to are the same account")]
     SameAccount,
-    #[error("{user} has attended {events} events; transfers need at least {min}")]
-    Ineligible { user: String, events: u64, min: u64 },
+    /// The sender has attended too few events (its own figures: they are the caller's).
+    #[error("you have attended {events} {}; transfers need at least {min}", if *.events == 1 { "event" } else { "events" })]
+    SenderIneligible { events: u64, min: u64 },
+    /// The receiving user has attended too few events. No figures: they
+    /// are another user's.
+    #[error("{user} cannot receive transfers yet (too few events attended)")]
+    ReceiverIneligible { user: String },
+    /// The fee would take the whole amount, so the receiver would get nothing.
+    #[error("a fee of {fee} would take the whole amount of {amount}; send more")]
+    NothingLeft { amount: i64, fee: i64 },
     #[error("{0}")]
     NotAllowed(String),
 }
@@ -324,10 +344,10 @@ pub fn validate_amount(amount: i64) -> Result<(), LedgerError> {
 /// Checks the optional free-text fields of a transfer.
 pub fn validate_memo_key(memo: Option<&str>, key: Option<&str>) -> Result<(), LedgerError> {
     if memo.is_some_and(|m| m.len() > MEMO_BYTES_MAX) {
-        return Err(LedgerError::BadId(format!("memo is longer than {MEMO_BYTES_MAX} bytes")));
+        return Err(LedgerError::BadField(format!("memo is longer than {MEMO_BYTES_MAX} bytes")));
     }
     if key.is_some_and(|k| k.is_empty() || k.len() > KEY_BYTES_MAX) {
-        return Err(LedgerError::BadId(format!("key must be 1-{KEY_BYTES_MAX} bytes")));
+        return Err(LedgerError::BadField(format!("key must be 1-{KEY_BYTES_MAX} bytes")));
     }
     Ok(())
 }
@@ -412,6 +432,18 @@ pub struct Policy {
     pub min_events: u64,
     pub fee_same_group_bps: u32,
     pub fee_cross_group_bps: u32,
+    pub fee_rounding: FeeRounding,
+}
+
+/// How a fee that is not a whole number of units rounds (`policy.fee_rounding`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FeeRounding {
+    /// Toward zero: small transfers may pay no fee at all.
+    #[default]
+    Down,
+    /// Away from zero: every transfer with a non-zero rate pays at least 1.
+    Up,
 }
 
 /// A user taking part in a transfer.
@@ -439,18 +471,27 @@ impl Policy {
     /// why the transfer is refused: users cannot pay system or admin
     /// accounts; both users need `min_events`. Only user-to-user transfers
     /// pay a fee: the same-group rate when both users have the same group
-    /// (or both none), the cross-group rate otherwise; it rounds down.
+    /// (or both none), the cross-group rate otherwise; it rounds as
+    /// `fee_rounding` says, and a fee that would leave the receiver nothing
+    /// is refused.
     pub fn user_transfer(&self, sender: &Party<'_>, receiver: &Receiver<'_>, amount: i64) -> Result<i64, LedgerError> {
-        self.user_transfer_bps(sender, receiver).map(|bps| fee(amount, bps))
+        self.user_transfer_bps(sender, receiver).and_then(|bps| net_fee(amount, bps, self.fee_rounding))
     }
 
     /// The fee rate of [`Policy::user_transfer`], or why it is refused.
     pub fn user_transfer_bps(&self, sender: &Party<'_>, receiver: &Receiver<'_>) -> Result<u32, LedgerError> {
-        let eligible = |p: &Party<'_>| {
+        let sender_eligible = |p: &Party<'_>| {
             if p.events >= self.min_events {
                 Ok(())
             } else {
-                Err(LedgerError::Ineligible { user: p.user.to_owned(), events: p.events, min: self.min_events })
+                Err(LedgerError::SenderIneligible { events: p.events, min: self.min_events })
+            }
+        };
+        let receiver_eligible = |p: &Party<'_>| {
+            if p.events >= self.min_events {
+                Ok(())
+            } else {
+                Err(LedgerError::ReceiverIneligible { user: p.user.to_owned() })
             }
         };
         match receiver {
@@ -461,24 +502,38 @@ impl Policy {
                 Err(LedgerError::NotAllowed("users cannot transfer to an admin's account".into()))
             }
             Receiver::Unowned => {
-                eligible(sender)?;
+                sender_eligible(sender)?;
                 Ok(0)
             }
             Receiver::User(r) => {
-                eligible(sender)?;
-                eligible(r)?;
+                sender_eligible(sender)?;
+                receiver_eligible(r)?;
                 Ok(if sender.group == r.group { self.fee_same_group_bps } else { self.fee_cross_group_bps })
             }
         }
     }
 }
 
-/// The fee on `amount` at `bps` basis points, rounded down.
+/// The fee on `amount` (positive) at `bps` basis points, rounded as `rounding` says.
 #[must_use]
-pub fn fee(amount: i64, bps: u32) -> i64 {
+pub fn fee(amount: i64, bps: u32, rounding: FeeRounding) -> i64 {
     // i128 so that amount * bps cannot overflow; the result is <= amount.
-    let fee = i128::from(amount) * i128::from(bps) / 10_000;
+    let scaled = i128::from(amount) * i128::from(bps);
+    let fee = match rounding {
+        FeeRounding::Down => scaled / 10_000,
+        FeeRounding::Up => (scaled + 9_999) / 10_000,
+    };
     i64::try_from(fee).unwrap_or(amount).min(amount)
+}
+
+/// The fee on `amount` at `bps`, refused when it would leave the receiver
+/// nothing (a rate below 100% never should: only rounding up can do that).
+pub fn net_fee(amount: i64, bps: u32, rounding: FeeRounding) -> Result<i64, LedgerError> {
+    let f = fee(amount, bps, rounding);
+    if f > 0 && f >= amount {
+        return Err(LedgerError::NothingLeft { amount, fee: f });
+    }
+    Ok(f)
 }
 
 /// `balance - amount`, refused if it would leave `bounds`.

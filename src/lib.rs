@@ -19,12 +19,14 @@
 //!
 //! Run it with `tally serve`; the README explains the design.
 
+pub mod admin;
 pub mod auth;
 pub mod client;
 pub mod config;
 pub mod constants;
 pub mod error;
 pub mod frame;
+pub mod guard;
 pub mod journal;
 pub mod ledger;
 pub mod mail;

@@ -5,11 +5,11 @@
 //! (`MAIL_QUEUE_MAX`), so the mailbox is bounded, and a oneshot on which the
 //! request that asked for the mail learns whether it was delivered.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use lettre::message::{header::ContentType, Mailbox};
-use lettre::{AsyncFileTransport, AsyncSmtpTransport, AsyncTransport, Message, Tokio1Executor};
+use lettre::{AsyncSmtpTransport, AsyncTransport, Message, Tokio1Executor};
 use ractor::{Actor, ActorProcessingErr, ActorRef};
 use tokio::sync::{oneshot, OwnedSemaphorePermit};
 
@@ -21,8 +21,10 @@ pub enum Transport {
     /// `smtp://host:port` (plain, for a local relay) or
     /// `smtps://user:pass@host:port` (TLS from the first byte, rustls).
     Smtp(AsyncSmtpTransport<Tokio1Executor>),
-    /// `file:///dir`: one `.eml` file per message (the dev default).
-    File(AsyncFileTransport<Tokio1Executor>),
+    /// `file:///dir`: one `.eml` file per message (the dev default), named
+    /// by time (`20261201T131642.123Z-1a2b3c4d.eml`, so the newest sorts
+    /// last) and readable by the server's user only: it holds a live code.
+    File(PathBuf),
     /// `log`: dev only; the log notes that a mail was sent, never its body.
     Log,
 }
@@ -39,7 +41,13 @@ impl Transport {
                 return Err("mail.transport file:// needs an absolute folder, e.g. file:///var/mail/tally".into());
             }
             std::fs::create_dir_all(dir).map_err(|e| format!("cannot create mail folder {}: {e}", dir.display()))?;
-            return Ok(Transport::File(AsyncFileTransport::new(dir)));
+            #[cfg(unix)]
+            {
+                use std::os::unix::fs::PermissionsExt;
+                std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
+                    .map_err(|e| format!("cannot restrict mail folder {}: {e}", dir.display()))?;
+            }
+            return Ok(Transport::File(dir.to_owned()));
         }
         if spec.starts_with("smtp://") || spec.starts_with("smtps://") {
             let builder = AsyncSmtpTransport::<Tokio1Executor>::from_url(spec)
@@ -112,7 +120,13 @@ async fn deliver(state: &MailerArgs, to: &str, subject: String, body: String) ->
             tracing::info!(to = %to, "mail sent to the log transport (its body, and any code, is not logged)");
             Ok(())
         }
-        Transport::File(t) => t.send(message).await.map(drop).map_err(|e| format!("cannot write the mail: {e}")),
+        Transport::File(dir) => {
+            let (dir, bytes) = (dir.clone(), message.formatted());
+            tokio::task::spawn_blocking(move || write_mail_file(&dir, &bytes))
+                .await
+                .map_err(|e| format!("cannot write the mail: {e}"))?
+                .map_err(|e| format!("cannot write the mail: {e}"))
+        }
         Transport::Smtp(t) => {
             let mut attempt = 1;
             loop {
@@ -132,9 +146,50 @@ async fn deliver(state: &MailerArgs, to: &str, subject: String, body: String) ->
     }
 }
 
+/// A mail file's name: the time first (UTC, to the millisecond), then a
+/// random part so that two mails in one millisecond do not collide.
+fn mail_file_name(now_ms: u64, random: u32) -> String {
+    let day_time: String = crate::otp::utc(now_ms)
+        .chars()
+        .filter_map(|c| match c {
+            '-' | ':' => None,
+            ' ' => Some('T'),
+            c => Some(c),
+        })
+        .collect();
+    format!("{day_time}.{:03}Z-{random:08x}.eml", now_ms % 1000)
+}
+
+/// Writes one mail into `dir`, mode 0600, never over another file. It is
+/// written under a hidden name first and renamed, so whoever watches the
+/// folder never reads half a mail.
+fn write_mail_file(dir: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    let mut random = [0u8; 4];
+    getrandom::fill(&mut random).map_err(|e| std::io::Error::other(e.to_string()))?;
+    let name = mail_file_name(crate::store::now_ms(), u32::from_le_bytes(random));
+    let partial = dir.join(format!(".{name}.partial"));
+    let mut opts = std::fs::OpenOptions::new();
+    opts.write(true).create_new(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        opts.mode(0o600);
+    }
+    let mut f = opts.open(&partial)?;
+    std::io::Write::write_all(&mut f, bytes)?;
+    f.sync_all()?;
+    std::fs::rename(&partial, dir.join(name))
+}
+
 #[cfg(test)]
 mod tests {
     use super::Transport;
+
+    #[test]
+    fn mail_files_are_named_by_time_first() {
+        assert_eq!(super::mail_file_name(1_795_312_800_500, 0x1a2b), "20261122T020000.500Z-00001a2b.eml");
+        assert!(super::mail_file_name(1_795_312_800_500, u32::MAX) < super::mail_file_name(1_795_312_800_501, 0));
+    }
 
     #[test]
     fn transports_parse_and_bad_ones_say_why_without_echoing_secrets() {

@@ -63,6 +63,10 @@ enum Command {
         #[arg(long)]
         out: String,
     },
+    /// Administration on the host, against the data folder, while the
+    /// server is stopped (the database refuses a second opener).
+    #[command(subcommand)]
+    Admin(AdminCommand),
     /// Sends one request and prints its result as JSON.
     ///
     /// Arguments are key=value pairs, typed like the text mode: integers,
@@ -89,6 +93,63 @@ enum Command {
         /// Arguments as key=value.
         args: Vec<String>,
     },
+}
+
+#[derive(Subcommand)]
+enum AdminCommand {
+    /// Sets a user's password and revokes every token of the user. This is
+    /// how an admin's password is reset: `reset_password` over the wire
+    /// never resets an admin.
+    ///
+    /// The new password comes from TALLY_NEW_PASSWORD, else from the first
+    /// line of standard input.
+    ///
+    /// Example: TALLY_NEW_PASSWORD='a long new passphrase' tally admin reset-password --data ./tally-data admin
+    #[command(verbatim_doc_comment)]
+    ResetPassword {
+        /// Data folder of the (stopped) server.
+        #[arg(long, default_value = tally::constants::DATA_DEFAULT)]
+        data: PathBuf,
+        /// The user whose password is set.
+        user: String,
+    },
+}
+
+/// Runs `tally admin reset-password`: returns the exit code.
+fn admin_reset_password(data: &std::path::Path, user: &str) -> ExitCode {
+    let password = match std::env::var("TALLY_NEW_PASSWORD") {
+        Ok(p) => p,
+        Err(_) => {
+            let mut line = String::new();
+            if std::io::stdin().read_line(&mut line).is_err() {
+                eprintln!("tally: cannot read the new password from standard input");
+                return ExitCode::from(2);
+            }
+            line.trim_end_matches(['\r', '\n']).to_owned()
+        }
+    };
+    match tally::admin::reset_password(data, user, &password) {
+        Ok(()) => {
+            println!("the password of {user} is set; every token of {user} is revoked");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("tally: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// A panic is a bug: rather than run on with an actor or the journal
+/// missing, print it and stop the whole process at once. A restart replays
+/// the journal, so nothing acknowledged is lost.
+fn abort_on_panic() {
+    let default = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        default(info);
+        eprintln!("tally: a thread panicked (a bug); aborting so that a restart recovers the ledger from the journal");
+        std::process::abort();
+    }));
 }
 
 /// Runs `tally call`: returns the exit code.
@@ -145,13 +206,28 @@ fn runtime(workers: Option<usize>) -> Option<tokio::runtime::Runtime> {
 }
 
 fn main() -> ExitCode {
+    use std::io::IsTerminal;
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::try_from_env("TALLY_LOG").unwrap_or_else(|_| "info".into()))
         .with_writer(std::io::stderr)
+        // Colour codes only for a person at a terminal, never in log files.
+        .with_ansi(std::io::stderr().is_terminal())
         .init();
     let cli = Cli::parse();
     match cli.command {
         Command::Serve { config, listen, data, preset } => {
+            abort_on_panic();
+            // Everything the server creates (database, secrets, mails,
+            // backups) is for its own user only.
+            #[cfg(unix)]
+            // SAFETY: umask only sets the process's file-creation mask, and
+            // signal(SIGXFSZ, SIG_IGN) only its disposition: a file-size
+            // limit must reach the journal as a write error (which it
+            // survives) rather than kill the process.
+            unsafe {
+                libc::umask(0o077);
+                libc::signal(libc::SIGXFSZ, libc::SIG_IGN);
+            }
             let overrides = Overrides { listen, data, preset };
             let config = match Config::load(config.as_deref(), std::env::vars(), &overrides) {
                 Ok(c) => c,
@@ -175,6 +251,7 @@ fn main() -> ExitCode {
             let Some(runtime) = runtime(None) else { return ExitCode::FAILURE };
             runtime.block_on(call(&connect, Some(&user), password.as_deref(), "backup", &[format!("out={out}")]))
         }
+        Command::Admin(AdminCommand::ResetPassword { data, user }) => admin_reset_password(&data, &user),
         Command::Call { connect, user, password, op, args } => {
             let Some(runtime) = runtime(None) else { return ExitCode::FAILURE };
             runtime.block_on(call(&connect, user.as_deref(), password.as_deref(), &op, &args))

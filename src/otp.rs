@@ -2,16 +2,33 @@
 //!
 //! The supervisor owns every pending session (its user, the operation
 //! waiting for confirmation, the code kept as a keyed hash, expiry, wrong
-//! tries and resends), drops expired ones on its own timer, and supervises
-//! the mailer actor (`mail.rs`) that delivers codes: if the mailer fails it
-//! is started again and the sessions, which live here, carry on.
+//! tries and resends), the guessing budgets of every user, drops expired
+//! sessions on its own timer, and supervises the mailer actor (`mail.rs`)
+//! that delivers codes: if the mailer fails it is started again and the
+//! sessions, which live here, carry on.
 //!
 //! The rules are in [`Sessions`], plain data and functions tested without
 //! actors; [`OtpActor`] adds the timer, the mail queue and the supervision.
 //! Nothing here awaits another actor: a request that opens a session gets
 //! back a oneshot on which it (not the supervisor) waits for the mail.
+//!
+//! # Why guessing stays hopeless
+//!
+//! A session allows `otp.tries_max` wrong codes, but sessions are cheap to
+//! open, so the real bound is per *user*: each user has a budget of wrong
+//! codes per purpose ([`Purpose`]) that new sessions never refill
+//! ([`crate::constants::OTP_GUESSES`]: 5, then waits doubling from a
+//! minute). While a budget waits, `confirm` answers `rate_limited` without
+//! looking at the code, so guesses sent then are not even checked. Resets
+//! (anonymous) and confirmations (logged in) have separate budgets: an
+//! attacker's wrong reset codes never stop the user's own transfers.
+//! Resets are also bounded per user, per source address and (mails) per
+//! mail address. A reset for a user that does not exist, or for an admin
+//! (admins reset on the host), opens a decoy session: same answers, same
+//! limits, no code anywhere, so neither existence nor role leaks.
 
 use std::collections::HashMap;
+use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -20,12 +37,20 @@ use ractor::{Actor, ActorProcessingErr, ActorRef, MessagingErr, RpcReplyPort, Su
 use tokio::sync::{oneshot, Semaphore};
 use tokio::task::JoinHandle;
 
-use crate::constants::{MAIL_QUEUE_MAX, OTP_SESSIONS_MAX, OTP_SESSIONS_PER_USER_MAX, OTP_SWEEP_INTERVAL_MS};
+use crate::constants::{
+    CODE_MAILS_PER_USER_PER_HOUR, GUARD_ENTRIES_MAX, HOUR_MS, MAIL_QUEUE_MAX, OTP_GUESSES, OTP_SESSIONS_MAX,
+    OTP_SESSIONS_PER_USER_MAX, OTP_SWEEP_INTERVAL_MS, RESETS_PER_SOURCE_PER_HOUR, RESETS_PER_USER_PER_HOUR,
+    RESET_MAILS_PER_ADDRESS_PER_HOUR,
+};
 use crate::error::{ApiError, ErrorCode};
+use crate::guard::{self, Backoff, Recent, Table};
 use crate::mail::{Mail, MailerActor, MailerArgs, Transport};
 
 /// Digits in a code.
 pub const CODE_DIGITS: usize = 6;
+
+/// How often the guard tables drop entries that no longer matter.
+const GUARD_SWEEP_INTERVAL_MS: u64 = 60_000;
 
 /// The operation a session waits to run.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -40,6 +65,25 @@ pub enum Action {
     Redeem { account: String, item: String, amount: i64, memo: Option<String> },
 }
 
+/// What a code is for; each has its own guessing budget per user.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Purpose {
+    /// A password reset: asked for and confirmed anonymously.
+    Reset,
+    /// A transfer, hold or redeem of a logged-in user.
+    Confirm,
+}
+
+impl Purpose {
+    #[must_use]
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Purpose::Reset => "reset",
+            Purpose::Confirm => "confirm",
+        }
+    }
+}
+
 impl Action {
     /// The mail's subject: it names the action.
     #[must_use]
@@ -52,10 +96,15 @@ impl Action {
         }
     }
 
-    /// Whether anyone holding the code may confirm (a user who forgot the
-    /// password cannot log in); every other action needs its user logged in.
-    fn anonymous(&self) -> bool {
-        matches!(self, Action::ResetPassword)
+    /// A reset is confirmed by whoever holds the code (a user who forgot
+    /// the password cannot log in); every other action needs its user
+    /// logged in.
+    #[must_use]
+    pub fn purpose(&self) -> Purpose {
+        match self {
+            Action::ResetPassword => Purpose::Reset,
+            _ => Purpose::Confirm,
+        }
     }
 }
 
@@ -105,31 +154,81 @@ impl std::fmt::Debug for Code {
 
 struct Session {
     user: Arc<str>,
-    email: String,
+    /// Where codes go; `None` for a decoy (an unknown user, or an admin
+    /// asking for a reset over the wire), which no code can confirm.
+    email: Option<String>,
     action: Action,
-    /// Keyed BLAKE3 of the session id and the code; compared in constant time.
-    code: blake3::Hash,
+    /// Keyed BLAKE3 of the session id and the code; compared in constant
+    /// time. `None` for a decoy.
+    code: Option<blake3::Hash>,
     expires_ms: u64,
     tries: u32,
     resends: u32,
 }
 
-/// A code just issued: what the requester is told, and what the mail says.
+/// A code to mail.
+#[derive(Debug)]
+pub struct OutMail {
+    pub to: String,
+    pub subject: String,
+    pub code: Code,
+}
+
+/// A code just issued: what the requester is told, and the mail to send
+/// (`None`: a decoy, or the recipient's hourly mail limit is reached).
 #[derive(Debug)]
 pub struct Issued {
     pub pending: String,
     pub expires_at: u64,
-    pub code: Code,
-    pub email: String,
-    pub subject: String,
+    pub mail: Option<OutMail>,
 }
 
-/// The pending sessions and their rules; no IO, no clock of its own.
+/// The per-user, per-address and per-mail-address counters.
+#[derive(Default)]
+struct Limits {
+    /// Wrong codes, per user and purpose.
+    guesses: Option<Table<(Arc<str>, Purpose), Backoff>>,
+    /// Resets asked for, per user.
+    resets_per_user: Option<Table<Arc<str>, Recent>>,
+    /// Resets asked for, per source address.
+    resets_per_source: Option<Table<IpAddr, Recent>>,
+    /// Reset mails, per mail address.
+    reset_mails: Option<Table<String, Recent>>,
+    /// Codes mailed for a user's own operations, per user.
+    code_mails: Option<Table<Arc<str>, Recent>>,
+    swept_ms: u64,
+}
+
+fn table<K: std::hash::Hash + Eq + Clone, V: Default>(t: &mut Option<Table<K, V>>) -> &mut Table<K, V> {
+    t.get_or_insert_with(|| Table::new(GUARD_ENTRIES_MAX))
+}
+
+fn limited(message: String) -> ApiError {
+    ApiError::new(ErrorCode::RateLimited, message)
+}
+
+fn full() -> ApiError {
+    limited("too many codes are being asked for; try again later".to_owned())
+}
+
+/// Takes one event from an hourly window, or says how long to wait.
+fn hourly<K: std::hash::Hash + Eq + Clone>(
+    t: &mut Option<Table<K, Recent>>,
+    key: &K,
+    max: usize,
+    now_ms: u64,
+) -> Result<Result<(), u64>, ApiError> {
+    let entry = table(t).entry(key, |r| r.is_idle(HOUR_MS, now_ms)).ok_or_else(full)?;
+    Ok(entry.take(max, HOUR_MS, now_ms))
+}
+
+/// The pending sessions, the budgets and the rules; no IO, no clock of its own.
 pub struct Sessions {
     rules: Rules,
     key: [u8; 32],
     open: HashMap<String, Session>,
     per_user: HashMap<Arc<str>, usize>,
+    limits: Limits,
 }
 
 fn otp_error(code: ErrorCode, message: impl Into<String>) -> ApiError {
@@ -140,7 +239,7 @@ impl Sessions {
     pub fn new(rules: Rules) -> Result<Sessions, ApiError> {
         let mut key = [0u8; 32];
         getrandom::fill(&mut key).map_err(|_| ApiError::internal("no randomness"))?;
-        Ok(Sessions { rules, key, open: HashMap::new(), per_user: HashMap::new() })
+        Ok(Sessions { rules, key, open: HashMap::new(), per_user: HashMap::new(), limits: Limits::default() })
     }
 
     #[must_use]
@@ -161,16 +260,62 @@ impl Sessions {
         h.finalize()
     }
 
-    /// Opens a session for `user` waiting to run `action`.
-    pub fn open(&mut self, user: Arc<str>, email: String, action: Action, now_ms: u64) -> Result<Issued, ApiError> {
+    /// Opens a session for `user` waiting to run `action`. `email` is
+    /// where the code goes; `None` opens a decoy (see the module header).
+    /// `source` is the requester's address, for the reset limits.
+    pub fn open(
+        &mut self,
+        user: Arc<str>,
+        email: Option<String>,
+        action: Action,
+        source: Option<IpAddr>,
+        now_ms: u64,
+    ) -> Result<Issued, ApiError> {
         if self.open.len() >= OTP_SESSIONS_MAX {
             return Err(otp_error(ErrorCode::Overloaded, "too many pending codes; try again shortly"));
         }
-        if self.per_user.get(&user).copied().unwrap_or(0) >= OTP_SESSIONS_PER_USER_MAX {
-            return Err(otp_error(
-                ErrorCode::RateLimited,
-                format!("at most {OTP_SESSIONS_PER_USER_MAX} pending codes per user; confirm or let some expire"),
-            ));
+        let purpose = action.purpose();
+        let mut mail_allowed = email.is_some();
+        match purpose {
+            Purpose::Reset => {
+                // Decoys and real resets pass the same checks in the same
+                // order, so the answers cannot tell them apart.
+                if let Some(src) = source.map(guard::source_key) {
+                    hourly(&mut self.limits.resets_per_source, &src, RESETS_PER_SOURCE_PER_HOUR, now_ms)?.map_err(
+                        |wait| {
+                            limited(format!(
+                                "at most {RESETS_PER_SOURCE_PER_HOUR} password resets an hour from one address; try again in {}",
+                                guard::wait_text(wait)
+                            ))
+                        },
+                    )?;
+                }
+                hourly(&mut self.limits.resets_per_user, &user, RESETS_PER_USER_PER_HOUR, now_ms)?.map_err(|wait| {
+                    limited(format!(
+                        "at most {RESETS_PER_USER_PER_HOUR} password resets an hour for one user; try again in {}",
+                        guard::wait_text(wait)
+                    ))
+                })?;
+                if let Some(to) = &email {
+                    // Over the mail limit the session still opens (the same
+                    // answer as always); only the mail is not sent.
+                    mail_allowed =
+                        hourly(&mut self.limits.reset_mails, to, RESET_MAILS_PER_ADDRESS_PER_HOUR, now_ms)?.is_ok();
+                }
+            }
+            Purpose::Confirm => {
+                if self.per_user.get(&user).copied().unwrap_or(0) >= OTP_SESSIONS_PER_USER_MAX {
+                    return Err(limited(format!(
+                        "at most {OTP_SESSIONS_PER_USER_MAX} pending codes per user; confirm or let some expire"
+                    )));
+                }
+                hourly(&mut self.limits.code_mails, &user, CODE_MAILS_PER_USER_PER_HOUR, now_ms)?.map_err(|wait| {
+                    limited(format!(
+                        "at most {CODE_MAILS_PER_USER_PER_HOUR} codes an hour per user; try again in {}",
+                        guard::wait_text(wait)
+                    ))
+                })?;
+            }
         }
         let mut id = [0u8; 16];
         getrandom::fill(&mut id).map_err(|_| ApiError::internal("no randomness"))?;
@@ -178,27 +323,35 @@ impl Sessions {
         let pending: String = std::iter::once("otp-".to_owned()).chain(id.iter().map(|b| format!("{b:02x}"))).collect();
         let code = Code::random()?;
         let expires_ms = now_ms.saturating_add(self.rules.ttl_ms);
+        let subject = action.subject();
         let session = Session {
             user: user.clone(),
+            code: email.is_some().then(|| self.hash(&pending, &code.0)),
             email: email.clone(),
-            code: self.hash(&pending, &code.0),
             action,
             expires_ms,
             tries: 0,
             resends: 0,
         };
-        let subject = session.action.subject();
         self.open.insert(pending.clone(), session);
-        *self.per_user.entry(user).or_insert(0) += 1;
-        Ok(Issued { pending, expires_at: expires_ms, code, email, subject })
+        if purpose == Purpose::Confirm {
+            *self.per_user.entry(user).or_insert(0) += 1;
+        }
+        let mail = match email {
+            Some(to) if mail_allowed => Some(OutMail { to, subject, code }),
+            _ => None,
+        };
+        Ok(Issued { pending, expires_at: expires_ms, mail })
     }
 
     fn remove(&mut self, pending: &str) -> Option<Session> {
         let s = self.open.remove(pending)?;
-        if let Some(n) = self.per_user.get_mut(&s.user) {
-            *n -= 1;
-            if *n == 0 {
-                self.per_user.remove(&s.user);
+        if s.action.purpose() == Purpose::Confirm {
+            if let Some(n) = self.per_user.get_mut(&s.user) {
+                *n -= 1;
+                if *n == 0 {
+                    self.per_user.remove(&s.user);
+                }
             }
         }
         Some(s)
@@ -208,13 +361,16 @@ impl Sessions {
     /// one is dropped and reported as such.
     fn live(&mut self, pending: &str, caller: Option<&str>, now_ms: u64) -> Result<&mut Session, ApiError> {
         let Some(s) = self.open.get(pending) else {
-            return Err(ApiError::not_found(format!(
-                "no pending code {pending:?} (confirmed, burnt, expired or never opened)"
-            )));
+            return Err(ApiError::new(
+                ErrorCode::NotFound,
+                format!("no pending code {pending:?} (confirmed, burnt, expired or never opened)"),
+            ));
         };
         match caller {
-            Some(c) if c != &*s.user => return Err(ApiError::forbidden("this code belongs to another user")),
-            None if !s.action.anonymous() => {
+            Some(c) if c != &*s.user && s.action.purpose() == Purpose::Confirm => {
+                return Err(ApiError::forbidden("this code belongs to another user"));
+            }
+            None if s.action.purpose() == Purpose::Confirm => {
                 return Err(otp_error(ErrorCode::Unauthenticated, "log in as the user who asked for this code"));
             }
             _ => {}
@@ -226,9 +382,17 @@ impl Sessions {
         Ok(self.open.get_mut(pending).expect("looked up above"))
     }
 
+    /// How long `user` must wait before a code for `purpose` is checked (0: now).
+    #[must_use]
+    pub fn guess_wait_ms(&self, user: &str, purpose: Purpose, now_ms: u64) -> u64 {
+        let key = (Arc::<str>::from(user), purpose);
+        self.limits.guesses.as_ref().and_then(|t| t.get(&key)).map_or(0, |b| b.wait_ms(&OTP_GUESSES, now_ms))
+    }
+
     /// Checks `code`. Right: the session is gone (a code works once) and its
-    /// user and action come back. Wrong: one try is used; the last one
-    /// burns the session.
+    /// user and action come back. Wrong: one try of the session and one
+    /// guess of the user's budget are used; the last try burns the session.
+    /// While the user's budget waits, the code is not looked at.
     pub fn confirm(
         &mut self,
         pending: &str,
@@ -244,18 +408,37 @@ impl Sessions {
             // Checked before the code, so the mistake costs no try.
             return Err(ApiError::bad_request("confirming a password reset needs new_password"));
         }
+        let key = (s.user.clone(), s.action.purpose());
+        let stored = s.code;
+        let budget =
+            table(&mut self.limits.guesses).entry(&key, |b| b.forgotten(&OTP_GUESSES, now_ms)).ok_or_else(full)?;
+        let wait = budget.wait_ms(&OTP_GUESSES, now_ms);
+        if wait > 0 {
+            return Err(limited(format!(
+                "too many wrong codes for this user; the next one is checked in {}",
+                guard::wait_text(wait)
+            )));
+        }
         // blake3::Hash compares in constant time.
-        if s.code == given {
+        if stored == Some(given) {
             let s = self.remove(pending).expect("live above");
+            if let Some(t) = self.limits.guesses.as_mut() {
+                t.remove(&key);
+            }
             return Ok((s.user, s.action));
         }
+        budget.fail(&OTP_GUESSES, now_ms);
+        let s = self.open.get_mut(pending).expect("live above");
         s.tries += 1;
         if s.tries >= tries_max {
             self.remove(pending);
             return Err(otp_error(ErrorCode::OtpExhausted, format!("{tries_max} wrong codes: this session is burnt")));
         }
         let left = tries_max - s.tries;
-        Err(otp_error(ErrorCode::OtpInvalid, format!("wrong code; {left} tries left")))
+        Err(otp_error(
+            ErrorCode::OtpInvalid,
+            format!("wrong code; {left} {} left", if left == 1 { "try" } else { "tries" }),
+        ))
     }
 
     /// Issues a new code for the session (the old one stops working) with a
@@ -266,26 +449,60 @@ impl Sessions {
         let hash = self.hash(pending, &code.0);
         let s = self.live(pending, caller, now_ms)?;
         if s.resends >= resends_max {
-            return Err(otp_error(ErrorCode::RateLimited, format!("a code can be resent at most {resends_max} times")));
+            return Err(limited(format!("a code can be resent at most {resends_max} times")));
         }
+        let (user, email, purpose) = (s.user.clone(), s.email.clone(), s.action.purpose());
+        let mail_allowed = match (purpose, &email) {
+            (_, None) => false,
+            (Purpose::Reset, Some(to)) => {
+                hourly(&mut self.limits.reset_mails, to, RESET_MAILS_PER_ADDRESS_PER_HOUR, now_ms)?.is_ok()
+            }
+            (Purpose::Confirm, Some(_)) => {
+                hourly(&mut self.limits.code_mails, &user, CODE_MAILS_PER_USER_PER_HOUR, now_ms)?.map_err(|wait| {
+                    limited(format!(
+                        "at most {CODE_MAILS_PER_USER_PER_HOUR} codes an hour per user; try again in {}",
+                        guard::wait_text(wait)
+                    ))
+                })?;
+                true
+            }
+        };
+        let s = self.open.get_mut(pending).expect("live above");
         s.resends += 1;
-        s.code = hash;
+        if s.code.is_some() {
+            s.code = Some(hash);
+        }
         s.expires_ms = now_ms.saturating_add(ttl_ms);
-        Ok(Issued {
-            pending: pending.to_owned(),
-            expires_at: s.expires_ms,
-            code,
-            email: s.email.clone(),
-            subject: s.action.subject(),
-        })
+        let mail = match email {
+            Some(to) if mail_allowed => Some(OutMail { to, subject: s.action.subject(), code }),
+            _ => None,
+        };
+        Ok(Issued { pending: pending.to_owned(), expires_at: s.expires_ms, mail })
     }
 
-    /// Drops every expired session; returns how many.
+    /// Drops every expired session, and now and then the budgets and
+    /// windows that no longer matter; returns how many sessions expired.
     pub fn sweep(&mut self, now_ms: u64) -> usize {
         let expired: Vec<String> =
             self.open.iter().filter(|(_, s)| now_ms >= s.expires_ms).map(|(k, _)| k.clone()).collect();
         for k in &expired {
             self.remove(k);
+        }
+        if now_ms.saturating_sub(self.limits.swept_ms) >= GUARD_SWEEP_INTERVAL_MS {
+            let l = &mut self.limits;
+            l.swept_ms = now_ms;
+            if let Some(t) = l.guesses.as_mut() {
+                t.sweep(|b| b.forgotten(&OTP_GUESSES, now_ms));
+            }
+            for t in [l.resets_per_user.as_mut(), l.code_mails.as_mut()].into_iter().flatten() {
+                t.sweep(|r| r.is_idle(HOUR_MS, now_ms));
+            }
+            if let Some(t) = l.resets_per_source.as_mut() {
+                t.sweep(|r| r.is_idle(HOUR_MS, now_ms));
+            }
+            if let Some(t) = l.reset_mails.as_mut() {
+                t.sweep(|r| r.is_idle(HOUR_MS, now_ms));
+            }
         }
         expired.len()
     }
@@ -326,15 +543,19 @@ pub fn utc(ms: u64) -> String {
 pub struct Opened {
     pub pending: String,
     pub expires_at: u64,
-    /// Whether the mail with the code went out (or why not).
-    pub delivery: oneshot::Receiver<Result<(), String>>,
+    /// Whether the mail with the code went out (or why not); `None` when
+    /// no mail was queued (a decoy, or a reset over its mail limit).
+    pub delivery: Option<oneshot::Receiver<Result<(), String>>>,
 }
 
 pub enum OtpMsg {
     Open {
         user: Arc<str>,
-        email: String,
+        /// Where the code goes; `None` opens a decoy.
+        email: Option<String>,
         action: Action,
+        /// The requester's address.
+        source: Option<IpAddr>,
         reply: RpcReplyPort<Result<Opened, ApiError>>,
     },
     Confirm {
@@ -342,6 +563,7 @@ pub enum OtpMsg {
         caller: Option<Arc<str>>,
         code: String,
         has_new_password: bool,
+        source: Option<IpAddr>,
         reply: RpcReplyPort<Result<(Arc<str>, Action), ApiError>>,
     },
     Resend {
@@ -383,28 +605,45 @@ impl OtpState {
         Ok(())
     }
 
-    /// Queues the mail for `issued`; the receiver learns how it went.
-    async fn mail(&mut self, myself: &ActorRef<OtpMsg>, issued: &Issued) -> Result<Opened, ApiError> {
+    /// Queues the mail of `issued`, if it has one; the receiver learns how it went.
+    async fn mail(&mut self, myself: &ActorRef<OtpMsg>, issued: Issued) -> Result<Opened, ApiError> {
+        let Issued { pending, expires_at, mail } = issued;
+        let Some(out) = mail else {
+            return Ok(Opened { pending, expires_at, delivery: None });
+        };
         let permit = self
             .mail_queue
             .clone()
             .try_acquire_owned()
             .map_err(|_| otp_error(ErrorCode::Overloaded, "too many mails queued; try again shortly"))?;
         let (done, delivery) = oneshot::channel();
-        let mail = Mail {
-            to: issued.email.clone(),
-            subject: issued.subject.clone(),
-            body: mail_body(&issued.code, issued.expires_at, self.ttl_s),
-            done,
-            permit,
-        };
+        let mail =
+            Mail { to: out.to, subject: out.subject, body: mail_body(&out.code, expires_at, self.ttl_s), done, permit };
         if let Err(MessagingErr::SendErr(mail)) = self.mailer.cast(mail) {
             // The mailer died and its exit has not reached us yet: start it now.
             self.start_mailer(myself).await.map_err(|_| ApiError::internal("the mailer cannot start"))?;
             self.mailer.cast(mail).map_err(|_| ApiError::internal("the mailer is not running"))?;
         }
-        Ok(Opened { pending: issued.pending.clone(), expires_at: issued.expires_at, delivery })
+        Ok(Opened { pending, expires_at, delivery: Some(delivery) })
     }
+
+    /// Like [`OtpState::mail`], for a reset: a mail that cannot be queued
+    /// is dropped (and logged) instead of failing the request, whose answer
+    /// must not depend on whether the user exists.
+    async fn mail_quietly(&mut self, myself: &ActorRef<OtpMsg>, issued: Issued, user: &str) -> Opened {
+        let (pending, expires_at) = (issued.pending.clone(), issued.expires_at);
+        match self.mail(myself, issued).await {
+            Ok(o) => o,
+            Err(e) => {
+                tracing::warn!(target: "security", user, error = %e.message, "reset mail not sent");
+                Opened { pending, expires_at, delivery: None }
+            }
+        }
+    }
+}
+
+fn source_text(source: Option<IpAddr>) -> String {
+    source.map_or_else(|| "-".to_owned(), |s| s.to_string())
 }
 
 impl Actor for OtpActor {
@@ -447,27 +686,57 @@ impl Actor for OtpActor {
     ) -> Result<(), ActorProcessingErr> {
         let now = crate::store::now_ms();
         match msg {
-            OtpMsg::Open { user, email, action, reply } => {
-                let r = match state.sessions.open(user, email, action, now) {
+            OtpMsg::Open { user, email, action, source, reply } => {
+                let purpose = action.purpose();
+                let decoy = email.is_none();
+                let r = match state.sessions.open(user.clone(), email, action, source, now) {
+                    Ok(issued) if purpose == Purpose::Reset => {
+                        tracing::info!(target: "security", user = %user, source = %source_text(source), decoy,
+                            "password reset asked for");
+                        Ok(state.mail_quietly(&myself, issued, &user).await)
+                    }
                     Ok(issued) => {
-                        let r = state.mail(&myself, &issued).await;
+                        let pending = issued.pending.clone();
+                        let r = state.mail(&myself, issued).await;
                         if r.is_err() {
                             // No mail, no session: the caller is told to try again.
-                            state.sessions.remove(&issued.pending);
+                            state.sessions.remove(&pending);
                         }
                         r
                     }
-                    Err(e) => Err(e),
+                    Err(e) => {
+                        if e.code == ErrorCode::RateLimited {
+                            tracing::warn!(target: "security", user = %user, source = %source_text(source),
+                                purpose = purpose.as_str(), reason = %e.message, "code refused: rate limited");
+                        }
+                        Err(e)
+                    }
                 };
                 let _ = reply.send(r);
             }
-            OtpMsg::Confirm { pending, caller, code, has_new_password, reply } => {
+            OtpMsg::Confirm { pending, caller, code, has_new_password, source, reply } => {
                 let r = state.sessions.confirm(&pending, caller.as_deref(), &code, has_new_password, now);
+                match &r {
+                    Ok((user, action)) => tracing::info!(target: "security", user = %user,
+                        purpose = action.purpose().as_str(), source = %source_text(source), "code confirmed"),
+                    Err(e)
+                        if matches!(
+                            e.code,
+                            ErrorCode::OtpInvalid | ErrorCode::OtpExhausted | ErrorCode::RateLimited
+                        ) =>
+                    {
+                        tracing::warn!(target: "security", caller = caller.as_deref().unwrap_or("-"),
+                            source = %source_text(source), code = e.code.as_str(), reason = %e.message,
+                            "code refused");
+                    }
+                    Err(_) => {}
+                }
                 let _ = reply.send(r);
             }
             OtpMsg::Resend { pending, caller, reply } => {
                 let r = match state.sessions.resend(&pending, caller.as_deref(), now) {
-                    Ok(issued) => state.mail(&myself, &issued).await,
+                    Ok(issued) if caller.is_none() => Ok(state.mail_quietly(&myself, issued, "-").await),
+                    Ok(issued) => state.mail(&myself, issued).await,
                     Err(e) => Err(e),
                 };
                 let _ = reply.send(r);

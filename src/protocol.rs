@@ -16,6 +16,7 @@ pub const PROTOCOL_VERSION: u32 = 1;
 pub const OPS: &[&str] = &[
     "hello",
     "ping",
+    "health",
     "help",
     "signup",
     "login",
@@ -122,8 +123,16 @@ pub struct GetTransferArgs {
 #[derive(Clone, Debug, Serialize)]
 pub struct HelloReply {
     pub server: &'static str,
-    pub version: &'static str,
+    /// The build, to logged-in callers only.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub version: Option<&'static str>,
     pub protocol: u32,
+}
+
+/// `health`: the journal can commit.
+#[derive(Clone, Debug, Serialize)]
+pub struct HealthReply {
+    pub status: &'static str,
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -381,8 +390,11 @@ pub struct PendingReply {
     /// Milliseconds since the Unix epoch.
     pub expires_at: u64,
     /// Whether the mail with the code went out; if not, `mail_error` says
-    /// why and `resend` tries again.
-    pub delivered: bool,
+    /// why and `resend` tries again. Absent from `reset_password` (and its
+    /// resends), which answer before the mail goes out and the same way
+    /// whether or not the user exists.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub delivered: Option<bool>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub mail_error: Option<String>,
 }
@@ -465,6 +477,7 @@ pub enum Reply {
     Text(&'static str),
     List(&'static [&'static str]),
     Hello(HelloReply),
+    Health(HealthReply),
     Login(LoginReply),
     Auth(AuthReply),
     Balance(BalanceReply),

@@ -1,6 +1,6 @@
 //! Start-up, the accept loop, and one task pair (reader, writer) per connection.
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -13,12 +13,15 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, Semaphore};
 use tokio_util::sync::CancellationToken;
 
-use crate::auth::{self, Binding, Throttle, Tokens, UserState, Users};
+use crate::auth::{self, Binding, LoginGuard, Tokens, UserState, Users};
 use crate::config::Config;
-use crate::constants::{KEYS_CACHED_PER_SHARD_MAX, LINE_BYTES_MAX, PASSWORD_HASHES_CONCURRENT_MAX};
+use crate::constants::{
+    ANONYMOUS_FRAME_BYTES_MAX, KEYS_CACHED_PER_SHARD_MAX, LINE_BYTES_MAX, PAGE_ITEM_BYTES_MAX, PAGE_LIMIT_DEFAULT,
+    PAGE_LIMIT_MAX, PASSWORD_HASHES_CONCURRENT_MAX, REPLY_SLOT_BYTES,
+};
 use crate::error::{ApiError, ErrorCode};
 use crate::frame::{self, HEADER_BYTES};
-use crate::journal::{self, Journal, JournalHandle};
+use crate::journal::{self, Health, Journal, JournalArgs, JournalHandle};
 use crate::ledger::{AccountMap, Limits};
 use crate::mail::Transport;
 use crate::ops;
@@ -26,7 +29,7 @@ use crate::otp::{OtpActor, OtpArgs, OtpMsg, Rules};
 use crate::reply::{Outgoing, Permits, ReplyTo};
 use crate::shard::{shard_index, Outbox, ShardActor, ShardArgs, ShardRouter, Slot};
 use crate::stats::Stats;
-use crate::store::{self, UserRecord};
+use crate::store::{self, Store, UserRecord};
 
 /// Failures that stop the server from starting.
 #[derive(Debug, thiserror::Error)]
@@ -48,16 +51,19 @@ pub struct Ctx {
     pub config: Config,
     pub limits: Limits,
     pub router: ShardRouter,
-    pub db: Arc<Database>,
+    pub store: Arc<Store>,
+    /// Whether the journal can commit (`health`).
+    pub health: Arc<Health>,
     pub stats: Arc<Stats>,
     pub tokens: Tokens,
     pub journal: JournalHandle,
-    /// Requests in flight in the whole server.
+    /// Reply slots in use in the whole server (`limits.inflight_max`): a
+    /// request holds one, a page request several, until its reply is written.
     pub inflight: Arc<Semaphore>,
     /// Every user's role and token epoch.
     pub users: Arc<Users>,
-    /// Failed logins per user.
-    pub throttle: Throttle,
+    /// Failed logins per user, address and both.
+    pub logins: LoginGuard,
     /// Bounds how many password hashes run at once.
     pub hashing: Arc<Semaphore>,
     /// Cancelled when the server shuts down: readers stop taking requests.
@@ -116,7 +122,74 @@ fn bootstrap_admin(db: &Database, password: &str) -> Result<(), StartError> {
         token_epoch: existing.as_ref().map_or(0, |u| u.token_epoch + 1),
     };
     store::put_user(db, &user)?;
-    tracing::info!("admin user updated from auth.admin_password");
+    if existing.is_some() {
+        tracing::info!(target: "security", "admin user updated from auth.admin_password");
+    } else {
+        tracing::info!(target: "security", "admin user created from auth.admin_password");
+    }
+    Ok(())
+}
+
+/// Where a generated admin password is left for the operator.
+pub const ADMIN_PASSWORD_FILE: &str = "admin.password";
+
+/// A data folder without any admin and no `auth.admin_password`: rather
+/// than a server nobody can administer, create "admin" with a random
+/// password and leave it in `DATA/admin.password` (mode 0600) for the
+/// operator, never in the log.
+fn generate_admin(db: &Database, data: &std::path::Path) -> Result<(), StartError> {
+    if store::load_users(db)?.iter().any(|u| u.role == "admin") {
+        return Ok(());
+    }
+    let mut raw = [0u8; 18];
+    getrandom::fill(&mut raw).map_err(|e| StartError::Other(format!("no randomness: {e}")))?;
+    // 24 characters from a 64-letter alphabet: 144 bits.
+    const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
+    let password: String = raw
+        .chunks(3)
+        .flat_map(|c| {
+            let n = (u32::from(c[0]) << 16) | (u32::from(c[1]) << 8) | u32::from(c[2]);
+            (0..4).rev().map(move |i| ALPHABET[((n >> (6 * i)) & 63) as usize] as char)
+        })
+        .collect();
+    let path = data.join(ADMIN_PASSWORD_FILE);
+    write_private(&path, format!("{password}\n").as_bytes())
+        .map_err(|source| StartError::Data { path: path.display().to_string(), source })?;
+    bootstrap_admin(db, &password)?;
+    tracing::warn!(target: "security", file = %path.display(),
+        "no admin and no auth.admin_password: created user admin with a generated password in this file; \
+         log in, change it (change_password) and delete the file");
+    eprintln!("tally: created user admin; its password is in {} (mode 0600)", path.display());
+    Ok(())
+}
+
+/// Writes a new file readable by its owner only.
+fn write_private(path: &std::path::Path, bytes: &[u8]) -> std::io::Result<()> {
+    let mut opts = std::fs::OpenOptions::new();
+    opts.write(true).create(true).truncate(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        opts.mode(0o600);
+    }
+    let mut f = opts.open(path)?;
+    std::io::Write::write_all(&mut f, bytes)?;
+    f.sync_all()
+}
+
+/// Gives `path` these permission bits (unix), so that a data folder made
+/// by an older version, or under a loose umask, is tightened too.
+fn restrict(path: &std::path::Path, mode: u32) -> Result<(), StartError> {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        if path.exists() {
+            std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
+                .map_err(|source| StartError::Data { path: path.display().to_string(), source })?;
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = (path, mode);
     Ok(())
 }
 
@@ -125,37 +198,47 @@ fn bootstrap_admin(db: &Database, password: &str) -> Result<(), StartError> {
 pub async fn start(config: Config) -> Result<Running, StartError> {
     let data = config.data.clone();
     std::fs::create_dir_all(&data).map_err(|source| StartError::Data { path: data.display().to_string(), source })?;
-    let db = Arc::new(store::open(&data.join("tally.redb"))?);
-    if let Some(pw) = &config.auth.admin_password {
-        let (db, pw) = (db.clone(), pw.clone());
-        tokio::task::spawn_blocking(move || bootstrap_admin(&db, &pw))
-            .await
-            .map_err(|e| StartError::Other(e.to_string()))??;
+    // The folder holds password hashes, the JWT secret and live codes.
+    restrict(&data, 0o700)?;
+    let db_path = data.join("tally.redb");
+    let store = Arc::new(Store::open(&db_path)?);
+    restrict(&db_path, 0o600)?;
+    let db = store.db()?;
+    {
+        let (db, pw, data) = (db.clone(), config.auth.admin_password.clone(), data.clone());
+        tokio::task::spawn_blocking(move || match pw {
+            Some(pw) => bootstrap_admin(&db, &pw),
+            None => generate_admin(&db, &data),
+        })
+        .await
+        .map_err(|e| StartError::Other(e.to_string()))??;
     }
     let secret = auth::load_secret(config.auth.jwt_secret.as_deref(), &data)
         .map_err(|source| StartError::Data { path: data.display().to_string(), source })?;
     let tokens = Tokens::new(&secret, config.auth.token_ttl_s);
     let limits = config.ledger_limits();
 
-    let loaded = store::load(&db, limits)?;
+    let mut loaded = store::load(&db, limits)?;
     let n = config.shards;
     let mut per_shard: Vec<AccountMap<Slot>> = (0..n).map(|_| AccountMap::default()).collect();
-    for a in loaded.accounts {
+    for a in std::mem::take(&mut loaded.accounts) {
         let mut slot = Slot::new(&a.meta, a.balance, a.last);
         slot.acct.held = a.held;
         per_shard[shard_index(&a.id, n)].insert(a.id.as_str().into(), slot);
     }
-    let (book, head, expiring) = (loaded.book, loaded.head, loaded.expiring);
-    let sum = book.sum();
+    let sum = loaded.book.sum();
     if sum != 0 {
         return Err(StartError::Other(format!("refusing to start: balances sum to {sum}, not 0")));
     }
-    tracing::info!(accounts = book.len(), head = head.id, "ledger loaded");
+    tracing::info!(accounts = loaded.book.len(), head = loaded.head.id, "ledger loaded");
 
     let users = Arc::new(Users::default());
     for u in store::load_users(&db)? {
         users.set(&u.user, UserState::of(&u));
     }
+    // Only the store holds the database from here on (it is reopened after
+    // a storage failure, and that needs every holder to let go).
+    drop(db);
 
     let stats = Arc::new(Stats::default());
     let (journal_handle, journal_rx) = journal::channel();
@@ -166,24 +249,22 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
             accounts,
             journal: journal_handle.clone(),
             limits,
-            db: db.clone(),
+            store: store.clone(),
             keys_cached_max: KEYS_CACHED_PER_SHARD_MAX,
         };
         let (r, _) = Actor::spawn(None, ShardActor, args).await.map_err(|e| StartError::Actor(e.to_string()))?;
         refs.push(r);
     }
     let router = ShardRouter::new(refs);
-    let journal = Journal {
-        db: db.clone(),
-        book,
-        head,
+    let health = Arc::new(Health::default());
+    let journal = Journal::new(JournalArgs {
+        store: store.clone(),
+        loaded,
         batch_max: config.limits.commit_batch_max,
         stats: stats.clone(),
-        sweep_cursor: 0,
-        sweep_from: head.id,
-        checkpoint: 0,
-        expiring: expiring.into_iter().collect(),
-    };
+        health: health.clone(),
+        fee_rounding: config.policy.fee_rounding,
+    });
     std::thread::Builder::new()
         .name("tally-journal".into())
         .spawn(move || journal.run(&journal_rx, &fanout_tx))
@@ -209,12 +290,13 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
         config,
         limits,
         router,
-        db,
+        store,
+        health,
         stats,
         tokens,
         journal: journal_handle,
         users,
-        throttle: Throttle::default(),
+        logins: LoginGuard::default(),
         hashing: Arc::new(Semaphore::new(PASSWORD_HASHES_CONCURRENT_MAX)),
         shutdown: CancellationToken::new(),
         otp,
@@ -249,7 +331,7 @@ async fn accept_loop(listener: TcpListener, ctx: Arc<Ctx>) {
             Stats::add(&ctx.stats.connections, 1);
             Stats::add(&ctx.stats.connections_total, 1);
             tracing::debug!(%peer, "connection opened");
-            connection(&ctx, stream).await;
+            connection(&ctx, stream, peer.ip()).await;
             ctx.stats.connections.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
             drop(permit);
         });
@@ -265,14 +347,11 @@ async fn refuse(mut stream: TcpStream) {
 }
 
 /// What a connection knows about its caller.
-#[derive(Default)]
 pub struct Session {
     /// The user it is bound to, if any.
     pub binding: Option<Binding>,
-    /// Failed logins on this connection.
-    pub login_failures: u32,
-    /// Logins are refused until then.
-    pub locked_until: Option<std::time::Instant>,
+    /// Where the connection comes from (login and reset limits count per address).
+    pub peer: IpAddr,
     /// When the bytes of the requests being handled were read, in ms since
     /// the Unix epoch (0: not known, read the clock). A token is checked
     /// against this: one clock reading serves every frame of a read instead
@@ -283,52 +362,77 @@ pub struct Session {
     pub outbox: Outbox,
 }
 
+impl Session {
+    #[must_use]
+    pub fn new(peer: IpAddr) -> Session {
+        Session { binding: None, peer, read_ms: 0, outbox: Outbox::default() }
+    }
+}
+
 enum Mode {
     Binary,
     Text,
 }
 
-/// Reads more bytes; `Ok(false)` on a clean end of stream or when the
-/// server shuts down. A peer that has started a frame must finish it within
-/// `limits.frame_timeout_ms`; an idle peer may wait as long as it likes.
-async fn fill(ctx: &Ctx, rd: &mut tokio::net::tcp::OwnedReadHalf, buf: &mut BytesMut) -> std::io::Result<bool> {
-    let timeout =
-        if buf.is_empty() { Duration::MAX } else { Duration::from_millis(ctx.config.limits.frame_timeout_ms) };
+/// Reads more bytes; `Ok(false)` on a clean end of stream, when the
+/// server shuts down or when the writer gave up on the peer (`closed`). A
+/// peer that has started a frame must finish it within
+/// `limits.frame_timeout_ms`; an anonymous peer may stay idle for
+/// `limits.idle_anonymous_ms`, a logged-in one as long as it likes.
+async fn fill(
+    ctx: &Ctx,
+    rd: &mut tokio::net::tcp::OwnedReadHalf,
+    buf: &mut BytesMut,
+    closed: &CancellationToken,
+    anonymous: bool,
+) -> std::io::Result<bool> {
+    let limits = &ctx.config.limits;
+    let (timeout, what) = if !buf.is_empty() {
+        (Duration::from_millis(limits.frame_timeout_ms), "incomplete frame")
+    } else if anonymous {
+        (Duration::from_millis(limits.idle_anonymous_ms), "idle and not logged in")
+    } else {
+        (Duration::MAX, "")
+    };
     tokio::select! {
         biased;
-        () = ctx.shutdown.cancelled() => Ok(false),
+        () = closed.cancelled() => Ok(false),
         r = tokio::time::timeout(timeout, rd.read_buf(buf)) => match r {
             Ok(r) => Ok(r? > 0),
-            Err(_) => Err(std::io::Error::new(std::io::ErrorKind::TimedOut, "incomplete frame")),
+            Err(_) => Err(std::io::Error::new(std::io::ErrorKind::TimedOut, what)),
         },
     }
 }
 
-async fn connection(ctx: &Arc<Ctx>, stream: TcpStream) {
+async fn connection(ctx: &Arc<Ctx>, stream: TcpStream, peer: IpAddr) {
     let _ = stream.set_nodelay(true);
     let (mut rd, wr) = stream.into_split();
     let mut buf = BytesMut::with_capacity(16 * 1024);
-    match fill(ctx, &mut rd, &mut buf).await {
+    // Cancelled when the server shuts down, or by the writer when the peer
+    // stops taking replies: the reader then stops too.
+    let closed = ctx.shutdown.child_token();
+    match fill(ctx, &mut rd, &mut buf, &closed, true).await {
         Ok(true) => {}
         _ => return,
     }
     let mode = if ctx.config.text_mode && buf[0].is_ascii_alphabetic() { Mode::Text } else { Mode::Binary };
     let (tx, rx) = mpsc::unbounded_channel();
-    let writer = tokio::spawn(write_loop(wr, rx, matches!(mode, Mode::Text)));
+    let write_timeout = Duration::from_millis(ctx.config.limits.write_timeout_ms);
+    let writer = tokio::spawn(write_loop(wr, rx, matches!(mode, Mode::Text), write_timeout, closed.clone(), peer));
     let per_connection = match mode {
         // Text mode answers one line at a time, in order.
         Mode::Text => 1,
         Mode::Binary => ctx.config.limits.inflight_per_connection_max,
     };
     let slots = Arc::new(Semaphore::new(per_connection));
-    let mut session = Session::default();
-    let mut reader = Reader { ctx, tx: &tx, slots: &slots, session: &mut session };
+    let mut session = Session::new(peer);
+    let mut reader = Reader { ctx, tx: &tx, slots: &slots, per_connection, closed: &closed, session: &mut session };
     let result = match mode {
         Mode::Binary => reader.binary(&mut rd, &mut buf).await,
         Mode::Text => reader.text(&mut rd, &mut buf).await,
     };
     if let Err(e) = result {
-        tracing::debug!(error = %e, "connection closed");
+        tracing::debug!(error = %e, %peer, "connection closed");
     }
     // Debits already read are answered like any other request.
     session.outbox.flush(&ctx.router);
@@ -341,27 +445,41 @@ struct Reader<'a> {
     ctx: &'a Arc<Ctx>,
     tx: &'a mpsc::UnboundedSender<Outgoing>,
     slots: &'a Arc<Semaphore>,
+    /// The capacity of `slots`.
+    per_connection: usize,
+    closed: &'a CancellationToken,
     session: &'a mut Session,
 }
 
 impl Reader<'_> {
-    async fn reply_to(&mut self, id: Option<u64>) -> ReplyTo {
-        // Waiting here is the back-pressure: a client past its in-flight
-        // limit is simply not read from until answers free a slot.
-        let connection = self.permit(self.slots.clone()).await;
-        let server = self.permit(self.ctx.inflight.clone()).await;
-        ReplyTo::new(self.tx.clone(), id, Permits { connection, server })
+    /// The return address of a request whose reply may take `slots` reply
+    /// slots ([`reply_slots`]), holding that many per-connection and
+    /// server-wide permits until the reply is written. Waiting here is the
+    /// back-pressure: a client past its limit is simply not read from until
+    /// written answers free slots. `None` if the connection closed while
+    /// waiting.
+    async fn reply_to(&mut self, id: Option<u64>, slots: usize) -> Option<ReplyTo> {
+        let n = slots.clamp(1, self.per_connection.min(self.ctx.config.limits.inflight_max));
+        let n = u32::try_from(n).unwrap_or(u32::MAX);
+        let connection = self.permit(self.slots.clone(), n).await?;
+        let server = self.permit(self.ctx.inflight.clone(), n).await?;
+        Some(ReplyTo::new(self.tx.clone(), id, Permits { connection, server }))
     }
 
-    /// A permit of `semaphore`; before waiting for one, the debits in the
-    /// outbox go out (they hold permits, and only their answers free more).
-    async fn permit(&mut self, semaphore: Arc<Semaphore>) -> Option<tokio::sync::OwnedSemaphorePermit> {
-        match semaphore.clone().try_acquire_owned() {
-            Ok(p) => Some(p),
-            Err(tokio::sync::TryAcquireError::Closed) => None,
+    /// `n` permits of `semaphore`; before waiting for them, the debits in
+    /// the outbox go out (they hold permits, and only their answers free
+    /// more). `None` if the connection closed while waiting; `Some(None)`
+    /// if the semaphore was closed.
+    async fn permit(&mut self, semaphore: Arc<Semaphore>, n: u32) -> Option<Option<tokio::sync::OwnedSemaphorePermit>> {
+        match semaphore.clone().try_acquire_many_owned(n) {
+            Ok(p) => Some(Some(p)),
+            Err(tokio::sync::TryAcquireError::Closed) => Some(None),
             Err(tokio::sync::TryAcquireError::NoPermits) => {
                 self.session.outbox.flush(&self.ctx.router);
-                semaphore.acquire_owned().await.ok()
+                tokio::select! {
+                    () = self.closed.cancelled() => None,
+                    p = semaphore.acquire_many_owned(n) => Some(p.ok()),
+                }
             }
         }
     }
@@ -370,9 +488,21 @@ impl Reader<'_> {
     /// while the reader waits for the client).
     async fn fill(&mut self, rd: &mut tokio::net::tcp::OwnedReadHalf, buf: &mut BytesMut) -> std::io::Result<bool> {
         self.session.outbox.flush(&self.ctx.router);
-        let more = fill(self.ctx, rd, buf).await?;
+        let anonymous = self.session.binding.is_none();
+        let more = fill(self.ctx, rd, buf, self.closed, anonymous).await?;
         self.session.read_ms = store::now_ms();
         Ok(more)
+    }
+
+    /// The largest frame this connection may send now: an anonymous one
+    /// only needs room for a login or signup.
+    fn frame_max(&self) -> usize {
+        let configured = self.ctx.config.limits.frame_bytes_max;
+        if self.session.binding.is_none() {
+            configured.min(ANONYMOUS_FRAME_BYTES_MAX)
+        } else {
+            configured
+        }
     }
 
     fn error_now(&self, id: Option<u64>, error: ApiError) {
@@ -380,8 +510,8 @@ impl Reader<'_> {
     }
 
     async fn binary(&mut self, rd: &mut tokio::net::tcp::OwnedReadHalf, buf: &mut BytesMut) -> std::io::Result<()> {
-        let frame_max = self.ctx.config.limits.frame_bytes_max;
         loop {
+            let frame_max = self.frame_max();
             while buf.len() < HEADER_BYTES {
                 if !self.fill(rd, buf).await? {
                     return Ok(());
@@ -410,7 +540,9 @@ impl Reader<'_> {
             match frame::parse_envelope(&body) {
                 Err(e) => self.error_now(e.id, e.error),
                 Ok(env) => {
-                    let reply = self.reply_to(Some(env.id)).await;
+                    let Some(reply) = self.reply_to(Some(env.id), reply_slots(env.op, env.args)).await else {
+                        return Ok(());
+                    };
                     ops::dispatch(self.ctx, self.session, env.op, env.args, reply).await;
                 }
             }
@@ -450,7 +582,9 @@ impl Reader<'_> {
                 Err(e) => self.error_now(None, e),
                 Ok(parsed) => {
                     let args = parsed.args_msgpack();
-                    let reply = self.reply_to(None).await;
+                    let Some(reply) = self.reply_to(None, 1).await else {
+                        return Ok(());
+                    };
                     ops::dispatch(self.ctx, self.session, &parsed.op, &args, reply).await;
                 }
             }
@@ -458,7 +592,38 @@ impl Reader<'_> {
     }
 }
 
-async fn write_loop(mut wr: OwnedWriteHalf, mut rx: mpsc::UnboundedReceiver<Outgoing>, text: bool) {
+/// How many reply slots ([`REPLY_SLOT_BYTES`] each) a request may need:
+/// one, or for a page of records or accounts enough for its `limit`
+/// (`my_redeems` always answers a full page).
+fn reply_slots(op: &str, args: &[u8]) -> usize {
+    #[derive(serde::Deserialize)]
+    struct Limit {
+        limit: Option<u64>,
+    }
+    let items = match op {
+        "history" | "list_accounts" | "redeems" => frame::decode_args::<Limit>(args)
+            .ok()
+            .and_then(|l| l.limit)
+            .map_or(PAGE_LIMIT_DEFAULT, |l| usize::try_from(l).unwrap_or(PAGE_LIMIT_MAX).min(PAGE_LIMIT_MAX)),
+        "my_redeems" => PAGE_LIMIT_MAX,
+        _ => return 1,
+    };
+    1 + (items * PAGE_ITEM_BYTES_MAX).div_ceil(REPLY_SLOT_BYTES)
+}
+
+/// Encodes the answers of a connection and writes them. The permits of an
+/// answer are released only once its bytes are written, so a peer that
+/// stops reading holds its slots and is not read from any more; if the
+/// socket takes no bytes for `write_timeout`, the connection is closed and
+/// everything it held is released.
+async fn write_loop(
+    mut wr: OwnedWriteHalf,
+    mut rx: mpsc::UnboundedReceiver<Outgoing>,
+    text: bool,
+    write_timeout: Duration,
+    closed: CancellationToken,
+    peer: IpAddr,
+) {
     const WRITE_BATCH_BYTES: usize = 256 * 1024;
     let mut out = BytesMut::with_capacity(64 * 1024);
     while let Some(first) = rx.recv().await {
@@ -474,13 +639,30 @@ async fn write_loop(mut wr: OwnedWriteHalf, mut rx: mpsc::UnboundedReceiver<Outg
             taken.absorb(permits);
             next = if out.len() < WRITE_BATCH_BYTES { rx.try_recv().ok() } else { None };
         }
-        // Every answer of this write is taken: its requests' permits go back
+        let mut written = 0;
+        while written < out.len() {
+            match tokio::time::timeout(write_timeout, wr.write(&out[written..])).await {
+                Ok(Ok(n)) if n > 0 => written += n,
+                Ok(_) => {
+                    closed.cancel();
+                    return;
+                }
+                Err(_) => {
+                    tracing::warn!(%peer, pending_bytes = out.len() - written, timeout_ms = write_timeout.as_millis() as u64,
+                        "closing a connection whose peer stopped reading");
+                    closed.cancel();
+                    return;
+                }
+            }
+        }
+        // Every answer of this write is out: its requests' permits go back
         // in one release per semaphore.
         drop(taken);
-        if wr.write_all(&out).await.is_err() {
-            return;
-        }
         out.clear();
+        if out.capacity() > 4 * WRITE_BATCH_BYTES {
+            // One huge page made the buffer grow: do not keep that memory.
+            out = BytesMut::with_capacity(64 * 1024);
+        }
     }
     let _ = wr.shutdown().await;
 }

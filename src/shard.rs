@@ -15,7 +15,6 @@ use std::hash::BuildHasher;
 use std::sync::Arc;
 
 use ractor::{Actor, ActorProcessingErr, ActorRef};
-use redb::Database;
 
 use crate::auth::Principal;
 use crate::error::{ApiError, ErrorCode};
@@ -23,7 +22,7 @@ use crate::journal::{shape_reply, Command, CreateCmd, JournalHandle, Shape, Tran
 use crate::ledger::{is_system, AccountKey, AccountMap, Kind, LedgerError, Limits, Mode, OwnerAccount, Status};
 use crate::protocol::{AccountView, BalanceReply, HistoryReply, Reply, TransferView};
 use crate::reply::ReplyTo;
-use crate::store::{self, AccountMeta};
+use crate::store::{self, AccountMeta, Store};
 
 /// Everything the owner keeps about one account. Kept small: a million of
 /// these live in memory, most with no owner, tags or memo.
@@ -203,6 +202,9 @@ pub enum ShardMsg {
     Read(Box<ReadReq>),
     History(Box<HistoryReq>),
     Effects(Vec<Effect>),
+    /// Test builds only (`fault-injection`): panic, as a bug would.
+    #[cfg(feature = "fault-injection")]
+    Panic,
 }
 
 /// What an idempotency key stands for, as far as the owner knows.
@@ -246,14 +248,14 @@ pub struct ShardState {
     keys_cached_max: usize,
     journal: JournalHandle,
     limits: Limits,
-    db: Arc<Database>,
+    store: Arc<Store>,
 }
 
 pub struct ShardArgs {
     pub accounts: AccountMap<Slot>,
     pub journal: JournalHandle,
     pub limits: Limits,
-    pub db: Arc<Database>,
+    pub store: Arc<Store>,
     pub keys_cached_max: usize,
 }
 
@@ -272,7 +274,7 @@ impl Actor for ShardActor {
             keys_cached_max: args.keys_cached_max,
             journal: args.journal,
             limits: args.limits,
-            db: args.db,
+            store: args.store,
         })
     }
 
@@ -295,6 +297,8 @@ impl Actor for ShardActor {
             ShardMsg::Create(c) => state.create(c),
             ShardMsg::Read(r) => state.read(&r.account, r.kind, &r.principal, r.reply),
             ShardMsg::History(req) => state.history(*req),
+            #[cfg(feature = "fault-injection")]
+            ShardMsg::Panic => panic!("fault injection: a shard panics"),
             ShardMsg::Effects(effects) => {
                 // Most are settlements of accounts not touched for a while
                 // (the receivers): let their cache misses overlap.
@@ -369,10 +373,11 @@ impl ShardState {
             Ok(s) => s.last,
             Err(e) => return req.reply.err(e),
         };
-        let db = self.db.clone();
+        let store = self.store.clone();
         tokio::task::spawn_blocking(move || {
             let HistoryReq { account, after, limit, reply, .. } = req;
             let page = || -> Result<Reply, ApiError> {
+                let db = store.db()?;
                 let start = match after {
                     None => last,
                     Some(cursor) => store::history_after(&db, &account, cursor)?.ok_or_else(|| {
@@ -486,7 +491,7 @@ impl ShardState {
             }
             None => {
                 // Settled keys leave memory after a while; the disk has them all.
-                let Some(view) = store::lookup_key(&self.db, from, key)? else {
+                let Some(view) = store::lookup_key(&*self.store.db()?, from, key)? else {
                     return Ok(true);
                 };
                 if Fingerprint::of_view(&view) != *fingerprint {

@@ -6,10 +6,7 @@
 
 mod common;
 
-use std::path::PathBuf;
-use std::time::{Duration, Instant};
-
-use common::{balance, code, Server};
+use common::{balance, code, Inbox, Server};
 use serde_json::{json, Value};
 use tally::client::Client;
 
@@ -17,8 +14,7 @@ const PW: &str = "correct horse battery";
 
 struct Campus {
     s: Server,
-    mail: PathBuf,
-    seen: Vec<PathBuf>,
+    mail: Inbox,
     admin: Client,
     _dir: tempfile::TempDir,
 }
@@ -30,7 +26,7 @@ impl Campus {
         let transport = format!("file://{}", mail.display());
         let s = Server::start_with(&[("TALLY_PRESET", "campus"), ("TALLY_MAIL_TRANSPORT", &transport)]);
         let admin = s.admin().await;
-        Campus { s, mail, seen: Vec::new(), admin, _dir: dir }
+        Campus { s, mail: Inbox::new(mail), admin, _dir: dir }
     }
 
     async fn user(&self, user: &str, group: &str, events: u64) -> Client {
@@ -46,26 +42,11 @@ impl Campus {
     }
 
     fn mails(&self) -> usize {
-        std::fs::read_dir(&self.mail).map(|d| d.count()).unwrap_or(0)
+        self.mail.count()
     }
 
     fn next_code(&mut self) -> String {
-        let deadline = Instant::now() + Duration::from_secs(10);
-        loop {
-            let fresh = std::fs::read_dir(&self.mail)
-                .into_iter()
-                .flatten()
-                .filter_map(|e| e.ok().map(|e| e.path()))
-                .find(|p| !self.seen.contains(p));
-            if let Some(p) = fresh {
-                self.seen.push(p.clone());
-                let text = std::fs::read_to_string(p).unwrap();
-                let at = text.find("code is ").expect("a code") + "code is ".len();
-                return text[at..at + 6].to_owned();
-            }
-            assert!(Instant::now() < deadline, "no mail");
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        self.mail.next().1
     }
 
     /// A user transfer: every one needs a code under the campus preset.
@@ -116,14 +97,24 @@ async fn sender_and_receiver_need_six_events() {
     t.admin.call("mint", json!({"to": "ok", "amount": 50})).await.unwrap();
     // The mint counted: low now has 6. Set it back to 5.
     t.admin.call("set_events", json!({"user": "low", "events": 5})).await.unwrap();
-    assert_eq!(code(low.call("transfer", json!({"to": "ok", "amount": 10})).await), "ineligible");
-    assert_eq!(code(ok.call("transfer", json!({"to": "low", "amount": 10})).await), "ineligible");
+    let own = low.call("transfer", json!({"to": "ok", "amount": 10})).await.unwrap_err();
+    assert_eq!(
+        (own.code(), own.to_string().as_str()),
+        (Some("ineligible"), "ineligible: you have attended 5 events; transfers need at least 6")
+    );
+    // The receiver's count is not the sender's business: no figures.
+    let other = ok.call("transfer", json!({"to": "low", "amount": 10})).await.unwrap_err();
+    assert_eq!(
+        (other.code(), other.to_string().as_str()),
+        (Some("ineligible"), "ineligible: low cannot receive transfers yet (too few events attended)")
+    );
     assert_eq!(t.mails(), 0, "no code is mailed for a refused transfer");
     assert_eq!((balance(&t.admin, "ok").await, balance(&t.admin, "low").await), (50, 50));
-    // Set by an admin, the count takes effect at once.
+    // Set by an admin, the count takes effect at once. (The campus fee
+    // rounds up: 2% of 10 is 1.)
     t.admin.call("set_events", json!({"user": "low", "events": 6})).await.unwrap();
     t.transfer(&ok, "low", 10).await.unwrap();
-    assert_eq!(balance(&t.admin, "low").await, 60);
+    assert_eq!(balance(&t.admin, "low").await, 59);
     assert_eq!(code(t.admin.call("set_events", json!({"user": "ghost", "events": 6})).await), "not_found");
     assert_eq!(code(ok.call("set_events", json!({"user": "ok", "events": 99})).await), "forbidden");
     common::audit_ok(&t.admin).await;
@@ -139,19 +130,47 @@ async fn the_cap_refuses_whole_credits_and_users_cannot_pay_admins() {
     // Mint: one unit over the cap is refused, nothing moves.
     assert_eq!(code(t.admin.call("mint", json!({"to": "full", "amount": 2})).await), "above_max");
     assert_eq!(code(t.admin.call("mint", json!({"to": "rich", "amount": 1})).await), "above_max");
-    // Transfer: 100 less a fee of 2 would take full to 10098.
-    assert_eq!(code(rich.call("transfer", json!({"to": "full", "amount": 100})).await), "above_max");
-    assert_eq!(t.mails(), 0);
-    // Up to the cap exactly is fine (1 unit: fee 0).
-    t.transfer(&rich, "full", 1).await.unwrap();
-    assert_eq!((balance(&t.admin, "rich").await, balance(&t.admin, "full").await), (10000, 10001));
+    // Transfer: 100 less a fee of 2 would take full to 10098. The cap is
+    // checked at commit, after the code: refusing before any code would
+    // let rich bisect full's balance for free.
+    let err = t.transfer(&rich, "full", 100).await.unwrap_err();
+    assert_eq!((err.code(), err.to_string().contains("10000")), (Some("above_max"), false), "{err}");
+    assert_eq!(t.mails(), 1);
+    // Up to the cap exactly is fine (2 units, fee 1: full gets 1).
+    t.transfer(&rich, "full", 2).await.unwrap();
+    assert_eq!((balance(&t.admin, "rich").await, balance(&t.admin, "full").await), (9999, 10001));
     assert_eq!(code(t.admin.call("transfer", json!({"from": "rich", "to": "full", "amount": 1})).await), "above_max");
     // Users cannot pay an admin's account or a system account.
     t.admin.call("create_account", json!({"account": "staff", "owner": "admin"})).await.unwrap();
     assert_eq!(code(rich.call("transfer", json!({"to": "staff", "amount": 1})).await), "forbidden");
     assert_eq!(code(rich.call("transfer", json!({"to": "@treasury", "amount": 1})).await), "forbidden");
     let totals = (balance(&t.admin, "rich").await, balance(&t.admin, "full").await, balance(&t.admin, "@mint").await);
-    assert_eq!(totals, (10000, 10001, -20001));
+    assert_eq!(totals, (9999, 10001, -20001));
+    common::audit_ok(&t.admin).await;
+}
+
+/// `fee_rounding = "up"` (the campus preset): every user-to-user transfer
+/// pays at least 1, and one whose fee would take it all is refused before
+/// any code.
+#[tokio::test]
+async fn campus_fees_round_up_and_a_transfer_must_leave_the_receiver_something() {
+    let mut t = Campus::start().await;
+    let a = t.user("ann", "Y19", 6).await;
+    let _b = t.user("ben", "Y19", 6).await;
+    let _c = t.user("cat", "Y20", 6).await;
+    t.admin.call("mint", json!({"to": "ann", "amount": 1000})).await.unwrap();
+    let r = t.transfer(&a, "ben", 49).await.unwrap();
+    assert_eq!((r["fee"].as_i64(), r["to_balance"].as_i64()), (Some(1), Some(48)));
+    let r = t.transfer(&a, "cat", 2).await.unwrap();
+    assert_eq!((r["fee"].as_i64(), r["to_balance"].as_i64()), (Some(1), Some(1)));
+    for to in ["ben", "cat"] {
+        let e = a.call("transfer", json!({"to": to, "amount": 1})).await.unwrap_err();
+        assert_eq!(e.code(), Some("bad_request"), "{e}");
+        assert!(e.to_string().contains("would take the whole amount"), "{e}");
+    }
+    assert_eq!(t.mails(), 2, "no code for the refused ones");
+    assert_eq!(balance(&t.admin, "@treasury").await, 2);
+    assert_eq!(balance(&t.admin, "ann").await, 1000 - 49 - 2);
     common::audit_ok(&t.admin).await;
 }
 

@@ -59,6 +59,7 @@ async fn malformed_input_of_every_kind_changes_nothing() {
     let mut login =
         tally::frame::encode_request_vec(0, "login", &json!({"user": "mallory", "password": "mallory's password"}));
 
+    let login_frame = login.clone();
     let mut deep = vec![0x91; 400_000];
     deep.push(0xc0);
     let mut nan_amount = vec![0x83];
@@ -77,7 +78,12 @@ async fn malformed_input_of_every_kind_changes_nothing() {
             frame(&request_with_raw_args("transfer", &[0xdf, 0xff, 0xff, 0xff, 0xff])),
             "bad_frame",
         ),
-        ("nesting 400,000 deep", frame(&request_with_raw_args("transfer", &deep)), "bad_frame"),
+        // Logged in first: an anonymous connection may not send this much.
+        (
+            "nesting 400,000 deep",
+            [login_frame.clone(), frame(&request_with_raw_args("transfer", &deep))].concat(),
+            "bad_frame",
+        ),
         ("invalid UTF-8 op", frame(&[0x82, 0xa2, b'i', b'd', 0x01, 0xa2, b'o', b'p', 0xa2, 0xc3, 0x28]), "bad_frame"),
         (
             "invalid UTF-8 in args",
@@ -90,7 +96,12 @@ async fn malformed_input_of_every_kind_changes_nothing() {
     let n = u32::from_be_bytes(reply[..4].try_into().unwrap()) as usize;
     assert_eq!(first_code(&reply[4 + n..]), "bad_request", "NaN amount");
     for (what, bytes, expected) in &cases {
-        let reply = throw(s.addr, bytes).await;
+        let mut reply = throw(s.addr, bytes).await;
+        if bytes.starts_with(&login_frame) {
+            // Skip the login's answer.
+            let n = u32::from_be_bytes(reply[..4].try_into().unwrap()) as usize;
+            reply.drain(..4 + n);
+        }
         assert_eq!(&first_code(&reply), expected, "{what}");
     }
     // Wrong types in every argument of a transfer, huge and negative integers.

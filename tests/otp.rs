@@ -11,58 +11,12 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{balance, code, Server};
+use common::{balance, code, Inbox, Server};
 use serde_json::{json, Value};
 use tally::client::Client;
 
 const PW: &str = "correct horse battery";
 const NEW_PW: &str = "a brand new passphrase";
-
-/// The codes in a folder of delivered mails, oldest first by arrival.
-struct Inbox {
-    dir: PathBuf,
-    seen: std::collections::HashSet<PathBuf>,
-}
-
-impl Inbox {
-    fn new(dir: PathBuf) -> Inbox {
-        Inbox { dir, seen: Default::default() }
-    }
-
-    /// The next mail that arrived: (subject, code, whole text).
-    fn next(&mut self) -> (String, String, String) {
-        let deadline = Instant::now() + Duration::from_secs(10);
-        loop {
-            let mut new: Vec<PathBuf> = std::fs::read_dir(&self.dir)
-                .map(|d| d.filter_map(|e| e.ok().map(|e| e.path())).collect())
-                .unwrap_or_default();
-            new.retain(|p| p.is_file() && !self.seen.contains(p));
-            if let Some(p) = new.into_iter().next() {
-                self.seen.insert(p.clone());
-                let text = std::fs::read_to_string(&p).expect("read mail");
-                return parse_mail(&text);
-            }
-            assert!(Instant::now() < deadline, "no new mail in {}", self.dir.display());
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-
-    fn count(&self) -> usize {
-        std::fs::read_dir(&self.dir).map(|d| d.count()).unwrap_or(0)
-    }
-}
-
-fn parse_mail(text: &str) -> (String, String, String) {
-    let subject = text
-        .lines()
-        .find_map(|l| l.strip_prefix("Subject: "))
-        .unwrap_or_else(|| panic!("no subject in {text}"))
-        .to_owned();
-    let at = text.find("code is ").unwrap_or_else(|| panic!("no code in {text}")) + "code is ".len();
-    let code = text[at..at + 6].to_owned();
-    assert!(code.bytes().all(|b| b.is_ascii_digit()), "code {code:?} in {text}");
-    (subject, code, text.to_owned())
-}
 
 /// A different six-digit code.
 fn wrong(code: &str) -> String {
@@ -168,18 +122,30 @@ async fn wrong_codes_count_and_the_fifth_burns_the_session() {
     assert_eq!(code(confirm(&alice, &pending, &wrong(&otp)).await), "otp_exhausted");
     // Gone: even the right code does nothing now.
     assert_eq!(code(confirm(&alice, &pending, &otp).await), "not_found");
-    // Malformed codes are refused before they count as a try.
+    // The five wrong codes were also alice's budget: a new session does not
+    // refill it, and for a minute no code of hers is even looked at.
     let p2 = pending_transfer(&alice, "bob", 200).await;
     let (_, otp2, _) = t.mail.next();
+    let e = confirm(&alice, &p2, &otp2).await.unwrap_err();
+    assert_eq!(e.code(), Some("rate_limited"));
+    assert!(e.to_string().contains("too many wrong codes for this user"), "{e}");
+    assert_eq!(balance(&alice, "alice").await, 1000);
+    // Malformed codes are refused before they count as a try; four wrong
+    // ones and the right one still works (bob's budget is his own).
+    let admin = t.s.admin().await;
+    admin.call("mint", json!({"to": "bob", "amount": 500})).await.unwrap();
+    let bob = login(&t.s, "bob").await;
+    let p3 = pending_transfer(&bob, "carol", 200).await;
+    let (_, otp3, _) = t.mail.next();
     for bad in [json!("12345"), json!("1234567"), json!("12a456"), json!(1_000_000), json!(-1)] {
-        let r = alice.call("confirm", json!({"pending": p2, "otp": bad})).await;
+        let r = bob.call("confirm", json!({"pending": p3, "otp": bad})).await;
         assert_eq!(code(r), "bad_request", "{bad}");
     }
     for _ in 0..4 {
-        assert_eq!(code(confirm(&alice, &p2, &wrong(&otp2)).await), "otp_invalid");
+        assert_eq!(code(confirm(&bob, &p3, &wrong(&otp3)).await), "otp_invalid");
     }
-    confirm(&alice, &p2, &otp2).await.unwrap();
-    assert_eq!(balance(&alice, "alice").await, 800);
+    confirm(&bob, &p3, &otp3).await.unwrap();
+    assert_eq!(balance(&bob, "bob").await, 300);
 }
 
 #[tokio::test]
@@ -271,8 +237,12 @@ async fn a_password_is_reset_by_code() {
     let mut t = campus(&[("TALLY_LOG", "debug")]).await;
     let old_session = login(&t.s, "alice").await;
     let anon = t.s.client().await;
-    assert_eq!(code(anon.call("reset_password", json!({"user": "nobody"})).await), "not_found");
+    // An unknown user gets the same answer as a known one (no mail goes out).
+    let nobody = anon.call("reset_password", json!({"user": "nobody"})).await.unwrap();
     let r = anon.call("reset_password", json!({"user": "alice"})).await.unwrap();
+    let keys = |v: &Value| v.as_object().unwrap().keys().cloned().collect::<Vec<_>>();
+    assert_eq!(keys(&nobody), keys(&r));
+    assert_eq!(keys(&r), ["expires_at", "pending"]);
     let pending = r["pending"].as_str().unwrap().to_owned();
     let (subject, otp, text) = t.mail.next();
     assert_eq!(subject, "Tally: reset your password");

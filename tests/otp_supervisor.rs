@@ -3,6 +3,8 @@
 //! kill the child), clients talk to it over real TCP, and sessions opened
 //! before the kill are confirmed after it, with mail from the new mailer.
 
+mod common;
+
 use std::time::{Duration, Instant};
 
 use ractor::ActorStatus;
@@ -11,25 +13,6 @@ use tally::client::Client;
 use tally::config::{Config, Overrides};
 
 const PW: &str = "correct horse battery";
-
-fn newest_code(dir: &std::path::Path, seen: &mut Vec<std::path::PathBuf>) -> String {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let fresh = std::fs::read_dir(dir)
-            .into_iter()
-            .flatten()
-            .filter_map(|e| e.ok().map(|e| e.path()))
-            .find(|p| !seen.contains(p));
-        if let Some(p) = fresh {
-            seen.push(p.clone());
-            let text = std::fs::read_to_string(p).unwrap();
-            let at = text.find("code is ").expect("code in the mail") + "code is ".len();
-            return text[at..at + 6].to_owned();
-        }
-        assert!(Instant::now() < deadline, "no mail");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sessions_survive_killing_the_mailer() {
@@ -55,11 +38,11 @@ async fn sessions_survive_killing_the_mailer() {
     admin.call("mint", json!({"to": "alice", "amount": 100})).await.unwrap();
     let alice = Client::connect(running.addr).await.unwrap();
     alice.login("alice", PW).await.unwrap();
-    let mut seen = Vec::new();
+    let mut inbox = common::Inbox::new(mail.clone());
 
     // A session opened before the kill.
     let before = alice.call("transfer", json!({"to": "bob", "amount": 10})).await.unwrap();
-    let before_code = newest_code(&mail, &mut seen);
+    let before_code = inbox.next().1;
 
     for round in 0..3 {
         let children = supervisor.get_children();
@@ -79,7 +62,7 @@ async fn sessions_survive_killing_the_mailer() {
         // A new session gets its mail from the new mailer and confirms.
         let r = alice.call("transfer", json!({"to": "bob", "amount": 1})).await.unwrap();
         assert_eq!(r["delivered"], true, "{r}");
-        let otp = newest_code(&mail, &mut seen);
+        let otp = inbox.next().1;
         let t = alice.call("confirm", json!({"pending": r["pending"], "otp": otp})).await.unwrap();
         assert_eq!(t["amount"], 1);
     }

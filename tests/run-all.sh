@@ -14,8 +14,10 @@ fi
 export TALLY_TEST_PYTHON="$PWD/$venv/bin/python"
 
 cargo fmt --check
-cargo clippy --all-targets -- -D warnings
+cargo clippy --all-targets --all-features -- -D warnings
 cargo build --bins
-cargo test
+# fault-injection adds one admin op (debug_panic) that tests/panics.rs uses
+# to prove a panic aborts the process and a restart recovers everything.
+cargo test --features fault-injection
 
 TALLY_BIN="$PWD/target/debug/tally" "$venv/bin/python" -m pytest -q clients/python/tests

@@ -66,6 +66,25 @@ fn refuses_invalid_utf8_op() {
 }
 
 #[test]
+fn wrong_arguments_say_which_and_what_was_expected() {
+    use crate::protocol::TransferArgs;
+    let args = |v: serde_json::Value| rmp_serde::to_vec_named(&v).unwrap();
+    let e = decode_args::<TransferArgs>(&args(serde_json::json!({"to": "b", "amount": "1.5"}))).unwrap_err();
+    assert_eq!(e.message, r#"bad args: amount: invalid type: string "1.5", expected an integer"#);
+    let e = decode_args::<TransferArgs>(&args(serde_json::json!({"to": "b", "amount": 1.5}))).unwrap_err();
+    assert_eq!(e.message, "bad args: amount: invalid type: floating point `1.5`, expected an integer");
+    let e = decode_args::<TransferArgs>(&args(serde_json::json!({"to": "b"}))).unwrap_err();
+    assert_eq!(e.message, "bad args: missing field `amount`");
+    let e = decode_args::<TransferArgs>(&args(serde_json::json!({"to": "b", "amount": 1, "frm": "a"}))).unwrap_err();
+    assert!(e.message.starts_with("bad args: unknown field `frm`, expected one of"), "{}", e.message);
+    // Long input quoted back is cut: every error reply stays small.
+    let long = "x".repeat(10_000);
+    let e = decode_args::<TransferArgs>(&args(serde_json::json!({"to": "b", "amount": long}))).unwrap_err();
+    assert_eq!(e.message.len(), crate::constants::ERROR_MESSAGE_BYTES_MAX);
+    assert!(e.message.ends_with("..."));
+}
+
+#[test]
 fn responses_round_trip() {
     let mut out = BytesMut::new();
     encode_response::<u32>(&mut out, Some(3), &Ok(5));

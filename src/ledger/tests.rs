@@ -130,7 +130,7 @@ proptest! {
         for s in steps {
             match s {
                 Step::Reserve { from, to, amount, fee_bps } => {
-                    w.reserve(name(from), name(to), amount, fee(amount.max(0), fee_bps));
+                    w.reserve(name(from), name(to), amount, fee(amount.max(0), fee_bps, FeeRounding::Down));
                 }
                 Step::Mint { to, amount } => w.reserve(MINT, name(to), amount, 0),
                 Step::Commit => w.commit(),
@@ -152,10 +152,22 @@ proptest! {
 
 #[test]
 fn fee_rounds_down_and_never_exceeds_amount() {
-    assert_eq!(fee(100, 200), 2);
-    assert_eq!(fee(100, 3300), 33);
-    assert_eq!(fee(49, 200), 0);
-    assert_eq!(fee(i64::MAX, 10_000), i64::MAX);
+    assert_eq!(fee(100, 200, FeeRounding::Down), 2);
+    assert_eq!(fee(100, 3300, FeeRounding::Down), 33);
+    assert_eq!(fee(49, 200, FeeRounding::Down), 0);
+    assert_eq!(fee(i64::MAX, 10_000, FeeRounding::Down), i64::MAX);
+    // Rounding up: every transfer with a rate pays at least 1.
+    assert_eq!(fee(49, 200, FeeRounding::Up), 1);
+    assert_eq!(fee(50, 200, FeeRounding::Up), 1);
+    assert_eq!(fee(51, 200, FeeRounding::Up), 2);
+    assert_eq!(fee(3, 3300, FeeRounding::Up), 1);
+    assert_eq!(fee(100, 0, FeeRounding::Up), 0);
+    assert_eq!(fee(i64::MAX, 10_000, FeeRounding::Up), i64::MAX);
+    assert_eq!(fee(i64::MAX, 1, FeeRounding::Up), i64::MAX / 10_000 + 1);
+    // A fee that would leave the receiver nothing is refused.
+    assert_eq!(net_fee(1, 3300, FeeRounding::Up), Err(LedgerError::NothingLeft { amount: 1, fee: 1 }));
+    assert_eq!(net_fee(2, 3300, FeeRounding::Up), Ok(1));
+    assert_eq!(net_fee(1, 3300, FeeRounding::Down), Ok(0));
 }
 
 #[test]
@@ -187,9 +199,10 @@ fn transfer_to_missing_or_same_account_changes_nothing() {
 }
 
 mod policy {
-    use crate::ledger::{LedgerError, Party, Policy, Receiver};
+    use crate::ledger::{FeeRounding, LedgerError, Party, Policy, Receiver};
 
-    const CAMPUS: Policy = Policy { min_events: 6, fee_same_group_bps: 200, fee_cross_group_bps: 3300 };
+    const CAMPUS: Policy =
+        Policy { min_events: 6, fee_same_group_bps: 200, fee_cross_group_bps: 3300, fee_rounding: FeeRounding::Down };
 
     fn user<'a>(name: &'a str, group: Option<&'a str>, events: u64) -> Party<'a> {
         Party { user: name, admin: false, group, events }
@@ -219,9 +232,15 @@ mod policy {
         let ok = user("ok", Some("Y19"), 6);
         let low = user("low", Some("Y19"), 5);
         let e = CAMPUS.user_transfer(&low, &Receiver::User(ok), 10).unwrap_err();
-        assert_eq!(e, LedgerError::Ineligible { user: "low".into(), events: 5, min: 6 });
+        assert_eq!(e, LedgerError::SenderIneligible { events: 5, min: 6 });
+        assert_eq!(e.to_string(), "you have attended 5 events; transfers need at least 6");
+        let one = user("one", Some("Y19"), 1);
+        let e = CAMPUS.user_transfer(&one, &Receiver::User(ok), 10).unwrap_err();
+        assert_eq!(e.to_string(), "you have attended 1 event; transfers need at least 6");
+        // The receiver's figures are not the sender's to know.
         let e = CAMPUS.user_transfer(&ok, &Receiver::User(low), 10).unwrap_err();
-        assert!(matches!(e, LedgerError::Ineligible { ref user, .. } if user == "low"));
+        assert_eq!(e, LedgerError::ReceiverIneligible { user: "low".into() });
+        assert!(!e.to_string().contains('5'), "{e}");
         assert!(CAMPUS.user_transfer(&low, &Receiver::Unowned, 10).is_err());
         assert_eq!(Policy::default().user_transfer(&low, &Receiver::User(low), 10), Ok(0));
     }

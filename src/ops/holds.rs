@@ -6,6 +6,7 @@
 //! available); `post` and `void` go straight to the journal, the one place
 //! that can settle a hold exactly once.
 
+use std::net::IpAddr;
 use std::sync::Arc;
 
 use super::points::to_journal;
@@ -22,7 +23,7 @@ use crate::server::Ctx;
 use crate::store;
 
 /// Handles the hold and redeem ops.
-pub(super) fn handle(ctx: &Arc<Ctx>, p: Principal, op: &str, args: &[u8], reply: ReplyTo) {
+pub(super) fn handle(ctx: &Arc<Ctx>, p: Principal, op: &str, args: &[u8], source: Option<IpAddr>, reply: ReplyTo) {
     match op {
         "hold" => {
             let a = args!(HoldArgs, args, reply);
@@ -37,9 +38,9 @@ pub(super) fn handle(ctx: &Arc<Ctx>, p: Principal, op: &str, args: &[u8], reply:
             let action =
                 Action::Hold { from, to: a.to, amount: a.amount, memo: a.memo, key: a.key, timeout_s: a.timeout_s };
             if p.role == Role::User {
-                otp::user_transfer(ctx, p, action, reply);
+                otp::user_transfer(ctx, p, action, source, reply);
             } else {
-                otp::send_debit(ctx, p, action, 0, reply);
+                otp::send_debit(ctx, p, action, (0, 0), reply);
             }
         }
         "post" | "void" => {
@@ -65,12 +66,13 @@ pub(super) fn handle(ctx: &Arc<Ctx>, p: Principal, op: &str, args: &[u8], reply:
             let account = p.user.to_string();
             check!(account_id(&account), reply);
             let action = Action::Redeem { account, item: item.to_owned(), amount: a.amount, memo: a.memo };
-            otp::redeem(ctx, p, action, reply);
+            otp::redeem(ctx, p, action, source, reply);
         }
         "my_redeems" => {
             args!(NoArgs, args, reply);
-            let db = ctx.db.clone();
+            let store = ctx.store.clone();
             blocking(reply, move || {
+                let db = store.db()?;
                 let requests = store::redeems(&db, Some(&p.user), None, PAGE_LIMIT_MAX)?;
                 Ok(Reply::Json(serde_json::json!({ "requests": requests })))
             });
@@ -79,8 +81,9 @@ pub(super) fn handle(ctx: &Arc<Ctx>, p: Principal, op: &str, args: &[u8], reply:
             check!(admin_only(&p), reply);
             let a = args!(RedeemsArgs, args, reply);
             let limit = check!(page_limit(a.limit), reply);
-            let db = ctx.db.clone();
+            let store = ctx.store.clone();
             blocking(reply, move || {
+                let db = store.db()?;
                 let requests = store::redeems(&db, None, a.status, limit)?;
                 Ok(Reply::Json(serde_json::json!({ "requests": requests })))
             });

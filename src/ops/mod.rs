@@ -2,6 +2,7 @@
 //! directly, hands it to the owning shard, or reads the store off the
 //! async threads.
 
+use std::net::IpAddr;
 use std::sync::Arc;
 
 use crate::auth::{Principal, Role};
@@ -10,9 +11,9 @@ use crate::error::{ApiError, ErrorCode};
 use crate::journal::{CreateCmd, Shape, UserChange};
 use crate::ledger::{self, is_system, Kind, MINT};
 use crate::protocol::{
-    AccountArg, AuditReply, AuthArgs, ChangePasswordArgs, ConfirmArgs, CreateAccountArgs, GetTransferArgs, HelloReply,
-    HistoryArgs, LoginArgs, MintArgs, NoArgs, Reply, ResendArgs, ResetPasswordArgs, SetEventsArgs, SignupArgs,
-    StatsReply, TransferArgs, OPS, PROTOCOL_VERSION,
+    AccountArg, AuditReply, AuthArgs, ChangePasswordArgs, ConfirmArgs, CreateAccountArgs, GetTransferArgs, HealthReply,
+    HelloReply, HistoryArgs, LoginArgs, MintArgs, NoArgs, Reply, ResendArgs, ResetPasswordArgs, SetEventsArgs,
+    SignupArgs, StatsReply, TransferArgs, OPS, PROTOCOL_VERSION,
 };
 use crate::reply::ReplyTo;
 use crate::server::{Ctx, Session};
@@ -98,15 +99,18 @@ pub async fn dispatch(ctx: &Arc<Ctx>, session: &mut Session, op: &str, args: &[u
     match op {
         "hello" => {
             args!(NoArgs, args, reply);
-            reply.ok(Reply::Hello(HelloReply {
-                server: "tally",
-                version: env!("CARGO_PKG_VERSION"),
-                protocol: PROTOCOL_VERSION,
-            }));
+            // The build is for logged-in callers only: to anyone else it
+            // would say which known bugs the server has.
+            let version = session.binding.is_some().then_some(env!("CARGO_PKG_VERSION"));
+            reply.ok(Reply::Hello(HelloReply { server: "tally", version, protocol: PROTOCOL_VERSION }));
         }
         "ping" => {
             args!(NoArgs, args, reply);
             reply.ok(Reply::Text("pong"));
+        }
+        "health" => {
+            args!(NoArgs, args, reply);
+            health(ctx, reply);
         }
         "help" => {
             args!(NoArgs, args, reply);
@@ -115,6 +119,7 @@ pub async fn dispatch(ctx: &Arc<Ctx>, session: &mut Session, op: &str, args: &[u
         "signup" => {
             let a = args!(SignupArgs, args, reply);
             let (meta, user) = check!(users::signup(ctx, a).await, reply);
+            tracing::info!(target: "security", user = %user.user, source = %session.peer, "signup");
             let account = user.user.clone();
             ctx.router.send(
                 &account,
@@ -139,12 +144,12 @@ pub async fn dispatch(ctx: &Arc<Ctx>, session: &mut Session, op: &str, args: &[u
         // against the session (a reset is confirmed by whoever has the code).
         "reset_password" => {
             let a = args!(ResetPasswordArgs, args, reply);
-            otp::reset_password(ctx, a.user, reply);
+            otp::reset_password(ctx, a.user, Some(session.peer), reply);
         }
         "confirm" => {
             let a = args!(ConfirmArgs, args, reply);
             let caller = users::current(ctx, session).ok();
-            otp::confirm(ctx, caller, a, reply);
+            otp::confirm(ctx, caller, a, Some(session.peer), reply);
         }
         "resend" => {
             let a = args!(ResendArgs, args, reply);
@@ -152,7 +157,7 @@ pub async fn dispatch(ctx: &Arc<Ctx>, session: &mut Session, op: &str, args: &[u
             otp::resend(ctx, caller, a, reply);
         }
         _ => {
-            if !OPS.contains(&op) {
+            if !OPS.contains(&op) && !cfg!(feature = "fault-injection") {
                 return reply.err(ApiError::new(ErrorCode::UnknownOp, format!("unknown op {op:?}: try help")));
             }
             let p = check!(users::current(ctx, session), reply);
@@ -165,7 +170,7 @@ pub async fn dispatch(ctx: &Arc<Ctx>, session: &mut Session, op: &str, args: &[u
                     let a = args!(ChangePasswordArgs, args, reply);
                     reply.send(users::change_password(ctx, session, &p, a).await);
                 }
-                _ => authed(ctx, p, op, args, reply, &mut session.outbox),
+                _ => authed(ctx, p, op, args, reply, Some(session.peer), &mut session.outbox),
             }
         }
     }
@@ -173,12 +178,24 @@ pub async fn dispatch(ctx: &Arc<Ctx>, session: &mut Session, op: &str, args: &[u
 
 /// Runs an op of a logged-in caller. Debits of `transfer` and `mint` wait in
 /// `outbox` for the reader to send them (see [`Outbox`]).
-fn authed(ctx: &Arc<Ctx>, p: Principal, op: &str, args: &[u8], reply: ReplyTo, outbox: &mut Outbox) {
+fn authed(
+    ctx: &Arc<Ctx>,
+    p: Principal,
+    op: &str,
+    args: &[u8],
+    reply: ReplyTo,
+    source: Option<IpAddr>,
+    outbox: &mut Outbox,
+) {
+    if p.is_admin() && ADMIN_ACTIONS.contains(&op) {
+        tracing::info!(target: "security", user = %p.user, op, args = %args_for_log(args), "admin action");
+    }
     match op {
         "whoami" => {
             args!(NoArgs, args, reply);
-            let db = ctx.db.clone();
+            let store = ctx.store.clone();
             blocking(reply, move || {
+                let db = store.db()?;
                 let u = store::get_user(&db, &p.user)?.ok_or_else(|| ApiError::not_found("user"))?;
                 Ok(Reply::Json(crate::protocol::user_view(&u)))
             });
@@ -203,7 +220,7 @@ fn authed(ctx: &Arc<Ctx>, p: Principal, op: &str, args: &[u8], reply: ReplyTo, o
             if p.role == Role::User {
                 let action =
                     crate::otp::Action::Transfer { from, to: a.to, amount: a.amount, memo: a.memo, key: a.key };
-                return otp::user_transfer(ctx, p, action, reply);
+                return otp::user_transfer(ctx, p, action, source, reply);
             }
             let req = DebitReq::new(Kind::Transfer, Shape::Transfer, from, a.to, a.amount, a.memo, a.key, p, reply);
             outbox.push(&ctx.router, req);
@@ -240,8 +257,9 @@ fn authed(ctx: &Arc<Ctx>, p: Principal, op: &str, args: &[u8], reply: ReplyTo, o
         }
         "get_transfer" => {
             let a = args!(GetTransferArgs, args, reply);
-            let db = ctx.db.clone();
+            let store = ctx.store.clone();
             blocking(reply, move || {
+                let db = store.db()?;
                 let t =
                     store::get_transfer(&db, a.id)?.ok_or_else(|| ApiError::not_found(format!("transfer {}", a.id)))?;
                 if !p.is_admin() {
@@ -270,8 +288,9 @@ fn authed(ctx: &Arc<Ctx>, p: Principal, op: &str, args: &[u8], reply: ReplyTo, o
         "audit" => {
             check!(admin_only(&p), reply);
             args!(NoArgs, args, reply);
-            let db = ctx.db.clone();
+            let store = ctx.store.clone();
             blocking(reply, move || {
+                let db = store.db()?;
                 let a: AuditReply = store::audit(&db)?;
                 Ok(Reply::Audit(a))
             });
@@ -296,8 +315,79 @@ fn authed(ctx: &Arc<Ctx>, p: Principal, op: &str, args: &[u8], reply: ReplyTo, o
                 inflight: inflight as u64,
             }));
         }
-        _ => holds::handle(ctx, p, op, args, reply),
+        #[cfg(feature = "fault-injection")]
+        "debug_panic" => {
+            check!(admin_only(&p), reply);
+            let a = args!(crate::protocol::AccountOnly, args, reply);
+            tracing::warn!(account = %a.account, "fault injection: panicking the shard that owns this account");
+            ctx.router.send(&a.account, ShardMsg::Panic);
+            reply.ok(Reply::Text("sent"));
+        }
+        _ => holds::handle(ctx, p, op, args, source, reply),
     }
+}
+
+/// Admin ops written to the security log with their arguments (the
+/// journal keeps the records; this says who asked, and for the ops that
+/// write none, what).
+const ADMIN_ACTIONS: &[&str] =
+    &["mint", "add", "set_events", "decide_redeem", "delete_account", "bulk_add", "reap", "backup", "tag"];
+
+/// An op's arguments as compact JSON for a log line: secrets redacted,
+/// cut at 512 bytes.
+fn args_for_log(args: &[u8]) -> String {
+    let Ok(mut v) = rmp_serde::from_slice::<serde_json::Value>(args) else {
+        return "<not a map>".to_owned();
+    };
+    if let Some(m) = v.as_object_mut() {
+        for (k, val) in m.iter_mut() {
+            if k.contains("password") || k.contains("secret") || k.contains("token") {
+                *val = serde_json::Value::String("<redacted>".into());
+            }
+        }
+    }
+    let mut s = v.to_string();
+    if s.len() > 512 {
+        let mut end = 509;
+        while !s.is_char_boundary(end) {
+            end -= 1;
+        }
+        s.truncate(end);
+        s.push_str("...");
+    }
+    s
+}
+
+/// A commit this recent proves the journal can commit without asking it.
+const HEALTH_FRESH_MS: u64 = 1000;
+/// Longest `health` waits for a probe to be committed.
+const HEALTH_PROBE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// `health`: `ok` only when the journal can commit. A commit in the last
+/// second proves it; otherwise a probe rides in the next batch (so a flood
+/// of `health` costs one commit, whatever its size), and no answer within
+/// 5 s is `unavailable` too.
+fn health(ctx: &Arc<Ctx>, reply: ReplyTo) {
+    let unavailable = |why: String| ApiError::new(ErrorCode::Unavailable, format!("the journal cannot commit: {why}"));
+    if let Err(why) = ctx.health.status() {
+        return reply.err(unavailable(why));
+    }
+    if store::now_ms().saturating_sub(ctx.health.last_commit_ms()) < HEALTH_FRESH_MS {
+        return reply.ok(Reply::Health(HealthReply { status: "ok" }));
+    }
+    let (done, answer) = tokio::sync::oneshot::channel();
+    if ctx.journal.send(crate::journal::Command::Probe(done)).is_err() {
+        return reply.err(unavailable("it has stopped".into()));
+    }
+    tokio::spawn(async move {
+        let r = match tokio::time::timeout(HEALTH_PROBE_TIMEOUT, answer).await {
+            Ok(Ok(Ok(()))) => Ok(Reply::Health(HealthReply { status: "ok" })),
+            Ok(Ok(Err(e))) => Err(e),
+            Ok(Err(_)) => Err(unavailable("it has stopped".into())),
+            Err(_) => Err(unavailable("no commit within 5 s".into())),
+        };
+        reply.send(r);
+    });
 }
 
 fn validate_transfer(from: &str, to: &str, amount: i64, memo: Option<&str>, key: Option<&str>) -> Result<(), ApiError> {

@@ -5,6 +5,7 @@
 //! mail and (on confirm) for the confirmed operation, never blocking the
 //! connection's reader or any actor.
 
+use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -13,9 +14,9 @@ use ractor::RpcReplyPort;
 
 use crate::auth::{self, Principal, Role, UserState};
 use crate::constants::{MAIL_ATTEMPTS_MAX, MAIL_RETRY_DELAY_MS, MAIL_SEND_TIMEOUT_MS, USER_ID_BYTES_MAX};
-use crate::error::ApiError;
+use crate::error::{ApiError, ErrorCode};
 use crate::journal::{HoldSpec, RedeemSpec, Shape, UserChange};
-use crate::ledger::{fee, is_system, Kind, LedgerError, Party, Receiver, REDEEMED};
+use crate::ledger::{is_system, net_fee, Kind, LedgerError, Party, Receiver, REDEEMED};
 use crate::otp::{Action, Opened, OtpMsg};
 use crate::protocol::{ConfirmArgs, PendingReply, Reply, ResendArgs};
 use crate::reply::{self, ReplyTo};
@@ -44,35 +45,53 @@ fn mail_wait() -> Duration {
 
 /// Waits for the mail of a session just opened or resent.
 async fn pending_reply(opened: Opened) -> Reply {
-    let outcome = match tokio::time::timeout(mail_wait(), opened.delivery).await {
-        Ok(Ok(r)) => r,
-        Ok(Err(_)) => Err("the mailer stopped before sending; use resend".to_owned()),
-        Err(_) => Err("the mail is taking too long; use resend if it does not arrive".to_owned()),
+    let outcome = match opened.delivery {
+        None => Err("no mail was sent; use resend".to_owned()),
+        Some(delivery) => match tokio::time::timeout(mail_wait(), delivery).await {
+            Ok(Ok(r)) => r,
+            Ok(Err(_)) => Err("the mailer stopped before sending; use resend".to_owned()),
+            Err(_) => Err("the mail is taking too long; use resend if it does not arrive".to_owned()),
+        },
     };
     Reply::Pending(PendingReply {
         pending: opened.pending,
         expires_at: opened.expires_at,
-        delivered: outcome.is_ok(),
-        mail_error: outcome.err(),
+        delivered: Some(outcome.is_ok()),
+        mail_error: outcome.err().map(|e| truncate(e, MAIL_ERROR_BYTES_MAX)),
     })
 }
 
-/// The user's mail address, read off the async threads.
-async fn email_of(ctx: &Ctx, user: &str) -> Result<String, ApiError> {
-    let (db, user) = (ctx.db.clone(), user.to_owned());
-    tokio::task::spawn_blocking(move || store::get_user(&db, &user))
-        .await
-        .map_err(|_| ApiError::internal("the user lookup failed"))??
-        .map(|u| u.email)
-        .ok_or_else(|| ApiError::not_found("no such user"))
+/// Longest mail error passed on to the caller (an SMTP server's words).
+const MAIL_ERROR_BYTES_MAX: usize = 200;
+
+fn truncate(mut s: String, max: usize) -> String {
+    if s.len() > max {
+        let mut end = max;
+        while !s.is_char_boundary(end) {
+            end -= 1;
+        }
+        s.truncate(end);
+    }
+    s
 }
 
-/// Opens a session for `user` waiting to run `action`, mails the code and
-/// answers with the session.
-async fn open(ctx: &Ctx, user: &str, action: Action) -> Result<Reply, ApiError> {
-    let email = email_of(ctx, user).await?;
-    let user: Arc<str> = user.into();
-    let opened = ask(ctx, |reply| OtpMsg::Open { user, email, action, reply }).await?;
+/// A user's mail address and role, read off the async threads.
+async fn user_contact(ctx: &Ctx, user: &str) -> Result<Option<(String, Role)>, ApiError> {
+    let (store, user) = (ctx.store.clone(), user.to_owned());
+    let found = tokio::task::spawn_blocking(move || store::get_user(&*store.db()?, &user))
+        .await
+        .map_err(|_| ApiError::internal("the user lookup failed"))??;
+    Ok(found.map(|u| (u.email, Role::parse(&u.role))))
+}
+
+/// Opens a session for the logged-in `user` waiting to run `action`,
+/// mails the code and answers with the session once the mail went out.
+async fn open(ctx: &Ctx, p: &Principal, action: Action, source: Option<IpAddr>) -> Result<Reply, ApiError> {
+    let Some((email, _)) = user_contact(ctx, &p.user).await? else {
+        return Err(ApiError::internal("the caller's user record is missing"));
+    };
+    let user = p.user.clone();
+    let opened = ask(ctx, |reply| OtpMsg::Open { user, email: Some(email), action, source, reply }).await?;
     Ok(pending_reply(opened).await)
 }
 
@@ -105,15 +124,25 @@ fn party<'a>(user: &'a str, state: &'a UserState) -> Party<'a> {
     Party { user, admin: state.role == Role::Admin, group: state.group.as_deref(), events: state.events }
 }
 
-/// The `[policy]` rules for a user's transfer or hold to `to`: who may
-/// receive, eligibility, and the fee rate (see `ledger::Policy`). Reads who
-/// owns `to` from its shard, and refuses early a credit above the cap.
-async fn user_bps(ctx: &Ctx, p: &Principal, to: &str, amount: i64) -> Result<u32, ApiError> {
+/// The `[policy]` rules for a user's transfer or hold of `amount` to `to`:
+/// who may receive, eligibility, and the fee (see `ledger::Policy`). Reads
+/// who owns `to` from its shard.
+///
+/// The receiver's cap is deliberately not checked here: a refusal before
+/// any code is mailed would let a user learn another user's balance for
+/// free, by bisecting amounts. The journal enforces the cap at commit, after
+/// the code (each probe then costs a confirmed code, and an accepted one
+/// pays the receiver).
+async fn user_fee(ctx: &Ctx, p: &Principal, to: &str, amount: i64) -> Result<(u32, i64), ApiError> {
     let policy = ctx.config.ledger_policy();
-    let sender_state = ctx.users.get(&p.user).ok_or_else(|| ApiError::not_found("no such user"))?;
+    let sender_state = ctx
+        .users
+        .get(&p.user)
+        .ok_or_else(|| ApiError::new(ErrorCode::NotFound, "the caller's user record is missing"))?;
     let sender = party(&p.user, &sender_state);
     if is_system(to) {
-        return Ok(policy.user_transfer_bps(&sender, &Receiver::System)?);
+        policy.user_transfer_bps(&sender, &Receiver::System)?;
+        return Ok((0, 0));
     }
     // Read as the server itself: the receiver is not the caller's account.
     let system = Principal { user: "@system".into(), role: Role::Admin };
@@ -126,13 +155,8 @@ async fn user_bps(ctx: &Ctx, p: &Principal, to: &str, amount: i64) -> Result<u32
         None => Receiver::Unowned,
     };
     let bps = policy.user_transfer_bps(&sender, &receiver)?;
-    // The journal enforces the cap at commit; asking now spares a useless code.
-    if let Some(max) = ctx.limits.bounds(to).max {
-        if view.balance.checked_add(amount - fee(amount, bps)).is_none_or(|b| b > max) {
-            return Err(LedgerError::AboveMax { account: to.to_owned(), max }.into());
-        }
-    }
-    Ok(bps)
+    let fee = net_fee(amount, bps, policy.fee_rounding)?;
+    Ok((bps, fee))
 }
 
 /// When a hold with this timeout expires (0: never).
@@ -141,12 +165,11 @@ fn hold_expiry(timeout_s: Option<u64>) -> u64 {
 }
 
 /// Hands a transfer, hold or redeem to the shard owning its source, with
-/// the fee rate the policy gave.
-pub(super) fn send_debit(ctx: &Ctx, p: Principal, action: Action, bps: u32, reply: ReplyTo) {
+/// the fee rate and fee the policy gave.
+pub(super) fn send_debit(ctx: &Ctx, p: Principal, action: Action, (bps, fee): (u32, i64), reply: ReplyTo) {
     let req = match action {
         Action::Transfer { from, to, amount, memo, key } => {
-            DebitReq::new(Kind::Transfer, Shape::Transfer, from, to, amount, memo, key, p, reply)
-                .with_fee(fee(amount, bps))
+            DebitReq::new(Kind::Transfer, Shape::Transfer, from, to, amount, memo, key, p, reply).with_fee(fee)
         }
         Action::Hold { from, to, amount, memo, key, timeout_s } => {
             let expires_at = hold_expiry(timeout_s);
@@ -182,57 +205,91 @@ fn route(action: &Action) -> Option<(&str, &str, i64)> {
 /// A user's transfer or hold: the policy decides the fee (or refuses it);
 /// at or above `otp.transfer_min` it waits in a session for its code, else
 /// it goes to the owning shard at once.
-pub(super) fn user_transfer(ctx: &Arc<Ctx>, p: Principal, action: Action, reply: ReplyTo) {
+pub(super) fn user_transfer(ctx: &Arc<Ctx>, p: Principal, action: Action, source: Option<IpAddr>, reply: ReplyTo) {
     let ctx = ctx.clone();
     tokio::spawn(async move {
         let Some((from, to, amount)) = route(&action).map(|(f, t, a)| (f.to_owned(), t.to_owned(), a)) else {
             return reply.err(ApiError::internal("not a transfer"));
         };
-        let bps = match user_bps(&ctx, &p, &to, amount).await {
-            Ok(b) => b,
+        let fee = match user_fee(&ctx, &p, &to, amount).await {
+            Ok(f) => f,
             Err(e) => return reply.err(e),
         };
         if !needs_code(&ctx, &p, amount) {
-            return send_debit(&ctx, p, action, bps, reply);
+            return send_debit(&ctx, p, action, fee, reply);
         }
         let r = async {
             funds(&ctx, &p, &from, amount).await?;
-            open(&ctx, &p.user, action).await
+            open(&ctx, &p, action, source).await
         };
         reply.send(r.await);
     });
 }
 
 /// `redeem`: always confirmed by a code; the amount is held when it is.
-pub(super) fn redeem(ctx: &Arc<Ctx>, p: Principal, action: Action, reply: ReplyTo) {
+pub(super) fn redeem(ctx: &Arc<Ctx>, p: Principal, action: Action, source: Option<IpAddr>, reply: ReplyTo) {
     let ctx = ctx.clone();
     tokio::spawn(async move {
         let r = async {
             if let Action::Redeem { account, amount, .. } = &action {
                 funds(&ctx, &p, account, *amount).await?;
             }
-            open(&ctx, &p.user, action).await
+            open(&ctx, &p, action, source).await
         };
         reply.send(r.await);
     });
 }
 
-/// `reset_password {user}`: anyone may ask; the code goes to the user's address.
-pub(super) fn reset_password(ctx: &Arc<Ctx>, user: String, reply: ReplyTo) {
+/// `reset_password {user}`: anyone may ask. The answer is the same whether
+/// or not the user exists, and comes before any mail goes out (so its
+/// timing does not tell either): the code goes to the user's address if
+/// there is a user, and nowhere for an unknown user or an admin (admins
+/// reset on the host: `tally admin reset-password`).
+pub(super) fn reset_password(ctx: &Arc<Ctx>, user: String, source: Option<IpAddr>, reply: ReplyTo) {
     if user.is_empty() || user.len() > USER_ID_BYTES_MAX {
         return reply.err(ApiError::bad_request("user must be a user id"));
     }
     let ctx = ctx.clone();
-    tokio::spawn(async move { reply.send(open(&ctx, &user, Action::ResetPassword).await) });
+    tokio::spawn(async move {
+        let r = async {
+            let email = match user_contact(&ctx, &user).await? {
+                Some((email, Role::User)) => Some(email),
+                Some((_, Role::Admin)) => {
+                    tracing::warn!(target: "security", user = %user, source = %source.map_or_else(String::new, |s| s.to_string()),
+                        "password reset over the wire refused for an admin (a decoy session answers)");
+                    None
+                }
+                None => None,
+            };
+            let user: Arc<str> = user.as_str().into();
+            let opened =
+                ask(&ctx, |reply| OtpMsg::Open { user, email, action: Action::ResetPassword, source, reply }).await?;
+            Ok(Reply::Pending(PendingReply {
+                pending: opened.pending,
+                expires_at: opened.expires_at,
+                delivered: None,
+                mail_error: None,
+            }))
+        };
+        reply.send(r.await);
+    });
 }
 
 /// `resend {pending}`: a new code for the session; the old one dies.
 pub(super) fn resend(ctx: &Arc<Ctx>, caller: Option<Principal>, a: ResendArgs, reply: ReplyTo) {
     let ctx = ctx.clone();
     tokio::spawn(async move {
+        let anonymous = caller.is_none();
         let caller = caller.map(|p| p.user);
         let r = ask(&ctx, |reply| OtpMsg::Resend { pending: a.pending, caller, reply }).await;
         reply.send(match r {
+            // A reset's resend answers at once, like the reset itself.
+            Ok(opened) if anonymous => Ok(Reply::Pending(PendingReply {
+                pending: opened.pending,
+                expires_at: opened.expires_at,
+                delivered: None,
+                mail_error: None,
+            })),
             Ok(opened) => Ok(pending_reply(opened).await),
             Err(e) => Err(e),
         });
@@ -241,7 +298,13 @@ pub(super) fn resend(ctx: &Arc<Ctx>, caller: Option<Principal>, a: ResendArgs, r
 
 /// `confirm {pending, otp, new_password?}`: checks the code with the
 /// supervisor, then runs the waiting operation, validated afresh.
-pub(super) fn confirm(ctx: &Arc<Ctx>, caller: Option<Principal>, a: ConfirmArgs, reply: ReplyTo) {
+pub(super) fn confirm(
+    ctx: &Arc<Ctx>,
+    caller: Option<Principal>,
+    a: ConfirmArgs,
+    source: Option<IpAddr>,
+    reply: ReplyTo,
+) {
     if let Some(pw) = &a.new_password {
         if let Err(e) = auth::validate_password(pw) {
             return reply.err(e);
@@ -253,7 +316,8 @@ pub(super) fn confirm(ctx: &Arc<Ctx>, caller: Option<Principal>, a: ConfirmArgs,
         let has_new_password = new_password.is_some();
         let who = caller.as_ref().map(|p| p.user.clone());
         let confirmed =
-            ask(&ctx, |reply| OtpMsg::Confirm { pending, caller: who, code: otp, has_new_password, reply }).await;
+            ask(&ctx, |reply| OtpMsg::Confirm { pending, caller: who, code: otp, has_new_password, source, reply })
+                .await;
         let (user, action) = match confirmed {
             Ok(c) => c,
             Err(e) => return reply.err(e),
@@ -264,20 +328,21 @@ pub(super) fn confirm(ctx: &Arc<Ctx>, caller: Option<Principal>, a: ConfirmArgs,
                     return reply.err(ApiError::internal("a confirmed debit without its user"));
                 };
                 // The rules again: events, groups or the receiver may have changed.
-                let bps = match route(&action) {
-                    Some((_, to, amount)) => match user_bps(&ctx, &p, to, amount).await {
-                        Ok(b) => b,
+                let fee = match route(&action) {
+                    Some((_, to, amount)) => match user_fee(&ctx, &p, to, amount).await {
+                        Ok(f) => f,
                         Err(e) => return reply.err(e),
                     },
-                    None => 0,
+                    None => (0, 0),
                 };
-                send_debit(&ctx, p, action, bps, reply);
+                send_debit(&ctx, p, action, fee, reply);
             }
             Action::ResetPassword => {
                 let password = new_password.unwrap_or_default();
                 let r = async {
                     let hash = on_hash_pool(&ctx, move || auth::hash_password(&password)).await??;
                     change(&ctx, &user, UserChange::Password(hash)).await?;
+                    tracing::info!(target: "security", user = %user, "password reset by code");
                     Ok(Reply::Json(serde_json::json!({ "user": &*user, "password_reset": true })))
                 };
                 reply.send(r.await);

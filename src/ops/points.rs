@@ -68,8 +68,9 @@ pub(super) fn handle(ctx: &Arc<Ctx>, p: Principal, op: &str, args: &[u8], reply:
         "delete_reason" => {
             let a = args!(AccountOnly, args, reply);
             check!(account_id(&a.account), reply);
-            let db = ctx.db.clone();
+            let store = ctx.store.clone();
             blocking(reply, move || {
+                let db = store.db()?;
                 let meta = store::account_meta(&db, &a.account)?
                     .ok_or_else(|| ApiError::not_found(format!("account {}", a.account)))?;
                 let t =
@@ -91,8 +92,9 @@ pub(super) fn handle(ctx: &Arc<Ctx>, p: Principal, op: &str, args: &[u8], reply:
                 balance_min: a.balance_min,
                 balance_max: a.balance_max,
             };
-            let db = ctx.db.clone();
+            let store = ctx.store.clone();
             blocking(reply, move || {
+                let db = store.db()?;
                 let (accounts, next) = store::list_accounts(&db, &filter, a.after.as_deref(), limit)?;
                 Ok(Reply::Json(serde_json::json!({ "accounts": accounts, "next": next })))
             });
@@ -131,8 +133,9 @@ pub(super) fn handle(ctx: &Arc<Ctx>, p: Principal, op: &str, args: &[u8], reply:
                 return reply.err(ApiError::bad_request("out must be a plain file name (A-Za-z0-9._-)"));
             }
             let dir = ctx.config.data.join("backups");
-            let db = ctx.db.clone();
+            let store = ctx.store.clone();
             blocking(reply, move || {
+                let db = store.db()?;
                 std::fs::create_dir_all(&dir).map_err(|e| ApiError::internal(format!("backups folder: {e}")))?;
                 let path = dir.join(&a.out);
                 if path.exists() {

@@ -126,17 +126,19 @@ pub(super) async fn signup(ctx: &Arc<Ctx>, a: SignupArgs) -> Result<(AccountMeta
 
 /// Checks the password, revokes the user's older tokens, binds the connection.
 pub(super) async fn login(ctx: &Arc<Ctx>, session: &mut Session, a: LoginArgs) -> Result<Reply, ApiError> {
-    if session.locked_until.is_some_and(|t| t > std::time::Instant::now()) {
-        return Err(ApiError::new(ErrorCode::RateLimited, "too many failed logins on this connection"));
-    }
     let denied = || unauthenticated("wrong user or password");
     if a.user.len() > USER_ID_BYTES_MAX || a.password.len() > PASSWORD_BYTES_MAX {
         return Err(denied());
     }
-    ctx.throttle.check(&a.user)?;
-    let db = ctx.db.clone();
+    let source = session.peer;
+    if let Err(e) = ctx.logins.check(&a.user, source, store::now_ms()) {
+        tracing::warn!(target: "security", user = %a.user, %source, "login refused: rate limited");
+        return Err(e);
+    }
+    let store = ctx.store.clone();
     let (user, password) = (a.user.clone(), a.password);
     let checked = on_hash_pool(ctx, move || -> Result<Option<UserRecord>, ApiError> {
+        let db = store.db()?;
         let Some(u) = store::get_user(&db, &user)? else {
             let _ = auth::verify_password(&password, DUMMY_HASH);
             return Ok(None);
@@ -145,21 +147,17 @@ pub(super) async fn login(ctx: &Arc<Ctx>, session: &mut Session, a: LoginArgs) -
     })
     .await??;
     if checked.is_none() {
-        ctx.throttle.failed(&a.user);
-        session.login_failures += 1;
-        if session.login_failures >= auth::LOGIN_FAILURES_MAX {
-            session.login_failures = 0;
-            session.locked_until = Some(std::time::Instant::now() + auth::LOGIN_LOCK);
-        }
+        ctx.logins.failed(&a.user, source, store::now_ms());
+        tracing::warn!(target: "security", user = %a.user, %source, "login failed: wrong user or password");
         return Err(denied());
     }
-    ctx.throttle.succeeded(&a.user);
-    session.login_failures = 0;
+    ctx.logins.succeeded(&a.user, source);
     // A new login revokes every older token of the user.
     let u = change(ctx, &a.user, UserChange::NewEpoch).await?;
     let role = Role::parse(&u.role);
     let (token, expires_at) = ctx.tokens.issue(&u.user, role, u.token_epoch)?;
     bind(ctx, session, &u, expires_at);
+    tracing::info!(target: "security", user = %u.user, role = role.as_str(), %source, "logged in");
     Ok(Reply::Login(LoginReply { token, expires_at, user: u.user, role: role.as_str() }))
 }
 
@@ -196,10 +194,12 @@ pub(super) async fn change_password(
     a: ChangePasswordArgs,
 ) -> Result<Reply, ApiError> {
     auth::validate_password(&a.new_password)?;
-    ctx.throttle.check(&p.user)?;
-    let db = ctx.db.clone();
+    let source = session.peer;
+    ctx.logins.check(&p.user, source, store::now_ms())?;
+    let store = ctx.store.clone();
     let user = p.user.to_string();
     let ok = on_hash_pool(ctx, move || -> Result<Option<String>, ApiError> {
+        let db = store.db()?;
         let u = store::get_user(&db, &user)?.ok_or_else(|| ApiError::not_found("user"))?;
         if !auth::verify_password(&a.old_password, &u.password_hash) {
             return Ok(None);
@@ -208,10 +208,12 @@ pub(super) async fn change_password(
     })
     .await??;
     let Some(hash) = ok else {
-        ctx.throttle.failed(&p.user);
+        ctx.logins.failed(&p.user, source, store::now_ms());
+        tracing::warn!(target: "security", user = %p.user, %source, "password change refused: wrong old password");
         return Err(ApiError::forbidden("the old password is wrong"));
     };
     let u = change(ctx, &p.user, UserChange::Password(hash)).await?;
+    tracing::info!(target: "security", user = %p.user, %source, "password changed");
     let role = Role::parse(&u.role);
     let (token, expires_at) = ctx.tokens.issue(&u.user, role, u.token_epoch)?;
     bind(ctx, session, &u, expires_at);

@@ -6,11 +6,15 @@ use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 use tally::client::{Client, ClientError};
 
 pub const ADMIN_PASSWORD: &str = "test-admin-password";
+
+/// As a value in [`Server::start_with`]: leave this variable unset.
+pub const UNSET: &str = "\u{0}unset";
 
 pub struct Server {
     pub addr: SocketAddr,
@@ -43,6 +47,39 @@ impl Server {
     pub fn kill9(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+    }
+
+    /// Waits up to `within` for the server to exit on its own.
+    pub fn wait_exit(&mut self, within: std::time::Duration) -> Option<std::process::ExitStatus> {
+        let deadline = Instant::now() + within;
+        loop {
+            if let Some(status) = self.child.try_wait().expect("try_wait") {
+                return Some(status);
+            }
+            if Instant::now() >= deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Starts the server again after it stopped, with these variables
+    /// changed from the first start.
+    pub fn start_again_with(&mut self, env: &[(&str, &str)]) {
+        for (k, v) in env {
+            self.env.retain(|(key, _)| key != k);
+            self.env.push(((*k).to_owned(), (*v).to_owned()));
+        }
+        *self.admin_token.lock().unwrap() = None;
+        self.start_again();
+    }
+
+    /// Starts the server again on the same data folder (new port), after
+    /// it exited by itself.
+    pub fn start_again(&mut self) {
+        let (child, addr) = spawn(&self.data, &self.env, None);
+        self.child = child;
+        self.addr = addr;
     }
 
     /// The server's process id.
@@ -96,6 +133,24 @@ impl Server {
     }
 }
 
+impl Server {
+    /// The admin token the test's admin connections share.
+    pub async fn admin_token(&self) -> String {
+        drop(self.admin().await);
+        self.admin_token.lock().unwrap().clone().expect("logged in above")
+    }
+
+    /// Peak resident memory of the server so far, in KiB (Linux `VmHWM`).
+    pub fn peak_rss_kb(&self) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid())).expect("proc status");
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmHWM:"))
+            .and_then(|v| v.split_whitespace().next()?.parse().ok())
+            .expect("VmHWM")
+    }
+}
+
 impl Drop for Server {
     fn drop(&mut self) {
         self.kill9();
@@ -120,7 +175,12 @@ fn spawn(data: &Path, env: &[(String, String)], log: Option<&Path>) -> (Child, S
         .stdout(Stdio::piped())
         .stderr(stderr);
     for (k, v) in env {
-        cmd.env(k, v);
+        // The value UNSET removes a variable the harness would set.
+        if v == UNSET {
+            cmd.env_remove(k);
+        } else {
+            cmd.env(k, v);
+        }
     }
     let mut child = cmd.spawn().expect("spawn tally");
     let stdout = child.stdout.take().expect("stdout");
@@ -163,4 +223,83 @@ pub fn frame(body: &[u8]) -> Vec<u8> {
     let mut out = (body.len() as u32).to_be_bytes().to_vec();
     out.extend_from_slice(body);
     out
+}
+
+/// The codes in a folder of delivered mails, oldest first by arrival.
+pub struct Inbox {
+    dir: PathBuf,
+    seen: std::collections::HashSet<PathBuf>,
+}
+
+impl Inbox {
+    pub fn new(dir: PathBuf) -> Inbox {
+        Inbox { dir, seen: Default::default() }
+    }
+
+    /// The next mail that arrived: (subject, code, whole text).
+    pub fn next(&mut self) -> (String, String, String) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let mut new: Vec<PathBuf> = std::fs::read_dir(&self.dir)
+                .map(|d| d.filter_map(|e| e.ok().map(|e| e.path())).collect())
+                .unwrap_or_default();
+            new.retain(|p| is_mail(p) && !self.seen.contains(p));
+            // Mail files are named by time, so the oldest new one sorts first.
+            new.sort();
+            if let Some(p) = new.into_iter().next() {
+                self.seen.insert(p.clone());
+                let text = std::fs::read_to_string(&p).expect("read mail");
+                return parse_mail(&text);
+            }
+            assert!(Instant::now() < deadline, "no new mail in {}", self.dir.display());
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub fn count(&self) -> usize {
+        std::fs::read_dir(&self.dir)
+            .map(|d| d.filter(|e| e.as_ref().is_ok_and(|e| is_mail(&e.path()))).count())
+            .unwrap_or(0)
+    }
+}
+
+/// A delivered mail: not a hidden file (the server writes a mail under a
+/// hidden name, then renames it).
+fn is_mail(p: &Path) -> bool {
+    p.is_file() && !p.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with('.'))
+}
+
+pub fn parse_mail(text: &str) -> (String, String, String) {
+    let subject = text
+        .lines()
+        .find_map(|l| l.strip_prefix("Subject: "))
+        .unwrap_or_else(|| panic!("no subject in {text}"))
+        .to_owned();
+    let at = text.find("code is ").unwrap_or_else(|| panic!("no code in {text}")) + "code is ".len();
+    let code = text[at..at + 6].to_owned();
+    assert!(code.bytes().all(|b| b.is_ascii_digit()), "code {code:?} in {text}");
+    (subject, code, text.to_owned())
+}
+
+/// Polls every call together, so that their requests go out pipelined.
+pub async fn join_all<F: std::future::Future + Unpin>(mut calls: Vec<F>) -> Vec<F::Output> {
+    let mut done: Vec<Option<F::Output>> = calls.iter().map(|_| None).collect();
+    std::future::poll_fn(|cx| {
+        let mut waiting = false;
+        for (f, slot) in calls.iter_mut().zip(done.iter_mut()) {
+            if slot.is_none() {
+                match std::pin::Pin::new(f).poll(cx) {
+                    std::task::Poll::Ready(v) => *slot = Some(v),
+                    std::task::Poll::Pending => waiting = true,
+                }
+            }
+        }
+        if waiting {
+            std::task::Poll::Pending
+        } else {
+            std::task::Poll::Ready(())
+        }
+    })
+    .await;
+    done.into_iter().flatten().collect()
 }

@@ -66,6 +66,10 @@ class _Ops:
     def ping(self) -> Any:
         return self.call("ping")
 
+    def health(self) -> Any:
+        """``{"status": "ok"}`` when the server can commit; else raises ``unavailable``."""
+        return self.call("health")
+
     def help(self) -> Any:
         return self.call("help")
 

@@ -17,9 +17,13 @@ def admin(server) -> Client:
 
 
 def test_transfer_moves_exact_amounts(server):
+    with Client(*server) as anon:
+        assert anon.hello() == {"server": "tally", "protocol": 1}
+        assert anon.health() == {"status": "ok"}
     with admin(server) as c:
         assert c.ping() == "pong"
         assert c.hello()["protocol"] == 1
+        assert "version" in c.hello()
         c.create_account("alice", initial=100)
         c.create_account("bob")
         t = c.transfer("bob", 30, from_="alice", memo="lunch")
