@@ -6,9 +6,9 @@ use std::sync::Arc;
 
 use bytes::BytesMut;
 use criterion::{criterion_group, criterion_main, Criterion};
-use tally::frame::{decode_args, encode_reply, encode_request, encode_response, parse_envelope};
 use tally::ledger::{Book, Kind, Limits, Mode, OwnerAccount};
-use tally::protocol::{Hash32, Reply, TransferArgs, TransferView};
+use tally::wire::frame::{decode_args, encode_reply, encode_request, encode_response, parse_envelope};
+use tally::wire::{Hash32, Reply, TransferArgs, TransferView};
 
 fn codec(c: &mut Criterion) {
     let args = serde_json::json!({"from": "acct12345", "to": "acct67890", "amount": 1, "memo": "coffee"});

@@ -253,7 +253,7 @@ struct Totals {
 }
 
 fn encode(out: &mut BytesMut, id: u64, op: &str, args: &Value) {
-    tally::frame::encode_request(out, id, op, args).expect("encode");
+    tally::wire::frame::encode_request(out, id, op, args).expect("encode");
 }
 
 /// Times `bulk_add` over every (tagged) account and a full `list_accounts`

@@ -28,7 +28,7 @@ use tokio::net::tcp::OwnedWriteHalf;
 use tokio::net::{TcpSocket, TcpStream, ToSocketAddrs};
 use tokio::sync::oneshot;
 
-use crate::frame;
+use crate::wire::frame;
 
 /// What can go wrong with a call.
 #[derive(Debug, thiserror::Error)]

@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
-use crate::constants::{
+use crate::limits::{
     COMMIT_BATCH_LIMIT, COMMIT_BATCH_MAX, CONNECTIONS_MAX, DATA_DEFAULT, FRAME_BYTES_MAX, FRAME_READ_TIMEOUT_MS,
     IDLE_ANONYMOUS_MS, INFLIGHT_MAX, INFLIGHT_PER_CONNECTION_MAX, LISTEN_DEFAULT, SHARDS_DEFAULT, TOKEN_TTL_S_DEFAULT,
     WRITE_TIMEOUT_MS,
@@ -280,7 +280,7 @@ fn unknown_variable(name: &str) -> String {
     }
 }
 
-/// The campus-coin rules (SPEC section 5).
+/// The campus-coin rules (README, "Configuration").
 fn campus_preset() -> toml::Table {
     toml::from_str(
         r#"

@@ -2,7 +2,7 @@
 
 use serde::Serialize;
 
-/// A stable, snake_case error code (SPEC section 3).
+/// A stable, snake_case error code (protocol.md, "Error codes").
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case")]
 #[non_exhaustive]
@@ -93,7 +93,7 @@ impl ApiError {
     /// every error reply is small.
     pub fn new(code: ErrorCode, message: impl Into<String>) -> Self {
         let mut message = message.into();
-        let max = crate::constants::ERROR_MESSAGE_BYTES_MAX;
+        let max = crate::limits::ERROR_MESSAGE_BYTES_MAX;
         if message.len() > max {
             let mut end = max - 3;
             while !message.is_char_boundary(end) {

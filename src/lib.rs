@@ -2,40 +2,44 @@
 //!
 //! # Layout
 //!
+//! Each module depends only on the ones listed before it.
+//!
+//! - [`limits`], [`clock`], [`error`], [`guard`]: every limit, the time,
+//!   the error codes, the budgets of anything that can be retried.
 //! - [`ledger`]: the money rules as plain functions over plain data (no IO).
-//! - [`frame`], [`text`], [`protocol`]: the wire format, the dev text mode,
-//!   and every op's arguments and results.
-//! - [`server`]: start-up, accept loop, one reader and one writer task per
-//!   connection; [`ops`]: the dispatcher with the authorization checks.
-//! - [`shard`]: ractor actors, each the single writer of the accounts hashed
-//!   to it; they reserve debits and never wait on anything.
-//! - [`journal`]: the one redb writer, committing in groups, and the fan-out
-//!   that tells owners and clients after each durable commit.
-//! - [`otp`]: the OTP supervisor actor owning pending one-time-password
-//!   sessions, and its child [`mail`], the mailer actor (lettre).
-//! - [`store`]: the redb tables and read-side queries; [`auth`]: passwords
-//!   and tokens; [`config`]; [`constants`]: every limit.
+//! - [`wire`]: the frame codec, the text mode, the op table, every op's
+//!   arguments and result shapes.
+//! - [`store`]: the redb tables, the stored record, recovery, queries.
+//! - [`auth`]: passwords, tokens, login throttling.
+//! - [`reply`]: where a request's answer goes; [`contract`]: what shards
+//!   send the journal and what it answers.
+//! - [`journal`]: the one redb writer: a pure state machine applying each
+//!   batch, then one commit.
+//! - [`shard`]: the owner actors (single writers), the router, the fan-out.
+//! - [`otp`]: the OTP supervisor, its session rules and its mailer.
+//! - [`api`]: the ops behind the op table; [`net`]: connections;
+//!   [`server`]: start-up; [`admin`]: host commands; [`config`], [`stats`].
 //! - [`client`]: the async Rust client used by the CLI, tests and benchmarks.
 //!
-//! Run it with `tally serve`; the README explains the design.
+//! ARCHITECTURE.md draws the map and follows a transfer through it.
 
 pub mod admin;
+pub mod api;
 pub mod auth;
 pub mod client;
+pub mod clock;
 pub mod config;
-pub mod constants;
+pub mod contract;
 pub mod error;
-pub mod frame;
 pub mod guard;
 pub mod journal;
 pub mod ledger;
-pub mod mail;
-pub mod ops;
+pub mod limits;
+pub mod net;
 pub mod otp;
-pub mod protocol;
 pub mod reply;
 pub mod server;
 pub mod shard;
 pub mod stats;
 pub mod store;
-pub mod text;
+pub mod wire;

@@ -51,7 +51,7 @@ enum Command {
     #[command(verbatim_doc_comment)]
     Backup {
         /// Server address.
-        #[arg(long, default_value = tally::constants::LISTEN_DEFAULT)]
+        #[arg(long, default_value = tally::limits::LISTEN_DEFAULT)]
         connect: String,
         /// Admin user to log in as (password from --password or TALLY_PASSWORD).
         #[arg(long, default_value = "admin")]
@@ -80,7 +80,7 @@ enum Command {
     #[command(verbatim_doc_comment)]
     Call {
         /// Server address.
-        #[arg(long, default_value = tally::constants::LISTEN_DEFAULT)]
+        #[arg(long, default_value = tally::limits::LISTEN_DEFAULT)]
         connect: String,
         /// Log in as this user first (password from --password or TALLY_PASSWORD).
         #[arg(long)]
@@ -108,7 +108,7 @@ enum AdminCommand {
     #[command(verbatim_doc_comment)]
     ResetPassword {
         /// Data folder of the (stopped) server.
-        #[arg(long, default_value = tally::constants::DATA_DEFAULT)]
+        #[arg(long, default_value = tally::limits::DATA_DEFAULT)]
         data: PathBuf,
         /// The user whose password is set.
         user: String,
@@ -160,7 +160,7 @@ async fn call(connect: &str, user: Option<&str>, password: Option<&str>, op: &st
             eprintln!("tally: argument {a:?} is not key=value");
             return ExitCode::from(2);
         };
-        map.insert(k.to_owned(), tally::text::bare_value(v.to_owned()).to_json());
+        map.insert(k.to_owned(), tally::wire::text::bare_value(v.to_owned()).to_json());
     }
     let client = match tally::client::Client::connect(connect).await {
         Ok(c) => c,

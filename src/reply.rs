@@ -3,7 +3,7 @@
 use tokio::sync::{mpsc, OwnedSemaphorePermit};
 
 use crate::error::ApiError;
-use crate::protocol::Reply;
+use crate::wire::Reply;
 
 /// One answer on its way to a connection's writer.
 pub struct Outgoing {

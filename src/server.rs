@@ -1,33 +1,28 @@
-//! Start-up, the accept loop, and one task pair (reader, writer) per connection.
+//! Start-up: opens the data folder, makes sure there is an admin, loads
+//! the ledger, starts the journal thread, the shard actors, the fan-out,
+//! the OTP supervisor and the listener; and the orderly shutdown.
 
-use std::net::{IpAddr, SocketAddr};
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::{Buf, BytesMut};
 use ractor::Actor;
 use redb::Database;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::tcp::OwnedWriteHalf;
-use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{mpsc, Semaphore};
+use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 
-use crate::auth::{self, Binding, LoginGuard, Tokens, UserState, Users};
+use crate::api::Ctx;
+use crate::auth::{self, LoginGuard, Tokens, UserState, Users};
+use crate::clock::Clock;
 use crate::config::Config;
-use crate::constants::{
-    ANONYMOUS_FRAME_BYTES_MAX, KEYS_CACHED_PER_SHARD_MAX, LINE_BYTES_MAX, PAGE_ITEM_BYTES_MAX, PAGE_LIMIT_DEFAULT,
-    PAGE_LIMIT_MAX, PASSWORD_HASHES_CONCURRENT_MAX, REPLY_SLOT_BYTES,
-};
-use crate::error::{ApiError, ErrorCode};
-use crate::frame::{self, HEADER_BYTES};
-use crate::journal::{self, Health, Journal, JournalArgs, JournalHandle};
-use crate::ledger::{AccountMap, Limits};
-use crate::mail::Transport;
-use crate::ops;
-use crate::otp::{OtpActor, OtpArgs, OtpMsg, Rules};
-use crate::reply::{Outgoing, Permits, ReplyTo};
-use crate::shard::{shard_index, Outbox, ShardActor, ShardArgs, ShardRouter, Slot};
+use crate::contract::{self, Command};
+use crate::journal::{Health, Journal, JournalArgs};
+use crate::ledger::AccountMap;
+use crate::limits::{KEYS_CACHED_PER_SHARD_MAX, PASSWORD_HASHES_CONCURRENT_MAX};
+use crate::otp::mail::Transport;
+use crate::otp::{OtpActor, OtpArgs, Rules};
+use crate::shard::{fanout, shard_index, ShardActor, ShardArgs, ShardRouter, Slot};
 use crate::stats::Stats;
 use crate::store::{self, Store, UserRecord};
 
@@ -44,32 +39,6 @@ pub enum StartError {
     Actor(String),
     #[error("{0}")]
     Other(String),
-}
-
-/// Shared by every connection.
-pub struct Ctx {
-    pub config: Config,
-    pub limits: Limits,
-    pub router: ShardRouter,
-    pub store: Arc<Store>,
-    /// Whether the journal can commit (`health`).
-    pub health: Arc<Health>,
-    pub stats: Arc<Stats>,
-    pub tokens: Tokens,
-    pub journal: JournalHandle,
-    /// Reply slots in use in the whole server (`limits.inflight_max`): a
-    /// request holds one, a page request several, until its reply is written.
-    pub inflight: Arc<Semaphore>,
-    /// Every user's role and token epoch.
-    pub users: Arc<Users>,
-    /// Failed logins per user, address and both.
-    pub logins: LoginGuard,
-    /// Bounds how many password hashes run at once.
-    pub hashing: Arc<Semaphore>,
-    /// Cancelled when the server shuts down: readers stop taking requests.
-    pub shutdown: CancellationToken,
-    /// The OTP supervisor: pending one-time-password sessions.
-    pub otp: ractor::ActorRef<OtpMsg>,
 }
 
 /// A started server.
@@ -96,7 +65,7 @@ impl Running {
         }
         self.ctx.otp.stop(None);
         let (done, stopped) = tokio::sync::oneshot::channel();
-        if self.ctx.journal.send(journal::Command::Shutdown(done)).is_ok() {
+        if self.ctx.journal.send(Command::Shutdown(done)).is_ok() {
             let _ = tokio::time::timeout(grace, stopped).await;
         }
     }
@@ -241,7 +210,7 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
     drop(db);
 
     let stats = Arc::new(Stats::default());
-    let (journal_handle, journal_rx) = journal::channel();
+    let (journal_handle, journal_rx) = contract::channel();
     let (fanout_tx, fanout_rx) = tokio::sync::mpsc::unbounded_channel();
     let mut refs = Vec::with_capacity(n);
     for accounts in per_shard {
@@ -264,6 +233,7 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
         stats: stats.clone(),
         health: health.clone(),
         fee_rounding: config.policy.fee_rounding,
+        clock: Clock::system(),
     });
     std::thread::Builder::new()
         .name("tally-journal".into())
@@ -271,13 +241,13 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
         .map_err(|e| StartError::Other(e.to_string()))?;
     let fanout_router = router.clone();
     let fanout_users = users.clone();
-    tokio::spawn(journal::run_fanout(fanout_rx, fanout_router, fanout_users));
+    tokio::spawn(fanout::run(fanout_rx, fanout_router, fanout_users));
 
     let transport = Transport::parse(&config.mail_transport()).map_err(StartError::Other)?;
     let from = config.mail.from.parse().map_err(|_| StartError::Other("mail.from is not a mail address".into()))?;
     let rules =
         Rules { ttl_ms: config.otp.ttl_s * 1000, tries_max: config.otp.tries_max, resends_max: config.otp.resends_max };
-    let (otp, _) = Actor::spawn(None, OtpActor, OtpArgs { rules, transport, from })
+    let (otp, _) = Actor::spawn(None, OtpActor, OtpArgs { rules, transport, from, clock: Clock::system() })
         .await
         .map_err(|e| StartError::Actor(e.to_string()))?;
 
@@ -301,370 +271,8 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
         shutdown: CancellationToken::new(),
         otp,
     });
-    let accept = tokio::spawn(accept_loop(listener, ctx.clone()));
+    let accept = tokio::spawn(crate::net::accept_loop(listener, ctx.clone()));
     Ok(Running { addr, ctx, accept })
-}
-
-async fn accept_loop(listener: TcpListener, ctx: Arc<Ctx>) {
-    let shutdown = ctx.shutdown.clone();
-    let connections = Arc::new(Semaphore::new(ctx.config.limits.connections_max));
-    loop {
-        let accepted = tokio::select! {
-            () = shutdown.cancelled() => return,
-            a = listener.accept() => a,
-        };
-        let (stream, peer) = match accepted {
-            Ok(a) => a,
-            Err(e) => {
-                // Out of file descriptors and the like: back off instead of spinning.
-                tracing::warn!(error = %e, "accept failed");
-                tokio::time::sleep(Duration::from_millis(50)).await;
-                continue;
-            }
-        };
-        let Ok(permit) = connections.clone().try_acquire_owned() else {
-            tokio::spawn(refuse(stream));
-            continue;
-        };
-        let ctx = ctx.clone();
-        tokio::spawn(async move {
-            Stats::add(&ctx.stats.connections, 1);
-            Stats::add(&ctx.stats.connections_total, 1);
-            tracing::debug!(%peer, "connection opened");
-            connection(&ctx, stream, peer.ip()).await;
-            ctx.stats.connections.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
-            drop(permit);
-        });
-    }
-}
-
-/// Tells a client over the connection limit why it is being dropped.
-async fn refuse(mut stream: TcpStream) {
-    let mut out = BytesMut::new();
-    let err: Result<(), ApiError> = Err(ApiError::new(ErrorCode::Overloaded, "too many connections"));
-    frame::encode_response(&mut out, None, &err);
-    let _ = tokio::time::timeout(Duration::from_secs(1), stream.write_all(&out)).await;
-}
-
-/// What a connection knows about its caller.
-pub struct Session {
-    /// The user it is bound to, if any.
-    pub binding: Option<Binding>,
-    /// Where the connection comes from (login and reset limits count per address).
-    pub peer: IpAddr,
-    /// When the bytes of the requests being handled were read, in ms since
-    /// the Unix epoch (0: not known, read the clock). A token is checked
-    /// against this: one clock reading serves every frame of a read instead
-    /// of one per request (~2% of the runtime's CPU under load), and a
-    /// request that arrived before its token expired is served.
-    pub read_ms: u64,
-    /// Debits decoded from this connection and not yet sent to their shards.
-    pub outbox: Outbox,
-}
-
-impl Session {
-    #[must_use]
-    pub fn new(peer: IpAddr) -> Session {
-        Session { binding: None, peer, read_ms: 0, outbox: Outbox::default() }
-    }
-}
-
-enum Mode {
-    Binary,
-    Text,
-}
-
-/// Reads more bytes; `Ok(false)` on a clean end of stream, when the
-/// server shuts down or when the writer gave up on the peer (`closed`). A
-/// peer that has started a frame must finish it within
-/// `limits.frame_timeout_ms`; an anonymous peer may stay idle for
-/// `limits.idle_anonymous_ms`, a logged-in one as long as it likes.
-async fn fill(
-    ctx: &Ctx,
-    rd: &mut tokio::net::tcp::OwnedReadHalf,
-    buf: &mut BytesMut,
-    closed: &CancellationToken,
-    anonymous: bool,
-) -> std::io::Result<bool> {
-    let limits = &ctx.config.limits;
-    let (timeout, what) = if !buf.is_empty() {
-        (Duration::from_millis(limits.frame_timeout_ms), "incomplete frame")
-    } else if anonymous {
-        (Duration::from_millis(limits.idle_anonymous_ms), "idle and not logged in")
-    } else {
-        (Duration::MAX, "")
-    };
-    tokio::select! {
-        biased;
-        () = closed.cancelled() => Ok(false),
-        r = tokio::time::timeout(timeout, rd.read_buf(buf)) => match r {
-            Ok(r) => Ok(r? > 0),
-            Err(_) => Err(std::io::Error::new(std::io::ErrorKind::TimedOut, what)),
-        },
-    }
-}
-
-async fn connection(ctx: &Arc<Ctx>, stream: TcpStream, peer: IpAddr) {
-    let _ = stream.set_nodelay(true);
-    let (mut rd, wr) = stream.into_split();
-    let mut buf = BytesMut::with_capacity(16 * 1024);
-    // Cancelled when the server shuts down, or by the writer when the peer
-    // stops taking replies: the reader then stops too.
-    let closed = ctx.shutdown.child_token();
-    match fill(ctx, &mut rd, &mut buf, &closed, true).await {
-        Ok(true) => {}
-        _ => return,
-    }
-    let mode = if ctx.config.text_mode && buf[0].is_ascii_alphabetic() { Mode::Text } else { Mode::Binary };
-    let (tx, rx) = mpsc::unbounded_channel();
-    let write_timeout = Duration::from_millis(ctx.config.limits.write_timeout_ms);
-    let writer = tokio::spawn(write_loop(wr, rx, matches!(mode, Mode::Text), write_timeout, closed.clone(), peer));
-    let per_connection = match mode {
-        // Text mode answers one line at a time, in order.
-        Mode::Text => 1,
-        Mode::Binary => ctx.config.limits.inflight_per_connection_max,
-    };
-    let slots = Arc::new(Semaphore::new(per_connection));
-    let mut session = Session::new(peer);
-    let mut reader = Reader { ctx, tx: &tx, slots: &slots, per_connection, closed: &closed, session: &mut session };
-    let result = match mode {
-        Mode::Binary => reader.binary(&mut rd, &mut buf).await,
-        Mode::Text => reader.text(&mut rd, &mut buf).await,
-    };
-    if let Err(e) = result {
-        tracing::debug!(error = %e, %peer, "connection closed");
-    }
-    // Debits already read are answered like any other request.
-    session.outbox.flush(&ctx.router);
-    drop(tx);
-    // The writer ends once every in-flight request has been answered.
-    let _ = writer.await;
-}
-
-struct Reader<'a> {
-    ctx: &'a Arc<Ctx>,
-    tx: &'a mpsc::UnboundedSender<Outgoing>,
-    slots: &'a Arc<Semaphore>,
-    /// The capacity of `slots`.
-    per_connection: usize,
-    closed: &'a CancellationToken,
-    session: &'a mut Session,
-}
-
-impl Reader<'_> {
-    /// The return address of a request whose reply may take `slots` reply
-    /// slots ([`reply_slots`]), holding that many per-connection and
-    /// server-wide permits until the reply is written. Waiting here is the
-    /// back-pressure: a client past its limit is simply not read from until
-    /// written answers free slots. `None` if the connection closed while
-    /// waiting.
-    async fn reply_to(&mut self, id: Option<u64>, slots: usize) -> Option<ReplyTo> {
-        let n = slots.clamp(1, self.per_connection.min(self.ctx.config.limits.inflight_max));
-        let n = u32::try_from(n).unwrap_or(u32::MAX);
-        let connection = self.permit(self.slots.clone(), n).await?;
-        let server = self.permit(self.ctx.inflight.clone(), n).await?;
-        Some(ReplyTo::new(self.tx.clone(), id, Permits { connection, server }))
-    }
-
-    /// `n` permits of `semaphore`; before waiting for them, the debits in
-    /// the outbox go out (they hold permits, and only their answers free
-    /// more). `None` if the connection closed while waiting; `Some(None)`
-    /// if the semaphore was closed.
-    async fn permit(&mut self, semaphore: Arc<Semaphore>, n: u32) -> Option<Option<tokio::sync::OwnedSemaphorePermit>> {
-        match semaphore.clone().try_acquire_many_owned(n) {
-            Ok(p) => Some(Some(p)),
-            Err(tokio::sync::TryAcquireError::Closed) => Some(None),
-            Err(tokio::sync::TryAcquireError::NoPermits) => {
-                self.session.outbox.flush(&self.ctx.router);
-                tokio::select! {
-                    () = self.closed.cancelled() => None,
-                    p = semaphore.acquire_many_owned(n) => Some(p.ok()),
-                }
-            }
-        }
-    }
-
-    /// Reads more bytes, sending the outbox first (nothing waits in it
-    /// while the reader waits for the client).
-    async fn fill(&mut self, rd: &mut tokio::net::tcp::OwnedReadHalf, buf: &mut BytesMut) -> std::io::Result<bool> {
-        self.session.outbox.flush(&self.ctx.router);
-        let anonymous = self.session.binding.is_none();
-        let more = fill(self.ctx, rd, buf, self.closed, anonymous).await?;
-        self.session.read_ms = store::now_ms();
-        Ok(more)
-    }
-
-    /// The largest frame this connection may send now: an anonymous one
-    /// only needs room for a login or signup.
-    fn frame_max(&self) -> usize {
-        let configured = self.ctx.config.limits.frame_bytes_max;
-        if self.session.binding.is_none() {
-            configured.min(ANONYMOUS_FRAME_BYTES_MAX)
-        } else {
-            configured
-        }
-    }
-
-    fn error_now(&self, id: Option<u64>, error: ApiError) {
-        ReplyTo::new(self.tx.clone(), id, Permits::default()).err(error);
-    }
-
-    async fn binary(&mut self, rd: &mut tokio::net::tcp::OwnedReadHalf, buf: &mut BytesMut) -> std::io::Result<()> {
-        loop {
-            let frame_max = self.frame_max();
-            while buf.len() < HEADER_BYTES {
-                if !self.fill(rd, buf).await? {
-                    return Ok(());
-                }
-            }
-            let len = u32::from_be_bytes([buf[0], buf[1], buf[2], buf[3]]) as usize;
-            if len > frame_max {
-                self.error_now(
-                    None,
-                    ApiError::new(
-                        ErrorCode::FrameTooLarge,
-                        format!("frame of {len} bytes exceeds the limit of {frame_max}"),
-                    ),
-                );
-                return Ok(());
-            }
-            buf.reserve(HEADER_BYTES + len);
-            while buf.len() < HEADER_BYTES + len {
-                if !self.fill(rd, buf).await? {
-                    return Ok(());
-                }
-            }
-            buf.advance(HEADER_BYTES);
-            let body = buf.split_to(len);
-            Stats::add(&self.ctx.stats.ops, 1);
-            match frame::parse_envelope(&body) {
-                Err(e) => self.error_now(e.id, e.error),
-                Ok(env) => {
-                    let Some(reply) = self.reply_to(Some(env.id), reply_slots(env.op, env.args)).await else {
-                        return Ok(());
-                    };
-                    ops::dispatch(self.ctx, self.session, env.op, env.args, reply).await;
-                }
-            }
-        }
-    }
-
-    async fn text(&mut self, rd: &mut tokio::net::tcp::OwnedReadHalf, buf: &mut BytesMut) -> std::io::Result<()> {
-        let mut scanned = 0;
-        loop {
-            let Some(pos) = buf[scanned..].iter().position(|&b| b == b'\n').map(|p| p + scanned) else {
-                scanned = buf.len();
-                if buf.len() > LINE_BYTES_MAX {
-                    self.error_now(
-                        None,
-                        ApiError::new(ErrorCode::FrameTooLarge, format!("line longer than {LINE_BYTES_MAX} bytes")),
-                    );
-                    return Ok(());
-                }
-                if !self.fill(rd, buf).await? {
-                    return Ok(());
-                }
-                continue;
-            };
-            let raw = buf.split_to(pos + 1);
-            scanned = 0;
-            let line = &raw[..pos];
-            let line = line.strip_suffix(b"\r").unwrap_or(line);
-            if line.iter().all(u8::is_ascii_whitespace) {
-                continue;
-            }
-            Stats::add(&self.ctx.stats.ops, 1);
-            let Ok(line) = std::str::from_utf8(line) else {
-                self.error_now(None, ApiError::bad_request("the line is not valid UTF-8"));
-                continue;
-            };
-            match crate::text::parse_line(line) {
-                Err(e) => self.error_now(None, e),
-                Ok(parsed) => {
-                    let args = parsed.args_msgpack();
-                    let Some(reply) = self.reply_to(None, 1).await else {
-                        return Ok(());
-                    };
-                    ops::dispatch(self.ctx, self.session, &parsed.op, &args, reply).await;
-                }
-            }
-        }
-    }
-}
-
-/// How many reply slots ([`REPLY_SLOT_BYTES`] each) a request may need:
-/// one, or for a page of records or accounts enough for its `limit`
-/// (`my_redeems` always answers a full page).
-fn reply_slots(op: &str, args: &[u8]) -> usize {
-    #[derive(serde::Deserialize)]
-    struct Limit {
-        limit: Option<u64>,
-    }
-    let items = match op {
-        "history" | "list_accounts" | "redeems" => frame::decode_args::<Limit>(args)
-            .ok()
-            .and_then(|l| l.limit)
-            .map_or(PAGE_LIMIT_DEFAULT, |l| usize::try_from(l).unwrap_or(PAGE_LIMIT_MAX).min(PAGE_LIMIT_MAX)),
-        "my_redeems" => PAGE_LIMIT_MAX,
-        _ => return 1,
-    };
-    1 + (items * PAGE_ITEM_BYTES_MAX).div_ceil(REPLY_SLOT_BYTES)
-}
-
-/// Encodes the answers of a connection and writes them. The permits of an
-/// answer are released only once its bytes are written, so a peer that
-/// stops reading holds its slots and is not read from any more; if the
-/// socket takes no bytes for `write_timeout`, the connection is closed and
-/// everything it held is released.
-async fn write_loop(
-    mut wr: OwnedWriteHalf,
-    mut rx: mpsc::UnboundedReceiver<Outgoing>,
-    text: bool,
-    write_timeout: Duration,
-    closed: CancellationToken,
-    peer: IpAddr,
-) {
-    const WRITE_BATCH_BYTES: usize = 256 * 1024;
-    let mut out = BytesMut::with_capacity(64 * 1024);
-    while let Some(first) = rx.recv().await {
-        let mut next = Some(first);
-        let mut taken = Permits::default();
-        while let Some(Outgoing { id, result, permits }) = next {
-            if text {
-                frame::encode_line(&mut out, &result);
-            } else {
-                frame::encode_reply(&mut out, id, &result);
-            }
-            drop(result);
-            taken.absorb(permits);
-            next = if out.len() < WRITE_BATCH_BYTES { rx.try_recv().ok() } else { None };
-        }
-        let mut written = 0;
-        while written < out.len() {
-            match tokio::time::timeout(write_timeout, wr.write(&out[written..])).await {
-                Ok(Ok(n)) if n > 0 => written += n,
-                Ok(_) => {
-                    closed.cancel();
-                    return;
-                }
-                Err(_) => {
-                    tracing::warn!(%peer, pending_bytes = out.len() - written, timeout_ms = write_timeout.as_millis() as u64,
-                        "closing a connection whose peer stopped reading");
-                    closed.cancel();
-                    return;
-                }
-            }
-        }
-        // Every answer of this write is out: its requests' permits go back
-        // in one release per semaphore.
-        drop(taken);
-        out.clear();
-        if out.capacity() > 4 * WRITE_BATCH_BYTES {
-            // One huge page made the buffer grow: do not keep that memory.
-            out = BytesMut::with_capacity(64 * 1024);
-        }
-    }
-    let _ = wr.shutdown().await;
 }
 
 /// Raises the open-file limit to its hard maximum, so that

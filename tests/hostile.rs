@@ -56,8 +56,11 @@ async fn malformed_input_of_every_kind_changes_nothing() {
         .unwrap();
     let before = audit_ok(&c).await;
     // A login frame, so that the NaN request gets past authentication.
-    let mut login =
-        tally::frame::encode_request_vec(0, "login", &json!({"user": "mallory", "password": "mallory's password"}));
+    let mut login = tally::wire::frame::encode_request_vec(
+        0,
+        "login",
+        &json!({"user": "mallory", "password": "mallory's password"}),
+    );
 
     let login_frame = login.clone();
     let mut deep = vec![0x91; 400_000];

@@ -43,9 +43,9 @@ async fn peers_that_stop_reading_hold_bounded_memory_and_are_closed() {
         assert!(join_all(calls).await.iter().all(Result::is_ok));
     }
     let token = s.admin_token().await;
-    let mut bytes = tally::frame::encode_request_vec(0, "auth", &json!({ "token": token }));
+    let mut bytes = tally::wire::frame::encode_request_vec(0, "auth", &json!({ "token": token }));
     for id in 1..=64 {
-        bytes.extend(tally::frame::encode_request_vec(id, "history", &json!({"account": "a", "limit": 1000})));
+        bytes.extend(tally::wire::frame::encode_request_vec(id, "history", &json!({"account": "a", "limit": 1000})));
     }
     let peak_before = s.peak_rss_kb();
     // 32 connections ask for 64 pages each (~29 MB of replies each) and
@@ -95,7 +95,7 @@ async fn anonymous_connections_may_not_idle_or_send_large_frames() {
     // 100 KB: too much for an anonymous connection...
     let big = json!({"from": "a", "to": "b", "amount": 1, "memo": "x".repeat(100_000)});
     let mut anon = TcpStream::connect(s.addr).await.unwrap();
-    anon.write_all(&tally::frame::encode_request_vec(1, "transfer", &big)).await.unwrap();
+    anon.write_all(&tally::wire::frame::encode_request_vec(1, "transfer", &big)).await.unwrap();
     let mut reply = vec![0u8; 4096];
     let n = anon.read(&mut reply).await.unwrap();
     let body: serde_json::Value = rmp_serde::from_slice(&reply[4..n]).unwrap();

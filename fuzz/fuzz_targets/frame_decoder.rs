@@ -8,10 +8,10 @@ fuzz_target!(|data: &[u8]| {
     let mut rest = data;
     while rest.len() >= 4 {
         let len = u32::from_be_bytes([rest[0], rest[1], rest[2], rest[3]]) as usize;
-        if len > tally::constants::FRAME_BYTES_MAX || rest.len() < 4 + len {
+        if len > tally::limits::FRAME_BYTES_MAX || rest.len() < 4 + len {
             break;
         }
-        let _ = tally::frame::parse_envelope(&rest[4..4 + len]);
+        let _ = tally::wire::frame::parse_envelope(&rest[4..4 + len]);
         rest = &rest[4 + len..];
     }
 });

@@ -3,8 +3,8 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use tally::frame::{decode_args, parse_envelope};
-use tally::protocol::*;
+use tally::wire::frame::{decode_args, parse_envelope};
+use tally::wire::*;
 
 fuzz_target!(|data: &[u8]| {
     let Ok(env) = parse_envelope(data) else { return };

@@ -1,0 +1,280 @@
+//! The ops: one dispatch over the op table ([`Op`]), which checks who may
+//! call the op, then hands it to its handler. Handlers check their
+//! arguments and answer directly, hand the request to the owning shard or
+//! the journal, or read the store off the async threads.
+//!
+//! - `status`: `hello`, `ping`, `help`, `health`, `stats`, `audit`;
+//! - `users`: signup, login, tokens, passwords, `whoami`, `set_events`;
+//! - `otp`: what waits for a mailed code: user transfers and holds,
+//!   redeems, password resets; `confirm`, `resend`;
+//! - `money`: balances, transfers, mints, accounts, history;
+//! - `points`: the points manager's ops (`add`, `bulk_add`, `reap`, ...);
+//! - `holds`: two-phase transfers and redeem requests.
+
+use std::net::IpAddr;
+use std::sync::Arc;
+
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+
+use crate::auth::{Binding, LoginGuard, Principal, Tokens, Users};
+use crate::config::Config;
+use crate::contract::{Command, JournalHandle};
+use crate::error::{ApiError, ErrorCode};
+use crate::journal::Health;
+use crate::ledger::{self, Limits};
+use crate::limits::{PAGE_LIMIT_DEFAULT, PAGE_LIMIT_MAX, TAG_BYTES_MAX};
+use crate::otp::OtpMsg;
+use crate::reply::ReplyTo;
+use crate::shard::{Outbox, ShardRouter};
+use crate::stats::Stats;
+use crate::store::Store;
+use crate::wire::{Caller, Op, Reply};
+
+/// Decodes args or answers `bad_request` and returns from the caller.
+macro_rules! args {
+    ($ty:ty, $raw:expr, $reply:expr) => {
+        match $crate::wire::frame::decode_args::<$ty>($raw) {
+            Ok(a) => a,
+            Err(e) => return $reply.err(e),
+        }
+    };
+}
+
+/// Unwraps a `Result<_, ApiError>` or answers with the error.
+macro_rules! check {
+    ($e:expr, $reply:expr) => {
+        match $e {
+            Ok(v) => v,
+            Err(e) => return $reply.err(e.into()),
+        }
+    };
+}
+
+mod holds;
+mod money;
+mod otp;
+mod points;
+mod status;
+mod users;
+
+/// Shared by every connection.
+pub struct Ctx {
+    pub config: Config,
+    pub limits: Limits,
+    pub router: ShardRouter,
+    pub store: Arc<Store>,
+    /// Whether the journal can commit (`health`).
+    pub health: Arc<Health>,
+    pub stats: Arc<Stats>,
+    pub tokens: Tokens,
+    pub journal: JournalHandle,
+    /// Reply slots in use in the whole server (`limits.inflight_max`): a
+    /// request holds one, a page request several, until its reply is written.
+    pub inflight: Arc<Semaphore>,
+    /// Every user's role and token epoch.
+    pub users: Arc<Users>,
+    /// Failed logins per user, address and both.
+    pub logins: LoginGuard,
+    /// Bounds how many password hashes run at once.
+    pub hashing: Arc<Semaphore>,
+    /// Cancelled when the server shuts down: readers stop taking requests.
+    pub shutdown: CancellationToken,
+    /// The OTP supervisor: pending one-time-password sessions.
+    pub otp: ractor::ActorRef<OtpMsg>,
+}
+
+/// What a connection knows about its caller.
+pub struct Session {
+    /// The user it is bound to, if any.
+    pub binding: Option<Binding>,
+    /// Where the connection comes from (login and reset limits count per address).
+    pub peer: IpAddr,
+    /// When the bytes of the requests being handled were read, in ms since
+    /// the Unix epoch (0: not known, read the clock). A token is checked
+    /// against this: one clock reading serves every frame of a read instead
+    /// of one per request (~2% of the runtime's CPU under load), and a
+    /// request that arrived before its token expired is served.
+    pub read_ms: u64,
+    /// Debits decoded from this connection and not yet sent to their shards.
+    pub outbox: Outbox,
+}
+
+impl Session {
+    #[must_use]
+    pub fn new(peer: IpAddr) -> Session {
+        Session { binding: None, peer, read_ms: 0, outbox: Outbox::default() }
+    }
+}
+
+/// Handles one request. Ops that bind or unbind the connection (`login`,
+/// `auth`, `logout`, `change_password`) and `signup` (which hashes a
+/// password) are awaited here, so the connection's next request sees their
+/// outcome; every other op is handed on and answered through `reply`
+/// whenever it finishes.
+pub async fn dispatch(ctx: &Arc<Ctx>, session: &mut Session, name: &str, args: &[u8], reply: ReplyTo) {
+    let Some(op) = Op::parse(name) else {
+        session.outbox.flush(&ctx.router);
+        #[cfg(feature = "fault-injection")]
+        if name == "debug_panic" {
+            return status::debug_panic(ctx, session, args, reply);
+        }
+        return reply.err(ApiError::new(ErrorCode::UnknownOp, format!("unknown op {name:?}: try help")));
+    };
+    // Debits read before this op go first: it may touch the same accounts.
+    if !op.is_batched_debit() {
+        session.outbox.flush(&ctx.router);
+    }
+    let caller = match op.caller() {
+        Caller::Anyone => None,
+        Caller::User | Caller::Admin => {
+            let p = check!(users::current(ctx, session), reply);
+            if op.caller() == Caller::Admin && !p.is_admin() {
+                return reply.err(ApiError::forbidden("this op is for admins"));
+            }
+            if p.is_admin() && ADMIN_ACTIONS.contains(&op) {
+                tracing::info!(target: "security", user = %p.user, op = op.name(), args = %args_for_log(args), "admin action");
+            }
+            Some(p)
+        }
+    };
+    let p = || caller.clone().expect("checked above: the op needs a caller");
+    match op {
+        Op::Hello => status::hello(session, args, reply),
+        Op::Ping => status::ping(args, reply),
+        Op::Help => status::help(args, reply),
+        Op::Health => status::health(ctx, args, reply),
+        Op::Stats => status::stats(ctx, args, reply),
+        Op::Audit => status::audit(ctx, args, reply),
+        Op::Signup => users::signup(ctx, session, args, reply).await,
+        Op::Login => users::login(ctx, session, args, reply).await,
+        Op::Auth => users::auth(ctx, session, args, reply),
+        Op::Whoami => users::whoami(ctx, p(), args, reply),
+        Op::Logout => users::logout(ctx, session, p(), args, reply).await,
+        Op::ChangePassword => users::change_password(ctx, session, p(), args, reply).await,
+        Op::SetEvents => users::set_events(ctx, args, reply),
+        Op::ResetPassword => otp::reset_password(ctx, session, args, reply),
+        Op::Confirm => otp::confirm(ctx, session, args, reply),
+        Op::Resend => otp::resend(ctx, session, args, reply),
+        Op::Balance => money::read(ctx, p(), args, crate::shard::ReadKind::Balance, reply),
+        Op::Account => money::read(ctx, p(), args, crate::shard::ReadKind::Account, reply),
+        Op::Transfer => money::transfer(ctx, p(), args, session, reply),
+        Op::Mint => money::mint(ctx, p(), args, session, reply),
+        Op::CreateAccount => money::create_account(ctx, args, reply),
+        Op::History => money::history(ctx, p(), args, reply),
+        Op::GetTransfer => money::get_transfer(ctx, p(), args, reply),
+        Op::Add => points::add(ctx, p(), args, reply),
+        Op::DeleteAccount => points::delete_account(ctx, args, reply),
+        Op::DeleteReason => points::delete_reason(ctx, args, reply),
+        Op::ListAccounts => points::list_accounts(ctx, args, reply),
+        Op::Tag => points::tag(ctx, args, reply),
+        Op::BulkAdd => points::bulk_add(ctx, args, reply),
+        Op::Reap => points::reap(ctx, args, reply),
+        Op::Backup => points::backup(ctx, args, reply),
+        Op::Hold => holds::hold(ctx, p(), args, session.peer, reply),
+        Op::Post => holds::post(ctx, p(), args, reply),
+        Op::Void => holds::void(ctx, p(), args, reply),
+        Op::Redeem => holds::redeem(ctx, p(), args, session.peer, reply),
+        Op::MyRedeems => holds::my_redeems(ctx, p(), args, reply),
+        Op::Redeems => holds::redeems(ctx, args, reply),
+        Op::DecideRedeem => holds::decide_redeem(ctx, p(), args, reply),
+    }
+}
+
+/// Admin ops written to the security log with their arguments (the
+/// journal keeps the records; this says who asked, and for the ops that
+/// write none, what).
+const ADMIN_ACTIONS: &[Op] = &[
+    Op::Mint,
+    Op::Add,
+    Op::SetEvents,
+    Op::DecideRedeem,
+    Op::DeleteAccount,
+    Op::BulkAdd,
+    Op::Reap,
+    Op::Backup,
+    Op::Tag,
+];
+
+/// An op's arguments as compact JSON for a log line: secrets redacted,
+/// cut at 512 bytes.
+fn args_for_log(args: &[u8]) -> String {
+    let Ok(mut v) = rmp_serde::from_slice::<serde_json::Value>(args) else {
+        return "<not a map>".to_owned();
+    };
+    if let Some(m) = v.as_object_mut() {
+        for (k, val) in m.iter_mut() {
+            if k.contains("password") || k.contains("secret") || k.contains("token") {
+                *val = serde_json::Value::String("<redacted>".into());
+            }
+        }
+    }
+    let mut s = v.to_string();
+    if s.len() > 512 {
+        let mut end = 509;
+        while !s.is_char_boundary(end) {
+            end -= 1;
+        }
+        s.truncate(end);
+        s.push_str("...");
+    }
+    s
+}
+
+/// Runs `f` on the blocking pool and answers with its result.
+fn blocking<F>(reply: ReplyTo, f: F)
+where
+    F: FnOnce() -> Result<Reply, ApiError> + Send + 'static,
+{
+    tokio::spawn(async move {
+        let r = tokio::task::spawn_blocking(f).await.unwrap_or_else(|_| Err(ApiError::internal("the query failed")));
+        reply.send(r);
+    });
+}
+
+/// Queues a command for the journal; answers `internal` if it has stopped.
+fn to_journal(ctx: &Ctx, cmd: Command) {
+    if let Err(cmd) = ctx.journal.send(cmd) {
+        if let Some(reply) = cmd.admin_reply() {
+            reply.err(ApiError::internal("the journal has stopped"));
+        }
+    }
+}
+
+/// The page size asked for: default 100, at most `PAGE_LIMIT_MAX`.
+fn page_limit(limit: Option<u64>) -> Result<usize, ApiError> {
+    match limit {
+        None => Ok(PAGE_LIMIT_DEFAULT),
+        Some(l) if (1..=PAGE_LIMIT_MAX as u64).contains(&l) => Ok(l as usize),
+        Some(_) => Err(ApiError::bad_request(format!("limit must be 1..={PAGE_LIMIT_MAX}"))),
+    }
+}
+
+/// Tags are 1-`TAG_BYTES_MAX` bytes.
+fn validate_tags(tags: &[String]) -> Result<(), ApiError> {
+    if tags.iter().any(|t| t.is_empty() || t.len() > TAG_BYTES_MAX) {
+        return Err(ApiError::bad_request(format!("tags are 1-{TAG_BYTES_MAX} bytes")));
+    }
+    Ok(())
+}
+
+fn account_id(id: &str) -> Result<(), ApiError> {
+    ledger::validate_account_id(id).map_err(ApiError::from)
+}
+
+/// The checks every debit's arguments pass, wherever it comes from.
+fn validate_transfer(from: &str, to: &str, amount: i64, memo: Option<&str>, key: Option<&str>) -> Result<(), ApiError> {
+    account_id(from)?;
+    account_id(to)?;
+    ledger::validate_amount(amount)?;
+    ledger::validate_memo_key(memo, key)?;
+    if from == to {
+        return Err(ledger::LedgerError::SameAccount.into());
+    }
+    Ok(())
+}
+
+/// The caller's own account when the request names none.
+fn own(p: &Principal, account: Option<String>) -> String {
+    account.unwrap_or_else(|| p.user.to_string())
+}

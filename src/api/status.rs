@@ -1,0 +1,100 @@
+//! Ops about the server itself: `hello`, `ping`, `help`, `health`, and the
+//! admin's `stats` and `audit`.
+
+use std::sync::Arc;
+
+use super::{blocking, Ctx, Session};
+use crate::contract::Command;
+use crate::error::{ApiError, ErrorCode};
+use crate::limits::{HEALTH_FRESH_MS, HEALTH_PROBE_TIMEOUT_MS};
+use crate::reply::ReplyTo;
+use crate::stats::Stats;
+use crate::store;
+use crate::wire::{HealthReply, HelloReply, NoArgs, Op, Reply, StatsReply, PROTOCOL_VERSION};
+
+pub(super) fn hello(session: &Session, args: &[u8], reply: ReplyTo) {
+    args!(NoArgs, args, reply);
+    // The build is for logged-in callers only: to anyone else it would say
+    // which known bugs the server has.
+    let version = session.binding.is_some().then_some(env!("CARGO_PKG_VERSION"));
+    reply.ok(Reply::Hello(HelloReply { server: "tally", version, protocol: PROTOCOL_VERSION }));
+}
+
+pub(super) fn ping(args: &[u8], reply: ReplyTo) {
+    args!(NoArgs, args, reply);
+    reply.ok(Reply::Text("pong"));
+}
+
+pub(super) fn help(args: &[u8], reply: ReplyTo) {
+    args!(NoArgs, args, reply);
+    reply.ok(Reply::List(Op::NAMES));
+}
+
+/// `health`: `ok` only when the journal can commit. A commit in the last
+/// second proves it; otherwise a probe rides in the next batch (so a flood
+/// of `health` costs one commit, whatever its size), and no answer within
+/// 5 s is `unavailable` too.
+pub(super) fn health(ctx: &Arc<Ctx>, args: &[u8], reply: ReplyTo) {
+    args!(NoArgs, args, reply);
+    let unavailable = |why: String| ApiError::new(ErrorCode::Unavailable, format!("the journal cannot commit: {why}"));
+    if let Err(why) = ctx.health.status() {
+        return reply.err(unavailable(why));
+    }
+    if crate::clock::now_ms().saturating_sub(ctx.health.last_commit_ms()) < HEALTH_FRESH_MS {
+        return reply.ok(Reply::Health(HealthReply { status: "ok" }));
+    }
+    let (done, answer) = tokio::sync::oneshot::channel();
+    if ctx.journal.send(Command::Probe(done)).is_err() {
+        return reply.err(unavailable("it has stopped".into()));
+    }
+    tokio::spawn(async move {
+        let wait = std::time::Duration::from_millis(HEALTH_PROBE_TIMEOUT_MS);
+        let r = match tokio::time::timeout(wait, answer).await {
+            Ok(Ok(Ok(()))) => Ok(Reply::Health(HealthReply { status: "ok" })),
+            Ok(Ok(Err(e))) => Err(e),
+            Ok(Err(_)) => Err(unavailable("it has stopped".into())),
+            Err(_) => Err(unavailable(format!("no commit within {} s", wait.as_secs()))),
+        };
+        reply.send(r);
+    });
+}
+
+pub(super) fn stats(ctx: &Arc<Ctx>, args: &[u8], reply: ReplyTo) {
+    args!(NoArgs, args, reply);
+    let s = &ctx.stats;
+    let commits = Stats::get(&s.commits);
+    let items = Stats::get(&s.batch_items);
+    let inflight = ctx.config.limits.inflight_max.saturating_sub(ctx.inflight.available_permits());
+    reply.ok(Reply::Stats(StatsReply {
+        connections: Stats::get(&s.connections),
+        connections_total: Stats::get(&s.connections_total),
+        ops: Stats::get(&s.ops),
+        transfers: Stats::get(&s.transfers),
+        commits,
+        batch_items: items,
+        batch_max: Stats::get(&s.batch_max),
+        batch_mean: if commits == 0 { 0.0 } else { items as f64 / commits as f64 },
+        journal_queue: ctx.journal.depth() as u64,
+        inflight: inflight as u64,
+    }));
+}
+
+pub(super) fn audit(ctx: &Arc<Ctx>, args: &[u8], reply: ReplyTo) {
+    args!(NoArgs, args, reply);
+    let store = ctx.store.clone();
+    blocking(reply, move || Ok(Reply::Audit(store::audit(&*store.db()?)?)));
+}
+
+/// Test builds only (`fault-injection`): the admin op `debug_panic
+/// {account}` panics the shard owning the account, as a bug would.
+#[cfg(feature = "fault-injection")]
+pub(super) fn debug_panic(ctx: &Arc<Ctx>, session: &mut Session, args: &[u8], reply: ReplyTo) {
+    let p = check!(super::users::current(ctx, session), reply);
+    if !p.is_admin() {
+        return reply.err(ApiError::forbidden("this op is for admins"));
+    }
+    let a = args!(crate::wire::AccountOnly, args, reply);
+    tracing::warn!(account = %a.account, "fault injection: panicking the shard that owns this account");
+    ctx.router.send(&a.account, crate::shard::ShardMsg::Panic);
+    reply.ok(Reply::Text("sent"));
+}

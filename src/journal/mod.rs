@@ -1,0 +1,367 @@
+//! The journal: the one thread that writes redb, committing in groups.
+//!
+//! It takes every command queued since its last commit (up to
+//! `commit_batch_max`), has the state machine ([`machine`]) apply them in
+//! order to the ledger in memory, writes what they did in one redb
+//! transaction ([`commit`]) and commits with fsync. Only then does the
+//! fan-out (`shard::fanout`) tell the owning shards what changed and answer
+//! the clients. An idle journal commits at once; under load the queue fills
+//! while it syncs, so batches grow by themselves.
+//!
+//! If a commit fails (a full disk), nothing of its batch was applied and
+//! every command in it is refused `unavailable`; the journal then refuses
+//! writes, reports it through [`Health`], and reopens the database once it
+//! can (redb refuses everything after an IO error until then).
+
+pub mod commit;
+pub mod machine;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use crossbeam_channel::Receiver;
+use redb::Database;
+
+use self::commit::{RedbCold, Sweep};
+use self::machine::{Machine, Writes};
+use crate::clock::Clock;
+use crate::contract::{Command, Committed, Outcome, SettleCmd, SettleOp};
+use crate::error::{ApiError, ErrorCode};
+use crate::ledger::FeeRounding;
+use crate::limits::{JOURNAL_RECOVERY_RETRY_MS, SWEEP_IDLE_AFTER_MS};
+use crate::reply::ReplyTo;
+use crate::stats::Stats;
+use crate::store::{self, Store, StoreError};
+
+/// Whether the journal can commit, for the `health` op: shared between
+/// the journal (which sets it) and every connection (which reads it).
+#[derive(Default)]
+pub struct Health {
+    /// Why the journal cannot commit; `None` while it can.
+    failure: std::sync::Mutex<Option<String>>,
+    /// When a commit last succeeded, ms since the Unix epoch.
+    last_commit_ms: std::sync::atomic::AtomicU64,
+}
+
+impl Health {
+    /// `Err(reason)` while the journal cannot commit.
+    pub fn status(&self) -> Result<(), String> {
+        match self.failure.lock() {
+            Ok(f) => f.clone().map_or(Ok(()), Err),
+            Err(_) => Err("the health state is poisoned".into()),
+        }
+    }
+
+    /// When a commit last succeeded (ms since the epoch; 0: none yet).
+    #[must_use]
+    pub fn last_commit_ms(&self) -> u64 {
+        self.last_commit_ms.load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    fn committed(&self, now_ms: u64) {
+        self.last_commit_ms.store(now_ms, std::sync::atomic::Ordering::Release);
+        if let Ok(mut f) = self.failure.lock() {
+            if f.is_some() {
+                *f = None;
+            }
+        }
+    }
+
+    fn failing(&self, reason: String) {
+        if let Ok(mut f) = self.failure.lock() {
+            *f = Some(reason);
+        }
+    }
+}
+
+/// The answer of every command while the journal cannot commit.
+fn unavailable() -> ApiError {
+    ApiError::new(ErrorCode::Unavailable, "the journal could not commit; nothing was changed; try again shortly")
+}
+
+/// A journal that cannot commit: why, and the database it took out of the
+/// store, kept until every reader has let go of it.
+struct Failure {
+    reason: String,
+    retired: Option<Arc<Database>>,
+}
+
+/// What the journal starts from.
+pub struct JournalArgs {
+    pub store: Arc<Store>,
+    /// The ledger as loaded at start-up.
+    pub loaded: store::Loaded,
+    pub batch_max: usize,
+    pub stats: Arc<Stats>,
+    pub health: Arc<Health>,
+    pub fee_rounding: FeeRounding,
+    pub clock: Clock,
+}
+
+pub struct Journal {
+    store: Arc<Store>,
+    machine: Machine,
+    /// What the batch being committed writes (its buffers are reused).
+    writes: Writes,
+    batch_max: usize,
+    stats: Arc<Stats>,
+    health: Arc<Health>,
+    clock: Clock,
+    sweep: Sweep,
+    /// Set while the journal cannot commit.
+    failure: Option<Failure>,
+}
+
+impl Journal {
+    #[must_use]
+    pub fn new(a: JournalArgs) -> Journal {
+        let store::Loaded { book, head, expiring, .. } = a.loaded;
+        Journal {
+            store: a.store,
+            machine: Machine { book, head, expiring: expiring.into_iter().collect(), fee_rounding: a.fee_rounding },
+            writes: Writes::default(),
+            batch_max: a.batch_max,
+            stats: a.stats,
+            health: a.health,
+            clock: a.clock,
+            sweep: Sweep { cursor: 0, from: head.id, checkpoint: 0 },
+            failure: None,
+        }
+    }
+
+    /// Runs until every handle is dropped or a [`Command::Shutdown`]
+    /// arrives, then writes a full checkpoint and returns. Committed batches
+    /// go to `fanout` in commit order.
+    pub fn run(mut self, rx: &Receiver<Command>, fanout: &tokio::sync::mpsc::UnboundedSender<Committed>) {
+        let mut batch: Vec<Command> = Vec::with_capacity(self.batch_max);
+        loop {
+            if self.failure.is_some() {
+                match self.run_failing(rx, fanout) {
+                    Some(()) => continue,
+                    None => return,
+                }
+            }
+            self.due_holds(&mut batch);
+            if batch.is_empty() {
+                match rx.recv_timeout(self.idle_wait()) {
+                    Ok(c) => batch.push(c),
+                    Err(crossbeam_channel::RecvTimeoutError::Timeout) => {
+                        self.catch_up(rx);
+                        continue;
+                    }
+                    Err(crossbeam_channel::RecvTimeoutError::Disconnected) => break,
+                }
+            }
+            while batch.len() < self.batch_max {
+                match rx.try_recv() {
+                    Ok(c) => batch.push(c),
+                    Err(_) => break,
+                }
+            }
+            let mut stops = Vec::new();
+            batch.retain_mut(|c| match c {
+                Command::Shutdown(done) => {
+                    let (placeholder, _) = tokio::sync::oneshot::channel();
+                    stops.push(std::mem::replace(done, placeholder));
+                    false
+                }
+                _ => true,
+            });
+            let committed = self.commit(std::mem::take(&mut batch));
+            if fanout.send(committed).is_err() {
+                break;
+            }
+            if !stops.is_empty() {
+                self.stop();
+                for done in stops {
+                    let _ = done.send(());
+                }
+                return;
+            }
+        }
+        self.stop();
+    }
+
+    /// One round of a journal that cannot commit: refuses whatever is
+    /// queued (`unavailable`, through the fan-out so that owners release
+    /// their reservations), and now and then tries to reopen the database.
+    /// `None` when the journal must stop.
+    fn run_failing(
+        &mut self,
+        rx: &Receiver<Command>,
+        fanout: &tokio::sync::mpsc::UnboundedSender<Committed>,
+    ) -> Option<()> {
+        let first = match rx.recv_timeout(Duration::from_millis(JOURNAL_RECOVERY_RETRY_MS)) {
+            Ok(c) => Some(c),
+            Err(crossbeam_channel::RecvTimeoutError::Timeout) => None,
+            Err(crossbeam_channel::RecvTimeoutError::Disconnected) => return None,
+        };
+        let mut refused = Vec::new();
+        for cmd in first.into_iter().chain(std::iter::from_fn(|| rx.try_recv().ok())) {
+            if let Command::Shutdown(done) = cmd {
+                let _ = fanout.send(Committed(refused));
+                tracing::warn!("stopping while the journal cannot commit; the next start recovers");
+                let _ = done.send(());
+                return None;
+            }
+            if let Some(o) = Outcome::refused(&cmd, &unavailable()) {
+                refused.push((cmd, o));
+            }
+        }
+        if !refused.is_empty() && fanout.send(Committed(refused)).is_err() {
+            return None;
+        }
+        self.try_recover();
+        Some(())
+    }
+
+    /// Applies and commits one batch; every command gets its outcome.
+    fn commit(&mut self, batch: Vec<Command>) -> Committed {
+        let time = self.clock.now_ms();
+        let head_before = self.machine.head;
+        self.writes.clear();
+        let result = self.store.db().and_then(|db| {
+            let outcomes = self.machine.apply(&RedbCold::new(&db), &batch, time, &mut self.writes)?;
+            commit::write(&db, &self.writes, &mut self.machine.book, self.machine.head, &mut self.sweep)?;
+            Ok(outcomes)
+        });
+        match result {
+            Ok(outcomes) => {
+                self.health.committed(time);
+                self.stats.record_batch(batch.len() as u64, self.machine.head.id - head_before.id);
+                Committed(batch.into_iter().zip(outcomes).collect())
+            }
+            Err(e) => {
+                // Nothing of this batch reached the disk: the machine goes
+                // back to what did when the database is reopened
+                // (`try_recover`); every command is refused.
+                self.machine.head = head_before;
+                self.fail(&e);
+                let failed = unavailable();
+                Committed(batch.into_iter().filter_map(|c| Outcome::refused(&c, &failed).map(|o| (c, o))).collect())
+            }
+        }
+    }
+
+    /// Records a failed commit: health turns failing, and the database is
+    /// taken out of the store to be reopened (redb refuses everything after
+    /// an IO error until then).
+    fn fail(&mut self, e: &StoreError) {
+        let reason = e.to_string();
+        tracing::error!(error = %reason, "the journal cannot commit; refusing writes until the storage recovers");
+        self.health.failing(reason.clone());
+        let retired = self.store.take();
+        self.failure = Some(Failure { reason, retired });
+    }
+
+    /// Tries once to reopen the database and carry on from what it holds.
+    fn try_recover(&mut self) {
+        let Some(failure) = self.failure.as_mut() else { return };
+        if let Some(old) = failure.retired.take() {
+            if Arc::strong_count(&old) > 1 {
+                // A reader (a backup, a page of history) still holds it.
+                failure.retired = Some(old);
+                return;
+            }
+            drop(old);
+        }
+        let db = match store::open(self.store.path()) {
+            Ok(db) => db,
+            Err(e) => {
+                if e.to_string() != failure.reason {
+                    tracing::warn!(error = %e, "the database cannot be reopened yet");
+                    failure.reason = e.to_string();
+                    self.health.failing(failure.reason.clone());
+                }
+                return;
+            }
+        };
+        let loaded = match store::load(&db, self.machine.book.limits) {
+            Ok(l) => l,
+            Err(e) => {
+                tracing::warn!(error = %e, "the reopened database cannot be loaded yet");
+                return;
+            }
+        };
+        if loaded.head != self.machine.head {
+            // The failed commit reached the disk after all, so its commands
+            // were refused but applied: the owners' views are wrong. Only a
+            // fresh start rebuilds everything from the disk.
+            tracing::error!(
+                disk = loaded.head.id,
+                memory = self.machine.head.id,
+                "a commit reported as failed is on disk; stopping so that a restart rebuilds the ledger"
+            );
+            std::process::abort();
+        }
+        self.machine.book = loaded.book;
+        self.machine.expiring = loaded.expiring.into_iter().collect();
+        self.sweep = Sweep { cursor: 0, from: self.machine.head.id, checkpoint: self.sweep.checkpoint };
+        self.store.put(Arc::new(db));
+        // Healthy only once a commit has gone through.
+        let reason = self.failure.take().map(|f| f.reason).unwrap_or_default();
+        let committed = self.commit(Vec::new());
+        debug_assert!(committed.0.is_empty());
+        if self.failure.is_none() {
+            tracing::warn!(after = %reason, "the storage recovered; the journal commits again");
+        }
+    }
+
+    /// Queues a void for every hold whose timeout has passed (at most a
+    /// batch's worth at a time).
+    fn due_holds(&mut self, batch: &mut Vec<Command>) {
+        let now = self.clock.now_ms();
+        while batch.len() < self.batch_max {
+            let Some(&(expires_at, hold)) = self.machine.expiring.first() else { break };
+            if expires_at > now {
+                break;
+            }
+            self.machine.expiring.pop_first();
+            // Nobody waits for this answer.
+            let (reply, _) = ReplyTo::channel();
+            batch.push(Command::Settle(Box::new(SettleCmd {
+                hold,
+                op: SettleOp::Expire,
+                by: None,
+                note: None,
+                reply,
+            })));
+        }
+    }
+
+    /// How long to wait for work: until the next hold expires, at most
+    /// until the idle sweep.
+    fn idle_wait(&self) -> Duration {
+        let now = self.clock.now_ms();
+        let idle = Duration::from_millis(SWEEP_IDLE_AFTER_MS);
+        self.machine.expiring.first().map_or(idle, |&(at, _)| idle.min(Duration::from_millis(at.saturating_sub(now))))
+    }
+
+    /// While idle, keeps sweeping until the checkpoint reaches the head, so
+    /// that start-up, `audit` and `list_accounts` replay almost nothing.
+    /// Stops as soon as real work arrives.
+    fn catch_up(&mut self, rx: &Receiver<Command>) {
+        while self.sweep.checkpoint < self.machine.head.id && rx.is_empty() && self.failure.is_none() {
+            let before = (self.sweep.checkpoint, self.sweep.cursor);
+            let committed = self.commit(Vec::new());
+            debug_assert!(committed.0.is_empty());
+            if (self.sweep.checkpoint, self.sweep.cursor) == before {
+                // The commit failed (it was logged): try again on the next
+                // idle period rather than spinning on a sick disk.
+                break;
+            }
+        }
+    }
+
+    /// Leaves a full checkpoint, so the next start replays nothing.
+    fn stop(&mut self) {
+        let written = self
+            .store
+            .db()
+            .and_then(|db| commit::final_checkpoint(&db, &mut self.machine.book, self.machine.head, &mut self.sweep));
+        if let Err(e) = written {
+            tracing::warn!(error = %e, "final checkpoint failed; the next start replays the tail");
+        }
+        tracing::info!(head = self.machine.head.id, "journal stopped");
+    }
+}

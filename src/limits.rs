@@ -1,0 +1,188 @@
+//! Every limit Tally enforces, in one place.
+//!
+//! Config may lower most of these (see `config.rs`); none can be raised past
+//! the hard maxima here without a code change, because each one bounds memory
+//! or time that a single client could otherwise claim.
+
+/// Default listen address of `tally serve`.
+pub const LISTEN_DEFAULT: &str = "127.0.0.1:7707";
+/// Default data folder of `tally serve`.
+pub const DATA_DEFAULT: &str = "./tally-data";
+
+/// Largest frame body accepted by default (`limits.frame_bytes_max`).
+pub const FRAME_BYTES_MAX: usize = 1024 * 1024;
+/// Longest text-mode line, newline excluded.
+pub const LINE_BYTES_MAX: usize = 64 * 1024;
+/// Deepest nesting of MessagePack arrays and maps accepted in a request.
+pub const DECODE_DEPTH_MAX: usize = 16;
+/// Connections served at once by default (`limits.connections_max`).
+pub const CONNECTIONS_MAX: usize = 10_000;
+/// Reply slots (requests in flight) on one connection by default (`limits.inflight_per_connection_max`).
+pub const INFLIGHT_PER_CONNECTION_MAX: usize = 1024;
+/// Reply slots (requests in flight) in the whole server (bounds every
+/// shard mailbox, the journal queue and the replies waiting to be written;
+/// `limits.inflight_max`).
+pub const INFLIGHT_MAX: usize = 131_072;
+/// How long a peer may take to finish sending a frame it has started.
+pub const FRAME_READ_TIMEOUT_MS: u64 = 30_000;
+/// Largest frame a connection not yet logged in may send (a login or a
+/// signup needs a few hundred bytes), so that anonymous connections cannot
+/// make the server hold `frame_bytes_max` each.
+pub const ANONYMOUS_FRAME_BYTES_MAX: usize = 64 * 1024;
+/// How long a socket may take no bytes of pending replies before the
+/// connection is closed (`limits.write_timeout_ms`).
+pub const WRITE_TIMEOUT_MS: u64 = 30_000;
+/// How long a connection that is not logged in may send nothing
+/// (`limits.idle_anonymous_ms`).
+pub const IDLE_ANONYMOUS_MS: u64 = 60_000;
+/// What one reply slot stands for. Every reply but a page fits in one
+/// (error messages are cut to `ERROR_MESSAGE_BYTES_MAX`); a page takes one
+/// slot per `REPLY_SLOT_BYTES` of [`PAGE_ITEM_BYTES_MAX`] items. Slots are
+/// held until the reply is written, so the replies queued for a connection
+/// stay under `inflight_per_connection_max` x 2 KiB (2 MiB by default),
+/// and for the whole server under `inflight_max` x 2 KiB (256 MiB).
+pub const REPLY_SLOT_BYTES: usize = 2048;
+/// The most one item of a page (a transfer record, an account, a redeem
+/// request) takes on the wire, in MessagePack or JSON.
+pub const PAGE_ITEM_BYTES_MAX: usize = 1536;
+/// Longest error message sent; longer ones (which may quote input) are cut.
+pub const ERROR_MESSAGE_BYTES_MAX: usize = 512;
+
+/// Most commands the journal applies in one redb write transaction. Larger
+/// batches cost less per transfer, but a request that just misses one waits
+/// for all of it; on 2 cores with 4,096 requests in flight, 2,048 did best
+/// (docs/performance.md).
+pub const COMMIT_BATCH_MAX: usize = 2048;
+/// Most records in one stored chunk (one redb row): bounds what reading a
+/// single record (`get_transfer`, a history step) has to walk.
+pub const CHUNK_RECORDS_MAX: usize = 64;
+/// The largest `limits.commit_batch_max` a configuration may set.
+pub const COMMIT_BATCH_LIMIT: usize = 65_536;
+/// Number of shard actors; each is the single writer of the accounts hashed to it.
+pub const SHARDS_DEFAULT: usize = 32;
+/// Committed idempotency keys each shard keeps in memory (older ones are read from disk).
+pub const KEYS_CACHED_PER_SHARD_MAX: usize = 16_384;
+
+/// Longest account id in bytes (SPEC: 1-64 bytes).
+pub const ACCOUNT_ID_BYTES_MAX: usize = 64;
+/// Longest memo in bytes.
+pub const MEMO_BYTES_MAX: usize = 256;
+/// Longest idempotency key in bytes.
+pub const KEY_BYTES_MAX: usize = 64;
+/// Longest tag in bytes.
+pub const TAG_BYTES_MAX: usize = 32;
+/// Most tags on one account.
+pub const TAGS_PER_ACCOUNT_MAX: usize = 16;
+/// Longest user id in bytes.
+pub const USER_ID_BYTES_MAX: usize = 64;
+/// Longest password in bytes (argon2 takes any length; this bounds hashing time).
+pub const PASSWORD_BYTES_MAX: usize = 1024;
+
+/// Default and largest page of `history` and `list_accounts`.
+pub const PAGE_LIMIT_DEFAULT: usize = 100;
+pub const PAGE_LIMIT_MAX: usize = 1000;
+
+/// Default lifetime of a login token.
+pub const TOKEN_TTL_S_DEFAULT: u64 = 1800;
+
+/// redb's page cache. The hot path only appends and sweeps balance rows in
+/// key order, so a small cache costs little; reads of old pages fall back to
+/// the OS page cache, which does not count against the server's memory.
+pub const REDB_CACHE_BYTES: usize = 64 * 1024 * 1024;
+
+/// Shortest password accepted at signup or change.
+pub const PASSWORD_CHARS_MIN: usize = 8;
+/// Password hashes (argon2, ~19 MiB and tens of ms each) computed at once;
+/// more logins wait their turn instead of starving transfers of CPU and memory.
+pub const PASSWORD_HASHES_CONCURRENT_MAX: usize = 2;
+
+/// Pending OTP sessions kept at once, all users together; more get `overloaded`.
+pub const OTP_SESSIONS_MAX: usize = 100_000;
+/// Pending OTP sessions of one user; more get `rate_limited`.
+pub const OTP_SESSIONS_PER_USER_MAX: usize = 8;
+/// How often the OTP supervisor drops expired sessions.
+pub const OTP_SWEEP_INTERVAL_MS: u64 = 1000;
+/// Mails queued for the mailer at once; more get `overloaded`.
+pub const MAIL_QUEUE_MAX: usize = 256;
+/// Attempts at delivering one mail over SMTP (transient failures only).
+pub const MAIL_ATTEMPTS_MAX: u32 = 3;
+/// Wait before the second attempt; the n-th retry waits n times this.
+pub const MAIL_RETRY_DELAY_MS: u64 = 200;
+/// Longest an SMTP conversation may take before it counts as failed.
+pub const MAIL_SEND_TIMEOUT_MS: u64 = 10_000;
+
+/// Longest `timeout_s` of a hold: 30 days.
+pub const HOLD_TIMEOUT_S_MAX: u64 = 30 * 86_400;
+/// Longest redeem item name in bytes.
+pub const ITEM_BYTES_MAX: usize = 100;
+
+/// Wrong codes per user and purpose (password reset; confirming a
+/// transfer, hold or redeem): 5 free, then waits of 1, 2, 4, ... minutes up
+/// to a day; a day without a wrong code forgives them. New sessions do not
+/// refill it: it belongs to the user. At most 15 guesses in any day (see
+/// SECURITY.md), each with 1-in-a-million odds.
+pub const OTP_GUESSES: crate::guard::BackoffRule =
+    crate::guard::BackoffRule { free: 5, base_ms: 60_000, cap_ms: 86_400_000, forget_ms: 86_400_000 };
+/// Password resets asked for one user per hour (sessions opened, known user or not).
+pub const RESETS_PER_USER_PER_HOUR: usize = 3;
+/// Password resets asked for from one source address (IPv4, or IPv6 /64) per hour.
+pub const RESETS_PER_SOURCE_PER_HOUR: usize = 10;
+/// Reset mails (first codes and resends) to one mail address per hour.
+pub const RESET_MAILS_PER_ADDRESS_PER_HOUR: usize = 5;
+/// Codes mailed for one user's own transfers, holds and redeems per hour
+/// (resends included).
+pub const CODE_MAILS_PER_USER_PER_HOUR: usize = 30;
+/// Users, addresses and mail addresses each guard table tracks at once. A
+/// full table refuses new keys (`rate_limited`) rather than forget a budget.
+pub const GUARD_ENTRIES_MAX: usize = 100_000;
+/// One hour, the window of the hourly limits above.
+pub const HOUR_MS: u64 = 3_600_000;
+
+/// Wrong passwords for one user from one source address: 5 free, then
+/// waits from 1 s doubling up to 15 min; forgotten after an hour.
+pub const LOGIN_PAIR: crate::guard::BackoffRule =
+    crate::guard::BackoffRule { free: 5, base_ms: 1_000, cap_ms: 900_000, forget_ms: HOUR_MS };
+/// Wrong passwords for one user from any address before it counts as under
+/// attack. Then every address that has failed for the user gets one free
+/// try and waits from a minute doubling up to an hour ([`LOGIN_UNDER_ATTACK`]);
+/// an address that has not failed still gets its first try at once, so a
+/// correct password from elsewhere is never locked out.
+pub const LOGIN_USER_FAILURES_MAX: u32 = 20;
+/// The per-address rule for a user under attack.
+pub const LOGIN_UNDER_ATTACK: crate::guard::BackoffRule =
+    crate::guard::BackoffRule { free: 1, base_ms: 60_000, cap_ms: HOUR_MS, forget_ms: HOUR_MS };
+/// Wrong passwords from one source address, whatever the users (a spray
+/// across many user ids): 20 free, then waits from 1 s doubling up to 15 min.
+pub const LOGIN_SOURCE: crate::guard::BackoffRule =
+    crate::guard::BackoffRule { free: 20, base_ms: 1_000, cap_ms: 900_000, forget_ms: HOUR_MS };
+
+/// A full sweep of the balance rows completes within about this many
+/// records, which bounds the replay at start-up to about twice as many.
+pub const SWEEP_RECORDS: usize = 262_144;
+/// The fewest account numbers a commit that wrote records sweeps.
+pub const SWEEP_CHUNK_MIN: usize = 256;
+/// The fewest account numbers a commit without records (the idle journal
+/// catching up) sweeps.
+pub const SWEEP_CHUNK_IDLE: usize = 4096;
+/// An idle journal catches up in at most this many commits.
+pub const SWEEP_IDLE_COMMITS: usize = 64;
+/// How long the journal waits for work before it sweeps on its own.
+pub const SWEEP_IDLE_AFTER_MS: u64 = 50;
+/// How often a journal that cannot commit tries to reopen the database.
+pub const JOURNAL_RECOVERY_RETRY_MS: u64 = 500;
+/// A commit this recent proves to `health` that the journal can commit.
+pub const HEALTH_FRESH_MS: u64 = 1000;
+/// Longest `health` waits for its probe to be committed.
+pub const HEALTH_PROBE_TIMEOUT_MS: u64 = 5000;
+/// How often the OTP guard tables drop entries that no longer matter.
+pub const GUARD_SWEEP_INTERVAL_MS: u64 = 60_000;
+/// Longest deletion reason (`delete_account`, `reap`).
+pub const REASON_BYTES_MAX: usize = 256;
+/// Most index entries one `list_accounts` page examines. A selective
+/// balance filter can match few accounts; the page then ends early with a
+/// `next` cursor, so no single request scans everything.
+pub const LIST_SCAN_MAX: usize = 200_000;
+/// Replies a connection's writer gathers into one write.
+pub const WRITE_BATCH_BYTES: usize = 256 * 1024;
+/// Longest mail error passed on to the caller (an SMTP server's words).
+pub const MAIL_ERROR_BYTES_MAX: usize = 200;

@@ -1,0 +1,255 @@
+//! The read side: users, transfers, histories, account lists and redeem
+//! requests, each through one read transaction.
+
+#[allow(unused_imports)]
+use super::record::*;
+#[allow(unused_imports)]
+use super::recovery::*;
+#[allow(unused_imports)]
+use super::rows::*;
+use super::*;
+use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
+
+use crate::limits::LIST_SCAN_MAX;
+use crate::wire::{ListedAccount, TransferView};
+
+/// Redeem requests, newest first: all of them (optionally of one status),
+/// or one user's. At most `limit`, looking at no more than `LIST_SCAN_MAX`.
+pub fn redeems(
+    db: &Database,
+    user: Option<&str>,
+    status: Option<RedeemStatus>,
+    limit: usize,
+) -> Result<Vec<RedeemRecord>, StoreError> {
+    let txn = db.begin_read()?;
+    let table = txn.open_table(REDEEMS)?;
+    let mut out = Vec::new();
+    let mut keep = |r: RedeemRecord| {
+        if status.is_none_or(|s| r.status == s) {
+            out.push(r);
+        }
+        out.len() < limit
+    };
+    match user {
+        Some(u) => {
+            let index = txn.open_table(USER_REDEEMS)?;
+            for row in index.range((u, 0)..=(u, u64::MAX))?.rev().take(LIST_SCAN_MAX) {
+                let id = row?.0.value().1;
+                if let Some(v) = table.get(id)? {
+                    if !keep(RedeemRecord::decode(v.value())?) {
+                        break;
+                    }
+                }
+            }
+        }
+        None => {
+            for row in table.iter()?.rev().take(LIST_SCAN_MAX) {
+                if !keep(RedeemRecord::decode(row?.1.value())?) {
+                    break;
+                }
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// Reads one user.
+pub fn get_user(db: &Database, user: &str) -> Result<Option<UserRecord>, StoreError> {
+    let txn = db.begin_read()?;
+    let users = txn.open_table(USERS)?;
+    users.get(user)?.map(|v| UserRecord::decode(v.value())).transpose()
+}
+
+/// Reads every user (start-up: the registry of token epochs).
+pub fn load_users(db: &Database) -> Result<Vec<UserRecord>, StoreError> {
+    let txn = db.begin_read()?;
+    let users = txn.open_table(USERS)?;
+    let mut out = Vec::new();
+    for row in users.iter()? {
+        let (_, v) = row?;
+        out.push(UserRecord::decode(v.value())?);
+    }
+    Ok(out)
+}
+
+/// Writes one user directly (start-up only, before the journal runs).
+pub fn put_user(db: &Database, user: &UserRecord) -> Result<(), StoreError> {
+    let txn = begin_write(db)?;
+    txn.open_table(USERS)?.insert(user.user.as_str(), &user.encode()[..])?;
+    txn.commit()?;
+    Ok(())
+}
+
+fn view_of(stored: &[u8]) -> Result<TransferView, StoreError> {
+    Ok(TransferRecord::decode(stored)?.view(&record_hash(stored)))
+}
+
+/// Reads one transfer.
+pub fn get_transfer(db: &Database, id: u64) -> Result<Option<TransferView>, StoreError> {
+    let txn = db.begin_read()?;
+    with_record(&txn.open_table(CHUNKS)?, id, view_of)
+}
+
+/// Finds the transfer an idempotency key was first used for.
+pub fn lookup_key(db: &Database, from: &str, key: &str) -> Result<Option<TransferView>, StoreError> {
+    let txn = db.begin_read()?;
+    let keys = txn.open_table(KEYS)?;
+    let Some(id) = keys.get((from, key))?.map(|v| v.value()) else {
+        return Ok(None);
+    };
+    let view = with_record(&txn.open_table(CHUNKS)?, id, view_of)?;
+    Ok(Some(view.ok_or_else(|| StoreError::Corrupt(format!("key points at missing transfer {id}")))?))
+}
+
+/// Owner of an account, if it exists.
+pub fn account_meta(db: &Database, account: &str) -> Result<Option<AccountMeta>, StoreError> {
+    let txn = db.begin_read()?;
+    let a = txn.open_table(ACCOUNTS)?;
+    a.get(account)?.map(|v| AccountMeta::decode(v.value())).transpose()
+}
+
+/// A page of `account`'s history, newest first, starting at record
+/// `start` (the account's last record, or the one before the cursor), and
+/// the cursor of the next page.
+pub fn history(
+    db: &Database,
+    account: &str,
+    start: u64,
+    limit: usize,
+) -> Result<(Vec<TransferView>, Option<u64>), StoreError> {
+    let txn = db.begin_read()?;
+    let chunks = txn.open_table(CHUNKS)?;
+    let mut out = Vec::with_capacity(limit.min(1024));
+    let mut id = start;
+    while id != 0 && out.len() < limit {
+        let (view, prev) = with_record(&chunks, id, |stored| {
+            let r = TransferRecord::decode(stored)?;
+            let prev =
+                r.link_of(account).ok_or_else(|| StoreError::Corrupt(format!("transfer {id} is not {account}'s")))?;
+            Ok((r.view(&record_hash(stored)), prev))
+        })?
+        .ok_or_else(|| StoreError::Corrupt(format!("history points at missing transfer {id}")))?;
+        out.push(view);
+        id = prev;
+    }
+    let next = if id == 0 { None } else { out.last().map(|t| t.id) };
+    Ok((out, next))
+}
+
+/// Where the page after cursor `after` starts: the record before `after` in
+/// `account`'s list. `None` if `after` is not one of the account's records.
+pub fn history_after(db: &Database, account: &str, after: u64) -> Result<Option<u64>, StoreError> {
+    let txn = db.begin_read()?;
+    let link =
+        with_record(&txn.open_table(CHUNKS)?, after, |stored| Ok(TransferRecord::decode(stored)?.link_of(account)))?;
+    Ok(link.flatten())
+}
+
+/// Filters of `list_accounts`.
+#[derive(Clone, Debug, Default)]
+pub struct ListFilter {
+    pub owner: Option<String>,
+    pub tag: Option<String>,
+    pub balance_min: Option<i64>,
+    pub balance_max: Option<i64>,
+}
+
+/// Balance changes of the records after the checkpoint, per account, for
+/// rows that do not include them yet.
+fn tail_deltas(txn: &redb::ReadTransaction) -> Result<std::collections::HashMap<String, Vec<(u64, i64)>>, StoreError> {
+    let checkpoint = read_checkpoint(txn)?;
+    let chunks = txn.open_table(CHUNKS)?;
+    let mut tail: std::collections::HashMap<String, Vec<(u64, i64)>> = std::collections::HashMap::new();
+    for_each_record(&chunks, checkpoint + 1, |_, stored| {
+        let r = TransferRecord::decode(stored)?;
+        for (account, delta) in legs(&r)? {
+            if delta != 0 {
+                tail.entry(account.to_owned()).or_default().push((r.id, delta));
+            }
+        }
+        Ok(true)
+    })?;
+    Ok(tail)
+}
+
+/// Accounts listed under `key` in an index table of (key, account) pairs,
+/// in account order, starting at `after`.
+fn index_members(
+    txn: &redb::ReadTransaction,
+    index: TableDefinition<(&str, &str), ()>,
+    key: &str,
+    after: &str,
+) -> Result<Box<dyn Iterator<Item = Result<String, StoreError>>>, StoreError> {
+    let table = txn.open_table(index)?;
+    let key = key.to_owned();
+    let it = table.range((key.as_str(), after)..)?;
+    Ok(Box::new(
+        it.map(|r| r.map(|(k, _)| (k.value().0.to_owned(), k.value().1.to_owned())).map_err(StoreError::from))
+            .take_while(move |r| r.as_ref().map_or(true, |(k, _)| *k == key))
+            .map(|r| r.map(|(_, account)| account)),
+    ))
+}
+
+/// A page of open accounts in id order, filtered, with balances as of one
+/// instant (one read transaction), and the cursor of the next page.
+pub fn list_accounts(
+    db: &Database,
+    f: &ListFilter,
+    after: Option<&str>,
+    limit: usize,
+) -> Result<(Vec<ListedAccount>, Option<String>), StoreError> {
+    let txn = db.begin_read()?;
+    let tail = tail_deltas(&txn)?;
+    let rows = txn.open_table(BALANCES)?;
+    let accounts = txn.open_table(ACCOUNTS)?;
+    let after = after.unwrap_or("");
+    // Candidates in id order: from an index when there is one to use.
+    let mut candidates: Box<dyn Iterator<Item = Result<String, StoreError>>> = match (&f.owner, &f.tag) {
+        (Some(owner), _) => index_members(&txn, OWNERS, owner, after)?,
+        (None, Some(tag)) => index_members(&txn, TAGS, tag, after)?,
+        (None, None) => {
+            Box::new(accounts.range(after..)?.map(|r| r.map(|(k, _)| k.value().to_owned()).map_err(StoreError::from)))
+        }
+    };
+    let mut out = Vec::new();
+    let mut scanned = 0usize;
+    loop {
+        let Some(id) = candidates.next().transpose()? else {
+            return Ok((out, None));
+        };
+        if id == after {
+            continue;
+        }
+        scanned += 1;
+        let meta = accounts
+            .get(id.as_str())?
+            .map(|v| AccountMeta::decode(v.value()))
+            .transpose()?
+            .ok_or_else(|| StoreError::Corrupt(format!("index names a missing account {id}")))?;
+        let wanted_tag = f.tag.as_ref().is_none_or(|t| meta.tags.contains(t));
+        if meta.deleted.is_none() && wanted_tag {
+            let (mut balance, last) = rows.get(meta.num)?.map_or((0, 0), |v| v.value());
+            for (rid, delta) in tail.get(&id).map_or(&[][..], Vec::as_slice) {
+                if *rid > last {
+                    balance += delta;
+                }
+            }
+            if f.balance_min.is_none_or(|m| balance >= m) && f.balance_max.is_none_or(|m| balance <= m) {
+                out.push(ListedAccount {
+                    account: id.clone(),
+                    owner: meta.owner,
+                    tags: meta.tags,
+                    balance,
+                    created: meta.created,
+                    memo: meta.memo,
+                });
+                if out.len() == limit {
+                    return Ok((out, Some(id)));
+                }
+            }
+        }
+        if scanned >= LIST_SCAN_MAX {
+            return Ok((out, Some(id)));
+        }
+    }
+}

@@ -1,0 +1,252 @@
+//! The arguments of every op, as they travel on the wire.
+//!
+//! Argument structs refuse unknown fields: in a money system a misspelt
+//! `from` must be an error, not a transfer from the caller's default account.
+
+use serde::Deserialize;
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NoArgs {}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LoginArgs {
+    pub user: String,
+    pub password: String,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuthArgs {
+    pub token: String,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AccountArg {
+    pub account: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TransferArgs {
+    pub from: Option<String>,
+    pub to: String,
+    pub amount: i64,
+    pub memo: Option<String>,
+    pub key: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MintArgs {
+    pub to: String,
+    pub amount: i64,
+    pub memo: Option<String>,
+    pub key: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CreateAccountArgs {
+    pub account: String,
+    pub owner: Option<String>,
+    pub tags: Option<Vec<String>>,
+    pub initial: Option<i64>,
+    pub memo: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HistoryArgs {
+    pub account: Option<String>,
+    pub after: Option<u64>,
+    pub limit: Option<u64>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GetTransferArgs {
+    pub id: u64,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SignupArgs {
+    pub user: String,
+    pub name: String,
+    pub email: String,
+    pub password: String,
+    pub group: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HoldArgs {
+    pub from: Option<String>,
+    pub to: String,
+    pub amount: i64,
+    pub memo: Option<String>,
+    pub key: Option<String>,
+    /// Voided automatically after this many seconds; absent: never.
+    pub timeout_s: Option<u64>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PostArgs {
+    pub hold: u64,
+    /// Default: the whole hold. The rest is released.
+    pub amount: Option<i64>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VoidArgs {
+    pub hold: u64,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RedeemArgs {
+    pub item: String,
+    pub amount: i64,
+    pub memo: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RedeemsArgs {
+    /// An unknown status is refused by serde, as `bad_request`.
+    pub status: Option<crate::store::RedeemStatus>,
+    pub limit: Option<u64>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DecideRedeemArgs {
+    pub request: u64,
+    pub accept: bool,
+    pub note: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SetEventsArgs {
+    pub user: String,
+    pub events: u64,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ResetPasswordArgs {
+    pub user: String,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ConfirmArgs {
+    pub pending: String,
+    /// Six digits, as a string (`"012345"`) or an integer (`12345`).
+    #[serde(deserialize_with = "otp_code")]
+    pub otp: String,
+    pub new_password: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ResendArgs {
+    pub pending: String,
+}
+
+/// A code is six digits; the text mode turns `otp=012345` into a number,
+/// so numbers below 1,000,000 are read back as six digits.
+fn otp_code<'de, D: serde::Deserializer<'de>>(d: D) -> Result<String, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Raw {
+        Text(String),
+        Number(u64),
+    }
+    let code = match Raw::deserialize(d)? {
+        Raw::Text(t) => t,
+        Raw::Number(n) if n < 1_000_000 => format!("{n:06}"),
+        Raw::Number(_) => String::new(),
+    };
+    if code.len() != crate::otp::CODE_DIGITS || !code.bytes().all(|b| b.is_ascii_digit()) {
+        return Err(serde::de::Error::custom("otp must be 6 digits"));
+    }
+    Ok(code)
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ChangePasswordArgs {
+    pub old_password: String,
+    pub new_password: String,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AddArgs {
+    pub account: String,
+    pub delta: i64,
+    pub memo: Option<String>,
+    pub key: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DeleteAccountArgs {
+    pub account: String,
+    pub reason: String,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AccountOnly {
+    pub account: String,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ListAccountsArgs {
+    pub owner: Option<String>,
+    pub tag: Option<String>,
+    pub balance_min: Option<i64>,
+    pub balance_max: Option<i64>,
+    pub after: Option<String>,
+    pub limit: Option<u64>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TagArgs {
+    pub account: String,
+    pub add: Option<Vec<String>>,
+    pub remove: Option<Vec<String>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BulkAddArgs {
+    pub tag: String,
+    pub delta: i64,
+    pub memo: Option<String>,
+    pub force: Option<bool>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ReapArgs {
+    pub reason: String,
+    pub below: Option<i64>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BackupArgs {
+    /// A file name; the copy is written to `DATA/backups/<out>`.
+    pub out: String,
+}
