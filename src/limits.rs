@@ -1,6 +1,6 @@
 //! Every limit Tally enforces, in one place.
 //!
-//! Config may lower most of these (see `config.rs`); none can be raised past
+//! Config may lower most of these (see `src/config.rs`); none can be raised past
 //! the hard maxima here without a code change, because each one bounds memory
 //! or time that a single client could otherwise claim.
 
@@ -96,6 +96,8 @@ pub const PASSWORD_CHARS_MIN: usize = 8;
 /// more logins wait their turn instead of starving transfers of CPU and memory.
 pub const PASSWORD_HASHES_CONCURRENT_MAX: usize = 2;
 
+/// Digits of a one-time code.
+pub const OTP_CODE_DIGITS: usize = 6;
 /// Pending OTP sessions kept at once, all users together; more get `overloaded`.
 pub const OTP_SESSIONS_MAX: usize = 100_000;
 /// Pending OTP sessions of one user; more get `rate_limited`.

@@ -186,10 +186,10 @@ async fn fifteen_hundred_idle_or_half_sent_connections_do_not_block_others() {
     assert_eq!(fresh.call("ping", json!({})).await.unwrap(), "pong");
     let t = fresh.call("transfer", json!({"from": "a", "to": "b", "amount": 3})).await.unwrap();
     assert_eq!(t["to_balance"], 3);
-    // Half-sent frames are cut off after the frame timeout; idle ones stay.
-    tokio::time::sleep(Duration::from_millis(1500)).await;
+    // Half-sent frames are cut off after the frame timeout; idle ones
+    // (idle as long, and not for a minute yet) stay.
     let mut byte = [0u8; 1];
-    let cut = tokio::time::timeout(Duration::from_secs(3), half[0].read(&mut byte)).await;
+    let cut = tokio::time::timeout(Duration::from_secs(10), half[0].read(&mut byte)).await;
     assert!(matches!(cut, Ok(Ok(0)) | Ok(Err(_))), "a half-sent connection was not closed: {cut:?}");
     let still = tokio::time::timeout(Duration::from_millis(200), idle[0].read(&mut byte)).await;
     assert!(still.is_err(), "an idle connection was closed");

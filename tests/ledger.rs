@@ -225,9 +225,11 @@ async fn acknowledged_transfers_survive_kill_9() {
         create(&admin, a, 1000).await;
     }
     // Eight connections, each with 16 transfers in flight, until the server dies.
+    let acked_so_far = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let mut workers = Vec::new();
     for w in 0..8usize {
         let c = Arc::new(s.admin().await);
+        let acked_so_far = acked_so_far.clone();
         workers.push(tokio::spawn(async move {
             let mut acked = Vec::new();
             let mut i = w;
@@ -248,7 +250,10 @@ async fn acknowledged_transfers_survive_kill_9() {
                 let mut dead = false;
                 for t in batch {
                     match t.await.unwrap() {
-                        Ok(v) => acked.push(v),
+                        Ok(v) => {
+                            acked.push(v);
+                            acked_so_far.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        }
                         Err(e) if e.code() == Some("insufficient_funds") => {}
                         Err(_) => dead = true,
                     }
@@ -259,7 +264,11 @@ async fn acknowledged_transfers_survive_kill_9() {
             }
         }));
     }
-    tokio::time::sleep(std::time::Duration::from_millis(400)).await;
+    // Killed once a good number are acknowledged, with more in flight.
+    common::eventually(std::time::Duration::from_secs(30), "200 transfers acknowledged", || async {
+        acked_so_far.load(std::sync::atomic::Ordering::Relaxed) >= 200
+    })
+    .await;
     s.kill9();
     let mut acked = Vec::new();
     for w in workers {

@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{balance, code, Inbox, Server};
+use common::{balance, code, Inbox, MailServer, Server};
 use serde_json::{json, Value};
 use tally::client::Client;
 
@@ -24,27 +24,16 @@ fn wrong(code: &str) -> String {
     format!("{:06}", (n + 1) % 1_000_000)
 }
 
-struct Campus {
-    s: Server,
-    mail: Inbox,
-    _dir: tempfile::TempDir,
-}
-
 /// A server whose user transfers of 100 or more need a code, with alice
-/// (1,000) and bob (0) signed up.
-async fn campus(extra: &[(&str, &str)]) -> Campus {
-    let dir = tempfile::tempdir().unwrap();
-    let mail = dir.path().join("mail");
-    let transport = format!("file://{}", mail.display());
-    let mut env = vec![("TALLY_MAIL_TRANSPORT", transport.as_str()), ("TALLY_OTP_TRANSFER_MIN", "100")];
-    env.extend_from_slice(extra);
-    let s = Server::start_with(&env);
+/// (1,000), bob and carol (0) signed up.
+async fn campus(extra: &[(&str, &str)]) -> MailServer {
+    let t = MailServer::start(extra);
     for user in ["alice", "bob", "carol"] {
-        signup(&s, user).await;
+        signup(&t.s, user).await;
     }
-    let admin = s.admin().await;
+    let admin = t.s.admin().await;
     admin.call("mint", json!({"to": "alice", "amount": 1000})).await.unwrap();
-    Campus { s, mail: Inbox::new(mail), _dir: dir }
+    t
 }
 
 async fn signup(s: &Server, user: &str) {
@@ -152,18 +141,24 @@ async fn wrong_codes_count_and_the_fifth_burns_the_session() {
 async fn an_expired_code_does_nothing() {
     let mut t = campus(&[("TALLY_OTP_TTL_S", "1")]).await;
     let alice = login(&t.s, "alice").await;
-    let pending = pending_transfer(&alice, "bob", 300).await;
+    let r = alice.call("transfer", json!({"to": "bob", "amount": 300})).await.unwrap();
+    let (pending, expires_at) = (r["pending"].as_str().unwrap().to_owned(), r["expires_at"].as_u64().unwrap());
     let (_, otp, text) = t.mail.next();
     assert!(text.contains("(in 1 seconds)"), "{text}");
-    tokio::time::sleep(Duration::from_millis(1100)).await;
+    common::wait_past(expires_at).await;
     let e = confirm(&alice, &pending, &otp).await;
     // Either the request saw it expire, or the supervisor's timer already dropped it.
     let c = code(e);
     assert!(c == "otp_expired" || c == "not_found", "{c}");
-    // The timer drops sessions nobody asks about.
+    // The timer drops sessions nobody asks about (stats counts them).
     let p2 = pending_transfer(&alice, "bob", 300).await;
     let (_, otp2, _) = t.mail.next();
-    tokio::time::sleep(Duration::from_millis(2500)).await;
+    let admin = t.s.admin().await;
+    assert_eq!(admin.call("stats", json!({})).await.unwrap()["otp_sessions"], 1);
+    common::eventually(Duration::from_secs(10), "the expired session dropped", || async {
+        admin.call("stats", json!({})).await.unwrap()["otp_sessions"] == 0
+    })
+    .await;
     assert_eq!(code(confirm(&alice, &p2, &otp2).await), "not_found");
     assert_eq!(balance(&alice, "alice").await, 1000);
 }

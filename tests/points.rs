@@ -190,9 +190,10 @@ async fn backup_under_write_load_restores_consistently() {
     create(&c, "holder", 100).await;
     let hold = c.call("hold", json!({"from": "holder", "to": "b0", "amount": 40})).await.unwrap()["hold"].clone();
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let done = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let mut writers = Vec::new();
     for w in 0..4usize {
-        let (c, stop) = (c.clone(), stop.clone());
+        let (c, stop, done) = (c.clone(), stop.clone(), done.clone());
         writers.push(tokio::spawn(async move {
             let mut n = 0usize;
             while !stop.load(std::sync::atomic::Ordering::Relaxed) {
@@ -201,14 +202,19 @@ async fn backup_under_write_load_restores_consistently() {
                     let _ = c
                         .call("transfer", json!({"from": format!("b{from}"), "to": format!("b{to}"), "amount": 1}))
                         .await;
+                    done.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 }
                 n += 1;
             }
         }));
     }
-    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    // The copy is taken while transfers go on, before and after it.
+    let count = || done.load(std::sync::atomic::Ordering::Relaxed);
+    common::eventually(std::time::Duration::from_secs(30), "100 transfers", || async { count() >= 100 }).await;
     let b = c.call("backup", json!({"out": "snap-1.redb"})).await.unwrap();
-    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    let after = count();
+    common::eventually(std::time::Duration::from_secs(30), "100 more transfers", || async { count() >= after + 100 })
+        .await;
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     for w in writers {
         w.await.unwrap();

@@ -170,12 +170,16 @@ async fn sigterm_finishes_in_flight_work_and_exits_0() {
     let c = Arc::new(s.admin().await);
     create(&c, "a", 100_000).await;
     create(&c, "b", 0).await;
+    let watcher = s.admin().await;
+    let ops = || async { watcher.call("stats", json!({})).await.unwrap()["ops"].as_u64().unwrap() };
+    let before = ops().await;
     let mut tasks = Vec::new();
     for _ in 0..400 {
         let c = c.clone();
         tasks.push(tokio::spawn(async move { c.call("transfer", json!({"from": "a", "to": "b", "amount": 1})).await }));
     }
-    tokio::time::sleep(Duration::from_millis(20)).await;
+    // SIGTERM once the server has read a good part of them.
+    common::eventually(Duration::from_secs(30), "100 requests read", || async { ops().await >= before + 100 }).await;
     let status = tokio::task::spawn_blocking(move || {
         let status = s.sigterm();
         (s, status)

@@ -11,7 +11,7 @@ mod common;
 
 use std::net::IpAddr;
 
-use common::{balance, code, join_all, Inbox, Server, ADMIN_PASSWORD};
+use common::{balance, code, join_all, MailServer, Server, ADMIN_PASSWORD};
 use serde_json::{json, Value};
 use tally::client::Client;
 
@@ -21,22 +21,8 @@ fn from(n: u8) -> IpAddr {
     IpAddr::from([127, 0, 0, n])
 }
 
-struct Site {
-    s: Server,
-    mail: Inbox,
-    mail_dir: std::path::PathBuf,
-    _dir: tempfile::TempDir,
-}
-
-/// A server whose user transfers of 100 or more need a code, mailing into a folder.
-fn site(extra: &[(&str, &str)]) -> Site {
-    let dir = tempfile::tempdir().unwrap();
-    let mail = dir.path().join("mail");
-    let transport = format!("file://{}", mail.display());
-    let mut env = vec![("TALLY_MAIL_TRANSPORT", transport.as_str()), ("TALLY_OTP_TRANSFER_MIN", "100")];
-    env.extend_from_slice(extra);
-    let s = Server::start_with(&env);
-    Site { s, mail: Inbox::new(mail.clone()), mail_dir: mail, _dir: dir }
+fn site(extra: &[(&str, &str)]) -> MailServer {
+    MailServer::start(extra)
 }
 
 async fn signup(s: &Server, user: &str) {

@@ -177,10 +177,13 @@ async fn bad_tokens_are_unauthenticated() {
 async fn tokens_expire_also_on_bound_connections() {
     let s = Server::start_with(&[("TALLY_AUTH_TOKEN_TTL_S", "1")]);
     signup(&s, "alice", "Y19").await;
-    let (bound, token) = login(&s, "alice").await;
+    let bound = s.client().await;
+    let r = bound.login("alice", PW).await.unwrap();
+    let (token, expires_at) = (r["token"].as_str().unwrap().to_owned(), r["expires_at"].as_u64().unwrap());
     bound.balance(None).await.unwrap();
-    tokio::time::sleep(std::time::Duration::from_millis(2100)).await;
-    assert_eq!(code(bound.balance(None).await), "unauthenticated");
+    common::wait_past(expires_at).await;
+    let e = bound.balance(None).await.unwrap_err();
+    assert_eq!(e.to_string(), "unauthenticated: the token expired; log in again");
     let c = s.client().await;
     assert_eq!(code(c.call("auth", json!({ "token": token })).await), "unauthenticated");
 }

@@ -61,11 +61,22 @@ pub(super) fn health(ctx: &Arc<Ctx>, args: &[u8], reply: ReplyTo) {
 
 pub(super) fn stats(ctx: &Arc<Ctx>, args: &[u8], reply: ReplyTo) {
     args!(NoArgs, args, reply);
+    let ctx = ctx.clone();
+    tokio::spawn(async move {
+        let otp_sessions = match ctx.otp.call(crate::otp::OtpMsg::Count, None).await {
+            Ok(ractor::rpc::CallResult::Success(n)) => n as u64,
+            _ => return reply.err(ApiError::internal("the OTP supervisor is not running")),
+        };
+        reply.ok(Reply::Stats(counters(&ctx, otp_sessions)));
+    });
+}
+
+fn counters(ctx: &Ctx, otp_sessions: u64) -> StatsReply {
     let s = &ctx.stats;
     let commits = Stats::get(&s.commits);
     let items = Stats::get(&s.batch_items);
     let inflight = ctx.config.limits.inflight_max.saturating_sub(ctx.inflight.available_permits());
-    reply.ok(Reply::Stats(StatsReply {
+    StatsReply {
         connections: Stats::get(&s.connections),
         connections_total: Stats::get(&s.connections_total),
         ops: Stats::get(&s.ops),
@@ -76,7 +87,8 @@ pub(super) fn stats(ctx: &Arc<Ctx>, args: &[u8], reply: ReplyTo) {
         batch_mean: if commits == 0 { 0.0 } else { items as f64 / commits as f64 },
         journal_queue: ctx.journal.depth() as u64,
         inflight: inflight as u64,
-    }));
+        otp_sessions,
+    }
 }
 
 pub(super) fn audit(ctx: &Arc<Ctx>, args: &[u8], reply: ReplyTo) {

@@ -8,7 +8,7 @@ use crate::guard::{source_key, Backoff, Table};
 use crate::limits::{GUARD_ENTRIES_MAX, LOGIN_PAIR, LOGIN_SOURCE, LOGIN_UNDER_ATTACK, LOGIN_USER_FAILURES_MAX};
 
 /// Wrong passwords, counted three ways so that guessing is slow and a
-/// guesser cannot lock anyone else out (constants in `constants.rs`):
+/// guesser cannot lock anyone else out (the rules are in `src/limits.rs`):
 ///
 /// - per (user, source address): 5 free, then waits from 1 s doubling;
 ///   this is what a guesser from one address meets.

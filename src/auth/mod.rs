@@ -117,9 +117,15 @@ impl Tokens {
 
     /// The claims of a valid token; anything else is `unauthenticated`.
     pub fn check(&self, token: &str) -> Result<Claims, ApiError> {
-        jsonwebtoken::decode::<Claims>(token, &self.decoding, &self.validation)
+        let claims = jsonwebtoken::decode::<Claims>(token, &self.decoding, &self.validation)
             .map(|d| d.claims)
-            .map_err(|e| ApiError::new(ErrorCode::Unauthenticated, format!("invalid token: {}", e.kind_name())))
+            .map_err(|e| ApiError::new(ErrorCode::Unauthenticated, format!("invalid token: {}", e.kind_name())))?;
+        // The JWT check works in whole seconds and lets a token live through
+        // the second of its `exp`; `expires_at` (exp x 1000 ms) is exact.
+        if crate::clock::now_ms() >= claims.exp.saturating_mul(1000) {
+            return Err(ApiError::new(ErrorCode::Unauthenticated, "invalid token: expired"));
+        }
+        Ok(claims)
     }
 }
 

@@ -1,6 +1,6 @@
 //! The mailer actor: delivers OTP codes through lettre.
 //!
-//! It is a child of the OTP supervisor (`otp.rs`), which restarts it if it
+//! It is a child of the OTP supervisor (`otp/mod.rs`), which restarts it if it
 //! fails. Each mail carries a permit from the supervisor's mail queue
 //! (`MAIL_QUEUE_MAX`), so the mailbox is bounded, and a oneshot on which the
 //! request that asked for the mail learns whether it was delivered.

@@ -3,7 +3,7 @@
 //! The supervisor owns every pending session (its user, the operation
 //! waiting for confirmation, the code kept as a keyed hash, expiry, wrong
 //! tries and resends), the guessing budgets of every user, drops expired
-//! sessions on its own timer, and supervises the mailer actor (`mail.rs`)
+//! sessions on its own timer, and supervises the mailer actor (`otp/mail.rs`)
 //! that delivers codes: if the mailer fails it is started again and the
 //! sessions, which live here, carry on.
 //!

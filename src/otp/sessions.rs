@@ -14,7 +14,7 @@ use crate::limits::{
 };
 
 /// Digits in a code.
-pub const CODE_DIGITS: usize = 6;
+pub const CODE_DIGITS: usize = crate::limits::OTP_CODE_DIGITS;
 
 /// The operation a session waits to run.
 #[derive(Clone, Debug, PartialEq, Eq)]

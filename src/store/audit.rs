@@ -1,12 +1,8 @@
 //! `backup` (a consistent copy through one read transaction) and `audit`
 //! (the whole chain re-verified, and the balances summed).
 
-#[allow(unused_imports)]
-use super::record::*;
-#[allow(unused_imports)]
-use super::recovery::*;
-#[allow(unused_imports)]
-use super::rows::*;
+use super::record::{for_each_record, record_hash, Head, TransferRecord};
+use super::recovery::{load_txn, read_head};
 use super::*;
 use std::path::Path;
 

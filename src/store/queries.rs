@@ -1,12 +1,8 @@
 //! The read side: users, transfers, histories, account lists and redeem
 //! requests, each through one read transaction.
 
-#[allow(unused_imports)]
-use super::record::*;
-#[allow(unused_imports)]
-use super::recovery::*;
-#[allow(unused_imports)]
-use super::rows::*;
+use super::record::{for_each_record, with_record};
+use super::recovery::{legs, read_checkpoint};
 use super::*;
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 

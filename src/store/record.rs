@@ -1,10 +1,6 @@
 //! The stored record (format in the module header of `store`), the head of
 //! the chain, and records in chunks.
 
-#[allow(unused_imports)]
-use super::recovery::*;
-#[allow(unused_imports)]
-use super::rows::*;
 use super::*;
 use redb::ReadableTable;
 

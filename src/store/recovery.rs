@@ -3,10 +3,7 @@
 //! onto each other and end at the head. Used at start-up, by the journal
 //! after a storage failure, and by `audit`.
 
-#[allow(unused_imports)]
-use super::record::*;
-#[allow(unused_imports)]
-use super::rows::*;
+use super::record::{for_each_record, with_record};
 use super::*;
 use redb::{Database, ReadableDatabase, ReadableTable, ReadableTableMetadata};
 

@@ -119,7 +119,7 @@ pub struct RedeemArgs {
 #[serde(deny_unknown_fields)]
 pub struct RedeemsArgs {
     /// An unknown status is refused by serde, as `bad_request`.
-    pub status: Option<crate::store::RedeemStatus>,
+    pub status: Option<super::replies::RedeemStatus>,
     pub limit: Option<u64>,
 }
 
@@ -174,7 +174,7 @@ fn otp_code<'de, D: serde::Deserializer<'de>>(d: D) -> Result<String, D::Error> 
         Raw::Number(n) if n < 1_000_000 => format!("{n:06}"),
         Raw::Number(_) => String::new(),
     };
-    if code.len() != crate::otp::CODE_DIGITS || !code.bytes().all(|b| b.is_ascii_digit()) {
+    if code.len() != crate::limits::OTP_CODE_DIGITS || !code.bytes().all(|b| b.is_ascii_digit()) {
         return Err(serde::de::Error::custom("otp must be 6 digits"));
     }
     Ok(code)

@@ -184,7 +184,10 @@ pub struct StatsReply {
     pub batch_max: u64,
     pub batch_mean: f64,
     pub journal_queue: u64,
+    /// Reply slots in use (a request holds one, a page several).
     pub inflight: u64,
+    /// OTP sessions pending (expired ones are dropped every second).
+    pub otp_sessions: u64,
 }
 
 /// An operation waiting for its code.

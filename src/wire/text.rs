@@ -230,9 +230,12 @@ mod tests {
         /// a valid MessagePack map.
         #[test]
         fn any_line_parses_or_fails_cleanly(line in "\\PC{0,200}") {
-            if let Ok(parsed) = parse_line(&line) {
-                let args = parsed.args_msgpack();
-                proptest::prop_assert!(crate::wire::frame::validate_value(&args).is_ok());
+            match parse_line(&line) {
+                Ok(parsed) => {
+                    let args = parsed.args_msgpack();
+                    proptest::prop_assert!(crate::wire::frame::validate_value(&args).is_ok());
+                }
+                Err(e) => proptest::prop_assert_eq!(e.code, crate::error::ErrorCode::BadRequest),
             }
         }
 
@@ -242,9 +245,13 @@ mod tests {
             pairs in proptest::collection::vec(("[a-z]{1,6}", "(\"[^\"]{0,10}\"|[-0-9a-z\\[\\],]{0,12})"), 0..6),
         ) {
             let line = pairs.iter().fold(op.clone(), |l, (k, v)| format!("{l} {k}={v}"));
-            if let Ok(parsed) = parse_line(&line) {
-                proptest::prop_assert_eq!(&parsed.op, &op);
-                proptest::prop_assert!(crate::wire::frame::validate_value(&parsed.args_msgpack()).is_ok());
+            match parse_line(&line) {
+                Ok(parsed) => {
+                    proptest::prop_assert_eq!(&parsed.op, &op);
+                    proptest::prop_assert_eq!(parsed.args.len(), pairs.len());
+                    proptest::prop_assert!(crate::wire::frame::validate_value(&parsed.args_msgpack()).is_ok());
+                }
+                Err(e) => proptest::prop_assert_eq!(e.code, crate::error::ErrorCode::BadRequest),
             }
         }
     }

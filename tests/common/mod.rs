@@ -303,3 +303,45 @@ pub async fn join_all<F: std::future::Future + Unpin>(mut calls: Vec<F>) -> Vec<
     .await;
     done.into_iter().flatten().collect()
 }
+
+/// Polls `check` every 20 ms until it holds; fails the test after `within`.
+pub async fn eventually<F, Fut>(within: Duration, what: &str, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = Instant::now() + within;
+    while !check().await {
+        assert!(Instant::now() < deadline, "not within {within:?}: {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Waits until the wall clock has passed `at_ms` (ms since the epoch), a
+/// time the server gave (an expiry), polling rather than guessing a sleep.
+pub async fn wait_past(at_ms: u64) {
+    while tally::clock::now_ms() <= at_ms {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// A server whose user transfers of 100 or more need a code, mailing into
+/// a folder of the test's.
+pub struct MailServer {
+    pub s: Server,
+    pub mail: Inbox,
+    pub mail_dir: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl MailServer {
+    pub fn start(extra: &[(&str, &str)]) -> MailServer {
+        let dir = tempfile::tempdir().unwrap();
+        let mail_dir = dir.path().join("mail");
+        let transport = format!("file://{}", mail_dir.display());
+        let mut env = vec![("TALLY_MAIL_TRANSPORT", transport.as_str()), ("TALLY_OTP_TRANSFER_MIN", "100")];
+        env.extend_from_slice(extra);
+        let s = Server::start_with(&env);
+        MailServer { s, mail: Inbox::new(mail_dir.clone()), mail_dir, _dir: dir }
+    }
+}

@@ -1,1 +1,275 @@
+//! The journal's state machine without redb: batches applied to the ledger
+//! in memory, cold rows from maps. The same state, batch and time give
+//! byte-identical records and hashes; refused commands leave no trace; hold
+//! timeouts follow the time passed in, not the wall clock.
 
+use std::collections::BTreeMap;
+
+use super::*;
+use crate::auth::{Principal, Role};
+use crate::contract::{CloseCmd, HoldSpec, ReapCmd, TagCmd};
+use crate::ledger::Limits;
+use crate::reply::ReplyTo;
+use crate::store::GENESIS;
+use crate::wire::Shape;
+
+/// Cold rows kept in maps, updated from each batch's writes as a commit would.
+#[derive(Default)]
+struct MemCold {
+    accounts: BTreeMap<String, AccountMeta>,
+    users: BTreeMap<String, UserRecord>,
+    holds: BTreeMap<u64, HoldRecord>,
+    redeems: BTreeMap<u64, RedeemRecord>,
+    tags: BTreeMap<(String, String), ()>,
+    records: Vec<(u64, Vec<u8>)>,
+}
+
+impl Cold for MemCold {
+    fn meta(&self, account: &str) -> Result<Option<AccountMeta>, StoreError> {
+        Ok(self.accounts.get(account).cloned())
+    }
+    fn user(&self, user: &str) -> Result<Option<UserRecord>, StoreError> {
+        Ok(self.users.get(user).cloned())
+    }
+    fn hold(&self, id: u64) -> Result<Option<HoldRecord>, StoreError> {
+        Ok(self.holds.get(&id).cloned())
+    }
+    fn redeem(&self, id: u64) -> Result<Option<RedeemRecord>, StoreError> {
+        Ok(self.redeems.get(&id).cloned())
+    }
+    fn tagged(&self, tag: &str) -> Result<Vec<String>, StoreError> {
+        Ok(self.tags.keys().filter(|(t, _)| t == tag).map(|(_, a)| a.clone()).collect())
+    }
+}
+
+impl MemCold {
+    fn absorb(&mut self, w: &Writes) {
+        self.accounts.extend(w.accounts.clone());
+        self.users.extend(w.users.clone());
+        self.holds.extend(w.holds.clone());
+        self.redeems.extend(w.redeems.clone());
+        for (k, present) in &w.tags {
+            if *present {
+                self.tags.insert(k.clone(), ());
+            } else {
+                self.tags.remove(k);
+            }
+        }
+        self.records.extend(w.each_record().map(|(id, r)| (id, r.to_vec())));
+    }
+}
+
+const T0: u64 = 1_800_000_000_000;
+
+fn machine() -> Machine {
+    let limits = Limits { min_balance: 0, max_balance: Some(1_000_000) };
+    Machine {
+        book: Book::new(limits),
+        head: Head { id: 0, hash: GENESIS },
+        expiring: BTreeSet::new(),
+        fee_rounding: FeeRounding::Down,
+    }
+}
+
+fn admin() -> Principal {
+    Principal { user: "admin".into(), role: Role::Admin }
+}
+
+fn reply() -> ReplyTo {
+    ReplyTo::channel().0
+}
+
+fn create(account: &str, initial: i64, tags: &[&str]) -> Command {
+    let meta =
+        AccountMeta { tags: tags.iter().map(|t| (*t).to_owned()).collect(), created: T0, ..AccountMeta::default() };
+    Command::Create(Box::new(CreateCmd { account: account.into(), meta, initial, user: None, reply: reply() }))
+}
+
+fn transfer(from: &str, to: &str, amount: i64, key: Option<&str>) -> Command {
+    Command::Transfer(Box::new(TransferCmd {
+        kind: Kind::Transfer,
+        from: from.into(),
+        from_num: None,
+        to: to.into(),
+        amount,
+        fee: 0,
+        memo: Some("lunch".into()),
+        key: key.map(Into::into),
+        mode: Mode::Unreserved,
+        shape: Shape::Transfer,
+        hold: None,
+        reply: reply(),
+    }))
+}
+
+fn hold(from: &str, to: &str, amount: i64, expires_at: u64) -> Command {
+    Command::Transfer(Box::new(TransferCmd {
+        kind: Kind::Hold,
+        from: from.into(),
+        from_num: None,
+        to: to.into(),
+        amount,
+        fee: 0,
+        memo: None,
+        key: None,
+        mode: Mode::Unreserved,
+        shape: Shape::Hold { expires_at },
+        hold: Some(Box::new(HoldSpec { expires_at, fee_bps: 0, redeem: None })),
+        reply: reply(),
+    }))
+}
+
+fn settle(hold: u64, op: SettleOp) -> Command {
+    Command::Settle(Box::new(SettleCmd { hold, op, by: Some(admin()), note: None, reply: reply() }))
+}
+
+/// Applies `batch` at `time` and, as a commit would, keeps its writes.
+fn run(m: &mut Machine, cold: &mut MemCold, batch: &[Command], time: u64) -> (Writes, Vec<Outcome>) {
+    let mut w = Writes::default();
+    let outcomes = m.apply(cold, batch, time, &mut w).expect("memory never fails");
+    cold.absorb(&w);
+    (w, outcomes)
+}
+
+fn ok(o: &Outcome) -> bool {
+    match o {
+        Outcome::Transfer(r, _) => r.is_ok(),
+        Outcome::Create(r) => r.is_ok(),
+        Outcome::User(r) => r.is_ok(),
+        Outcome::Admin(r) => r.is_ok(),
+        Outcome::Probe(r) => r.is_ok(),
+    }
+}
+
+/// A batch of every kind of command that writes records or rows.
+fn mixed_batch() -> Vec<Command> {
+    vec![
+        transfer("alice", "bob", 30, Some("k1")),
+        transfer("bob", "carol", 5, None),
+        hold("alice", "carol", 20, 0),
+        Command::Tag(Box::new(TagCmd {
+            account: "carol".into(),
+            add: vec!["vip".into()],
+            remove: vec![],
+            reply: reply(),
+        })),
+        Command::Bulk(Box::new(crate::contract::BulkCmd {
+            tag: "club".into(),
+            delta: 7,
+            memo: Some("bonus".into()),
+            force: false,
+            reply: reply(),
+        })),
+        transfer("alice", "nobody", 1, None),
+        Command::Close(Box::new(CloseCmd { account: "dave".into(), reason: "left".into(), reply: reply() })),
+    ]
+}
+
+fn setup() -> (Machine, MemCold) {
+    let (mut m, mut cold) = (machine(), MemCold::default());
+    let batch = vec![
+        create("alice", 100, &["club"]),
+        create("bob", 0, &["club"]),
+        create("carol", 0, &[]),
+        create("dave", 9, &[]),
+    ];
+    let (_, outcomes) = run(&mut m, &mut cold, &batch, T0);
+    assert!(outcomes.iter().all(ok));
+    (m, cold)
+}
+
+#[test]
+fn a_batch_applied_twice_from_the_same_state_gives_byte_identical_records() {
+    let (m, cold) = setup();
+    let batch = mixed_batch();
+    let (mut one, mut two) = (m.clone(), m.clone());
+    let (mut w1, mut w2) = (Writes::default(), Writes::default());
+    let o1 = one.apply(&cold, &batch, T0 + 5, &mut w1).unwrap();
+    let o2 = two.apply(&cold, &batch, T0 + 5, &mut w2).unwrap();
+    assert_eq!(w1, w2, "the writes differ");
+    assert_eq!(one.head, two.head);
+    assert_eq!(format!("{:?}", one.book), format!("{:?}", two.book));
+    assert_eq!(o1.iter().map(ok).collect::<Vec<_>>(), o2.iter().map(ok).collect::<Vec<_>>());
+    // Every command but the one to a missing account went through.
+    assert_eq!(o1.iter().map(ok).collect::<Vec<_>>(), [true, true, true, true, true, false, true]);
+    // Records: 2 transfers, the hold, 2 bulk adjustments, the close.
+    assert_eq!(w1.ends.len(), 6);
+    assert_eq!(one.head.id, 2 + 6, "after the two funding mints of the setup");
+    // The records chain: each one's prev is the hash of the one before.
+    let mut prev = m.head.hash;
+    for (id, bytes) in w1.each_record() {
+        let r = crate::store::TransferRecord::decode(bytes).unwrap();
+        assert_eq!((r.id, r.prev, r.time), (id, prev, T0 + 5));
+        prev = crate::store::record_hash(bytes);
+    }
+    assert_eq!(prev, one.head.hash);
+    // Another time gives other records.
+    let mut three = m.clone();
+    let mut w3 = Writes::default();
+    three.apply(&cold, &batch, T0 + 6, &mut w3).unwrap();
+    assert_ne!(three.head.hash, one.head.hash);
+}
+
+#[test]
+fn refused_commands_leave_no_trace() {
+    let (mut m, mut cold) = setup();
+    let before = (m.head, format!("{:?}", m.book));
+    let batch = vec![
+        transfer("alice", "bob", 101, None),
+        transfer("alice", "ghost", 1, None),
+        hold("bob", "alice", 1, 0),
+        settle(999, SettleOp::Void),
+        Command::Reap(Box::new(ReapCmd { below: i64::MIN, reason: "none".into(), reply: reply() })),
+    ];
+    let (w, outcomes) = run(&mut m, &mut cold, &batch, T0 + 1);
+    assert_eq!(outcomes.iter().map(ok).collect::<Vec<_>>(), [false, false, false, false, true]);
+    assert_eq!((m.head, format!("{:?}", m.book)), before);
+    assert!(w.ends.is_empty() && w.holds.is_empty() && w.accounts.is_empty(), "{w:?}");
+}
+
+#[test]
+fn a_hold_expires_by_the_time_given_not_the_wall_clock() {
+    let (mut m, mut cold) = setup();
+    let (_, o) = run(&mut m, &mut cold, &[hold("alice", "bob", 40, T0 + 1000)], T0);
+    let Outcome::Transfer(Ok(done), _) = &o[0] else { panic!("the hold was refused") };
+    let id = done.id;
+    assert_eq!(m.expiring.first(), Some(&(T0 + 1000, id)));
+    assert_eq!(m.book.get("alice").unwrap().held, 40);
+    // Not due a millisecond early, whatever the wall clock says.
+    let (_, o) = run(&mut m, &mut cold, &[settle(id, SettleOp::Expire)], T0 + 999);
+    assert!(matches!(&o[0], Outcome::Admin(Err(e)) if e.message == "not due"));
+    let (w, o) = run(&mut m, &mut cold, &[settle(id, SettleOp::Expire)], T0 + 1000);
+    assert!(ok(&o[0]));
+    assert_eq!(w.holds[&id].hold.status, HoldStatus::Voided);
+    assert_eq!(w.open_holds.get(&id), Some(&false));
+    assert_eq!((m.book.get("alice").unwrap().held, m.book.get("alice").unwrap().balance), (0, 100));
+    assert!(m.expiring.is_empty());
+}
+
+#[test]
+fn a_batch_reads_its_own_writes() {
+    let (mut m, mut cold) = setup();
+    // Created, tagged and bulk-credited in one batch: the bulk sees the tag.
+    let batch = vec![
+        create("erin", 0, &[]),
+        Command::Tag(Box::new(TagCmd {
+            account: "erin".into(),
+            add: vec!["club".into()],
+            remove: vec![],
+            reply: reply(),
+        })),
+        Command::Bulk(Box::new(crate::contract::BulkCmd {
+            tag: "club".into(),
+            delta: 3,
+            memo: None,
+            force: false,
+            reply: reply(),
+        })),
+    ];
+    let (w, o) = run(&mut m, &mut cold, &batch, T0 + 2);
+    assert!(o.iter().all(ok));
+    let Outcome::Admin(Ok((Reply::Bulk(b), _))) = &o[2] else { panic!("bulk_add: {:?}", ok(&o[2])) };
+    assert_eq!(b.count, 3, "alice, bob and erin");
+    assert_eq!(m.book.get("erin").unwrap().balance, 3);
+    assert_eq!(w.accounts["erin"].tags, ["club"]);
+}

@@ -99,14 +99,23 @@ fn responses_round_trip() {
 proptest! {
     #![proptest_config(ProptestConfig::with_cases(4096))]
 
+    /// Random bytes: a request, or `bad_frame` (or `bad_request` for args
+    /// that are not a map), never a panic.
     #[test]
-    fn random_bytes_never_panic(body in prop::collection::vec(any::<u8>(), 0..256)) {
-        let _ = parse_envelope(&body);
-        let _ = validate_value(&body);
+    fn random_bytes_are_a_request_or_a_clean_refusal(body in prop::collection::vec(any::<u8>(), 0..256)) {
+        if let Err(e) = parse_envelope(&body) {
+            prop_assert!(matches!(e.error.code, ErrorCode::BadFrame | ErrorCode::BadRequest), "{:?}", e.error);
+        }
+        if let Err(e) = validate_value(&body) {
+            prop_assert_eq!(e.code, ErrorCode::BadFrame);
+        }
     }
 
+    /// A request mutated and cut anywhere: `bad_frame` (or `bad_request`)
+    /// when it no longer parses; when it does, its args decode or are
+    /// `bad_request`.
     #[test]
-    fn mutated_requests_never_panic(
+    fn mutated_requests_are_refused_cleanly(
         pos in 0usize..64,
         byte in any::<u8>(),
         cut in 0usize..64,
@@ -115,8 +124,51 @@ proptest! {
         let i = pos % body.len();
         body[i] = byte;
         body.truncate(body.len() - cut % body.len());
-        if let Ok(env) = parse_envelope(&body) {
-            let _ = decode_args::<serde_json::Value>(env.args);
+        match parse_envelope(&body) {
+            Ok(env) => {
+                if let Err(e) = decode_args::<crate::wire::TransferArgs>(env.args) {
+                    prop_assert_eq!(e.code, ErrorCode::BadRequest);
+                }
+            }
+            Err(e) => prop_assert!(matches!(e.error.code, ErrorCode::BadFrame | ErrorCode::BadRequest), "{:?}", e.error),
+        }
+    }
+
+    /// Arrays and maps nested `k` deep, up to four times the limit: accepted
+    /// exactly up to `DECODE_DEPTH_MAX` levels, refused past it with
+    /// `bad_frame` naming the limit, as a value and as a request's args
+    /// (whose id is still reported).
+    #[test]
+    fn nesting_is_accepted_up_to_the_limit_and_refused_past_it(k in 0usize..64, maps in any::<u64>()) {
+        let mut chain = Vec::new();
+        for i in 0..k {
+            if maps >> i & 1 == 1 {
+                chain.extend([0x81, 0xa1, b'k']);
+            } else {
+                chain.push(0x91);
+            }
+        }
+        chain.push(0xc0);
+        let too_deep = format!("nesting deeper than {DECODE_DEPTH_MAX}");
+        match validate_value(&chain) {
+            Ok(()) => prop_assert!(k <= DECODE_DEPTH_MAX),
+            Err(e) => {
+                prop_assert!(k > DECODE_DEPTH_MAX);
+                prop_assert_eq!((e.code, e.message), (ErrorCode::BadFrame, too_deep.clone()));
+            }
+        }
+        // The same chain as the value of an args map: one level deeper.
+        let mut args = vec![0x81, 0xa1, b'k'];
+        args.extend(&chain);
+        let mut body = vec![0x83, 0xa2, b'i', b'd', 0x07, 0xa2, b'o', b'p', 0xa4, b'p', b'i', b'n', b'g'];
+        body.extend([0xa4, b'a', b'r', b'g', b's']);
+        body.extend(&args);
+        match parse_envelope(&body) {
+            Ok(env) => prop_assert!(k < DECODE_DEPTH_MAX && env.id == 7),
+            Err(e) => {
+                prop_assert!(k >= DECODE_DEPTH_MAX);
+                prop_assert_eq!((e.id, e.error.code, e.error.message), (Some(7), ErrorCode::BadFrame, too_deep));
+            }
         }
     }
 }
