@@ -42,6 +42,7 @@ fn codec(c: &mut Criterion) {
         key: None,
         prev: Hash32([7; 32]),
         hash: Hash32([9; 32]),
+        by: Some("acct12345".into()),
         from_balance: Some(999_999),
         to_balance: Some(1_000_001),
     })));

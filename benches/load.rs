@@ -4,6 +4,7 @@
 //! ```text
 //! cargo bench --bench load -- --spawn --accounts 100000 --connections 64 --pipeline 64 --duration 10
 //! cargo bench --bench load -- --connect 127.0.0.1:7707 --user admin   # TALLY_PASSWORD in the env
+//! cargo bench --bench load -- --spawn --tls   # over TLS, with certificates made for the run
 //! ```
 //!
 //! All flags: `cargo bench --bench load -- --help` (workloads, read mix,
@@ -19,8 +20,14 @@ use bytes::{Buf, BytesMut};
 use hdrhistogram::Histogram;
 use serde_json::{json, Value};
 use tally::client::Client;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tally::tls::ClientTls;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
+
+// The tests' certificate maker; the harness uses only the server's part.
+#[allow(dead_code)]
+#[path = "../tests/common/pki.rs"]
+mod pki;
 
 const USAGE: &str = "\
 usage: cargo bench --bench load -- [flags]
@@ -29,6 +36,8 @@ usage: cargo bench --bench load -- [flags]
   --bin PATH            with --spawn: run this tally binary (compare two builds)
   --connect ADDR        drive a running server instead (password in TALLY_PASSWORD)
   --user NAME           admin user for --connect (default admin)
+  --tls                 speak TLS (with --spawn: certificates made for the run)
+  --ca FILE             with --tls --connect: the CA to trust (default: system roots)
   --accounts N          funded accounts to create first (default 10000)
   --duration S          seconds of load (default 10)
   --connections C       connections (default 64)
@@ -69,6 +78,8 @@ struct Opts {
     admin_ops: bool,
     plot: Option<String>,
     json: bool,
+    tls: bool,
+    ca: Option<String>,
 }
 
 fn parse_opts() -> Opts {
@@ -88,6 +99,8 @@ fn parse_opts() -> Opts {
         admin_ops: false,
         plot: None,
         json: false,
+        tls: false,
+        ca: None,
     };
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
@@ -114,6 +127,8 @@ fn parse_opts() -> Opts {
                 }
             }
             "--json" => o.json = true,
+            "--tls" => o.tls = true,
+            "--ca" => o.ca = Some(val()),
             "--bench" => {} // passed by `cargo bench`
             "--help" | "-h" => {
                 println!("{USAGE}");
@@ -171,20 +186,69 @@ fn cpu_seconds(pid: &str) -> Option<f64> {
     (hz > 0).then(|| ticks / hz as f64)
 }
 
-fn spawn_server(bin: Option<&str>) -> (Child, String, tempfile::TempDir) {
+/// Starts a server; with `tls`, also on a TLS port with certificates made
+/// in its temp folder. Returns the address to drive and the CA to trust.
+fn spawn_server(bin: Option<&str>, tls: bool) -> (Child, String, Option<String>, tempfile::TempDir) {
     let dir = tempfile::tempdir().expect("temp dir");
-    let mut child = Command::new(bin.unwrap_or(env!("CARGO_BIN_EXE_tally")))
-        .args(["serve", "--listen", "127.0.0.1:0", "--data"])
+    let mut cmd = Command::new(bin.unwrap_or(env!("CARGO_BIN_EXE_tally")));
+    cmd.args(["serve", "--listen", "127.0.0.1:0", "--data"])
         .arg(dir.path().join("data"))
         .env("TALLY_AUTH_ADMIN_PASSWORD", "bench-admin")
         .env("TALLY_LOG", "warn")
-        .stdout(Stdio::piped())
-        .spawn()
-        .expect("spawn tally");
+        .stdout(Stdio::piped());
+    let ca = tls.then(|| {
+        let pki = pki::Pki::make(dir.path());
+        cmd.env("TALLY_TLS_LISTEN", "127.0.0.1:0")
+            .env("TALLY_TLS_CERT", &pki.server_cert)
+            .env("TALLY_TLS_KEY", &pki.server_key);
+        pki.ca.display().to_string()
+    });
+    let mut child = cmd.spawn().expect("spawn tally");
+    let mut out = std::io::BufReader::new(child.stdout.take().unwrap());
     let mut line = String::new();
-    std::io::BufRead::read_line(&mut std::io::BufReader::new(child.stdout.take().unwrap()), &mut line).unwrap();
-    let addr = line.trim().strip_prefix("tally listening on ").expect("listening line").to_owned();
-    (child, addr, dir)
+    std::io::BufRead::read_line(&mut out, &mut line).unwrap();
+    let mut addr = line.trim().strip_prefix("tally listening on ").expect("listening line").to_owned();
+    if tls {
+        line.clear();
+        std::io::BufRead::read_line(&mut out, &mut line).unwrap();
+        let port = line.trim().rsplit_once(':').expect("TLS listening line").1.to_owned();
+        // By name: the certificate names localhost.
+        addr = format!("localhost:{port}");
+    }
+    (child, addr, ca, dir)
+}
+
+/// A connection's byte stream: TCP, or TLS over TCP.
+trait Io: AsyncRead + AsyncWrite + Unpin + Send {}
+impl<T: AsyncRead + AsyncWrite + Unpin + Send> Io for T {}
+
+/// Where the load goes, and how to connect to it.
+#[derive(Clone)]
+struct Dial {
+    addr: String,
+    tls: Option<ClientTls>,
+}
+
+impl Dial {
+    async fn client(&self) -> Client {
+        match &self.tls {
+            None => Client::connect(self.addr.as_str()).await.expect("connect"),
+            Some(tls) => Client::connect_tls(&self.addr, tls).await.expect("TLS connect"),
+        }
+    }
+
+    async fn stream(&self) -> Box<dyn Io> {
+        let stream = TcpStream::connect(self.addr.as_str()).await.unwrap();
+        stream.set_nodelay(true).unwrap();
+        match &self.tls {
+            None => Box::new(stream),
+            Some(tls) => {
+                let name = tally::tls::server_name(&self.addr).unwrap();
+                let connector = tokio_rustls::TlsConnector::from(tls.config().unwrap());
+                Box::new(connector.connect(name, stream).await.unwrap())
+            }
+        }
+    }
 }
 
 fn account_name(i: usize) -> String {
@@ -204,18 +268,18 @@ fn write_account(w: &mut impl std::io::Write, i: usize) {
     let _ = w.write_all(&name[..4 + digits]);
 }
 
-async fn setup(addr: &str, o: &Opts) -> (Client, String) {
-    let admin = Client::connect(addr).await.expect("connect");
+async fn setup(dial: &Dial, o: &Opts) -> (Client, String) {
+    let admin = dial.client().await;
     let login = admin.login(&o.user, &o.password).await.expect("login");
     let token = login["token"].as_str().expect("token").to_owned();
     // Create the accounts in parallel over a few connections.
     let per = o.accounts.div_ceil(8);
     let mut tasks = Vec::new();
     for part in 0..8 {
-        let (addr, token) = (addr.to_owned(), token.clone());
+        let (dial, token) = (dial.clone(), token.clone());
         let n = o.accounts;
         tasks.push(tokio::spawn(async move {
-            let c = Arc::new(Client::connect(addr.as_str()).await.unwrap());
+            let c = Arc::new(dial.client().await);
             c.call("auth", json!({ "token": token })).await.unwrap();
             let mut inflight = Vec::new();
             for i in part * per..((part + 1) * per).min(n) {
@@ -407,12 +471,12 @@ fn encode_transfer(out: &mut BytesMut, id: u64, from: usize, to: usize) {
 
 /// Opens a connection and binds it with the admin token (no password
 /// hashing per connection, so the run starts at full speed).
-async fn open(addr: &str, token: &str) -> TcpStream {
-    let mut stream = TcpStream::connect(addr).await.unwrap();
-    stream.set_nodelay(true).unwrap();
+async fn open(dial: &Dial, token: &str) -> Box<dyn Io> {
+    let mut stream = dial.stream().await;
     let mut out = BytesMut::new();
     encode(&mut out, 0, "auth", &json!({ "token": token }));
     stream.write_all(&out).await.unwrap();
+    stream.flush().await.unwrap();
     let mut len = [0u8; 4];
     stream.read_exact(&mut len).await.unwrap();
     let mut body = vec![0u8; u32::from_be_bytes(len) as usize];
@@ -427,7 +491,7 @@ type Sent = HashMap<u64, (Instant, bool), foldhash::fast::FixedState>;
 
 /// One connection keeping `pipeline` requests in flight until `stop`.
 async fn drive(
-    mut stream: TcpStream,
+    mut stream: Box<dyn Io>,
     o: Opts,
     seed: u64,
     stop: Arc<AtomicBool>,
@@ -511,6 +575,8 @@ async fn drive(
         }
         if !out.is_empty() {
             stream.write_all(&out).await.unwrap();
+            // A no-op on TCP; TLS may hold the last record back until then.
+            stream.flush().await.unwrap();
             out.clear();
         }
         if stream.read_buf(&mut buf).await.unwrap() == 0 {
@@ -531,14 +597,16 @@ async fn main() {
         rmp::encode::write_str(&mut plain, &account_name(i)).unwrap();
         assert_eq!(fast, plain, "account name {i}");
     }
-    let (child, addr, _dir) = if o.spawn {
-        let (c, a, d) = spawn_server(o.bin.as_deref());
-        (Some(c), a, Some(d))
+    let (child, dial, _dir) = if o.spawn {
+        let (c, addr, ca, d) = spawn_server(o.bin.as_deref(), o.tls);
+        let tls = ca.map(|ca| ClientTls { ca: Some(ca.into()), cert: None });
+        (Some(c), Dial { addr, tls }, Some(d))
     } else {
-        (None, o.connect.clone().unwrap(), None)
+        let tls = o.tls.then(|| ClientTls { ca: o.ca.clone().map(Into::into), cert: None });
+        (None, Dial { addr: o.connect.clone().unwrap(), tls }, None)
     };
     let t_setup = Instant::now();
-    let (admin, token) = setup(&addr, &o).await;
+    let (admin, token) = setup(&dial, &o).await;
     let setup_s = t_setup.elapsed().as_secs_f64();
     eprintln!("created {} accounts in {setup_s:.1}s", o.accounts);
     if o.admin_ops {
@@ -554,7 +622,7 @@ async fn main() {
     });
     let mut streams = Vec::new();
     for _ in 0..o.connections {
-        streams.push(open(&addr, &token).await);
+        streams.push(open(&dial, &token).await);
     }
     let server_pid = child.as_ref().map(|c| c.id().to_string());
     let cpu_before = (server_pid.as_deref().and_then(cpu_seconds), cpu_seconds("self"));
@@ -568,9 +636,9 @@ async fn main() {
     // transfers run (each login is an argon2 check plus a durable commit).
     let mut login_tasks = Vec::new();
     for k in 0..o.logins {
-        let (addr, stop) = (addr.clone(), stop.clone());
+        let (dial, stop) = (dial.clone(), stop.clone());
         login_tasks.push(tokio::spawn(async move {
-            let c = Client::connect(addr.as_str()).await.unwrap();
+            let c = dial.client().await;
             let user = format!("bench-login-{k}-{}", std::process::id());
             let password = "bench login password";
             let _ = c

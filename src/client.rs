@@ -23,8 +23,7 @@ use std::sync::{Arc, Mutex};
 use bytes::BytesMut;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::tcp::OwnedWriteHalf;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpSocket, TcpStream, ToSocketAddrs};
 use tokio::sync::oneshot;
 
@@ -59,7 +58,7 @@ type Pending = Arc<Mutex<HashMap<u64, oneshot::Sender<Result<Value, ClientError>
 
 /// One connection to a Tally server. Cheap to share: `call` takes `&self`.
 pub struct Client {
-    writer: tokio::sync::Mutex<OwnedWriteHalf>,
+    writer: tokio::sync::Mutex<Box<dyn AsyncWrite + Send + Unpin>>,
     pending: Pending,
     /// Set by the reader when the connection ends; calls fail from then on.
     closed: Arc<std::sync::atomic::AtomicBool>,
@@ -94,10 +93,32 @@ impl Client {
         Client::from_stream(socket.connect(addr).await?)
     }
 
+    /// Connects over TLS to `addr` (`host:port`), checking that the
+    /// server's certificate chains to `tls.ca` (or the system's roots) and
+    /// names `host`.
+    pub async fn connect_tls(addr: &str, tls: &crate::tls::ClientTls) -> Result<Client, ClientError> {
+        let config = tls.config().map_err(|e| ClientError::Protocol(e.to_string()))?;
+        let name = crate::tls::server_name(addr).map_err(|e| ClientError::Protocol(e.to_string()))?;
+        let stream = TcpStream::connect(addr).await?;
+        stream.set_nodelay(true)?;
+        let stream = tokio_rustls::TlsConnector::from(config).connect(name, stream).await?;
+        Ok(Client::from_io(stream))
+    }
+
     /// Speaks the binary protocol over a connected stream.
     pub fn from_stream(stream: TcpStream) -> Result<Client, ClientError> {
         stream.set_nodelay(true)?;
-        let (mut rd, wr) = stream.into_split();
+        let (rd, wr) = stream.into_split();
+        Ok(Client::from_halves(rd, Box::new(wr)))
+    }
+
+    /// Speaks the binary protocol over any byte stream (a TLS stream, say).
+    pub fn from_io<S: AsyncRead + AsyncWrite + Send + 'static>(stream: S) -> Client {
+        let (rd, wr) = tokio::io::split(stream);
+        Client::from_halves(rd, Box::new(wr))
+    }
+
+    fn from_halves<R: AsyncRead + Unpin + Send + 'static>(mut rd: R, wr: Box<dyn AsyncWrite + Send + Unpin>) -> Client {
         let pending: Pending = Arc::default();
         let p = pending.clone();
         let closed = Arc::new(std::sync::atomic::AtomicBool::new(false));
@@ -123,7 +144,7 @@ impl Client {
             c.store(true, Ordering::SeqCst);
             p.lock().map(|mut m| m.clear()).ok();
         });
-        Ok(Client { writer: tokio::sync::Mutex::new(wr), pending, closed, next_id: AtomicU64::new(1), reader })
+        Client { writer: tokio::sync::Mutex::new(wr), pending, closed, next_id: AtomicU64::new(1), reader }
     }
 
     /// Sends `op` with `args` (any serializable map, e.g. `json!({...})`) and
@@ -142,7 +163,14 @@ impl Client {
             }
             return Err(ClientError::Closed);
         }
-        let written = self.writer.lock().await.write_all(&out).await;
+        let written = {
+            let mut w = self.writer.lock().await;
+            // Flushing is a no-op on TCP; TLS may hold the bytes back until then.
+            match w.write_all(&out).await {
+                Ok(()) => w.flush().await,
+                Err(e) => Err(e),
+            }
+        };
         if let Err(e) = written {
             if let Ok(mut m) = self.pending.lock() {
                 m.remove(&id);

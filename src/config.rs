@@ -39,6 +39,7 @@ pub struct Config {
     pub otp: OtpConfig,
     pub limits: LimitsConfig,
     pub policy: PolicyConfig,
+    pub tls: TlsConfig,
 }
 
 #[derive(Clone, Deserialize)]
@@ -48,6 +49,42 @@ pub struct AuthConfig {
     pub jwt_secret: Option<String>,
     pub token_ttl_s: u64,
     pub signup: bool,
+    /// Whether a login leaves the user's other tokens working.
+    pub sessions: Sessions,
+}
+
+/// `auth.sessions`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Sessions {
+    /// A login does not revoke the user's other tokens; `logout` ends the
+    /// caller's token, `logout all=true` every token of the user.
+    #[default]
+    Multi,
+    /// A login revokes every older token of the user, and so does `logout`.
+    Single,
+}
+
+/// `[tls]`: the same protocol inside TLS, on its own port.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TlsConfig {
+    /// Where the TLS listener binds; absent or empty: no TLS.
+    pub listen: Option<String>,
+    /// The certificate chain, PEM.
+    pub cert: Option<PathBuf>,
+    /// The private key, PEM.
+    pub key: Option<PathBuf>,
+    /// If set, clients must present a certificate signed by this CA (PEM).
+    pub client_ca: Option<PathBuf>,
+}
+
+impl TlsConfig {
+    /// The TLS listen address, if TLS is on.
+    #[must_use]
+    pub fn listen(&self) -> Option<&str> {
+        self.listen.as_deref().filter(|l| !l.is_empty())
+    }
 }
 
 impl std::fmt::Debug for AuthConfig {
@@ -58,6 +95,7 @@ impl std::fmt::Debug for AuthConfig {
             .field("jwt_secret", &self.jwt_secret.as_ref().map(|_| "<set>"))
             .field("token_ttl_s", &self.token_ttl_s)
             .field("signup", &self.signup)
+            .field("sessions", &self.sessions)
             .finish()
     }
 }
@@ -151,13 +189,20 @@ impl Default for Config {
             otp: OtpConfig::default(),
             limits: LimitsConfig::default(),
             policy: PolicyConfig::default(),
+            tls: TlsConfig::default(),
         }
     }
 }
 
 impl Default for AuthConfig {
     fn default() -> Self {
-        AuthConfig { admin_password: None, jwt_secret: None, token_ttl_s: TOKEN_TTL_S_DEFAULT, signup: true }
+        AuthConfig {
+            admin_password: None,
+            jwt_secret: None,
+            token_ttl_s: TOKEN_TTL_S_DEFAULT,
+            signup: true,
+            sessions: Sessions::Multi,
+        }
     }
 }
 
@@ -193,7 +238,8 @@ impl Default for LimitsConfig {
 /// Keys that may be set from the environment, per section ("" = top level).
 const KEYS: &[(&str, &[&str])] = &[
     ("", &["listen", "data", "text_mode", "preset", "shards", "workers"]),
-    ("auth", &["admin_password", "jwt_secret", "token_ttl_s", "signup"]),
+    ("auth", &["admin_password", "jwt_secret", "token_ttl_s", "signup", "sessions"]),
+    ("tls", &["listen", "cert", "key", "client_ca"]),
     ("mail", &["transport", "from"]),
     ("otp", &["ttl_s", "tries_max", "resends_max", "transfer_min"]),
     (
@@ -218,6 +264,7 @@ const KEYS: &[(&str, &[&str])] = &[
 /// by the server: present in the environment, they are not mistakes.
 pub const CLIENT_VARIABLES: &[&str] = &[
     "TALLY_PASSWORD",     // tally call / backup: the password of --user
+    "TALLY_KEY",          // tally call: a service key's secret
     "TALLY_NEW_PASSWORD", // tally admin reset-password
     "TALLY_LOG",          // the log filter (tracing's EnvFilter syntax)
     "TALLY_BIN",          // tests: the server binary the Python tests start
@@ -294,6 +341,8 @@ fn campus_preset() -> toml::Table {
         fee_rounding = "up"
         [otp]
         transfer_min = 1
+        [auth]
+        sessions = "single"
         "#,
     )
     .expect("the campus preset is valid TOML")
@@ -456,6 +505,12 @@ impl Config {
         if self.auth.token_ttl_s == 0 {
             return bad("auth.token_ttl_s must be positive");
         }
+        if self.listen.is_empty() && self.tls.listen().is_none() {
+            return bad("listen is empty and tls.listen is not set: the server would not listen anywhere");
+        }
+        if self.tls.listen().is_some() && (self.tls.cert.is_none() || self.tls.key.is_none()) {
+            return bad("tls.listen needs tls.cert and tls.key (PEM files)");
+        }
         if let Some(pw) = &self.auth.admin_password {
             // An empty or short value (a variable set to nothing, say) must
             // not become the admin's password.
@@ -529,6 +584,20 @@ mod tests {
         assert_eq!(c.policy.fee_cross_group_bps, 3300);
         assert_eq!(c.otp.transfer_min, Some(0));
         assert_eq!(c.listen, "127.0.0.1:9");
+        assert_eq!(c.auth.sessions, Sessions::Single);
+    }
+
+    #[test]
+    fn sessions_default_to_multi_and_tls_needs_a_cert() {
+        let c = Config::load(None, env(&[]), &Overrides::default()).unwrap();
+        assert_eq!(c.auth.sessions, Sessions::Multi);
+        assert_eq!(c.tls.listen(), None);
+        let e = Config::load(None, env(&[("TALLY_TLS_LISTEN", "127.0.0.1:0")]), &Overrides::default()).unwrap_err();
+        assert_eq!(e.to_string(), "invalid configuration: tls.listen needs tls.cert and tls.key (PEM files)");
+        let e = Config::load(None, env(&[("TALLY_LISTEN", "")]), &Overrides::default()).unwrap_err();
+        assert!(e.to_string().contains("would not listen anywhere"), "{e}");
+        let e = Config::load(None, env(&[("TALLY_AUTH_SESSIONS", "many")]), &Overrides::default()).unwrap_err();
+        assert!(e.to_string().contains("unknown variant `many`"), "{e}");
     }
 
     #[test]

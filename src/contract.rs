@@ -11,13 +11,15 @@
 //! command exists only for a request holding reply slots, and there are
 //! `limits.inflight_max` of those.
 
+use std::sync::Arc;
+
 use crossbeam_channel::{Receiver, Sender};
 
 use crate::auth::Principal;
 use crate::error::ApiError;
 use crate::ledger::{Applied, Kind, Mode};
 use crate::reply::ReplyTo;
-use crate::store::{AccountMeta, UserRecord};
+use crate::store::{AccountMeta, KeyRecord, UserRecord};
 use crate::wire::{Reply, Shape};
 
 /// A transfer whose source has been checked (and, with `Mode::Reserved`,
@@ -37,6 +39,8 @@ pub struct TransferCmd {
     pub shape: Shape,
     /// Set for a `hold` (kind `Hold`): its terms.
     pub hold: Option<Box<HoldSpec>>,
+    /// Who asked: the record names them.
+    pub by: Arc<str>,
     pub reply: ReplyTo,
 }
 
@@ -85,6 +89,7 @@ pub enum SettleOp {
 pub struct CloseCmd {
     pub account: Box<str>,
     pub reason: String,
+    pub by: Arc<str>,
     pub reply: ReplyTo,
 }
 
@@ -102,6 +107,7 @@ pub struct BulkCmd {
     pub delta: i64,
     pub memo: Option<String>,
     pub force: bool,
+    pub by: Arc<str>,
     pub reply: ReplyTo,
 }
 
@@ -109,6 +115,7 @@ pub struct BulkCmd {
 pub struct ReapCmd {
     pub below: i64,
     pub reason: String,
+    pub by: Arc<str>,
     pub reply: ReplyTo,
 }
 
@@ -119,20 +126,42 @@ pub struct CreateCmd {
     pub meta: AccountMeta,
     /// Comes from `@mint` in the same transaction.
     pub initial: i64,
-    /// Set for `signup`: the user created together with the account.
+    /// Set for `signup` and `create_user`: the user created together with
+    /// the account.
     pub user: Option<Box<UserRecord>>,
+    /// Who asked (the funding record names them).
+    pub by: Arc<str>,
     pub reply: ReplyTo,
 }
 
 /// A change to one user's record.
 #[derive(Clone, Debug)]
 pub enum UserChange {
+    /// A new staff user (`create_user`; a user with accounts is created
+    /// with its account, by [`CreateCmd`]).
+    Create(Box<UserRecord>),
     /// Revoke every token issued so far.
     NewEpoch,
     /// Set a new password hash (which also revokes every token).
     Password(String),
     /// Set the user's `events` (admin `set_events`).
     Events(u64),
+    /// Revoke one token (`logout` with several sessions), until it expires
+    /// at `exp_ms` (ms since the epoch).
+    RevokeToken { jti: String, exp_ms: u64 },
+}
+
+/// A change to the service keys, answered through `done` once committed.
+pub struct KeyCmd {
+    pub change: KeyChange,
+    pub done: tokio::sync::oneshot::Sender<Result<KeyRecord, ApiError>>,
+}
+
+pub enum KeyChange {
+    /// A new key (its record holds only the secret's hash).
+    Create(Box<KeyRecord>),
+    /// Revoke a key; connections bound with it stop at their next request.
+    Revoke { key_id: String, by: String },
 }
 
 /// A user change, answered through `done` once committed (the caller
@@ -155,6 +184,7 @@ pub enum Command {
     Bulk(Box<BulkCmd>),
     Reap(Box<ReapCmd>),
     Settle(Box<SettleCmd>),
+    Key(Box<KeyCmd>),
     /// `health`: answered once the batch it rides in is committed (or not).
     Probe(tokio::sync::oneshot::Sender<Result<(), ApiError>>),
     /// Commit what is queued, write a full checkpoint, stop, then answer.
@@ -172,9 +202,12 @@ impl Command {
             Command::Bulk(c) => Some(c.reply),
             Command::Reap(c) => Some(c.reply),
             Command::Settle(c) => Some(c.reply),
-            Command::Transfer(_) | Command::Create(_) | Command::User(_) | Command::Shutdown(_) | Command::Probe(_) => {
-                None
-            }
+            Command::Transfer(_)
+            | Command::Create(_)
+            | Command::User(_)
+            | Command::Key(_)
+            | Command::Shutdown(_)
+            | Command::Probe(_) => None,
         }
     }
 }
@@ -196,6 +229,7 @@ pub enum Outcome {
     /// A create: the account's number and its funding record, if any.
     Create(Result<(u32, Option<Done>), ApiError>),
     User(Result<Box<UserRecord>, ApiError>),
+    Key(Result<Box<KeyRecord>, ApiError>),
     /// An admin change: its reply, and the changes owners must hear of.
     Admin(Result<(Reply, Vec<AdminEffect>), ApiError>),
     /// A `health` probe: whether its batch committed.
@@ -212,6 +246,7 @@ impl Outcome {
             }
             Outcome::Create(r) => *r = Err(e.clone()),
             Outcome::User(r) => *r = Err(e.clone()),
+            Outcome::Key(r) => *r = Err(e.clone()),
             Outcome::Admin(r) => *r = Err(e.clone()),
             Outcome::Probe(r) => *r = Err(e.clone()),
         }
@@ -225,6 +260,7 @@ impl Outcome {
             Command::Transfer(_) => Outcome::Transfer(Err(e.clone()), None),
             Command::Create(_) => Outcome::Create(Err(e.clone())),
             Command::User(_) => Outcome::User(Err(e.clone())),
+            Command::Key(_) => Outcome::Key(Err(e.clone())),
             Command::Probe(_) => Outcome::Probe(Err(e.clone())),
             Command::Close(_) | Command::Tag(_) | Command::Bulk(_) | Command::Reap(_) | Command::Settle(_) => {
                 Outcome::Admin(Err(e.clone()))

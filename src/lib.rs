@@ -17,7 +17,8 @@
 //!   batch, then one commit.
 //! - [`shard`]: the owner actors (single writers), the router, the fan-out.
 //! - [`otp`]: the OTP supervisor, its session rules and its mailer.
-//! - [`api`]: the ops behind the op table; [`net`]: connections;
+//! - [`api`]: the ops behind the op table; [`net`]: connections, plaintext
+//!   or [`tls`];
 //!   [`server`]: start-up; [`admin`]: host commands; [`config`], [`stats`].
 //! - [`client`]: the async Rust client used by the CLI, tests and benchmarks.
 //!
@@ -42,4 +43,5 @@ pub mod server;
 pub mod shard;
 pub mod stats;
 pub mod store;
+pub mod tls;
 pub mod wire;

@@ -188,3 +188,20 @@ pub const LIST_SCAN_MAX: usize = 200_000;
 pub const WRITE_BATCH_BYTES: usize = 256 * 1024;
 /// Longest mail error passed on to the caller (an SMTP server's words).
 pub const MAIL_ERROR_BYTES_MAX: usize = 200;
+/// Tokens one user may have revoked one by one (`logout`) at once; past
+/// that, a logout revokes all of them (a new token epoch).
+pub const REVOKED_TOKENS_PER_USER_MAX: usize = 1000;
+
+/// Service keys a data folder may hold (revoked ones included: they stay
+/// on record).
+pub const SERVICE_KEYS_MAX: usize = 1000;
+
+/// Accounts a key may be limited to: a key's view stays within a page
+/// item's bytes.
+pub const KEY_ACCOUNTS_MAX: usize = 16;
+
+/// Bytes of a key's name.
+pub const KEY_NAME_BYTES_MAX: usize = 64;
+
+/// The longest a key may be made to live: ten years.
+pub const KEY_EXPIRES_S_MAX: u64 = 10 * 366 * 86_400;

@@ -50,9 +50,8 @@ enum Command {
     /// Example: TALLY_PASSWORD=secret tally backup --user admin --out nightly-2026-11-21.redb
     #[command(verbatim_doc_comment)]
     Backup {
-        /// Server address.
-        #[arg(long, default_value = tally::limits::LISTEN_DEFAULT)]
-        connect: String,
+        #[command(flatten)]
+        connect: Connect,
         /// Admin user to log in as (password from --password or TALLY_PASSWORD).
         #[arg(long, default_value = "admin")]
         user: String,
@@ -77,14 +76,17 @@ enum Command {
     ///   tally call ping
     ///   TALLY_PASSWORD=secret tally call --user admin create_account account=alice initial=100
     ///   tally call --user admin --password secret transfer from=alice to=bob amount=5 memo="for lunch"
+    ///   TALLY_KEY=tally_... tally call --tls --ca ca.pem --connect localhost:7708 stats
     #[command(verbatim_doc_comment)]
     Call {
-        /// Server address.
-        #[arg(long, default_value = tally::limits::LISTEN_DEFAULT)]
-        connect: String,
+        #[command(flatten)]
+        connect: Connect,
         /// Log in as this user first (password from --password or TALLY_PASSWORD).
         #[arg(long)]
         user: Option<String>,
+        /// Bind with this service key's secret (prefer the TALLY_KEY environment variable).
+        #[arg(long, env = "TALLY_KEY", hide_env_values = true)]
+        key: Option<String>,
         /// Password for --user (prefer the TALLY_PASSWORD environment variable).
         #[arg(long, env = "TALLY_PASSWORD", hide_env_values = true)]
         password: Option<String>,
@@ -93,6 +95,37 @@ enum Command {
         /// Arguments as key=value.
         args: Vec<String>,
     },
+}
+
+/// How `tally call` and `tally backup` reach the server.
+#[derive(clap::Args)]
+struct Connect {
+    /// Server address (host:port; over TLS the certificate must name the host).
+    #[arg(long, default_value = tally::limits::LISTEN_DEFAULT)]
+    connect: String,
+    /// Speak TLS (to the server's [tls] listen port).
+    #[arg(long)]
+    tls: bool,
+    /// With --tls: trust this CA file (PEM) instead of the system's roots.
+    #[arg(long, requires = "tls")]
+    ca: Option<PathBuf>,
+    /// With --tls: present this client certificate (PEM), for mutual TLS.
+    #[arg(long, requires_all = ["tls", "client_key"])]
+    client_cert: Option<PathBuf>,
+    /// The private key of --client-cert (PEM).
+    #[arg(long, requires = "client_cert")]
+    client_key: Option<PathBuf>,
+}
+
+impl Connect {
+    async fn client(&self) -> Result<tally::client::Client, tally::client::ClientError> {
+        if !self.tls {
+            return tally::client::Client::connect(self.connect.as_str()).await;
+        }
+        let tls =
+            tally::tls::ClientTls { ca: self.ca.clone(), cert: self.client_cert.clone().zip(self.client_key.clone()) };
+        tally::client::Client::connect_tls(&self.connect, &tls).await
+    }
 }
 
 #[derive(Subcommand)]
@@ -112,6 +145,29 @@ enum AdminCommand {
         data: PathBuf,
         /// The user whose password is set.
         user: String,
+    },
+    /// Makes a service key and prints its id and secret (shown this once:
+    /// the server keeps only a hash). Creates the data folder if needed, so
+    /// a deployment can start with a key and no admin password.
+    ///
+    /// Example: tally admin create-key --data ./tally-data --name shop --role operator --accounts shop,till
+    #[command(verbatim_doc_comment)]
+    CreateKey {
+        /// Data folder of the (stopped) server.
+        #[arg(long, default_value = tally::limits::DATA_DEFAULT)]
+        data: PathBuf,
+        /// What the key is for, e.g. the application's name.
+        #[arg(long)]
+        name: String,
+        /// admin, operator or auditor.
+        #[arg(long)]
+        role: String,
+        /// Limit the key to moving money out of these accounts (comma-separated).
+        #[arg(long, value_delimiter = ',')]
+        accounts: Option<Vec<String>>,
+        /// Dead after this many seconds (default: until revoked).
+        #[arg(long)]
+        expires_s: Option<u64>,
     },
 }
 
@@ -152,8 +208,15 @@ fn abort_on_panic() {
     }));
 }
 
+/// Who `tally call` acts as: a user with a password, a key, or nobody.
+enum As<'a> {
+    Nobody,
+    User(&'a str, Option<&'a str>),
+    Key(&'a str),
+}
+
 /// Runs `tally call`: returns the exit code.
-async fn call(connect: &str, user: Option<&str>, password: Option<&str>, op: &str, args: &[String]) -> ExitCode {
+async fn call(connect: &Connect, who: As<'_>, op: &str, args: &[String]) -> ExitCode {
     let mut map = serde_json::Map::new();
     for a in args {
         let Some((k, v)) = a.split_once('=') else {
@@ -162,22 +225,25 @@ async fn call(connect: &str, user: Option<&str>, password: Option<&str>, op: &st
         };
         map.insert(k.to_owned(), tally::wire::text::bare_value(v.to_owned()).to_json());
     }
-    let client = match tally::client::Client::connect(connect).await {
+    let client = match connect.client().await {
         Ok(c) => c,
         Err(e) => {
-            eprintln!("tally: cannot connect to {connect}: {e}");
+            eprintln!("tally: cannot connect to {}: {e}", connect.connect);
             return ExitCode::FAILURE;
         }
     };
-    if let Some(user) = user {
-        let Some(password) = password else {
+    let bound = match who {
+        As::Nobody => Ok(serde_json::Value::Null),
+        As::User(_, None) => {
             eprintln!("tally: --user needs --password or TALLY_PASSWORD");
             return ExitCode::from(2);
-        };
-        if let Err(e) = client.login(user, password).await {
-            eprintln!("tally: login failed: {e}");
-            return ExitCode::FAILURE;
         }
+        As::User(user, Some(password)) => client.login(user, password).await,
+        As::Key(key) => client.call("auth", serde_json::json!({ "key": key })).await,
+    };
+    if let Err(e) = bound {
+        eprintln!("tally: login failed: {e}");
+        return ExitCode::FAILURE;
     }
     match client.call(op, serde_json::Value::Object(map)).await {
         Ok(v) => {
@@ -249,12 +315,38 @@ fn main() -> ExitCode {
         }
         Command::Backup { connect, user, password, out } => {
             let Some(runtime) = runtime(None) else { return ExitCode::FAILURE };
-            runtime.block_on(call(&connect, Some(&user), password.as_deref(), "backup", &[format!("out={out}")]))
+            runtime.block_on(call(&connect, As::User(&user, password.as_deref()), "backup", &[format!("out={out}")]))
         }
         Command::Admin(AdminCommand::ResetPassword { data, user }) => admin_reset_password(&data, &user),
-        Command::Call { connect, user, password, op, args } => {
+        Command::Admin(AdminCommand::CreateKey { data, name, role, accounts, expires_s }) => {
+            #[cfg(unix)]
+            // SAFETY: umask only sets the process's file-creation mask (a
+            // data folder made here holds secrets, as the server's does).
+            unsafe {
+                libc::umask(0o077);
+            }
+            let new = tally::auth::NewKey { name: &name, role: &role, accounts, expires_s, created_by: "host" };
+            match tally::admin::create_key(&data, new) {
+                Ok(k) => {
+                    println!("key_id {}", k.key_id);
+                    println!("secret {}", k.secret);
+                    eprintln!("tally: keep the secret now: it is not stored and cannot be shown again");
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("tally: {e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+        Command::Call { connect, user, key, password, op, args } => {
             let Some(runtime) = runtime(None) else { return ExitCode::FAILURE };
-            runtime.block_on(call(&connect, user.as_deref(), password.as_deref(), &op, &args))
+            let who = match (&user, &key) {
+                (Some(u), _) => As::User(u, password.as_deref()),
+                (None, Some(k)) => As::Key(k),
+                (None, None) => As::Nobody,
+            };
+            runtime.block_on(call(&connect, who, &op, &args))
         }
     }
 }

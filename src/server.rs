@@ -13,7 +13,7 @@ use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 
 use crate::api::Ctx;
-use crate::auth::{self, LoginGuard, Tokens, UserState, Users};
+use crate::auth::{self, KeyState, LoginGuard, Tokens, UserState, Users};
 use crate::clock::Clock;
 use crate::config::Config;
 use crate::contract::{self, Command};
@@ -43,9 +43,12 @@ pub enum StartError {
 
 /// A started server.
 pub struct Running {
-    pub addr: SocketAddr,
+    /// The plaintext listener's address (`None`: `listen = ""`).
+    pub addr: Option<SocketAddr>,
+    /// The TLS listener's address, if `[tls]` is on.
+    pub tls_addr: Option<SocketAddr>,
     pub ctx: Arc<Ctx>,
-    accept: tokio::task::JoinHandle<()>,
+    accept: Vec<tokio::task::JoinHandle<()>>,
 }
 
 impl Running {
@@ -56,7 +59,9 @@ impl Running {
     /// quicker and the exit clean.
     pub async fn shutdown(self, grace: Duration) {
         self.ctx.shutdown.cancel();
-        let _ = self.accept.await;
+        for a in self.accept {
+            let _ = a.await;
+        }
         let all = u32::try_from(self.ctx.config.limits.inflight_max).unwrap_or(u32::MAX);
         let drained = tokio::time::timeout(grace, self.ctx.inflight.acquire_many(all)).await;
         match drained {
@@ -89,6 +94,7 @@ fn bootstrap_admin(db: &Database, password: &str) -> Result<(), StartError> {
         group: None,
         events: existing.as_ref().map_or(0, |u| u.events),
         token_epoch: existing.as_ref().map_or(0, |u| u.token_epoch + 1),
+        revoked_tokens: Vec::new(),
     };
     store::put_user(db, &user)?;
     if existing.is_some() {
@@ -205,6 +211,9 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
     for u in store::load_users(&db)? {
         users.set(&u.user, UserState::of(&u));
     }
+    for k in store::load_keys(&db)? {
+        users.set_key(&k.key_id, KeyState::of(&k));
+    }
     // Only the store holds the database from here on (it is reopened after
     // a storage failure, and that needs every holder to let go).
     drop(db);
@@ -251,10 +260,24 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
         .await
         .map_err(|e| StartError::Actor(e.to_string()))?;
 
-    let listener = TcpListener::bind(&config.listen)
-        .await
-        .map_err(|source| StartError::Listen { addr: config.listen.clone(), source })?;
-    let addr = listener.local_addr().map_err(|e| StartError::Other(e.to_string()))?;
+    let listener = match config.listen.as_str() {
+        "" => None,
+        listen => Some(bind(listen).await?),
+    };
+    let tls = match config.tls.listen() {
+        None => None,
+        Some(listen) => {
+            let tls = crate::tls::server_config(&config.tls).map_err(|e| StartError::Other(e.to_string()))?;
+            Some((bind(listen).await?, tokio_rustls::TlsAcceptor::from(tls)))
+        }
+    };
+    if let Some((_, l)) = &listener {
+        if !l.ip().is_loopback() {
+            tracing::warn!(target: "security", addr = %l,
+                "plaintext listener on a non-loopback address: passwords, tokens and keys cross the network in \
+                 clear; use [tls] (and listen = \"\" or a loopback address)");
+        }
+    }
     let ctx = Arc::new(Ctx {
         inflight: Arc::new(Semaphore::new(config.limits.inflight_max)),
         config,
@@ -271,8 +294,26 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
         shutdown: CancellationToken::new(),
         otp,
     });
-    let accept = tokio::spawn(crate::net::accept_loop(listener, ctx.clone()));
-    Ok(Running { addr, ctx, accept })
+    let connections = Arc::new(Semaphore::new(ctx.config.limits.connections_max));
+    let mut accept = Vec::new();
+    let (mut addr, mut tls_addr) = (None, None);
+    if let Some((listener, local)) = listener {
+        addr = Some(local);
+        accept.push(tokio::spawn(crate::net::accept_loop(listener, ctx.clone(), None, connections.clone())));
+    }
+    if let Some(((listener, local), acceptor)) = tls {
+        tls_addr = Some(local);
+        accept.push(tokio::spawn(crate::net::accept_loop(listener, ctx.clone(), Some(acceptor), connections)));
+    }
+    Ok(Running { addr, tls_addr, ctx, accept })
+}
+
+/// A listener on `addr`, and the address it got (port 0 picks one).
+async fn bind(addr: &str) -> Result<(TcpListener, SocketAddr), StartError> {
+    let listener =
+        TcpListener::bind(addr).await.map_err(|source| StartError::Listen { addr: addr.to_owned(), source })?;
+    let local = listener.local_addr().map_err(|e| StartError::Other(e.to_string()))?;
+    Ok((listener, local))
 }
 
 /// Raises the open-file limit to its hard maximum, so that
@@ -297,9 +338,16 @@ fn raise_fd_limit() {
 pub async fn serve(config: Config) -> Result<(), StartError> {
     raise_fd_limit();
     let running = start(config).await?;
-    // Tests and scripts read this line to learn the port.
-    println!("tally listening on {}", running.addr);
-    tracing::info!(addr = %running.addr, "listening");
+    // Tests and scripts read these lines to learn the ports: plaintext
+    // first, as it has always been the first line.
+    if let Some(addr) = running.addr {
+        println!("tally listening on {addr}");
+        tracing::info!(%addr, "listening");
+    }
+    if let Some(addr) = running.tls_addr {
+        println!("tally listening with tls on {addr}");
+        tracing::info!(%addr, "listening with TLS");
+    }
     wait_for_signal().await;
     tracing::info!("shutting down");
     running.shutdown(Duration::from_secs(10)).await;

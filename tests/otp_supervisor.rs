@@ -28,15 +28,15 @@ async fn sessions_survive_killing_the_mailer() {
     let running = tally::server::start(config).await.unwrap();
     let supervisor = running.ctx.otp.clone();
 
-    let anon = Client::connect(running.addr).await.unwrap();
+    let anon = Client::connect(running.addr.unwrap()).await.unwrap();
     for user in ["alice", "bob"] {
         let args = json!({"user": user, "name": user, "email": format!("{user}@campus.example"), "password": PW});
         anon.call("signup", args).await.unwrap();
     }
-    let admin = Client::connect(running.addr).await.unwrap();
+    let admin = Client::connect(running.addr.unwrap()).await.unwrap();
     admin.login("admin", "admin-password").await.unwrap();
     admin.call("mint", json!({"to": "alice", "amount": 100})).await.unwrap();
-    let alice = Client::connect(running.addr).await.unwrap();
+    let alice = Client::connect(running.addr.unwrap()).await.unwrap();
     alice.login("alice", PW).await.unwrap();
     let mut inbox = common::Inbox::new(mail.clone());
 

@@ -281,9 +281,9 @@ async fn security_events_are_logged_with_who_and_where_and_never_a_secret() {
     log_line(&t.s, &["INFO", "security", "password reset asked for", "user=eve", "source=127.0.0.7", "decoy=false"]);
     log_line(&t.s, &["WARN", "security", "code refused", "source=127.0.0.7", "code=\"otp_invalid\""]);
     log_line(&t.s, &["INFO", "security", "logged in", "user=admin"]);
-    let mint = log_line(&t.s, &["INFO", "security", "admin action", "user=admin", "op=\"mint\""]);
+    let mint = log_line(&t.s, &["INFO", "security", "staff action", "by=admin", "role=\"admin\"", "op=\"mint\""]);
     assert!(mint.contains(r#"args={"amount":5,"memo":"prize","to":"eve"}"#), "{mint}");
-    log_line(&t.s, &["admin action", "op=\"set_events\"", r#""events":3"#]);
+    log_line(&t.s, &["staff action", "op=\"set_events\"", r#""events":3"#]);
     let log = std::fs::read_to_string(common::log_path(&t.s)).unwrap();
     for secret in [PW, "not her password", "stolen password", real.as_str(), ADMIN_PASSWORD] {
         assert!(!log.contains(secret), "{secret:?} is in the log");

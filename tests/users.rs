@@ -189,8 +189,8 @@ async fn tokens_expire_also_on_bound_connections() {
 }
 
 #[tokio::test]
-async fn new_login_logout_and_password_change_revoke_older_tokens() {
-    let s = Server::start();
+async fn with_one_session_a_login_logout_and_password_change_revoke_older_tokens() {
+    let s = Server::start_with(&[("TALLY_AUTH_SESSIONS", "single")]);
     signup(&s, "alice", "Y19").await;
 
     // A second login revokes the first token, also on its open connection.

@@ -9,7 +9,8 @@
 //!   redeems, password resets; `confirm`, `resend`;
 //! - `money`: balances, transfers, mints, accounts, history;
 //! - `points`: the points manager's ops (`add`, `bulk_add`, `reap`, ...);
-//! - `holds`: two-phase transfers and redeem requests.
+//! - `holds`: two-phase transfers and redeem requests;
+//! - `keys`: service keys.
 
 use std::net::IpAddr;
 use std::sync::Arc;
@@ -29,7 +30,7 @@ use crate::reply::ReplyTo;
 use crate::shard::{Outbox, ShardRouter};
 use crate::stats::Stats;
 use crate::store::Store;
-use crate::wire::{Caller, Op, Reply};
+use crate::wire::{Access, Op, Reply};
 
 /// Decodes args or answers `bad_request` and returns from the caller.
 macro_rules! args {
@@ -52,6 +53,7 @@ macro_rules! check {
 }
 
 mod holds;
+mod keys;
 mod money;
 mod otp;
 mod points;
@@ -125,18 +127,24 @@ pub async fn dispatch(ctx: &Arc<Ctx>, session: &mut Session, name: &str, args: &
     if !op.is_batched_debit() {
         session.outbox.flush(&ctx.router);
     }
-    let caller = match op.caller() {
-        Caller::Anyone => None,
-        Caller::User | Caller::Admin => {
-            let p = check!(users::current(ctx, session), reply);
-            if op.caller() == Caller::Admin && !p.is_admin() {
-                return reply.err(ApiError::forbidden("this op is for admins"));
-            }
-            if p.is_admin() && ADMIN_ACTIONS.contains(&op) {
-                tracing::info!(target: "security", user = %p.user, op = op.name(), args = %args_for_log(args), "admin action");
-            }
-            Some(p)
+    let access = op.access();
+    let caller = if access == Access::Anyone {
+        None
+    } else {
+        let p = check!(users::current(ctx, session), reply);
+        if !access.allows(Some(p.role)) {
+            let role = p.role.as_str();
+            return reply.err(ApiError::forbidden(format!("the role {role} may not call {}", op.name())));
         }
+        if p.accounts.is_some() && matches!(op, Op::BulkAdd | Op::Reap | Op::DeleteAccount) {
+            // These move money out of many accounts at once (or out of
+            // the one deleted): not for a key limited to some.
+            return reply.err(ApiError::forbidden(format!("a key limited to accounts may not call {}", op.name())));
+        }
+        if p.role.is_staff() && LOGGED_ACTIONS.contains(&op) {
+            tracing::info!(target: "security", by = %p.user, role = p.role.as_str(), op = op.name(), args = %args_for_log(args), "staff action");
+        }
+        Some(p)
     };
     let p = || caller.clone().expect("checked above: the op needs a caller");
     match op {
@@ -160,16 +168,16 @@ pub async fn dispatch(ctx: &Arc<Ctx>, session: &mut Session, name: &str, args: &
         Op::Account => money::read(ctx, p(), args, crate::shard::ReadKind::Account, reply),
         Op::Transfer => money::transfer(ctx, p(), args, session, reply),
         Op::Mint => money::mint(ctx, p(), args, session, reply),
-        Op::CreateAccount => money::create_account(ctx, args, reply),
+        Op::CreateAccount => money::create_account(ctx, p(), args, reply),
         Op::History => money::history(ctx, p(), args, reply),
         Op::GetTransfer => money::get_transfer(ctx, p(), args, reply),
         Op::Add => points::add(ctx, p(), args, reply),
-        Op::DeleteAccount => points::delete_account(ctx, args, reply),
+        Op::DeleteAccount => points::delete_account(ctx, p(), args, reply),
         Op::DeleteReason => points::delete_reason(ctx, args, reply),
         Op::ListAccounts => points::list_accounts(ctx, args, reply),
         Op::Tag => points::tag(ctx, args, reply),
-        Op::BulkAdd => points::bulk_add(ctx, args, reply),
-        Op::Reap => points::reap(ctx, args, reply),
+        Op::BulkAdd => points::bulk_add(ctx, p(), args, reply),
+        Op::Reap => points::reap(ctx, p(), args, reply),
         Op::Backup => points::backup(ctx, args, reply),
         Op::Hold => holds::hold(ctx, p(), args, session.peer, reply),
         Op::Post => holds::post(ctx, p(), args, reply),
@@ -178,13 +186,17 @@ pub async fn dispatch(ctx: &Arc<Ctx>, session: &mut Session, name: &str, args: &
         Op::MyRedeems => holds::my_redeems(ctx, p(), args, reply),
         Op::Redeems => holds::redeems(ctx, args, reply),
         Op::DecideRedeem => holds::decide_redeem(ctx, p(), args, reply),
+        Op::CreateKey => keys::create_key(ctx, p(), args, reply),
+        Op::ListKeys => keys::list_keys(ctx, args, reply),
+        Op::RevokeKey => keys::revoke_key(ctx, p(), args, reply),
+        Op::CreateUser => users::create_user(ctx, p(), args, reply).await,
     }
 }
 
-/// Admin ops written to the security log with their arguments (the
-/// journal keeps the records; this says who asked, and for the ops that
-/// write none, what).
-const ADMIN_ACTIONS: &[Op] = &[
+/// Staff ops written to the security log with their arguments and the
+/// acting user or key (the journal's records name the actor too; this
+/// covers the ops that write none).
+const LOGGED_ACTIONS: &[Op] = &[
     Op::Mint,
     Op::Add,
     Op::SetEvents,
@@ -194,6 +206,9 @@ const ADMIN_ACTIONS: &[Op] = &[
     Op::Reap,
     Op::Backup,
     Op::Tag,
+    Op::CreateKey,
+    Op::RevokeKey,
+    Op::CreateUser,
 ];
 
 /// An op's arguments as compact JSON for a log line: secrets redacted,

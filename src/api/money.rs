@@ -49,13 +49,14 @@ pub(super) fn mint(ctx: &Arc<Ctx>, p: Principal, args: &[u8], session: &mut Sess
     session.outbox.push(&ctx.router, req);
 }
 
-pub(super) fn create_account(ctx: &Arc<Ctx>, args: &[u8], reply: ReplyTo) {
+pub(super) fn create_account(ctx: &Arc<Ctx>, p: Principal, args: &[u8], reply: ReplyTo) {
     let a = args!(CreateAccountArgs, args, reply);
     let (account, meta, initial) = check!(validate_create(ctx, a), reply);
-    ctx.router.send(
-        &account,
-        ShardMsg::Create(Box::new(CreateCmd { account: account.as_str().into(), meta, initial, user: None, reply })),
-    );
+    if initial > 0 && !p.may_debit(MINT, None) {
+        return reply.err(ApiError::forbidden("this key may not move money out of @mint (initial)"));
+    }
+    let cmd = CreateCmd { account: account.as_str().into(), meta, initial, user: None, by: p.user, reply };
+    ctx.router.send(&account, ShardMsg::Create(Box::new(cmd)));
 }
 
 /// `history`: the owning shard checks the caller and knows where the
@@ -75,7 +76,7 @@ pub(super) fn get_transfer(ctx: &Arc<Ctx>, p: Principal, args: &[u8], reply: Rep
     blocking(reply, move || {
         let db = store.db()?;
         let t = store::get_transfer(&db, a.id)?.ok_or_else(|| ApiError::not_found(format!("transfer {}", a.id)))?;
-        if !p.is_admin() {
+        if !p.sees_any() {
             let party = [&t.from, &t.to].into_iter().any(|acct| {
                 store::account_meta(&db, acct).ok().flatten().is_some_and(|m| m.owner.as_deref() == Some(&*p.user))
             });

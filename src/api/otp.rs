@@ -119,7 +119,7 @@ async fn funds(ctx: &Ctx, p: &Principal, from: &str, amount: i64) -> Result<(), 
 }
 
 fn party<'a>(user: &'a str, state: &'a UserState) -> Party<'a> {
-    Party { user, admin: state.role == Role::Admin, group: state.group.as_deref(), events: state.events }
+    Party { user, admin: state.role.is_staff(), group: state.group.as_deref(), events: state.events }
 }
 
 /// The `[policy]` rules for a user's transfer or hold of `amount` to `to`:
@@ -143,7 +143,7 @@ async fn user_fee(ctx: &Ctx, p: &Principal, to: &str, amount: i64) -> Result<(u3
         return Ok((0, 0));
     }
     // Read as the server itself: the receiver is not the caller's account.
-    let system = Principal { user: "@system".into(), role: Role::Admin };
+    let system = Principal::user("@system", Role::Admin);
     let Reply::Account(view) = read(ctx, to, ReadKind::Account, system).await? else {
         return Err(ApiError::internal("unexpected reply to an account read"));
     };
@@ -241,8 +241,8 @@ pub(super) fn redeem(ctx: &Arc<Ctx>, p: Principal, action: Action, source: Optio
 /// `reset_password {user}`: anyone may ask. The answer is the same whether
 /// or not the user exists, and comes before any mail goes out (so its
 /// timing does not tell either): the code goes to the user's address if
-/// there is a user, and nowhere for an unknown user or an admin (admins
-/// reset on the host: `tally admin reset-password`).
+/// there is a user, and nowhere for an unknown user or staff (admins,
+/// operators and auditors reset on the host: `tally admin reset-password`).
 pub(super) fn reset_password(ctx: &Arc<Ctx>, session: &Session, args: &[u8], reply: ReplyTo) {
     let ResetPasswordArgs { user } = args!(ResetPasswordArgs, args, reply);
     let source = Some(session.peer);
@@ -254,9 +254,9 @@ pub(super) fn reset_password(ctx: &Arc<Ctx>, session: &Session, args: &[u8], rep
         let r = async {
             let email = match user_contact(&ctx, &user).await? {
                 Some((email, Role::User)) => Some(email),
-                Some((_, Role::Admin)) => {
-                    tracing::warn!(target: "security", user = %user, source = %source.map_or_else(String::new, |s| s.to_string()),
-                        "password reset over the wire refused for an admin (a decoy session answers)");
+                Some((_, role)) => {
+                    tracing::warn!(target: "security", user = %user, role = role.as_str(), source = %source.map_or_else(String::new, |s| s.to_string()),
+                        "password reset over the wire refused for staff (a decoy session answers)");
                     None
                 }
                 None => None,

@@ -43,11 +43,14 @@ pub(super) fn add(ctx: &Arc<Ctx>, p: Principal, args: &[u8], reply: ReplyTo) {
     ctx.router.debit(DebitReq::new(Kind::Adjust, shape, from, to, magnitude, a.memo, a.key, p, reply));
 }
 
-pub(super) fn delete_account(ctx: &Arc<Ctx>, args: &[u8], reply: ReplyTo) {
+pub(super) fn delete_account(ctx: &Arc<Ctx>, p: Principal, args: &[u8], reply: ReplyTo) {
     let a = args!(DeleteAccountArgs, args, reply);
     check!(account_id(&a.account), reply);
     check!(reason(&a.reason), reply);
-    to_journal(ctx, Command::Close(Box::new(CloseCmd { account: a.account.into(), reason: a.reason, reply })));
+    to_journal(
+        ctx,
+        Command::Close(Box::new(CloseCmd { account: a.account.into(), reason: a.reason, by: p.user, reply })),
+    );
 }
 
 pub(super) fn delete_reason(ctx: &Arc<Ctx>, args: &[u8], reply: ReplyTo) {
@@ -88,22 +91,22 @@ pub(super) fn tag(ctx: &Arc<Ctx>, args: &[u8], reply: ReplyTo) {
     to_journal(ctx, Command::Tag(Box::new(TagCmd { account: a.account.into(), add, remove, reply })));
 }
 
-pub(super) fn bulk_add(ctx: &Arc<Ctx>, args: &[u8], reply: ReplyTo) {
+pub(super) fn bulk_add(ctx: &Arc<Ctx>, p: Principal, args: &[u8], reply: ReplyTo) {
     let a = args!(BulkAddArgs, args, reply);
     check!(validate_tags(std::slice::from_ref(&a.tag)), reply);
     check!(ledger::validate_memo_key(a.memo.as_deref(), None), reply);
     if a.delta == 0 || a.delta == i64::MIN {
         return reply.err(ApiError::bad_request("delta must be a non-zero 64-bit integer"));
     }
-    let cmd = BulkCmd { tag: a.tag, delta: a.delta, memo: a.memo, force: a.force.unwrap_or(false), reply };
+    let cmd = BulkCmd { tag: a.tag, delta: a.delta, memo: a.memo, force: a.force.unwrap_or(false), by: p.user, reply };
     to_journal(ctx, Command::Bulk(Box::new(cmd)));
 }
 
-pub(super) fn reap(ctx: &Arc<Ctx>, args: &[u8], reply: ReplyTo) {
+pub(super) fn reap(ctx: &Arc<Ctx>, p: Principal, args: &[u8], reply: ReplyTo) {
     let a = args!(ReapArgs, args, reply);
     check!(reason(&a.reason), reply);
     let below = a.below.unwrap_or(ctx.limits.min_balance);
-    to_journal(ctx, Command::Reap(Box::new(ReapCmd { below, reason: a.reason, reply })));
+    to_journal(ctx, Command::Reap(Box::new(ReapCmd { below, reason: a.reason, by: p.user, reply })));
 }
 
 /// `backup {out}`: a consistent copy under `DATA/backups/`, through one read

@@ -7,7 +7,8 @@ use std::sync::Arc;
 use tokio::sync::oneshot;
 
 use super::{blocking, Ctx, Session};
-use crate::auth::{self, Binding, Principal, Role};
+use crate::auth::{self, Binding, Bound, KeySecret, Principal, Role, KEY_ACTOR_PREFIX};
+use crate::config::Sessions;
 use crate::contract::{Command, CreateCmd, UserChange, UserCmd};
 use crate::error::{ApiError, ErrorCode};
 use crate::ledger::{self, is_system};
@@ -16,8 +17,8 @@ use crate::reply::ReplyTo;
 use crate::shard::ShardMsg;
 use crate::store::{self, AccountMeta, UserRecord};
 use crate::wire::{
-    AuthArgs, AuthReply, ChangePasswordArgs, LoggedOut, LoginArgs, LoginReply, NoArgs, Reply, SetEventsArgs,
-    SignupArgs, UserView,
+    AuthArgs, AuthReply, ChangePasswordArgs, CreateUserArgs, KeyView, LoggedOut, LoginArgs, LoginReply, LogoutArgs,
+    NoArgs, Reply, SetEventsArgs, SignupArgs, UserView,
 };
 
 fn unauthenticated(message: &str) -> ApiError {
@@ -29,27 +30,45 @@ fn unauthenticated(message: &str) -> ApiError {
 const DUMMY_HASH: &str =
     "$argon2id$v=19$m=19456,t=2,p=1$c29tZXNhbHRzb21lc2FsdA$2/2D7Jm9d0hXhm1NHxu0Vn6cUHxYCOqGKq/KCN4cVJ8";
 
-/// The caller of a bound connection, if its token still works: not expired,
-/// not revoked by a later login, logout or password change.
+/// The caller of a bound connection, if what it is bound with still
+/// works: a token not expired nor revoked (by a logout, a password change,
+/// or in single-session mode a later login), or a key not expired nor
+/// revoked.
 pub(super) fn current(ctx: &Ctx, session: &mut Session) -> Result<Principal, ApiError> {
     let Some(b) = session.binding.as_mut() else {
         return Err(unauthenticated("log in first (login or auth)"));
     };
     let now = if session.read_ms > 0 { session.read_ms } else { crate::clock::now_ms() };
     if now >= b.expires_ms {
+        let why = match b.by {
+            Bound::Token(_) => "the token expired; log in again",
+            Bound::Key(_) => "the key expired",
+        };
         session.binding = None;
-        return Err(unauthenticated("the token expired; log in again"));
+        return Err(unauthenticated(why));
     }
     let generation = ctx.users.generation();
     if generation != b.checked {
-        match ctx.users.get(&b.principal.user) {
-            Some(state) if state.epoch == b.epoch => {
-                b.principal.role = state.role;
+        let role = match &b.by {
+            Bound::Token(jti) => ctx
+                .users
+                .get(&b.principal.user)
+                .filter(|s| s.epoch == b.epoch && !s.revoked.contains(jti))
+                .map(|s| s.role),
+            Bound::Key(key_id) => ctx.users.key(key_id).filter(|k| !k.revoked).map(|k| k.role),
+        };
+        match role {
+            Some(role) => {
+                b.principal.role = role;
                 b.checked = generation;
             }
-            _ => {
+            None => {
+                let why = match b.by {
+                    Bound::Token(_) => "the token was revoked; log in again",
+                    Bound::Key(_) => "the key was revoked",
+                };
                 session.binding = None;
-                return Err(unauthenticated("the token was revoked; log in again"));
+                return Err(unauthenticated(why));
             }
         }
     }
@@ -74,15 +93,23 @@ pub(super) async fn change(ctx: &Ctx, user: &str, change: UserChange) -> Result<
     rx.await.map_err(|_| ApiError::internal("the journal has stopped"))?
 }
 
-fn bind(ctx: &Ctx, session: &mut Session, u: &UserRecord, expires_ms: u64) -> Role {
+/// Issues a token for `u` and binds the connection with it.
+fn bind_new_token(ctx: &Ctx, session: &mut Session, u: &UserRecord) -> Result<Reply, ApiError> {
     let role = Role::parse(&u.role);
+    let issued = ctx.tokens.issue(&u.user, role, u.token_epoch)?;
     session.binding = Some(Binding {
-        principal: Principal { user: u.user.as_str().into(), role },
+        principal: Principal::user(&u.user, role),
+        by: Bound::Token(issued.jti.into()),
         epoch: u.token_epoch,
-        expires_ms,
+        expires_ms: issued.expires_ms,
         checked: ctx.users.generation(),
     });
-    role
+    Ok(Reply::Login(LoginReply {
+        token: issued.token,
+        expires_at: issued.expires_ms,
+        user: u.user.clone(),
+        role: role.as_str(),
+    }))
 }
 
 /// `signup`: the user and an account with the same id, created together
@@ -92,7 +119,8 @@ pub(super) async fn signup(ctx: &Arc<Ctx>, session: &Session, args: &[u8], reply
     let (meta, user) = check!(checked_signup(ctx, a).await, reply);
     tracing::info!(target: "security", user = %user.user, source = %session.peer, "signup");
     let account = user.user.clone();
-    let cmd = CreateCmd { account: account.as_str().into(), meta, initial: 0, user: Some(user), reply };
+    let by: Arc<str> = account.as_str().into();
+    let cmd = CreateCmd { account: account.as_str().into(), meta, initial: 0, user: Some(user), by, reply };
     ctx.router.send(&account, ShardMsg::Create(Box::new(cmd)));
 }
 
@@ -101,10 +129,32 @@ async fn checked_signup(ctx: &Arc<Ctx>, a: SignupArgs) -> Result<(AccountMeta, B
     if !ctx.config.auth.signup {
         return Err(ApiError::forbidden("signup is turned off"));
     }
+    let user = new_user(ctx, a, Role::User).await?;
+    Ok((account_of(&user), user))
+}
+
+/// The account a user with role `user` gets, with the user's id.
+fn account_of(user: &UserRecord) -> AccountMeta {
+    AccountMeta {
+        num: 0,
+        owner: Some(user.user.clone()),
+        tags: Vec::new(),
+        created: crate::clock::now_ms(),
+        memo: Some("signup".into()),
+        deleted: None,
+    }
+}
+
+/// Checks a new user's fields and hashes the password.
+async fn new_user(ctx: &Arc<Ctx>, a: SignupArgs, role: Role) -> Result<Box<UserRecord>, ApiError> {
     ledger::validate_account_id(&a.user)
         .map_err(|_| ApiError::bad_request(format!("user ids are 1-{USER_ID_BYTES_MAX} bytes of A-Za-z0-9._:@-")))?;
     if is_system(&a.user) {
         return Err(ApiError::forbidden("user ids cannot start with @"));
+    }
+    // Records and logs name a service key `key:<key_id>`: no user may look like one.
+    if a.user.starts_with(KEY_ACTOR_PREFIX) {
+        return Err(ApiError::forbidden(format!("user ids cannot start with {KEY_ACTOR_PREFIX}")));
     }
     let name = a.name.trim();
     if name.is_empty() || name.chars().count() > 100 || name.chars().any(char::is_control) {
@@ -119,25 +169,42 @@ async fn checked_signup(ctx: &Arc<Ctx>, a: SignupArgs) -> Result<(AccountMeta, B
     }
     let password = a.password;
     let password_hash = on_hash_pool(ctx, move || auth::hash_password(&password)).await??;
-    let user = UserRecord {
-        user: a.user.clone(),
+    Ok(Box::new(UserRecord {
+        user: a.user,
         name: name.to_owned(),
         email: a.email,
         password_hash,
-        role: Role::User.as_str().into(),
+        role: role.as_str().into(),
         group: a.group,
         events: 0,
         token_epoch: 0,
+        revoked_tokens: Vec::new(),
+    }))
+}
+
+/// `create_user {user, role, name, email, password, group?}` (admin): a
+/// user with any role, whether or not signup is open. A `user` gets an
+/// account with its id, as at signup; staff own no account.
+pub(super) async fn create_user(ctx: &Arc<Ctx>, p: Principal, args: &[u8], reply: ReplyTo) {
+    let a = args!(CreateUserArgs, args, reply);
+    let Some(role) = Role::from_name(&a.role) else {
+        return reply.err(ApiError::bad_request("role must be admin, operator, auditor or user"));
     };
-    let meta = AccountMeta {
-        num: 0,
-        owner: Some(a.user),
-        tags: Vec::new(),
-        created: crate::clock::now_ms(),
-        memo: Some("signup".into()),
-        deleted: None,
-    };
-    Ok((meta, Box::new(user)))
+    let signup = SignupArgs { user: a.user, name: a.name, email: a.email, password: a.password, group: a.group };
+    let user = check!(new_user(ctx, signup, role).await, reply);
+    tracing::info!(target: "security", user = %user.user, role = role.as_str(), by = %p.user, "user created");
+    if role == Role::User {
+        let account = user.user.clone();
+        let meta = account_of(&user);
+        let cmd = CreateCmd { account: account.as_str().into(), meta, initial: 0, user: Some(user), by: p.user, reply };
+        return ctx.router.send(&account, ShardMsg::Create(Box::new(cmd)));
+    }
+    let name = user.user.clone();
+    let ctx = ctx.clone();
+    tokio::spawn(async move {
+        let r = change(&ctx, &name, UserChange::Create(user)).await;
+        reply.send(r.map(|u| Reply::User(Box::new(UserView::from(&u)))));
+    });
 }
 
 /// `login`: awaited, so the connection's next request runs as the user.
@@ -168,25 +235,31 @@ async fn checked_login(ctx: &Arc<Ctx>, session: &mut Session, a: LoginArgs) -> R
         Ok(auth::verify_password(&password, &u.password_hash).then_some(u))
     })
     .await??;
-    if checked.is_none() {
+    let Some(checked) = checked else {
         ctx.logins.failed(&a.user, source, crate::clock::now_ms());
         tracing::warn!(target: "security", user = %a.user, %source, "login failed: wrong user or password");
         return Err(denied());
-    }
+    };
     ctx.logins.succeeded(&a.user, source);
-    // A new login revokes every older token of the user.
-    let u = change(ctx, &a.user, UserChange::NewEpoch).await?;
-    let role = Role::parse(&u.role);
-    let (token, expires_at) = ctx.tokens.issue(&u.user, role, u.token_epoch)?;
-    bind(ctx, session, &u, expires_at);
-    tracing::info!(target: "security", user = %u.user, role = role.as_str(), %source, "logged in");
-    Ok(Reply::Login(LoginReply { token, expires_at, user: u.user, role: role.as_str() }))
+    let u = match ctx.config.auth.sessions {
+        // A new login revokes every older token of the user.
+        Sessions::Single => change(ctx, &a.user, UserChange::NewEpoch).await?,
+        Sessions::Multi => checked,
+    };
+    let reply = bind_new_token(ctx, session, &u)?;
+    tracing::info!(target: "security", user = %u.user, role = %u.role, %source, "logged in");
+    Ok(reply)
 }
 
-/// `auth {token}`.
+/// `auth {token}` or `auth {key}`.
 pub(super) fn auth(ctx: &Ctx, session: &mut Session, args: &[u8], reply: ReplyTo) {
     let a = args!(AuthArgs, args, reply);
-    reply.send(bind_token(ctx, session, &a.token));
+    let r = match (a.token, a.key) {
+        (Some(token), None) => bind_token(ctx, session, &token),
+        (None, Some(key)) => bind_key(ctx, session, &key),
+        _ => Err(ApiError::bad_request("auth takes token or key (one of them)")),
+    };
+    reply.send(r);
 }
 
 /// Binds the connection to a valid, unrevoked token.
@@ -194,11 +267,12 @@ fn bind_token(ctx: &Ctx, session: &mut Session, token: &str) -> Result<Reply, Ap
     let claims = ctx.tokens.check(token)?;
     let revoked = || unauthenticated("the token was revoked");
     let state = ctx.users.get(&claims.sub).ok_or_else(revoked)?;
-    if state.epoch != claims.ep {
+    if state.epoch != claims.ep || state.revoked.contains(&claims.jti.as_str().into()) {
         return Err(revoked());
     }
     session.binding = Some(Binding {
-        principal: Principal { user: claims.sub.as_str().into(), role: state.role },
+        principal: Principal::user(&claims.sub, state.role),
+        by: Bound::Token(claims.jti.into()),
         epoch: claims.ep,
         expires_ms: claims.exp.saturating_mul(1000),
         checked: ctx.users.generation(),
@@ -206,20 +280,84 @@ fn bind_token(ctx: &Ctx, session: &mut Session, token: &str) -> Result<Reply, Ap
     Ok(Reply::Auth(AuthReply { user: claims.sub, role: state.role.as_str() }))
 }
 
-/// `logout`: revokes every token of the caller and unbinds the connection.
+/// Binds the connection to a service key. A wrong secret, an unknown,
+/// revoked or expired key get the same answer; each guess costs a login
+/// attempt against the key id and the source, as a password does.
+fn bind_key(ctx: &Ctx, session: &mut Session, secret: &str) -> Result<Reply, ApiError> {
+    let denied = || unauthenticated("invalid key");
+    let key_id = KeySecret::key_id_of(secret).ok_or_else(denied)?;
+    let actor = format!("{KEY_ACTOR_PREFIX}{key_id}");
+    let source = session.peer;
+    let now = crate::clock::now_ms();
+    ctx.logins.check(&actor, source, now)?;
+    let hash = blake3::Hash::from(KeySecret::hash(secret));
+    let state = ctx
+        .users
+        .key(key_id)
+        // Constant-time: the comparison does not tell how much of a guess was right.
+        .filter(|k| hash == blake3::Hash::from(k.hash) && !k.revoked && now < k.expires_ms);
+    let Some(state) = state else {
+        ctx.logins.failed(&actor, source, now);
+        tracing::warn!(target: "security", key = %key_id, %source, "key refused");
+        return Err(denied());
+    };
+    ctx.logins.succeeded(&actor, source);
+    let principal = state.principal(key_id);
+    let reply = AuthReply { user: principal.user.to_string(), role: state.role.as_str() };
+    session.binding = Some(Binding {
+        principal,
+        by: Bound::Key(key_id.into()),
+        epoch: 0,
+        expires_ms: state.expires_ms,
+        checked: ctx.users.generation(),
+    });
+    tracing::info!(target: "security", key = %key_id, role = state.role.as_str(), %source, "bound with a key");
+    Ok(Reply::Auth(reply))
+}
+
+/// `logout {all?}`: ends the caller's token (with `all=true`, or in
+/// single-session mode, every token of the user) and unbinds the
+/// connection. A connection bound with a key is only unbound: a key ends
+/// with `revoke_key`.
 pub(super) async fn logout(ctx: &Arc<Ctx>, session: &mut Session, p: Principal, args: &[u8], reply: ReplyTo) {
-    args!(NoArgs, args, reply);
-    let r = change(ctx, &p.user, UserChange::NewEpoch).await;
+    let a = args!(LogoutArgs, args, reply);
+    let all = a.all.unwrap_or(false);
+    let Some(binding) = session.binding.as_ref() else {
+        return reply.err(unauthenticated("log in first (login or auth)"));
+    };
+    let change_for = match (&binding.by, ctx.config.auth.sessions) {
+        (Bound::Key(_), _) if all => {
+            return reply.err(ApiError::bad_request("a key has no other sessions: revoke_key ends it"));
+        }
+        (Bound::Key(_), _) => None,
+        (Bound::Token(_), Sessions::Single) => Some(UserChange::NewEpoch),
+        (Bound::Token(_), Sessions::Multi) if all => Some(UserChange::NewEpoch),
+        (Bound::Token(jti), Sessions::Multi) => {
+            Some(UserChange::RevokeToken { jti: jti.to_string(), exp_ms: binding.expires_ms })
+        }
+    };
+    let r = match change_for {
+        Some(c) => change(ctx, &p.user, c).await.map(|_| ()),
+        None => Ok(()),
+    };
     if r.is_ok() {
         session.binding = None;
     }
-    reply.send(r.map(|_| Reply::LoggedOut(LoggedOut { logged_out: true })));
+    reply.send(r.map(|()| Reply::LoggedOut(LoggedOut { logged_out: true })));
 }
 
 /// `whoami`: the caller's user record, without secrets.
 pub(super) fn whoami(ctx: &Arc<Ctx>, p: Principal, args: &[u8], reply: ReplyTo) {
     args!(NoArgs, args, reply);
     let store = ctx.store.clone();
+    if let Some(key_id) = p.user.strip_prefix(KEY_ACTOR_PREFIX) {
+        // A key answers with its record (never the secret).
+        let key_id = key_id.to_owned();
+        return blocking(reply, move || {
+            let k = store::get_key(&*store.db()?, &key_id)?.ok_or_else(|| ApiError::not_found("key"))?;
+            Ok(Reply::Key(Box::new(KeyView::from(&k))))
+        });
+    }
     blocking(reply, move || {
         let u = store::get_user(&*store.db()?, &p.user)?.ok_or_else(|| ApiError::not_found("user"))?;
         Ok(Reply::User(Box::new(UserView::from(&u))))
@@ -239,6 +377,9 @@ pub(super) fn set_events(ctx: &Arc<Ctx>, args: &[u8], reply: ReplyTo) {
 /// `change_password`: awaited, like `login`.
 pub(super) async fn change_password(ctx: &Arc<Ctx>, session: &mut Session, p: Principal, args: &[u8], reply: ReplyTo) {
     let a = args!(ChangePasswordArgs, args, reply);
+    if p.user.starts_with(KEY_ACTOR_PREFIX) {
+        return reply.err(ApiError::forbidden("a key has no password"));
+    }
     reply.send(checked_change_password(ctx, session, &p, a).await);
 }
 
@@ -271,8 +412,5 @@ async fn checked_change_password(
     };
     let u = change(ctx, &p.user, UserChange::Password(hash)).await?;
     tracing::info!(target: "security", user = %p.user, %source, "password changed");
-    let role = Role::parse(&u.role);
-    let (token, expires_at) = ctx.tokens.issue(&u.user, role, u.token_epoch)?;
-    bind(ctx, session, &u, expires_at);
-    Ok(Reply::Login(LoginReply { token, expires_at, user: u.user, role: role.as_str() }))
+    bind_new_token(ctx, session, &u)
 }

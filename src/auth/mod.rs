@@ -1,7 +1,11 @@
-//! Who is asking: password hashing (argon2) and login tokens (HS256 JWT).
+//! Who is asking: password hashing (argon2), login tokens (HS256 JWT),
+//! service keys, and the in-memory registry that checks them on every
+//! request.
 //!
-//! Hashing costs tens of milliseconds by design, so it always runs on the
-//! blocking pool, never on the threads that move money.
+//! Hashing a password costs tens of milliseconds by design, so it always
+//! runs on the blocking pool, never on the threads that move money. A
+//! service key's secret is 256 random bits, so a fast hash (BLAKE3) stores
+//! it safely.
 
 use std::path::Path;
 use std::sync::Arc;
@@ -17,42 +21,47 @@ use crate::error::{ApiError, ErrorCode};
 mod guard;
 pub use guard::LoginGuard;
 
-/// A user's role.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Role {
-    Admin,
-    User,
-}
+pub use crate::wire::Role;
 
-impl Role {
-    #[must_use]
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Role::Admin => "admin",
-            Role::User => "user",
-        }
-    }
-    #[must_use]
-    pub fn parse(s: &str) -> Role {
-        if s == "admin" {
-            Role::Admin
-        } else {
-            Role::User
-        }
-    }
-}
-
-/// The user a connection is bound to.
+/// Who a connection acts as: a user, or a service key.
 #[derive(Clone, Debug)]
 pub struct Principal {
+    /// The acting name, as records and logs show it: a user id, or
+    /// `key:<key_id>` for a service key.
     pub user: Arc<str>,
     pub role: Role,
+    /// A key limited to these accounts moves money out of them only.
+    pub accounts: Option<Arc<[Box<str>]>>,
 }
 
 impl Principal {
+    /// A user, with no account limit.
+    #[must_use]
+    pub fn user(user: &str, role: Role) -> Principal {
+        Principal { user: user.into(), role, accounts: None }
+    }
+
     #[must_use]
     pub fn is_admin(&self) -> bool {
         self.role == Role::Admin
+    }
+
+    /// Whether it may read any account (staff), not only its own.
+    #[must_use]
+    pub fn sees_any(&self) -> bool {
+        self.role.is_staff()
+    }
+
+    /// Whether it may move money out of `account`, owned by `owner`: an
+    /// admin or operator any (a limited key: its accounts only), an auditor
+    /// none, a user the accounts it owns.
+    #[must_use]
+    pub fn may_debit(&self, account: &str, owner: Option<&str>) -> bool {
+        match self.role {
+            Role::Admin | Role::Operator => self.accounts.as_ref().is_none_or(|a| a.iter().any(|x| &**x == account)),
+            Role::Auditor => false,
+            Role::User => owner == Some(&*self.user),
+        }
     }
 }
 
@@ -80,6 +89,17 @@ pub struct Claims {
     pub iat: u64,
     /// The user's token epoch when issued; a later epoch revokes this token.
     pub ep: u64,
+    /// This token's id, which `logout` revokes alone.
+    #[serde(default)]
+    pub jti: String,
+}
+
+/// A token just issued.
+pub struct Issued {
+    pub token: String,
+    pub jti: String,
+    /// Expiry, ms since the Unix epoch.
+    pub expires_ms: u64,
 }
 
 /// Issues and checks tokens with one HS256 secret.
@@ -105,14 +125,22 @@ impl Tokens {
         }
     }
 
-    /// A token for `user`, and its expiry in milliseconds.
-    pub fn issue(&self, user: &str, role: Role, epoch: u64) -> Result<(String, u64), ApiError> {
+    /// A token for `user`, with its id and expiry.
+    pub fn issue(&self, user: &str, role: Role, epoch: u64) -> Result<Issued, ApiError> {
         let now = crate::clock::now_ms() / 1000;
-        let claims =
-            Claims { sub: user.to_owned(), role: role.as_str().to_owned(), exp: now + self.ttl_s, iat: now, ep: epoch };
+        let mut id = [0u8; 16];
+        getrandom::fill(&mut id).map_err(|_| ApiError::internal("no randomness"))?;
+        let claims = Claims {
+            sub: user.to_owned(),
+            role: role.as_str().to_owned(),
+            exp: now + self.ttl_s,
+            iat: now,
+            ep: epoch,
+            jti: id.iter().map(|b| format!("{b:02x}")).collect(),
+        };
         let token = jsonwebtoken::encode(&Header::new(Algorithm::HS256), &claims, &self.encoding)
             .map_err(|_| ApiError::internal("could not sign the token"))?;
-        Ok((token, claims.exp * 1000))
+        Ok(Issued { token, jti: claims.jti, expires_ms: claims.exp * 1000 })
     }
 
     /// The claims of a valid token; anything else is `unauthenticated`.
@@ -183,6 +211,8 @@ pub struct UserState {
     pub role: Role,
     /// Tokens carrying an older epoch are revoked.
     pub epoch: u64,
+    /// Ids of tokens revoked one by one (`logout`), until they expire.
+    pub revoked: Arc<[Box<str>]>,
     pub group: Option<Box<str>>,
     pub events: u64,
 }
@@ -193,9 +223,154 @@ impl UserState {
         UserState {
             role: Role::parse(&u.role),
             epoch: u.token_epoch,
+            revoked: u.revoked_tokens.iter().map(|(jti, _)| jti.as_str().into()).collect(),
             group: u.group.as_deref().map(Into::into),
             events: u.events,
         }
+    }
+}
+
+/// What the registry keeps about a service key.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct KeyState {
+    pub role: Role,
+    pub accounts: Option<Arc<[Box<str>]>>,
+    /// BLAKE3 of the secret.
+    pub hash: [u8; 32],
+    /// Dead from this time on (ms since the epoch); `u64::MAX`: never.
+    pub expires_ms: u64,
+    pub revoked: bool,
+}
+
+impl KeyState {
+    #[must_use]
+    pub fn of(k: &crate::store::KeyRecord) -> KeyState {
+        KeyState {
+            role: Role::parse(&k.role),
+            accounts: k.accounts.as_ref().map(|a| a.iter().map(|x| x.as_str().into()).collect()),
+            hash: k.hash,
+            expires_ms: k.expires_at.unwrap_or(u64::MAX),
+            revoked: k.revoked_at.is_some(),
+        }
+    }
+
+    /// The principal a connection bound with this key acts as.
+    #[must_use]
+    pub fn principal(&self, key_id: &str) -> Principal {
+        Principal {
+            user: format!("{KEY_ACTOR_PREFIX}{key_id}").into(),
+            role: self.role,
+            accounts: self.accounts.clone(),
+        }
+    }
+}
+
+/// How records and logs name a service key: `key:<key_id>` (user ids
+/// cannot start with it).
+pub const KEY_ACTOR_PREFIX: &str = "key:";
+
+/// A service key's secret: `tally_<key_id>_<43 characters>`, so that the
+/// key is found without trying every hash.
+pub struct KeySecret {
+    pub key_id: String,
+    pub secret: String,
+}
+
+/// Characters of a secret's random part (base64url of 32 bytes).
+const KEY_SECRET_CHARS: usize = 43;
+
+impl KeySecret {
+    /// A new key id and secret from the OS's CSPRNG.
+    pub fn generate() -> Result<KeySecret, ApiError> {
+        const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
+        let mut raw = [0u8; 6 + 32];
+        getrandom::fill(&mut raw).map_err(|_| ApiError::internal("no randomness"))?;
+        let key_id: String = raw[..6].iter().map(|b| format!("{b:02x}")).collect();
+        // 32 bytes as 43 characters of 6 bits each (the last holds 2 bits).
+        let mut bits: u32 = 0;
+        let mut n = 0;
+        let mut random = String::with_capacity(KEY_SECRET_CHARS);
+        for &b in &raw[6..] {
+            bits = (bits << 8) | u32::from(b);
+            n += 8;
+            while n >= 6 {
+                n -= 6;
+                random.push(ALPHABET[((bits >> n) & 63) as usize] as char);
+            }
+        }
+        if n > 0 {
+            random.push(ALPHABET[((bits << (6 - n)) & 63) as usize] as char);
+        }
+        Ok(KeySecret { secret: format!("tally_{key_id}_{random}"), key_id })
+    }
+
+    /// The key id in a secret, if it has the shape of one.
+    #[must_use]
+    pub fn key_id_of(secret: &str) -> Option<&str> {
+        let rest = secret.strip_prefix("tally_")?;
+        let (id, random) = rest.split_once('_')?;
+        (id.len() == 12 && id.bytes().all(|b| b.is_ascii_hexdigit()) && random.len() == KEY_SECRET_CHARS).then_some(id)
+    }
+
+    /// What is stored of a secret.
+    #[must_use]
+    pub fn hash(secret: &str) -> [u8; 32] {
+        *blake3::hash(secret.as_bytes()).as_bytes()
+    }
+}
+
+/// What `create_key` (and `tally admin create-key`) asks for.
+pub struct NewKey<'a> {
+    pub name: &'a str,
+    pub role: &'a str,
+    pub accounts: Option<Vec<String>>,
+    pub expires_s: Option<u64>,
+    /// Who creates it: a user id, `key:<key_id>`, or `host` for the CLI.
+    pub created_by: &'a str,
+}
+
+impl NewKey<'_> {
+    /// Checks the request and makes the key: its secret (to show once)
+    /// and its record (which holds only the secret's hash).
+    pub fn make(self, now_ms: u64) -> Result<(KeySecret, crate::store::KeyRecord), ApiError> {
+        use crate::limits::{KEY_ACCOUNTS_MAX, KEY_EXPIRES_S_MAX, KEY_NAME_BYTES_MAX};
+        let name = self.name.trim();
+        if name.is_empty() || name.len() > KEY_NAME_BYTES_MAX || name.chars().any(char::is_control) {
+            return Err(ApiError::bad_request(format!("name must be 1-{KEY_NAME_BYTES_MAX} bytes of printable text")));
+        }
+        // A key acts for a service, not a person: it owns no accounts, so
+        // the `user` role would let it do nothing.
+        let role = match Role::from_name(self.role) {
+            Some(r) if r.is_staff() => r,
+            _ => return Err(ApiError::bad_request("a key's role is admin, operator or auditor")),
+        };
+        if let Some(accounts) = &self.accounts {
+            if accounts.is_empty() || accounts.len() > KEY_ACCOUNTS_MAX {
+                return Err(ApiError::bad_request(format!("accounts lists 1-{KEY_ACCOUNTS_MAX} accounts")));
+            }
+            for a in accounts {
+                crate::ledger::validate_account_id(a)?;
+            }
+        }
+        let expires_at = match self.expires_s {
+            None => None,
+            Some(s) if (1..=KEY_EXPIRES_S_MAX).contains(&s) => Some(now_ms + s * 1000),
+            Some(_) => return Err(ApiError::bad_request(format!("expires_s must be 1..={KEY_EXPIRES_S_MAX}"))),
+        };
+        let secret = KeySecret::generate()?;
+        let record = crate::store::KeyRecord {
+            key_id: secret.key_id.clone(),
+            name: name.to_owned(),
+            role: role.as_str().to_owned(),
+            accounts: self.accounts,
+            hash: KeySecret::hash(&secret.secret),
+            created: now_ms,
+            created_by: self.created_by.to_owned(),
+            expires_at,
+            revoked_at: None,
+            revoked_by: None,
+        };
+        Ok((secret, record))
     }
 }
 
@@ -205,6 +380,7 @@ impl UserState {
 #[derive(Default)]
 pub struct Users {
     map: std::sync::RwLock<std::collections::HashMap<Box<str>, UserState>>,
+    keys: std::sync::RwLock<std::collections::HashMap<Box<str>, KeyState>>,
     generation: std::sync::atomic::AtomicU64,
 }
 
@@ -222,6 +398,24 @@ impl Users {
     }
 
     #[must_use]
+    pub fn key(&self, key_id: &str) -> Option<KeyState> {
+        self.keys.read().ok()?.get(key_id).cloned()
+    }
+
+    /// How many keys there are, revoked ones included.
+    #[must_use]
+    pub fn key_count(&self) -> usize {
+        self.keys.read().map_or(0, |m| m.len())
+    }
+
+    pub fn set_key(&self, key_id: &str, state: KeyState) {
+        if let Ok(mut m) = self.keys.write() {
+            m.insert(key_id.into(), state);
+        }
+        self.generation.fetch_add(1, std::sync::atomic::Ordering::Release);
+    }
+
+    #[must_use]
     pub fn generation(&self) -> u64 {
         self.generation.load(std::sync::atomic::Ordering::Acquire)
     }
@@ -231,11 +425,22 @@ impl Users {
 #[derive(Clone, Debug)]
 pub struct Binding {
     pub principal: Principal,
+    /// What the connection is bound with.
+    pub by: Bound,
     pub epoch: u64,
     /// Token expiry, milliseconds since the Unix epoch.
     pub expires_ms: u64,
     /// [`Users::generation`] when the binding was last checked.
     pub checked: u64,
+}
+
+/// What a connection was bound with.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Bound {
+    /// A login token, by its id.
+    Token(Box<str>),
+    /// A service key, by its id.
+    Key(Box<str>),
 }
 
 /// Checks a new password: long enough to resist guessing, short enough to hash quickly.

@@ -10,7 +10,7 @@ use redb::{Database, Durability, ReadTransaction, ReadableDatabase};
 use super::machine::{Cold, Writes};
 use crate::ledger::Book;
 use crate::limits::{SWEEP_CHUNK_IDLE, SWEEP_CHUNK_MIN, SWEEP_IDLE_COMMITS, SWEEP_RECORDS};
-use crate::store::{self, AccountMeta, Head, HoldRecord, RedeemRecord, StoreError, UserRecord};
+use crate::store::{self, AccountMeta, Head, HoldRecord, KeyRecord, RedeemRecord, StoreError, UserRecord};
 
 /// [`Cold`] over the database as last committed: a read transaction,
 /// opened on the first read (most batches of transfers read nothing).
@@ -53,6 +53,11 @@ impl Cold for RedbCold<'_> {
     fn redeem(&self, id: u64) -> Result<Option<RedeemRecord>, StoreError> {
         let t = self.txn()?.open_table(store::REDEEMS)?;
         t.get(id)?.map(|v| RedeemRecord::decode(v.value())).transpose()
+    }
+
+    fn service_key(&self, key_id: &str) -> Result<Option<KeyRecord>, StoreError> {
+        let t = self.txn()?.open_table(store::SERVICE_KEYS)?;
+        t.get(key_id)?.map(|v| KeyRecord::decode(v.value())).transpose()
     }
 
     fn tagged(&self, tag: &str) -> Result<Vec<String>, StoreError> {
@@ -146,6 +151,12 @@ pub fn write(db: &Database, w: &Writes, book: &mut Book, head: Head, sweep: &mut
             let mut t = txn.open_table(store::REDEEMS)?;
             for (id, r) in &w.redeems {
                 t.insert(*id, &r.encode()[..])?;
+            }
+        }
+        if !w.service_keys.is_empty() {
+            let mut t = txn.open_table(store::SERVICE_KEYS)?;
+            for (id, k) in &w.service_keys {
+                t.insert(id.as_str(), &k.encode()[..])?;
             }
         }
         if !w.user_redeems.is_empty() {

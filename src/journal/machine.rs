@@ -18,15 +18,16 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use crate::contract::{
-    AdminEffect, BulkCmd, Command, CreateCmd, Done, Outcome, SettleCmd, SettleOp, TransferCmd, UserChange, UserCmd,
+    AdminEffect, BulkCmd, Command, CreateCmd, Done, KeyChange, KeyCmd, Outcome, SettleCmd, SettleOp, TransferCmd,
+    UserChange, UserCmd,
 };
 use crate::error::{ApiError, ErrorCode};
 use crate::ledger::{
     is_system, net_fee, Applied, Book, FeeRounding, Hold, HoldStatus, Kind, LedgerError, Mode, Status, MINT, TREASURY,
 };
-use crate::limits::{CHUNK_RECORDS_MAX, TAGS_PER_ACCOUNT_MAX};
+use crate::limits::{CHUNK_RECORDS_MAX, REVOKED_TOKENS_PER_USER_MAX, TAGS_PER_ACCOUNT_MAX};
 use crate::store::{
-    self, AccountMeta, Head, HoldRecord, RecordRef, RedeemRecord, RedeemStatus, StoreError, UserRecord,
+    self, AccountMeta, Head, HoldRecord, KeyRecord, RecordRef, RedeemRecord, RedeemStatus, StoreError, UserRecord,
 };
 use crate::wire::{BulkReply, CountReply, DeletedReply, Reply, SettleReply, TagsReply, TransferView};
 
@@ -37,6 +38,7 @@ pub trait Cold {
     fn user(&self, user: &str) -> Result<Option<UserRecord>, StoreError>;
     fn hold(&self, id: u64) -> Result<Option<HoldRecord>, StoreError>;
     fn redeem(&self, id: u64) -> Result<Option<RedeemRecord>, StoreError>;
+    fn service_key(&self, key_id: &str) -> Result<Option<KeyRecord>, StoreError>;
     /// The accounts with `tag`, in id order.
     fn tagged(&self, tag: &str) -> Result<Vec<String>, StoreError>;
 }
@@ -64,6 +66,7 @@ pub struct Writes {
     pub redeems: BTreeMap<u64, RedeemRecord>,
     /// Redeem-by-user index entries to add: (user, request).
     pub user_redeems: BTreeSet<(String, u64)>,
+    pub service_keys: BTreeMap<String, KeyRecord>,
 }
 
 impl Writes {
@@ -150,6 +153,13 @@ impl Batch<'_> {
         }
     }
 
+    fn service_key(&self, id: &str) -> Result<Option<KeyRecord>, StoreError> {
+        match self.w.service_keys.get(id) {
+            Some(k) => Ok(Some(k.clone())),
+            None => self.cold.service_key(id),
+        }
+    }
+
     fn tagged(&self, tag: &str) -> Result<Vec<String>, StoreError> {
         let mut members: BTreeSet<String> = self.cold.tagged(tag)?.into_iter().collect();
         for ((t, account), present) in &self.w.tags {
@@ -185,6 +195,8 @@ struct Fields<'a> {
     fee: i64,
     memo: Option<&'a str>,
     key: Option<&'a str>,
+    /// Who made it (`None`: the server's own timer).
+    by: Option<&'a str>,
 }
 
 impl<'a> Fields<'a> {
@@ -198,6 +210,7 @@ impl<'a> Fields<'a> {
             fee: c.fee,
             memo: c.memo.as_deref(),
             key: c.key.as_deref(),
+            by: Some(&c.by),
         }
     }
 }
@@ -240,13 +253,14 @@ impl Machine {
             Command::Create(c) => Outcome::Create(self.apply_create(b, c)?),
             Command::User(u) => Outcome::User(apply_user(b, u)?.map(Box::new)),
             Command::Close(c) => Outcome::Admin(
-                self.close(b, &c.account, &c.reason)?
+                self.close(b, &c.account, &c.reason, &c.by)?
                     .map(|(deleted, effects)| (Reply::Deleted(DeletedReply { deleted }), effects)),
             ),
             Command::Tag(c) => Outcome::Admin(self.tag(b, &c.account, &c.add, &c.remove)?),
             Command::Bulk(c) => Outcome::Admin(self.bulk(b, c)?),
-            Command::Reap(c) => Outcome::Admin(self.reap(b, c.below, &c.reason)?),
+            Command::Reap(c) => Outcome::Admin(self.reap(b, c.below, &c.reason, &c.by)?),
             Command::Settle(c) => Outcome::Admin(self.settle_hold(b, c)?),
+            Command::Key(k) => Outcome::Key(apply_key(b, k)?.map(Box::new)),
             Command::Probe(_) | Command::Shutdown(_) => Outcome::Probe(Ok(())),
         })
     }
@@ -271,6 +285,7 @@ impl Machine {
             key: fields.key,
             prev: &self.head.hash,
             links,
+            by: fields.by,
         };
         // Chunk format: the length, then the record, straight into the batch's buffer.
         let at = b.w.records.len();
@@ -381,9 +396,10 @@ impl Machine {
             (_, _) if record.redeem => {
                 return refuse(ApiError::forbidden("a redeem's hold is settled by decide_redeem"));
             }
-            (_, Some(p)) if !p.is_admin() => {
-                let owner = b.meta(&record.hold.from)?.and_then(|m| m.owner);
-                if owner.as_deref() != Some(&*p.user) {
+            (_, Some(p)) => {
+                // Only a user's own holds need the owner read.
+                let owner = if p.sees_any() { None } else { b.meta(&record.hold.from)?.and_then(|m| m.owner) };
+                if !p.may_debit(&record.hold.from, owner.as_deref()) {
                     return refuse(ApiError::forbidden(format!("hold {} is not yours", c.hold)));
                 }
             }
@@ -426,7 +442,8 @@ impl Machine {
             (Kind::Void, held, 0, self.balances(&from, &to))
         };
         let memo = format!("hold {}", c.hold);
-        let fields = Fields { kind, from: &from, to: &to, amount, fee, memo: Some(&memo), key: None };
+        let by = c.by.as_ref().map(|p| &*p.user);
+        let fields = Fields { kind, from: &from, to: &to, amount, fee, memo: Some(&memo), key: None, by };
         let done = self.append(b, fields, applied);
         let moved = if kind == Kind::Post { amount - fee } else { 0 };
         // A zero move still tells both owners of the record (their history).
@@ -466,6 +483,7 @@ impl Machine {
                     None,
                     (done.prev, done.hash),
                     Some((done.applied.from_balance, done.applied.to_balance)),
+                    c.by.as_ref().map(|p| p.user.clone()),
                 );
                 Reply::Settled(Box::new(SettleReply {
                     hold: c.hold,
@@ -512,6 +530,7 @@ impl Machine {
                 fee: 0,
                 memo: meta.memo.as_deref(),
                 key: None,
+                by: Some(&c.by),
             };
             done = Some(self.append(b, fields, applied));
         }
@@ -524,7 +543,7 @@ impl Machine {
 
     /// Moves an account's whole balance to `@mint` (a `close` record) and
     /// leaves a tombstone with the reason. `Ok(false)` if it was already gone.
-    fn close(&mut self, b: &mut Batch<'_>, account: &str, reason: &str) -> Step<(bool, Vec<AdminEffect>)> {
+    fn close(&mut self, b: &mut Batch<'_>, account: &str, reason: &str, by: &str) -> Step<(bool, Vec<AdminEffect>)> {
         if is_system(account) {
             return Ok(Err(ApiError::forbidden("system accounts cannot be deleted")));
         }
@@ -552,7 +571,8 @@ impl Machine {
                 Ok(a) => a,
                 Err(e) => return Ok(Err(e.into())),
             };
-            let fields = Fields { kind: Kind::Close, from, to, amount, fee: 0, memo: Some(reason), key: None };
+            let fields =
+                Fields { kind: Kind::Close, from, to, amount, fee: 0, memo: Some(reason), key: None, by: Some(by) };
             let done = self.append(b, fields, applied);
             effects.push(AdminEffect::Moved { from: from.into(), to: to.into(), amount, id: done.id });
         }
@@ -632,7 +652,16 @@ impl Machine {
                 .book
                 .transfer(from, to, amount, 0, mode)
                 .map_err(|e| StoreError::Corrupt(format!("bulk_add passed its checks but failed: {e}")))?;
-            let fields = Fields { kind: Kind::Adjust, from, to, amount, fee: 0, memo: c.memo.as_deref(), key: None };
+            let fields = Fields {
+                kind: Kind::Adjust,
+                from,
+                to,
+                amount,
+                fee: 0,
+                memo: c.memo.as_deref(),
+                key: None,
+                by: Some(&c.by),
+            };
             let done = self.append(b, fields, applied);
             effects.push(AdminEffect::Moved { from: from.into(), to: to.into(), amount, id: done.id });
         }
@@ -641,7 +670,7 @@ impl Machine {
     }
 
     /// Deletes every open client account whose balance is below `below`.
-    fn reap(&mut self, b: &mut Batch<'_>, below: i64, reason: &str) -> Step<(Reply, Vec<AdminEffect>)> {
+    fn reap(&mut self, b: &mut Batch<'_>, below: i64, reason: &str, by: &str) -> Step<(Reply, Vec<AdminEffect>)> {
         let mut doomed: Vec<String> = self
             .book
             .iter()
@@ -651,7 +680,7 @@ impl Machine {
         doomed.sort();
         let mut effects = Vec::new();
         for account in &doomed {
-            match self.close(b, account, reason)? {
+            match self.close(b, account, reason, by)? {
                 Ok((_, e)) => effects.extend(e),
                 Err(e) => return Err(StoreError::Corrupt(format!("reap could not close {account}: {}", e.message))),
             }
@@ -672,10 +701,16 @@ fn count_event(b: &mut Batch<'_>, account: &str) -> Result<Option<Box<UserRecord
 /// Revokes a user's tokens (and maybe sets a new password hash), or sets
 /// their events.
 fn apply_user(b: &mut Batch<'_>, u: &UserCmd) -> Step<UserRecord> {
-    let Some(mut record) = b.user(&u.user)? else {
-        return Ok(Err(ApiError::not_found(format!("user {}", u.user))));
+    let mut record = match (&u.change, b.user(&u.user)?) {
+        (UserChange::Create(_), Some(_)) => {
+            return Ok(Err(ApiError::new(ErrorCode::Exists, format!("user {} exists", u.user))));
+        }
+        (UserChange::Create(new), None) => (**new).clone(),
+        (_, None) => return Ok(Err(ApiError::not_found(format!("user {}", u.user)))),
+        (_, Some(record)) => record,
     };
     match &u.change {
+        UserChange::Create(_) => {}
         UserChange::NewEpoch => record.token_epoch += 1,
         UserChange::Password(hash) => {
             record.password_hash.clone_from(hash);
@@ -683,9 +718,43 @@ fn apply_user(b: &mut Batch<'_>, u: &UserCmd) -> Step<UserRecord> {
         }
         // An admin's count of events attended; tokens stay valid.
         UserChange::Events(n) => record.events = *n,
+        UserChange::RevokeToken { jti, exp_ms } => {
+            record.revoked_tokens.retain(|(_, exp)| *exp > b.time);
+            if record.revoked_tokens.len() >= REVOKED_TOKENS_PER_USER_MAX {
+                // Too many to list: revoke every token instead.
+                record.revoked_tokens.clear();
+                record.token_epoch += 1;
+            } else {
+                record.revoked_tokens.push((jti.clone(), *exp_ms));
+            }
+        }
     }
     b.w.users.insert(u.user.to_string(), record.clone());
     Ok(Ok(record))
+}
+
+/// Creates or revokes a service key.
+fn apply_key(b: &mut Batch<'_>, k: &KeyCmd) -> Step<KeyRecord> {
+    match &k.change {
+        KeyChange::Create(record) => {
+            if b.service_key(&record.key_id)?.is_some() {
+                return Ok(Err(ApiError::new(ErrorCode::Exists, format!("key {} exists", record.key_id))));
+            }
+            b.w.service_keys.insert(record.key_id.clone(), (**record).clone());
+            Ok(Ok((**record).clone()))
+        }
+        KeyChange::Revoke { key_id, by } => {
+            let Some(mut record) = b.service_key(key_id)? else {
+                return Ok(Err(ApiError::not_found(format!("key {key_id}"))));
+            };
+            if record.revoked_at.is_none() {
+                record.revoked_at = Some(b.time);
+                record.revoked_by = Some(by.clone());
+                b.w.service_keys.insert(key_id.clone(), record.clone());
+            }
+            Ok(Ok(record))
+        }
+    }
 }
 
 #[cfg(test)]

@@ -8,9 +8,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::{Buf, BytesMut};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::tcp::OwnedWriteHalf;
-use tokio::net::TcpStream;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::{mpsc, Semaphore};
 use tokio_util::sync::CancellationToken;
 
@@ -34,9 +32,9 @@ enum Mode {
 /// peer that has started a frame must finish it within
 /// `limits.frame_timeout_ms`; an anonymous peer may stay idle for
 /// `limits.idle_anonymous_ms`, a logged-in one as long as it likes.
-async fn fill(
+async fn fill<R: AsyncRead + Unpin>(
     ctx: &Ctx,
-    rd: &mut tokio::net::tcp::OwnedReadHalf,
+    rd: &mut R,
     buf: &mut BytesMut,
     closed: &CancellationToken,
     anonymous: bool,
@@ -59,9 +57,13 @@ async fn fill(
     }
 }
 
-pub(super) async fn connection(ctx: &Arc<Ctx>, stream: TcpStream, peer: IpAddr) {
-    let _ = stream.set_nodelay(true);
-    let (mut rd, wr) = stream.into_split();
+/// Serves one connection, plaintext or TLS: `rd` and `wr` are its two
+/// directions.
+pub(super) async fn connection<R, W>(ctx: &Arc<Ctx>, mut rd: R, wr: W, peer: IpAddr)
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin + Send + 'static,
+{
     let mut buf = BytesMut::with_capacity(16 * 1024);
     // Cancelled when the server shuts down, or by the writer when the peer
     // stops taking replies: the reader then stops too.
@@ -141,7 +143,7 @@ impl Reader<'_> {
 
     /// Reads more bytes, sending the outbox first (nothing waits in it
     /// while the reader waits for the client).
-    async fn fill(&mut self, rd: &mut tokio::net::tcp::OwnedReadHalf, buf: &mut BytesMut) -> std::io::Result<bool> {
+    async fn fill<R: AsyncRead + Unpin>(&mut self, rd: &mut R, buf: &mut BytesMut) -> std::io::Result<bool> {
         self.session.outbox.flush(&self.ctx.router);
         let anonymous = self.session.binding.is_none();
         let more = fill(self.ctx, rd, buf, self.closed, anonymous).await?;
@@ -164,7 +166,7 @@ impl Reader<'_> {
         ReplyTo::new(self.tx.clone(), id, Permits::default()).err(error);
     }
 
-    async fn binary(&mut self, rd: &mut tokio::net::tcp::OwnedReadHalf, buf: &mut BytesMut) -> std::io::Result<()> {
+    async fn binary<R: AsyncRead + Unpin>(&mut self, rd: &mut R, buf: &mut BytesMut) -> std::io::Result<()> {
         loop {
             let frame_max = self.frame_max();
             while buf.len() < HEADER_BYTES {
@@ -204,7 +206,7 @@ impl Reader<'_> {
         }
     }
 
-    async fn text(&mut self, rd: &mut tokio::net::tcp::OwnedReadHalf, buf: &mut BytesMut) -> std::io::Result<()> {
+    async fn text<R: AsyncRead + Unpin>(&mut self, rd: &mut R, buf: &mut BytesMut) -> std::io::Result<()> {
         let mut scanned = 0;
         loop {
             let Some(pos) = buf[scanned..].iter().position(|&b| b == b'\n').map(|p| p + scanned) else {
@@ -269,8 +271,8 @@ fn reply_slots(op: &str, args: &[u8]) -> usize {
 /// stops reading holds its slots and is not read from any more; if the
 /// socket takes no bytes for `write_timeout`, the connection is closed and
 /// everything it held is released.
-async fn write_loop(
-    mut wr: OwnedWriteHalf,
+async fn write_loop<W: AsyncWrite + Unpin>(
+    mut wr: W,
     mut rx: mpsc::UnboundedReceiver<Outgoing>,
     text: bool,
     write_timeout: Duration,
@@ -305,6 +307,14 @@ async fn write_loop(
                     closed.cancel();
                     return;
                 }
+            }
+        }
+        // TLS may hold encrypted bytes back until flushed (a no-op on TCP).
+        match tokio::time::timeout(write_timeout, wr.flush()).await {
+            Ok(Ok(())) => {}
+            Ok(Err(_)) | Err(_) => {
+                closed.cancel();
+                return;
             }
         }
         // Every answer of this write is out: its requests' permits go back

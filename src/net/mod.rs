@@ -1,5 +1,6 @@
-//! The network side: the accept loop (bounded by `limits.connections_max`)
-//! and, in [`conn`], one reader and one writer task per connection.
+//! The network side: the accept loops, plaintext and TLS (together bounded
+//! by `limits.connections_max`), and, in [`conn`], one reader and one
+//! writer task per connection.
 
 pub mod conn;
 
@@ -10,16 +11,19 @@ use bytes::BytesMut;
 use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
+use tokio_rustls::TlsAcceptor;
 
 use crate::api::Ctx;
 use crate::error::{ApiError, ErrorCode};
 use crate::stats::Stats;
 use crate::wire::frame;
 
-/// Accepts connections until the server shuts down.
-pub async fn accept_loop(listener: TcpListener, ctx: Arc<Ctx>) {
+/// Accepts connections until the server shuts down; with `tls`, each
+/// must complete a TLS handshake (within `limits.frame_timeout_ms`)
+/// before its first request is read. `connections` is shared by every
+/// listener.
+pub async fn accept_loop(listener: TcpListener, ctx: Arc<Ctx>, tls: Option<TlsAcceptor>, connections: Arc<Semaphore>) {
     let shutdown = ctx.shutdown.clone();
-    let connections = Arc::new(Semaphore::new(ctx.config.limits.connections_max));
     loop {
         let accepted = tokio::select! {
             () = shutdown.cancelled() => return,
@@ -35,18 +39,60 @@ pub async fn accept_loop(listener: TcpListener, ctx: Arc<Ctx>) {
             }
         };
         let Ok(permit) = connections.clone().try_acquire_owned() else {
-            tokio::spawn(refuse(stream));
+            if tls.is_none() {
+                tokio::spawn(refuse(stream));
+            }
+            // A TLS client gets no plaintext explanation: it could not read it.
             continue;
         };
         let ctx = ctx.clone();
+        let tls = tls.clone();
         tokio::spawn(async move {
             Stats::add(&ctx.stats.connections, 1);
             Stats::add(&ctx.stats.connections_total, 1);
             tracing::debug!(%peer, "connection opened");
-            conn::connection(&ctx, stream, peer.ip()).await;
+            let _ = stream.set_nodelay(true);
+            match tls {
+                None => {
+                    let (rd, wr) = stream.into_split();
+                    conn::connection(&ctx, rd, wr, peer.ip()).await;
+                }
+                Some(acceptor) => {
+                    if let Some(s) = handshake(&ctx, &acceptor, stream, peer).await {
+                        let (rd, wr) = tokio::io::split(s);
+                        conn::connection(&ctx, rd, wr, peer.ip()).await;
+                    }
+                }
+            }
             ctx.stats.connections.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
             drop(permit);
         });
+    }
+}
+
+/// The server side of a TLS handshake, bounded in time; `None` if it
+/// failed (a plaintext client, an untrusted or missing client
+/// certificate), timed out, or the server is shutting down.
+async fn handshake(
+    ctx: &Ctx,
+    acceptor: &TlsAcceptor,
+    stream: TcpStream,
+    peer: std::net::SocketAddr,
+) -> Option<tokio_rustls::server::TlsStream<TcpStream>> {
+    let timeout = Duration::from_millis(ctx.config.limits.frame_timeout_ms);
+    tokio::select! {
+        () = ctx.shutdown.cancelled() => None,
+        r = tokio::time::timeout(timeout, acceptor.accept(stream)) => match r {
+            Ok(Ok(s)) => Some(s),
+            Ok(Err(e)) => {
+                tracing::info!(target: "security", %peer, error = %e, "TLS handshake failed");
+                None
+            }
+            Err(_) => {
+                tracing::info!(target: "security", %peer, "TLS handshake timed out");
+                None
+            }
+        },
     }
 }
 

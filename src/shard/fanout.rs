@@ -11,7 +11,7 @@
 use std::sync::Arc;
 
 use super::{Effect, ShardMsg, ShardRouter, Slot};
-use crate::auth::{UserState, Users};
+use crate::auth::{KeyState, UserState, Users};
 use crate::contract::{AdminEffect, Command, Committed, Done, Outcome, TransferCmd};
 use crate::error::ApiError;
 use crate::ledger::{Kind, Mode, MINT, TREASURY};
@@ -59,6 +59,7 @@ fn view_of(t: &mut TransferCmd, d: &Done) -> TransferView {
         t.key.as_deref().map(str::to_owned),
         (d.prev, d.hash),
         Some((d.applied.from_balance, d.applied.to_balance)),
+        Some(t.by.clone()),
     )
 }
 
@@ -115,6 +116,14 @@ impl Fanout<'_> {
                     users.set(&record.user, UserState::of(record));
                 }
                 let _ = u.done.send(result.map(|r| *r));
+            }
+            (Command::Key(k), Outcome::Key(result)) => {
+                // As for users: the registry first, so a revoked key fails
+                // on every connection from its next request on.
+                if let Ok(record) = &result {
+                    users.set_key(&record.key_id, KeyState::of(record));
+                }
+                let _ = k.done.send(result.map(|r| *r));
             }
             (Command::Probe(done), Outcome::Probe(result)) => {
                 let _ = done.send(result);

@@ -226,20 +226,32 @@ impl Actor for ShardActor {
     }
 }
 
-fn may_use(principal: &Principal, slot: &Slot) -> bool {
-    principal.is_admin() || slot.owner() == Some(&*principal.user)
+/// What the caller wants of an account: to read it, or to move money out.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Use {
+    Read,
+    Debit,
 }
 
-/// The slot found for `account`, if `principal` may use it.
+fn may_use(principal: &Principal, slot: &Slot, account: &str, what: Use) -> bool {
+    match what {
+        Use::Read => principal.sees_any() || slot.owner() == Some(&*principal.user),
+        Use::Debit => principal.may_debit(account, slot.owner()),
+    }
+}
+
+/// The slot found for `account`, if `principal` may use it for `what`.
 fn usable<S: std::ops::Deref<Target = Slot>>(
     found: Option<S>,
     account: &str,
     principal: &Principal,
+    what: Use,
 ) -> Result<S, ApiError> {
     match found {
         Some(s) if !s.creating => {
-            if !may_use(principal, &s) {
-                return Err(ApiError::forbidden(format!("account {account} is not yours")));
+            if !may_use(principal, &s, account, what) {
+                let why = if principal.sees_any() { "is not one this key may debit" } else { "is not yours" };
+                return Err(ApiError::forbidden(format!("account {account} {why}")));
             }
             if s.acct.status == Status::Deleted {
                 return Err(ApiError::new(ErrorCode::Deleted, format!("account {account} was deleted")));
@@ -251,16 +263,16 @@ fn usable<S: std::ops::Deref<Target = Slot>>(
 }
 
 impl ShardState {
-    fn slot(&self, account: &str, principal: &Principal) -> Result<&Slot, ApiError> {
-        usable(self.accounts.get(account), account, principal)
+    fn slot(&self, account: &str, principal: &Principal, what: Use) -> Result<&Slot, ApiError> {
+        usable(self.accounts.get(account), account, principal, what)
     }
 
     fn slot_mut(&mut self, account: &str, principal: &Principal) -> Result<&mut Slot, ApiError> {
-        usable(self.accounts.get_mut(account), account, principal)
+        usable(self.accounts.get_mut(account), account, principal, Use::Debit)
     }
 
     fn read(&self, account: &str, kind: ReadKind, principal: &Principal, reply: ReplyTo) {
-        let slot = match self.slot(account, principal) {
+        let slot = match self.slot(account, principal, Use::Read) {
             Ok(s) => s,
             Err(e) => return reply.err(e),
         };
@@ -279,7 +291,7 @@ impl ShardState {
     /// Checks the caller here, where the account's last transfer is known,
     /// then reads the page on the blocking pool: the shard does not wait.
     fn history(&self, req: HistoryReq) {
-        let last = match self.slot(&req.account, &req.principal) {
+        let last = match self.slot(&req.account, &req.principal, Use::Read) {
             Ok(s) => s.last,
             Err(e) => return req.reply.err(e),
         };
@@ -309,7 +321,7 @@ impl ShardState {
             Some(key) => {
                 // The account is checked before its key (one more lookup,
                 // for keyed requests only; the reservation below looks again).
-                if let Err(e) = self.slot(&from, &principal) {
+                if let Err(e) = self.slot(&from, &principal, Use::Debit) {
                     return reply.take().expect("not taken yet").err(e);
                 }
                 let fingerprint = Fingerprint { kind, to: to.clone(), amount, memo: memo.clone() };
@@ -359,6 +371,7 @@ impl ShardState {
             mode: Mode::Reserved,
             shape,
             hold,
+            by: principal.user,
             reply,
         }));
         if let Err(Command::Transfer(t)) = self.journal.send(cmd).map_err(|c| *c) {

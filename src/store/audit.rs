@@ -29,7 +29,7 @@ pub fn backup(db: &Database, out: &Path) -> Result<Head, StoreError> {
         })*};
     }
     copy!(CHUNKS, BALANCES, ACCOUNTS, KEYS, TAGS, OWNERS, USERS, META);
-    copy!(HOLDS, OPEN_HOLDS, REDEEMS, USER_REDEEMS);
+    copy!(HOLDS, OPEN_HOLDS, REDEEMS, USER_REDEEMS, SERVICE_KEYS);
     w.commit()?;
     read_head(&src)
 }

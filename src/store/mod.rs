@@ -43,12 +43,15 @@
 //! (Data folders written before chunks kept one record per row in a table
 //! `transfers`; [`open`] moves those rows into chunks once.)
 //!
-//! # Stored record format (version 1)
+//! # Stored record format (version 2)
 //!
-//! `1u8 | id u64 | kind u8 | amount i64 | fee i64 | time_ms u64 | prev [32] |
+//! `2u8 | id u64 | kind u8 | amount i64 | fee i64 | time_ms u64 | prev [32] |
 //! prev_from u64 | prev_to u64 | prev_fee u64 |
-//! from_len u8 | from | to_len u8 | to | memo_len u16 | memo | key_len u8 | key`,
-//! integers big-endian. A record's hash is BLAKE3 of exactly these bytes, and
+//! from_len u8 | from | to_len u8 | to | memo_len u16 | memo | key_len u8 | key |
+//! by_len u8 | by`,
+//! integers big-endian; `by` is who made the record (a user id or
+//! `key:<key_id>`; empty: the server's own timer). Version 1 records (first
+//! byte 1) end at the key and are read as they are. A record's hash is BLAKE3 of exactly these bytes, and
 //! `prev` is the hash of the record before it (zeros for the first), so the
 //! journal is a hash chain that `audit` re-verifies from the start.
 //! `prev_from`/`prev_to`/`prev_fee` are the previous record of `from`, `to`
@@ -70,12 +73,12 @@ pub mod rows;
 
 pub use audit::{audit, backup};
 pub use queries::{
-    account_meta, get_transfer, get_user, history, history_after, list_accounts, load_users, lookup_key, put_user,
-    redeems, ListFilter,
+    account_meta, get_key, get_transfer, get_user, history, history_after, list_accounts, load_keys, load_users,
+    lookup_key, put_key, put_user, redeems, ListFilter,
 };
 pub use record::{record_hash, ChunkWriter, Head, RecordRef, TransferRecord};
 pub use recovery::{load, Loaded, LoadedAccount};
-pub use rows::{AccountMeta, HoldRecord, RedeemRecord, RedeemStatus, Tombstone, UserRecord};
+pub use rows::{AccountMeta, HoldRecord, KeyRecord, RedeemRecord, RedeemStatus, Tombstone, UserRecord};
 
 /// The journal's records in chunks (module docs).
 pub const CHUNKS: TableDefinition<u64, &[u8]> = TableDefinition::new("chunks");
@@ -96,10 +99,12 @@ pub const HOLDS: TableDefinition<u64, &[u8]> = TableDefinition::new("holds");
 pub const OPEN_HOLDS: TableDefinition<u64, ()> = TableDefinition::new("open_holds");
 /// Redeem requests by id (the id of the hold behind them).
 pub const REDEEMS: TableDefinition<u64, &[u8]> = TableDefinition::new("redeems");
+/// Service keys by id: MessagePack [`KeyRecord`].
+pub const SERVICE_KEYS: TableDefinition<&str, &[u8]> = TableDefinition::new("service_keys");
 /// Index of redeem requests by user: (user, request).
 pub const USER_REDEEMS: TableDefinition<(&str, u64), ()> = TableDefinition::new("user_redeems");
 
-const RECORD_VERSION: u8 = 1;
+const RECORD_VERSION: u8 = 2;
 const HEAD: &str = "head";
 const CHECKPOINT: &str = "checkpoint";
 
@@ -225,6 +230,7 @@ pub fn open(path: &Path) -> Result<Database, StoreError> {
         txn.open_table(OPEN_HOLDS)?;
         txn.open_table(REDEEMS)?;
         txn.open_table(USER_REDEEMS)?;
+        txn.open_table(SERVICE_KEYS)?;
         let mut meta = txn.open_table(META)?;
         if meta.get(HEAD)?.is_none() {
             meta.insert(HEAD, &Head { id: 0, hash: GENESIS }.encode()[..])?;

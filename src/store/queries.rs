@@ -68,6 +68,34 @@ pub fn load_users(db: &Database) -> Result<Vec<UserRecord>, StoreError> {
     Ok(out)
 }
 
+/// Reads every service key (start-up: the registry).
+pub fn load_keys(db: &Database) -> Result<Vec<KeyRecord>, StoreError> {
+    let txn = db.begin_read()?;
+    let keys = txn.open_table(SERVICE_KEYS)?;
+    let mut out = Vec::new();
+    for row in keys.iter()? {
+        let (_, v) = row?;
+        out.push(KeyRecord::decode(v.value())?);
+    }
+    Ok(out)
+}
+
+/// Reads one service key.
+pub fn get_key(db: &Database, key_id: &str) -> Result<Option<KeyRecord>, StoreError> {
+    let txn = db.begin_read()?;
+    let keys = txn.open_table(SERVICE_KEYS)?;
+    keys.get(key_id)?.map(|v| KeyRecord::decode(v.value())).transpose()
+}
+
+/// Writes one service key directly (`tally admin create-key`, with the
+/// server stopped).
+pub fn put_key(db: &Database, key: &KeyRecord) -> Result<(), StoreError> {
+    let txn = begin_write(db)?;
+    txn.open_table(SERVICE_KEYS)?.insert(key.key_id.as_str(), &key.encode()[..])?;
+    txn.commit()?;
+    Ok(())
+}
+
 /// Writes one user directly (start-up only, before the journal runs).
 pub fn put_user(db: &Database, user: &UserRecord) -> Result<(), StoreError> {
     let txn = begin_write(db)?;

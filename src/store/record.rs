@@ -22,6 +22,9 @@ pub struct TransferRecord {
     pub key: Option<Box<str>>,
     pub prev: [u8; 32],
     pub links: Links,
+    /// Who made it: a user id, `key:<key_id>`, or `None` (the server's own
+    /// timer, or a record of version 1, which did not say).
+    pub by: Option<Box<str>>,
 }
 
 /// A record to be stored, borrowing its fields.
@@ -38,6 +41,7 @@ pub struct RecordRef<'a> {
     pub key: Option<&'a str>,
     pub prev: &'a [u8; 32],
     pub links: Links,
+    pub by: Option<&'a str>,
 }
 
 impl RecordRef<'_> {
@@ -66,6 +70,7 @@ impl RecordRef<'_> {
         out.extend_from_slice(&n.to_be_bytes());
         out.extend_from_slice(memo.as_bytes());
         short(out, self.key.unwrap_or(""));
+        short(out, self.by.unwrap_or(""));
     }
 }
 
@@ -84,6 +89,7 @@ impl TransferRecord {
             key: self.key.as_deref(),
             prev: &self.prev,
             links: self.links,
+            by: self.by.as_deref(),
         }
         .encode(out);
     }
@@ -99,7 +105,9 @@ impl TransferRecord {
             pos += n;
             Ok(s)
         };
-        if take(1)?[0] != RECORD_VERSION {
+        // Version 1 ends at the key; version 2 adds who made the record.
+        let version = take(1)?[0];
+        if version != 1 && version != RECORD_VERSION {
             return Err(corrupt());
         }
         let u64_at = |s: &[u8]| u64::from_be_bytes(s.try_into().unwrap_or([0; 8]));
@@ -121,7 +129,16 @@ impl TransferRecord {
         let memo = Some(text(take(n)?)?).filter(|m| !m.is_empty());
         let n = usize::from(take(1)?[0]);
         let key = Some(text(take(n)?)?).filter(|k| !k.is_empty());
-        Ok(TransferRecord { id, kind, from, to, amount, fee, memo, time, key, prev, links })
+        let by = if version == 1 {
+            None
+        } else {
+            let n = usize::from(take(1)?[0]);
+            Some(text(take(n)?)?).filter(|b| !b.is_empty())
+        };
+        if pos != bytes.len() {
+            return Err(corrupt());
+        }
+        Ok(TransferRecord { id, kind, from, to, amount, fee, memo, time, key, prev, links, by })
     }
 
     /// The previous record of `account` in its history list, if `account`
@@ -153,6 +170,7 @@ impl TransferRecord {
             self.key.as_deref().map(str::to_owned),
             (self.prev, *hash),
             None,
+            self.by.as_deref().map(Into::into),
         )
     }
 }

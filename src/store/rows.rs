@@ -65,6 +65,10 @@ pub struct UserRecord {
     pub events: u64,
     /// Tokens issued under an older epoch are revoked.
     pub token_epoch: u64,
+    /// Tokens revoked one by one (`logout` with several sessions): their
+    /// id and expiry (ms), dropped once expired.
+    #[serde(default)]
+    pub revoked_tokens: Vec<(String, u64)>,
 }
 
 impl std::fmt::Debug for UserRecord {
@@ -74,6 +78,47 @@ impl std::fmt::Debug for UserRecord {
 }
 
 named_record!(UserRecord, "user");
+
+/// A service key as stored: never its secret, only the secret's BLAKE3.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KeyRecord {
+    pub key_id: String,
+    pub name: String,
+    pub role: String,
+    /// A key limited to these accounts moves money out of them only.
+    pub accounts: Option<Vec<String>>,
+    pub hash: [u8; 32],
+    pub created: u64,
+    pub created_by: String,
+    /// Dead from this time on (ms since the epoch); `None`: never.
+    pub expires_at: Option<u64>,
+    pub revoked_at: Option<u64>,
+    pub revoked_by: Option<String>,
+}
+
+impl std::fmt::Debug for KeyRecord {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KeyRecord").field("key_id", &self.key_id).field("role", &self.role).finish_non_exhaustive()
+    }
+}
+
+named_record!(KeyRecord, "key");
+
+impl From<&KeyRecord> for crate::wire::KeyView {
+    fn from(k: &KeyRecord) -> crate::wire::KeyView {
+        crate::wire::KeyView {
+            key_id: k.key_id.clone(),
+            name: k.name.clone(),
+            role: k.role.clone(),
+            accounts: k.accounts.clone(),
+            created: k.created,
+            created_by: k.created_by.clone(),
+            expires_at: k.expires_at,
+            revoked_at: k.revoked_at,
+            revoked_by: k.revoked_by.clone(),
+        }
+    }
+}
 
 /// A two-phase transfer as stored.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]

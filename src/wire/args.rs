@@ -19,7 +19,54 @@ pub struct LoginArgs {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct AuthArgs {
-    pub token: String,
+    /// A login token...
+    pub token: Option<String>,
+    /// ...or a service key's secret.
+    pub key: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LogoutArgs {
+    /// End every token of the user, not only this connection's.
+    pub all: Option<bool>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CreateKeyArgs {
+    pub name: String,
+    /// `admin`, `operator` or `auditor`.
+    pub role: String,
+    /// Limit the key to moving money out of these accounts.
+    pub accounts: Option<Vec<String>>,
+    /// Dead after this many seconds; absent: until revoked.
+    pub expires_s: Option<u64>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ListKeysArgs {
+    /// The page after this key id.
+    pub after: Option<String>,
+    pub limit: Option<u64>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RevokeKeyArgs {
+    pub key_id: String,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CreateUserArgs {
+    pub user: String,
+    pub role: String,
+    pub name: String,
+    pub email: String,
+    pub password: String,
+    pub group: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -317,7 +317,8 @@ fn write_transfer<W: std::io::Write>(w: &mut W, id: Option<u64>, v: &TransferVie
         None => write_nil(w)?,
     }
     w.write_all(b"\xa2ok")?;
-    write_map_len(w, 11 + u32::from(v.from_balance.is_some()) + u32::from(v.to_balance.is_some()))?;
+    let optional = u32::from(v.by.is_some()) + u32::from(v.from_balance.is_some()) + u32::from(v.to_balance.is_some());
+    write_map_len(w, 11 + optional)?;
     w.write_all(b"\xa2id")?;
     write_uint(w, v.id)?;
     w.write_all(b"\xa4kind")?;
@@ -341,6 +342,10 @@ fn write_transfer<W: std::io::Write>(w: &mut W, id: Option<u64>, v: &TransferVie
     w.write_all(&v.prev.hex())?;
     w.write_all(b"\xa4hash\xd9\x40")?;
     w.write_all(&v.hash.hex())?;
+    if let Some(by) = &v.by {
+        w.write_all(b"\xa2by")?;
+        write_str(w, by)?;
+    }
     if let Some(b) = v.from_balance {
         w.write_all(b"\xacfrom_balance")?;
         write_sint(w, b)?;

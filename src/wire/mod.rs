@@ -13,5 +13,5 @@ pub mod replies;
 pub mod text;
 
 pub use args::*;
-pub use ops::{Caller, Op, PROTOCOL_VERSION};
+pub use ops::{Access, Op, Role, PROTOCOL_VERSION};
 pub use replies::*;

@@ -112,6 +112,10 @@ pub struct TransferView {
     pub prev: Hash32,
     /// Hash of this record (hex on the wire).
     pub hash: Hash32,
+    /// Who made it: a user id, or `key:<key_id>` (absent: the server's own
+    /// timer, or a record from before records said).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub by: Option<Arc<str>>,
     /// Balance of `from` right after this transfer, in commit order (only in
     /// the reply to the request that made it).
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -136,6 +140,7 @@ impl TransferView {
         key: Option<String>,
         (prev, hash): ([u8; 32], [u8; 32]),
         balances: Option<(i64, i64)>,
+        by: Option<Arc<str>>,
     ) -> TransferView {
         TransferView {
             id,
@@ -149,6 +154,7 @@ impl TransferView {
             key,
             prev: Hash32(prev),
             hash: Hash32(hash),
+            by,
             from_balance: balances.map(|b| b.0),
             to_balance: balances.map(|b| b.1),
         }
@@ -241,6 +247,42 @@ pub enum Reply {
     Audit(AuditReply),
     Stats(StatsReply),
     Pending(PendingReply),
+    KeyCreated(Box<KeyCreated>),
+    Keys(KeysPage),
+    Key(Box<KeyView>),
+}
+
+/// `create_key`: the secret, shown this once (only its hash is kept).
+#[derive(Clone, Debug, Serialize)]
+pub struct KeyCreated {
+    pub key_id: String,
+    pub secret: String,
+    pub name: String,
+    pub role: String,
+    pub accounts: Option<Vec<String>>,
+    pub expires_at: Option<u64>,
+}
+
+/// A service key as `list_keys` shows it: never the secret.
+#[derive(Clone, Debug, Serialize)]
+pub struct KeyView {
+    pub key_id: String,
+    pub name: String,
+    pub role: String,
+    pub accounts: Option<Vec<String>>,
+    pub created: u64,
+    pub created_by: String,
+    pub expires_at: Option<u64>,
+    pub revoked_at: Option<u64>,
+    pub revoked_by: Option<String>,
+}
+
+/// `list_keys`.
+#[derive(Clone, Debug, Serialize)]
+pub struct KeysPage {
+    pub keys: Vec<KeyView>,
+    /// The `after` of the next page, if there is one.
+    pub next: Option<String>,
 }
 
 /// A user as the wire shows it: never the password hash or token epoch.

@@ -11,6 +11,8 @@ use std::time::{Duration, Instant};
 use serde_json::{json, Value};
 use tally::client::{Client, ClientError};
 
+pub mod pki;
+
 pub const ADMIN_PASSWORD: &str = "test-admin-password";
 
 /// As a value in [`Server::start_with`]: leave this variable unset.
@@ -18,12 +20,15 @@ pub const UNSET: &str = "\u{0}unset";
 
 pub struct Server {
     pub addr: SocketAddr,
+    /// The TLS listener, when the test set `TALLY_TLS_LISTEN`.
+    pub tls_addr: Option<SocketAddr>,
     child: Child,
     pub data: PathBuf,
     _dir: Option<tempfile::TempDir>,
     env: Vec<(String, String)>,
-    /// The admin token: a new login would revoke every older one, so the
-    /// test's admin connections share one token.
+    /// The admin token the test's admin connections share: one login (an
+    /// argon2 hash) instead of one per connection, and with
+    /// `auth.sessions = "single"` a new login would revoke the others.
     admin_token: std::sync::Mutex<Option<String>>,
 }
 
@@ -39,8 +44,8 @@ impl Server {
         let data = dir.path().join("data");
         let env: Vec<(String, String)> = env.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())).collect();
         let log = env.iter().any(|(k, _)| k == "TALLY_LOG").then(|| dir.path().join("server.log"));
-        let (child, addr) = spawn(&data, &env, log.as_deref());
-        Server { addr, child, data, _dir: Some(dir), env, admin_token: std::sync::Mutex::new(None) }
+        let (child, addr, tls_addr) = spawn(&data, &env, log.as_deref());
+        Server { addr, tls_addr, child, data, _dir: Some(dir), env, admin_token: std::sync::Mutex::new(None) }
     }
 
     /// Kills the server with SIGKILL: no shutdown code runs.
@@ -77,9 +82,10 @@ impl Server {
     /// Starts the server again on the same data folder (new port), after
     /// it exited by itself.
     pub fn start_again(&mut self) {
-        let (child, addr) = spawn(&self.data, &self.env, None);
+        let (child, addr, tls_addr) = spawn(&self.data, &self.env, None);
         self.child = child;
         self.addr = addr;
+        self.tls_addr = tls_addr;
     }
 
     /// The server's process id.
@@ -107,9 +113,10 @@ impl Server {
     /// Starts the server again on the same data folder (new port).
     pub fn restart(&mut self) {
         self.kill9();
-        let (child, addr) = spawn(&self.data, &self.env, None);
+        let (child, addr, tls_addr) = spawn(&self.data, &self.env, None);
         self.child = child;
         self.addr = addr;
+        self.tls_addr = tls_addr;
     }
 
     pub async fn client(&self) -> Client {
@@ -162,7 +169,7 @@ pub fn log_path(s: &Server) -> PathBuf {
     s.data.parent().expect("data has a parent").join("server.log")
 }
 
-fn spawn(data: &Path, env: &[(String, String)], log: Option<&Path>) -> (Child, SocketAddr) {
+fn spawn(data: &Path, env: &[(String, String)], log: Option<&Path>) -> (Child, SocketAddr, Option<SocketAddr>) {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_tally"));
     let stderr = match log {
         Some(p) => Stdio::from(std::fs::File::create(p).expect("log file")),
@@ -184,15 +191,26 @@ fn spawn(data: &Path, env: &[(String, String)], log: Option<&Path>) -> (Child, S
     }
     let mut child = cmd.spawn().expect("spawn tally");
     let stdout = child.stdout.take().expect("stdout");
+    let mut stdout = BufReader::new(stdout);
     let mut line = String::new();
-    BufReader::new(stdout).read_line(&mut line).expect("read the listening line");
+    stdout.read_line(&mut line).expect("read the listening line");
     let addr = line
         .trim()
         .strip_prefix("tally listening on ")
         .unwrap_or_else(|| panic!("unexpected first line {line:?}"))
         .parse()
         .expect("address");
-    (child, addr)
+    let tls = env.iter().any(|(k, v)| k == "TALLY_TLS_LISTEN" && !v.is_empty() && v != UNSET);
+    let tls_addr = tls.then(|| {
+        line.clear();
+        stdout.read_line(&mut line).expect("read the TLS listening line");
+        line.trim()
+            .strip_prefix("tally listening with tls on ")
+            .unwrap_or_else(|| panic!("unexpected second line {line:?}"))
+            .parse()
+            .expect("address")
+    });
+    (child, addr, tls_addr)
 }
 
 /// The error code of a failed call; panics if the call succeeded.

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import socket
+import ssl
 import struct
 import threading
 from typing import Any, Dict, List, Optional
@@ -32,6 +33,19 @@ class TallyError(Exception):
 
 class TallyConnectionError(ConnectionError):
     """The connection failed or closed; the outcome of calls in flight is unknown."""
+
+
+def _tls_context(
+    ca: Optional[str] = None, cert: Optional[str] = None, key: Optional[str] = None
+) -> ssl.SSLContext:
+    """A client TLS context: trusts ``ca`` (a PEM file) or the system's roots,
+    checks the server's host name, and presents ``cert``/``key`` if given
+    (for a server with ``[tls] client_ca``)."""
+    ctx = ssl.create_default_context(cafile=ca)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    if cert is not None:
+        ctx.load_cert_chain(cert, key)
+    return ctx
 
 
 def _frame(request_id: int, op: str, args: Dict[str, Any]) -> bytes:
@@ -79,8 +93,9 @@ class _Ops:
     def login(self, user: str, password: str) -> Any:
         return self.call("login", user=user, password=password)
 
-    def auth(self, token: str) -> Any:
-        return self.call("auth", token=token)
+    def auth(self, token: Optional[str] = None, key: Optional[str] = None) -> Any:
+        """Binds the connection with a login token or a service key's secret."""
+        return self.call("auth", token=token, key=key)
 
     def reset_password(self, user: str) -> Any:
         return self.call("reset_password", user=user)
@@ -89,8 +104,9 @@ class _Ops:
     def whoami(self) -> Any:
         return self.call("whoami")
 
-    def logout(self) -> Any:
-        return self.call("logout")
+    def logout(self, all: Optional[bool] = None) -> Any:  # noqa: A002 - the protocol's name
+        """Ends this token; ``all=True``: every token of the user."""
+        return self.call("logout", all=all)
 
     def change_password(self, old_password: str, new_password: str) -> Any:
         return self.call("change_password", old_password=old_password, new_password=new_password)
@@ -198,21 +214,65 @@ class _Ops:
     def stats(self) -> Any:
         return self.call("stats")
 
+    def create_key(
+        self,
+        name: str,
+        role: str,
+        accounts: Optional[List[str]] = None,
+        expires_s: Optional[int] = None,
+    ) -> Any:
+        """``{key_id, secret, ...}``: the secret is shown this once."""
+        return self.call("create_key", name=name, role=role, accounts=accounts, expires_s=expires_s)
+
+    def list_keys(self, after: Optional[str] = None, limit: Optional[int] = None) -> Any:
+        return self.call("list_keys", after=after, limit=limit)
+
+    def revoke_key(self, key_id: str) -> Any:
+        return self.call("revoke_key", key_id=key_id)
+
+    def create_user(
+        self, user: str, role: str, name: str, email: str, password: str, group: Optional[str] = None
+    ) -> Any:
+        return self.call(
+            "create_user", user=user, role=role, name=name, email=email, password=password, group=group
+        )
+
 
 class Client(_Ops):
-    """A blocking client over one TCP connection.
+    """A blocking client over one TCP connection, or TLS with ``tls=True``.
+
+    With TLS the server's certificate must chain to ``ca`` (a PEM file; by
+    default the system's roots) and name ``host``; ``cert`` and ``key``
+    present a client certificate, for a server that asks for one.
 
     Thread-safe: a lock serializes calls, so threads may share one client
     (they take turns; use one client per thread, or :meth:`pipeline`, for
     throughput).
     """
 
-    def __init__(self, host: str = "127.0.0.1", port: int = 7707, timeout: Optional[float] = 10.0) -> None:
+    def __init__(
+        self,
+        host: str = "127.0.0.1",
+        port: int = 7707,
+        timeout: Optional[float] = 10.0,
+        *,
+        tls: bool = False,
+        ca: Optional[str] = None,
+        cert: Optional[str] = None,
+        key: Optional[str] = None,
+    ) -> None:
         try:
-            self._sock = socket.create_connection((host, port), timeout=timeout)
+            sock = socket.create_connection((host, port), timeout=timeout)
         except OSError as e:
             raise TallyConnectionError(f"cannot connect to {host}:{port}: {e}") from e
-        self._sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if tls:
+            try:
+                sock = _tls_context(ca, cert, key).wrap_socket(sock, server_hostname=host)
+            except (ssl.SSLError, OSError):
+                sock.close()
+                raise
+        self._sock = sock
         self._lock = threading.Lock()
         self._ids = itertools.count(1)
         self._buf = bytearray()
@@ -332,8 +392,19 @@ class AsyncClient(_Ops):
     ``async with AsyncClient(...)``.
     """
 
-    def __init__(self, host: str = "127.0.0.1", port: int = 7707, timeout: Optional[float] = 10.0) -> None:
+    def __init__(
+        self,
+        host: str = "127.0.0.1",
+        port: int = 7707,
+        timeout: Optional[float] = 10.0,
+        *,
+        tls: bool = False,
+        ca: Optional[str] = None,
+        cert: Optional[str] = None,
+        key: Optional[str] = None,
+    ) -> None:
         self._host, self._port, self._timeout = host, port, timeout
+        self._ssl: Optional[ssl.SSLContext] = _tls_context(ca, cert, key) if tls else None
         self._reader: Optional[asyncio.StreamReader] = None
         self._writer: Optional[asyncio.StreamWriter] = None
         self._pending: Dict[int, "asyncio.Future[Any]"] = {}
@@ -342,15 +413,18 @@ class AsyncClient(_Ops):
         self._lost: Optional[Exception] = None
 
     @classmethod
-    async def connect(cls, host: str = "127.0.0.1", port: int = 7707, timeout: Optional[float] = 10.0) -> "AsyncClient":
-        c = cls(host, port, timeout)
+    async def connect(
+        cls, host: str = "127.0.0.1", port: int = 7707, timeout: Optional[float] = 10.0, **tls: Any
+    ) -> "AsyncClient":
+        """Connects; ``tls``, ``ca``, ``cert``, ``key`` as for :class:`Client`."""
+        c = cls(host, port, timeout, **tls)
         await c._open()
         return c
 
     async def _open(self) -> None:
         try:
             self._reader, self._writer = await asyncio.wait_for(
-                asyncio.open_connection(self._host, self._port), self._timeout
+                asyncio.open_connection(self._host, self._port, ssl=self._ssl), self._timeout
             )
         except (OSError, asyncio.TimeoutError) as e:
             raise TallyConnectionError(f"cannot connect to {self._host}:{self._port}: {e}") from e

@@ -21,6 +21,13 @@ def _binary() -> str:
     raise RuntimeError("build tally first (cargo build) or set TALLY_BIN")
 
 
+def _address(line: str, prefix: str):
+    line = line.strip()
+    assert line.startswith(prefix), line
+    host, port = line[len(prefix) :].rsplit(":", 1)
+    return host, int(port)
+
+
 def _start(tmp_path, **extra_env):
     env = dict(os.environ, TALLY_AUTH_ADMIN_PASSWORD=ADMIN_PASSWORD, TALLY_LOG="warn", **extra_env)
     proc = subprocess.Popen(
@@ -29,10 +36,34 @@ def _start(tmp_path, **extra_env):
         env=env,
         text=True,
     )
-    line = proc.stdout.readline().strip()
-    assert line.startswith("tally listening on "), line
-    host, port = line.rsplit(" ", 1)[1].rsplit(":", 1)
-    return proc, (host, int(port))
+    addr = _address(proc.stdout.readline(), "tally listening on ")
+    if extra_env.get("TALLY_TLS_LISTEN"):
+        return proc, addr, _address(proc.stdout.readline(), "tally listening with tls on ")
+    return proc, addr
+
+
+@pytest.fixture()
+def tls_server(tmp_path):
+    """A server with a TLS port whose certificate names 127.0.0.1 and
+    localhost, signed by a throwaway CA: yields (plain addr, TLS addr, CA file)."""
+    import trustme
+
+    ca = trustme.CA()
+    cert = ca.issue_cert("127.0.0.1", "localhost")
+    ca_file, cert_file, key_file = tmp_path / "ca.pem", tmp_path / "cert.pem", tmp_path / "key.pem"
+    ca.cert_pem.write_to_path(str(ca_file))
+    cert.private_key_pem.write_to_path(str(key_file))
+    for i, blob in enumerate(cert.cert_chain_pems):
+        blob.write_to_path(str(cert_file), append=i > 0)
+    proc, plain, tls = _start(
+        tmp_path,
+        TALLY_TLS_LISTEN="127.0.0.1:0",
+        TALLY_TLS_CERT=str(cert_file),
+        TALLY_TLS_KEY=str(key_file),
+    )
+    yield plain, tls, str(ca_file)
+    proc.kill()
+    proc.wait()
 
 
 @pytest.fixture()

@@ -10,7 +10,7 @@ use crate::auth::{Principal, Role};
 use crate::contract::{CloseCmd, HoldSpec, ReapCmd, TagCmd};
 use crate::ledger::Limits;
 use crate::reply::ReplyTo;
-use crate::store::GENESIS;
+use crate::store::{TransferRecord, GENESIS};
 use crate::wire::Shape;
 
 /// Cold rows kept in maps, updated from each batch's writes as a commit would.
@@ -21,6 +21,7 @@ struct MemCold {
     holds: BTreeMap<u64, HoldRecord>,
     redeems: BTreeMap<u64, RedeemRecord>,
     tags: BTreeMap<(String, String), ()>,
+    keys: BTreeMap<String, KeyRecord>,
     records: Vec<(u64, Vec<u8>)>,
 }
 
@@ -40,6 +41,9 @@ impl Cold for MemCold {
     fn tagged(&self, tag: &str) -> Result<Vec<String>, StoreError> {
         Ok(self.tags.keys().filter(|(t, _)| t == tag).map(|(_, a)| a.clone()).collect())
     }
+    fn service_key(&self, key_id: &str) -> Result<Option<KeyRecord>, StoreError> {
+        Ok(self.keys.get(key_id).cloned())
+    }
 }
 
 impl MemCold {
@@ -48,6 +52,7 @@ impl MemCold {
         self.users.extend(w.users.clone());
         self.holds.extend(w.holds.clone());
         self.redeems.extend(w.redeems.clone());
+        self.keys.extend(w.service_keys.clone());
         for (k, present) in &w.tags {
             if *present {
                 self.tags.insert(k.clone(), ());
@@ -72,7 +77,7 @@ fn machine() -> Machine {
 }
 
 fn admin() -> Principal {
-    Principal { user: "admin".into(), role: Role::Admin }
+    Principal::user("admin", Role::Admin)
 }
 
 fn reply() -> ReplyTo {
@@ -82,7 +87,14 @@ fn reply() -> ReplyTo {
 fn create(account: &str, initial: i64, tags: &[&str]) -> Command {
     let meta =
         AccountMeta { tags: tags.iter().map(|t| (*t).to_owned()).collect(), created: T0, ..AccountMeta::default() };
-    Command::Create(Box::new(CreateCmd { account: account.into(), meta, initial, user: None, reply: reply() }))
+    Command::Create(Box::new(CreateCmd {
+        account: account.into(),
+        meta,
+        initial,
+        user: None,
+        by: "admin".into(),
+        reply: reply(),
+    }))
 }
 
 fn transfer(from: &str, to: &str, amount: i64, key: Option<&str>) -> Command {
@@ -98,6 +110,7 @@ fn transfer(from: &str, to: &str, amount: i64, key: Option<&str>) -> Command {
         mode: Mode::Unreserved,
         shape: Shape::Transfer,
         hold: None,
+        by: "admin".into(),
         reply: reply(),
     }))
 }
@@ -115,6 +128,7 @@ fn hold(from: &str, to: &str, amount: i64, expires_at: u64) -> Command {
         mode: Mode::Unreserved,
         shape: Shape::Hold { expires_at },
         hold: Some(Box::new(HoldSpec { expires_at, fee_bps: 0, redeem: None })),
+        by: "admin".into(),
         reply: reply(),
     }))
 }
@@ -136,6 +150,7 @@ fn ok(o: &Outcome) -> bool {
         Outcome::Transfer(r, _) => r.is_ok(),
         Outcome::Create(r) => r.is_ok(),
         Outcome::User(r) => r.is_ok(),
+        Outcome::Key(r) => r.is_ok(),
         Outcome::Admin(r) => r.is_ok(),
         Outcome::Probe(r) => r.is_ok(),
     }
@@ -158,10 +173,16 @@ fn mixed_batch() -> Vec<Command> {
             delta: 7,
             memo: Some("bonus".into()),
             force: false,
+            by: "admin".into(),
             reply: reply(),
         })),
         transfer("alice", "nobody", 1, None),
-        Command::Close(Box::new(CloseCmd { account: "dave".into(), reason: "left".into(), reply: reply() })),
+        Command::Close(Box::new(CloseCmd {
+            account: "dave".into(),
+            reason: "left".into(),
+            by: "admin".into(),
+            reply: reply(),
+        })),
     ]
 }
 
@@ -219,7 +240,7 @@ fn refused_commands_leave_no_trace() {
         transfer("alice", "ghost", 1, None),
         hold("bob", "alice", 1, 0),
         settle(999, SettleOp::Void),
-        Command::Reap(Box::new(ReapCmd { below: i64::MIN, reason: "none".into(), reply: reply() })),
+        Command::Reap(Box::new(ReapCmd { below: i64::MIN, reason: "none".into(), by: "admin".into(), reply: reply() })),
     ];
     let (w, outcomes) = run(&mut m, &mut cold, &batch, T0 + 1);
     assert_eq!(outcomes.iter().map(ok).collect::<Vec<_>>(), [false, false, false, false, true]);
@@ -263,6 +284,7 @@ fn a_batch_reads_its_own_writes() {
             delta: 3,
             memo: None,
             force: false,
+            by: "admin".into(),
             reply: reply(),
         })),
     ];
@@ -272,4 +294,118 @@ fn a_batch_reads_its_own_writes() {
     assert_eq!(b.count, 3, "alice, bob and erin");
     assert_eq!(m.book.get("erin").unwrap().balance, 3);
     assert_eq!(w.accounts["erin"].tags, ["club"]);
+}
+
+fn by_of(w: &Writes) -> Vec<(Kind, Option<String>)> {
+    w.each_record()
+        .map(|(_, r)| {
+            let r = TransferRecord::decode(r).unwrap();
+            (r.kind, r.by.map(String::from))
+        })
+        .collect()
+}
+
+#[test]
+fn every_record_names_who_made_it() {
+    let (mut m, mut cold) = setup();
+    let mut t = transfer("alice", "bob", 3, None);
+    if let Command::Transfer(c) = &mut t {
+        c.by = "key:0123456789ab".into();
+    }
+    let (w, o) = run(&mut m, &mut cold, &[t, hold("alice", "carol", 4, T0 + 10)], T0 + 1);
+    assert!(o.iter().all(ok));
+    assert_eq!(by_of(&w), [(Kind::Transfer, Some("key:0123456789ab".into())), (Kind::Hold, Some("admin".into()))]);
+    let Outcome::Transfer(Ok(held), _) = &o[1] else { panic!("the hold was refused") };
+    // An expiry is the server's own doing: nobody made it.
+    let expire = Command::Settle(Box::new(SettleCmd {
+        hold: held.id,
+        op: SettleOp::Expire,
+        by: None,
+        note: None,
+        reply: reply(),
+    }));
+    let (w, o) = run(&mut m, &mut cold, &[expire], T0 + 10);
+    assert!(ok(&o[0]));
+    assert_eq!(by_of(&w), [(Kind::Void, None)]);
+}
+
+fn key_record(id: &str) -> KeyRecord {
+    KeyRecord {
+        key_id: id.into(),
+        name: "shop".into(),
+        role: "operator".into(),
+        accounts: None,
+        hash: [9; 32],
+        created: T0,
+        created_by: "admin".into(),
+        expires_at: None,
+        revoked_at: None,
+        revoked_by: None,
+    }
+}
+
+fn key_cmd(change: KeyChange) -> Command {
+    Command::Key(Box::new(KeyCmd { change, done: tokio::sync::oneshot::channel().0 }))
+}
+
+#[test]
+fn a_key_is_made_once_and_revoked_once() {
+    let (mut m, mut cold) = setup();
+    let id = "0123456789ab";
+    let batch =
+        [key_cmd(KeyChange::Create(Box::new(key_record(id)))), key_cmd(KeyChange::Create(Box::new(key_record(id))))];
+    let (w, o) = run(&mut m, &mut cold, &batch, T0 + 1);
+    assert!(ok(&o[0]));
+    assert!(matches!(&o[1], Outcome::Key(Err(e)) if e.code == ErrorCode::Exists), "the second create sees the first");
+    assert_eq!(w.service_keys[id], key_record(id));
+    let revoke = |by: &str| key_cmd(KeyChange::Revoke { key_id: id.into(), by: by.into() });
+    let (w, _) = run(&mut m, &mut cold, &[revoke("ann")], T0 + 2);
+    assert_eq!((w.service_keys[id].revoked_at, w.service_keys[id].revoked_by.as_deref()), (Some(T0 + 2), Some("ann")));
+    // Revoking again keeps the first revocation.
+    let (_, o) = run(&mut m, &mut cold, &[revoke("bea")], T0 + 3);
+    let Outcome::Key(Ok(k)) = &o[0] else { panic!("revoke refused") };
+    assert_eq!((k.revoked_at, k.revoked_by.as_deref()), (Some(T0 + 2), Some("ann")));
+    let (_, o) =
+        run(&mut m, &mut cold, &[key_cmd(KeyChange::Revoke { key_id: "nope".into(), by: "x".into() })], T0 + 4);
+    assert!(matches!(&o[0], Outcome::Key(Err(e)) if e.code == ErrorCode::NotFound));
+}
+
+fn user_cmd(user: &str, change: UserChange) -> Command {
+    Command::User(Box::new(UserCmd { user: user.into(), change, done: tokio::sync::oneshot::channel().0 }))
+}
+
+#[test]
+fn tokens_are_revoked_one_by_one_until_the_list_is_full() {
+    let (mut m, mut cold) = setup();
+    let new = UserRecord {
+        user: "ops".into(),
+        name: "Ops".into(),
+        email: "ops@example.org".into(),
+        password_hash: String::new(),
+        role: "operator".into(),
+        group: None,
+        events: 0,
+        token_epoch: 0,
+        revoked_tokens: Vec::new(),
+    };
+    let batch = [
+        user_cmd("ops", UserChange::Create(Box::new(new.clone()))),
+        user_cmd("ops", UserChange::Create(Box::new(new))),
+    ];
+    let (_, o) = run(&mut m, &mut cold, &batch, T0);
+    assert!(ok(&o[0]));
+    assert!(matches!(&o[1], Outcome::User(Err(e)) if e.code == ErrorCode::Exists));
+    // Expired entries go first: the one expiring at T0 + 1 is gone at T0 + 1.
+    let revoke = |i: usize, exp_ms: u64| user_cmd("ops", UserChange::RevokeToken { jti: format!("t{i}"), exp_ms });
+    run(&mut m, &mut cold, &[revoke(0, T0 + 1)], T0);
+    let batch: Vec<Command> = (1..REVOKED_TOKENS_PER_USER_MAX).map(|i| revoke(i, T0 + 1_000_000)).collect();
+    let (w, _) = run(&mut m, &mut cold, &batch, T0 + 1);
+    let u = &w.users["ops"];
+    assert_eq!((u.revoked_tokens.len(), u.token_epoch), (REVOKED_TOKENS_PER_USER_MAX - 1, 0));
+    assert!(!u.revoked_tokens.iter().any(|(j, _)| j == "t0"));
+    // One more fits; the next one revokes every token instead.
+    let (w, _) = run(&mut m, &mut cold, &[revoke(5000, T0 + 1_000_000)], T0 + 2);
+    assert_eq!((w.users["ops"].revoked_tokens.len(), w.users["ops"].token_epoch), (REVOKED_TOKENS_PER_USER_MAX, 0));
+    let (w, _) = run(&mut m, &mut cold, &[revoke(5001, T0 + 1_000_000)], T0 + 3);
+    assert_eq!((w.users["ops"].revoked_tokens.len(), w.users["ops"].token_epoch), (0, 1));
 }

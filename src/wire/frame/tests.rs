@@ -191,8 +191,9 @@ fn transfer_view() -> impl Strategy<Value = crate::wire::TransferView> {
         (edge_ints(), prop::sample::select(kinds.to_vec()), ".{0,40}", "[a-z@]{0,300}", edge_ints(), edge_ints()),
         (prop::option::of(".{0,70000}"), edge_ints(), prop::option::of("[ -~]{0,40}")),
         (any::<[u8; 32]>(), any::<[u8; 32]>(), prop::option::of(edge_ints()), prop::option::of(edge_ints())),
+        prop::option::of("[a-z:0-9]{0,70}"),
     )
-        .prop_map(|((id, kind, from, to, amount, fee), (memo, time, key), (prev, hash, fb, tb))| {
+        .prop_map(|((id, kind, from, to, amount, fee), (memo, time, key), (prev, hash, fb, tb), by)| {
             crate::wire::TransferView {
                 id: id.unsigned_abs(),
                 kind,
@@ -205,6 +206,7 @@ fn transfer_view() -> impl Strategy<Value = crate::wire::TransferView> {
                 key,
                 prev: crate::wire::Hash32(prev),
                 hash: crate::wire::Hash32(hash),
+                by: by.map(Into::into),
                 from_balance: fb,
                 to_balance: tb,
             }
