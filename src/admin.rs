@@ -43,9 +43,9 @@ pub fn reset_password(data: &Path, user: &str, password: &str) -> Result<(), Str
 pub fn create_key(data: &Path, new: auth::NewKey<'_>) -> Result<auth::KeySecret, String> {
     std::fs::create_dir_all(data).map_err(|e| format!("cannot create {}: {e}", data.display()))?;
     let db = open(&data.join("tally.redb"))?;
-    if store::load_keys(&db).map_err(|e| e.to_string())?.len() >= crate::limits::SERVICE_KEYS_MAX {
-        return Err(format!("at most {} keys (revoked ones count)", crate::limits::SERVICE_KEYS_MAX));
-    }
+    let keys = store::load_keys(&db).map_err(|e| e.to_string())?;
+    let live = keys.iter().filter(|k| k.revoked_at.is_none()).count();
+    crate::api::keys::room_for_a_key((live, keys.len())).map_err(|e| e.message)?;
     let (secret, record) = new.make(crate::clock::now_ms()).map_err(|e| e.message)?;
     store::put_key(&db, &record).map_err(|e| e.to_string())?;
     tracing::info!(target: "security", key = %record.key_id, role = %record.role, "key created on the host (tally admin create-key)");

@@ -190,11 +190,14 @@ pub const WRITE_BATCH_BYTES: usize = 256 * 1024;
 pub const MAIL_ERROR_BYTES_MAX: usize = 200;
 /// Tokens one user may have revoked one by one (`logout`) at once; past
 /// that, a logout revokes all of them (a new token epoch).
-pub const REVOKED_TOKENS_PER_USER_MAX: usize = 1000;
+pub const REVOKED_TOKENS_PER_USER_MAX: usize = 64;
 
-/// Service keys a data folder may hold (revoked ones included: they stay
-/// on record).
+/// Live (unrevoked) service keys at once.
 pub const SERVICE_KEYS_MAX: usize = 1000;
+
+/// Service keys a data folder may hold on record, revoked ones included
+/// (each stays, to say who made and revoked it).
+pub const SERVICE_KEYS_RECORDED_MAX: usize = 10_000;
 
 /// Accounts a key may be limited to: a key's view stays within a page
 /// item's bytes.

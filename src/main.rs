@@ -115,9 +115,26 @@ struct Connect {
     /// The private key of --client-cert (PEM).
     #[arg(long, requires = "client_cert")]
     client_key: Option<PathBuf>,
+    /// Send a password or key without TLS to a host that is not this one.
+    #[arg(long)]
+    allow_plaintext: bool,
 }
 
 impl Connect {
+    /// Whether a credential would cross a network in clear: no TLS, to a
+    /// host other than this one.
+    fn exposes_credentials(&self) -> bool {
+        if self.tls || self.allow_plaintext {
+            return false;
+        }
+        let host = match self.connect.rsplit_once(':') {
+            Some((host, _)) => host.trim_start_matches('[').trim_end_matches(']'),
+            None => self.connect.as_str(),
+        };
+        let loopback = host == "localhost" || host.parse::<std::net::IpAddr>().is_ok_and(|ip| ip.is_loopback());
+        !loopback
+    }
+
     async fn client(&self) -> Result<tally::client::Client, tally::client::ClientError> {
         if !self.tls {
             return tally::client::Client::connect(self.connect.as_str()).await;
@@ -224,6 +241,13 @@ async fn call(connect: &Connect, who: As<'_>, op: &str, args: &[String]) -> Exit
             return ExitCode::from(2);
         };
         map.insert(k.to_owned(), tally::wire::text::bare_value(v.to_owned()).to_json());
+    }
+    if !matches!(who, As::Nobody) && connect.exposes_credentials() {
+        eprintln!(
+            "tally: refusing to send a password or key in clear to {}: use --tls (or --allow-plaintext)",
+            connect.connect
+        );
+        return ExitCode::from(2);
     }
     let client = match connect.client().await {
         Ok(c) => c,

@@ -209,6 +209,11 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
 
     let users = Arc::new(Users::default());
     for u in store::load_users(&db)? {
+        if u.user.starts_with(auth::KEY_ACTOR_PREFIX) {
+            // Made before such ids were refused: records by this user read
+            // like a key's.
+            tracing::warn!(target: "security", user = %u.user, "a user id that looks like a service key's; rename the user");
+        }
         users.set(&u.user, UserState::of(&u));
     }
     for k in store::load_keys(&db)? {
@@ -291,6 +296,8 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
         users,
         logins: LoginGuard::default(),
         hashing: Arc::new(Semaphore::new(PASSWORD_HASHES_CONCURRENT_MAX)),
+        key_creation: tokio::sync::Mutex::new(()),
+        auditing: Arc::new(tokio::sync::Mutex::new(())),
         shutdown: CancellationToken::new(),
         otp,
     });

@@ -253,8 +253,24 @@ async fn admins_make_users_of_every_role_and_records_name_them() {
     let pending = ben.call("redeem", json!({"item": "mug", "amount": 4})).await.unwrap();
     let (_, otp, _) = m.mail.next();
     let request = ben.call("confirm", json!({"pending": pending["pending"], "otp": otp})).await.unwrap();
-    let decided = olga.call("decide_redeem", json!({"request": request["request"], "accept": true})).await.unwrap();
+    // A key limited to other accounts may not decide it (accepting moves
+    // money out of ben's account).
+    let (_, limited_secret) = make_key(&admin, "till", "operator", json!({"accounts": ["till"]})).await;
+    let decide = json!({"request": request["request"], "accept": true});
+    let till = bound(&m.s, &limited_secret).await;
+    assert_eq!(code(till.call("decide_redeem", decide.clone()).await), "forbidden");
+    let decided = olga.call("decide_redeem", decide).await.unwrap();
     assert_eq!((decided["decided_by"].as_str(), decided["status"].as_str()), (Some("olga"), Some("accepted")));
+    // Users see who made a transfer only when it was themselves; staff see all.
+    let mine = ben.call("history", json!({})).await.unwrap();
+    let kinds: Vec<(&str, &serde_json::Value)> =
+        mine["transfers"].as_array().unwrap().iter().map(|t| (t["kind"].as_str().unwrap(), &t["by"])).collect();
+    assert_eq!(kinds, [("post", &Value::Null), ("hold", &json!("ben")), ("mint", &Value::Null)]);
+    let seen = admin.call("history", json!({"account": "ben"})).await.unwrap();
+    assert_eq!(seen["transfers"][0]["by"], "olga");
+    assert_eq!(seen["transfers"][2]["by"], "olga");
+    let mint_id = seen["transfers"][2]["id"].clone();
+    assert_eq!(ben.call("get_transfer", json!({"id": mint_id})).await.unwrap()["by"], Value::Null);
 }
 
 #[tokio::test]
@@ -324,6 +340,8 @@ async fn keys_are_checked_shown_once_and_guessing_them_is_throttled() {
         (json!({"name": "x", "role": "auditor", "accounts": ["bad id"]}), "bad_request"),
         (json!({"name": "x", "role": "auditor", "expires_s": 0}), "bad_request"),
         (json!({"name": "x", "role": "auditor", "secret": "mine"}), "bad_request"),
+        // An admin key could make itself an unlimited one.
+        (json!({"name": "x", "role": "admin", "accounts": ["a"]}), "bad_request"),
     ] {
         assert_eq!(code(admin.call("create_key", args.clone()).await), want, "{args}");
     }

@@ -200,6 +200,18 @@ async fn the_cli_calls_over_tls_with_a_key() {
     let out = cli(&["--tls", "--ca", &ca, "mint", "to=x", "amount=1"]);
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("forbidden"));
+    // A key or password is not sent in clear to another host (nothing is
+    // even connected to: the address is unroutable).
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_tally"))
+        .args(["call", "--connect", "192.0.2.1:7707", "--user", "admin", "--password", "x", "stats"])
+        .env("TALLY_LOG", "warn")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert_eq!(
+        String::from_utf8_lossy(&out.stderr),
+        "tally: refusing to send a password or key in clear to 192.0.2.1:7707: use --tls (or --allow-plaintext)\n"
+    );
 }
 
 /// `listen = ""`: TLS only, and the server says so; a plaintext listener

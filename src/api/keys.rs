@@ -10,7 +10,7 @@ use super::{blocking, page_limit, Ctx};
 use crate::auth::{NewKey, Principal};
 use crate::contract::{Command, KeyChange, KeyCmd};
 use crate::error::ApiError;
-use crate::limits::SERVICE_KEYS_MAX;
+use crate::limits::{SERVICE_KEYS_MAX, SERVICE_KEYS_RECORDED_MAX};
 use crate::reply::ReplyTo;
 use crate::store::{self, KeyRecord};
 use crate::wire::{CreateKeyArgs, KeyCreated, KeyView, KeysPage, ListKeysArgs, Reply, RevokeKeyArgs};
@@ -24,17 +24,30 @@ async fn change(ctx: &Ctx, change: KeyChange) -> Result<KeyRecord, ApiError> {
     rx.await.map_err(|_| ApiError::internal("the journal has stopped"))?
 }
 
-/// `create_key {name, role, accounts?, expires_s?}` (admin).
+/// Whether one more key may be made, given (unrevoked, all) keys.
+pub(crate) fn room_for_a_key((live, all): (usize, usize)) -> Result<(), ApiError> {
+    if live >= SERVICE_KEYS_MAX {
+        return Err(ApiError::bad_request(format!("at most {SERVICE_KEYS_MAX} unrevoked keys: revoke one first")));
+    }
+    if all >= SERVICE_KEYS_RECORDED_MAX {
+        return Err(ApiError::bad_request(format!("at most {SERVICE_KEYS_RECORDED_MAX} keys on record")));
+    }
+    Ok(())
+}
+
+/// `create_key {name, role, accounts?, expires_s?}` (admin). One at a time
+/// (admins make keys rarely): the count checked is the count committed.
 pub(super) fn create_key(ctx: &Arc<Ctx>, p: Principal, args: &[u8], reply: ReplyTo) {
     let a = args!(CreateKeyArgs, args, reply);
-    if ctx.users.key_count() >= SERVICE_KEYS_MAX {
-        return reply.err(ApiError::bad_request(format!("at most {SERVICE_KEYS_MAX} keys (revoked ones count)")));
-    }
     let new =
         NewKey { name: &a.name, role: &a.role, accounts: a.accounts, expires_s: a.expires_s, created_by: &p.user };
     let (secret, record) = check!(new.make(crate::clock::now_ms()), reply);
     let ctx = ctx.clone();
     tokio::spawn(async move {
+        let _one = ctx.key_creation.lock().await;
+        if let Err(e) = room_for_a_key(ctx.users.key_count()) {
+            return reply.err(e);
+        }
         let r = change(&ctx, KeyChange::Create(Box::new(record))).await.map(|k| {
             tracing::info!(target: "security", key = %k.key_id, role = %k.role, by = %p.user, "key created");
             Reply::KeyCreated(Box::new(KeyCreated {

@@ -53,7 +53,7 @@ macro_rules! check {
 }
 
 mod holds;
-mod keys;
+pub(crate) mod keys;
 mod money;
 mod otp;
 mod points;
@@ -80,6 +80,11 @@ pub struct Ctx {
     pub logins: LoginGuard,
     /// Bounds how many password hashes run at once.
     pub hashing: Arc<Semaphore>,
+    /// Held while a key is made, so that the key count checked is exact.
+    pub key_creation: tokio::sync::Mutex<()>,
+    /// Held while `audit` scans the journal: one scan at a time, however
+    /// many callers ask.
+    pub auditing: Arc<tokio::sync::Mutex<()>>,
     /// Cancelled when the server shuts down: readers stop taking requests.
     pub shutdown: CancellationToken,
     /// The OTP supervisor: pending one-time-password sessions.

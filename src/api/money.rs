@@ -75,7 +75,8 @@ pub(super) fn get_transfer(ctx: &Arc<Ctx>, p: Principal, args: &[u8], reply: Rep
     let store = ctx.store.clone();
     blocking(reply, move || {
         let db = store.db()?;
-        let t = store::get_transfer(&db, a.id)?.ok_or_else(|| ApiError::not_found(format!("transfer {}", a.id)))?;
+        let mut t = store::get_transfer(&db, a.id)?.ok_or_else(|| ApiError::not_found(format!("transfer {}", a.id)))?;
+        t.shown_to(&p.user, p.sees_any());
         if !p.sees_any() {
             let party = [&t.from, &t.to].into_iter().any(|acct| {
                 store::account_meta(&db, acct).ok().flatten().is_some_and(|m| m.owner.as_deref() == Some(&*p.user))

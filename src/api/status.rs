@@ -3,7 +3,7 @@
 
 use std::sync::Arc;
 
-use super::{blocking, Ctx, Session};
+use super::{Ctx, Session};
 use crate::contract::Command;
 use crate::error::{ApiError, ErrorCode};
 use crate::limits::{HEALTH_FRESH_MS, HEALTH_PROBE_TIMEOUT_MS};
@@ -91,10 +91,20 @@ fn counters(ctx: &Ctx, otp_sessions: u64) -> StatsReply {
     }
 }
 
+/// `audit` reads the whole journal: one scan at a time on the blocking
+/// pool, so callers asking over and over (any staff role may) queue behind
+/// each other instead of taking every blocking thread.
 pub(super) fn audit(ctx: &Arc<Ctx>, args: &[u8], reply: ReplyTo) {
     args!(NoArgs, args, reply);
-    let store = ctx.store.clone();
-    blocking(reply, move || Ok(Reply::Audit(store::audit(&*store.db()?)?)));
+    let (store, auditing) = (ctx.store.clone(), ctx.auditing.clone());
+    tokio::spawn(async move {
+        let _one = auditing.lock_owned().await;
+        let r =
+            tokio::task::spawn_blocking(move || store::audit(&*store.db()?).map(Reply::Audit).map_err(ApiError::from))
+                .await
+                .unwrap_or_else(|_| Err(ApiError::internal("the audit failed")));
+        reply.send(r);
+    });
 }
 
 /// Test builds only (`fault-injection`): the admin op `debug_panic

@@ -93,22 +93,27 @@ pub(super) async fn change(ctx: &Ctx, user: &str, change: UserChange) -> Result<
     rx.await.map_err(|_| ApiError::internal("the journal has stopped"))?
 }
 
-/// Issues a token for `u` and binds the connection with it.
+/// Issues a token for `u` and binds the connection with it. The token
+/// carries the user's epoch as the registry has it now (a `logout
+/// all=true` or password change may have committed while the password was
+/// hashed): the generation is read first, so any later change is
+/// re-checked at the next request.
 fn bind_new_token(ctx: &Ctx, session: &mut Session, u: &UserRecord) -> Result<Reply, ApiError> {
-    let role = Role::parse(&u.role);
-    let issued = ctx.tokens.issue(&u.user, role, u.token_epoch)?;
+    let checked = ctx.users.generation();
+    let state = ctx.users.get(&u.user).ok_or_else(|| unauthenticated("wrong user or password"))?;
+    let issued = ctx.tokens.issue(&u.user, state.role, state.epoch)?;
     session.binding = Some(Binding {
-        principal: Principal::user(&u.user, role),
+        principal: Principal::user(&u.user, state.role),
         by: Bound::Token(issued.jti.into()),
-        epoch: u.token_epoch,
+        epoch: state.epoch,
         expires_ms: issued.expires_ms,
-        checked: ctx.users.generation(),
+        checked,
     });
     Ok(Reply::Login(LoginReply {
         token: issued.token,
         expires_at: issued.expires_ms,
         user: u.user.clone(),
-        role: role.as_str(),
+        role: state.role.as_str(),
     }))
 }
 
@@ -265,6 +270,8 @@ pub(super) fn auth(ctx: &Ctx, session: &mut Session, args: &[u8], reply: ReplyTo
 /// Binds the connection to a valid, unrevoked token.
 fn bind_token(ctx: &Ctx, session: &mut Session, token: &str) -> Result<Reply, ApiError> {
     let claims = ctx.tokens.check(token)?;
+    // Read before the registry: a change after this is re-checked.
+    let checked = ctx.users.generation();
     let revoked = || unauthenticated("the token was revoked");
     let state = ctx.users.get(&claims.sub).ok_or_else(revoked)?;
     if state.epoch != claims.ep || state.revoked.contains(&claims.jti.as_str().into()) {
@@ -275,7 +282,7 @@ fn bind_token(ctx: &Ctx, session: &mut Session, token: &str) -> Result<Reply, Ap
         by: Bound::Token(claims.jti.into()),
         epoch: claims.ep,
         expires_ms: claims.exp.saturating_mul(1000),
-        checked: ctx.users.generation(),
+        checked,
     });
     Ok(Reply::Auth(AuthReply { user: claims.sub, role: state.role.as_str() }))
 }
@@ -291,6 +298,8 @@ fn bind_key(ctx: &Ctx, session: &mut Session, secret: &str) -> Result<Reply, Api
     let now = crate::clock::now_ms();
     ctx.logins.check(&actor, source, now)?;
     let hash = blake3::Hash::from(KeySecret::hash(secret));
+    // Read before the registry: a revocation after this is re-checked.
+    let checked = ctx.users.generation();
     let state = ctx
         .users
         .key(key_id)
@@ -304,13 +313,8 @@ fn bind_key(ctx: &Ctx, session: &mut Session, secret: &str) -> Result<Reply, Api
     ctx.logins.succeeded(&actor, source);
     let principal = state.principal(key_id);
     let reply = AuthReply { user: principal.user.to_string(), role: state.role.as_str() };
-    session.binding = Some(Binding {
-        principal,
-        by: Bound::Key(key_id.into()),
-        epoch: 0,
-        expires_ms: state.expires_ms,
-        checked: ctx.users.generation(),
-    });
+    session.binding =
+        Some(Binding { principal, by: Bound::Key(key_id.into()), epoch: 0, expires_ms: state.expires_ms, checked });
     tracing::info!(target: "security", key = %key_id, role = state.role.as_str(), %source, "bound with a key");
     Ok(Reply::Auth(reply))
 }
@@ -350,9 +354,9 @@ pub(super) async fn logout(ctx: &Arc<Ctx>, session: &mut Session, p: Principal, 
 pub(super) fn whoami(ctx: &Arc<Ctx>, p: Principal, args: &[u8], reply: ReplyTo) {
     args!(NoArgs, args, reply);
     let store = ctx.store.clone();
-    if let Some(key_id) = p.user.strip_prefix(KEY_ACTOR_PREFIX) {
+    if p.key {
         // A key answers with its record (never the secret).
-        let key_id = key_id.to_owned();
+        let key_id = p.user.strip_prefix(KEY_ACTOR_PREFIX).unwrap_or(&p.user).to_owned();
         return blocking(reply, move || {
             let k = store::get_key(&*store.db()?, &key_id)?.ok_or_else(|| ApiError::not_found("key"))?;
             Ok(Reply::Key(Box::new(KeyView::from(&k))))
@@ -377,7 +381,7 @@ pub(super) fn set_events(ctx: &Arc<Ctx>, args: &[u8], reply: ReplyTo) {
 /// `change_password`: awaited, like `login`.
 pub(super) async fn change_password(ctx: &Arc<Ctx>, session: &mut Session, p: Principal, args: &[u8], reply: ReplyTo) {
     let a = args!(ChangePasswordArgs, args, reply);
-    if p.user.starts_with(KEY_ACTOR_PREFIX) {
+    if p.key {
         return reply.err(ApiError::forbidden("a key has no password"));
     }
     reply.send(checked_change_password(ctx, session, &p, a).await);

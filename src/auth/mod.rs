@@ -32,13 +32,15 @@ pub struct Principal {
     pub role: Role,
     /// A key limited to these accounts moves money out of them only.
     pub accounts: Option<Arc<[Box<str>]>>,
+    /// A service key (whatever its name looks like), not a user.
+    pub key: bool,
 }
 
 impl Principal {
     /// A user, with no account limit.
     #[must_use]
     pub fn user(user: &str, role: Role) -> Principal {
-        Principal { user: user.into(), role, accounts: None }
+        Principal { user: user.into(), role, accounts: None, key: false }
     }
 
     #[must_use]
@@ -261,6 +263,7 @@ impl KeyState {
             user: format!("{KEY_ACTOR_PREFIX}{key_id}").into(),
             role: self.role,
             accounts: self.accounts.clone(),
+            key: true,
         }
     }
 }
@@ -345,6 +348,10 @@ impl NewKey<'_> {
             _ => return Err(ApiError::bad_request("a key's role is admin, operator or auditor")),
         };
         if let Some(accounts) = &self.accounts {
+            // An admin key could make itself an unlimited key or user.
+            if role == Role::Admin {
+                return Err(ApiError::bad_request("an admin key cannot be limited to accounts: use role operator"));
+            }
             if accounts.is_empty() || accounts.len() > KEY_ACCOUNTS_MAX {
                 return Err(ApiError::bad_request(format!("accounts lists 1-{KEY_ACCOUNTS_MAX} accounts")));
             }
@@ -402,10 +409,10 @@ impl Users {
         self.keys.read().ok()?.get(key_id).cloned()
     }
 
-    /// How many keys there are, revoked ones included.
+    /// How many keys there are: (unrevoked, all).
     #[must_use]
-    pub fn key_count(&self) -> usize {
-        self.keys.read().map_or(0, |m| m.len())
+    pub fn key_count(&self) -> (usize, usize) {
+        self.keys.read().map_or((0, 0), |m| (m.values().filter(|k| !k.revoked).count(), m.len()))
     }
 
     pub fn set_key(&self, key_id: &str, state: KeyState) {

@@ -384,10 +384,16 @@ impl Machine {
         }
         match (c.op, &c.by) {
             (SettleOp::Expire, _) => {}
-            (SettleOp::Decide { .. }, _) => {
+            (SettleOp::Decide { .. }, by) => {
                 let Some(r) = &request else {
                     return refuse(ApiError::not_found(format!("redeem request {}", c.hold)));
                 };
+                // Accepting moves the held amount out of the user's account,
+                // rejecting releases it: either way a key limited to other
+                // accounts may not.
+                if by.as_ref().is_some_and(|p| !p.may_debit(&record.hold.from, None)) {
+                    return refuse(ApiError::forbidden(format!("request {} is not one this key may decide", c.hold)));
+                }
                 if r.status != RedeemStatus::Pending {
                     let status = r.status.as_str();
                     return refuse(LedgerError::NotAllowed(format!("request {} was already {status}", c.hold)).into());
@@ -709,6 +715,8 @@ fn apply_user(b: &mut Batch<'_>, u: &UserCmd) -> Step<UserRecord> {
         (_, None) => return Ok(Err(ApiError::not_found(format!("user {}", u.user)))),
         (_, Some(record)) => record,
     };
+    // Revoked tokens that have expired anyway need no listing.
+    record.revoked_tokens.retain(|(_, exp)| *exp > b.time);
     match &u.change {
         UserChange::Create(_) => {}
         UserChange::NewEpoch => record.token_epoch += 1,
@@ -719,7 +727,6 @@ fn apply_user(b: &mut Batch<'_>, u: &UserCmd) -> Step<UserRecord> {
         // An admin's count of events attended; tokens stay valid.
         UserChange::Events(n) => record.events = *n,
         UserChange::RevokeToken { jti, exp_ms } => {
-            record.revoked_tokens.retain(|(_, exp)| *exp > b.time);
             if record.revoked_tokens.len() >= REVOKED_TOKENS_PER_USER_MAX {
                 // Too many to list: revoke every token instead.
                 record.revoked_tokens.clear();

@@ -297,7 +297,7 @@ impl ShardState {
         };
         let store = self.store.clone();
         tokio::task::spawn_blocking(move || {
-            let HistoryReq { account, after, limit, reply, .. } = req;
+            let HistoryReq { account, after, limit, reply, principal } = req;
             let page = || -> Result<Reply, ApiError> {
                 let db = store.db()?;
                 let start = match after {
@@ -306,7 +306,10 @@ impl ShardState {
                         ApiError::bad_request(format!("after={cursor} is not a transfer of {account}"))
                     })?,
                 };
-                let (transfers, next) = store::history(&db, &account, start, limit)?;
+                let (mut transfers, next) = store::history(&db, &account, start, limit)?;
+                for t in &mut transfers {
+                    t.shown_to(&principal.user, principal.sees_any());
+                }
                 Ok(Reply::History(HistoryReply { account: account.to_string(), transfers, next }))
             };
             reply.send(page());

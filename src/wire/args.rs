@@ -9,14 +9,16 @@ use serde::Deserialize;
 #[serde(deny_unknown_fields)]
 pub struct NoArgs {}
 
-#[derive(Debug, Deserialize)]
+// No Debug: it holds a secret, which must never reach a log line.
+#[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct LoginArgs {
     pub user: String,
     pub password: String,
 }
 
-#[derive(Debug, Deserialize)]
+// No Debug: it holds a secret, which must never reach a log line.
+#[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct AuthArgs {
     /// A login token...
@@ -58,7 +60,8 @@ pub struct RevokeKeyArgs {
     pub key_id: String,
 }
 
-#[derive(Debug, Deserialize)]
+// No Debug: it holds a secret, which must never reach a log line.
+#[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct CreateUserArgs {
     pub user: String,
@@ -118,7 +121,8 @@ pub struct GetTransferArgs {
     pub id: u64,
 }
 
-#[derive(Debug, Deserialize)]
+// No Debug: it holds a secret, which must never reach a log line.
+#[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct SignupArgs {
     pub user: String,
@@ -191,7 +195,8 @@ pub struct ResetPasswordArgs {
     pub user: String,
 }
 
-#[derive(Debug, Deserialize)]
+// No Debug: it holds a secret, which must never reach a log line.
+#[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ConfirmArgs {
     pub pending: String,
@@ -227,7 +232,8 @@ fn otp_code<'de, D: serde::Deserializer<'de>>(d: D) -> Result<String, D::Error> 
     Ok(code)
 }
 
-#[derive(Debug, Deserialize)]
+// No Debug: it holds a secret, which must never reach a log line.
+#[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ChangePasswordArgs {
     pub old_password: String,

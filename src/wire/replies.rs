@@ -125,6 +125,14 @@ pub struct TransferView {
 }
 
 impl TransferView {
+    /// A user sees who made a transfer only when it was the user: staff
+    /// user ids and key ids are not theirs to learn.
+    pub fn shown_to(&mut self, reader: &str, staff: bool) {
+        if !staff && self.by.as_deref().is_some_and(|b| b != reader) {
+            self.by = None;
+        }
+    }
+
     /// The one place a transfer's view is put together, from a stored
     /// record, a command just committed or a settled hold.
     #[allow(clippy::too_many_arguments)] // the record's fields, in order
@@ -253,7 +261,7 @@ pub enum Reply {
 }
 
 /// `create_key`: the secret, shown this once (only its hash is kept).
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Serialize)]
 pub struct KeyCreated {
     pub key_id: String,
     pub secret: String,
@@ -261,6 +269,13 @@ pub struct KeyCreated {
     pub role: String,
     pub accounts: Option<Vec<String>>,
     pub expires_at: Option<u64>,
+}
+
+impl std::fmt::Debug for KeyCreated {
+    // The secret never reaches a log line.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KeyCreated").field("key_id", &self.key_id).field("role", &self.role).finish_non_exhaustive()
+    }
 }
 
 /// A service key as `list_keys` shows it: never the secret.

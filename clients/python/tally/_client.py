@@ -41,11 +41,18 @@ def _tls_context(
     """A client TLS context: trusts ``ca`` (a PEM file) or the system's roots,
     checks the server's host name, and presents ``cert``/``key`` if given
     (for a server with ``[tls] client_ca``)."""
-    ctx = ssl.create_default_context(cafile=ca)
+    ctx = ssl.create_default_context(cafile=ca)  # verifies the chain and the host name
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
     if cert is not None:
         ctx.load_cert_chain(cert, key)
     return ctx
+
+
+def _check_tls_args(tls: bool, ca: Optional[str], cert: Optional[str], key: Optional[str]) -> None:
+    # A CA or certificate given without tls=True is a mistake that would
+    # send passwords and keys in clear.
+    if not tls and (ca is not None or cert is not None or key is not None):
+        raise ValueError("ca, cert and key need tls=True")
 
 
 def _frame(request_id: int, op: str, args: Dict[str, Any]) -> bytes:
@@ -261,6 +268,7 @@ class Client(_Ops):
         cert: Optional[str] = None,
         key: Optional[str] = None,
     ) -> None:
+        _check_tls_args(tls, ca, cert, key)
         try:
             sock = socket.create_connection((host, port), timeout=timeout)
         except OSError as e:
@@ -403,6 +411,7 @@ class AsyncClient(_Ops):
         cert: Optional[str] = None,
         key: Optional[str] = None,
     ) -> None:
+        _check_tls_args(tls, ca, cert, key)
         self._host, self._port, self._timeout = host, port, timeout
         self._ssl: Optional[ssl.SSLContext] = _tls_context(ca, cert, key) if tls else None
         self._reader: Optional[asyncio.StreamReader] = None

@@ -75,3 +75,11 @@ def test_the_asyncio_client_speaks_tls(tls_server):
             assert replies == ["pong"] * 50
 
     asyncio.run(run())
+
+
+def test_a_ca_without_tls_is_a_mistake_not_plaintext(tls_server):
+    plain, _, ca = tls_server
+    with pytest.raises(ValueError, match="need tls=True"):
+        Client(*plain, ca=ca)
+    with pytest.raises(ValueError, match="need tls=True"):
+        AsyncClient(*plain, cert=ca)
