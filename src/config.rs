@@ -143,7 +143,7 @@ pub struct LimitsConfig {
     pub commit_batch_max: usize,
     /// How long a peer may take to finish a frame or line it has started.
     pub frame_timeout_ms: u64,
-    /// How long a socket may take none of its pending replies before the
+    /// How long a socket may take to accept one batch of replies before the
     /// connection is closed.
     pub write_timeout_ms: u64,
     /// How long a connection that is not logged in may stay silent.

@@ -39,8 +39,10 @@ pub struct TransferCmd {
     pub shape: Shape,
     /// Set for a `hold` (kind `Hold`): its terms.
     pub hold: Option<Box<HoldSpec>>,
-    /// Who asked: the record names them.
-    pub by: Arc<str>,
+    /// Who asked: the record names them. (An `Option` only so that the
+    /// fan-out can move it into the reply rather than count one more
+    /// reference on another thread; it is always set.)
+    pub by: Option<Arc<str>>,
     pub reply: ReplyTo,
 }
 

@@ -52,7 +52,7 @@ pub(super) fn mint(ctx: &Arc<Ctx>, p: Principal, args: &[u8], session: &mut Sess
 pub(super) fn create_account(ctx: &Arc<Ctx>, p: Principal, args: &[u8], reply: ReplyTo) {
     let a = args!(CreateAccountArgs, args, reply);
     let (account, meta, initial) = check!(validate_create(ctx, a), reply);
-    if initial > 0 && !p.may_debit(MINT, None) {
+    if initial > 0 && !p.may_debit(MINT, || None) {
         return reply.err(ApiError::forbidden("this key may not move money out of @mint (initial)"));
     }
     let cmd = CreateCmd { account: account.as_str().into(), meta, initial, user: None, by: p.user, reply };

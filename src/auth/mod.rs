@@ -54,15 +54,17 @@ impl Principal {
         self.role.is_staff()
     }
 
-    /// Whether it may move money out of `account`, owned by `owner`: an
+    /// Whether it may move money out of `account`, owned by `owner()`: an
     /// admin or operator any (a limited key: its accounts only), an auditor
-    /// none, a user the accounts it owns.
+    /// none, a user the accounts it owns. The owner is asked for only for a
+    /// user: in an owner shard it sits in the account's cold part, a cache
+    /// miss on every staff debit otherwise (~3% of the server's CPU).
     #[must_use]
-    pub fn may_debit(&self, account: &str, owner: Option<&str>) -> bool {
+    pub fn may_debit<'a>(&self, account: &str, owner: impl FnOnce() -> Option<&'a str>) -> bool {
         match self.role {
             Role::Admin | Role::Operator => self.accounts.as_ref().is_none_or(|a| a.iter().any(|x| &**x == account)),
             Role::Auditor => false,
-            Role::User => owner == Some(&*self.user),
+            Role::User => owner() == Some(&*self.user),
         }
     }
 }

@@ -210,7 +210,7 @@ impl<'a> Fields<'a> {
             fee: c.fee,
             memo: c.memo.as_deref(),
             key: c.key.as_deref(),
-            by: Some(&c.by),
+            by: c.by.as_deref(),
         }
     }
 }
@@ -391,7 +391,7 @@ impl Machine {
                 // Accepting moves the held amount out of the user's account,
                 // rejecting releases it: either way a key limited to other
                 // accounts may not.
-                if by.as_ref().is_some_and(|p| !p.may_debit(&record.hold.from, None)) {
+                if by.as_ref().is_some_and(|p| !p.may_debit(&record.hold.from, || None)) {
                     return refuse(ApiError::forbidden(format!("request {} is not one this key may decide", c.hold)));
                 }
                 if r.status != RedeemStatus::Pending {
@@ -405,7 +405,7 @@ impl Machine {
             (_, Some(p)) => {
                 // Only a user's own holds need the owner read.
                 let owner = if p.sees_any() { None } else { b.meta(&record.hold.from)?.and_then(|m| m.owner) };
-                if !p.may_debit(&record.hold.from, owner.as_deref()) {
+                if !p.may_debit(&record.hold.from, || owner.as_deref()) {
                     return refuse(ApiError::forbidden(format!("hold {} is not yours", c.hold)));
                 }
             }

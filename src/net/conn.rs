@@ -269,7 +269,8 @@ fn reply_slots(op: &str, args: &[u8]) -> usize {
 /// Encodes the answers of a connection and writes them. The permits of an
 /// answer are released only once its bytes are written, so a peer that
 /// stops reading holds its slots and is not read from any more; if the
-/// socket takes no bytes for `write_timeout`, the connection is closed and
+/// socket does not take a batch of replies (up to `WRITE_BATCH_BYTES` and
+/// one reply) within `write_timeout`, the connection is closed and
 /// everything it held is released.
 async fn write_loop<W: AsyncWrite + Unpin>(
     mut wr: W,
@@ -293,26 +294,23 @@ async fn write_loop<W: AsyncWrite + Unpin>(
             taken.absorb(permits);
             next = if out.len() < WRITE_BATCH_BYTES { rx.try_recv().ok() } else { None };
         }
-        let mut written = 0;
-        while written < out.len() {
-            match tokio::time::timeout(write_timeout, wr.write(&out[written..])).await {
-                Ok(Ok(n)) if n > 0 => written += n,
-                Ok(_) => {
-                    closed.cancel();
-                    return;
-                }
-                Err(_) => {
-                    tracing::warn!(%peer, pending_bytes = out.len() - written, timeout_ms = write_timeout.as_millis() as u64,
-                        "closing a connection whose peer stopped reading");
-                    closed.cancel();
-                    return;
-                }
-            }
-        }
-        // TLS may hold encrypted bytes back until flushed (a no-op on TCP).
-        match tokio::time::timeout(write_timeout, wr.flush()).await {
+        // One timer per batch: the batch (at most `WRITE_BATCH_BYTES` and
+        // one reply) must be taken within `write_timeout`. The flush is a
+        // no-op on TCP; TLS may hold encrypted bytes back until then.
+        let written = tokio::time::timeout(write_timeout, async {
+            wr.write_all(&out).await?;
+            wr.flush().await
+        })
+        .await;
+        match written {
             Ok(Ok(())) => {}
-            Ok(Err(_)) | Err(_) => {
+            Ok(Err(_)) => {
+                closed.cancel();
+                return;
+            }
+            Err(_) => {
+                tracing::warn!(%peer, pending_bytes = out.len(), timeout_ms = write_timeout.as_millis() as u64,
+                    "closing a connection whose peer stopped reading");
                 closed.cancel();
                 return;
             }

@@ -59,7 +59,7 @@ fn view_of(t: &mut TransferCmd, d: &Done) -> TransferView {
         t.key.as_deref().map(str::to_owned),
         (d.prev, d.hash),
         Some((d.applied.from_balance, d.applied.to_balance)),
-        Some(t.by.clone()),
+        t.by.take(),
     )
 }
 

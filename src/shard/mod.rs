@@ -236,7 +236,7 @@ enum Use {
 fn may_use(principal: &Principal, slot: &Slot, account: &str, what: Use) -> bool {
     match what {
         Use::Read => principal.sees_any() || slot.owner() == Some(&*principal.user),
-        Use::Debit => principal.may_debit(account, slot.owner()),
+        Use::Debit => principal.may_debit(account, || slot.owner()),
     }
 }
 
@@ -374,7 +374,7 @@ impl ShardState {
             mode: Mode::Reserved,
             shape,
             hold,
-            by: principal.user,
+            by: Some(principal.user),
             reply,
         }));
         if let Err(Command::Transfer(t)) = self.journal.send(cmd).map_err(|c| *c) {

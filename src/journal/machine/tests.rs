@@ -110,7 +110,7 @@ fn transfer(from: &str, to: &str, amount: i64, key: Option<&str>) -> Command {
         mode: Mode::Unreserved,
         shape: Shape::Transfer,
         hold: None,
-        by: "admin".into(),
+        by: Some("admin".into()),
         reply: reply(),
     }))
 }
@@ -128,7 +128,7 @@ fn hold(from: &str, to: &str, amount: i64, expires_at: u64) -> Command {
         mode: Mode::Unreserved,
         shape: Shape::Hold { expires_at },
         hold: Some(Box::new(HoldSpec { expires_at, fee_bps: 0, redeem: None })),
-        by: "admin".into(),
+        by: Some("admin".into()),
         reply: reply(),
     }))
 }
@@ -310,7 +310,7 @@ fn every_record_names_who_made_it() {
     let (mut m, mut cold) = setup();
     let mut t = transfer("alice", "bob", 3, None);
     if let Command::Transfer(c) = &mut t {
-        c.by = "key:0123456789ab".into();
+        c.by = Some("key:0123456789ab".into());
     }
     let (w, o) = run(&mut m, &mut cold, &[t, hold("alice", "carol", 4, T0 + 10)], T0 + 1);
     assert!(o.iter().all(ok));
