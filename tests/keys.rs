@@ -24,6 +24,14 @@ async fn make_key(admin: &Client, name: &str, role: &str, extra: Value) -> (Stri
     (k["key_id"].as_str().unwrap().to_owned(), k["secret"].as_str().unwrap().to_owned())
 }
 
+/// A user made by an admin with `create_user`: `{user}@example.org`, password [`PW`].
+async fn make_user(admin: &Client, user: &str, role: &str) -> Value {
+    let name = format!("{}{}", user[..1].to_uppercase(), &user[1..]);
+    let args =
+        json!({"user": user, "role": role, "name": name, "email": format!("{user}@example.org"), "password": PW});
+    admin.call("create_user", args).await.expect("create_user")
+}
+
 async fn bound(s: &Server, secret: &str) -> Client {
     let c = s.client().await;
     c.call("auth", json!({ "key": secret })).await.expect("auth with the key");
@@ -203,32 +211,14 @@ async fn a_key_limited_to_accounts_moves_money_out_of_those_only() {
 async fn admins_make_users_of_every_role_and_records_name_them() {
     let mut m = common::MailServer::start(&[("TALLY_AUTH_SIGNUP", "false")]);
     let admin = m.s.admin().await;
-    let made = admin
-        .call(
-            "create_user",
-            json!({"user": "olga", "role": "operator", "name": "Olga", "email": "olga@example.org", "password": PW}),
-        )
-        .await
-        .unwrap();
+    let made = make_user(&admin, "olga", "operator").await;
     assert_eq!(
         made,
         json!({"user": "olga", "name": "Olga", "email": "olga@example.org", "role": "operator", "group": null, "events": 0})
     );
-    admin
-        .call(
-            "create_user",
-            json!({"user": "ada", "role": "admin", "name": "Ada", "email": "ada@example.org", "password": PW}),
-        )
-        .await
-        .unwrap();
+    make_user(&admin, "ada", "admin").await;
     // A user, made while signup is closed, gets an account as at signup.
-    admin
-        .call(
-            "create_user",
-            json!({"user": "ben", "role": "user", "name": "Ben", "email": "ben@example.org", "password": PW}),
-        )
-        .await
-        .unwrap();
+    make_user(&admin, "ben", "user").await;
     assert_eq!(admin.call("account", json!({"account": "ben"})).await.unwrap()["owner"], "ben");
     assert_eq!(code(admin.call("account", json!({"account": "olga"})).await), "not_found", "staff own no account");
     let bad = |user: &str, role: &str| json!({"user": user, "role": role, "name": "X", "email": "x@example.org", "password": PW});
@@ -277,13 +267,7 @@ async fn admins_make_users_of_every_role_and_records_name_them() {
 async fn with_several_sessions_a_login_revokes_nothing_and_logout_all_ends_them_all() {
     let s = Server::start();
     let admin = s.admin().await;
-    admin
-        .call(
-            "create_user",
-            json!({"user": "ann", "role": "user", "name": "Ann", "email": "ann@example.org", "password": PW}),
-        )
-        .await
-        .unwrap();
+    make_user(&admin, "ann", "user").await;
     let (phone, laptop, tablet) = (s.client().await, s.client().await, s.client().await);
     phone.login("ann", PW).await.unwrap();
     let laptop_token = laptop.login("ann", PW).await.unwrap()["token"].as_str().unwrap().to_owned();
@@ -314,13 +298,7 @@ async fn with_several_sessions_a_login_revokes_nothing_and_logout_all_ends_them_
 async fn with_one_session_a_login_revokes_the_older_tokens() {
     let s = Server::start_with(&[("TALLY_AUTH_SESSIONS", "single")]);
     let admin = s.admin().await;
-    admin
-        .call(
-            "create_user",
-            json!({"user": "ann", "role": "user", "name": "Ann", "email": "ann@example.org", "password": PW}),
-        )
-        .await
-        .unwrap();
+    make_user(&admin, "ann", "user").await;
     let (first, second) = (s.client().await, s.client().await);
     first.login("ann", PW).await.unwrap();
     second.login("ann", PW).await.unwrap();
