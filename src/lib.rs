@@ -4,8 +4,9 @@
 //!
 //! Each module depends only on the ones listed before it.
 //!
-//! - [`limits`], [`clock`], [`error`], [`guard`]: every limit, the time,
-//!   the error codes, the budgets of anything that can be retried.
+//! - [`limits`], [`clock`], [`error`], [`guard`], [`random`]: every limit,
+//!   the time, the error codes, the budgets of anything that can be
+//!   retried, random ids and secrets.
 //! - [`ledger`]: the money rules as plain functions over plain data (no IO).
 //! - [`wire`]: the frame codec, the text mode, the op table, every op's
 //!   arguments and result shapes.
@@ -38,6 +39,7 @@ pub mod ledger;
 pub mod limits;
 pub mod net;
 pub mod otp;
+pub mod random;
 pub mod reply;
 pub mod server;
 pub mod shard;

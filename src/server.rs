@@ -116,17 +116,8 @@ fn generate_admin(db: &Database, data: &std::path::Path) -> Result<(), StartErro
     if store::load_users(db)?.iter().any(|u| u.role == "admin") {
         return Ok(());
     }
-    let mut raw = [0u8; 18];
-    getrandom::fill(&mut raw).map_err(|e| StartError::Other(format!("no randomness: {e}")))?;
     // 24 characters from a 64-letter alphabet: 144 bits.
-    const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
-    let password: String = raw
-        .chunks(3)
-        .flat_map(|c| {
-            let n = (u32::from(c[0]) << 16) | (u32::from(c[1]) << 8) | u32::from(c[2]);
-            (0..4).rev().map(move |i| ALPHABET[((n >> (6 * i)) & 63) as usize] as char)
-        })
-        .collect();
+    let password = crate::random::base64url::<18>().map_err(|e| StartError::Other(e.message))?;
     let path = data.join(ADMIN_PASSWORD_FILE);
     write_private(&path, format!("{password}\n").as_bytes())
         .map_err(|source| StartError::Data { path: path.display().to_string(), source })?;

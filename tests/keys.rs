@@ -452,3 +452,36 @@ async fn a_deployment_bootstraps_with_a_key() {
     create(&k, "first", 10).await;
     assert_eq!(k.call("audit", json!({})).await.unwrap()["sum"], 0);
 }
+
+/// At most 1000 unrevoked keys: the next is refused, and revoking one
+/// makes room again. Keys made at once are counted exactly.
+#[tokio::test]
+async fn live_keys_are_bounded_and_revoking_makes_room() {
+    let s = Server::start();
+    let admin = std::sync::Arc::new(s.admin().await);
+    let made: Vec<_> = (0..1001)
+        .map(|i| {
+            let admin = admin.clone();
+            tokio::spawn(
+                async move { admin.call("create_key", json!({"name": format!("k{i}"), "role": "auditor"})).await },
+            )
+        })
+        .collect();
+    let (mut ok, mut refused, mut first) = (0, 0, None);
+    for m in made {
+        match m.await.unwrap() {
+            Ok(k) => {
+                ok += 1;
+                first.get_or_insert(k["key_id"].as_str().unwrap().to_owned());
+            }
+            Err(e) => {
+                assert_eq!(e.to_string(), "bad_request: at most 1000 unrevoked keys: revoke one first");
+                refused += 1;
+            }
+        }
+    }
+    assert_eq!((ok, refused), (1000, 1));
+    admin.call("revoke_key", json!({ "key_id": first })).await.unwrap();
+    admin.call("create_key", json!({"name": "again", "role": "auditor"})).await.unwrap();
+    assert_eq!(code(admin.call("create_key", json!({"name": "more", "role": "auditor"})).await), "bad_request");
+}

@@ -25,6 +25,10 @@ struct TlsServer {
 
 impl TlsServer {
     fn start(mutual: bool) -> TlsServer {
+        Self::start_with(mutual, &[])
+    }
+
+    fn start_with(mutual: bool, extra: &[(&str, &str)]) -> TlsServer {
         let dir = tempfile::tempdir().unwrap();
         let pki = Pki::make(dir.path());
         let (cert, key, ca) =
@@ -37,6 +41,7 @@ impl TlsServer {
         if mutual {
             env.push(("TALLY_TLS_CLIENT_CA", ca.as_str()));
         }
+        env.extend_from_slice(extra);
         let s = Server::start_with(&env);
         TlsServer { s, pki, _dir: dir }
     }
@@ -138,6 +143,33 @@ async fn plaintext_on_the_tls_port_gets_no_reply() {
     assert_eq!(anon.call("ping", json!({})).await.unwrap(), "pong");
     assert_eq!(t.client().await.call("ping", json!({})).await.unwrap(), "pong");
     assert_eq!(t.s.client().await.call("ping", json!({})).await.unwrap(), "pong");
+}
+
+/// A handshake is bounded in time, and TLS connections count against the
+/// same `connections_max` as plaintext ones.
+#[tokio::test]
+async fn a_stalled_handshake_is_closed_and_tls_connections_count_against_the_limit() {
+    let t = TlsServer::start_with(
+        false,
+        &[("TALLY_LIMITS_FRAME_TIMEOUT_MS", "300"), ("TALLY_LIMITS_CONNECTIONS_MAX", "2")],
+    );
+    // Connected, then silent: closed once the handshake time is up.
+    let mut silent = tokio::net::TcpStream::connect(t.s.tls_addr.unwrap()).await.unwrap();
+    let started = std::time::Instant::now();
+    let mut got = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), silent.read_to_end(&mut got)).await.unwrap().unwrap();
+    assert!(got.is_empty(), "{got:?}");
+    assert!(started.elapsed() >= Duration::from_millis(300), "closed before its time: {:?}", started.elapsed());
+    // Two TLS connections fill the limit: a plaintext one is refused.
+    let (a, _b) = (t.client().await, t.client().await);
+    assert_eq!(a.call("ping", json!({})).await.unwrap(), "pong");
+    let mut third = tokio::net::TcpStream::connect(t.s.addr).await.unwrap();
+    let mut len = [0u8; 4];
+    third.read_exact(&mut len).await.unwrap();
+    let mut body = vec![0u8; u32::from_be_bytes(len) as usize];
+    third.read_exact(&mut body).await.unwrap();
+    let reply: serde_json::Value = rmp_serde::from_slice(&body).unwrap();
+    assert_eq!(reply["err"]["code"], "overloaded");
 }
 
 #[tokio::test]

@@ -4,8 +4,6 @@
 
 use std::sync::Arc;
 
-use tokio::sync::oneshot;
-
 use super::{blocking, page_limit, Ctx};
 use crate::auth::{NewKey, Principal};
 use crate::contract::{Command, KeyChange, KeyCmd};
@@ -17,11 +15,7 @@ use crate::wire::{CreateKeyArgs, KeyCreated, KeyView, KeysPage, ListKeysArgs, Re
 
 /// Commits a change to the keys through the journal and waits for it.
 async fn change(ctx: &Ctx, change: KeyChange) -> Result<KeyRecord, ApiError> {
-    let (done, rx) = oneshot::channel();
-    ctx.journal
-        .send(Command::Key(Box::new(KeyCmd { change, done })))
-        .map_err(|_| ApiError::internal("the journal has stopped"))?;
-    rx.await.map_err(|_| ApiError::internal("the journal has stopped"))?
+    super::commit(ctx, |done| Command::Key(Box::new(KeyCmd { change, done }))).await
 }
 
 /// Whether one more key may be made, given (unrevoked, all) keys.
@@ -70,18 +64,9 @@ pub(super) fn list_keys(ctx: &Arc<Ctx>, args: &[u8], reply: ReplyTo) {
     let limit = check!(page_limit(a.limit), reply);
     let store = ctx.store.clone();
     blocking(reply, move || {
-        let keys = store::load_keys(&*store.db()?)?;
-        let mut page: Vec<KeyView> = keys
-            .iter()
-            .filter(|k| a.after.as_ref().is_none_or(|after| k.key_id.as_str() > after.as_str()))
-            .take(limit + 1)
-            .map(KeyView::from)
-            .collect();
-        let next = (page.len() > limit).then(|| {
-            page.truncate(limit);
-            page.last().map(|k| k.key_id.clone()).unwrap_or_default()
-        });
-        Ok(Reply::Keys(KeysPage { keys: page, next }))
+        let (keys, more) = store::list_keys(&*store.db()?, a.after.as_deref(), limit)?;
+        let next = more.then(|| keys.last().map(|k| k.key_id.clone())).flatten();
+        Ok(Reply::Keys(KeysPage { keys: keys.iter().map(KeyView::from).collect(), next }))
     });
 }
 

@@ -252,6 +252,18 @@ where
     });
 }
 
+/// Sends the journal a command that answers through `done` once
+/// committed, and waits for that answer.
+async fn commit<T>(
+    ctx: &Ctx,
+    command: impl FnOnce(tokio::sync::oneshot::Sender<Result<T, ApiError>>) -> Command,
+) -> Result<T, ApiError> {
+    let stopped = || ApiError::internal("the journal has stopped");
+    let (done, answer) = tokio::sync::oneshot::channel();
+    ctx.journal.send(command(done)).map_err(|_| stopped())?;
+    answer.await.map_err(|_| stopped())?
+}
+
 /// Queues a command for the journal; answers `internal` if it has stopped.
 fn to_journal(ctx: &Ctx, cmd: Command) {
     if let Err(cmd) = ctx.journal.send(cmd) {

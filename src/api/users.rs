@@ -4,8 +4,6 @@
 
 use std::sync::Arc;
 
-use tokio::sync::oneshot;
-
 use super::{blocking, Ctx, Session};
 use crate::auth::{self, Binding, Bound, KeySecret, Principal, Role, KEY_ACTOR_PREFIX};
 use crate::config::Sessions;
@@ -53,7 +51,7 @@ pub(super) fn current(ctx: &Ctx, session: &mut Session) -> Result<Principal, Api
             Bound::Token(jti) => ctx
                 .users
                 .get(&b.principal.user)
-                .filter(|s| s.epoch == b.epoch && !s.revoked.contains(jti))
+                .filter(|s| s.epoch == b.epoch && !s.revoked.iter().any(|r| r == jti))
                 .map(|s| s.role),
             Bound::Key(key_id) => ctx.users.key(key_id).filter(|k| !k.revoked).map(|k| k.role),
         };
@@ -86,11 +84,7 @@ pub(super) async fn on_hash_pool<T: Send + 'static>(
 
 /// Commits a change to a user through the journal and waits for it.
 pub(super) async fn change(ctx: &Ctx, user: &str, change: UserChange) -> Result<UserRecord, ApiError> {
-    let (done, rx) = oneshot::channel();
-    ctx.journal
-        .send(Command::User(Box::new(UserCmd { user: user.into(), change, done })))
-        .map_err(|_| ApiError::internal("the journal has stopped"))?;
-    rx.await.map_err(|_| ApiError::internal("the journal has stopped"))?
+    super::commit(ctx, |done| Command::User(Box::new(UserCmd { user: user.into(), change, done }))).await
 }
 
 /// Issues a token for `u` and binds the connection with it. The token
@@ -274,7 +268,7 @@ fn bind_token(ctx: &Ctx, session: &mut Session, token: &str) -> Result<Reply, Ap
     let checked = ctx.users.generation();
     let revoked = || unauthenticated("the token was revoked");
     let state = ctx.users.get(&claims.sub).ok_or_else(revoked)?;
-    if state.epoch != claims.ep || state.revoked.contains(&claims.jti.as_str().into()) {
+    if state.epoch != claims.ep || state.revoked.iter().any(|r| **r == *claims.jti) {
         return Err(revoked());
     }
     session.binding = Some(Binding {

@@ -132,15 +132,13 @@ impl Tokens {
     /// A token for `user`, with its id and expiry.
     pub fn issue(&self, user: &str, role: Role, epoch: u64) -> Result<Issued, ApiError> {
         let now = crate::clock::now_ms() / 1000;
-        let mut id = [0u8; 16];
-        getrandom::fill(&mut id).map_err(|_| ApiError::internal("no randomness"))?;
         let claims = Claims {
             sub: user.to_owned(),
             role: role.as_str().to_owned(),
             exp: now + self.ttl_s,
             iat: now,
             ep: epoch,
-            jti: id.iter().map(|b| format!("{b:02x}")).collect(),
+            jti: crate::random::hex::<16>()?,
         };
         let token = jsonwebtoken::encode(&Header::new(Algorithm::HS256), &claims, &self.encoding)
             .map_err(|_| ApiError::internal("could not sign the token"))?;
@@ -192,9 +190,7 @@ pub fn load_secret(configured: Option<&str>, data: &Path) -> std::io::Result<Vec
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
         Err(e) => return Err(e),
     }
-    let mut secret = [0u8; 32];
-    getrandom::fill(&mut secret).map_err(|e| std::io::Error::other(e.to_string()))?;
-    let hexed = crate::wire::Hash32(secret).hex().to_vec();
+    let hexed = crate::random::hex::<32>().map_err(|e| std::io::Error::other(e.message))?.into_bytes();
     let mut opts = std::fs::OpenOptions::new();
     opts.write(true).create_new(true);
     #[cfg(unix)]
@@ -287,25 +283,8 @@ const KEY_SECRET_CHARS: usize = 43;
 impl KeySecret {
     /// A new key id and secret from the OS's CSPRNG.
     pub fn generate() -> Result<KeySecret, ApiError> {
-        const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
-        let mut raw = [0u8; 6 + 32];
-        getrandom::fill(&mut raw).map_err(|_| ApiError::internal("no randomness"))?;
-        let key_id: String = raw[..6].iter().map(|b| format!("{b:02x}")).collect();
-        // 32 bytes as 43 characters of 6 bits each (the last holds 2 bits).
-        let mut bits: u32 = 0;
-        let mut n = 0;
-        let mut random = String::with_capacity(KEY_SECRET_CHARS);
-        for &b in &raw[6..] {
-            bits = (bits << 8) | u32::from(b);
-            n += 8;
-            while n >= 6 {
-                n -= 6;
-                random.push(ALPHABET[((bits >> n) & 63) as usize] as char);
-            }
-        }
-        if n > 0 {
-            random.push(ALPHABET[((bits << (6 - n)) & 63) as usize] as char);
-        }
+        let key_id = crate::random::hex::<6>()?;
+        let random = crate::random::base64url::<32>()?;
         Ok(KeySecret { secret: format!("tally_{key_id}_{random}"), key_id })
     }
 

@@ -281,10 +281,8 @@ impl Sessions {
                 })?;
             }
         }
-        let mut id = [0u8; 16];
-        getrandom::fill(&mut id).map_err(|_| ApiError::internal("no randomness"))?;
         // The prefix keeps the dev text mode from reading an all-digit id as a number.
-        let pending: String = std::iter::once("otp-".to_owned()).chain(id.iter().map(|b| format!("{b:02x}"))).collect();
+        let pending = format!("otp-{}", crate::random::hex::<16>()?);
         let code = Code::random()?;
         let expires_ms = now_ms.saturating_add(self.rules.ttl_ms);
         let subject = action.subject();

@@ -80,6 +80,24 @@ pub fn load_keys(db: &Database) -> Result<Vec<KeyRecord>, StoreError> {
     Ok(out)
 }
 
+/// A page of service keys in key id order, after `after`, and whether
+/// there are more.
+pub fn list_keys(db: &Database, after: Option<&str>, limit: usize) -> Result<(Vec<KeyRecord>, bool), StoreError> {
+    let txn = db.begin_read()?;
+    let keys = txn.open_table(SERVICE_KEYS)?;
+    let rows = match after {
+        Some(after) => keys.range::<&str>((std::ops::Bound::Excluded(after), std::ops::Bound::Unbounded))?,
+        None => keys.range::<&str>(..)?,
+    };
+    let mut out = Vec::new();
+    for row in rows.take(limit + 1) {
+        out.push(KeyRecord::decode(row?.1.value())?);
+    }
+    let more = out.len() > limit;
+    out.truncate(limit);
+    Ok((out, more))
+}
+
 /// Reads one service key.
 pub fn get_key(db: &Database, key_id: &str) -> Result<Option<KeyRecord>, StoreError> {
     let txn = db.begin_read()?;
