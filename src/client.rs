@@ -34,7 +34,12 @@ use crate::wire::frame;
 pub enum ClientError {
     /// The server answered with an error code.
     #[error("{code}: {message}")]
-    Server { code: String, message: String },
+    Server {
+        code: String,
+        message: String,
+        /// The failing item of an atomic `transfer_batch`.
+        item: Option<usize>,
+    },
     #[error("connection: {0}")]
     Io(#[from] std::io::Error),
     #[error("protocol: {0}")]
@@ -49,6 +54,15 @@ impl ClientError {
     pub fn code(&self) -> Option<&str> {
         match self {
             ClientError::Server { code, .. } => Some(code),
+            _ => None,
+        }
+    }
+
+    /// The failing item of an atomic batch, if the server named one.
+    #[must_use]
+    pub fn item(&self) -> Option<usize> {
+        match self {
+            ClientError::Server { item, .. } => *item,
             _ => None,
         }
     }
@@ -77,6 +91,7 @@ struct RawResponse {
 struct RawError {
     code: String,
     message: String,
+    item: Option<usize>,
 }
 
 impl Client {
@@ -201,6 +216,12 @@ impl Client {
     ) -> Result<Value, ClientError> {
         self.call("transfer", serde_json::json!({"from": from, "to": to, "amount": amount, "key": key})).await
     }
+
+    /// Sends `transfers` (each `{from?, to, amount, memo?, key?}`) as one
+    /// `transfer_batch`; with `atomic`, all of them commit or none does.
+    pub async fn transfer_batch(&self, transfers: &[Value], atomic: bool) -> Result<Value, ClientError> {
+        self.call("transfer_batch", serde_json::json!({"transfers": transfers, "atomic": atomic})).await
+    }
 }
 
 impl Drop for Client {
@@ -218,7 +239,7 @@ fn deliver(pending: &Pending, body: &[u8]) {
         return;
     };
     let result = match (r.ok, r.err) {
-        (_, Some(e)) => Err(ClientError::Server { code: e.code, message: e.message }),
+        (_, Some(e)) => Err(ClientError::Server { code: e.code, message: e.message, item: e.item }),
         (Some(v), None) => Ok(v),
         (None, None) => Err(ClientError::Protocol("an answer with neither ok nor err".into())),
     };

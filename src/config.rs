@@ -6,9 +6,9 @@ use std::path::{Path, PathBuf};
 use serde::Deserialize;
 
 use crate::limits::{
-    COMMIT_BATCH_LIMIT, COMMIT_BATCH_MAX, CONNECTIONS_MAX, DATA_DEFAULT, FRAME_BYTES_MAX, FRAME_READ_TIMEOUT_MS,
-    IDLE_ANONYMOUS_MS, INFLIGHT_MAX, INFLIGHT_PER_CONNECTION_MAX, LISTEN_DEFAULT, SHARDS_DEFAULT, TOKEN_TTL_S_DEFAULT,
-    WRITE_TIMEOUT_MS,
+    BATCH_MAX_DEFAULT, BATCH_MAX_LIMIT, COMMIT_BATCH_LIMIT, COMMIT_BATCH_MAX, CONNECTIONS_MAX, DATA_DEFAULT,
+    FRAME_BYTES_MAX, FRAME_READ_TIMEOUT_MS, IDLE_ANONYMOUS_MS, INFLIGHT_MAX, INFLIGHT_PER_CONNECTION_MAX,
+    LISTEN_DEFAULT, SHARDS_DEFAULT, TOKEN_TTL_S_DEFAULT, WRITE_TIMEOUT_MS,
 };
 
 /// A configuration that cannot be used.
@@ -141,6 +141,8 @@ pub struct LimitsConfig {
     pub inflight_per_connection_max: usize,
     pub inflight_max: usize,
     pub commit_batch_max: usize,
+    /// Transfers in one `transfer_batch`.
+    pub batch_max: usize,
     /// How long a peer may take to finish a frame or line it has started.
     pub frame_timeout_ms: u64,
     /// How long a socket may take to accept one batch of replies before the
@@ -228,6 +230,7 @@ impl Default for LimitsConfig {
             inflight_per_connection_max: INFLIGHT_PER_CONNECTION_MAX,
             inflight_max: INFLIGHT_MAX,
             commit_batch_max: COMMIT_BATCH_MAX,
+            batch_max: BATCH_MAX_DEFAULT,
             frame_timeout_ms: FRAME_READ_TIMEOUT_MS,
             write_timeout_ms: WRITE_TIMEOUT_MS,
             idle_anonymous_ms: IDLE_ANONYMOUS_MS,
@@ -252,6 +255,7 @@ const KEYS: &[(&str, &[&str])] = &[
             "inflight_per_connection_max",
             "inflight_max",
             "commit_batch_max",
+            "batch_max",
             "frame_timeout_ms",
             "write_timeout_ms",
             "idle_anonymous_ms",
@@ -471,6 +475,9 @@ impl Config {
         }
         if !(1..=INFLIGHT_MAX * 8).contains(&self.limits.inflight_max) {
             return bad("limits.inflight_max must be 1..=1048576");
+        }
+        if !(1..=BATCH_MAX_LIMIT).contains(&self.limits.batch_max) {
+            return bad("limits.batch_max must be 1..=10000");
         }
         if !(1..=COMMIT_BATCH_LIMIT).contains(&self.limits.commit_batch_max) {
             return bad("limits.commit_batch_max must be 1..=65536");

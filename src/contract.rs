@@ -46,6 +46,16 @@ pub struct TransferCmd {
     pub reply: ReplyTo,
 }
 
+/// The items of an atomic `transfer_batch`, each reserved by its owner:
+/// committed all together, or none of them.
+pub struct BatchCmd {
+    /// Each item with its place in the request.
+    pub items: Vec<(usize, Box<TransferCmd>)>,
+    /// Set when an owner refused an item before the journal: nothing is
+    /// applied, every reservation is released, every item answers this.
+    pub refused: Option<ApiError>,
+}
+
 /// The terms of a hold beyond its source, destination and amount.
 #[derive(Clone, Debug, Default)]
 pub struct HoldSpec {
@@ -179,6 +189,7 @@ pub enum Command {
     // Boxed: commands are moved several times on their way (channel, batch,
     // outcome, fan-out), and a pointer is cheaper to move than ~200 bytes.
     Transfer(Box<TransferCmd>),
+    Batch(Box<BatchCmd>),
     Create(Box<CreateCmd>),
     User(Box<UserCmd>),
     Close(Box<CloseCmd>),
@@ -205,6 +216,7 @@ impl Command {
             Command::Reap(c) => Some(c.reply),
             Command::Settle(c) => Some(c.reply),
             Command::Transfer(_)
+            | Command::Batch(_)
             | Command::Create(_)
             | Command::User(_)
             | Command::Key(_)
@@ -228,6 +240,9 @@ pub struct Done {
 pub enum Outcome {
     /// A transfer, and the user whose `events` a `mint` counted up.
     Transfer(Result<Done, ApiError>, Option<Box<UserRecord>>),
+    /// An atomic batch: every item's record, or the first failing item's
+    /// error (naming the item).
+    Batch(Result<Vec<Done>, ApiError>),
     /// A create: the account's number and its funding record, if any.
     Create(Result<(u32, Option<Done>), ApiError>),
     User(Result<Box<UserRecord>, ApiError>),
@@ -246,6 +261,7 @@ impl Outcome {
                 *r = Err(e.clone());
                 *rewarded = None;
             }
+            Outcome::Batch(r) => *r = Err(e.clone()),
             Outcome::Create(r) => *r = Err(e.clone()),
             Outcome::User(r) => *r = Err(e.clone()),
             Outcome::Key(r) => *r = Err(e.clone()),
@@ -260,6 +276,7 @@ impl Outcome {
     pub fn refused(cmd: &Command, e: &ApiError) -> Option<Outcome> {
         Some(match cmd {
             Command::Transfer(_) => Outcome::Transfer(Err(e.clone()), None),
+            Command::Batch(_) => Outcome::Batch(Err(e.clone())),
             Command::Create(_) => Outcome::Create(Err(e.clone())),
             Command::User(_) => Outcome::User(Err(e.clone())),
             Command::Key(_) => Outcome::Key(Err(e.clone())),

@@ -85,6 +85,9 @@ impl ErrorCode {
 pub struct ApiError {
     pub code: ErrorCode,
     pub message: String,
+    /// The failing item of an atomic `transfer_batch` (0-based).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub item: Option<usize>,
 }
 
 impl ApiError {
@@ -102,7 +105,7 @@ impl ApiError {
             message.truncate(end);
             message.push_str("...");
         }
-        ApiError { code, message }
+        ApiError { code, message, item: None }
     }
     pub fn bad_request(message: impl Into<String>) -> Self {
         Self::new(ErrorCode::BadRequest, message)
@@ -115,6 +118,12 @@ impl ApiError {
     }
     pub fn internal(message: impl Into<String>) -> Self {
         Self::new(ErrorCode::Internal, message)
+    }
+    /// The same error, naming the batch item it is about.
+    #[must_use]
+    pub fn at_item(mut self, item: usize) -> Self {
+        self.item = Some(item);
+        self
     }
 }
 

@@ -55,6 +55,16 @@ pub const ERROR_MESSAGE_BYTES_MAX: usize = 512;
 pub const COMMIT_BATCH_MAX: usize = 2048;
 /// Most records in one stored chunk (one redb row): bounds what reading a
 /// single record (`get_transfer`, a history step) has to walk.
+/// Transfers in one `transfer_batch` by default (`limits.batch_max`).
+pub const BATCH_MAX_DEFAULT: usize = 1000;
+/// The most `limits.batch_max` may be set to.
+pub const BATCH_MAX_LIMIT: usize = 10_000;
+/// What one item of a `transfer_batch` counts for its reply slots: its
+/// entry in the reply (under 256 bytes: its error message is cut to
+/// `BATCH_ERROR_BYTES_MAX`) and its request's state until then.
+pub const BATCH_ITEM_SLOT_BYTES: usize = 512;
+/// An item's error message in a `transfer_batch` reply is cut to this.
+pub const BATCH_ERROR_BYTES_MAX: usize = 160;
 pub const CHUNK_RECORDS_MAX: usize = 64;
 /// The largest `limits.commit_batch_max` a configuration may set.
 pub const COMMIT_BATCH_LIMIT: usize = 65_536;
@@ -101,6 +111,10 @@ pub const OTP_CODE_DIGITS: usize = 6;
 /// Pending OTP sessions kept at once, all users together; more get `overloaded`.
 pub const OTP_SESSIONS_MAX: usize = 100_000;
 /// Pending OTP sessions of one user; more get `rate_limited`.
+/// Transfers held by all open batch sessions together (~400 bytes each at most).
+pub const OTP_BATCH_ITEMS_MAX: usize = 100_000;
+/// Transfers in one user's `transfer_batch` (a person's, confirmed by one code).
+pub const USER_BATCH_MAX: usize = 100;
 pub const OTP_SESSIONS_PER_USER_MAX: usize = 8;
 /// How often the OTP supervisor drops expired sessions.
 pub const OTP_SWEEP_INTERVAL_MS: u64 = 1000;

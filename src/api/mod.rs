@@ -52,6 +52,7 @@ macro_rules! check {
     };
 }
 
+mod batch;
 mod holds;
 pub(crate) mod keys;
 mod money;
@@ -172,6 +173,7 @@ pub async fn dispatch(ctx: &Arc<Ctx>, session: &mut Session, name: &str, args: &
         Op::Balance => money::read(ctx, p(), args, crate::shard::ReadKind::Balance, reply),
         Op::Account => money::read(ctx, p(), args, crate::shard::ReadKind::Account, reply),
         Op::Transfer => money::transfer(ctx, p(), args, session, reply),
+        Op::TransferBatch => batch::transfer_batch(ctx, p(), args, session, reply),
         Op::Mint => money::mint(ctx, p(), args, session, reply),
         Op::CreateAccount => money::create_account(ctx, p(), args, reply),
         Op::History => money::history(ctx, p(), args, reply),

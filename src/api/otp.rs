@@ -84,7 +84,7 @@ async fn user_contact(ctx: &Ctx, user: &str) -> Result<Option<(String, Role)>, A
 
 /// Opens a session for the logged-in `user` waiting to run `action`,
 /// mails the code and answers with the session once the mail went out.
-async fn open(ctx: &Ctx, p: &Principal, action: Action, source: Option<IpAddr>) -> Result<Reply, ApiError> {
+pub(super) async fn open(ctx: &Ctx, p: &Principal, action: Action, source: Option<IpAddr>) -> Result<Reply, ApiError> {
     let Some((email, _)) = user_contact(ctx, &p.user).await? else {
         return Err(ApiError::internal("the caller's user record is missing"));
     };
@@ -107,7 +107,7 @@ async fn read(ctx: &Ctx, account: &str, kind: ReadKind, p: Principal) -> Result<
 
 /// Whether `from` has `amount` available now, so that no code is mailed for
 /// a transfer that cannot happen. Checked again when it is confirmed.
-async fn funds(ctx: &Ctx, p: &Principal, from: &str, amount: i64) -> Result<(), ApiError> {
+pub(super) async fn funds(ctx: &Ctx, p: &Principal, from: &str, amount: i64) -> Result<(), ApiError> {
     let Reply::Balance(b) = read(ctx, from, ReadKind::Balance, p.clone()).await? else {
         return Err(ApiError::internal("unexpected reply to a balance read"));
     };
@@ -131,7 +131,7 @@ fn party<'a>(user: &'a str, state: &'a UserState) -> Party<'a> {
 /// free, by bisecting amounts. The journal enforces the cap at commit, after
 /// the code (each probe then costs a confirmed code, and an accepted one
 /// pays the receiver).
-async fn user_fee(ctx: &Ctx, p: &Principal, to: &str, amount: i64) -> Result<(u32, i64), ApiError> {
+pub(super) async fn user_fee(ctx: &Ctx, p: &Principal, to: &str, amount: i64) -> Result<(u32, i64), ApiError> {
     let policy = ctx.config.ledger_policy();
     let sender_state = ctx
         .users
@@ -187,7 +187,9 @@ pub(super) fn send_debit(ctx: &Ctx, p: Principal, action: Action, (bps, fee): (u
                 redeem: Some(RedeemSpec { user, item }),
             })
         }
-        Action::ResetPassword => return reply.err(ApiError::internal("a password reset is not a debit")),
+        Action::ResetPassword | Action::Batch { .. } => {
+            return reply.err(ApiError::internal("not a single debit"));
+        }
     };
     ctx.router.debit(req);
 }
@@ -336,6 +338,10 @@ pub(super) fn confirm(ctx: &Arc<Ctx>, session: &mut Session, args: &[u8], reply:
                 };
                 send_debit(&ctx, p, action, fee, reply);
             }
+            Action::Batch { transfers, atomic } => match caller {
+                Some(p) => super::batch::confirmed(&ctx, p, transfers, atomic, reply).await,
+                None => reply.err(ApiError::internal("a confirmed batch without its user")),
+            },
             Action::ResetPassword => {
                 let password = new_password.unwrap_or_default();
                 let r = async {

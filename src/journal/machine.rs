@@ -18,12 +18,13 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use crate::contract::{
-    AdminEffect, BulkCmd, Command, CreateCmd, Done, KeyChange, KeyCmd, Outcome, SettleCmd, SettleOp, TransferCmd,
-    UserChange, UserCmd,
+    AdminEffect, BatchCmd, BulkCmd, Command, CreateCmd, Done, KeyChange, KeyCmd, Outcome, SettleCmd, SettleOp,
+    TransferCmd, UserChange, UserCmd,
 };
 use crate::error::{ApiError, ErrorCode};
 use crate::ledger::{
-    is_system, net_fee, Applied, Book, FeeRounding, Hold, HoldStatus, Kind, LedgerError, Mode, Status, MINT, TREASURY,
+    is_system, net_fee, Applied, Book, BookAccount, FeeRounding, Hold, HoldStatus, Kind, LedgerError, Mode, Status,
+    MINT, TREASURY,
 };
 use crate::limits::{CHUNK_RECORDS_MAX, REVOKED_TOKENS_PER_USER_MAX, TAGS_PER_ACCOUNT_MAX};
 use crate::store::{
@@ -230,9 +231,18 @@ impl Machine {
         // Start loading every book entry the batch's transfers touch, so
         // their cache misses overlap instead of stalling one by one.
         for c in batch {
-            if let Command::Transfer(t) = c {
-                self.book.prefetch(&t.from, t.from_num);
-                self.book.prefetch(&t.to, None);
+            match c {
+                Command::Transfer(t) => {
+                    self.book.prefetch(&t.from, t.from_num);
+                    self.book.prefetch(&t.to, None);
+                }
+                Command::Batch(items) => {
+                    for (_, t) in &items.items {
+                        self.book.prefetch(&t.from, t.from_num);
+                        self.book.prefetch(&t.to, None);
+                    }
+                }
+                _ => {}
             }
         }
         w.first_id = self.head.id + 1;
@@ -250,6 +260,7 @@ impl Machine {
                 Ok((done, rewarded)) => Outcome::Transfer(Ok(done), rewarded),
                 Err(e) => Outcome::Transfer(Err(e), None),
             },
+            Command::Batch(c) => Outcome::Batch(self.apply_batch(b, c)?),
             Command::Create(c) => Outcome::Create(self.apply_create(b, c)?),
             Command::User(u) => Outcome::User(apply_user(b, u)?.map(Box::new)),
             Command::Close(c) => Outcome::Admin(
@@ -316,6 +327,32 @@ impl Machine {
         let done = self.append(b, Fields::of(c), applied);
         let rewarded = if c.kind == Kind::Mint { count_event(b, &c.to)? } else { None };
         Ok(Ok((done, rewarded)))
+    }
+
+    /// An atomic batch: every item applies, or the batch leaves no trace.
+    /// Each item is checked as a transfer of its own, against the balances
+    /// the items before it left (so two items may draw on one account); at
+    /// the first refusal the book, the head and the writes go back to where
+    /// the batch found them.
+    fn apply_batch(&mut self, b: &mut Batch<'_>, c: &BatchCmd) -> Step<Vec<Done>> {
+        if let Some(e) = &c.refused {
+            return Ok(Err(e.clone()));
+        }
+        let saved = Savepoint::take(self, b, c);
+        let mut done = Vec::with_capacity(c.items.len());
+        for (item, t) in &c.items {
+            // Items are plain transfers: no hold, no mint (whose event count
+            // would be one more thing to roll back).
+            debug_assert!(t.kind == Kind::Transfer && t.hold.is_none());
+            match self.apply_transfer(b, t)? {
+                Ok((d, _)) => done.push(d),
+                Err(e) => {
+                    saved.restore(self, b);
+                    return Ok(Err(e.at_item(*item)));
+                }
+            }
+        }
+        Ok(Ok(done))
     }
 
     /// Both balances as they stand, for a record that moves nothing.
@@ -696,6 +733,37 @@ impl Machine {
 }
 
 /// Counts one event for the user owning `account`, if any.
+/// What an atomic batch may change, as it stood before the batch: the
+/// book entries of its parties (and `@treasury`), the head, and how much
+/// of the writes there was.
+struct Savepoint {
+    accounts: Vec<(Box<str>, BookAccount)>,
+    head: Head,
+    records: usize,
+    ends: usize,
+    keys: usize,
+}
+
+impl Savepoint {
+    fn take(m: &Machine, b: &Batch<'_>, c: &BatchCmd) -> Savepoint {
+        // An account named twice is saved twice, with the same value: all
+        // are saved before anything changes.
+        let parties = c.items.iter().flat_map(|(_, t)| [&*t.from, &*t.to]).chain([TREASURY]);
+        let accounts = parties.filter_map(|id| m.book.get(id).map(|a| (id.into(), *a))).collect();
+        Savepoint { accounts, head: m.head, records: b.w.records.len(), ends: b.w.ends.len(), keys: b.w.keys.len() }
+    }
+
+    fn restore(self, m: &mut Machine, b: &mut Batch<'_>) {
+        for (id, a) in self.accounts {
+            m.book.restore(&id, a);
+        }
+        m.head = self.head;
+        b.w.records.truncate(self.records);
+        b.w.ends.truncate(self.ends);
+        b.w.keys.truncate(self.keys);
+    }
+}
+
 fn count_event(b: &mut Batch<'_>, account: &str) -> Result<Option<Box<UserRecord>>, StoreError> {
     let Some(owner) = b.meta(account)?.and_then(|m| m.owner) else { return Ok(None) };
     let Some(mut user) = b.user(&owner)? else { return Ok(None) };

@@ -369,6 +369,13 @@ impl Book {
         }
     }
 
+    /// Puts an account back as it was (an atomic batch rolled back).
+    pub fn restore(&mut self, id: &str, account: BookAccount) {
+        if let Some(a) = self.get_mut(id) {
+            *a = account;
+        }
+    }
+
     /// Sets a balance directly (recovery replay and tests).
     pub fn set(&mut self, id: &str, balance: i64) {
         self.set_balance(id, balance);

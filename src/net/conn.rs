@@ -15,7 +15,8 @@ use tokio_util::sync::CancellationToken;
 use crate::api::{self, Ctx, Session};
 use crate::error::{ApiError, ErrorCode};
 use crate::limits::{
-    ANONYMOUS_FRAME_BYTES_MAX, LINE_BYTES_MAX, PAGE_ITEM_BYTES_MAX, REPLY_SLOT_BYTES, WRITE_BATCH_BYTES,
+    ANONYMOUS_FRAME_BYTES_MAX, BATCH_ITEM_SLOT_BYTES, LINE_BYTES_MAX, PAGE_ITEM_BYTES_MAX, REPLY_SLOT_BYTES,
+    WRITE_BATCH_BYTES,
 };
 use crate::reply::{Outgoing, Permits, ReplyTo};
 use crate::stats::Stats;
@@ -250,8 +251,13 @@ impl Reader<'_> {
 }
 
 /// How many reply slots ([`REPLY_SLOT_BYTES`] each) a request may need:
-/// one, or for a page of records or accounts enough for its `limit`.
+/// one, for a page of records or accounts enough for its `limit`, and for
+/// a batch enough for its items.
 fn reply_slots(op: &str, args: &[u8]) -> usize {
+    if op == Op::TransferBatch.name() {
+        let items = frame::decode_args::<BatchItems>(args).map_or(0, |b| b.transfers.0);
+        return 1 + (items * BATCH_ITEM_SLOT_BYTES).div_ceil(REPLY_SLOT_BYTES);
+    }
     #[derive(serde::Deserialize)]
     struct Limit {
         limit: Option<u64>,
@@ -264,6 +270,34 @@ fn reply_slots(op: &str, args: &[u8]) -> usize {
         return 1;
     };
     1 + (items * PAGE_ITEM_BYTES_MAX).div_ceil(REPLY_SLOT_BYTES)
+}
+
+/// A `transfer_batch` request's item count, decoded without keeping the items.
+#[derive(serde::Deserialize)]
+struct BatchItems {
+    transfers: Count,
+}
+
+struct Count(usize);
+
+impl<'de> serde::Deserialize<'de> for Count {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Count, D::Error> {
+        struct Counter;
+        impl<'de> serde::de::Visitor<'de> for Counter {
+            type Value = Count;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a list")
+            }
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<Count, A::Error> {
+                let mut n = 0;
+                while seq.next_element::<serde::de::IgnoredAny>()?.is_some() {
+                    n += 1;
+                }
+                Ok(Count(n))
+            }
+        }
+        d.deserialize_seq(Counter)
+    }
 }
 
 /// Encodes the answers of a connection and writes them. The permits of an

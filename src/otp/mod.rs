@@ -41,7 +41,7 @@ use tokio::task::JoinHandle;
 
 use self::mail::{Mail, MailerActor, MailerArgs, Transport};
 use self::sessions::otp_error;
-pub use self::sessions::{Action, Code, Issued, OutMail, Purpose, Rules, Sessions, CODE_DIGITS};
+pub use self::sessions::{Action, BatchTransfer, Code, Issued, OutMail, Purpose, Rules, Sessions, CODE_DIGITS};
 use crate::clock::Clock;
 use crate::error::{ApiError, ErrorCode};
 use crate::limits::{MAIL_QUEUE_MAX, OTP_SWEEP_INTERVAL_MS};

@@ -9,8 +9,9 @@ use std::sync::Arc;
 use crate::error::{ApiError, ErrorCode};
 use crate::guard::{self, Backoff, Recent, Table};
 use crate::limits::{
-    CODE_MAILS_PER_USER_PER_HOUR, GUARD_ENTRIES_MAX, GUARD_SWEEP_INTERVAL_MS, HOUR_MS, OTP_GUESSES, OTP_SESSIONS_MAX,
-    OTP_SESSIONS_PER_USER_MAX, RESETS_PER_SOURCE_PER_HOUR, RESETS_PER_USER_PER_HOUR, RESET_MAILS_PER_ADDRESS_PER_HOUR,
+    CODE_MAILS_PER_USER_PER_HOUR, GUARD_ENTRIES_MAX, GUARD_SWEEP_INTERVAL_MS, HOUR_MS, OTP_BATCH_ITEMS_MAX,
+    OTP_GUESSES, OTP_SESSIONS_MAX, OTP_SESSIONS_PER_USER_MAX, RESETS_PER_SOURCE_PER_HOUR, RESETS_PER_USER_PER_HOUR,
+    RESET_MAILS_PER_ADDRESS_PER_HOUR,
 };
 
 /// Digits in a code.
@@ -23,10 +24,23 @@ pub enum Action {
     Transfer { from: String, to: String, amount: i64, memo: Option<String>, key: Option<String> },
     /// A user's hold (a two-phase transfer) at or above `otp.transfer_min`.
     Hold { from: String, to: String, amount: i64, memo: Option<String>, key: Option<String>, timeout_s: Option<u64> },
+    /// A user's `transfer_batch` whose amounts add up to at least
+    /// `otp.transfer_min`: one code for the whole batch.
+    Batch { transfers: Vec<BatchTransfer>, atomic: bool },
     /// A password reset asked for anonymously; the mail went to the user's address.
     ResetPassword,
     /// A redeem request: the amount is held when it is confirmed.
     Redeem { account: String, item: String, amount: i64, memo: Option<String> },
+}
+
+/// One transfer of a batch, as it waits for its code.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BatchTransfer {
+    pub from: String,
+    pub to: String,
+    pub amount: i64,
+    pub memo: Option<String>,
+    pub key: Option<String>,
 }
 
 /// What a code is for; each has its own guessing budget per user.
@@ -55,6 +69,10 @@ impl Action {
         match self {
             Action::Transfer { to, amount, .. } => format!("Tally: confirm your transfer of {amount} to {to}"),
             Action::Hold { to, amount, .. } => format!("Tally: confirm your hold of {amount} for {to}"),
+            Action::Batch { transfers, .. } => {
+                let total: i128 = transfers.iter().map(|t| i128::from(t.amount)).sum();
+                format!("Tally: confirm your {} transfers, {total} in all", transfers.len())
+            }
             Action::ResetPassword => "Tally: reset your password".to_owned(),
             Action::Redeem { item, amount, .. } => format!("Tally: confirm your redeem of {amount} for {item}"),
         }
@@ -192,7 +210,17 @@ pub struct Sessions {
     key: [u8; 32],
     open: HashMap<String, Session>,
     per_user: HashMap<Arc<str>, usize>,
+    /// Transfers held by open batch sessions (at most `OTP_BATCH_ITEMS_MAX`).
+    batch_items: usize,
     limits: Limits,
+}
+
+/// The transfers a session holds (a batch's), for the bound on their bytes.
+fn batch_items(action: &Action) -> usize {
+    match action {
+        Action::Batch { transfers, .. } => transfers.len(),
+        _ => 0,
+    }
 }
 
 pub(super) fn otp_error(code: ErrorCode, message: impl Into<String>) -> ApiError {
@@ -203,7 +231,14 @@ impl Sessions {
     pub fn new(rules: Rules) -> Result<Sessions, ApiError> {
         let mut key = [0u8; 32];
         getrandom::fill(&mut key).map_err(|_| ApiError::internal("no randomness"))?;
-        Ok(Sessions { rules, key, open: HashMap::new(), per_user: HashMap::new(), limits: Limits::default() })
+        Ok(Sessions {
+            rules,
+            key,
+            open: HashMap::new(),
+            per_user: HashMap::new(),
+            batch_items: 0,
+            limits: Limits::default(),
+        })
     }
 
     #[must_use]
@@ -237,6 +272,9 @@ impl Sessions {
     ) -> Result<Issued, ApiError> {
         if self.open.len() >= OTP_SESSIONS_MAX {
             return Err(otp_error(ErrorCode::Overloaded, "too many pending codes; try again shortly"));
+        }
+        if self.batch_items + batch_items(&action) > OTP_BATCH_ITEMS_MAX {
+            return Err(otp_error(ErrorCode::Overloaded, "too many batches wait for codes; try again shortly"));
         }
         let purpose = action.purpose();
         let mut mail_allowed = email.is_some();
@@ -286,6 +324,7 @@ impl Sessions {
         let code = Code::random()?;
         let expires_ms = now_ms.saturating_add(self.rules.ttl_ms);
         let subject = action.subject();
+        self.batch_items += batch_items(&action);
         let session = Session {
             user: user.clone(),
             code: email.is_some().then(|| self.hash(&pending, &code.0)),
@@ -314,6 +353,7 @@ impl Sessions {
 
     fn remove(&mut self, pending: &str) -> Option<Session> {
         let s = self.open.remove(pending)?;
+        self.batch_items -= batch_items(&s.action);
         if s.action.purpose() == Purpose::Confirm {
             if let Some(n) = self.per_user.get_mut(&s.user) {
                 *n -= 1;

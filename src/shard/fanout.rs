@@ -79,6 +79,18 @@ impl Fanout<'_> {
     fn one(&mut self, cmd: Command, outcome: Outcome, users: &Users) {
         match (cmd, outcome) {
             (Command::Transfer(t), Outcome::Transfer(result, rewarded)) => self.transfer(t, result, rewarded, users),
+            (Command::Batch(c), Outcome::Batch(result)) => match result {
+                Ok(done) => {
+                    for ((_, t), d) in c.items.into_iter().zip(done) {
+                        self.transfer(t, Ok(d), None, users);
+                    }
+                }
+                Err(e) => {
+                    for (_, t) in c.items {
+                        self.transfer(t, Err(e.clone()), None, users);
+                    }
+                }
+            },
             (Command::Create(c), Outcome::Create(result)) => match result {
                 Ok((num, done)) => {
                     let last = done.as_ref().map_or(0, |d| d.id);

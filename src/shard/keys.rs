@@ -17,6 +17,9 @@ enum KeyState {
     Pending {
         fingerprint: Fingerprint,
         waiters: Vec<(ReplyTo, Shape)>,
+        /// Its transfer is an item of an atomic batch, which waits for
+        /// every item before it goes to the journal.
+        in_batch: bool,
     },
     Done {
         fingerprint: Fingerprint,
@@ -61,6 +64,11 @@ impl Keys {
 
     /// Looks the key up. `Ok(true)`: new key, go ahead. `Ok(false)`: the
     /// reply was taken (answered, or parked until the first use settles).
+    ///
+    /// An item of an atomic batch (`in_batch`) does not wait behind an
+    /// item of another atomic batch: each batch would wait for the other
+    /// before reaching the journal. It is refused instead.
+    #[allow(clippy::too_many_arguments)] // the request's parts, as the shard holds them
     pub fn check(
         &mut self,
         store: &Store,
@@ -68,14 +76,21 @@ impl Keys {
         key: &str,
         fingerprint: &Fingerprint,
         shape: &Shape,
+        in_batch: bool,
         reply: &mut Option<ReplyTo>,
     ) -> Result<bool, ApiError> {
         let conflict =
             || ApiError::new(ErrorCode::KeyConflict, format!("key {key:?} was used with different arguments"));
         match self.map.get_mut(&(Box::<str>::from(from), Box::<str>::from(key))) {
-            Some(KeyState::Pending { fingerprint: f, waiters }) => {
+            Some(KeyState::Pending { fingerprint: f, waiters, in_batch: other_in_batch }) => {
                 if f != fingerprint {
                     return Err(conflict());
+                }
+                if in_batch && *other_in_batch {
+                    return Err(ApiError::new(
+                        ErrorCode::KeyConflict,
+                        format!("key {key:?} is in use by another atomic batch in flight; retry once it is answered"),
+                    ));
                 }
                 waiters.extend(reply.take().map(|r| (r, shape.clone())));
                 Ok(false)
@@ -108,8 +123,8 @@ impl Keys {
     }
 
     /// The key's transfer went to the journal.
-    pub fn pending(&mut self, from: Box<str>, key: Box<str>, fingerprint: Fingerprint) {
-        self.map.insert((from, key), KeyState::Pending { fingerprint, waiters: Vec::new() });
+    pub fn pending(&mut self, from: Box<str>, key: Box<str>, fingerprint: Fingerprint, in_batch: bool) {
+        self.map.insert((from, key), KeyState::Pending { fingerprint, waiters: Vec::new(), in_batch });
     }
 
     /// The key's transfer never reached the journal: the key is free again.
@@ -120,7 +135,7 @@ impl Keys {
     /// The key's transfer was committed (or refused): its duplicates get
     /// the same answer.
     pub fn settled(&mut self, from: Box<str>, key: Box<str>, result: Result<Arc<TransferView>, ApiError>) {
-        let Some(KeyState::Pending { fingerprint, waiters }) = self.map.remove(&(from.clone(), key.clone())) else {
+        let Some(KeyState::Pending { fingerprint, waiters, .. }) = self.map.remove(&(from.clone(), key.clone())) else {
             return;
         };
         match result {

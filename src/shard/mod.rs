@@ -51,6 +51,17 @@ pub struct DebitReq {
     pub hold: Option<Box<HoldSpec>>,
     pub principal: Principal,
     pub reply: ReplyTo,
+    /// Where it goes once reserved.
+    pub then: Then,
+}
+
+/// Where a debit goes once its owner has reserved it.
+pub enum Then {
+    /// To the journal, on its own.
+    Journal,
+    /// Back to its atomic `transfer_batch` as item `.0`: the batch goes to
+    /// the journal in one piece once every owner has reserved its part.
+    Collect(usize, tokio::sync::mpsc::UnboundedSender<(usize, Box<TransferCmd>)>),
 }
 
 impl DebitReq {
@@ -82,6 +93,7 @@ impl DebitReq {
             hold: None,
             principal,
             reply,
+            then: Then::Journal,
         }
     }
 
@@ -96,6 +108,17 @@ impl DebitReq {
     #[must_use]
     pub fn with_fee(mut self, fee: i64) -> DebitReq {
         self.fee = fee;
+        self
+    }
+
+    /// The same request as item `item` of an atomic batch collected by `tx`.
+    #[must_use]
+    pub fn collected(
+        mut self,
+        item: usize,
+        tx: tokio::sync::mpsc::UnboundedSender<(usize, Box<TransferCmd>)>,
+    ) -> DebitReq {
+        self.then = Then::Collect(item, tx);
         self
     }
 }
@@ -317,7 +340,8 @@ impl ShardState {
     }
 
     fn debit(&mut self, req: DebitReq) {
-        let DebitReq { kind, shape, from, to, amount, memo, key, fee, hold, principal, reply } = req;
+        let DebitReq { kind, shape, from, to, amount, memo, key, fee, hold, principal, reply, then } = req;
+        let collected = matches!(then, Then::Collect(..));
         let mut reply = Some(reply);
         // Only a keyed request needs its fingerprint (two string copies).
         let fingerprint = match &key {
@@ -328,7 +352,7 @@ impl ShardState {
                     return reply.take().expect("not taken yet").err(e);
                 }
                 let fingerprint = Fingerprint { kind, to: to.clone(), amount, memo: memo.clone() };
-                match self.keys.check(&self.store, &from, key, &fingerprint, &shape, &mut reply) {
+                match self.keys.check(&self.store, &from, key, &fingerprint, &shape, collected, &mut reply) {
                     Ok(true) => {}
                     Ok(false) => return,
                     Err(e) => {
@@ -360,9 +384,9 @@ impl ShardState {
             return reply.err(e.into());
         }
         if let (Some(key), Some(fingerprint)) = (&key, fingerprint) {
-            self.keys.pending(from.clone(), key.clone(), fingerprint);
+            self.keys.pending(from.clone(), key.clone(), fingerprint, collected);
         }
-        let cmd = Command::Transfer(Box::new(TransferCmd {
+        let cmd = Box::new(TransferCmd {
             kind,
             from,
             from_num,
@@ -376,13 +400,20 @@ impl ShardState {
             hold,
             by: Some(principal.user),
             reply,
-        }));
-        if let Err(Command::Transfer(t)) = self.journal.send(cmd).map_err(|c| *c) {
+        });
+        let unsent = match then {
+            Then::Journal => match self.journal.send(Command::Transfer(cmd)).map_err(|c| *c) {
+                Err(Command::Transfer(t)) => Some(t),
+                _ => None,
+            },
+            Then::Collect(item, tx) => tx.send((item, cmd)).err().map(|e| e.0 .1),
+        };
+        if let Some(t) = unsent {
             self.accounts.get_mut(&t.from).expect("checked above").acct.settle(0, t.amount);
             if let Some(key) = &t.key {
                 self.keys.forget(&t.from, key);
             }
-            t.reply.err(ApiError::internal("the journal has stopped"));
+            t.reply.err(ApiError::internal("the journal or the batch has stopped"));
         }
     }
 

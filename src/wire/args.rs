@@ -88,6 +88,14 @@ pub struct TransferArgs {
     pub key: Option<String>,
 }
 
+/// `transfer_batch`: each item as `transfer` takes it.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TransferBatchArgs {
+    pub transfers: Vec<TransferArgs>,
+    pub atomic: Option<bool>,
+}
+
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct MintArgs {

@@ -156,6 +156,8 @@ ops! {
     Balance = "balance", [Admin, Operator, Auditor, User];
     Account = "account", [Admin, Operator, Auditor, User];
     Transfer = "transfer", [Admin, Operator, User];
+    /// Up to `limits.batch_max` transfers; `atomic`: all or none.
+    TransferBatch = "transfer_batch", [Admin, Operator, User];
     Mint = "mint", [Admin, Operator];
     CreateAccount = "create_account", [Admin, Operator];
     History = "history", [Admin, Operator, Auditor, User];

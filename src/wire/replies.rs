@@ -238,6 +238,7 @@ pub enum Reply {
     Balance(BalanceReply),
     Account(Box<AccountView>),
     Transfer(Arc<TransferView>),
+    Batch(BatchReply),
     Added(AddReply),
     Hold(Box<HoldReply>),
     Settled(Box<SettleReply>),
@@ -451,6 +452,33 @@ pub struct DeleteReasonReply {
 pub struct TagsReply {
     pub account: String,
     pub tags: Vec<String>,
+}
+
+/// `transfer_batch`: one result per item, in the request's order.
+#[derive(Clone, Debug, Serialize)]
+pub struct BatchReply {
+    pub results: Vec<BatchItem>,
+    /// Items committed (or replayed by their key), and items refused.
+    pub applied: usize,
+    pub failed: usize,
+}
+
+/// One item's result: its record's id and the balances right after it
+/// (absent for a key replayed from disk), or its error.
+#[derive(Clone, Debug, Serialize)]
+#[serde(untagged)]
+pub enum BatchItem {
+    Done {
+        id: u64,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        from_balance: Option<i64>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        to_balance: Option<i64>,
+    },
+    Failed {
+        code: crate::error::ErrorCode,
+        message: String,
+    },
 }
 
 /// `bulk_add`.

@@ -7,7 +7,9 @@
 //!
 //! `true`/`false` are booleans, `null` is nil, an optional `-` followed by
 //! digits is an integer, `[a,b]` is a list of strings, `"..."` is a string
-//! (with `\"` and `\\` escapes), anything else is a string.
+//! (with `\"` and `\\` escapes), anything else is a string. A value that
+//! starts with `{` or `[{` is JSON, read to its closing bracket (spaces
+//! allowed inside): `transfer_batch transfers=[{"to":"bob","amount":5}]`.
 
 use crate::error::ApiError;
 
@@ -20,6 +22,7 @@ pub enum TextValue {
     Uint(u64),
     Str(String),
     List(Vec<String>),
+    Json(serde_json::Value),
 }
 
 /// A parsed line: the op and its arguments in order.
@@ -98,6 +101,21 @@ pub fn parse_line(line: &str) -> Result<Line, ApiError> {
                 return Err(bad("expected a space after a quoted value"));
             }
             TextValue::Str(s)
+        } else if line[key_end + 1..].starts_with('{') || line[key_end + 1..].starts_with("[{") {
+            let rest = &line[key_end + 1..];
+            let mut values = serde_json::Deserializer::from_str(rest).into_iter::<serde_json::Value>();
+            let value = match values.next() {
+                Some(Ok(v)) => v,
+                _ => return Err(bad(format!("bad JSON value for {key}"))),
+            };
+            let end = key_end + 1 + values.byte_offset();
+            if line[end..].chars().next().is_some_and(|c| !c.is_whitespace()) {
+                return Err(bad("expected a space after a JSON value"));
+            }
+            while chars.peek().is_some_and(|&(i, _)| i < end) {
+                chars.next();
+            }
+            TextValue::Json(value)
         } else {
             let mut raw = String::new();
             while let Some(&(_, c)) = chars.peek() {
@@ -150,6 +168,7 @@ impl TextValue {
             TextValue::Uint(u) => (*u).into(),
             TextValue::Str(s) => s.as_str().into(),
             TextValue::List(items) => items.iter().map(|s| serde_json::Value::from(s.as_str())).collect(),
+            TextValue::Json(v) => v.clone(),
         }
     }
 }
@@ -185,6 +204,9 @@ impl Line {
                         let _ = rmp::encode::write_str(&mut out, s);
                     }
                 }
+                TextValue::Json(v) => {
+                    let _ = rmp_serde::encode::write(&mut out, v);
+                }
             }
         }
         out
@@ -194,6 +216,21 @@ impl Line {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn reads_json_values_with_spaces_inside() {
+        let l = parse_line(
+            r#"transfer_batch transfers=[{"to": "bob", "amount": 5}, {"to":"c d","amount":-1}] atomic=true"#,
+        )
+        .unwrap();
+        let want = serde_json::json!([{"to": "bob", "amount": 5}, {"to": "c d", "amount": -1}]);
+        assert_eq!(l.args, [("transfers".into(), TextValue::Json(want)), ("atomic".into(), TextValue::Bool(true))]);
+        let args: serde_json::Value = rmp_serde::from_slice(&l.args_msgpack()).unwrap();
+        assert_eq!(args["transfers"][1]["amount"], -1);
+        for bad in [r#"x v={"a":1"#, r#"x v=[{"a":1}]y"#, r#"x v={nope}"#] {
+            assert!(parse_line(bad).is_err(), "{bad:?}");
+        }
+    }
 
     #[test]
     fn parses_ops_and_values() {

@@ -22,13 +22,15 @@ FRAME_BYTES_MAX = 16 * 1024 * 1024
 class TallyError(Exception):
     """The server answered with an error; nothing was changed.
 
-    ``code`` is the protocol's error code (``insufficient_funds``, ...).
+    ``code`` is the protocol's error code (``insufficient_funds``, ...);
+    ``item`` is the failing item of an atomic ``transfer_batch``.
     """
 
-    def __init__(self, code: str, message: str) -> None:
+    def __init__(self, code: str, message: str, item: Optional[int] = None) -> None:
         super().__init__(f"{code}: {message}")
         self.code = code
         self.message = message
+        self.item = item
 
 
 class TallyConnectionError(ConnectionError):
@@ -66,7 +68,7 @@ def _frame(request_id: int, op: str, args: Dict[str, Any]) -> bytes:
 def _result(reply: Dict[str, Any]) -> Any:
     err = reply.get("err")
     if err is not None:
-        return TallyError(err.get("code", "internal"), err.get("message", ""))
+        return TallyError(err.get("code", "internal"), err.get("message", ""), err.get("item"))
     return reply.get("ok")
 
 
@@ -133,6 +135,16 @@ class _Ops:
         key: Optional[str] = None,
     ) -> Any:
         return self.call("transfer", to=to, amount=amount, memo=memo, key=key, **{"from": from_})
+
+    def transfer_batch(self, transfers: List[Dict[str, Any]], atomic: bool = False) -> Any:
+        """Up to ``limits.batch_max`` transfers (dicts with ``to``, ``amount``
+        and optionally ``from``, ``memo``, ``key``) in one request.
+
+        Returns ``{"results", "applied", "failed"}``: per item in order,
+        ``{"id", "from_balance", "to_balance"}`` or ``{"code", "message"}``.
+        With ``atomic=True`` all commit or none does; a failure raises
+        :class:`TallyError` with ``item`` set to the first failing item."""
+        return self.call("transfer_batch", transfers=transfers, atomic=atomic)
 
     def confirm(self, pending: str, otp: str, new_password: Optional[str] = None) -> Any:
         return self.call("confirm", pending=pending, otp=otp, new_password=new_password)

@@ -145,9 +145,25 @@ fn run(m: &mut Machine, cold: &mut MemCold, batch: &[Command], time: u64) -> (Wr
     (w, outcomes)
 }
 
+/// An atomic batch of the transfers `(from, to, amount)`, reserved as
+/// owners reserve (`Mode::Reserved`), with items numbered from 0.
+fn atomic(items: &[(&str, &str, i64)]) -> Command {
+    let items = items
+        .iter()
+        .enumerate()
+        .map(|(i, (from, to, amount))| {
+            let Command::Transfer(mut t) = transfer(from, to, *amount, None) else { unreachable!() };
+            t.mode = Mode::Reserved;
+            (i, t)
+        })
+        .collect();
+    Command::Batch(Box::new(BatchCmd { items, refused: None }))
+}
+
 fn ok(o: &Outcome) -> bool {
     match o {
         Outcome::Transfer(r, _) => r.is_ok(),
+        Outcome::Batch(r) => r.is_ok(),
         Outcome::Create(r) => r.is_ok(),
         Outcome::User(r) => r.is_ok(),
         Outcome::Key(r) => r.is_ok(),
@@ -408,4 +424,104 @@ fn tokens_are_revoked_one_by_one_until_the_list_is_full() {
     assert_eq!((w.users["ops"].revoked_tokens.len(), w.users["ops"].token_epoch), (REVOKED_TOKENS_PER_USER_MAX, 0));
     let (w, _) = run(&mut m, &mut cold, &[revoke(5001, T0 + 1_000_000)], T0 + 3);
     assert_eq!((w.users["ops"].revoked_tokens.len(), w.users["ops"].token_epoch), (0, 1));
+}
+
+#[test]
+fn an_atomic_batch_applies_whole_or_leaves_no_trace() {
+    let (mut m, mut cold) = setup();
+    let before = (m.head, format!("{:?}", m.book));
+    // The third item asks alice for more than the first two left her.
+    let failing = atomic(&[("alice", "bob", 60), ("bob", "carol", 50), ("alice", "dave", 41)]);
+    let (w, outcomes) = run(&mut m, &mut cold, &[failing], T0 + 1);
+    let Outcome::Batch(Err(e)) = &outcomes[0] else { panic!("the batch should fail") };
+    assert_eq!((e.code, e.item), (ErrorCode::BelowMin, Some(2)));
+    assert_eq!((m.head, format!("{:?}", m.book)), before, "a failed batch changes nothing");
+    assert!(w.ends.is_empty() && w.records.is_empty() && w.keys.is_empty(), "{w:?}");
+
+    // Here items see the balances the items before them left: bob pays
+    // on what alice just paid him. (Over the wire the owners reserve each
+    // item first, against committed balances, which is stricter.)
+    let passing = atomic(&[("alice", "bob", 60), ("bob", "carol", 50), ("alice", "dave", 40)]);
+    let (w, outcomes) = run(&mut m, &mut cold, &[passing, transfer("carol", "alice", 1, None)], T0 + 2);
+    let Outcome::Batch(Ok(done)) = &outcomes[0] else { panic!("the batch should pass") };
+    assert_eq!(done.iter().map(|d| d.id).collect::<Vec<_>>(), [3, 4, 5]);
+    assert_eq!(
+        done.iter().map(|d| (d.applied.from_balance, d.applied.to_balance)).collect::<Vec<_>>(),
+        [(40, 60), (10, 50), (0, 49)]
+    );
+    assert!(ok(&outcomes[1]), "a command after the batch sees its writes");
+    assert_eq!(w.ends.len(), 4);
+    let balance = |m: &Machine, id: &str| m.book.get(id).map(|a| a.balance);
+    assert_eq!(["alice", "bob", "carol", "dave"].map(|id| balance(&m, id)), [Some(1), Some(10), Some(49), Some(49)]);
+}
+
+#[test]
+fn a_batch_refused_before_the_journal_applies_nothing() {
+    let (mut m, mut cold) = setup();
+    let before = (m.head, format!("{:?}", m.book));
+    let Command::Batch(mut b) = atomic(&[("alice", "bob", 1)]) else { unreachable!() };
+    b.refused = Some(ApiError::forbidden("no").at_item(1));
+    let (w, outcomes) = run(&mut m, &mut cold, &[Command::Batch(b)], T0 + 1);
+    let Outcome::Batch(Err(e)) = &outcomes[0] else { panic!("the batch should fail") };
+    assert_eq!((e.code, e.item), (ErrorCode::Forbidden, Some(1)));
+    assert_eq!((m.head, format!("{:?}", m.book)), before);
+    assert!(w.ends.is_empty());
+}
+
+mod batches {
+    use proptest::prelude::*;
+
+    use super::*;
+
+    const ACCOUNTS: [&str; 4] = ["alice", "bob", "carol", "dave"];
+
+    fn item() -> impl Strategy<Value = (usize, usize, i64)> {
+        (0..ACCOUNTS.len(), 0..ACCOUNTS.len(), 1i64..=80)
+    }
+
+    proptest! {
+        /// Whatever batches come, atomic or not, in any mix: the sum stays
+        /// 0, every balance stays within its bounds, an atomic batch
+        /// applies all its items or none, and the head moves by exactly
+        /// the records written.
+        #[test]
+        fn random_batches_keep_the_sum_and_the_bounds(
+            batches in prop::collection::vec((any::<bool>(), prop::collection::vec(item(), 1..8)), 1..12),
+        ) {
+            let (mut m, mut cold) = setup();
+            let mut commands = Vec::new();
+            for (is_atomic, items) in &batches {
+                let items: Vec<(&str, &str, i64)> =
+                    items.iter().map(|&(f, t, a)| (ACCOUNTS[f], ACCOUNTS[t], a)).collect();
+                if *is_atomic {
+                    commands.push(atomic(&items));
+                } else {
+                    commands.extend(items.iter().map(|&(f, t, a)| transfer(f, t, a, None)));
+                }
+            }
+            let head = m.head.id;
+            let (w, outcomes) = run(&mut m, &mut cold, &commands, T0 + 1);
+            prop_assert_eq!(m.book.sum(), 0);
+            for (id, a) in m.book.iter() {
+                if !id.starts_with('@') {
+                    prop_assert!((0..=1_000_000).contains(&a.balance), "{} at {}", id, a.balance);
+                }
+            }
+            let mut records = 0;
+            for (c, o) in commands.iter().zip(&outcomes) {
+                match (c, o) {
+                    (Command::Batch(b), Outcome::Batch(Ok(done))) => {
+                        prop_assert_eq!(done.len(), b.items.len());
+                        records += done.len();
+                    }
+                    (Command::Batch(b), Outcome::Batch(Err(e))) => {
+                        prop_assert!(e.item.is_some_and(|i| i < b.items.len()));
+                    }
+                    (_, o) => records += usize::from(ok(o)),
+                }
+            }
+            prop_assert_eq!(w.ends.len(), records);
+            prop_assert_eq!(m.head.id, head + records as u64);
+        }
+    }
 }
