@@ -5,6 +5,8 @@
 //! cargo bench --bench load -- --spawn --accounts 100000 --connections 64 --pipeline 64 --duration 10
 //! cargo bench --bench load -- --connect 127.0.0.1:7707 --user admin   # TALLY_PASSWORD in the env
 //! cargo bench --bench load -- --spawn --tls   # over TLS, with certificates made for the run
+//! cargo bench --bench load -- --spawn --batch 1000 --pipeline 4   # transfer_batch requests
+//! cargo bench --bench load -- --spawn --rate 100000   # open loop: a fixed schedule
 //! ```
 //!
 //! All flags: `cargo bench --bench load -- --help` (workloads, read mix,
@@ -41,7 +43,12 @@ usage: cargo bench --bench load -- [flags]
   --accounts N          funded accounts to create first (default 10000)
   --duration S          seconds of load (default 10)
   --connections C       connections (default 64)
-  --pipeline P          requests in flight per connection (default 64)
+  --pipeline P          requests in flight per connection (default 64; closed loop)
+  --batch N             send transfer_batch requests of N transfers (default: single transfers)
+  --atomic              with --batch: atomic batches
+  --keys                give every transfer an idempotency key
+  --rate R              open loop: offer R transfers/s in all on a fixed schedule, whatever
+                        the replies; latency counts from the scheduled send time
   --workload W          uniform | zipf | hot (default uniform)
   --reads PCT           share of balance reads instead of transfers (default 0)
   --logins K            K users logging in over and over meanwhile
@@ -80,6 +87,12 @@ struct Opts {
     json: bool,
     tls: bool,
     ca: Option<String>,
+    /// Transfers per request (0: single `transfer` requests).
+    batch: usize,
+    atomic: bool,
+    keys: bool,
+    /// Transfers per second offered in all (open loop).
+    rate: Option<f64>,
 }
 
 fn parse_opts() -> Opts {
@@ -88,7 +101,7 @@ fn parse_opts() -> Opts {
         spawn: false,
         bin: None,
         user: "admin".into(),
-        password: std::env::var("TALLY_PASSWORD").unwrap_or_else(|_| "bench-admin".into()),
+        password: String::new(),
         accounts: 10_000,
         duration_s: 10.0,
         connections: 64,
@@ -101,6 +114,10 @@ fn parse_opts() -> Opts {
         json: false,
         tls: false,
         ca: None,
+        batch: 0,
+        atomic: false,
+        keys: false,
+        rate: None,
     };
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
@@ -129,6 +146,10 @@ fn parse_opts() -> Opts {
             "--json" => o.json = true,
             "--tls" => o.tls = true,
             "--ca" => o.ca = Some(val()),
+            "--batch" => o.batch = val().parse().expect("--batch N"),
+            "--atomic" => o.atomic = true,
+            "--keys" => o.keys = true,
+            "--rate" => o.rate = Some(val().parse().expect("--rate R")),
             "--bench" => {} // passed by `cargo bench`
             "--help" | "-h" => {
                 println!("{USAGE}");
@@ -143,8 +164,18 @@ fn parse_opts() -> Opts {
     if o.connect.is_none() {
         o.spawn = true;
     }
+    // A spawned server has the harness's own password, whatever the
+    // environment says (TALLY_PASSWORD is for --connect).
+    o.password = if o.spawn {
+        SPAWNED_PASSWORD.into()
+    } else {
+        std::env::var("TALLY_PASSWORD").unwrap_or_else(|_| SPAWNED_PASSWORD.into())
+    };
     o
 }
+
+/// The admin password of a server the harness starts.
+const SPAWNED_PASSWORD: &str = "bench-admin";
 
 /// xorshift64*: fast, good enough to pick accounts.
 struct Rng(u64);
@@ -193,7 +224,7 @@ fn spawn_server(bin: Option<&str>, tls: bool) -> (Child, String, Option<String>,
     let mut cmd = Command::new(bin.unwrap_or(env!("CARGO_BIN_EXE_tally")));
     cmd.args(["serve", "--listen", "127.0.0.1:0", "--data"])
         .arg(dir.path().join("data"))
-        .env("TALLY_AUTH_ADMIN_PASSWORD", "bench-admin")
+        .env("TALLY_AUTH_ADMIN_PASSWORD", SPAWNED_PASSWORD)
         .env("TALLY_LOG", "warn")
         .stdout(Stdio::piped());
     let ca = tls.then(|| {
@@ -268,9 +299,9 @@ fn write_account(w: &mut impl std::io::Write, i: usize) {
     let _ = w.write_all(&name[..4 + digits]);
 }
 
-async fn setup(dial: &Dial, o: &Opts) -> (Client, String) {
+async fn setup(dial: &Dial, o: &Opts) -> Result<(Client, String), String> {
     let admin = dial.client().await;
-    let login = admin.login(&o.user, &o.password).await.expect("login");
+    let login = admin.login(&o.user, &o.password).await.map_err(|e| format!("login as {} failed: {e}", o.user))?;
     let token = login["token"].as_str().expect("token").to_owned();
     // Create the accounts in parallel over a few connections.
     let per = o.accounts.div_ceil(8);
@@ -307,7 +338,7 @@ async fn setup(dial: &Dial, o: &Opts) -> (Client, String) {
     for t in tasks {
         t.await.unwrap();
     }
-    (admin, token)
+    Ok((admin, token))
 }
 
 struct Totals {
@@ -444,9 +475,19 @@ fn fast_head(body: &[u8]) -> Option<(u64, bool)> {
     }
 }
 
-/// Appends `{"id": id, "op": "transfer", "args": {"from", "to", "amount": 1}}`
-/// as a frame, written directly with rmp (no JSON value in between).
-fn encode_transfer(out: &mut BytesMut, id: u64, from: usize, to: usize) {
+/// What one request carries: its transfers, and how they are sent.
+struct Shape {
+    /// Transfers per request (0: a single `transfer`).
+    batch: usize,
+    atomic: bool,
+    /// Prefix of the idempotency keys (unique per connection), if keyed.
+    keys: Option<String>,
+}
+
+/// Appends a `transfer` frame (`transfers` holds one pair) or a
+/// `transfer_batch` frame, written directly with rmp (no JSON value in
+/// between). Item `i` of request `id` is keyed `PREFIX-id-i`.
+fn encode_transfers(out: &mut BytesMut, id: u64, transfers: &[(usize, usize)], shape: &Shape) {
     use bytes::BufMut;
     let start = out.len();
     out.put_u32(0);
@@ -455,18 +496,43 @@ fn encode_transfer(out: &mut BytesMut, id: u64, from: usize, to: usize) {
     let _ = rmp::encode::write_str(&mut w, "id");
     let _ = rmp::encode::write_uint(&mut w, id);
     let _ = rmp::encode::write_str(&mut w, "op");
-    let _ = rmp::encode::write_str(&mut w, "transfer");
+    let _ = rmp::encode::write_str(&mut w, if shape.batch == 0 { "transfer" } else { "transfer_batch" });
     let _ = rmp::encode::write_str(&mut w, "args");
-    let _ = rmp::encode::write_map_len(&mut w, 3);
-    let _ = rmp::encode::write_str(&mut w, "from");
-    write_account(&mut w, from);
-    let _ = rmp::encode::write_str(&mut w, "to");
-    write_account(&mut w, to);
-    let _ = rmp::encode::write_str(&mut w, "amount");
-    let _ = rmp::encode::write_uint(&mut w, 1);
+    if shape.batch > 0 {
+        let _ = rmp::encode::write_map_len(&mut w, 2);
+        let _ = rmp::encode::write_str(&mut w, "atomic");
+        let _ = rmp::encode::write_bool(&mut w, shape.atomic);
+        let _ = rmp::encode::write_str(&mut w, "transfers");
+        let _ = rmp::encode::write_array_len(&mut w, transfers.len() as u32);
+    }
+    for (i, &(from, to)) in transfers.iter().enumerate() {
+        let _ = rmp::encode::write_map_len(&mut w, 3 + u32::from(shape.keys.is_some()));
+        let _ = rmp::encode::write_str(&mut w, "from");
+        write_account(&mut w, from);
+        let _ = rmp::encode::write_str(&mut w, "to");
+        write_account(&mut w, to);
+        let _ = rmp::encode::write_str(&mut w, "amount");
+        let _ = rmp::encode::write_uint(&mut w, 1);
+        if let Some(prefix) = &shape.keys {
+            let _ = rmp::encode::write_str(&mut w, "key");
+            let _ = rmp::encode::write_str(&mut w, &format!("{prefix}-{id}-{i}"));
+        }
+    }
     let out = w.into_inner();
     let len = u32::try_from(out.len() - start - 4).unwrap();
     out[start..start + 4].copy_from_slice(&len.to_be_bytes());
+}
+
+/// The counts of a `transfer_batch` reply (its results are skipped).
+#[derive(serde::Deserialize)]
+struct BatchCounts {
+    applied: u64,
+    failed: u64,
+}
+
+#[derive(serde::Deserialize)]
+struct BatchHead {
+    ok: Option<BatchCounts>,
 }
 
 /// Opens a connection and binds it with the admin token (no password
@@ -489,7 +555,10 @@ async fn open(dial: &Dial, token: &str) -> Box<dyn Io> {
 /// Requests in flight on one connection: id -> (sent at, is a read).
 type Sent = HashMap<u64, (Instant, bool), foldhash::fast::FixedState>;
 
-/// One connection keeping `pipeline` requests in flight until `stop`.
+/// One connection sending requests until `stop`: closed loop, keeping
+/// `pipeline` requests in flight; or open loop (`--rate`), sending on a
+/// fixed schedule whatever the replies, each request's latency counted from
+/// when it was due (so a stall shows in full, as wrk2 counts).
 async fn drive(
     mut stream: Box<dyn Io>,
     o: Opts,
@@ -507,26 +576,45 @@ async fn drive(
     let mut sent: Sent = HashMap::with_capacity_and_hasher(o.pipeline * 2, foldhash::fast::FixedState::default());
     let mut next_id = 1u64;
     let n = o.accounts;
-    let mut make = |out: &mut BytesMut, sent: &mut Sent, rng: &mut Rng, now: Instant| {
+    let shape = Shape { batch: o.batch, atomic: o.atomic, keys: o.keys.then(|| format!("{seed:x}")) };
+    let mut pairs = Vec::with_capacity(o.batch.max(1));
+    let mut make = |out: &mut BytesMut, sent: &mut Sent, rng: &mut Rng, at: Instant| {
         let id = next_id;
         next_id += 1;
         let is_read = o.reads_pct > 0 && (rng.below(100) as u32) < o.reads_pct;
         if is_read {
             encode(out, id, "balance", &json!({"account": account_name(pick(rng, o.workload, n))}));
         } else {
-            let from = pick(rng, o.workload, n);
-            let mut to = if o.workload == Workload::Hot { 0 } else { pick(rng, o.workload, n) };
-            if to == from {
-                to = (from + 1) % n;
+            pairs.clear();
+            for _ in 0..o.batch.max(1) {
+                let from = pick(rng, o.workload, n);
+                let mut to = if o.workload == Workload::Hot { 0 } else { pick(rng, o.workload, n) };
+                if to == from {
+                    to = (from + 1) % n;
+                }
+                pairs.push((from, to));
             }
-            encode_transfer(out, id, from, to);
+            encode_transfers(out, id, &pairs, &shape);
         }
-        sent.insert(id, (now, is_read));
+        sent.insert(id, (at, is_read));
     };
-    for _ in 0..o.pipeline {
-        make(&mut out, &mut sent, &mut rng, Instant::now());
+    // Open loop: one request every `interval`, the k-th due at start + k * interval.
+    let per_request = o.batch.max(1) as f64;
+    let interval = o.rate.map(|r| Duration::from_secs_f64(o.connections as f64 * per_request / r));
+    let mut due = start;
+    if interval.is_none() {
+        for _ in 0..o.pipeline {
+            make(&mut out, &mut sent, &mut rng, Instant::now());
+        }
     }
     loop {
+        if let Some(interval) = interval {
+            let now = Instant::now();
+            while due <= now && !stop.load(Ordering::Relaxed) {
+                make(&mut out, &mut sent, &mut rng, due);
+                due += interval;
+            }
+        }
         // Replies are read in place (no buffer split per frame) and one
         // clock reading per reply serves its latency, its second of the run
         // and the send time of the request that replaces it.
@@ -539,7 +627,8 @@ async fn drive(
             let body = &buf[pos + 4..pos + 4 + len];
             pos += 4 + len;
             // Only the id and the error code are read, to keep the load
-            // generator cheap: an `ok` value is not even parsed.
+            // generator cheap: an `ok` value is not even parsed (a batch's
+            // counts are).
             let (id, code) = match fast_head(body) {
                 Some((id, true)) => (id, None),
                 _ => {
@@ -562,10 +651,16 @@ async fn drive(
                 *totals.errors.lock().unwrap().entry(code.to_owned()).or_default() += 1;
             } else if is_read {
                 totals.reads.fetch_add(1, Ordering::Relaxed);
+            } else if o.batch > 0 {
+                let counts = rmp_serde::from_slice::<BatchHead>(body).ok().and_then(|h| h.ok).expect("batch counts");
+                totals.transfers.fetch_add(counts.applied, Ordering::Relaxed);
+                if counts.failed > 0 {
+                    *totals.errors.lock().unwrap().entry("batch_item".into()).or_default() += counts.failed;
+                }
             } else {
                 totals.transfers.fetch_add(1, Ordering::Relaxed);
             }
-            if !stop.load(Ordering::Relaxed) {
+            if interval.is_none() && !stop.load(Ordering::Relaxed) {
                 make(&mut out, &mut sent, &mut rng, now);
             }
         }
@@ -579,7 +674,14 @@ async fn drive(
             stream.flush().await.unwrap();
             out.clear();
         }
-        if stream.read_buf(&mut buf).await.unwrap() == 0 {
+        let read = match interval {
+            Some(_) if !stop.load(Ordering::Relaxed) => tokio::select! {
+                r = stream.read_buf(&mut buf) => r.unwrap(),
+                () = tokio::time::sleep_until(due.into()) => continue,
+            },
+            _ => stream.read_buf(&mut buf).await.unwrap(),
+        };
+        if read == 0 {
             return (hist, per_second);
         }
     }
@@ -606,7 +708,17 @@ async fn main() {
         (None, Dial { addr: o.connect.clone().unwrap(), tls }, None)
     };
     let t_setup = Instant::now();
-    let (admin, token) = setup(&dial, &o).await;
+    let (admin, token) = match setup(&dial, &o).await {
+        Ok(a) => a,
+        Err(e) => {
+            eprintln!("{e}");
+            if let Some(mut c) = child {
+                let _ = c.kill();
+                let _ = c.wait();
+            }
+            std::process::exit(1);
+        }
+    };
     let setup_s = t_setup.elapsed().as_secs_f64();
     eprintln!("created {} accounts in {setup_s:.1}s", o.accounts);
     if o.admin_ops {
@@ -721,9 +833,21 @@ async fn main() {
     let audit_ok = audit["sum"] == 0 && audit["chain_ok"] == true;
 
     let tps = transfers as f64 / seconds;
+    let sending = match o.rate {
+        Some(r) => format!("open loop at {r:.0} transfers/s offered"),
+        None => format!("pipeline {}", o.pipeline),
+    };
+    let per_request = match o.batch {
+        0 => "single transfers".to_owned(),
+        b => format!("batches of {b}{}", if o.atomic { ", atomic" } else { "" }),
+    };
     println!(
-        "workload {:?}: {} connections x pipeline {}, {} accounts, {:.1}s",
-        o.workload, o.connections, o.pipeline, o.accounts, seconds
+        "workload {:?}: {} connections, {sending}, {per_request}{}, {} accounts, {:.1}s",
+        o.workload,
+        o.connections,
+        if o.keys { ", keyed" } else { "" },
+        o.accounts,
+        seconds
     );
     println!("transfers {transfers}  reads {reads}  errors {errors:?}");
     println!("transfers/s {tps:.0}  ops/s {:.0}", (transfers + reads) as f64 / seconds);
@@ -783,6 +907,8 @@ async fn main() {
                 "counters_agree": counters_agree, "audit_ok": audit_ok, "server_rss_kb": rss_kb,
                 "server_cpu_us_per_op": server_cpu_us, "harness_cpu_us_per_op": harness_cpu_us,
                 "p99_per_s_us": per_second.iter().map(|h| h.value_at_quantile(0.99)).collect::<Vec<_>>(),
+                "batch": o.batch, "atomic": o.atomic, "keys": o.keys, "rate": o.rate,
+                "requests": hist.len(),
             })
         );
     }

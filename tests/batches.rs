@@ -309,3 +309,33 @@ async fn kill_9_under_batched_load_loses_no_acknowledged_batch_and_no_atomic_hal
         }
     }
 }
+
+#[tokio::test]
+async fn concurrent_uses_of_a_key_the_shard_must_look_up_apply_once() {
+    let mut s = Server::start();
+    let c = s.admin().await;
+    create(&c, "alice", 100).await;
+    create(&c, "bob", 0).await;
+    let old = c.transfer(Some("alice"), "bob", 3, Some("old")).await.unwrap();
+    // After a restart no key is in memory: every use below is looked up on disk.
+    s.restart();
+    let c = Arc::new(s.admin().await);
+    let mut calls = Vec::new();
+    for i in 0..40 {
+        let (c, key, amount) = (c.clone(), if i % 2 == 0 { "old" } else { "new" }, if i % 2 == 0 { 3 } else { 5 });
+        calls.push(tokio::spawn(async move { c.transfer(Some("alice"), "bob", amount, Some(key)).await.unwrap() }));
+    }
+    let mut ids = std::collections::BTreeSet::new();
+    for (i, call) in calls.into_iter().enumerate() {
+        let r = call.await.unwrap();
+        if i % 2 == 0 {
+            assert_eq!(r["id"], old["id"]);
+        }
+        ids.insert(r["id"].as_u64().unwrap());
+    }
+    assert_eq!(ids.len(), 2, "one record per key: {ids:?}");
+    assert_eq!(balances(&c, &["alice", "bob"]).await, [92, 8]);
+    // A key used with other arguments is still a conflict once looked up.
+    assert_eq!(code(c.transfer(Some("alice"), "bob", 4, Some("old")).await), "key_conflict");
+    audit_ok(&c).await;
+}

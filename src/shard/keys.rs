@@ -1,18 +1,26 @@
 //! Idempotency keys as the owning shard knows them: a key in the journal
 //! (its duplicates wait for its outcome), a key settled (duplicates get the
 //! original record), and, for keys settled long ago, the disk.
+//!
+//! The disk is read off the shard's path: a key the shard does not know is
+//! looked up on the blocking pool while its request (and any other request
+//! with the same key) waits here; the answer comes back as a message. No
+//! request with that key can reach the journal meanwhile (they all wait),
+//! so a miss stays a miss until the first of them is reserved.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 
+use super::{DebitReq, Then};
 use crate::error::{ApiError, ErrorCode};
 use crate::ledger::Kind;
 use crate::reply::ReplyTo;
-use crate::store::{self, Store};
 use crate::wire::{Shape, TransferView};
 
 /// What an idempotency key stands for, as far as the owner knows.
 enum KeyState {
+    /// Being looked up on disk; these requests wait for the answer.
+    Looking(Vec<DebitReq>),
     /// In the journal; duplicates wait here for its outcome.
     Pending {
         fingerprint: Fingerprint,
@@ -47,6 +55,16 @@ impl Fingerprint {
     }
 }
 
+/// What [`Keys::check`] found.
+pub enum Check {
+    /// A new key: go ahead.
+    New(DebitReq),
+    /// The request was answered, or parked until the first use settles.
+    Taken,
+    /// Not known here: look on disk ([`Keys::looking`]).
+    Unknown(DebitReq),
+}
+
 /// One shard's keys: those in flight, and the last `cached_max` settled
 /// (older ones are read from disk when they come back).
 pub struct Keys {
@@ -62,64 +80,71 @@ impl Keys {
         Keys { map: HashMap::default(), done: VecDeque::new(), cached_max }
     }
 
-    /// Looks the key up. `Ok(true)`: new key, go ahead. `Ok(false)`: the
-    /// reply was taken (answered, or parked until the first use settles).
+    /// Looks the key of `req` up in memory. `looked_up`: the disk was
+    /// asked since (and had nothing), so a key still unknown is new.
     ///
-    /// An item of an atomic batch (`in_batch`) does not wait behind an
-    /// item of another atomic batch: each batch would wait for the other
-    /// before reaching the journal. It is refused instead.
-    #[allow(clippy::too_many_arguments)] // the request's parts, as the shard holds them
-    pub fn check(
-        &mut self,
-        store: &Store,
-        from: &str,
-        key: &str,
-        fingerprint: &Fingerprint,
-        shape: &Shape,
-        in_batch: bool,
-        reply: &mut Option<ReplyTo>,
-    ) -> Result<bool, ApiError> {
+    /// An item of an atomic batch does not wait behind an item of another
+    /// atomic batch: each batch would wait for the other before reaching
+    /// the journal. It is refused instead.
+    pub fn check(&mut self, req: DebitReq, fingerprint: &Fingerprint, looked_up: bool) -> Check {
+        let key = req.key.as_deref().unwrap_or_default();
         let conflict =
             || ApiError::new(ErrorCode::KeyConflict, format!("key {key:?} was used with different arguments"));
-        match self.map.get_mut(&(Box::<str>::from(from), Box::<str>::from(key))) {
+        let in_batch = matches!(req.then, Then::Collect(..));
+        match self.map.get_mut(&(req.from.clone(), Box::<str>::from(key))) {
             Some(KeyState::Pending { fingerprint: f, waiters, in_batch: other_in_batch }) => {
                 if f != fingerprint {
-                    return Err(conflict());
-                }
-                if in_batch && *other_in_batch {
-                    return Err(ApiError::new(
+                    req.reply.err(conflict());
+                } else if in_batch && *other_in_batch {
+                    req.reply.err(ApiError::new(
                         ErrorCode::KeyConflict,
                         format!("key {key:?} is in use by another atomic batch in flight; retry once it is answered"),
                     ));
+                } else {
+                    waiters.push((req.reply, req.shape));
                 }
-                waiters.extend(reply.take().map(|r| (r, shape.clone())));
-                Ok(false)
+                Check::Taken
             }
             Some(KeyState::Done { fingerprint: f, view }) => {
-                if f != fingerprint {
-                    return Err(conflict());
+                if f == fingerprint {
+                    req.reply.ok(req.shape.reply(view.clone()));
+                } else {
+                    req.reply.err(conflict());
                 }
-                if let Some(r) = reply.take() {
-                    r.ok(shape.reply(view.clone()));
-                }
-                Ok(false)
+                Check::Taken
             }
-            None => {
-                // Settled keys leave memory after a while; the disk has them all.
-                let Some(view) = store::lookup_key(&*store.db()?, from, key)? else {
-                    return Ok(true);
-                };
-                if Fingerprint::of_view(&view) != *fingerprint {
-                    return Err(conflict());
-                }
-                let view = Arc::new(view);
-                self.remember(from.into(), key.into(), fingerprint.clone(), view.clone());
-                if let Some(r) = reply.take() {
-                    r.ok(shape.reply(view));
-                }
-                Ok(false)
-            }
+            // The caller queues the request behind the lookup.
+            Some(KeyState::Looking(_)) => Check::Unknown(req),
+            None if looked_up => Check::New(req),
+            // Settled keys leave memory after a while; the disk has them all.
+            None => Check::Unknown(req),
         }
+    }
+
+    /// Queues `req` behind the disk lookup of its key; `true` if it is the
+    /// first (the caller starts the lookup).
+    pub fn looking(&mut self, req: DebitReq) -> bool {
+        let entry = (req.from.clone(), req.key.clone().unwrap_or_default());
+        match self.map.entry(entry).or_insert_with(|| KeyState::Looking(Vec::new())) {
+            KeyState::Looking(waiting) => {
+                waiting.push(req);
+                waiting.len() == 1
+            }
+            // `check` said unknown; nothing else ran since.
+            _ => unreachable!("a key being looked up is known"),
+        }
+    }
+
+    /// The disk's answer for a key looked up: what it holds (remembered
+    /// as settled), and the requests that waited, to go through again.
+    pub fn found(&mut self, from: Box<str>, key: Box<str>, found: Option<TransferView>) -> Vec<DebitReq> {
+        let Some(KeyState::Looking(waiting)) = self.map.remove(&(from.clone(), key.clone())) else {
+            return Vec::new();
+        };
+        if let Some(view) = found {
+            self.remember(from, key, Fingerprint::of_view(&view), Arc::new(view));
+        }
+        waiting
     }
 
     /// The key's transfer went to the journal.

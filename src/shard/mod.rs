@@ -24,7 +24,7 @@ use std::sync::Arc;
 
 use ractor::{Actor, ActorProcessingErr, ActorRef};
 
-use self::keys::{Fingerprint, Keys};
+use self::keys::{Check, Fingerprint, Keys};
 pub use self::router::{shard_index, Outbox, ShardRouter};
 pub use self::slot::{Extra, Slot};
 use crate::auth::Principal;
@@ -174,12 +174,20 @@ pub enum ShardMsg {
     Read(Box<ReadReq>),
     History(Box<HistoryReq>),
     Effects(Vec<Effect>),
+    /// A key looked up on disk (off the shard's path): the record it names, if any.
+    KeyFound {
+        from: Box<str>,
+        key: Box<str>,
+        found: Result<Option<Box<TransferView>>, ApiError>,
+    },
     /// Test builds only (`fault-injection`): panic, as a bug would.
     #[cfg(feature = "fault-injection")]
     Panic,
 }
 
 pub struct ShardState {
+    /// This shard, for the answers of its own disk lookups.
+    myself: ActorRef<ShardMsg>,
     accounts: AccountMap<Slot>,
     keys: Keys,
     journal: JournalHandle,
@@ -202,8 +210,9 @@ impl Actor for ShardActor {
     type State = ShardState;
     type Arguments = ShardArgs;
 
-    async fn pre_start(&self, _myself: ActorRef<ShardMsg>, args: ShardArgs) -> Result<ShardState, ActorProcessingErr> {
+    async fn pre_start(&self, myself: ActorRef<ShardMsg>, args: ShardArgs) -> Result<ShardState, ActorProcessingErr> {
         Ok(ShardState {
+            myself,
             accounts: args.accounts,
             keys: Keys::new(args.keys_cached_max),
             journal: args.journal,
@@ -224,9 +233,10 @@ impl Actor for ShardActor {
                     state.accounts.prefetch(&r.from);
                 }
                 for req in reqs {
-                    state.debit(req);
+                    state.debit(req, false);
                 }
             }
+            ShardMsg::KeyFound { from, key, found } => state.key_found(from, key, found),
             ShardMsg::Create(c) => state.create(c),
             ShardMsg::Read(r) => state.read(&r.account, r.kind, &r.principal, r.reply),
             ShardMsg::History(req) => state.history(*req),
@@ -339,34 +349,30 @@ impl ShardState {
         });
     }
 
-    fn debit(&mut self, req: DebitReq) {
-        let DebitReq { kind, shape, from, to, amount, memo, key, fee, hold, principal, reply, then } = req;
-        let collected = matches!(then, Then::Collect(..));
-        let mut reply = Some(reply);
+    /// A debit: its key checked (or looked up on disk first), then its
+    /// amount reserved and the transfer handed on. `looked_up`: its key
+    /// was just looked up and not found.
+    fn debit(&mut self, req: DebitReq, looked_up: bool) {
         // Only a keyed request needs its fingerprint (two string copies).
-        let fingerprint = match &key {
-            Some(key) => {
+        let (req, fingerprint) = match &req.key {
+            Some(_) => {
                 // The account is checked before its key (one more lookup,
                 // for keyed requests only; the reservation below looks again).
-                if let Err(e) = self.slot(&from, &principal, Use::Debit) {
-                    return reply.take().expect("not taken yet").err(e);
+                if let Err(e) = self.slot(&req.from, &req.principal, Use::Debit) {
+                    return req.reply.err(e);
                 }
-                let fingerprint = Fingerprint { kind, to: to.clone(), amount, memo: memo.clone() };
-                match self.keys.check(&self.store, &from, key, &fingerprint, &shape, collected, &mut reply) {
-                    Ok(true) => {}
-                    Ok(false) => return,
-                    Err(e) => {
-                        if let Some(r) = reply {
-                            r.err(e);
-                        }
-                        return;
-                    }
+                let fingerprint =
+                    Fingerprint { kind: req.kind, to: req.to.clone(), amount: req.amount, memo: req.memo.clone() };
+                match self.keys.check(req, &fingerprint, looked_up) {
+                    Check::New(req) => (req, Some(fingerprint)),
+                    Check::Taken => return,
+                    Check::Unknown(req) => return self.look_up(req),
                 }
-                Some(fingerprint)
             }
-            None => None,
+            None => (req, None),
         };
-        let Some(reply) = reply else { return };
+        let DebitReq { kind, shape, from, to, amount, memo, key, fee, hold, principal, reply, then } = req;
+        let collected = matches!(then, Then::Collect(..));
         let bounds = self.limits.bounds(&from);
         let slot = match self.slot_mut(&from, &principal) {
             Ok(s) => s,
@@ -414,6 +420,38 @@ impl ShardState {
                 self.keys.forget(&t.from, key);
             }
             t.reply.err(ApiError::internal("the journal or the batch has stopped"));
+        }
+    }
+
+    /// Queues `req` behind the disk lookup of its key, starting the lookup
+    /// on the blocking pool if it is the first; the answer comes back as
+    /// [`ShardMsg::KeyFound`].
+    fn look_up(&mut self, req: DebitReq) {
+        let (from, key) = (req.from.clone(), req.key.clone().unwrap_or_default());
+        if !self.keys.looking(req) {
+            return;
+        }
+        let (store, myself) = (self.store.clone(), self.myself.clone());
+        tokio::task::spawn_blocking(move || {
+            let found = store.db().and_then(|db| store::lookup_key(&db, &from, &key)).map(|v| v.map(Box::new));
+            let _ = myself.cast(ShardMsg::KeyFound { from, key, found: found.map_err(ApiError::from) });
+        });
+    }
+
+    /// The disk's answer: the waiting requests go through again, now
+    /// against what it said.
+    fn key_found(&mut self, from: Box<str>, key: Box<str>, found: Result<Option<Box<TransferView>>, ApiError>) {
+        match found {
+            Ok(found) => {
+                for req in self.keys.found(from, key, found.map(|v| *v)) {
+                    self.debit(req, true);
+                }
+            }
+            Err(e) => {
+                for req in self.keys.found(from, key, None) {
+                    req.reply.err(e.clone());
+                }
+            }
         }
     }
 
