@@ -174,20 +174,24 @@ pub enum ShardMsg {
     Read(Box<ReadReq>),
     History(Box<HistoryReq>),
     Effects(Vec<Effect>),
-    /// A key looked up on disk (off the shard's path): the record it names, if any.
-    KeyFound {
-        from: Box<str>,
-        key: Box<str>,
-        found: Result<Option<Box<TransferView>>, ApiError>,
-    },
+    /// Keys looked up on disk (off the shard's path): the records they name.
+    KeysFound(Box<KeysFound>),
     /// Test builds only (`fault-injection`): panic, as a bug would.
     #[cfg(feature = "fault-injection")]
     Panic,
 }
 
+/// The answers of one disk lookup of keys, in the order asked.
+pub struct KeysFound {
+    wanted: Vec<(Box<str>, Box<str>)>,
+    found: Result<Vec<Option<TransferView>>, ApiError>,
+}
+
 pub struct ShardState {
     /// This shard, for the answers of its own disk lookups.
     myself: ActorRef<ShardMsg>,
+    /// Keys to look up on disk once the message at hand is handled.
+    lookups: Vec<(Box<str>, Box<str>)>,
     accounts: AccountMap<Slot>,
     keys: Keys,
     journal: JournalHandle,
@@ -213,6 +217,7 @@ impl Actor for ShardActor {
     async fn pre_start(&self, myself: ActorRef<ShardMsg>, args: ShardArgs) -> Result<ShardState, ActorProcessingErr> {
         Ok(ShardState {
             myself,
+            lookups: Vec::new(),
             accounts: args.accounts,
             keys: Keys::new(args.keys_cached_max),
             journal: args.journal,
@@ -235,8 +240,9 @@ impl Actor for ShardActor {
                 for req in reqs {
                     state.debit(req, false);
                 }
+                state.look_up();
             }
-            ShardMsg::KeyFound { from, key, found } => state.key_found(from, key, found),
+            ShardMsg::KeysFound(k) => state.keys_found(*k),
             ShardMsg::Create(c) => state.create(c),
             ShardMsg::Read(r) => state.read(&r.account, r.kind, &r.principal, r.reply),
             ShardMsg::History(req) => state.history(*req),
@@ -366,7 +372,7 @@ impl ShardState {
                 match self.keys.check(req, &fingerprint, looked_up) {
                     Check::New(req) => (req, Some(fingerprint)),
                     Check::Taken => return,
-                    Check::Unknown(req) => return self.look_up(req),
+                    Check::Unknown(req) => return self.queue_lookup(req),
                 }
             }
             None => (req, None),
@@ -423,36 +429,51 @@ impl ShardState {
         }
     }
 
-    /// Queues `req` behind the disk lookup of its key, starting the lookup
-    /// on the blocking pool if it is the first; the answer comes back as
-    /// [`ShardMsg::KeyFound`].
-    fn look_up(&mut self, req: DebitReq) {
-        let (from, key) = (req.from.clone(), req.key.clone().unwrap_or_default());
-        if !self.keys.looking(req) {
+    /// Queues `req` behind the disk lookup of its key; the first request
+    /// of a key adds the key to the next lookup ([`ShardState::look_up`]).
+    fn queue_lookup(&mut self, req: DebitReq) {
+        let wanted = (req.from.clone(), req.key.clone().unwrap_or_default());
+        if self.keys.looking(req) {
+            self.lookups.push(wanted);
+        }
+    }
+
+    /// Looks up the keys queued while handling one message, all in one
+    /// read on the blocking pool; the answers come back as one
+    /// [`ShardMsg::KeysFound`].
+    fn look_up(&mut self) {
+        if self.lookups.is_empty() {
             return;
         }
+        let wanted = std::mem::take(&mut self.lookups);
         let (store, myself) = (self.store.clone(), self.myself.clone());
         tokio::task::spawn_blocking(move || {
-            let found = store.db().and_then(|db| store::lookup_key(&db, &from, &key)).map(|v| v.map(Box::new));
-            let _ = myself.cast(ShardMsg::KeyFound { from, key, found: found.map_err(ApiError::from) });
+            let found = store.db().and_then(|db| store::lookup_keys(&db, &wanted)).map_err(ApiError::from);
+            let _ = myself.cast(ShardMsg::KeysFound(Box::new(KeysFound { wanted, found })));
         });
     }
 
-    /// The disk's answer: the waiting requests go through again, now
+    /// The disk's answers: the waiting requests go through again, now
     /// against what it said.
-    fn key_found(&mut self, from: Box<str>, key: Box<str>, found: Result<Option<Box<TransferView>>, ApiError>) {
+    fn keys_found(&mut self, k: KeysFound) {
+        let KeysFound { wanted, found } = k;
         match found {
             Ok(found) => {
-                for req in self.keys.found(from, key, found.map(|v| *v)) {
-                    self.debit(req, true);
+                for ((from, key), found) in wanted.into_iter().zip(found) {
+                    for req in self.keys.found(from, key, found) {
+                        self.debit(req, true);
+                    }
                 }
             }
             Err(e) => {
-                for req in self.keys.found(from, key, None) {
-                    req.reply.err(e.clone());
+                for (from, key) in wanted {
+                    for req in self.keys.found(from, key, None) {
+                        req.reply.err(e.clone());
+                    }
                 }
             }
         }
+        self.look_up();
     }
 
     fn create(&mut self, c: Box<CreateCmd>) {

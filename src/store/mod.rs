@@ -74,7 +74,7 @@ pub mod rows;
 pub use audit::{audit, backup};
 pub use queries::{
     account_meta, get_key, get_transfer, get_user, history, history_after, list_accounts, list_keys, load_keys,
-    load_users, lookup_key, put_key, put_user, redeems, ListFilter,
+    load_users, lookup_keys, put_key, put_user, redeems, ListFilter,
 };
 pub use record::{record_hash, ChunkWriter, Head, RecordRef, TransferRecord};
 pub use recovery::{load, Loaded, LoadedAccount};

@@ -132,15 +132,22 @@ pub fn get_transfer(db: &Database, id: u64) -> Result<Option<TransferView>, Stor
     with_record(&txn.open_table(CHUNKS)?, id, view_of)
 }
 
-/// Finds the transfer an idempotency key was first used for.
-pub fn lookup_key(db: &Database, from: &str, key: &str) -> Result<Option<TransferView>, StoreError> {
+/// Finds the transfers idempotency keys were first used for, each
+/// `(from, key)` in one read transaction.
+pub fn lookup_keys(db: &Database, wanted: &[(Box<str>, Box<str>)]) -> Result<Vec<Option<TransferView>>, StoreError> {
     let txn = db.begin_read()?;
     let keys = txn.open_table(KEYS)?;
-    let Some(id) = keys.get((from, key))?.map(|v| v.value()) else {
-        return Ok(None);
-    };
-    let view = with_record(&txn.open_table(CHUNKS)?, id, view_of)?;
-    Ok(Some(view.ok_or_else(|| StoreError::Corrupt(format!("key points at missing transfer {id}")))?))
+    let chunks = txn.open_table(CHUNKS)?;
+    let mut out = Vec::with_capacity(wanted.len());
+    for (from, key) in wanted {
+        let Some(id) = keys.get((&**from, &**key))?.map(|v| v.value()) else {
+            out.push(None);
+            continue;
+        };
+        let view = with_record(&chunks, id, view_of)?;
+        out.push(Some(view.ok_or_else(|| StoreError::Corrupt(format!("key points at missing transfer {id}")))?));
+    }
+    Ok(out)
 }
 
 /// Owner of an account, if it exists.
