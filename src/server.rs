@@ -22,7 +22,7 @@ use crate::ledger::AccountMap;
 use crate::limits::{KEYS_CACHED_PER_SHARD_MAX, PASSWORD_HASHES_CONCURRENT_MAX};
 use crate::otp::mail::Transport;
 use crate::otp::{OtpActor, OtpArgs, Rules};
-use crate::shard::{fanout, shard_index, ShardActor, ShardArgs, ShardRouter, Slot};
+use crate::shard::{fanout, shard_index, KeyReader, ShardActor, ShardArgs, ShardRouter, Slot};
 use crate::stats::Stats;
 use crate::store::{self, Store, UserRecord};
 
@@ -218,9 +218,11 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
     let (journal_handle, journal_rx) = contract::channel();
     let (fanout_tx, fanout_rx) = tokio::sync::mpsc::unbounded_channel();
     let mut refs = Vec::with_capacity(n);
+    let key_reader = KeyReader::start(store.clone()).map_err(|e| StartError::Actor(e.to_string()))?;
     for accounts in per_shard {
         let args = ShardArgs {
             accounts,
+            key_reader: key_reader.clone(),
             journal: journal_handle.clone(),
             limits,
             store: store.clone(),

@@ -24,6 +24,7 @@ use std::sync::Arc;
 
 use ractor::{Actor, ActorProcessingErr, ActorRef};
 
+pub use self::keys::KeyReader;
 use self::keys::{Check, Fingerprint, Keys};
 pub use self::router::{shard_index, Outbox, ShardRouter};
 pub use self::slot::{Extra, Slot};
@@ -183,8 +184,8 @@ pub enum ShardMsg {
 
 /// The answers of one disk lookup of keys, in the order asked.
 pub struct KeysFound {
-    wanted: Vec<(Box<str>, Box<str>)>,
-    found: Result<Vec<Option<TransferView>>, ApiError>,
+    pub wanted: Vec<(Box<str>, Box<str>)>,
+    pub found: Result<Vec<Option<TransferView>>, ApiError>,
 }
 
 pub struct ShardState {
@@ -192,6 +193,7 @@ pub struct ShardState {
     myself: ActorRef<ShardMsg>,
     /// Keys to look up on disk once the message at hand is handled.
     lookups: Vec<(Box<str>, Box<str>)>,
+    key_reader: KeyReader,
     accounts: AccountMap<Slot>,
     keys: Keys,
     journal: JournalHandle,
@@ -201,6 +203,7 @@ pub struct ShardState {
 
 pub struct ShardArgs {
     pub accounts: AccountMap<Slot>,
+    pub key_reader: KeyReader,
     pub journal: JournalHandle,
     pub limits: Limits,
     pub store: Arc<Store>,
@@ -218,6 +221,7 @@ impl Actor for ShardActor {
         Ok(ShardState {
             myself,
             lookups: Vec::new(),
+            key_reader: args.key_reader,
             accounts: args.accounts,
             keys: Keys::new(args.keys_cached_max),
             journal: args.journal,
@@ -439,18 +443,18 @@ impl ShardState {
     }
 
     /// Looks up the keys queued while handling one message, all in one
-    /// read on the blocking pool; the answers come back as one
+    /// read by the [`KeyReader`]; the answers come back as one
     /// [`ShardMsg::KeysFound`].
     fn look_up(&mut self) {
         if self.lookups.is_empty() {
             return;
         }
         let wanted = std::mem::take(&mut self.lookups);
-        let (store, myself) = (self.store.clone(), self.myself.clone());
-        tokio::task::spawn_blocking(move || {
-            let found = store.db().and_then(|db| store::lookup_keys(&db, &wanted)).map_err(ApiError::from);
-            let _ = myself.cast(ShardMsg::KeysFound(Box::new(KeysFound { wanted, found })));
-        });
+        let lookup = keys::Lookup { wanted: wanted.clone(), shard: self.myself.clone() };
+        if !self.key_reader.send(lookup) {
+            let found = Err(ApiError::internal("the key reader has stopped"));
+            self.keys_found(KeysFound { wanted, found });
+        }
     }
 
     /// The disk's answers: the waiting requests go through again, now
