@@ -41,6 +41,7 @@ usage: cargo bench --bench load -- [flags]
   --tls                 speak TLS (with --spawn: certificates made for the run)
   --ca FILE             with --tls --connect: the CA to trust (default: system roots)
   --accounts N          funded accounts to create first (default 10000)
+  --existing            the N accounts exist already (a server driven before): do not create them
   --duration S          seconds of load (default 10)
   --connections C       connections (default 64)
   --pipeline P          requests in flight per connection (default 64; closed loop)
@@ -91,6 +92,7 @@ struct Opts {
     batch: usize,
     atomic: bool,
     keys: bool,
+    existing: bool,
     /// Transfers per second offered in all (open loop).
     rate: Option<f64>,
 }
@@ -117,6 +119,7 @@ fn parse_opts() -> Opts {
         batch: 0,
         atomic: false,
         keys: false,
+        existing: false,
         rate: None,
     };
     let mut args = std::env::args().skip(1);
@@ -149,6 +152,7 @@ fn parse_opts() -> Opts {
             "--batch" => o.batch = val().parse().expect("--batch N"),
             "--atomic" => o.atomic = true,
             "--keys" => o.keys = true,
+            "--existing" => o.existing = true,
             "--rate" => o.rate = Some(val().parse().expect("--rate R")),
             "--bench" => {} // passed by `cargo bench`
             "--help" | "-h" => {
@@ -303,6 +307,9 @@ async fn setup(dial: &Dial, o: &Opts) -> Result<(Client, String), String> {
     let admin = dial.client().await;
     let login = admin.login(&o.user, &o.password).await.map_err(|e| format!("login as {} failed: {e}", o.user))?;
     let token = login["token"].as_str().expect("token").to_owned();
+    if o.existing {
+        return Ok((admin, token));
+    }
     // Create the accounts in parallel over a few connections.
     let per = o.accounts.div_ceil(8);
     let mut tasks = Vec::new();

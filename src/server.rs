@@ -167,7 +167,9 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
     // The folder holds password hashes, the JWT secret and live codes.
     restrict(&data, 0o700)?;
     let db_path = data.join("tally.redb");
+    let opening = std::time::Instant::now();
     let store = Arc::new(Store::open(&db_path)?);
+    tracing::info!(ms = opening.elapsed().as_millis() as u64, "database opened");
     restrict(&db_path, 0o600)?;
     let db = store.db()?;
     {
@@ -184,9 +186,13 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
     let tokens = Tokens::new(&secret, config.auth.token_ttl_s);
     let limits = config.ledger_limits();
 
+    let loading = std::time::Instant::now();
     let mut loaded = store::load(&db, limits)?;
     let n = config.shards;
-    let mut per_shard: Vec<AccountMap<Slot>> = (0..n).map(|_| AccountMap::default()).collect();
+    // Room for each shard's share (and some), so that loading does not
+    // rehash millions of entries as the maps grow.
+    let share = loaded.accounts.len() / n + loaded.accounts.len() / (4 * n) + 16;
+    let mut per_shard: Vec<AccountMap<Slot>> = (0..n).map(|_| AccountMap::with_capacity(share)).collect();
     for a in std::mem::take(&mut loaded.accounts) {
         let mut slot = Slot::new(&a.meta, a.balance, a.last);
         slot.acct.held = a.held;
@@ -196,7 +202,12 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
     if sum != 0 {
         return Err(StartError::Other(format!("refusing to start: balances sum to {sum}, not 0")));
     }
-    tracing::info!(accounts = loaded.book.len(), head = loaded.head.id, "ledger loaded");
+    tracing::info!(
+        accounts = loaded.book.len(),
+        head = loaded.head.id,
+        ms = loading.elapsed().as_millis() as u64,
+        "ledger loaded"
+    );
 
     let users = Arc::new(Users::default());
     for u in store::load_users(&db)? {

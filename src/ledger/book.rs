@@ -104,17 +104,22 @@ impl Book {
     /// A book holding only the system accounts (numbered 0, 1, 2).
     #[must_use]
     pub fn new(limits: Limits) -> Self {
-        let mut book = Book::empty(limits);
+        let mut book = Book::empty(limits, SYSTEM_ACCOUNTS.len());
         for id in SYSTEM_ACCOUNTS {
             book.insert(id, BookAccount::new(0, Status::Open, 0));
         }
         book
     }
 
-    /// A book with no accounts at all (loading fills it).
+    /// A book with no accounts at all, with room for `n` (loading fills it).
     #[must_use]
-    pub fn empty(limits: Limits) -> Self {
-        Book { index: HashTable::new(), hasher: foldhash::fast::RandomState::default(), entries: Vec::new(), limits }
+    pub fn empty(limits: Limits, n: usize) -> Self {
+        Book {
+            index: HashTable::with_capacity(n),
+            hasher: foldhash::fast::RandomState::default(),
+            entries: Vec::with_capacity(n),
+            limits,
+        }
     }
 
     /// Sets the last transfer of one account (recovery replay).

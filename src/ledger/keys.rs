@@ -21,6 +21,12 @@ impl<V> Default for AccountMap<V> {
 }
 
 impl<V> AccountMap<V> {
+    /// An empty map with room for `n` entries.
+    #[must_use]
+    pub fn with_capacity(n: usize) -> Self {
+        AccountMap { table: HashTable::with_capacity(n), hasher: foldhash::fast::RandomState::default() }
+    }
+
     #[must_use]
     pub fn get(&self, id: &str) -> Option<&V> {
         self.table.find(self.hasher.hash_one(id), |(k, _)| k.as_str() == id).map(|(_, v)| v)

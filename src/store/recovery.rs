@@ -82,26 +82,43 @@ pub fn load(db: &Database, limits: Limits) -> Result<Loaded, StoreError> {
 pub(super) fn load_txn(txn: &redb::ReadTransaction, limits: Limits) -> Result<Loaded, StoreError> {
     let head = read_head(txn)?;
     let checkpoint = read_checkpoint(txn)?;
-    let rows = txn.open_table(BALANCES)?;
+    // The balance rows are read in key (number) order and joined to the
+    // accounts by number: one pass over each table, where a lookup per
+    // account read the balances tree in random order (~40 s of a 62 s
+    // start with 10M accounts).
     let accounts_table = txn.open_table(ACCOUNTS)?;
-    let mut accounts = Vec::with_capacity(usize::try_from(accounts_table.len()?).unwrap_or(0));
+    let n = usize::try_from(accounts_table.len()?).unwrap_or(0);
+    let mut balances: Vec<(i64, u64)> = vec![(0, 0); n];
+    for row in txn.open_table(BALANCES)?.iter()? {
+        let (num, v) = row?;
+        *balances
+            .get_mut(num.value() as usize)
+            .ok_or_else(|| StoreError::Corrupt("balance rows without accounts".into()))? = v.value();
+    }
+    // Each account goes straight to its place by number (sorting ~150-byte
+    // entries moved gigabytes with 10M accounts).
+    let mut by_num: Vec<Option<LoadedAccount>> = Vec::with_capacity(n);
+    by_num.resize_with(n, || None);
     for row in accounts_table.iter()? {
         let (k, v) = row?;
         let meta = AccountMeta::decode(v.value())?;
-        let (balance, last) = rows.get(meta.num)?.map_or((0, 0), |v| v.value());
-        accounts.push(LoadedAccount { id: k.value().to_owned(), meta, balance, last, held: 0 });
-    }
-    if rows.len()? > accounts.len() as u64 {
-        return Err(StoreError::Corrupt("balance rows without accounts".into()));
-    }
-    accounts.sort_by_key(|a| a.meta.num);
-    let mut book = Book::empty(limits);
-    for (expected, a) in (0u32..).zip(&accounts) {
-        if a.meta.num != expected {
-            return Err(StoreError::Corrupt(format!("account numbers skip {expected}")));
+        let num = meta.num as usize;
+        let (balance, last) = balances.get(num).copied().unwrap_or((0, 0));
+        let place =
+            by_num.get_mut(num).ok_or_else(|| StoreError::Corrupt(format!("account number {num} out of range")))?;
+        if place.is_some() {
+            return Err(StoreError::Corrupt(format!("account number {num} is used twice")));
         }
+        *place = Some(LoadedAccount { id: k.value().to_owned(), meta, balance, last, held: 0 });
+    }
+    drop(balances);
+    let mut book = Book::empty(limits, n);
+    let mut accounts = Vec::with_capacity(n);
+    for (expected, a) in by_num.into_iter().enumerate() {
+        let a = a.ok_or_else(|| StoreError::Corrupt(format!("account numbers skip {expected}")))?;
         let status = if a.meta.deleted.is_some() { Status::Deleted } else { Status::Open };
         book.insert(&a.id, BookAccount::new(a.balance, status, a.last));
+        accounts.push(a);
     }
     let chunks = txn.open_table(CHUNKS)?;
     let mut prev = match checkpoint {
@@ -144,8 +161,9 @@ pub(super) fn load_txn(txn: &redb::ReadTransaction, limits: Limits) -> Result<Lo
             expiring.push((h.expires_at, h.id));
         }
     }
-    for a in &mut accounts {
-        let b = book.get(&a.id).expect("inserted above");
+    // The book numbered the accounts in this order.
+    for (num, a) in (0u32..).zip(&mut accounts) {
+        let b = book.by_num(num).expect("inserted above");
         a.balance = b.balance;
         a.last = b.last;
         a.held = b.held;
