@@ -95,17 +95,7 @@ impl ApiError {
     /// `ERROR_MESSAGE_BYTES_MAX` (it may quote the request) is cut, so that
     /// every error reply is small.
     pub fn new(code: ErrorCode, message: impl Into<String>) -> Self {
-        let mut message = message.into();
-        let max = crate::limits::ERROR_MESSAGE_BYTES_MAX;
-        if message.len() > max {
-            let mut end = max - 3;
-            while !message.is_char_boundary(end) {
-                end -= 1;
-            }
-            message.truncate(end);
-            message.push_str("...");
-        }
-        ApiError { code, message, item: None }
+        ApiError { code, message: cut(message.into(), crate::limits::ERROR_MESSAGE_BYTES_MAX), item: None }
     }
     pub fn bad_request(message: impl Into<String>) -> Self {
         Self::new(ErrorCode::BadRequest, message)
@@ -125,6 +115,20 @@ impl ApiError {
         self.item = Some(item);
         self
     }
+}
+
+/// `message` cut to at most `max` bytes (at least 4), ending in `...` when cut.
+#[must_use]
+pub fn cut(mut message: String, max: usize) -> String {
+    if message.len() > max {
+        let mut end = max - 3;
+        while !message.is_char_boundary(end) {
+            end -= 1;
+        }
+        message.truncate(end);
+        message.push_str("...");
+    }
+    message
 }
 
 impl From<crate::ledger::LedgerError> for ApiError {

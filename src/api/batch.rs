@@ -35,7 +35,7 @@ use super::otp::{funds, needs_code, open, user_fee};
 use super::{own, validate_transfer, Ctx, Session};
 use crate::auth::{Principal, Role};
 use crate::contract::{BatchCmd, Command, TransferCmd};
-use crate::error::ApiError;
+use crate::error::{cut, ApiError};
 use crate::ledger::{Kind, MINT};
 use crate::limits::{BATCH_ERROR_BYTES_MAX, USER_BATCH_MAX};
 use crate::otp::{Action, BatchTransfer};
@@ -276,21 +276,9 @@ fn answer(results: Vec<Result<Reply, ApiError>>, atomic: bool) -> Result<Reply, 
             }
             Err(e) => {
                 failed += 1;
-                BatchItem::Failed { code: e.code, message: cut(e.message) }
+                BatchItem::Failed { code: e.code, message: cut(e.message, BATCH_ERROR_BYTES_MAX) }
             }
         })
         .collect();
     Ok(Reply::Batch(BatchReply { applied: results.len() - failed, failed, results }))
-}
-
-fn cut(mut s: String) -> String {
-    if s.len() > BATCH_ERROR_BYTES_MAX {
-        let mut end = BATCH_ERROR_BYTES_MAX - 3;
-        while !s.is_char_boundary(end) {
-            end -= 1;
-        }
-        s.truncate(end);
-        s.push_str("...");
-    }
-    s
 }
