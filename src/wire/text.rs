@@ -279,7 +279,8 @@ mod tests {
         #[test]
         fn lines_of_request_shape_parse_or_fail_cleanly(
             op in "[a-z_]{1,12}",
-            pairs in proptest::collection::vec(("[a-z]{1,6}", "(\"[^\"]{0,10}\"|[-0-9a-z\\[\\],]{0,12})"), 0..6),
+            // (No backslash in quoted values: `\"` would escape the quote.)
+            pairs in proptest::collection::vec(("[a-z]{1,6}", "(\"[^\"\\\\]{0,10}\"|[-0-9a-z\\[\\],]{0,12})"), 0..6),
         ) {
             let line = pairs.iter().fold(op.clone(), |l, (k, v)| format!("{l} {k}={v}"));
             match parse_line(&line) {
