@@ -110,6 +110,25 @@ def test_idempotent_key(server):
         assert c.balance("bob")["balance"] == 4
 
 
+def test_transfer_batch_each_on_its_own_or_all_or_none(server):
+    with admin(server) as c:
+        c.create_account("pa", initial=50)
+        c.create_account("pb")
+        r = c.transfer_batch(
+            [{"from": "pa", "to": "pb", "amount": 20}, {"from": "pa", "to": "pb", "amount": 40}]
+        )
+        assert (r["applied"], r["failed"]) == (1, 1)
+        assert (r["results"][0]["from_balance"], r["results"][0]["to_balance"]) == (30, 20)
+        assert r["results"][1]["code"] == "insufficient_funds"
+        with pytest.raises(TallyError) as e:
+            c.transfer_batch(
+                [{"from": "pa", "to": "pb", "amount": 10}, {"from": "pb", "to": "pa", "amount": 99}],
+                atomic=True,
+            )
+        assert (e.value.code, e.value.item) == ("insufficient_funds", 1)
+        assert (c.balance("pa")["balance"], c.balance("pb")["balance"]) == (30, 20)
+
+
 def test_connection_errors_are_distinct():
     with pytest.raises(TallyConnectionError):
         Client("127.0.0.1", 1, timeout=2)
