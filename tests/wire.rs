@@ -111,6 +111,17 @@ async fn text_mode_over_a_plain_socket() {
     let help = say("help").await;
     assert!(help["ok"].as_array().unwrap().iter().any(|o| o == "transfer"));
     assert_eq!(say("balance account=alice").await["ok"]["balance"], 30);
+    // A batch as a JSON value, spaces inside it.
+    let b = say(r#"transfer_batch transfers=[{"from": "alice", "to": "bob", "amount": 5}, {"from":"alice","to":"bob","amount":99}] atomic=false"#).await;
+    assert_eq!(
+        (b["ok"]["applied"].as_u64(), b["ok"]["results"][1]["code"].as_str()),
+        (Some(1), Some("insufficient_funds")),
+        "{b}"
+    );
+    let b = say(r#"transfer_batch transfers=[{"from":"alice","to":"bob","amount":5},{"from":"bob","to":"alice","amount":99}] atomic=true"#).await;
+    assert_eq!((b["err"]["code"].as_str(), b["err"]["item"].as_u64()), (Some("insufficient_funds"), Some(1)), "{b}");
+    assert_eq!(say(r#"transfer_batch transfers=[{"to":"bob""#).await["err"]["code"], "bad_request");
+    assert_eq!(say("balance account=alice").await["ok"]["balance"], 25);
 }
 
 #[tokio::test]
