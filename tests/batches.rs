@@ -339,3 +339,25 @@ async fn concurrent_uses_of_a_key_the_shard_must_look_up_apply_once() {
     assert_eq!(code(c.transfer(Some("alice"), "bob", 4, Some("old")).await), "key_conflict");
     audit_ok(&c).await;
 }
+
+#[tokio::test]
+async fn a_key_limited_to_accounts_and_an_auditor_move_only_what_they_may() {
+    let s = Server::start();
+    let admin = s.admin().await;
+    for (a, n) in [("shop", 100), ("till", 100), ("bob", 0)] {
+        create(&admin, a, n).await;
+    }
+    let k = admin.call("create_key", json!({"name": "pos", "role": "operator", "accounts": ["shop"]})).await.unwrap();
+    let pos = s.client().await;
+    pos.call("auth", json!({"key": k["secret"]})).await.unwrap();
+    let r = pos.transfer_batch(&[t("shop", "bob", 5), t("till", "bob", 5)], false).await.unwrap();
+    assert_eq!((r["applied"].as_u64(), r["results"][1]["code"].as_str()), (Some(1), Some("forbidden")), "{r}");
+    let e = pos.transfer_batch(&[t("shop", "bob", 5), t("till", "bob", 5)], true).await.unwrap_err();
+    assert_eq!((e.code(), e.item()), (Some("forbidden"), Some(1)));
+    let k = admin.call("create_key", json!({"name": "books", "role": "auditor"})).await.unwrap();
+    let auditor = s.client().await;
+    auditor.call("auth", json!({"key": k["secret"]})).await.unwrap();
+    assert_eq!(code(auditor.transfer_batch(&[t("shop", "bob", 1)], false).await), "forbidden");
+    assert_eq!(balances(&admin, &["shop", "till", "bob"]).await, [95, 100, 5]);
+    audit_ok(&admin).await;
+}
