@@ -80,7 +80,7 @@ redis_run "Redis 7, appendfsync always" --appendonly yes --appendfsync always
 echo "== Redis, no persistence"
 redis_run "Redis 7, no persistence" --appendonly no
 
-echo "== PostgreSQL $("$PG_BIN/postgres" --version | grep -oE '[0-9]+\.[0-9]+'), synchronous commit"
+echo "== PostgreSQL $("$PG_BIN/postgres" --version | grep -oE '[0-9]+\.[0-9]+' | head -1), synchronous commit"
 mkdir -p "$work/pg" "$work/pgsock"
 chown postgres "$work/pg" "$work/pgsock"
 runuser -u postgres -- "$PG_BIN/initdb" -D "$work/pg" -A trust >/dev/null
@@ -127,7 +127,7 @@ tally_run() { # name, harness flags...
     json=$(cargo bench --bench load -- --spawn --accounts "$ACCOUNTS" --duration "$SECONDS_EACH" --json "$@" 2>/dev/null | tail -1)
     local tps p99
     tps=$(echo "$json" | python3 -c 'import json,sys; print(int(json.load(sys.stdin)["transfers_per_s"]))')
-    p99=$(echo "$json" | python3 -c 'import json,sys; d=json.load(sys.stdin); print(f"p99 {d[\"p99_us\"]/1000:.1f} ms a request, audit ok: {d[\"audit_ok\"]}")')
+    p99=$(echo "$json" | python3 -c 'import json,sys; d=json.load(sys.stdin); print("p99 %.1f ms a request, audit ok: %s" % (d["p99_us"] / 1000, d["audit_ok"]))')
     row "$name" "$tps" "load harness $*; $p99"
 }
 echo "== Tally"
