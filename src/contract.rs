@@ -205,6 +205,16 @@ pub enum Command {
 }
 
 impl Command {
+    /// How many commands this one counts for in a commit batch: an atomic
+    /// batch its items, every other command one.
+    #[must_use]
+    pub fn weight(&self) -> usize {
+        match self {
+            Command::Batch(b) => b.items.len().max(1),
+            _ => 1,
+        }
+    }
+
     /// The reply of an admin command (close, tag, bulk, reap, settle);
     /// `None` for the others, which answer in their own shapes.
     #[must_use]

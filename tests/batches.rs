@@ -86,6 +86,7 @@ async fn an_atomic_batch_with_a_failing_item_applies_nothing() {
         .await
         .unwrap_err();
     assert_eq!((e.code(), e.item()), (Some("insufficient_funds"), Some(2)), "{e}");
+    assert!(e.to_string().contains("bob"), "the failing item's own reason: {e}");
     // Refused before any owner: a bad item.
     let e = c.transfer_batch(&[t("alice", "bob", 1), t("alice", "ghost!", 1)], true).await.unwrap_err();
     assert_eq!((e.code(), e.item()), (Some("bad_request"), Some(1)), "{e}");
@@ -214,7 +215,41 @@ async fn a_user_batch_is_the_users_own_and_waits_for_one_code() {
     assert_eq!(done["applied"], 2, "{done}");
     assert_eq!(balances(&admin, &["alice", "bob"]).await, [790, 210]);
     assert_eq!(code(alice.call("confirm", json!({"pending": pending, "otp": otp})).await), "not_found");
+    // Atomic: a code even below the threshold (a rolled-back batch must not
+    // be a free probe of bob's balance against a cap).
+    let r = alice.transfer_batch(&[json!({"to": "bob", "amount": 1})], true).await.unwrap();
+    assert!(r["pending"].is_string(), "{r}");
+    let (subject, _, _) = m.mail.next();
+    assert_eq!(subject, "Tally: confirm your 1 transfers, 1 in all");
+    // Above the threshold, an item refused before the code fails the
+    // request, with its place (the results after a code match the request).
+    let e = alice
+        .transfer_batch(&[json!({"to": "bob", "amount": 100}), json!({"to": "nobody", "amount": 1})], false)
+        .await
+        .unwrap_err();
+    assert_eq!((e.code(), e.item()), (Some("not_found"), Some(1)), "{e}");
+    assert_eq!(balances(&admin, &["alice", "bob"]).await, [790, 210]);
     audit_ok(&admin).await;
+}
+
+#[tokio::test]
+async fn without_codes_a_user_may_not_send_atomic_batches() {
+    let s = Server::start();
+    let admin = s.admin().await;
+    let c = s.client().await;
+    c.call(
+        "signup",
+        json!({"user": "ann", "name": "Ann", "email": "ann@example.org", "password": "correct horse battery"}),
+    )
+    .await
+    .unwrap();
+    create(&admin, "shop", 0).await;
+    admin.call("mint", json!({"to": "ann", "amount": 10})).await.unwrap();
+    c.login("ann", "correct horse battery").await.unwrap();
+    assert_eq!(code(c.transfer_batch(&[json!({"to": "shop", "amount": 1})], true).await), "forbidden");
+    let r = c.transfer_batch(&[json!({"to": "shop", "amount": 1})], false).await.unwrap();
+    assert_eq!(r["applied"], 1);
+    assert_eq!(balances(&admin, &["ann", "shop"]).await, [9, 1]);
 }
 
 #[tokio::test]

@@ -41,6 +41,7 @@ use crate::limits::{BATCH_ERROR_BYTES_MAX, USER_BATCH_MAX};
 use crate::otp::{Action, BatchTransfer};
 use crate::reply::{Outgoing, Permits, ReplyTo};
 use crate::shard::{DebitReq, Outbox};
+use crate::shard::{Effect, ShardMsg};
 use crate::wire::{BatchItem, BatchReply, Reply, Shape, TransferBatchArgs};
 
 /// An item ready for its owner: checked, with its fee.
@@ -79,12 +80,31 @@ pub(super) fn transfer_batch(ctx: &Arc<Ctx>, p: Principal, args: &[u8], session:
         let Some(total) = total else {
             return reply.err(ApiError::bad_request("the batch's amounts add up to more than an i64"));
         };
-        if !needs_code(&ctx, &p, total) {
+        // An atomic batch rolled back costs nothing, and its refusal names
+        // the failing item: without a code, a user could learn whether
+        // another user's balance is within some amount of its cap for free
+        // (one item to the victim, one meant to fail). So a user's atomic
+        // batch always waits for a code, as a probe by a single transfer
+        // does above `otp.transfer_min`.
+        if atomic && ctx.config.otp.transfer_min.is_none() {
+            return reply.err(ApiError::forbidden(
+                "atomic batches of users need confirmation codes (otp.transfer_min), which this server does not use",
+            ));
+        }
+        if !atomic && !needs_code(&ctx, &p, total) {
             return run(&ctx, p, checked, atomic, reply);
         }
-        // The code is for what can happen: refused items are left out, and
-        // each source must hold what its items take now (checked again at commit).
-        let transfers: Vec<BatchTransfer> = checked.into_iter().flatten().map(|(t, _)| t).collect();
+        // The code is for exactly what the user sent: a refused item is
+        // refused now, with its place, so that the results after the code
+        // line up with the request.
+        let mut transfers = Vec::with_capacity(checked.len());
+        for (i, item) in checked.into_iter().enumerate() {
+            match item {
+                Ok((t, _)) => transfers.push(t),
+                Err(e) => return reply.err(e.at_item(i)),
+            }
+        }
+        // Each source must hold what its items take now (checked again at commit).
         let r = async {
             let mut per_source: Vec<(&str, i64)> = Vec::new();
             for t in &transfers {
@@ -233,15 +253,30 @@ async fn gather(
         items.sort_unstable_by_key(|(i, _)| *i);
         let refused = first_error(results.iter().map(Option::as_ref));
         if let Err(cmd) = ctx.journal.send(Command::Batch(Box::new(BatchCmd { items, refused }))) {
-            // The server is stopping: the items' replies drop with the
-            // command and answer `internal`.
-            drop(cmd);
+            if let Command::Batch(b) = *cmd {
+                release(ctx, *b);
+            }
         }
         while let Some(o) = answers.recv().await {
             take(&mut results, o);
         }
     }
     results.into_iter().map(|r| r.unwrap_or_else(|| Err(ApiError::internal("a batch item was lost")))).collect()
+}
+
+/// The journal has stopped (the server is stopping): the owners release
+/// the items' reservations and keys, and the items answer `internal`.
+fn release(ctx: &Ctx, b: BatchCmd) {
+    let stopped = ApiError::internal("the journal has stopped");
+    for (_, t) in b.items {
+        let t = *t;
+        let mut effects = vec![Effect::Settle { account: (&*t.from).into(), delta: 0, release: t.amount, id: 0 }];
+        if let Some(key) = t.key {
+            effects.push(Effect::KeyDone { from: t.from.clone(), key, result: Err(stopped.clone()) });
+        }
+        ctx.router.cast(ctx.router.shard_of(&t.from), ShardMsg::Effects(effects));
+        t.reply.err(stopped.clone());
+    }
 }
 
 /// The first failing item's error, naming the item.
@@ -257,7 +292,12 @@ fn first_error<'a>(results: impl Iterator<Item = Option<&'a Result<Reply, ApiErr
 fn answer(results: Vec<Result<Reply, ApiError>>, atomic: bool) -> Result<Reply, ApiError> {
     if atomic {
         if let Some(e) = first_error(results.iter().map(Some)) {
-            return Err(e);
+            // The other items say only that item k failed: answer with
+            // item k's own error.
+            return Err(match e.item.and_then(|k| results.get(k)) {
+                Some(Err(own)) => own.clone().at_item(e.item.unwrap_or_default()),
+                _ => e,
+            });
         }
     }
     let mut failed = 0;

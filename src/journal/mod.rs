@@ -152,9 +152,15 @@ impl Journal {
                     Err(crossbeam_channel::RecvTimeoutError::Disconnected) => break,
                 }
             }
-            while batch.len() < self.batch_max {
+            // Atomic batches count their items, so that a commit holds at
+            // most about `commit_batch_max` records.
+            let mut weight: usize = batch.iter().map(Command::weight).sum();
+            while weight < self.batch_max {
                 match rx.try_recv() {
-                    Ok(c) => batch.push(c),
+                    Ok(c) => {
+                        weight += c.weight();
+                        batch.push(c);
+                    }
                     Err(_) => break,
                 }
             }

@@ -116,11 +116,14 @@ impl Reader<'_> {
     /// back-pressure: a client past its limit is simply not read from until
     /// written answers free slots. `None` if the connection closed while
     /// waiting.
+    ///
+    /// Each semaphore is asked for at most its capacity: a connection's
+    /// (1 in the text mode, which answers in order) may be smaller than
+    /// what the reply needs, and the server-wide count still takes it all.
     async fn reply_to(&mut self, id: Option<u64>, slots: usize) -> Option<ReplyTo> {
-        let n = slots.clamp(1, self.per_connection.min(self.ctx.config.limits.inflight_max));
-        let n = u32::try_from(n).unwrap_or(u32::MAX);
-        let connection = self.permit(self.slots.clone(), n).await?;
-        let server = self.permit(self.ctx.inflight.clone(), n).await?;
+        let permits = |cap: usize| u32::try_from(slots.clamp(1, cap)).unwrap_or(u32::MAX);
+        let connection = self.permit(self.slots.clone(), permits(self.per_connection)).await?;
+        let server = self.permit(self.ctx.inflight.clone(), permits(self.ctx.config.limits.inflight_max)).await?;
         Some(ReplyTo::new(self.tx.clone(), id, Permits { connection, server }))
     }
 
@@ -240,7 +243,7 @@ impl Reader<'_> {
                 Err(e) => self.error_now(None, e),
                 Ok(parsed) => {
                     let args = parsed.args_msgpack();
-                    let Some(reply) = self.reply_to(None, 1).await else {
+                    let Some(reply) = self.reply_to(None, reply_slots(&parsed.op, &args)).await else {
                         return Ok(());
                     };
                     api::dispatch(self.ctx, self.session, &parsed.op, &args, reply).await;

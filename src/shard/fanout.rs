@@ -86,8 +86,18 @@ impl Fanout<'_> {
                     }
                 }
                 Err(e) => {
-                    for (_, t) in c.items {
-                        self.transfer(t, Err(e.clone()), None, users);
+                    // Only the failing item hears why (its waiters share its
+                    // source); the others, and whoever waits on their keys,
+                    // hear only that their batch was refused.
+                    for (i, t) in c.items {
+                        let why = match e.item {
+                            Some(k) if k != i => {
+                                ApiError::new(e.code, format!("not applied: item {k} of its atomic batch was refused"))
+                                    .at_item(k)
+                            }
+                            _ => e.clone(),
+                        };
+                        self.transfer(t, Err(why), None, users);
                     }
                 }
             },

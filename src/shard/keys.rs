@@ -226,7 +226,7 @@ impl KeyReader {
                 let mut answers = found.map(Vec::into_iter);
                 for l in lookups {
                     let found = match &mut answers {
-                        Ok(it) => Ok(it.by_ref().take(l.wanted.len()).collect()),
+                        Ok(it) => Ok(it.by_ref().take(l.wanted.len()).map(|r| r.map_err(ApiError::from)).collect()),
                         Err(e) => Err(e.clone()),
                     };
                     let _ = l

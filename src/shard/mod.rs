@@ -185,7 +185,7 @@ pub enum ShardMsg {
 /// The answers of one disk lookup of keys, in the order asked.
 pub struct KeysFound {
     pub wanted: Vec<(Box<str>, Box<str>)>,
-    pub found: Result<Vec<Option<TransferView>>, ApiError>,
+    pub found: Result<Vec<Result<Option<TransferView>, ApiError>>, ApiError>,
 }
 
 pub struct ShardState {
@@ -461,16 +461,18 @@ impl ShardState {
     /// against what it said.
     fn keys_found(&mut self, k: KeysFound) {
         let KeysFound { wanted, found } = k;
-        match found {
-            Ok(found) => {
-                for ((from, key), found) in wanted.into_iter().zip(found) {
+        let found = match found {
+            Ok(found) => found,
+            Err(e) => wanted.iter().map(|_| Err(e.clone())).collect(),
+        };
+        for ((from, key), found) in wanted.into_iter().zip(found) {
+            match found {
+                Ok(found) => {
                     for req in self.keys.found(from, key, found) {
                         self.debit(req, true);
                     }
                 }
-            }
-            Err(e) => {
-                for (from, key) in wanted {
+                Err(e) => {
                     for req in self.keys.found(from, key, None) {
                         req.reply.err(e.clone());
                     }

@@ -133,21 +133,23 @@ pub fn get_transfer(db: &Database, id: u64) -> Result<Option<TransferView>, Stor
 }
 
 /// Finds the transfers idempotency keys were first used for, each
-/// `(from, key)` in one read transaction.
-pub fn lookup_keys(db: &Database, wanted: &[(Box<str>, Box<str>)]) -> Result<Vec<Option<TransferView>>, StoreError> {
+/// `(from, key)` in one read transaction; a key that cannot be read fails
+/// alone.
+pub fn lookup_keys(
+    db: &Database,
+    wanted: &[(Box<str>, Box<str>)],
+) -> Result<Vec<Result<Option<TransferView>, StoreError>>, StoreError> {
     let txn = db.begin_read()?;
     let keys = txn.open_table(KEYS)?;
     let chunks = txn.open_table(CHUNKS)?;
-    let mut out = Vec::with_capacity(wanted.len());
-    for (from, key) in wanted {
-        let Some(id) = keys.get((&**from, &**key))?.map(|v| v.value()) else {
-            out.push(None);
-            continue;
+    let one = |from: &str, key: &str| -> Result<Option<TransferView>, StoreError> {
+        let Some(id) = keys.get((from, key))?.map(|v| v.value()) else {
+            return Ok(None);
         };
         let view = with_record(&chunks, id, view_of)?;
-        out.push(Some(view.ok_or_else(|| StoreError::Corrupt(format!("key points at missing transfer {id}")))?));
-    }
-    Ok(out)
+        Ok(Some(view.ok_or_else(|| StoreError::Corrupt(format!("key points at missing transfer {id}")))?))
+    };
+    Ok(wanted.iter().map(|(from, key)| one(from, key)).collect())
 }
 
 /// Owner of an account, if it exists.
