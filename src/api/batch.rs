@@ -40,8 +40,7 @@ use crate::ledger::{Kind, MINT};
 use crate::limits::{BATCH_ERROR_BYTES_MAX, USER_BATCH_MAX};
 use crate::otp::{Action, BatchTransfer};
 use crate::reply::{Outgoing, Permits, ReplyTo};
-use crate::shard::{DebitReq, Outbox};
-use crate::shard::{Effect, ShardMsg};
+use crate::shard::{DebitReq, Effect, Outbox, ShardMsg};
 use crate::wire::{BatchItem, BatchReply, Reply, Shape, TransferBatchArgs};
 
 /// An item ready for its owner: checked, with its fee.
@@ -105,7 +104,7 @@ pub(super) fn transfer_batch(ctx: &Arc<Ctx>, p: Principal, args: &[u8], session:
             }
         }
         // Each source must hold what its items take now (checked again at commit).
-        let r = async {
+        let r = async move {
             let mut per_source: Vec<(&str, i64)> = Vec::new();
             for t in &transfers {
                 match per_source.iter_mut().find(|(f, _)| *f == t.from) {
@@ -116,7 +115,7 @@ pub(super) fn transfer_batch(ctx: &Arc<Ctx>, p: Principal, args: &[u8], session:
             for (from, sum) in per_source {
                 funds(&ctx, &p, from, sum).await?;
             }
-            open(&ctx, &p, Action::Batch { transfers: transfers.clone(), atomic }, Some(source)).await
+            open(&ctx, &p, Action::Batch { transfers, atomic }, Some(source)).await
         };
         reply.send(r.await);
     });

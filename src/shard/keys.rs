@@ -238,9 +238,8 @@ impl KeyReader {
         Ok(KeyReader { tx })
     }
 
-    /// Queues a lookup; `false` if the reader has stopped.
-    #[must_use]
-    pub fn send(&self, lookup: Lookup) -> bool {
-        self.tx.send(lookup).is_ok()
+    /// Queues a lookup; gives it back if the reader has stopped.
+    pub fn send(&self, lookup: Lookup) -> Result<(), Lookup> {
+        self.tx.send(lookup).map_err(|e| e.into_inner())
     }
 }

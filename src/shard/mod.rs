@@ -449,11 +449,10 @@ impl ShardState {
         if self.lookups.is_empty() {
             return;
         }
-        let wanted = std::mem::take(&mut self.lookups);
-        let lookup = keys::Lookup { wanted: wanted.clone(), shard: self.myself.clone() };
-        if !self.key_reader.send(lookup) {
+        let lookup = keys::Lookup { wanted: std::mem::take(&mut self.lookups), shard: self.myself.clone() };
+        if let Err(lookup) = self.key_reader.send(lookup) {
             let found = Err(ApiError::internal("the key reader has stopped"));
-            self.keys_found(KeysFound { wanted, found });
+            self.keys_found(KeysFound { wanted: lookup.wanted, found });
         }
     }
 

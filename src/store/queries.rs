@@ -58,24 +58,25 @@ pub fn get_user(db: &Database, user: &str) -> Result<Option<UserRecord>, StoreEr
 
 /// Reads every user (start-up: the registry of token epochs).
 pub fn load_users(db: &Database) -> Result<Vec<UserRecord>, StoreError> {
-    let txn = db.begin_read()?;
-    let users = txn.open_table(USERS)?;
-    let mut out = Vec::new();
-    for row in users.iter()? {
-        let (_, v) = row?;
-        out.push(UserRecord::decode(v.value())?);
-    }
-    Ok(out)
+    load_all(db, USERS, UserRecord::decode)
 }
 
 /// Reads every service key (start-up: the registry).
 pub fn load_keys(db: &Database) -> Result<Vec<KeyRecord>, StoreError> {
+    load_all(db, SERVICE_KEYS, KeyRecord::decode)
+}
+
+/// Every row of a table of encoded records, decoded.
+fn load_all<T>(
+    db: &Database,
+    table: redb::TableDefinition<&str, &[u8]>,
+    decode: fn(&[u8]) -> Result<T, StoreError>,
+) -> Result<Vec<T>, StoreError> {
     let txn = db.begin_read()?;
-    let keys = txn.open_table(SERVICE_KEYS)?;
+    let rows = txn.open_table(table)?;
     let mut out = Vec::new();
-    for row in keys.iter()? {
-        let (_, v) = row?;
-        out.push(KeyRecord::decode(v.value())?);
+    for row in rows.iter()? {
+        out.push(decode(row?.1.value())?);
     }
     Ok(out)
 }

@@ -267,3 +267,23 @@ fn codes_mailed_for_a_users_own_operations_are_bounded_per_hour() {
     assert_eq!(code_of(&e), ErrorCode::RateLimited);
     s.open("alice".into(), Some("a@example.org".into()), transfer(), None, T0 + HOUR_MS).unwrap();
 }
+
+#[test]
+fn batches_waiting_for_codes_hold_at_most_otp_batch_items_max_transfers() {
+    use crate::limits::{OTP_BATCH_ITEMS_MAX, USER_BATCH_MAX};
+    let mut s = Sessions::new(rules()).unwrap();
+    let item = BatchTransfer { from: "u".into(), to: "shop".into(), amount: 1, memo: None, key: None };
+    let batch = || Action::Batch { transfers: vec![item.clone(); USER_BATCH_MAX], atomic: false };
+    let sessions = OTP_BATCH_ITEMS_MAX / USER_BATCH_MAX;
+    let mut opened = Vec::new();
+    for i in 0..sessions {
+        opened.push(open(&mut s, &format!("user{}", i / OTP_SESSIONS_PER_USER_MAX), batch()));
+    }
+    let full = s.open("late".into(), Some("late@example.org".into()), batch(), None, T0).unwrap_err();
+    assert_eq!(code_of(&full), ErrorCode::Overloaded);
+    // A single transfer does not hold batch items: it still opens.
+    open(&mut s, "late", transfer());
+    // A batch session that ends frees its share.
+    s.cancel(&opened[0].pending);
+    open(&mut s, "late", batch());
+}
