@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Runs every check and test: formatting, lints, Rust tests, Python client tests.
+# Runs every check and test: formatting, lints, Rust tests, Python client
+# tests, the container image.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -15,9 +16,11 @@ export TALLY_TEST_PYTHON="$PWD/$venv/bin/python"
 
 cargo fmt --check
 cargo clippy --all-targets --all-features -- -D warnings
-cargo build --bins
 # fault-injection adds one admin op (debug_panic) that tests/panics.rs uses
 # to prove a panic aborts the process and a restart recovers everything.
 cargo test --features fault-injection
 
 TALLY_BIN="$PWD/target/debug/tally" "$venv/bin/python" -m pytest -q clients/python/tests
+
+# The container image, built and run with podman (says so when it cannot run).
+"$venv/bin/python" tests/container.py
