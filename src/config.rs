@@ -40,6 +40,27 @@ pub struct Config {
     pub limits: LimitsConfig,
     pub policy: PolicyConfig,
     pub tls: TlsConfig,
+    pub http: HttpConfig,
+}
+
+/// `[http]`: the HTTP/JSON gateway, the console and `/metrics`.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HttpConfig {
+    /// Where the HTTP listener binds; absent or empty: no HTTP. HTTPS with
+    /// the `[tls]` certificate when `[tls]` has one.
+    pub listen: Option<String>,
+    /// Whether anyone may read `/metrics`; otherwise callers from loopback
+    /// addresses and staff tokens or keys only.
+    pub metrics_public: bool,
+}
+
+impl HttpConfig {
+    /// The HTTP listen address, if HTTP is on.
+    #[must_use]
+    pub fn listen(&self) -> Option<&str> {
+        self.listen.as_deref().filter(|l| !l.is_empty())
+    }
 }
 
 #[derive(Clone, Deserialize)]
@@ -192,6 +213,7 @@ impl Default for Config {
             limits: LimitsConfig::default(),
             policy: PolicyConfig::default(),
             tls: TlsConfig::default(),
+            http: HttpConfig::default(),
         }
     }
 }
@@ -243,6 +265,7 @@ const KEYS: &[(&str, &[&str])] = &[
     ("", &["listen", "data", "text_mode", "preset", "shards", "workers"]),
     ("auth", &["admin_password", "jwt_secret", "token_ttl_s", "signup", "sessions"]),
     ("tls", &["listen", "cert", "key", "client_ca"]),
+    ("http", &["listen", "metrics_public"]),
     ("mail", &["transport", "from"]),
     ("otp", &["ttl_s", "tries_max", "resends_max", "transfer_min"]),
     (

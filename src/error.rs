@@ -50,6 +50,31 @@ pub enum ErrorCode {
 }
 
 impl ErrorCode {
+    /// Every code, in declaration order (`code as usize` is its place).
+    pub const ALL: [ErrorCode; 21] = [
+        ErrorCode::BadFrame,
+        ErrorCode::FrameTooLarge,
+        ErrorCode::BadRequest,
+        ErrorCode::UnknownOp,
+        ErrorCode::Unauthenticated,
+        ErrorCode::Forbidden,
+        ErrorCode::NotFound,
+        ErrorCode::Exists,
+        ErrorCode::Deleted,
+        ErrorCode::InsufficientFunds,
+        ErrorCode::AboveMax,
+        ErrorCode::BelowMin,
+        ErrorCode::Ineligible,
+        ErrorCode::OtpInvalid,
+        ErrorCode::OtpExpired,
+        ErrorCode::OtpExhausted,
+        ErrorCode::RateLimited,
+        ErrorCode::KeyConflict,
+        ErrorCode::Overloaded,
+        ErrorCode::Unavailable,
+        ErrorCode::Internal,
+    ];
+
     /// The code as it appears on the wire.
     #[must_use]
     pub fn as_str(self) -> &'static str {

@@ -9,7 +9,8 @@
 //!   retried, random ids and secrets.
 //! - [`ledger`]: the money rules as plain functions over plain data (no IO).
 //! - [`wire`]: the frame codec, the text mode, the op table, every op's
-//!   arguments and result shapes.
+//!   arguments and result shapes; [`metrics`]: requests by op and result,
+//!   commit sizes and fsync times, mails (for `/metrics`).
 //! - [`store`]: the redb tables, the stored record, recovery, queries.
 //! - [`auth`]: passwords, tokens, login throttling.
 //! - [`reply`]: where a request's answer goes; [`contract`]: what shards
@@ -19,7 +20,7 @@
 //! - [`shard`]: the owner actors (single writers), the router, the fan-out.
 //! - [`otp`]: the OTP supervisor, its session rules and its mailer.
 //! - [`api`]: the ops behind the op table; [`net`]: connections, plaintext
-//!   or [`tls`];
+//!   or [`tls`], speaking the protocol or, through [`http`], HTTP/JSON;
 //!   [`server`]: start-up; [`admin`]: host commands; [`config`], [`stats`].
 //! - [`client`]: the async Rust client used by the CLI, tests and benchmarks.
 //!
@@ -34,9 +35,11 @@ pub mod config;
 pub mod contract;
 pub mod error;
 pub mod guard;
+pub mod http;
 pub mod journal;
 pub mod ledger;
 pub mod limits;
+pub mod metrics;
 pub mod net;
 pub mod otp;
 pub mod random;

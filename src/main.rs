@@ -302,6 +302,10 @@ fn main() -> ExitCode {
         .with_writer(std::io::stderr)
         // Colour codes only for a person at a terminal, never in log files.
         .with_ansi(std::io::stderr().is_terminal())
+        // A log line that cannot be written (a full disk under the log
+        // file) is lost; reporting it would print to the same stderr,
+        // whose failure panics, and a panic stops the server.
+        .log_internal_errors(false)
         .init();
     let cli = Cli::parse();
     match cli.command {

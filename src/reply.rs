@@ -3,7 +3,7 @@
 use tokio::sync::{mpsc, OwnedSemaphorePermit};
 
 use crate::error::ApiError;
-use crate::wire::Reply;
+use crate::wire::{Op, Reply};
 
 /// One answer on its way to a connection's writer.
 pub struct Outgoing {
@@ -49,12 +49,28 @@ struct Inner {
     tx: mpsc::UnboundedSender<Outgoing>,
     id: Option<u64>,
     permits: Permits,
+    /// The op slot this request is counted under in the metrics, if it is
+    /// a client's request (not one an op runs inside another).
+    counted: Option<u8>,
 }
 
 impl ReplyTo {
     #[must_use]
     pub fn new(tx: mpsc::UnboundedSender<Outgoing>, id: Option<u64>, permits: Permits) -> Self {
-        ReplyTo { inner: Some(Inner { tx, id, permits }) }
+        ReplyTo { inner: Some(Inner { tx, id, permits, counted: None }) }
+    }
+
+    /// Counts this request in the metrics (`tally_requests_total`, in
+    /// flight until answered) as one for `op` (`None`: unknown or unreadable).
+    #[must_use]
+    pub fn counted(mut self, op: Option<Op>) -> Self {
+        if let Some(i) = self.inner.as_mut() {
+            if i.counted.is_none() {
+                crate::metrics::started();
+                i.counted = Some(crate::metrics::op_slot(op));
+            }
+        }
+        self
     }
 
     /// A reply whose answer the caller awaits itself (an op that runs
@@ -68,7 +84,7 @@ impl ReplyTo {
     /// Sends the answer; a closed connection simply drops it.
     pub fn send(mut self, result: Result<Reply, ApiError>) {
         if let Some(i) = self.inner.take() {
-            let _ = i.tx.send(Outgoing { id: i.id, result, permits: i.permits });
+            i.deliver(result);
         }
     }
 
@@ -84,9 +100,17 @@ impl ReplyTo {
 impl Drop for ReplyTo {
     fn drop(&mut self) {
         if let Some(i) = self.inner.take() {
-            let result = Err(ApiError::internal("the request was dropped before it was answered"));
-            let _ = i.tx.send(Outgoing { id: i.id, result, permits: i.permits });
+            i.deliver(Err(ApiError::internal("the request was dropped before it was answered")));
         }
+    }
+}
+
+impl Inner {
+    fn deliver(self, result: Result<Reply, ApiError>) {
+        if let Some(slot) = self.counted {
+            crate::metrics::answered(slot, &result);
+        }
+        let _ = self.tx.send(Outgoing { id: self.id, result, permits: self.permits });
     }
 }
 

@@ -47,6 +47,8 @@ pub struct Running {
     pub addr: Option<SocketAddr>,
     /// The TLS listener's address, if `[tls]` is on.
     pub tls_addr: Option<SocketAddr>,
+    /// The HTTP listener's address, if `[http]` is on.
+    pub http_addr: Option<SocketAddr>,
     pub ctx: Arc<Ctx>,
     accept: Vec<tokio::task::JoinHandle<()>>,
 }
@@ -273,12 +275,21 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
         "" => None,
         listen => Some(bind(listen).await?),
     };
-    let tls = match config.tls.listen() {
-        None => None,
-        Some(listen) => {
+    let tls_acceptor = match (&config.tls.cert, &config.tls.key) {
+        (None, None) => None,
+        _ => {
             let tls = crate::tls::server_config(&config.tls).map_err(|e| StartError::Other(e.to_string()))?;
-            Some((bind(listen).await?, tokio_rustls::TlsAcceptor::from(tls)))
+            Some(tokio_rustls::TlsAcceptor::from(tls))
         }
+    };
+    let tls = match (config.tls.listen(), &tls_acceptor) {
+        (Some(listen), Some(acceptor)) => Some((bind(listen).await?, acceptor.clone())),
+        (Some(_), None) => return Err(StartError::Other("tls.listen needs tls.cert and tls.key".into())),
+        (None, _) => None,
+    };
+    let http = match config.http.listen() {
+        None => None,
+        Some(listen) => Some(bind(listen).await?),
     };
     if let Some((_, l)) = &listener {
         if !l.ip().is_loopback() {
@@ -310,13 +321,27 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
     let (mut addr, mut tls_addr) = (None, None);
     if let Some((listener, local)) = listener {
         addr = Some(local);
-        accept.push(tokio::spawn(crate::net::accept_loop(listener, ctx.clone(), None, connections.clone())));
+        accept.push(tokio::spawn(crate::net::accept_loop(listener, ctx.clone(), None, None, connections.clone())));
     }
     if let Some(((listener, local), acceptor)) = tls {
         tls_addr = Some(local);
-        accept.push(tokio::spawn(crate::net::accept_loop(listener, ctx.clone(), Some(acceptor), connections)));
+        accept.push(tokio::spawn(crate::net::accept_loop(
+            listener,
+            ctx.clone(),
+            Some(acceptor),
+            None,
+            connections.clone(),
+        )));
     }
-    Ok(Running { addr, tls_addr, ctx, accept })
+    let mut http_addr = None;
+    if let Some((listener, local)) = http {
+        http_addr = Some(local);
+        // HTTPS with the [tls] certificate when there is one.
+        let acceptor = tls_acceptor.clone();
+        let app = crate::http::router(ctx.clone());
+        accept.push(tokio::spawn(crate::net::accept_loop(listener, ctx.clone(), acceptor, Some(app), connections)));
+    }
+    Ok(Running { addr, tls_addr, http_addr, ctx, accept })
 }
 
 /// A listener on `addr`, and the address it got (port 0 picks one).
@@ -358,6 +383,11 @@ pub async fn serve(config: Config) -> Result<(), StartError> {
     if let Some(addr) = running.tls_addr {
         println!("tally listening with tls on {addr}");
         tracing::info!(%addr, "listening with TLS");
+    }
+    if let Some(addr) = running.http_addr {
+        let tls = if running.ctx.config.tls.cert.is_some() { "https" } else { "http" };
+        println!("tally listening with {tls} on {addr}");
+        tracing::info!(%addr, "listening with {tls}");
     }
     wait_for_signal().await;
     tracing::info!("shutting down");

@@ -21,6 +21,7 @@ impl Stats {
 
     pub fn record_batch(&self, items: u64, transfers: u64) {
         self.commits.fetch_add(1, Relaxed);
+        crate::metrics::COMMIT_ITEMS.observe(items);
         self.batch_items.fetch_add(items, Relaxed);
         self.transfers.fetch_add(transfers, Relaxed);
         self.batch_max.fetch_max(items, Relaxed);

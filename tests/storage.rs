@@ -10,18 +10,9 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::{audit_ok, balance, create, join_all, Server};
+use common::{audit_ok, balance, create, join_all, set_file_size_limit, Server};
 use serde_json::json;
 use tally::client::Client;
-
-/// Sets the server's file-size limit (bytes; `None`: unlimited).
-fn set_file_size_limit(pid: u32, bytes: Option<u64>) {
-    let value = bytes.unwrap_or(libc::RLIM_INFINITY);
-    let limit = libc::rlimit { rlim_cur: value, rlim_max: libc::RLIM_INFINITY };
-    // SAFETY: prlimit only reads `limit`; the old value is not asked for.
-    let rc = unsafe { libc::prlimit(pid as libc::pid_t, libc::RLIMIT_FSIZE, &raw const limit, std::ptr::null_mut()) };
-    assert_eq!(rc, 0, "prlimit: {}", std::io::Error::last_os_error());
-}
 
 async fn health(c: &Client) -> Result<(), String> {
     c.call("health", json!({})).await.map(drop).map_err(|e| e.to_string())
@@ -46,7 +37,9 @@ async fn burst(c: &Client, n: usize, memo: &str) -> (Vec<u64>, Vec<String>) {
 
 #[tokio::test]
 async fn a_full_disk_turns_health_off_and_the_journal_recovers_once_there_is_room() {
-    let mut s = Server::start();
+    // The log goes to a file on the same "full disk": the server must keep
+    // serving without its log.
+    let mut s = Server::start_with(&[("TALLY_LOG", "info")]);
     let c = s.admin().await;
     create(&c, "a", 1_000_000_000).await;
     create(&c, "b", 0).await;

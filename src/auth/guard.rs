@@ -81,6 +81,7 @@ impl LoginGuard {
 
     /// Counts a wrong password for `user` from `source`.
     pub fn failed(&self, user: &str, source: IpAddr, now_ms: u64) {
+        crate::stats::Stats::add(&crate::metrics::LOGINS_FAILED, 1);
         let source = source_key(source);
         let Ok(mut t) = self.inner.lock() else { return };
         let under_attack = t

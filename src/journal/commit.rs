@@ -168,7 +168,9 @@ pub fn write(db: &Database, w: &Writes, book: &mut Book, head: Head, sweep: &mut
         sweep_slice(&txn, book, head.id, w.ends.len(), sweep)?;
         store::write_head(&txn, head)?;
     }
+    let durable = std::time::Instant::now();
     txn.commit()?;
+    crate::metrics::FSYNC_MICROS.observe(u64::try_from(durable.elapsed().as_micros()).unwrap_or(u64::MAX));
     Ok(())
 }
 

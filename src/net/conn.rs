@@ -167,7 +167,7 @@ impl Reader<'_> {
     }
 
     fn error_now(&self, id: Option<u64>, error: ApiError) {
-        ReplyTo::new(self.tx.clone(), id, Permits::default()).err(error);
+        ReplyTo::new(self.tx.clone(), id, Permits::default()).counted(None).err(error);
     }
 
     async fn binary<R: AsyncRead + Unpin>(&mut self, rd: &mut R, buf: &mut BytesMut) -> std::io::Result<()> {
@@ -204,6 +204,7 @@ impl Reader<'_> {
                     let Some(reply) = self.reply_to(Some(env.id), reply_slots(env.op, env.args)).await else {
                         return Ok(());
                     };
+                    let reply = reply.counted(Op::parse(env.op));
                     api::dispatch(self.ctx, self.session, env.op, env.args, reply).await;
                 }
             }
@@ -246,6 +247,7 @@ impl Reader<'_> {
                     let Some(reply) = self.reply_to(None, reply_slots(&parsed.op, &args)).await else {
                         return Ok(());
                     };
+                    let reply = reply.counted(Op::parse(&parsed.op));
                     api::dispatch(self.ctx, self.session, &parsed.op, &args, reply).await;
                 }
             }
@@ -256,7 +258,7 @@ impl Reader<'_> {
 /// How many reply slots ([`REPLY_SLOT_BYTES`] each) a request may need:
 /// one, for a page of records or accounts enough for its `limit`, and for
 /// a batch enough for its items.
-fn reply_slots(op: &str, args: &[u8]) -> usize {
+pub(crate) fn reply_slots(op: &str, args: &[u8]) -> usize {
     if op == Op::TransferBatch.name() {
         let items = frame::decode_args::<BatchItems>(args).map_or(0, |b| b.transfers.0);
         return 1 + (items * BATCH_ITEM_SLOT_BYTES).div_ceil(REPLY_SLOT_BYTES);

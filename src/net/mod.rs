@@ -20,9 +20,16 @@ use crate::wire::frame;
 
 /// Accepts connections until the server shuts down; with `tls`, each
 /// must complete a TLS handshake (within `limits.frame_timeout_ms`)
-/// before its first request is read. `connections` is shared by every
+/// before its first request is read; with `http`, they speak HTTP/1.1 to
+/// its routes instead of the protocol. `connections` is shared by every
 /// listener.
-pub async fn accept_loop(listener: TcpListener, ctx: Arc<Ctx>, tls: Option<TlsAcceptor>, connections: Arc<Semaphore>) {
+pub async fn accept_loop(
+    listener: TcpListener,
+    ctx: Arc<Ctx>,
+    tls: Option<TlsAcceptor>,
+    http: Option<axum::Router>,
+    connections: Arc<Semaphore>,
+) {
     let shutdown = ctx.shutdown.clone();
     loop {
         let accepted = tokio::select! {
@@ -40,27 +47,34 @@ pub async fn accept_loop(listener: TcpListener, ctx: Arc<Ctx>, tls: Option<TlsAc
         };
         let Ok(permit) = connections.clone().try_acquire_owned() else {
             if tls.is_none() {
-                tokio::spawn(refuse(stream));
+                tokio::spawn(refuse(stream, http.is_some()));
             }
             // A TLS client gets no plaintext explanation: it could not read it.
             continue;
         };
         let ctx = ctx.clone();
         let tls = tls.clone();
+        let http = http.clone();
         tokio::spawn(async move {
             Stats::add(&ctx.stats.connections, 1);
             Stats::add(&ctx.stats.connections_total, 1);
             tracing::debug!(%peer, "connection opened");
             let _ = stream.set_nodelay(true);
-            match tls {
-                None => {
+            match (tls, http) {
+                (None, None) => {
                     let (rd, wr) = stream.into_split();
                     conn::connection(&ctx, rd, wr, peer.ip()).await;
                 }
-                Some(acceptor) => {
+                (Some(acceptor), None) => {
                     if let Some(s) = handshake(&ctx, &acceptor, stream, peer).await {
                         let (rd, wr) = tokio::io::split(s);
                         conn::connection(&ctx, rd, wr, peer.ip()).await;
+                    }
+                }
+                (None, Some(app)) => crate::http::connection(&ctx, app, stream, peer.ip()).await,
+                (Some(acceptor), Some(app)) => {
+                    if let Some(s) = handshake(&ctx, &acceptor, stream, peer).await {
+                        crate::http::connection(&ctx, app, s, peer.ip()).await;
                     }
                 }
             }
@@ -96,10 +110,22 @@ async fn handshake(
     }
 }
 
-/// Tells a client over the connection limit why it is being dropped.
-async fn refuse(mut stream: TcpStream) {
+/// Tells a client over the connection limit why it is being dropped, in
+/// its protocol.
+async fn refuse(mut stream: TcpStream, http: bool) {
     let mut out = BytesMut::new();
-    let err: Result<(), ApiError> = Err(ApiError::new(ErrorCode::Overloaded, "too many connections"));
-    frame::encode_response(&mut out, None, &err);
+    if http {
+        let body = r#"{"code":"overloaded","message":"too many connections"}"#;
+        out.extend_from_slice(
+            format!(
+                "HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                body.len()
+            )
+            .as_bytes(),
+        );
+    } else {
+        let err: Result<(), ApiError> = Err(ApiError::new(ErrorCode::Overloaded, "too many connections"));
+        frame::encode_response(&mut out, None, &err);
+    }
     let _ = tokio::time::timeout(Duration::from_secs(1), stream.write_all(&out)).await;
 }

@@ -97,8 +97,12 @@ impl Actor for MailerActor {
     ) -> Result<(), ActorProcessingErr> {
         let Mail { to, subject, body, done, permit } = mail;
         let outcome = deliver(state, &to, subject, body).await;
-        if let Err(e) = &outcome {
-            tracing::warn!(to = %to, error = %e, "mail not delivered");
+        match &outcome {
+            Ok(()) => crate::stats::Stats::add(&crate::metrics::MAILS_SENT, 1),
+            Err(e) => {
+                crate::stats::Stats::add(&crate::metrics::MAILS_FAILED, 1);
+                tracing::warn!(to = %to, error = %e, "mail not delivered");
+            }
         }
         let _ = done.send(outcome);
         drop(permit);

@@ -22,6 +22,8 @@ pub struct Server {
     pub addr: SocketAddr,
     /// The TLS listener, when the test set `TALLY_TLS_LISTEN`.
     pub tls_addr: Option<SocketAddr>,
+    /// The HTTP listener, when the test set `TALLY_HTTP_LISTEN`.
+    pub http_addr: Option<SocketAddr>,
     child: Child,
     pub data: PathBuf,
     _dir: Option<tempfile::TempDir>,
@@ -44,8 +46,18 @@ impl Server {
         let data = dir.path().join("data");
         let env: Vec<(String, String)> = env.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())).collect();
         let log = env.iter().any(|(k, _)| k == "TALLY_LOG").then(|| dir.path().join("server.log"));
-        let (child, addr, tls_addr) = spawn(&data, &env, log.as_deref());
-        Server { addr, tls_addr, child, data, _dir: Some(dir), env, admin_token: std::sync::Mutex::new(None) }
+        let (child, [addr, tls_addr, http_addr]) = spawn(&data, &env, log.as_deref());
+        let addr = addr.expect("the plaintext listener");
+        Server {
+            addr,
+            tls_addr,
+            http_addr,
+            child,
+            data,
+            _dir: Some(dir),
+            env,
+            admin_token: std::sync::Mutex::new(None),
+        }
     }
 
     /// Kills the server with SIGKILL: no shutdown code runs.
@@ -82,10 +94,11 @@ impl Server {
     /// Starts the server again on the same data folder (new port), after
     /// it exited by itself.
     pub fn start_again(&mut self) {
-        let (child, addr, tls_addr) = spawn(&self.data, &self.env, None);
+        let (child, [addr, tls_addr, http_addr]) = spawn(&self.data, &self.env, None);
         self.child = child;
-        self.addr = addr;
+        self.addr = addr.expect("the plaintext listener");
         self.tls_addr = tls_addr;
+        self.http_addr = http_addr;
     }
 
     /// The server's process id.
@@ -113,10 +126,11 @@ impl Server {
     /// Starts the server again on the same data folder (new port).
     pub fn restart(&mut self) {
         self.kill9();
-        let (child, addr, tls_addr) = spawn(&self.data, &self.env, None);
+        let (child, [addr, tls_addr, http_addr]) = spawn(&self.data, &self.env, None);
         self.child = child;
-        self.addr = addr;
+        self.addr = addr.expect("the plaintext listener");
         self.tls_addr = tls_addr;
+        self.http_addr = http_addr;
     }
 
     pub async fn client(&self) -> Client {
@@ -169,7 +183,9 @@ pub fn log_path(s: &Server) -> PathBuf {
     s.data.parent().expect("data has a parent").join("server.log")
 }
 
-fn spawn(data: &Path, env: &[(String, String)], log: Option<&Path>) -> (Child, SocketAddr, Option<SocketAddr>) {
+/// Starts the binary; the addresses it printed: plaintext, TLS and HTTP,
+/// each when the environment turned it on.
+fn spawn(data: &Path, env: &[(String, String)], log: Option<&Path>) -> (Child, [Option<SocketAddr>; 3]) {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_tally"));
     let stderr = match log {
         Some(p) => Stdio::from(std::fs::File::create(p).expect("log file")),
@@ -192,25 +208,28 @@ fn spawn(data: &Path, env: &[(String, String)], log: Option<&Path>) -> (Child, S
     let mut child = cmd.spawn().expect("spawn tally");
     let stdout = child.stdout.take().expect("stdout");
     let mut stdout = BufReader::new(stdout);
-    let mut line = String::new();
-    stdout.read_line(&mut line).expect("read the listening line");
-    let addr = line
-        .trim()
-        .strip_prefix("tally listening on ")
-        .unwrap_or_else(|| panic!("unexpected first line {line:?}"))
-        .parse()
-        .expect("address");
-    let tls = env.iter().any(|(k, v)| k == "TALLY_TLS_LISTEN" && !v.is_empty() && v != UNSET);
-    let tls_addr = tls.then(|| {
-        line.clear();
-        stdout.read_line(&mut line).expect("read the TLS listening line");
-        line.trim()
-            .strip_prefix("tally listening with tls on ")
-            .unwrap_or_else(|| panic!("unexpected second line {line:?}"))
-            .parse()
-            .expect("address")
+    let on = |var: &str| env.iter().any(|(k, v)| k == var && !v.is_empty() && v != UNSET);
+    let https = on("TALLY_TLS_CERT");
+    let wanted = [
+        (true, "tally listening on "),
+        (on("TALLY_TLS_LISTEN"), "tally listening with tls on "),
+        (
+            on("TALLY_HTTP_LISTEN"),
+            if https { "tally listening with https on " } else { "tally listening with http on " },
+        ),
+    ];
+    let addrs = wanted.map(|(on, prefix)| {
+        on.then(|| {
+            let mut line = String::new();
+            stdout.read_line(&mut line).expect("read a listening line");
+            line.trim()
+                .strip_prefix(prefix)
+                .unwrap_or_else(|| panic!("expected {prefix:?}, got {line:?}"))
+                .parse()
+                .expect("address")
+        })
     });
-    (child, addr, tls_addr)
+    (child, addrs)
 }
 
 /// The error code of a failed call; panics if the call succeeded.
@@ -362,4 +381,14 @@ impl MailServer {
         let s = Server::start_with(&env);
         MailServer { s, mail: Inbox::new(mail_dir.clone()), mail_dir, _dir: dir }
     }
+}
+
+/// Sets a server's file-size limit (bytes; `None`: unlimited): to redb, a
+/// write past it fails as on a full file system.
+pub fn set_file_size_limit(pid: u32, bytes: Option<u64>) {
+    let value = bytes.unwrap_or(libc::RLIM_INFINITY);
+    let limit = libc::rlimit { rlim_cur: value, rlim_max: libc::RLIM_INFINITY };
+    // SAFETY: prlimit only reads `limit`; the old value is not asked for.
+    let rc = unsafe { libc::prlimit(pid as libc::pid_t, libc::RLIMIT_FSIZE, &raw const limit, std::ptr::null_mut()) };
+    assert_eq!(rc, 0, "prlimit: {}", std::io::Error::last_os_error());
 }
