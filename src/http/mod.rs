@@ -19,6 +19,7 @@
 //!   headers are trusted), so login and reset budgets count as on TCP.
 
 pub mod metrics;
+pub mod openapi;
 
 use std::net::IpAddr;
 use std::sync::Arc;
@@ -74,6 +75,7 @@ struct Peer(IpAddr);
 /// The gateway's routes, sharing the TCP side's context.
 pub fn router(ctx: Arc<Ctx>) -> Router {
     Router::new()
+        .route("/v1/openapi.json", get(openapi::serve))
         .route("/v1/{op}", post(op))
         .route("/healthz", get(|| async { json(StatusCode::OK, &serde_json::json!({"status": "ok"})) }))
         .route("/readyz", get(readyz))

@@ -3,14 +3,15 @@
 //! Argument structs refuse unknown fields: in a money system a misspelt
 //! `from` must be an error, not a transfer from the caller's default account.
 
+use schemars::JsonSchema;
 use serde::Deserialize;
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct NoArgs {}
 
 // No Debug: it holds a secret, which must never reach a log line.
-#[derive(Deserialize)]
+#[derive(Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct LoginArgs {
     pub user: String,
@@ -18,7 +19,7 @@ pub struct LoginArgs {
 }
 
 // No Debug: it holds a secret, which must never reach a log line.
-#[derive(Deserialize)]
+#[derive(Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct AuthArgs {
     /// A login token...
@@ -27,14 +28,14 @@ pub struct AuthArgs {
     pub key: Option<String>,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct LogoutArgs {
     /// End every token of the user, not only this connection's.
     pub all: Option<bool>,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CreateKeyArgs {
     pub name: String,
@@ -46,7 +47,7 @@ pub struct CreateKeyArgs {
     pub expires_s: Option<u64>,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ListKeysArgs {
     /// The page after this key id.
@@ -54,14 +55,14 @@ pub struct ListKeysArgs {
     pub limit: Option<u64>,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RevokeKeyArgs {
     pub key_id: String,
 }
 
 // No Debug: it holds a secret, which must never reach a log line.
-#[derive(Deserialize)]
+#[derive(Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CreateUserArgs {
     pub user: String,
@@ -72,13 +73,13 @@ pub struct CreateUserArgs {
     pub group: Option<String>,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct AccountArg {
     pub account: Option<String>,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct TransferArgs {
     pub from: Option<String>,
@@ -89,14 +90,14 @@ pub struct TransferArgs {
 }
 
 /// `transfer_batch`: each item as `transfer` takes it.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct TransferBatchArgs {
     pub transfers: Vec<TransferArgs>,
     pub atomic: Option<bool>,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct MintArgs {
     pub to: String,
@@ -105,7 +106,7 @@ pub struct MintArgs {
     pub key: Option<String>,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CreateAccountArgs {
     pub account: String,
@@ -115,7 +116,7 @@ pub struct CreateAccountArgs {
     pub memo: Option<String>,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct HistoryArgs {
     pub account: Option<String>,
@@ -123,14 +124,14 @@ pub struct HistoryArgs {
     pub limit: Option<u64>,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct GetTransferArgs {
     pub id: u64,
 }
 
 // No Debug: it holds a secret, which must never reach a log line.
-#[derive(Deserialize)]
+#[derive(Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct SignupArgs {
     pub user: String,
@@ -140,7 +141,7 @@ pub struct SignupArgs {
     pub group: Option<String>,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct HoldArgs {
     pub from: Option<String>,
@@ -152,7 +153,7 @@ pub struct HoldArgs {
     pub timeout_s: Option<u64>,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct PostArgs {
     pub hold: u64,
@@ -160,13 +161,13 @@ pub struct PostArgs {
     pub amount: Option<i64>,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct VoidArgs {
     pub hold: u64,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RedeemArgs {
     pub item: String,
@@ -174,7 +175,7 @@ pub struct RedeemArgs {
     pub memo: Option<String>,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RedeemsArgs {
     /// An unknown status is refused by serde, as `bad_request`.
@@ -182,7 +183,7 @@ pub struct RedeemsArgs {
     pub limit: Option<u64>,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct DecideRedeemArgs {
     pub request: u64,
@@ -190,34 +191,44 @@ pub struct DecideRedeemArgs {
     pub note: Option<String>,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct SetEventsArgs {
     pub user: String,
     pub events: u64,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ResetPasswordArgs {
     pub user: String,
 }
 
 // No Debug: it holds a secret, which must never reach a log line.
-#[derive(Deserialize)]
+#[derive(Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ConfirmArgs {
     pub pending: String,
     /// Six digits, as a string (`"012345"`) or an integer (`12345`).
     #[serde(deserialize_with = "otp_code")]
+    #[schemars(with = "OtpCode")]
     pub otp: String,
     pub new_password: Option<String>,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ResendArgs {
     pub pending: String,
+}
+
+/// What `otp` accepts, for the OpenAPI document.
+#[derive(JsonSchema)]
+#[serde(untagged)]
+#[allow(dead_code)] // only its schema is used
+enum OtpCode {
+    Text(#[schemars(regex(pattern = r"^[0-9]{6}$"))] String),
+    Number(#[schemars(range(max = 999_999))] u32),
 }
 
 /// A code is six digits; the text mode turns `otp=012345` into a number,
@@ -241,14 +252,14 @@ fn otp_code<'de, D: serde::Deserializer<'de>>(d: D) -> Result<String, D::Error> 
 }
 
 // No Debug: it holds a secret, which must never reach a log line.
-#[derive(Deserialize)]
+#[derive(Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ChangePasswordArgs {
     pub old_password: String,
     pub new_password: String,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct AddArgs {
     pub account: String,
@@ -257,20 +268,20 @@ pub struct AddArgs {
     pub key: Option<String>,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct DeleteAccountArgs {
     pub account: String,
     pub reason: String,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct AccountOnly {
     pub account: String,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ListAccountsArgs {
     pub owner: Option<String>,
@@ -281,7 +292,7 @@ pub struct ListAccountsArgs {
     pub limit: Option<u64>,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct TagArgs {
     pub account: String,
@@ -289,7 +300,7 @@ pub struct TagArgs {
     pub remove: Option<Vec<String>>,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct BulkAddArgs {
     pub tag: String,
@@ -298,16 +309,61 @@ pub struct BulkAddArgs {
     pub force: Option<bool>,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ReapArgs {
     pub reason: String,
     pub below: Option<i64>,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct BackupArgs {
     /// A file name; the copy is written to `DATA/backups/<out>`.
     pub out: String,
+}
+
+/// The JSON Schema of each op's arguments, as its handler decodes them
+/// (`api::dispatch` names the handler, the handler its `args!` type).
+pub fn schema_of(op: super::Op, g: &mut schemars::SchemaGenerator) -> schemars::Schema {
+    use super::Op;
+    match op {
+        Op::Hello | Op::Ping | Op::Health | Op::Help | Op::Whoami | Op::MyRedeems | Op::Audit | Op::Stats => {
+            g.subschema_for::<NoArgs>()
+        }
+        Op::Signup => g.subschema_for::<SignupArgs>(),
+        Op::Login => g.subschema_for::<LoginArgs>(),
+        Op::Auth => g.subschema_for::<AuthArgs>(),
+        Op::Logout => g.subschema_for::<LogoutArgs>(),
+        Op::ChangePassword => g.subschema_for::<ChangePasswordArgs>(),
+        Op::ResetPassword => g.subschema_for::<ResetPasswordArgs>(),
+        Op::Confirm => g.subschema_for::<ConfirmArgs>(),
+        Op::Resend => g.subschema_for::<ResendArgs>(),
+        Op::Balance | Op::Account => g.subschema_for::<AccountArg>(),
+        Op::Transfer => g.subschema_for::<TransferArgs>(),
+        Op::TransferBatch => g.subschema_for::<TransferBatchArgs>(),
+        Op::Mint => g.subschema_for::<MintArgs>(),
+        Op::CreateAccount => g.subschema_for::<CreateAccountArgs>(),
+        Op::History => g.subschema_for::<HistoryArgs>(),
+        Op::GetTransfer => g.subschema_for::<GetTransferArgs>(),
+        Op::Add => g.subschema_for::<AddArgs>(),
+        Op::DeleteAccount => g.subschema_for::<DeleteAccountArgs>(),
+        Op::DeleteReason => g.subschema_for::<AccountOnly>(),
+        Op::ListAccounts => g.subschema_for::<ListAccountsArgs>(),
+        Op::Tag => g.subschema_for::<TagArgs>(),
+        Op::BulkAdd => g.subschema_for::<BulkAddArgs>(),
+        Op::Reap => g.subschema_for::<ReapArgs>(),
+        Op::Backup => g.subschema_for::<BackupArgs>(),
+        Op::SetEvents => g.subschema_for::<SetEventsArgs>(),
+        Op::Hold => g.subschema_for::<HoldArgs>(),
+        Op::Post => g.subschema_for::<PostArgs>(),
+        Op::Void => g.subschema_for::<VoidArgs>(),
+        Op::Redeem => g.subschema_for::<RedeemArgs>(),
+        Op::Redeems => g.subschema_for::<RedeemsArgs>(),
+        Op::DecideRedeem => g.subschema_for::<DecideRedeemArgs>(),
+        Op::CreateKey => g.subschema_for::<CreateKeyArgs>(),
+        Op::ListKeys => g.subschema_for::<ListKeysArgs>(),
+        Op::RevokeKey => g.subschema_for::<RevokeKeyArgs>(),
+        Op::CreateUser => g.subschema_for::<CreateUserArgs>(),
+    }
 }

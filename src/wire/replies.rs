@@ -359,7 +359,7 @@ pub struct SettleReply {
 }
 
 /// Where a redeem request stands; it is decided once.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum RedeemStatus {
     Pending,
