@@ -11,7 +11,7 @@ if [ ! -x "$venv/bin/python" ]; then
     python3 -m venv "$venv"
 fi
 "$venv/bin/pip" install --quiet --upgrade pip >/dev/null
-"$venv/bin/pip" install --quiet ./clients/python pytest aiosmtpd trustme
+"$venv/bin/pip" install --quiet ./clients/python pytest aiosmtpd trustme schemathesis
 export TALLY_TEST_PYTHON="$PWD/$venv/bin/python"
 
 cargo fmt --check

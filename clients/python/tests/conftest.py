@@ -36,10 +36,14 @@ def _start(tmp_path, **extra_env):
         env=env,
         text=True,
     )
-    addr = _address(proc.stdout.readline(), "tally listening on ")
+    # One line per listener, in this order: plaintext, TLS, HTTP.
+    addrs = [_address(proc.stdout.readline(), "tally listening on ")]
     if extra_env.get("TALLY_TLS_LISTEN"):
-        return proc, addr, _address(proc.stdout.readline(), "tally listening with tls on ")
-    return proc, addr
+        addrs.append(_address(proc.stdout.readline(), "tally listening with tls on "))
+    if extra_env.get("TALLY_HTTP_LISTEN"):
+        scheme = "https" if extra_env.get("TALLY_TLS_CERT") else "http"
+        addrs.append(_address(proc.stdout.readline(), f"tally listening with {scheme} on "))
+    return (proc, *addrs)
 
 
 @pytest.fixture()
@@ -80,5 +84,20 @@ def campus(tmp_path):
     mail = tmp_path / "mail"
     proc, addr = _start(tmp_path, TALLY_PRESET="campus", TALLY_MAIL_TRANSPORT=f"file://{mail}")
     yield addr, mail
+    proc.kill()
+    proc.wait()
+
+
+@pytest.fixture()
+def http_server(tmp_path):
+    """A server with its HTTP gateway on: yields (plain addr, HTTP addr, mail folder)."""
+    mail = tmp_path / "mail"
+    proc, plain, http = _start(
+        tmp_path,
+        TALLY_HTTP_LISTEN="127.0.0.1:0",
+        TALLY_MAIL_TRANSPORT=f"file://{mail}",
+        TALLY_OTP_TRANSFER_MIN="100",
+    )
+    yield plain, http, mail
     proc.kill()
     proc.wait()
