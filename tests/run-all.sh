@@ -4,14 +4,15 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-# One Python venv for the Python client's tests and for the SMTP server
-# (aiosmtpd) that tests/otp.rs delivers mail to.
+# One Python venv for the Python client's tests, the SMTP server (aiosmtpd)
+# that tests/otp.rs delivers mail to, schemathesis for the OpenAPI check and
+# Playwright driving Debian's Chromium for the console (no browser download).
 venv="${TALLY_VENV:-target/py-venv}"
 if [ ! -x "$venv/bin/python" ]; then
     python3 -m venv "$venv"
 fi
 "$venv/bin/pip" install --quiet --upgrade pip >/dev/null
-"$venv/bin/pip" install --quiet ./clients/python pytest aiosmtpd trustme schemathesis
+"$venv/bin/pip" install --quiet ./clients/python pytest aiosmtpd trustme schemathesis playwright
 export TALLY_TEST_PYTHON="$PWD/$venv/bin/python"
 
 cargo fmt --check

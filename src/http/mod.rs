@@ -18,6 +18,7 @@
 //!   failure budget; the caller's address is the TCP peer (no forwarded
 //!   headers are trusted), so login and reset budgets count as on TCP.
 
+mod console;
 pub mod metrics;
 pub mod openapi;
 
@@ -80,6 +81,7 @@ pub fn router(ctx: Arc<Ctx>) -> Router {
         .route("/healthz", get(|| async { json(StatusCode::OK, &serde_json::json!({"status": "ok"})) }))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics::serve))
+        .merge(console::routes())
         .fallback(|| async { error(&ApiError::new(ErrorCode::NotFound, "no such path")) })
         .with_state(ctx)
 }
