@@ -92,6 +92,7 @@ async fn every_error_code_a_client_can_cause_has_its_status() {
     assert_eq!(post(h, "create_account", a, json!({"account": "gone"})).await.0, 200);
     assert_eq!(post(h, "delete_account", a, json!({"account": "gone", "reason": "test"})).await.0, 200);
     refused(post(h, "transfer", a, json!({"from": "alice", "to": "gone", "amount": 1})).await, (409, "deleted"));
+    refused(post(h, "add", a, json!({"account": "bob", "delta": -1000})).await, (422, "below_min"));
 
     // A user: forbidden ops, and a transfer that needs a mailed code.
     let args =
@@ -123,6 +124,20 @@ async fn every_error_code_a_client_can_cause_has_its_status() {
     // Nothing refused moved anything.
     let (_, b) = post(h, "balance", a, json!({"account": "bob"})).await;
     assert_eq!(b["balance"], 1);
+}
+
+#[tokio::test]
+async fn an_ineligible_campus_transfer_is_403() {
+    let s = Server::start_with(&[HTTP, ("TALLY_PRESET", "campus")]);
+    let h = s.http_addr.unwrap();
+    for user in ["ann", "bob"] {
+        let args = json!({"user": user, "name": user, "email": format!("{user}@campus.example"), "password": "pw-of-the-user"});
+        assert_eq!(post(h, "signup", None, args).await.0, 200);
+    }
+    let admin = login(h, "admin", ADMIN_PASSWORD).await;
+    assert_eq!(post(h, "mint", Some(&admin), json!({"to": "ann", "amount": 100})).await.0, 200);
+    let ann = login(h, "ann", "pw-of-the-user").await;
+    refused(post(h, "transfer", Some(&ann), json!({"to": "bob", "amount": 10})).await, (403, "ineligible"));
 }
 
 #[test]

@@ -83,3 +83,35 @@ def test_a_ca_without_tls_is_a_mistake_not_plaintext(tls_server):
         Client(*plain, ca=ca)
     with pytest.raises(ValueError, match="need tls=True"):
         AsyncClient(*plain, cert=ca)
+
+
+def test_http_is_https_with_the_tls_certificate(tmp_path):
+    import http.client
+    import json
+
+    import trustme
+    from conftest import _start
+
+    ca = trustme.CA()
+    cert = ca.issue_cert("127.0.0.1", "localhost")
+    ca_file, cert_file, key_file = tmp_path / "ca.pem", tmp_path / "cert.pem", tmp_path / "key.pem"
+    ca.cert_pem.write_to_path(str(ca_file))
+    cert.private_key_pem.write_to_path(str(key_file))
+    for i, blob in enumerate(cert.cert_chain_pems):
+        blob.write_to_path(str(cert_file), append=i > 0)
+    proc, _, (host, port) = _start(
+        tmp_path, TALLY_HTTP_LISTEN="127.0.0.1:0", TALLY_TLS_CERT=str(cert_file), TALLY_TLS_KEY=str(key_file)
+    )
+    try:
+        conn = http.client.HTTPSConnection(host, port, context=ssl.create_default_context(cafile=str(ca_file)))
+        conn.request("POST", "/v1/login", body=json.dumps({"user": "admin", "password": ADMIN_PASSWORD}))
+        r = conn.getresponse()
+        assert (r.status, json.loads(r.read())["role"]) == (200, "admin")
+        # Plain HTTP on the HTTPS port gets no answer in the clear.
+        plain = http.client.HTTPConnection(host, port, timeout=10)
+        with pytest.raises((http.client.HTTPException, ConnectionError)):
+            plain.request("GET", "/healthz")
+            plain.getresponse()
+    finally:
+        proc.kill()
+        proc.wait()
