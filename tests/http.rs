@@ -389,3 +389,30 @@ async fn bodies_and_heads_are_bounded_and_bad_ones_harm_nobody() {
     assert_eq!(post(h, "ping", None, json!({})).await, (200, json!("pong")));
     assert_eq!(s.client().await.call("ping", json!({})).await.unwrap(), json!("pong"));
 }
+
+#[tokio::test]
+async fn a_client_that_stops_reading_its_answers_is_dropped() {
+    let s = Server::start_with(&[HTTP, ("TALLY_LIMITS_WRITE_TIMEOUT_MS", "300")]);
+    let h = s.http_addr.unwrap();
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    let mut stuck = socket.connect(h).await.unwrap();
+    // Pipelined requests for a ~100 KB document, never read: the server's
+    // writes stall once the socket buffers are full.
+    let requests = "GET /v1/openapi.json HTTP/1.1\r\nhost: x\r\n\r\n".repeat(300);
+    stuck.write_all(requests.as_bytes()).await.unwrap();
+    let open = |text: &str| metric(text, "tally_connections ");
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    // Counted once its task runs (with the scraping connection: 2), then
+    // dropped when a write has waited 300 ms (the scraper alone: 1).
+    for want in [2, 1] {
+        while open(&scrape(h).await) != want {
+            assert!(std::time::Instant::now() < deadline, "never {want} connections open");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+    let mut rest = Vec::new();
+    // What was sent before, then the end (or a reset: requests were left unread).
+    let end = tokio::time::timeout(Duration::from_secs(10), stuck.read_to_end(&mut rest)).await;
+    assert!(end.is_ok(), "the stuck socket was not closed");
+}

@@ -10,7 +10,8 @@
 //!   as a TCP request until its answer is encoded.
 //! - Every wait is bounded: the TLS handshake and the request head within
 //!   `limits.frame_timeout_ms` (also while a kept-alive connection is idle),
-//!   the body within the same, and writes through hyper's own flow control.
+//!   the body within the same, and a write the peer does not take within
+//!   `limits.write_timeout_ms` closes the connection ([`WriteTimeout`]).
 //! - Every buffer is bounded: the head at [`HEAD_BYTES_MAX`], the body at
 //!   `limits.frame_bytes_max` (at [`ANONYMOUS_FRAME_BYTES_MAX`] without
 //!   credentials, as on TCP).
@@ -22,8 +23,11 @@ mod console;
 pub mod metrics;
 pub mod openapi;
 
+use std::future::Future;
 use std::net::IpAddr;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use axum::body::{Body, Bytes};
@@ -33,6 +37,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::Router;
 use serde::Serialize;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 use crate::api::{self, Ctx, Session};
 use crate::error::{ApiError, ErrorCode};
@@ -90,7 +95,7 @@ pub fn router(ctx: Arc<Ctx>) -> Router {
 /// closes it or the server shuts down.
 pub async fn connection<S>(ctx: &Arc<Ctx>, app: Router, stream: S, peer: IpAddr)
 where
-    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     use tower::ServiceExt;
     let service = hyper::service::service_fn(move |mut req: Request<hyper::body::Incoming>| {
@@ -98,11 +103,12 @@ where
         app.clone().oneshot(req)
     });
     let head_timeout = Duration::from_millis(ctx.config.limits.frame_timeout_ms);
+    let write_timeout = Duration::from_millis(ctx.config.limits.write_timeout_ms);
     let conn = hyper::server::conn::http1::Builder::new()
         .timer(hyper_util::rt::TokioTimer::new())
         .header_read_timeout(head_timeout)
         .max_buf_size(HEAD_BYTES_MAX)
-        .serve_connection(hyper_util::rt::TokioIo::new(stream), service);
+        .serve_connection(hyper_util::rt::TokioIo::new(WriteTimeout::new(stream, write_timeout)), service);
     tokio::pin!(conn);
     tokio::select! {
         r = conn.as_mut() => {
@@ -114,6 +120,62 @@ where
             conn.as_mut().graceful_shutdown();
             let _ = tokio::time::timeout(Duration::from_secs(5), conn).await;
         }
+    }
+}
+
+/// A stream whose writes fail once one has waited `timeout` for the peer
+/// to take bytes: a client that stops reading its answers is dropped, and
+/// the answer and connection it held with it, as on the TCP port.
+struct WriteTimeout<S> {
+    inner: S,
+    timeout: Duration,
+    /// Running while a write, flush or shutdown waits for the peer.
+    waiting: Option<Pin<Box<tokio::time::Sleep>>>,
+}
+
+impl<S> WriteTimeout<S> {
+    fn new(inner: S, timeout: Duration) -> Self {
+        WriteTimeout { inner, timeout, waiting: None }
+    }
+
+    /// Passes a write's outcome on; while it is pending, fails it once the
+    /// timeout has run out.
+    fn bounded<T>(&mut self, cx: &mut Context<'_>, polled: Poll<std::io::Result<T>>) -> Poll<std::io::Result<T>> {
+        if polled.is_ready() {
+            self.waiting = None;
+            return polled;
+        }
+        let timeout = self.timeout;
+        let sleep = self.waiting.get_or_insert_with(|| Box::pin(tokio::time::sleep(timeout)));
+        match sleep.as_mut().poll(cx) {
+            Poll::Ready(()) => {
+                Poll::Ready(Err(std::io::Error::new(std::io::ErrorKind::TimedOut, "the peer stopped reading")))
+            }
+            Poll::Pending => Poll::Pending,
+        }
+    }
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for WriteTimeout<S> {
+    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for WriteTimeout<S> {
+    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<std::io::Result<usize>> {
+        let polled = Pin::new(&mut self.inner).poll_write(cx, buf);
+        self.bounded(cx, polled)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        let polled = Pin::new(&mut self.inner).poll_flush(cx);
+        self.bounded(cx, polled)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        let polled = Pin::new(&mut self.inner).poll_shutdown(cx);
+        self.bounded(cx, polled)
     }
 }
 
