@@ -291,6 +291,13 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
         None => None,
         Some(listen) => Some(bind(listen).await?),
     };
+    if let (Some((_, l)), None) = (&http, &tls_acceptor) {
+        if !l.ip().is_loopback() {
+            tracing::warn!(target: "security", addr = %l,
+                "plain HTTP on a non-loopback address: passwords, tokens and keys cross the network in clear; \
+                 give [tls] a certificate (HTTP then serves HTTPS) or listen on a loopback address");
+        }
+    }
     if let Some((_, l)) = &listener {
         if !l.ip().is_loopback() {
             tracing::warn!(target: "security", addr = %l,

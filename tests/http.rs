@@ -25,8 +25,14 @@ async fn request(
     body: &[u8],
 ) -> (u16, String, Vec<u8>) {
     let mut s = TcpStream::connect(addr).await.unwrap();
-    let mut head =
-        format!("{method} {path} HTTP/1.1\r\nhost: tally\r\nconnection: close\r\ncontent-length: {}\r\n", body.len());
+    let mut head = format!("{method} {path} HTTP/1.1\r\nconnection: close\r\ncontent-length: {}\r\n", body.len());
+    let given = |name: &str| headers.iter().any(|(k, _)| k.eq_ignore_ascii_case(name));
+    if !given("host") {
+        head.push_str(&format!("host: {addr}\r\n"));
+    }
+    if !body.is_empty() && !given("content-type") {
+        head.push_str("content-type: application/json\r\n");
+    }
     for (k, v) in headers {
         head.push_str(&format!("{k}: {v}\r\n"));
     }
@@ -359,6 +365,11 @@ async fn bodies_and_heads_are_bounded_and_bad_ones_harm_nobody() {
     let huge = vec![b' '; 2 * 1024 * 1024];
     let (status, _, _) = request(h, "POST", "/v1/ping", &[("authorization", &auth)], &huge).await;
     assert_eq!(status, 413);
+    // Not sent as JSON: a page on another site could post that unasked.
+    let form = [("content-type", "application/x-www-form-urlencoded")];
+    let (status, _, out) = request(h, "POST", "/v1/login", &form, b"user=admin&password=x").await;
+    let e: Value = serde_json::from_slice(&out).unwrap();
+    assert_eq!((status, e["code"].as_str()), (400, Some("bad_request")), "{e}");
     // Not JSON, not an object.
     for body in [&b"{"[..], b"[1,2]", b"\xff\xfe"] {
         let (status, _, out) = request(h, "POST", "/v1/ping", &[("authorization", &auth)], body).await;
@@ -415,4 +426,52 @@ async fn a_client_that_stops_reading_its_answers_is_dropped() {
     // What was sent before, then the end (or a reset: requests were left unread).
     let end = tokio::time::timeout(Duration::from_secs(10), stuck.read_to_end(&mut rest)).await;
     assert!(end.is_ok(), "the stuck socket was not closed");
+}
+
+#[tokio::test]
+async fn a_login_whose_caller_hangs_up_still_counts_against_the_guesser() {
+    let s = Server::start_with(&[HTTP]);
+    let h = s.http_addr.unwrap();
+    let body = r#"{"user": "admin", "password": "wrong-password"}"#;
+    let request = format!(
+        "POST /v1/login HTTP/1.1\r\nhost: {h}\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    let mut callers = Vec::new();
+    for _ in 0..60 {
+        let mut c = TcpStream::connect(h).await.unwrap();
+        c.write_all(request.as_bytes()).await.unwrap();
+        callers.push(c);
+    }
+    // Two hashes run at a time: most of the 60 are still waiting when
+    // their callers hang up.
+    let inflight = |text: &str| metric(text, "tally_requests_inflight");
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while inflight(&scrape(h).await) < 30 {
+        assert!(std::time::Instant::now() < deadline, "the logins never queued up");
+    }
+    drop(callers);
+    // Each runs to its end all the same: a wrong password, hashed and
+    // counted (or, once the budget is spent, refused), never cut off.
+    let mut text = scrape(h).await;
+    while inflight(&text) > 0 {
+        assert!(std::time::Instant::now() < deadline, "the abandoned logins did not end:\n{text}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        text = scrape(h).await;
+    }
+    let answered = |code: &str| metric(&text, &format!(r#"tally_requests_total{{op="login",code="{code}"}}"#));
+    assert_eq!((answered("unauthenticated") + answered("rate_limited"), answered("internal")), (60, 0), "{text}");
+    assert_eq!(metric(&text, "tally_logins_failed_total"), answered("unauthenticated"));
+    let again = post(h, "login", None, json!({"user": "admin", "password": "wrong-password"})).await;
+    refused(again, (429, "rate_limited"));
+}
+
+#[tokio::test]
+async fn metrics_by_another_host_name_need_credentials_even_from_loopback() {
+    let s = Server::start_with(&[HTTP]);
+    let h = s.http_addr.unwrap();
+    let (status, _, _) = request(h, "GET", "/metrics", &[("host", "rebound.example:7780")], b"").await;
+    assert_eq!(status, 401);
+    let (status, _, _) = request(h, "GET", "/metrics", &[("host", "localhost:7780")], b"").await;
+    assert_eq!(status, 200);
 }

@@ -78,8 +78,14 @@ pub(super) async fn on_hash_pool<T: Send + 'static>(
     ctx: &Ctx,
     f: impl FnOnce() -> T + Send + 'static,
 ) -> Result<T, ApiError> {
-    let _permit = ctx.hashing.acquire().await.map_err(|_| ApiError::internal("shutting down"))?;
-    tokio::task::spawn_blocking(f).await.map_err(|_| ApiError::internal("password hashing failed"))
+    let permit = ctx.hashing.clone().acquire_owned().await.map_err(|_| ApiError::internal("shutting down"))?;
+    // The permit goes with the hash: if the caller stops waiting, the hash
+    // still runs to its end, and still counts.
+    let hash = move || {
+        let _permit = permit;
+        f()
+    };
+    tokio::task::spawn_blocking(hash).await.map_err(|_| ApiError::internal("password hashing failed"))
 }
 
 /// Commits a change to a user through the journal and waits for it.

@@ -28,7 +28,11 @@ use crate::stats::Stats;
 
 pub(super) async fn serve(State(ctx): State<Arc<Ctx>>, req: Request) -> Response {
     let peer = req.extensions().get::<Peer>().map(|p| p.0);
-    let open = ctx.config.http.metrics_public || peer.is_some_and(|p| p.is_loopback());
+    // A loopback caller that names this host by a name it does not own
+    // may be a web page that re-pointed its own name at 127.0.0.1 (DNS
+    // rebinding): it is let in only with credentials.
+    let local_name = req.headers().get(header::HOST).and_then(|h| h.to_str().ok()).is_none_or(is_local_host);
+    let open = ctx.config.http.metrics_public || (peer.is_some_and(|p| p.is_loopback()) && local_name);
     if !open {
         let peer = peer.unwrap_or(std::net::IpAddr::from([0, 0, 0, 0]));
         match session(&ctx, req.headers(), peer).await {
@@ -45,7 +49,8 @@ pub(super) async fn serve(State(ctx): State<Arc<Ctx>>, req: Request) -> Response
             },
         }
     }
-    let otp_sessions = match ctx.otp.call(crate::otp::OtpMsg::Count, None).await {
+    let asked = ctx.otp.call(crate::otp::OtpMsg::Count, Some(std::time::Duration::from_secs(5))).await;
+    let otp_sessions = match asked {
         Ok(ractor::rpc::CallResult::Success(n)) => n as i64,
         _ => return error(&ApiError::internal("the OTP supervisor is not running")),
     };
@@ -55,6 +60,15 @@ pub(super) async fn serve(State(ctx): State<Arc<Ctx>>, req: Request) -> Response
     }
     (StatusCode::OK, [(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")], text)
         .into_response()
+}
+
+/// `localhost` or an IP address, with or without a port.
+fn is_local_host(host: &str) -> bool {
+    let name = match host.strip_prefix('[') {
+        Some(v6) => return v6.split(']').next().is_some_and(|ip| ip.parse::<std::net::Ipv6Addr>().is_ok()),
+        None => host.rsplit_once(':').map_or(host, |(name, _)| name),
+    };
+    name.eq_ignore_ascii_case("localhost") || name.parse::<std::net::Ipv4Addr>().is_ok()
 }
 
 fn registry(ctx: &Ctx, otp_sessions: i64) -> Registry {
@@ -121,5 +135,18 @@ impl EncodeMetric for Snapshot {
 
     fn metric_type(&self) -> MetricType {
         MetricType::Histogram
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn local_hosts_are_addresses_and_localhost() {
+        for local in ["127.0.0.1:7780", "127.0.0.1", "localhost:7780", "LOCALHOST", "[::1]:7780", "10.0.0.5:80"] {
+            assert!(super::is_local_host(local), "{local}");
+        }
+        for remote in ["attacker.example:7780", "attacker.example", "127.0.0.1.nip.io:7780", "[evil]:1"] {
+            assert!(!super::is_local_host(remote), "{remote}");
+        }
     }
 }

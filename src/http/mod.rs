@@ -179,27 +179,40 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for WriteTimeout<S> {
     }
 }
 
-/// `POST /v1/{op}`.
+/// `POST /v1/{op}`. The request runs in a task of its own: a client that
+/// hangs up cannot cancel it half-way (a login's failure must still count
+/// against the guesser's budget, and a hash must still hold its permit).
 async fn op(State(ctx): State<Arc<Ctx>>, Path(name): Path<String>, req: Request) -> Response {
     let peer = req.extensions().get::<Peer>().map_or(IpAddr::from([0, 0, 0, 0]), |p| p.0);
     let (parts, body) = req.into_parts();
-    match run(&ctx, &name, &parts.headers, body, peer).await {
-        Ok(out) => out,
-        Err(e) => error(&e),
-    }
+    let handled = tokio::spawn(async move {
+        let op = crate::wire::Op::parse(&name);
+        match run(&ctx, &name, &parts.headers, body, peer).await {
+            Ok(out) => out,
+            Err(e) => {
+                // Refused before reaching the op: counted as the op's answer.
+                crate::metrics::started();
+                crate::metrics::answered(crate::metrics::op_slot(op), &Err::<(), _>(e.clone()));
+                error(&e)
+            }
+        }
+    });
+    handled.await.unwrap_or_else(|_| error(&ApiError::internal("the request failed")))
 }
 
 async fn run(ctx: &Arc<Ctx>, name: &str, headers: &HeaderMap, body: Body, peer: IpAddr) -> Result<Response, ApiError> {
     Stats::add(&ctx.stats.ops, 1);
-    let credentials = credentials(headers)?;
-    let limit = if credentials.is_some() {
+    // The caller first, from the headers alone: the body may be as large
+    // as `limits.frame_bytes_max` only for a caller the server knows.
+    let mut session = session(ctx, headers, peer).await?;
+    let limit = if session.binding.is_some() {
         ctx.config.limits.frame_bytes_max
     } else {
         ctx.config.limits.frame_bytes_max.min(ANONYMOUS_FRAME_BYTES_MAX)
     };
     let body = read_body(ctx, body, limit).await?;
-    let args = args_of(&body)?;
-    let mut session = bind(ctx, credentials, peer).await?;
+    let args = args_of(headers, &body)?;
+    drop(body);
     let slots = crate::net::conn::reply_slots(name, &args);
     let permits = u32::try_from(slots.clamp(1, ctx.config.limits.inflight_max)).unwrap_or(u32::MAX);
     let server = tokio::select! {
@@ -219,9 +232,40 @@ async fn run(ctx: &Arc<Ctx>, name: &str, headers: &HeaderMap, body: Body, peer: 
         Ok(reply) => json(StatusCode::OK, &reply),
         Err(e) => error(&e),
     };
-    // The reply slots are held until the answer is encoded.
-    drop(permits);
-    Ok(out)
+    // The reply slots stay taken until hyper has written the body (or the
+    // connection is gone), as a TCP reply's do until it is on the socket.
+    Ok(out.map(|body| Body::new(Held { body, permits: Some(permits) })))
+}
+
+/// A response body that holds its request's reply slots until it is
+/// written out or dropped.
+struct Held {
+    body: Body,
+    permits: Option<Permits>,
+}
+
+impl http_body::Body for Held {
+    type Data = Bytes;
+    type Error = axum::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<Bytes>, axum::Error>>> {
+        let polled = Pin::new(&mut self.body).poll_frame(cx);
+        if let Poll::Ready(None) = polled {
+            self.permits = None;
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.body.size_hint()
+    }
 }
 
 /// `GET /readyz`: ready when the journal can commit (the `health` op).
@@ -300,20 +344,39 @@ async fn read_body(ctx: &Ctx, body: Body, limit: usize) -> Result<Bytes, ApiErro
     }
 }
 
-/// The op's arguments: a JSON object (an empty body is `{}`), as the
-/// MessagePack map a TCP request carries. Integers stay integers (i64 and
-/// u64 exactly); a number with a fraction or exponent is a float, which no
-/// integer argument takes.
-fn args_of(body: &[u8]) -> Result<Vec<u8>, ApiError> {
-    if body.iter().all(u8::is_ascii_whitespace) {
+/// The op's arguments: a JSON object (an empty body is `{}`), sent as
+/// `application/json`, as the MessagePack map a TCP request carries,
+/// transcoded without building a tree and then held to the same bounds
+/// (nesting depth, lengths) as a TCP frame. Integers stay integers (i64
+/// and u64 exactly); a number with a fraction or exponent is a float,
+/// which no integer argument takes.
+///
+/// The media type matters: a page on another site can post a form or
+/// `text/plain` to a server on the visitor's machine without asking, but
+/// not `application/json`.
+fn args_of(headers: &HeaderMap, body: &[u8]) -> Result<Vec<u8>, ApiError> {
+    let Some(first) = body.iter().find(|b| !b.is_ascii_whitespace()) else {
         return Ok(vec![0x80]);
+    };
+    let json = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split(';').next())
+        .is_some_and(|t| t.trim().eq_ignore_ascii_case("application/json"));
+    if !json {
+        return Err(ApiError::bad_request("send the arguments as Content-Type: application/json"));
     }
-    let value: serde_json::Value =
-        serde_json::from_slice(body).map_err(|e| ApiError::bad_request(format!("the body is not JSON: {e}")))?;
-    if !value.is_object() {
+    if *first != b'{' {
         return Err(ApiError::bad_request("the body must be a JSON object of the op's arguments"));
     }
-    rmp_serde::to_vec_named(&value).map_err(|_| ApiError::bad_request("the arguments cannot be encoded"))
+    let mut out = Vec::with_capacity(body.len());
+    let mut from = serde_json::Deserializer::from_slice(body);
+    let mut to = rmp_serde::Serializer::new(&mut out).with_struct_map();
+    serde_transcode::transcode(&mut from, &mut to)
+        .map_err(|e| ApiError::bad_request(format!("the body is not JSON: {e}")))?;
+    from.end().map_err(|e| ApiError::bad_request(format!("the body is not JSON: {e}")))?;
+    crate::wire::frame::validate_value(&out)?;
+    Ok(out)
 }
 
 fn json<T: Serialize>(status: StatusCode, body: &T) -> Response {
@@ -336,14 +399,23 @@ mod tests {
 
     #[test]
     fn bodies_become_the_map_a_tcp_request_carries() {
-        assert_eq!(args_of(b"").unwrap(), vec![0x80]);
-        assert_eq!(args_of(b" \n").unwrap(), vec![0x80]);
-        let big = args_of(br#"{"amount": 9007199254740993}"#).unwrap();
+        let mut h = HeaderMap::new();
+        assert_eq!(args_of(&h, b"").unwrap(), vec![0x80]);
+        assert_eq!(args_of(&h, b" \n").unwrap(), vec![0x80]);
+        assert_eq!(args_of(&h, b"{}").unwrap_err().code, ErrorCode::BadRequest, "no media type");
+        h.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain"));
+        assert_eq!(args_of(&h, b"{}").unwrap_err().code, ErrorCode::BadRequest, "not JSON's media type");
+        h.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json; charset=utf-8"));
+        let big = args_of(&h, br#"{"amount": 9007199254740993, "to": "b"}"#).unwrap();
         let back: serde_json::Value = rmp_serde::from_slice(&big).unwrap();
         assert_eq!(back["amount"].as_i64(), Some(9_007_199_254_740_993));
-        for bad in [&b"[1]"[..], b"1", b"\"x\"", b"{", b"null"] {
-            assert_eq!(args_of(bad).unwrap_err().code, ErrorCode::BadRequest, "{bad:?}");
+        assert_eq!(back["to"], "b");
+        for bad in [&b"[1]"[..], b"1", b"\"x\"", b"{", b"null", b"{} {}", b"{\"a\": 1} x"] {
+            assert_eq!(args_of(&h, bad).unwrap_err().code, ErrorCode::BadRequest, "{bad:?}");
         }
+        // Deeper than a TCP frame may nest: refused, not decoded.
+        let deep = format!("{{\"a\": {}{}}}", "[".repeat(40), "]".repeat(40));
+        assert_eq!(args_of(&h, deep.as_bytes()).unwrap_err().code, ErrorCode::BadFrame);
     }
 
     #[test]

@@ -104,7 +104,8 @@ def test_http_is_https_with_the_tls_certificate(tmp_path):
     )
     try:
         conn = http.client.HTTPSConnection(host, port, context=ssl.create_default_context(cafile=str(ca_file)))
-        conn.request("POST", "/v1/login", body=json.dumps({"user": "admin", "password": ADMIN_PASSWORD}))
+        login = json.dumps({"user": "admin", "password": ADMIN_PASSWORD})
+        conn.request("POST", "/v1/login", body=login, headers={"Content-Type": "application/json"})
         r = conn.getresponse()
         assert (r.status, json.loads(r.read())["role"]) == (200, "admin")
         # Plain HTTP on the HTTPS port gets no answer in the clear.
