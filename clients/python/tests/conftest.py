@@ -46,10 +46,9 @@ def _start(tmp_path, **extra_env):
     return (proc, *addrs)
 
 
-@pytest.fixture()
-def tls_server(tmp_path):
-    """A server with a TLS port whose certificate names 127.0.0.1 and
-    localhost, signed by a throwaway CA: yields (plain addr, TLS addr, CA file)."""
+def tls_files(tmp_path):
+    """A certificate for 127.0.0.1 and localhost from a throwaway CA:
+    (CA file, certificate chain file, key file)."""
     import trustme
 
     ca = trustme.CA()
@@ -59,6 +58,14 @@ def tls_server(tmp_path):
     cert.private_key_pem.write_to_path(str(key_file))
     for i, blob in enumerate(cert.cert_chain_pems):
         blob.write_to_path(str(cert_file), append=i > 0)
+    return ca_file, cert_file, key_file
+
+
+@pytest.fixture()
+def tls_server(tmp_path):
+    """A server with a TLS port whose certificate names 127.0.0.1 and
+    localhost, signed by a throwaway CA: yields (plain addr, TLS addr, CA file)."""
+    ca_file, cert_file, key_file = tls_files(tmp_path)
     proc, plain, tls = _start(
         tmp_path,
         TALLY_TLS_LISTEN="127.0.0.1:0",

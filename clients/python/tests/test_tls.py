@@ -89,16 +89,9 @@ def test_http_is_https_with_the_tls_certificate(tmp_path):
     import http.client
     import json
 
-    import trustme
-    from conftest import _start
+    from conftest import _start, tls_files
 
-    ca = trustme.CA()
-    cert = ca.issue_cert("127.0.0.1", "localhost")
-    ca_file, cert_file, key_file = tmp_path / "ca.pem", tmp_path / "cert.pem", tmp_path / "key.pem"
-    ca.cert_pem.write_to_path(str(ca_file))
-    cert.private_key_pem.write_to_path(str(key_file))
-    for i, blob in enumerate(cert.cert_chain_pems):
-        blob.write_to_path(str(cert_file), append=i > 0)
+    ca_file, cert_file, key_file = tls_files(tmp_path)
     proc, _, (host, port) = _start(
         tmp_path, TALLY_HTTP_LISTEN="127.0.0.1:0", TALLY_TLS_CERT=str(cert_file), TALLY_TLS_KEY=str(key_file)
     )
