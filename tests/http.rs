@@ -9,7 +9,7 @@ mod common;
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use common::{create, set_file_size_limit, MailServer, Server, ADMIN_PASSWORD};
+use common::{create, set_file_size_limit, wait_past, MailServer, Server, ADMIN_PASSWORD};
 use serde_json::{json, Value};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -474,4 +474,44 @@ async fn metrics_by_another_host_name_need_credentials_even_from_loopback() {
     assert_eq!(status, 401);
     let (status, _, _) = request(h, "GET", "/metrics", &[("host", "localhost:7780")], b"").await;
     assert_eq!(status, 200);
+}
+
+#[tokio::test]
+async fn an_expired_code_is_422_and_a_full_server_503() {
+    let s = MailServer::start(&[HTTP, ("TALLY_OTP_TTL_S", "1"), ("TALLY_LIMITS_CONNECTIONS_MAX", "3")]);
+    let h = s.s.http_addr.unwrap();
+    let admin = login(h, "admin", ADMIN_PASSWORD).await;
+    let a = Some(admin.as_str());
+    let args =
+        json!({"user": "ann", "role": "user", "name": "Ann", "email": "ann@example.org", "password": "ann-password"});
+    assert_eq!(post(h, "create_user", a, args).await.0, 200);
+    assert_eq!(post(h, "create_account", a, json!({"account": "bob"})).await.0, 200);
+    assert_eq!(post(h, "mint", a, json!({"to": "ann", "amount": 300})).await.0, 200);
+    let ann = login(h, "ann", "ann-password").await;
+    let (_, pending) = post(h, "transfer", Some(&ann), json!({"to": "bob", "amount": 100})).await;
+    let mut mail = s.mail;
+    let code = mail.next().1;
+    wait_past(pending["expires_at"].as_u64().unwrap()).await;
+    let confirm = json!({"pending": pending["pending"], "otp": code});
+    refused(post(h, "confirm", Some(&ann), confirm).await, (422, "otp_expired"));
+
+    // Three connections held open fill the server: the fourth is told so.
+    let mut held = Vec::new();
+    for _ in 0..3 {
+        let mut c = TcpStream::connect(h).await.unwrap();
+        // A complete request whose answer is read: the connection is surely counted.
+        c.write_all(format!("GET /healthz HTTP/1.1\r\nhost: {h}\r\n\r\n").as_bytes()).await.unwrap();
+        let mut buf = [0u8; 256];
+        let n = c.read(&mut buf).await.unwrap();
+        assert!(buf[..n].starts_with(b"HTTP/1.1 200"));
+        held.push(c);
+    }
+    // The answer comes at once, before any request is read.
+    let mut fourth = TcpStream::connect(h).await.unwrap();
+    let mut answer = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), fourth.read_to_end(&mut answer)).await.unwrap().unwrap();
+    let text = String::from_utf8(answer).unwrap();
+    assert!(text.starts_with("HTTP/1.1 503 Service Unavailable\r\n"), "{text}");
+    assert!(text.ends_with(r#"{"code":"overloaded","message":"too many connections"}"#), "{text}");
+    drop(held);
 }
