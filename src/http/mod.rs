@@ -11,7 +11,7 @@
 //! - Every wait is bounded: the TLS handshake and the request head within
 //!   `limits.frame_timeout_ms` (also while a kept-alive connection is idle),
 //!   the body within the same, and a write the peer does not take within
-//!   `limits.write_timeout_ms` closes the connection ([`WriteTimeout`]).
+//!   `limits.write_timeout_ms` closes the connection (`WriteTimeout`).
 //! - Every buffer is bounded: the head at [`HEAD_BYTES_MAX`], the body at
 //!   `limits.frame_bytes_max` (at [`ANONYMOUS_FRAME_BYTES_MAX`] without
 //!   credentials, as on TCP).
