@@ -32,12 +32,9 @@ import trustme
 from tally import Client, TallyError
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
-# Where the musl build and the relay's base go: target/ by default; CI
-# keeps them in a cache of its own (.ci/run).
-TARGET_DIR = pathlib.Path(os.environ.get("TALLY_CONTAINER_TARGET_DIR", ROOT / "target"))
-WORK = TARGET_DIR / "container-test"
+WORK = ROOT / "target" / "container-test"
 TARGET = "x86_64-unknown-linux-musl"
-BINARY = TARGET_DIR / TARGET / "container" / "tally"
+BINARY = ROOT / "target" / TARGET / "container" / "tally"
 IMAGE = "localhost/tally:test"
 RELAY_IMAGE = "localhost/tally-smtp-standin:test"
 RELAY_ROOTFS = WORK / "debian-bookworm-aiosmtpd.tar"
@@ -92,10 +89,7 @@ def configure():
 
 def build_binary():
     run("rustup", "target", "add", TARGET)
-    run(
-        "cargo", "build", "--profile", "container", "--target", TARGET, "--target-dir", str(TARGET_DIR),
-        "--locked", "--bin", "tally", cwd=ROOT,
-    )
+    run("cargo", "build", "--profile", "container", "--target", TARGET, "--locked", "--bin", "tally", cwd=ROOT)
     assert not program_interpreter(BINARY), "the binary asks for a dynamic loader"
 
 
