@@ -32,9 +32,12 @@ import trustme
 from tally import Client, TallyError
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
-WORK = ROOT / "target" / "container-test"
+# Where the musl build and the relay's base go: cargo's target folder (CI
+# keeps it in a cache of its own, .ci/run).
+TARGET_DIR = pathlib.Path(os.environ.get("CARGO_TARGET_DIR", ROOT / "target")).resolve()
+WORK = TARGET_DIR / "container-test"
 TARGET = "x86_64-unknown-linux-musl"
-BINARY = ROOT / "target" / TARGET / "container" / "tally"
+BINARY = TARGET_DIR / TARGET / "container" / "tally"
 IMAGE = "localhost/tally:test"
 RELAY_IMAGE = "localhost/tally-smtp-standin:test"
 RELAY_ROOTFS = WORK / "debian-bookworm-aiosmtpd.tar"
@@ -89,7 +92,10 @@ def configure():
 
 def build_binary():
     run("rustup", "target", "add", TARGET)
-    run("cargo", "build", "--profile", "container", "--target", TARGET, "--locked", "--bin", "tally", cwd=ROOT)
+    run(
+        "cargo", "build", "--profile", "container", "--target", TARGET, "--target-dir", str(TARGET_DIR),
+        "--locked", "--bin", "tally", cwd=ROOT,
+    )
     assert not program_interpreter(BINARY), "the binary asks for a dynamic loader"
 
 

@@ -21,7 +21,7 @@ cargo clippy --all-targets --all-features -- -D warnings
 # to prove a panic aborts the process and a restart recovers everything.
 cargo test --features fault-injection
 
-TALLY_BIN="$PWD/target/debug/tally" "$venv/bin/python" -m pytest -q clients/python/tests
+TALLY_BIN="$(realpath "${CARGO_TARGET_DIR:-target}")/debug/tally" "$venv/bin/python" -m pytest -q clients/python/tests
 
 # The container image, built and run with podman (says so when it cannot run).
 "$venv/bin/python" tests/container.py
