@@ -268,7 +268,21 @@ async fn metrics_rise_by_exactly_what_was_done() {
         let (status, _) = post(h, "transfer", Some(&token), json!({"from": "a", "to": "b", "amount": 100_000})).await;
         assert_eq!(status, 422);
     }
+    // Refused before reaching the op (a body that is not JSON, a token
+    // nobody issued): counted all the same.
+    for _ in 0..2 {
+        let (status, _, _) = request(h, "POST", "/v1/transfer", &[], b"{not json").await;
+        assert_eq!(status, 400);
+    }
+    refused(
+        post(h, "transfer", Some("forged"), json!({"from": "a", "to": "b", "amount": 1})).await,
+        (401, "unauthenticated"),
+    );
     let after = scrape(h).await;
+    let malformed = r#"tally_requests_total{op="transfer",code="bad_request"}"#;
+    let forged = r#"tally_requests_total{op="transfer",code="unauthenticated"}"#;
+    assert_eq!(metric(&after, malformed) - metric(&before, malformed), 2);
+    assert_eq!(metric(&after, forged) - metric(&before, forged), 1);
     let ok = r#"tally_requests_total{op="transfer",code="ok"}"#;
     let poor = r#"tally_requests_total{op="transfer",code="insufficient_funds"}"#;
     let login_ok = r#"tally_requests_total{op="login",code="ok"}"#;
