@@ -9,7 +9,7 @@ mod common;
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use common::{create, set_file_size_limit, wait_past, MailServer, Server, ADMIN_PASSWORD};
+use common::{create, log_line, set_file_size_limit, wait_past, MailServer, Server, ADMIN_PASSWORD};
 use serde_json::{json, Value};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -304,8 +304,10 @@ async fn metrics_from_another_address_need_a_staff_credential() {
     // Every 127/8 address is loopback, which /metrics lets in: this test
     // listens on, and so connects from, the machine's own network address.
     let ip = non_loopback_address().expect("a non-loopback address on this machine");
-    let s = Server::start_with(&[("TALLY_HTTP_LISTEN", &format!("{ip}:0"))]);
+    let s = Server::start_with(&[("TALLY_HTTP_LISTEN", &format!("{ip}:0")), ("TALLY_LOG", "warn")]);
     let h = s.http_addr.unwrap();
+    // Plain HTTP off loopback carries passwords in clear: the operator is told.
+    log_line(&s, &["WARN", "security", "plain HTTP on a non-loopback address", &format!("addr={h}")]);
     let (status, _, body) = request(h, "GET", "/metrics", &[], b"").await;
     assert_eq!(status, 401, "{}", String::from_utf8_lossy(&body));
     let user =

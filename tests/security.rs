@@ -11,7 +11,7 @@ mod common;
 
 use std::net::IpAddr;
 
-use common::{balance, code, join_all, MailServer, Server, ADMIN_PASSWORD};
+use common::{balance, code, join_all, log_line, MailServer, Server, ADMIN_PASSWORD};
 use serde_json::{json, Value};
 use tally::client::Client;
 
@@ -249,18 +249,6 @@ async fn a_users_transfer_refused_for_the_receivers_cap_states_no_balance() {
 }
 
 /// Waits until the server's log has a line containing every one of `parts`.
-fn log_line(s: &Server, parts: &[&str]) -> String {
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-    loop {
-        let log = std::fs::read_to_string(common::log_path(s)).unwrap_or_default();
-        if let Some(line) = log.lines().find(|l| parts.iter().all(|p| l.contains(p))) {
-            return line.to_owned();
-        }
-        assert!(std::time::Instant::now() < deadline, "no log line with {parts:?} in:\n{log}");
-        std::thread::sleep(std::time::Duration::from_millis(20));
-    }
-}
-
 #[tokio::test]
 async fn security_events_are_logged_with_who_and_where_and_never_a_secret() {
     let mut t = site(&[("TALLY_LOG", "info")]);

@@ -183,6 +183,20 @@ pub fn log_path(s: &Server) -> PathBuf {
     s.data.parent().expect("data has a parent").join("server.log")
 }
 
+/// Waits up to 10 s for a line of the server's log file holding every one
+/// of `parts`, and returns it.
+pub fn log_line(s: &Server, parts: &[&str]) -> String {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let log = std::fs::read_to_string(log_path(s)).unwrap_or_default();
+        if let Some(line) = log.lines().find(|l| parts.iter().all(|p| l.contains(p))) {
+            return line.to_owned();
+        }
+        assert!(std::time::Instant::now() < deadline, "no log line with {parts:?} in:\n{log}");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+}
+
 /// Starts the binary; the addresses it printed: plaintext, TLS and HTTP,
 /// each when the environment turned it on.
 fn spawn(data: &Path, env: &[(String, String)], log: Option<&Path>) -> (Child, [Option<SocketAddr>; 3]) {
