@@ -15,6 +15,7 @@
 //! - [`auth`]: passwords, tokens, login throttling.
 //! - [`reply`]: where a request's answer goes; [`contract`]: what shards
 //!   send the journal and what it answers.
+//! - [`cluster`]: replication with openraft (being built): the Raft log.
 //! - [`journal`]: the one redb writer: a pure state machine applying each
 //!   batch, then one commit.
 //! - [`shard`]: the owner actors (single writers), the router, the fan-out.
@@ -31,6 +32,7 @@ pub mod api;
 pub mod auth;
 pub mod client;
 pub mod clock;
+pub mod cluster;
 pub mod config;
 pub mod contract;
 pub mod error;

@@ -1,0 +1,48 @@
+//! Replication with openraft: what a member of a cluster stores.
+//!
+//! The plan (ARCHITECTURE.md, "Replication (being built)") is that the leader's journal
+//! decides each batch as today and proposes it as one Raft entry; every
+//! member, the leader included, applies the entry once a majority has it
+//! on disk. This module holds the parts that do not depend on how the
+//! journal is wired in:
+//!
+//! - [`TypeConfig`]: the types openraft is instantiated with;
+//! - [`Member`]: a member's two addresses, as `[[cluster.node]]` gives them;
+//! - [`log`]: the Raft log, the vote and the committed index in a redb file
+//!   of their own, durable before openraft is told so.
+
+use serde::{Deserialize, Serialize};
+
+pub mod log;
+
+/// One Raft entry's payload: a batch the leader's journal decided,
+/// encoded by the journal. Opaque to the log, which only stores it (as
+/// MessagePack bin, not an array of integers).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Batch(#[serde(with = "serde_bytes")] pub Vec<u8>);
+
+/// A member of the cluster: where clients reach it and where the other
+/// members send it Raft traffic.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Member {
+    pub client: String,
+    pub raft: String,
+}
+
+impl std::fmt::Display for Member {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "client {} raft {}", self.client, self.raft)
+    }
+}
+
+openraft::declare_raft_types!(
+    /// openraft's types for Tally: node ids are the `[cluster] id`s.
+    pub TypeConfig:
+        D = Batch,
+        R = (),
+        NodeId = u64,
+        Node = Member,
+        Entry = openraft::Entry<TypeConfig>,
+        SnapshotData = std::io::Cursor<Vec<u8>>,
+        AsyncRuntime = openraft::TokioRuntime,
+);
