@@ -4,7 +4,8 @@
 
 use crate::error::ApiError;
 
-fn bytes<const N: usize>() -> Result<[u8; N], ApiError> {
+/// `N` random bytes.
+pub fn bytes<const N: usize>() -> Result<[u8; N], ApiError> {
     let mut b = [0u8; N];
     getrandom::fill(&mut b).map_err(|_| ApiError::internal("no randomness"))?;
     Ok(b)

@@ -9,11 +9,16 @@
 //! - [`TypeConfig`]: the types openraft is instantiated with;
 //! - [`Member`]: a member's two addresses, as `[[cluster.node]]` gives them;
 //! - [`log`]: the Raft log, the vote and the committed index in a redb file
-//!   of their own, durable before openraft is told so.
+//!   of their own, durable before openraft is told so;
+//! - [`net`]: openraft's RPCs between members that prove they hold the
+//!   cluster's secret, every frame authenticated.
 
 use serde::{Deserialize, Serialize};
 
 pub mod log;
+pub mod net;
+#[cfg(test)]
+mod testing;
 
 /// One Raft entry's payload: a batch the leader's journal decided,
 /// encoded by the journal. Opaque to the log, which only stores it (as

@@ -2,103 +2,15 @@
 //! in-memory state machine, since the suite tests the two together), and
 //! what must hold across a reopen of the file.
 
-use std::io::Cursor;
-use std::sync::{Arc, Mutex};
-
-use openraft::storage::{RaftLogStorage, RaftStateMachine, Snapshot};
+use openraft::storage::RaftLogStorage;
 use openraft::testing::{StoreBuilder, Suite};
-use openraft::{
-    CommittedLeaderId, Entry, EntryPayload, LogId, OptionalSend, RaftLogReader, RaftSnapshotBuilder, SnapshotMeta,
-    StorageError, StoredMembership, Vote,
-};
+use openraft::{CommittedLeaderId, Entry, EntryPayload, LogId, RaftLogReader, StorageError, Vote};
 
 use super::LogStore;
-use crate::cluster::{Batch, Member, TypeConfig};
+use crate::cluster::testing::Machine;
+use crate::cluster::{Batch, TypeConfig};
 
 type Error = StorageError<u64>;
-
-/// What the suite's state machine holds: the batches applied, in order.
-#[derive(Default)]
-struct State {
-    applied: Option<LogId<u64>>,
-    membership: StoredMembership<u64, Member>,
-    batches: Vec<Batch>,
-    snapshot: Option<(SnapshotMeta<u64, Member>, Vec<u8>)>,
-    built: u64,
-}
-
-#[derive(Clone, Default)]
-struct Machine(Arc<Mutex<State>>);
-
-impl RaftSnapshotBuilder<TypeConfig> for Machine {
-    async fn build_snapshot(&mut self) -> Result<Snapshot<TypeConfig>, Error> {
-        let mut s = self.0.lock().unwrap();
-        s.built += 1;
-        let meta = SnapshotMeta {
-            last_log_id: s.applied,
-            last_membership: s.membership.clone(),
-            snapshot_id: format!("{}-{}", s.applied.map_or(0, |l| l.index), s.built),
-        };
-        let data = rmp_serde::to_vec(&s.batches).unwrap();
-        s.snapshot = Some((meta.clone(), data.clone()));
-        Ok(Snapshot { meta, snapshot: Box::new(Cursor::new(data)) })
-    }
-}
-
-impl RaftStateMachine<TypeConfig> for Machine {
-    type SnapshotBuilder = Machine;
-
-    async fn applied_state(&mut self) -> Result<(Option<LogId<u64>>, StoredMembership<u64, Member>), Error> {
-        let s = self.0.lock().unwrap();
-        Ok((s.applied, s.membership.clone()))
-    }
-
-    async fn apply<I>(&mut self, entries: I) -> Result<Vec<()>, Error>
-    where
-        I: IntoIterator<Item = Entry<TypeConfig>> + OptionalSend,
-        I::IntoIter: OptionalSend,
-    {
-        let mut s = self.0.lock().unwrap();
-        let mut out = Vec::new();
-        for e in entries {
-            s.applied = Some(e.log_id);
-            match e.payload {
-                EntryPayload::Blank => {}
-                EntryPayload::Normal(b) => s.batches.push(b),
-                EntryPayload::Membership(m) => s.membership = StoredMembership::new(Some(e.log_id), m),
-            }
-            out.push(());
-        }
-        Ok(out)
-    }
-
-    async fn get_snapshot_builder(&mut self) -> Machine {
-        self.clone()
-    }
-
-    async fn begin_receiving_snapshot(&mut self) -> Result<Box<Cursor<Vec<u8>>>, Error> {
-        Ok(Box::new(Cursor::new(Vec::new())))
-    }
-
-    async fn install_snapshot(
-        &mut self,
-        meta: &SnapshotMeta<u64, Member>,
-        snapshot: Box<Cursor<Vec<u8>>>,
-    ) -> Result<(), Error> {
-        let data = snapshot.into_inner();
-        let mut s = self.0.lock().unwrap();
-        s.batches = rmp_serde::from_slice(&data).unwrap();
-        s.applied = meta.last_log_id;
-        s.membership = meta.last_membership.clone();
-        s.snapshot = Some((meta.clone(), data));
-        Ok(())
-    }
-
-    async fn get_current_snapshot(&mut self) -> Result<Option<Snapshot<TypeConfig>>, Error> {
-        let s = self.0.lock().unwrap();
-        Ok(s.snapshot.clone().map(|(meta, data)| Snapshot { meta, snapshot: Box::new(Cursor::new(data)) }))
-    }
-}
 
 struct Builder;
 

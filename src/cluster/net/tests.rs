@@ -1,0 +1,138 @@
+//! Three members in one process, each with its own log file, talking over
+//! real TCP on loopback: they elect a leader, replicate batches in the same
+//! order, elect another when the leader stops, and refuse a stranger.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+use std::time::Duration;
+
+use openraft::error::RPCError;
+use openraft::network::{RPCOption, RaftNetwork, RaftNetworkFactory};
+use openraft::raft::VoteRequest;
+use openraft::{Config, Raft, Vote};
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+use super::{serve, Network, Secret};
+use crate::cluster::log::LogStore;
+use crate::cluster::testing::Machine;
+use crate::cluster::{Batch, Member, TypeConfig};
+
+const WAIT: Option<Duration> = Some(Duration::from_secs(20));
+
+struct Node {
+    raft: Raft<TypeConfig>,
+    machine: Machine,
+    stop: CancellationToken,
+}
+
+struct Cluster {
+    _dir: tempfile::TempDir,
+    nodes: BTreeMap<u64, Node>,
+    members: BTreeMap<u64, Member>,
+}
+
+async fn cluster(secret: &str) -> Cluster {
+    let dir = tempfile::tempdir().unwrap();
+    let config = Arc::new(
+        Config { heartbeat_interval: 100, election_timeout_min: 400, election_timeout_max: 800, ..Default::default() }
+            .validate()
+            .unwrap(),
+    );
+    let mut listeners = BTreeMap::new();
+    let mut members = BTreeMap::new();
+    for id in 1..=3u64 {
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        members.insert(id, Member { client: String::new(), raft: l.local_addr().unwrap().to_string() });
+        listeners.insert(id, l);
+    }
+    let mut nodes = BTreeMap::new();
+    for (id, listener) in listeners {
+        let log = LogStore::open(&dir.path().join(format!("raft-{id}.redb"))).unwrap();
+        let machine = Machine::default();
+        let network = Network::new(Secret::new(secret));
+        let raft = Raft::new(id, config.clone(), network, log, machine.clone()).await.unwrap();
+        let stop = CancellationToken::new();
+        tokio::spawn(serve(listener, raft.clone(), Secret::new(secret), stop.clone()));
+        nodes.insert(id, Node { raft, machine, stop });
+    }
+    nodes[&1].raft.initialize(members.clone()).await.unwrap();
+    Cluster { _dir: dir, nodes, members }
+}
+
+impl Cluster {
+    async fn leader(&self, among: &BTreeSet<u64>) -> u64 {
+        let first = *among.first().unwrap();
+        let m = self.nodes[&first]
+            .raft
+            .wait(WAIT)
+            .metrics(|m| m.current_leader.is_some_and(|l| among.contains(&l)), "a leader")
+            .await
+            .unwrap();
+        m.current_leader.unwrap()
+    }
+
+    fn batches(&self, id: u64) -> Vec<Batch> {
+        self.nodes[&id].machine.0.lock().unwrap().batches.clone()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_members_replicate_in_one_order_and_survive_the_leaders_loss() {
+    let c = cluster("the cluster's secret").await;
+    let all: BTreeSet<u64> = c.nodes.keys().copied().collect();
+    let leader = c.leader(&all).await;
+    let mut last = 0;
+    for i in 0..20u8 {
+        last = c.nodes[&leader].raft.client_write(Batch(vec![i])).await.unwrap().log_id.index;
+    }
+    for id in &all {
+        c.nodes[id].raft.wait(WAIT).applied_index_at_least(Some(last), "caught up").await.unwrap();
+    }
+    let want: Vec<Batch> = (0..20u8).map(|i| Batch(vec![i])).collect();
+    for id in &all {
+        assert_eq!(c.batches(*id), want, "member {id}");
+    }
+
+    // The leader stops (its server and its Raft): the other two elect one
+    // of themselves and go on.
+    c.nodes[&leader].stop.cancel();
+    c.nodes[&leader].raft.shutdown().await.unwrap();
+    let rest: BTreeSet<u64> = all.iter().copied().filter(|&id| id != leader).collect();
+    let next = c.leader(&rest).await;
+    assert_ne!(next, leader);
+    for i in 20..30u8 {
+        last = c.nodes[&next].raft.client_write(Batch(vec![i])).await.unwrap().log_id.index;
+    }
+    let want: Vec<Batch> = (0..30u8).map(|i| Batch(vec![i])).collect();
+    for id in &rest {
+        c.nodes[id].raft.wait(WAIT).applied_index_at_least(Some(last), "caught up").await.unwrap();
+        assert_eq!(c.batches(*id), want, "member {id}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_without_the_secret_is_not_heard() {
+    let c = cluster("the cluster's secret").await;
+    let all: BTreeSet<u64> = c.nodes.keys().copied().collect();
+    let leader = c.leader(&all).await;
+    let term = c.nodes[&leader].raft.metrics().borrow().current_term;
+    let target = *all.iter().find(|&&id| id != leader).unwrap();
+    // A stranger asks a follower for its vote in a far later term, which a
+    // member would grant (and so depose the leader).
+    let mut stranger = Network::new(Secret::new("a guess")).new_client(target, &c.members[&target]).await;
+    let option = RPCOption::new(Duration::from_secs(5));
+    let ask = VoteRequest { vote: Vote::new(term + 100, 9), last_log_id: None };
+    match stranger.vote(ask, option.clone()).await {
+        Err(RPCError::Network(_)) => {}
+        other => panic!("a stranger's vote request was answered: {other:?}"),
+    }
+    // The follower's vote is still the leader's, in the same term: asked by
+    // a member (with the secret) to vote for another in that term, it
+    // refuses and says whom it voted for. Had the stranger been heard, the
+    // term would be 100 later.
+    let mut member = Network::new(Secret::new("the cluster's secret")).new_client(target, &c.members[&target]).await;
+    let answer = member.vote(VoteRequest { vote: Vote::new(term, 9), last_log_id: None }, option).await.unwrap();
+    assert!(!answer.vote_granted);
+    assert_eq!((answer.vote.leader_id().term, answer.vote.leader_id().voted_for()), (term, Some(leader)));
+}
