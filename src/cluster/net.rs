@@ -6,17 +6,20 @@
 //! secret, and nothing a peer sends can be altered on the way:
 //!
 //! - each end sends 32 random bytes; the connection's key is the keyed
-//!   BLAKE3 of both under a key derived from the secret;
+//!   BLAKE3 of both under a key derived from the secret, and each end
+//!   proves it has that key before any frame is read;
 //! - every frame is `len u32 | body | tag`, where the tag is the keyed
 //!   BLAKE3 of (direction, frame number, body) under the connection's key.
 //!   A frame with a wrong tag (a stranger, a tampered or replayed frame)
 //!   ends the connection before its body is decoded.
 //!
 //! The traffic is not encrypted: members should talk over a private network.
-//! Every read has a byte bound ([`FRAME_BYTES_MAX`]) and a time bound.
+//! Every read has a byte bound ([`FRAME_BYTES_MAX`]) and a time bound, and
+//! a member serves at most [`CONNECTIONS_MAX`] connections at once.
 
 use std::io;
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use openraft::error::{InstallSnapshotError, NetworkError, RPCError, RaftError, RemoteError, Unreachable};
@@ -30,6 +33,7 @@ use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 
 use super::{Member, TypeConfig};
@@ -41,6 +45,9 @@ pub const FRAME_BYTES_MAX: usize = 64 << 20;
 /// How long the handshake and an idle wait for the next request may take.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
 const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+/// Connections a member serves at once (each handshake takes at most
+/// [`HANDSHAKE_TIMEOUT`]).
+const CONNECTIONS_MAX: usize = 64;
 
 /// The cluster's shared secret, as a BLAKE3 key.
 #[derive(Clone)]
@@ -95,6 +102,22 @@ impl Channel {
         both[32..].copy_from_slice(&listeners);
         let key = *blake3::keyed_hash(&secret.0, &both).as_bytes();
         let (mine, theirs) = if dialer { (b'd', b'l') } else { (b'l', b'd') };
+        // Each end proves it holds the secret before either reads a frame,
+        // so a stranger never gets as far as a length it could make us
+        // allocate.
+        let proof = |direction: u8| blake3::keyed_hash(&key, &[direction]);
+        let claimed = tokio::time::timeout(HANDSHAKE_TIMEOUT, async {
+            stream.write_all(proof(mine).as_bytes()).await?;
+            let mut claimed = [0u8; 32];
+            stream.read_exact(&mut claimed).await?;
+            Ok::<_, io::Error>(claimed)
+        })
+        .await
+        .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "handshake timed out"))??;
+        // blake3::Hash compares in constant time.
+        if proof(theirs) != blake3::Hash::from_bytes(claimed) {
+            return Err(io::Error::new(io::ErrorKind::PermissionDenied, "the peer does not hold the cluster's secret"));
+        }
         Ok(Channel { stream, key, mine, theirs, sent: 0, received: 0 })
     }
 
@@ -139,14 +162,19 @@ impl Channel {
 
 /// Serves the other members' RPCs to `raft` until `stop` is cancelled.
 pub async fn serve(listener: TcpListener, raft: Raft<TypeConfig>, secret: Secret, stop: CancellationToken) {
+    let open = Arc::new(Semaphore::new(CONNECTIONS_MAX));
     loop {
         let accepted = tokio::select! {
             () = stop.cancelled() => return,
             a = listener.accept() => a,
         };
         let Ok((stream, peer)) = accepted else { continue };
+        // Beyond the bound the connection is closed at once: members keep
+        // one connection to each other, so only strangers are turned away.
+        let Ok(permit) = open.clone().try_acquire_owned() else { continue };
         let (raft, secret, stop) = (raft.clone(), secret.clone(), stop.clone());
         tokio::spawn(async move {
+            let _permit = permit;
             tokio::select! {
                 () = stop.cancelled() => {}
                 r = answer(stream, &raft, &secret) => {

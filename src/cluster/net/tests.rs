@@ -182,3 +182,22 @@ async fn a_wiped_member_catches_up_through_a_snapshot() {
     let want: Vec<Batch> = (0..45u8).map(|i| Batch(vec![i])).collect();
     assert_eq!(c.batches(wiped), want);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stranger_is_cut_off_before_it_can_announce_a_frame() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let c = cluster("the cluster's secret").await;
+    let mut s = tokio::net::TcpStream::connect(&c.members[&1].raft).await.unwrap();
+    let mut nonce = [0u8; 32];
+    s.read_exact(&mut nonce).await.unwrap();
+    // Its nonce, then 32 bytes that, read as a frame, announce 60 MiB: a
+    // member that took them for a frame would set that much aside and wait.
+    let mut announce = [0u8; 32];
+    announce[..4].copy_from_slice(&(60u32 << 20).to_be_bytes());
+    s.write_all(&[7u8; 32]).await.unwrap();
+    s.write_all(&announce).await.unwrap();
+    let mut rest = Vec::new();
+    let closed = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut rest)).await;
+    // The member's own proof (32 bytes), then the end of the connection.
+    assert!(matches!(closed, Ok(Ok(32)) | Ok(Err(_))), "still open after a wrong proof: {closed:?}");
+}
