@@ -131,8 +131,10 @@ fn failed(subject: ErrorSubject<u64>, verb: ErrorVerb, e: impl Display) -> Error
     StorageIOError::new(subject, verb, AnyError::error(e)).into()
 }
 
+/// With field names, so that a later openraft that adds or reorders fields
+/// still reads the file.
 fn encode<T: Serialize>(value: &T, subject: ErrorSubject<u64>) -> Result<Vec<u8>, Error> {
-    rmp_serde::to_vec(value).map_err(|e| failed(subject, ErrorVerb::Write, e))
+    rmp_serde::to_vec_named(value).map_err(|e| failed(subject, ErrorVerb::Write, e))
 }
 
 fn decode<T: DeserializeOwned>(bytes: &[u8], subject: ErrorSubject<u64>) -> Result<T, Error> {

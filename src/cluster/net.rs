@@ -5,22 +5,32 @@
 //! ledger, so nothing is read from a peer that has not proved it holds the
 //! secret, and nothing a peer sends can be altered on the way:
 //!
-//! - each end sends 32 random bytes; the connection's key is the keyed
-//!   BLAKE3 of both under a key derived from the secret, and each end
-//!   proves it has that key before any frame is read;
+//! - the listener sends 32 random bytes; the dialer sends 32 of its own, its
+//!   member id, the id it means to reach, and a proof: the connection's key
+//!   is the keyed BLAKE3 of all that under a key derived from the secret,
+//!   and the proof is a tag under that key. The listener refuses a
+//!   connection meant for another member, checks the proof, and only then
+//!   proves itself the same way; so a stranger who connects learns nothing
+//!   it could test guesses of the secret against;
 //! - every frame is `len u32 | body | tag`, where the tag is the keyed
 //!   BLAKE3 of (direction, frame number, body) under the connection's key.
-//!   A frame with a wrong tag (a stranger, a tampered or replayed frame)
-//!   ends the connection before its body is decoded.
+//!   A frame with a wrong tag (a tampered, replayed or reflected frame)
+//!   ends the connection before its body is decoded;
+//! - a request and its answer use one connection, taken out of the peer's
+//!   hands for the exchange: a call openraft gives up on closes its
+//!   connection, so a late answer is never read as the next call's.
 //!
-//! The traffic is not encrypted: members should talk over a private network.
-//! Every read has a byte bound ([`FRAME_BYTES_MAX`]) and a time bound, and
-//! a member serves at most [`CONNECTIONS_MAX`] connections at once.
+//! The traffic is not encrypted: members should talk over a private
+//! network. Every read has a byte bound ([`FRAME_BYTES_MAX`], read as the
+//! bytes arrive) and a time bound; connections still in their handshake
+//! have a budget of their own, overall and per address, so strangers
+//! cannot crowd out members.
 
+use std::collections::HashMap;
 use std::io;
-use std::net::SocketAddr;
-use std::sync::Arc;
-use std::time::Duration;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use openraft::error::{InstallSnapshotError, NetworkError, RPCError, RaftError, RemoteError, Unreachable};
 use openraft::network::{RPCOption, RaftNetwork, RaftNetworkFactory};
@@ -42,20 +52,35 @@ use super::{Member, TypeConfig};
 /// `max_payload_entries` entries per `append_entries` and snapshots in
 /// chunks of `snapshot_max_chunk_size`, both configured well below it.
 pub const FRAME_BYTES_MAX: usize = 64 << 20;
-/// How long the handshake and an idle wait for the next request may take.
-const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
-const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
-/// Connections a member serves at once (each handshake takes at most
-/// [`HANDSHAKE_TIMEOUT`]).
+/// The shortest secret accepted. A stranger who poses as a member's
+/// address receives a dialer's proof and could test guesses against it
+/// offline, so the secret must be beyond guessing: 32 random bytes,
+/// e.g. `openssl rand -base64 32`.
+pub const SECRET_BYTES_MIN: usize = 32;
+/// The whole handshake's deadline.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(2);
+/// Connections in their handshake, in all and from one address.
+const HANDSHAKES_MAX: usize = 32;
+const HANDSHAKES_PER_ADDRESS_MAX: usize = 8;
+/// Proven connections a member serves at once.
 const CONNECTIONS_MAX: usize = 64;
+/// A served connection with no request for this long is closed; a peer
+/// reconnects rather than reuse a connection idle for [`PEER_IDLE_MAX`].
+const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+const PEER_IDLE_MAX: Duration = Duration::from_secs(30);
+/// How long writing an answer may take.
+const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// The cluster's shared secret, as a BLAKE3 key.
 #[derive(Clone)]
 pub struct Secret([u8; 32]);
 
 impl Secret {
-    pub fn new(secret: &str) -> Secret {
-        Secret(blake3::derive_key("tally cluster member traffic v1", secret.as_bytes()))
+    pub fn new(secret: &str) -> Result<Secret, String> {
+        if secret.len() < SECRET_BYTES_MIN {
+            return Err(format!("the cluster's secret must be at least {SECRET_BYTES_MIN} bytes"));
+        }
+        Ok(Secret(blake3::derive_key("tally cluster member traffic v1", secret.as_bytes())))
     }
 }
 
@@ -83,42 +108,85 @@ struct Channel {
     received: u64,
 }
 
+const DIALER: u8 = b'd';
+const LISTENER: u8 = b'l';
+
+fn refused(why: &str) -> io::Error {
+    io::Error::new(io::ErrorKind::PermissionDenied, why.to_owned())
+}
+
+fn connection_key(secret: &Secret, dialers: &[u8; 32], listeners: &[u8; 32], from: u64, to: u64) -> [u8; 32] {
+    let mut h = blake3::Hasher::new_keyed(&secret.0);
+    h.update(dialers);
+    h.update(listeners);
+    h.update(&from.to_be_bytes());
+    h.update(&to.to_be_bytes());
+    *h.finalize().as_bytes()
+}
+
+fn proof(key: &[u8; 32], direction: u8) -> blake3::Hash {
+    blake3::keyed_hash(key, &[direction])
+}
+
+fn nonce() -> io::Result<[u8; 32]> {
+    crate::random::bytes().map_err(|_| io::Error::other("no randomness"))
+}
+
 impl Channel {
-    /// The handshake; `dialer` is the end that connected.
-    async fn open(mut stream: TcpStream, secret: &Secret, dialer: bool) -> io::Result<Channel> {
+    /// The dialer's handshake: member `from` reaching member `to`.
+    async fn dial(mut stream: TcpStream, secret: &Secret, from: u64, to: u64) -> io::Result<Channel> {
         stream.set_nodelay(true)?;
-        let nonce: [u8; 32] = crate::random::bytes().map_err(|_| io::Error::other("no randomness"))?;
-        let theirs = tokio::time::timeout(HANDSHAKE_TIMEOUT, async {
-            stream.write_all(&nonce).await?;
+        let mine = nonce()?;
+        let handshake = async {
             let mut theirs = [0u8; 32];
             stream.read_exact(&mut theirs).await?;
-            Ok::<_, io::Error>(theirs)
-        })
-        .await
-        .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "handshake timed out"))??;
-        let (dialers, listeners) = if dialer { (nonce, theirs) } else { (theirs, nonce) };
-        let mut both = [0u8; 64];
-        both[..32].copy_from_slice(&dialers);
-        both[32..].copy_from_slice(&listeners);
-        let key = *blake3::keyed_hash(&secret.0, &both).as_bytes();
-        let (mine, theirs) = if dialer { (b'd', b'l') } else { (b'l', b'd') };
-        // Each end proves it holds the secret before either reads a frame,
-        // so a stranger never gets as far as a length it could make us
-        // allocate.
-        let proof = |direction: u8| blake3::keyed_hash(&key, &[direction]);
-        let claimed = tokio::time::timeout(HANDSHAKE_TIMEOUT, async {
-            stream.write_all(proof(mine).as_bytes()).await?;
+            let key = connection_key(secret, &mine, &theirs, from, to);
+            let mut hello = Vec::with_capacity(32 + 16 + 32);
+            hello.extend_from_slice(&mine);
+            hello.extend_from_slice(&from.to_be_bytes());
+            hello.extend_from_slice(&to.to_be_bytes());
+            hello.extend_from_slice(proof(&key, DIALER).as_bytes());
+            stream.write_all(&hello).await?;
             let mut claimed = [0u8; 32];
             stream.read_exact(&mut claimed).await?;
-            Ok::<_, io::Error>(claimed)
-        })
-        .await
-        .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "handshake timed out"))??;
-        // blake3::Hash compares in constant time.
-        if proof(theirs) != blake3::Hash::from_bytes(claimed) {
-            return Err(io::Error::new(io::ErrorKind::PermissionDenied, "the peer does not hold the cluster's secret"));
-        }
-        Ok(Channel { stream, key, mine, theirs, sent: 0, received: 0 })
+            // blake3::Hash compares in constant time.
+            if proof(&key, LISTENER) != blake3::Hash::from_bytes(claimed) {
+                return Err(refused("the member does not hold the cluster's secret"));
+            }
+            Ok(key)
+        };
+        let key = tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake)
+            .await
+            .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "handshake timed out"))??;
+        Ok(Channel { stream, key, mine: DIALER, theirs: LISTENER, sent: 0, received: 0 })
+    }
+
+    /// The listener's handshake, as member `me`.
+    async fn accept(mut stream: TcpStream, secret: &Secret, me: u64) -> io::Result<Channel> {
+        stream.set_nodelay(true)?;
+        let mine = nonce()?;
+        let handshake = async {
+            stream.write_all(&mine).await?;
+            let mut hello = [0u8; 32 + 16 + 32];
+            stream.read_exact(&mut hello).await?;
+            let theirs: [u8; 32] = hello[..32].try_into().expect("32 bytes");
+            let from = u64::from_be_bytes(hello[32..40].try_into().expect("8 bytes"));
+            let to = u64::from_be_bytes(hello[40..48].try_into().expect("8 bytes"));
+            if to != me {
+                return Err(refused("the connection is meant for another member"));
+            }
+            let key = connection_key(secret, &theirs, &mine, from, to);
+            let claimed: [u8; 32] = hello[48..].try_into().expect("32 bytes");
+            if proof(&key, DIALER) != blake3::Hash::from_bytes(claimed) {
+                return Err(refused("the peer does not hold the cluster's secret"));
+            }
+            stream.write_all(proof(&key, LISTENER).as_bytes()).await?;
+            Ok(key)
+        };
+        let key = tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake)
+            .await
+            .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "handshake timed out"))??;
+        Ok(Channel { stream, key, mine: LISTENER, theirs: DIALER, sent: 0, received: 0 })
     }
 
     fn tag(&self, direction: u8, number: u64, body: &[u8]) -> blake3::Hash {
@@ -148,10 +216,13 @@ impl Channel {
         if len > FRAME_BYTES_MAX {
             return Err(io::Error::new(io::ErrorKind::InvalidData, "frame too large"));
         }
-        let mut body = vec![0u8; len + 32];
-        self.stream.read_exact(&mut body).await?;
+        // Grown as the bytes arrive, not set aside on the length's word.
+        let mut body = Vec::new();
+        (&mut self.stream).take(len as u64 + 32).read_to_end(&mut body).await?;
+        if body.len() != len + 32 {
+            return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "the frame was cut short"));
+        }
         let tag: [u8; 32] = body.split_off(len).try_into().map_err(|_| io::Error::other("short tag"))?;
-        // blake3::Hash compares in constant time.
         if self.tag(self.theirs, self.received, &body) != blake3::Hash::from_bytes(tag) {
             return Err(io::Error::new(io::ErrorKind::PermissionDenied, "a frame failed authentication"));
         }
@@ -160,24 +231,74 @@ impl Channel {
     }
 }
 
-/// Serves the other members' RPCs to `raft` until `stop` is cancelled.
-pub async fn serve(listener: TcpListener, raft: Raft<TypeConfig>, secret: Secret, stop: CancellationToken) {
-    let open = Arc::new(Semaphore::new(CONNECTIONS_MAX));
+/// Connections still in their handshake, per source address.
+#[derive(Default)]
+struct Handshaking(Mutex<HashMap<IpAddr, usize>>);
+
+impl Handshaking {
+    fn enter(self: &Arc<Self>, ip: IpAddr) -> Option<HandshakeSlot> {
+        let mut m = self.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let n = m.entry(ip).or_default();
+        if *n >= HANDSHAKES_PER_ADDRESS_MAX {
+            return None;
+        }
+        *n += 1;
+        Some(HandshakeSlot { of: self.clone(), ip })
+    }
+}
+
+struct HandshakeSlot {
+    of: Arc<Handshaking>,
+    ip: IpAddr,
+}
+
+impl Drop for HandshakeSlot {
+    fn drop(&mut self) {
+        let mut m = self.of.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some(n) = m.get_mut(&self.ip) {
+            *n -= 1;
+            if *n == 0 {
+                m.remove(&self.ip);
+            }
+        }
+    }
+}
+
+/// Serves the other members' RPCs to `raft` (member `me`) until `stop` is
+/// cancelled.
+pub async fn serve(listener: TcpListener, raft: Raft<TypeConfig>, me: u64, secret: Secret, stop: CancellationToken) {
+    let handshakes = Arc::new(Semaphore::new(HANDSHAKES_MAX));
+    let per_address = Arc::new(Handshaking::default());
+    let proven = Arc::new(Semaphore::new(CONNECTIONS_MAX));
     loop {
         let accepted = tokio::select! {
             () = stop.cancelled() => return,
             a = listener.accept() => a,
         };
-        let Ok((stream, peer)) = accepted else { continue };
-        // Beyond the bound the connection is closed at once: members keep
-        // one connection to each other, so only strangers are turned away.
-        let Ok(permit) = open.clone().try_acquire_owned() else { continue };
-        let (raft, secret, stop) = (raft.clone(), secret.clone(), stop.clone());
+        let (stream, peer) = match accepted {
+            Ok(a) => a,
+            Err(e) => {
+                // Out of descriptors, say: wait rather than spin.
+                tracing::warn!(error = %e, "member listener could not accept");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        // Beyond the budgets the connection is closed at once.
+        let Ok(handshake) = handshakes.clone().try_acquire_owned() else { continue };
+        let Some(slot) = per_address.enter(peer.ip()) else { continue };
+        let (raft, secret, stop, proven) = (raft.clone(), secret.clone(), stop.clone(), proven.clone());
         tokio::spawn(async move {
-            let _permit = permit;
+            let served = async {
+                let ch = Channel::accept(stream, &secret, me).await;
+                drop((handshake, slot));
+                let ch = ch?;
+                let Ok(_permit) = proven.try_acquire_owned() else { return Ok(()) };
+                answer(ch, &raft).await
+            };
             tokio::select! {
                 () = stop.cancelled() => {}
-                r = answer(stream, &raft, &secret) => {
+                r = served => {
                     if let Err(e) = r {
                         tracing::debug!(%peer, error = %e, "member connection ended");
                     }
@@ -187,30 +308,31 @@ pub async fn serve(listener: TcpListener, raft: Raft<TypeConfig>, secret: Secret
     }
 }
 
-async fn answer(stream: TcpStream, raft: &Raft<TypeConfig>, secret: &Secret) -> io::Result<()> {
-    let mut ch = Channel::open(stream, secret, false).await?;
+async fn answer(mut ch: Channel, raft: &Raft<TypeConfig>) -> io::Result<()> {
     loop {
         let rpc: Rpc = match tokio::time::timeout(IDLE_TIMEOUT, ch.receive()).await {
             Err(_) => return Ok(()),
             Ok(r) => r?,
         };
-        match rpc {
-            Rpc::Append(r) => ch.send(&raft.append_entries(r).await).await?,
-            Rpc::Vote(r) => ch.send(&raft.vote(r).await).await?,
-            Rpc::Snapshot(r) => ch.send(&raft.install_snapshot(r).await).await?,
-        }
+        let sent = match rpc {
+            Rpc::Append(r) => tokio::time::timeout(WRITE_TIMEOUT, ch.send(&raft.append_entries(r).await)).await,
+            Rpc::Vote(r) => tokio::time::timeout(WRITE_TIMEOUT, ch.send(&raft.vote(r).await)).await,
+            Rpc::Snapshot(r) => tokio::time::timeout(WRITE_TIMEOUT, ch.send(&raft.install_snapshot(r).await)).await,
+        };
+        sent.map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "the peer stopped reading"))??;
     }
 }
 
-/// Makes a [`Peer`] per member openraft talks to.
+/// Makes a [`Peer`] per member openraft talks to, for member `me`.
 #[derive(Clone)]
 pub struct Network {
+    me: u64,
     secret: Secret,
 }
 
 impl Network {
-    pub fn new(secret: Secret) -> Network {
-        Network { secret }
+    pub fn new(me: u64, secret: Secret) -> Network {
+        Network { me, secret }
     }
 }
 
@@ -218,16 +340,18 @@ impl RaftNetworkFactory<TypeConfig> for Network {
     type Network = Peer;
 
     async fn new_client(&mut self, target: u64, node: &Member) -> Peer {
-        Peer { target, addr: node.raft.clone(), secret: self.secret.clone(), channel: None }
+        Peer { me: self.me, target, addr: node.raft.clone(), secret: self.secret.clone(), channel: None }
     }
 }
 
 /// openraft's connection to one member; it reconnects after any failure.
 pub struct Peer {
+    me: u64,
     target: u64,
     addr: String,
     secret: Secret,
-    channel: Option<Channel>,
+    /// The connection between calls, and when it was last used.
+    channel: Option<(Channel, Instant)>,
 }
 
 type Failure<E> = RPCError<u64, Member, RaftError<u64, E>>;
@@ -238,20 +362,28 @@ impl Peer {
         R: DeserializeOwned,
         E: std::error::Error + DeserializeOwned,
     {
-        let ttl = option.hard_ttl();
-        let answer = match tokio::time::timeout(ttl, self.exchange::<Result<R, RaftError<u64, E>>>(&rpc)).await {
-            Ok(Ok(a)) => a,
-            Ok(Err(e)) => {
-                self.channel = None;
-                return Err(match e.kind() {
-                    io::ErrorKind::ConnectionRefused | io::ErrorKind::NotFound => {
-                        RPCError::Unreachable(Unreachable::new(&e))
-                    }
-                    _ => RPCError::Network(NetworkError::new(&e)),
-                });
-            }
+        // Within openraft's own deadline for the call, so that it is this
+        // end that gives up (and drops the connection) first.
+        let ttl = option.soft_ttl();
+        let exchange = async {
+            let reused = self.channel.take().filter(|(_, used)| used.elapsed() < PEER_IDLE_MAX);
+            let mut ch = match reused {
+                Some((ch, _)) => ch,
+                // Not reached: openraft backs off before trying again.
+                None => self.connect().await.map_err(|e| Failure::<E>::Unreachable(Unreachable::new(&e)))?,
+            };
+            let answer = async {
+                ch.send(&rpc).await?;
+                ch.receive::<Result<R, RaftError<u64, E>>>().await
+            };
+            let answer = answer.await.map_err(|e| Failure::<E>::Network(NetworkError::new(&e)))?;
+            // Only a connection whose every request was answered is kept.
+            self.channel = Some((ch, Instant::now()));
+            Ok::<_, Failure<E>>(answer)
+        };
+        let answer = match tokio::time::timeout(ttl, exchange).await {
+            Ok(a) => a?,
             Err(_) => {
-                self.channel = None;
                 let e = io::Error::new(io::ErrorKind::TimedOut, format!("no answer within {ttl:?}"));
                 return Err(RPCError::Network(NetworkError::new(&e)));
             }
@@ -259,18 +391,13 @@ impl Peer {
         answer.map_err(|e| RPCError::RemoteError(RemoteError::new(self.target, e)))
     }
 
-    async fn exchange<T: DeserializeOwned>(&mut self, rpc: &Rpc) -> io::Result<T> {
-        if self.channel.is_none() {
-            let addr: SocketAddr = tokio::net::lookup_host(&self.addr)
-                .await?
-                .next()
-                .ok_or_else(|| io::Error::new(io::ErrorKind::NotFound, "no address"))?;
-            let stream = TcpStream::connect(addr).await?;
-            self.channel = Some(Channel::open(stream, &self.secret, true).await?);
-        }
-        let ch = self.channel.as_mut().expect("connected above");
-        ch.send(rpc).await?;
-        ch.receive().await
+    async fn connect(&self) -> io::Result<Channel> {
+        let addr: SocketAddr = tokio::net::lookup_host(&self.addr)
+            .await?
+            .next()
+            .ok_or_else(|| io::Error::new(io::ErrorKind::NotFound, "no address"))?;
+        let stream = TcpStream::connect(addr).await?;
+        Channel::dial(stream, &self.secret, self.me, self.target).await
     }
 }
 

@@ -9,23 +9,27 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use openraft::error::RPCError;
+use openraft::error::RaftError;
 use openraft::network::{RPCOption, RaftNetwork, RaftNetworkFactory};
-use openraft::raft::VoteRequest;
+use openraft::raft::{VoteRequest, VoteResponse};
 use openraft::{Config, Raft, SnapshotPolicy, Vote};
 use tokio::net::TcpListener;
+use tokio::sync::oneshot;
 use tokio_util::sync::CancellationToken;
 
-use super::{serve, Network, Secret};
+use super::{serve, Channel, Network, Rpc, Secret};
 use crate::cluster::log::LogStore;
 use crate::cluster::testing::Machine;
 use crate::cluster::{Batch, Member, TypeConfig};
 
 const WAIT: Option<Duration> = Some(Duration::from_secs(20));
+const SECRET: &str = "the cluster's secret, 32 bytes or more";
 
 struct Node {
     raft: Raft<TypeConfig>,
     machine: Machine,
     stop: CancellationToken,
+    served: tokio::task::JoinHandle<()>,
 }
 
 struct Cluster {
@@ -38,9 +42,9 @@ struct Cluster {
 /// is purged, so that a member far enough behind must install one.
 fn config() -> Arc<Config> {
     let c = Config {
-        heartbeat_interval: 100,
-        election_timeout_min: 400,
-        election_timeout_max: 800,
+        heartbeat_interval: 250,
+        election_timeout_min: 1000,
+        election_timeout_max: 2000,
         snapshot_policy: SnapshotPolicy::LogsSinceLast(10),
         max_in_snapshot_log_to_keep: 0,
         purge_batch_size: 1,
@@ -52,10 +56,11 @@ fn config() -> Arc<Config> {
 async fn start(id: u64, log: &Path, listener: TcpListener, secret: &str) -> Node {
     let log = LogStore::open(log).unwrap();
     let machine = Machine::default();
-    let raft = Raft::new(id, config(), Network::new(Secret::new(secret)), log, machine.clone()).await.unwrap();
+    let secret = Secret::new(secret).unwrap();
+    let raft = Raft::new(id, config(), Network::new(id, secret.clone()), log, machine.clone()).await.unwrap();
     let stop = CancellationToken::new();
-    tokio::spawn(serve(listener, raft.clone(), Secret::new(secret), stop.clone()));
-    Node { raft, machine, stop }
+    let served = tokio::spawn(serve(listener, raft.clone(), id, secret, stop.clone()));
+    Node { raft, machine, stop, served }
 }
 
 async fn cluster(secret: &str) -> Cluster {
@@ -87,6 +92,7 @@ impl Cluster {
         m.current_leader.unwrap()
     }
 
+    /// Writes one batch per number, on `leader`; the last one's log index.
     async fn write(&self, leader: u64, range: std::ops::Range<u8>) -> u64 {
         let mut last = 0;
         for i in range {
@@ -95,9 +101,12 @@ impl Cluster {
         last
     }
 
-    async fn stop(&self, id: u64) {
-        self.nodes[&id].stop.cancel();
-        self.nodes[&id].raft.shutdown().await.unwrap();
+    /// Stops a member: its Raft, and its server (which lets go of its port).
+    async fn stop(&mut self, id: u64) {
+        let node = self.nodes.get_mut(&id).unwrap();
+        node.stop.cancel();
+        node.raft.shutdown().await.unwrap();
+        (&mut node.served).await.unwrap();
     }
 
     fn batches(&self, id: u64) -> Vec<Batch> {
@@ -107,7 +116,7 @@ impl Cluster {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn three_members_replicate_in_one_order_and_survive_the_leaders_loss() {
-    let c = cluster("the cluster's secret").await;
+    let mut c = cluster(SECRET).await;
     let all: BTreeSet<u64> = c.nodes.keys().copied().collect();
     let leader = c.leader(&all).await;
     let last = c.write(leader, 0..20).await;
@@ -134,34 +143,37 @@ async fn three_members_replicate_in_one_order_and_survive_the_leaders_loss() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_peer_without_the_secret_is_not_heard() {
-    let c = cluster("the cluster's secret").await;
-    let all: BTreeSet<u64> = c.nodes.keys().copied().collect();
-    let leader = c.leader(&all).await;
-    let term = c.nodes[&leader].raft.metrics().borrow().current_term;
-    let target = *all.iter().find(|&&id| id != leader).unwrap();
-    // A stranger asks a follower for its vote in a far later term, which a
-    // member would grant (and so depose the leader).
-    let mut stranger = Network::new(Secret::new("a guess")).new_client(target, &c.members[&target]).await;
+async fn a_peer_without_the_secret_or_with_the_wrong_member_is_refused() {
+    let c = cluster(SECRET).await;
     let option = RPCOption::new(Duration::from_secs(5));
-    let ask = VoteRequest { vote: Vote::new(term + 100, 9), last_log_id: None };
-    match stranger.vote(ask, option.clone()).await {
-        Err(RPCError::Network(_)) => {}
-        other => panic!("a stranger's vote request was answered: {other:?}"),
-    }
-    // The follower's vote is still the leader's, in the same term: asked by
-    // a member (with the secret) to vote for another in that term, it
-    // refuses and says whom it voted for. Had the stranger been heard, the
-    // term would be 100 later.
-    let mut member = Network::new(Secret::new("the cluster's secret")).new_client(target, &c.members[&target]).await;
-    let answer = member.vote(VoteRequest { vote: Vote::new(term, 9), last_log_id: None }, option).await.unwrap();
-    assert!(!answer.vote_granted);
-    assert_eq!((answer.vote.leader_id().term, answer.vote.leader_id().voted_for()), (term, Some(leader)));
+    let ask = VoteRequest { vote: Vote::new(100, 9), last_log_id: None };
+    let guess = Secret::new("a guess that is long enough to be taken").unwrap();
+    let mut stranger = Network::new(9, guess).new_client(2, &c.members[&2]).await;
+    // The member hangs up without proving itself: the stranger gets nothing
+    // keyed to test guesses of the secret against.
+    let refusal = stranger.vote(ask.clone(), option.clone()).await.unwrap_err();
+    assert!(matches!(&refusal, RPCError::Unreachable(e) if e.to_string().contains("early eof")), "{refusal}");
+    // A member holding the secret but reaching member 3 at member 2's
+    // address (a stale or rerouted address) is refused too.
+    let secret = Secret::new(SECRET).unwrap();
+    let mut misrouted = Network::new(1, secret.clone()).new_client(3, &c.members[&2]).await;
+    let refusal = misrouted.vote(ask.clone(), option.clone()).await.unwrap_err();
+    assert!(matches!(refusal, RPCError::Unreachable(_)), "{refusal}");
+    // The same request, rightly addressed, is heard (and answered).
+    let mut member = Network::new(1, secret).new_client(2, &c.members[&2]).await;
+    member.vote(ask, option).await.unwrap();
+}
+
+#[test]
+fn a_short_secret_is_refused() {
+    assert!(Secret::new("hunter2").is_err());
+    assert!(Secret::new(&"x".repeat(31)).is_err());
+    assert!(Secret::new(&"x".repeat(32)).is_ok());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_wiped_member_catches_up_through_a_snapshot() {
-    let mut c = cluster("the cluster's secret").await;
+    let mut c = cluster(SECRET).await;
     let all: BTreeSet<u64> = c.nodes.keys().copied().collect();
     let leader = c.leader(&all).await;
     let wiped = *all.iter().find(|&&id| id != leader).unwrap();
@@ -176,7 +188,7 @@ async fn a_wiped_member_catches_up_through_a_snapshot() {
     // It comes back with an empty log and an empty state.
     let listener = TcpListener::bind(&c.members[&wiped].raft).await.unwrap();
     let fresh = c._dir.path().join(format!("raft-{wiped}-wiped.redb"));
-    c.nodes.insert(wiped, start(wiped, &fresh, listener, "the cluster's secret").await);
+    c.nodes.insert(wiped, start(wiped, &fresh, listener, SECRET).await);
     let m = c.nodes[&wiped].raft.wait(WAIT).applied_index_at_least(Some(last), "caught up").await.unwrap();
     assert!(m.snapshot.is_some_and(|s| s.index >= purged), "installed no snapshot: {m:?}");
     let want: Vec<Batch> = (0..45u8).map(|i| Batch(vec![i])).collect();
@@ -184,20 +196,102 @@ async fn a_wiped_member_catches_up_through_a_snapshot() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_stranger_is_cut_off_before_it_can_announce_a_frame() {
+async fn a_stranger_is_cut_off_before_it_can_announce_a_frame_and_learns_nothing_keyed() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let c = cluster("the cluster's secret").await;
+    let c = cluster(SECRET).await;
     let mut s = tokio::net::TcpStream::connect(&c.members[&1].raft).await.unwrap();
     let mut nonce = [0u8; 32];
     s.read_exact(&mut nonce).await.unwrap();
-    // Its nonce, then 32 bytes that, read as a frame, announce 60 MiB: a
-    // member that took them for a frame would set that much aside and wait.
-    let mut announce = [0u8; 32];
-    announce[..4].copy_from_slice(&(60u32 << 20).to_be_bytes());
-    s.write_all(&[7u8; 32]).await.unwrap();
-    s.write_all(&announce).await.unwrap();
+    // A hello (its nonce, ids 9 and 1, a made-up proof), then bytes that,
+    // read as a frame, announce 60 MiB: a member that took them for a frame
+    // would wait for them.
+    let mut hello = vec![7u8; 32];
+    hello.extend_from_slice(&9u64.to_be_bytes());
+    hello.extend_from_slice(&1u64.to_be_bytes());
+    hello.extend_from_slice(&[7u8; 32]);
+    hello.extend_from_slice(&(60u32 << 20).to_be_bytes());
+    s.write_all(&hello).await.unwrap();
     let mut rest = Vec::new();
     let closed = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut rest)).await;
-    // The member's own proof (32 bytes), then the end of the connection.
-    assert!(matches!(closed, Ok(Ok(32)) | Ok(Err(_))), "still open after a wrong proof: {closed:?}");
+    // Nothing more (no proof of the member's to test guesses against), and
+    // the connection closed.
+    assert!(matches!(closed, Ok(Ok(0)) | Ok(Err(_))), "after a wrong proof: {closed:?} {rest:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn strangers_stalling_handshakes_do_not_crowd_out_members() {
+    let c = cluster(SECRET).await;
+    // Idle connections from one address, far more than its budget: they
+    // never finish a handshake.
+    let mut idle = Vec::new();
+    for _ in 0..80 {
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket.bind("127.0.0.7:0".parse().unwrap()).unwrap();
+        idle.push(socket.connect(c.members[&2].raft.parse().unwrap()).await.unwrap());
+    }
+    // A member (from 127.0.0.1) is still heard at once.
+    let mut member = Network::new(1, Secret::new(SECRET).unwrap()).new_client(2, &c.members[&2]).await;
+    let ask = VoteRequest { vote: Vote::new(100, 1), last_log_id: None };
+    member.vote(ask, RPCOption::new(Duration::from_secs(1))).await.unwrap();
+    drop(idle);
+}
+
+#[allow(clippy::result_large_err)] // openraft's answer type, as a member sends it
+fn vote_answer(r: &VoteRequest<u64>) -> Result<VoteResponse<u64>, RaftError<u64>> {
+    Ok(VoteResponse { vote: r.vote, vote_granted: false, last_log_id: None })
+}
+
+/// Answers every vote request on `ch` at once, with the vote asked about.
+async fn answer_votes(mut ch: Channel) {
+    while let Ok(Rpc::Vote(r)) = ch.receive::<Rpc>().await {
+        if ch.send(&vote_answer(&r)).await.is_err() {
+            return;
+        }
+    }
+}
+
+/// Member 2, slow once: the first request it gets is answered only when
+/// `release` fires; everything after at once.
+async fn slow_member(
+    listener: TcpListener,
+    secret: Secret,
+    arrived: oneshot::Sender<()>,
+    release: oneshot::Receiver<()>,
+) {
+    let (stream, _) = listener.accept().await.unwrap();
+    let mut first = Channel::accept(stream, &secret, 2).await.unwrap();
+    let Ok(Rpc::Vote(r)) = first.receive::<Rpc>().await else { panic!("a vote request") };
+    arrived.send(()).unwrap();
+    release.await.unwrap();
+    // The asker may have closed this connection by now.
+    if first.send(&vote_answer(&r)).await.is_ok() {
+        tokio::spawn(answer_votes(first));
+    }
+    loop {
+        let (stream, _) = listener.accept().await.unwrap();
+        let ch = Channel::accept(stream, &secret, 2).await.unwrap();
+        tokio::spawn(answer_votes(ch));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_answer_to_a_call_given_up_on_is_never_taken_for_the_next_ones() {
+    let secret = Secret::new(SECRET).unwrap();
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let member = Member { client: String::new(), raft: listener.local_addr().unwrap().to_string() };
+    let (arrived_tx, arrived) = oneshot::channel();
+    let (release, release_rx) = oneshot::channel();
+    tokio::spawn(slow_member(listener, secret.clone(), arrived_tx, release_rx));
+    let mut peer = Network::new(1, secret).new_client(2, &member).await;
+    let option = RPCOption::new(Duration::from_secs(5));
+    let ask = |term| VoteRequest { vote: Vote::new(term, 1), last_log_id: None };
+    // openraft gives up on the first call once its request is out, as its
+    // own timeout around a call does.
+    tokio::select! {
+        r = peer.vote(ask(1), option.clone()) => panic!("answered before the member was let go: {r:?}"),
+        r = arrived => r.unwrap(),
+    }
+    release.send(()).unwrap();
+    let answer = peer.vote(ask(2), option).await.unwrap();
+    assert_eq!(answer.vote.leader_id().term, 2, "the answer to the call given up on");
 }
