@@ -295,3 +295,52 @@ async fn an_answer_to_a_call_given_up_on_is_never_taken_for_the_next_ones() {
     let answer = peer.vote(ask(2), option).await.unwrap();
     assert_eq!(answer.vote.leader_id().term, 2, "the answer to the call given up on");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn members_join_and_leave_under_load_and_keep_one_order() {
+    let mut c = cluster(SECRET).await;
+    let first: BTreeSet<u64> = c.nodes.keys().copied().collect();
+    let leader = c.leader(&first).await;
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let fourth = Member { client: String::new(), raft: listener.local_addr().unwrap().to_string() };
+    let node = start(4, &c._dir.path().join("raft-4.redb"), listener, SECRET).await;
+    c.nodes.insert(4, node);
+    // One writer on the leader the whole time; `written` counts its
+    // acknowledged batches.
+    let raft = c.nodes[&leader].raft.clone();
+    let stop = CancellationToken::new();
+    let (count, mut written) = tokio::sync::watch::channel(0u32);
+    let writer = tokio::spawn({
+        let stop = stop.clone();
+        async move {
+            let mut n = 0u32;
+            while !stop.is_cancelled() {
+                raft.client_write(Batch(n.to_be_bytes().to_vec())).await.unwrap();
+                n += 1;
+                count.send_replace(n);
+            }
+            n
+        }
+    });
+    written.wait_for(|&n| n >= 10).await.unwrap();
+    let l = &c.nodes[&leader].raft;
+    l.add_learner(4, fourth, true).await.unwrap();
+    l.change_membership(BTreeSet::from([1, 2, 3, 4]), false).await.unwrap();
+    let removed = *first.iter().find(|&&id| id != leader).unwrap();
+    let voters: BTreeSet<u64> = (1..=4).filter(|&id| id != removed).collect();
+    l.change_membership(voters.clone(), false).await.unwrap();
+    let at_change = *written.borrow();
+    written.wait_for(|&n| n >= at_change + 10).await.unwrap();
+    stop.cancel();
+    let n = writer.await.unwrap();
+    let last = c.nodes[&leader].raft.client_write(Batch(b"last".to_vec())).await.unwrap().log_id.index;
+    let mut want: Vec<Batch> = (0..n).map(|i| Batch(i.to_be_bytes().to_vec())).collect();
+    want.push(Batch(b"last".to_vec()));
+    for id in &voters {
+        c.nodes[id].raft.wait(WAIT).applied_index_at_least(Some(last), "caught up").await.unwrap();
+        assert_eq!(c.batches(*id), want, "member {id}");
+    }
+    for id in &voters {
+        c.nodes[id].raft.wait(WAIT).voter_ids(voters.clone(), "the new voters").await.unwrap();
+    }
+}
