@@ -168,18 +168,21 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     type LogReader = LogStore;
 
     async fn get_log_state(&mut self) -> Result<LogState<TypeConfig>, Error> {
-        let purged: Option<LogId<u64>> = self.read_meta(PURGED).await?;
-        let last = self
+        // One read transaction: the purged id and the last entry as of the
+        // same moment.
+        let (purged, last) = self
             .blocking(|db| {
-                let read = || -> Result<Option<Vec<u8>>, redb::Error> {
+                type Rows = (Option<Vec<u8>>, Option<Vec<u8>>);
+                let read = || -> Result<Rows, redb::Error> {
                     let txn = db.begin_read()?;
-                    let table = txn.open_table(ENTRIES)?;
-                    let last = table.last()?.map(|(_, v)| v.value().to_vec());
-                    Ok(last)
+                    let purged = txn.open_table(META)?.get(PURGED)?.map(|v| v.value().to_vec());
+                    let last = txn.open_table(ENTRIES)?.last()?.map(|(_, v)| v.value().to_vec());
+                    Ok((purged, last))
                 };
                 read().map_err(|e| failed(ErrorSubject::Logs, ErrorVerb::Read, e))
             })
             .await?;
+        let purged: Option<LogId<u64>> = purged.map(|b| decode(&b, ErrorSubject::Logs)).transpose()?;
         let last = match last {
             Some(bytes) => Some(decode::<Entry<TypeConfig>>(&bytes, ErrorSubject::Logs)?.log_id),
             None => purged,

@@ -211,6 +211,13 @@ impl Channel {
         self.stream.write_all(&frame).await
     }
 
+    /// An answer, which the peer must take within [`WRITE_TIMEOUT`].
+    async fn reply<T: Serialize>(&mut self, value: &T) -> io::Result<()> {
+        tokio::time::timeout(WRITE_TIMEOUT, self.send(value))
+            .await
+            .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "the peer stopped reading"))?
+    }
+
     async fn receive<T: DeserializeOwned>(&mut self) -> io::Result<T> {
         let len = self.stream.read_u32().await? as usize;
         if len > FRAME_BYTES_MAX {
@@ -314,12 +321,11 @@ async fn answer(mut ch: Channel, raft: &Raft<TypeConfig>) -> io::Result<()> {
             Err(_) => return Ok(()),
             Ok(r) => r?,
         };
-        let sent = match rpc {
-            Rpc::Append(r) => tokio::time::timeout(WRITE_TIMEOUT, ch.send(&raft.append_entries(r).await)).await,
-            Rpc::Vote(r) => tokio::time::timeout(WRITE_TIMEOUT, ch.send(&raft.vote(r).await)).await,
-            Rpc::Snapshot(r) => tokio::time::timeout(WRITE_TIMEOUT, ch.send(&raft.install_snapshot(r).await)).await,
-        };
-        sent.map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "the peer stopped reading"))??;
+        match rpc {
+            Rpc::Append(r) => ch.reply(&raft.append_entries(r).await).await?,
+            Rpc::Vote(r) => ch.reply(&raft.vote(r).await).await?,
+            Rpc::Snapshot(r) => ch.reply(&raft.install_snapshot(r).await).await?,
+        }
     }
 }
 

@@ -214,7 +214,7 @@ async fn run(ctx: &Arc<Ctx>, name: &str, headers: &HeaderMap, body: Body, peer: 
     let args = args_of(headers, &body)?;
     drop(body);
     let slots = crate::net::conn::reply_slots(name, &args);
-    let permits = u32::try_from(slots.clamp(1, ctx.config.limits.inflight_max)).unwrap_or(u32::MAX);
+    let permits = crate::net::conn::permits(slots, ctx.config.limits.inflight_max);
     let server = tokio::select! {
         () = ctx.shutdown.cancelled() => return Err(ApiError::new(ErrorCode::Unavailable, "the server is shutting down")),
         p = ctx.inflight.clone().acquire_many_owned(permits) => p.ok(),

@@ -121,9 +121,9 @@ impl Reader<'_> {
     /// (1 in the text mode, which answers in order) may be smaller than
     /// what the reply needs, and the server-wide count still takes it all.
     async fn reply_to(&mut self, id: Option<u64>, slots: usize) -> Option<ReplyTo> {
-        let permits = |cap: usize| u32::try_from(slots.clamp(1, cap)).unwrap_or(u32::MAX);
-        let connection = self.permit(self.slots.clone(), permits(self.per_connection)).await?;
-        let server = self.permit(self.ctx.inflight.clone(), permits(self.ctx.config.limits.inflight_max)).await?;
+        let connection = self.permit(self.slots.clone(), permits(slots, self.per_connection)).await?;
+        let server =
+            self.permit(self.ctx.inflight.clone(), permits(slots, self.ctx.config.limits.inflight_max)).await?;
         Some(ReplyTo::new(self.tx.clone(), id, Permits { connection, server }))
     }
 
@@ -253,6 +253,13 @@ impl Reader<'_> {
             }
         }
     }
+}
+
+/// The permits a reply of `slots` slots takes from a semaphore of
+/// `capacity`: at least one, at most all of them (asking for more would
+/// wait forever).
+pub(crate) fn permits(slots: usize, capacity: usize) -> u32 {
+    u32::try_from(slots.clamp(1, capacity)).unwrap_or(u32::MAX)
 }
 
 /// How many reply slots ([`REPLY_SLOT_BYTES`] each) a request may need:
