@@ -41,6 +41,49 @@ pub struct Config {
     pub policy: PolicyConfig,
     pub tls: TlsConfig,
     pub http: HttpConfig,
+    /// `[cluster]`: this server is one member of a replicated cluster;
+    /// absent, it runs alone.
+    pub cluster: Option<ClusterConfig>,
+}
+
+/// `[cluster]`: which member this is, where it listens for the other
+/// members, the secret they share, and every member (`[[cluster.node]]`).
+#[derive(Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClusterConfig {
+    /// This member's id, one of the `[[cluster.node]]` ids.
+    pub id: u64,
+    /// Where this member listens for the other members' Raft traffic.
+    pub raft_listen: String,
+    /// The members' shared secret (at least 32 bytes): it proves a
+    /// connection comes from a member and keys every frame between them.
+    pub secret: String,
+    /// Every member, this one included.
+    #[serde(default)]
+    pub node: Vec<NodeConfig>,
+}
+
+impl std::fmt::Debug for ClusterConfig {
+    // The secret never reaches a log line.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ClusterConfig")
+            .field("id", &self.id)
+            .field("raft_listen", &self.raft_listen)
+            .field("secret", &"<set>")
+            .field("node", &self.node)
+            .finish()
+    }
+}
+
+/// `[[cluster.node]]`: one member and its two addresses.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NodeConfig {
+    pub id: u64,
+    /// Where clients reach it (its `listen`, as clients see it).
+    pub client: String,
+    /// Where the other members reach its `raft_listen`.
+    pub raft: String,
 }
 
 /// `[http]`: the HTTP/JSON gateway, the console and `/metrics`.
@@ -214,6 +257,7 @@ impl Default for Config {
             policy: PolicyConfig::default(),
             tls: TlsConfig::default(),
             http: HttpConfig::default(),
+            cluster: None,
         }
     }
 }
@@ -260,12 +304,46 @@ impl Default for LimitsConfig {
     }
 }
 
+impl ClusterConfig {
+    fn validate(&self) -> Result<(), ConfigError> {
+        let bad = |m: String| Err(ConfigError::Invalid(m));
+        if self.secret.len() < 32 {
+            return bad("cluster.secret must be at least 32 bytes (e.g. 64 hex digits from a random source)".into());
+        }
+        if self.raft_listen.is_empty() {
+            return bad("cluster.raft_listen is empty".into());
+        }
+        if self.node.is_empty() || self.node.len() > crate::limits::CLUSTER_MEMBERS_MAX {
+            return bad(format!("[[cluster.node]] must list 1..={} members", crate::limits::CLUSTER_MEMBERS_MAX));
+        }
+        let mut ids: Vec<u64> = self.node.iter().map(|n| n.id).collect();
+        ids.sort_unstable();
+        if ids.windows(2).any(|w| w[0] == w[1]) {
+            return bad("two [[cluster.node]] have the same id".into());
+        }
+        if !ids.contains(&self.id) {
+            return bad(format!("cluster.id {} is not one of the [[cluster.node]] ids", self.id));
+        }
+        if self.node.iter().any(|n| n.client.is_empty() || n.raft.is_empty()) {
+            return bad("every [[cluster.node]] needs a client and a raft address".into());
+        }
+        Ok(())
+    }
+
+    /// This member's own entry.
+    #[must_use]
+    pub fn me(&self) -> Option<&NodeConfig> {
+        self.node.iter().find(|n| n.id == self.id)
+    }
+}
+
 /// Keys that may be set from the environment, per section ("" = top level).
 const KEYS: &[(&str, &[&str])] = &[
     ("", &["listen", "data", "text_mode", "preset", "shards", "workers"]),
     ("auth", &["admin_password", "jwt_secret", "token_ttl_s", "signup", "sessions"]),
     ("tls", &["listen", "cert", "key", "client_ca"]),
     ("http", &["listen", "metrics_public"]),
+    ("cluster", &["id", "raft_listen", "secret"]),
     ("mail", &["transport", "from"]),
     ("otp", &["ttl_s", "tries_max", "resends_max", "transfer_min"]),
     (
@@ -541,6 +619,9 @@ impl Config {
         if self.tls.listen().is_some() && (self.tls.cert.is_none() || self.tls.key.is_none()) {
             return bad("tls.listen needs tls.cert and tls.key (PEM files)");
         }
+        if let Some(c) = &self.cluster {
+            c.validate()?;
+        }
         if let Some(pw) = &self.auth.admin_password {
             // An empty or short value (a variable set to nothing, say) must
             // not become the admin's password.
@@ -549,6 +630,21 @@ impl Config {
             }
         }
         Ok(())
+    }
+
+    /// The JWT secret: `auth.jwt_secret`, or in a cluster one derived from
+    /// the cluster's secret, so that a token issued by one leader works on
+    /// the next (a member's own `jwt.secret` file would differ).
+    #[must_use]
+    pub fn jwt_secret(&self) -> Option<String> {
+        match (&self.auth.jwt_secret, &self.cluster) {
+            (Some(s), _) => Some(s.clone()),
+            (None, Some(c)) => {
+                let key = blake3::derive_key("tally 2026 cluster jwt secret", c.secret.as_bytes());
+                Some(key.iter().map(|b| format!("{b:02x}")).collect())
+            }
+            (None, None) => None,
+        }
     }
 
     /// `mail.transport`, with the default (`DATA/mail`) filled in.

@@ -47,11 +47,18 @@ pub enum ErrorCode {
     Unavailable,
     /// Something failed inside the server (disk, bug); nothing was changed.
     Internal,
+    /// This member of a cluster is not its leader: nothing was changed;
+    /// the error map's `leader` names the leader's client address when known.
+    NotLeader,
+    /// A write was proposed to the cluster but its fate is unknown (the
+    /// leader lost its majority or its place while waiting): it may or may
+    /// not have been applied. Retry only with the same idempotency key.
+    UnknownOutcome,
 }
 
 impl ErrorCode {
     /// Every code, in declaration order (`code as usize` is its place).
-    pub const ALL: [ErrorCode; 21] = [
+    pub const ALL: [ErrorCode; 23] = [
         ErrorCode::BadFrame,
         ErrorCode::FrameTooLarge,
         ErrorCode::BadRequest,
@@ -73,6 +80,8 @@ impl ErrorCode {
         ErrorCode::Overloaded,
         ErrorCode::Unavailable,
         ErrorCode::Internal,
+        ErrorCode::NotLeader,
+        ErrorCode::UnknownOutcome,
     ];
 
     /// The code as it appears on the wire.
@@ -100,6 +109,8 @@ impl ErrorCode {
             ErrorCode::Overloaded => "overloaded",
             ErrorCode::Unavailable => "unavailable",
             ErrorCode::Internal => "internal",
+            ErrorCode::NotLeader => "not_leader",
+            ErrorCode::UnknownOutcome => "unknown_outcome",
         }
     }
 }
@@ -113,6 +124,9 @@ pub struct ApiError {
     /// The failing item of an atomic `transfer_batch` (0-based).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub item: Option<usize>,
+    /// With `not_leader`: the leader's client address, when known.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub leader: Option<String>,
 }
 
 impl ApiError {
@@ -120,7 +134,12 @@ impl ApiError {
     /// `ERROR_MESSAGE_BYTES_MAX` (it may quote the request) is cut, so that
     /// every error reply is small.
     pub fn new(code: ErrorCode, message: impl Into<String>) -> Self {
-        ApiError { code, message: cut(message.into(), crate::limits::ERROR_MESSAGE_BYTES_MAX), item: None }
+        ApiError {
+            code,
+            message: cut(message.into(), crate::limits::ERROR_MESSAGE_BYTES_MAX),
+            item: None,
+            leader: None,
+        }
     }
     pub fn bad_request(message: impl Into<String>) -> Self {
         Self::new(ErrorCode::BadRequest, message)

@@ -222,3 +222,26 @@ pub const KEY_NAME_BYTES_MAX: usize = 64;
 
 /// The longest a key may be made to live: ten years.
 pub const KEY_EXPIRES_S_MAX: u64 = 10 * 366 * 86_400;
+
+// ---- Cluster (`[cluster]`) ----
+
+/// Most members a cluster may list: every write waits for a majority.
+pub const CLUSTER_MEMBERS_MAX: usize = 7;
+/// How long the leader's journal waits for a batch to be committed by a
+/// majority and applied before it answers `unknown_outcome`.
+pub const CLUSTER_COMMIT_TIMEOUT_MS: u64 = 3_000;
+/// A leader that has heard from no majority for this long refuses writes
+/// (`unavailable`) instead of proposing them: they could only time out.
+pub const CLUSTER_QUORUM_STALE_MS: u64 = 1_000;
+/// Raft's heartbeat, and the range an election timeout is drawn from.
+pub const CLUSTER_HEARTBEAT_MS: u64 = 100;
+pub const CLUSTER_ELECTION_MIN_MS: u64 = 600;
+pub const CLUSTER_ELECTION_MAX_MS: u64 = 1_200;
+/// How long a new leader waits to have applied everything committed
+/// before it serves; it tries again after that.
+pub const CLUSTER_CATCH_UP_TIMEOUT_MS: u64 = 5_000;
+/// A member snapshots its ledger after this many entries, and keeps this
+/// many entries below a snapshot for members a little behind (the rest of
+/// them catch up through a snapshot).
+pub const CLUSTER_SNAPSHOT_EVERY: u64 = 10_000;
+pub const CLUSTER_LOG_KEPT: u64 = 1_000;

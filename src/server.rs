@@ -164,6 +164,53 @@ fn restrict(path: &std::path::Path, mode: u32) -> Result<(), StartError> {
 /// Opens the data folder, loads every account, starts the journal, the
 /// shards and the listener.
 pub async fn start(config: Config) -> Result<Running, StartError> {
+    let store = open_data(&config).await?;
+    let bound = Bound::bind(&config).await?;
+    start_on(config, store, &bound, None).await
+}
+
+/// The client listeners, bound once: a cluster member restarts its ledger
+/// when leadership changes, and clients keep finding it at the same
+/// addresses (connections waiting to be accepted meanwhile stay queued).
+pub struct Bound {
+    plain: Option<std::net::TcpListener>,
+    tls: Option<std::net::TcpListener>,
+    http: Option<std::net::TcpListener>,
+}
+
+impl Bound {
+    pub async fn bind(config: &Config) -> Result<Bound, StartError> {
+        let std = |l: Option<(TcpListener, SocketAddr)>| {
+            l.map(|(l, _)| l.into_std().map_err(|e| StartError::Other(e.to_string()))).transpose()
+        };
+        let plain = match config.listen.as_str() {
+            "" => None,
+            listen => Some(bind(listen).await?),
+        };
+        let tls = match config.tls.listen() {
+            Some(listen) => Some(bind(listen).await?),
+            None => None,
+        };
+        let http = match config.http.listen() {
+            Some(listen) => Some(bind(listen).await?),
+            None => None,
+        };
+        Ok(Bound { plain: std(plain)?, tls: std(tls)?, http: std(http)? })
+    }
+
+    /// A tokio listener on the same socket, and its address.
+    fn take(l: Option<&std::net::TcpListener>) -> Result<Option<(TcpListener, SocketAddr)>, StartError> {
+        let Some(l) = l else { return Ok(None) };
+        let other = |e: std::io::Error| StartError::Other(e.to_string());
+        let l = TcpListener::from_std(l.try_clone().map_err(other)?).map_err(other)?;
+        let local = l.local_addr().map_err(other)?;
+        Ok(Some((l, local)))
+    }
+}
+
+/// Opens (or makes) the data folder and the database, and makes sure
+/// there is an admin.
+async fn open_data(config: &Config) -> Result<Arc<Store>, StartError> {
     let data = config.data.clone();
     std::fs::create_dir_all(&data).map_err(|source| StartError::Data { path: data.display().to_string(), source })?;
     // The folder holds password hashes, the JWT secret and live codes.
@@ -183,7 +230,21 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
         .await
         .map_err(|e| StartError::Other(e.to_string()))??;
     }
-    let secret = auth::load_secret(config.auth.jwt_secret.as_deref(), &data)
+    Ok(store)
+}
+
+/// The server's ledger and listeners over an opened store. In a cluster,
+/// one run of it: as the leader's (`replicate`), or as a follower's, which
+/// starts no journal and refuses what only the leader serves.
+async fn start_on(
+    config: Config,
+    store: Arc<Store>,
+    bound: &Bound,
+    cluster: Option<(Arc<crate::cluster::node::Serving>, Option<crate::journal::Replicate>)>,
+) -> Result<Running, StartError> {
+    let data = config.data.clone();
+    let db = store.db()?;
+    let secret = auth::load_secret(config.jwt_secret().as_deref(), &data)
         .map_err(|source| StartError::Data { path: data.display().to_string(), source })?;
     let tokens = Tokens::new(&secret, config.auth.token_ttl_s);
     let limits = config.ledger_limits();
@@ -246,19 +307,27 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
     }
     let router = ShardRouter::new(refs);
     let health = Arc::new(Health::default());
-    let journal = Journal::new(JournalArgs {
-        store: store.clone(),
-        loaded,
-        batch_max: config.limits.commit_batch_max,
-        stats: stats.clone(),
-        health: health.clone(),
-        fee_rounding: config.policy.fee_rounding,
-        clock: Clock::system(),
-    });
-    std::thread::Builder::new()
-        .name("tally-journal".into())
-        .spawn(move || journal.run(&journal_rx, &fanout_tx))
-        .map_err(|e| StartError::Other(e.to_string()))?;
+    let (serving, replicate) = match cluster {
+        Some((serving, replicate)) => (Some(serving), replicate),
+        None => (None, None),
+    };
+    // A follower's ledger is written by its state machine, not a journal.
+    if serving.is_none() || replicate.is_some() {
+        let journal = Journal::new(JournalArgs {
+            store: store.clone(),
+            loaded,
+            batch_max: config.limits.commit_batch_max,
+            stats: stats.clone(),
+            health: health.clone(),
+            fee_rounding: config.policy.fee_rounding,
+            clock: Clock::system(),
+            replicate,
+        });
+        std::thread::Builder::new()
+            .name("tally-journal".into())
+            .spawn(move || journal.run(&journal_rx, &fanout_tx))
+            .map_err(|e| StartError::Other(e.to_string()))?;
+    }
     let fanout_router = router.clone();
     let fanout_users = users.clone();
     tokio::spawn(fanout::run(fanout_rx, fanout_router, fanout_users));
@@ -271,10 +340,7 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
         .await
         .map_err(|e| StartError::Actor(e.to_string()))?;
 
-    let listener = match config.listen.as_str() {
-        "" => None,
-        listen => Some(bind(listen).await?),
-    };
+    let listener = Bound::take(bound.plain.as_ref())?;
     let tls_acceptor = match (&config.tls.cert, &config.tls.key) {
         (None, None) => None,
         _ => {
@@ -282,15 +348,12 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
             Some(tokio_rustls::TlsAcceptor::from(tls))
         }
     };
-    let tls = match (config.tls.listen(), &tls_acceptor) {
-        (Some(listen), Some(acceptor)) => Some((bind(listen).await?, acceptor.clone())),
+    let tls = match (Bound::take(bound.tls.as_ref())?, &tls_acceptor) {
+        (Some(l), Some(acceptor)) => Some((l, acceptor.clone())),
         (Some(_), None) => return Err(StartError::Other("tls.listen needs tls.cert and tls.key".into())),
         (None, _) => None,
     };
-    let http = match config.http.listen() {
-        None => None,
-        Some(listen) => Some(bind(listen).await?),
-    };
+    let http = Bound::take(bound.http.as_ref())?;
     if let (Some((_, l)), None) = (&http, &tls_acceptor) {
         if !l.ip().is_loopback() {
             tracing::warn!(target: "security", addr = %l,
@@ -322,6 +385,7 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
         auditing: Arc::new(tokio::sync::Mutex::new(())),
         shutdown: CancellationToken::new(),
         otp,
+        cluster: serving,
     });
     let connections = Arc::new(Semaphore::new(ctx.config.limits.connections_max));
     let mut accept = Vec::new();
@@ -380,7 +444,100 @@ fn raise_fd_limit() {
 /// Runs `tally serve` until SIGINT or SIGTERM.
 pub async fn serve(config: Config) -> Result<(), StartError> {
     raise_fd_limit();
+    if config.cluster.is_some() {
+        return serve_member(config).await;
+    }
     let running = start(config).await?;
+    announce(&running);
+    wait_for_signal().await;
+    tracing::info!("shutting down");
+    running.shutdown(Duration::from_secs(10)).await;
+    Ok(())
+}
+
+/// Runs a cluster member until SIGINT or SIGTERM: Raft all along, and the
+/// ledger restarted whenever this member starts or stops leading. A new
+/// leader first applies everything the cluster committed, then loads its
+/// ledger from that; a follower serves `hello` and what needs no ledger,
+/// and answers the rest `not_leader`.
+async fn serve_member(config: Config) -> Result<(), StartError> {
+    let Some(c) = config.cluster.clone() else { return Err(StartError::Other("no [cluster]".into())) };
+    let store = open_data(&config).await?;
+    let node = crate::cluster::node::Node::start(&c, &config.data, store.clone(), config.ledger_limits())
+        .await
+        .map_err(StartError::Other)?;
+    let bound = Bound::bind(&config).await?;
+    let signal = wait_for_signal();
+    tokio::pin!(signal);
+    let mut metrics = node.raft.metrics();
+    let mut announced = false;
+    loop {
+        if let Err(e) = &node.raft.metrics().borrow().running_state {
+            return Err(StartError::Other(format!("raft stopped: {e}")));
+        }
+        let leading = node.leading();
+        let catch_up = Duration::from_millis(crate::limits::CLUSTER_CATCH_UP_TIMEOUT_MS);
+        if leading.is_some() && !node.caught_up(catch_up).await {
+            // Not confirmed by a majority yet: look again on the next change.
+            tokio::select! {
+                _ = metrics.changed() => continue,
+                () = tokio::time::sleep(Duration::from_millis(crate::limits::CLUSTER_HEARTBEAT_MS)) => continue,
+                () = &mut signal => break,
+            }
+        }
+        let deposed = CancellationToken::new();
+        let serving = Arc::new(crate::cluster::node::Serving {
+            view: node.view.clone(),
+            leading: leading.is_some(),
+            deposed: deposed.clone(),
+        });
+        let replicate = leading.map(|_| crate::journal::Replicate {
+            raft: node.raft.clone(),
+            rt: tokio::runtime::Handle::current(),
+            me: node.me,
+            deposed: deposed.clone(),
+            clients: node.clients.clone(),
+        });
+        let running = start_on(config.clone(), store.clone(), &bound, Some((serving, replicate))).await?;
+        if !announced {
+            announce(&running);
+            announced = true;
+        }
+        match leading {
+            Some(term) => tracing::info!(term, "leading: serving the ledger"),
+            None => tracing::info!("following: refusing what only the leader serves"),
+        }
+        let stop = tokio::select! {
+            () = leadership_changes(&mut metrics, &node, leading) => false,
+            () = deposed.cancelled() => false,
+            () = &mut signal => true,
+        };
+        running.shutdown(Duration::from_secs(if stop { 10 } else { 2 })).await;
+        if stop {
+            break;
+        }
+    }
+    tracing::info!("shutting down");
+    node.stop().await;
+    Ok(())
+}
+
+/// Returns once this member starts or stops leading (or leads another
+/// term), or Raft stops.
+async fn leadership_changes(
+    metrics: &mut tokio::sync::watch::Receiver<openraft::RaftMetrics<u64, crate::cluster::Member>>,
+    node: &crate::cluster::node::Node,
+    leading: Option<u64>,
+) {
+    loop {
+        if metrics.changed().await.is_err() || node.leading() != leading {
+            return;
+        }
+    }
+}
+
+/// Prints the listening addresses.
+fn announce(running: &Running) {
     // Tests and scripts read these lines to learn the ports: plaintext
     // first, as it has always been the first line.
     if let Some(addr) = running.addr {
@@ -396,10 +553,6 @@ pub async fn serve(config: Config) -> Result<(), StartError> {
         println!("tally listening with {tls} on {addr}");
         tracing::info!(%addr, "listening with {tls}");
     }
-    wait_for_signal().await;
-    tracing::info!("shutting down");
-    running.shutdown(Duration::from_secs(10)).await;
-    Ok(())
 }
 
 async fn wait_for_signal() {

@@ -171,6 +171,8 @@ fn the_status_of_every_code_is_the_documented_one() {
         (C::Overloaded, 503),
         (C::Unavailable, 503),
         (C::Internal, 500),
+        (C::NotLeader, 421),
+        (C::UnknownOutcome, 504),
     ];
     assert_eq!(want.len(), C::ALL.len());
     for (code, status) in want {

@@ -90,6 +90,8 @@ pub struct Ctx {
     pub shutdown: CancellationToken,
     /// The OTP supervisor: pending one-time-password sessions.
     pub otp: ractor::ActorRef<OtpMsg>,
+    /// In a cluster: whether this run serves the ledger, and who leads.
+    pub cluster: Option<Arc<crate::cluster::node::Serving>>,
 }
 
 /// What a connection knows about its caller.
@@ -129,6 +131,14 @@ pub async fn dispatch(ctx: &Arc<Ctx>, session: &mut Session, name: &str, args: &
         }
         return reply.err(ApiError::new(ErrorCode::UnknownOp, format!("unknown op {name:?}: try help")));
     };
+    // A member that does not serve the ledger answers only what needs
+    // none of it: who it is, and checks of a token or of its own copy.
+    if let Some(c) = ctx.cluster.as_ref().filter(|c| !c.serves()) {
+        if !matches!(op, Op::Hello | Op::Ping | Op::Help | Op::Auth | Op::Whoami | Op::Audit) {
+            session.outbox.flush(&ctx.router);
+            return reply.err(c.view.not_leader());
+        }
+    }
     // Debits read before this op go first: it may touch the same accounts.
     if !op.is_batched_debit() {
         session.outbox.flush(&ctx.router);
@@ -154,7 +164,7 @@ pub async fn dispatch(ctx: &Arc<Ctx>, session: &mut Session, name: &str, args: &
     };
     let p = || caller.clone().expect("checked above: the op needs a caller");
     match op {
-        Op::Hello => status::hello(session, args, reply),
+        Op::Hello => status::hello(ctx, session, args, reply),
         Op::Ping => status::ping(args, reply),
         Op::Help => status::help(args, reply),
         Op::Health => status::health(ctx, args, reply),

@@ -12,12 +12,21 @@ use crate::stats::Stats;
 use crate::store;
 use crate::wire::{HealthReply, HelloReply, NoArgs, Op, Reply, StatsReply, PROTOCOL_VERSION};
 
-pub(super) fn hello(session: &Session, args: &[u8], reply: ReplyTo) {
+pub(super) fn hello(ctx: &Ctx, session: &Session, args: &[u8], reply: ReplyTo) {
     args!(NoArgs, args, reply);
     // The build is for logged-in callers only: to anyone else it would say
     // which known bugs the server has.
     let version = session.binding.is_some().then_some(env!("CARGO_PKG_VERSION"));
-    reply.ok(Reply::Hello(HelloReply { server: "tally", version, protocol: PROTOCOL_VERSION }));
+    let mut hello = HelloReply { server: "tally", version, protocol: PROTOCOL_VERSION, ..HelloReply::default() };
+    // In a cluster, who leads: what a client needs to find the leader.
+    if let Some(c) = &ctx.cluster {
+        let seen = c.view.seen();
+        // A leader still catching up (or stepping down) does not serve yet.
+        let role = if seen.role == "leader" && !c.serves() { "candidate" } else { seen.role };
+        hello.leader = Some(seen.leader.filter(|(id, _)| *id != c.view.node || c.serves()).map(|(_, client)| client));
+        (hello.role, hello.term, hello.node) = (Some(role), Some(seen.term), Some(c.view.node));
+    }
+    reply.ok(Reply::Hello(hello));
 }
 
 pub(super) fn ping(args: &[u8], reply: ReplyTo) {

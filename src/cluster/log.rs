@@ -127,7 +127,7 @@ impl LogStore {
     }
 }
 
-fn failed(subject: ErrorSubject<u64>, verb: ErrorVerb, e: impl Display) -> Error {
+pub(super) fn failed(subject: ErrorSubject<u64>, verb: ErrorVerb, e: impl Display) -> Error {
     StorageIOError::new(subject, verb, AnyError::error(e)).into()
 }
 

@@ -15,8 +15,10 @@
 
 use serde::{Deserialize, Serialize};
 
+pub mod ledger;
 pub mod log;
 pub mod net;
+pub mod node;
 #[cfg(test)]
 mod testing;
 
@@ -25,6 +27,17 @@ mod testing;
 /// MessagePack bin, not an array of integers).
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Batch(#[serde(with = "serde_bytes")] pub Vec<u8>);
+
+/// What applying an entry did.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Verdict {
+    /// Written (or nothing to write: a blank or membership entry).
+    #[default]
+    Applied,
+    /// A batch decided on another state than the member's head, skipped by
+    /// every member alike (`ledger`): nothing of it was applied anywhere.
+    Stale,
+}
 
 /// A member of the cluster: where clients reach it and where the other
 /// members send it Raft traffic.
@@ -44,7 +57,7 @@ openraft::declare_raft_types!(
     /// openraft's types for Tally: node ids are the `[cluster] id`s.
     pub TypeConfig:
         D = Batch,
-        R = (),
+        R = Verdict,
         NodeId = u64,
         Node = Member,
         Entry = openraft::Entry<TypeConfig>,

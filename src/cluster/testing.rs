@@ -10,7 +10,7 @@ use openraft::{
     Entry, EntryPayload, LogId, OptionalSend, RaftSnapshotBuilder, SnapshotMeta, StorageError, StoredMembership,
 };
 
-use super::{Batch, Member, TypeConfig};
+use super::{Batch, Member, TypeConfig, Verdict};
 
 type Error = StorageError<u64>;
 
@@ -50,7 +50,7 @@ impl RaftStateMachine<TypeConfig> for Machine {
         Ok((s.applied, s.membership.clone()))
     }
 
-    async fn apply<I>(&mut self, entries: I) -> Result<Vec<()>, Error>
+    async fn apply<I>(&mut self, entries: I) -> Result<Vec<Verdict>, Error>
     where
         I: IntoIterator<Item = Entry<TypeConfig>> + OptionalSend,
         I::IntoIter: OptionalSend,
@@ -64,7 +64,7 @@ impl RaftStateMachine<TypeConfig> for Machine {
                 EntryPayload::Normal(b) => s.batches.push(b),
                 EntryPayload::Membership(m) => s.membership = StoredMembership::new(Some(e.log_id), m),
             }
-            out.push(());
+            out.push(Verdict::Applied);
         }
         Ok(out)
     }

@@ -71,6 +71,10 @@ pub fn status_of(code: ErrorCode) -> StatusCode {
         ErrorCode::RateLimited | ErrorCode::OtpExhausted => StatusCode::TOO_MANY_REQUESTS,
         ErrorCode::Overloaded | ErrorCode::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
         ErrorCode::Internal => StatusCode::INTERNAL_SERVER_ERROR,
+        // Another member is the one to ask (the body names it).
+        ErrorCode::NotLeader => StatusCode::MISDIRECTED_REQUEST,
+        // The write was proposed and no answer came in time.
+        ErrorCode::UnknownOutcome => StatusCode::GATEWAY_TIMEOUT,
     }
 }
 

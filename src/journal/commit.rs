@@ -92,6 +92,23 @@ pub struct Sweep {
 pub fn write(db: &Database, w: &Writes, book: &mut Book, head: Head, sweep: &mut Sweep) -> Result<(), StoreError> {
     let mut txn = store::begin_write(db)?;
     txn.set_durability(Durability::Immediate).map_err(|e| StoreError::Corrupt(format!("durability: {e}")))?;
+    put(&txn, w, book, head, sweep)?;
+    let durable = std::time::Instant::now();
+    txn.commit()?;
+    crate::metrics::FSYNC_MICROS.observe(u64::try_from(durable.elapsed().as_micros()).unwrap_or(u64::MAX));
+    Ok(())
+}
+
+/// Puts one batch's writes, the next slice of balance rows and the new
+/// head into `txn` (which the caller commits: a cluster member commits
+/// several entries and its Raft position together).
+pub fn put(
+    txn: &redb::WriteTransaction,
+    w: &Writes,
+    book: &mut Book,
+    head: Head,
+    sweep: &mut Sweep,
+) -> Result<(), StoreError> {
     {
         let mut chunks = txn.open_table(store::CHUNKS)?;
         for (first, bytes) in w.chunks() {
@@ -165,12 +182,9 @@ pub fn write(db: &Database, w: &Writes, book: &mut Book, head: Head, sweep: &mut
                 t.insert((user.as_str(), *id), ())?;
             }
         }
-        sweep_slice(&txn, book, head.id, w.ends.len(), sweep)?;
-        store::write_head(&txn, head)?;
+        sweep_slice(txn, book, head.id, w.ends.len(), sweep)?;
+        store::write_head(txn, head)?;
     }
-    let durable = std::time::Instant::now();
-    txn.commit()?;
-    crate::metrics::FSYNC_MICROS.observe(u64::try_from(durable.elapsed().as_micros()).unwrap_or(u64::MAX));
     Ok(())
 }
 

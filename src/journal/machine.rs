@@ -45,11 +45,13 @@ pub trait Cold {
 }
 
 /// Everything a batch writes besides the balances (in the book) and the
-/// head, in a deterministic order.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+/// head, in a deterministic order. In a cluster it is what a Raft entry
+/// carries (MessagePack), so that every member writes exactly these rows.
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Writes {
     /// The batch's records in chunk format (`len u32 | record` each), in
     /// id order from `first_id`; `ends[i]` is where record `first_id + i` ends.
+    #[serde(with = "serde_bytes")]
     pub records: Vec<u8>,
     pub ends: Vec<usize>,
     pub first_id: u64,

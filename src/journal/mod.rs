@@ -8,6 +8,14 @@
 //! the clients. An idle journal commits at once; under load the queue fills
 //! while it syncs, so batches grow by themselves.
 //!
+//! In a cluster (`[cluster]`), the leader's journal decides a batch the
+//! same way and proposes what it decided as one Raft entry instead of
+//! writing it ([`Replicate`]); every member writes it when a majority has
+//! it (`cluster::ledger`), and the clients are answered after that. A
+//! proposal that fails or times out leaves this journal ahead of the
+//! cluster, so it is deposed: it refuses everything from then on and the
+//! node restarts the ledger from what the cluster applied.
+//!
 //! If a commit fails (a full disk), nothing of its batch was applied and
 //! every command in it is refused `unavailable`; the journal then refuses
 //! writes, reports it through [`Health`], and reopens the database once it
@@ -79,11 +87,56 @@ fn unavailable() -> ApiError {
     ApiError::new(ErrorCode::Unavailable, "the journal could not commit; nothing was changed; try again shortly")
 }
 
+fn unknown_outcome() -> ApiError {
+    ApiError::new(
+        ErrorCode::UnknownOutcome,
+        "the write was proposed but no majority confirmed it in time: it may or may not have been applied; \
+         retry only with the same idempotency key",
+    )
+}
+
+/// Why a leader cannot expect a majority now (`None`: it can): one that has
+/// heard from none for a while refuses rather than waits out a timeout.
+fn no_quorum(raft: &openraft::Raft<crate::cluster::TypeConfig>, me: u64) -> Option<String> {
+    let m = raft.metrics().borrow().clone();
+    let alone = m.membership_config.membership().voter_ids().all(|id| id == me);
+    let fresh = m.millis_since_quorum_ack.is_some_and(|ms| ms <= crate::limits::CLUSTER_QUORUM_STALE_MS);
+    (!alone && !fresh).then(|| {
+        format!(
+            "no majority of the cluster has answered this leader for {}; nothing was changed",
+            m.millis_since_quorum_ack.map_or_else(|| "ever".to_owned(), |ms| format!("{ms} ms"))
+        )
+    })
+}
+
 /// A journal that cannot commit: why, and the database it took out of the
 /// store, kept until every reader has let go of it.
 struct Failure {
     reason: String,
     retired: Option<Arc<Database>>,
+}
+
+/// How a cluster leader's journal proposes its batches.
+pub struct Replicate {
+    pub raft: openraft::Raft<crate::cluster::TypeConfig>,
+    /// The runtime the proposals wait on (the journal is a plain thread).
+    pub rt: tokio::runtime::Handle,
+    /// This member's id, and whether it is the only voter (no quorum to check).
+    pub me: u64,
+    /// Cancelled when the journal stops proposing: its state may be ahead
+    /// of what the cluster applied, and only a restart from the applied
+    /// state mends that.
+    pub deposed: tokio_util::sync::CancellationToken,
+    /// The members' client addresses, to name the leader in `not_leader`.
+    pub clients: std::collections::BTreeMap<u64, String>,
+}
+
+/// `not_leader`, naming the leader when it is known.
+#[must_use]
+pub fn not_leader(leader: Option<String>) -> ApiError {
+    let mut e = ApiError::new(ErrorCode::NotLeader, "this member is not the cluster's leader; nothing was changed");
+    e.leader = leader;
+    e
 }
 
 /// What the journal starts from.
@@ -96,6 +149,8 @@ pub struct JournalArgs {
     pub health: Arc<Health>,
     pub fee_rounding: FeeRounding,
     pub clock: Clock,
+    /// In a cluster: propose batches rather than write them.
+    pub replicate: Option<Replicate>,
 }
 
 pub struct Journal {
@@ -110,6 +165,7 @@ pub struct Journal {
     sweep: Sweep,
     /// Set while the journal cannot commit.
     failure: Option<Failure>,
+    replicate: Option<Replicate>,
 }
 
 impl Journal {
@@ -126,6 +182,7 @@ impl Journal {
             clock: a.clock,
             sweep: Sweep { cursor: 0, from: head.id, checkpoint: 0 },
             failure: None,
+            replicate: a.replicate,
         }
     }
 
@@ -146,7 +203,10 @@ impl Journal {
                 match rx.recv_timeout(self.idle_wait()) {
                     Ok(c) => batch.push(c),
                     Err(crossbeam_channel::RecvTimeoutError::Timeout) => {
-                        self.catch_up(rx);
+                        // A member's state machine sweeps its own rows.
+                        if self.replicate.is_none() {
+                            self.catch_up(rx);
+                        }
                         continue;
                     }
                     Err(crossbeam_channel::RecvTimeoutError::Disconnected) => break,
@@ -223,6 +283,9 @@ impl Journal {
 
     /// Applies and commits one batch; every command gets its outcome.
     fn commit(&mut self, batch: Vec<Command>) -> Committed {
+        if self.replicate.is_some() {
+            return self.propose(batch);
+        }
         let time = self.clock.now_ms();
         let head_before = self.machine.head;
         self.writes.clear();
@@ -247,6 +310,67 @@ impl Journal {
                 Committed(batch.into_iter().filter_map(|c| Outcome::refused(&c, &failed).map(|o| (c, o))).collect())
             }
         }
+    }
+
+    /// A cluster leader's commit: decides the batch, proposes it and waits
+    /// (bounded) until the cluster applied it. Anything but "applied"
+    /// deposes the journal.
+    fn propose(&mut self, batch: Vec<Command>) -> Committed {
+        let Some(r) = self.replicate.as_ref() else { unreachable!("only called with a cluster") };
+        let refuse = |batch: Vec<Command>, e: &ApiError| {
+            Committed(batch.into_iter().filter_map(|c| Outcome::refused(&c, e).map(|o| (c, o))).collect())
+        };
+        if r.deposed.is_cancelled() {
+            return refuse(batch, &not_leader(None));
+        }
+        if batch.is_empty() {
+            return Committed(Vec::new());
+        }
+        if let Some(why) = no_quorum(&r.raft, r.me) {
+            return refuse(batch, &ApiError::new(ErrorCode::Unavailable, why));
+        }
+        let time = self.clock.now_ms();
+        let base = self.machine.head;
+        self.writes.clear();
+        let decided =
+            self.store.db().and_then(|db| self.machine.apply(&RedbCold::new(&db), &batch, time, &mut self.writes));
+        let outcomes = match decided {
+            Ok(o) => o,
+            Err(e) => {
+                tracing::error!(error = %e, "the leader's journal cannot read the ledger; restarting it");
+                r.deposed.cancel();
+                return refuse(batch, &unavailable());
+            }
+        };
+        let entry = crate::cluster::ledger::DecidedRef { base, head: self.machine.head, writes: &self.writes }.encode();
+        let wait = Duration::from_millis(crate::limits::CLUSTER_COMMIT_TIMEOUT_MS);
+        let answer = r
+            .rt
+            .block_on(async { tokio::time::timeout(wait, r.raft.client_write(crate::cluster::Batch(entry))).await });
+        let refusal = match answer {
+            Ok(Ok(resp)) if resp.data == crate::cluster::Verdict::Applied => {
+                self.health.committed(time);
+                self.stats.record_batch(batch.len() as u64, self.machine.head.id - base.id);
+                return Committed(batch.into_iter().zip(outcomes).collect());
+            }
+            Ok(Ok(_)) => {
+                ApiError::new(ErrorCode::Unavailable, "the leader changed while this was decided; nothing was changed")
+            }
+            Ok(Err(openraft::error::RaftError::APIError(openraft::error::ClientWriteError::ForwardToLeader(f)))) => {
+                // Refused before it reached the log, or cut from it: never applied.
+                not_leader(f.leader_id.and_then(|id| r.clients.get(&id).cloned()))
+            }
+            Ok(Err(e)) => {
+                tracing::warn!(error = %e, "a proposal failed; its outcome is unknown");
+                unknown_outcome()
+            }
+            Err(_) => {
+                tracing::warn!("a proposal was not applied in time; its outcome is unknown");
+                unknown_outcome()
+            }
+        };
+        r.deposed.cancel();
+        refuse(batch, &refusal)
     }
 
     /// Records a failed commit: health turns failing, and the database is
@@ -361,6 +485,11 @@ impl Journal {
 
     /// Leaves a full checkpoint, so the next start replays nothing.
     fn stop(&mut self) {
+        if self.replicate.is_some() {
+            // The state machine owns the database's rows in a cluster.
+            tracing::info!(head = self.machine.head.id, "journal stopped");
+            return;
+        }
         let written = self
             .store
             .db()

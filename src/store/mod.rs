@@ -77,7 +77,7 @@ pub use queries::{
     load_users, lookup_keys, put_key, put_user, redeems, ListFilter,
 };
 pub use record::{record_hash, ChunkWriter, Head, RecordRef, TransferRecord};
-pub use recovery::{load, Loaded, LoadedAccount};
+pub use recovery::{load, replay, Loaded, LoadedAccount};
 pub use rows::{AccountMeta, HoldRecord, KeyRecord, RedeemRecord, RedeemStatus, Tombstone, UserRecord};
 
 /// The journal's records in chunks (module docs).
@@ -121,6 +121,12 @@ pub enum StoreError {
     /// The database is being reopened after a storage failure.
     #[error("the database is being reopened after a storage failure")]
     Unavailable,
+}
+
+impl From<std::io::Error> for StoreError {
+    fn from(e: std::io::Error) -> Self {
+        StoreError::Redb(redb::Error::Io(e))
+    }
 }
 
 impl StoreError {

@@ -182,7 +182,7 @@ pub fn record_hash(stored: &[u8]) -> [u8; 32] {
 }
 
 /// The last record of the journal.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Head {
     pub id: u64,
     pub hash: [u8; 32],

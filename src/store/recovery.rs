@@ -54,7 +54,7 @@ pub(super) fn legs(r: &TransferRecord) -> Result<[(&str, i64); 3], StoreError> {
 
 /// Applies one replayed record to the book. Each leg is applied only if the
 /// account's balance row does not include it yet (its `last` is older).
-fn replay(book: &mut Book, r: &TransferRecord) -> Result<(), StoreError> {
+pub fn replay(book: &mut Book, r: &TransferRecord) -> Result<(), StoreError> {
     let corrupt = |what: &str| StoreError::Corrupt(format!("replaying transfer {}: {what}", r.id));
     for (i, (account, delta)) in legs(r)?.into_iter().enumerate() {
         // Every record links its two parties; the fee leg only when it moves something.

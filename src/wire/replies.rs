@@ -7,13 +7,24 @@ use serde::{Deserialize, Serialize};
 
 use crate::ledger::Kind;
 
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Default, Serialize)]
 pub struct HelloReply {
     pub server: &'static str,
     /// The build, to logged-in callers only.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub version: Option<&'static str>,
     pub protocol: u32,
+    /// In a cluster: this member's role (`leader`, `follower`, `candidate`
+    /// or `learner`), the leader's client address (null when none is
+    /// known), the term and this member's id. Absent on a single server.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub role: Option<&'static str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub leader: Option<Option<String>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub term: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub node: Option<u64>,
 }
 
 /// `health`: the journal can commit.
@@ -177,7 +188,7 @@ pub struct HistoryReply {
     pub next: Option<u64>,
 }
 
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct AuditReply {
     pub accounts: u64,
     pub sum: i64,

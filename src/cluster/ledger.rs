@@ -1,0 +1,368 @@
+//! The ledger as openraft's state machine: every member, the leader
+//! included, writes each committed batch into its own `tally.redb`.
+//!
+//! Why every member ends with the same ledger:
+//!
+//! - **One decision, written everywhere.** The leader's journal decides a
+//!   batch as a single server does (the pure `journal::machine`) and
+//!   proposes what it decided, a [`Decided`]: the records, the rows they
+//!   change, the head before and after. Members do not re-run commands;
+//!   they write exactly these rows, replay the records onto their balances
+//!   (the replay rule start-up uses) and sweep balance rows as the journal
+//!   does. So every member's chain of records, and its head, is the
+//!   leader's.
+//! - **A batch applies only onto the head it was decided on.** A deposed
+//!   leader's journal may have decided batches on a state that a new
+//!   leader has since moved past; such an entry can still reach the log
+//!   (it was appended before the deposition). Every member checks
+//!   `base == head` and, failing it, skips the entry and answers
+//!   [`Verdict::Stale`]: the same verdict everywhere, since all apply the
+//!   same log in the same order from the same state.
+//! - **The Raft position is in the same transaction.** The last applied
+//!   log id and the membership are written to the ledger's `meta` table in
+//!   the transaction that writes the entries, committed with fsync: after
+//!   a crash a member is exactly at some applied entry, and openraft
+//!   re-applies the committed entries after it (`log.rs` keeps the
+//!   committed index), so nothing acknowledged is ever missing.
+//! - **Snapshots are the database.** A snapshot is a consistent copy of
+//!   `tally.redb` through one read transaction (`backup`), which carries its
+//!   own Raft position; installing one replaces the member's file.
+
+// openraft's StorageError is what its storage traits return.
+#![allow(clippy::result_large_err)]
+
+use std::io::Cursor;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+
+use openraft::storage::{RaftStateMachine, Snapshot};
+use openraft::{
+    Entry, EntryPayload, ErrorSubject, ErrorVerb, LogId, OptionalSend, RaftSnapshotBuilder, SnapshotMeta, StorageError,
+    StoredMembership,
+};
+use redb::{Database, Durability, ReadableDatabase};
+use serde::{Deserialize, Serialize};
+
+use super::log::failed;
+use super::{Member, TypeConfig, Verdict};
+use crate::journal::commit::{self, Sweep};
+use crate::journal::machine::Writes;
+use crate::ledger::{Book, Limits};
+use crate::store::{self, record_hash, Head, Store, StoreError, TransferRecord};
+
+type Error = StorageError<u64>;
+
+/// The Raft position in the ledger's `meta` table.
+const APPLIED: &str = "raft_applied";
+const MEMBERSHIP: &str = "raft_membership";
+
+/// One batch as the leader's journal decided it: the payload of a Raft entry.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Decided {
+    /// The head the batch was decided on.
+    pub base: Head,
+    /// The head after it.
+    pub head: Head,
+    pub writes: Writes,
+}
+
+/// A [`Decided`] to encode, borrowing the journal's writes (same bytes).
+#[derive(Serialize)]
+pub struct DecidedRef<'a> {
+    pub base: Head,
+    pub head: Head,
+    pub writes: &'a Writes,
+}
+
+impl DecidedRef<'_> {
+    #[must_use]
+    pub fn encode(&self) -> Vec<u8> {
+        rmp_serde::to_vec_named(self).expect("a batch always encodes")
+    }
+}
+
+/// The ledger as a state machine. Clones share it (openraft builds
+/// snapshots through a clone).
+#[derive(Clone)]
+pub struct LedgerMachine {
+    inner: Arc<Mutex<Inner>>,
+}
+
+struct Inner {
+    store: Arc<Store>,
+    /// Balances and last records only, for the balance rows (the journal
+    /// keeps its own book for deciding).
+    book: Book,
+    head: Head,
+    sweep: Sweep,
+    applied: Option<LogId<u64>>,
+    membership: StoredMembership<u64, Member>,
+    limits: Limits,
+    /// The last snapshot built or installed: its meta and file.
+    snapshot: Option<(SnapshotMeta<u64, Member>, PathBuf)>,
+    /// How many snapshots were built, for their ids.
+    built: u64,
+}
+
+impl LedgerMachine {
+    /// The state machine over `store`, at the position its database holds.
+    pub fn open(store: Arc<Store>, limits: Limits) -> Result<LedgerMachine, StoreError> {
+        let db = store.db()?;
+        let loaded = store::load(&db, limits)?;
+        let (applied, membership) = read_position(&db)?;
+        drop(db);
+        let sweep = Sweep { cursor: 0, from: loaded.head.id, checkpoint: 0 };
+        let inner = Inner {
+            store,
+            book: loaded.book,
+            head: loaded.head,
+            sweep,
+            applied,
+            membership,
+            limits,
+            snapshot: None,
+            built: 0,
+        };
+        Ok(LedgerMachine { inner: Arc::new(Mutex::new(inner)) })
+    }
+
+    /// Runs `f` on the state on tokio's blocking pool: it fsyncs.
+    async fn blocking<T, F>(&self, f: F) -> Result<T, Error>
+    where
+        T: Send + 'static,
+        F: FnOnce(&mut Inner) -> Result<T, StoreError> + Send + 'static,
+    {
+        let inner = self.inner.clone();
+        tokio::task::spawn_blocking(move || {
+            let mut guard = inner.lock().map_err(|_| StoreError::Corrupt("the state machine is poisoned".into()))?;
+            f(&mut guard)
+        })
+        .await
+        .map_err(|e| failed(ErrorSubject::StateMachine, ErrorVerb::Write, e))?
+        .map_err(|e| failed(ErrorSubject::StateMachine, ErrorVerb::Write, e))
+    }
+}
+
+/// The last applied log id and the membership as of it.
+type Position = (Option<LogId<u64>>, StoredMembership<u64, Member>);
+
+/// The Raft position a ledger database holds.
+fn read_position(db: &Database) -> Result<Position, StoreError> {
+    let txn = db.begin_read()?;
+    let meta = txn.open_table(store::META)?;
+    let applied = match meta.get(APPLIED)? {
+        Some(v) => decode(v.value())?,
+        None => None,
+    };
+    let membership = match meta.get(MEMBERSHIP)? {
+        Some(v) => decode(v.value())?,
+        None => StoredMembership::default(),
+    };
+    Ok((applied, membership))
+}
+
+fn decode<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> Result<T, StoreError> {
+    rmp_serde::from_slice(bytes).map_err(|e| StoreError::Corrupt(format!("raft position: {e}")))
+}
+
+fn encode<T: Serialize>(value: &T) -> Vec<u8> {
+    rmp_serde::to_vec_named(value).expect("a position always encodes")
+}
+
+impl Inner {
+    /// Applies entries in one transaction, committed with fsync.
+    fn apply(&mut self, entries: Vec<Entry<TypeConfig>>) -> Result<Vec<Verdict>, StoreError> {
+        let db = self.store.db()?;
+        let mut txn = store::begin_write(&db)?;
+        txn.set_durability(Durability::Immediate).map_err(|e| StoreError::Corrupt(format!("durability: {e}")))?;
+        let mut verdicts = Vec::with_capacity(entries.len());
+        for e in entries {
+            self.applied = Some(e.log_id);
+            let verdict = match e.payload {
+                EntryPayload::Blank => Verdict::Applied,
+                EntryPayload::Membership(m) => {
+                    self.membership = StoredMembership::new(Some(e.log_id), m);
+                    Verdict::Applied
+                }
+                EntryPayload::Normal(batch) => match rmp_serde::from_slice::<Decided>(&batch.0) {
+                    Ok(d) if d.base == self.head => {
+                        self.write(&txn, &d)?;
+                        Verdict::Applied
+                    }
+                    Ok(d) => {
+                        tracing::warn!(
+                            base = d.base.id,
+                            head = self.head.id,
+                            "a batch decided on another state is skipped"
+                        );
+                        Verdict::Stale
+                    }
+                    Err(err) => {
+                        // Every member skips it alike; nobody was told it applied.
+                        tracing::error!(error = %err, index = e.log_id.index, "an entry that is not a batch is skipped");
+                        Verdict::Stale
+                    }
+                },
+            };
+            verdicts.push(verdict);
+        }
+        {
+            let mut meta = txn.open_table(store::META)?;
+            meta.insert(APPLIED, encode(&self.applied).as_slice())?;
+            meta.insert(MEMBERSHIP, encode(&self.membership).as_slice())?;
+        }
+        txn.commit()?;
+        Ok(verdicts)
+    }
+
+    /// Writes one decided batch: the accounts it creates, its records
+    /// replayed onto the balances (checked to chain from the head), its
+    /// rows, a slice of balance rows and its head.
+    fn write(&mut self, txn: &redb::WriteTransaction, d: &Decided) -> Result<(), StoreError> {
+        let corrupt = |what: String| StoreError::Corrupt(format!("batch after {}: {what}", d.base.id));
+        let mut created: Vec<(&String, u32)> = d
+            .writes
+            .accounts
+            .iter()
+            .filter(|(_, m)| m.num as usize >= self.book.len())
+            .map(|(id, m)| (id, m.num))
+            .collect();
+        created.sort_unstable_by_key(|&(_, num)| num);
+        for (id, num) in created {
+            let got = self.book.create(id).map_err(|e| corrupt(e.to_string()))?;
+            if got != num {
+                return Err(corrupt(format!("account {id} is number {num} here, {got} on the leader")));
+            }
+        }
+        let mut prev = self.head;
+        for (id, stored) in d.writes.each_record() {
+            let r = TransferRecord::decode(stored)?;
+            if r.id != id || id != prev.id + 1 || r.prev != prev.hash {
+                return Err(corrupt(format!("record {id} does not chain")));
+            }
+            store::replay(&mut self.book, &r)?;
+            prev = Head { id, hash: record_hash(stored) };
+        }
+        if prev != d.head {
+            return Err(corrupt("its records do not end at its head".into()));
+        }
+        commit::put(txn, &d.writes, &mut self.book, d.head, &mut self.sweep)?;
+        self.head = d.head;
+        Ok(())
+    }
+
+    /// A consistent copy of the database, with the position it holds.
+    fn build(&mut self) -> Result<(SnapshotMeta<u64, Member>, Vec<u8>), StoreError> {
+        let db = self.store.db()?;
+        let dir = self.store.path().with_extension("snapshots");
+        std::fs::create_dir_all(&dir)?;
+        self.built += 1;
+        let path = dir.join(format!("built-{}.redb", self.built));
+        let _ = std::fs::remove_file(&path);
+        store::backup(&db, &path)?;
+        let copy = Database::open(&path)?;
+        let (applied, membership) = read_position(&copy)?;
+        drop(copy);
+        let meta = SnapshotMeta {
+            last_log_id: applied,
+            last_membership: membership,
+            snapshot_id: format!("{}-{}", applied.map_or(0, |l| l.index), self.built),
+        };
+        let bytes = std::fs::read(&path)?;
+        if let Some((_, old)) = self.snapshot.replace((meta.clone(), path)) {
+            let _ = std::fs::remove_file(old);
+        }
+        Ok((meta, bytes))
+    }
+
+    /// Replaces the database with a snapshot's, and the state with its.
+    fn install(&mut self, meta: &SnapshotMeta<u64, Member>, bytes: &[u8]) -> Result<(), StoreError> {
+        let dir = self.store.path().with_extension("snapshots");
+        std::fs::create_dir_all(&dir)?;
+        let path = dir.join("installing.redb");
+        std::fs::write(&path, bytes)?;
+        std::fs::File::open(&path)?.sync_all()?;
+        // Check it before anything is replaced.
+        let check = Database::open(&path)?;
+        let loaded = store::load(&check, self.limits)?;
+        let (applied, membership) = read_position(&check)?;
+        drop(check);
+        if applied != meta.last_log_id {
+            return Err(StoreError::Corrupt("a snapshot whose position is not its meta's".into()));
+        }
+        let live = self.store.path().to_owned();
+        let retired = self.store.take();
+        if let Some(db) = retired {
+            drop(db);
+        }
+        std::fs::rename(&path, &live)?;
+        std::fs::File::open(live.parent().unwrap_or(&live))?.sync_all()?;
+        self.store.put(Arc::new(store::open(&live)?));
+        self.book = loaded.book;
+        self.head = loaded.head;
+        self.sweep = Sweep { cursor: 0, from: loaded.head.id, checkpoint: 0 };
+        self.applied = applied;
+        self.membership = membership;
+        let kept = dir.join(format!("installed-{}.redb", meta.snapshot_id));
+        let _ = std::fs::remove_file(&kept);
+        self.store.db().and_then(|db| store::backup(&db, &kept).map(|_| ()))?;
+        if let Some((_, old)) = self.snapshot.replace((meta.clone(), kept)) {
+            let _ = std::fs::remove_file(old);
+        }
+        Ok(())
+    }
+}
+
+impl RaftSnapshotBuilder<TypeConfig> for LedgerMachine {
+    async fn build_snapshot(&mut self) -> Result<Snapshot<TypeConfig>, Error> {
+        let (meta, bytes) = self.blocking(Inner::build).await?;
+        Ok(Snapshot { meta, snapshot: Box::new(Cursor::new(bytes)) })
+    }
+}
+
+impl RaftStateMachine<TypeConfig> for LedgerMachine {
+    type SnapshotBuilder = LedgerMachine;
+
+    async fn applied_state(&mut self) -> Result<(Option<LogId<u64>>, StoredMembership<u64, Member>), Error> {
+        self.blocking(|s| Ok((s.applied, s.membership.clone()))).await
+    }
+
+    async fn apply<I>(&mut self, entries: I) -> Result<Vec<Verdict>, Error>
+    where
+        I: IntoIterator<Item = Entry<TypeConfig>> + OptionalSend,
+        I::IntoIter: OptionalSend,
+    {
+        let entries: Vec<_> = entries.into_iter().collect();
+        self.blocking(move |s| s.apply(entries)).await
+    }
+
+    async fn get_snapshot_builder(&mut self) -> LedgerMachine {
+        self.clone()
+    }
+
+    async fn begin_receiving_snapshot(&mut self) -> Result<Box<Cursor<Vec<u8>>>, Error> {
+        Ok(Box::new(Cursor::new(Vec::new())))
+    }
+
+    async fn install_snapshot(
+        &mut self,
+        meta: &SnapshotMeta<u64, Member>,
+        snapshot: Box<Cursor<Vec<u8>>>,
+    ) -> Result<(), Error> {
+        let meta = meta.clone();
+        let bytes = snapshot.into_inner();
+        self.blocking(move |s| s.install(&meta, &bytes)).await
+    }
+
+    async fn get_current_snapshot(&mut self) -> Result<Option<Snapshot<TypeConfig>>, Error> {
+        self.blocking(|s| {
+            let Some((meta, path)) = &s.snapshot else { return Ok(None) };
+            let bytes = std::fs::read(path)?;
+            Ok(Some(Snapshot { meta: meta.clone(), snapshot: Box::new(Cursor::new(bytes)) }))
+        })
+        .await
+    }
+}
+
+#[cfg(test)]
+mod tests;

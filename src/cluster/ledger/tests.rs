@@ -1,0 +1,158 @@
+//! Two state machines fed the same entries end with the same ledger; a
+//! batch decided on another head is skipped by both; a snapshot carries a
+//! new member to the same ledger and Raft position.
+
+use std::sync::Arc;
+
+use openraft::storage::RaftStateMachine;
+use openraft::{CommittedLeaderId, Entry, EntryPayload, LogId, RaftSnapshotBuilder};
+
+use super::*;
+use crate::auth::{Principal, Role};
+use crate::cluster::Batch;
+use crate::contract::{Command, CreateCmd, TransferCmd};
+use crate::journal::commit::RedbCold;
+use crate::journal::machine::Machine;
+use crate::ledger::{FeeRounding, Kind, Mode};
+use crate::reply::ReplyTo;
+use crate::store::AccountMeta;
+use crate::wire::Shape;
+
+const T0: u64 = 1_800_000_000_000;
+
+fn create(account: &str, initial: i64) -> Command {
+    Command::Create(Box::new(CreateCmd {
+        account: account.into(),
+        meta: AccountMeta { created: T0, ..AccountMeta::default() },
+        initial,
+        user: None,
+        by: "admin".into(),
+        reply: ReplyTo::channel().0,
+    }))
+}
+
+fn transfer(from: &str, to: &str, amount: i64, key: &str) -> Command {
+    Command::Transfer(Box::new(TransferCmd {
+        kind: Kind::Transfer,
+        from: from.into(),
+        from_num: None,
+        to: to.into(),
+        amount,
+        fee: 0,
+        memo: None,
+        key: Some(key.into()),
+        mode: Mode::Unreserved,
+        shape: Shape::Transfer,
+        hold: None,
+        by: Some(Principal::user("admin", Role::Admin).user),
+        reply: ReplyTo::channel().0,
+    }))
+}
+
+struct Member {
+    _dir: tempfile::TempDir,
+    store: Arc<Store>,
+    machine: LedgerMachine,
+}
+
+fn member() -> Member {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Arc::new(Store::open(&dir.path().join("tally.redb")).unwrap());
+    let machine = LedgerMachine::open(store.clone(), Limits::default()).unwrap();
+    Member { _dir: dir, store, machine }
+}
+
+fn audit(m: &Member) -> crate::wire::AuditReply {
+    store::audit(&m.store.db().unwrap()).unwrap()
+}
+
+fn entry(index: u64, d: &DecidedRef<'_>) -> Entry<TypeConfig> {
+    Entry { log_id: LogId::new(CommittedLeaderId::new(1, 1), index), payload: EntryPayload::Normal(Batch(d.encode())) }
+}
+
+/// The leader's journal: decides `batch` on `leader`'s applied state.
+fn decide(journal: &mut Machine, leader: &Member, batch: &[Command], time: u64) -> (Head, Writes) {
+    let base = journal.head;
+    let mut w = Writes::default();
+    let db = leader.store.db().unwrap();
+    journal.apply(&RedbCold::new(&db), batch, time, &mut w).unwrap();
+    (base, w)
+}
+
+fn journal_on(m: &Member) -> Machine {
+    let loaded = store::load(&m.store.db().unwrap(), Limits::default()).unwrap();
+    Machine { book: loaded.book, head: loaded.head, expiring: Default::default(), fee_rounding: FeeRounding::Down }
+}
+
+#[tokio::test]
+async fn members_fed_the_same_entries_end_with_the_same_ledger_and_skip_stale_batches_alike() {
+    let (mut a, mut b) = (member(), member());
+    let mut journal = journal_on(&a);
+    let batches = [
+        vec![create("alice", 500), create("bob", 0)],
+        vec![transfer("alice", "bob", 120, "k1"), transfer("bob", "alice", 20, "k2")],
+        vec![transfer("alice", "bob", 1_000, "k3"), create("carol", 7)],
+    ];
+    let mut index = 0;
+    let mut stale = None;
+    for (i, batch) in batches.iter().enumerate() {
+        let (base, writes) = decide(&mut journal, &a, batch, T0 + i as u64);
+        index += 1;
+        let e = entry(index, &DecidedRef { base, head: journal.head, writes: &writes });
+        if i == 1 {
+            // Kept to be proposed again once the head has moved past it.
+            stale = Some((base, writes.clone(), journal.head));
+        }
+        assert_eq!(a.machine.apply(vec![e.clone()]).await.unwrap(), vec![Verdict::Applied]);
+        assert_eq!(b.machine.apply(vec![e]).await.unwrap(), vec![Verdict::Applied]);
+    }
+    let before = audit(&a);
+    // Two mints (alice's 500, carol's 7; bob starts at 0) and two
+    // transfers; the 1,000 was refused.
+    assert_eq!((before.transfers, before.sum, before.chain_ok), (4, 0, true));
+    assert_eq!(before, audit(&b));
+    let loaded = store::load(&b.store.db().unwrap(), Limits::default()).unwrap();
+    assert_eq!(loaded.book.get("alice").map(|x| x.balance), Some(400));
+    assert_eq!(loaded.book.get("bob").map(|x| x.balance), Some(100));
+    assert_eq!(loaded.head, journal.head);
+
+    let (base, writes, head) = stale.unwrap();
+    let e = entry(index + 1, &DecidedRef { base, head, writes: &writes });
+    assert_eq!(a.machine.apply(vec![e.clone()]).await.unwrap(), vec![Verdict::Stale]);
+    assert_eq!(b.machine.apply(vec![e]).await.unwrap(), vec![Verdict::Stale]);
+    assert_eq!(audit(&a), before);
+    assert_eq!(audit(&b), before);
+    let (applied, _) = b.machine.applied_state().await.unwrap();
+    assert_eq!(applied.map(|l| l.index), Some(index + 1));
+
+    // The position survives a reopen with the ledger it belongs to.
+    let reopened = LedgerMachine::open(b.store.clone(), Limits::default()).unwrap();
+    let (again, _) = { reopened }.applied_state().await.unwrap();
+    assert_eq!(again, applied);
+}
+
+#[tokio::test]
+async fn a_snapshot_carries_a_new_member_to_the_same_ledger_and_position() {
+    let (mut a, mut c) = (member(), member());
+    let mut journal = journal_on(&a);
+    let (base, writes) = decide(&mut journal, &a, &[create("alice", 50), create("bob", 5)], T0);
+    let e = entry(1, &DecidedRef { base, head: journal.head, writes: &writes });
+    a.machine.apply(vec![e]).await.unwrap();
+    let (base, writes) = decide(&mut journal, &a, &[transfer("alice", "bob", 8, "k")], T0 + 1);
+    a.machine.apply(vec![entry(2, &DecidedRef { base, head: journal.head, writes: &writes })]).await.unwrap();
+
+    let snap = a.machine.get_snapshot_builder().await.build_snapshot().await.unwrap();
+    assert_eq!(snap.meta.last_log_id.map(|l| l.index), Some(2));
+    c.machine.install_snapshot(&snap.meta, snap.snapshot).await.unwrap();
+    assert_eq!(audit(&c), audit(&a));
+    assert_eq!(c.machine.applied_state().await.unwrap().0, snap.meta.last_log_id);
+    let current = c.machine.get_current_snapshot().await.unwrap().expect("the installed snapshot");
+    assert_eq!(current.meta, snap.meta);
+
+    // The new member applies what comes after the snapshot.
+    let (base, writes) = decide(&mut journal, &a, &[transfer("bob", "alice", 3, "k2")], T0 + 2);
+    let e = entry(3, &DecidedRef { base, head: journal.head, writes: &writes });
+    assert_eq!(a.machine.apply(vec![e.clone()]).await.unwrap(), vec![Verdict::Applied]);
+    assert_eq!(c.machine.apply(vec![e]).await.unwrap(), vec![Verdict::Applied]);
+    assert_eq!(audit(&c), audit(&a));
+}

@@ -1,0 +1,182 @@
+//! A member's Raft side as the server runs it: the log, the ledger state
+//! machine, the member port, forming the cluster, and a [`View`] of who
+//! leads for `hello` and `not_leader`.
+//!
+//! Forming: with empty data folders, the member with the lowest id
+//! initializes the cluster with every `[[cluster.node]]`, once (openraft
+//! refuses a second initialization, and a restarted member finds its
+//! membership in its log); the others wait to be contacted. An election
+//! needs a majority, so the cluster serves once a majority is up.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use openraft::{Raft, ServerState, SnapshotPolicy};
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+use super::ledger::LedgerMachine;
+use super::log::LogStore;
+use super::net::{self, Network, Secret};
+use super::{Member, TypeConfig};
+use crate::config::ClusterConfig;
+use crate::error::ApiError;
+use crate::ledger::Limits;
+use crate::limits::{
+    CLUSTER_ELECTION_MAX_MS, CLUSTER_ELECTION_MIN_MS, CLUSTER_HEARTBEAT_MS, CLUSTER_LOG_KEPT, CLUSTER_SNAPSHOT_EVERY,
+};
+use crate::store::Store;
+
+/// Who this member is and who leads, as it last saw it.
+pub struct View {
+    pub node: u64,
+    state: Mutex<Seen>,
+}
+
+/// One sighting of the cluster.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Seen {
+    /// `leader`, `follower`, `candidate` or `learner`.
+    pub role: &'static str,
+    /// The leader's id and client address, when known.
+    pub leader: Option<(u64, String)>,
+    pub term: u64,
+}
+
+impl View {
+    #[must_use]
+    pub fn seen(&self) -> Seen {
+        self.state.lock().map(|s| s.clone()).unwrap_or_default()
+    }
+
+    /// `not_leader` with the leader's client address, unless it is this
+    /// member (still catching up, or stepping down): then none.
+    #[must_use]
+    pub fn not_leader(&self) -> ApiError {
+        let leader = self.seen().leader.filter(|(id, _)| *id != self.node).map(|(_, client)| client);
+        crate::journal::not_leader(leader)
+    }
+}
+
+/// What one run of the server's ledger knows about the cluster.
+pub struct Serving {
+    pub view: Arc<View>,
+    /// Whether this run was started as the leader's (with the cluster's
+    /// applied state loaded).
+    pub leading: bool,
+    /// Cancelled when the leader's journal stops proposing.
+    pub deposed: CancellationToken,
+}
+
+impl Serving {
+    /// Whether this run takes requests that read or change the ledger.
+    #[must_use]
+    pub fn serves(&self) -> bool {
+        self.leading && !self.deposed.is_cancelled()
+    }
+}
+
+/// A started member.
+pub struct Node {
+    pub raft: Raft<TypeConfig>,
+    pub view: Arc<View>,
+    pub me: u64,
+    /// Every member's client address.
+    pub clients: BTreeMap<u64, String>,
+    stop: CancellationToken,
+}
+
+impl Node {
+    /// Opens the log (`DATA/raft.redb`) and the state machine over `store`,
+    /// starts Raft and the member port, and forms the cluster if this is
+    /// the member that does.
+    pub async fn start(c: &ClusterConfig, data: &Path, store: Arc<Store>, limits: Limits) -> Result<Node, String> {
+        let secret = Secret::new(&c.secret)?;
+        let log = LogStore::open(&data.join("raft.redb")).map_err(|e| format!("raft log: {e}"))?;
+        let machine = LedgerMachine::open(store, limits).map_err(|e| format!("ledger: {e}"))?;
+        let config = openraft::Config {
+            cluster_name: "tally".into(),
+            heartbeat_interval: CLUSTER_HEARTBEAT_MS,
+            election_timeout_min: CLUSTER_ELECTION_MIN_MS,
+            election_timeout_max: CLUSTER_ELECTION_MAX_MS,
+            snapshot_policy: SnapshotPolicy::LogsSinceLast(CLUSTER_SNAPSHOT_EVERY),
+            max_in_snapshot_log_to_keep: CLUSTER_LOG_KEPT,
+            ..Default::default()
+        };
+        let config = Arc::new(config.validate().map_err(|e| e.to_string())?);
+        let raft = Raft::new(c.id, config, Network::new(c.id, secret.clone()), log, machine)
+            .await
+            .map_err(|e| format!("raft: {e}"))?;
+        let listener = TcpListener::bind(&c.raft_listen)
+            .await
+            .map_err(|e| format!("cannot listen on cluster.raft_listen {}: {e}", c.raft_listen))?;
+        let stop = CancellationToken::new();
+        tokio::spawn(net::serve(listener, raft.clone(), c.id, secret, stop.clone()));
+        let members: BTreeMap<u64, Member> =
+            c.node.iter().map(|n| (n.id, Member { client: n.client.clone(), raft: n.raft.clone() })).collect();
+        let first = members.keys().next().copied();
+        if first == Some(c.id) && !raft.is_initialized().await.map_err(|e| e.to_string())? {
+            match raft.initialize(members.clone()).await {
+                Ok(()) => tracing::info!(members = members.len(), "formed the cluster"),
+                // Another start of this member did it already.
+                Err(e) => tracing::info!(error = %e, "the cluster was formed before"),
+            }
+        }
+        let clients = members.iter().map(|(id, m)| (*id, m.client.clone())).collect();
+        let view = Arc::new(View { node: c.id, state: Mutex::new(Seen::default()) });
+        tokio::spawn(watch(raft.clone(), view.clone(), stop.clone()));
+        Ok(Node { raft, view, me: c.id, clients, stop })
+    }
+
+    /// Whether this member leads now, and in which term.
+    #[must_use]
+    pub fn leading(&self) -> Option<u64> {
+        let m = self.raft.metrics().borrow().clone();
+        (m.state == ServerState::Leader && m.current_leader == Some(self.me)).then_some(m.current_term)
+    }
+
+    /// Waits until this member has applied everything the cluster
+    /// committed (openraft's read index: a majority confirms the leader),
+    /// bounded by `within`.
+    pub async fn caught_up(&self, within: Duration) -> bool {
+        matches!(tokio::time::timeout(within, self.raft.ensure_linearizable()).await, Ok(Ok(_)))
+    }
+
+    /// Stops the member port and Raft.
+    pub async fn stop(self) {
+        self.stop.cancel();
+        if let Err(e) = self.raft.shutdown().await {
+            tracing::warn!(error = %e, "raft did not stop cleanly");
+        }
+    }
+}
+
+/// Keeps `view` up to date with Raft's metrics until `stop`.
+async fn watch(raft: Raft<TypeConfig>, view: Arc<View>, stop: CancellationToken) {
+    let mut rx = raft.metrics();
+    loop {
+        let seen = {
+            let m = rx.borrow_and_update();
+            let role = match m.state {
+                ServerState::Leader => "leader",
+                ServerState::Candidate => "candidate",
+                ServerState::Learner => "learner",
+                ServerState::Follower | ServerState::Shutdown => "follower",
+            };
+            let leader = m.current_leader.map(|id| {
+                let client = m.membership_config.membership().get_node(&id).map(|n| n.client.clone());
+                (id, client.unwrap_or_default())
+            });
+            Seen { role, leader, term: m.current_term }
+        };
+        if let Ok(mut s) = view.state.lock() {
+            *s = seen;
+        }
+        tokio::select! {
+            () = stop.cancelled() => return,
+            changed = rx.changed() => if changed.is_err() { return },
+        }
+    }
+}

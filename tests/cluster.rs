@@ -1,0 +1,333 @@
+//! A cluster of three real `tally` processes on loopback, started by the
+//! test with a `[cluster]` configuration each: they form by themselves,
+//! only the leader serves the ledger, and killing the leader with SIGKILL
+//! loses no acknowledged transfer.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+use tally::client::{Client, ClientError};
+
+use common::ADMIN_PASSWORD;
+
+const SECRET: &str = "a cluster secret of at least thirty-two bytes";
+/// Elections, restarts and catching up, on a shared 2-core machine.
+const WAIT: Duration = Duration::from_secs(30);
+
+/// One member: its process, its folder and its two addresses.
+struct Member {
+    id: u64,
+    client: SocketAddr,
+    config: PathBuf,
+    data: PathBuf,
+    log: PathBuf,
+    child: Option<Child>,
+}
+
+impl Member {
+    fn spawn(&mut self) {
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(&self.log).expect("log file");
+        let mut child = Command::new(env!("CARGO_BIN_EXE_tally"))
+            .args(["serve", "--config"])
+            .arg(&self.config)
+            .arg("--data")
+            .arg(&self.data)
+            .env("TALLY_AUTH_ADMIN_PASSWORD", ADMIN_PASSWORD)
+            .env("TALLY_LOG", "info,openraft=warn")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::from(log))
+            .spawn()
+            .expect("spawn tally");
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().expect("stdout")).read_line(&mut line).expect("a listening line");
+        assert_eq!(line.trim(), format!("tally listening on {}", self.client), "member {}", self.id);
+        self.child = Some(child);
+    }
+
+    fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for Member {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+struct Cluster {
+    _dir: tempfile::TempDir,
+    members: BTreeMap<u64, Member>,
+}
+
+/// A free port on loopback (bound, then let go for the member to take).
+fn free_port() -> SocketAddr {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap()
+}
+
+impl Cluster {
+    fn start(n: u64) -> Cluster {
+        let dir = tempfile::tempdir().unwrap();
+        let addrs: BTreeMap<u64, (SocketAddr, SocketAddr)> =
+            (1..=n).map(|id| (id, (free_port(), free_port()))).collect();
+        let nodes: String = addrs
+            .iter()
+            .map(|(id, (client, raft))| {
+                format!("[[cluster.node]]\nid = {id}\nclient = \"{client}\"\nraft = \"{raft}\"\n")
+            })
+            .collect();
+        let mut members = BTreeMap::new();
+        for (&id, &(client, raft)) in &addrs {
+            let config = dir.path().join(format!("member-{id}.toml"));
+            let text = format!(
+                "listen = \"{client}\"\ntext_mode = false\n\n[cluster]\nid = {id}\nraft_listen = \"{raft}\"\nsecret = \"{SECRET}\"\n\n{nodes}"
+            );
+            std::fs::write(&config, text).unwrap();
+            let mut m = Member {
+                id,
+                client,
+                config,
+                data: dir.path().join(format!("data-{id}")),
+                log: dir.path().join(format!("member-{id}.log")),
+                child: None,
+            };
+            m.spawn();
+            members.insert(id, m);
+        }
+        Cluster { _dir: dir, members }
+    }
+
+    /// The member every running member agrees leads, once one serves.
+    async fn leader(&self) -> u64 {
+        let deadline = Instant::now() + WAIT;
+        loop {
+            let mut leaders = Vec::new();
+            for m in self.members.values().filter(|m| m.child.is_some()) {
+                if let Ok(h) = hello(m.client).await {
+                    if h["role"] == "leader" {
+                        leaders.push(m.id);
+                    }
+                }
+            }
+            if let [one] = leaders[..] {
+                return one;
+            }
+            assert!(Instant::now() < deadline, "no single leader within {WAIT:?}: {leaders:?}\n{}", self.logs());
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    fn logs(&self) -> String {
+        self.members.values().map(|m| format!("---- member {} ----\n{}", m.id, m.log())).collect()
+    }
+
+    /// An admin connection to member `id`, logged in at the leader.
+    async fn admin(&self, id: u64, token: &str) -> Client {
+        let c = Client::connect(self.members[&id].client).await.expect("connect");
+        c.call("auth", json!({ "token": token })).await.expect("auth with the leader's token");
+        c
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        // A failing test shows what the members said.
+        if std::thread::panicking() {
+            eprintln!("{}", self.logs());
+        }
+    }
+}
+
+async fn hello(addr: SocketAddr) -> Result<Value, ClientError> {
+    let c = tokio::time::timeout(Duration::from_secs(2), Client::connect(addr))
+        .await
+        .map_err(|_| ClientError::Closed)??;
+    tokio::time::timeout(Duration::from_secs(2), c.call("hello", json!({}))).await.map_err(|_| ClientError::Closed)?
+}
+
+async fn admin_token(addr: SocketAddr) -> String {
+    let c = Client::connect(addr).await.expect("connect");
+    let r = c.login("admin", ADMIN_PASSWORD).await.expect("admin login at the leader");
+    r["token"].as_str().unwrap().to_owned()
+}
+
+const ACCOUNTS: usize = 8;
+const EACH: i64 = 1_000;
+
+fn account(i: usize) -> String {
+    format!("bank-{i}")
+}
+
+/// What a worker sent and what became of it: key -> (from, to, amount,
+/// the record id if acknowledged).
+type Sent = BTreeMap<String, (usize, usize, i64, Option<u64>)>;
+
+/// Sends keyed transfers, `depth` at a time, on one connection to `addr`
+/// until the connection fails; returns what it sent.
+async fn worker(
+    addr: SocketAddr,
+    token: String,
+    name: String,
+    depth: usize,
+    acked: Arc<std::sync::atomic::AtomicU64>,
+) -> Sent {
+    let mut sent = Sent::new();
+    let Ok(c) = Client::connect(addr).await else { return sent };
+    if c.call("auth", json!({ "token": token })).await.is_err() {
+        return sent;
+    }
+    let c = Arc::new(c);
+    let mut n = 0usize;
+    loop {
+        let mut calls = Vec::new();
+        for _ in 0..depth {
+            n += 1;
+            let from = n % ACCOUNTS;
+            let to = (n * 7 + 3) % ACCOUNTS;
+            let to = if to == from { (to + 1) % ACCOUNTS } else { to };
+            let amount = (n % 5 + 1) as i64;
+            let key = format!("{name}-{n}");
+            sent.insert(key.clone(), (from, to, amount, None));
+            let c = c.clone();
+            calls.push(Box::pin(async move {
+                let r = c.transfer(Some(&account(from)), &account(to), amount, Some(&key)).await;
+                (key, r)
+            }));
+        }
+        let mut failed = false;
+        for (key, r) in common::join_all(calls).await {
+            match r {
+                Ok(v) => {
+                    sent.get_mut(&key).unwrap().3 = Some(v["id"].as_u64().expect("an id"));
+                    acked.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                }
+                // Amounts are small and balances start at 1,000, but a
+                // run of debits can still empty an account.
+                Err(e) if e.code() == Some("insufficient_funds") => {}
+                Err(_) => failed = true,
+            }
+        }
+        if failed {
+            return sent;
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn acknowledged_transfers_survive_five_kills_of_the_leader() {
+    let mut cluster = Cluster::start(3);
+    let leader = cluster.leader().await;
+    let token = admin_token(cluster.members[&leader].client).await;
+    let admin = cluster.admin(leader, &token).await;
+    for i in 0..ACCOUNTS {
+        common::create(&admin, &account(i), EACH).await;
+    }
+    drop(admin);
+
+    // A follower refuses the ledger and names the leader.
+    let follower = *cluster.members.keys().find(|&&id| id != leader).unwrap();
+    let f = cluster.admin(follower, &token).await;
+    let e = f.balance(Some(&account(0))).await.unwrap_err();
+    assert_eq!(e.code(), Some("not_leader"), "{e}");
+    let h = hello(cluster.members[&follower].client).await.unwrap();
+    assert_eq!(h["role"], "follower", "{h}");
+    assert_eq!(h["leader"], cluster.members[&leader].client.to_string(), "{h}");
+    assert_eq!(h["node"], follower, "{h}");
+    drop(f);
+
+    let mut all = Sent::new();
+    let mut leader = leader;
+    for round in 0..5 {
+        let token = admin_token(cluster.members[&leader].client).await;
+        let acked = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let workers: Vec<_> = (0..3)
+            .map(|w| {
+                let addr = cluster.members[&leader].client;
+                tokio::spawn(worker(addr, token.clone(), format!("r{round}w{w}"), 16, acked.clone()))
+            })
+            .collect();
+        // Kill the leader once the workers are well under way.
+        let deadline = Instant::now() + WAIT;
+        while acked.load(std::sync::atomic::Ordering::Relaxed) < 300 {
+            assert!(Instant::now() < deadline, "round {round}: the workers made no progress\n{}", cluster.logs());
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        cluster.members.get_mut(&leader).unwrap().kill9();
+        for w in workers {
+            all.extend(w.await.unwrap());
+        }
+        let killed = leader;
+        leader = cluster.leader().await;
+        assert_ne!(leader, killed);
+        cluster.members.get_mut(&killed).unwrap().spawn();
+    }
+
+    // Settle every transfer whose answer was lost: the same key again, at
+    // the leader, answers with the original record if it was applied.
+    let leader = cluster.leader().await;
+    let token = admin_token(cluster.members[&leader].client).await;
+    let admin = cluster.admin(leader, &token).await;
+    let mut acknowledged = 0;
+    for (key, (from, to, amount, id)) in &all {
+        let again = admin.transfer(Some(&account(*from)), &account(*to), *amount, Some(key)).await;
+        match (id, again) {
+            (Some(id), Ok(v)) => {
+                assert_eq!(v["id"].as_u64(), Some(*id), "key {key}: a replay gives the acknowledged record");
+                acknowledged += 1;
+            }
+            (None, Ok(_)) => {}
+            (_, Err(e)) if e.code() == Some("insufficient_funds") => {
+                assert!(id.is_none(), "key {key}: acknowledged, then refused on replay");
+            }
+            (_, Err(e)) => panic!("key {key}: {e}"),
+        }
+    }
+    assert!(acknowledged >= 5 * 300, "acknowledged {acknowledged}");
+    for (key, (from, to, amount, id)) in &all {
+        if let Some(id) = id {
+            let t = admin.call("get_transfer", json!({ "id": id })).await.expect("an acknowledged transfer");
+            assert_eq!(
+                (t["from"].as_str(), t["to"].as_str(), t["amount"].as_i64()),
+                (Some(account(*from).as_str()), Some(account(*to).as_str()), Some(*amount)),
+                "key {key}"
+            );
+        }
+    }
+    let mut total = 0;
+    for i in 0..ACCOUNTS {
+        let b = common::balance(&admin, &account(i)).await;
+        assert!(b >= 0, "{} is {b}", account(i));
+        total += b;
+    }
+    assert_eq!(total, EACH * ACCOUNTS as i64);
+    let head = common::audit_ok(&admin).await;
+
+    // Every member ends at the same head.
+    for id in cluster.members.keys().copied().collect::<Vec<_>>() {
+        let c = cluster.admin(id, &token).await;
+        let deadline = Instant::now() + WAIT;
+        loop {
+            let a = c.call("audit", json!({})).await.expect("audit");
+            if a == head {
+                break;
+            }
+            assert!(Instant::now() < deadline, "member {id} ends at {a}, the leader at {head}");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
