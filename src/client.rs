@@ -39,6 +39,8 @@ pub enum ClientError {
         message: String,
         /// The failing item of an atomic `transfer_batch`.
         item: Option<usize>,
+        /// With `not_leader`: the leader's client address, when known.
+        leader: Option<String>,
     },
     #[error("connection: {0}")]
     Io(#[from] std::io::Error),
@@ -54,6 +56,15 @@ impl ClientError {
     pub fn code(&self) -> Option<&str> {
         match self {
             ClientError::Server { code, .. } => Some(code),
+            _ => None,
+        }
+    }
+
+    /// With `not_leader`: where the leader is, if the member knew.
+    #[must_use]
+    pub fn leader(&self) -> Option<&str> {
+        match self {
+            ClientError::Server { leader, .. } => leader.as_deref(),
             _ => None,
         }
     }
@@ -92,6 +103,7 @@ struct RawError {
     code: String,
     message: String,
     item: Option<usize>,
+    leader: Option<String>,
 }
 
 impl Client {
@@ -239,7 +251,7 @@ fn deliver(pending: &Pending, body: &[u8]) {
         return;
     };
     let result = match (r.ok, r.err) {
-        (_, Some(e)) => Err(ClientError::Server { code: e.code, message: e.message, item: e.item }),
+        (_, Some(e)) => Err(ClientError::Server { code: e.code, message: e.message, item: e.item, leader: e.leader }),
         (Some(v), None) => Ok(v),
         (None, None) => Err(ClientError::Protocol("an answer with neither ok nor err".into())),
     };

@@ -61,6 +61,15 @@ pub struct ClusterConfig {
     /// Every member, this one included.
     #[serde(default)]
     pub node: Vec<NodeConfig>,
+    /// A member snapshots its ledger after this many Raft entries (each a
+    /// batch) and drops the log below it but for a tenth; a member further
+    /// behind catches up through a snapshot.
+    #[serde(default = "snapshot_every_default")]
+    pub snapshot_every: u64,
+}
+
+fn snapshot_every_default() -> u64 {
+    crate::limits::CLUSTER_SNAPSHOT_EVERY
 }
 
 impl std::fmt::Debug for ClusterConfig {
@@ -71,6 +80,7 @@ impl std::fmt::Debug for ClusterConfig {
             .field("raft_listen", &self.raft_listen)
             .field("secret", &"<set>")
             .field("node", &self.node)
+            .field("snapshot_every", &self.snapshot_every)
             .finish()
     }
 }
@@ -313,6 +323,9 @@ impl ClusterConfig {
         if self.raft_listen.is_empty() {
             return bad("cluster.raft_listen is empty".into());
         }
+        if !(10..=10_000_000).contains(&self.snapshot_every) {
+            return bad("cluster.snapshot_every must be 10..=10000000".into());
+        }
         if self.node.is_empty() || self.node.len() > crate::limits::CLUSTER_MEMBERS_MAX {
             return bad(format!("[[cluster.node]] must list 1..={} members", crate::limits::CLUSTER_MEMBERS_MAX));
         }
@@ -343,7 +356,7 @@ const KEYS: &[(&str, &[&str])] = &[
     ("auth", &["admin_password", "jwt_secret", "token_ttl_s", "signup", "sessions"]),
     ("tls", &["listen", "cert", "key", "client_ca"]),
     ("http", &["listen", "metrics_public"]),
-    ("cluster", &["id", "raft_listen", "secret"]),
+    ("cluster", &["id", "raft_listen", "secret", "snapshot_every"]),
     ("mail", &["transport", "from"]),
     ("otp", &["ttl_s", "tries_max", "resends_max", "transfer_min"]),
     (
@@ -621,6 +634,10 @@ impl Config {
         }
         if let Some(c) = &self.cluster {
             c.validate()?;
+            if self.auth.admin_password.is_none() {
+                // Each member would make its own admin with its own password.
+                return bad("a cluster needs auth.admin_password, the same on every member");
+            }
         }
         if let Some(pw) = &self.auth.admin_password {
             // An empty or short value (a variable set to nothing, say) must
@@ -782,5 +799,50 @@ mod tests {
         assert!(!shown.contains("hunter2-secret"));
         assert!(!shown.contains("relay-secret"), "{shown}");
         assert!(shown.contains("mail.example.org:465"), "{shown}");
+    }
+
+    /// A three-member `[cluster]` file for member `id`, with `secret`.
+    fn cluster_file(dir: &Path, id: u64, secret: &str) -> PathBuf {
+        let nodes: String = (1..=3)
+            .map(|n| {
+                format!("[[cluster.node]]\nid = {n}\nclient = \"127.0.0.1:770{n}\"\nraft = \"127.0.0.1:780{n}\"\n")
+            })
+            .collect();
+        let text = format!("[cluster]\nid = {id}\nraft_listen = \"127.0.0.1:7801\"\nsecret = \"{secret}\"\n{nodes}");
+        let path = dir.join(format!("c{id}-{}.toml", secret.len()));
+        std::fs::write(&path, text).unwrap();
+        path
+    }
+
+    #[test]
+    fn a_cluster_needs_a_long_secret_a_listed_id_and_an_admin_password_and_hides_the_secret() {
+        let dir = tempfile::tempdir().unwrap();
+        let secret = "0123456789abcdef0123456789abcdef-cluster";
+        let pw = ("TALLY_AUTH_ADMIN_PASSWORD", "a-long-password");
+        let c = Config::load(Some(&cluster_file(dir.path(), 2, secret)), env(&[pw]), &Overrides::default()).unwrap();
+        let cluster = c.cluster.as_ref().unwrap();
+        assert_eq!((cluster.id, cluster.node.len(), cluster.me().unwrap().client.as_str()), (2, 3, "127.0.0.1:7702"));
+        assert!(!format!("{c:?}").contains(secret));
+        // Every member derives the same JWT secret, and not the cluster's.
+        let jwt = c.jwt_secret().unwrap();
+        assert_eq!(jwt.len(), 64);
+        assert!(!jwt.contains(secret));
+        // The id may come from the environment.
+        let c = Config::load(
+            Some(&cluster_file(dir.path(), 2, secret)),
+            env(&[pw, ("TALLY_CLUSTER_ID", "3")]),
+            &Overrides::default(),
+        )
+        .unwrap();
+        assert_eq!(c.cluster.unwrap().id, 3);
+        let refused = |file: PathBuf, vars: &[(&str, &str)]| {
+            Config::load(Some(&file), env(vars), &Overrides::default()).unwrap_err().to_string()
+        };
+        let e = refused(cluster_file(dir.path(), 2, "short"), &[pw]);
+        assert!(e.contains("cluster.secret must be at least 32 bytes"), "{e}");
+        let e = refused(cluster_file(dir.path(), 4, secret), &[pw]);
+        assert!(e.contains("cluster.id 4 is not one of the [[cluster.node]] ids"), "{e}");
+        let e = refused(cluster_file(dir.path(), 1, secret), &[]);
+        assert!(e.contains("a cluster needs auth.admin_password"), "{e}");
     }
 }

@@ -240,8 +240,10 @@ pub const CLUSTER_ELECTION_MAX_MS: u64 = 1_200;
 /// How long a new leader waits to have applied everything committed
 /// before it serves; it tries again after that.
 pub const CLUSTER_CATCH_UP_TIMEOUT_MS: u64 = 5_000;
-/// A member snapshots its ledger after this many entries, and keeps this
-/// many entries below a snapshot for members a little behind (the rest of
-/// them catch up through a snapshot).
+/// `cluster.snapshot_every`'s default: a member snapshots its ledger after
+/// this many entries, and keeps a tenth of that below a snapshot for
+/// members a little behind (the rest catch up through a snapshot).
 pub const CLUSTER_SNAPSHOT_EVERY: u64 = 10_000;
-pub const CLUSTER_LOG_KEPT: u64 = 1_000;
+/// How long a member has to take one chunk of a snapshot (the last one
+/// installs it: the whole database written, synced and checked).
+pub const CLUSTER_SNAPSHOT_CHUNK_TIMEOUT_MS: u64 = 30_000;

@@ -52,6 +52,11 @@ impl Member {
         self.child = Some(child);
     }
 
+    fn signal(&self, sig: &str) {
+        let pid = self.child.as_ref().expect("running").id().to_string();
+        assert!(Command::new("kill").args([sig, &pid]).status().unwrap().success());
+    }
+
     fn kill9(&mut self) {
         if let Some(mut c) = self.child.take() {
             let _ = c.kill();
@@ -82,6 +87,11 @@ fn free_port() -> SocketAddr {
 
 impl Cluster {
     fn start(n: u64) -> Cluster {
+        Self::start_with(n, "")
+    }
+
+    /// `n` members, each with `extra` in its `[cluster]` section.
+    fn start_with(n: u64, extra: &str) -> Cluster {
         let dir = tempfile::tempdir().unwrap();
         let addrs: BTreeMap<u64, (SocketAddr, SocketAddr)> =
             (1..=n).map(|id| (id, (free_port(), free_port()))).collect();
@@ -95,7 +105,7 @@ impl Cluster {
         for (&id, &(client, raft)) in &addrs {
             let config = dir.path().join(format!("member-{id}.toml"));
             let text = format!(
-                "listen = \"{client}\"\ntext_mode = false\n\n[cluster]\nid = {id}\nraft_listen = \"{raft}\"\nsecret = \"{SECRET}\"\n\n{nodes}"
+                "listen = \"{client}\"\ntext_mode = false\n\n[cluster]\nid = {id}\nraft_listen = \"{raft}\"\nsecret = \"{SECRET}\"\n{extra}\n\n{nodes}"
             );
             std::fs::write(&config, text).unwrap();
             let mut m = Member {
@@ -330,4 +340,103 @@ async fn acknowledged_transfers_survive_five_kills_of_the_leader() {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
+}
+
+/// Transfers `n` units from bank-0 to bank-1 at `leader`, each keyed.
+async fn pay(c: &Client, n: usize, tag: &str) {
+    for i in 0..n {
+        c.transfer(Some(&account(0)), &account(1), 1, Some(&format!("{tag}-{i}"))).await.expect("a transfer");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_paused_leader_is_replaced_and_once_resumed_accepts_no_write_as_leader() {
+    let mut cluster = Cluster::start(3);
+    let old = cluster.leader().await;
+    let token = admin_token(cluster.members[&old].client).await;
+    let admin = cluster.admin(old, &token).await;
+    for i in 0..2 {
+        common::create(&admin, &account(i), EACH).await;
+    }
+    // A connection made while it led, used once it no longer does.
+    let stale = cluster.admin(old, &token).await;
+    cluster.members[&old].signal("-STOP");
+    let paused = Instant::now();
+    // The paused member cannot answer hello, so only the others count.
+    cluster.members.get_mut(&old).unwrap().child.as_ref().unwrap();
+    let new = {
+        let deadline = Instant::now() + WAIT;
+        loop {
+            let mut found = None;
+            for m in cluster.members.values().filter(|m| m.id != old) {
+                if hello(m.client).await.is_ok_and(|h| h["role"] == "leader") {
+                    found = Some(m.id);
+                }
+            }
+            if let Some(id) = found {
+                break id;
+            }
+            assert!(Instant::now() < deadline, "no new leader while {old} is paused\n{}", cluster.logs());
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    };
+    eprintln!("a new leader {} ms after the pause", paused.elapsed().as_millis());
+    let admin = cluster.admin(new, &token).await;
+    pay(&admin, 10, "after-pause").await;
+
+    cluster.members[&old].signal("-CONT");
+    // The old leader's next write is refused, whatever it believed.
+    let e = stale.transfer(Some(&account(0)), &account(1), 100, Some("from-the-old-leader")).await.unwrap_err();
+    assert!(
+        matches!(e.code(), Some("not_leader" | "unavailable" | "unknown_outcome")) || matches!(e, ClientError::Closed),
+        "{e}"
+    );
+    // ...and nothing of it reached the ledger: 10 units moved, not 110.
+    assert_eq!(common::balance(&admin, &account(1)).await, EACH + 10);
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let h = hello(cluster.members[&old].client).await.unwrap();
+        if h["role"] == "follower" && h["leader"] == cluster.members[&new].client.to_string() {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the old leader does not follow: {h}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let again = cluster.admin(old, &token).await;
+    let e = again.transfer(Some(&account(0)), &account(1), 100, None).await.unwrap_err();
+    assert_eq!(e.code(), Some("not_leader"), "{e}");
+    assert_eq!(e.leader(), Some(cluster.members[&new].client.to_string().as_str()));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_member_whose_data_was_wiped_catches_up_through_a_snapshot() {
+    // Snapshots every 10 entries, so the log the wiped member would need
+    // is gone and only a snapshot can bring it back.
+    let mut cluster = Cluster::start_with(3, "snapshot_every = 10");
+    let leader = cluster.leader().await;
+    let token = admin_token(cluster.members[&leader].client).await;
+    let admin = cluster.admin(leader, &token).await;
+    for i in 0..2 {
+        common::create(&admin, &account(i), EACH).await;
+    }
+    let wiped = *cluster.members.keys().find(|&&id| id != leader).unwrap();
+    cluster.members.get_mut(&wiped).unwrap().kill9();
+    pay(&admin, 40, "while-away").await;
+    std::fs::remove_dir_all(&cluster.members[&wiped].data).unwrap();
+    cluster.members.get_mut(&wiped).unwrap().spawn();
+    pay(&admin, 5, "after-return").await;
+    let head = common::audit_ok(&admin).await;
+    assert_eq!(head["transfers"], 2 + 45);
+    let c = cluster.admin(wiped, &token).await;
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let a = c.call("audit", json!({})).await.expect("audit");
+        if a == head {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the wiped member is at {a}, the leader at {head}\n{}", cluster.logs());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let log = cluster.members[&wiped].log();
+    assert!(log.contains("installed a snapshot"), "{log}");
 }

@@ -303,6 +303,7 @@ impl Inner {
         self.sweep = Sweep { cursor: 0, from: loaded.head.id, checkpoint: 0 };
         self.applied = applied;
         self.membership = membership;
+        tracing::info!(head = self.head.id, index = applied.map_or(0, |l| l.index), "installed a snapshot");
         let kept = dir.join(format!("installed-{}.redb", meta.snapshot_id));
         let _ = std::fs::remove_file(&kept);
         self.store.db().and_then(|db| store::backup(&db, &kept).map(|_| ()))?;

@@ -25,7 +25,7 @@ use crate::config::ClusterConfig;
 use crate::error::ApiError;
 use crate::ledger::Limits;
 use crate::limits::{
-    CLUSTER_ELECTION_MAX_MS, CLUSTER_ELECTION_MIN_MS, CLUSTER_HEARTBEAT_MS, CLUSTER_LOG_KEPT, CLUSTER_SNAPSHOT_EVERY,
+    CLUSTER_ELECTION_MAX_MS, CLUSTER_ELECTION_MIN_MS, CLUSTER_HEARTBEAT_MS, CLUSTER_SNAPSHOT_CHUNK_TIMEOUT_MS,
 };
 use crate::store::Store;
 
@@ -101,8 +101,11 @@ impl Node {
             heartbeat_interval: CLUSTER_HEARTBEAT_MS,
             election_timeout_min: CLUSTER_ELECTION_MIN_MS,
             election_timeout_max: CLUSTER_ELECTION_MAX_MS,
-            snapshot_policy: SnapshotPolicy::LogsSinceLast(CLUSTER_SNAPSHOT_EVERY),
-            max_in_snapshot_log_to_keep: CLUSTER_LOG_KEPT,
+            snapshot_policy: SnapshotPolicy::LogsSinceLast(c.snapshot_every),
+            max_in_snapshot_log_to_keep: c.snapshot_every / 10,
+            // Installing a snapshot writes, syncs and checks a database
+            // file: far longer than openraft's default 200 ms per chunk.
+            install_snapshot_timeout: CLUSTER_SNAPSHOT_CHUNK_TIMEOUT_MS,
             ..Default::default()
         };
         let config = Arc::new(config.validate().map_err(|e| e.to_string())?);
