@@ -247,3 +247,6 @@ pub const CLUSTER_SNAPSHOT_EVERY: u64 = 10_000;
 /// How long a member has to take one chunk of a snapshot (the last one
 /// installs it: the whole database written, synced and checked).
 pub const CLUSTER_SNAPSHOT_CHUNK_TIMEOUT_MS: u64 = 30_000;
+/// How long `add_node` (a learner catching up, then joint consensus) or
+/// `remove_node` may take before it is answered `unknown_outcome`.
+pub const CLUSTER_MEMBERSHIP_TIMEOUT_MS: u64 = 60_000;

@@ -488,6 +488,7 @@ async fn serve_member(config: Config) -> Result<(), StartError> {
         let deposed = CancellationToken::new();
         let serving = Arc::new(crate::cluster::node::Serving {
             view: node.view.clone(),
+            raft: node.raft.clone(),
             leading: leading.is_some(),
             deposed: deposed.clone(),
         });
@@ -496,7 +497,6 @@ async fn serve_member(config: Config) -> Result<(), StartError> {
             rt: tokio::runtime::Handle::current(),
             me: node.me,
             deposed: deposed.clone(),
-            clients: node.clients.clone(),
         });
         let running = start_on(config.clone(), store.clone(), &bound, Some((serving, replicate))).await?;
         if !announced {

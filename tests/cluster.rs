@@ -26,6 +26,7 @@ const WAIT: Duration = Duration::from_secs(30);
 struct Member {
     id: u64,
     client: SocketAddr,
+    raft: SocketAddr,
     config: PathBuf,
     data: PathBuf,
     log: PathBuf,
@@ -111,6 +112,7 @@ impl Cluster {
             let mut m = Member {
                 id,
                 client,
+                raft,
                 config,
                 data: dir.path().join(format!("data-{id}")),
                 log: dir.path().join(format!("member-{id}.log")),
@@ -140,6 +142,39 @@ impl Cluster {
             assert!(Instant::now() < deadline, "no single leader within {WAIT:?}: {leaders:?}\n{}", self.logs());
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
+    }
+
+    /// Starts a member `id` that is not in the cluster yet; its own
+    /// configuration lists every member and itself.
+    fn join(&mut self, id: u64) -> (SocketAddr, SocketAddr) {
+        let (client, raft) = (free_port(), free_port());
+        let mut nodes: Vec<(u64, SocketAddr, SocketAddr)> =
+            self.members.values().map(|m| (m.id, m.client, m.raft)).collect();
+        nodes.push((id, client, raft));
+        let nodes: String = nodes
+            .iter()
+            .map(|(id, client, raft)| {
+                format!("[[cluster.node]]\nid = {id}\nclient = \"{client}\"\nraft = \"{raft}\"\n")
+            })
+            .collect();
+        let dir = self._dir.path();
+        let config = dir.join(format!("member-{id}.toml"));
+        let text = format!(
+            "listen = \"{client}\"\ntext_mode = false\n\n[cluster]\nid = {id}\nraft_listen = \"{raft}\"\nsecret = \"{SECRET}\"\n\n{nodes}"
+        );
+        std::fs::write(&config, text).unwrap();
+        let mut m = Member {
+            id,
+            client,
+            raft,
+            config,
+            data: dir.join(format!("data-{id}")),
+            log: dir.join(format!("member-{id}.log")),
+            child: None,
+        };
+        m.spawn();
+        self.members.insert(id, m);
+        (client, raft)
     }
 
     fn logs(&self) -> String {
@@ -188,13 +223,14 @@ fn account(i: usize) -> String {
 type Sent = BTreeMap<String, (usize, usize, i64, Option<u64>)>;
 
 /// Sends keyed transfers, `depth` at a time, on one connection to `addr`
-/// until the connection fails; returns what it sent.
+/// until the connection fails or `stop` is set; returns what it sent.
 async fn worker(
     addr: SocketAddr,
     token: String,
     name: String,
     depth: usize,
     acked: Arc<std::sync::atomic::AtomicU64>,
+    stop: Arc<std::sync::atomic::AtomicBool>,
 ) -> Sent {
     let mut sent = Sent::new();
     let Ok(c) = Client::connect(addr).await else { return sent };
@@ -232,7 +268,7 @@ async fn worker(
                 Err(_) => failed = true,
             }
         }
-        if failed {
+        if failed || stop.load(std::sync::atomic::Ordering::Relaxed) {
             return sent;
         }
     }
@@ -268,7 +304,8 @@ async fn acknowledged_transfers_survive_five_kills_of_the_leader() {
         let workers: Vec<_> = (0..3)
             .map(|w| {
                 let addr = cluster.members[&leader].client;
-                tokio::spawn(worker(addr, token.clone(), format!("r{round}w{w}"), 16, acked.clone()))
+                let never = Arc::new(std::sync::atomic::AtomicBool::new(false));
+                tokio::spawn(worker(addr, token.clone(), format!("r{round}w{w}"), 16, acked.clone(), never))
             })
             .collect();
         // Kill the leader once the workers are well under way.
@@ -439,4 +476,70 @@ async fn a_member_whose_data_was_wiped_catches_up_through_a_snapshot() {
     }
     let log = cluster.members[&wiped].log();
     assert!(log.contains("installed a snapshot"), "{log}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_member_joins_and_another_leaves_under_load() {
+    let mut cluster = Cluster::start(3);
+    let leader = cluster.leader().await;
+    let token = admin_token(cluster.members[&leader].client).await;
+    let admin = cluster.admin(leader, &token).await;
+    for i in 0..ACCOUNTS {
+        common::create(&admin, &account(i), EACH).await;
+    }
+    let acked = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let load = tokio::spawn(worker(
+        cluster.members[&leader].client,
+        token.clone(),
+        "steady".into(),
+        8,
+        acked.clone(),
+        stop.clone(),
+    ));
+
+    let (client, raft) = cluster.join(4);
+    let r = admin
+        .call("add_node", json!({"id": 4, "client": client.to_string(), "raft": raft.to_string()}))
+        .await
+        .expect("add_node");
+    assert_eq!(r["voters"], json!([1, 2, 3, 4]));
+    let gone = *cluster.members.keys().find(|&&id| id != leader && id != 4).unwrap();
+    let r = admin.call("remove_node", json!({"id": gone})).await.expect("remove_node");
+    let mut voters: Vec<u64> = [1, 2, 3, 4].into_iter().filter(|&id| id != gone).collect();
+    voters.sort_unstable();
+    assert_eq!(r["voters"], json!(voters));
+    // Not a voter any more: refused, and the change is idempotent-safe.
+    let e = admin.call("remove_node", json!({"id": gone})).await.unwrap_err();
+    assert_eq!(e.code(), Some("not_found"), "{e}");
+    cluster.members.get_mut(&gone).unwrap().kill9();
+    cluster.members.remove(&gone);
+
+    // The writer never stopped; stop it once it has gone on a little.
+    let before = acked.load(std::sync::atomic::Ordering::Relaxed);
+    let deadline = Instant::now() + WAIT;
+    while acked.load(std::sync::atomic::Ordering::Relaxed) < before + 100 {
+        assert!(Instant::now() < deadline, "no progress after the change\n{}", cluster.logs());
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    // Its last requests are answered before it returns.
+    load.await.unwrap();
+    let h = hello(client).await.unwrap();
+    assert_eq!((h["role"].as_str(), h["node"].as_u64()), (Some("follower"), Some(4)), "{h}");
+    assert_eq!(h["leader"], cluster.members[&leader].client.to_string());
+
+    let head = common::audit_ok(&admin).await;
+    for id in cluster.members.keys().copied().collect::<Vec<_>>() {
+        let c = cluster.admin(id, &token).await;
+        let deadline = Instant::now() + WAIT;
+        loop {
+            let a = c.call("audit", json!({})).await.expect("audit");
+            if a == head {
+                break;
+            }
+            assert!(Instant::now() < deadline, "member {id} is at {a}, the leader at {head}");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
 }

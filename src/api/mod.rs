@@ -55,6 +55,7 @@ macro_rules! check {
 mod batch;
 mod holds;
 pub(crate) mod keys;
+mod members;
 mod money;
 mod otp;
 mod points;
@@ -207,6 +208,8 @@ pub async fn dispatch(ctx: &Arc<Ctx>, session: &mut Session, name: &str, args: &
         Op::ListKeys => keys::list_keys(ctx, args, reply),
         Op::RevokeKey => keys::revoke_key(ctx, p(), args, reply),
         Op::CreateUser => users::create_user(ctx, p(), args, reply).await,
+        Op::AddNode => members::add_node(ctx, args, reply),
+        Op::RemoveNode => members::remove_node(ctx, args, reply),
     }
 }
 
@@ -214,6 +217,8 @@ pub async fn dispatch(ctx: &Arc<Ctx>, session: &mut Session, name: &str, args: &
 /// acting user or key (the journal's records name the actor too; this
 /// covers the ops that write none).
 const LOGGED_ACTIONS: &[Op] = &[
+    Op::AddNode,
+    Op::RemoveNode,
     Op::Mint,
     Op::Add,
     Op::SetEvents,

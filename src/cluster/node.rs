@@ -63,6 +63,8 @@ impl View {
 /// What one run of the server's ledger knows about the cluster.
 pub struct Serving {
     pub view: Arc<View>,
+    /// The member's Raft, for membership changes.
+    pub raft: Raft<TypeConfig>,
     /// Whether this run was started as the leader's (with the cluster's
     /// applied state loaded).
     pub leading: bool,
@@ -83,8 +85,6 @@ pub struct Node {
     pub raft: Raft<TypeConfig>,
     pub view: Arc<View>,
     pub me: u64,
-    /// Every member's client address.
-    pub clients: BTreeMap<u64, String>,
     stop: CancellationToken,
 }
 
@@ -127,10 +127,9 @@ impl Node {
                 Err(e) => tracing::info!(error = %e, "the cluster was formed before"),
             }
         }
-        let clients = members.iter().map(|(id, m)| (*id, m.client.clone())).collect();
         let view = Arc::new(View { node: c.id, state: Mutex::new(Seen::default()) });
         tokio::spawn(watch(raft.clone(), view.clone(), stop.clone()));
-        Ok(Node { raft, view, me: c.id, clients, stop })
+        Ok(Node { raft, view, me: c.id, stop })
     }
 
     /// Whether this member leads now, and in which term.

@@ -127,8 +127,6 @@ pub struct Replicate {
     /// of what the cluster applied, and only a restart from the applied
     /// state mends that.
     pub deposed: tokio_util::sync::CancellationToken,
-    /// The members' client addresses, to name the leader in `not_leader`.
-    pub clients: std::collections::BTreeMap<u64, String>,
 }
 
 /// `not_leader`, naming the leader when it is known.
@@ -358,7 +356,7 @@ impl Journal {
             }
             Ok(Err(openraft::error::RaftError::APIError(openraft::error::ClientWriteError::ForwardToLeader(f)))) => {
                 // Refused before it reached the log, or cut from it: never applied.
-                not_leader(f.leader_id.and_then(|id| r.clients.get(&id).cloned()))
+                not_leader(f.leader_node.map(|n| n.client))
             }
             Ok(Err(e)) => {
                 tracing::warn!(error = %e, "a proposal failed; its outcome is unknown");

@@ -323,6 +323,23 @@ pub struct BackupArgs {
     pub out: String,
 }
 
+#[derive(Debug, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct AddNodeArgs {
+    /// The new member's `[cluster] id`.
+    pub id: u64,
+    /// Where clients reach it.
+    pub client: String,
+    /// Where the members reach its `raft_listen`.
+    pub raft: String,
+}
+
+#[derive(Debug, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RemoveNodeArgs {
+    pub id: u64,
+}
+
 /// The JSON Schema of each op's arguments, as its handler decodes them
 /// (`api::dispatch` names the handler, the handler its `args!` type).
 pub fn schema_of(op: super::Op, g: &mut schemars::SchemaGenerator) -> schemars::Schema {
@@ -365,5 +382,7 @@ pub fn schema_of(op: super::Op, g: &mut schemars::SchemaGenerator) -> schemars::
         Op::ListKeys => g.subschema_for::<ListKeysArgs>(),
         Op::RevokeKey => g.subschema_for::<RevokeKeyArgs>(),
         Op::CreateUser => g.subschema_for::<CreateUserArgs>(),
+        Op::AddNode => g.subschema_for::<AddNodeArgs>(),
+        Op::RemoveNode => g.subschema_for::<RemoveNodeArgs>(),
     }
 }

@@ -187,6 +187,10 @@ ops! {
     RevokeKey = "revoke_key", [Admin];
     /// A user with a role, made by an admin.
     CreateUser = "create_user", [Admin];
+    /// A cluster's membership: a member joins (first as a learner that
+    /// catches up, then as a voter), or leaves.
+    AddNode = "add_node", [Admin];
+    RemoveNode = "remove_node", [Admin];
 }
 
 impl Op {

@@ -264,6 +264,7 @@ pub enum Reply {
     Bulk(BulkReply),
     Count(CountReply),
     Backup(BackupReply),
+    Members(MembersReply),
     Audit(AuditReply),
     Stats(StatsReply),
     Pending(PendingReply),
@@ -504,6 +505,12 @@ pub struct BulkReply {
 #[derive(Clone, Debug, Serialize)]
 pub struct CountReply {
     pub count: usize,
+}
+
+/// `add_node`, `remove_node`: the voters once the change is committed.
+#[derive(Clone, Debug, Serialize)]
+pub struct MembersReply {
+    pub voters: Vec<u64>,
 }
 
 /// `backup`.
