@@ -7,6 +7,8 @@
 //! cargo bench --bench load -- --spawn --tls   # over TLS, with certificates made for the run
 //! cargo bench --bench load -- --spawn --batch 1000 --pipeline 4   # transfer_batch requests
 //! cargo bench --bench load -- --spawn --rate 100000   # open loop: a fixed schedule
+//! cargo bench --bench load -- --cluster 3 --failover   # 3 members; the leader killed halfway
+//! cargo bench --bench load -- --connect ADDR1,ADDR2,ADDR3   # a running cluster: drives its leader
 //! ```
 //!
 //! All flags: `cargo bench --bench load -- --help` (workloads, read mix,
@@ -36,7 +38,11 @@ usage: cargo bench --bench load -- [flags]
 
   --spawn               start a server of its own (temp data folder); the default
   --bin PATH            with --spawn: run this tally binary (compare two builds)
-  --connect ADDR        drive a running server instead (password in TALLY_PASSWORD)
+  --connect ADDR        drive a running server instead (password in TALLY_PASSWORD);
+                        ADDR1,ADDR2,...: a cluster's members, the leader is driven
+  --cluster N           start a cluster of N members of its own (temp folders, loopback)
+  --failover            with --cluster: kill -9 the leader halfway; connections follow the
+                        new leader; reports the longest time without an acknowledgement
   --user NAME           admin user for --connect (default admin)
   --tls                 speak TLS (with --spawn: certificates made for the run)
   --ca FILE             with --tls --connect: the CA to trust (default: system roots)
@@ -95,6 +101,9 @@ struct Opts {
     existing: bool,
     /// Transfers per second offered in all (open loop).
     rate: Option<f64>,
+    /// Members of a cluster to start (0: none).
+    cluster: usize,
+    failover: bool,
 }
 
 fn parse_opts() -> Opts {
@@ -121,6 +130,8 @@ fn parse_opts() -> Opts {
         keys: false,
         existing: false,
         rate: None,
+        cluster: 0,
+        failover: false,
     };
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
@@ -154,6 +165,8 @@ fn parse_opts() -> Opts {
             "--keys" => o.keys = true,
             "--existing" => o.existing = true,
             "--rate" => o.rate = Some(val().parse().expect("--rate R")),
+            "--cluster" => o.cluster = val().parse().expect("--cluster N"),
+            "--failover" => o.failover = true,
             "--bench" => {} // passed by `cargo bench`
             "--help" | "-h" => {
                 println!("{USAGE}");
@@ -165,12 +178,16 @@ fn parse_opts() -> Opts {
             }
         }
     }
-    if o.connect.is_none() {
+    if o.failover && o.cluster == 0 {
+        eprintln!("--failover needs --cluster N (the harness kills a member it started)");
+        std::process::exit(2);
+    }
+    if o.connect.is_none() && o.cluster == 0 {
         o.spawn = true;
     }
     // A spawned server has the harness's own password, whatever the
     // environment says (TALLY_PASSWORD is for --connect).
-    o.password = if o.spawn {
+    o.password = if o.spawn || o.cluster > 0 {
         SPAWNED_PASSWORD.into()
     } else {
         std::env::var("TALLY_PASSWORD").unwrap_or_else(|_| SPAWNED_PASSWORD.into())
@@ -251,6 +268,82 @@ fn spawn_server(bin: Option<&str>, tls: bool) -> (Child, String, Option<String>,
         addr = format!("localhost:{port}");
     }
     (child, addr, ca, dir)
+}
+
+/// A cluster's members: their client addresses, and the processes the
+/// harness started (`--cluster`).
+struct Members {
+    addrs: Vec<String>,
+    children: Vec<Option<Child>>,
+    _dir: Option<tempfile::TempDir>,
+}
+
+impl Members {
+    fn pids(&self) -> Vec<String> {
+        self.children.iter().flatten().map(|c| c.id().to_string()).collect()
+    }
+
+    fn kill(&mut self, i: usize) {
+        if let Some(mut c) = self.children.get_mut(i).and_then(Option::take) {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// Starts `n` members on loopback, each with its own folder.
+fn spawn_cluster(n: usize, bin: Option<&str>) -> Members {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let port = || std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
+    let addrs: Vec<_> = (0..n).map(|_| (port(), port())).collect();
+    let nodes: String = addrs
+        .iter()
+        .enumerate()
+        .map(|(i, (c, r))| format!("[[cluster.node]]\nid = {}\nclient = \"{c}\"\nraft = \"{r}\"\n", i + 1))
+        .collect();
+    let mut children = Vec::new();
+    for (i, (client, raft)) in addrs.iter().enumerate() {
+        let config = dir.path().join(format!("member-{}.toml", i + 1));
+        let secret = "the harness's cluster secret, 32 bytes or more";
+        let text = format!(
+            "listen = \"{client}\"\n[cluster]\nid = {}\nraft_listen = \"{raft}\"\nsecret = \"{secret}\"\n{nodes}",
+            i + 1
+        );
+        std::fs::write(&config, text).unwrap();
+        let mut child = Command::new(bin.unwrap_or(env!("CARGO_BIN_EXE_tally")))
+            .args(["serve", "--config"])
+            .arg(&config)
+            .arg("--data")
+            .arg(dir.path().join(format!("data-{}", i + 1)))
+            .env("TALLY_AUTH_ADMIN_PASSWORD", SPAWNED_PASSWORD)
+            .env("TALLY_LOG", "warn")
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("spawn tally");
+        let mut out = std::io::BufReader::new(child.stdout.take().unwrap());
+        let mut line = String::new();
+        std::io::BufRead::read_line(&mut out, &mut line).unwrap();
+        assert!(line.starts_with("tally listening on "), "member {}: {line}", i + 1);
+        children.push(Some(child));
+    }
+    Members { addrs: addrs.iter().map(|(c, _)| c.to_string()).collect(), children, _dir: Some(dir) }
+}
+
+/// The member that says it leads, asked over and over for up to `within`.
+async fn find_leader(addrs: &[String], within: Duration) -> Option<usize> {
+    let deadline = Instant::now() + within;
+    while Instant::now() < deadline {
+        for (i, a) in addrs.iter().enumerate() {
+            let asked = tokio::time::timeout(Duration::from_millis(500), async {
+                Client::connect(a.as_str()).await.ok()?.call("hello", json!({})).await.ok()
+            });
+            if asked.await.ok().flatten().is_some_and(|h| h["role"] == "leader") {
+                return Some(i);
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    None
 }
 
 /// A connection's byte stream: TCP, or TLS over TCP.
@@ -352,6 +445,29 @@ struct Totals {
     transfers: AtomicU64,
     reads: AtomicU64,
     errors: std::sync::Mutex<HashMap<String, u64>>,
+    /// When the last acknowledgement came (µs since the start), and the
+    /// longest time between two, over every connection.
+    last_ack_us: AtomicU64,
+    max_gap_us: AtomicU64,
+}
+
+impl Totals {
+    fn acked(&self, now_us: u64) {
+        let prev = self.last_ack_us.swap(now_us, Ordering::Relaxed);
+        self.max_gap_us.fetch_max(now_us.saturating_sub(prev), Ordering::Relaxed);
+    }
+
+    fn error(&self, code: &str, n: u64) {
+        *self.errors.lock().unwrap().entry(code.to_owned()).or_default() += n;
+    }
+}
+
+/// Where a connection goes again when its member fails or stops leading.
+#[derive(Clone)]
+struct Follow {
+    members: Arc<Vec<String>>,
+    token: String,
+    tls: Option<ClientTls>,
 }
 
 fn encode(out: &mut BytesMut, id: u64, op: &str, args: &Value) {
@@ -542,6 +658,30 @@ struct BatchHead {
     ok: Option<BatchCounts>,
 }
 
+/// [`open`], or `None` if the member is gone or refuses the token.
+async fn try_open(dial: &Dial, token: &str) -> Option<Box<dyn Io>> {
+    let stream = TcpStream::connect(dial.addr.as_str()).await.ok()?;
+    stream.set_nodelay(true).ok()?;
+    let mut stream: Box<dyn Io> = match &dial.tls {
+        None => Box::new(stream),
+        Some(tls) => {
+            let name = tally::tls::server_name(&dial.addr).ok()?;
+            let connector = tokio_rustls::TlsConnector::from(tls.config().ok()?);
+            Box::new(connector.connect(name, stream).await.ok()?)
+        }
+    };
+    let mut out = BytesMut::new();
+    encode(&mut out, 0, "auth", &json!({ "token": token }));
+    stream.write_all(&out).await.ok()?;
+    stream.flush().await.ok()?;
+    let mut len = [0u8; 4];
+    stream.read_exact(&mut len).await.ok()?;
+    let mut body = vec![0u8; u32::from_be_bytes(len) as usize];
+    stream.read_exact(&mut body).await.ok()?;
+    let v: Value = rmp_serde::from_slice(&body).ok()?;
+    v["ok"].is_object().then_some(stream)
+}
+
 /// Opens a connection and binds it with the admin token (no password
 /// hashing per connection, so the run starts at full speed).
 async fn open(dial: &Dial, token: &str) -> Box<dyn Io> {
@@ -566,6 +706,11 @@ type Sent = HashMap<u64, (Instant, bool), foldhash::fast::FixedState>;
 /// `pipeline` requests in flight; or open loop (`--rate`), sending on a
 /// fixed schedule whatever the replies, each request's latency counted from
 /// when it was due (so a stall shows in full, as wrk2 counts).
+///
+/// With `follow` (a cluster), a connection whose member dies or stops
+/// leading finds the new leader and goes on; what it had in flight counts
+/// as `lost` (its outcome unknown to the harness).
+#[allow(clippy::too_many_arguments)] // one connection's whole setting
 async fn drive(
     mut stream: Box<dyn Io>,
     o: Opts,
@@ -573,6 +718,7 @@ async fn drive(
     stop: Arc<AtomicBool>,
     totals: Arc<Totals>,
     start: Instant,
+    follow: Option<Follow>,
 ) -> (Histogram<u64>, Vec<Histogram<u64>>) {
     let mut hist = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).unwrap();
     // Latency per second of the run, for the plot.
@@ -615,6 +761,7 @@ async fn drive(
         }
     }
     loop {
+        let mut broken = false;
         if let Some(interval) = interval {
             let now = Instant::now();
             while due <= now && !stop.load(Ordering::Relaxed) {
@@ -655,7 +802,10 @@ async fn drive(
             }
             let _ = per_second[second].record(us.max(1));
             if let Some(code) = code {
-                *totals.errors.lock().unwrap().entry(code.to_owned()).or_default() += 1;
+                totals.error(code, 1);
+                if follow.is_some() && matches!(code, "not_leader" | "unknown_outcome" | "unavailable") {
+                    broken = true;
+                }
             } else if is_read {
                 totals.reads.fetch_add(1, Ordering::Relaxed);
             } else if o.batch > 0 {
@@ -667,6 +817,9 @@ async fn drive(
             } else {
                 totals.transfers.fetch_add(1, Ordering::Relaxed);
             }
+            if code.is_none() && !is_read {
+                totals.acked(now.duration_since(start).as_micros() as u64);
+            }
             if interval.is_none() && !stop.load(Ordering::Relaxed) {
                 make(&mut out, &mut sent, &mut rng, now);
             }
@@ -675,21 +828,55 @@ async fn drive(
         if sent.is_empty() && stop.load(Ordering::Relaxed) {
             return (hist, per_second);
         }
-        if !out.is_empty() {
-            stream.write_all(&out).await.unwrap();
-            // A no-op on TCP; TLS may hold the last record back until then.
-            stream.flush().await.unwrap();
+        if !broken && !out.is_empty() {
+            // flush: a no-op on TCP; TLS may hold the last record back until then.
+            let written = match stream.write_all(&out).await {
+                Ok(()) => stream.flush().await,
+                Err(e) => Err(e),
+            };
             out.clear();
+            match written {
+                Ok(()) => {}
+                Err(_) if follow.is_some() => broken = true,
+                Err(e) => panic!("write: {e}"),
+            }
         }
-        let read = match interval {
-            Some(_) if !stop.load(Ordering::Relaxed) => tokio::select! {
-                r = stream.read_buf(&mut buf) => r.unwrap(),
-                () = tokio::time::sleep_until(due.into()) => continue,
-            },
-            _ => stream.read_buf(&mut buf).await.unwrap(),
-        };
-        if read == 0 {
-            return (hist, per_second);
+        if !broken {
+            let read = match interval {
+                Some(_) if !stop.load(Ordering::Relaxed) => tokio::select! {
+                    r = stream.read_buf(&mut buf) => r,
+                    () = tokio::time::sleep_until(due.into()) => continue,
+                },
+                _ => stream.read_buf(&mut buf).await,
+            };
+            match read {
+                Ok(0) if follow.is_none() => return (hist, per_second),
+                Ok(0) => broken = true,
+                Ok(_) => {}
+                Err(_) if follow.is_some() => broken = true,
+                Err(e) => panic!("read: {e}"),
+            }
+        }
+        if broken {
+            let Some(f) = &follow else { return (hist, per_second) };
+            totals.error("lost", sent.len() as u64);
+            sent.clear();
+            buf.clear();
+            out.clear();
+            if stop.load(Ordering::Relaxed) {
+                return (hist, per_second);
+            }
+            let Some(leader) = find_leader(&f.members, Duration::from_secs(30)).await else {
+                return (hist, per_second);
+            };
+            let dial = Dial { addr: f.members[leader].clone(), tls: f.tls.clone() };
+            let Some(s) = try_open(&dial, &f.token).await else { continue };
+            stream = s;
+            if interval.is_none() {
+                for _ in 0..o.pipeline {
+                    make(&mut out, &mut sent, &mut rng, Instant::now());
+                }
+            }
         }
     }
 }
@@ -706,13 +893,33 @@ async fn main() {
         rmp::encode::write_str(&mut plain, &account_name(i)).unwrap();
         assert_eq!(fast, plain, "account name {i}");
     }
+    let mut members: Option<Members> = None;
     let (child, dial, _dir) = if o.spawn {
         let (c, addr, ca, d) = spawn_server(o.bin.as_deref(), o.tls);
         let tls = ca.map(|ca| ClientTls { ca: Some(ca.into()), cert: None });
         (Some(c), Dial { addr, tls }, Some(d))
     } else {
         let tls = o.tls.then(|| ClientTls { ca: o.ca.clone().map(Into::into), cert: None });
-        (None, Dial { addr: o.connect.clone().unwrap(), tls }, None)
+        let m = if o.cluster > 0 {
+            spawn_cluster(o.cluster, o.bin.as_deref())
+        } else {
+            let addrs: Vec<String> = o.connect.clone().unwrap().split(',').map(str::to_owned).collect();
+            Members { addrs, children: Vec::new(), _dir: None }
+        };
+        let addr = if m.addrs.len() > 1 {
+            let Some(leader) = find_leader(&m.addrs, Duration::from_secs(60)).await else {
+                eprintln!("no member of {:?} says it leads", m.addrs);
+                std::process::exit(1);
+            };
+            eprintln!("driving the leader, member {} at {}", leader + 1, m.addrs[leader]);
+            m.addrs[leader].clone()
+        } else {
+            m.addrs[0].clone()
+        };
+        if m.addrs.len() > 1 {
+            members = Some(m);
+        }
+        (None, Dial { addr, tls }, None)
     };
     let t_setup = Instant::now();
     let (admin, token) = match setup(&dial, &o).await {
@@ -723,9 +930,17 @@ async fn main() {
                 let _ = c.kill();
                 let _ = c.wait();
             }
+            if let Some(m) = &mut members {
+                (0..m.children.len()).for_each(|i| m.kill(i));
+            }
             std::process::exit(1);
         }
     };
+    let follow = members.as_ref().map(|m| Follow {
+        members: Arc::new(m.addrs.clone()),
+        token: token.clone(),
+        tls: dial.tls.clone(),
+    });
     let setup_s = t_setup.elapsed().as_secs_f64();
     eprintln!("created {} accounts in {setup_s:.1}s", o.accounts);
     if o.admin_ops {
@@ -738,18 +953,27 @@ async fn main() {
         transfers: AtomicU64::new(0),
         reads: AtomicU64::new(0),
         errors: std::sync::Mutex::new(HashMap::new()),
+        last_ack_us: AtomicU64::new(0),
+        max_gap_us: AtomicU64::new(0),
     });
     let mut streams = Vec::new();
     for _ in 0..o.connections {
         streams.push(open(&dial, &token).await);
     }
-    let server_pid = child.as_ref().map(|c| c.id().to_string());
-    let cpu_before = (server_pid.as_deref().and_then(cpu_seconds), cpu_seconds("self"));
+    // Every server process: the one spawned, or a cluster's members.
+    let server_pids: Vec<String> = match (&child, &members) {
+        (Some(c), _) => vec![c.id().to_string()],
+        (None, Some(m)) => m.pids(),
+        (None, None) => Vec::new(),
+    };
+    let server_cpu =
+        |pids: &[String]| (!pids.is_empty()).then(|| pids.iter().filter_map(|p| cpu_seconds(p)).sum::<f64>());
+    let cpu_before = (server_cpu(&server_pids), cpu_seconds("self"));
     let start = Instant::now();
     let mut tasks = Vec::new();
     for (i, stream) in streams.into_iter().enumerate() {
         let seed = 0x9E37_79B9_7F4A_7C15 ^ ((i as u64 + 1) * 0x1234_5678_9abc);
-        tasks.push(tokio::spawn(drive(stream, o.clone(), seed, stop.clone(), totals.clone(), start)));
+        tasks.push(tokio::spawn(drive(stream, o.clone(), seed, stop.clone(), totals.clone(), start, follow.clone())));
     }
     // Optional login storm: K users logging in over and over while the
     // transfers run (each login is an argon2 check plus a durable commit).
@@ -784,7 +1008,17 @@ async fn main() {
     );
     let mut last = (0u64, Instant::now());
     let mut throughput = Vec::new();
+    let halfway = start + Duration::from_secs_f64(o.duration_s / 2.0);
+    let mut killed = None;
     while Instant::now() < deadline {
+        if o.failover && killed.is_none() && Instant::now() >= halfway {
+            if let Some(m) = &mut members {
+                if let Some(leader) = find_leader(&m.addrs, Duration::from_secs(5)).await {
+                    m.kill(leader);
+                    killed = Some((leader, start.elapsed()));
+                }
+            }
+        }
         tokio::time::sleep(Duration::from_millis(100).min(deadline.saturating_duration_since(Instant::now()))).await;
         bar.set_position((start.elapsed().as_secs_f64() * 10.0) as u64);
         if last.1.elapsed() >= Duration::from_secs(1) {
@@ -815,7 +1049,7 @@ async fn main() {
         println!("plot written to {path}");
     }
     let seconds = start.elapsed().as_secs_f64();
-    let cpu_after = (server_pid.as_deref().and_then(cpu_seconds), cpu_seconds("self"));
+    let cpu_after = (server_cpu(&server_pids), cpu_seconds("self"));
     let transfers = totals.transfers.load(Ordering::Relaxed);
     let reads = totals.reads.load(Ordering::Relaxed);
     let errors = totals.errors.lock().unwrap().clone();
@@ -833,10 +1067,21 @@ async fn main() {
         );
     }
 
+    // A cluster's leader may have changed: ask the one leading now (its
+    // counters started with its leadership, so they are not compared).
+    let admin = match &members {
+        None => admin,
+        Some(m) => {
+            let leader = find_leader(&m.addrs, Duration::from_secs(30)).await.expect("a leader after the run");
+            let c = Client::connect(m.addrs[leader].as_str()).await.expect("connect to the leader");
+            c.call("auth", json!({ "token": token })).await.expect("auth at the leader");
+            c
+        }
+    };
     let after = admin.call("stats", json!({})).await.unwrap();
-    let server_transfers = after["transfers"].as_u64().unwrap() - before["transfers"].as_u64().unwrap();
+    let server_transfers = after["transfers"].as_u64().unwrap() - before["transfers"].as_u64().unwrap_or(0);
     let audit = admin.call("audit", json!({})).await.unwrap();
-    let counters_agree = server_transfers == transfers;
+    let counters_agree = members.is_some() || server_transfers == transfers;
     let audit_ok = audit["sum"] == 0 && audit["chain_ok"] == true;
 
     let tps = transfers as f64 / seconds;
@@ -857,6 +1102,13 @@ async fn main() {
         seconds
     );
     println!("transfers {transfers}  reads {reads}  errors {errors:?}");
+    let max_gap_ms = totals.max_gap_us.load(Ordering::Relaxed) as f64 / 1000.0;
+    if let Some(m) = &members {
+        println!("cluster of {} members; longest time without an acknowledgement: {max_gap_ms:.0} ms", m.addrs.len());
+        if let Some((leader, at)) = killed {
+            println!("killed the leader (member {}) with SIGKILL at {:.1}s", leader + 1, at.as_secs_f64());
+        }
+    }
     println!("transfers/s {tps:.0}  ops/s {:.0}", (transfers + reads) as f64 / seconds);
     println!(
         "latency us: p50 {} p90 {} p99 {} p999 {} max {}",
@@ -915,13 +1167,16 @@ async fn main() {
                 "server_cpu_us_per_op": server_cpu_us, "harness_cpu_us_per_op": harness_cpu_us,
                 "p99_per_s_us": per_second.iter().map(|h| h.value_at_quantile(0.99)).collect::<Vec<_>>(),
                 "batch": o.batch, "atomic": o.atomic, "keys": o.keys, "rate": o.rate,
-                "requests": hist.len(),
+                "requests": hist.len(), "max_gap_ms": max_gap_ms,
             })
         );
     }
     if let Some(mut c) = child {
         let _ = c.kill();
         let _ = c.wait();
+    }
+    if let Some(m) = &mut members {
+        (0..m.children.len()).for_each(|i| m.kill(i));
     }
     if !counters_agree || !audit_ok {
         eprintln!("verification failed");

@@ -845,4 +845,17 @@ mod tests {
         let e = refused(cluster_file(dir.path(), 1, secret), &[]);
         assert!(e.contains("a cluster needs auth.admin_password"), "{e}");
     }
+
+    #[test]
+    fn the_compose_cluster_file_needs_its_secret_from_the_environment() {
+        let file = Path::new(env!("CARGO_MANIFEST_DIR")).join("docker/cluster.toml");
+        let pw = ("TALLY_AUTH_ADMIN_PASSWORD", "a-long-password");
+        let e = Config::load(Some(&file), env(&[pw]), &Overrides::default()).unwrap_err();
+        assert!(e.to_string().contains("cluster.secret must be at least 32 bytes"), "{e}");
+        let secret = ("TALLY_CLUSTER_SECRET", "0123456789abcdef0123456789abcdef");
+        let c =
+            Config::load(Some(&file), env(&[pw, secret, ("TALLY_CLUSTER_ID", "3")]), &Overrides::default()).unwrap();
+        let cluster = c.cluster.unwrap();
+        assert_eq!((cluster.id, cluster.me().unwrap().raft.as_str()), (3, "tally-3:7801"));
+    }
 }
