@@ -260,3 +260,153 @@ fn deliver(pending: &Pending, body: &[u8]) {
         let _ = w.send(result);
     }
 }
+
+/// Ops that change nothing: sent again after a lost answer.
+const READS: &[&str] = &[
+    "hello",
+    "ping",
+    "help",
+    "health",
+    "whoami",
+    "balance",
+    "account",
+    "history",
+    "get_transfer",
+    "list_accounts",
+    "delete_reason",
+    "redeems",
+    "my_redeems",
+    "audit",
+    "stats",
+    "list_keys",
+];
+
+/// A client of a cluster: it talks to whichever member leads, and follows
+/// the leader when it changes.
+///
+/// - A `not_leader` answer changed nothing: the call goes again to the
+///   leader it names (or, if it names none, to whichever member says it
+///   leads), up to a deadline.
+/// - A call whose answer was lost (the connection closed, or
+///   `unknown_outcome`) may or may not have been applied. It is sent again
+///   only if its arguments carry an idempotency `key`, which makes the
+///   second send answer with the first one's record; without a key the
+///   caller gets `unknown_outcome` and decides (it is never retried
+///   silently).
+/// - The credentials given to [`ClusterClient::auth`] are presented again
+///   on every new connection (a token works on every member).
+pub struct ClusterClient {
+    members: Vec<String>,
+    token: Option<String>,
+    current: tokio::sync::Mutex<Option<(String, Arc<Client>)>>,
+    /// How long a call may spend finding a leader.
+    pub patience: std::time::Duration,
+}
+
+impl ClusterClient {
+    /// A client of the cluster whose members' client addresses are `members`.
+    #[must_use]
+    pub fn new(members: Vec<String>) -> ClusterClient {
+        ClusterClient {
+            members,
+            token: None,
+            current: tokio::sync::Mutex::new(None),
+            patience: std::time::Duration::from_secs(10),
+        }
+    }
+
+    /// Presents `token` (from a `login` at any member) on every connection.
+    pub fn auth(&mut self, token: impl Into<String>) {
+        self.token = Some(token.into());
+    }
+
+    /// The member a call goes to now: `hint` if given, else the one that
+    /// says it leads.
+    async fn leader(&self, hint: Option<String>) -> Result<Arc<Client>, ClientError> {
+        let mut current = self.current.lock().await;
+        if hint.is_none() {
+            if let Some((_, c)) = current.as_ref() {
+                return Ok(c.clone());
+            }
+        }
+        let deadline = tokio::time::Instant::now() + self.patience;
+        loop {
+            let mut tries: Vec<String> = hint.iter().cloned().collect();
+            tries.extend(self.members.iter().cloned());
+            for addr in tries {
+                let Ok(Ok(c)) =
+                    tokio::time::timeout(std::time::Duration::from_secs(1), Client::connect(addr.as_str())).await
+                else {
+                    continue;
+                };
+                let leads = matches!(c.call("hello", serde_json::json!({})).await, Ok(h) if h["role"] == "leader");
+                if !leads {
+                    continue;
+                }
+                if let Some(t) = &self.token {
+                    c.call("auth", serde_json::json!({ "token": t })).await?;
+                }
+                let c = Arc::new(c);
+                *current = Some((addr, c.clone()));
+                return Ok(c);
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return Err(ClientError::Server {
+                    code: "unavailable".into(),
+                    message: "no member of the cluster says it leads".into(),
+                    item: None,
+                    leader: None,
+                });
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Forgets the connection `c`, if it is still the current one.
+    async fn drop_connection(&self, c: &Arc<Client>) {
+        let mut current = self.current.lock().await;
+        if current.as_ref().is_some_and(|(_, now)| Arc::ptr_eq(now, c)) {
+            *current = None;
+        }
+    }
+
+    /// Sends `op` to the leader, following it as described above.
+    pub async fn call(&self, op: &str, args: Value) -> Result<Value, ClientError> {
+        // A read changes nothing, so it is as safe to send again as a keyed write.
+        let keyed = args.get("key").is_some_and(|k| !k.is_null()) || READS.contains(&op);
+        let deadline = tokio::time::Instant::now() + self.patience;
+        let mut hint = None;
+        loop {
+            let c = self.leader(hint.take()).await?;
+            let lost = match c.call(op, &args).await {
+                Err(ClientError::Server { code, leader, .. }) if code == "not_leader" => {
+                    self.drop_connection(&c).await;
+                    hint = leader;
+                    false
+                }
+                Err(ClientError::Server { code, .. }) if code == "unknown_outcome" => true,
+                Err(ClientError::Closed | ClientError::Io(_)) => {
+                    self.drop_connection(&c).await;
+                    true
+                }
+                other => return other,
+            };
+            if lost && !keyed {
+                return Err(ClientError::Server {
+                    code: "unknown_outcome".into(),
+                    message: format!("the answer to {op} was lost; it may or may not have been applied"),
+                    item: None,
+                    leader: None,
+                });
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return Err(ClientError::Server {
+                    code: "unavailable".into(),
+                    message: format!("{op} found no leader in time"),
+                    item: None,
+                    leader: None,
+                });
+            }
+        }
+    }
+}

@@ -543,3 +543,29 @@ async fn a_member_joins_and_another_leaves_under_load() {
         }
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_rust_client_follows_the_leader_and_resends_only_keyed_writes() {
+    let mut cluster = Cluster::start(3);
+    let leader = cluster.leader().await;
+    let token = admin_token(cluster.members[&leader].client).await;
+    let addrs = cluster.members.values().map(|m| m.client.to_string()).collect();
+    let mut client = tally::client::ClusterClient::new(addrs);
+    client.patience = WAIT;
+    client.auth(token);
+    for i in 0..2 {
+        client.call("create_account", json!({"account": account(i), "initial": EACH})).await.expect("create");
+    }
+    // The leader dies halfway through; every keyed transfer is answered,
+    // and each is applied exactly once.
+    for i in 0..40 {
+        if i == 20 {
+            cluster.members.get_mut(&leader).unwrap().kill9();
+        }
+        let args = json!({"from": account(0), "to": account(1), "amount": 1, "key": format!("follow-{i}")});
+        client.call("transfer", args).await.unwrap_or_else(|e| panic!("transfer {i}: {e}"));
+    }
+    let b = client.call("balance", json!({"account": account(1)})).await.expect("balance");
+    assert_eq!(b["balance"], EACH + 40);
+    assert_ne!(cluster.leader().await, leader);
+}
