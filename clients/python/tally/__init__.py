@@ -12,6 +12,6 @@ protocol's error ``code``.
 ...     c.transfer("bob", 30, from_="alice")["to_balance"]
 """
 
-from ._client import AsyncClient, Client, Pipeline, TallyConnectionError, TallyError
+from ._client import AsyncClient, Client, ClusterClient, Pipeline, TallyConnectionError, TallyError
 
-__all__ = ["Client", "AsyncClient", "Pipeline", "TallyError", "TallyConnectionError"]
+__all__ = ["Client", "AsyncClient", "ClusterClient", "Pipeline", "TallyError", "TallyConnectionError"]

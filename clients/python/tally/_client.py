@@ -12,7 +12,7 @@ from typing import Any, Dict, List, Optional
 
 import msgpack
 
-__all__ = ["Client", "AsyncClient", "Pipeline", "TallyError", "TallyConnectionError"]
+__all__ = ["Client", "AsyncClient", "ClusterClient", "Pipeline", "TallyError", "TallyConnectionError"]
 
 _HEADER = struct.Struct(">I")
 #: Largest reply the client accepts (the server's default frame limit, with room).
@@ -26,11 +26,15 @@ class TallyError(Exception):
     ``item`` is the failing item of an atomic ``transfer_batch``.
     """
 
-    def __init__(self, code: str, message: str, item: Optional[int] = None) -> None:
+    def __init__(
+        self, code: str, message: str, item: Optional[int] = None, leader: Optional[str] = None
+    ) -> None:
         super().__init__(f"{code}: {message}")
         self.code = code
         self.message = message
         self.item = item
+        #: With ``not_leader``: the leader's client address (``host:port``), when known.
+        self.leader = leader
 
 
 class TallyConnectionError(ConnectionError):
@@ -68,7 +72,7 @@ def _frame(request_id: int, op: str, args: Dict[str, Any]) -> bytes:
 def _result(reply: Dict[str, Any]) -> Any:
     err = reply.get("err")
     if err is not None:
-        return TallyError(err.get("code", "internal"), err.get("message", ""), err.get("item"))
+        return TallyError(err.get("code", "internal"), err.get("message", ""), err.get("item"), err.get("leader"))
     return reply.get("ok")
 
 
@@ -513,3 +517,98 @@ class AsyncClient(_Ops):
         if isinstance(result, TallyError):
             raise result
         return result
+
+
+#: Ops that change nothing: sent again after a lost answer.
+_READS = frozenset(
+    "hello ping help health whoami balance account history get_transfer list_accounts "
+    "delete_reason redeems my_redeems audit stats list_keys".split()
+)
+
+
+def _split(addr: str):
+    host, port = addr.rsplit(":", 1)
+    return host, int(port)
+
+
+class ClusterClient(_Ops):
+    """A blocking client of a cluster: it talks to the member that leads.
+
+    ``members`` are the members' client addresses (``"host:port"``). A
+    ``not_leader`` answer changed nothing, so the call goes again to the
+    leader it names. A call whose answer was lost (the connection closed,
+    or ``unknown_outcome``) is sent again only if it carries an idempotency
+    ``key`` (or is a read): the second send then answers with the first
+    one's record. Without a key the caller gets ``unknown_outcome`` and
+    decides; such a write is never retried silently. ``token`` (from a
+    ``login`` at any member) is presented on every new connection.
+    """
+
+    def __init__(self, members: List[str], token: Optional[str] = None, patience: float = 10.0) -> None:
+        self.members = list(members)
+        self.token = token
+        self.patience = patience
+        self._client: Optional[Client] = None
+
+    def __enter__(self) -> "ClusterClient":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def close(self) -> None:
+        if self._client is not None:
+            self._client.close()
+            self._client = None
+
+    def _leader(self, hint: Optional[str], deadline: float) -> Client:
+        import time
+
+        if hint is None and self._client is not None:
+            return self._client
+        self.close()
+        while True:
+            for addr in ([hint] if hint else []) + self.members:
+                try:
+                    c = Client(*_split(addr), timeout=2.0)
+                except TallyConnectionError:
+                    continue
+                try:
+                    if c.hello().get("role") == "leader":
+                        if self.token is not None:
+                            c.auth(token=self.token)
+                        self._client = c
+                        return c
+                except (TallyError, TallyConnectionError):
+                    pass
+                c.close()
+            if time.monotonic() >= deadline:
+                raise TallyError("unavailable", "no member of the cluster says it leads")
+            time.sleep(0.05)
+
+    def call(self, op: str, **args: Any) -> Any:
+        """Sends ``op`` to the leader, following it as described above."""
+        import time
+
+        resend = args.get("key") is not None or op in _READS
+        deadline = time.monotonic() + self.patience
+        hint: Optional[str] = None
+        while True:
+            c = self._leader(hint, deadline)
+            hint = None
+            try:
+                return c.call(op, **args)
+            except TallyError as e:
+                if e.code == "not_leader":
+                    self.close()
+                    hint = e.leader
+                    continue
+                if e.code != "unknown_outcome":
+                    raise
+            except TallyConnectionError:
+                self.close()
+            # The answer was lost.
+            if not resend:
+                raise TallyError("unknown_outcome", f"the answer to {op} was lost; it may or may not have been applied")
+            if time.monotonic() >= deadline:
+                raise TallyError("unavailable", f"{op} found no leader in time")

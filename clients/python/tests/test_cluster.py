@@ -1,0 +1,99 @@
+"""The cluster client against three real members on loopback: it follows
+the leader, resends keyed writes after the leader is killed, and reports a
+keyless write whose answer was lost as ``unknown_outcome``."""
+
+import os
+import socket
+import subprocess
+import time
+
+import pytest
+
+from conftest import ADMIN_PASSWORD, _binary
+from tally import Client, ClusterClient, TallyError
+
+SECRET = "the python tests' cluster secret, 32+ bytes"
+
+
+def _port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def cluster(tmp_path):
+    ports = {i: (_port(), _port()) for i in (1, 2, 3)}
+    nodes = "".join(
+        f'[[cluster.node]]\nid = {i}\nclient = "127.0.0.1:{c}"\nraft = "127.0.0.1:{r}"\n' for i, (c, r) in ports.items()
+    )
+    procs = {}
+    env = dict(os.environ, TALLY_AUTH_ADMIN_PASSWORD=ADMIN_PASSWORD, TALLY_LOG="warn")
+    for i, (c, r) in ports.items():
+        config = tmp_path / f"member-{i}.toml"
+        config.write_text(
+            f'listen = "127.0.0.1:{c}"\n[cluster]\nid = {i}\nraft_listen = "127.0.0.1:{r}"\nsecret = "{SECRET}"\n{nodes}'
+        )
+        p = subprocess.Popen(
+            [_binary(), "serve", "--config", str(config), "--data", str(tmp_path / f"data-{i}")],
+            stdout=subprocess.PIPE,
+            env=env,
+            text=True,
+        )
+        assert p.stdout.readline().strip() == f"tally listening on 127.0.0.1:{c}"
+        procs[i] = p
+    yield {i: f"127.0.0.1:{c}" for i, (c, _) in ports.items()}, procs
+    for p in procs.values():
+        p.kill()
+        p.wait()
+
+
+def _leader(addrs, within=30.0):
+    deadline = time.monotonic() + within
+    while time.monotonic() < deadline:
+        for i, a in addrs.items():
+            host, port = a.rsplit(":", 1)
+            try:
+                with Client(host, int(port), timeout=1.0) as c:
+                    if c.hello().get("role") == "leader":
+                        return i
+            except Exception:
+                pass
+        time.sleep(0.05)
+    raise AssertionError("no leader")
+
+
+def test_the_cluster_client_follows_the_leader_and_resends_only_keyed_writes(cluster):
+    addrs, procs = cluster
+    leader = _leader(addrs)
+    host, port = addrs[leader].rsplit(":", 1)
+    with Client(host, int(port)) as c:
+        token = c.login("admin", ADMIN_PASSWORD)["token"]
+    # A follower names the leader.
+    follower = next(i for i in addrs if i != leader)
+    host, port = addrs[follower].rsplit(":", 1)
+    with Client(host, int(port)) as c:
+        c.auth(token=token)
+        with pytest.raises(TallyError) as e:
+            c.balance("@mint")
+        assert (e.value.code, e.value.leader) == ("not_leader", addrs[leader])
+
+    # Given a follower first, the client still finds the leader.
+    with ClusterClient([addrs[follower]] + list(addrs.values()), token=token, patience=30.0) as cc:
+        cc.create_account("a", initial=100)
+        cc.create_account("b")
+        for i in range(20):
+            if i == 10:
+                procs[leader].kill()
+                procs[leader].wait()
+            cc.transfer("b", 1, from_="a", key=f"py-{i}")
+        assert cc.balance("b")["balance"] == 20
+        new = _leader({i: a for i, a in addrs.items() if i != leader})
+        assert new != leader
+
+        # A keyless write whose answer is lost is reported, not resent.
+        procs[new].kill()
+        procs[new].wait()
+        with pytest.raises(TallyError) as e:
+            cc.transfer("b", 1, from_="a")
+        assert e.value.code == "unknown_outcome"
