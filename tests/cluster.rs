@@ -93,20 +93,26 @@ impl Cluster {
 
     /// `n` members, each with `extra` in its `[cluster]` section.
     fn start_with(n: u64, extra: &str) -> Cluster {
+        let addrs = (1..=n).map(|id| (id, (free_port(), free_port(), None))).collect();
+        Self::start_on(addrs, extra)
+    }
+
+    /// Members with these addresses: (client, raft as the others reach
+    /// it, raft_listen if it differs).
+    fn start_on(addrs: BTreeMap<u64, (SocketAddr, SocketAddr, Option<SocketAddr>)>, extra: &str) -> Cluster {
         let dir = tempfile::tempdir().unwrap();
-        let addrs: BTreeMap<u64, (SocketAddr, SocketAddr)> =
-            (1..=n).map(|id| (id, (free_port(), free_port()))).collect();
         let nodes: String = addrs
             .iter()
-            .map(|(id, (client, raft))| {
+            .map(|(id, (client, raft, _))| {
                 format!("[[cluster.node]]\nid = {id}\nclient = \"{client}\"\nraft = \"{raft}\"\n")
             })
             .collect();
         let mut members = BTreeMap::new();
-        for (&id, &(client, raft)) in &addrs {
+        for (&id, &(client, raft, listen)) in &addrs {
             let config = dir.path().join(format!("member-{id}.toml"));
+            let listen = listen.unwrap_or(raft);
             let text = format!(
-                "listen = \"{client}\"\ntext_mode = false\n\n[cluster]\nid = {id}\nraft_listen = \"{raft}\"\nsecret = \"{SECRET}\"\n{extra}\n\n{nodes}"
+                "listen = \"{client}\"\ntext_mode = false\n\n[cluster]\nid = {id}\nraft_listen = \"{listen}\"\nsecret = \"{SECRET}\"\n{extra}\n\n{nodes}"
             );
             std::fs::write(&config, text).unwrap();
             let mut m = Member {
@@ -568,4 +574,144 @@ async fn the_rust_client_follows_the_leader_and_resends_only_keyed_writes() {
     let b = client.call("balance", json!({"account": account(1)})).await.expect("balance");
     assert_eq!(b["balance"], EACH + 40);
     assert_ne!(cluster.leader().await, leader);
+}
+
+/// A fault-injecting network between members: a proxy in front of each
+/// member's Raft port. Member `i` listens on 127.0.0.(10+i) and dials from
+/// that address, so a proxy knows which member is calling; connections
+/// between members that are cut off from each other are closed, old and new.
+struct Partition {
+    cut: Arc<std::sync::Mutex<std::collections::BTreeSet<(u64, u64)>>>,
+    changed: tokio::sync::watch::Sender<u64>,
+}
+
+impl Partition {
+    /// Cuts `id` off from every other member, both ways.
+    fn isolate(&self, id: u64, n: u64) {
+        let mut cut = self.cut.lock().unwrap();
+        for other in (1..=n).filter(|&o| o != id) {
+            cut.insert((id, other));
+            cut.insert((other, id));
+        }
+        drop(cut);
+        self.changed.send_modify(|g| *g += 1);
+    }
+
+    fn heal(&self) {
+        self.cut.lock().unwrap().clear();
+        self.changed.send_modify(|g| *g += 1);
+    }
+}
+
+/// Forwards connections to member `target` at `real`, unless cut.
+async fn proxy(
+    listener: tokio::net::TcpListener,
+    target: u64,
+    real: SocketAddr,
+    cut: Arc<std::sync::Mutex<std::collections::BTreeSet<(u64, u64)>>>,
+    changed: tokio::sync::watch::Receiver<u64>,
+) {
+    loop {
+        let Ok((mut inbound, peer)) = listener.accept().await else { return };
+        let std::net::IpAddr::V4(ip) = peer.ip() else { continue };
+        let from = u64::from(ip.octets()[3]) - 10;
+        let is_cut = {
+            move |cut: &std::sync::Mutex<std::collections::BTreeSet<(u64, u64)>>| {
+                cut.lock().unwrap().contains(&(from, target))
+            }
+        };
+        if is_cut(&cut) {
+            continue;
+        }
+        let (cut, mut changed) = (cut.clone(), changed.clone());
+        tokio::spawn(async move {
+            let Ok(mut outbound) = tokio::net::TcpStream::connect(real).await else { return };
+            let copy = tokio::io::copy_bidirectional(&mut inbound, &mut outbound);
+            tokio::pin!(copy);
+            loop {
+                tokio::select! {
+                    _ = &mut copy => return,
+                    r = changed.changed() => if r.is_err() || is_cut(&cut) { return },
+                }
+            }
+        });
+    }
+}
+
+impl Cluster {
+    /// `n` members behind a [`Partition`].
+    async fn start_partitionable(n: u64) -> (Cluster, Partition) {
+        let cut = Arc::new(std::sync::Mutex::new(std::collections::BTreeSet::new()));
+        let (changed, watch) = tokio::sync::watch::channel(0);
+        let mut addrs = BTreeMap::new();
+        for id in 1..=n {
+            let ip = format!("127.0.0.{}", 10 + id);
+            let real = std::net::TcpListener::bind(format!("{ip}:0")).unwrap().local_addr().unwrap();
+            let front = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+            addrs.insert(id, (free_port(), front.local_addr().unwrap(), Some(real)));
+            tokio::spawn(proxy(front, id, real, cut.clone(), watch.clone()));
+        }
+        (Self::start_on(addrs, ""), Partition { cut, changed })
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_partitioned_leader_refuses_writes_while_the_majority_goes_on_and_all_agree_after() {
+    let (cluster, net) = Cluster::start_partitionable(3).await;
+    let old = cluster.leader().await;
+    let token = admin_token(cluster.members[&old].client).await;
+    let admin = cluster.admin(old, &token).await;
+    for i in 0..2 {
+        common::create(&admin, &account(i), EACH).await;
+    }
+    pay(&admin, 5, "before").await;
+
+    net.isolate(old, 3);
+    // The majority elects a leader of its own (the old one may still think
+    // it leads: nobody can tell it otherwise).
+    let deadline = Instant::now() + WAIT;
+    let new = loop {
+        let mut found = None;
+        for m in cluster.members.values().filter(|m| m.id != old) {
+            if hello(m.client).await.is_ok_and(|h| h["role"] == "leader") {
+                found = Some(m.id);
+            }
+        }
+        if let Some(id) = found {
+            break id;
+        }
+        assert!(Instant::now() < deadline, "the majority elects no leader\n{}", cluster.logs());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    let majority = cluster.admin(new, &token).await;
+    pay(&majority, 10, "majority").await;
+    // The minority refuses, and nothing of what it was asked is applied.
+    let e = admin.transfer(Some(&account(0)), &account(1), 100, Some("minority")).await.unwrap_err();
+    assert!(matches!(e.code(), Some("unavailable" | "not_leader" | "unknown_outcome")), "{e}");
+    assert_eq!(common::balance(&majority, &account(1)).await, EACH + 15);
+
+    net.heal();
+    let head = common::audit_ok(&majority).await;
+    for m in cluster.members.values() {
+        let deadline = Instant::now() + WAIT;
+        loop {
+            // A fresh connection each time: the old leader's are closed
+            // when it steps down.
+            let a = async {
+                let c = Client::connect(m.client).await.ok()?;
+                c.call("auth", json!({ "token": token })).await.ok()?;
+                c.call("audit", json!({})).await.ok()
+            };
+            let a = a.await.unwrap_or_default();
+            if a == head {
+                break;
+            }
+            assert!(Instant::now() < deadline, "member {} is at {a}, the majority at {head}", m.id);
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+    let h = hello(cluster.members[&old].client).await.unwrap();
+    assert_eq!(h["role"], "follower", "{h}");
+    // The refused transfer was never applied anywhere.
+    assert_eq!(common::balance(&majority, &account(1)).await, EACH + 15);
 }

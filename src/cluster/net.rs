@@ -42,7 +42,7 @@ use openraft::Raft;
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 
@@ -334,11 +334,22 @@ async fn answer(mut ch: Channel, raft: &Raft<TypeConfig>) -> io::Result<()> {
 pub struct Network {
     me: u64,
     secret: Secret,
+    /// The address member connections leave from, if this member listens
+    /// on one address (not 0.0.0.0): a firewall then tells members apart
+    /// by address, whichever way a connection goes.
+    bind: Option<IpAddr>,
 }
 
 impl Network {
     pub fn new(me: u64, secret: Secret) -> Network {
-        Network { me, secret }
+        Network { me, secret, bind: None }
+    }
+
+    /// The same, its connections leaving from `ip` (unless unspecified).
+    #[must_use]
+    pub fn from_address(mut self, ip: IpAddr) -> Network {
+        self.bind = (!ip.is_unspecified()).then_some(ip);
+        self
     }
 }
 
@@ -346,7 +357,14 @@ impl RaftNetworkFactory<TypeConfig> for Network {
     type Network = Peer;
 
     async fn new_client(&mut self, target: u64, node: &Member) -> Peer {
-        Peer { me: self.me, target, addr: node.raft.clone(), secret: self.secret.clone(), channel: None }
+        Peer {
+            me: self.me,
+            target,
+            addr: node.raft.clone(),
+            secret: self.secret.clone(),
+            bind: self.bind,
+            channel: None,
+        }
     }
 }
 
@@ -356,6 +374,7 @@ pub struct Peer {
     target: u64,
     addr: String,
     secret: Secret,
+    bind: Option<IpAddr>,
     /// The connection between calls, and when it was last used.
     channel: Option<(Channel, Instant)>,
 }
@@ -402,7 +421,14 @@ impl Peer {
             .await?
             .next()
             .ok_or_else(|| io::Error::new(io::ErrorKind::NotFound, "no address"))?;
-        let stream = TcpStream::connect(addr).await?;
+        let stream = match self.bind {
+            None => TcpStream::connect(addr).await?,
+            Some(ip) => {
+                let socket = if ip.is_ipv4() { TcpSocket::new_v4()? } else { TcpSocket::new_v6()? };
+                socket.bind(SocketAddr::new(ip, 0))?;
+                socket.connect(addr).await?
+            }
+        };
         Channel::dial(stream, &self.secret, self.me, self.target).await
     }
 }

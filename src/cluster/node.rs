@@ -109,9 +109,11 @@ impl Node {
             ..Default::default()
         };
         let config = Arc::new(config.validate().map_err(|e| e.to_string())?);
-        let raft = Raft::new(c.id, config, Network::new(c.id, secret.clone()), log, machine)
-            .await
-            .map_err(|e| format!("raft: {e}"))?;
+        let mut network = Network::new(c.id, secret.clone());
+        if let Ok(at) = c.raft_listen.parse::<std::net::SocketAddr>() {
+            network = network.from_address(at.ip());
+        }
+        let raft = Raft::new(c.id, config, network, log, machine).await.map_err(|e| format!("raft: {e}"))?;
         let listener = TcpListener::bind(&c.raft_listen)
             .await
             .map_err(|e| format!("cannot listen on cluster.raft_listen {}: {e}", c.raft_listen))?;
