@@ -233,6 +233,10 @@ pub const CLUSTER_COMMIT_TIMEOUT_MS: u64 = 3_000;
 /// A leader that has heard from no majority for this long refuses writes
 /// (`unavailable`) instead of proposing them: they could only time out.
 pub const CLUSTER_QUORUM_STALE_MS: u64 = 1_000;
+/// A leader answers only while a majority has acknowledged it this
+/// recently: less than the shortest election timeout, so that no other
+/// member can have been elected meanwhile (its reads are current).
+pub const CLUSTER_READ_LEASE_MS: u64 = 400;
 /// Raft's heartbeat, and the range an election timeout is drawn from.
 pub const CLUSTER_HEARTBEAT_MS: u64 = 100;
 pub const CLUSTER_ELECTION_MIN_MS: u64 = 600;

@@ -685,7 +685,10 @@ async fn a_partitioned_leader_refuses_writes_while_the_majority_goes_on_and_all_
     };
     let majority = cluster.admin(new, &token).await;
     pay(&majority, 10, "majority").await;
-    // The minority refuses, and nothing of what it was asked is applied.
+    // The minority serves no stale read (it still has the old balance)...
+    let e = admin.balance(Some(&account(1))).await.unwrap_err();
+    assert!(matches!(e.code(), Some("unavailable" | "not_leader")), "{e}");
+    // ...refuses writes, and nothing of what it was asked is applied.
     let e = admin.transfer(Some(&account(0)), &account(1), 100, Some("minority")).await.unwrap_err();
     assert!(matches!(e.code(), Some("unavailable" | "not_leader" | "unknown_outcome")), "{e}");
     assert_eq!(common::balance(&majority, &account(1)).await, EACH + 15);

@@ -134,10 +134,16 @@ pub async fn dispatch(ctx: &Arc<Ctx>, session: &mut Session, name: &str, args: &
     };
     // A member that does not serve the ledger answers only what needs
     // none of it: who it is, and checks of a token or of its own copy.
-    if let Some(c) = ctx.cluster.as_ref().filter(|c| !c.serves()) {
+    if let Some(c) = &ctx.cluster {
         if !matches!(op, Op::Hello | Op::Ping | Op::Help | Op::Auth | Op::Whoami | Op::Audit) {
-            session.outbox.flush(&ctx.router);
-            return reply.err(c.view.not_leader());
+            // A leader cut off from its majority may have been replaced
+            // without knowing it: it serves nothing, not even a read of
+            // what it holds, once no majority has answered it for a while.
+            let refused = if c.serves() { c.lease_lost() } else { Some(c.view.not_leader()) };
+            if let Some(e) = refused {
+                session.outbox.flush(&ctx.router);
+                return reply.err(e);
+            }
         }
     }
     // Debits read before this op go first: it may touch the same accounts.

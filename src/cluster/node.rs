@@ -22,10 +22,11 @@ use super::log::LogStore;
 use super::net::{self, Network, Secret};
 use super::{Member, TypeConfig};
 use crate::config::ClusterConfig;
-use crate::error::ApiError;
+use crate::error::{ApiError, ErrorCode};
 use crate::ledger::Limits;
 use crate::limits::{
-    CLUSTER_ELECTION_MAX_MS, CLUSTER_ELECTION_MIN_MS, CLUSTER_HEARTBEAT_MS, CLUSTER_SNAPSHOT_CHUNK_TIMEOUT_MS,
+    CLUSTER_ELECTION_MAX_MS, CLUSTER_ELECTION_MIN_MS, CLUSTER_HEARTBEAT_MS, CLUSTER_READ_LEASE_MS,
+    CLUSTER_SNAPSHOT_CHUNK_TIMEOUT_MS,
 };
 use crate::store::Store;
 
@@ -77,6 +78,27 @@ impl Serving {
     #[must_use]
     pub fn serves(&self) -> bool {
         self.leading && !self.deposed.is_cancelled()
+    }
+
+    /// Why a leader must not answer now, if it must not: no majority has
+    /// acknowledged it within [`CLUSTER_READ_LEASE_MS`], shorter than the
+    /// shortest election timeout (openraft's members refuse to vote for
+    /// anyone else that long after hearing from their leader), so while a
+    /// leader holds the lease no other member can have been elected and
+    /// what it holds is current.
+    #[must_use]
+    pub fn lease_lost(&self) -> Option<ApiError> {
+        // Read in place: a clone of the metrics would allocate per request.
+        let metrics = self.raft.metrics();
+        let m = metrics.borrow();
+        let held = m.millis_since_quorum_ack.is_some_and(|ms| ms <= CLUSTER_READ_LEASE_MS);
+        let alone = held || m.membership_config.membership().voter_ids().all(|id| id == self.view.node);
+        (!alone && !held).then(|| {
+            ApiError::new(
+                ErrorCode::Unavailable,
+                "no majority of the cluster has answered this leader lately; nothing was read or changed",
+            )
+        })
     }
 }
 

@@ -98,9 +98,10 @@ fn unknown_outcome() -> ApiError {
 /// Why a leader cannot expect a majority now (`None`: it can): one that has
 /// heard from none for a while refuses rather than waits out a timeout.
 fn no_quorum(raft: &openraft::Raft<crate::cluster::TypeConfig>, me: u64) -> Option<String> {
-    let m = raft.metrics().borrow().clone();
-    let alone = m.membership_config.membership().voter_ids().all(|id| id == me);
+    let metrics = raft.metrics();
+    let m = metrics.borrow();
     let fresh = m.millis_since_quorum_ack.is_some_and(|ms| ms <= crate::limits::CLUSTER_QUORUM_STALE_MS);
+    let alone = fresh || m.membership_config.membership().voter_ids().all(|id| id == me);
     (!alone && !fresh).then(|| {
         format!(
             "no majority of the cluster has answered this leader for {}; nothing was changed",
