@@ -122,13 +122,6 @@ impl Book {
         }
     }
 
-    /// Sets the last transfer of one account (recovery replay).
-    pub fn link_one(&mut self, id: &str, last: u64) {
-        if let Some(a) = self.get_mut(id) {
-            a.last = last;
-        }
-    }
-
     /// Adds an account under the next number and returns that number.
     pub fn insert(&mut self, id: &str, account: BookAccount) -> u32 {
         let num = u32::try_from(self.entries.len()).expect("fewer than 2^32 accounts");
@@ -190,6 +183,16 @@ impl Book {
     #[must_use]
     pub fn by_num(&self, num: u32) -> Option<&BookAccount> {
         self.entries.get(num as usize).map(|e| &e.account)
+    }
+
+    /// Replays a record onto account `num`: its balance and its last
+    /// transfer (recovery and cluster members; one lookup for both).
+    pub fn replay_num(&mut self, num: u32, balance: i64, last: u64) {
+        if let Some(e) = self.entries.get_mut(num as usize) {
+            e.account.balance = balance;
+            e.account.last = last;
+            e.account.dirty = true;
+        }
     }
 
     /// Marks account `num` as written to its balance row.

@@ -61,11 +61,11 @@ pub fn replay(book: &mut Book, r: &TransferRecord) -> Result<(), StoreError> {
         if i == 2 && delta == 0 {
             continue;
         }
-        let a = *book.get(account).ok_or_else(|| corrupt("unknown account"))?;
+        let num = book.num(account).ok_or_else(|| corrupt("unknown account"))?;
+        let a = *book.by_num(num).ok_or_else(|| corrupt("unknown account"))?;
         if r.id > a.last {
             let balance = a.balance.checked_add(delta).ok_or_else(|| corrupt("overflow"))?;
-            book.set(account, balance);
-            book.link_one(account, r.id);
+            book.replay_num(num, balance, r.id);
         }
     }
     Ok(())
