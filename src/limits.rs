@@ -230,6 +230,9 @@ pub const CLUSTER_MEMBERS_MAX: usize = 7;
 /// How long the leader's journal waits for a batch to be committed by a
 /// majority and applied before it answers `unknown_outcome`.
 pub const CLUSTER_COMMIT_TIMEOUT_MS: u64 = 3_000;
+/// Batches a cluster leader's journal has proposed and not yet seen
+/// applied: deciding the next overlaps the disks and network of the last.
+pub const CLUSTER_PROPOSALS_IN_FLIGHT: usize = 3;
 /// A leader that has heard from no majority for this long refuses writes
 /// (`unavailable`) instead of proposing them: they could only time out.
 pub const CLUSTER_QUORUM_STALE_MS: u64 = 1_000;

@@ -10,11 +10,11 @@
 //!
 //! In a cluster (`[cluster]`), the leader's journal decides a batch the
 //! same way and proposes what it decided as one Raft entry instead of
-//! writing it ([`Replicate`]); every member writes it when a majority has
-//! it (`cluster::ledger`), and the clients are answered after that. A
-//! proposal that fails or times out leaves this journal ahead of the
-//! cluster, so it is deposed: it refuses everything from then on and the
-//! node restarts the ledger from what the cluster applied.
+//! writing it ([`Replicate`], `replicate.rs`); every member writes it when
+//! a majority has it (`cluster::ledger`), and the clients are answered
+//! after that. A proposal that fails or times out leaves this journal
+//! ahead of the cluster, so it is deposed: it refuses everything from then
+//! on and the node restarts the ledger from what the cluster applied.
 //!
 //! If a commit fails (a full disk), nothing of its batch was applied and
 //! every command in it is refused `unavailable`; the journal then refuses
@@ -23,6 +23,7 @@
 
 pub mod commit;
 pub mod machine;
+mod replicate;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -189,6 +190,9 @@ impl Journal {
     /// arrives, then writes a full checkpoint and returns. Committed batches
     /// go to `fanout` in commit order.
     pub fn run(mut self, rx: &Receiver<Command>, fanout: &tokio::sync::mpsc::UnboundedSender<Committed>) {
+        if self.replicate.is_some() {
+            return self.run_replicated(rx, fanout);
+        }
         let mut batch: Vec<Command> = Vec::with_capacity(self.batch_max);
         loop {
             if self.failure.is_some() {
@@ -202,10 +206,7 @@ impl Journal {
                 match rx.recv_timeout(self.idle_wait()) {
                     Ok(c) => batch.push(c),
                     Err(crossbeam_channel::RecvTimeoutError::Timeout) => {
-                        // A member's state machine sweeps its own rows.
-                        if self.replicate.is_none() {
-                            self.catch_up(rx);
-                        }
+                        self.catch_up(rx);
                         continue;
                     }
                     Err(crossbeam_channel::RecvTimeoutError::Disconnected) => break,
@@ -282,9 +283,6 @@ impl Journal {
 
     /// Applies and commits one batch; every command gets its outcome.
     fn commit(&mut self, batch: Vec<Command>) -> Committed {
-        if self.replicate.is_some() {
-            return self.propose(batch);
-        }
         let time = self.clock.now_ms();
         let head_before = self.machine.head;
         self.writes.clear();
@@ -309,67 +307,6 @@ impl Journal {
                 Committed(batch.into_iter().filter_map(|c| Outcome::refused(&c, &failed).map(|o| (c, o))).collect())
             }
         }
-    }
-
-    /// A cluster leader's commit: decides the batch, proposes it and waits
-    /// (bounded) until the cluster applied it. Anything but "applied"
-    /// deposes the journal.
-    fn propose(&mut self, batch: Vec<Command>) -> Committed {
-        let Some(r) = self.replicate.as_ref() else { unreachable!("only called with a cluster") };
-        let refuse = |batch: Vec<Command>, e: &ApiError| {
-            Committed(batch.into_iter().filter_map(|c| Outcome::refused(&c, e).map(|o| (c, o))).collect())
-        };
-        if r.deposed.is_cancelled() {
-            return refuse(batch, &not_leader(None));
-        }
-        if batch.is_empty() {
-            return Committed(Vec::new());
-        }
-        if let Some(why) = no_quorum(&r.raft, r.me) {
-            return refuse(batch, &ApiError::new(ErrorCode::Unavailable, why));
-        }
-        let time = self.clock.now_ms();
-        let base = self.machine.head;
-        self.writes.clear();
-        let decided =
-            self.store.db().and_then(|db| self.machine.apply(&RedbCold::new(&db), &batch, time, &mut self.writes));
-        let outcomes = match decided {
-            Ok(o) => o,
-            Err(e) => {
-                tracing::error!(error = %e, "the leader's journal cannot read the ledger; restarting it");
-                r.deposed.cancel();
-                return refuse(batch, &unavailable());
-            }
-        };
-        let entry = crate::cluster::ledger::DecidedRef { base, head: self.machine.head, writes: &self.writes }.encode();
-        let wait = Duration::from_millis(crate::limits::CLUSTER_COMMIT_TIMEOUT_MS);
-        let answer = r
-            .rt
-            .block_on(async { tokio::time::timeout(wait, r.raft.client_write(crate::cluster::Batch(entry))).await });
-        let refusal = match answer {
-            Ok(Ok(resp)) if resp.data == crate::cluster::Verdict::Applied => {
-                self.health.committed(time);
-                self.stats.record_batch(batch.len() as u64, self.machine.head.id - base.id);
-                return Committed(batch.into_iter().zip(outcomes).collect());
-            }
-            Ok(Ok(_)) => {
-                ApiError::new(ErrorCode::Unavailable, "the leader changed while this was decided; nothing was changed")
-            }
-            Ok(Err(openraft::error::RaftError::APIError(openraft::error::ClientWriteError::ForwardToLeader(f)))) => {
-                // Refused before it reached the log, or cut from it: never applied.
-                not_leader(f.leader_node.map(|n| n.client))
-            }
-            Ok(Err(e)) => {
-                tracing::warn!(error = %e, "a proposal failed; its outcome is unknown");
-                unknown_outcome()
-            }
-            Err(_) => {
-                tracing::warn!("a proposal was not applied in time; its outcome is unknown");
-                unknown_outcome()
-            }
-        };
-        r.deposed.cancel();
-        refuse(batch, &refusal)
     }
 
     /// Records a failed commit: health turns failing, and the database is
@@ -484,11 +421,6 @@ impl Journal {
 
     /// Leaves a full checkpoint, so the next start replays nothing.
     fn stop(&mut self) {
-        if self.replicate.is_some() {
-            // The state machine owns the database's rows in a cluster.
-            tracing::info!(head = self.machine.head.id, "journal stopped");
-            return;
-        }
         let written = self
             .store
             .db()
