@@ -1,7 +1,8 @@
 //! A cluster leader's journal: decides batches as a single server does
-//! and proposes each as one Raft entry, with up to
-//! [`CLUSTER_PROPOSALS_IN_FLIGHT`] proposals in flight, so that deciding
-//! the next batch overlaps the members' disks and network for the last.
+//! and proposes each as one Raft entry. While one is in flight, another
+//! goes out only if a full batch is waiting (up to
+//! [`CLUSTER_PROPOSALS_IN_FLIGHT`]), so that a flood does not wait a
+//! round per batch and a trickle is not cut into many small entries.
 //!
 //! Why pipelining keeps every answer right:
 //!
@@ -129,7 +130,13 @@ impl Journal {
                 return;
             }
             let mut batch = Vec::new();
-            let room = stops.is_empty() && pending.len() < CLUSTER_PROPOSALS_IN_FLIGHT;
+            // Another proposal goes out while some are in flight only when
+            // a full batch is waiting: smaller ones cost a Raft round each
+            // for little (measured: three in flight at any size gave
+            // batches of ~840 and 20% fewer transfers/s than one).
+            let full = rx.len() >= self.batch_max;
+            let room =
+                stops.is_empty() && (pending.is_empty() || (full && pending.len() < CLUSTER_PROPOSALS_IN_FLIGHT));
             if room {
                 self.due_holds(&mut batch);
             }
@@ -145,7 +152,13 @@ impl Journal {
                         default(self.idle_wait()) => continue,
                     }
                 } else {
-                    answers.recv().ok().map(Err)
+                    // Looks again at the queue now and then: a full batch
+                    // may be waiting before the oldest answer comes.
+                    match answers.recv_timeout(Duration::from_millis(1)) {
+                        Ok(a) => Some(Err(a)),
+                        Err(crossbeam_channel::RecvTimeoutError::Timeout) => continue,
+                        Err(crossbeam_channel::RecvTimeoutError::Disconnected) => None,
+                    }
                 };
                 match got {
                     Some(Ok(c)) => batch.push(c),
