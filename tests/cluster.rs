@@ -34,6 +34,39 @@ struct Member {
 }
 
 impl Member {
+    /// Writes member `id`'s configuration into `dir` (every member of
+    /// `nodes` listed: id, client, raft) and starts it.
+    fn start(
+        dir: &std::path::Path,
+        (id, client, raft): (u64, SocketAddr, SocketAddr),
+        listen: SocketAddr,
+        extra: &str,
+        nodes: &[(u64, SocketAddr, SocketAddr)],
+    ) -> Member {
+        let nodes: String = nodes
+            .iter()
+            .map(|(id, client, raft)| {
+                format!("[[cluster.node]]\nid = {id}\nclient = \"{client}\"\nraft = \"{raft}\"\n")
+            })
+            .collect();
+        let config = dir.join(format!("member-{id}.toml"));
+        let text = format!(
+            "listen = \"{client}\"\ntext_mode = false\n\n[cluster]\nid = {id}\nraft_listen = \"{listen}\"\nsecret = \"{SECRET}\"\n{extra}\n\n{nodes}"
+        );
+        std::fs::write(&config, text).unwrap();
+        let mut m = Member {
+            id,
+            client,
+            raft,
+            config,
+            data: dir.join(format!("data-{id}")),
+            log: dir.join(format!("member-{id}.log")),
+            child: None,
+        };
+        m.spawn();
+        m
+    }
+
     fn spawn(&mut self) {
         let log = std::fs::OpenOptions::new().create(true).append(true).open(&self.log).expect("log file");
         let mut child = Command::new(env!("CARGO_BIN_EXE_tally"))
@@ -101,30 +134,10 @@ impl Cluster {
     /// it, raft_listen if it differs).
     fn start_on(addrs: BTreeMap<u64, (SocketAddr, SocketAddr, Option<SocketAddr>)>, extra: &str) -> Cluster {
         let dir = tempfile::tempdir().unwrap();
-        let nodes: String = addrs
-            .iter()
-            .map(|(id, (client, raft, _))| {
-                format!("[[cluster.node]]\nid = {id}\nclient = \"{client}\"\nraft = \"{raft}\"\n")
-            })
-            .collect();
+        let nodes: Vec<(u64, SocketAddr, SocketAddr)> = addrs.iter().map(|(&id, &(c, r, _))| (id, c, r)).collect();
         let mut members = BTreeMap::new();
         for (&id, &(client, raft, listen)) in &addrs {
-            let config = dir.path().join(format!("member-{id}.toml"));
-            let listen = listen.unwrap_or(raft);
-            let text = format!(
-                "listen = \"{client}\"\ntext_mode = false\n\n[cluster]\nid = {id}\nraft_listen = \"{listen}\"\nsecret = \"{SECRET}\"\n{extra}\n\n{nodes}"
-            );
-            std::fs::write(&config, text).unwrap();
-            let mut m = Member {
-                id,
-                client,
-                raft,
-                config,
-                data: dir.path().join(format!("data-{id}")),
-                log: dir.path().join(format!("member-{id}.log")),
-                child: None,
-            };
-            m.spawn();
+            let m = Member::start(dir.path(), (id, client, raft), listen.unwrap_or(raft), extra, &nodes);
             members.insert(id, m);
         }
         Cluster { _dir: dir, members }
@@ -132,10 +145,16 @@ impl Cluster {
 
     /// The member every running member agrees leads, once one serves.
     async fn leader(&self) -> u64 {
+        self.leader_without(None).await
+    }
+
+    /// The one member that says it leads, leaving out `left_out` (paused or
+    /// cut off: it cannot answer, or cannot know it was replaced).
+    async fn leader_without(&self, left_out: Option<u64>) -> u64 {
         let deadline = Instant::now() + WAIT;
         loop {
             let mut leaders = Vec::new();
-            for m in self.members.values().filter(|m| m.child.is_some()) {
+            for m in self.members.values().filter(|m| m.child.is_some() && Some(m.id) != left_out) {
                 if let Ok(h) = hello(m.client).await {
                     if h["role"] == "leader" {
                         leaders.push(m.id);
@@ -146,8 +165,20 @@ impl Cluster {
                 return one;
             }
             assert!(Instant::now() < deadline, "no single leader within {WAIT:?}: {leaders:?}\n{}", self.logs());
-            tokio::time::sleep(Duration::from_millis(50)).await;
+            tokio::time::sleep(Duration::from_millis(20)).await;
         }
+    }
+
+    /// Finds the leader, logs in there and opens `accounts` bank accounts
+    /// of [`EACH`]: the leader, the admin's token and its connection.
+    async fn open_bank(&self, accounts: usize) -> (u64, String, Client) {
+        let leader = self.leader().await;
+        let token = admin_token(self.members[&leader].client).await;
+        let admin = self.admin(leader, &token).await;
+        for i in 0..accounts {
+            common::create(&admin, &account(i), EACH).await;
+        }
+        (leader, token, admin)
     }
 
     /// Starts a member `id` that is not in the cluster yet; its own
@@ -157,28 +188,7 @@ impl Cluster {
         let mut nodes: Vec<(u64, SocketAddr, SocketAddr)> =
             self.members.values().map(|m| (m.id, m.client, m.raft)).collect();
         nodes.push((id, client, raft));
-        let nodes: String = nodes
-            .iter()
-            .map(|(id, client, raft)| {
-                format!("[[cluster.node]]\nid = {id}\nclient = \"{client}\"\nraft = \"{raft}\"\n")
-            })
-            .collect();
-        let dir = self._dir.path();
-        let config = dir.join(format!("member-{id}.toml"));
-        let text = format!(
-            "listen = \"{client}\"\ntext_mode = false\n\n[cluster]\nid = {id}\nraft_listen = \"{raft}\"\nsecret = \"{SECRET}\"\n\n{nodes}"
-        );
-        std::fs::write(&config, text).unwrap();
-        let mut m = Member {
-            id,
-            client,
-            raft,
-            config,
-            data: dir.join(format!("data-{id}")),
-            log: dir.join(format!("member-{id}.log")),
-            child: None,
-        };
-        m.spawn();
+        let m = Member::start(self._dir.path(), (id, client, raft), raft, "", &nodes);
         self.members.insert(id, m);
         (client, raft)
     }
@@ -200,6 +210,30 @@ impl Drop for Cluster {
         // A failing test shows what the members said.
         if std::thread::panicking() {
             eprintln!("{}", self.logs());
+        }
+    }
+}
+
+impl Cluster {
+    /// Waits until every running member's `audit` is `head`, asking over a
+    /// fresh connection each time (a member closes its connections when it
+    /// starts or stops leading).
+    async fn agree_on(&self, token: &str, head: &Value) {
+        for m in self.members.values().filter(|m| m.child.is_some()) {
+            let deadline = Instant::now() + WAIT;
+            loop {
+                let a = async {
+                    let c = Client::connect(m.client).await.ok()?;
+                    c.call("auth", json!({ "token": token })).await.ok()?;
+                    c.call("audit", json!({})).await.ok()
+                };
+                let a = a.await.unwrap_or_default();
+                if a == *head {
+                    break;
+                }
+                assert!(Instant::now() < deadline, "member {} is at {a}, the leader at {head}\n{}", m.id, self.logs());
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
         }
     }
 }
@@ -283,12 +317,7 @@ async fn worker(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn acknowledged_transfers_survive_five_kills_of_the_leader() {
     let mut cluster = Cluster::start(3);
-    let leader = cluster.leader().await;
-    let token = admin_token(cluster.members[&leader].client).await;
-    let admin = cluster.admin(leader, &token).await;
-    for i in 0..ACCOUNTS {
-        common::create(&admin, &account(i), EACH).await;
-    }
+    let (leader, token, admin) = cluster.open_bank(ACCOUNTS).await;
     drop(admin);
 
     // A follower refuses the ledger and names the leader.
@@ -371,18 +400,7 @@ async fn acknowledged_transfers_survive_five_kills_of_the_leader() {
     let head = common::audit_ok(&admin).await;
 
     // Every member ends at the same head.
-    for id in cluster.members.keys().copied().collect::<Vec<_>>() {
-        let c = cluster.admin(id, &token).await;
-        let deadline = Instant::now() + WAIT;
-        loop {
-            let a = c.call("audit", json!({})).await.expect("audit");
-            if a == head {
-                break;
-            }
-            assert!(Instant::now() < deadline, "member {id} ends at {a}, the leader at {head}");
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    }
+    cluster.agree_on(&token, &head).await;
 }
 
 /// Transfers `n` units from bank-0 to bank-1 at `leader`, each keyed.
@@ -394,35 +412,13 @@ async fn pay(c: &Client, n: usize, tag: &str) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_paused_leader_is_replaced_and_once_resumed_accepts_no_write_as_leader() {
-    let mut cluster = Cluster::start(3);
-    let old = cluster.leader().await;
-    let token = admin_token(cluster.members[&old].client).await;
-    let admin = cluster.admin(old, &token).await;
-    for i in 0..2 {
-        common::create(&admin, &account(i), EACH).await;
-    }
+    let cluster = Cluster::start(3);
     // A connection made while it led, used once it no longer does.
-    let stale = cluster.admin(old, &token).await;
+    let (old, token, stale) = cluster.open_bank(2).await;
     cluster.members[&old].signal("-STOP");
     let paused = Instant::now();
     // The paused member cannot answer hello, so only the others count.
-    cluster.members.get_mut(&old).unwrap().child.as_ref().unwrap();
-    let new = {
-        let deadline = Instant::now() + WAIT;
-        loop {
-            let mut found = None;
-            for m in cluster.members.values().filter(|m| m.id != old) {
-                if hello(m.client).await.is_ok_and(|h| h["role"] == "leader") {
-                    found = Some(m.id);
-                }
-            }
-            if let Some(id) = found {
-                break id;
-            }
-            assert!(Instant::now() < deadline, "no new leader while {old} is paused\n{}", cluster.logs());
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    };
+    let new = cluster.leader_without(Some(old)).await;
     eprintln!("a new leader {} ms after the pause", paused.elapsed().as_millis());
     let admin = cluster.admin(new, &token).await;
     pay(&admin, 10, "after-pause").await;
@@ -456,12 +452,7 @@ async fn a_member_whose_data_was_wiped_catches_up_through_a_snapshot() {
     // Snapshots every 10 entries, so the log the wiped member would need
     // is gone and only a snapshot can bring it back.
     let mut cluster = Cluster::start_with(3, "snapshot_every = 10");
-    let leader = cluster.leader().await;
-    let token = admin_token(cluster.members[&leader].client).await;
-    let admin = cluster.admin(leader, &token).await;
-    for i in 0..2 {
-        common::create(&admin, &account(i), EACH).await;
-    }
+    let (leader, token, admin) = cluster.open_bank(2).await;
     let wiped = *cluster.members.keys().find(|&&id| id != leader).unwrap();
     cluster.members.get_mut(&wiped).unwrap().kill9();
     pay(&admin, 40, "while-away").await;
@@ -470,16 +461,7 @@ async fn a_member_whose_data_was_wiped_catches_up_through_a_snapshot() {
     pay(&admin, 5, "after-return").await;
     let head = common::audit_ok(&admin).await;
     assert_eq!(head["transfers"], 2 + 45);
-    let c = cluster.admin(wiped, &token).await;
-    let deadline = Instant::now() + WAIT;
-    loop {
-        let a = c.call("audit", json!({})).await.expect("audit");
-        if a == head {
-            break;
-        }
-        assert!(Instant::now() < deadline, "the wiped member is at {a}, the leader at {head}\n{}", cluster.logs());
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    cluster.agree_on(&token, &head).await;
     let log = cluster.members[&wiped].log();
     assert!(log.contains("installed a snapshot"), "{log}");
 }
@@ -487,12 +469,7 @@ async fn a_member_whose_data_was_wiped_catches_up_through_a_snapshot() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_member_joins_and_another_leaves_under_load() {
     let mut cluster = Cluster::start(3);
-    let leader = cluster.leader().await;
-    let token = admin_token(cluster.members[&leader].client).await;
-    let admin = cluster.admin(leader, &token).await;
-    for i in 0..ACCOUNTS {
-        common::create(&admin, &account(i), EACH).await;
-    }
+    let (leader, token, admin) = cluster.open_bank(ACCOUNTS).await;
     let acked = Arc::new(std::sync::atomic::AtomicU64::new(0));
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let load = tokio::spawn(worker(
@@ -536,18 +513,7 @@ async fn a_member_joins_and_another_leaves_under_load() {
     assert_eq!(h["leader"], cluster.members[&leader].client.to_string());
 
     let head = common::audit_ok(&admin).await;
-    for id in cluster.members.keys().copied().collect::<Vec<_>>() {
-        let c = cluster.admin(id, &token).await;
-        let deadline = Instant::now() + WAIT;
-        loop {
-            let a = c.call("audit", json!({})).await.expect("audit");
-            if a == head {
-                break;
-            }
-            assert!(Instant::now() < deadline, "member {id} is at {a}, the leader at {head}");
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    }
+    cluster.agree_on(&token, &head).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -658,31 +624,13 @@ impl Cluster {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_partitioned_leader_refuses_writes_while_the_majority_goes_on_and_all_agree_after() {
     let (cluster, net) = Cluster::start_partitionable(3).await;
-    let old = cluster.leader().await;
-    let token = admin_token(cluster.members[&old].client).await;
-    let admin = cluster.admin(old, &token).await;
-    for i in 0..2 {
-        common::create(&admin, &account(i), EACH).await;
-    }
+    let (old, token, admin) = cluster.open_bank(2).await;
     pay(&admin, 5, "before").await;
 
     net.isolate(old, 3);
     // The majority elects a leader of its own (the old one may still think
     // it leads: nobody can tell it otherwise).
-    let deadline = Instant::now() + WAIT;
-    let new = loop {
-        let mut found = None;
-        for m in cluster.members.values().filter(|m| m.id != old) {
-            if hello(m.client).await.is_ok_and(|h| h["role"] == "leader") {
-                found = Some(m.id);
-            }
-        }
-        if let Some(id) = found {
-            break id;
-        }
-        assert!(Instant::now() < deadline, "the majority elects no leader\n{}", cluster.logs());
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    };
+    let new = cluster.leader_without(Some(old)).await;
     let majority = cluster.admin(new, &token).await;
     pay(&majority, 10, "majority").await;
     // The minority serves no stale read (it still has the old balance)...
@@ -695,24 +643,7 @@ async fn a_partitioned_leader_refuses_writes_while_the_majority_goes_on_and_all_
 
     net.heal();
     let head = common::audit_ok(&majority).await;
-    for m in cluster.members.values() {
-        let deadline = Instant::now() + WAIT;
-        loop {
-            // A fresh connection each time: the old leader's are closed
-            // when it steps down.
-            let a = async {
-                let c = Client::connect(m.client).await.ok()?;
-                c.call("auth", json!({ "token": token })).await.ok()?;
-                c.call("audit", json!({})).await.ok()
-            };
-            let a = a.await.unwrap_or_default();
-            if a == head {
-                break;
-            }
-            assert!(Instant::now() < deadline, "member {} is at {a}, the majority at {head}", m.id);
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    }
+    cluster.agree_on(&token, &head).await;
     let h = hello(cluster.members[&old].client).await.unwrap();
     assert_eq!(h["role"], "follower", "{h}");
     // The refused transfer was never applied anywhere.

@@ -84,6 +84,19 @@ impl Writes {
         *self = Writes { records, ends, keys, ..Writes::default() };
     }
 
+    /// Applies these writes' tag changes for `tag` to `members`.
+    pub fn retag(&self, tag: &str, members: &mut BTreeSet<String>) {
+        for ((t, account), present) in &self.tags {
+            if t == tag {
+                if *present {
+                    members.insert(account.clone());
+                } else {
+                    members.remove(account);
+                }
+            }
+        }
+    }
+
     /// The batch's records grouped into chunks of at most
     /// `CHUNK_RECORDS_MAX`: (id of the first record, the chunk's bytes).
     pub fn chunks(&self) -> impl Iterator<Item = (u64, &[u8])> {
@@ -165,15 +178,7 @@ impl Batch<'_> {
 
     fn tagged(&self, tag: &str) -> Result<Vec<String>, StoreError> {
         let mut members: BTreeSet<String> = self.cold.tagged(tag)?.into_iter().collect();
-        for ((t, account), present) in &self.w.tags {
-            if t == tag {
-                if *present {
-                    members.insert(account.clone());
-                } else {
-                    members.remove(account);
-                }
-            }
-        }
+        self.w.retag(tag, &mut members);
         Ok(members.into_iter().collect())
     }
 

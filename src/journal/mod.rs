@@ -212,27 +212,8 @@ impl Journal {
                     Err(crossbeam_channel::RecvTimeoutError::Disconnected) => break,
                 }
             }
-            // Atomic batches count their items, so that a commit holds at
-            // most about `commit_batch_max` records.
-            let mut weight: usize = batch.iter().map(Command::weight).sum();
-            while weight < self.batch_max {
-                match rx.try_recv() {
-                    Ok(c) => {
-                        weight += c.weight();
-                        batch.push(c);
-                    }
-                    Err(_) => break,
-                }
-            }
             let mut stops = Vec::new();
-            batch.retain_mut(|c| match c {
-                Command::Shutdown(done) => {
-                    let (placeholder, _) = tokio::sync::oneshot::channel();
-                    stops.push(std::mem::replace(done, placeholder));
-                    false
-                }
-                _ => true,
-            });
+            self.fill(&mut batch, rx, &mut stops);
             let committed = self.commit(std::mem::take(&mut batch));
             if fanout.send(committed).is_err() {
                 break;
@@ -246,6 +227,35 @@ impl Journal {
             }
         }
         self.stop();
+    }
+
+    /// Adds what is queued to `batch`, up to `commit_batch_max` (atomic
+    /// batches count their items, so that a commit holds at most about
+    /// that many records), and takes the shutdowns out into `stops`.
+    fn fill(
+        &self,
+        batch: &mut Vec<Command>,
+        rx: &Receiver<Command>,
+        stops: &mut Vec<tokio::sync::oneshot::Sender<()>>,
+    ) {
+        let mut weight: usize = batch.iter().map(Command::weight).sum();
+        while weight < self.batch_max {
+            match rx.try_recv() {
+                Ok(c) => {
+                    weight += c.weight();
+                    batch.push(c);
+                }
+                Err(_) => break,
+            }
+        }
+        batch.retain_mut(|c| match c {
+            Command::Shutdown(done) => {
+                let (placeholder, _) = tokio::sync::oneshot::channel();
+                stops.push(std::mem::replace(done, placeholder));
+                false
+            }
+            _ => true,
+        });
     }
 
     /// One round of a journal that cannot commit: refuses whatever is

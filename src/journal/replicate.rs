@@ -87,15 +87,7 @@ impl Cold for Overlay<'_> {
     fn tagged(&self, tag: &str) -> Result<Vec<String>, StoreError> {
         let mut members: BTreeSet<String> = self.cold.tagged(tag)?.into_iter().collect();
         for f in self.pending {
-            for ((t, account), present) in &f.writes.tags {
-                if t == tag {
-                    if *present {
-                        members.insert(account.clone());
-                    } else {
-                        members.remove(account);
-                    }
-                }
-            }
+            f.writes.retag(tag, &mut members);
         }
         Ok(members.into_iter().collect())
     }
@@ -171,24 +163,7 @@ impl Journal {
                     None => return,
                 }
             }
-            let mut weight: usize = batch.iter().map(Command::weight).sum();
-            while weight < self.batch_max {
-                match rx.try_recv() {
-                    Ok(c) => {
-                        weight += c.weight();
-                        batch.push(c);
-                    }
-                    Err(_) => break,
-                }
-            }
-            batch.retain_mut(|c| match c {
-                Command::Shutdown(done) => {
-                    let (placeholder, _) = tokio::sync::oneshot::channel();
-                    stops.push(std::mem::replace(done, placeholder));
-                    false
-                }
-                _ => true,
-            });
+            self.fill(&mut batch, rx, &mut stops);
             if !batch.is_empty() {
                 let seq = first + pending.len() as u64;
                 let f = self.start(batch, &pending, seq, &answers_tx);
