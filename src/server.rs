@@ -492,10 +492,15 @@ async fn serve_member(config: Config) -> Result<(), StartError> {
             leading: leading.is_some(),
             deposed: deposed.clone(),
         });
+        let batches = match leading {
+            Some(_) => crate::cluster::ledger::batches_applied(&*store.db()?)?,
+            None => 0,
+        };
         let replicate = leading.map(|_| crate::journal::Replicate {
             raft: node.raft.clone(),
             rt: tokio::runtime::Handle::current(),
             me: node.me,
+            batches,
             deposed: deposed.clone(),
         });
         let running = start_on(config.clone(), store.clone(), &bound, Some((serving, replicate))).await?;
@@ -512,6 +517,9 @@ async fn serve_member(config: Config) -> Result<(), StartError> {
             () = deposed.cancelled() => false,
             () = &mut signal => true,
         };
+        // This journal proposes nothing more, whatever it has queued: the
+        // next one starts from what the cluster applied.
+        deposed.cancel();
         running.shutdown(Duration::from_secs(if stop { 10 } else { 2 })).await;
         if stop {
             break;

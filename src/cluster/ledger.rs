@@ -11,13 +11,15 @@
 //!   (the replay rule start-up uses) and sweep balance rows as the journal
 //!   does. So every member's chain of records, and its head, is the
 //!   leader's.
-//! - **A batch applies only onto the head it was decided on.** A deposed
+//! - **A batch applies only onto the state it was decided on.** A deposed
 //!   leader's journal may have decided batches on a state that a new
 //!   leader has since moved past; such an entry can still reach the log
-//!   (it was appended before the deposition). Every member checks
-//!   `base == head` and, failing it, skips the entry and answers
-//!   [`Verdict::Stale`]: the same verdict everywhere, since all apply the
-//!   same log in the same order from the same state.
+//!   (it was appended before the deposition). Every member checks that
+//!   the batch was decided after exactly the batches it has applied
+//!   (`seq`: every batch moves it on, where a batch of accounts or users
+//!   leaves the head alone) and on its head and, failing either, skips the
+//!   entry and answers [`Verdict::Stale`]: the same verdict everywhere,
+//!   since all apply the same log in the same order from the same state.
 //! - **The Raft position is in the same transaction.** The last applied
 //!   log id and the membership are written to the ledger's `meta` table in
 //!   the transaction that writes the entries, committed with fsync: after
@@ -55,10 +57,16 @@ type Error = StorageError<u64>;
 /// The Raft position in the ledger's `meta` table.
 const APPLIED: &str = "raft_applied";
 const MEMBERSHIP: &str = "raft_membership";
+/// How many decided batches were applied (8 bytes BE).
+const BATCHES: &str = "raft_batches";
 
 /// One batch as the leader's journal decided it: the payload of a Raft entry.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct Decided {
+    /// How many batches had been applied when it was decided: every
+    /// applied batch moves this on, where many (accounts, users, keys,
+    /// tags) leave the head where it was.
+    pub seq: u64,
     /// The head the batch was decided on.
     pub base: Head,
     /// The head after it.
@@ -69,6 +77,7 @@ pub struct Decided {
 /// A [`Decided`] to encode, borrowing the journal's writes (same bytes).
 #[derive(Serialize)]
 pub struct DecidedRef<'a> {
+    pub seq: u64,
     pub base: Head,
     pub head: Head,
     pub writes: &'a Writes,
@@ -94,6 +103,8 @@ struct Inner {
     /// keeps its own book for deciding).
     book: Book,
     head: Head,
+    /// Decided batches applied so far ([`Decided::seq`]).
+    batches: u64,
     sweep: Sweep,
     applied: Option<LogId<u64>>,
     membership: StoredMembership<u64, Member>,
@@ -110,12 +121,14 @@ impl LedgerMachine {
         let db = store.db()?;
         let loaded = store::load(&db, limits)?;
         let (applied, membership) = read_position(&db)?;
+        let batches = batches_applied(&db)?;
         drop(db);
         let sweep = Sweep { cursor: 0, from: loaded.head.id, checkpoint: 0 };
         let inner = Inner {
             store,
             book: loaded.book,
             head: loaded.head,
+            batches,
             sweep,
             applied,
             membership,
@@ -161,6 +174,18 @@ fn read_position(db: &Database) -> Result<Position, StoreError> {
     Ok((applied, membership))
 }
 
+/// How many decided batches the ledger in `db` has applied: where a
+/// leader's journal starts counting.
+pub fn batches_applied(db: &Database) -> Result<u64, StoreError> {
+    let txn = db.begin_read()?;
+    let meta = txn.open_table(store::META)?;
+    let n = match meta.get(BATCHES)? {
+        Some(v) => u64::from_be_bytes(v.value().try_into().map_err(|_| StoreError::Corrupt("raft_batches".into()))?),
+        None => 0,
+    };
+    Ok(n)
+}
+
 fn decode<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> Result<T, StoreError> {
     rmp_serde::from_slice(bytes).map_err(|e| StoreError::Corrupt(format!("raft position: {e}")))
 }
@@ -185,12 +210,15 @@ impl Inner {
                     Verdict::Applied
                 }
                 EntryPayload::Normal(batch) => match rmp_serde::from_slice::<Decided>(&batch.0) {
-                    Ok(d) if d.base == self.head => {
+                    Ok(d) if d.seq == self.batches && d.base == self.head => {
                         self.write(&txn, &d)?;
+                        self.batches += 1;
                         Verdict::Applied
                     }
                     Ok(d) => {
                         tracing::warn!(
+                            seq = d.seq,
+                            batches = self.batches,
                             base = d.base.id,
                             head = self.head.id,
                             "a batch decided on another state is skipped"
@@ -210,6 +238,7 @@ impl Inner {
             let mut meta = txn.open_table(store::META)?;
             meta.insert(APPLIED, encode(&self.applied).as_slice())?;
             meta.insert(MEMBERSHIP, encode(&self.membership).as_slice())?;
+            meta.insert(BATCHES, &self.batches.to_be_bytes()[..])?;
         }
         txn.commit()?;
         Ok(verdicts)
@@ -286,6 +315,7 @@ impl Inner {
         let check = Database::open(&path)?;
         let loaded = store::load(&check, self.limits)?;
         let (applied, membership) = read_position(&check)?;
+        let batches = batches_applied(&check)?;
         drop(check);
         if applied != meta.last_log_id {
             return Err(StoreError::Corrupt("a snapshot whose position is not its meta's".into()));
@@ -300,6 +330,7 @@ impl Inner {
         self.store.put(Arc::new(store::open(&live)?));
         self.book = loaded.book;
         self.head = loaded.head;
+        self.batches = batches;
         self.sweep = Sweep { cursor: 0, from: loaded.head.id, checkpoint: 0 };
         self.applied = applied;
         self.membership = membership;

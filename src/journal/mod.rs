@@ -125,6 +125,9 @@ pub struct Replicate {
     pub rt: tokio::runtime::Handle,
     /// This member's id, and whether it is the only voter (no quorum to check).
     pub me: u64,
+    /// How many decided batches the cluster had applied when this journal
+    /// loaded the ledger: the `seq` of its first proposal.
+    pub batches: u64,
     /// Cancelled when the journal stops proposing: its state may be ahead
     /// of what the cluster applied, and only a restart from the applied
     /// state mends that.

@@ -212,7 +212,7 @@ impl Journal {
                 return refused(batch, unavailable());
             }
         };
-        let entry = DecidedRef { base, head: self.machine.head, writes: &self.writes }.encode();
+        let entry = DecidedRef { seq: r.batches, base, head: self.machine.head, writes: &self.writes }.encode();
         // Handed to Raft here, on this thread, so that entries reach the
         // log in the order they were decided; only the wait is spawned.
         let receiver = match r.rt.block_on(r.raft.client_write_ff(Batch(entry))) {
@@ -226,7 +226,11 @@ impl Journal {
         };
         let answers = answers.clone();
         let wait = Duration::from_millis(CLUSTER_COMMIT_TIMEOUT_MS);
-        r.rt.spawn(async move {
+        let rt = r.rt.clone();
+        if let Some(r) = self.replicate.as_mut() {
+            r.batches += 1;
+        }
+        rt.spawn(async move {
             // A dropped responder (Raft stopped) is as unknown as a timeout.
             let answer = tokio::time::timeout(wait, receiver).await.ok().and_then(Result::ok);
             let _ = answers.send((seq, answer));

@@ -50,7 +50,7 @@ def test_the_server_answers_as_its_openapi_document_says(http_server):
     assert generated and generated.group(1) == generated.group(2) and int(generated.group(1)) > 1000, out[-3000:]
     with urllib.request.urlopen(f"http://{host}:{port}/v1/openapi.json") as r:
         paths = json.load(r)["paths"]
-    assert len(paths) == 45  # 43 ops and /healthz, /readyz
+    assert len(paths) == 47  # 45 ops and /healthz, /readyz
     tested = re.search(r"Tested: (\d+)\b", out)
     assert tested and int(tested.group(1)) == len(paths), out[-3000:]
     # The server is still there, and still adds up.

@@ -98,10 +98,11 @@ async fn members_fed_the_same_entries_end_with_the_same_ledger_and_skip_stale_ba
     for (i, batch) in batches.iter().enumerate() {
         let (base, writes) = decide(&mut journal, &a, batch, T0 + i as u64);
         index += 1;
-        let e = entry(index, &DecidedRef { base, head: journal.head, writes: &writes });
+        let seq = index - 1;
+        let e = entry(index, &DecidedRef { seq, base, head: journal.head, writes: &writes });
         if i == 1 {
             // Kept to be proposed again once the head has moved past it.
-            stale = Some((base, writes.clone(), journal.head));
+            stale = Some((seq, base, writes.clone(), journal.head));
         }
         assert_eq!(a.machine.apply(vec![e.clone()]).await.unwrap(), vec![Verdict::Applied]);
         assert_eq!(b.machine.apply(vec![e]).await.unwrap(), vec![Verdict::Applied]);
@@ -116,14 +117,34 @@ async fn members_fed_the_same_entries_end_with_the_same_ledger_and_skip_stale_ba
     assert_eq!(loaded.book.get("bob").map(|x| x.balance), Some(100));
     assert_eq!(loaded.head, journal.head);
 
-    let (base, writes, head) = stale.unwrap();
-    let e = entry(index + 1, &DecidedRef { base, head, writes: &writes });
+    let (seq, base, writes, head) = stale.unwrap();
+    index += 1;
+    let e = entry(index, &DecidedRef { seq, base, head, writes: &writes });
     assert_eq!(a.machine.apply(vec![e.clone()]).await.unwrap(), vec![Verdict::Stale]);
     assert_eq!(b.machine.apply(vec![e]).await.unwrap(), vec![Verdict::Stale]);
     assert_eq!(audit(&a), before);
     assert_eq!(audit(&b), before);
+
+    // A batch that writes no record leaves the head alone: proposed twice
+    // (a journal restarted while its first proposal was still in the log),
+    // it applies once, and the second is skipped alike.
+    let (base, writes) = decide(&mut journal, &a, &[create("dave", 0)], T0 + 9);
+    assert_eq!(base, journal.head);
+    index += 1;
+    let once = entry(index, &DecidedRef { seq: 3, base, head: journal.head, writes: &writes });
+    index += 1;
+    let twice = entry(index, &DecidedRef { seq: 3, base, head: journal.head, writes: &writes });
+    for m in [&mut a, &mut b] {
+        assert_eq!(
+            m.machine.apply(vec![once.clone(), twice.clone()]).await.unwrap(),
+            vec![Verdict::Applied, Verdict::Stale]
+        );
+    }
+    assert_eq!(audit(&a), audit(&b));
+    assert_eq!(audit(&a).accounts, before.accounts + 1);
+    assert_eq!(batches_applied(&b.store.db().unwrap()).unwrap(), 4);
     let (applied, _) = b.machine.applied_state().await.unwrap();
-    assert_eq!(applied.map(|l| l.index), Some(index + 1));
+    assert_eq!(applied.map(|l| l.index), Some(index));
 
     // The position survives a reopen with the ledger it belongs to.
     let reopened = LedgerMachine::open(b.store.clone(), Limits::default()).unwrap();
@@ -136,10 +157,10 @@ async fn a_snapshot_carries_a_new_member_to_the_same_ledger_and_position() {
     let (mut a, mut c) = (member(), member());
     let mut journal = journal_on(&a);
     let (base, writes) = decide(&mut journal, &a, &[create("alice", 50), create("bob", 5)], T0);
-    let e = entry(1, &DecidedRef { base, head: journal.head, writes: &writes });
+    let e = entry(1, &DecidedRef { seq: 0, base, head: journal.head, writes: &writes });
     a.machine.apply(vec![e]).await.unwrap();
     let (base, writes) = decide(&mut journal, &a, &[transfer("alice", "bob", 8, "k")], T0 + 1);
-    a.machine.apply(vec![entry(2, &DecidedRef { base, head: journal.head, writes: &writes })]).await.unwrap();
+    a.machine.apply(vec![entry(2, &DecidedRef { seq: 1, base, head: journal.head, writes: &writes })]).await.unwrap();
 
     let snap = a.machine.get_snapshot_builder().await.build_snapshot().await.unwrap();
     assert_eq!(snap.meta.last_log_id.map(|l| l.index), Some(2));
@@ -151,7 +172,7 @@ async fn a_snapshot_carries_a_new_member_to_the_same_ledger_and_position() {
 
     // The new member applies what comes after the snapshot.
     let (base, writes) = decide(&mut journal, &a, &[transfer("bob", "alice", 3, "k2")], T0 + 2);
-    let e = entry(3, &DecidedRef { base, head: journal.head, writes: &writes });
+    let e = entry(3, &DecidedRef { seq: 2, base, head: journal.head, writes: &writes });
     assert_eq!(a.machine.apply(vec![e.clone()]).await.unwrap(), vec![Verdict::Applied]);
     assert_eq!(c.machine.apply(vec![e]).await.unwrap(), vec![Verdict::Applied]);
     assert_eq!(audit(&c), audit(&a));
