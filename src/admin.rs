@@ -9,6 +9,15 @@ use crate::store;
 /// Opens the data folder's database. It allows one opener, so this fails
 /// cleanly while the server runs.
 fn open(path: &Path) -> Result<redb::Database, String> {
+    // A cluster member's rows are written through Raft only; a change made
+    // here would exist on this member alone.
+    if path.with_file_name("raft.redb").exists() {
+        return Err(format!(
+            "{} belongs to a cluster member: make the change through the leader (create_key, create_user, \
+             change_password) so that every member has it",
+            path.parent().unwrap_or(path).display()
+        ));
+    }
     store::open(path).map_err(|e| match e {
         store::StoreError::Redb(redb::Error::DatabaseAlreadyOpen) => {
             format!("{} is in use: stop the server first", path.display())

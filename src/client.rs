@@ -339,7 +339,9 @@ impl ClusterClient {
                 else {
                     continue;
                 };
-                let leads = matches!(c.call("hello", serde_json::json!({})).await, Ok(h) if h["role"] == "leader");
+                let asked =
+                    tokio::time::timeout(std::time::Duration::from_secs(1), c.call("hello", serde_json::json!({})));
+                let leads = matches!(asked.await, Ok(Ok(h)) if h["role"] == "leader");
                 if !leads {
                     continue;
                 }

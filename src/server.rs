@@ -223,7 +223,13 @@ async fn open_data(config: &Config) -> Result<Arc<Store>, StartError> {
     let db = store.db()?;
     {
         let (db, pw, data) = (db.clone(), config.auth.admin_password.clone(), data.clone());
+        let member = config.cluster.is_some();
         tokio::task::spawn_blocking(move || match pw {
+            // A member writes this row outside Raft: only where there is no
+            // admin yet (a new or wiped member, whose log or snapshot then
+            // brings the cluster's). Updating it from the configuration
+            // would bring back a password changed since, on this member only.
+            Some(_) if member && store::get_user(&db, "admin")?.is_some() => Ok(()),
             Some(pw) => bootstrap_admin(&db, &pw),
             None => generate_admin(&db, &data),
         })
@@ -475,16 +481,14 @@ async fn serve_member(config: Config) -> Result<(), StartError> {
         if let Err(e) = &node.raft.metrics().borrow().running_state {
             return Err(StartError::Other(format!("raft stopped: {e}")));
         }
-        let leading = node.leading();
-        let catch_up = Duration::from_millis(crate::limits::CLUSTER_CATCH_UP_TIMEOUT_MS);
-        if leading.is_some() && !node.caught_up(catch_up).await {
-            // Not confirmed by a majority yet: look again on the next change.
-            tokio::select! {
-                _ = metrics.changed() => continue,
-                () = tokio::time::sleep(Duration::from_millis(crate::limits::CLUSTER_HEARTBEAT_MS)) => continue,
-                () = &mut signal => break,
-            }
-        }
+        let raft_leads = node.leading();
+        // A leader serves once a majority confirms it and it has applied
+        // everything committed; until then (a member restarted alone with
+        // its old vote, say) it runs as a follower would, answering hello
+        // and not_leader rather than leaving clients unanswered.
+        let first_try = Duration::from_millis(crate::limits::CLUSTER_HEARTBEAT_MS * 5);
+        let ready = raft_leads.is_some() && node.caught_up(first_try).await;
+        let leading = raft_leads.filter(|_| ready);
         let deposed = CancellationToken::new();
         let serving = Arc::new(crate::cluster::node::Serving {
             view: node.view.clone(),
@@ -513,8 +517,9 @@ async fn serve_member(config: Config) -> Result<(), StartError> {
             None => tracing::info!("following: refusing what only the leader serves"),
         }
         let stop = tokio::select! {
-            () = leadership_changes(&mut metrics, &node, leading) => false,
+            () = leadership_changes(&mut metrics, &node, raft_leads) => false,
             () = deposed.cancelled() => false,
+            () = catches_up(&node), if raft_leads.is_some() && !ready => false,
             () = &mut signal => true,
         };
         // This journal proposes nothing more, whatever it has queued: the
@@ -528,6 +533,16 @@ async fn serve_member(config: Config) -> Result<(), StartError> {
     tracing::info!("shutting down");
     node.stop().await;
     Ok(())
+}
+
+/// Returns once this member, leading in Raft's eyes, is confirmed by a
+/// majority and has applied everything committed.
+async fn catches_up(node: &crate::cluster::node::Node) {
+    let each = Duration::from_millis(crate::limits::CLUSTER_CATCH_UP_TIMEOUT_MS);
+    while !node.caught_up(each).await {
+        // A refusal comes back at once (no longer leader): not a busy loop.
+        tokio::time::sleep(Duration::from_millis(crate::limits::CLUSTER_HEARTBEAT_MS)).await;
+    }
 }
 
 /// Returns once this member starts or stops leading (or leads another

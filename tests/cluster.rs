@@ -649,3 +649,35 @@ async fn a_partitioned_leader_refuses_writes_while_the_majority_goes_on_and_all_
     // The refused transfer was never applied anywhere.
     assert_eq!(common::balance(&majority, &account(1)).await, EACH + 15);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_changed_admin_password_survives_restarts_and_host_commands_refuse_a_members_folder() {
+    let mut cluster = Cluster::start(3);
+    let leader = cluster.leader().await;
+    let c = Client::connect(cluster.members[&leader].client).await.unwrap();
+    c.login("admin", ADMIN_PASSWORD).await.unwrap();
+    let new = "the admin's new password, changed through the leader";
+    c.call("change_password", json!({"old_password": ADMIN_PASSWORD, "new_password": new})).await.unwrap();
+    let ids: Vec<u64> = cluster.members.keys().copied().collect();
+    for id in &ids {
+        cluster.members.get_mut(id).unwrap().kill9();
+    }
+    // A host command on a member's folder would change that member alone.
+    let out = Command::new(env!("CARGO_BIN_EXE_tally"))
+        .args(["admin", "create-key", "--name", "shop", "--role", "operator", "--data"])
+        .arg(&cluster.members[&ids[0]].data)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("belongs to a cluster member"), "{out:?}");
+    // Every member starts again with the old password in its configuration:
+    // none of them brings it back.
+    for id in &ids {
+        cluster.members.get_mut(id).unwrap().spawn();
+    }
+    let leader = cluster.leader().await;
+    let c = Client::connect(cluster.members[&leader].client).await.unwrap();
+    let e = c.login("admin", ADMIN_PASSWORD).await.unwrap_err();
+    assert_eq!(e.code(), Some("unauthenticated"), "{e}");
+    c.login("admin", new).await.expect("the changed password");
+}

@@ -21,9 +21,11 @@ pub(super) fn hello(ctx: &Ctx, session: &Session, args: &[u8], reply: ReplyTo) {
     // In a cluster, who leads: what a client needs to find the leader.
     if let Some(c) = &ctx.cluster {
         let seen = c.view.seen();
-        // A leader still catching up (or stepping down) does not serve yet.
-        let role = if seen.role == "leader" && !c.serves() { "candidate" } else { seen.role };
-        hello.leader = Some(seen.leader.filter(|(id, _)| *id != c.view.node || c.serves()).map(|(_, client)| client));
+        // A leader still catching up, stepping down or without its lease
+        // does not serve: clients should look elsewhere.
+        let serves = c.serves() && c.lease_lost().is_none();
+        let role = if seen.role == "leader" && !serves { "candidate" } else { seen.role };
+        hello.leader = Some(seen.leader.filter(|(id, _)| *id != c.view.node || serves).map(|(_, client)| client));
         (hello.role, hello.term, hello.node) = (Some(role), Some(seen.term), Some(c.view.node));
     }
     reply.ok(Reply::Hello(hello));

@@ -570,7 +570,9 @@ class ClusterClient(_Ops):
         while True:
             for addr in ([hint] if hint else []) + self.members:
                 try:
-                    c = Client(*_split(addr), timeout=2.0)
+                    # Longer than the server's 3 s for a write to be
+                    # confirmed, so that the server answers first.
+                    c = Client(*_split(addr), timeout=10.0)
                 except TallyConnectionError:
                     continue
                 try:
