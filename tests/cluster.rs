@@ -681,3 +681,35 @@ async fn a_changed_admin_password_survives_restarts_and_host_commands_refuse_a_m
     assert_eq!(e.code(), Some("unauthenticated"), "{e}");
     c.login("admin", new).await.expect("the changed password");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_key_revoked_at_the_leader_stops_working_on_every_member() {
+    let cluster = Cluster::start(3);
+    let (leader, _token, admin) = cluster.open_bank(0).await;
+    let key = admin.call("create_key", json!({"name": "shop", "role": "auditor"})).await.expect("create_key");
+    let secret = key["secret"].as_str().unwrap().to_owned();
+    let follower = *cluster.members.keys().find(|&&id| id != leader).unwrap();
+    let auth_at = |id: u64| {
+        let (addr, secret) = (cluster.members[&id].client, secret.clone());
+        async move {
+            let c = Client::connect(addr).await.unwrap();
+            c.call("auth", json!({ "key": secret })).await
+        }
+    };
+    // The follower learns of the key from the log...
+    let deadline = Instant::now() + WAIT;
+    while auth_at(follower).await.is_err() {
+        assert!(Instant::now() < deadline, "the follower never accepts the new key");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // ...and of its revocation.
+    admin.call("revoke_key", json!({"key_id": key["key_id"]})).await.expect("revoke_key");
+    let deadline = Instant::now() + WAIT;
+    loop {
+        match auth_at(follower).await {
+            Err(e) if e.code() == Some("unauthenticated") => break,
+            other => assert!(Instant::now() < deadline, "the follower still takes the revoked key: {other:?}"),
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}

@@ -97,8 +97,15 @@ pub struct LedgerMachine {
     inner: Arc<Mutex<Inner>>,
 }
 
+/// The users and keys registry of the ledger running on this member, if
+/// any: every applied change of a user or key goes there too, so that a
+/// follower checks tokens and keys against the cluster's current rows
+/// (a revoked key stops working on every member).
+pub type Registry = Arc<Mutex<Option<Arc<crate::auth::Users>>>>;
+
 struct Inner {
     store: Arc<Store>,
+    registry: Registry,
     /// Balances and last records only, for the balance rows (the journal
     /// keeps its own book for deciding).
     book: Book,
@@ -117,7 +124,7 @@ struct Inner {
 
 impl LedgerMachine {
     /// The state machine over `store`, at the position its database holds.
-    pub fn open(store: Arc<Store>, limits: Limits) -> Result<LedgerMachine, StoreError> {
+    pub fn open(store: Arc<Store>, limits: Limits, registry: Registry) -> Result<LedgerMachine, StoreError> {
         let db = store.db()?;
         let loaded = store::load(&db, limits)?;
         let (applied, membership) = read_position(&db)?;
@@ -126,6 +133,7 @@ impl LedgerMachine {
         let sweep = Sweep { cursor: 0, from: loaded.head.id, checkpoint: 0 };
         let inner = Inner {
             store,
+            registry,
             book: loaded.book,
             head: loaded.head,
             batches,
@@ -201,6 +209,7 @@ impl Inner {
         let mut txn = store::begin_write(&db)?;
         txn.set_durability(Durability::Immediate).map_err(|e| StoreError::Corrupt(format!("durability: {e}")))?;
         let mut verdicts = Vec::with_capacity(entries.len());
+        let (mut users, mut keys) = (Vec::new(), Vec::new());
         for e in entries {
             self.applied = Some(e.log_id);
             let verdict = match e.payload {
@@ -213,6 +222,8 @@ impl Inner {
                     Ok(d) if d.seq == self.batches && d.base == self.head => {
                         self.write(&txn, &d)?;
                         self.batches += 1;
+                        users.extend(d.writes.users.into_values());
+                        keys.extend(d.writes.service_keys.into_values());
                         Verdict::Applied
                     }
                     Ok(d) => {
@@ -241,6 +252,14 @@ impl Inner {
             meta.insert(BATCHES, &self.batches.to_be_bytes()[..])?;
         }
         txn.commit()?;
+        if let Some(registry) = self.registry.lock().ok().and_then(|r| r.clone()) {
+            for u in &users {
+                registry.set(&u.user, crate::auth::UserState::of(u));
+            }
+            for k in &keys {
+                registry.set_key(&k.key_id, crate::auth::KeyState::of(k));
+            }
+        }
         Ok(verdicts)
     }
 

@@ -107,6 +107,8 @@ pub struct Node {
     pub raft: Raft<TypeConfig>,
     pub view: Arc<View>,
     pub me: u64,
+    /// Where the running ledger's users and keys registry is put.
+    pub registry: super::ledger::Registry,
     stop: CancellationToken,
 }
 
@@ -117,7 +119,8 @@ impl Node {
     pub async fn start(c: &ClusterConfig, data: &Path, store: Arc<Store>, limits: Limits) -> Result<Node, String> {
         let secret = Secret::new(&c.secret)?;
         let log = LogStore::open(&data.join("raft.redb")).map_err(|e| format!("raft log: {e}"))?;
-        let machine = LedgerMachine::open(store, limits).map_err(|e| format!("ledger: {e}"))?;
+        let registry = super::ledger::Registry::default();
+        let machine = LedgerMachine::open(store, limits, registry.clone()).map_err(|e| format!("ledger: {e}"))?;
         let config = openraft::Config {
             cluster_name: "tally".into(),
             heartbeat_interval: CLUSTER_HEARTBEAT_MS,
@@ -153,7 +156,7 @@ impl Node {
         }
         let view = Arc::new(View { node: c.id, state: Mutex::new(Seen::default()) });
         tokio::spawn(watch(raft.clone(), view.clone(), stop.clone()));
-        Ok(Node { raft, view, me: c.id, stop })
+        Ok(Node { raft, view, me: c.id, registry, stop })
     }
 
     /// Whether this member leads now, and in which term.
