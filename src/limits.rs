@@ -257,3 +257,7 @@ pub const CLUSTER_SNAPSHOT_CHUNK_TIMEOUT_MS: u64 = 30_000;
 /// How long `add_node` (a learner catching up, then joint consensus) or
 /// `remove_node` may take before it is answered `unknown_outcome`.
 pub const CLUSTER_MEMBERSHIP_TIMEOUT_MS: u64 = 60_000;
+/// Raft entries per append message between members: each is one batch of
+/// up to `commit_batch_max` records, and a message must stay well below
+/// the member port's frame bound.
+pub const CLUSTER_ENTRIES_PER_MESSAGE: u64 = 8;

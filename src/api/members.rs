@@ -58,17 +58,18 @@ pub(super) fn add_node(ctx: &Arc<Ctx>, args: &[u8], reply: ReplyTo) {
     if a.id == 0 || !address_ok(&a.client) || !address_ok(&a.raft) {
         return reply.err(ApiError::bad_request("add_node needs an id above 0 and client and raft as IP:port"));
     }
-    let mut voters = voters(&raft);
+    let voters = voters(&raft);
     if !voters.contains(&a.id) && voters.len() >= CLUSTER_MEMBERS_MAX {
         return reply.err(ApiError::bad_request(format!("a cluster has at most {CLUSTER_MEMBERS_MAX} members")));
     }
-    voters.insert(a.id);
     let member = Member { client: a.client, raft: a.raft };
     let r = raft.clone();
     change(reply, raft, async move {
         // Blocks until the learner has caught up with the leader's log.
         r.add_learner(a.id, member, true).await.map_err(|e| e.to_string())?;
-        r.change_membership(voters, false).await.map_err(|e| e.to_string())?;
+        // Only this id is added: two changes at once cannot undo each other.
+        let add = openraft::ChangeMembers::AddVoterIds([a.id].into());
+        r.change_membership(add, false).await.map_err(|e| e.to_string())?;
         Ok(())
     });
 }
@@ -85,8 +86,9 @@ pub(super) fn remove_node(ctx: &Arc<Ctx>, args: &[u8], reply: ReplyTo) {
     }
     let r = raft.clone();
     change(reply, raft, async move {
-        // retain = false: the removed member stops receiving the log.
-        r.change_membership(voters, false).await.map_err(|e| e.to_string())?;
+        // Only this id is removed; retain = false: it stops receiving the log.
+        let remove = openraft::ChangeMembers::RemoveVoters([a.id].into());
+        r.change_membership(remove, false).await.map_err(|e| e.to_string())?;
         Ok(())
     });
 }

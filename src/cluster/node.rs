@@ -25,8 +25,8 @@ use crate::config::ClusterConfig;
 use crate::error::{ApiError, ErrorCode};
 use crate::ledger::Limits;
 use crate::limits::{
-    CLUSTER_ELECTION_MAX_MS, CLUSTER_ELECTION_MIN_MS, CLUSTER_HEARTBEAT_MS, CLUSTER_READ_LEASE_MS,
-    CLUSTER_SNAPSHOT_CHUNK_TIMEOUT_MS,
+    CLUSTER_ELECTION_MAX_MS, CLUSTER_ELECTION_MIN_MS, CLUSTER_ENTRIES_PER_MESSAGE, CLUSTER_HEARTBEAT_MS,
+    CLUSTER_READ_LEASE_MS, CLUSTER_SNAPSHOT_CHUNK_TIMEOUT_MS,
 };
 use crate::store::Store;
 
@@ -34,6 +34,9 @@ use crate::store::Store;
 pub struct View {
     pub node: u64,
     state: Mutex<Seen>,
+    /// Raft's last metrics report: when it came, and how long before it a
+    /// majority had last acknowledged this member as leader.
+    quorum: Mutex<(std::time::Instant, Option<u64>)>,
 }
 
 /// One sighting of the cluster.
@@ -85,13 +88,17 @@ impl Serving {
     /// shortest election timeout (openraft's members refuse to vote for
     /// anyone else that long after hearing from their leader), so while a
     /// leader holds the lease no other member can have been elected and
-    /// what it holds is current.
+    /// what it holds is current. The age of the acknowledgement counts
+    /// from Raft's last report plus the time since: a Raft stalled on its
+    /// disk reports nothing, and its last figure must not stay fresh.
     #[must_use]
     pub fn lease_lost(&self) -> Option<ApiError> {
+        let (reported, ms) = self.view.quorum.lock().map(|q| *q).unwrap_or((std::time::Instant::now(), None));
+        let age = ms.map(|ms| ms.saturating_add(u64::try_from(reported.elapsed().as_millis()).unwrap_or(u64::MAX)));
+        let held = age.is_some_and(|ms| ms <= CLUSTER_READ_LEASE_MS);
         // Read in place: a clone of the metrics would allocate per request.
         let metrics = self.raft.metrics();
         let m = metrics.borrow();
-        let held = m.millis_since_quorum_ack.is_some_and(|ms| ms <= CLUSTER_READ_LEASE_MS);
         let alone = held || m.membership_config.membership().voter_ids().all(|id| id == self.view.node);
         (!alone && !held).then(|| {
             ApiError::new(
@@ -131,6 +138,10 @@ impl Node {
             // Installing a snapshot writes, syncs and checks a database
             // file: far longer than openraft's default 200 ms per chunk.
             install_snapshot_timeout: CLUSTER_SNAPSHOT_CHUNK_TIMEOUT_MS,
+            // A full entry is a batch of up to `commit_batch_max` records
+            // (a few MB at most): a few per message keep each frame far
+            // below the member port's 64 MiB.
+            max_payload_entries: CLUSTER_ENTRIES_PER_MESSAGE,
             ..Default::default()
         };
         let config = Arc::new(config.validate().map_err(|e| e.to_string())?);
@@ -154,7 +165,11 @@ impl Node {
                 Err(e) => tracing::info!(error = %e, "the cluster was formed before"),
             }
         }
-        let view = Arc::new(View { node: c.id, state: Mutex::new(Seen::default()) });
+        let view = Arc::new(View {
+            node: c.id,
+            state: Mutex::new(Seen::default()),
+            quorum: Mutex::new((std::time::Instant::now(), None)),
+        });
         tokio::spawn(watch(raft.clone(), view.clone(), stop.clone()));
         Ok(Node { raft, view, me: c.id, registry, stop })
     }
@@ -198,6 +213,9 @@ async fn watch(raft: Raft<TypeConfig>, view: Arc<View>, stop: CancellationToken)
                 let client = m.membership_config.membership().get_node(&id).map(|n| n.client.clone());
                 (id, client.unwrap_or_default())
             });
+            if let Ok(mut q) = view.quorum.lock() {
+                *q = (std::time::Instant::now(), m.millis_since_quorum_ack);
+            }
             Seen { role, leader, term: m.current_term }
         };
         if let Ok(mut s) = view.state.lock() {
