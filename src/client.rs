@@ -378,6 +378,10 @@ impl ClusterClient {
         let keyed = args.get("key").is_some_and(|k| !k.is_null()) || READS.contains(&op);
         let deadline = tokio::time::Instant::now() + self.patience;
         let mut hint = None;
+        // Once an answer was lost, an `unavailable` for the resend says only
+        // that the resend changed nothing (the first send may have been
+        // applied): only the key's own answer is definite.
+        let mut lost_before = false;
         loop {
             let c = self.leader(hint.take()).await?;
             let lost = match c.call(op, &args).await {
@@ -387,12 +391,14 @@ impl ClusterClient {
                     false
                 }
                 Err(ClientError::Server { code, .. }) if code == "unknown_outcome" => true,
+                Err(ClientError::Server { code, .. }) if code == "unavailable" && lost_before && keyed => true,
                 Err(ClientError::Closed | ClientError::Io(_)) => {
                     self.drop_connection(&c).await;
                     true
                 }
                 other => return other,
             };
+            lost_before |= lost;
             if lost && !keyed {
                 return Err(ClientError::Server {
                     code: "unknown_outcome".into(),
@@ -400,6 +406,10 @@ impl ClusterClient {
                     item: None,
                     leader: None,
                 });
+            }
+            if lost {
+                // The cluster is changing leaders: give it a moment.
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
             }
             if tokio::time::Instant::now() >= deadline {
                 return Err(ClientError::Server {

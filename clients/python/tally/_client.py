@@ -595,6 +595,10 @@ class ClusterClient(_Ops):
         resend = args.get("key") is not None or op in _READS
         deadline = time.monotonic() + self.patience
         hint: Optional[str] = None
+        # Once an answer was lost, ``unavailable`` for the resend says only
+        # that the resend changed nothing (the first send may have been
+        # applied): only the key's own answer is definite.
+        lost_before = False
         while True:
             c = self._leader(hint, deadline)
             hint = None
@@ -605,12 +609,14 @@ class ClusterClient(_Ops):
                     self.close()
                     hint = e.leader
                     continue
-                if e.code != "unknown_outcome":
+                if e.code != "unknown_outcome" and not (e.code == "unavailable" and lost_before and resend):
                     raise
             except TallyConnectionError:
                 self.close()
             # The answer was lost.
+            lost_before = True
             if not resend:
                 raise TallyError("unknown_outcome", f"the answer to {op} was lost; it may or may not have been applied")
             if time.monotonic() >= deadline:
                 raise TallyError("unavailable", f"{op} found no leader in time")
+            time.sleep(0.05)  # the cluster is changing leaders: give it a moment
