@@ -158,7 +158,10 @@ impl Node {
         let members: BTreeMap<u64, Member> =
             c.node.iter().map(|n| (n.id, Member { client: n.client.clone(), raft: n.raft.clone() })).collect();
         let first = members.keys().next().copied();
-        if first == Some(c.id) && !raft.is_initialized().await.map_err(|e| e.to_string())? {
+        if first == Some(c.id)
+            && !raft.is_initialized().await.map_err(|e| e.to_string())?
+            && !formed_elsewhere(&members, c.id).await
+        {
             match raft.initialize(members.clone()).await {
                 Ok(()) => tracing::info!(members = members.len(), "formed the cluster"),
                 // Another start of this member did it already.
@@ -195,6 +198,23 @@ impl Node {
             tracing::warn!(error = %e, "raft did not stop cleanly");
         }
     }
+}
+
+/// Whether another member already belongs to a formed cluster (it has
+/// seen a term): then this one, though it has the lowest id, lost its data
+/// and must wait to be brought back, not form a second cluster.
+async fn formed_elsewhere(members: &BTreeMap<u64, Member>, me: u64) -> bool {
+    for m in members.iter().filter(|(id, _)| **id != me).map(|(_, m)| m) {
+        let asked = tokio::time::timeout(Duration::from_secs(1), async {
+            let c = crate::client::Client::connect(m.client.as_str()).await.ok()?;
+            c.call("hello", serde_json::json!({})).await.ok()
+        });
+        if asked.await.ok().flatten().is_some_and(|h| h["term"].as_u64().is_some_and(|t| t > 0)) {
+            tracing::warn!(member = %m, "another member belongs to a formed cluster: waiting to be brought back");
+            return true;
+        }
+    }
+    false
 }
 
 /// Keeps `view` up to date with Raft's metrics until `stop`.
