@@ -123,7 +123,7 @@ pub struct Replicate {
     pub raft: openraft::Raft<crate::cluster::TypeConfig>,
     /// The runtime the proposals wait on (the journal is a plain thread).
     pub rt: tokio::runtime::Handle,
-    /// This member's id, and whether it is the only voter (no quorum to check).
+    /// This member's id (a member that is the only voter has no quorum to check).
     pub me: u64,
     /// How many decided batches the cluster had applied when this journal
     /// loaded the ledger: the `seq` of its first proposal.
