@@ -16,7 +16,11 @@
 //! - **The committed index survives a restart** (`save_committed`): a
 //!   restarted member re-applies every entry it knew committed before it
 //!   serves, so it never serves a state older than one it acknowledged
-//!   (openraft's issue 1246 and the `save_committed` contract).
+//!   (openraft's issue 1246 and the `save_committed` contract). It is
+//!   written without fsync and made durable by the next `append`'s: the
+//!   index may lag after a crash (openraft allows that), and a restarted
+//!   member serves nothing before a leader's commit has caught it up
+//!   (`server::serve_member`).
 //!
 //! The redb work runs on tokio's blocking pool: an fsync must not stall a
 //! runtime worker that also carries client and member traffic.
@@ -85,11 +89,19 @@ impl LogStore {
     where
         F: FnOnce(&WriteTransaction) -> Result<(), redb::Error> + Send + 'static,
     {
+        self.write_with(Durability::Immediate, subject, f).await
+    }
+
+    /// One write transaction of the given durability.
+    async fn write_with<F>(&self, durability: Durability, subject: ErrorSubject<u64>, f: F) -> Result<(), Error>
+    where
+        F: FnOnce(&WriteTransaction) -> Result<(), redb::Error> + Send + 'static,
+    {
         let fail = subject.clone();
         self.blocking(move |db| {
             let run = || -> Result<(), redb::Error> {
                 let mut txn = db.begin_write()?;
-                txn.set_durability(Durability::Immediate)?;
+                txn.set_durability(durability)?;
                 f(&txn)?;
                 txn.commit()?;
                 Ok(())
@@ -203,7 +215,13 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     }
 
     async fn save_committed(&mut self, committed: Option<LogId<u64>>) -> Result<(), Error> {
-        self.write_meta(COMMITTED, &committed, ErrorSubject::Store).await
+        // Without fsync: see the header.
+        let bytes = encode(&committed, ErrorSubject::Store)?;
+        self.write_with(Durability::None, ErrorSubject::Store, move |txn| {
+            txn.open_table(META)?.insert(COMMITTED, bytes.as_slice())?;
+            Ok(())
+        })
+        .await
     }
 
     async fn read_committed(&mut self) -> Result<Option<LogId<u64>>, Error> {
