@@ -297,7 +297,9 @@ const READS: &[&str] = &[
 ///   on every new connection (a token works on every member).
 pub struct ClusterClient {
     members: Vec<String>,
-    token: Option<String>,
+    /// The arguments of the `auth` each new connection sends first.
+    credential: Option<Value>,
+    tls: Option<crate::tls::ClientTls>,
     current: tokio::sync::Mutex<Option<(String, Arc<Client>)>>,
     /// How long a call may spend finding a leader.
     pub patience: std::time::Duration,
@@ -309,7 +311,8 @@ impl ClusterClient {
     pub fn new(members: Vec<String>) -> ClusterClient {
         ClusterClient {
             members,
-            token: None,
+            credential: None,
+            tls: None,
             current: tokio::sync::Mutex::new(None),
             patience: std::time::Duration::from_secs(10),
         }
@@ -317,7 +320,36 @@ impl ClusterClient {
 
     /// Presents `token` (from a `login` at any member) on every connection.
     pub fn auth(&mut self, token: impl Into<String>) {
-        self.token = Some(token.into());
+        self.credential = Some(serde_json::json!({ "token": token.into() }));
+    }
+
+    /// Presents the service key `secret` on every connection.
+    pub fn auth_key(&mut self, secret: impl Into<String>) {
+        self.credential = Some(serde_json::json!({ "key": secret.into() }));
+    }
+
+    /// Speaks TLS to every member (each address must be a name or address
+    /// its certificate carries).
+    #[must_use]
+    pub fn with_tls(mut self, tls: crate::tls::ClientTls) -> ClusterClient {
+        self.tls = Some(tls);
+        self
+    }
+
+    /// Logs in at the leader and presents the token on every connection
+    /// from then on. Returns `login`'s answer.
+    pub async fn login(&mut self, user: &str, password: &str) -> Result<Value, ClientError> {
+        let r = self.call("login", serde_json::json!({ "user": user, "password": password })).await?;
+        let token = r["token"].as_str().ok_or_else(|| ClientError::Protocol("login gave no token".into()))?;
+        self.auth(token.to_owned());
+        Ok(r)
+    }
+
+    async fn connect(&self, addr: &str) -> Result<Client, ClientError> {
+        match &self.tls {
+            Some(tls) => Client::connect_tls(addr, tls).await,
+            None => Client::connect(addr).await,
+        }
     }
 
     /// The member a call goes to now: `hint` if given, else the one that
@@ -334,8 +366,7 @@ impl ClusterClient {
             let mut tries: Vec<String> = hint.iter().cloned().collect();
             tries.extend(self.members.iter().cloned());
             for addr in tries {
-                let Ok(Ok(c)) =
-                    tokio::time::timeout(std::time::Duration::from_secs(1), Client::connect(addr.as_str())).await
+                let Ok(Ok(c)) = tokio::time::timeout(std::time::Duration::from_secs(1), self.connect(&addr)).await
                 else {
                     continue;
                 };
@@ -345,8 +376,8 @@ impl ClusterClient {
                 if !leads {
                     continue;
                 }
-                if let Some(t) = &self.token {
-                    c.call("auth", serde_json::json!({ "token": t })).await?;
+                if let Some(credential) = &self.credential {
+                    c.call("auth", credential).await?;
                 }
                 let c = Arc::new(c);
                 *current = Some((addr, c.clone()));

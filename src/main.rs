@@ -77,6 +77,12 @@ enum Command {
     ///   TALLY_PASSWORD=secret tally call --user admin create_account account=alice initial=100
     ///   tally call --user admin --password secret transfer from=alice to=bob amount=5 memo="for lunch"
     ///   TALLY_KEY=tally_... tally call --tls --ca ca.pem --connect localhost:7708 stats
+    ///   tally call --connect 10.0.0.1:7707,10.0.0.2:7707,10.0.0.3:7707 --user admin balance account=alice
+    ///
+    /// With several addresses (a cluster's members) the request goes to the
+    /// leader, following not_leader; a write whose answer was lost is sent
+    /// again only if it carries key=..., and otherwise reported as
+    /// unknown_outcome.
     #[command(verbatim_doc_comment)]
     Call {
         #[command(flatten)]
@@ -100,7 +106,8 @@ enum Command {
 /// How `tally call` and `tally backup` reach the server.
 #[derive(clap::Args)]
 struct Connect {
-    /// Server address (host:port; over TLS the certificate must name the host).
+    /// Server address (host:port; over TLS the certificate must name the
+    /// host); for `call`, a cluster's members as host:port,host:port,...
     #[arg(long, default_value = tally::limits::LISTEN_DEFAULT)]
     connect: String,
     /// Speak TLS (to the server's [tls] listen port).
@@ -127,21 +134,30 @@ impl Connect {
         if self.tls || self.allow_plaintext {
             return false;
         }
-        let host = match self.connect.rsplit_once(':') {
-            Some((host, _)) => host.trim_start_matches('[').trim_end_matches(']'),
-            None => self.connect.as_str(),
-        };
-        let loopback = host == "localhost" || host.parse::<std::net::IpAddr>().is_ok_and(|ip| ip.is_loopback());
-        !loopback
+        self.addresses().iter().any(|addr| {
+            let host = match addr.rsplit_once(':') {
+                Some((host, _)) => host.trim_start_matches('[').trim_end_matches(']'),
+                None => addr,
+            };
+            let loopback = host == "localhost" || host.parse::<std::net::IpAddr>().is_ok_and(|ip| ip.is_loopback());
+            !loopback
+        })
+    }
+
+    /// The addresses in `--connect`: one server's, or a cluster's members'.
+    fn addresses(&self) -> Vec<&str> {
+        self.connect.split(',').map(str::trim).filter(|a| !a.is_empty()).collect()
+    }
+
+    fn tls(&self) -> tally::tls::ClientTls {
+        tally::tls::ClientTls { ca: self.ca.clone(), cert: self.client_cert.clone().zip(self.client_key.clone()) }
     }
 
     async fn client(&self) -> Result<tally::client::Client, tally::client::ClientError> {
         if !self.tls {
             return tally::client::Client::connect(self.connect.as_str()).await;
         }
-        let tls =
-            tally::tls::ClientTls { ca: self.ca.clone(), cert: self.client_cert.clone().zip(self.client_key.clone()) };
-        tally::client::Client::connect_tls(&self.connect, &tls).await
+        tally::client::Client::connect_tls(&self.connect, &self.tls()).await
     }
 }
 
@@ -249,6 +265,9 @@ async fn call(connect: &Connect, who: As<'_>, op: &str, args: &[String]) -> Exit
         );
         return ExitCode::from(2);
     }
+    if connect.addresses().len() > 1 {
+        return cluster_call(connect, who, op, serde_json::Value::Object(map)).await;
+    }
     let client = match connect.client().await {
         Ok(c) => c,
         Err(e) => {
@@ -270,6 +289,41 @@ async fn call(connect: &Connect, who: As<'_>, op: &str, args: &[String]) -> Exit
         return ExitCode::FAILURE;
     }
     match client.call(op, serde_json::Value::Object(map)).await {
+        Ok(v) => {
+            println!("{v}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("tally: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// `tally call` against a cluster: to whichever member leads.
+async fn cluster_call(connect: &Connect, who: As<'_>, op: &str, args: serde_json::Value) -> ExitCode {
+    let members = connect.addresses().into_iter().map(str::to_owned).collect();
+    let mut client = tally::client::ClusterClient::new(members);
+    if connect.tls {
+        client = client.with_tls(connect.tls());
+    }
+    let bound = match who {
+        As::Nobody => Ok(serde_json::Value::Null),
+        As::User(_, None) => {
+            eprintln!("tally: --user needs --password or TALLY_PASSWORD");
+            return ExitCode::from(2);
+        }
+        As::User(user, Some(password)) => client.login(user, password).await,
+        As::Key(key) => {
+            client.auth_key(key);
+            Ok(serde_json::Value::Null)
+        }
+    };
+    if let Err(e) = bound {
+        eprintln!("tally: login failed: {e}");
+        return ExitCode::FAILURE;
+    }
+    match client.call(op, args).await {
         Ok(v) => {
             println!("{v}");
             ExitCode::SUCCESS

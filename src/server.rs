@@ -495,6 +495,7 @@ async fn serve_member(config: Config) -> Result<(), StartError> {
             raft: node.raft.clone(),
             leading: leading.is_some(),
             deposed: deposed.clone(),
+            machine: node.machine.clone(),
         });
         let batches = match leading {
             Some(_) => crate::cluster::ledger::batches_applied(&*store.db()?)?,

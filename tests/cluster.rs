@@ -718,3 +718,95 @@ async fn a_key_revoked_at_the_leader_stops_working_on_every_member() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
+
+/// A follower answers `balance`, `account`, `history` and `get_transfer`
+/// with `consistency = "stale"` from what it has applied, with the
+/// leader's rules for who sees what; without it, and for any write, it
+/// names the leader.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_follower_answers_stale_reads_from_what_it_applied_and_refuses_the_rest() {
+    let cluster = Cluster::start(3);
+    let (leader, token, admin) = cluster.open_bank(2).await;
+    let user =
+        json!({"user": "ann", "role": "user", "name": "Ann", "email": "ann@example.com", "password": "ann-password-1"});
+    admin.call("create_user", user).await.expect("create_user");
+    admin.call("mint", json!({"to": "ann", "amount": 40})).await.expect("mint");
+    let paid =
+        admin.call("transfer", json!({"from": "bank-0", "to": "bank-1", "amount": 300})).await.expect("transfer");
+    admin.call("hold", json!({"from": "bank-0", "to": "bank-1", "amount": 50})).await.expect("hold");
+
+    let follower = *cluster.members.keys().find(|&&id| id != leader).unwrap();
+    let at = cluster.admin(follower, &token).await;
+    let stale = |args: Value| {
+        let mut args = args;
+        args["consistency"] = json!("stale");
+        args
+    };
+    // Without it: the leader's address.
+    let e = at.call("balance", json!({"account": "bank-0"})).await.unwrap_err();
+    assert_eq!(e.code(), Some("not_leader"), "{e:?}");
+    // A write asking for a stale answer is still the leader's.
+    let e = at.call("transfer", stale(json!({"from": "bank-0", "to": "bank-1", "amount": 1}))).await.unwrap_err();
+    assert_eq!(e.code(), Some("not_leader"), "{e:?}");
+
+    // The follower applies the hold a little after the leader answered it.
+    let deadline = Instant::now() + WAIT;
+    let balance = loop {
+        let b = at.call("balance", stale(json!({"account": "bank-0"}))).await.expect("stale balance");
+        if b["held"] == 50 {
+            break b;
+        }
+        assert!(Instant::now() < deadline, "the follower never applies the hold: {b}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert_eq!(balance, json!({"account": "bank-0", "balance": 700, "held": 50, "available": 650}));
+    // Every read answers what the leader does, as of the same entries.
+    for (op, args) in [
+        ("account", json!({"account": "bank-1"})),
+        ("history", json!({"account": "bank-0", "limit": 10})),
+        ("history", json!({"account": "bank-0", "limit": 1, "after": paid["id"]})),
+        ("get_transfer", json!({"id": paid["id"]})),
+    ] {
+        let want = admin.call(op, args.clone()).await.expect(op);
+        assert_eq!(at.call(op, stale(args)).await.expect(op), want, "{op}");
+    }
+
+    // A user sees their own account there, and nobody else's.
+    let ann = Client::connect(cluster.members[&follower].client).await.unwrap();
+    let t = Client::connect(cluster.members[&leader].client).await.unwrap();
+    let ann_token = t.login("ann", "ann-password-1").await.expect("ann logs in at the leader")["token"].clone();
+    ann.call("auth", json!({"token": ann_token})).await.expect("auth at the follower");
+    let mine = ann.call("balance", stale(json!({}))).await.expect("ann's own balance");
+    assert_eq!(mine, json!({"account": "ann", "balance": 40, "held": 0, "available": 40}));
+    let e = ann.call("balance", stale(json!({"account": "bank-0"}))).await.unwrap_err();
+    assert_eq!(e.code(), Some("forbidden"), "{e:?}");
+    let e = ann.call("get_transfer", stale(json!({"id": paid["id"]}))).await.unwrap_err();
+    assert_eq!(e.code(), Some("forbidden"), "{e:?}");
+    let e = at.call("balance", stale(json!({"account": "nobody"}))).await.unwrap_err();
+    assert_eq!(e.code(), Some("not_found"), "{e:?}");
+    // An admin-only op stays refused, stale or not.
+    let e = ann.call("list_accounts", stale(json!({}))).await.unwrap_err();
+    assert_eq!(e.code(), Some("not_leader"), "{e:?}");
+
+    // `tally call` given every member, followers first, finds the leader.
+    let mut order: Vec<u64> = cluster.members.keys().copied().filter(|&id| id != leader).collect();
+    order.push(leader);
+    let members: Vec<String> = order.iter().map(|id| cluster.members[id].client.to_string()).collect();
+    let cli = |password: &str, op: &[&str]| {
+        Command::new(env!("CARGO_BIN_EXE_tally"))
+            .args(["call", "--connect", &members.join(","), "--user", "admin"])
+            .args(op)
+            .env("TALLY_PASSWORD", password)
+            .output()
+            .unwrap()
+    };
+    let out = cli(ADMIN_PASSWORD, &["transfer", "from=bank-1", "to=bank-0", "amount=5", "key=cli-1"]);
+    assert!(out.status.success(), "{out:?}");
+    let record: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!((&record["from"], &record["to"], &record["amount"]), (&json!("bank-1"), &json!("bank-0"), &json!(5)));
+    let b = admin.call("balance", json!({"account": "bank-1"})).await.unwrap();
+    assert_eq!(b["balance"], 1_295);
+    let out = cli("not the password", &["balance", "account=bank-1"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("login failed"), "{out:?}");
+}

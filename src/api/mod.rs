@@ -59,6 +59,7 @@ mod members;
 mod money;
 mod otp;
 mod points;
+mod stale;
 mod status;
 mod users;
 
@@ -133,16 +134,22 @@ pub async fn dispatch(ctx: &Arc<Ctx>, session: &mut Session, name: &str, args: &
         return reply.err(ApiError::new(ErrorCode::UnknownOp, format!("unknown op {name:?}: try help")));
     };
     // A member that does not serve the ledger answers only what needs
-    // none of it: who it is, and checks of a token or of its own copy.
+    // none of it: who it is, checks of a token or of its own copy, and
+    // reads that ask for what it has applied (`consistency = "stale"`).
+    let mut stale = None;
     if let Some(c) = &ctx.cluster {
         if !matches!(op, Op::Hello | Op::Ping | Op::Help | Op::Auth | Op::Whoami | Op::Audit) {
             // A leader cut off from its majority may have been replaced
-            // without knowing it: it serves nothing, not even a read of
-            // what it holds, once no majority has answered it for a while.
+            // without knowing it: it serves nothing as current, not even a
+            // read of what it holds, once no majority has answered it for
+            // a while.
             let refused = if c.serves() { c.lease_lost() } else { Some(c.view.not_leader()) };
             if let Some(e) = refused {
                 session.outbox.flush(&ctx.router);
-                return reply.err(e);
+                if !stale::wanted(op, args) {
+                    return reply.err(e);
+                }
+                stale = Some(c.machine.clone());
             }
         }
     }
@@ -170,6 +177,9 @@ pub async fn dispatch(ctx: &Arc<Ctx>, session: &mut Session, name: &str, args: &
         Some(p)
     };
     let p = || caller.clone().expect("checked above: the op needs a caller");
+    if let Some(machine) = stale {
+        return stale::read(&machine, op, p(), args, reply);
+    }
     match op {
         Op::Hello => status::hello(ctx, session, args, reply),
         Op::Ping => status::ping(args, reply),

@@ -50,7 +50,7 @@ use openraft::{
     Entry, EntryPayload, ErrorSubject, ErrorVerb, LogId, OptionalSend, RaftSnapshotBuilder, SnapshotMeta, StorageError,
     StoredMembership,
 };
-use redb::{Database, Durability, ReadableDatabase};
+use redb::{Database, Durability, ReadableDatabase, ReadableTable};
 use serde::{Deserialize, Serialize};
 
 use super::log::failed;
@@ -71,7 +71,7 @@ const BATCHES: &str = "raft_batches";
 /// One apply in this many is committed with fsync (the others are made
 /// durable by it): it bounds how far back a crash takes a member, and so
 /// how much it re-applies.
-const DURABLE_EVERY: u32 = 256;
+const DURABLE_EVERY: u32 = 32;
 
 /// One batch as the leader's journal decided it: the payload of a Raft entry.
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -161,6 +161,16 @@ impl LedgerMachine {
             undurable: 0,
         };
         Ok(LedgerMachine { inner: Arc::new(Mutex::new(inner)) })
+    }
+
+    /// Runs `f` on the applied state as of one moment: the book (balances,
+    /// held amounts, last records) and the database it was applied to.
+    /// Blocks while an apply runs: call it off the async threads.
+    /// Followers answer stale reads through it.
+    pub fn read<T>(&self, f: impl FnOnce(&Book, &Database) -> Result<T, StoreError>) -> Result<T, StoreError> {
+        let guard = self.inner.lock().map_err(|_| StoreError::Corrupt("the state machine is poisoned".into()))?;
+        let db = guard.store.db()?;
+        f(&guard.book, &db)
     }
 
     /// Runs `f` on the state on tokio's blocking pool: it fsyncs.
@@ -318,8 +328,37 @@ impl Inner {
         if prev != d.head {
             return Err(corrupt("its records do not end at its head".into()));
         }
+        self.hold_changes(txn, d).map_err(|e| corrupt(e.to_string()))?;
         commit::put(txn, &d.writes, &mut self.book, d.head, &mut self.sweep)?;
         self.head = d.head;
+        Ok(())
+    }
+
+    /// What the batch's holds do to the held amounts of the book (which
+    /// followers' stale reads answer from): an opened hold holds its
+    /// amount on its payer, a closed one gives it back. Checked against
+    /// the open-hold index before the batch's rows are written, since a
+    /// hold opened and closed in one batch changes nothing.
+    fn hold_changes(&mut self, txn: &redb::WriteTransaction, d: &Decided) -> Result<(), StoreError> {
+        if d.writes.open_holds.is_empty() {
+            return Ok(());
+        }
+        let open_now = txn.open_table(store::OPEN_HOLDS)?;
+        for (id, &open) in &d.writes.open_holds {
+            let was = open_now.get(*id)?.is_some();
+            if open == was {
+                continue;
+            }
+            let h = d.writes.holds.get(id).ok_or_else(|| StoreError::Corrupt(format!("hold {id} has no row")))?;
+            let delta = if open { h.hold.amount } else { -h.hold.amount };
+            let held = self
+                .book
+                .held(&h.hold.from)
+                .checked_add(delta)
+                .filter(|&v| v >= 0)
+                .ok_or_else(|| StoreError::Corrupt(format!("held on {}", h.hold.from)))?;
+            self.book.set_held(&h.hold.from, held);
+        }
         Ok(())
     }
 

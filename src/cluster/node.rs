@@ -74,6 +74,8 @@ pub struct Serving {
     pub leading: bool,
     /// Cancelled when the leader's journal stops proposing.
     pub deposed: CancellationToken,
+    /// The applied ledger: what a stale read is answered from.
+    pub machine: LedgerMachine,
 }
 
 impl Serving {
@@ -116,6 +118,8 @@ pub struct Node {
     pub me: u64,
     /// Where the running ledger's users and keys registry is put.
     pub registry: super::ledger::Registry,
+    /// The applied ledger, which stale reads are answered from.
+    pub machine: LedgerMachine,
     stop: CancellationToken,
 }
 
@@ -149,7 +153,7 @@ impl Node {
         if let Ok(at) = c.raft_listen.parse::<std::net::SocketAddr>() {
             network = network.from_address(at.ip());
         }
-        let raft = Raft::new(c.id, config, network, log, machine).await.map_err(|e| format!("raft: {e}"))?;
+        let raft = Raft::new(c.id, config, network, log, machine.clone()).await.map_err(|e| format!("raft: {e}"))?;
         let listener = TcpListener::bind(&c.raft_listen)
             .await
             .map_err(|e| format!("cannot listen on cluster.raft_listen {}: {e}", c.raft_listen))?;
@@ -174,7 +178,7 @@ impl Node {
             quorum: Mutex::new((std::time::Instant::now(), None)),
         });
         tokio::spawn(watch(raft.clone(), view.clone(), stop.clone()));
-        Ok(Node { raft, view, me: c.id, registry, stop })
+        Ok(Node { raft, view, me: c.id, registry, machine, stop })
     }
 
     /// Whether this member leads now, and in which term.

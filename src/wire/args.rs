@@ -73,10 +73,29 @@ pub struct CreateUserArgs {
     pub group: Option<String>,
 }
 
+/// How current a read must be. In a cluster, the leader answers every
+/// read as of now; a member that does not lead answers a `stale` read
+/// from what it has applied so far (possibly behind the leader), and
+/// refuses any other with `not_leader`. A single server is always current.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum Consistency {
+    #[default]
+    Linearizable,
+    Stale,
+}
+
+/// Only the `consistency` of a read's arguments, whatever else they hold.
+#[derive(Debug, Deserialize)]
+pub struct ConsistencyArg {
+    pub consistency: Option<Consistency>,
+}
+
 #[derive(Debug, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct AccountArg {
     pub account: Option<String>,
+    pub consistency: Option<Consistency>,
 }
 
 #[derive(Debug, Deserialize, JsonSchema)]
@@ -122,12 +141,14 @@ pub struct HistoryArgs {
     pub account: Option<String>,
     pub after: Option<u64>,
     pub limit: Option<u64>,
+    pub consistency: Option<Consistency>,
 }
 
 #[derive(Debug, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct GetTransferArgs {
     pub id: u64,
+    pub consistency: Option<Consistency>,
 }
 
 // No Debug: it holds a secret, which must never reach a log line.

@@ -10,7 +10,7 @@ use openraft::{CommittedLeaderId, Entry, EntryPayload, LogId, RaftSnapshotBuilde
 use super::*;
 use crate::auth::{Principal, Role};
 use crate::cluster::Batch;
-use crate::contract::{Command, CreateCmd, TransferCmd};
+use crate::contract::{Command, CreateCmd, HoldSpec, SettleCmd, SettleOp, TransferCmd};
 use crate::journal::commit::RedbCold;
 use crate::journal::machine::Machine;
 use crate::ledger::{FeeRounding, Kind, Mode};
@@ -47,6 +47,20 @@ fn transfer(from: &str, to: &str, amount: i64, key: &str) -> Command {
         by: Some(Principal::user("admin", Role::Admin).user),
         reply: ReplyTo::channel().0,
     }))
+}
+
+fn hold(from: &str, to: &str, amount: i64) -> Command {
+    let Command::Transfer(mut t) = transfer(from, to, amount, "") else { unreachable!() };
+    t.kind = Kind::Hold;
+    t.key = None;
+    t.shape = Shape::Hold { expires_at: 0 };
+    t.hold = Some(Box::new(HoldSpec { expires_at: 0, fee_bps: 0, redeem: None }));
+    Command::Transfer(t)
+}
+
+fn settle(hold: u64, op: SettleOp) -> Command {
+    let by = Some(Principal::user("admin", Role::Admin));
+    Command::Settle(Box::new(SettleCmd { hold, op, by, note: None, reply: ReplyTo::channel().0 }))
 }
 
 struct Member {
@@ -176,4 +190,50 @@ async fn a_snapshot_carries_a_new_member_to_the_same_ledger_and_position() {
     assert_eq!(a.machine.apply(vec![e.clone()]).await.unwrap(), vec![Verdict::Applied]);
     assert_eq!(c.machine.apply(vec![e]).await.unwrap(), vec![Verdict::Applied]);
     assert_eq!(audit(&c), audit(&a));
+}
+
+/// Followers answer stale reads from the machine's book: after every
+/// batch, holds opened, posted and voided included, its balances, held
+/// amounts and last records are what a start-up would load from the same
+/// database, and what the deciding journal holds.
+#[tokio::test]
+async fn the_book_a_follower_reads_from_is_the_one_its_database_loads() {
+    let mut a = member();
+    let mut journal = journal_on(&a);
+    let mut opened: Vec<u64> = Vec::new();
+    for i in 0..5u64 {
+        // A hold is a record: the next one's id is the head's next.
+        let next = journal.head.id + 1;
+        let batch = match i {
+            0 => vec![create("alice", 500), create("bob", 0), create("carol", 0)],
+            1 => vec![hold("alice", "bob", 30), hold("alice", "carol", 20), transfer("alice", "bob", 5, "k1")],
+            2 => vec![settle(opened[0], SettleOp::Post(None)), settle(opened[1], SettleOp::Void)],
+            // Opened and posted in one batch: nothing stays held.
+            3 => vec![hold("bob", "carol", 7), settle(next, SettleOp::Post(Some(3)))],
+            _ => vec![hold("bob", "alice", 11)],
+        };
+        let (base, writes) = decide(&mut journal, &a, &batch, T0 + i);
+        opened.extend(writes.open_holds.iter().filter(|(_, &open)| open).map(|(&id, _)| id));
+        let open_flags: Vec<bool> = writes.open_holds.values().copied().collect();
+        let want_flags = match i {
+            1 => vec![true, true],
+            2 => vec![false, false],
+            3 => vec![false],
+            4 => vec![true],
+            _ => vec![],
+        };
+        assert_eq!(open_flags, want_flags, "batch {i} opens and closes what it should");
+        let e = entry(i + 1, &DecidedRef { seq: i, base, head: journal.head, writes: &writes });
+        assert_eq!(a.machine.apply(vec![e]).await.unwrap(), vec![Verdict::Applied]);
+        let loaded = store::load(&a.store.db().unwrap(), Limits::default()).unwrap();
+        for id in ["alice", "bob", "carol"] {
+            let seen =
+                a.machine.read(|book, _| Ok(book.get(id).copied())).unwrap().map(|x| (x.balance, x.held, x.last));
+            let want = loaded.book.get(id).map(|x| (x.balance, x.held, x.last));
+            assert_eq!(seen, want, "{id} after batch {i}");
+            assert_eq!(seen, journal.book.get(id).map(|x| (x.balance, x.held, x.last)), "{id} after batch {i}");
+        }
+    }
+    let held = |id| a.machine.read(|book, _| Ok(book.held(id))).unwrap();
+    assert_eq!((held("alice"), held("bob"), held("carol")), (0, 11, 0));
 }

@@ -1,0 +1,139 @@
+//! Stale reads: `balance`, `account`, `history` and `get_transfer` with
+//! `consistency = "stale"`, answered by a cluster member that does not
+//! lead (or leads without its lease) from the ledger it has applied.
+//!
+//! Why such an answer is sound, if not current:
+//!
+//! - **Only committed state.** A member applies an entry only once a
+//!   majority holds it, so what it answers was, at some moment, the
+//!   ledger; it may lag the leader by whatever it has not applied yet.
+//! - **One moment per answer.** The balance, what is held and the last
+//!   record come from the state machine's book, and the account's row from
+//!   its database, both read under the machine's lock: no apply runs in
+//!   between. A history page starts at that last record; records never
+//!   change once written, so reading them after the lock is released
+//!   shows the same page.
+//! - **The same rules as the leader's.** The caller was checked like any
+//!   other (a token, a key, the op's roles); an account is shown only to
+//!   staff or its owner, a deleted one is `deleted`, a missing one
+//!   `not_found`, and another user's name on a record is hidden alike.
+//!
+//! These reads run on the blocking pool: the machine's lock is held while
+//! a batch is written.
+
+use super::{account_id, blocking, own, page_limit};
+use crate::auth::Principal;
+use crate::cluster::ledger::LedgerMachine;
+use crate::error::{ApiError, ErrorCode};
+use crate::ledger::BookAccount;
+use crate::reply::ReplyTo;
+use crate::store::{self, AccountMeta};
+use crate::wire::{
+    AccountArg, AccountView, BalanceReply, Consistency, ConsistencyArg, GetTransferArgs, HistoryArgs, HistoryReply, Op,
+    Reply,
+};
+
+/// Whether `op` with `args` asks for, and may have, a stale answer.
+pub(super) fn wanted(op: Op, args: &[u8]) -> bool {
+    matches!(op, Op::Balance | Op::Account | Op::History | Op::GetTransfer)
+        && rmp_serde::from_slice::<ConsistencyArg>(args).is_ok_and(|a| a.consistency == Some(Consistency::Stale))
+}
+
+/// Answers a stale read of `op` (one [`wanted`] allows).
+pub(super) fn read(machine: &LedgerMachine, op: Op, p: Principal, args: &[u8], reply: ReplyTo) {
+    let machine = machine.clone();
+    match op {
+        Op::Balance | Op::Account => {
+            let a = args!(AccountArg, args, reply);
+            let account = own(&p, a.account);
+            check!(account_id(&account), reply);
+            blocking(reply, move || {
+                let (meta, acct) = machine.read(|book, db| Ok(account_of(book, db, &account, &p)))??;
+                let available = acct.balance.saturating_sub(acct.held);
+                Ok(if op == Op::Balance {
+                    Reply::Balance(BalanceReply { account, balance: acct.balance, held: acct.held, available })
+                } else {
+                    Reply::Account(Box::new(AccountView {
+                        account,
+                        owner: meta.owner,
+                        tags: meta.tags,
+                        balance: acct.balance,
+                        available,
+                        status: "open",
+                        created: meta.created,
+                        memo: meta.memo,
+                    }))
+                })
+            });
+        }
+        Op::History => {
+            let a = args!(HistoryArgs, args, reply);
+            let account = own(&p, a.account);
+            check!(account_id(&account), reply);
+            let limit = check!(page_limit(a.limit), reply);
+            blocking(reply, move || {
+                let (_, acct) = machine.read(|book, db| Ok(account_of(book, db, &account, &p)))??;
+                machine.read(|_, db| {
+                    let start = match a.after {
+                        None => acct.last,
+                        Some(cursor) => match store::history_after(db, &account, cursor)? {
+                            Some(start) => start,
+                            None => {
+                                let why = format!("after={cursor} is not a transfer of {account}");
+                                return Ok(Err(ApiError::bad_request(why)));
+                            }
+                        },
+                    };
+                    let (mut transfers, next) = store::history(db, &account, start, limit)?;
+                    for t in &mut transfers {
+                        t.shown_to(&p.user, p.sees_any());
+                    }
+                    Ok(Ok(Reply::History(HistoryReply { account: account.clone(), transfers, next })))
+                })?
+            });
+        }
+        Op::GetTransfer => {
+            let a = args!(GetTransferArgs, args, reply);
+            blocking(reply, move || {
+                machine.read(|_, db| {
+                    let Some(mut t) = store::get_transfer(db, a.id)? else {
+                        return Ok(Err(ApiError::not_found(format!("transfer {}", a.id))));
+                    };
+                    t.shown_to(&p.user, p.sees_any());
+                    if !p.sees_any() {
+                        let mut party = false;
+                        for acct in [&t.from, &t.to] {
+                            party |=
+                                store::account_meta(db, acct)?.is_some_and(|m| m.owner.as_deref() == Some(&*p.user));
+                        }
+                        if !party {
+                            return Ok(Err(ApiError::forbidden(format!("transfer {} is not yours", a.id))));
+                        }
+                    }
+                    Ok(Ok(Reply::Transfer(std::sync::Arc::new(t))))
+                })?
+            });
+        }
+        _ => reply.err(ApiError::internal("not a read a member answers stale")),
+    }
+}
+
+/// The account's row and its entry in the applied book, if `p` may read it.
+fn account_of(
+    book: &crate::ledger::Book,
+    db: &redb::Database,
+    account: &str,
+    p: &Principal,
+) -> Result<(AccountMeta, BookAccount), ApiError> {
+    let found = store::account_meta(db, account)?.zip(book.get(account).copied());
+    let Some((meta, acct)) = found else {
+        return Err(ApiError::not_found(format!("account {account}")));
+    };
+    if !(p.sees_any() || meta.owner.as_deref() == Some(&*p.user)) {
+        return Err(ApiError::forbidden(format!("account {account} is not yours")));
+    }
+    if meta.deleted.is_some() {
+        return Err(ApiError::new(ErrorCode::Deleted, format!("account {account} was deleted")));
+    }
+    Ok((meta, acct))
+}
