@@ -11,8 +11,8 @@
 //!   record come from the state machine's book, and the account's row from
 //!   its database, both read under the machine's lock: no apply runs in
 //!   between. A history page starts at that last record; records never
-//!   change once written, so reading them after the lock is released
-//!   shows the same page.
+//!   change once written, so the page is read after the lock is released
+//!   (as is a `get_transfer`), and an apply never waits for it.
 //! - **The same rules as the leader's.** The caller was checked like any
 //!   other (a token, a key, the op's roles); an account is shown only to
 //!   staff or its owner, a deleted one is `deleted`, a missing one
@@ -73,45 +73,38 @@ pub(super) fn read(machine: &LedgerMachine, op: Op, p: Principal, args: &[u8], r
             let limit = check!(page_limit(a.limit), reply);
             blocking(reply, move || {
                 let (_, acct) = machine.read(|book, db| Ok(account_of(book, db, &account, &p)))??;
-                machine.read(|_, db| {
-                    let start = match a.after {
-                        None => acct.last,
-                        Some(cursor) => match store::history_after(db, &account, cursor)? {
-                            Some(start) => start,
-                            None => {
-                                let why = format!("after={cursor} is not a transfer of {account}");
-                                return Ok(Err(ApiError::bad_request(why)));
-                            }
-                        },
-                    };
-                    let (mut transfers, next) = store::history(db, &account, start, limit)?;
-                    for t in &mut transfers {
-                        t.shown_to(&p.user, p.sees_any());
-                    }
-                    Ok(Ok(Reply::History(HistoryReply { account: account.clone(), transfers, next })))
-                })?
+                // The page is read without the lock: records never change.
+                let db = machine.database()?;
+                let start = match a.after {
+                    None => acct.last,
+                    Some(cursor) => store::history_after(&db, &account, cursor)?.ok_or_else(|| {
+                        ApiError::bad_request(format!("after={cursor} is not a transfer of {account}"))
+                    })?,
+                };
+                let (mut transfers, next) = store::history(&db, &account, start, limit)?;
+                for t in &mut transfers {
+                    t.shown_to(&p.user, p.sees_any());
+                }
+                Ok(Reply::History(HistoryReply { account, transfers, next }))
             });
         }
         Op::GetTransfer => {
             let a = args!(GetTransferArgs, args, reply);
             blocking(reply, move || {
-                machine.read(|_, db| {
-                    let Some(mut t) = store::get_transfer(db, a.id)? else {
-                        return Ok(Err(ApiError::not_found(format!("transfer {}", a.id))));
-                    };
-                    t.shown_to(&p.user, p.sees_any());
-                    if !p.sees_any() {
-                        let mut party = false;
-                        for acct in [&t.from, &t.to] {
-                            party |=
-                                store::account_meta(db, acct)?.is_some_and(|m| m.owner.as_deref() == Some(&*p.user));
-                        }
-                        if !party {
-                            return Ok(Err(ApiError::forbidden(format!("transfer {} is not yours", a.id))));
-                        }
+                let db = machine.database()?;
+                let mut t =
+                    store::get_transfer(&db, a.id)?.ok_or_else(|| ApiError::not_found(format!("transfer {}", a.id)))?;
+                t.shown_to(&p.user, p.sees_any());
+                if !p.sees_any() {
+                    let mut party = false;
+                    for acct in [&t.from, &t.to] {
+                        party |= store::account_meta(&db, acct)?.is_some_and(|m| m.owner.as_deref() == Some(&*p.user));
                     }
-                    Ok(Ok(Reply::Transfer(std::sync::Arc::new(t))))
-                })?
+                    if !party {
+                        return Err(ApiError::forbidden(format!("transfer {} is not yours", a.id)));
+                    }
+                }
+                Ok(Reply::Transfer(std::sync::Arc::new(t)))
             });
         }
         _ => reply.err(ApiError::internal("not a read a member answers stale")),

@@ -19,8 +19,8 @@
 //!   (openraft's issue 1246 and the `save_committed` contract). It is
 //!   written without fsync and made durable by the next `append`'s: the
 //!   index may lag after a crash (openraft allows that), and a restarted
-//!   member serves nothing before a leader's commit has caught it up
-//!   (`server::serve_member`).
+//!   member serves nothing as current before a leader's commit has caught
+//!   it up (`server::serve_member`; a stale read may be behind anyway).
 //!
 //! The redb work runs on tokio's blocking pool: an fsync must not stall a
 //! runtime worker that also carries client and member traffic.
