@@ -509,9 +509,7 @@ async fn serve_member(config: Config) -> Result<(), StartError> {
             deposed: deposed.clone(),
         });
         let running = start_on(config.clone(), store.clone(), &bound, Some((serving, replicate))).await?;
-        if let Ok(mut r) = node.registry.lock() {
-            *r = Some(running.ctx.users.clone());
-        }
+        node.machine.hand_over(running.ctx.users.clone())?;
         if !announced {
             announce(&running);
             announced = true;

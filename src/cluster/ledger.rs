@@ -30,7 +30,10 @@
 //!   and doubled p99: the durable commit then writes N batches at once.)
 //! - **Snapshots are the database.** A snapshot is a consistent copy of
 //!   `tally.redb` through one read transaction (`backup`), which carries its
-//!   own Raft position; installing one replaces the member's file.
+//!   own Raft position; installing one replaces the member's file. The
+//!   read transaction is begun under the machine's lock and the copy made
+//!   after it is released: applies go on meanwhile (on a large ledger the
+//!   copy takes seconds, longer than a proposal may wait).
 
 // openraft's StorageError is what its storage traits return.
 #![allow(clippy::result_large_err)]
@@ -97,6 +100,9 @@ impl DecidedRef<'_> {
 #[derive(Clone)]
 pub struct LedgerMachine {
     inner: Arc<Mutex<Inner>>,
+    /// Where a test holds a snapshot build once its copy is begun.
+    #[cfg(test)]
+    build_gate: testing::Gate,
 }
 
 /// The users and keys registry of the ledger running on this member, if
@@ -146,7 +152,11 @@ impl LedgerMachine {
             snapshot: None,
             built: 0,
         };
-        Ok(LedgerMachine { inner: Arc::new(Mutex::new(inner)) })
+        Ok(LedgerMachine {
+            inner: Arc::new(Mutex::new(inner)),
+            #[cfg(test)]
+            build_gate: testing::Gate::default(),
+        })
     }
 
     /// Runs `f` on the applied state as of one moment: the book (balances,
@@ -157,6 +167,28 @@ impl LedgerMachine {
         let guard = self.inner.lock().map_err(|_| StoreError::Corrupt("the state machine is poisoned".into()))?;
         let db = guard.store.db()?;
         f(&guard.book, &db)
+    }
+
+    /// Makes `users` (a ledger just started on this member) the registry
+    /// every applied user and key goes to, and fills it from the database
+    /// under the machine's lock. The ledger loaded its users before; one
+    /// applied in between would otherwise be missed until its next start
+    /// (a key revoked there would keep working on this member). Under the
+    /// lock no apply interleaves, so no row read here overwrites a newer
+    /// one an apply hands over.
+    pub fn hand_over(&self, users: Arc<crate::auth::Users>) -> Result<(), StoreError> {
+        let inner = self.inner.lock().map_err(|_| StoreError::Corrupt("the state machine is poisoned".into()))?;
+        let db = inner.store.db()?;
+        for u in store::load_users(&db)? {
+            users.set(&u.user, crate::auth::UserState::of(&u));
+        }
+        for k in store::load_keys(&db)? {
+            users.set_key(&k.key_id, crate::auth::KeyState::of(&k));
+        }
+        if let Ok(mut r) = inner.registry.lock() {
+            *r = Some(users);
+        }
+        Ok(())
     }
 
     /// The database applied to, for reads that need no single moment with
@@ -347,30 +379,6 @@ impl Inner {
         Ok(())
     }
 
-    /// A consistent copy of the database, with the position it holds.
-    fn build(&mut self) -> Result<(SnapshotMeta<u64, Member>, Vec<u8>), StoreError> {
-        let db = self.store.db()?;
-        let dir = self.store.path().with_extension("snapshots");
-        std::fs::create_dir_all(&dir)?;
-        self.built += 1;
-        let path = dir.join(format!("built-{}.redb", self.built));
-        let _ = std::fs::remove_file(&path);
-        store::backup(&db, &path)?;
-        let copy = Database::open(&path)?;
-        let (applied, membership) = read_position(&copy)?;
-        drop(copy);
-        let meta = SnapshotMeta {
-            last_log_id: applied,
-            last_membership: membership,
-            snapshot_id: format!("{}-{}", applied.map_or(0, |l| l.index), self.built),
-        };
-        let bytes = std::fs::read(&path)?;
-        if let Some((_, old)) = self.snapshot.replace((meta.clone(), path)) {
-            let _ = std::fs::remove_file(old);
-        }
-        Ok((meta, bytes))
-    }
-
     /// Replaces the database with a snapshot's, and the state with its.
     fn install(&mut self, meta: &SnapshotMeta<u64, Member>, bytes: &[u8]) -> Result<(), StoreError> {
         let dir = self.store.path().with_extension("snapshots");
@@ -412,9 +420,55 @@ impl Inner {
     }
 }
 
+impl LedgerMachine {
+    /// A consistent copy of the database, with the position it holds;
+    /// the lock is held only to begin the copy's read transaction.
+    fn build(&self) -> Result<(SnapshotMeta<u64, Member>, Vec<u8>), StoreError> {
+        let poisoned = || StoreError::Corrupt("the state machine is poisoned".into());
+        let (db, src, built, path) = {
+            let mut inner = self.inner.lock().map_err(|_| poisoned())?;
+            let db = inner.store.db()?;
+            let src = db.begin_read()?;
+            let dir = inner.store.path().with_extension("snapshots");
+            std::fs::create_dir_all(&dir)?;
+            inner.built += 1;
+            let built = inner.built;
+            (db, src, built, dir.join(format!("built-{built}.redb")))
+        };
+        #[cfg(test)]
+        self.build_gate.pass();
+        let _ = std::fs::remove_file(&path);
+        store::backup_txn(&src, &path)?;
+        drop(src);
+        drop(db);
+        let copy = Database::open(&path)?;
+        let (applied, membership) = read_position(&copy)?;
+        drop(copy);
+        let meta = SnapshotMeta {
+            last_log_id: applied,
+            last_membership: membership,
+            snapshot_id: format!("{}-{built}", applied.map_or(0, |l| l.index)),
+        };
+        let bytes = std::fs::read(&path)?;
+        let mut inner = self.inner.lock().map_err(|_| poisoned())?;
+        // A snapshot installed meanwhile is newer than this one: keep it.
+        let newer = inner.snapshot.as_ref().is_some_and(|(m, _)| m.last_log_id > meta.last_log_id);
+        if newer {
+            let _ = std::fs::remove_file(&path);
+        } else if let Some((_, old)) = inner.snapshot.replace((meta.clone(), path)) {
+            let _ = std::fs::remove_file(old);
+        }
+        Ok((meta, bytes))
+    }
+}
+
 impl RaftSnapshotBuilder<TypeConfig> for LedgerMachine {
     async fn build_snapshot(&mut self) -> Result<Snapshot<TypeConfig>, Error> {
-        let (meta, bytes) = self.blocking(Inner::build).await?;
+        let machine = self.clone();
+        let (meta, bytes) = tokio::task::spawn_blocking(move || machine.build())
+            .await
+            .map_err(|e| failed(ErrorSubject::StateMachine, ErrorVerb::Read, e))?
+            .map_err(|e| failed(ErrorSubject::StateMachine, ErrorVerb::Read, e))?;
         Ok(Snapshot { meta, snapshot: Box::new(Cursor::new(bytes)) })
     }
 }
@@ -460,6 +514,33 @@ impl RaftStateMachine<TypeConfig> for LedgerMachine {
             Ok(Some(Snapshot { meta: meta.clone(), snapshot: Box::new(Cursor::new(bytes)) }))
         })
         .await
+    }
+}
+
+#[cfg(test)]
+mod testing {
+    use std::sync::mpsc::{Receiver, Sender};
+    use std::sync::{Arc, Mutex};
+
+    /// Where a build says it arrived, and what it waits on.
+    type Armed = (Sender<()>, Receiver<()>);
+
+    /// Once armed, the next snapshot build says it arrived and waits.
+    #[derive(Clone, Default)]
+    pub struct Gate(Arc<Mutex<Option<Armed>>>);
+
+    impl Gate {
+        pub fn arm(&self, arrived: Sender<()>, go: Receiver<()>) {
+            *self.0.lock().unwrap() = Some((arrived, go));
+        }
+
+        pub fn pass(&self) {
+            let armed = self.0.lock().unwrap().take();
+            if let Some((arrived, go)) = armed {
+                let _ = arrived.send(());
+                let _ = go.recv();
+            }
+        }
     }
 }
 

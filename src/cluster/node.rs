@@ -116,8 +116,6 @@ pub struct Node {
     pub raft: Raft<TypeConfig>,
     pub view: Arc<View>,
     pub me: u64,
-    /// Where the running ledger's users and keys registry is put.
-    pub registry: super::ledger::Registry,
     /// The applied ledger, which stale reads are answered from.
     pub machine: LedgerMachine,
     stop: CancellationToken,
@@ -130,8 +128,8 @@ impl Node {
     pub async fn start(c: &ClusterConfig, data: &Path, store: Arc<Store>, limits: Limits) -> Result<Node, String> {
         let secret = Secret::new(&c.secret)?;
         let log = LogStore::open(&data.join("raft.redb")).map_err(|e| format!("raft log: {e}"))?;
-        let registry = super::ledger::Registry::default();
-        let machine = LedgerMachine::open(store, limits, registry.clone()).map_err(|e| format!("ledger: {e}"))?;
+        let machine = LedgerMachine::open(store, limits, super::ledger::Registry::default())
+            .map_err(|e| format!("ledger: {e}"))?;
         let config = openraft::Config {
             cluster_name: "tally".into(),
             heartbeat_interval: CLUSTER_HEARTBEAT_MS,
@@ -178,7 +176,7 @@ impl Node {
             quorum: Mutex::new((std::time::Instant::now(), None)),
         });
         tokio::spawn(watch(raft.clone(), view.clone(), stop.clone()));
-        Ok(Node { raft, view, me: c.id, registry, machine, stop })
+        Ok(Node { raft, view, me: c.id, machine, stop })
     }
 
     /// Whether this member leads now, and in which term.

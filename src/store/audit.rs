@@ -15,7 +15,11 @@ use crate::wire::{AuditReply, Hash32};
 /// `out`: a consistent snapshot taken while the server keeps writing (the
 /// live file is never copied). Returns the head the copy ends at.
 pub fn backup(db: &Database, out: &Path) -> Result<Head, StoreError> {
-    let src = db.begin_read()?;
+    backup_txn(&db.begin_read()?, out)
+}
+
+/// [`backup`] of what the read transaction `src` sees.
+pub fn backup_txn(src: &redb::ReadTransaction, out: &Path) -> Result<Head, StoreError> {
     let dst = Database::create(out)?;
     let w = begin_write(&dst)?;
     macro_rules! copy {
@@ -31,7 +35,7 @@ pub fn backup(db: &Database, out: &Path) -> Result<Head, StoreError> {
     copy!(CHUNKS, BALANCES, ACCOUNTS, KEYS, TAGS, OWNERS, USERS, META);
     copy!(HOLDS, OPEN_HOLDS, REDEEMS, USER_REDEEMS, SERVICE_KEYS);
     w.commit()?;
-    read_head(&src)
+    read_head(src)
 }
 
 /// In one read transaction (one consistent instant): counts the accounts,

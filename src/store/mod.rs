@@ -71,7 +71,7 @@ pub mod record;
 pub mod recovery;
 pub mod rows;
 
-pub use audit::{audit, backup};
+pub use audit::{audit, backup, backup_txn};
 pub use queries::{
     account_meta, get_key, get_transfer, get_user, history, history_after, list_accounts, list_keys, load_keys,
     load_users, lookup_keys, put_key, put_user, redeems, ListFilter,

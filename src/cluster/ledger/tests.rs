@@ -237,3 +237,82 @@ async fn the_book_a_follower_reads_from_is_the_one_its_database_loads() {
     let held = |id| a.machine.read(|book, _| Ok(book.held(id))).unwrap();
     assert_eq!((held("alice"), held("bob"), held("carol")), (0, 11, 0));
 }
+
+/// A snapshot's copy is made outside the machine's lock: an entry applies
+/// while a build is under way, and the snapshot is the state its read
+/// began on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn entries_apply_while_a_snapshot_is_copied() {
+    let (mut a, mut c) = (member(), member());
+    let mut journal = journal_on(&a);
+    let (base, writes) = decide(&mut journal, &a, &[create("alice", 50), create("bob", 5)], T0);
+    a.machine.apply(vec![entry(1, &DecidedRef { seq: 0, base, head: journal.head, writes: &writes })]).await.unwrap();
+    let before = audit(&a);
+
+    let (arrived_tx, arrived) = std::sync::mpsc::channel();
+    let (go, go_rx) = std::sync::mpsc::channel();
+    a.machine.build_gate.arm(arrived_tx, go_rx);
+    let mut builder = a.machine.get_snapshot_builder().await;
+    let building = tokio::spawn(async move { builder.build_snapshot().await });
+    tokio::task::spawn_blocking(move || arrived.recv()).await.unwrap().expect("the build began");
+
+    let (base, writes) = decide(&mut journal, &a, &[transfer("alice", "bob", 8, "k")], T0 + 1);
+    let e = entry(2, &DecidedRef { seq: 1, base, head: journal.head, writes: &writes });
+    let applied = tokio::time::timeout(std::time::Duration::from_secs(10), a.machine.apply(vec![e])).await;
+    go.send(()).unwrap();
+    assert_eq!(applied.expect("the apply waited for the copy").unwrap(), vec![Verdict::Applied]);
+
+    let snap = building.await.unwrap().unwrap();
+    assert_eq!(snap.meta.last_log_id.map(|l| l.index), Some(1));
+    c.machine.install_snapshot(&snap.meta, snap.snapshot).await.unwrap();
+    assert_eq!(audit(&c), before);
+    assert_ne!(audit(&a), before);
+}
+
+/// A user and a key applied while no ledger's registry was handed over
+/// (between a new ledger's load and its hand-over) reach the registry
+/// handed over next; later ones are pushed to it as they apply.
+#[tokio::test]
+async fn a_registry_handed_over_holds_users_and_keys_applied_before_it() {
+    let mut a = member();
+    let head = journal_on(&a).head;
+    let user = crate::store::UserRecord {
+        user: "ann".into(),
+        name: "Ann".into(),
+        email: "ann@example.com".into(),
+        password_hash: String::new(),
+        role: "user".into(),
+        group: None,
+        events: 0,
+        token_epoch: 7,
+        revoked_tokens: Vec::new(),
+    };
+    let key = crate::store::KeyRecord {
+        key_id: "k1".into(),
+        name: "shop".into(),
+        role: "operator".into(),
+        accounts: None,
+        hash: [0; 32],
+        created: T0,
+        created_by: "admin".into(),
+        expires_at: None,
+        revoked_at: None,
+        revoked_by: None,
+    };
+    let mut writes = Writes::default();
+    writes.users.insert("ann".into(), user.clone());
+    writes.service_keys.insert("k1".into(), key.clone());
+    let e = entry(1, &DecidedRef { seq: 0, base: head, head, writes: &writes });
+    assert_eq!(a.machine.apply(vec![e]).await.unwrap(), vec![Verdict::Applied]);
+
+    let users = Arc::new(crate::auth::Users::default());
+    a.machine.hand_over(users.clone()).unwrap();
+    assert_eq!(users.get("ann").map(|u| u.epoch), Some(7));
+    assert_eq!(users.key("k1").map(|k| k.revoked), Some(false));
+
+    let mut writes = Writes::default();
+    writes.service_keys.insert("k1".into(), crate::store::KeyRecord { revoked_at: Some(T0 + 1), ..key });
+    let e = entry(2, &DecidedRef { seq: 1, base: head, head, writes: &writes });
+    assert_eq!(a.machine.apply(vec![e]).await.unwrap(), vec![Verdict::Applied]);
+    assert_eq!(users.key("k1").map(|k| k.revoked), Some(true));
+}
