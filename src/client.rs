@@ -295,6 +295,8 @@ const READS: &[&str] = &[
 ///   silently).
 /// - The credentials given to [`ClusterClient::auth`] are presented again
 ///   on every new connection (a token works on every member).
+/// - It connects only to the addresses it was given: a `not_leader` that
+///   names another address is followed by asking its own members.
 pub struct ClusterClient {
     members: Vec<String>,
     /// The arguments of the `auth` each new connection sends first.
@@ -418,7 +420,15 @@ impl ClusterClient {
             let lost = match c.call(op, &args).await {
                 Err(ClientError::Server { code, leader, .. }) if code == "not_leader" => {
                     self.drop_connection(&c).await;
-                    hint = leader;
+                    // Only a member it was given: a hint is an address the
+                    // cluster configured, which may not be reachable from
+                    // here, or safe to send credentials to.
+                    hint = leader.filter(|l| self.members.contains(l));
+                    if hint.is_none() {
+                        // A leader elected but not serving yet, or one
+                        // this client was not given: poll, not spin.
+                        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                    }
                     false
                 }
                 Err(ClientError::Server { code, .. }) if code == "unknown_outcome" => true,

@@ -261,3 +261,8 @@ pub const CLUSTER_MEMBERSHIP_TIMEOUT_MS: u64 = 60_000;
 /// up to `commit_batch_max` records, and a message must stay well below
 /// the member port's frame bound.
 pub const CLUSTER_ENTRIES_PER_MESSAGE: u64 = 8;
+
+/// Stale reads a member runs at once; more are refused (`rate_limited`).
+/// They run on the blocking pool, which also carries the member's Raft log
+/// and state machine: a flood of them must not stall its replication.
+pub const CLUSTER_STALE_READS_MAX: usize = 8;

@@ -70,7 +70,8 @@ enum Command {
     ///
     /// Arguments are key=value pairs, typed like the text mode: integers,
     /// true/false, null, [a,b] lists, anything else a string.
-    /// Exits 1 with the error code on stderr when the server refuses.
+    /// Exits 1 with the error code on stderr when the server refuses, and 3
+    /// when the outcome of a write is unknown (unknown_outcome).
     ///
     /// Examples:
     ///   tally call ping
@@ -82,7 +83,8 @@ enum Command {
     /// With several addresses (a cluster's members) the request goes to the
     /// leader, following not_leader; a write whose answer was lost is sent
     /// again only if it carries key=..., and otherwise reported as
-    /// unknown_outcome.
+    /// unknown_outcome, with exit code 3 (it may or may not have been
+    /// applied: do not simply retry without a key).
     #[command(verbatim_doc_comment)]
     Call {
         #[command(flatten)]
@@ -295,6 +297,9 @@ async fn call(connect: &Connect, who: As<'_>, op: &str, args: &[String]) -> Exit
         }
         Err(e) => {
             eprintln!("tally: {e}");
+            if e.code() == Some("unknown_outcome") {
+                return ExitCode::from(3);
+            }
             ExitCode::FAILURE
         }
     }
@@ -330,6 +335,9 @@ async fn cluster_call(connect: &Connect, who: As<'_>, op: &str, args: serde_json
         }
         Err(e) => {
             eprintln!("tally: {e}");
+            if e.code() == Some("unknown_outcome") {
+                return ExitCode::from(3);
+            }
             ExitCode::FAILURE
         }
     }

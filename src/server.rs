@@ -496,6 +496,7 @@ async fn serve_member(config: Config) -> Result<(), StartError> {
             leading: leading.is_some(),
             deposed: deposed.clone(),
             machine: node.machine.clone(),
+            stale_reads: node.stale_reads.clone(),
         });
         let batches = match leading {
             Some(_) => crate::cluster::ledger::batches_applied(&*store.db()?)?,

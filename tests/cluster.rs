@@ -641,6 +641,17 @@ async fn a_partitioned_leader_refuses_writes_while_the_majority_goes_on_and_all_
     // The minority serves no stale read (it still has the old balance)...
     let e = admin.balance(Some(&account(1))).await.unwrap_err();
     assert!(matches!(e.code(), Some("unavailable" | "not_leader")), "{e}");
+    // ...not even one asked for as stale: it follows no leader.
+    let deadline = Instant::now() + WAIT;
+    let e = loop {
+        let c = cluster.admin(old, &token).await;
+        match c.call("balance", json!({"account": account(1), "consistency": "stale"})).await {
+            // It stood down as leader meanwhile, closing its connections.
+            Err(ClientError::Closed | ClientError::Io(_)) if Instant::now() < deadline => continue,
+            other => break other.expect_err("a stale read from a member cut off"),
+        }
+    };
+    assert_eq!(e.code(), Some("unavailable"), "{e}");
     // ...refuses writes, and nothing of what it was asked is applied.
     let e = admin.transfer(Some(&account(0)), &account(1), 100, Some("minority")).await.unwrap_err();
     assert!(matches!(e.code(), Some("unavailable" | "not_leader" | "unknown_outcome")), "{e}");

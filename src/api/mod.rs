@@ -149,7 +149,7 @@ pub async fn dispatch(ctx: &Arc<Ctx>, session: &mut Session, name: &str, args: &
                 if !stale::wanted(op, args) {
                     return reply.err(e);
                 }
-                stale = Some(c.machine.clone());
+                stale = Some(check!(stale::admit(c), reply));
             }
         }
     }
@@ -177,8 +177,8 @@ pub async fn dispatch(ctx: &Arc<Ctx>, session: &mut Session, name: &str, args: &
         Some(p)
     };
     let p = || caller.clone().expect("checked above: the op needs a caller");
-    if let Some(machine) = stale {
-        return stale::read(&machine, op, p(), args, reply);
+    if let Some(admitted) = stale {
+        return stale::read(admitted, op, p(), args, reply);
     }
     match op {
         Op::Hello => status::hello(ctx, session, args, reply),

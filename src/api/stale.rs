@@ -18,12 +18,27 @@
 //!   staff or its owner, a deleted one is `deleted`, a missing one
 //!   `not_found`, and another user's name on a record is hidden alike.
 //!
-//! These reads run on the blocking pool: the machine's lock is held while
-//! a batch is written.
+//! What bounds them:
+//!
+//! - **Only while following a leader.** A member answers them only while
+//!   it follows a leader it knows. One cut off from the others stands for
+//!   election within an election timeout and then refuses (`unavailable`),
+//!   as does a leader without its lease: a copy that may be behind for
+//!   long, and a registry that may have missed a revoked key or token, is
+//!   not served.
+//! - **A few at a time.** They run on the blocking pool, which also carries
+//!   the member's Raft log and state machine, and the balance reads wait
+//!   for the machine's lock: at most
+//!   [`CLUSTER_STALE_READS_MAX`](crate::limits::CLUSTER_STALE_READS_MAX)
+//!   run at once on a member, and more are refused with `rate_limited`,
+//!   so a flood of them cannot stall its replication.
+
+use tokio::sync::OwnedSemaphorePermit;
 
 use super::{account_id, blocking, own, page_limit};
 use crate::auth::Principal;
 use crate::cluster::ledger::LedgerMachine;
+use crate::cluster::node::Serving;
 use crate::error::{ApiError, ErrorCode};
 use crate::ledger::BookAccount;
 use crate::reply::ReplyTo;
@@ -39,15 +54,41 @@ pub(super) fn wanted(op: Op, args: &[u8]) -> bool {
         && rmp_serde::from_slice::<ConsistencyArg>(args).is_ok_and(|a| a.consistency == Some(Consistency::Stale))
 }
 
-/// Answers a stale read of `op` (one [`wanted`] allows).
-pub(super) fn read(machine: &LedgerMachine, op: Op, p: Principal, args: &[u8], reply: ReplyTo) {
-    let machine = machine.clone();
+/// A stale read let in: the machine to read and its place among those
+/// running.
+pub(super) struct Admitted {
+    machine: LedgerMachine,
+    _permit: OwnedSemaphorePermit,
+}
+
+/// Lets a stale read in on this member, or says why not.
+pub(super) fn admit(c: &Serving) -> Result<Admitted, ApiError> {
+    let seen = c.view.seen();
+    let follows = matches!(seen.role, "follower" | "learner") && seen.leader.is_some_and(|(id, _)| id != c.view.node);
+    if !follows {
+        return Err(ApiError::new(
+            ErrorCode::Unavailable,
+            "this member follows no leader now, so its copy may be far behind: ask another member",
+        ));
+    }
+    let permit = c.stale_reads.clone().try_acquire_owned().map_err(|_| {
+        ApiError::new(ErrorCode::RateLimited, "too many stale reads at once on this member: retry, or ask the leader")
+    })?;
+    Ok(Admitted { machine: c.machine.clone(), _permit: permit })
+}
+
+/// Answers a stale read of `op` (one [`wanted`] allows); the permit is
+/// held until the answer is ready.
+pub(super) fn read(admitted: Admitted, op: Op, p: Principal, args: &[u8], reply: ReplyTo) {
+    let machine = admitted.machine.clone();
+    let permit = admitted;
     match op {
         Op::Balance | Op::Account => {
             let a = args!(AccountArg, args, reply);
             let account = own(&p, a.account);
             check!(account_id(&account), reply);
             blocking(reply, move || {
+                let _running = permit;
                 let (meta, acct) = machine.read(|book, db| Ok(account_of(book, db, &account, &p)))??;
                 let available = acct.balance.saturating_sub(acct.held);
                 Ok(if op == Op::Balance {
@@ -72,6 +113,7 @@ pub(super) fn read(machine: &LedgerMachine, op: Op, p: Principal, args: &[u8], r
             check!(account_id(&account), reply);
             let limit = check!(page_limit(a.limit), reply);
             blocking(reply, move || {
+                let _running = permit;
                 let (_, acct) = machine.read(|book, db| Ok(account_of(book, db, &account, &p)))??;
                 // The page is read without the lock: records never change.
                 let db = machine.database()?;
@@ -91,6 +133,7 @@ pub(super) fn read(machine: &LedgerMachine, op: Op, p: Principal, args: &[u8], r
         Op::GetTransfer => {
             let a = args!(GetTransferArgs, args, reply);
             blocking(reply, move || {
+                let _running = permit;
                 let db = machine.database()?;
                 let mut t =
                     store::get_transfer(&db, a.id)?.ok_or_else(|| ApiError::not_found(format!("transfer {}", a.id)))?;

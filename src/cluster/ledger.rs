@@ -100,6 +100,12 @@ impl DecidedRef<'_> {
 #[derive(Clone)]
 pub struct LedgerMachine {
     inner: Arc<Mutex<Inner>>,
+    /// The same store as `inner`'s, readable without its lock (an install
+    /// swaps the database inside it).
+    store: Arc<Store>,
+    /// Set when an apply failed: the book may be ahead of the database,
+    /// and Raft stops; nothing is read from it any more.
+    broken: Arc<std::sync::atomic::AtomicBool>,
     /// Where a test holds a snapshot build once its copy is begun.
     #[cfg(test)]
     build_gate: testing::Gate,
@@ -153,7 +159,9 @@ impl LedgerMachine {
             built: 0,
         };
         Ok(LedgerMachine {
+            store: inner.store.clone(),
             inner: Arc::new(Mutex::new(inner)),
+            broken: Arc::default(),
             #[cfg(test)]
             build_gate: testing::Gate::default(),
         })
@@ -165,8 +173,16 @@ impl LedgerMachine {
     /// Followers answer stale reads through it.
     pub fn read<T>(&self, f: impl FnOnce(&Book, &Database) -> Result<T, StoreError>) -> Result<T, StoreError> {
         let guard = self.inner.lock().map_err(|_| StoreError::Corrupt("the state machine is poisoned".into()))?;
+        self.check()?;
         let db = guard.store.db()?;
         f(&guard.book, &db)
+    }
+
+    fn check(&self) -> Result<(), StoreError> {
+        if self.broken.load(std::sync::atomic::Ordering::Acquire) {
+            return Err(StoreError::Unavailable);
+        }
+        Ok(())
     }
 
     /// Makes `users` (a ledger just started on this member) the registry
@@ -192,10 +208,11 @@ impl LedgerMachine {
     }
 
     /// The database applied to, for reads that need no single moment with
-    /// the book (records, which never change once written).
+    /// the book (records, which never change once written); without the
+    /// machine's lock, so such reads never wait for an apply.
     pub fn database(&self) -> Result<Arc<Database>, StoreError> {
-        let guard = self.inner.lock().map_err(|_| StoreError::Corrupt("the state machine is poisoned".into()))?;
-        guard.store.db()
+        self.check()?;
+        self.store.db()
     }
 
     /// Runs `f` on the state on tokio's blocking pool: it fsyncs.
@@ -486,7 +503,16 @@ impl RaftStateMachine<TypeConfig> for LedgerMachine {
         I::IntoIter: OptionalSend,
     {
         let entries: Vec<_> = entries.into_iter().collect();
-        self.blocking(move |s| s.apply(entries)).await
+        let broken = self.broken.clone();
+        self.blocking(move |s| {
+            let applied = s.apply(entries);
+            if applied.is_err() {
+                // Its book and position may be ahead of its database.
+                broken.store(true, std::sync::atomic::Ordering::Release);
+            }
+            applied
+        })
+        .await
     }
 
     async fn get_snapshot_builder(&mut self) -> LedgerMachine {

@@ -17,10 +17,11 @@
 //!   restarted member re-applies every entry it knew committed before it
 //!   serves, so it never serves a state older than one it acknowledged
 //!   (openraft's issue 1246 and the `save_committed` contract). It is
-//!   written without fsync and made durable by the next `append`'s: the
-//!   index may lag after a crash (openraft allows that), and a restarted
-//!   member serves nothing as current before a leader's commit has caught
-//!   it up (`server::serve_member`; a stale read may be behind anyway).
+//!   written without fsync and made durable by the next `append`'s. That
+//!   is safe because every apply is durable (`ledger.rs`): openraft raises
+//!   the committed index to the last applied one at start-up, so a lagging
+//!   index loses nothing applied. Were applies ever made without fsync,
+//!   this index would have to be durable again.
 //!
 //! The redb work runs on tokio's blocking pool: an fsync must not stall a
 //! runtime worker that also carries client and member traffic.

@@ -76,6 +76,8 @@ pub struct Serving {
     pub deposed: CancellationToken,
     /// The applied ledger: what a stale read is answered from.
     pub machine: LedgerMachine,
+    /// Stale reads running now, on this member.
+    pub stale_reads: Arc<tokio::sync::Semaphore>,
 }
 
 impl Serving {
@@ -118,6 +120,8 @@ pub struct Node {
     pub me: u64,
     /// The applied ledger, which stale reads are answered from.
     pub machine: LedgerMachine,
+    /// Stale reads running now ([`crate::limits::CLUSTER_STALE_READS_MAX`]).
+    pub stale_reads: Arc<tokio::sync::Semaphore>,
     stop: CancellationToken,
 }
 
@@ -176,7 +180,8 @@ impl Node {
             quorum: Mutex::new((std::time::Instant::now(), None)),
         });
         tokio::spawn(watch(raft.clone(), view.clone(), stop.clone()));
-        Ok(Node { raft, view, me: c.id, machine, stop })
+        let stale_reads = Arc::new(tokio::sync::Semaphore::new(crate::limits::CLUSTER_STALE_READS_MAX));
+        Ok(Node { raft, view, me: c.id, machine, stale_reads, stop })
     }
 
     /// Whether this member leads now, and in which term.

@@ -541,7 +541,9 @@ class ClusterClient(_Ops):
     ``key`` (or is a read): the second send then answers with the first
     one's record. Without a key the caller gets ``unknown_outcome`` and
     decides; such a write is never retried silently. ``token`` (from a
-    ``login`` at any member) is presented on every new connection.
+    ``login`` at any member) is presented on every new connection. Only
+    the given addresses are dialled: a ``not_leader`` naming another is
+    followed by asking the given members.
     """
 
     def __init__(self, members: List[str], token: Optional[str] = None, patience: float = 10.0) -> None:
@@ -607,7 +609,13 @@ class ClusterClient(_Ops):
             except TallyError as e:
                 if e.code == "not_leader":
                     self.close()
-                    hint = e.leader
+                    # Only a member it was given: the address the cluster
+                    # configured may not be reachable, or safe, from here.
+                    hint = e.leader if e.leader in self.members else None
+                    if hint is None:
+                        if time.monotonic() >= deadline:
+                            raise
+                        time.sleep(0.05)  # a leader not serving yet: poll, not spin
                     continue
                 if e.code != "unknown_outcome" and not (e.code == "unavailable" and lost_before and resend):
                     raise
