@@ -20,6 +20,10 @@
 //!   leaves the head alone) and on its head and, failing either, skips the
 //!   entry and answers [`Verdict::Stale`]: the same verdict everywhere,
 //!   since all apply the same log in the same order from the same state.
+//!   So is a batch that does not fit the ledger (records that do not
+//!   chain, an account numbered otherwise: a leader's bug), with whatever
+//!   it changed in the book undone, rather than an error that would stop
+//!   Raft on every member.
 //! - **The Raft position is in the same transaction.** The last applied
 //!   log id and the membership are written to the ledger's `meta` table in
 //!   the transaction that writes the entries, committed with fsync: after
@@ -54,7 +58,7 @@ use super::log::failed;
 use super::{Member, TypeConfig, Verdict};
 use crate::journal::commit::{self, Sweep};
 use crate::journal::machine::Writes;
-use crate::ledger::{Book, Limits};
+use crate::ledger::{Book, BookAccount, Limits};
 use crate::store::{self, record_hash, Head, Store, StoreError, TransferRecord};
 
 type Error = StorageError<u64>;
@@ -232,6 +236,15 @@ impl LedgerMachine {
     }
 }
 
+/// What fitting a batch to the book changed, to put back if it does not fit.
+#[derive(Default)]
+struct Undo {
+    /// Accounts created, in order.
+    created: Vec<String>,
+    /// Entries as they were before each change, in order.
+    entries: Vec<(u32, BookAccount)>,
+}
+
 /// The last applied log id and the membership as of it.
 type Position = (Option<LogId<u64>>, StoredMembership<u64, Member>);
 
@@ -288,11 +301,14 @@ impl Inner {
                 }
                 EntryPayload::Normal(batch) => match rmp_serde::from_slice::<Decided>(&batch.0) {
                     Ok(d) if d.seq == self.batches && d.base == self.head => {
-                        self.write(&txn, &d)?;
-                        self.batches += 1;
-                        users.extend(d.writes.users.into_values());
-                        keys.extend(d.writes.service_keys.into_values());
-                        Verdict::Applied
+                        if self.write(&txn, &d)? {
+                            self.batches += 1;
+                            users.extend(d.writes.users.into_values());
+                            keys.extend(d.writes.service_keys.into_values());
+                            Verdict::Applied
+                        } else {
+                            Verdict::Stale
+                        }
                     }
                     Ok(d) => {
                         tracing::warn!(
@@ -333,8 +349,37 @@ impl Inner {
 
     /// Writes one decided batch: the accounts it creates, its records
     /// replayed onto the balances (checked to chain from the head), its
-    /// rows, a slice of balance rows and its head.
-    fn write(&mut self, txn: &redb::WriteTransaction, d: &Decided) -> Result<(), StoreError> {
+    /// rows, a slice of balance rows and its head. `Ok(false)`: the batch
+    /// does not fit this ledger (an account numbered otherwise, records
+    /// that do not chain, a hold that was not open): nothing of it is kept,
+    /// neither in the book nor in the transaction. Every member holds the
+    /// same ledger, so every member skips it alike, where an error would
+    /// stop Raft on all of them.
+    fn write(&mut self, txn: &redb::WriteTransaction, d: &Decided) -> Result<bool, StoreError> {
+        let mut undo = Undo::default();
+        match self.fit(txn, d, &mut undo) {
+            Ok(()) => {
+                commit::put(txn, &d.writes, &mut self.book, d.head, &mut self.sweep)?;
+                self.head = d.head;
+                Ok(true)
+            }
+            Err(StoreError::Corrupt(why)) => {
+                for (num, before) in undo.entries.into_iter().rev() {
+                    self.book.restore_num(num, before);
+                }
+                for id in undo.created.iter().rev() {
+                    self.book.uncreate(id);
+                }
+                tracing::error!(base = d.base.id, why = %why, "a batch that does not fit this ledger is skipped");
+                Ok(false)
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Brings the book to the batch, noting in `undo` what it changed:
+    /// the accounts it creates, its records replayed and its holds.
+    fn fit(&mut self, txn: &redb::WriteTransaction, d: &Decided, undo: &mut Undo) -> Result<(), StoreError> {
         let corrupt = |what: String| StoreError::Corrupt(format!("batch after {}: {what}", d.base.id));
         let mut created: Vec<(&String, u32)> = d
             .writes
@@ -346,6 +391,7 @@ impl Inner {
         created.sort_unstable_by_key(|&(_, num)| num);
         for (id, num) in created {
             let got = self.book.create(id).map_err(|e| corrupt(e.to_string()))?;
+            undo.created.push(id.clone());
             if got != num {
                 return Err(corrupt(format!("account {id} is number {num} here, {got} on the leader")));
             }
@@ -356,16 +402,13 @@ impl Inner {
             if r.id != id || id != prev.id + 1 || r.prev != prev.hash {
                 return Err(corrupt(format!("record {id} does not chain")));
             }
-            store::replay(&mut self.book, &r)?;
+            store::replay_noting(&mut self.book, &r, |num, before| undo.entries.push((num, before)))?;
             prev = Head { id, hash: record_hash(stored) };
         }
         if prev != d.head {
             return Err(corrupt("its records do not end at its head".into()));
         }
-        self.hold_changes(txn, d).map_err(|e| corrupt(e.to_string()))?;
-        commit::put(txn, &d.writes, &mut self.book, d.head, &mut self.sweep)?;
-        self.head = d.head;
-        Ok(())
+        self.hold_changes(txn, d, undo)
     }
 
     /// What the batch's holds do to the held amounts of the book (which
@@ -373,7 +416,7 @@ impl Inner {
     /// amount on its payer, a closed one gives it back. Checked against
     /// the open-hold index before the batch's rows are written, since a
     /// hold opened and closed in one batch changes nothing.
-    fn hold_changes(&mut self, txn: &redb::WriteTransaction, d: &Decided) -> Result<(), StoreError> {
+    fn hold_changes(&mut self, txn: &redb::WriteTransaction, d: &Decided, undo: &mut Undo) -> Result<(), StoreError> {
         if d.writes.open_holds.is_empty() {
             return Ok(());
         }
@@ -384,14 +427,13 @@ impl Inner {
                 continue;
             }
             let h = d.writes.holds.get(id).ok_or_else(|| StoreError::Corrupt(format!("hold {id} has no row")))?;
+            let corrupt = || StoreError::Corrupt(format!("held on {}", h.hold.from));
+            let num = self.book.num(&h.hold.from).ok_or_else(corrupt)?;
+            let before = *self.book.by_num(num).ok_or_else(corrupt)?;
             let delta = if open { h.hold.amount } else { -h.hold.amount };
-            let held = self
-                .book
-                .held(&h.hold.from)
-                .checked_add(delta)
-                .filter(|&v| v >= 0)
-                .ok_or_else(|| StoreError::Corrupt(format!("held on {}", h.hold.from)))?;
-            self.book.set_held(&h.hold.from, held);
+            let held = before.held.checked_add(delta).filter(|&v| v >= 0).ok_or_else(corrupt)?;
+            undo.entries.push((num, before));
+            self.book.restore_num(num, BookAccount { held, ..before });
         }
         Ok(())
     }

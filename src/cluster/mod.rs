@@ -34,8 +34,9 @@ pub enum Verdict {
     /// Written (or nothing to write: a blank or membership entry).
     #[default]
     Applied,
-    /// A batch decided on another state than the member's head, skipped by
-    /// every member alike (`ledger`): nothing of it was applied anywhere.
+    /// A batch decided on another state than the member's head, or one
+    /// that does not fit the ledger, skipped by every member alike
+    /// (`ledger`): nothing of it was applied anywhere.
     Stale,
 }
 

@@ -195,6 +195,13 @@ impl Book {
         }
     }
 
+    /// Puts back account `num`'s entry as it was (undoing a replay).
+    pub fn restore_num(&mut self, num: u32, account: BookAccount) {
+        if let Some(e) = self.entries.get_mut(num as usize) {
+            e.account = account;
+        }
+    }
+
     /// Marks account `num` as written to its balance row.
     pub fn mark_clean(&mut self, num: u32) {
         if let Some(e) = self.entries.get_mut(num as usize) {

@@ -77,7 +77,7 @@ pub use queries::{
     load_users, lookup_keys, put_key, put_user, redeems, ListFilter,
 };
 pub use record::{record_hash, ChunkWriter, Head, RecordRef, TransferRecord};
-pub use recovery::{load, replay, Loaded, LoadedAccount};
+pub use recovery::{load, replay, replay_noting, Loaded, LoadedAccount};
 pub use rows::{AccountMeta, HoldRecord, KeyRecord, RedeemRecord, RedeemStatus, Tombstone, UserRecord};
 
 /// The journal's records in chunks (module docs).

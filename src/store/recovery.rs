@@ -55,6 +55,16 @@ pub(super) fn legs(r: &TransferRecord) -> Result<[(&str, i64); 3], StoreError> {
 /// Applies one replayed record to the book. Each leg is applied only if the
 /// account's balance row does not include it yet (its `last` is older).
 pub fn replay(book: &mut Book, r: &TransferRecord) -> Result<(), StoreError> {
+    replay_noting(book, r, |_, _| {})
+}
+
+/// [`replay`], telling `before` each account's number and entry before it
+/// changes it (a cluster member undoes a batch that does not fit).
+pub fn replay_noting(
+    book: &mut Book,
+    r: &TransferRecord,
+    mut before: impl FnMut(u32, BookAccount),
+) -> Result<(), StoreError> {
     let corrupt = |what: &str| StoreError::Corrupt(format!("replaying transfer {}: {what}", r.id));
     for (i, (account, delta)) in legs(r)?.into_iter().enumerate() {
         // Every record links its two parties; the fee leg only when it moves something.
@@ -65,6 +75,7 @@ pub fn replay(book: &mut Book, r: &TransferRecord) -> Result<(), StoreError> {
         let a = *book.by_num(num).ok_or_else(|| corrupt("unknown account"))?;
         if r.id > a.last {
             let balance = a.balance.checked_add(delta).ok_or_else(|| corrupt("overflow"))?;
+            before(num, a);
             book.replay_num(num, balance, r.id);
         }
     }

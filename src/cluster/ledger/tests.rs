@@ -316,3 +316,40 @@ async fn a_registry_handed_over_holds_users_and_keys_applied_before_it() {
     assert_eq!(a.machine.apply(vec![e]).await.unwrap(), vec![Verdict::Applied]);
     assert_eq!(users.key("k1").map(|k| k.revoked), Some(true));
 }
+
+/// A batch that does not fit the ledger (here: records that do not end at
+/// the head it names, found after its account was created and its records
+/// replayed) is skipped by every member, with nothing of it kept, and the
+/// entries after it apply: where it used to stop Raft on every member.
+#[tokio::test]
+async fn a_batch_that_does_not_fit_is_skipped_whole_and_the_log_goes_on() {
+    let (mut a, mut b) = (member(), member());
+    let mut journal = journal_on(&a);
+    let (base, writes) = decide(&mut journal, &a, &[create("alice", 50), create("bob", 5)], T0);
+    let first = entry(1, &DecidedRef { seq: 0, base, head: journal.head, writes: &writes });
+    let (base, writes) = decide(&mut journal, &a, &[create("carol", 0), transfer("alice", "carol", 8, "k")], T0 + 1);
+    let wrong = Head { id: journal.head.id, hash: [7; 32] };
+    let misfit = entry(2, &DecidedRef { seq: 1, base, head: wrong, writes: &writes });
+    for m in [&mut a, &mut b] {
+        assert_eq!(m.machine.apply(vec![first.clone()]).await.unwrap(), vec![Verdict::Applied]);
+    }
+    // Decided afresh on what was applied: carol does not exist there.
+    let mut journal = journal_on(&a);
+    let (base, writes) = decide(&mut journal, &a, &[transfer("alice", "bob", 3, "k2")], T0 + 2);
+    let third = entry(3, &DecidedRef { seq: 1, base, head: journal.head, writes: &writes });
+
+    assert_eq!(
+        a.machine.apply(vec![misfit.clone(), third.clone()]).await.unwrap(),
+        vec![Verdict::Stale, Verdict::Applied]
+    );
+    assert_eq!(b.machine.apply(vec![misfit]).await.unwrap(), vec![Verdict::Stale]);
+    assert_eq!(b.machine.apply(vec![third]).await.unwrap(), vec![Verdict::Applied]);
+    assert_eq!(audit(&a), audit(&b));
+    let loaded = store::load(&a.store.db().unwrap(), Limits::default()).unwrap();
+    assert!(loaded.book.get("carol").is_none());
+    for id in ["alice", "bob", "carol"] {
+        let seen = a.machine.read(|book, _| Ok(book.get(id).map(|x| (x.balance, x.held, x.last)))).unwrap();
+        assert_eq!(seen, loaded.book.get(id).map(|x| (x.balance, x.held, x.last)), "{id}");
+    }
+    assert_eq!(loaded.book.get("alice").map(|x| x.balance), Some(47));
+}
