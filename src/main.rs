@@ -267,6 +267,10 @@ async fn call(connect: &Connect, who: As<'_>, op: &str, args: &[String]) -> Exit
         );
         return ExitCode::from(2);
     }
+    if let As::User(_, None) = who {
+        eprintln!("tally: --user needs --password or TALLY_PASSWORD");
+        return ExitCode::from(2);
+    }
     if connect.addresses().len() > 1 {
         return cluster_call(connect, who, op, serde_json::Value::Object(map)).await;
     }
@@ -279,30 +283,14 @@ async fn call(connect: &Connect, who: As<'_>, op: &str, args: &[String]) -> Exit
     };
     let bound = match who {
         As::Nobody => Ok(serde_json::Value::Null),
-        As::User(_, None) => {
-            eprintln!("tally: --user needs --password or TALLY_PASSWORD");
-            return ExitCode::from(2);
-        }
-        As::User(user, Some(password)) => client.login(user, password).await,
+        As::User(user, password) => client.login(user, password.unwrap_or_default()).await,
         As::Key(key) => client.call("auth", serde_json::json!({ "key": key })).await,
     };
     if let Err(e) = bound {
         eprintln!("tally: login failed: {e}");
         return ExitCode::FAILURE;
     }
-    match client.call(op, serde_json::Value::Object(map)).await {
-        Ok(v) => {
-            println!("{v}");
-            ExitCode::SUCCESS
-        }
-        Err(e) => {
-            eprintln!("tally: {e}");
-            if e.code() == Some("unknown_outcome") {
-                return ExitCode::from(3);
-            }
-            ExitCode::FAILURE
-        }
-    }
+    answer(client.call(op, serde_json::Value::Object(map)).await)
 }
 
 /// `tally call` against a cluster: to whichever member leads.
@@ -312,23 +300,23 @@ async fn cluster_call(connect: &Connect, who: As<'_>, op: &str, args: serde_json
     if connect.tls {
         client = client.with_tls(connect.tls());
     }
-    let bound = match who {
-        As::Nobody => Ok(serde_json::Value::Null),
-        As::User(_, None) => {
-            eprintln!("tally: --user needs --password or TALLY_PASSWORD");
-            return ExitCode::from(2);
+    match who {
+        As::Nobody => {}
+        As::User(user, password) => {
+            if let Err(e) = client.login(user, password.unwrap_or_default()).await {
+                eprintln!("tally: login failed: {e}");
+                return ExitCode::FAILURE;
+            }
         }
-        As::User(user, Some(password)) => client.login(user, password).await,
-        As::Key(key) => {
-            client.auth_key(key);
-            Ok(serde_json::Value::Null)
-        }
-    };
-    if let Err(e) = bound {
-        eprintln!("tally: login failed: {e}");
-        return ExitCode::FAILURE;
+        As::Key(key) => client.auth_key(key),
     }
-    match client.call(op, args).await {
+    answer(client.call(op, args).await)
+}
+
+/// Prints an answer, or the error; the exit code says which (3: the
+/// outcome of a write is unknown).
+fn answer(got: Result<serde_json::Value, tally::client::ClientError>) -> ExitCode {
+    match got {
         Ok(v) => {
             println!("{v}");
             ExitCode::SUCCESS

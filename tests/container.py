@@ -10,6 +10,10 @@
    relay stand-in (aiosmtpd on a debootstrapped Debian, cached under
    target/). The key made as its header says works over TLS, and a campus
    transfer is confirmed with the code that reached the relay.
+3. docker/compose-cluster.yaml as written, with the image above: the three
+   members form a cluster by themselves, a transfer through the leader
+   reaches every member's chain, and with the leader's container stopped
+   the other two elect another that serves the same ledger.
 
 Run by tests/run-all.sh with the tests' Python venv (the Python client and
 trustme). Skips, saying why, only when podman cannot run containers here.
@@ -29,7 +33,7 @@ import time
 
 import trustme
 
-from tally import Client, TallyError
+from tally import Client, ClusterClient, TallyError
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 # Where the musl build and the relay's base go: cargo's target folder (CI
@@ -271,6 +275,73 @@ def compose_test():
             run(*compose, "down", "-v", "-t", "5", env=env, check=False)
 
 
+CLUSTER_MEMBERS = {"tally-1": "127.0.0.1:7707", "tally-2": "127.0.0.1:7717", "tally-3": "127.0.0.1:7727"}
+
+
+def member_hello(addr):
+    try:
+        host, port = addr.split(":")
+        with Client(host, int(port), timeout=5) as c:
+            return c.call("hello")
+    except (OSError, TallyError):
+        return None
+
+
+def audits(token, services):
+    """Every named member's own `audit` (None where it does not answer)."""
+    out = []
+    for name in services:
+        host, port = CLUSTER_MEMBERS[name].split(":")
+        try:
+            with Client(host, int(port), timeout=5) as c:
+                c.auth(token=token)
+                out.append(c.audit())
+        except (OSError, TallyError):
+            out.append(None)
+    return out
+
+
+def compose_cluster_test():
+    project = f"tallycluster{os.getpid()}"
+    with tempfile.TemporaryDirectory() as tmp:
+        override = pathlib.Path(tmp) / "local-image.yaml"
+        override.write_text(json.dumps({"services": {name: {"image": IMAGE} for name in CLUSTER_MEMBERS}}))
+        compose = [
+            "podman-compose", "-p", project,
+            "-f", str(ROOT / "docker" / "compose-cluster.yaml"), "-f", str(override),
+        ]
+        # As the file's header says: the secret and the password from the environment.
+        env = dict(os.environ, TALLY_CLUSTER_SECRET=os.urandom(32).hex(), TALLY_AUTH_ADMIN_PASSWORD=PASSWORD)
+        try:
+            run(*compose, "up", "-d", env=env)
+            members = list(CLUSTER_MEMBERS.values())
+            leader_addr = until("a leader", lambda: next(
+                (a for a in members if (member_hello(a) or {}).get("role") == "leader"), None))
+            with ClusterClient(members, patience=WAIT_S) as cluster:
+                token = cluster.call("login", user="admin", password=PASSWORD)["token"]
+                cluster.token = token
+                cluster.call("create_account", account="a", initial=100)
+                cluster.call("create_account", account="b")
+                paid = cluster.call("transfer", **{"from": "a", "to": "b", "amount": 30, "key": "compose-1"})
+            want = audits(token, [n for n, a in CLUSTER_MEMBERS.items() if a == leader_addr])[0]
+            assert want["transfers"] == 2 and want["chain_ok"], want
+            until("every member's chain at the leader's", lambda: audits(token, CLUSTER_MEMBERS) == [want] * 3)
+
+            # The leader's container stopped: the other two go on.
+            old = next(n for n, a in CLUSTER_MEMBERS.items() if a == leader_addr)
+            podman("stop", "-t", "0", f"{project}_{old}_1")
+            rest = [a for n, a in CLUSTER_MEMBERS.items() if n != old]
+            until("a new leader", lambda: next(
+                (a for a in rest if (member_hello(a) or {}).get("role") == "leader"), None))
+            with ClusterClient(rest, token=token, patience=WAIT_S) as cluster:
+                assert cluster.call("get_transfer", id=paid["id"])["amount"] == 30
+                cluster.call("transfer", **{"from": "b", "to": "a", "amount": 5, "key": "compose-2"})
+                assert cluster.balance("a")["balance"] == 75
+            print(f"compose cluster: formed, replicated to all three, {old} stopped and another leads")
+        finally:
+            run(*compose, "down", "-v", "-t", "5", env=env, check=False)
+
+
 def campus_transfer(addr, ca, admin_password, relay):
     with Client(*addr, tls=True, ca=ca) as admin, Client(*addr, tls=True, ca=ca) as ann:
         admin.login("admin", admin_password)
@@ -309,6 +380,7 @@ def main():
     build_image()
     image_test()
     compose_test()
+    compose_cluster_test()
 
 
 if __name__ == "__main__":
