@@ -459,9 +459,12 @@ impl Inner {
         if let Some(db) = retired {
             drop(db);
         }
-        std::fs::rename(&path, &live)?;
-        std::fs::File::open(live.parent().unwrap_or(&live))?.sync_all()?;
+        let swapped = std::fs::rename(&path, &live)
+            .and_then(|()| std::fs::File::open(live.parent().unwrap_or(&live))?.sync_all());
+        // Whatever happened, the live file is opened again (the snapshot's if
+        // it was renamed, the old one otherwise) rather than left closed.
         self.store.put(Arc::new(store::open(&live)?));
+        swapped?;
         self.book = loaded.book;
         self.head = loaded.head;
         self.batches = batches;
@@ -572,7 +575,16 @@ impl RaftStateMachine<TypeConfig> for LedgerMachine {
     ) -> Result<(), Error> {
         let meta = meta.clone();
         let bytes = snapshot.into_inner();
-        self.blocking(move |s| s.install(&meta, &bytes)).await
+        let broken = self.broken.clone();
+        self.blocking(move |s| {
+            let installed = s.install(&meta, &bytes);
+            if installed.is_err() {
+                // The database may be the snapshot's and the book the old one.
+                broken.store(true, std::sync::atomic::Ordering::Release);
+            }
+            installed
+        })
+        .await
     }
 
     async fn get_current_snapshot(&mut self) -> Result<Option<Snapshot<TypeConfig>>, Error> {
