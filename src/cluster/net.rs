@@ -47,6 +47,7 @@ use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 
 use super::{Member, TypeConfig};
+use crate::limits::CLUSTER_READ_LEASE_MS;
 
 /// The largest frame a member accepts: openraft sends at most
 /// `max_payload_entries` entries per `append_entries` and snapshots in
@@ -273,7 +274,17 @@ impl Drop for HandshakeSlot {
 
 /// Serves the other members' RPCs to `raft` (member `me`) until `stop` is
 /// cancelled.
+///
+/// No vote is cast until [`CLUSTER_READ_LEASE_MS`] after it starts. A
+/// leader serves reads for that long after a majority acknowledged it
+/// (`node::Serving::lease_lost`), counting on its members not to elect
+/// another meanwhile; openraft's members keep that promise by refusing
+/// votes soon after hearing from a leader, but a member restarted at once
+/// has forgotten it heard, and its vote could elect a second leader while
+/// the first still serves. Its last acknowledgement came before this
+/// process started, so waiting out a lease from here keeps the promise.
 pub async fn serve(listener: TcpListener, raft: Raft<TypeConfig>, me: u64, secret: Secret, stop: CancellationToken) {
+    let votes_from = tokio::time::Instant::now() + Duration::from_millis(CLUSTER_READ_LEASE_MS);
     let handshakes = Arc::new(Semaphore::new(HANDSHAKES_MAX));
     let per_address = Arc::new(Handshaking::default());
     let proven = Arc::new(Semaphore::new(CONNECTIONS_MAX));
@@ -301,7 +312,7 @@ pub async fn serve(listener: TcpListener, raft: Raft<TypeConfig>, me: u64, secre
                 drop((handshake, slot));
                 let ch = ch?;
                 let Ok(_permit) = proven.try_acquire_owned() else { return Ok(()) };
-                answer(ch, &raft).await
+                answer(ch, &raft, votes_from).await
             };
             tokio::select! {
                 () = stop.cancelled() => {}
@@ -315,7 +326,7 @@ pub async fn serve(listener: TcpListener, raft: Raft<TypeConfig>, me: u64, secre
     }
 }
 
-async fn answer(mut ch: Channel, raft: &Raft<TypeConfig>) -> io::Result<()> {
+async fn answer(mut ch: Channel, raft: &Raft<TypeConfig>, votes_from: tokio::time::Instant) -> io::Result<()> {
     loop {
         let rpc: Rpc = match tokio::time::timeout(IDLE_TIMEOUT, ch.receive()).await {
             Err(_) => return Ok(()),
@@ -323,7 +334,10 @@ async fn answer(mut ch: Channel, raft: &Raft<TypeConfig>) -> io::Result<()> {
         };
         match rpc {
             Rpc::Append(r) => ch.reply(&raft.append_entries(r).await).await?,
-            Rpc::Vote(r) => ch.reply(&raft.vote(r).await).await?,
+            Rpc::Vote(r) => {
+                tokio::time::sleep_until(votes_from).await;
+                ch.reply(&raft.vote(r).await).await?;
+            }
             Rpc::Snapshot(r) => ch.reply(&raft.install_snapshot(r).await).await?,
         }
     }

@@ -344,3 +344,26 @@ async fn members_join_and_leave_under_load_and_keep_one_order() {
         c.nodes[id].raft.wait(WAIT).voter_ids(voters.clone(), "the new voters").await.unwrap();
     }
 }
+
+/// A member just started casts no vote before a read lease has passed
+/// (see `serve`): a leader may still count on its acknowledgement from
+/// before a restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_member_just_started_votes_only_after_a_lease() {
+    let dir = tempfile::tempdir().unwrap();
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    let before_start = std::time::Instant::now();
+    let mut node = start(2, &dir.path().join("raft.redb"), listener, SECRET).await;
+    let secret = Secret::new(SECRET).unwrap();
+    let to = Member { client: "127.0.0.1:1".into(), raft: addr };
+    let mut member = Network::new(1, secret).new_client(2, &to).await;
+    let ask = VoteRequest { vote: Vote::new(100, 1), last_log_id: None };
+    let answer = member.vote(ask, RPCOption::new(Duration::from_secs(5))).await.unwrap();
+    assert!(answer.vote_granted, "{answer:?}");
+    let lease = Duration::from_millis(crate::limits::CLUSTER_READ_LEASE_MS);
+    assert!(before_start.elapsed() >= lease, "voted {:?} after starting", before_start.elapsed());
+    node.stop.cancel();
+    node.raft.shutdown().await.unwrap();
+    let _ = (&mut node.served).await;
+}
