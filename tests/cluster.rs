@@ -82,7 +82,8 @@ impl Member {
             .expect("spawn tally");
         let mut line = String::new();
         BufReader::new(child.stdout.take().expect("stdout")).read_line(&mut line).expect("a listening line");
-        assert_eq!(line.trim(), format!("tally listening on {}", self.client), "member {}", self.id);
+        let want = format!("tally listening on {}", self.client);
+        assert_eq!(line.trim(), want, "member {} did not start; its log:\n{}", self.id, self.log());
         self.child = Some(child);
     }
 
@@ -114,9 +115,21 @@ struct Cluster {
     members: BTreeMap<u64, Member>,
 }
 
-/// A free port on loopback (bound, then let go for the member to take).
+/// A free port on loopback (bound, then let go for the member to take),
+/// below the kernel's ephemeral range (32768 and up by default): a port
+/// from that range, once let go, can be taken by any outgoing connection
+/// before the member binds it. Each call in this process tries the next
+/// port, so the tests running side by side never pick the same one.
 fn free_port() -> SocketAddr {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap()
+    static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let offset = std::process::id() % 1000 * 11;
+    loop {
+        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let port = 20_000 + (offset + n) % 12_000;
+        if let Ok(l) = std::net::TcpListener::bind(("127.0.0.1", port as u16)) {
+            return l.local_addr().unwrap();
+        }
+    }
 }
 
 impl Cluster {

@@ -2,6 +2,7 @@
 the leader, resends keyed writes after the leader is killed, and reports a
 keyless write whose answer was lost as ``unknown_outcome``."""
 
+import itertools
 import os
 import socket
 import subprocess
@@ -15,10 +16,21 @@ from tally import Client, ClusterClient, TallyError
 SECRET = "the python tests' cluster secret, 32+ bytes"
 
 
+_next_port = itertools.count((os.getpid() % 1000) * 11)
+
+
 def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A free loopback port below the kernel's ephemeral range (32768 and
+    up): one from that range, once let go, can be taken by any outgoing
+    connection before the member binds it."""
+    while True:
+        port = 20000 + next(_next_port) % 12000
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
 
 
 @pytest.fixture
