@@ -13,7 +13,7 @@ use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 
 use crate::api::Ctx;
-use crate::auth::{self, KeyState, LoginGuard, Tokens, UserState, Users};
+use crate::auth::{self, LoginGuard, Tokens, Users};
 use crate::clock::Clock;
 use crate::config::Config;
 use crate::contract::{self, Command};
@@ -279,17 +279,7 @@ async fn start_on(
     );
 
     let users = Arc::new(Users::default());
-    for u in store::load_users(&db)? {
-        if u.user.starts_with(auth::KEY_ACTOR_PREFIX) {
-            // Made before such ids were refused: records by this user read
-            // like a key's.
-            tracing::warn!(target: "security", user = %u.user, "a user id that looks like a service key's; rename the user");
-        }
-        users.set(&u.user, UserState::of(&u));
-    }
-    for k in store::load_keys(&db)? {
-        users.set_key(&k.key_id, KeyState::of(&k));
-    }
+    users.load(&db)?;
     // Only the store holds the database from here on (it is reopened after
     // a storage failure, and that needs every holder to let go).
     drop(db);

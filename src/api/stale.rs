@@ -44,8 +44,7 @@ use crate::ledger::BookAccount;
 use crate::reply::ReplyTo;
 use crate::store::{self, AccountMeta};
 use crate::wire::{
-    AccountArg, AccountView, BalanceReply, Consistency, ConsistencyArg, GetTransferArgs, HistoryArgs, HistoryReply, Op,
-    Reply,
+    AccountArg, AccountView, BalanceReply, Consistency, ConsistencyArg, GetTransferArgs, HistoryArgs, Op, Reply,
 };
 
 /// Whether `op` with `args` asks for, and may have, a stale answer.
@@ -116,38 +115,14 @@ pub(super) fn read(admitted: Admitted, op: Op, p: Principal, args: &[u8], reply:
                 let _running = permit;
                 let (_, acct) = machine.read(|book, db| Ok(account_of(book, db, &account, &p)))??;
                 // The page is read without the lock: records never change.
-                let db = machine.database()?;
-                let start = match a.after {
-                    None => acct.last,
-                    Some(cursor) => store::history_after(&db, &account, cursor)?.ok_or_else(|| {
-                        ApiError::bad_request(format!("after={cursor} is not a transfer of {account}"))
-                    })?,
-                };
-                let (mut transfers, next) = store::history(&db, &account, start, limit)?;
-                for t in &mut transfers {
-                    t.shown_to(&p.user, p.sees_any());
-                }
-                Ok(Reply::History(HistoryReply { account, transfers, next }))
+                crate::shard::history_page(&*machine.database()?, &account, acct.last, a.after, limit, &p)
             });
         }
         Op::GetTransfer => {
             let a = args!(GetTransferArgs, args, reply);
             blocking(reply, move || {
                 let _running = permit;
-                let db = machine.database()?;
-                let mut t =
-                    store::get_transfer(&db, a.id)?.ok_or_else(|| ApiError::not_found(format!("transfer {}", a.id)))?;
-                t.shown_to(&p.user, p.sees_any());
-                if !p.sees_any() {
-                    let mut party = false;
-                    for acct in [&t.from, &t.to] {
-                        party |= store::account_meta(&db, acct)?.is_some_and(|m| m.owner.as_deref() == Some(&*p.user));
-                    }
-                    if !party {
-                        return Err(ApiError::forbidden(format!("transfer {} is not yours", a.id)));
-                    }
-                }
-                Ok(Reply::Transfer(std::sync::Arc::new(t)))
+                super::money::transfer_shown(&*machine.database()?, a.id, &p)
             });
         }
         _ => reply.err(ApiError::internal("not a read a member answers stale")),

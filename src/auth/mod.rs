@@ -373,6 +373,23 @@ pub struct Users {
 }
 
 impl Users {
+    /// Sets every user and key the database holds (a ledger's start, and a
+    /// cluster member handing a started ledger its registry).
+    pub fn load(&self, db: &redb::Database) -> Result<(), crate::store::StoreError> {
+        for u in crate::store::load_users(db)? {
+            if u.user.starts_with(KEY_ACTOR_PREFIX) {
+                // Made before such ids were refused: records by this user
+                // read like a key's.
+                tracing::warn!(target: "security", user = %u.user, "a user id that looks like a service key's; rename the user");
+            }
+            self.set(&u.user, UserState::of(&u));
+        }
+        for k in crate::store::load_keys(db)? {
+            self.set_key(&k.key_id, KeyState::of(&k));
+        }
+        Ok(())
+    }
+
     #[must_use]
     pub fn get(&self, user: &str) -> Option<UserState> {
         self.map.read().ok()?.get(user).cloned()

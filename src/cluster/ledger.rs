@@ -115,15 +115,14 @@ pub struct LedgerMachine {
     build_gate: testing::Gate,
 }
 
-/// The users and keys registry of the ledger running on this member, if
-/// any: every applied change of a user or key goes there too, so that a
-/// follower checks tokens and keys against the cluster's current rows
-/// (a revoked key stops working on every member).
-pub type Registry = Arc<Mutex<Option<Arc<crate::auth::Users>>>>;
-
 struct Inner {
     store: Arc<Store>,
-    registry: Registry,
+    /// The users and keys registry of the ledger running on this member,
+    /// if any ([`LedgerMachine::hand_over`]): every applied change of a
+    /// user or key goes there too, so that a follower checks tokens and
+    /// keys against the cluster's current rows (a revoked key stops
+    /// working on every member).
+    registry: Option<Arc<crate::auth::Users>>,
     /// Balances and last records only, for the balance rows (the journal
     /// keeps its own book for deciding).
     book: Book,
@@ -142,7 +141,7 @@ struct Inner {
 
 impl LedgerMachine {
     /// The state machine over `store`, at the position its database holds.
-    pub fn open(store: Arc<Store>, limits: Limits, registry: Registry) -> Result<LedgerMachine, StoreError> {
+    pub fn open(store: Arc<Store>, limits: Limits) -> Result<LedgerMachine, StoreError> {
         let db = store.db()?;
         let loaded = store::load(&db, limits)?;
         let (applied, membership) = read_position(&db)?;
@@ -151,7 +150,7 @@ impl LedgerMachine {
         let sweep = Sweep { cursor: 0, from: loaded.head.id, checkpoint: 0 };
         let inner = Inner {
             store,
-            registry,
+            registry: None,
             book: loaded.book,
             head: loaded.head,
             batches,
@@ -176,10 +175,14 @@ impl LedgerMachine {
     /// Blocks while an apply runs: call it off the async threads.
     /// Followers answer stale reads through it.
     pub fn read<T>(&self, f: impl FnOnce(&Book, &Database) -> Result<T, StoreError>) -> Result<T, StoreError> {
-        let guard = self.inner.lock().map_err(|_| StoreError::Corrupt("the state machine is poisoned".into()))?;
+        let guard = self.lock()?;
         self.check()?;
         let db = guard.store.db()?;
         f(&guard.book, &db)
+    }
+
+    fn lock(&self) -> Result<std::sync::MutexGuard<'_, Inner>, StoreError> {
+        self.inner.lock().map_err(|_| poisoned())
     }
 
     fn check(&self) -> Result<(), StoreError> {
@@ -197,17 +200,9 @@ impl LedgerMachine {
     /// lock no apply interleaves, so no row read here overwrites a newer
     /// one an apply hands over.
     pub fn hand_over(&self, users: Arc<crate::auth::Users>) -> Result<(), StoreError> {
-        let inner = self.inner.lock().map_err(|_| StoreError::Corrupt("the state machine is poisoned".into()))?;
-        let db = inner.store.db()?;
-        for u in store::load_users(&db)? {
-            users.set(&u.user, crate::auth::UserState::of(&u));
-        }
-        for k in store::load_keys(&db)? {
-            users.set_key(&k.key_id, crate::auth::KeyState::of(&k));
-        }
-        if let Ok(mut r) = inner.registry.lock() {
-            *r = Some(users);
-        }
+        let mut inner = self.lock()?;
+        users.load(&*inner.store.db()?)?;
+        inner.registry = Some(users);
         Ok(())
     }
 
@@ -219,6 +214,26 @@ impl LedgerMachine {
         self.store.db()
     }
 
+    /// [`Self::blocking`] for an apply or an install: if it fails, the book
+    /// may no longer match the database (one ahead of the other), so
+    /// nothing is read from the machine after (marked before the lock is
+    /// let go, so no read sees the mismatch).
+    async fn changing<T, F>(&self, f: F) -> Result<T, Error>
+    where
+        T: Send + 'static,
+        F: FnOnce(&mut Inner) -> Result<T, StoreError> + Send + 'static,
+    {
+        let broken = self.broken.clone();
+        self.blocking(move |s| {
+            let changed = f(s);
+            if changed.is_err() {
+                broken.store(true, std::sync::atomic::Ordering::Release);
+            }
+            changed
+        })
+        .await
+    }
+
     /// Runs `f` on the state on tokio's blocking pool: it fsyncs.
     async fn blocking<T, F>(&self, f: F) -> Result<T, Error>
     where
@@ -227,13 +242,17 @@ impl LedgerMachine {
     {
         let inner = self.inner.clone();
         tokio::task::spawn_blocking(move || {
-            let mut guard = inner.lock().map_err(|_| StoreError::Corrupt("the state machine is poisoned".into()))?;
+            let mut guard = inner.lock().map_err(|_| poisoned())?;
             f(&mut guard)
         })
         .await
         .map_err(|e| failed(ErrorSubject::StateMachine, ErrorVerb::Write, e))?
         .map_err(|e| failed(ErrorSubject::StateMachine, ErrorVerb::Write, e))
     }
+}
+
+fn poisoned() -> StoreError {
+    StoreError::Corrupt("the state machine is poisoned".into())
 }
 
 /// What fitting a batch to the book changed, to put back if it does not fit.
@@ -336,7 +355,7 @@ impl Inner {
             meta.insert(BATCHES, &self.batches.to_be_bytes()[..])?;
         }
         txn.commit()?;
-        if let Some(registry) = self.registry.lock().ok().and_then(|r| r.clone()) {
+        if let Some(registry) = &self.registry {
             for u in &users {
                 registry.set(&u.user, crate::auth::UserState::of(u));
             }
@@ -486,9 +505,8 @@ impl LedgerMachine {
     /// A consistent copy of the database, with the position it holds;
     /// the lock is held only to begin the copy's read transaction.
     fn build(&self) -> Result<(SnapshotMeta<u64, Member>, Vec<u8>), StoreError> {
-        let poisoned = || StoreError::Corrupt("the state machine is poisoned".into());
         let (db, src, built, path) = {
-            let mut inner = self.inner.lock().map_err(|_| poisoned())?;
+            let mut inner = self.lock()?;
             let db = inner.store.db()?;
             let src = db.begin_read()?;
             let dir = inner.store.path().with_extension("snapshots");
@@ -512,7 +530,7 @@ impl LedgerMachine {
             snapshot_id: format!("{}-{built}", applied.map_or(0, |l| l.index)),
         };
         let bytes = std::fs::read(&path)?;
-        let mut inner = self.inner.lock().map_err(|_| poisoned())?;
+        let mut inner = self.lock()?;
         // A snapshot installed meanwhile is newer than this one: keep it.
         let newer = inner.snapshot.as_ref().is_some_and(|(m, _)| m.last_log_id > meta.last_log_id);
         if newer {
@@ -548,16 +566,7 @@ impl RaftStateMachine<TypeConfig> for LedgerMachine {
         I::IntoIter: OptionalSend,
     {
         let entries: Vec<_> = entries.into_iter().collect();
-        let broken = self.broken.clone();
-        self.blocking(move |s| {
-            let applied = s.apply(entries);
-            if applied.is_err() {
-                // Its book and position may be ahead of its database.
-                broken.store(true, std::sync::atomic::Ordering::Release);
-            }
-            applied
-        })
-        .await
+        self.changing(move |s| s.apply(entries)).await
     }
 
     async fn get_snapshot_builder(&mut self) -> LedgerMachine {
@@ -575,16 +584,7 @@ impl RaftStateMachine<TypeConfig> for LedgerMachine {
     ) -> Result<(), Error> {
         let meta = meta.clone();
         let bytes = snapshot.into_inner();
-        let broken = self.broken.clone();
-        self.blocking(move |s| {
-            let installed = s.install(&meta, &bytes);
-            if installed.is_err() {
-                // The database may be the snapshot's and the book the old one.
-                broken.store(true, std::sync::atomic::Ordering::Release);
-            }
-            installed
-        })
-        .await
+        self.changing(move |s| s.install(&meta, &bytes)).await
     }
 
     async fn get_current_snapshot(&mut self) -> Result<Option<Snapshot<TypeConfig>>, Error> {

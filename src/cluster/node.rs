@@ -132,8 +132,7 @@ impl Node {
     pub async fn start(c: &ClusterConfig, data: &Path, store: Arc<Store>, limits: Limits) -> Result<Node, String> {
         let secret = Secret::new(&c.secret)?;
         let log = LogStore::open(&data.join("raft.redb")).map_err(|e| format!("raft log: {e}"))?;
-        let machine = LedgerMachine::open(store, limits, super::ledger::Registry::default())
-            .map_err(|e| format!("ledger: {e}"))?;
+        let machine = LedgerMachine::open(store, limits).map_err(|e| format!("ledger: {e}"))?;
         let config = openraft::Config {
             cluster_name: "tally".into(),
             heartbeat_interval: CLUSTER_HEARTBEAT_MS,

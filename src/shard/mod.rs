@@ -283,6 +283,30 @@ fn may_use(principal: &Principal, slot: &Slot, account: &str, what: Use) -> bool
     }
 }
 
+/// A page of `account`'s history as `principal` sees it: from its last
+/// record `last`, or from before the cursor `after`. Its caller checked
+/// that `principal` may read the account. (The shards' `history`, and a
+/// follower's stale one.)
+pub(crate) fn history_page(
+    db: &redb::Database,
+    account: &str,
+    last: u64,
+    after: Option<u64>,
+    limit: usize,
+    principal: &Principal,
+) -> Result<Reply, ApiError> {
+    let start = match after {
+        None => last,
+        Some(cursor) => store::history_after(db, account, cursor)?
+            .ok_or_else(|| ApiError::bad_request(format!("after={cursor} is not a transfer of {account}")))?,
+    };
+    let (mut transfers, next) = store::history(db, account, start, limit)?;
+    for t in &mut transfers {
+        t.shown_to(&principal.user, principal.sees_any());
+    }
+    Ok(Reply::History(HistoryReply { account: account.to_owned(), transfers, next }))
+}
+
 /// The slot found for `account`, if `principal` may use it for `what`.
 fn usable<S: std::ops::Deref<Target = Slot>>(
     found: Option<S>,
@@ -341,21 +365,12 @@ impl ShardState {
         let store = self.store.clone();
         tokio::task::spawn_blocking(move || {
             let HistoryReq { account, after, limit, reply, principal } = req;
-            let page = || -> Result<Reply, ApiError> {
-                let db = store.db()?;
-                let start = match after {
-                    None => last,
-                    Some(cursor) => store::history_after(&db, &account, cursor)?.ok_or_else(|| {
-                        ApiError::bad_request(format!("after={cursor} is not a transfer of {account}"))
-                    })?,
-                };
-                let (mut transfers, next) = store::history(&db, &account, start, limit)?;
-                for t in &mut transfers {
-                    t.shown_to(&principal.user, principal.sees_any());
-                }
-                Ok(Reply::History(HistoryReply { account: account.to_string(), transfers, next }))
-            };
-            reply.send(page());
+            reply.send(
+                store
+                    .db()
+                    .map_err(ApiError::from)
+                    .and_then(|db| history_page(&db, &account, last, after, limit, &principal)),
+            );
         });
     }
 

@@ -72,7 +72,7 @@ struct Member {
 fn member() -> Member {
     let dir = tempfile::tempdir().unwrap();
     let store = Arc::new(Store::open(&dir.path().join("tally.redb")).unwrap());
-    let machine = LedgerMachine::open(store.clone(), Limits::default(), Registry::default()).unwrap();
+    let machine = LedgerMachine::open(store.clone(), Limits::default()).unwrap();
     Member { _dir: dir, store, machine }
 }
 
@@ -161,7 +161,7 @@ async fn members_fed_the_same_entries_end_with_the_same_ledger_and_skip_stale_ba
     assert_eq!(applied.map(|l| l.index), Some(index));
 
     // The position survives a reopen with the ledger it belongs to.
-    let reopened = LedgerMachine::open(b.store.clone(), Limits::default(), Registry::default()).unwrap();
+    let reopened = LedgerMachine::open(b.store.clone(), Limits::default()).unwrap();
     let (again, _) = { reopened }.applied_state().await.unwrap();
     assert_eq!(again, applied);
 }
