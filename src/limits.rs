@@ -175,6 +175,19 @@ pub const LOGIN_SOURCE: crate::guard::BackoffRule =
 /// A full sweep of the balance rows completes within about this many
 /// records, which bounds the replay at start-up to about twice as many.
 pub const SWEEP_RECORDS: usize = 262_144;
+/// Recent idempotency keys held in memory before they are frozen into a
+/// run and merged into the `keys` table (`store::key_index`): ~100 bytes
+/// each, and at most two such sets at a time.
+pub const KEYS_FREEZE_AT: usize = 262_144;
+/// Records whose keys are held in memory before they are frozen: bounds
+/// what a start reads to rebuild them, as `SWEEP_RECORDS` bounds the replay.
+pub const KEYS_FREEZE_RECORDS: usize = 262_144;
+/// The least of a run a commit merges into the `keys` table (more when
+/// the commit brings more new keys: twice as many).
+pub const KEYS_MERGE_MIN: usize = 4096;
+/// Key runs frozen at most this large are sorted on the journal's thread;
+/// larger ones (tens of milliseconds) on a thread of their own.
+pub const KEYS_SORT_INLINE_MAX: usize = 4096;
 /// The fewest account numbers a commit that wrote records sweeps.
 pub const SWEEP_CHUNK_MIN: usize = 256;
 /// The fewest account numbers a commit without records (the idle journal

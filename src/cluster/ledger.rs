@@ -59,6 +59,7 @@ use super::{Member, TypeConfig, Verdict};
 use crate::journal::commit::{self, Sweep};
 use crate::journal::machine::Writes;
 use crate::ledger::{Book, BookAccount, Limits};
+use crate::store::key_index::KeyPlan;
 use crate::store::{self, record_hash, Head, Store, StoreError, TransferRecord};
 
 type Error = StorageError<u64>;
@@ -310,6 +311,7 @@ impl Inner {
         txn.set_durability(Durability::Immediate).map_err(|e| StoreError::Corrupt(format!("durability: {e}")))?;
         let mut verdicts = Vec::with_capacity(entries.len());
         let (mut users, mut keys) = (Vec::new(), Vec::new());
+        let mut plan = self.store.keys().plan()?;
         for e in entries {
             self.applied = Some(e.log_id);
             let verdict = match e.payload {
@@ -320,7 +322,7 @@ impl Inner {
                 }
                 EntryPayload::Normal(batch) => match rmp_serde::from_slice::<Decided>(&batch.0) {
                     Ok(d) if d.seq == self.batches && d.base == self.head => {
-                        if self.write(&txn, &d)? {
+                        if self.write(&txn, &d, &mut plan)? {
                             self.batches += 1;
                             users.extend(d.writes.users.into_values());
                             keys.extend(d.writes.service_keys.into_values());
@@ -355,6 +357,7 @@ impl Inner {
             meta.insert(BATCHES, &self.batches.to_be_bytes()[..])?;
         }
         txn.commit()?;
+        self.store.keys().committed(plan, self.head.id)?;
         if let Some(registry) = &self.registry {
             for u in &users {
                 registry.set(&u.user, crate::auth::UserState::of(u));
@@ -374,11 +377,11 @@ impl Inner {
     /// neither in the book nor in the transaction. Every member holds the
     /// same ledger, so every member skips it alike, where an error would
     /// stop Raft on all of them.
-    fn write(&mut self, txn: &redb::WriteTransaction, d: &Decided) -> Result<bool, StoreError> {
+    fn write(&mut self, txn: &redb::WriteTransaction, d: &Decided, keys: &mut KeyPlan) -> Result<bool, StoreError> {
         let mut undo = Undo::default();
         match self.fit(txn, d, &mut undo) {
             Ok(()) => {
-                commit::put(txn, &d.writes, &mut self.book, d.head, &mut self.sweep)?;
+                commit::put(txn, &d.writes, &mut self.book, d.head, &mut self.sweep, keys)?;
                 self.head = d.head;
                 Ok(true)
             }
@@ -482,7 +485,7 @@ impl Inner {
             .and_then(|()| std::fs::File::open(live.parent().unwrap_or(&live))?.sync_all());
         // Whatever happened, the live file is opened again (the snapshot's if
         // it was renamed, the old one otherwise) rather than left closed.
-        self.store.put(Arc::new(store::open(&live)?));
+        self.store.put(Arc::new(store::open(&live)?))?;
         swapped?;
         self.book = loaded.book;
         self.head = loaded.head;

@@ -10,7 +10,8 @@ use redb::{Database, Durability, ReadTransaction, ReadableDatabase};
 use super::machine::{Cold, Writes};
 use crate::ledger::Book;
 use crate::limits::{SWEEP_CHUNK_IDLE, SWEEP_CHUNK_MIN, SWEEP_IDLE_COMMITS, SWEEP_RECORDS};
-use crate::store::{self, AccountMeta, Head, HoldRecord, KeyRecord, RedeemRecord, StoreError, UserRecord};
+use crate::store::key_index::KeyPlan;
+use crate::store::{self, AccountMeta, Head, HoldRecord, KeyIndex, KeyRecord, RedeemRecord, StoreError, UserRecord};
 
 /// [`Cold`] over the database as last committed: a read transaction,
 /// opened on the first read (most batches of transfers read nothing).
@@ -89,37 +90,42 @@ pub struct Sweep {
 
 /// Commits one batch: its writes, the next slice of balance rows, the new
 /// head; fsynced (two-phase, see `store::begin_write`) before it returns.
-pub fn write(db: &Database, w: &Writes, book: &mut Book, head: Head, sweep: &mut Sweep) -> Result<(), StoreError> {
+pub fn write(
+    db: &Database,
+    keys: &KeyIndex,
+    w: &Writes,
+    book: &mut Book,
+    head: Head,
+    sweep: &mut Sweep,
+) -> Result<(), StoreError> {
     let mut txn = store::begin_write(db)?;
     txn.set_durability(Durability::Immediate).map_err(|e| StoreError::Corrupt(format!("durability: {e}")))?;
-    put(&txn, w, book, head, sweep)?;
+    let mut plan = keys.plan()?;
+    put(&txn, w, book, head, sweep, &mut plan)?;
     let durable = std::time::Instant::now();
     txn.commit()?;
     crate::metrics::FSYNC_MICROS.observe(u64::try_from(durable.elapsed().as_micros()).unwrap_or(u64::MAX));
-    Ok(())
+    keys.committed(plan, head.id)
 }
 
 /// Puts one batch's writes, the next slice of balance rows and the new
 /// head into `txn` (which the caller commits: a cluster member commits
-/// several entries and its Raft position together).
+/// several entries and its Raft position together). The batch's keys go
+/// to `keys`, for memory once `txn` has committed ([`KeyIndex`]).
 pub fn put(
     txn: &redb::WriteTransaction,
     w: &Writes,
     book: &mut Book,
     head: Head,
     sweep: &mut Sweep,
+    keys: &mut KeyPlan,
 ) -> Result<(), StoreError> {
     {
         let mut chunks = txn.open_table(store::CHUNKS)?;
         for (first, bytes) in w.chunks() {
             chunks.insert(first, bytes)?;
         }
-        if !w.keys.is_empty() {
-            let mut keys = txn.open_table(store::KEYS)?;
-            for (from, key, id) in &w.keys {
-                keys.insert((&**from, &**key), *id)?;
-            }
-        }
+        keys.put(txn, &w.keys)?;
         if !w.accounts.is_empty() {
             let mut t = txn.open_table(store::ACCOUNTS)?;
             for (id, meta) in &w.accounts {

@@ -301,7 +301,14 @@ impl Journal {
         self.writes.clear();
         let result = self.store.db().and_then(|db| {
             let outcomes = self.machine.apply(&RedbCold::new(&db), &batch, time, &mut self.writes)?;
-            commit::write(&db, &self.writes, &mut self.machine.book, self.machine.head, &mut self.sweep)?;
+            commit::write(
+                &db,
+                self.store.keys(),
+                &self.writes,
+                &mut self.machine.book,
+                self.machine.head,
+                &mut self.sweep,
+            )?;
             Ok(outcomes)
         });
         match result {
@@ -376,7 +383,10 @@ impl Journal {
         self.machine.book = loaded.book;
         self.machine.expiring = loaded.expiring.into_iter().collect();
         self.sweep = Sweep { cursor: 0, from: self.machine.head.id, checkpoint: self.sweep.checkpoint };
-        self.store.put(Arc::new(db));
+        if let Err(e) = self.store.put(Arc::new(db)) {
+            tracing::warn!(error = %e, "the reopened database's recent keys cannot be read yet");
+            return;
+        }
         // Healthy only once a commit has gone through.
         let reason = self.failure.take().map(|f| f.reason).unwrap_or_default();
         let committed = self.commit(Vec::new());

@@ -222,7 +222,10 @@ impl KeyReader {
                 // Everything queued meanwhile is read in the same transaction.
                 let lookups: Vec<Lookup> = std::iter::once(first).chain(rx.try_iter()).collect();
                 let wanted: Vec<(Box<str>, Box<str>)> = lookups.iter().flat_map(|l| l.wanted.iter().cloned()).collect();
-                let found = store.db().and_then(|db| crate::store::lookup_keys(&db, &wanted)).map_err(ApiError::from);
+                let found = store
+                    .db()
+                    .and_then(|db| crate::store::key_index::lookup(&db, store.keys(), &wanted))
+                    .map_err(ApiError::from);
                 let mut answers = found.map(Vec::into_iter);
                 for l in lookups {
                     let found = match &mut answers {

@@ -13,11 +13,11 @@
 //! | `chunks` | id `u64` of its first record | up to [`CHUNK_RECORDS_MAX`](crate::limits::CHUNK_RECORDS_MAX) consecutive stored records (below) | journal, append-only |
 //! | `balances` | account number `u32` | (balance `i64`, last transfer id `u64`) | journal, swept in key order |
 //! | `accounts` | account | MessagePack [`AccountMeta`] | journal |
-//! | `keys` | (from account, key) | transfer id | journal: idempotency keys |
+//! | `keys` | (from account, key) | transfer id | journal: idempotency keys of the records before `meta.keys_from`, merged in sorted runs ([`key_index`]) |
 //! | `tags` | (tag, account) | `()` | journal: index for `list_accounts {tag}` and `bulk_add` |
 //! | `owners` | (owner, account) | `()` | journal: index for `list_accounts {owner}` |
 //! | `users` | user | MessagePack [`UserRecord`] | start-up, later the journal |
-//! | `meta` | name | bytes | `head` = last id (8 bytes BE) + its hash (32 bytes); `checkpoint` = id (8 bytes BE) |
+//! | `meta` | name | bytes | `head` = last id (8 bytes BE) + its hash (32 bytes); `checkpoint` = id (8 bytes BE); `keys_from` = id (8 bytes BE) |
 //!
 //! The hot path only appends: a batch writes its records in chunks of
 //! consecutive ids (sequential keys, so always at the end of the tree) and
@@ -66,15 +66,17 @@ use crate::ledger::{Book, SYSTEM_ACCOUNTS};
 use crate::limits::REDB_CACHE_BYTES;
 
 pub mod audit;
+pub mod key_index;
 pub mod queries;
 pub mod record;
 pub mod recovery;
 pub mod rows;
 
 pub use audit::{audit, backup, backup_txn};
+pub use key_index::KeyIndex;
 pub use queries::{
     account_meta, get_key, get_transfer, get_user, history, history_after, list_accounts, list_keys, load_keys,
-    load_users, lookup_keys, put_key, put_user, redeems, ListFilter,
+    load_users, put_key, put_user, redeems, ListFilter,
 };
 pub use record::{record_hash, ChunkWriter, Head, RecordRef, TransferRecord};
 pub use recovery::{load, replay, replay_noting, Loaded, LoadedAccount};
@@ -171,13 +173,24 @@ impl From<StoreError> for crate::error::ApiError {
 pub struct Store {
     path: std::path::PathBuf,
     current: std::sync::RwLock<Option<Arc<Database>>>,
+    /// The idempotency keys of the database's recent records.
+    keys: KeyIndex,
 }
 
 impl Store {
     /// Opens (or creates) the database at `path`.
     pub fn open(path: &Path) -> Result<Store, StoreError> {
         let db = open(path)?;
-        Ok(Store { path: path.to_owned(), current: std::sync::RwLock::new(Some(Arc::new(db))) })
+        let keys = KeyIndex::default();
+        keys.rebuild(&db)?;
+        Ok(Store { path: path.to_owned(), current: std::sync::RwLock::new(Some(Arc::new(db))), keys })
+    }
+
+    /// The keys of recent records, which are not all in the `keys` table
+    /// (see [`key_index`]).
+    #[must_use]
+    pub fn keys(&self) -> &KeyIndex {
+        &self.keys
     }
 
     /// The database, unless it is being reopened.
@@ -195,11 +208,14 @@ impl Store {
         self.current.write().ok().and_then(|mut d| d.take())
     }
 
-    /// Puts a (re)opened database in.
-    pub fn put(&self, db: Arc<Database>) {
+    /// Puts a (re)opened database in, with its recent keys read; if they
+    /// cannot be read, the database stays out.
+    pub fn put(&self, db: Arc<Database>) -> Result<(), StoreError> {
+        self.keys.rebuild(&db)?;
         if let Ok(mut d) = self.current.write() {
             *d = Some(db);
         }
+        Ok(())
     }
 }
 
@@ -241,6 +257,7 @@ pub fn open(path: &Path) -> Result<Database, StoreError> {
         if meta.get(HEAD)?.is_none() {
             meta.insert(HEAD, &Head { id: 0, hash: GENESIS }.encode()[..])?;
         }
+        key_index::mark_start(&mut meta)?;
         let mut accounts = txn.open_table(ACCOUNTS)?;
         let mut balances = txn.open_table(BALANCES)?;
         for (num, id) in (0u32..).zip(SYSTEM_ACCOUNTS) {

@@ -123,7 +123,7 @@ pub fn put_user(db: &Database, user: &UserRecord) -> Result<(), StoreError> {
     Ok(())
 }
 
-fn view_of(stored: &[u8]) -> Result<TransferView, StoreError> {
+pub(super) fn view_of(stored: &[u8]) -> Result<TransferView, StoreError> {
     Ok(TransferRecord::decode(stored)?.view(&record_hash(stored)))
 }
 
@@ -131,26 +131,6 @@ fn view_of(stored: &[u8]) -> Result<TransferView, StoreError> {
 pub fn get_transfer(db: &Database, id: u64) -> Result<Option<TransferView>, StoreError> {
     let txn = db.begin_read()?;
     with_record(&txn.open_table(CHUNKS)?, id, view_of)
-}
-
-/// Finds the transfers idempotency keys were first used for, each
-/// `(from, key)` in one read transaction; a key that cannot be read fails
-/// alone.
-pub fn lookup_keys(
-    db: &Database,
-    wanted: &[(Box<str>, Box<str>)],
-) -> Result<Vec<Result<Option<TransferView>, StoreError>>, StoreError> {
-    let txn = db.begin_read()?;
-    let keys = txn.open_table(KEYS)?;
-    let chunks = txn.open_table(CHUNKS)?;
-    let one = |from: &str, key: &str| -> Result<Option<TransferView>, StoreError> {
-        let Some(id) = keys.get((from, key))?.map(|v| v.value()) else {
-            return Ok(None);
-        };
-        let view = with_record(&chunks, id, view_of)?;
-        Ok(Some(view.ok_or_else(|| StoreError::Corrupt(format!("key points at missing transfer {id}")))?))
-    };
-    Ok(wanted.iter().map(|(from, key)| one(from, key)).collect())
 }
 
 /// Owner of an account, if it exists.

@@ -1,0 +1,388 @@
+//! The idempotency keys of recent records, held in memory and merged into
+//! the `keys` table in sorted runs.
+//!
+//! # Why
+//!
+//! The `keys` table is ordered by `(from, key)`, which has nothing to do
+//! with the order records are written in: a batch's 2,000 new keys land on
+//! about 2,000 different leaves of a tree that only grows, and redb copies
+//! and writes every leaf a transaction touches. Writing each batch's keys
+//! straight into the table made a keyed transfer ~4x dearer than an
+//! unkeyed one, nearly all of it in those page writes (docs/performance.md).
+//!
+//! Here a batch's keys go to memory ([`KeyIndex`]'s `fresh` map); the
+//! records themselves, which carry their keys, are the durable copy. Once
+//! `fresh` holds [`KEYS_FREEZE_AT`] keys (or covers
+//! [`KEYS_FREEZE_RECORDS`] records), it is frozen into a sorted run, and
+//! the following commits insert that run into the table a slice at a time,
+//! in key order, so that each leaf is written once per run rather than
+//! once per key.
+//!
+//! # Why it is safe
+//!
+//! The invariant, at every commit: every key of a record with id below
+//! `meta.keys_from` is in the `keys` table; every key of a record from
+//! there on is in memory (`fresh` or the run being merged).
+//! - `keys_from` is written only in the transaction that inserts a run's
+//!   last slice, and moves to where the run ends (`fresh_from`).
+//! - Memory changes only after the transaction that wrote the records (or
+//!   the slice) has committed ([`KeyIndex::committed`]), so a failed
+//!   commit leaves nothing behind in memory.
+//! - On open (and whenever the database is replaced), memory is rebuilt
+//!   from the records from `keys_from` on ([`KeyIndex::rebuild`]). A run
+//!   that was being merged is merged again; inserting a key that is
+//!   already there with the same id changes nothing.
+//! - A folder written before this index has no `keys_from`: every key is
+//!   in the table, and opening it writes `keys_from` at the record after
+//!   its head ([`mark_start`]), as for a new folder.
+//!
+//! A lookup ([`lookup`]) checks memory first and only then begins its read
+//! transaction. A key leaves memory only after the commit that put it in
+//! the table, so a key absent from memory at the check is in any
+//! transaction begun after it. The other order could miss a key merged in
+//! between, and a missed key would apply a retried transfer twice.
+
+use std::hash::BuildHasher;
+use std::sync::{Arc, Mutex};
+
+use hashbrown::HashTable;
+use redb::{Database, ReadableDatabase, ReadableTable};
+
+use super::record::{for_each_record, with_record};
+use super::{StoreError, TransferRecord, CHUNKS, KEYS, META};
+use crate::limits::{KEYS_FREEZE_AT, KEYS_FREEZE_RECORDS, KEYS_MERGE_MIN, KEYS_SORT_INLINE_MAX};
+
+/// `meta` row: the first record whose key may not be in the `keys` table.
+const KEYS_FROM: &str = "keys_from";
+
+type Key = (Box<str>, Box<str>);
+
+/// Keys in the order their records were written, found by hash.
+#[derive(Default)]
+struct Set {
+    /// (from, key), record id, hash.
+    entries: Vec<(Key, u64, u64)>,
+    index: HashTable<u32>,
+}
+
+impl Set {
+    fn get(&self, hash: u64, from: &str, key: &str) -> Option<u64> {
+        let i = self.index.find(hash, |&i| {
+            let ((f, k), _, _) = &self.entries[i as usize];
+            **f == *from && **k == *key
+        })?;
+        Some(self.entries[*i as usize].1)
+    }
+
+    fn insert(&mut self, hash: u64, key: Key, id: u64) {
+        let i = u32::try_from(self.entries.len()).expect("a set holds at most a few hundred thousand keys");
+        self.entries.push((key, id, hash));
+        let entries = &self.entries;
+        self.index.insert_unique(hash, i, |&j| entries[j as usize].2);
+    }
+
+    fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    /// The entries' positions in `(from, key)` order.
+    fn order(&self) -> Vec<u32> {
+        let mut order: Vec<u32> = (0..u32::try_from(self.entries.len()).unwrap_or(u32::MAX)).collect();
+        order.sort_unstable_by(|&a, &b| self.entries[a as usize].0.cmp(&self.entries[b as usize].0));
+        order
+    }
+}
+
+/// The keys of recent records, not (yet) in the `keys` table.
+pub struct KeyIndex {
+    state: Arc<Mutex<Recent>>,
+    hasher: foldhash::fast::RandomState,
+    limits: Limits,
+    /// The last thread started to sort a run, for tests to wait on.
+    #[cfg(test)]
+    sorter: Mutex<Option<std::thread::JoinHandle<()>>>,
+}
+
+/// When `fresh` is frozen, and the least a commit merges of a run.
+#[derive(Clone, Copy, Debug)]
+struct Limits {
+    freeze_at: usize,
+    freeze_records: u64,
+    merge_min: usize,
+}
+
+impl Default for KeyIndex {
+    fn default() -> Self {
+        KeyIndex::with_limits(KEYS_FREEZE_AT, KEYS_FREEZE_RECORDS as u64, KEYS_MERGE_MIN)
+    }
+}
+
+#[derive(Default)]
+struct Recent {
+    /// Keys of the records from `fresh_from` on.
+    fresh: Set,
+    fresh_from: u64,
+    /// The run being inserted into the table (the keys of the records
+    /// from `keys_from` up to `fresh_from`); `Some` even when empty, until
+    /// the commit that moves `keys_from`.
+    merging: Option<Merging>,
+}
+
+struct Merging {
+    run: Arc<Set>,
+    /// The run's positions in key order, once sorted (a large run is
+    /// sorted on a thread of its own, so that neither the journal nor a
+    /// lookup waits for it; merging starts when it is done).
+    order: Option<Arc<Vec<u32>>>,
+    /// How many of `order` are in the table.
+    merged: usize,
+}
+
+impl Recent {
+    fn get(&self, hash: u64, from: &str, key: &str) -> Option<u64> {
+        self.fresh.get(hash, from, key).or_else(|| self.merging.as_ref()?.run.get(hash, from, key))
+    }
+
+    fn len(&self) -> usize {
+        self.fresh.len() + self.merging.as_ref().map_or(0, |m| m.run.len() - m.merged)
+    }
+}
+
+/// What one write transaction does to the index: filled by
+/// [`KeyPlan::put`] for each batch the transaction writes, then handed to
+/// [`KeyIndex::committed`] once it has committed (or dropped if it did not).
+pub struct KeyPlan {
+    merge: Option<(Arc<Set>, Arc<Vec<u32>>)>,
+    merged: usize,
+    /// The transaction moves `keys_from` (the run is all in).
+    finished: bool,
+    fresh_from: u64,
+    new: Vec<(Key, u64)>,
+    merge_min: usize,
+}
+
+impl KeyPlan {
+    /// Puts into `txn` the next slice of the run being merged (twice the
+    /// batch's new keys, at least [`KEYS_MERGE_MIN`], so that a run is in
+    /// before the next one is frozen) and notes `keys` (the batch's new
+    /// keys: from, key, record id) for memory.
+    pub fn put(&mut self, txn: &redb::WriteTransaction, keys: &[(Box<str>, Box<str>, u64)]) -> Result<(), StoreError> {
+        if let Some((run, order)) = self.merge.as_ref().filter(|_| !self.finished) {
+            let end = order.len().min(self.merged + (2 * keys.len()).max(self.merge_min));
+            if end > self.merged {
+                let mut table = txn.open_table(KEYS)?;
+                for &i in &order[self.merged..end] {
+                    let ((from, key), id, _) = &run.entries[i as usize];
+                    table.insert((&**from, &**key), *id)?;
+                }
+            }
+            self.merged = end;
+            if end == order.len() {
+                txn.open_table(META)?.insert(KEYS_FROM, &self.fresh_from.to_be_bytes()[..])?;
+                self.finished = true;
+            }
+        }
+        self.new.extend(keys.iter().map(|(f, k, id)| ((f.clone(), k.clone()), *id)));
+        Ok(())
+    }
+}
+
+impl KeyIndex {
+    fn with_limits(freeze_at: usize, freeze_records: u64, merge_min: usize) -> KeyIndex {
+        KeyIndex {
+            state: Arc::default(),
+            hasher: foldhash::fast::RandomState::default(),
+            limits: Limits { freeze_at, freeze_records, merge_min },
+            #[cfg(test)]
+            sorter: Mutex::default(),
+        }
+    }
+
+    fn hash(&self, from: &str, key: &str) -> u64 {
+        self.hasher.hash_one((from, key))
+    }
+
+    /// Memory as the database holds it: the keys of the records from
+    /// `keys_from` on.
+    pub fn rebuild(&self, db: &Database) -> Result<(), StoreError> {
+        let txn = db.begin_read()?;
+        let head = super::recovery::read_head(&txn)?;
+        // No `keys_from` only in a folder not yet opened by this version,
+        // whose keys are all in the table.
+        let from = match txn.open_table(META)?.get(KEYS_FROM)? {
+            Some(v) => super::recovery::read_u64(v.value())?,
+            None => head.id + 1,
+        };
+        let mut fresh = Set::default();
+        for_each_record(&txn.open_table(CHUNKS)?, from, |id, stored| {
+            let r = TransferRecord::decode(stored)?;
+            if let Some(key) = r.key {
+                let hash = self.hash(&r.from, &key);
+                fresh.insert(hash, (r.from, key), id);
+            }
+            Ok(true)
+        })?;
+        let frozen = {
+            let mut state = self.state.lock().map_err(|_| poisoned())?;
+            *state = Recent { fresh, fresh_from: from, merging: None };
+            state.freeze_if_due(head.id, self.limits)
+        };
+        self.sort(frozen);
+        Ok(())
+    }
+
+    /// What the next write transaction starts from.
+    pub fn plan(&self) -> Result<KeyPlan, StoreError> {
+        let state = self.state.lock().map_err(|_| poisoned())?;
+        let (merge, merged) = match &state.merging {
+            Some(Merging { run, order: Some(order), merged }) => (Some((run.clone(), order.clone())), *merged),
+            _ => (None, 0),
+        };
+        Ok(KeyPlan {
+            merge,
+            merged,
+            finished: false,
+            fresh_from: state.fresh_from,
+            new: Vec::new(),
+            merge_min: self.limits.merge_min,
+        })
+    }
+
+    /// Takes in what a committed transaction did; `head` is the last
+    /// record it wrote (or the head it left unchanged).
+    pub fn committed(&self, plan: KeyPlan, head: u64) -> Result<(), StoreError> {
+        let frozen = {
+            let mut state = self.state.lock().map_err(|_| poisoned())?;
+            if plan.finished {
+                state.merging = None;
+            } else if let (Some(m), Some(_)) = (&mut state.merging, &plan.merge) {
+                m.merged = plan.merged;
+            }
+            for ((from, key), id) in plan.new {
+                let hash = self.hash(&from, &key);
+                state.fresh.insert(hash, (from, key), id);
+            }
+            state.freeze_if_due(head, self.limits)
+        };
+        self.sort(frozen);
+        Ok(())
+    }
+
+    /// Sorts a run just frozen: a small one here, a large one on a thread
+    /// of its own, which hands the order over when it is done.
+    fn sort(&self, frozen: Option<Arc<Set>>) {
+        let Some(run) = frozen else { return };
+        let frozen_len = run.len();
+        let state = self.state.clone();
+        let sorted = move || {
+            let order = Arc::new(run.order());
+            if let Ok(mut s) = state.lock() {
+                if let Some(m) = s.merging.as_mut().filter(|m| Arc::ptr_eq(&m.run, &run)) {
+                    m.order = Some(order);
+                }
+            }
+        };
+        if frozen_len <= KEYS_SORT_INLINE_MAX {
+            sorted();
+            return;
+        }
+        match std::thread::Builder::new().name("tally-keys-sort".into()).spawn(sorted) {
+            Ok(_sorter) =>
+            {
+                #[cfg(test)]
+                if let Ok(mut s) = self.sorter.lock() {
+                    *s = Some(_sorter);
+                }
+            }
+            // Memory keeps the run until a restart sorts it again.
+            Err(e) => tracing::error!(error = %e, "cannot start the thread that sorts idempotency keys"),
+        }
+    }
+
+    /// Waits for the last run sorted on a thread of its own.
+    #[cfg(test)]
+    fn sorted(&self) {
+        if let Some(t) = self.sorter.lock().unwrap().take() {
+            t.join().unwrap();
+        }
+    }
+
+    /// How many keys memory holds (fresh and not yet merged).
+    pub fn len(&self) -> usize {
+        self.state.lock().map_or(0, |s| s.len())
+    }
+
+    /// Whether memory holds no key.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+impl Recent {
+    /// Freezes `fresh` into a run once it is big enough, or covers enough
+    /// records that a restart would have too many to read, and no run is
+    /// being merged; the run, to be sorted.
+    fn freeze_if_due(&mut self, head: u64, limits: Limits) -> Option<Arc<Set>> {
+        let records = (head + 1).saturating_sub(self.fresh_from);
+        let due = self.fresh.len() >= limits.freeze_at || records >= limits.freeze_records;
+        if self.merging.is_some() || !due {
+            return None;
+        }
+        let run = Arc::new(std::mem::take(&mut self.fresh));
+        self.merging = Some(Merging { run: run.clone(), order: None, merged: 0 });
+        self.fresh_from = head + 1;
+        Some(run)
+    }
+}
+
+/// Writes `keys_from` if the folder has none: a new folder, or one
+/// written before this index, whose keys are all in the table; either way
+/// every key from the next record on is in memory.
+pub(super) fn mark_start(meta: &mut redb::Table<&str, &[u8]>) -> Result<(), StoreError> {
+    if meta.get(KEYS_FROM)?.is_none() {
+        let head = match meta.get(super::HEAD)? {
+            Some(v) => super::Head::decode(v.value())?,
+            None => return Err(StoreError::Corrupt("no head".into())),
+        };
+        meta.insert(KEYS_FROM, &(head.id + 1).to_be_bytes()[..])?;
+    }
+    Ok(())
+}
+
+/// Finds the transfers idempotency keys were first used for, each
+/// `(from, key)`: memory first, then one read transaction (see the module
+/// header for why in this order); a key whose record cannot be read fails
+/// alone.
+pub fn lookup(
+    db: &Database,
+    index: &KeyIndex,
+    wanted: &[(Box<str>, Box<str>)],
+) -> Result<Vec<Result<Option<crate::wire::TransferView>, StoreError>>, StoreError> {
+    let hashes: Vec<u64> = wanted.iter().map(|(from, key)| index.hash(from, key)).collect();
+    let recent: Vec<Option<u64>> = {
+        let state = index.state.lock().map_err(|_| poisoned())?;
+        wanted.iter().zip(hashes).map(|((from, key), hash)| state.get(hash, from, key)).collect()
+    };
+    let txn = db.begin_read()?;
+    let keys = txn.open_table(KEYS)?;
+    let chunks = txn.open_table(CHUNKS)?;
+    let one = |(from, key): &(Box<str>, Box<str>), recent: Option<u64>| {
+        let id = match recent {
+            Some(id) => id,
+            None => match keys.get((&**from, &**key))? {
+                Some(v) => v.value(),
+                None => return Ok(None),
+            },
+        };
+        let view = with_record(&chunks, id, super::queries::view_of)?;
+        Ok(Some(view.ok_or_else(|| StoreError::Corrupt(format!("key points at missing transfer {id}")))?))
+    };
+    Ok(wanted.iter().zip(recent).map(|(w, r)| one(w, r)).collect())
+}
+
+fn poisoned() -> StoreError {
+    StoreError::Corrupt("the key index's lock was poisoned by a panic".into())
+}
+
+#[cfg(test)]
+mod tests;

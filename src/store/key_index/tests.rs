@@ -1,0 +1,210 @@
+//! The key index against a real database: every key is found at every
+//! commit and after a restart at any commit, the table holds exactly the
+//! keys below `keys_from`, memory stays bounded, and nothing of a commit
+//! that failed is kept.
+
+use std::collections::BTreeMap;
+
+use redb::{Database, ReadableDatabase, ReadableTable};
+
+use super::*;
+use crate::ledger::{Kind, Links};
+use crate::store::record::ChunkWriter;
+use crate::store::{open, record_hash, Head};
+
+/// Small limits, so that a few dozen commits freeze and merge many runs.
+fn small() -> KeyIndex {
+    KeyIndex::with_limits(7, 40, 2)
+}
+
+/// Appends a batch of records after the head, one per entry of `keys`
+/// (`Some((from, key))` for a keyed one), and the index's slice, in one
+/// transaction; memory takes it in only if `commit`. Returns the batch's
+/// keys with their ids.
+fn batch(db: &Database, index: &KeyIndex, keys: &[Option<(&str, String)>], commit: bool) -> Vec<(Key, u64)> {
+    let head = super::super::recovery::read_head(&db.begin_read().unwrap()).unwrap();
+    let txn = db.begin_write().unwrap();
+    let mut plan = index.plan().unwrap();
+    let mut new = Vec::new();
+    let mut id = head.id;
+    {
+        let mut chunks = txn.open_table(CHUNKS).unwrap();
+        let mut pending = ChunkWriter::default();
+        let mut prev = head.hash;
+        for k in keys {
+            id += 1;
+            let r = TransferRecord {
+                id,
+                kind: Kind::Mint,
+                from: k.as_ref().map_or("@mint", |(f, _)| f).into(),
+                to: "@redeemed".into(),
+                amount: 1,
+                fee: 0,
+                memo: None,
+                time: 1_700_000_000_000,
+                key: k.as_ref().map(|(_, key)| key.as_str().into()),
+                prev,
+                links: Links::default(),
+                by: None,
+            };
+            let mut out = Vec::new();
+            r.encode(&mut out);
+            prev = record_hash(&out);
+            pending.push(&mut chunks, id, &out).unwrap();
+            if let Some((f, key)) = k {
+                new.push((Box::from(*f), Box::from(key.as_str()), id));
+            }
+        }
+        pending.flush(&mut chunks).unwrap();
+        let head = Head { id, hash: prev };
+        crate::store::write_head(&txn, head).unwrap();
+    }
+    plan.put(&txn, &new).unwrap();
+    if commit {
+        txn.commit().unwrap();
+        index.committed(plan, id).unwrap();
+    } else {
+        txn.abort().unwrap();
+    }
+    new.into_iter().map(|(f, k, id)| ((f, k), id)).collect()
+}
+
+fn find(db: &Database, index: &KeyIndex, from: &str, key: &str) -> Option<u64> {
+    let found = lookup(db, index, &[(from.into(), key.into())]).unwrap().pop().unwrap().unwrap();
+    found.map(|v| v.id)
+}
+
+fn table(db: &Database) -> BTreeMap<Key, u64> {
+    let txn = db.begin_read().unwrap();
+    let t = txn.open_table(KEYS).unwrap();
+    t.iter()
+        .unwrap()
+        .map(|row| {
+            let (k, v) = row.unwrap();
+            let (f, key) = k.value();
+            ((f.into(), key.into()), v.value())
+        })
+        .collect()
+}
+
+fn keys_from(db: &Database) -> Option<u64> {
+    let txn = db.begin_read().unwrap();
+    let meta = txn.open_table(META).unwrap();
+    let v = meta.get(KEYS_FROM).unwrap();
+    v.map(|v| super::super::recovery::read_u64(v.value()).unwrap())
+}
+
+/// Batches of mixed sizes, keyed and not: after every commit each key
+/// used so far is found with its record, by the live index and by one
+/// rebuilt from the disk (a restart at that commit); the table holds
+/// every key of the records below `keys_from`, and only used keys with
+/// their records; memory stays within
+/// two runs and a batch.
+#[test]
+fn every_key_is_found_at_every_commit_and_after_a_restart_at_any_commit() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = open(&dir.path().join("t.redb")).unwrap();
+    let index = small();
+    index.rebuild(&db).unwrap();
+    let mut used: Vec<(Key, u64)> = Vec::new();
+    let mut moved = 0;
+    for round in 0..60usize {
+        let keys: Vec<Option<(&str, String)>> = (0..round % 5)
+            .map(|i| (i + round) % 3 != 0)
+            .enumerate()
+            .map(|(i, keyed)| keyed.then(|| (["carol", "alice", "bob"][(round + i) % 3], format!("k{round}-{i}"))))
+            .collect();
+        used.extend(batch(&db, &index, &keys, true));
+        let restarted = small();
+        restarted.rebuild(&db).unwrap();
+        for ((from, key), id) in &used {
+            assert_eq!(find(&db, &index, from, key), Some(*id), "round {round}: {from}/{key}");
+            assert_eq!(find(&db, &restarted, from, key), Some(*id), "round {round}, restarted: {from}/{key}");
+        }
+        assert_eq!(find(&db, &index, "alice", "never"), None);
+        let below = keys_from(&db).unwrap();
+        let all: BTreeMap<Key, u64> = used.iter().cloned().collect();
+        let in_table = table(&db);
+        for (k, id) in &all {
+            if *id < below {
+                assert_eq!(in_table.get(k), Some(id), "round {round}: {k:?} is below {below}");
+            }
+        }
+        for (k, id) in &in_table {
+            assert_eq!(all.get(k), Some(id), "round {round}: {k:?} in the table");
+        }
+        assert!(index.len() <= 2 * 7 + 4, "round {round}: {} keys in memory", index.len());
+        moved = moved.max(used.iter().filter(|(_, id)| *id < below).count());
+    }
+    assert!(moved > 30, "runs were merged into the table: {moved}");
+}
+
+/// A transaction that does not commit leaves nothing in memory: its key
+/// is not found, and the next batch may use it.
+#[test]
+fn a_key_whose_commit_failed_is_not_kept() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = open(&dir.path().join("t.redb")).unwrap();
+    let index = small();
+    index.rebuild(&db).unwrap();
+    batch(&db, &index, &[Some(("alice", "first".into()))], true);
+    batch(&db, &index, &[Some(("alice", "lost".into()))], false);
+    assert_eq!(find(&db, &index, "alice", "lost"), None);
+    assert_eq!(find(&db, &index, "alice", "first"), Some(1));
+    let again = batch(&db, &index, &[Some(("alice", "lost".into()))], true);
+    assert_eq!(find(&db, &index, "alice", "lost"), Some(again[0].1));
+    assert_eq!(again[0].1, 2);
+}
+
+/// A folder written before the index (every key in the table, no
+/// `keys_from`) starts with nothing in memory and finds its keys in the
+/// table.
+#[test]
+fn a_folder_without_keys_from_has_every_key_in_the_table() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = open(&dir.path().join("t.redb")).unwrap();
+    let index = small();
+    index.rebuild(&db).unwrap();
+    batch(&db, &index, &[Some(("alice", "old".into())), None], true);
+    // As the old journal wrote it: the key in the table, no `keys_from`.
+    let txn = db.begin_write().unwrap();
+    txn.open_table(KEYS).unwrap().insert(("alice", "old"), 1).unwrap();
+    txn.open_table(META).unwrap().remove(KEYS_FROM).unwrap();
+    txn.commit().unwrap();
+    let restarted = small();
+    restarted.rebuild(&db).unwrap();
+    assert!(restarted.is_empty());
+    assert_eq!(find(&db, &restarted, "alice", "old"), Some(1));
+}
+
+/// A run too large to sort inline is sorted on a thread of its own:
+/// until then nothing is merged and every key is found in memory; then
+/// the commits merge it, `keys_from` moves past it and memory empties.
+#[test]
+fn a_large_run_is_sorted_off_the_journal_then_merged() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = open(&dir.path().join("t.redb")).unwrap();
+    let n = KEYS_SORT_INLINE_MAX + 1;
+    let index = KeyIndex::with_limits(n, u64::MAX, 1000);
+    index.rebuild(&db).unwrap();
+    let keys: Vec<Option<(&str, String)>> =
+        (0..n).map(|i| Some((["bob", "alice"][i % 2], format!("k{}", n - i)))).collect();
+    let used = batch(&db, &index, &keys, true);
+    index.sorted();
+    assert_eq!(keys_from(&db), Some(1));
+    assert_eq!(index.len(), n);
+    let mut commits = 0;
+    while keys_from(&db) == Some(1) {
+        batch(&db, &index, &[], true);
+        commits += 1;
+        assert!(commits <= n.div_ceil(1000), "{commits} commits and the run is not in");
+    }
+    assert_eq!(keys_from(&db), Some(n as u64 + 1));
+    assert!(index.is_empty());
+    let in_table = table(&db);
+    assert_eq!(in_table.len(), n);
+    for ((from, key), id) in &used {
+        assert_eq!(in_table.get(&(from.clone(), key.clone())), Some(id));
+        assert_eq!(find(&db, &index, from, key), Some(*id));
+    }
+}
