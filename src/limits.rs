@@ -188,6 +188,9 @@ pub const KEYS_MERGE_MIN: usize = 4096;
 /// Key runs frozen at most this large are sorted on the journal's thread;
 /// larger ones (tens of milliseconds) on a thread of their own.
 pub const KEYS_SORT_INLINE_MAX: usize = 4096;
+/// The least capacity of the filter of the `keys` table's keys (12 bits,
+/// 1.5 bytes, each).
+pub const KEYS_FILTER_MIN: usize = 1 << 20;
 /// The fewest account numbers a commit that wrote records sweeps.
 pub const SWEEP_CHUNK_MIN: usize = 256;
 /// The fewest account numbers a commit without records (the idle journal

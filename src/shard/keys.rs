@@ -2,7 +2,10 @@
 //! (its duplicates wait for its outcome), a key settled (duplicates get the
 //! original record), and, for keys settled long ago, the disk.
 //!
-//! The disk is read off the shard's path: a key the shard does not know is
+//! Most new keys need no lookup at all: the store's key index
+//! ([`KeyIndex::is_new`](crate::store::KeyIndex::is_new): its recent keys
+//! and a filter of the table's) says they were certainly never used.
+//! Otherwise the disk is read off the shard's path: a key the shard does not know is
 //! looked up by the [`KeyReader`] thread while its request (and any other
 //! request with the same key) waits here; the answer comes back as a
 //! message. No request with that key can reach the journal meanwhile (they
@@ -85,8 +88,10 @@ impl Keys {
         Keys { map: HashMap::default(), done: VecDeque::new(), cached_max }
     }
 
-    /// Looks the key of `req` up in memory. `looked_up`: the disk was
-    /// asked since (and had nothing), so a key still unknown is new.
+    /// Looks the key of `req` up in memory. `looked_up`: the key is known
+    /// not to be on disk (the disk was asked since and had nothing, or the
+    /// store's key index says it was never used), so a key still unknown
+    /// here is new.
     ///
     /// An item of an atomic batch does not wait behind an item of another
     /// atomic batch: each batch would wait for the other before reaching
@@ -207,6 +212,7 @@ pub struct Lookup {
 #[derive(Clone)]
 pub struct KeyReader {
     tx: crossbeam_channel::Sender<Lookup>,
+    store: std::sync::Arc<crate::store::Store>,
 }
 
 impl KeyReader {
@@ -217,6 +223,7 @@ impl KeyReader {
     /// If the thread cannot be started.
     pub fn start(store: std::sync::Arc<crate::store::Store>) -> std::io::Result<KeyReader> {
         let (tx, rx) = crossbeam_channel::unbounded::<Lookup>();
+        let reader = KeyReader { tx, store: store.clone() };
         std::thread::Builder::new().name("tally-keys".into()).spawn(move || {
             while let Ok(first) = rx.recv() {
                 // Everything queued meanwhile is read in the same transaction.
@@ -238,7 +245,15 @@ impl KeyReader {
                 }
             }
         })?;
-        Ok(KeyReader { tx })
+        Ok(reader)
+    }
+
+    /// Whether the key was certainly never used, known without the disk
+    /// (the store's [`KeyIndex`](crate::store::KeyIndex)): most new keys
+    /// need no lookup.
+    #[must_use]
+    pub fn is_new(&self, from: &str, key: &str) -> bool {
+        self.store.keys().is_new(from, key)
     }
 
     /// Queues a lookup; gives it back if the reader has stopped.

@@ -380,7 +380,8 @@ impl ShardState {
     fn debit(&mut self, req: DebitReq, looked_up: bool) {
         // Only a keyed request needs its fingerprint (two string copies).
         let (req, fingerprint) = match &req.key {
-            Some(_) => {
+            Some(key) => {
+                let looked_up = looked_up || self.key_reader.is_new(&req.from, key);
                 // The account is checked before its key (one more lookup,
                 // for keyed requests only; the reservation below looks again).
                 if let Err(e) = self.slot(&req.from, &req.principal, Use::Debit) {

@@ -43,14 +43,17 @@
 //! between, and a missed key would apply a retried transfer twice.
 
 use std::hash::BuildHasher;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, Weak};
 
 use hashbrown::HashTable;
-use redb::{Database, ReadableDatabase, ReadableTable};
+use redb::{Database, ReadableDatabase, ReadableTable, ReadableTableMetadata};
 
 use super::record::{for_each_record, with_record};
 use super::{StoreError, TransferRecord, CHUNKS, KEYS, META};
-use crate::limits::{KEYS_FREEZE_AT, KEYS_FREEZE_RECORDS, KEYS_MERGE_MIN, KEYS_SORT_INLINE_MAX};
+use crate::limits::{KEYS_FILTER_MIN, KEYS_FREEZE_AT, KEYS_FREEZE_RECORDS, KEYS_MERGE_MIN, KEYS_SORT_INLINE_MAX};
+
+mod filter;
+use filter::Filter;
 
 /// `meta` row: the first record whose key may not be in the `keys` table.
 const KEYS_FROM: &str = "keys_from";
@@ -98,9 +101,10 @@ pub struct KeyIndex {
     state: Arc<Mutex<Recent>>,
     hasher: foldhash::fast::RandomState,
     limits: Limits,
-    /// The last thread started to sort a run, for tests to wait on.
+    /// The threads started to sort runs and build filters, for tests to
+    /// wait on.
     #[cfg(test)]
-    sorter: Mutex<Option<std::thread::JoinHandle<()>>>,
+    threads: Mutex<Vec<std::thread::JoinHandle<()>>>,
 }
 
 /// When `fresh` is frozen, and the least a commit merges of a run.
@@ -109,11 +113,12 @@ struct Limits {
     freeze_at: usize,
     freeze_records: u64,
     merge_min: usize,
+    filter_min: usize,
 }
 
 impl Default for KeyIndex {
     fn default() -> Self {
-        KeyIndex::with_limits(KEYS_FREEZE_AT, KEYS_FREEZE_RECORDS as u64, KEYS_MERGE_MIN)
+        KeyIndex::with_limits(KEYS_FREEZE_AT, KEYS_FREEZE_RECORDS as u64, KEYS_MERGE_MIN, KEYS_FILTER_MIN)
     }
 }
 
@@ -126,6 +131,18 @@ struct Recent {
     /// from `keys_from` up to `fresh_from`); `Some` even when empty, until
     /// the commit that moves `keys_from`.
     merging: Option<Merging>,
+    /// A filter of every key in the table that is not in memory, once
+    /// built: a key in neither is certainly new ([`KeyIndex::is_new`]).
+    filter: Option<Arc<Filter>>,
+    /// A filter being built from the table (to replace `filter` when that
+    /// one is full), with the generation it is for.
+    building: Option<(u64, Arc<Filter>)>,
+    /// Bumped whenever memory is rebuilt (the database may be another), so
+    /// that a filter built from the old one is not taken.
+    generation: u64,
+    /// The database memory was rebuilt from, for building filters (weak:
+    /// the store must be able to close it).
+    db: Weak<Database>,
 }
 
 struct Merging {
@@ -145,6 +162,11 @@ impl Recent {
 
     fn len(&self) -> usize {
         self.fresh.len() + self.merging.as_ref().map_or(0, |m| m.run.len() - m.merged)
+    }
+
+    /// The filters a run frozen now must go into.
+    fn filters(&self) -> Vec<Arc<Filter>> {
+        self.filter.iter().cloned().chain(self.building.iter().map(|(_, f)| f.clone())).collect()
     }
 }
 
@@ -188,13 +210,13 @@ impl KeyPlan {
 }
 
 impl KeyIndex {
-    fn with_limits(freeze_at: usize, freeze_records: u64, merge_min: usize) -> KeyIndex {
+    fn with_limits(freeze_at: usize, freeze_records: u64, merge_min: usize, filter_min: usize) -> KeyIndex {
         KeyIndex {
             state: Arc::default(),
             hasher: foldhash::fast::RandomState::default(),
-            limits: Limits { freeze_at, freeze_records, merge_min },
+            limits: Limits { freeze_at, freeze_records, merge_min, filter_min },
             #[cfg(test)]
-            sorter: Mutex::default(),
+            threads: Mutex::default(),
         }
     }
 
@@ -204,7 +226,7 @@ impl KeyIndex {
 
     /// Memory as the database holds it: the keys of the records from
     /// `keys_from` on.
-    pub fn rebuild(&self, db: &Database) -> Result<(), StoreError> {
+    pub fn rebuild(&self, db: &Arc<Database>) -> Result<(), StoreError> {
         let txn = db.begin_read()?;
         let head = super::recovery::read_head(&txn)?;
         // No `keys_from` only in a folder not yet opened by this version,
@@ -224,11 +246,80 @@ impl KeyIndex {
         })?;
         let frozen = {
             let mut state = self.state.lock().map_err(|_| poisoned())?;
-            *state = Recent { fresh, fresh_from: from, merging: None };
+            let generation = state.generation + 1;
+            *state = Recent {
+                fresh,
+                fresh_from: from,
+                merging: None,
+                filter: None,
+                building: None,
+                generation,
+                db: Arc::downgrade(db),
+            };
             state.freeze_if_due(head.id, self.limits)
         };
         self.sort(frozen);
+        self.start_filter();
         Ok(())
+    }
+
+    /// Starts building a filter of the table's keys, sized for twice what
+    /// it holds, unless one is being built. It is registered before the
+    /// table is read, so that every run frozen from then on goes into it
+    /// too (and the run being merged now is put in here): once the read
+    /// ends, it holds every key of the table not in memory.
+    fn start_filter(&self) {
+        let Ok(mut state) = self.state.lock() else { return };
+        let Some(db) = state.db.upgrade() else { return };
+        if state.building.is_some() {
+            return;
+        }
+        let len = (|| -> Result<u64, StoreError> { Ok(db.begin_read()?.open_table(KEYS)?.len()?) })().unwrap_or(0);
+        let capacity =
+            usize::try_from(len).unwrap_or(usize::MAX).saturating_add(self.limits.freeze_at).saturating_mul(2);
+        let filter = Arc::new(Filter::new(capacity.max(self.limits.filter_min)));
+        if let Some(m) = &state.merging {
+            for (_, _, hash) in &m.run.entries {
+                filter.insert(*hash);
+            }
+        }
+        let generation = state.generation;
+        state.building = Some((generation, filter.clone()));
+        drop(state);
+        let (shared, hasher) = (self.state.clone(), self.hasher.clone());
+        self.spawn("tally-keys-filter", move || {
+            let filled = (|| -> Result<(), StoreError> {
+                let txn = db.begin_read()?;
+                drop(db);
+                for row in txn.open_table(KEYS)?.iter()? {
+                    let (k, _) = row?;
+                    let (from, key) = k.value();
+                    filter.insert(hasher.hash_one((from, key)));
+                }
+                Ok(())
+            })();
+            let Ok(mut state) = shared.lock() else { return };
+            if !matches!(&state.building, Some((g, f)) if *g == generation && Arc::ptr_eq(f, &filter)) {
+                return;
+            }
+            state.building = None;
+            match filled {
+                Ok(()) => state.filter = Some(filter),
+                // Lookups go to the table meanwhile; the next full filter
+                // or restart tries again.
+                Err(e) => tracing::warn!(error = %e, "cannot build the filter of idempotency keys"),
+            }
+        });
+    }
+
+    /// Whether `(from, key)` was certainly never used: it is not in
+    /// memory, and the filter of the table says it is not there.
+    /// `false` means "look it up" (a filter's false positive, or no filter
+    /// yet).
+    pub fn is_new(&self, from: &str, key: &str) -> bool {
+        let hash = self.hash(from, key);
+        let Ok(state) = self.state.lock() else { return false };
+        state.get(hash, from, key).is_none() && state.filter.as_ref().is_some_and(|f| !f.may_contain(hash))
     }
 
     /// What the next write transaction starts from.
@@ -264,7 +355,11 @@ impl KeyIndex {
             }
             state.freeze_if_due(head, self.limits)
         };
+        let full = frozen.is_some() && self.state.lock().is_ok_and(|s| s.filter.as_ref().is_some_and(|f| f.is_full()));
         self.sort(frozen);
+        if full {
+            self.start_filter();
+        }
         Ok(())
     }
 
@@ -274,36 +369,50 @@ impl KeyIndex {
         let Some(run) = frozen else { return };
         let frozen_len = run.len();
         let state = self.state.clone();
+        // The run's keys go into the filters before its merge can start
+        // (the order is what lets it start), so a key is in the filters
+        // before it can leave memory. A filter registered later takes the
+        // run in itself (`start_filter`).
         let sorted = move || {
             let order = Arc::new(run.order());
+            let filters = state.lock().map(|s| s.filters()).unwrap_or_default();
+            for f in &filters {
+                for (_, _, hash) in &run.entries {
+                    f.insert(*hash);
+                }
+            }
             if let Ok(mut s) = state.lock() {
                 if let Some(m) = s.merging.as_mut().filter(|m| Arc::ptr_eq(&m.run, &run)) {
                     m.order = Some(order);
                 }
             }
         };
+        // Memory keeps a run that cannot be sorted until a restart sorts it.
         if frozen_len <= KEYS_SORT_INLINE_MAX {
             sorted();
-            return;
-        }
-        match std::thread::Builder::new().name("tally-keys-sort".into()).spawn(sorted) {
-            Ok(_sorter) =>
-            {
-                #[cfg(test)]
-                if let Ok(mut s) = self.sorter.lock() {
-                    *s = Some(_sorter);
-                }
-            }
-            // Memory keeps the run until a restart sorts it again.
-            Err(e) => tracing::error!(error = %e, "cannot start the thread that sorts idempotency keys"),
+        } else {
+            self.spawn("tally-keys-sort", sorted);
         }
     }
 
-    /// Waits for the last run sorted on a thread of its own.
+    /// Waits for the threads started so far (sorting runs, building
+    /// filters).
     #[cfg(test)]
-    fn sorted(&self) {
-        if let Some(t) = self.sorter.lock().unwrap().take() {
+    fn settled(&self) {
+        let threads = std::mem::take(&mut *self.threads.lock().unwrap());
+        for t in threads {
             t.join().unwrap();
+        }
+    }
+
+    /// Runs `f` on a thread of its own.
+    fn spawn(&self, name: &str, f: impl FnOnce() + Send + 'static) {
+        match std::thread::Builder::new().name(name.into()).spawn(f) {
+            Ok(_thread) => {
+                #[cfg(test)]
+                self.threads.lock().unwrap().push(_thread);
+            }
+            Err(e) => tracing::error!(error = %e, thread = name, "cannot start a thread of the key index"),
         }
     }
 
@@ -359,16 +468,27 @@ pub fn lookup(
     wanted: &[(Box<str>, Box<str>)],
 ) -> Result<Vec<Result<Option<crate::wire::TransferView>, StoreError>>, StoreError> {
     let hashes: Vec<u64> = wanted.iter().map(|(from, key)| index.hash(from, key)).collect();
-    let recent: Vec<Option<u64>> = {
+    // In memory: its id; certainly not in the table: `Some(None)`.
+    let recent: Vec<Option<Option<u64>>> = {
         let state = index.state.lock().map_err(|_| poisoned())?;
-        wanted.iter().zip(hashes).map(|((from, key), hash)| state.get(hash, from, key)).collect()
+        let absent = |hash| state.filter.as_ref().is_some_and(|f| !f.may_contain(hash));
+        wanted
+            .iter()
+            .zip(hashes)
+            .map(|((from, key), hash)| match state.get(hash, from, key) {
+                Some(id) => Some(Some(id)),
+                None if absent(hash) => Some(None),
+                None => None,
+            })
+            .collect()
     };
     let txn = db.begin_read()?;
     let keys = txn.open_table(KEYS)?;
     let chunks = txn.open_table(CHUNKS)?;
-    let one = |(from, key): &(Box<str>, Box<str>), recent: Option<u64>| {
+    let one = |(from, key): &(Box<str>, Box<str>), recent: Option<Option<u64>>| {
         let id = match recent {
-            Some(id) => id,
+            Some(Some(id)) => id,
+            Some(None) => return Ok(None),
             None => match keys.get((&**from, &**key))? {
                 Some(v) => v.value(),
                 None => return Ok(None),

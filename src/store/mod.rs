@@ -180,10 +180,10 @@ pub struct Store {
 impl Store {
     /// Opens (or creates) the database at `path`.
     pub fn open(path: &Path) -> Result<Store, StoreError> {
-        let db = open(path)?;
+        let db = Arc::new(open(path)?);
         let keys = KeyIndex::default();
         keys.rebuild(&db)?;
-        Ok(Store { path: path.to_owned(), current: std::sync::RwLock::new(Some(Arc::new(db))), keys })
+        Ok(Store { path: path.to_owned(), current: std::sync::RwLock::new(Some(db)), keys })
     }
 
     /// The keys of recent records, which are not all in the `keys` table
