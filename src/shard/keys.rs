@@ -1,6 +1,6 @@
 //! Idempotency keys as the owning shard knows them: a key in the journal
-//! (its duplicates wait for its outcome), a key settled (duplicates get the
-//! original record), and, for keys settled long ago, the disk.
+//! (its duplicates wait for its outcome), a key looked up (duplicates get
+//! the original record), and, for keys settled, the store.
 //!
 //! Most new keys need no lookup at all: the store's key index
 //! ([`KeyIndex::is_new`](crate::store::KeyIndex::is_new): its recent keys
@@ -16,7 +16,7 @@
 //! the server's CPU per keyed transfer (thread wake-ups, and many threads
 //! contending for redb's page cache on 2 cores).
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
 use std::sync::Arc;
 
 use super::{DebitReq, Then};
@@ -63,6 +63,17 @@ impl Fingerprint {
     }
 }
 
+/// `(from, key)` borrowed, to look the map up without building its key
+/// (hashed as the owned pair is).
+#[derive(Hash)]
+struct KeyRef<'a>(&'a str, &'a str);
+
+impl hashbrown::Equivalent<(Box<str>, Box<str>)> for KeyRef<'_> {
+    fn equivalent(&self, k: &(Box<str>, Box<str>)) -> bool {
+        *k.0 == *self.0 && *k.1 == *self.1
+    }
+}
+
 /// What [`Keys::check`] found.
 pub enum Check {
     /// A new key: go ahead.
@@ -73,10 +84,11 @@ pub enum Check {
     Unknown(DebitReq),
 }
 
-/// One shard's keys: those in flight, and the last `cached_max` settled
-/// (older ones are read from disk when they come back).
+/// One shard's keys: those in flight, and the last `cached_max` found by a
+/// lookup. A key settled here is forgotten: when it comes back, the
+/// store's key index (memory, or the table) has it.
 pub struct Keys {
-    map: HashMap<(Box<str>, Box<str>), KeyState, foldhash::fast::RandomState>,
+    map: hashbrown::HashMap<(Box<str>, Box<str>), KeyState, foldhash::fast::RandomState>,
     /// Settled keys in the order they settled, to bound `map`.
     done: VecDeque<(Box<str>, Box<str>)>,
     cached_max: usize,
@@ -85,7 +97,7 @@ pub struct Keys {
 impl Keys {
     #[must_use]
     pub fn new(cached_max: usize) -> Keys {
-        Keys { map: HashMap::default(), done: VecDeque::new(), cached_max }
+        Keys { map: hashbrown::HashMap::default(), done: VecDeque::new(), cached_max }
     }
 
     /// Looks the key of `req` up in memory. `looked_up`: the key is known
@@ -101,7 +113,7 @@ impl Keys {
         let conflict =
             || ApiError::new(ErrorCode::KeyConflict, format!("key {key:?} was used with different arguments"));
         let in_batch = matches!(req.then, Then::Collect(..));
-        match self.map.get_mut(&(req.from.clone(), Box::<str>::from(key))) {
+        match self.map.get_mut(&KeyRef(&req.from, key)) {
             Some(KeyState::Pending { fingerprint: f, waiters, in_batch: other_in_batch }) => {
                 if f != fingerprint {
                     req.reply.err(conflict());
@@ -148,7 +160,7 @@ impl Keys {
     /// The disk's answer for a key looked up: what it holds (remembered
     /// as settled), and the requests that waited, to go through again.
     pub fn found(&mut self, from: Box<str>, key: Box<str>, found: Option<TransferView>) -> Vec<DebitReq> {
-        let Some(KeyState::Looking(waiting)) = self.map.remove(&(from.clone(), key.clone())) else {
+        let Some(KeyState::Looking(waiting)) = self.map.remove(&KeyRef(&from, &key)) else {
             return Vec::new();
         };
         if let Some(view) = found {
@@ -164,21 +176,24 @@ impl Keys {
 
     /// The key's transfer never reached the journal: the key is free again.
     pub fn forget(&mut self, from: &str, key: &str) {
-        self.map.remove(&(Box::<str>::from(from), Box::<str>::from(key)));
+        self.map.remove(&KeyRef(from, key));
     }
 
     /// The key's transfer was committed (or refused): its duplicates get
     /// the same answer.
-    pub fn settled(&mut self, from: Box<str>, key: Box<str>, result: Result<Arc<TransferView>, ApiError>) {
-        let Some(KeyState::Pending { fingerprint, waiters, .. }) = self.map.remove(&(from.clone(), key.clone())) else {
+    pub fn settled(&mut self, from: &str, key: &str, result: Result<Arc<TransferView>, ApiError>) {
+        let Some(KeyState::Pending { waiters, .. }) = self.map.remove(&KeyRef(from, key)) else {
             return;
         };
         match result {
+            // Not remembered here: a later repeat finds the key in the
+            // store's key index, which has it from the commit on (a
+            // remembered copy cost every keyed transfer two string copies
+            // and an eviction, for the rare repeat).
             Ok(view) => {
                 for (w, shape) in waiters {
                     w.ok(shape.reply(view.clone()));
                 }
-                self.remember(from, key, fingerprint, view);
             }
             // A refused transfer used nothing up: the key is free again.
             Err(e) => {

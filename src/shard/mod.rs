@@ -523,7 +523,7 @@ impl ShardState {
                     s.last = s.last.max(id);
                 }
             }
-            Effect::KeyDone { from, key, result } => self.keys.settled(from, key, result),
+            Effect::KeyDone { from, key, result } => self.keys.settled(&from, &key, result),
             Effect::Deleted(account) => {
                 if let Some(s) = self.accounts.get_mut(&account) {
                     s.acct.status = Status::Deleted;
