@@ -15,7 +15,8 @@
 //! - [`auth`]: passwords, tokens, login throttling.
 //! - [`reply`]: where a request's answer goes; [`contract`]: what shards
 //!   send the journal and what it answers.
-//! - [`cluster`]: replication with openraft (being built): the Raft log.
+//! - [`cluster`]: replication with openraft: the Raft log, the members'
+//!   network, the ledger as the replicated state machine.
 //! - [`journal`]: the one redb writer: a pure state machine applying each
 //!   batch, then one commit.
 //! - [`shard`]: the owner actors (single writers), the router, the fan-out.
