@@ -60,7 +60,7 @@ use crate::journal::commit::{self, Sweep};
 use crate::journal::machine::Writes;
 use crate::ledger::{Book, BookAccount, Limits};
 use crate::store::key_index::KeyPlan;
-use crate::store::{self, record_hash, Head, Store, StoreError, TransferRecord};
+use crate::store::{self, record_hash, Head, RecordRef, Store, StoreError};
 
 type Error = StorageError<u64>;
 
@@ -419,12 +419,13 @@ impl Inner {
             }
         }
         let mut prev = self.head;
-        for (id, stored) in d.writes.each_record() {
-            let r = TransferRecord::decode(stored)?;
-            if r.id != id || id != prev.id + 1 || r.prev != prev.hash {
+        for (i, (id, stored)) in d.writes.each_record().enumerate() {
+            let r = RecordRef::decode(stored)?;
+            if r.id != id || id != prev.id + 1 || *r.prev != prev.hash {
                 return Err(corrupt(format!("record {id} does not chain")));
             }
-            store::replay_noting(&mut self.book, &r, |num, before| undo.entries.push((num, before)))?;
+            let nums = d.writes.nums_of(i);
+            store::replay_noting(&mut self.book, &r, nums, |num, before| undo.entries.push((num, before)))?;
             prev = Head { id, hash: record_hash(stored) };
         }
         if prev != d.head {

@@ -55,6 +55,13 @@ pub struct Writes {
     pub records: Vec<u8>,
     pub ends: Vec<usize>,
     pub first_id: u64,
+    /// Each record's parties' account numbers where the deciding book had
+    /// them, `from` then `to` (`u32::MAX`: not known): a cluster member
+    /// replaying the batch checks the number against the id there and
+    /// looks the id up only if they differ (the lookups were ~7% of a
+    /// cluster's CPU). Empty in entries written before it existed.
+    #[serde(default)]
+    pub nums: Vec<u32>,
     /// Idempotency keys: (from, key) -> record id.
     pub keys: Vec<(Box<str>, Box<str>, u64)>,
     pub accounts: BTreeMap<String, AccountMeta>,
@@ -78,10 +85,12 @@ impl Writes {
         let mut records = std::mem::take(&mut self.records);
         let mut ends = std::mem::take(&mut self.ends);
         let mut keys = std::mem::take(&mut self.keys);
+        let mut nums = std::mem::take(&mut self.nums);
         records.clear();
         ends.clear();
         keys.clear();
-        *self = Writes { records, ends, keys, ..Writes::default() };
+        nums.clear();
+        *self = Writes { records, ends, keys, nums, ..Writes::default() };
     }
 
     /// Applies these writes' tag changes for `tag` to `members`.
@@ -106,6 +115,14 @@ impl Writes {
             let end = self.ends[(i + per).min(self.ends.len()) - 1];
             (self.first_id + i as u64, &self.records[start..end])
         })
+    }
+
+    /// The account numbers the deciding book gave record `i`'s parties
+    /// (see `nums`).
+    #[must_use]
+    pub fn nums_of(&self, i: usize) -> Option<(u32, u32)> {
+        let n = self.nums.get(2 * i..2 * i + 2)?;
+        Some((n[0], n[1]))
     }
 
     /// The stored bytes of each record, with its id.
@@ -312,6 +329,8 @@ impl Machine {
         let len = u32::try_from(b.w.records.len() - at - 4).expect("a record is a few hundred bytes");
         b.w.records[at..at + 4].copy_from_slice(&len.to_be_bytes());
         b.w.ends.push(b.w.records.len());
+        let (f, t) = applied.nums.unwrap_or((u32::MAX, u32::MAX));
+        b.w.nums.extend([f, t]);
         let hash = store::record_hash(&b.w.records[at + 4..]);
         if let Some(key) = fields.key {
             b.w.keys.push((fields.from.into(), key.into(), id));
@@ -767,6 +786,7 @@ impl Savepoint {
         m.head = self.head;
         b.w.records.truncate(self.records);
         b.w.ends.truncate(self.ends);
+        b.w.nums.truncate(2 * self.ends);
         b.w.keys.truncate(self.keys);
     }
 }

@@ -162,7 +162,8 @@ impl Book {
     /// The number of account `id`, trying `hint` first: an owner that knows
     /// the number saves the hash lookup, and a wrong hint costs nothing but
     /// the lookup it would have saved.
-    fn num_hinted(&self, id: &str, hint: Option<u32>) -> Option<u32> {
+    #[must_use]
+    pub fn num_hinted(&self, id: &str, hint: Option<u32>) -> Option<u32> {
         match hint {
             Some(n) if self.entries.get(n as usize).is_some_and(|e| e.id.as_str() == id) => Some(n),
             _ => self.num(id),

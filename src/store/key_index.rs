@@ -49,7 +49,7 @@ use hashbrown::HashTable;
 use redb::{Database, ReadableDatabase, ReadableTable, ReadableTableMetadata};
 
 use super::record::{for_each_record, with_record};
-use super::{StoreError, TransferRecord, CHUNKS, KEYS, META};
+use super::{RecordRef, StoreError, CHUNKS, KEYS, META};
 use crate::limits::{KEYS_FILTER_MIN, KEYS_FREEZE_AT, KEYS_FREEZE_RECORDS, KEYS_MERGE_MIN, KEYS_SORT_INLINE_MAX};
 
 mod filter;
@@ -237,10 +237,10 @@ impl KeyIndex {
         };
         let mut fresh = Set::default();
         for_each_record(&txn.open_table(CHUNKS)?, from, |id, stored| {
-            let r = TransferRecord::decode(stored)?;
+            let r = RecordRef::decode(stored)?;
             if let Some(key) = r.key {
-                let hash = self.hash(&r.from, &key);
-                fresh.insert(hash, (r.from, key), id);
+                let hash = self.hash(r.from, key);
+                fresh.insert(hash, (r.from.into(), key.into()), id);
             }
             Ok(true)
         })?;

@@ -193,7 +193,7 @@ fn tail_deltas(txn: &redb::ReadTransaction) -> Result<std::collections::HashMap<
     let chunks = txn.open_table(CHUNKS)?;
     let mut tail: std::collections::HashMap<String, Vec<(u64, i64)>> = std::collections::HashMap::new();
     for_each_record(&chunks, checkpoint + 1, |_, stored| {
-        let r = TransferRecord::decode(stored)?;
+        let r = RecordRef::decode(stored)?;
         for (account, delta) in legs(&r)? {
             if delta != 0 {
                 tail.entry(account.to_owned()).or_default().push((r.id, delta));

@@ -77,6 +77,12 @@ impl RecordRef<'_> {
 impl TransferRecord {
     /// Appends the stored form to `out`.
     pub fn encode(&self, out: &mut Vec<u8>) {
+        self.as_ref().encode(out);
+    }
+
+    /// The record's fields, borrowed.
+    #[must_use]
+    pub fn as_ref(&self) -> RecordRef<'_> {
         RecordRef {
             id: self.id,
             kind: self.kind,
@@ -91,16 +97,21 @@ impl TransferRecord {
             links: self.links,
             by: self.by.as_deref(),
         }
-        .encode(out);
+    }
+
+    /// Parses the stored form.
+    pub fn decode(bytes: &[u8]) -> Result<TransferRecord, StoreError> {
+        RecordRef::decode(bytes).map(|r| r.owned())
     }
 }
 
-impl TransferRecord {
-    /// Parses the stored form.
-    pub fn decode(bytes: &[u8]) -> Result<TransferRecord, StoreError> {
+impl<'a> RecordRef<'a> {
+    /// Parses the stored form, borrowing its text from `bytes` (replays and
+    /// audits read every field but keep none).
+    pub fn decode(bytes: &'a [u8]) -> Result<RecordRef<'a>, StoreError> {
         let corrupt = || StoreError::Corrupt("transfer record".into());
         let mut pos = 0usize;
-        let mut take = |n: usize| -> Result<&[u8], StoreError> {
+        let mut take = |n: usize| -> Result<&'a [u8], StoreError> {
             let s = bytes.get(pos..pos + n).ok_or_else(corrupt)?;
             pos += n;
             Ok(s)
@@ -116,10 +127,9 @@ impl TransferRecord {
         let amount = u64_at(take(8)?) as i64;
         let fee = u64_at(take(8)?) as i64;
         let time = u64_at(take(8)?);
-        let prev: [u8; 32] = take(32)?.try_into().map_err(|_| corrupt())?;
+        let prev: &'a [u8; 32] = take(32)?.try_into().map_err(|_| corrupt())?;
         let links = Links { from: u64_at(take(8)?), to: u64_at(take(8)?), fee: u64_at(take(8)?) };
-        let text =
-            |s: &[u8]| -> Result<Box<str>, StoreError> { Ok(std::str::from_utf8(s).map_err(|_| corrupt())?.into()) };
+        let text = |s: &'a [u8]| -> Result<&'a str, StoreError> { std::str::from_utf8(s).map_err(|_| corrupt()) };
         let n = usize::from(take(1)?[0]);
         let from = text(take(n)?)?;
         let n = usize::from(take(1)?[0]);
@@ -138,9 +148,30 @@ impl TransferRecord {
         if pos != bytes.len() {
             return Err(corrupt());
         }
-        Ok(TransferRecord { id, kind, from, to, amount, fee, memo, time, key, prev, links, by })
+        Ok(RecordRef { id, kind, from, to, amount, fee, memo, time, key, prev, links, by })
     }
 
+    /// The record with its text copied out.
+    #[must_use]
+    pub fn owned(&self) -> TransferRecord {
+        TransferRecord {
+            id: self.id,
+            kind: self.kind,
+            from: self.from.into(),
+            to: self.to.into(),
+            amount: self.amount,
+            fee: self.fee,
+            memo: self.memo.map(Into::into),
+            time: self.time,
+            key: self.key.map(Into::into),
+            prev: *self.prev,
+            links: self.links,
+            by: self.by.map(Into::into),
+        }
+    }
+}
+
+impl TransferRecord {
     /// The previous record of `account` in its history list, if `account`
     /// is a party of this record.
     #[must_use]

@@ -45,24 +45,26 @@ pub(super) fn read_checkpoint(txn: &redb::ReadTransaction) -> Result<u64, StoreE
 /// hold and a void move nothing (what is held comes from the holds table,
 /// written in the same transactions), every other record moves `amount`
 /// out of `from`, `amount - fee` into `to` and `fee` into `@treasury`.
-pub(super) fn legs(r: &TransferRecord) -> Result<[(&str, i64); 3], StoreError> {
+pub(super) fn legs<'a>(r: &RecordRef<'a>) -> Result<[(&'a str, i64); 3], StoreError> {
     let moved = if matches!(r.kind, Kind::Hold | Kind::Void) { 0 } else { r.amount };
     let out = moved.checked_neg().ok_or_else(|| StoreError::Corrupt(format!("transfer {}: amount", r.id)))?;
     let fee = if moved == 0 { 0 } else { r.fee };
-    Ok([(&r.from, out), (&r.to, moved - fee), (TREASURY, fee)])
+    Ok([(r.from, out), (r.to, moved - fee), (TREASURY, fee)])
 }
 
 /// Applies one replayed record to the book. Each leg is applied only if the
 /// account's balance row does not include it yet (its `last` is older).
-pub fn replay(book: &mut Book, r: &TransferRecord) -> Result<(), StoreError> {
-    replay_noting(book, r, |_, _| {})
+pub fn replay(book: &mut Book, r: &RecordRef<'_>) -> Result<(), StoreError> {
+    replay_noting(book, r, None, |_, _| {})
 }
 
 /// [`replay`], telling `before` each account's number and entry before it
-/// changes it (a cluster member undoes a batch that does not fit).
+/// changes it (a cluster member undoes a batch that does not fit); `nums`:
+/// the parties' numbers on the deciding book, tried before a lookup.
 pub fn replay_noting(
     book: &mut Book,
-    r: &TransferRecord,
+    r: &RecordRef<'_>,
+    nums: Option<(u32, u32)>,
     mut before: impl FnMut(u32, BookAccount),
 ) -> Result<(), StoreError> {
     let corrupt = |what: &str| StoreError::Corrupt(format!("replaying transfer {}: {what}", r.id));
@@ -71,7 +73,8 @@ pub fn replay_noting(
         if i == 2 && delta == 0 {
             continue;
         }
-        let num = book.num(account).ok_or_else(|| corrupt("unknown account"))?;
+        let hint = nums.and_then(|(f, t)| [Some(f), Some(t), None][i]);
+        let num = book.num_hinted(account, hint).ok_or_else(|| corrupt("unknown account"))?;
         let a = *book.by_num(num).ok_or_else(|| corrupt("unknown account"))?;
         if r.id > a.last {
             let balance = a.balance.checked_add(delta).ok_or_else(|| corrupt("overflow"))?;
@@ -139,8 +142,8 @@ pub(super) fn load_txn(txn: &redb::ReadTransaction, limits: Limits) -> Result<Lo
     };
     let mut expected = checkpoint + 1;
     for_each_record(&chunks, checkpoint + 1, |id, stored| {
-        let r = TransferRecord::decode(stored)?;
-        if r.id != id || r.id != expected || r.prev != prev {
+        let r = RecordRef::decode(stored)?;
+        if r.id != id || r.id != expected || *r.prev != prev {
             return Err(StoreError::Corrupt(format!("the journal breaks at transfer {id}")));
         }
         replay(&mut book, &r)?;

@@ -353,3 +353,46 @@ async fn a_batch_that_does_not_fit_is_skipped_whole_and_the_log_goes_on() {
     }
     assert_eq!(loaded.book.get("alice").map(|x| x.balance), Some(47));
 }
+
+/// A batch carries its parties' account numbers on the deciding book;
+/// a member given wrong ones (swapped, off by one, unknown, or none, as
+/// in entries written before they existed) looks the ids up instead and
+/// ends with the same ledger.
+#[tokio::test]
+async fn account_numbers_a_batch_carries_are_checked_before_use() {
+    let mut a = member();
+    let mut others: Vec<Member> = (0..4).map(|_| member()).collect();
+    let mut journal = journal_on(&a);
+    let batches = [
+        vec![create("alice", 500), create("bob", 0), create("carol", 40)],
+        vec![transfer("alice", "bob", 120, "k1"), transfer("carol", "alice", 15, "k2"), hold("bob", "carol", 9)],
+        vec![transfer("bob", "carol", 30, "k3"), transfer("alice", "carol", 1, "k4")],
+    ];
+    for (i, batch) in batches.iter().enumerate() {
+        let (base, writes) = decide(&mut journal, &a, batch, T0 + i as u64);
+        assert_eq!(writes.nums.len(), 2 * writes.ends.len(), "batch {i}: two numbers per record");
+        if i == 2 {
+            let num = |id| journal.book.num(id).unwrap();
+            assert_eq!(writes.nums, vec![num("bob"), num("carol"), num("alice"), num("carol")]);
+        }
+        let seq = i as u64;
+        let e = entry(seq + 1, &DecidedRef { seq, base, head: journal.head, writes: &writes });
+        assert_eq!(a.machine.apply(vec![e]).await.unwrap(), vec![Verdict::Applied]);
+        let wrong: [Vec<u32>; 4] = [
+            writes.nums.chunks(2).flat_map(|p| [p[1], p[0]]).collect(),
+            writes.nums.iter().map(|n| n.wrapping_add(1)).collect(),
+            vec![u32::MAX; writes.nums.len()],
+            Vec::new(),
+        ];
+        for (m, nums) in others.iter_mut().zip(wrong) {
+            let w = Writes { nums, ..writes.clone() };
+            let e = entry(seq + 1, &DecidedRef { seq, base, head: journal.head, writes: &w });
+            assert_eq!(m.machine.apply(vec![e]).await.unwrap(), vec![Verdict::Applied], "batch {i}");
+        }
+    }
+    let want = a.machine.read(|book, _| Ok(format!("{book:?}"))).unwrap();
+    for m in &others {
+        assert_eq!(m.machine.read(|book, _| Ok(format!("{book:?}"))).unwrap(), want);
+        assert_eq!(audit(m), audit(&a));
+    }
+}

@@ -436,7 +436,7 @@ fn an_atomic_batch_applies_whole_or_leaves_no_trace() {
     let Outcome::Batch(Err(e)) = &outcomes[0] else { panic!("the batch should fail") };
     assert_eq!((e.code, e.item), (ErrorCode::BelowMin, Some(2)));
     assert_eq!((m.head, format!("{:?}", m.book)), before, "a failed batch changes nothing");
-    assert!(w.ends.is_empty() && w.records.is_empty() && w.keys.is_empty(), "{w:?}");
+    assert!(w.ends.is_empty() && w.records.is_empty() && w.keys.is_empty() && w.nums.is_empty(), "{w:?}");
 
     // Here items see the balances the items before them left: bob pays
     // on what alice just paid him. (Over the wire the owners reserve each
@@ -521,6 +521,8 @@ mod batches {
                 }
             }
             prop_assert_eq!(w.ends.len(), records);
+            // Two account numbers per record, a rolled-back batch's included.
+            prop_assert_eq!(w.nums.len(), 2 * records);
             prop_assert_eq!(m.head.id, head + records as u64);
         }
     }

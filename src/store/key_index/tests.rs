@@ -10,7 +10,7 @@ use redb::{Database, ReadableDatabase, ReadableTable};
 use super::*;
 use crate::ledger::{Kind, Links};
 use crate::store::record::ChunkWriter;
-use crate::store::{open, record_hash, Head};
+use crate::store::{open, record_hash, Head, TransferRecord};
 use std::sync::Arc;
 
 /// Small limits, so that a few dozen commits freeze and merge many runs.
