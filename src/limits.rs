@@ -191,6 +191,9 @@ pub const KEYS_SORT_INLINE_MAX: usize = 4096;
 /// The least capacity of the filter of the `keys` table's keys (12 bits,
 /// 1.5 bytes, each).
 pub const KEYS_FILTER_MIN: usize = 1 << 20;
+/// The most keys the filter is sized for (96 MiB): past that its false
+/// positives grow, and new keys are looked up more often.
+pub const KEYS_FILTER_MAX: usize = 1 << 26;
 /// The fewest account numbers a commit that wrote records sweeps.
 pub const SWEEP_CHUNK_MIN: usize = 256;
 /// The fewest account numbers a commit without records (the idle journal

@@ -41,6 +41,27 @@
 //! the table, so a key absent from memory at the check is in any
 //! transaction begun after it. The other order could miss a key merged in
 //! between, and a missed key would apply a retried transfer twice.
+//!
+//! A new key enters memory just after its record's commit
+//! ([`KeyIndex::committed`]), so for that moment it is in neither memory
+//! nor the table. That is safe because nobody asks: the owning shard holds
+//! a key in flight as pending until its transfer's outcome comes back, and
+//! the outcome is sent only after `committed` (in a cluster, after the
+//! member's apply, which a new leader also waits for before it serves).
+//!
+//! The filter ([`KeyIndex::is_new`]) holds every key of the table that is
+//! not in memory: it is registered before it reads the table, every run
+//! frozen from then on goes into it before the run can be merged, and the
+//! run being merged at registration goes in before the filter is used. It
+//! takes ~3 bytes per key of the table, rounded up to a power of two (at
+//! most [`KEYS_FILTER_MAX`] keys' worth; past that its false positives
+//! grow and more new keys are looked up), and is built again from the
+//! table on every start, on a thread of its own; lookups read the table
+//! meanwhile.
+//!
+//! A folder written by this index must not be opened by an older version:
+//! that one reads only the table, and would miss the keys held in memory
+//! here (it would apply their repeats again).
 
 use std::hash::BuildHasher;
 use std::sync::{Arc, Mutex, Weak};
@@ -50,7 +71,9 @@ use redb::{Database, ReadableDatabase, ReadableTable, ReadableTableMetadata};
 
 use super::record::{for_each_record, with_record};
 use super::{RecordRef, StoreError, CHUNKS, KEYS, META};
-use crate::limits::{KEYS_FILTER_MIN, KEYS_FREEZE_AT, KEYS_FREEZE_RECORDS, KEYS_MERGE_MIN, KEYS_SORT_INLINE_MAX};
+use crate::limits::{
+    KEYS_FILTER_MAX, KEYS_FILTER_MIN, KEYS_FREEZE_AT, KEYS_FREEZE_RECORDS, KEYS_MERGE_MIN, KEYS_SORT_INLINE_MAX,
+};
 
 mod filter;
 use filter::Filter;
@@ -269,26 +292,27 @@ impl KeyIndex {
     /// too (and the run being merged now is put in here): once the read
     /// ends, it holds every key of the table not in memory.
     fn start_filter(&self) {
-        let Ok(mut state) = self.state.lock() else { return };
-        let Some(db) = state.db.upgrade() else { return };
-        if state.building.is_some() {
-            return;
-        }
+        let Some(db) = self.state.lock().ok().and_then(|s| s.db.upgrade()) else { return };
         let len = (|| -> Result<u64, StoreError> { Ok(db.begin_read()?.open_table(KEYS)?.len()?) })().unwrap_or(0);
         let capacity =
             usize::try_from(len).unwrap_or(usize::MAX).saturating_add(self.limits.freeze_at).saturating_mul(2);
-        let filter = Arc::new(Filter::new(capacity.max(self.limits.filter_min)));
-        if let Some(m) = &state.merging {
-            for (_, _, hash) in &m.run.entries {
-                filter.insert(*hash);
+        let filter = Arc::new(Filter::new(capacity.clamp(self.limits.filter_min, KEYS_FILTER_MAX)));
+        let (generation, merging) = {
+            let Ok(mut state) = self.state.lock() else { return };
+            if state.building.is_some() {
+                return;
             }
-        }
-        let generation = state.generation;
-        state.building = Some((generation, filter.clone()));
-        drop(state);
+            state.building = Some((state.generation, filter.clone()));
+            (state.generation, state.merging.as_ref().map(|m| m.run.clone()))
+        };
         let (shared, hasher) = (self.state.clone(), self.hasher.clone());
-        self.spawn("tally-keys-filter", move || {
+        let build = move || {
             let filled = (|| -> Result<(), StoreError> {
+                // The run being merged at registration may finish before
+                // the read below begins or after; either way it is in.
+                for (_, _, hash) in merging.iter().flat_map(|run| &run.entries) {
+                    filter.insert(*hash);
+                }
                 let txn = db.begin_read()?;
                 drop(db);
                 for row in txn.open_table(KEYS)?.iter()? {
@@ -305,11 +329,17 @@ impl KeyIndex {
             state.building = None;
             match filled {
                 Ok(()) => state.filter = Some(filter),
-                // Lookups go to the table meanwhile; the next full filter
-                // or restart tries again.
+                // Lookups go to the table meanwhile; the next freeze tries
+                // again.
                 Err(e) => tracing::warn!(error = %e, "cannot build the filter of idempotency keys"),
             }
-        });
+        };
+        if !self.spawn("tally-keys-filter", build) {
+            // Tried again at the next freeze.
+            if let Ok(mut state) = self.state.lock() {
+                state.building = None;
+            }
+        }
     }
 
     /// Whether `(from, key)` was certainly never used: it is not in
@@ -344,10 +374,16 @@ impl KeyIndex {
     pub fn committed(&self, plan: KeyPlan, head: u64) -> Result<(), StoreError> {
         let frozen = {
             let mut state = self.state.lock().map_err(|_| poisoned())?;
-            if plan.finished {
-                state.merging = None;
-            } else if let (Some(m), Some(_)) = (&mut state.merging, &plan.merge) {
-                m.merged = plan.merged;
+            // The run the plan merged, if memory still has it (a rebuild
+            // in between starts over from the disk: the progress is moot,
+            // but the transaction's new keys still go in below).
+            let same = |m: &Merging| plan.merge.as_ref().is_some_and(|(run, _)| Arc::ptr_eq(run, &m.run));
+            if state.merging.as_ref().is_some_and(same) {
+                if plan.finished {
+                    state.merging = None;
+                } else if let Some(m) = &mut state.merging {
+                    m.merged = plan.merged;
+                }
             }
             for ((from, key), id) in plan.new {
                 let hash = self.hash(&from, &key);
@@ -355,9 +391,12 @@ impl KeyIndex {
             }
             state.freeze_if_due(head, self.limits)
         };
-        let full = frozen.is_some() && self.state.lock().is_ok_and(|s| s.filter.as_ref().is_some_and(|f| f.is_full()));
+        // A full filter is replaced, a missing one (its build failed) tried
+        // again, once per run.
+        let due = frozen.is_some()
+            && self.state.lock().is_ok_and(|s| s.building.is_none() && s.filter.as_ref().is_none_or(|f| f.is_full()));
         self.sort(frozen);
-        if full {
+        if due {
             self.start_filter();
         }
         Ok(())
@@ -367,32 +406,33 @@ impl KeyIndex {
     /// of its own, which hands the order over when it is done.
     fn sort(&self, frozen: Option<Arc<Set>>) {
         let Some(run) = frozen else { return };
-        let frozen_len = run.len();
-        let state = self.state.clone();
         // The run's keys go into the filters before its merge can start
         // (the order is what lets it start), so a key is in the filters
         // before it can leave memory. A filter registered later takes the
         // run in itself (`start_filter`).
-        let sorted = move || {
-            let order = Arc::new(run.order());
-            let filters = state.lock().map(|s| s.filters()).unwrap_or_default();
-            for f in &filters {
-                for (_, _, hash) in &run.entries {
-                    f.insert(*hash);
+        let job = |state: Arc<Mutex<Recent>>, run: Arc<Set>| {
+            move || {
+                let order = Arc::new(run.order());
+                let filters = state.lock().map(|s| s.filters()).unwrap_or_default();
+                for f in &filters {
+                    for (_, _, hash) in &run.entries {
+                        f.insert(*hash);
+                    }
                 }
-            }
-            if let Ok(mut s) = state.lock() {
-                if let Some(m) = s.merging.as_mut().filter(|m| Arc::ptr_eq(&m.run, &run)) {
-                    m.order = Some(order);
+                if let Ok(mut s) = state.lock() {
+                    if let Some(m) = s.merging.as_mut().filter(|m| Arc::ptr_eq(&m.run, &run)) {
+                        m.order = Some(order);
+                    }
                 }
             }
         };
-        // Memory keeps a run that cannot be sorted until a restart sorts it.
-        if frozen_len <= KEYS_SORT_INLINE_MAX {
-            sorted();
-        } else {
-            self.spawn("tally-keys-sort", sorted);
+        // Without a thread of its own, a run is sorted here, late rather
+        // than never (an unsorted run is never merged, and no other is
+        // frozen meanwhile).
+        if run.len() > KEYS_SORT_INLINE_MAX && self.spawn("tally-keys-sort", job(self.state.clone(), run.clone())) {
+            return;
         }
+        job(self.state.clone(), run)();
     }
 
     /// Waits for the threads started so far (sorting runs, building
@@ -405,14 +445,18 @@ impl KeyIndex {
         }
     }
 
-    /// Runs `f` on a thread of its own.
-    fn spawn(&self, name: &str, f: impl FnOnce() + Send + 'static) {
+    /// Runs `f` on a thread of its own; `false` if none could be started.
+    fn spawn(&self, name: &str, f: impl FnOnce() + Send + 'static) -> bool {
         match std::thread::Builder::new().name(name.into()).spawn(f) {
             Ok(_thread) => {
                 #[cfg(test)]
                 self.threads.lock().unwrap().push(_thread);
+                true
             }
-            Err(e) => tracing::error!(error = %e, thread = name, "cannot start a thread of the key index"),
+            Err(e) => {
+                tracing::error!(error = %e, thread = name, "cannot start a thread of the key index");
+                false
+            }
         }
     }
 
