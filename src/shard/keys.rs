@@ -89,7 +89,7 @@ pub enum Check {
 /// store's key index (memory, or the table) has it.
 pub struct Keys {
     map: hashbrown::HashMap<(Box<str>, Box<str>), KeyState, foldhash::fast::RandomState>,
-    /// Settled keys in the order they settled, to bound `map`.
+    /// Keys found by lookups, in the order they were found, to bound `map`.
     done: VecDeque<(Box<str>, Box<str>)>,
     cached_max: usize,
 }
