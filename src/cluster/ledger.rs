@@ -310,7 +310,7 @@ impl Inner {
         let mut txn = store::begin_write(&db)?;
         txn.set_durability(Durability::Immediate).map_err(|e| StoreError::Corrupt(format!("durability: {e}")))?;
         let mut verdicts = Vec::with_capacity(entries.len());
-        let (mut users, mut keys) = (Vec::new(), Vec::new());
+        let (mut users, mut keys, mut idempotency) = (Vec::new(), Vec::new(), Vec::new());
         let mut plan = self.store.keys().plan()?;
         for e in entries {
             self.applied = Some(e.log_id);
@@ -326,6 +326,7 @@ impl Inner {
                             self.batches += 1;
                             users.extend(d.writes.users.into_values());
                             keys.extend(d.writes.service_keys.into_values());
+                            idempotency.extend(d.writes.keys);
                             Verdict::Applied
                         } else {
                             Verdict::Stale
@@ -357,7 +358,7 @@ impl Inner {
             meta.insert(BATCHES, &self.batches.to_be_bytes()[..])?;
         }
         txn.commit()?;
-        self.store.keys().committed(plan, self.head.id)?;
+        self.store.keys().committed(plan, idempotency, self.head.id)?;
         if let Some(registry) = &self.registry {
             for u in &users {
                 registry.set(&u.user, crate::auth::UserState::of(u));

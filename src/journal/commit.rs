@@ -93,7 +93,7 @@ pub struct Sweep {
 pub fn write(
     db: &Database,
     keys: &KeyIndex,
-    w: &Writes,
+    w: &mut Writes,
     book: &mut Book,
     head: Head,
     sweep: &mut Sweep,
@@ -105,7 +105,8 @@ pub fn write(
     let durable = std::time::Instant::now();
     txn.commit()?;
     crate::metrics::FSYNC_MICROS.observe(u64::try_from(durable.elapsed().as_micros()).unwrap_or(u64::MAX));
-    keys.committed(plan, head.id)
+    // The keys move to memory (the next batch clears the writes anyway).
+    keys.committed(plan, std::mem::take(&mut w.keys), head.id)
 }
 
 /// Puts one batch's writes, the next slice of balance rows and the new
@@ -125,7 +126,7 @@ pub fn put(
         for (first, bytes) in w.chunks() {
             chunks.insert(first, bytes)?;
         }
-        keys.put(txn, &w.keys)?;
+        keys.put(txn, w.keys.len())?;
         if !w.accounts.is_empty() {
             let mut t = txn.open_table(store::ACCOUNTS)?;
             for (id, meta) in &w.accounts {

@@ -304,7 +304,7 @@ impl Journal {
             commit::write(
                 &db,
                 self.store.keys(),
-                &self.writes,
+                &mut self.writes,
                 &mut self.machine.book,
                 self.machine.head,
                 &mut self.sweep,

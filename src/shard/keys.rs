@@ -100,15 +100,20 @@ impl Keys {
         Keys { map: hashbrown::HashMap::default(), done: VecDeque::new(), cached_max }
     }
 
-    /// Looks the key of `req` up in memory. `looked_up`: the key is known
-    /// not to be on disk (the disk was asked since and had nothing, or the
-    /// store's key index says it was never used), so a key still unknown
-    /// here is new.
+    /// Looks the key of `req` up in memory. `known_new(from, key)`, asked
+    /// only of a key not held here: whether it is known never to have been
+    /// used (the disk was asked since and had nothing, or the store's key
+    /// index says so), so that it is new rather than to be looked up.
     ///
     /// An item of an atomic batch does not wait behind an item of another
     /// atomic batch: each batch would wait for the other before reaching
     /// the journal. It is refused instead.
-    pub fn check(&mut self, req: DebitReq, fingerprint: &Fingerprint, looked_up: bool) -> Check {
+    pub fn check(
+        &mut self,
+        req: DebitReq,
+        fingerprint: &Fingerprint,
+        known_new: impl FnOnce(&str, &str) -> bool,
+    ) -> Check {
         let key = req.key.as_deref().unwrap_or_default();
         let conflict =
             || ApiError::new(ErrorCode::KeyConflict, format!("key {key:?} was used with different arguments"));
@@ -137,8 +142,8 @@ impl Keys {
             }
             // The caller queues the request behind the lookup.
             Some(KeyState::Looking(_)) => Check::Unknown(req),
-            None if looked_up => Check::New(req),
-            // Settled keys leave memory after a while; the disk has them all.
+            // Settled keys leave memory; the store has them all.
+            None if known_new(&req.from, key) => Check::New(req),
             None => Check::Unknown(req),
         }
     }

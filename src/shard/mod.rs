@@ -380,8 +380,7 @@ impl ShardState {
     fn debit(&mut self, req: DebitReq, looked_up: bool) {
         // Only a keyed request needs its fingerprint (two string copies).
         let (req, fingerprint) = match &req.key {
-            Some(key) => {
-                let looked_up = looked_up || self.key_reader.is_new(&req.from, key);
+            Some(_) => {
                 // The account is checked before its key (one more lookup,
                 // for keyed requests only; the reservation below looks again).
                 if let Err(e) = self.slot(&req.from, &req.principal, Use::Debit) {
@@ -389,7 +388,9 @@ impl ShardState {
                 }
                 let fingerprint =
                     Fingerprint { kind: req.kind, to: req.to.clone(), amount: req.amount, memo: req.memo.clone() };
-                match self.keys.check(req, &fingerprint, looked_up) {
+                let key_reader = &self.key_reader;
+                let known_new = |from: &str, key: &str| looked_up || key_reader.is_new(from, key);
+                match self.keys.check(req, &fingerprint, known_new) {
                     Check::New(req) => (req, Some(fingerprint)),
                     Check::Taken => return,
                     Check::Unknown(req) => return self.queue_lookup(req),

@@ -202,18 +202,16 @@ pub struct KeyPlan {
     /// The transaction moves `keys_from` (the run is all in).
     finished: bool,
     fresh_from: u64,
-    new: Vec<(Key, u64)>,
     merge_min: usize,
 }
 
 impl KeyPlan {
-    /// Puts into `txn` the next slice of the run being merged (twice the
-    /// batch's new keys, at least [`KEYS_MERGE_MIN`], so that a run is in
-    /// before the next one is frozen) and notes `keys` (the batch's new
-    /// keys: from, key, record id) for memory.
-    pub fn put(&mut self, txn: &redb::WriteTransaction, keys: &[(Box<str>, Box<str>, u64)]) -> Result<(), StoreError> {
+    /// Puts into `txn` the next slice of the run being merged, for a batch
+    /// with `new_keys` keys: twice as many, at least [`KEYS_MERGE_MIN`], so
+    /// that a run is in before the next one is frozen.
+    pub fn put(&mut self, txn: &redb::WriteTransaction, new_keys: usize) -> Result<(), StoreError> {
         if let Some((run, order)) = self.merge.as_ref().filter(|_| !self.finished) {
-            let end = order.len().min(self.merged + (2 * keys.len()).max(self.merge_min));
+            let end = order.len().min(self.merged + (2 * new_keys).max(self.merge_min));
             if end > self.merged {
                 let mut table = txn.open_table(KEYS)?;
                 for &i in &order[self.merged..end] {
@@ -227,7 +225,6 @@ impl KeyPlan {
                 self.finished = true;
             }
         }
-        self.new.extend(keys.iter().map(|(f, k, id)| ((f.clone(), k.clone()), *id)));
         Ok(())
     }
 }
@@ -359,20 +356,19 @@ impl KeyIndex {
             Some(Merging { run, order: Some(order), merged }) => (Some((run.clone(), order.clone())), *merged),
             _ => (None, 0),
         };
-        Ok(KeyPlan {
-            merge,
-            merged,
-            finished: false,
-            fresh_from: state.fresh_from,
-            new: Vec::new(),
-            merge_min: self.limits.merge_min,
-        })
+        Ok(KeyPlan { merge, merged, finished: false, fresh_from: state.fresh_from, merge_min: self.limits.merge_min })
     }
 
-    /// Takes in what a committed transaction did; `head` is the last
-    /// record it wrote (or the head it left unchanged).
-    pub fn committed(&self, plan: KeyPlan, head: u64) -> Result<(), StoreError> {
-        let frozen = {
+    /// Takes in what a committed transaction did: its merge, and `keys`,
+    /// the new keys of its batches (from, key, record id); `head` is the
+    /// last record it wrote (or the head it left unchanged).
+    pub fn committed(
+        &self,
+        plan: KeyPlan,
+        keys: impl IntoIterator<Item = (Box<str>, Box<str>, u64)>,
+        head: u64,
+    ) -> Result<(), StoreError> {
+        let (frozen, due) = {
             let mut state = self.state.lock().map_err(|_| poisoned())?;
             // The run the plan merged, if memory still has it (a rebuild
             // in between starts over from the disk: the progress is moot,
@@ -385,16 +381,16 @@ impl KeyIndex {
                     m.merged = plan.merged;
                 }
             }
-            for ((from, key), id) in plan.new {
+            for (from, key, id) in keys {
                 let hash = self.hash(&from, &key);
                 state.fresh.insert(hash, (from, key), id);
             }
-            state.freeze_if_due(head, self.limits)
+            let frozen = state.freeze_if_due(head, self.limits);
+            // A full filter is replaced, a missing one (its build failed)
+            // tried again, once per run.
+            let due = frozen.is_some() && state.building.is_none() && state.filter.as_ref().is_none_or(|f| f.is_full());
+            (frozen, due)
         };
-        // A full filter is replaced, a missing one (its build failed) tried
-        // again, once per run.
-        let due = frozen.is_some()
-            && self.state.lock().is_ok_and(|s| s.building.is_none() && s.filter.as_ref().is_none_or(|f| f.is_full()));
         self.sort(frozen);
         if due {
             self.start_filter();

@@ -18,6 +18,14 @@ fn small() -> KeyIndex {
     KeyIndex::with_limits(7, 40, 2, 4)
 }
 
+/// A new database in a temporary folder, and `index` started on it.
+fn started(index: KeyIndex) -> (tempfile::TempDir, Arc<Database>, KeyIndex) {
+    let dir = tempfile::tempdir().unwrap();
+    let db = Arc::new(open(&dir.path().join("t.redb")).unwrap());
+    index.rebuild(&db).unwrap();
+    (dir, db, index)
+}
+
 /// Appends a batch of records after the head, one per entry of `keys`
 /// (`Some((from, key))` for a keyed one), and the index's slice, in one
 /// transaction; memory takes it in only if `commit`. Returns the batch's
@@ -26,7 +34,7 @@ fn batch(db: &Database, index: &KeyIndex, keys: &[Option<(&str, String)>], commi
     let head = super::super::recovery::read_head(&db.begin_read().unwrap()).unwrap();
     let txn = db.begin_write().unwrap();
     let mut plan = index.plan().unwrap();
-    let mut new = Vec::new();
+    let mut new: Vec<(Box<str>, Box<str>, u64)> = Vec::new();
     let mut id = head.id;
     {
         let mut chunks = txn.open_table(CHUNKS).unwrap();
@@ -60,14 +68,15 @@ fn batch(db: &Database, index: &KeyIndex, keys: &[Option<(&str, String)>], commi
         let head = Head { id, hash: prev };
         crate::store::write_head(&txn, head).unwrap();
     }
-    plan.put(&txn, &new).unwrap();
+    plan.put(&txn, new.len()).unwrap();
+    let used = new.iter().map(|(f, k, id)| ((f.clone(), k.clone()), *id)).collect();
     if commit {
         txn.commit().unwrap();
-        index.committed(plan, id).unwrap();
+        index.committed(plan, new, id).unwrap();
     } else {
         txn.abort().unwrap();
     }
-    new.into_iter().map(|(f, k, id)| ((f, k), id)).collect()
+    used
 }
 
 fn find(db: &Database, index: &KeyIndex, from: &str, key: &str) -> Option<u64> {
@@ -103,10 +112,7 @@ fn keys_from(db: &Database) -> Option<u64> {
 /// two runs and a batch.
 #[test]
 fn every_key_is_found_at_every_commit_and_after_a_restart_at_any_commit() {
-    let dir = tempfile::tempdir().unwrap();
-    let db = Arc::new(open(&dir.path().join("t.redb")).unwrap());
-    let index = small();
-    index.rebuild(&db).unwrap();
+    let (_dir, db, index) = started(small());
     let mut used: Vec<(Key, u64)> = Vec::new();
     let mut moved = 0;
     for round in 0..60usize {
@@ -158,10 +164,7 @@ fn every_key_is_found_at_every_commit_and_after_a_restart_at_any_commit() {
 /// is not found, and the next batch may use it.
 #[test]
 fn a_key_whose_commit_failed_is_not_kept() {
-    let dir = tempfile::tempdir().unwrap();
-    let db = Arc::new(open(&dir.path().join("t.redb")).unwrap());
-    let index = small();
-    index.rebuild(&db).unwrap();
+    let (_dir, db, index) = started(small());
     batch(&db, &index, &[Some(("alice", "first".into()))], true);
     batch(&db, &index, &[Some(("alice", "lost".into()))], false);
     assert_eq!(find(&db, &index, "alice", "lost"), None);
@@ -176,10 +179,7 @@ fn a_key_whose_commit_failed_is_not_kept() {
 /// table.
 #[test]
 fn a_folder_without_keys_from_has_every_key_in_the_table() {
-    let dir = tempfile::tempdir().unwrap();
-    let db = Arc::new(open(&dir.path().join("t.redb")).unwrap());
-    let index = small();
-    index.rebuild(&db).unwrap();
+    let (_dir, db, index) = started(small());
     batch(&db, &index, &[Some(("alice", "old".into())), None], true);
     // As the old journal wrote it: the key in the table, no `keys_from`.
     let txn = db.begin_write().unwrap();
@@ -197,11 +197,8 @@ fn a_folder_without_keys_from_has_every_key_in_the_table() {
 /// the commits merge it, `keys_from` moves past it and memory empties.
 #[test]
 fn a_large_run_is_sorted_off_the_journal_then_merged() {
-    let dir = tempfile::tempdir().unwrap();
-    let db = Arc::new(open(&dir.path().join("t.redb")).unwrap());
     let n = KEYS_SORT_INLINE_MAX + 1;
-    let index = KeyIndex::with_limits(n, u64::MAX, 1000, 1 << 20);
-    index.rebuild(&db).unwrap();
+    let (_dir, db, index) = started(KeyIndex::with_limits(n, u64::MAX, 1000, 1 << 20));
     let keys: Vec<Option<(&str, String)>> =
         (0..n).map(|i| Some((["bob", "alice"][i % 2], format!("k{}", n - i)))).collect();
     let used = batch(&db, &index, &keys, true);
@@ -230,10 +227,7 @@ fn a_large_run_is_sorted_off_the_journal_then_merged() {
 /// run it has now.
 #[test]
 fn a_plan_made_before_a_rebuild_loses_no_key() {
-    let dir = tempfile::tempdir().unwrap();
-    let db = Arc::new(open(&dir.path().join("t.redb")).unwrap());
-    let index = small();
-    index.rebuild(&db).unwrap();
+    let (_dir, db, index) = started(small());
     let keys = |who: &'static str, n: usize| (0..n).map(|i| Some((who, format!("{who}{i}")))).collect::<Vec<_>>();
     let mut used = batch(&db, &index, &keys("alice", 7), true);
     used.extend(batch(&db, &index, &keys("bob", 7), true));
@@ -243,10 +237,10 @@ fn a_plan_made_before_a_rebuild_loses_no_key() {
     let mut plan = index.plan().unwrap();
     index.rebuild(&db).unwrap();
     let txn = db.begin_write().unwrap();
-    plan.put(&txn, &[]).unwrap();
+    plan.put(&txn, 0).unwrap();
     assert!(plan.finished, "the plan merged the last of its run");
     txn.commit().unwrap();
-    index.committed(plan, 17).unwrap();
+    index.committed(plan, [], 17).unwrap();
     index.settled();
     for ((from, key), id) in &used {
         assert_eq!(find(&db, &index, from, key), Some(*id), "{from}/{key}");
