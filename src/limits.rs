@@ -257,8 +257,12 @@ pub const CLUSTER_PROPOSALS_IN_FLIGHT: usize = 3;
 pub const CLUSTER_QUORUM_STALE_MS: u64 = 1_000;
 /// A leader answers only while a majority has acknowledged it this
 /// recently: less than the shortest election timeout, so that no other
-/// member can have been elected meanwhile (its reads are current).
+/// member can have been elected meanwhile. Its reads also wait for a round
+/// of the read index (`cluster::read_index`); the lease fences the rest.
 pub const CLUSTER_READ_LEASE_MS: u64 = 400;
+/// The longest a read on the leader waits for the read index to confirm
+/// that this member still leads; then `unavailable`.
+pub const CLUSTER_READ_INDEX_TIMEOUT_MS: u64 = 2_000;
 /// Raft's heartbeat, and the range an election timeout is drawn from.
 pub const CLUSTER_HEARTBEAT_MS: u64 = 100;
 pub const CLUSTER_ELECTION_MIN_MS: u64 = 600;

@@ -487,6 +487,7 @@ async fn serve_member(config: Config) -> Result<(), StartError> {
             deposed: deposed.clone(),
             machine: node.machine.clone(),
             stale_reads: node.stale_reads.clone(),
+            reads: node.reads.clone(),
         });
         let batches = match leading {
             Some(_) => crate::cluster::ledger::batches_applied(&*store.db()?)?,

@@ -457,7 +457,9 @@ async fn a_paused_leader_is_replaced_and_once_resumed_accepts_no_write_as_leader
     assert_eq!(b["balance"], EACH + 10);
     let deadline = Instant::now() + WAIT;
     let leader = loop {
-        let h = hello(cluster.members[&old].client).await.unwrap();
+        // A connection the member accepted just as its ledger restarted
+        // (it stopped leading) is closed: ask again.
+        let h = hello(cluster.members[&old].client).await.unwrap_or_default();
         if h["role"] == "follower" && !h["leader"].is_null() {
             break *cluster.members.iter().find(|(_, m)| h["leader"] == m.client.to_string()).expect("a member").0;
         }
@@ -469,6 +471,47 @@ async fn a_paused_leader_is_replaced_and_once_resumed_accepts_no_write_as_leader
     let e = again.transfer(Some(&account(0)), &account(1), 100, None).await.unwrap_err();
     assert_eq!(e.code(), Some("not_leader"), "{e}");
     assert_eq!(e.leader(), Some(cluster.members[&leader].client.to_string().as_str()));
+}
+
+/// A leader answers a read only once a majority confirms, after the read
+/// arrived, that it still leads (the read index): with its followers
+/// paused, nothing it holds is served as current, however recently they
+/// answered. A lease would still serve it for a while.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_leader_whose_followers_stopped_answers_no_read_until_a_majority_confirms_it() {
+    let cluster = Cluster::start(3);
+    let (leader, token, admin) = cluster.open_bank(2).await;
+    pay(&admin, 3, "before").await;
+    assert_eq!(common::balance(&admin, &account(1)).await, EACH + 3);
+    let followers: Vec<u64> = cluster.members.keys().copied().filter(|id| *id != leader).collect();
+    for id in &followers {
+        cluster.members[id].signal("-STOP");
+    }
+    // Pipelined reads of kinds the read index guards, sent at once.
+    let args = json!({"account": account(1)});
+    let answers = tokio::join!(
+        admin.call("balance", args.clone()),
+        admin.call("account", args.clone()),
+        admin.call("history", args),
+        admin.call("list_accounts", json!({})),
+        admin.call("stats", json!({})),
+    );
+    let answers = [("balance", answers.0), ("account", answers.1), ("history", answers.2)]
+        .into_iter()
+        .chain([("list_accounts", answers.3), ("stats", answers.4)]);
+    for (op, answer) in answers {
+        let e = answer.expect_err(op);
+        assert_eq!(e.code(), Some("unavailable"), "{op}: {e}");
+    }
+
+    for id in &followers {
+        cluster.members[id].signal("-CONT");
+    }
+    // Once they answer again, the leader (this one, or one after it)
+    // serves reads.
+    let now = cluster.leader().await;
+    let admin = cluster.admin(now, &token).await;
+    assert_eq!(common::balance(&admin, &account(1)).await, EACH + 3);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

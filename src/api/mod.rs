@@ -110,12 +110,16 @@ pub struct Session {
     pub read_ms: u64,
     /// Debits decoded from this connection and not yet sent to their shards.
     pub outbox: Outbox,
+    /// In a cluster, the read index's ticket when the requests being
+    /// handled were read (none: take one when a read needs it). The
+    /// pipelined reads of one socket read share a round.
+    pub read_ticket: Option<u64>,
 }
 
 impl Session {
     #[must_use]
     pub fn new(peer: IpAddr) -> Session {
-        Session { binding: None, peer, read_ms: 0, outbox: Outbox::default() }
+        Session { binding: None, peer, read_ms: 0, outbox: Outbox::default(), read_ticket: None }
     }
 }
 
@@ -179,6 +183,12 @@ pub async fn dispatch(ctx: &Arc<Ctx>, session: &mut Session, name: &str, args: &
     let p = || caller.clone().expect("checked above: the op needs a caller");
     if let Some(admitted) = stale {
         return stale::read(admitted, op, p(), args, reply);
+    }
+    if let Some(c) = ctx.cluster.as_ref().filter(|_| op.reads_ledger()) {
+        // Awaited here, so the connection's later requests (a debit of
+        // the same account, say) still reach the owners after this read.
+        let ticket = session.read_ticket.unwrap_or_else(|| c.reads.ticket());
+        check!(c.confirm_read(ticket).await, reply);
     }
     match op {
         Op::Hello => status::hello(ctx, session, args, reply),

@@ -1,17 +1,17 @@
-//! Replication with openraft: what a member of a cluster stores.
-//!
-//! The plan (ARCHITECTURE.md, "Replication (being built)") is that the leader's journal
-//! decides each batch as today and proposes it as one Raft entry; every
-//! member, the leader included, applies the entry once a majority has it
-//! on disk. This module holds the parts that do not depend on how the
-//! journal is wired in:
+//! Replication with openraft (ARCHITECTURE.md, "Replication"): the
+//! leader's journal decides each batch as a single server does and proposes
+//! it as one Raft entry; every member, the leader included, applies the
+//! entry once a majority has it on disk.
 //!
 //! - [`TypeConfig`]: the types openraft is instantiated with;
 //! - [`Member`]: a member's two addresses, as `[[cluster.node]]` gives them;
 //! - [`log`]: the Raft log, the vote and the committed index in a redb file
 //!   of their own, durable before openraft is told so;
+//! - [`ledger`]: the state machine, the journal's deterministic apply;
 //! - [`net`]: openraft's RPCs between members that prove they hold the
-//!   cluster's secret, every frame authenticated.
+//!   cluster's secret, every frame authenticated;
+//! - [`node`]: a member as the server runs it, and who leads;
+//! - [`read_index`]: what a read on the leader waits for.
 
 use serde::{Deserialize, Serialize};
 
@@ -19,6 +19,7 @@ pub mod ledger;
 pub mod log;
 pub mod net;
 pub mod node;
+pub mod read_index;
 #[cfg(test)]
 mod testing;
 

@@ -352,11 +352,21 @@ pub struct Network {
     /// on one address (not 0.0.0.0): a firewall then tells members apart
     /// by address, whichever way a connection goes.
     bind: Option<IpAddr>,
+    /// Proven connections no [`Peer`] uses now, by address: openraft makes
+    /// a client for each round of the read index, and each would otherwise
+    /// dial and prove itself anew.
+    idle: Idle,
 }
+
+/// Idle connections by the address they go to, at most [`IDLE_KEPT`] each.
+type Idle = Arc<Mutex<HashMap<String, Vec<(Channel, Instant)>>>>;
+
+/// Idle connections kept to one member.
+const IDLE_KEPT: usize = 2;
 
 impl Network {
     pub fn new(me: u64, secret: Secret) -> Network {
-        Network { me, secret, bind: None }
+        Network { me, secret, bind: None, idle: Idle::default() }
     }
 
     /// The same, its connections leaving from `ip` (unless unspecified).
@@ -378,6 +388,7 @@ impl RaftNetworkFactory<TypeConfig> for Network {
             secret: self.secret.clone(),
             bind: self.bind,
             channel: None,
+            idle: self.idle.clone(),
         }
     }
 }
@@ -391,6 +402,21 @@ pub struct Peer {
     bind: Option<IpAddr>,
     /// The connection between calls, and when it was last used.
     channel: Option<(Channel, Instant)>,
+    idle: Idle,
+}
+
+impl Drop for Peer {
+    /// Leaves a working connection for the next client to this member.
+    fn drop(&mut self) {
+        let Some(channel) = self.channel.take() else { return };
+        if let Ok(mut idle) = self.idle.lock() {
+            let kept = idle.entry(self.addr.clone()).or_default();
+            kept.retain(|(_, used)| used.elapsed() < PEER_IDLE_MAX);
+            if kept.len() < IDLE_KEPT {
+                kept.push(channel);
+            }
+        }
+    }
 }
 
 type Failure<E> = RPCError<u64, Member, RaftError<u64, E>>;
@@ -405,7 +431,11 @@ impl Peer {
         // end that gives up (and drops the connection) first.
         let ttl = option.soft_ttl();
         let exchange = async {
-            let reused = self.channel.take().filter(|(_, used)| used.elapsed() < PEER_IDLE_MAX);
+            let reused = self
+                .channel
+                .take()
+                .or_else(|| self.idle.lock().ok().and_then(|mut idle| idle.get_mut(&self.addr)?.pop()))
+                .filter(|(_, used)| used.elapsed() < PEER_IDLE_MAX);
             let mut ch = match reused {
                 Some((ch, _)) => ch,
                 // Not reached: openraft backs off before trying again.

@@ -20,6 +20,7 @@ use tokio_util::sync::CancellationToken;
 use super::ledger::LedgerMachine;
 use super::log::LogStore;
 use super::net::{self, Network, Secret};
+use super::read_index::{ReadIndex, Refused};
 use super::{Member, TypeConfig};
 use crate::config::ClusterConfig;
 use crate::error::{ApiError, ErrorCode};
@@ -78,6 +79,8 @@ pub struct Serving {
     pub machine: LedgerMachine,
     /// Stale reads running now, on this member.
     pub stale_reads: Arc<tokio::sync::Semaphore>,
+    /// What a read on the leader waits for.
+    pub reads: Arc<ReadIndex>,
 }
 
 impl Serving {
@@ -113,6 +116,21 @@ impl Serving {
     }
 }
 
+impl Serving {
+    /// Waits until the read index confirms, after a read that arrived when
+    /// `ticket` was taken, that this member still leads.
+    pub async fn confirm_read(&self, ticket: u64) -> Result<(), ApiError> {
+        match self.reads.confirm(ticket).await {
+            Ok(()) => Ok(()),
+            Err(Refused::NotLeader) => Err(self.view.not_leader()),
+            Err(Refused::NoQuorum) => Err(ApiError::new(
+                ErrorCode::Unavailable,
+                "no majority of the cluster confirmed this leader for the read; nothing was read",
+            )),
+        }
+    }
+}
+
 /// A started member.
 pub struct Node {
     pub raft: Raft<TypeConfig>,
@@ -122,6 +140,8 @@ pub struct Node {
     pub machine: LedgerMachine,
     /// Stale reads running now ([`crate::limits::CLUSTER_STALE_READS_MAX`]).
     pub stale_reads: Arc<tokio::sync::Semaphore>,
+    /// The read index reads on the leader wait for.
+    pub reads: Arc<ReadIndex>,
     stop: CancellationToken,
 }
 
@@ -180,7 +200,8 @@ impl Node {
         });
         tokio::spawn(watch(raft.clone(), view.clone(), stop.clone()));
         let stale_reads = Arc::new(tokio::sync::Semaphore::new(crate::limits::CLUSTER_STALE_READS_MAX));
-        Ok(Node { raft, view, me: c.id, machine, stale_reads, stop })
+        let reads = ReadIndex::of(raft.clone());
+        Ok(Node { raft, view, me: c.id, machine, stale_reads, reads, stop })
     }
 
     /// Whether this member leads now, and in which term.

@@ -152,6 +152,7 @@ impl Reader<'_> {
         let anonymous = self.session.binding.is_none();
         let more = fill(self.ctx, rd, buf, self.closed, anonymous).await?;
         self.session.read_ms = crate::clock::now_ms();
+        self.session.read_ticket = self.ctx.cluster.as_ref().map(|c| c.reads.ticket());
         Ok(more)
     }
 

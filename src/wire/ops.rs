@@ -201,6 +201,27 @@ impl Op {
         matches!(self, Op::Transfer | Op::Mint)
     }
 
+    /// Whether the op only reads the ledger: in a cluster, the leader
+    /// answers it once the read index confirms it still leads
+    /// (`cluster::read_index`). `audit` is left out: every member answers
+    /// it from its own copy.
+    #[must_use]
+    pub fn reads_ledger(self) -> bool {
+        matches!(
+            self,
+            Op::Balance
+                | Op::Account
+                | Op::History
+                | Op::GetTransfer
+                | Op::DeleteReason
+                | Op::ListAccounts
+                | Op::Redeems
+                | Op::MyRedeems
+                | Op::Stats
+                | Op::ListKeys
+        )
+    }
+
     /// How many items a reply to this op may hold at most, for the reply
     /// slots it takes (`limit`: the page asked for, if any).
     #[must_use]

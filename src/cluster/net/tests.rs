@@ -367,3 +367,43 @@ async fn a_member_just_started_votes_only_after_a_lease() {
     node.raft.shutdown().await.unwrap();
     let _ = (&mut node.served).await;
 }
+
+/// openraft makes a client for every round of the read index: a new
+/// client to a member takes up a connection an earlier one left, rather
+/// than dial and prove itself again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clients_made_one_after_another_share_one_connection() {
+    let secret = Secret::new(SECRET).unwrap();
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let member = Member { client: String::new(), raft: listener.local_addr().unwrap().to_string() };
+    let accepted = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    tokio::spawn({
+        let (secret, accepted) = (secret.clone(), accepted.clone());
+        async move {
+            loop {
+                let (stream, _) = listener.accept().await.unwrap();
+                accepted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                let ch = Channel::accept(stream, &secret, 2).await.unwrap();
+                tokio::spawn(answer_votes(ch));
+            }
+        }
+    });
+    let mut network = Network::new(1, secret);
+    let option = RPCOption::new(Duration::from_secs(5));
+    for term in 1..=5 {
+        let mut peer = network.new_client(2, &member).await;
+        let answer = peer.vote(VoteRequest { vote: Vote::new(term, 1), last_log_id: None }, option.clone()).await;
+        assert_eq!(answer.unwrap().vote.leader_id().term, term);
+    }
+    assert_eq!(accepted.load(std::sync::atomic::Ordering::SeqCst), 1);
+    // Two clients at once need two connections; both are kept after.
+    let (mut a, mut b) = (network.new_client(2, &member).await, network.new_client(2, &member).await);
+    let ask = |term| VoteRequest { vote: Vote::new(term, 1), last_log_id: None };
+    let (x, y) = tokio::join!(a.vote(ask(6), option.clone()), b.vote(ask(7), option.clone()));
+    assert_eq!((x.unwrap().vote.leader_id().term, y.unwrap().vote.leader_id().term), (6, 7));
+    drop((a, b));
+    let (mut a, mut b) = (network.new_client(2, &member).await, network.new_client(2, &member).await);
+    let (x, y) = tokio::join!(a.vote(ask(8), option.clone()), b.vote(ask(9), option.clone()));
+    assert_eq!((x.unwrap().vote.leader_id().term, y.unwrap().vote.leader_id().term), (8, 9));
+    assert_eq!(accepted.load(std::sync::atomic::Ordering::SeqCst), 2);
+}
