@@ -811,7 +811,7 @@ async fn a_follower_answers_stale_reads_from_what_it_applied_and_refuses_the_res
     admin.call("mint", json!({"to": "ann", "amount": 40})).await.expect("mint");
     let paid =
         admin.call("transfer", json!({"from": "bank-0", "to": "bank-1", "amount": 300})).await.expect("transfer");
-    admin.call("hold", json!({"from": "bank-0", "to": "bank-1", "amount": 50})).await.expect("hold");
+    let held = admin.call("hold", json!({"from": "bank-0", "to": "bank-1", "amount": 50})).await.expect("hold");
 
     let follower = *cluster.members.keys().find(|&&id| id != leader).unwrap();
     let at = cluster.admin(follower, &token).await;
@@ -837,7 +837,10 @@ async fn a_follower_answers_stale_reads_from_what_it_applied_and_refuses_the_res
         assert!(Instant::now() < deadline, "the follower never applies the hold: {b}");
         tokio::time::sleep(Duration::from_millis(20)).await;
     };
-    assert_eq!(balance, json!({"account": "bank-0", "balance": 700, "held": 50, "available": 650}));
+    // As of the hold's record, the last one: every answer says so.
+    let last = held["transfer"]["id"].clone();
+    assert!(last.as_u64().is_some_and(|id| id > paid["id"].as_u64().unwrap()), "{held}");
+    assert_eq!(balance, json!({"account": "bank-0", "balance": 700, "held": 50, "available": 650, "as_of": last}));
     // Every read answers what the leader does, as of the same entries.
     for (op, args) in [
         ("account", json!({"account": "bank-1"})),
@@ -845,7 +848,11 @@ async fn a_follower_answers_stale_reads_from_what_it_applied_and_refuses_the_res
         ("history", json!({"account": "bank-0", "limit": 1, "after": paid["id"]})),
         ("get_transfer", json!({"id": paid["id"]})),
     ] {
-        let want = admin.call(op, args.clone()).await.expect(op);
+        let mut want = admin.call(op, args.clone()).await.expect(op);
+        assert!(want.get("as_of").is_none(), "the leader's answer is current: {want}");
+        if op != "get_transfer" {
+            want["as_of"] = last.clone();
+        }
         assert_eq!(at.call(op, stale(args)).await.expect(op), want, "{op}");
     }
 
@@ -855,7 +862,7 @@ async fn a_follower_answers_stale_reads_from_what_it_applied_and_refuses_the_res
     let ann_token = t.login("ann", "ann-password-1").await.expect("ann logs in at the leader")["token"].clone();
     ann.call("auth", json!({"token": ann_token})).await.expect("auth at the follower");
     let mine = ann.call("balance", stale(json!({}))).await.expect("ann's own balance");
-    assert_eq!(mine, json!({"account": "ann", "balance": 40, "held": 0, "available": 40}));
+    assert_eq!(mine, json!({"account": "ann", "balance": 40, "held": 0, "available": 40, "as_of": last}));
     let e = ann.call("balance", stale(json!({"account": "bank-0"}))).await.unwrap_err();
     assert_eq!(e.code(), Some("forbidden"), "{e:?}");
     let e = ann.call("get_transfer", stale(json!({"id": paid["id"]}))).await.unwrap_err();

@@ -18,6 +18,11 @@
 //!   staff or its owner, a deleted one is `deleted`, a missing one
 //!   `not_found`, and another user's name on a record is hidden alike.
 //!
+//! - **Where it stands.** `balance`, `account` and `history` carry
+//!   `as_of`, the id of the last record the member had applied at that
+//!   moment: a client that made a transfer can tell whether the answer
+//!   reflects it (record ids rise with commit order).
+//!
 //! What bounds them:
 //!
 //! - **Only while following a leader.** A member answers them only while
@@ -88,10 +93,12 @@ pub(super) fn read(admitted: Admitted, op: Op, p: Principal, args: &[u8], reply:
             check!(account_id(&account), reply);
             blocking(reply, move || {
                 let _running = permit;
-                let (meta, acct) = machine.read(|book, db| Ok(account_of(book, db, &account, &p)))??;
+                let (found, as_of) = machine.read_at(|book, db| Ok(account_of(book, db, &account, &p)))?;
+                let (meta, acct) = found?;
                 let available = acct.balance.saturating_sub(acct.held);
+                let as_of = Some(as_of);
                 Ok(if op == Op::Balance {
-                    Reply::Balance(BalanceReply { account, balance: acct.balance, held: acct.held, available })
+                    Reply::Balance(BalanceReply { account, balance: acct.balance, held: acct.held, available, as_of })
                 } else {
                     Reply::Account(Box::new(AccountView {
                         account,
@@ -102,6 +109,7 @@ pub(super) fn read(admitted: Admitted, op: Op, p: Principal, args: &[u8], reply:
                         status: "open",
                         created: meta.created,
                         memo: meta.memo,
+                        as_of,
                     }))
                 })
             });
@@ -113,9 +121,15 @@ pub(super) fn read(admitted: Admitted, op: Op, p: Principal, args: &[u8], reply:
             let limit = check!(page_limit(a.limit), reply);
             blocking(reply, move || {
                 let _running = permit;
-                let (_, acct) = machine.read(|book, db| Ok(account_of(book, db, &account, &p)))??;
+                let (found, as_of) = machine.read_at(|book, db| Ok(account_of(book, db, &account, &p)))?;
+                let (_, acct) = found?;
                 // The page is read without the lock: records never change.
-                crate::shard::history_page(&*machine.database()?, &account, acct.last, a.after, limit, &p)
+                let mut page =
+                    crate::shard::history_page(&*machine.database()?, &account, acct.last, a.after, limit, &p)?;
+                if let Reply::History(h) = &mut page {
+                    h.as_of = Some(as_of);
+                }
+                Ok(page)
             });
         }
         Op::GetTransfer => {

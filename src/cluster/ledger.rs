@@ -176,10 +176,18 @@ impl LedgerMachine {
     /// Blocks while an apply runs: call it off the async threads.
     /// Followers answer stale reads through it.
     pub fn read<T>(&self, f: impl FnOnce(&Book, &Database) -> Result<T, StoreError>) -> Result<T, StoreError> {
+        Ok(self.read_at(f)?.0)
+    }
+
+    /// The same, with the id of the last record applied at that moment.
+    pub fn read_at<T>(
+        &self,
+        f: impl FnOnce(&Book, &Database) -> Result<T, StoreError>,
+    ) -> Result<(T, u64), StoreError> {
         let guard = self.lock()?;
         self.check()?;
         let db = guard.store.db()?;
-        f(&guard.book, &db)
+        Ok((f(&guard.book, &db)?, guard.head.id))
     }
 
     fn lock(&self) -> Result<std::sync::MutexGuard<'_, Inner>, StoreError> {

@@ -304,7 +304,7 @@ pub(crate) fn history_page(
     for t in &mut transfers {
         t.shown_to(&principal.user, principal.sees_any());
     }
-    Ok(Reply::History(HistoryReply { account: account.to_owned(), transfers, next }))
+    Ok(Reply::History(HistoryReply { account: account.to_owned(), transfers, next, as_of: None }))
 }
 
 /// The slot found for `account`, if `principal` may use it for `what`.
@@ -349,6 +349,7 @@ impl ShardState {
                 balance: slot.acct.balance,
                 held: slot.acct.held,
                 available: slot.acct.available(),
+                as_of: None,
             }),
             ReadKind::Account => Reply::Account(Box::new(slot.view(account))),
         };

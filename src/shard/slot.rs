@@ -62,6 +62,7 @@ impl Slot {
             status: "open",
             created: self.created,
             memo: e.and_then(|e| e.memo.as_deref()).map(str::to_owned),
+            as_of: None,
         }
     }
 }

@@ -56,6 +56,11 @@ pub struct BalanceReply {
     pub held: i64,
     /// The balance less what is held and what transfers not yet committed reserved.
     pub available: i64,
+    /// A stale read's position: the id of the last record the member had
+    /// applied when it answered (every record up to it is reflected, none
+    /// after). Absent from the leader's answers, which are current.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub as_of: Option<u64>,
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -69,6 +74,11 @@ pub struct AccountView {
     /// Milliseconds since the Unix epoch.
     pub created: u64,
     pub memo: Option<String>,
+    /// A stale read's position: the id of the last record the member had
+    /// applied when it answered (every record up to it is reflected, none
+    /// after). Absent from the leader's answers, which are current.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub as_of: Option<u64>,
 }
 
 /// A 32-byte hash, sent as 64 lower-case hex digits. Kept as bytes until
@@ -186,6 +196,11 @@ pub struct HistoryReply {
     pub transfers: Vec<TransferView>,
     /// Pass as `after` to get the next page; absent on the last page.
     pub next: Option<u64>,
+    /// A stale read's position: the id of the last record the member had
+    /// applied when it answered (every record up to it is reflected, none
+    /// after). Absent from the leader's answers, which are current.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub as_of: Option<u64>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
