@@ -218,6 +218,12 @@ mod tests {
         }
     }
 
+    /// A read arriving now, waiting for its confirmation.
+    fn arrive(index: &Arc<ReadIndex>) -> tokio::task::JoinHandle<Result<(), Refused>> {
+        let (index, ticket) = (index.clone(), index.ticket());
+        tokio::spawn(async move { index.confirm(ticket).await })
+    }
+
     /// Whether `read` is still waiting after everything runnable has run
     /// (the test's runtime has one thread: yielding runs the rest).
     async fn waiting<T>(read: &tokio::task::JoinHandle<T>) -> bool {
@@ -231,18 +237,12 @@ mod tests {
     async fn a_read_is_confirmed_only_by_a_round_begun_after_it_arrived() {
         let hand = Arc::new(Hand::default());
         let index = hand.index();
-        let first = tokio::spawn({
-            let (index, ticket) = (index.clone(), index.ticket());
-            async move { index.confirm(ticket).await }
-        });
+        let first = arrive(&index);
         assert!(waiting(&first).await);
         assert_eq!(hand.begun.load(Ordering::SeqCst), 1);
         // Arrives while round 1 runs: round 1 may have sent its heartbeats
         // before this read came, so it must not count for it.
-        let second = tokio::spawn({
-            let (index, ticket) = (index.clone(), index.ticket());
-            async move { index.confirm(ticket).await }
-        });
+        let second = arrive(&index);
         hand.end(Ok(())).await;
         assert_eq!(first.await.unwrap(), Ok(()));
         assert!(waiting(&second).await, "confirmed by a round begun before it arrived");
@@ -276,18 +276,12 @@ mod tests {
     async fn a_deposed_leader_refuses_at_once_and_a_lost_majority_after_some_tries() {
         let hand = Arc::new(Hand::default());
         let index = hand.index();
-        let read = tokio::spawn({
-            let (index, ticket) = (index.clone(), index.ticket());
-            async move { index.confirm(ticket).await }
-        });
+        let read = arrive(&index);
         hand.end(Err(Refused::NotLeader)).await;
         assert_eq!(read.await.unwrap(), Err(Refused::NotLeader));
         assert_eq!(hand.begun.load(Ordering::SeqCst), 1);
 
-        let read = tokio::spawn({
-            let (index, ticket) = (index.clone(), index.ticket());
-            async move { index.confirm(ticket).await }
-        });
+        let read = arrive(&index);
         for _ in 1..TRIES {
             hand.end(Err(Refused::NoQuorum)).await;
             assert!(waiting(&read).await, "refused before {TRIES} tries");
@@ -314,10 +308,7 @@ mod tests {
         assert_eq!(index.confirm(index.ticket()).await, Err(Refused::NoQuorum));
         assert!(started.elapsed() >= Duration::from_millis(500));
         // The round was given up too: the next read begins another.
-        let read = tokio::spawn({
-            let (index, ticket) = (index.clone(), index.ticket());
-            async move { index.confirm(ticket).await }
-        });
+        let read = arrive(&index);
         assert!(waiting(&read).await);
         assert_eq!(hand.begun.load(Ordering::SeqCst), 2);
         read.abort();
