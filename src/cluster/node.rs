@@ -211,11 +211,26 @@ impl Node {
         (m.state == ServerState::Leader && m.current_leader == Some(self.me)).then_some(m.current_term)
     }
 
-    /// Waits until this member has applied everything the cluster
-    /// committed (openraft's read index: a majority confirms the leader),
-    /// bounded by `within`.
+    /// Waits until this member, leading, has applied everything the
+    /// cluster committed (openraft's read index: a majority confirms the
+    /// leader) and everything in its own log, bounded by `within`.
+    ///
+    /// The second wait is for entries a ledger run before this one
+    /// proposed and gave up on (`unknown_outcome`): they stay in the
+    /// leader's log and may commit at any later moment. A run that loaded
+    /// its ledger before such an entry applied would never see it, and its
+    /// reads, confirmed by the read index, would miss a committed write
+    /// (one a retry with the same key reports as done). A leader never
+    /// drops entries of its own term, and until it serves nothing else is
+    /// appended but openraft's own, so once the last one is applied the
+    /// ledger loaded next holds every entry that can commit in this term.
     pub async fn caught_up(&self, within: Duration) -> bool {
-        matches!(tokio::time::timeout(within, self.raft.ensure_linearizable()).await, Ok(Ok(_)))
+        let waits = async {
+            self.raft.ensure_linearizable().await.ok()?;
+            let last = self.raft.metrics().borrow().last_log_index;
+            self.raft.wait(None).applied_index_at_least(last, "the leader's own log").await.ok()
+        };
+        matches!(tokio::time::timeout(within, waits).await, Ok(Some(_)))
     }
 
     /// Stops the member port and Raft.
