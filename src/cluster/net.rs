@@ -352,21 +352,106 @@ pub struct Network {
     /// on one address (not 0.0.0.0): a firewall then tells members apart
     /// by address, whichever way a connection goes.
     bind: Option<IpAddr>,
-    /// Proven connections no [`Peer`] uses now, by address: openraft makes
-    /// a client for each round of the read index, and each would otherwise
-    /// dial and prove itself anew.
-    idle: Idle,
+    /// This member's connections to the others: the idle ones, and how
+    /// many are open.
+    pool: Pool,
 }
 
-/// Idle connections by the address they go to, at most [`IDLE_KEPT`] each.
-type Idle = Arc<Mutex<HashMap<String, Vec<(Channel, Instant)>>>>;
+/// A member as connections to it are counted: its id and address (a
+/// connection proves itself to one id at one address).
+type Target = (u64, String);
+
+/// Connections to each member: openraft makes a client for each round of
+/// the read index, and each would otherwise dial and prove itself anew;
+/// and since it lets a round's heartbeats run on after the round is
+/// decided, a member slow to answer would otherwise be sent a new
+/// connection per round, past its own limit on connections (which would
+/// then refuse the leader's replication and other members' votes too).
+#[derive(Clone, Default)]
+struct Pool(Arc<Mutex<HashMap<Target, Conns>>>);
+
+#[derive(Default)]
+struct Conns {
+    /// Connections no [`Peer`] uses now, at most [`IDLE_KEPT`].
+    idle: Vec<(Channel, Instant, Open)>,
+    /// Connections open, idle or in use.
+    open: usize,
+}
 
 /// Idle connections kept to one member.
 const IDLE_KEPT: usize = 2;
+/// Connections open to one member at once: one for replication, the rest
+/// for read-index heartbeats and votes. A member serves
+/// [`CONNECTIONS_MAX`] in all.
+const PEER_CONNECTIONS_MAX: usize = 8;
+
+/// One open connection's place in its member's count, given back on drop.
+struct Open {
+    pool: Pool,
+    target: Target,
+}
+
+impl Drop for Open {
+    fn drop(&mut self) {
+        if let Ok(mut pool) = self.pool.0.lock() {
+            if let Some(c) = pool.get_mut(&self.target) {
+                c.open -= 1;
+                if c.open == 0 {
+                    pool.remove(&self.target);
+                }
+            }
+        }
+    }
+}
+
+impl Pool {
+    /// An idle connection to `target`, if one is fresh enough.
+    fn take(&self, target: &Target) -> Option<(Channel, Instant, Open)> {
+        let mut pool = self.0.lock().ok()?;
+        let conns = pool.get_mut(target)?;
+        // Stale ones are dropped after the lock is let go (their `Open`
+        // takes it again).
+        let mut stale = Vec::new();
+        let found = loop {
+            match conns.idle.pop() {
+                Some(c) if c.1.elapsed() < PEER_IDLE_MAX => break Some(c),
+                Some(c) => stale.push(c),
+                None => break None,
+            }
+        };
+        drop(pool);
+        drop(stale);
+        found
+    }
+
+    /// A place for a new connection to `target`, unless it has
+    /// [`PEER_CONNECTIONS_MAX`] open.
+    fn open(&self, target: &Target) -> Option<Open> {
+        let mut pool = self.0.lock().ok()?;
+        let conns = pool.entry(target.clone()).or_default();
+        if conns.open >= PEER_CONNECTIONS_MAX {
+            return None;
+        }
+        conns.open += 1;
+        Some(Open { pool: self.clone(), target: target.clone() })
+    }
+
+    /// Keeps `c` for the next client, if there is room; else closes it.
+    fn give_back(&self, target: &Target, c: (Channel, Instant, Open)) {
+        let Ok(mut pool) = self.0.lock() else { return };
+        let Some(conns) = pool.get_mut(target) else { return };
+        if conns.idle.len() < IDLE_KEPT {
+            conns.idle.push(c);
+            return;
+        }
+        drop(pool);
+        drop(c);
+    }
+}
 
 impl Network {
     pub fn new(me: u64, secret: Secret) -> Network {
-        Network { me, secret, bind: None, idle: Idle::default() }
+        Network { me, secret, bind: None, pool: Pool::default() }
     }
 
     /// The same, its connections leaving from `ip` (unless unspecified).
@@ -388,7 +473,7 @@ impl RaftNetworkFactory<TypeConfig> for Network {
             secret: self.secret.clone(),
             bind: self.bind,
             channel: None,
-            idle: self.idle.clone(),
+            pool: self.pool.clone(),
         }
     }
 }
@@ -401,20 +486,15 @@ pub struct Peer {
     secret: Secret,
     bind: Option<IpAddr>,
     /// The connection between calls, and when it was last used.
-    channel: Option<(Channel, Instant)>,
-    idle: Idle,
+    channel: Option<(Channel, Instant, Open)>,
+    pool: Pool,
 }
 
 impl Drop for Peer {
     /// Leaves a working connection for the next client to this member.
     fn drop(&mut self) {
-        let Some(channel) = self.channel.take() else { return };
-        if let Ok(mut idle) = self.idle.lock() {
-            let kept = idle.entry(self.addr.clone()).or_default();
-            kept.retain(|(_, used)| used.elapsed() < PEER_IDLE_MAX);
-            if kept.len() < IDLE_KEPT {
-                kept.push(channel);
-            }
+        if let Some(c) = self.channel.take() {
+            self.pool.give_back(&(self.target, self.addr.clone()), c);
         }
     }
 }
@@ -431,15 +511,22 @@ impl Peer {
         // end that gives up (and drops the connection) first.
         let ttl = option.soft_ttl();
         let exchange = async {
-            let reused = self
-                .channel
-                .take()
-                .or_else(|| self.idle.lock().ok().and_then(|mut idle| idle.get_mut(&self.addr)?.pop()))
-                .filter(|(_, used)| used.elapsed() < PEER_IDLE_MAX);
-            let mut ch = match reused {
-                Some((ch, _)) => ch,
+            let target = (self.target, self.addr.clone());
+            let reused = match self.channel.take() {
+                Some(c) if c.1.elapsed() < PEER_IDLE_MAX => Some(c),
+                _ => self.pool.take(&target),
+            };
+            let (mut ch, _, open) = match reused {
+                Some(c) => c,
                 // Not reached: openraft backs off before trying again.
-                None => self.connect().await.map_err(|e| Failure::<E>::Unreachable(Unreachable::new(&e)))?,
+                None => {
+                    let Some(open) = self.pool.open(&target) else {
+                        let e = io::Error::other(format!("{PEER_CONNECTIONS_MAX} connections to this member are open"));
+                        return Err(Failure::<E>::Unreachable(Unreachable::new(&e)));
+                    };
+                    let ch = self.connect().await.map_err(|e| Failure::<E>::Unreachable(Unreachable::new(&e)))?;
+                    (ch, Instant::now(), open)
+                }
             };
             let answer = async {
                 ch.send(&rpc).await?;
@@ -447,7 +534,7 @@ impl Peer {
             };
             let answer = answer.await.map_err(|e| Failure::<E>::Network(NetworkError::new(&e)))?;
             // Only a connection whose every request was answered is kept.
-            self.channel = Some((ch, Instant::now()));
+            self.channel = Some((ch, Instant::now(), open));
             Ok::<_, Failure<E>>(answer)
         };
         let answer = match tokio::time::timeout(ttl, exchange).await {

@@ -407,3 +407,51 @@ async fn clients_made_one_after_another_share_one_connection() {
     assert_eq!((x.unwrap().vote.leader_id().term, y.unwrap().vote.leader_id().term), (8, 9));
     assert_eq!(accepted.load(std::sync::atomic::Ordering::SeqCst), 2);
 }
+
+/// A member that proves itself and then never answers: openraft lets a
+/// read round's heartbeats run on, so clients to it pile up; past
+/// `PEER_CONNECTIONS_MAX` a client gives up at once instead of dialing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_member_that_does_not_answer_is_sent_a_bounded_number_of_connections() {
+    let secret = Secret::new(SECRET).unwrap();
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let member = Member { client: String::new(), raft: listener.local_addr().unwrap().to_string() };
+    let accepted = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    tokio::spawn({
+        let (secret, accepted) = (secret.clone(), accepted.clone());
+        async move {
+            let mut held = Vec::new();
+            loop {
+                let (stream, _) = listener.accept().await.unwrap();
+                accepted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                held.push(Channel::accept(stream, &secret, 2).await.unwrap());
+            }
+        }
+    });
+    let mut network = Network::new(1, secret);
+    let option = RPCOption::new(Duration::from_secs(3));
+    let mut calls = Vec::new();
+    for term in 0..12 {
+        let mut peer = network.new_client(2, &member).await;
+        let option = option.clone();
+        calls.push(tokio::spawn(async move {
+            peer.vote(VoteRequest { vote: Vote::new(term, 1), last_log_id: None }, option).await
+        }));
+    }
+    let (mut refused, mut timed_out) = (0, 0);
+    for c in calls {
+        match c.await.unwrap() {
+            Err(RPCError::Unreachable(_)) => refused += 1,
+            Err(RPCError::Network(_)) => timed_out += 1,
+            other => panic!("{other:?}"),
+        }
+    }
+    assert_eq!((timed_out, refused), (super::PEER_CONNECTIONS_MAX, 12 - super::PEER_CONNECTIONS_MAX));
+    assert_eq!(accepted.load(std::sync::atomic::Ordering::SeqCst), super::PEER_CONNECTIONS_MAX);
+    // Connections given up on are closed and counted out: the next client dials.
+    let mut peer = network.new_client(2, &member).await;
+    let option = RPCOption::new(Duration::from_millis(200));
+    let e = peer.vote(VoteRequest { vote: Vote::new(20, 1), last_log_id: None }, option).await.unwrap_err();
+    assert!(matches!(e, RPCError::Network(_)), "{e:?}");
+    assert_eq!(accepted.load(std::sync::atomic::Ordering::SeqCst), super::PEER_CONNECTIONS_MAX + 1);
+}
