@@ -368,11 +368,9 @@ async fn a_member_just_started_votes_only_after_a_lease() {
     let _ = (&mut node.served).await;
 }
 
-/// openraft makes a client for every round of the read index: a new
-/// client to a member takes up a connection an earlier one left, rather
-/// than dial and prove itself again.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn clients_made_one_after_another_share_one_connection() {
+/// Member 2, counting the connections it accepts; it answers votes, or
+/// (`answers` false) proves itself and then never answers.
+async fn counted_member(answers: bool) -> (Secret, Member, Arc<std::sync::atomic::AtomicUsize>) {
     let secret = Secret::new(SECRET).unwrap();
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let member = Member { client: String::new(), raft: listener.local_addr().unwrap().to_string() };
@@ -380,14 +378,28 @@ async fn clients_made_one_after_another_share_one_connection() {
     tokio::spawn({
         let (secret, accepted) = (secret.clone(), accepted.clone());
         async move {
+            let mut held = Vec::new();
             loop {
                 let (stream, _) = listener.accept().await.unwrap();
                 accepted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
                 let ch = Channel::accept(stream, &secret, 2).await.unwrap();
-                tokio::spawn(answer_votes(ch));
+                if answers {
+                    tokio::spawn(answer_votes(ch));
+                } else {
+                    held.push(ch);
+                }
             }
         }
     });
+    (secret, member, accepted)
+}
+
+/// openraft makes a client for every round of the read index: a new
+/// client to a member takes up a connection an earlier one left, rather
+/// than dial and prove itself again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clients_made_one_after_another_share_one_connection() {
+    let (secret, member, accepted) = counted_member(true).await;
     let mut network = Network::new(1, secret);
     let option = RPCOption::new(Duration::from_secs(5));
     for term in 1..=5 {
@@ -413,21 +425,7 @@ async fn clients_made_one_after_another_share_one_connection() {
 /// `PEER_CONNECTIONS_MAX` a client gives up at once instead of dialing.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_member_that_does_not_answer_is_sent_a_bounded_number_of_connections() {
-    let secret = Secret::new(SECRET).unwrap();
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let member = Member { client: String::new(), raft: listener.local_addr().unwrap().to_string() };
-    let accepted = Arc::new(std::sync::atomic::AtomicUsize::new(0));
-    tokio::spawn({
-        let (secret, accepted) = (secret.clone(), accepted.clone());
-        async move {
-            let mut held = Vec::new();
-            loop {
-                let (stream, _) = listener.accept().await.unwrap();
-                accepted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-                held.push(Channel::accept(stream, &secret, 2).await.unwrap());
-            }
-        }
-    });
+    let (secret, member, accepted) = counted_member(false).await;
     let mut network = Network::new(1, secret);
     let option = RPCOption::new(Duration::from_secs(3));
     let mut calls = Vec::new();
