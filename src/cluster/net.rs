@@ -511,16 +511,18 @@ impl Peer {
         // end that gives up (and drops the connection) first.
         let ttl = option.soft_ttl();
         let exchange = async {
-            let target = (self.target, self.addr.clone());
+            // The member's key is built only when the pool is asked: a
+            // replication stream keeps its own connection call after call.
+            let target = || (self.target, self.addr.clone());
             let reused = match self.channel.take() {
                 Some(c) if c.1.elapsed() < PEER_IDLE_MAX => Some(c),
-                _ => self.pool.take(&target),
+                _ => self.pool.take(&target()),
             };
             let (mut ch, _, open) = match reused {
                 Some(c) => c,
                 // Not reached: openraft backs off before trying again.
                 None => {
-                    let Some(open) = self.pool.open(&target) else {
+                    let Some(open) = self.pool.open(&target()) else {
                         let e = io::Error::other(format!("{PEER_CONNECTIONS_MAX} connections to this member are open"));
                         return Err(Failure::<E>::Unreachable(Unreachable::new(&e)));
                     };

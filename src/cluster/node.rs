@@ -114,9 +114,7 @@ impl Serving {
             )
         })
     }
-}
 
-impl Serving {
     /// Waits until the read index confirms, after a read that arrived when
     /// `ticket` was taken, that this member still leads.
     pub async fn confirm_read(&self, ticket: u64) -> Result<(), ApiError> {
