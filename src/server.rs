@@ -483,7 +483,7 @@ async fn serve_member(config: Config) -> Result<(), StartError> {
         let serving = Arc::new(crate::cluster::node::Serving {
             view: node.view.clone(),
             raft: node.raft.clone(),
-            leading: leading.is_some(),
+            leading,
             deposed: deposed.clone(),
             machine: node.machine.clone(),
             stale_reads: node.stale_reads.clone(),

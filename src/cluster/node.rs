@@ -70,9 +70,9 @@ pub struct Serving {
     pub view: Arc<View>,
     /// The member's Raft, for membership changes.
     pub raft: Raft<TypeConfig>,
-    /// Whether this run was started as the leader's (with the cluster's
-    /// applied state loaded).
-    pub leading: bool,
+    /// The term this run leads in, if it was started as the leader's
+    /// (with the cluster's applied state loaded).
+    pub leading: Option<u64>,
     /// Cancelled when the leader's journal stops proposing.
     pub deposed: CancellationToken,
     /// The applied ledger: what a stale read is answered from.
@@ -87,7 +87,7 @@ impl Serving {
     /// Whether this run takes requests that read or change the ledger.
     #[must_use]
     pub fn serves(&self) -> bool {
-        self.leading && !self.deposed.is_cancelled()
+        self.leading.is_some() && !self.deposed.is_cancelled()
     }
 
     /// Why a leader must not answer now, if it must not: no majority has
@@ -116,9 +116,10 @@ impl Serving {
     }
 
     /// Waits until the read index confirms, after a read that arrived when
-    /// `ticket` was taken, that this member still leads.
+    /// `ticket` was taken, that this member still leads in this run's term.
     pub async fn confirm_read(&self, ticket: u64) -> Result<(), ApiError> {
-        match self.reads.confirm(ticket).await {
+        let Some(term) = self.leading else { return Err(self.view.not_leader()) };
+        match self.reads.confirm(ticket, term).await {
             Ok(()) => Ok(()),
             Err(Refused::NotLeader) => Err(self.view.not_leader()),
             Err(Refused::NoQuorum) => Err(ApiError::new(

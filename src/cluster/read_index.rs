@@ -33,6 +33,13 @@
 //!   round refused because another member leads answers `not_leader` at
 //!   once.
 //!
+//! - **A round confirms one term.** The read index is the member's, not a
+//!   ledger run's: a member that lost leadership and won it back in a
+//!   later term confirms rounds again, while a run started in the earlier
+//!   term (not yet stopped) lacks what the leader in between acknowledged.
+//!   A read counts a round only if it confirmed the term the read's run
+//!   leads in; any other term answers `not_leader`.
+//!
 //! Writes need no round: they commit through Raft, and a refusal by the
 //! rules changes nothing (the lease still fences it).
 
@@ -61,8 +68,9 @@ pub enum Refused {
     NoQuorum,
 }
 
-/// One round: a majority confirms this leader, or why not.
-pub type Round = Pin<Box<dyn Future<Output = Result<(), Refused>> + Send>>;
+/// One round: a majority confirms this member as the leader of a term, or
+/// why not.
+pub type Round = Pin<Box<dyn Future<Output = Result<u64, Refused>> + Send>>;
 
 /// The rounds so far. Numbers count up from 1; only one runs at a time, so
 /// they end in the order they began.
@@ -72,8 +80,8 @@ struct Rounds {
     begun: u64,
     /// Whether round `begun` is still running.
     running: bool,
-    /// The last round confirmed (0: none).
-    confirmed: u64,
+    /// The last round confirmed (0: none), and the term it confirmed.
+    confirmed: (u64, u64),
     /// The last round that failed, and why.
     failed: (u64, Option<Refused>),
 }
@@ -98,8 +106,11 @@ impl ReadIndex {
         let round = move || -> Round {
             let raft = raft.clone();
             Box::pin(async move {
+                // The read log id is at least the leader's first entry of
+                // its term, so its term is the term confirmed.
                 match raft.get_read_log_id().await {
-                    Ok(_) => Ok(()),
+                    Ok((Some(read), _)) => Ok(read.leader_id.term),
+                    Ok((None, _)) => Err(Refused::NotLeader),
                     Err(RaftError::APIError(CheckIsLeaderError::ForwardToLeader(_))) => Err(Refused::NotLeader),
                     Err(_) => Err(Refused::NoQuorum),
                 }
@@ -115,8 +126,8 @@ impl ReadIndex {
     }
 
     /// Returns once a round begun after `ticket` was taken confirms this
-    /// leader, or says why none did.
-    pub async fn confirm(self: &Arc<Self>, ticket: u64) -> Result<(), Refused> {
+    /// member as the leader of `term`, or says why none did.
+    pub async fn confirm(self: &Arc<Self>, ticket: u64, term: u64) -> Result<(), Refused> {
         let mut rounds = self.rounds.subscribe();
         let wait = async {
             let mut seen_failed = ticket;
@@ -124,8 +135,8 @@ impl ReadIndex {
             loop {
                 let idle = {
                     let r = rounds.borrow_and_update();
-                    if r.confirmed > ticket {
-                        return Ok(());
+                    if r.confirmed.0 > ticket {
+                        return if r.confirmed.1 == term { Ok(()) } else { Err(Refused::NotLeader) };
                     }
                     if r.failed.0 > seen_failed {
                         seen_failed = r.failed.0;
@@ -168,7 +179,7 @@ impl ReadIndex {
             me.rounds.send_modify(|r| {
                 r.running = false;
                 match outcome {
-                    Ok(()) => r.confirmed = n,
+                    Ok(term) => r.confirmed = (n, term),
                     Err(why) => r.failed = (n, Some(why)),
                 }
             });
@@ -189,7 +200,7 @@ mod tests {
     #[derive(Default)]
     struct Hand {
         begun: AtomicU64,
-        open: Mutex<Vec<oneshot::Sender<Result<(), Refused>>>>,
+        open: Mutex<Vec<oneshot::Sender<Result<u64, Refused>>>>,
     }
 
     impl Hand {
@@ -207,7 +218,7 @@ mod tests {
         }
 
         /// Ends the one round running, once it has begun.
-        async fn end(&self, outcome: Result<(), Refused>) {
+        async fn end(&self, outcome: Result<u64, Refused>) {
             let tx = loop {
                 if let Some(tx) = self.open.lock().unwrap().pop() {
                     break tx;
@@ -218,10 +229,14 @@ mod tests {
         }
     }
 
-    /// A read arriving now, waiting for its confirmation.
+    /// The term the reads' ledger run leads in.
+    const TERM: u64 = 7;
+
+    /// A read arriving now in a run leading in [`TERM`], waiting for its
+    /// confirmation.
     fn arrive(index: &Arc<ReadIndex>) -> tokio::task::JoinHandle<Result<(), Refused>> {
         let (index, ticket) = (index.clone(), index.ticket());
-        tokio::spawn(async move { index.confirm(ticket).await })
+        tokio::spawn(async move { index.confirm(ticket, TERM).await })
     }
 
     /// Whether `read` is still waiting after everything runnable has run
@@ -243,12 +258,26 @@ mod tests {
         // Arrives while round 1 runs: round 1 may have sent its heartbeats
         // before this read came, so it must not count for it.
         let second = arrive(&index);
-        hand.end(Ok(())).await;
+        hand.end(Ok(TERM)).await;
         assert_eq!(first.await.unwrap(), Ok(()));
         assert!(waiting(&second).await, "confirmed by a round begun before it arrived");
         assert_eq!(hand.begun.load(Ordering::SeqCst), 2);
-        hand.end(Ok(())).await;
+        hand.end(Ok(TERM)).await;
         assert_eq!(second.await.unwrap(), Ok(()));
+    }
+
+    /// A run of an earlier term, still answering while this member leads
+    /// again in a later one, lacks what the leader in between wrote.
+    #[tokio::test]
+    async fn a_round_that_confirmed_another_term_refuses_the_read() {
+        let hand = Arc::new(Hand::default());
+        let index = hand.index();
+        let read = arrive(&index);
+        hand.end(Ok(TERM + 2)).await;
+        assert_eq!(read.await.unwrap(), Err(Refused::NotLeader));
+        let read = arrive(&index);
+        hand.end(Ok(TERM)).await;
+        assert_eq!(read.await.unwrap(), Ok(()));
     }
 
     #[tokio::test]
@@ -259,13 +288,13 @@ mod tests {
         let reads: Vec<_> = (0..50)
             .map(|_| {
                 let index = index.clone();
-                tokio::spawn(async move { index.confirm(ticket).await })
+                tokio::spawn(async move { index.confirm(ticket, TERM).await })
             })
             .collect();
         for r in &reads {
             assert!(waiting(r).await);
         }
-        hand.end(Ok(())).await;
+        hand.end(Ok(TERM)).await;
         for r in reads {
             assert_eq!(r.await.unwrap(), Ok(()));
         }
@@ -305,7 +334,7 @@ mod tests {
             Duration::from_millis(500),
         );
         let started = tokio::time::Instant::now();
-        assert_eq!(index.confirm(index.ticket()).await, Err(Refused::NoQuorum));
+        assert_eq!(index.confirm(index.ticket(), TERM).await, Err(Refused::NoQuorum));
         assert!(started.elapsed() >= Duration::from_millis(500));
         // The round was given up too: the next read begins another.
         let read = arrive(&index);
