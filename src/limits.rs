@@ -289,3 +289,9 @@ pub const CLUSTER_ENTRIES_PER_MESSAGE: u64 = 8;
 /// They run on the blocking pool, which also carries the member's Raft log
 /// and state machine: a flood of them must not stall its replication.
 pub const CLUSTER_STALE_READS_MAX: usize = 8;
+
+/// openraft's own log lines: at most one per source line in this long. A
+/// member that stops answering makes openraft log an error for every
+/// heartbeat and every read round it misses, hundreds a second under
+/// reads: unbounded, they would fill the disk under the log.
+pub const OPENRAFT_LINE_EVERY_MS: u64 = 10_000;

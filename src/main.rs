@@ -364,10 +364,10 @@ fn no_huge_pages() {
 
 fn main() -> ExitCode {
     use std::io::IsTerminal;
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("TALLY_LOG").unwrap_or_else(|_| "info,openraft=warn".into()),
-        )
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
+    use tracing_subscriber::Layer;
+    let lines = tracing_subscriber::fmt::layer()
         .with_writer(std::io::stderr)
         // Colour codes only for a person at a terminal, never in log files.
         .with_ansi(std::io::stderr().is_terminal())
@@ -375,6 +375,10 @@ fn main() -> ExitCode {
         // file) is lost; reporting it would print to the same stderr,
         // whose failure panics, and a panic stops the server.
         .log_internal_errors(false)
+        .with_filter(tally::cluster::quiet::Quiet::default());
+    tracing_subscriber::registry()
+        .with(tracing_subscriber::EnvFilter::try_from_env("TALLY_LOG").unwrap_or_else(|_| "info,openraft=warn".into()))
+        .with(lines)
         .init();
     let cli = Cli::parse();
     match cli.command {

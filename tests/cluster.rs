@@ -514,6 +514,28 @@ async fn a_leader_whose_followers_stopped_answers_no_read_until_a_majority_confi
     assert_eq!(common::balance(&admin, &account(1)).await, EACH + 3);
 }
 
+/// A follower that stops answering makes openraft log an error for every
+/// read round and heartbeat it misses: the leader writes one line per
+/// openraft source line a while, not one per read.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stopped_follower_does_not_flood_the_leaders_log() {
+    let cluster = Cluster::start(3);
+    let (leader, _token, admin) = cluster.open_bank(2).await;
+    let follower = cluster.members.keys().copied().find(|id| *id != leader).unwrap();
+    let before = cluster.members[&leader].log().len();
+    cluster.members[&follower].signal("-STOP");
+    // Each read waits for a round of its own; the other follower makes
+    // the majority.
+    for _ in 0..300 {
+        assert_eq!(common::balance(&admin, &account(1)).await, EACH);
+    }
+    let log = cluster.members[&leader].log();
+    cluster.members[&follower].signal("-CONT");
+    let openraft: Vec<&str> = log[before..].lines().filter(|l| l.contains("openraft")).collect();
+    assert!(openraft.iter().any(|l| l.contains("confirming leadership")), "the missed rounds were not logged at all");
+    assert!(openraft.len() <= 30, "{} openraft lines for 300 reads:\n{}", openraft.len(), openraft.join("\n"));
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_member_whose_data_was_wiped_catches_up_through_a_snapshot() {
     // Snapshots every 10 entries, so the log the wiped member would need

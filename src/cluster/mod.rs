@@ -11,7 +11,8 @@
 //! - [`net`]: openraft's RPCs between members that prove they hold the
 //!   cluster's secret, every frame authenticated;
 //! - [`node`]: a member as the server runs it, and who leads;
-//! - [`read_index`]: what a read on the leader waits for.
+//! - [`read_index`]: what a read on the leader waits for;
+//! - [`quiet`]: openraft's log lines, at most one per source line a while.
 
 use serde::{Deserialize, Serialize};
 
@@ -19,6 +20,7 @@ pub mod ledger;
 pub mod log;
 pub mod net;
 pub mod node;
+pub mod quiet;
 pub mod read_index;
 #[cfg(test)]
 mod testing;

@@ -1,0 +1,102 @@
+//! openraft's log lines, at most one per source line every
+//! [`OPENRAFT_LINE_EVERY_MS`].
+//!
+//! openraft logs at error level each heartbeat and each read-index round
+//! that a member misses: with one member down and reads arriving, the
+//! leader wrote about 600 lines a second, one per round. The first line
+//! of a kind always shows; its repeats within the interval are dropped.
+//! Tally's own lines are never dropped: only targets under `openraft`.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use tracing::callsite::Identifier;
+use tracing::subscriber::Interest;
+use tracing::Metadata;
+use tracing_subscriber::layer::{Context, Filter};
+
+use crate::limits::OPENRAFT_LINE_EVERY_MS;
+
+/// A [`Filter`] letting through one line per openraft call site per
+/// interval, and everything else.
+pub struct Quiet {
+    every: Duration,
+    /// When each call site last got a line through: one entry per call
+    /// site in openraft's code, so bounded by its source.
+    shown: Mutex<HashMap<Identifier, Instant>>,
+}
+
+impl Default for Quiet {
+    fn default() -> Self {
+        Quiet::new(Duration::from_millis(OPENRAFT_LINE_EVERY_MS))
+    }
+}
+
+impl Quiet {
+    #[must_use]
+    pub fn new(every: Duration) -> Quiet {
+        Quiet { every, shown: Mutex::new(HashMap::new()) }
+    }
+
+    fn throttled(metadata: &Metadata<'_>) -> bool {
+        metadata.target().starts_with("openraft")
+    }
+
+    /// Whether a line from `site` at `now` is shown.
+    fn admit(&self, site: Identifier, now: Instant) -> bool {
+        let Ok(mut shown) = self.shown.lock() else { return true };
+        match shown.get(&site) {
+            Some(at) if now.saturating_duration_since(*at) < self.every => false,
+            _ => {
+                shown.insert(site, now);
+                true
+            }
+        }
+    }
+}
+
+impl<S> Filter<S> for Quiet {
+    fn enabled(&self, metadata: &Metadata<'_>, _: &Context<'_, S>) -> bool {
+        // Spans pass: only events are lines.
+        !(Self::throttled(metadata) && metadata.is_event()) || self.admit(metadata.callsite(), Instant::now())
+    }
+
+    fn callsite_enabled(&self, metadata: &'static Metadata<'static>) -> Interest {
+        // Asked per event for openraft's, so each can be counted.
+        if Self::throttled(metadata) {
+            Interest::sometimes()
+        } else {
+            Interest::always()
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Two distinct call sites, as openraft's two `error!`s would be (a
+    /// subscriber is set, so the spans are enabled and have metadata).
+    fn sites() -> (Identifier, Identifier) {
+        tracing::subscriber::with_default(tracing_subscriber::registry(), || {
+            let one = tracing::info_span!("one").metadata().expect("enabled").callsite();
+            (one, tracing::info_span!("two").metadata().expect("enabled").callsite())
+        })
+    }
+
+    #[test]
+    fn one_line_per_call_site_per_interval() {
+        let quiet = Quiet::new(Duration::from_secs(10));
+        let (a, b) = sites();
+        let t0 = Instant::now();
+        assert!(quiet.admit(a.clone(), t0));
+        assert!(!quiet.admit(a.clone(), t0 + Duration::from_millis(1)));
+        assert!(!quiet.admit(a.clone(), t0 + Duration::from_millis(9_999)));
+        // Another line is not held back by the first.
+        assert!(quiet.admit(b.clone(), t0 + Duration::from_millis(1)));
+        assert!(quiet.admit(a.clone(), t0 + Duration::from_secs(10)));
+        assert!(!quiet.admit(a, t0 + Duration::from_secs(11)));
+        assert!(!quiet.admit(b, t0 + Duration::from_secs(5)));
+    }
+}
