@@ -33,12 +33,12 @@
 //!   round refused because another member leads answers `not_leader` at
 //!   once.
 //!
-//! - **A round confirms one term.** The read index is the member's, not a
-//!   ledger run's: a member that lost leadership and won it back in a
-//!   later term confirms rounds again, while a run started in the earlier
-//!   term (not yet stopped) lacks what the leader in between acknowledged.
-//!   A read counts a round only if it confirmed the term the read's run
-//!   leads in; any other term answers `not_leader`.
+//! A round confirms one term. The read index is the member's, not a ledger
+//! run's: a member that lost leadership and won it back in a later term
+//! confirms rounds again, while a run started in the earlier term (not yet
+//! stopped) lacks what the leader in between acknowledged. A read counts a
+//! round only if it confirmed the term the read's run leads in; any other
+//! term answers `not_leader`.
 //!
 //! Writes need no round: they commit through Raft, and a refusal by the
 //! rules changes nothing (the lease still fences it).
