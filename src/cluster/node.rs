@@ -120,6 +120,9 @@ impl Serving {
     pub async fn confirm_read(&self, ticket: u64) -> Result<(), ApiError> {
         let Some(term) = self.leading else { return Err(self.view.not_leader()) };
         match self.reads.confirm(ticket, term).await {
+            // Deposed while it waited: Raft may still lead this term, but
+            // this run's ledger no longer answers for the cluster.
+            Ok(()) if self.deposed.is_cancelled() => Err(self.view.not_leader()),
             Ok(()) => Ok(()),
             Err(Refused::NotLeader) => Err(self.view.not_leader()),
             Err(Refused::NoQuorum) => Err(ApiError::new(

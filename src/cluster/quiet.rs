@@ -5,7 +5,8 @@
 //! that a member misses: with one member down and reads arriving, the
 //! leader wrote about 600 lines a second, one per round. The first line
 //! of a kind always shows; its repeats within the interval are dropped.
-//! Tally's own lines are never dropped: only targets under `openraft`.
+//! Tally's own lines are never dropped: only warnings and errors of
+//! targets under `openraft`.
 
 use std::collections::HashMap;
 use std::sync::Mutex;
@@ -39,8 +40,10 @@ impl Quiet {
         Quiet { every, shown: Mutex::new(HashMap::new()) }
     }
 
+    /// openraft's warnings and errors: its debug lines are shown only to
+    /// an operator who asked for them (`TALLY_LOG`), and then whole.
     fn throttled(metadata: &Metadata<'_>) -> bool {
-        metadata.target().starts_with("openraft")
+        metadata.target().starts_with("openraft") && *metadata.level() <= tracing::Level::WARN
     }
 
     /// Whether a line from `site` at `now` is shown.
@@ -57,9 +60,15 @@ impl Quiet {
 }
 
 impl<S> Filter<S> for Quiet {
-    fn enabled(&self, metadata: &Metadata<'_>, _: &Context<'_, S>) -> bool {
-        // Spans pass: only events are lines.
-        !(Self::throttled(metadata) && metadata.is_event()) || self.admit(metadata.callsite(), Instant::now())
+    fn enabled(&self, _: &Metadata<'_>, _: &Context<'_, S>) -> bool {
+        true
+    }
+
+    /// Counted here, once every filter let the event through: a line the
+    /// log filter drops does not take its call site's turn.
+    fn event_enabled(&self, event: &tracing::Event<'_>, _: &Context<'_, S>) -> bool {
+        let metadata = event.metadata();
+        !Self::throttled(metadata) || self.admit(metadata.callsite(), Instant::now())
     }
 
     fn callsite_enabled(&self, metadata: &'static Metadata<'static>) -> Interest {
