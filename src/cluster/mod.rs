@@ -12,7 +12,8 @@
 //!   cluster's secret, every frame authenticated;
 //! - [`node`]: a member as the server runs it, and who leads;
 //! - [`read_index`]: what a read on the leader waits for;
-//! - [`quiet`]: openraft's log lines, at most one per source line a while.
+//! - [`quiet`]: openraft's warnings and errors, at most one per source
+//!   line every 10 s.
 
 use serde::{Deserialize, Serialize};
 

@@ -10,34 +10,37 @@
 
 use std::collections::HashMap;
 use std::sync::Mutex;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use tracing::callsite::Identifier;
 use tracing::subscriber::Interest;
 use tracing::Metadata;
 use tracing_subscriber::layer::{Context, Filter};
 
+use crate::guard::Recent;
 use crate::limits::OPENRAFT_LINE_EVERY_MS;
 
 /// A [`Filter`] letting through one line per openraft call site per
 /// interval, and everything else.
 pub struct Quiet {
-    every: Duration,
-    /// When each call site last got a line through: one entry per call
+    every_ms: u64,
+    /// What the milliseconds count from.
+    start: Instant,
+    /// The lines each call site got through lately: one entry per call
     /// site in openraft's code, so bounded by its source.
-    shown: Mutex<HashMap<Identifier, Instant>>,
+    shown: Mutex<HashMap<Identifier, Recent>>,
 }
 
 impl Default for Quiet {
     fn default() -> Self {
-        Quiet::new(Duration::from_millis(OPENRAFT_LINE_EVERY_MS))
+        Quiet::new(OPENRAFT_LINE_EVERY_MS)
     }
 }
 
 impl Quiet {
     #[must_use]
-    pub fn new(every: Duration) -> Quiet {
-        Quiet { every, shown: Mutex::new(HashMap::new()) }
+    pub fn new(every_ms: u64) -> Quiet {
+        Quiet { every_ms, start: Instant::now(), shown: Mutex::new(HashMap::new()) }
     }
 
     /// openraft's warnings and errors: its debug lines are shown only to
@@ -46,16 +49,10 @@ impl Quiet {
         metadata.target().starts_with("openraft") && *metadata.level() <= tracing::Level::WARN
     }
 
-    /// Whether a line from `site` at `now` is shown.
-    fn admit(&self, site: Identifier, now: Instant) -> bool {
+    /// Whether a line from `site` at `now_ms` is shown.
+    fn admit(&self, site: Identifier, now_ms: u64) -> bool {
         let Ok(mut shown) = self.shown.lock() else { return true };
-        match shown.get(&site) {
-            Some(at) if now.saturating_duration_since(*at) < self.every => false,
-            _ => {
-                shown.insert(site, now);
-                true
-            }
-        }
+        shown.entry(site).or_default().take(1, self.every_ms, now_ms).is_ok()
     }
 }
 
@@ -68,7 +65,8 @@ impl<S> Filter<S> for Quiet {
     /// log filter drops does not take its call site's turn.
     fn event_enabled(&self, event: &tracing::Event<'_>, _: &Context<'_, S>) -> bool {
         let metadata = event.metadata();
-        !Self::throttled(metadata) || self.admit(metadata.callsite(), Instant::now())
+        let now_ms = u64::try_from(self.start.elapsed().as_millis()).unwrap_or(u64::MAX);
+        !Self::throttled(metadata) || self.admit(metadata.callsite(), now_ms)
     }
 
     fn callsite_enabled(&self, metadata: &'static Metadata<'static>) -> Interest {
@@ -96,16 +94,15 @@ mod tests {
 
     #[test]
     fn one_line_per_call_site_per_interval() {
-        let quiet = Quiet::new(Duration::from_secs(10));
+        let quiet = Quiet::new(10_000);
         let (a, b) = sites();
-        let t0 = Instant::now();
-        assert!(quiet.admit(a.clone(), t0));
-        assert!(!quiet.admit(a.clone(), t0 + Duration::from_millis(1)));
-        assert!(!quiet.admit(a.clone(), t0 + Duration::from_millis(9_999)));
+        assert!(quiet.admit(a.clone(), 0));
+        assert!(!quiet.admit(a.clone(), 1));
+        assert!(!quiet.admit(a.clone(), 9_999));
         // Another line is not held back by the first.
-        assert!(quiet.admit(b.clone(), t0 + Duration::from_millis(1)));
-        assert!(quiet.admit(a.clone(), t0 + Duration::from_secs(10)));
-        assert!(!quiet.admit(a, t0 + Duration::from_secs(11)));
-        assert!(!quiet.admit(b, t0 + Duration::from_secs(5)));
+        assert!(quiet.admit(b.clone(), 1));
+        assert!(quiet.admit(a.clone(), 10_000));
+        assert!(!quiet.admit(a, 11_000));
+        assert!(!quiet.admit(b, 5_000));
     }
 }
