@@ -256,16 +256,28 @@ async fn start_on(
     let limits = config.ledger_limits();
 
     let loading = std::time::Instant::now();
-    let mut loaded = store::load(&db, limits)?;
     let n = config.shards;
-    // Room for each shard's share (and some), so that loading does not
-    // rehash millions of entries as the maps grow.
-    let share = loaded.accounts.len() / n + loaded.accounts.len() / (4 * n) + 16;
-    let mut per_shard: Vec<AccountMap<Slot>> = (0..n).map(|_| AccountMap::with_capacity(share)).collect();
-    for a in std::mem::take(&mut loaded.accounts) {
-        let mut slot = Slot::new(&a.meta, a.balance, a.last);
-        slot.acct.held = a.held;
-        per_shard[shard_index(&a.id, n)].insert(a.id.as_str().into(), slot);
+    // Each shard's map is built from the accounts' rows while the book is
+    // built and the records replayed (`load_with`), then brought up to
+    // date for the accounts those changed.
+    let (loaded, mut per_shard) = store::load_with(&db, limits, |accounts| {
+        // Room for each shard's share (and some), so that loading does not
+        // rehash millions of entries as the maps grow.
+        let share = accounts.len / n + accounts.len / (4 * n) + 16;
+        let mut per_shard: Vec<AccountMap<Slot>> = (0..n).map(|_| AccountMap::with_capacity(share)).collect();
+        for a in accounts {
+            let shard = shard_index(a.id.as_str(), n);
+            per_shard[shard].insert(a.id.clone(), Slot::loaded(a));
+        }
+        per_shard
+    })?;
+    for (id, b) in loaded.book.iter().filter(|(_, b)| b.dirty || b.held != 0) {
+        let slot = per_shard[shard_index(id, n)]
+            .get_mut(id)
+            .ok_or_else(|| StartError::Other(format!("account {id} is in the book but in no shard")))?;
+        slot.acct.balance = b.balance;
+        slot.acct.held = b.held;
+        slot.last = b.last;
     }
     let sum = loaded.book.sum();
     if sum != 0 {

@@ -124,10 +124,16 @@ impl Book {
 
     /// Adds an account under the next number and returns that number.
     pub fn insert(&mut self, id: &str, account: BookAccount) -> u32 {
+        self.insert_key(id.into(), account)
+    }
+
+    /// [`Book::insert`] with the id already a key (loading has them so).
+    pub fn insert_key(&mut self, id: AccountKey, account: BookAccount) -> u32 {
         let num = u32::try_from(self.entries.len()).expect("fewer than 2^32 accounts");
         let (hasher, entries) = (&self.hasher, &self.entries);
-        self.index.insert_unique(hasher.hash_one(id), num, |&n| hasher.hash_one(entries[n as usize].id.as_str()));
-        self.entries.push(Entry { id: id.into(), account });
+        let hash = hasher.hash_one(id.as_str());
+        self.index.insert_unique(hash, num, |&n| hasher.hash_one(entries[n as usize].id.as_str()));
+        self.entries.push(Entry { id, account });
         num
     }
 

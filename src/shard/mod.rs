@@ -27,7 +27,7 @@ use ractor::{Actor, ActorProcessingErr, ActorRef};
 pub use self::keys::KeyReader;
 use self::keys::{Check, Fingerprint, Keys};
 pub use self::router::{shard_index, Outbox, ShardRouter};
-pub use self::slot::{Extra, Slot};
+pub use self::slot::Slot;
 use crate::auth::Principal;
 use crate::contract::{Command, CreateCmd, HoldSpec, JournalHandle, TransferCmd};
 use crate::error::{ApiError, ErrorCode};
@@ -538,8 +538,7 @@ impl ShardState {
             }
             Effect::Tagged(account, tags) => {
                 if let Some(s) = self.accounts.get_mut(&account) {
-                    let extra =
-                        s.extra.get_or_insert_with(|| Box::new(Extra { owner: None, tags: Box::new([]), memo: None }));
+                    let extra = s.extra.get_or_insert_with(Box::default);
                     extra.tags = tags.iter().map(|t| t.as_str().into()).collect();
                 }
             }

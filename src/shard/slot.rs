@@ -1,7 +1,7 @@
 //! What an owning shard keeps about one account.
 
 use crate::ledger::{OwnerAccount, Status};
-use crate::store::AccountMeta;
+use crate::store::{AccountExtra, AccountMeta, LoadedAccount};
 use crate::wire::AccountView;
 
 /// Everything the owner keeps about one account. Kept small: a million of
@@ -13,19 +13,12 @@ pub struct Slot {
     /// Milliseconds since the Unix epoch.
     pub created: u64,
     /// Owner, tags and memo, when any is set.
-    pub extra: Option<Box<Extra>>,
+    pub extra: Option<Box<AccountExtra>>,
     /// The account's number in the journal's book (passed along with its
     /// debits, to save the journal a lookup).
     pub num: u32,
     /// Created by a command the journal has not committed yet.
     pub creating: bool,
-}
-
-/// The rarely set parts of an account.
-pub struct Extra {
-    pub owner: Option<Box<str>>,
-    pub tags: Box<[Box<str>]>,
-    pub memo: Option<Box<str>>,
 }
 
 impl Slot {
@@ -36,14 +29,17 @@ impl Slot {
         if meta.deleted.is_some() {
             acct.status = Status::Deleted;
         }
-        let extra = (meta.owner.is_some() || !meta.tags.is_empty() || meta.memo.is_some()).then(|| {
-            Box::new(Extra {
-                owner: meta.owner.as_deref().map(Into::into),
-                tags: meta.tags.iter().map(|t| t.as_str().into()).collect(),
-                memo: meta.memo.as_deref().map(Into::into),
-            })
-        });
-        Slot { acct, last, created: meta.created, extra, num: meta.num, creating: false }
+        Slot { acct, last, created: meta.created, extra: AccountExtra::of(meta), num: meta.num, creating: false }
+    }
+
+    /// A slot for an account as loaded at start-up (its extra parts moved in).
+    #[must_use]
+    pub fn loaded(a: LoadedAccount) -> Slot {
+        let mut acct = OwnerAccount::new(a.balance);
+        if a.deleted {
+            acct.status = Status::Deleted;
+        }
+        Slot { acct, last: a.last, created: a.created, extra: a.extra, num: a.num, creating: false }
     }
 
     #[must_use]

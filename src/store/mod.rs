@@ -79,8 +79,8 @@ pub use queries::{
     load_users, put_key, put_user, redeems, ListFilter,
 };
 pub use record::{record_hash, ChunkWriter, Head, RecordRef, TransferRecord};
-pub use recovery::{load, replay, replay_noting, Loaded, LoadedAccount};
-pub use rows::{AccountMeta, HoldRecord, KeyRecord, RedeemRecord, RedeemStatus, Tombstone, UserRecord};
+pub use recovery::{load, load_with, replay, replay_noting, Loaded, LoadedAccount, LoadedAccounts};
+pub use rows::{AccountExtra, AccountMeta, HoldRecord, KeyRecord, RedeemRecord, RedeemStatus, Tombstone, UserRecord};
 
 /// The journal's records in chunks (module docs).
 pub const CHUNKS: TableDefinition<u64, &[u8]> = TableDefinition::new("chunks");

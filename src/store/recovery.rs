@@ -7,22 +7,83 @@ use super::record::{for_each_record, with_record};
 use super::*;
 use redb::{Database, ReadableDatabase, ReadableTable, ReadableTableMetadata};
 
-use crate::ledger::{Book, BookAccount, Kind, Limits, Status, TREASURY};
+use crate::ledger::{AccountKey, Book, BookAccount, Kind, Limits, Status, TREASURY};
 
-/// An account as loaded at start-up.
+/// An account as loaded at start-up, handed to its owning shard.
 pub struct LoadedAccount {
-    pub id: String,
-    pub meta: AccountMeta,
+    pub id: AccountKey,
+    /// Its balance row: the balance and last transfer as of the checkpoint.
     pub balance: i64,
-    /// Its last transfer (head of its history list).
     pub last: u64,
-    /// Held by open holds.
-    pub held: i64,
+    /// Milliseconds since the Unix epoch.
+    pub created: u64,
+    /// The key of its balance row (its place in the book).
+    pub num: u32,
+    pub deleted: bool,
+    /// Owner, tags and memo, when any is set (most accounts have none).
+    pub extra: Option<Box<AccountExtra>>,
 }
 
-/// The committed state: every account with its balance, and the head.
+/// An account's row as the book is built from it: compact (56 bytes), as
+/// start-up holds one per account, in number order, at once.
+pub(super) struct BookRow {
+    id: AccountKey,
+    balance: i64,
+    last: u64,
+    deleted: bool,
+}
+
+/// An account's stored metadata decoded straight into the form its slot
+/// keeps (`AccountMeta`'s fields, by name): no intermediate copies of its
+/// strings, and nothing kept of a deleted account but that it is.
+#[derive(serde::Deserialize)]
+pub(super) struct StoredMeta {
+    pub num: u32,
+    pub owner: Option<Box<str>>,
+    pub tags: Box<[Box<str>]>,
+    pub created: u64,
+    pub memo: Option<Box<str>>,
+    pub deleted: Option<serde::de::IgnoredAny>,
+}
+
+impl StoredMeta {
+    pub(super) fn decode(bytes: &[u8]) -> Result<StoredMeta, StoreError> {
+        rmp_serde::from_slice(bytes).map_err(|e| StoreError::Corrupt(format!("account: {e}")))
+    }
+}
+
+/// The accounts as start-up reads them, in key order, in batches handed
+/// over from the reading thread (see [`load_with`]).
+pub struct LoadedAccounts {
+    /// How many accounts there are in all.
+    pub len: usize,
+    batches: std::sync::mpsc::Receiver<Vec<LoadedAccount>>,
+    batch: std::vec::IntoIter<LoadedAccount>,
+}
+
+impl Iterator for LoadedAccounts {
+    type Item = LoadedAccount;
+
+    fn next(&mut self) -> Option<LoadedAccount> {
+        loop {
+            if let Some(a) = self.batch.next() {
+                return Some(a);
+            }
+            self.batch = self.batches.recv().ok()?.into_iter();
+        }
+    }
+}
+
+/// Accounts handed over at a time: large enough that the hand-over costs
+/// nothing per account, small enough to stay in the cache.
+const LOADED_BATCH: usize = 4096;
+
+/// Batches on their way to the owners at most: the reader waits beyond
+/// that, so the hand-over holds a bounded number of accounts.
+const LOADED_BATCHES_QUEUED: usize = 16;
+
+/// The committed state: every account's balance in the book, and the head.
 pub struct Loaded {
-    pub accounts: Vec<LoadedAccount>,
     pub book: Book,
     pub head: Head,
     /// Open holds that expire: (expires_at, id).
@@ -86,22 +147,74 @@ pub fn replay_noting(
 }
 
 /// Reads the balance rows and replays the records after the checkpoint,
-/// checking that they chain onto each other and end at the head. Used at
-/// start-up, by the journal to recover from a failed commit, and by `audit`.
+/// checking that they chain onto each other and end at the head. Used by
+/// the journal to recover from a failed commit, and by cluster members.
 pub fn load(db: &Database, limits: Limits) -> Result<Loaded, StoreError> {
-    let txn = db.begin_read()?;
-    load_txn(&txn, limits)
+    load_with(db, limits, |_| ()).map(|(loaded, ())| loaded)
 }
 
-pub(super) fn load_txn(txn: &redb::ReadTransaction, limits: Limits) -> Result<Loaded, StoreError> {
-    let head = read_head(txn)?;
-    let checkpoint = read_checkpoint(txn)?;
+/// [`load`], handing every account as its rows stand to `owners`, which
+/// runs on a thread of its own: start-up builds the shards' maps there
+/// while this thread reads the accounts and then builds the book and
+/// replays the records, so the two halves of a 10M-account start overlap
+/// on two cores. What `owners` got is stale for exactly the accounts the
+/// replay or an open hold changed: the book's entries that are `dirty` or
+/// have something `held`. Should loading fail, `owners` sees the accounts
+/// end early and its result is dropped.
+pub fn load_with<T: Send>(
+    db: &Database,
+    limits: Limits,
+    owners: impl FnOnce(LoadedAccounts) -> T + Send,
+) -> Result<(Loaded, T), StoreError> {
+    let txn = db.begin_read()?;
+    load_txn(&txn, limits, owners)
+}
+
+/// [`load_with`] within one read transaction (`audit` reads more in it).
+pub(super) fn load_txn<T: Send>(
+    txn: &redb::ReadTransaction,
+    limits: Limits,
+    owners: impl FnOnce(LoadedAccounts) -> T + Send,
+) -> Result<(Loaded, T), StoreError> {
+    let started = std::time::Instant::now();
+    let accounts_table = txn.open_table(ACCOUNTS)?;
+    let n = usize::try_from(accounts_table.len()?).unwrap_or(0);
+    let (tx, rx) = std::sync::mpsc::sync_channel(LOADED_BATCHES_QUEUED);
+    let accounts = LoadedAccounts { len: n, batches: rx, batch: Vec::new().into_iter() };
+    std::thread::scope(|scope| {
+        let owners = std::thread::Builder::new()
+            .name("tally-load".into())
+            .spawn_scoped(scope, || {
+                let t = owners(accounts);
+                tracing::debug!(ms = started.elapsed().as_millis() as u64, "the owners' accounts built");
+                t
+            })
+            .map_err(|e| StoreError::Corrupt(format!("could not start a loading thread: {e}")))?;
+        let loaded = read_rows(txn, &accounts_table, n, tx).and_then(|rows| {
+            tracing::debug!(ms = started.elapsed().as_millis() as u64, "the accounts read");
+            replay_onto(txn, limits, rows)
+        });
+        tracing::debug!(ms = started.elapsed().as_millis() as u64, "the book built and the tail replayed");
+        let owners = match owners.join() {
+            Ok(t) => t,
+            Err(panic) => std::panic::resume_unwind(panic),
+        };
+        Ok((loaded?, owners))
+    })
+}
+
+/// Reads every account with its balance row: the book's part in number
+/// order, returned; the owners' part sent on `to_owners` in key order.
+fn read_rows(
+    txn: &redb::ReadTransaction,
+    accounts_table: &redb::ReadOnlyTable<&'static str, &'static [u8]>,
+    n: usize,
+    to_owners: std::sync::mpsc::SyncSender<Vec<LoadedAccount>>,
+) -> Result<Vec<BookRow>, StoreError> {
     // The balance rows are read in key (number) order and joined to the
     // accounts by number: one pass over each table, where a lookup per
     // account read the balances tree in random order (~40 s of a 62 s
     // start with 10M accounts).
-    let accounts_table = txn.open_table(ACCOUNTS)?;
-    let n = usize::try_from(accounts_table.len()?).unwrap_or(0);
     let mut balances: Vec<(i64, u64)> = vec![(0, 0); n];
     for row in txn.open_table(BALANCES)?.iter()? {
         let (num, v) = row?;
@@ -109,13 +222,14 @@ pub(super) fn load_txn(txn: &redb::ReadTransaction, limits: Limits) -> Result<Lo
             .get_mut(num.value() as usize)
             .ok_or_else(|| StoreError::Corrupt("balance rows without accounts".into()))? = v.value();
     }
-    // Each account goes straight to its place by number (sorting ~150-byte
+    // Each account goes straight to its place by number (sorting the
     // entries moved gigabytes with 10M accounts).
-    let mut by_num: Vec<Option<LoadedAccount>> = Vec::with_capacity(n);
+    let mut by_num: Vec<Option<BookRow>> = Vec::with_capacity(n);
     by_num.resize_with(n, || None);
+    let mut batch = Vec::with_capacity(LOADED_BATCH);
     for row in accounts_table.iter()? {
         let (k, v) = row?;
-        let meta = AccountMeta::decode(v.value())?;
+        let meta = StoredMeta::decode(v.value())?;
         let num = meta.num as usize;
         let (balance, last) = balances.get(num).copied().unwrap_or((0, 0));
         let place =
@@ -123,16 +237,37 @@ pub(super) fn load_txn(txn: &redb::ReadTransaction, limits: Limits) -> Result<Lo
         if place.is_some() {
             return Err(StoreError::Corrupt(format!("account number {num} is used twice")));
         }
-        *place = Some(LoadedAccount { id: k.value().to_owned(), meta, balance, last, held: 0 });
+        let id = AccountKey::from(k.value());
+        let deleted = meta.deleted.is_some();
+        *place = Some(BookRow { id: id.clone(), balance, last, deleted });
+        let has_extra = meta.owner.is_some() || !meta.tags.is_empty() || meta.memo.is_some();
+        let extra = has_extra.then(|| Box::new(AccountExtra { owner: meta.owner, tags: meta.tags, memo: meta.memo }));
+        batch.push(LoadedAccount { id, balance, last, created: meta.created, num: meta.num, deleted, extra });
+        if batch.len() == LOADED_BATCH {
+            // The owners stopped only if they panicked; the join reports it.
+            let _ = to_owners.send(std::mem::replace(&mut batch, Vec::with_capacity(LOADED_BATCH)));
+        }
     }
-    drop(balances);
-    let mut book = Book::empty(limits, n);
-    let mut accounts = Vec::with_capacity(n);
-    for (expected, a) in by_num.into_iter().enumerate() {
-        let a = a.ok_or_else(|| StoreError::Corrupt(format!("account numbers skip {expected}")))?;
-        let status = if a.meta.deleted.is_some() { Status::Deleted } else { Status::Open };
-        book.insert(&a.id, BookAccount::new(a.balance, status, a.last));
-        accounts.push(a);
+    let _ = to_owners.send(batch);
+    drop(to_owners);
+    // Collected in place: `Option<BookRow>` has the same size (a niche), so
+    // the 10M rows are not copied into a second vector.
+    by_num
+        .into_iter()
+        .enumerate()
+        .map(|(num, a)| a.ok_or_else(|| StoreError::Corrupt(format!("account numbers skip {num}"))))
+        .collect()
+}
+
+/// The book built from the accounts' rows, with the records after the
+/// checkpoint replayed onto it and the open holds' amounts held.
+fn replay_onto(txn: &redb::ReadTransaction, limits: Limits, rows: Vec<BookRow>) -> Result<Loaded, StoreError> {
+    let head = read_head(txn)?;
+    let checkpoint = read_checkpoint(txn)?;
+    let mut book = Book::empty(limits, rows.len());
+    for a in rows {
+        let status = if a.deleted { Status::Deleted } else { Status::Open };
+        book.insert_key(a.id, BookAccount::new(a.balance, status, a.last));
     }
     let chunks = txn.open_table(CHUNKS)?;
     let mut prev = match checkpoint {
@@ -175,14 +310,7 @@ pub(super) fn load_txn(txn: &redb::ReadTransaction, limits: Limits) -> Result<Lo
             expiring.push((h.expires_at, h.id));
         }
     }
-    // The book numbered the accounts in this order.
-    for (num, a) in (0u32..).zip(&mut accounts) {
-        let b = book.by_num(num).expect("inserted above");
-        a.balance = b.balance;
-        a.last = b.last;
-        a.held = b.held;
-    }
-    Ok(Loaded { accounts, book, head, expiring })
+    Ok(Loaded { book, head, expiring })
 }
 
 pub(super) fn read_head(txn: &redb::ReadTransaction) -> Result<Head, StoreError> {

@@ -20,6 +20,29 @@ pub struct AccountMeta {
     pub deleted: Option<Tombstone>,
 }
 
+/// The rarely set parts of an account, as its owning shard keeps them:
+/// most accounts have none, so a slot holds these behind an `Option<Box>`.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct AccountExtra {
+    pub owner: Option<Box<str>>,
+    pub tags: Box<[Box<str>]>,
+    pub memo: Option<Box<str>>,
+}
+
+impl AccountExtra {
+    /// The extra parts of `meta`, when it has any.
+    #[must_use]
+    pub fn of(meta: &AccountMeta) -> Option<Box<AccountExtra>> {
+        (meta.owner.is_some() || !meta.tags.is_empty() || meta.memo.is_some()).then(|| {
+            Box::new(AccountExtra {
+                owner: meta.owner.as_deref().map(Into::into),
+                tags: meta.tags.iter().map(|t| t.as_str().into()).collect(),
+                memo: meta.memo.as_deref().map(Into::into),
+            })
+        })
+    }
+}
+
 /// What is left of a deleted account.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Tombstone {

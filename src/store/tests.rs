@@ -263,3 +263,68 @@ fn records_kept_one_per_row_move_into_chunks_on_open() {
     let a = audit(&db).unwrap();
     assert_eq!((a.transfers, a.chain_ok), (135, true));
 }
+
+/// `load_with` hands the owners each account as its rows stand, and the book marks `dirty` exactly the accounts the replayed
+/// tail changed since: start-up brings the owners' slots up to date from
+/// those entries and no others.
+#[test]
+fn the_owners_see_the_rows_and_the_book_marks_what_the_tail_changed() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = open(&dir.path().join("t.redb")).unwrap();
+    let limits = Limits { min_balance: 0, max_balance: None };
+    append_records(&db, &[(Kind::Mint, "@mint", "@treasury", 100, 0)]);
+    // The rows take in record 1: the checkpoint is there.
+    let mut book = load(&db, limits).unwrap().book;
+    let txn = db.begin_write().unwrap();
+    write_rows(&txn, &mut book, 0..3).unwrap();
+    write_checkpoint(&txn, 1).unwrap();
+    txn.commit().unwrap();
+    // A tail after the checkpoint that moves only @treasury and @redeemed.
+    append_records(&db, &[(Kind::Transfer, "@treasury", "@redeemed", 30, 0)]);
+
+    let (loaded, mut seen) = load_with(&db, limits, |accounts| {
+        assert_eq!(accounts.len, 3);
+        accounts.map(|a| (a.id.as_str().to_owned(), a.num, a.balance, a.last)).collect::<Vec<_>>()
+    })
+    .unwrap();
+    seen.sort_by_key(|&(_, num, _, _)| num);
+    let rows = [("@mint", 0, -100, 1), ("@treasury", 1, 100, 1), ("@redeemed", 2, 0, 0)];
+    assert_eq!(seen, rows.map(|(id, num, balance, last)| (id.to_owned(), num, balance, last)));
+    let book: Vec<(&str, i64, u64, bool)> =
+        loaded.book.iter().map(|(id, a)| (id, a.balance, a.last, a.dirty)).collect();
+    assert_eq!(book, [("@mint", -100, 1, false), ("@treasury", 70, 2, true), ("@redeemed", 30, 2, true)]);
+}
+
+/// Start-up holds one of these per account (10M at once), collected in
+/// place from `Option`s: both only while they stay this small.
+#[test]
+fn a_book_row_stays_compact() {
+    use super::recovery::BookRow;
+    assert!(std::mem::size_of::<BookRow>() <= 56, "{}", std::mem::size_of::<BookRow>());
+    assert_eq!(std::mem::size_of::<Option<BookRow>>(), std::mem::size_of::<BookRow>());
+}
+
+/// Start-up decodes the accounts' rows as `StoredMeta`, straight into the
+/// slots' form: it must read every `AccountMeta` as `AccountMeta` does.
+#[test]
+fn stored_metadata_reads_as_account_meta_does() {
+    use super::recovery::StoredMeta;
+    let full = AccountMeta {
+        num: 7,
+        owner: Some("ana".into()),
+        tags: vec!["club".into(), "staff".into()],
+        created: 1_700_000_000_000,
+        memo: Some("opened at the desk".into()),
+        deleted: Some(Tombstone { reason: "left".into(), time: 5 }),
+    };
+    let bare = AccountMeta { num: 3, created: 9, ..AccountMeta::default() };
+    for meta in [full, bare] {
+        let s = StoredMeta::decode(&meta.encode()).unwrap();
+        assert_eq!(s.num, meta.num);
+        assert_eq!(s.created, meta.created);
+        assert_eq!(s.deleted.is_some(), meta.deleted.is_some());
+        let extra = AccountExtra { owner: s.owner, tags: s.tags, memo: s.memo };
+        assert_eq!(AccountExtra::of(&meta).map(|e| *e).unwrap_or_default(), extra);
+    }
+    assert!(StoredMeta::decode(b"\x91\x07").is_err());
+}
