@@ -265,7 +265,7 @@ async fn start_on(
         // rehash millions of entries as the maps grow.
         let share = accounts.len / n + accounts.len / (4 * n) + 16;
         let mut per_shard: Vec<AccountMap<Slot>> = (0..n).map(|_| AccountMap::with_capacity(share)).collect();
-        for a in accounts {
+        for a in accounts.by_ref() {
             let shard = shard_index(a.id.as_str(), n);
             per_shard[shard].insert(a.id.clone(), Slot::loaded(a));
         }

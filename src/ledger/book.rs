@@ -124,17 +124,30 @@ impl Book {
 
     /// Adds an account under the next number and returns that number.
     pub fn insert(&mut self, id: &str, account: BookAccount) -> u32 {
-        self.insert_key(id.into(), account)
+        let num = u32::try_from(self.entries.len()).expect("fewer than 2^32 accounts");
+        let (hasher, entries) = (&self.hasher, &self.entries);
+        self.index.insert_unique(hasher.hash_one(id), num, |&n| hasher.hash_one(entries[n as usize].id.as_str()));
+        self.entries.push(Entry { id: id.into(), account });
+        num
     }
 
-    /// [`Book::insert`] with the id already a key (loading has them so).
-    pub fn insert_key(&mut self, id: AccountKey, account: BookAccount) -> u32 {
-        let num = u32::try_from(self.entries.len()).expect("fewer than 2^32 accounts");
+    /// A book of `n` accounts numbered `0..n`, each to be put in place with
+    /// [`Book::fill`]: loading reads the accounts in id order, not number
+    /// order, and builds the book as it reads them.
+    #[must_use]
+    pub fn unfilled(limits: Limits, n: usize) -> Self {
+        let blank = Entry { id: AccountKey::from(""), account: BookAccount::new(0, Status::Open, 0) };
+        Book { entries: vec![blank; n], ..Book::empty(limits, n) }
+    }
+
+    /// Puts account `id` at number `num` of an [`Book::unfilled`] book.
+    /// The caller fills each number exactly once (loading checks it);
+    /// until then, `num` is found under no id.
+    pub fn fill(&mut self, num: u32, id: AccountKey, account: BookAccount) {
         let (hasher, entries) = (&self.hasher, &self.entries);
         let hash = hasher.hash_one(id.as_str());
         self.index.insert_unique(hash, num, |&n| hasher.hash_one(entries[n as usize].id.as_str()));
-        self.entries.push(Entry { id, account });
-        num
+        self.entries[num as usize] = Entry { id, account };
     }
 
     /// Number of accounts, deleted ones included.

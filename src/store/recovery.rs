@@ -24,15 +24,6 @@ pub struct LoadedAccount {
     pub extra: Option<Box<AccountExtra>>,
 }
 
-/// An account's row as the book is built from it: compact (56 bytes), as
-/// start-up holds one per account, in number order, at once.
-pub(super) struct BookRow {
-    id: AccountKey,
-    balance: i64,
-    last: u64,
-    deleted: bool,
-}
-
 /// An account's stored metadata decoded straight into the form its slot
 /// keeps (`AccountMeta`'s fields, by name): no intermediate copies of its
 /// strings, and nothing kept of a deleted account but that it is.
@@ -53,12 +44,47 @@ impl StoredMeta {
 }
 
 /// The accounts as start-up reads them, in key order, in batches handed
-/// over from the reading thread (see [`load_with`]).
+/// over from the reading thread (see [`load_with`]). Each account is put
+/// in its place in the book as it passes, so the book is built on the
+/// owners' thread too, beside the shards' maps, while the reader decodes.
 pub struct LoadedAccounts {
     /// How many accounts there are in all.
     pub len: usize,
     batches: std::sync::mpsc::Receiver<Vec<LoadedAccount>>,
     batch: std::vec::IntoIter<LoadedAccount>,
+    book: Book,
+    filled: Vec<bool>,
+    error: Option<StoreError>,
+}
+
+impl LoadedAccounts {
+    /// Puts `a` in its place in the book, once.
+    fn place(&mut self, a: &LoadedAccount) -> Result<(), StoreError> {
+        let num = a.num as usize;
+        let place = self
+            .filled
+            .get_mut(num)
+            .ok_or_else(|| StoreError::Corrupt(format!("account number {num} out of range")))?;
+        if std::mem::replace(place, true) {
+            return Err(StoreError::Corrupt(format!("account number {num} is used twice")));
+        }
+        let status = if a.deleted { Status::Deleted } else { Status::Open };
+        self.book.fill(a.num, a.id.clone(), BookAccount::new(a.balance, status, a.last));
+        Ok(())
+    }
+
+    /// The book, once every account has passed (those the owners left
+    /// are placed here).
+    fn finish(mut self) -> Result<Book, StoreError> {
+        self.by_ref().for_each(drop);
+        if let Some(e) = self.error {
+            return Err(e);
+        }
+        if let Some(skipped) = self.filled.iter().position(|f| !f) {
+            return Err(StoreError::Corrupt(format!("account numbers skip {skipped}")));
+        }
+        Ok(self.book)
+    }
 }
 
 impl Iterator for LoadedAccounts {
@@ -67,6 +93,14 @@ impl Iterator for LoadedAccounts {
     fn next(&mut self) -> Option<LoadedAccount> {
         loop {
             if let Some(a) = self.batch.next() {
+                if let Err(e) = self.place(&a) {
+                    // Nothing more passes; the reader's sends fail from now
+                    // on, so it cannot wait for room that never comes.
+                    self.error = Some(e);
+                    self.batches = std::sync::mpsc::sync_channel(0).1;
+                    self.batch = Vec::new().into_iter();
+                    return None;
+                }
                 return Some(a);
             }
             self.batch = self.batches.recv().ok()?.into_iter();
@@ -154,17 +188,17 @@ pub fn load(db: &Database, limits: Limits) -> Result<Loaded, StoreError> {
 }
 
 /// [`load`], handing every account as its rows stand to `owners`, which
-/// runs on a thread of its own: start-up builds the shards' maps there
-/// while this thread reads the accounts and then builds the book and
-/// replays the records, so the two halves of a 10M-account start overlap
-/// on two cores. What `owners` got is stale for exactly the accounts the
+/// runs on a thread of its own: start-up builds the shards' maps there,
+/// and the book is built on that thread as the accounts pass, while this
+/// one reads and decodes them; then it replays the records. The two
+/// halves of a 10M-account start overlap on two cores. What `owners` got is stale for exactly the accounts the
 /// replay or an open hold changed: the book's entries that are `dirty` or
 /// have something `held`. Should loading fail, `owners` sees the accounts
 /// end early and its result is dropped.
 pub fn load_with<T: Send>(
     db: &Database,
     limits: Limits,
-    owners: impl FnOnce(LoadedAccounts) -> T + Send,
+    owners: impl FnOnce(&mut LoadedAccounts) -> T + Send,
 ) -> Result<(Loaded, T), StoreError> {
     let txn = db.begin_read()?;
     load_txn(&txn, limits, owners)
@@ -174,43 +208,51 @@ pub fn load_with<T: Send>(
 pub(super) fn load_txn<T: Send>(
     txn: &redb::ReadTransaction,
     limits: Limits,
-    owners: impl FnOnce(LoadedAccounts) -> T + Send,
+    owners: impl FnOnce(&mut LoadedAccounts) -> T + Send,
 ) -> Result<(Loaded, T), StoreError> {
     let started = std::time::Instant::now();
     let accounts_table = txn.open_table(ACCOUNTS)?;
     let n = usize::try_from(accounts_table.len()?).unwrap_or(0);
     let (tx, rx) = std::sync::mpsc::sync_channel(LOADED_BATCHES_QUEUED);
-    let accounts = LoadedAccounts { len: n, batches: rx, batch: Vec::new().into_iter() };
+    let mut accounts = LoadedAccounts {
+        len: n,
+        batches: rx,
+        batch: Vec::new().into_iter(),
+        book: Book::unfilled(limits, n),
+        filled: vec![false; n],
+        error: None,
+    };
     std::thread::scope(|scope| {
         let owners = std::thread::Builder::new()
             .name("tally-load".into())
-            .spawn_scoped(scope, || {
-                let t = owners(accounts);
-                tracing::debug!(ms = started.elapsed().as_millis() as u64, "the owners' accounts built");
-                t
+            .spawn_scoped(scope, move || {
+                let t = owners(&mut accounts);
+                let book = accounts.finish();
+                tracing::debug!(ms = started.elapsed().as_millis() as u64, "the book and the owners' accounts built");
+                (book, t)
             })
             .map_err(|e| StoreError::Corrupt(format!("could not start a loading thread: {e}")))?;
-        let loaded = read_rows(txn, &accounts_table, n, tx).and_then(|rows| {
-            tracing::debug!(ms = started.elapsed().as_millis() as u64, "the accounts read");
-            replay_onto(txn, limits, rows)
-        });
-        tracing::debug!(ms = started.elapsed().as_millis() as u64, "the book built and the tail replayed");
-        let owners = match owners.join() {
-            Ok(t) => t,
+        let read = read_rows(txn, &accounts_table, n, tx);
+        tracing::debug!(ms = started.elapsed().as_millis() as u64, "the accounts read");
+        let (book, owners) = match owners.join() {
+            Ok(done) => done,
             Err(panic) => std::panic::resume_unwind(panic),
         };
-        Ok((loaded?, owners))
+        read?;
+        let loaded = replay_onto(txn, book?)?;
+        tracing::debug!(ms = started.elapsed().as_millis() as u64, "the tail replayed");
+        Ok((loaded, owners))
     })
 }
 
-/// Reads every account with its balance row: the book's part in number
-/// order, returned; the owners' part sent on `to_owners` in key order.
+/// Reads every account with its balance row and sends it on
+/// `to_owners`, in key order.
 fn read_rows(
     txn: &redb::ReadTransaction,
     accounts_table: &redb::ReadOnlyTable<&'static str, &'static [u8]>,
     n: usize,
     to_owners: std::sync::mpsc::SyncSender<Vec<LoadedAccount>>,
-) -> Result<Vec<BookRow>, StoreError> {
+) -> Result<(), StoreError> {
     // The balance rows are read in key (number) order and joined to the
     // accounts by number: one pass over each table, where a lookup per
     // account read the balances tree in random order (~40 s of a 62 s
@@ -222,53 +264,38 @@ fn read_rows(
             .get_mut(num.value() as usize)
             .ok_or_else(|| StoreError::Corrupt("balance rows without accounts".into()))? = v.value();
     }
-    // Each account goes straight to its place by number (sorting the
-    // entries moved gigabytes with 10M accounts).
-    let mut by_num: Vec<Option<BookRow>> = Vec::with_capacity(n);
-    by_num.resize_with(n, || None);
     let mut batch = Vec::with_capacity(LOADED_BATCH);
     for row in accounts_table.iter()? {
         let (k, v) = row?;
         let meta = StoredMeta::decode(v.value())?;
-        let num = meta.num as usize;
-        let (balance, last) = balances.get(num).copied().unwrap_or((0, 0));
-        let place =
-            by_num.get_mut(num).ok_or_else(|| StoreError::Corrupt(format!("account number {num} out of range")))?;
-        if place.is_some() {
-            return Err(StoreError::Corrupt(format!("account number {num} is used twice")));
-        }
-        let id = AccountKey::from(k.value());
-        let deleted = meta.deleted.is_some();
-        *place = Some(BookRow { id: id.clone(), balance, last, deleted });
+        let (balance, last) = balances.get(meta.num as usize).copied().unwrap_or((0, 0));
         let has_extra = meta.owner.is_some() || !meta.tags.is_empty() || meta.memo.is_some();
         let extra = has_extra.then(|| Box::new(AccountExtra { owner: meta.owner, tags: meta.tags, memo: meta.memo }));
-        batch.push(LoadedAccount { id, balance, last, created: meta.created, num: meta.num, deleted, extra });
+        let deleted = meta.deleted.is_some();
+        batch.push(LoadedAccount {
+            id: k.value().into(),
+            balance,
+            last,
+            created: meta.created,
+            num: meta.num,
+            deleted,
+            extra,
+        });
         if batch.len() == LOADED_BATCH {
-            // The owners stopped only if they panicked; the join reports it.
+            // Refused only once the owners' side found the accounts
+            // corrupt or panicked; its result reports which.
             let _ = to_owners.send(std::mem::replace(&mut batch, Vec::with_capacity(LOADED_BATCH)));
         }
     }
     let _ = to_owners.send(batch);
-    drop(to_owners);
-    // Collected in place: `Option<BookRow>` has the same size (a niche), so
-    // the 10M rows are not copied into a second vector.
-    by_num
-        .into_iter()
-        .enumerate()
-        .map(|(num, a)| a.ok_or_else(|| StoreError::Corrupt(format!("account numbers skip {num}"))))
-        .collect()
+    Ok(())
 }
 
-/// The book built from the accounts' rows, with the records after the
-/// checkpoint replayed onto it and the open holds' amounts held.
-fn replay_onto(txn: &redb::ReadTransaction, limits: Limits, rows: Vec<BookRow>) -> Result<Loaded, StoreError> {
+/// The book of the accounts' rows with the records after the checkpoint
+/// replayed onto it and the open holds' amounts held.
+fn replay_onto(txn: &redb::ReadTransaction, mut book: Book) -> Result<Loaded, StoreError> {
     let head = read_head(txn)?;
     let checkpoint = read_checkpoint(txn)?;
-    let mut book = Book::empty(limits, rows.len());
-    for a in rows {
-        let status = if a.deleted { Status::Deleted } else { Status::Open };
-        book.insert_key(a.id, BookAccount::new(a.balance, status, a.last));
-    }
     let chunks = txn.open_table(CHUNKS)?;
     let mut prev = match checkpoint {
         0 => GENESIS,

@@ -284,7 +284,7 @@ fn the_owners_see_the_rows_and_the_book_marks_what_the_tail_changed() {
 
     let (loaded, mut seen) = load_with(&db, limits, |accounts| {
         assert_eq!(accounts.len, 3);
-        accounts.map(|a| (a.id.as_str().to_owned(), a.num, a.balance, a.last)).collect::<Vec<_>>()
+        accounts.by_ref().map(|a| (a.id.as_str().to_owned(), a.num, a.balance, a.last)).collect::<Vec<_>>()
     })
     .unwrap();
     seen.sort_by_key(|&(_, num, _, _)| num);
@@ -293,15 +293,6 @@ fn the_owners_see_the_rows_and_the_book_marks_what_the_tail_changed() {
     let book: Vec<(&str, i64, u64, bool)> =
         loaded.book.iter().map(|(id, a)| (id, a.balance, a.last, a.dirty)).collect();
     assert_eq!(book, [("@mint", -100, 1, false), ("@treasury", 70, 2, true), ("@redeemed", 30, 2, true)]);
-}
-
-/// Start-up holds one of these per account (10M at once), collected in
-/// place from `Option`s: both only while they stay this small.
-#[test]
-fn a_book_row_stays_compact() {
-    use super::recovery::BookRow;
-    assert!(std::mem::size_of::<BookRow>() <= 56, "{}", std::mem::size_of::<BookRow>());
-    assert_eq!(std::mem::size_of::<Option<BookRow>>(), std::mem::size_of::<BookRow>());
 }
 
 /// Start-up decodes the accounts' rows as `StoredMeta`, straight into the
@@ -327,4 +318,42 @@ fn stored_metadata_reads_as_account_meta_does() {
         assert_eq!(AccountExtra::of(&meta).map(|e| *e).unwrap_or_default(), extra);
     }
     assert!(StoredMeta::decode(b"\x91\x07").is_err());
+}
+
+/// Accounts whose numbers repeat or run past the table are refused as
+/// corrupt (a skipped number implies one of the two), also when the fault
+/// comes early among more accounts than the reader may hand over ahead:
+/// it must not wait for room forever.
+#[test]
+fn account_numbers_that_repeat_or_overflow_are_refused() {
+    const N: u32 = 100_000;
+    type NumOf = fn(u32) -> u32;
+    let repeat: NumOf = |i| if i == 50 { 3 } else { 3 + i };
+    let overflow: NumOf = |i| if i == 50 { 10 * N } else { 3 + i };
+    let cases = [("used twice", repeat), ("out of range", overflow)];
+    for (want, num_of) in cases {
+        let dir = tempfile::tempdir().unwrap();
+        let db = open(&dir.path().join("t.redb")).unwrap();
+        let txn = db.begin_write().unwrap();
+        {
+            let mut accounts = txn.open_table(ACCOUNTS).unwrap();
+            let mut balances = txn.open_table(BALANCES).unwrap();
+            for i in 0..N {
+                let meta = AccountMeta { num: num_of(i), tags: vec!["t".into()], ..AccountMeta::default() };
+                accounts.insert(format!("a{i:07}").as_str(), &meta.encode()[..]).unwrap();
+                balances.insert(3 + i, (0, 0)).unwrap();
+            }
+        }
+        txn.commit().unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let got = load_with(&db, Limits::default(), |accounts| accounts.by_ref().count());
+            let _ = tx.send(got.map(|(_, seen)| seen));
+        });
+        let got = rx.recv_timeout(std::time::Duration::from_secs(120)).expect("loading finished");
+        match got {
+            Err(StoreError::Corrupt(e)) => assert!(e.contains(want), "{want}: {e}"),
+            other => panic!("{want}: {:?}", other.map_err(|e| e.to_string())),
+        }
+    }
 }
