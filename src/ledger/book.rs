@@ -137,17 +137,28 @@ impl Book {
     #[must_use]
     pub fn unfilled(limits: Limits, n: usize) -> Self {
         let blank = Entry { id: AccountKey::from(""), account: BookAccount::new(0, Status::Open, 0) };
-        Book { entries: vec![blank; n], ..Book::empty(limits, n) }
+        Book {
+            index: HashTable::with_capacity(n),
+            hasher: foldhash::fast::RandomState::default(),
+            entries: vec![blank; n],
+            limits,
+        }
     }
 
-    /// Puts account `id` at number `num` of an [`Book::unfilled`] book.
-    /// The caller fills each number exactly once (loading checks it);
-    /// until then, `num` is found under no id.
-    pub fn fill(&mut self, num: u32, id: AccountKey, account: BookAccount) {
+    /// Puts account `id` at number `num` of an [`Book::unfilled`] book;
+    /// false (and nothing changed) if `num` is past its end. The caller
+    /// fills each number once (loading checks it); until then, `num` is
+    /// found under no id.
+    pub(crate) fn fill(&mut self, num: u32, id: AccountKey, account: BookAccount) -> bool {
+        let Some(entry) = self.entries.get_mut(num as usize) else {
+            return false;
+        };
+        debug_assert!(entry.id.as_str().is_empty(), "account number {num} filled twice");
+        *entry = Entry { id, account };
         let (hasher, entries) = (&self.hasher, &self.entries);
-        let hash = hasher.hash_one(id.as_str());
+        let hash = hasher.hash_one(entries[num as usize].id.as_str());
         self.index.insert_unique(hash, num, |&n| hasher.hash_one(entries[n as usize].id.as_str()));
-        self.entries[num as usize] = Entry { id, account };
+        true
     }
 
     /// Number of accounts, deleted ones included.

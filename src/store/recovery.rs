@@ -34,7 +34,9 @@ pub(super) struct StoredMeta {
     pub tags: Box<[Box<str>]>,
     pub created: u64,
     pub memo: Option<Box<str>>,
-    pub deleted: Option<serde::de::IgnoredAny>,
+    /// Decoded whole, so that a malformed tombstone is refused as
+    /// `AccountMeta` refuses it, though only its presence is kept.
+    pub deleted: Option<Tombstone>,
 }
 
 impl StoredMeta {
@@ -69,7 +71,9 @@ impl LoadedAccounts {
             return Err(StoreError::Corrupt(format!("account number {num} is used twice")));
         }
         let status = if a.deleted { Status::Deleted } else { Status::Open };
-        self.book.fill(a.num, a.id.clone(), BookAccount::new(a.balance, status, a.last));
+        if !self.book.fill(a.num, a.id.clone(), BookAccount::new(a.balance, status, a.last)) {
+            return Err(StoreError::Corrupt(format!("account number {num} out of range")));
+        }
         Ok(())
     }
 
@@ -231,7 +235,7 @@ pub(super) fn load_txn<T: Send>(
                 tracing::debug!(ms = started.elapsed().as_millis() as u64, "the book and the owners' accounts built");
                 (book, t)
             })
-            .map_err(|e| StoreError::Corrupt(format!("could not start a loading thread: {e}")))?;
+            .map_err(StoreError::from)?;
         let read = read_rows(txn, &accounts_table, n, tx);
         tracing::debug!(ms = started.elapsed().as_millis() as u64, "the accounts read");
         let (book, owners) = match owners.join() {
@@ -281,10 +285,12 @@ fn read_rows(
             deleted,
             extra,
         });
-        if batch.len() == LOADED_BATCH {
-            // Refused only once the owners' side found the accounts
-            // corrupt or panicked; its result reports which.
-            let _ = to_owners.send(std::mem::replace(&mut batch, Vec::with_capacity(LOADED_BATCH)));
+        // Refused only once the owners' side found the accounts corrupt or
+        // panicked: its result reports which, and reading on is useless.
+        if batch.len() == LOADED_BATCH
+            && to_owners.send(std::mem::replace(&mut batch, Vec::with_capacity(LOADED_BATCH))).is_err()
+        {
+            return Ok(());
         }
     }
     let _ = to_owners.send(batch);

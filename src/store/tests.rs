@@ -318,6 +318,27 @@ fn stored_metadata_reads_as_account_meta_does() {
         assert_eq!(AccountExtra::of(&meta).map(|e| *e).unwrap_or_default(), extra);
     }
     assert!(StoredMeta::decode(b"\x91\x07").is_err());
+    // A tombstone that is not one is refused by both.
+    #[derive(serde::Serialize)]
+    struct BadTombstone {
+        num: u32,
+        owner: Option<String>,
+        tags: Vec<String>,
+        created: u64,
+        memo: Option<String>,
+        deleted: u64,
+    }
+    let bad = rmp_serde::to_vec_named(&BadTombstone {
+        num: 1,
+        owner: None,
+        tags: vec![],
+        created: 2,
+        memo: None,
+        deleted: 5,
+    })
+    .unwrap();
+    assert!(AccountMeta::decode(&bad).is_err());
+    assert!(StoredMeta::decode(&bad).is_err());
 }
 
 /// Accounts whose numbers repeat or run past the table are refused as
