@@ -218,18 +218,20 @@ pub(super) fn load_txn<T: Send>(
     let accounts_table = txn.open_table(ACCOUNTS)?;
     let n = usize::try_from(accounts_table.len()?).unwrap_or(0);
     let (tx, rx) = std::sync::mpsc::sync_channel(LOADED_BATCHES_QUEUED);
-    let mut accounts = LoadedAccounts {
-        len: n,
-        batches: rx,
-        batch: Vec::new().into_iter(),
-        book: Book::unfilled(limits, n),
-        filled: vec![false; n],
-        error: None,
-    };
     std::thread::scope(|scope| {
         let owners = std::thread::Builder::new()
             .name("tally-load".into())
             .spawn_scoped(scope, move || {
+                // Made here, while the reader reads the balance rows: the
+                // blank book alone is 64 bytes an account to write.
+                let mut accounts = LoadedAccounts {
+                    len: n,
+                    batches: rx,
+                    batch: Vec::new().into_iter(),
+                    book: Book::unfilled(limits, n),
+                    filled: vec![false; n],
+                    error: None,
+                };
                 let t = owners(&mut accounts);
                 let book = accounts.finish();
                 tracing::debug!(ms = started.elapsed().as_millis() as u64, "the book and the owners' accounts built");
