@@ -257,9 +257,9 @@ async fn start_on(
 
     let loading = std::time::Instant::now();
     let n = config.shards;
-    // Each shard's map is built from the accounts' rows while the book is
-    // built and the records replayed (`load_with`), then brought up to
-    // date for the accounts those changed.
+    // Each shard's map is built from the accounts' rows as they are read
+    // (`load_with`), then brought up to date for the accounts the replayed
+    // tail or an open hold changed.
     let (loaded, mut per_shard) = store::load_with(&db, limits, |accounts| {
         // Room for each shard's share (and some), so that loading does not
         // rehash millions of entries as the maps grow.

@@ -12,7 +12,7 @@ use crate::ledger::{AccountKey, Book, BookAccount, Kind, Limits, Status, TREASUR
 /// An account as loaded at start-up, handed to its owning shard.
 pub struct LoadedAccount {
     pub id: AccountKey,
-    /// Its balance row: the balance and last transfer as of the checkpoint.
+    /// Its balance row as stored: at least as new as the checkpoint.
     pub balance: i64,
     pub last: u64,
     /// Milliseconds since the Unix epoch.
@@ -26,7 +26,7 @@ pub struct LoadedAccount {
 
 /// An account's stored metadata decoded straight into the form its slot
 /// keeps (`AccountMeta`'s fields, by name): no intermediate copies of its
-/// strings, and nothing kept of a deleted account but that it is.
+/// strings.
 #[derive(serde::Deserialize)]
 pub(super) struct StoredMeta {
     pub num: u32,
@@ -194,11 +194,12 @@ pub fn load(db: &Database, limits: Limits) -> Result<Loaded, StoreError> {
 /// [`load`], handing every account as its rows stand to `owners`, which
 /// runs on a thread of its own: start-up builds the shards' maps there,
 /// and the book is built on that thread as the accounts pass, while this
-/// one reads and decodes them; then it replays the records. The two
-/// halves of a 10M-account start overlap on two cores. What `owners` got is stale for exactly the accounts the
-/// replay or an open hold changed: the book's entries that are `dirty` or
-/// have something `held`. Should loading fail, `owners` sees the accounts
-/// end early and its result is dropped.
+/// one reads and decodes them; then this one replays the records. The two
+/// halves of a 10M-account start overlap on two cores. What `owners` got
+/// is stale for exactly the accounts the replay or an open hold changed:
+/// the book's entries that are `dirty` or have something `held`. Should
+/// loading fail, `owners` sees the accounts end early and its result is
+/// dropped.
 pub fn load_with<T: Send>(
     db: &Database,
     limits: Limits,
