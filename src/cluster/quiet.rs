@@ -65,8 +65,8 @@ impl<S> Filter<S> for Quiet {
     /// log filter drops does not take its call site's turn.
     fn event_enabled(&self, event: &tracing::Event<'_>, _: &Context<'_, S>) -> bool {
         let metadata = event.metadata();
-        let now_ms = u64::try_from(self.start.elapsed().as_millis()).unwrap_or(u64::MAX);
-        !Self::throttled(metadata) || self.admit(metadata.callsite(), now_ms)
+        !Self::throttled(metadata)
+            || self.admit(metadata.callsite(), u64::try_from(self.start.elapsed().as_millis()).unwrap_or(u64::MAX))
     }
 
     fn callsite_enabled(&self, metadata: &'static Metadata<'static>) -> Interest {

@@ -81,6 +81,15 @@ pub struct Book {
     pub limits: Limits,
 }
 
+/// What [`Book::fill`] did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Fill {
+    Placed,
+    PastEnd,
+    /// The number holds an account already.
+    Taken,
+}
+
 /// Matches the index slot of account `id`.
 fn is_entry<'a>(entries: &'a [Entry], id: &'a str) -> impl Fn(&u32) -> bool + 'a {
     move |&n| entries[n as usize].id.as_str() == id
@@ -145,20 +154,28 @@ impl Book {
         }
     }
 
-    /// Puts account `id` at number `num` of an [`Book::unfilled`] book;
-    /// false (and nothing changed) if `num` is past its end. The caller
-    /// fills each number once (loading checks it); until then, `num` is
-    /// found under no id.
-    pub(crate) fn fill(&mut self, num: u32, id: AccountKey, account: BookAccount) -> bool {
+    /// Puts account `id` at number `num` of an [`Book::unfilled`] book,
+    /// unless `num` is past its end or was filled already (nothing changes
+    /// then). Until it is filled, `num` is found under no id.
+    pub(crate) fn fill(&mut self, num: u32, id: AccountKey, account: BookAccount) -> Fill {
         let Some(entry) = self.entries.get_mut(num as usize) else {
-            return false;
+            return Fill::PastEnd;
         };
-        debug_assert!(entry.id.as_str().is_empty(), "account number {num} filled twice");
+        if !entry.id.as_str().is_empty() {
+            return Fill::Taken;
+        }
         *entry = Entry { id, account };
         let (hasher, entries) = (&self.hasher, &self.entries);
         let hash = hasher.hash_one(entries[num as usize].id.as_str());
         self.index.insert_unique(hash, num, |&n| hasher.hash_one(entries[n as usize].id.as_str()));
-        true
+        Fill::Placed
+    }
+
+    /// The first number of an [`Book::unfilled`] book not filled yet. No
+    /// account has the blank's empty id ([`validate_account_id`](super::validate_account_id));
+    /// a stored one would count as unfilled, and loading refuses it.
+    pub(crate) fn first_unfilled(&self) -> Option<u32> {
+        self.entries.iter().position(|e| e.id.as_str().is_empty()).and_then(|n| u32::try_from(n).ok())
     }
 
     /// Number of accounts, deleted ones included.

@@ -7,6 +7,7 @@ use super::record::{for_each_record, with_record};
 use super::*;
 use redb::{Database, ReadableDatabase, ReadableTable, ReadableTableMetadata};
 
+use crate::ledger::book::Fill;
 use crate::ledger::{AccountKey, Book, BookAccount, Kind, Limits, Status, TREASURY};
 
 /// An account as loaded at start-up, handed to its owning shard.
@@ -55,26 +56,24 @@ pub struct LoadedAccounts {
     batches: std::sync::mpsc::Receiver<Vec<LoadedAccount>>,
     batch: std::vec::IntoIter<LoadedAccount>,
     book: Book,
-    filled: Vec<bool>,
+    /// Accounts placed so far: all `len` of them leave no number unfilled.
+    placed: usize,
     error: Option<StoreError>,
 }
 
 impl LoadedAccounts {
     /// Puts `a` in its place in the book, once.
     fn place(&mut self, a: &LoadedAccount) -> Result<(), StoreError> {
-        let num = a.num as usize;
-        let place = self
-            .filled
-            .get_mut(num)
-            .ok_or_else(|| StoreError::Corrupt(format!("account number {num} out of range")))?;
-        if std::mem::replace(place, true) {
-            return Err(StoreError::Corrupt(format!("account number {num} is used twice")));
-        }
         let status = if a.deleted { Status::Deleted } else { Status::Open };
-        if !self.book.fill(a.num, a.id.clone(), BookAccount::new(a.balance, status, a.last)) {
-            return Err(StoreError::Corrupt(format!("account number {num} out of range")));
+        let num = a.num;
+        match self.book.fill(num, a.id.clone(), BookAccount::new(a.balance, status, a.last)) {
+            Fill::Placed => {
+                self.placed += 1;
+                Ok(())
+            }
+            Fill::PastEnd => Err(StoreError::Corrupt(format!("account number {num} out of range"))),
+            Fill::Taken => Err(StoreError::Corrupt(format!("account number {num} is used twice"))),
         }
-        Ok(())
     }
 
     /// The book, once every account has passed (those the owners left
@@ -84,7 +83,7 @@ impl LoadedAccounts {
         if let Some(e) = self.error {
             return Err(e);
         }
-        if let Some(skipped) = self.filled.iter().position(|f| !f) {
+        if let Some(skipped) = (self.placed < self.len).then(|| self.book.first_unfilled()).flatten() {
             return Err(StoreError::Corrupt(format!("account numbers skip {skipped}")));
         }
         Ok(self.book)
@@ -230,7 +229,7 @@ pub(super) fn load_txn<T: Send>(
                     batches: rx,
                     batch: Vec::new().into_iter(),
                     book: Book::unfilled(limits, n),
-                    filled: vec![false; n],
+                    placed: 0,
                     error: None,
                 };
                 let t = owners(&mut accounts);
@@ -276,8 +275,7 @@ fn read_rows(
         let (k, v) = row?;
         let meta = StoredMeta::decode(v.value())?;
         let (balance, last) = balances.get(meta.num as usize).copied().unwrap_or((0, 0));
-        let has_extra = meta.owner.is_some() || !meta.tags.is_empty() || meta.memo.is_some();
-        let extra = has_extra.then(|| Box::new(AccountExtra { owner: meta.owner, tags: meta.tags, memo: meta.memo }));
+        let extra = AccountExtra::new(meta.owner, meta.tags, meta.memo);
         let deleted = meta.deleted.is_some();
         batch.push(LoadedAccount {
             id: k.value().into(),

@@ -30,16 +30,20 @@ pub struct AccountExtra {
 }
 
 impl AccountExtra {
+    /// These parts, when any is set.
+    #[must_use]
+    pub fn new(owner: Option<Box<str>>, tags: Box<[Box<str>]>, memo: Option<Box<str>>) -> Option<Box<AccountExtra>> {
+        (owner.is_some() || !tags.is_empty() || memo.is_some()).then(|| Box::new(AccountExtra { owner, tags, memo }))
+    }
+
     /// The extra parts of `meta`, when it has any.
     #[must_use]
     pub fn of(meta: &AccountMeta) -> Option<Box<AccountExtra>> {
-        (meta.owner.is_some() || !meta.tags.is_empty() || meta.memo.is_some()).then(|| {
-            Box::new(AccountExtra {
-                owner: meta.owner.as_deref().map(Into::into),
-                tags: meta.tags.iter().map(|t| t.as_str().into()).collect(),
-                memo: meta.memo.as_deref().map(Into::into),
-            })
-        })
+        AccountExtra::new(
+            meta.owner.as_deref().map(Into::into),
+            meta.tags.iter().map(|t| t.as_str().into()).collect(),
+            meta.memo.as_deref().map(Into::into),
+        )
     }
 }
 
