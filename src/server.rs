@@ -164,9 +164,41 @@ fn restrict(path: &std::path::Path, mode: u32) -> Result<(), StartError> {
 /// Opens the data folder, loads every account, starts the journal, the
 /// shards and the listener.
 pub async fn start(config: Config) -> Result<Running, StartError> {
+    let ahead = Ahead::start(&config);
     let store = open_data(&config).await?;
     let bound = Bound::bind(&config).await?;
-    start_on(config, store, &bound, None).await
+    start_on(config, store, &bound, None, ahead).await
+}
+
+/// Memory for loading, made on a thread of its own while the database
+/// opens (after a crash, redb's repair reads the whole file on one core):
+/// sized by the count of accounts the last start loaded.
+struct Ahead {
+    /// The count of accounts it was made for.
+    n: usize,
+    room: store::Room,
+    maps: Vec<AccountMap<Slot>>,
+}
+
+impl Ahead {
+    /// Starts making it, if the data folder has a count noted.
+    fn start(config: &Config) -> Option<std::thread::JoinHandle<Ahead>> {
+        let n = store::size_hint(&config.data, &config.data.join("tally.redb"))?;
+        let (limits, shards) = (config.ledger_limits(), config.shards);
+        let made = std::thread::Builder::new().name("tally-ahead".into()).spawn(move || Ahead {
+            n,
+            room: store::Room::new(limits, n),
+            maps: (0..shards).map(|_| AccountMap::with_capacity_touched(shard_share(n, shards), Slot::blank)).collect(),
+        });
+        // Without it, loading makes its own.
+        made.ok()
+    }
+}
+
+/// Room in each of `shards` maps for its share of `n` accounts (and
+/// some): loading then does not rehash millions of entries as they grow.
+fn shard_share(n: usize, shards: usize) -> usize {
+    n / shards + n / (4 * shards) + 16
 }
 
 /// The client listeners, bound once: a cluster member restarts its ledger
@@ -247,6 +279,7 @@ async fn start_on(
     store: Arc<Store>,
     bound: &Bound,
     cluster: Option<(Arc<crate::cluster::node::Serving>, Option<crate::journal::Replicate>)>,
+    ahead: Option<std::thread::JoinHandle<Ahead>>,
 ) -> Result<Running, StartError> {
     let data = config.data.clone();
     let db = store.db()?;
@@ -260,11 +293,18 @@ async fn start_on(
     // Each shard's map is built from the accounts' rows as they are read
     // (`load_with`), then brought up to date for the accounts the replayed
     // tail or an open hold changed.
-    let (loaded, mut per_shard) = store::load_with(&db, limits, |accounts| {
-        // Room for each shard's share (and some), so that loading does not
-        // rehash millions of entries as the maps grow.
-        let share = accounts.len / n + accounts.len / (4 * n) + 16;
-        let mut per_shard: Vec<AccountMap<Slot>> = (0..n).map(|_| AccountMap::with_capacity(share)).collect();
+    // A panic there was an allocation's: loading makes its own then.
+    let (room, maps) = match ahead.and_then(|made| made.join().ok()) {
+        Some(Ahead { n: made_for, room, maps }) if maps.len() == n => (Some(room), Some((made_for, maps))),
+        _ => (None, None),
+    };
+    let (loaded, mut per_shard) = store::load_with(&db, limits, room, |accounts| {
+        let share = shard_share(accounts.len, n);
+        let maps = maps.filter(|(made_for, _)| store::Room::fits(*made_for, accounts.len)).map(|(_, maps)| maps);
+        let mut per_shard = maps.unwrap_or_else(|| (0..n).map(|_| AccountMap::with_capacity(share)).collect());
+        for map in &mut per_shard {
+            map.reserve(share);
+        }
         for a in accounts.by_ref() {
             let shard = shard_index(a.id.as_str(), n);
             per_shard[shard].insert(a.id.clone(), Slot::loaded(a));
@@ -289,6 +329,9 @@ async fn start_on(
         ms = loading.elapsed().as_millis() as u64,
         "ledger loaded"
     );
+    if let Err(e) = store::write_size_hint(&data, loaded.book.len()) {
+        tracing::warn!(error = %e, "could not note the count of accounts for the next start");
+    }
 
     let users = Arc::new(Users::default());
     users.load(&db)?;
@@ -512,7 +555,7 @@ async fn serve_member(config: Config) -> Result<(), StartError> {
             batches,
             deposed: deposed.clone(),
         });
-        let running = start_on(config.clone(), store.clone(), &bound, Some((serving, replicate))).await?;
+        let running = start_on(config.clone(), store.clone(), &bound, Some((serving, replicate)), None).await?;
         node.machine.hand_over(running.ctx.users.clone())?;
         if !announced {
             announce(&running);

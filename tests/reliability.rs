@@ -288,3 +288,38 @@ async fn torn_or_corrupt_data_files_never_serve_wrong_balances() {
         std::fs::write(&file, &original).unwrap();
     }
 }
+
+/// Each start notes how many accounts it loaded, for the next start to
+/// size its memory by while the database opens (after a crash, while
+/// redb repairs the file). The note is only a hint: missing, unreadable,
+/// too small or too large, a start after `kill -9` serves exactly the
+/// same balances, and notes the true count again.
+#[tokio::test]
+async fn the_count_noted_for_the_next_start_never_changes_what_it_loads() {
+    let mut s = Server::start();
+    let hint = s.data.join("accounts.hint");
+    let noted = || std::fs::read_to_string(&hint).unwrap();
+    assert_eq!(noted(), "3\n", "the first start loaded the three system accounts");
+    let c = s.admin().await;
+    let ids = ["h0", "h1", "h2", "h3", "h4"];
+    for (i, id) in ids.iter().enumerate() {
+        create(&c, id, 100 * i as i64).await;
+    }
+    c.call("transfer", json!({"from": "h4", "to": "h0", "amount": 55})).await.unwrap();
+    let want = [55, 100, 200, 300, 345];
+    let transfers = audit_ok(&c).await["transfers"].clone();
+    s.restart();
+    assert_eq!(noted(), "8\n");
+    for text in ["", "garbage", "-8", "0", "1", "7", "8", "9", "4000", "5000", "99999999999999999999999"] {
+        std::fs::write(&hint, text).unwrap();
+        s.restart();
+        let c = s.admin().await;
+        let mut got = Vec::new();
+        for id in ids {
+            got.push(balance(&c, id).await);
+        }
+        assert_eq!(got, want, "noted {text:?}");
+        assert_eq!(audit_ok(&c).await["transfers"], transfers, "noted {text:?}");
+        assert_eq!(noted(), "8\n", "noted {text:?}");
+    }
+}

@@ -103,6 +103,13 @@ struct Entry {
     account: BookAccount,
 }
 
+impl Entry {
+    /// An unfilled number's entry: no account has the empty id.
+    fn blank() -> Entry {
+        Entry { id: AccountKey::from(""), account: BookAccount::new(0, Status::Open, 0) }
+    }
+}
+
 impl std::fmt::Debug for Book {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_map().entries(self.iter()).finish()
@@ -145,13 +152,31 @@ impl Book {
     /// order, and builds the book as it reads them.
     #[must_use]
     pub fn unfilled(limits: Limits, n: usize) -> Self {
-        let blank = Entry { id: AccountKey::from(""), account: BookAccount::new(0, Status::Open, 0) };
+        Book::unfilled_within(limits, n, n)
+    }
+
+    /// [`Book::unfilled`], with room for `capacity` accounts (at least
+    /// `n`) that [`Book::refit_unfilled`] can take without moving it.
+    #[must_use]
+    pub fn unfilled_within(limits: Limits, n: usize, capacity: usize) -> Self {
+        let mut entries = Vec::with_capacity(capacity.max(n));
+        entries.resize(n, Entry::blank());
         Book {
-            index: HashTable::with_capacity(n),
+            index: HashTable::with_capacity(capacity.max(n)),
             hasher: foldhash::fast::RandomState::default(),
-            entries: vec![blank; n],
+            entries,
             limits,
         }
+    }
+
+    /// Makes an [`Book::unfilled`] book, none of it filled yet, one of
+    /// `n` accounts under `limits`.
+    pub(crate) fn refit_unfilled(&mut self, limits: Limits, n: usize) {
+        debug_assert!(self.index.is_empty(), "refitting a book being filled");
+        self.entries.resize(n, Entry::blank());
+        let (hasher, entries) = (&self.hasher, &self.entries);
+        self.index.reserve(n, |&m| hasher.hash_one(entries[m as usize].id.as_str()));
+        self.limits = limits;
     }
 
     /// Puts account `id` at number `num` of an [`Book::unfilled`] book,

@@ -376,6 +376,21 @@ fn uncreate_takes_back_only_the_last_account() {
     assert_eq!(book.len(), before + 1);
 }
 
+/// A map made with its memory written once is empty, and finds what is
+/// put in it.
+#[test]
+fn a_touched_account_map_is_empty_and_keeps_what_is_inserted() {
+    for n in [0, 1, 7, 1_000] {
+        let mut m: AccountMap<u64> = AccountMap::with_capacity_touched(n, || u64::MAX);
+        assert_eq!((m.len(), m.get("")), (0, None), "{n}");
+        for i in 0..n {
+            assert_eq!(m.insert(AccountKey::from(format!("a{i}").as_str()), i as u64), None);
+        }
+        assert!((0..n).all(|i| m.get(&format!("a{i}")) == Some(&(i as u64))), "{n}");
+        assert_eq!((m.len(), m.get("")), (n, None), "{n}");
+    }
+}
+
 #[test]
 fn account_map_inserts_replaces_and_removes_by_id() {
     let mut m: AccountMap<i64> = AccountMap::default();

@@ -22,6 +22,13 @@ pub struct Slot {
 }
 
 impl Slot {
+    /// A slot of no account, to lay out a map's memory with
+    /// ([`AccountMap::with_capacity_touched`](crate::ledger::AccountMap::with_capacity_touched)).
+    #[must_use]
+    pub fn blank() -> Slot {
+        Slot { acct: OwnerAccount::new(0), last: 0, created: 0, extra: None, num: 0, creating: false }
+    }
+
     /// A slot for an account with this stored metadata.
     #[must_use]
     pub fn new(meta: &AccountMeta, balance: i64, last: u64) -> Slot {

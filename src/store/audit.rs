@@ -44,7 +44,7 @@ pub fn backup_txn(src: &redb::ReadTransaction, out: &Path) -> Result<Head, Store
 pub fn audit(db: &Database) -> Result<AuditReply, StoreError> {
     let txn = db.begin_read()?;
     let head = read_head(&txn)?;
-    let (mut chain_ok, sum, accounts) = match load_txn(&txn, Limits::default(), |_| ()) {
+    let (mut chain_ok, sum, accounts) = match load_txn(&txn, Limits::default(), None, |_| ()) {
         Ok((l, ())) => (true, l.book.sum(), l.book.len() as u64),
         Err(StoreError::Corrupt(e)) => {
             tracing::error!(error = %e, "audit found a broken journal");

@@ -79,7 +79,9 @@ pub use queries::{
     load_users, put_key, put_user, redeems, ListFilter,
 };
 pub use record::{record_hash, ChunkWriter, Head, RecordRef, TransferRecord};
-pub use recovery::{load, load_with, replay, replay_noting, Loaded, LoadedAccount, LoadedAccounts};
+pub use recovery::{
+    load, load_with, replay, replay_noting, size_hint, write_size_hint, Loaded, LoadedAccount, LoadedAccounts, Room,
+};
 pub use rows::{AccountExtra, AccountMeta, HoldRecord, KeyRecord, RedeemRecord, RedeemStatus, Tombstone, UserRecord};
 
 /// The journal's records in chunks (module docs).

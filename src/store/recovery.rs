@@ -5,6 +5,9 @@
 
 use super::record::{for_each_record, with_record};
 use super::*;
+use std::io::Read;
+use std::path::Path;
+
 use redb::{Database, ReadableDatabase, ReadableTable, ReadableTableMetadata};
 
 use crate::ledger::book::Fill;
@@ -95,6 +98,11 @@ impl Iterator for LoadedAccounts {
 
     fn next(&mut self) -> Option<LoadedAccount> {
         loop {
+            // The book's entries are reached by number, in no order: asking
+            // for one a few accounts ahead lets its cache miss overlap.
+            if let Some(ahead) = self.batch.as_slice().get(PLACE_AHEAD) {
+                self.book.prefetch(ahead.id.as_str(), Some(ahead.num));
+            }
             if let Some(a) = self.batch.next() {
                 if let Err(e) = self.place(&a) {
                     // Nothing more passes; the reader's sends fail from now
@@ -110,6 +118,78 @@ impl Iterator for LoadedAccounts {
         }
     }
 }
+
+/// Memory for loading about `n` accounts, made before the database is
+/// open: after a crash redb's repair reads the whole file on one core, and
+/// meanwhile the other can write the blank book and the balance table.
+/// Their pages' first touch (the kernel zeroing them, and on a virtual
+/// machine the host backing them) cost ~5 s of a 10M-account start, on
+/// the owners' thread, while the reader waited for it. Made for the wrong
+/// number it is only resized, or, made for far more, dropped: what
+/// loading does with it is the same.
+pub struct Room {
+    n: usize,
+    book: Book,
+    balances: Vec<(i64, u64)>,
+}
+
+impl Room {
+    /// Room for `n` accounts, and some more without moving (a server
+    /// creates accounts after the count its hint was written with).
+    #[must_use]
+    pub fn new(limits: Limits, n: usize) -> Room {
+        let headroom = n + n / 8;
+        let mut balances = Vec::with_capacity(headroom);
+        balances.resize(n, (0, 0));
+        Room { n, book: Book::unfilled_within(limits, n, headroom), balances }
+    }
+
+    /// Whether memory made for `made_for` accounts is worth keeping for
+    /// `n`: not if most of it would lie unused for the server's life (a
+    /// count noted for another database file, say).
+    #[must_use]
+    pub fn fits(made_for: usize, n: usize) -> bool {
+        made_for <= n.saturating_mul(2).saturating_add(4096)
+    }
+
+    /// Refitted to exactly `n` accounts, all blank.
+    fn refit(mut self, limits: Limits, n: usize) -> Room {
+        self.book.refit_unfilled(limits, n);
+        self.balances.resize(n, (0, 0));
+        self
+    }
+}
+
+/// The file in the data folder that says how many accounts the last start
+/// loaded: read before the database is open, to size a [`Room`]. Only a
+/// hint: missing, unreadable or wrong, it costs time, never correctness.
+const SIZE_HINT_FILE: &str = "accounts.hint";
+
+/// Fewest bytes of the database file an account takes (its two rows):
+/// a hint claiming more accounts than the file can hold is ignored.
+const ACCOUNT_BYTES_MIN: u64 = 48;
+
+/// The count of accounts the last start in `data` loaded, if it was noted
+/// and the database file (`db_path`) could hold that many.
+#[must_use]
+pub fn size_hint(data: &Path, db_path: &Path) -> Option<usize> {
+    let mut text = String::new();
+    std::fs::File::open(data.join(SIZE_HINT_FILE)).ok()?.take(32).read_to_string(&mut text).ok()?;
+    let n: u64 = text.trim().parse().ok()?;
+    let file_len = std::fs::metadata(db_path).ok()?.len();
+    (n <= file_len / ACCOUNT_BYTES_MIN).then(|| usize::try_from(n).ok()).flatten()
+}
+
+/// Notes that `n` accounts were loaded (see [`size_hint`]); replaced
+/// whole by a rename, so a crash leaves the old note or the new.
+pub fn write_size_hint(data: &Path, n: usize) -> std::io::Result<()> {
+    let tmp = data.join(format!("{SIZE_HINT_FILE}.tmp"));
+    std::fs::write(&tmp, format!("{n}\n"))?;
+    std::fs::rename(tmp, data.join(SIZE_HINT_FILE))
+}
+
+/// How many accounts ahead the book's entry is fetched into the cache.
+const PLACE_AHEAD: usize = 8;
 
 /// Accounts handed over at a time: large enough that the hand-over costs
 /// nothing per account, small enough to stay in the cache.
@@ -187,7 +267,7 @@ pub fn replay_noting(
 /// checking that they chain onto each other and end at the head. Used by
 /// the journal to recover from a failed commit, and by cluster members.
 pub fn load(db: &Database, limits: Limits) -> Result<Loaded, StoreError> {
-    load_with(db, limits, |_| ()).map(|(loaded, ())| loaded)
+    load_with(db, limits, None, |_| ()).map(|(loaded, ())| loaded)
 }
 
 /// [`load`], handing every account as its rows stand to `owners`, which
@@ -198,37 +278,47 @@ pub fn load(db: &Database, limits: Limits) -> Result<Loaded, StoreError> {
 /// is stale for exactly the accounts the replay or an open hold changed:
 /// the book's entries that are `dirty` or have something `held`. Should
 /// loading fail, `owners` sees the accounts end early and its result is
-/// dropped.
+/// dropped. `room`: memory made ahead ([`Room`]); without it, loading
+/// makes its own.
 pub fn load_with<T: Send>(
     db: &Database,
     limits: Limits,
+    room: Option<Room>,
     owners: impl FnOnce(&mut LoadedAccounts) -> T + Send,
 ) -> Result<(Loaded, T), StoreError> {
     let txn = db.begin_read()?;
-    load_txn(&txn, limits, owners)
+    load_txn(&txn, limits, room, owners)
 }
 
 /// [`load_with`] within one read transaction (`audit` reads more in it).
 pub(super) fn load_txn<T: Send>(
     txn: &redb::ReadTransaction,
     limits: Limits,
+    room: Option<Room>,
     owners: impl FnOnce(&mut LoadedAccounts) -> T + Send,
 ) -> Result<(Loaded, T), StoreError> {
     let started = std::time::Instant::now();
     let accounts_table = txn.open_table(ACCOUNTS)?;
     let n = usize::try_from(accounts_table.len()?).unwrap_or(0);
+    let (book, balances) = match room.filter(|r| Room::fits(r.n, n)) {
+        Some(room) => {
+            let Room { book, balances, .. } = room.refit(limits, n);
+            (Some(book), Some(balances))
+        }
+        None => (None, None),
+    };
     let (tx, rx) = std::sync::mpsc::sync_channel(LOADED_BATCHES_QUEUED);
     std::thread::scope(|scope| {
         let owners = std::thread::Builder::new()
             .name("tally-load".into())
             .spawn_scoped(scope, move || {
-                // Made here, while the reader reads the balance rows: the
-                // blank book alone is 64 bytes an account to write.
+                // Made here if not ahead, while the reader reads the
+                // balance rows: the blank book is 64 bytes an account.
                 let mut accounts = LoadedAccounts {
                     len: n,
                     batches: rx,
                     batch: Vec::new().into_iter(),
-                    book: Book::unfilled(limits, n),
+                    book: book.unwrap_or_else(|| Book::unfilled(limits, n)),
                     placed: 0,
                     error: None,
                 };
@@ -238,7 +328,8 @@ pub(super) fn load_txn<T: Send>(
                 (book, t)
             })
             .map_err(StoreError::from)?;
-        let read = read_rows(txn, &accounts_table, n, tx);
+        let balances = balances.unwrap_or_else(|| vec![(0, 0); n]);
+        let read = read_rows(txn, &accounts_table, balances, tx);
         tracing::debug!(ms = started.elapsed().as_millis() as u64, "the accounts read");
         let (book, owners) = match owners.join() {
             Ok(done) => done,
@@ -252,18 +343,18 @@ pub(super) fn load_txn<T: Send>(
 }
 
 /// Reads every account with its balance row and sends it on
-/// `to_owners`, in key order.
+/// `to_owners`, in key order. `balances`: one blank `(0, 0)` for each
+/// account.
 fn read_rows(
     txn: &redb::ReadTransaction,
     accounts_table: &redb::ReadOnlyTable<&'static str, &'static [u8]>,
-    n: usize,
+    mut balances: Vec<(i64, u64)>,
     to_owners: std::sync::mpsc::SyncSender<Vec<LoadedAccount>>,
 ) -> Result<(), StoreError> {
     // The balance rows are read in key (number) order and joined to the
     // accounts by number: one pass over each table, where a lookup per
     // account read the balances tree in random order (~40 s of a 62 s
     // start with 10M accounts).
-    let mut balances: Vec<(i64, u64)> = vec![(0, 0); n];
     for row in txn.open_table(BALANCES)?.iter()? {
         let (num, v) = row?;
         *balances

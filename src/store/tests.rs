@@ -282,7 +282,7 @@ fn the_owners_see_the_rows_and_the_book_marks_what_the_tail_changed() {
     // A tail after the checkpoint that moves only @treasury and @redeemed.
     append_records(&db, &[(Kind::Transfer, "@treasury", "@redeemed", 30, 0)]);
 
-    let (loaded, mut seen) = load_with(&db, limits, |accounts| {
+    let (loaded, mut seen) = load_with(&db, limits, None, |accounts| {
         assert_eq!(accounts.len, 3);
         accounts.by_ref().map(|a| (a.id.as_str().to_owned(), a.num, a.balance, a.last)).collect::<Vec<_>>()
     })
@@ -368,7 +368,7 @@ fn account_numbers_that_repeat_or_overflow_are_refused() {
         txn.commit().unwrap();
         let (tx, rx) = std::sync::mpsc::channel();
         std::thread::spawn(move || {
-            let got = load_with(&db, Limits::default(), |accounts| accounts.by_ref().count());
+            let got = load_with(&db, Limits::default(), None, |accounts| accounts.by_ref().count());
             let _ = tx.send(got.map(|(_, seen)| seen));
         });
         let got = rx.recv_timeout(std::time::Duration::from_secs(120)).expect("loading finished");
@@ -377,4 +377,68 @@ fn account_numbers_that_repeat_or_overflow_are_refused() {
             other => panic!("{want}: {:?}", other.map_err(|e| e.to_string())),
         }
     }
+}
+
+/// A `Room` made ahead for any count of accounts (none, fewer, as many,
+/// more) loads exactly what loading without one does: the same book and
+/// head, the same accounts handed to the owners.
+#[test]
+fn a_room_of_any_size_loads_what_loading_alone_does() {
+    const N: u32 = 2_000;
+    let dir = tempfile::tempdir().unwrap();
+    let db = open(&dir.path().join("t.redb")).unwrap();
+    let limits = Limits { min_balance: 0, max_balance: None };
+    let txn = db.begin_write().unwrap();
+    {
+        let mut accounts = txn.open_table(ACCOUNTS).unwrap();
+        let mut balances = txn.open_table(BALANCES).unwrap();
+        for i in 0..N {
+            let meta = AccountMeta { num: 3 + i, created: u64::from(i), ..AccountMeta::default() };
+            accounts.insert(format!("a{i:05}").as_str(), &meta.encode()[..]).unwrap();
+            balances.insert(3 + i, (i64::from(i % 7), 0)).unwrap();
+        }
+    }
+    txn.commit().unwrap();
+    append_records(&db, &[(Kind::Mint, "@mint", "@treasury", 100, 0)]);
+
+    let load = |room: Option<Room>| {
+        let (loaded, mut seen) = load_with(&db, limits, room, |accounts| {
+            accounts.by_ref().map(|a| (a.id.as_str().to_owned(), a.num, a.balance, a.created)).collect::<Vec<_>>()
+        })
+        .unwrap();
+        seen.sort_by_key(|&(_, num, _, _)| num);
+        let book: Vec<_> =
+            loaded.book.iter().map(|(id, a)| (id.to_owned(), a.balance, a.last, a.dirty, a.held)).collect();
+        (book, loaded.head.id, seen)
+    };
+    let alone = load(None);
+    assert_eq!((alone.0.len(), alone.1, alone.2.len()), (N as usize + 3, 1, N as usize + 3));
+    // Made for up to twice as many (and 4,096 more) it is used; beyond,
+    // dropped. Either way it loads the same.
+    assert!(Room::fits(2 * N as usize + 4096, N as usize) && !Room::fits(2 * N as usize + 4097, N as usize));
+    for n in [0, 1, N as usize / 2, N as usize + 3, N as usize + 4, 5 * N as usize, 2 * N as usize + 4000] {
+        assert!(load(Some(Room::new(limits, n))) == alone, "a room for {n} accounts");
+    }
+}
+
+/// The count noted for the next start reads back as written, and only a
+/// count the database file could hold reads at all.
+#[test]
+fn the_size_hint_reads_back_only_a_count_the_file_could_hold() {
+    let dir = tempfile::tempdir().unwrap();
+    let (data, db_path) = (dir.path(), dir.path().join("tally.redb"));
+    drop(open(&db_path).unwrap());
+    assert_eq!(size_hint(data, &db_path), None, "none noted");
+    write_size_hint(data, 5).unwrap();
+    assert_eq!(size_hint(data, &db_path), Some(5));
+    for text in ["", "x", "-1", "5 5", "99999999999999999999999"] {
+        std::fs::write(data.join("accounts.hint"), text).unwrap();
+        assert_eq!(size_hint(data, &db_path), None, "{text:?}");
+    }
+    let most = usize::try_from(std::fs::metadata(&db_path).unwrap().len() / 48).unwrap();
+    write_size_hint(data, most).unwrap();
+    assert_eq!(size_hint(data, &db_path), Some(most));
+    write_size_hint(data, most + 1).unwrap();
+    assert_eq!(size_hint(data, &db_path), None, "more accounts than the file can hold");
+    assert_eq!(size_hint(data, &dir.path().join("missing.redb")), None, "no database file");
 }
