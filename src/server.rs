@@ -171,27 +171,32 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
 }
 
 /// Memory for loading, made on a thread of its own while the database
-/// opens (after a crash, redb's repair reads the whole file on one core):
-/// sized by the count of accounts the last start loaded.
+/// opens (after a crash, redb's repair reads the whole file on one core),
+/// sized by the count of accounts the last start loaded: first the book
+/// and the balance table, which loading starts with, then the shards'
+/// maps, which it needs only once the first accounts are read.
 struct Ahead {
-    /// The count of accounts it was made for.
+    /// The count of accounts it is made for.
     n: usize,
-    room: store::Room,
-    maps: Vec<AccountMap<Slot>>,
+    room: std::sync::mpsc::Receiver<store::Room>,
+    maps: std::sync::mpsc::Receiver<Vec<AccountMap<Slot>>>,
 }
 
 impl Ahead {
     /// Starts making it, if the data folder has a count noted.
-    fn start(config: &Config) -> Option<std::thread::JoinHandle<Ahead>> {
+    fn start(config: &Config) -> Option<Ahead> {
         let n = store::size_hint(&config.data, &config.data.join("tally.redb"))?;
         let (limits, shards) = (config.ledger_limits(), config.shards);
-        let made = std::thread::Builder::new().name("tally-ahead".into()).spawn(move || Ahead {
-            n,
-            room: store::Room::new(limits, n),
-            maps: (0..shards).map(|_| AccountMap::with_capacity_touched(shard_share(n, shards), Slot::blank)).collect(),
+        let (room_tx, room) = std::sync::mpsc::sync_channel(1);
+        let (maps_tx, maps) = std::sync::mpsc::sync_channel(1);
+        let made = std::thread::Builder::new().name("tally-ahead".into()).spawn(move || {
+            // A start that failed meanwhile takes neither: they are dropped.
+            let _ = room_tx.send(store::Room::new(limits, n));
+            let share = shard_share(n, shards);
+            let _ = maps_tx.send((0..shards).map(|_| AccountMap::with_capacity_touched(share, Slot::blank)).collect());
         });
         // Without it, loading makes its own.
-        made.ok()
+        made.ok().map(|_| Ahead { n, room, maps })
     }
 }
 
@@ -279,7 +284,7 @@ async fn start_on(
     store: Arc<Store>,
     bound: &Bound,
     cluster: Option<(Arc<crate::cluster::node::Serving>, Option<crate::journal::Replicate>)>,
-    ahead: Option<std::thread::JoinHandle<Ahead>>,
+    ahead: Option<Ahead>,
 ) -> Result<Running, StartError> {
     let data = config.data.clone();
     let db = store.db()?;
@@ -290,18 +295,20 @@ async fn start_on(
 
     let loading = std::time::Instant::now();
     let n = config.shards;
+    let (room, maps) = match ahead {
+        Some(Ahead { n: made_for, room, maps }) => (room.recv().ok(), Some((made_for, maps))),
+        None => (None, None),
+    };
     // Each shard's map is built from the accounts' rows as they are read
     // (`load_with`), then brought up to date for the accounts the replayed
     // tail or an open hold changed.
-    // A panic there was an allocation's: loading makes its own then.
-    let (room, maps) = match ahead.and_then(|made| made.join().ok()) {
-        Some(Ahead { n: made_for, room, maps }) if maps.len() == n => (Some(room), Some((made_for, maps))),
-        _ => (None, None),
-    };
     let (loaded, mut per_shard) = store::load_with(&db, limits, room, |accounts| {
         let share = shard_share(accounts.len, n);
-        let maps = maps.filter(|(made_for, _)| store::Room::fits(*made_for, accounts.len)).map(|(_, maps)| maps);
-        let mut per_shard = maps.unwrap_or_else(|| (0..n).map(|_| AccountMap::with_capacity(share)).collect());
+        let made = maps
+            .filter(|(made_for, _)| store::Room::fits(*made_for, accounts.len))
+            .and_then(|(_, maps)| maps.recv().ok())
+            .filter(|maps| maps.len() == n);
+        let mut per_shard = made.unwrap_or_else(|| (0..n).map(|_| AccountMap::with_capacity(share)).collect());
         for map in &mut per_shard {
             map.reserve(share);
         }
@@ -329,8 +336,11 @@ async fn start_on(
         ms = loading.elapsed().as_millis() as u64,
         "ledger loaded"
     );
-    if let Err(e) = store::write_size_hint(&data, loaded.book.len()) {
-        tracing::warn!(error = %e, "could not note the count of accounts for the next start");
+    // A member's starts follow its leadership, with the database open.
+    if cluster.is_none() {
+        if let Err(e) = store::write_size_hint(&data, loaded.book.len()) {
+            tracing::warn!(error = %e, "could not note the count of accounts for the next start");
+        }
     }
 
     let users = Arc::new(Users::default());

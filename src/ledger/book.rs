@@ -169,8 +169,8 @@ impl Book {
         }
     }
 
-    /// Makes an [`Book::unfilled`] book, none of it filled yet, one of
-    /// `n` accounts under `limits`.
+    /// Makes this book (none of it filled yet) an [`Book::unfilled`] book
+    /// of `n` accounts under `limits`.
     pub(crate) fn refit_unfilled(&mut self, limits: Limits, n: usize) {
         debug_assert!(self.index.is_empty(), "refitting a book being filled");
         self.entries.resize(n, Entry::blank());

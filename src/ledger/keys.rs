@@ -41,7 +41,8 @@ impl<V> AccountMap<V> {
         for i in 0..room {
             // Hashes in order put the blanks bucket after bucket (the
             // table starts probing at its hash's low bits), spread over all
-            // the buckets (room is 7/8 of them); only the speed relies on it.
+            // the buckets (of a large table, room is 7/8 of them); only the
+            // speed relies on it.
             let hash = i as u64 * 8 / 7;
             table.insert_unique(hash, (AccountKey::from(""), blank()), |(k, _)| hasher.hash_one(k.as_str()));
         }

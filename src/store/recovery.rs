@@ -121,12 +121,12 @@ impl Iterator for LoadedAccounts {
 
 /// Memory for loading about `n` accounts, made before the database is
 /// open: after a crash redb's repair reads the whole file on one core, and
-/// meanwhile the other can write the blank book and the balance table.
-/// Their pages' first touch (the kernel zeroing them, and on a virtual
-/// machine the host backing them) cost ~5 s of a 10M-account start, on
-/// the owners' thread, while the reader waited for it. Made for the wrong
-/// number it is only resized, or, made for far more, dropped: what
-/// loading does with it is the same.
+/// meanwhile the other can write the blank book and the balance table
+/// (start-up makes the shards' maps beside it). Made during loading, the
+/// first touch of their pages (the kernel zeroing them; on a virtual
+/// machine, the host backing them) stalls the owners' thread: ~5 s of a
+/// 10M-account start. Made for the wrong number it is only resized, or,
+/// made for far more, dropped: what loading does with it is the same.
 pub struct Room {
     n: usize,
     book: Book,
@@ -145,11 +145,11 @@ impl Room {
     }
 
     /// Whether memory made for `made_for` accounts is worth keeping for
-    /// `n`: not if most of it would lie unused for the server's life (a
+    /// `n`: not if much of it would lie unused for the server's life (a
     /// count noted for another database file, say).
     #[must_use]
     pub fn fits(made_for: usize, n: usize) -> bool {
-        made_for <= n.saturating_mul(2).saturating_add(4096)
+        made_for <= n.saturating_add(n / 4).saturating_add(4096)
     }
 
     /// Refitted to exactly `n` accounts, all blank.
@@ -169,15 +169,41 @@ const SIZE_HINT_FILE: &str = "accounts.hint";
 /// a hint claiming more accounts than the file can hold is ignored.
 const ACCOUNT_BYTES_MIN: u64 = 48;
 
+/// Most memory made ahead for an account (its book entry, balance, index
+/// bucket and shard map bucket, with their headroom): a hint whose memory
+/// would take more than half the machine's is ignored, so that a wrong
+/// one cannot make a start fail for want of memory.
+const AHEAD_BYTES_PER_ACCOUNT: u64 = 320;
+
 /// The count of accounts the last start in `data` loaded, if it was noted
-/// and the database file (`db_path`) could hold that many.
+/// and the database file (`db_path`) and the machine's memory could hold
+/// that many.
 #[must_use]
 pub fn size_hint(data: &Path, db_path: &Path) -> Option<usize> {
+    let path = data.join(SIZE_HINT_FILE);
+    // Not a FIFO or a device, whose open or read could wait forever.
+    if !std::fs::metadata(&path).ok()?.is_file() {
+        return None;
+    }
     let mut text = String::new();
-    std::fs::File::open(data.join(SIZE_HINT_FILE)).ok()?.take(32).read_to_string(&mut text).ok()?;
+    std::fs::File::open(&path).ok()?.take(32).read_to_string(&mut text).ok()?;
     let n: u64 = text.trim().parse().ok()?;
     let file_len = std::fs::metadata(db_path).ok()?.len();
-    (n <= file_len / ACCOUNT_BYTES_MIN).then(|| usize::try_from(n).ok()).flatten()
+    let fits_memory = physical_memory().is_none_or(|m| n.saturating_mul(AHEAD_BYTES_PER_ACCOUNT) <= m / 2);
+    (n <= file_len / ACCOUNT_BYTES_MIN && fits_memory).then(|| usize::try_from(n).ok()).flatten()
+}
+
+/// The machine's memory in bytes, where the system says.
+fn physical_memory() -> Option<u64> {
+    #[cfg(unix)]
+    {
+        // SAFETY: sysconf only reads configuration values.
+        let (pages, page) = unsafe { (libc::sysconf(libc::_SC_PHYS_PAGES), libc::sysconf(libc::_SC_PAGESIZE)) };
+        let (pages, page) = (u64::try_from(pages).ok()?, u64::try_from(page).ok()?);
+        Some(pages.saturating_mul(page))
+    }
+    #[cfg(not(unix))]
+    None
 }
 
 /// Notes that `n` accounts were loaded (see [`size_hint`]); replaced

@@ -351,8 +351,14 @@ fn account_numbers_that_repeat_or_overflow_are_refused() {
     type NumOf = fn(u32) -> u32;
     let repeat: NumOf = |i| if i == 50 { 3 } else { 3 + i };
     let overflow: NumOf = |i| if i == 50 { 10 * N } else { 3 + i };
-    let cases = [("used twice", repeat), ("out of range", overflow)];
-    for (want, num_of) in cases {
+    let in_order: NumOf = |i| 3 + i;
+    // A balance row past the accounts' numbers (but within a room made
+    // for more accounts than there are).
+    let stray = Some(3 + N + 500);
+    let cases = [("used twice", repeat, None), ("out of range", overflow, None), ("without accounts", in_order, stray)];
+    // Loading with memory made ahead for more accounts refuses the same.
+    let rooms = [None, Some(N as usize + 1_000)];
+    for ((want, num_of, stray), room) in cases.into_iter().flat_map(|c| rooms.map(|r| (c, r))) {
         let dir = tempfile::tempdir().unwrap();
         let db = open(&dir.path().join("t.redb")).unwrap();
         let txn = db.begin_write().unwrap();
@@ -364,17 +370,21 @@ fn account_numbers_that_repeat_or_overflow_are_refused() {
                 accounts.insert(format!("a{i:07}").as_str(), &meta.encode()[..]).unwrap();
                 balances.insert(3 + i, (0, 0)).unwrap();
             }
+            if let Some(num) = stray {
+                balances.insert(num, (0, 0)).unwrap();
+            }
         }
         txn.commit().unwrap();
         let (tx, rx) = std::sync::mpsc::channel();
         std::thread::spawn(move || {
-            let got = load_with(&db, Limits::default(), None, |accounts| accounts.by_ref().count());
+            let room = room.map(|n| Room::new(Limits::default(), n));
+            let got = load_with(&db, Limits::default(), room, |accounts| accounts.by_ref().count());
             let _ = tx.send(got.map(|(_, seen)| seen));
         });
         let got = rx.recv_timeout(std::time::Duration::from_secs(120)).expect("loading finished");
         match got {
-            Err(StoreError::Corrupt(e)) => assert!(e.contains(want), "{want}: {e}"),
-            other => panic!("{want}: {:?}", other.map_err(|e| e.to_string())),
+            Err(StoreError::Corrupt(e)) => assert!(e.contains(want), "{want}, room {room:?}: {e}"),
+            other => panic!("{want}, room {room:?}: {:?}", other.map_err(|e| e.to_string())),
         }
     }
 }
@@ -395,7 +405,10 @@ fn a_room_of_any_size_loads_what_loading_alone_does() {
         for i in 0..N {
             let meta = AccountMeta { num: 3 + i, created: u64::from(i), ..AccountMeta::default() };
             accounts.insert(format!("a{i:05}").as_str(), &meta.encode()[..]).unwrap();
-            balances.insert(3 + i, (i64::from(i % 7), 0)).unwrap();
+            // Some accounts have no balance row yet: (0, 0).
+            if i % 5 != 0 {
+                balances.insert(3 + i, (i64::from(i % 7), 0)).unwrap();
+            }
         }
     }
     txn.commit().unwrap();
@@ -409,15 +422,19 @@ fn a_room_of_any_size_loads_what_loading_alone_does() {
         seen.sort_by_key(|&(_, num, _, _)| num);
         let book: Vec<_> =
             loaded.book.iter().map(|(id, a)| (id.to_owned(), a.balance, a.last, a.dirty, a.held)).collect();
-        (book, loaded.head.id, seen)
+        (book, loaded.head.id, seen, loaded.book.limits)
     };
     let alone = load(None);
     assert_eq!((alone.0.len(), alone.1, alone.2.len()), (N as usize + 3, 1, N as usize + 3));
-    // Made for up to twice as many (and 4,096 more) it is used; beyond,
-    // dropped. Either way it loads the same.
-    assert!(Room::fits(2 * N as usize + 4096, N as usize) && !Room::fits(2 * N as usize + 4097, N as usize));
-    for n in [0, 1, N as usize / 2, N as usize + 3, N as usize + 4, 5 * N as usize, 2 * N as usize + 4000] {
-        assert!(load(Some(Room::new(limits, n))) == alone, "a room for {n} accounts");
+    assert_eq!(alone.2[3 + 5], ("a00005".to_owned(), 3 + 5, 0, 5), "no balance row: 0");
+    assert_eq!(alone.2[3 + 6], ("a00006".to_owned(), 3 + 6, 6, 6));
+    let n = N as usize + 3;
+    // Made for up to a quarter more (and 4,096 more) it is used; beyond,
+    // dropped. Either way it loads the same, under the load's limits.
+    assert!(Room::fits(n + n / 4 + 4096, n) && !Room::fits(n + n / 4 + 4097, n));
+    let other_limits = Limits { min_balance: -5, max_balance: Some(9) };
+    for made_for in [0, 1, n / 2, n - 1, n, n + 1, n + n / 4 + 4000, 5 * n] {
+        assert!(load(Some(Room::new(other_limits, made_for))) == alone, "a room for {made_for} accounts");
     }
 }
 
