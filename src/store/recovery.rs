@@ -128,8 +128,8 @@ impl Iterator for LoadedAccounts {
 /// 10M-account start. Made for the wrong number it is only resized, or,
 /// made for far more, dropped: what loading does with it is the same.
 pub struct Room {
-    n: usize,
     book: Book,
+    /// One blank `(0, 0)` for each account it is made for.
     balances: Vec<(i64, u64)>,
 }
 
@@ -141,7 +141,7 @@ impl Room {
         let headroom = n + n / 8;
         let mut balances = Vec::with_capacity(headroom);
         balances.resize(n, (0, 0));
-        Room { n, book: Book::unfilled_within(limits, n, headroom), balances }
+        Room { book: Book::unfilled_within(limits, n, headroom), balances }
     }
 
     /// Whether memory made for `made_for` accounts is worth keeping for
@@ -189,8 +189,13 @@ pub fn size_hint(data: &Path, db_path: &Path) -> Option<usize> {
     std::fs::File::open(&path).ok()?.take(32).read_to_string(&mut text).ok()?;
     let n: u64 = text.trim().parse().ok()?;
     let file_len = std::fs::metadata(db_path).ok()?.len();
-    let fits_memory = physical_memory().is_none_or(|m| n.saturating_mul(AHEAD_BYTES_PER_ACCOUNT) <= m / 2);
-    (n <= file_len / ACCOUNT_BYTES_MIN && fits_memory).then(|| usize::try_from(n).ok()).flatten()
+    hint_fits(n, file_len, physical_memory()).then(|| usize::try_from(n).ok()).flatten()
+}
+
+/// Whether `n` accounts could be in a database file of `file_len` bytes,
+/// with their memory made ahead in half the machine's `memory`.
+pub(super) fn hint_fits(n: u64, file_len: u64, memory: Option<u64>) -> bool {
+    n <= file_len / ACCOUNT_BYTES_MIN && memory.is_none_or(|m| n.saturating_mul(AHEAD_BYTES_PER_ACCOUNT) <= m / 2)
 }
 
 /// The machine's memory in bytes, where the system says.
@@ -326,9 +331,9 @@ pub(super) fn load_txn<T: Send>(
     let started = std::time::Instant::now();
     let accounts_table = txn.open_table(ACCOUNTS)?;
     let n = usize::try_from(accounts_table.len()?).unwrap_or(0);
-    let (book, balances) = match room.filter(|r| Room::fits(r.n, n)) {
+    let (book, balances) = match room.filter(|r| Room::fits(r.balances.len(), n)) {
         Some(room) => {
-            let Room { book, balances, .. } = room.refit(limits, n);
+            let Room { book, balances } = room.refit(limits, n);
             (Some(book), Some(balances))
         }
         None => (None, None),

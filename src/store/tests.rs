@@ -4,7 +4,7 @@
 use redb::ReadableDatabase;
 
 use super::record::{for_each_record, ChunkWriter};
-use super::recovery::read_head;
+use super::recovery::{hint_fits, read_head};
 use super::*;
 use crate::ledger::{Kind, Limits, Links};
 
@@ -458,4 +458,10 @@ fn the_size_hint_reads_back_only_a_count_the_file_could_hold() {
     write_size_hint(data, most + 1).unwrap();
     assert_eq!(size_hint(data, &db_path), None, "more accounts than the file can hold");
     assert_eq!(size_hint(data, &dir.path().join("missing.redb")), None, "no database file");
+    // Half the machine's memory bounds it too: 320 bytes an account.
+    let gib = 1 << 30;
+    assert!(hint_fits(1_000_000, gib, Some(gib)) && hint_fits(1_677_721, gib, Some(gib)));
+    assert!(!hint_fits(1_677_722, gib, Some(gib)), "more than half of 1 GiB");
+    assert!(hint_fits(22_369_621, gib, None) && !hint_fits(22_369_622, gib, None), "48 bytes of file an account");
+    assert!(!hint_fits(u64::MAX, u64::MAX, Some(u64::MAX)), "no overflow");
 }
