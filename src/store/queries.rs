@@ -6,7 +6,7 @@ use super::recovery::{legs, read_checkpoint};
 use super::*;
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 
-use crate::limits::LIST_SCAN_MAX;
+use crate::limits::{LIST_BLOCK_MIN, LIST_SCAN_MAX};
 use crate::wire::{ListedAccount, TransferView};
 
 /// Redeem requests, newest first: all of them (optionally of one status),
@@ -186,22 +186,47 @@ pub struct ListFilter {
     pub balance_max: Option<i64>,
 }
 
-/// Balance changes of the records after the checkpoint, per account, for
-/// rows that do not include them yet.
-fn tail_deltas(txn: &redb::ReadTransaction) -> Result<std::collections::HashMap<String, Vec<(u64, i64)>>, StoreError> {
-    let checkpoint = read_checkpoint(txn)?;
-    let chunks = txn.open_table(CHUNKS)?;
-    let mut tail: std::collections::HashMap<String, Vec<(u64, i64)>> = std::collections::HashMap::new();
-    for_each_record(&chunks, checkpoint + 1, |_, stored| {
+/// A candidate of a `list_accounts` page: open, of the wanted tag, with
+/// its balance row brought up to date by [`tail_onto`].
+struct Candidate {
+    id: String,
+    meta: AccountMeta,
+    balance: i64,
+    last: u64,
+}
+
+/// Adds the records after `checkpoint` to the candidates' balances, for
+/// the rows that do not include them yet. Only the candidates' changes are
+/// kept, so what a page holds is bounded by its candidates, not by how far
+/// the balance-row sweep lags behind the head.
+fn tail_onto(
+    chunks: &impl ReadableTable<u64, &'static [u8]>,
+    checkpoint: u64,
+    block: &mut [Candidate],
+) -> Result<(), StoreError> {
+    let at: std::collections::HashMap<&str, usize> =
+        block.iter().enumerate().map(|(i, c)| (c.id.as_str(), i)).collect();
+    let mut deltas = vec![0i64; block.len()];
+    for_each_record(chunks, checkpoint + 1, |_, stored| {
         let r = RecordRef::decode(stored)?;
         for (account, delta) in legs(&r)? {
-            if delta != 0 {
-                tail.entry(account.to_owned()).or_default().push((r.id, delta));
+            if let Some(&i) = at.get(account) {
+                if delta != 0 && r.id > block[i].last {
+                    deltas[i] = deltas[i]
+                        .checked_add(delta)
+                        .ok_or_else(|| StoreError::Corrupt(format!("replaying transfer {}: overflow", r.id)))?;
+                }
             }
         }
         Ok(true)
     })?;
-    Ok(tail)
+    for (c, delta) in block.iter_mut().zip(deltas) {
+        c.balance = c
+            .balance
+            .checked_add(delta)
+            .ok_or_else(|| StoreError::Corrupt(format!("the balance of {} overflows", c.id)))?;
+    }
+    Ok(())
 }
 
 /// Accounts listed under `key` in an index table of (key, account) pairs,
@@ -224,14 +249,32 @@ fn index_members(
 
 /// A page of open accounts in id order, filtered, with balances as of one
 /// instant (one read transaction), and the cursor of the next page.
+///
+/// Candidates are taken in blocks, each brought up to date with one read
+/// of the records after the checkpoint ([`tail_onto`]), then filtered by
+/// balance. The first block is the page's `limit` (at least
+/// [`LIST_BLOCK_MIN`]): an unfiltered page reads the records once. A
+/// selective balance filter doubles the block each time, so at most
+/// `LIST_SCAN_MAX` candidates take about a dozen reads.
 pub fn list_accounts(
     db: &Database,
     f: &ListFilter,
     after: Option<&str>,
     limit: usize,
 ) -> Result<(Vec<ListedAccount>, Option<String>), StoreError> {
+    list_accounts_in_blocks(db, f, after, limit, limit.max(LIST_BLOCK_MIN))
+}
+
+pub(super) fn list_accounts_in_blocks(
+    db: &Database,
+    f: &ListFilter,
+    after: Option<&str>,
+    limit: usize,
+    first_block: usize,
+) -> Result<(Vec<ListedAccount>, Option<String>), StoreError> {
     let txn = db.begin_read()?;
-    let tail = tail_deltas(&txn)?;
+    let checkpoint = read_checkpoint(&txn)?;
+    let chunks = txn.open_table(CHUNKS)?;
     let rows = txn.open_table(BALANCES)?;
     let accounts = txn.open_table(ACCOUNTS)?;
     let after = after.unwrap_or("");
@@ -245,27 +288,33 @@ pub fn list_accounts(
     };
     let mut out = Vec::new();
     let mut scanned = 0usize;
+    let mut block_len = first_block.max(1);
     loop {
-        let Some(id) = candidates.next().transpose()? else {
-            return Ok((out, None));
-        };
-        if id == after {
-            continue;
-        }
-        scanned += 1;
-        let meta = accounts
-            .get(id.as_str())?
-            .map(|v| AccountMeta::decode(v.value()))
-            .transpose()?
-            .ok_or_else(|| StoreError::Corrupt(format!("index names a missing account {id}")))?;
-        let wanted_tag = f.tag.as_ref().is_none_or(|t| meta.tags.contains(t));
-        if meta.deleted.is_none() && wanted_tag {
-            let (mut balance, last) = rows.get(meta.num)?.map_or((0, 0), |v| v.value());
-            for (rid, delta) in tail.get(&id).map_or(&[][..], Vec::as_slice) {
-                if *rid > last {
-                    balance += delta;
-                }
+        let mut block = Vec::new();
+        let mut last_scanned = None;
+        let mut exhausted = false;
+        while block.len() < block_len && scanned < LIST_SCAN_MAX {
+            let Some(id) = candidates.next().transpose()? else {
+                exhausted = true;
+                break;
+            };
+            if id == after {
+                continue;
             }
+            scanned += 1;
+            let meta = accounts
+                .get(id.as_str())?
+                .map(|v| AccountMeta::decode(v.value()))
+                .transpose()?
+                .ok_or_else(|| StoreError::Corrupt(format!("index names a missing account {id}")))?;
+            if meta.deleted.is_none() && f.tag.as_ref().is_none_or(|t| meta.tags.contains(t)) {
+                let (balance, last) = rows.get(meta.num)?.map_or((0, 0), |v| v.value());
+                block.push(Candidate { id: id.clone(), meta, balance, last });
+            }
+            last_scanned = Some(id);
+        }
+        tail_onto(&chunks, checkpoint, &mut block)?;
+        for Candidate { id, meta, balance, .. } in block {
             if f.balance_min.is_none_or(|m| balance >= m) && f.balance_max.is_none_or(|m| balance <= m) {
                 out.push(ListedAccount {
                     account: id.clone(),
@@ -280,8 +329,12 @@ pub fn list_accounts(
                 }
             }
         }
-        if scanned >= LIST_SCAN_MAX {
-            return Ok((out, Some(id)));
+        if exhausted {
+            return Ok((out, None));
         }
+        if scanned >= LIST_SCAN_MAX {
+            return Ok((out, last_scanned));
+        }
+        block_len = block_len.saturating_mul(2);
     }
 }
