@@ -186,45 +186,48 @@ pub struct ListFilter {
     pub balance_max: Option<i64>,
 }
 
-/// A candidate of a `list_accounts` page: open, of the wanted tag, with
-/// its balance row brought up to date by [`tail_onto`].
+/// A candidate of a `list_accounts` page: open and of the wanted tag, with
+/// its balance row, brought up to date by [`tail_onto`]. Its other parts
+/// are read again only if it is listed, so a block stays small.
 struct Candidate {
     id: String,
-    meta: AccountMeta,
     balance: i64,
     last: u64,
 }
 
 /// Adds the records after `checkpoint` to the candidates' balances, for
-/// the rows that do not include them yet. Only the candidates' changes are
-/// kept, so what a page holds is bounded by its candidates, not by how far
-/// the balance-row sweep lags behind the head.
+/// the rows that do not include them yet, one record at a time as
+/// start-up's replay does. Only the candidates' balances are kept, so what
+/// a page holds is bounded by its candidates, not by how far the
+/// balance-row sweep lags behind the head.
 fn tail_onto(
     chunks: &impl ReadableTable<u64, &'static [u8]>,
     checkpoint: u64,
     block: &mut [Candidate],
 ) -> Result<(), StoreError> {
+    if block.is_empty() {
+        return Ok(());
+    }
     let at: std::collections::HashMap<&str, usize> =
         block.iter().enumerate().map(|(i, c)| (c.id.as_str(), i)).collect();
-    let mut deltas = vec![0i64; block.len()];
+    let mut balances: Vec<i64> = block.iter().map(|c| c.balance).collect();
     for_each_record(chunks, checkpoint + 1, |_, stored| {
         let r = RecordRef::decode(stored)?;
         for (account, delta) in legs(&r)? {
-            if let Some(&i) = at.get(account) {
-                if delta != 0 && r.id > block[i].last {
-                    deltas[i] = deltas[i]
+            match at.get(account) {
+                Some(&i) if delta != 0 && r.id > block[i].last => {
+                    balances[i] = balances[i]
                         .checked_add(delta)
                         .ok_or_else(|| StoreError::Corrupt(format!("replaying transfer {}: overflow", r.id)))?;
                 }
+                _ => {}
             }
         }
         Ok(true)
     })?;
-    for (c, delta) in block.iter_mut().zip(deltas) {
-        c.balance = c
-            .balance
-            .checked_add(delta)
-            .ok_or_else(|| StoreError::Corrupt(format!("the balance of {} overflows", c.id)))?;
+    drop(at);
+    for (c, balance) in block.iter_mut().zip(balances) {
+        c.balance = balance;
     }
     Ok(())
 }
@@ -250,33 +253,41 @@ fn index_members(
 /// A page of open accounts in id order, filtered, with balances as of one
 /// instant (one read transaction), and the cursor of the next page.
 ///
-/// Candidates are taken in blocks, each brought up to date with one read
-/// of the records after the checkpoint ([`tail_onto`]), then filtered by
-/// balance. The first block is the page's `limit` (at least
-/// [`LIST_BLOCK_MIN`]): an unfiltered page reads the records once. A
-/// selective balance filter doubles the block each time, so at most
-/// `LIST_SCAN_MAX` candidates take about a dozen reads.
+/// Candidates are taken in at most two blocks, each brought up to date
+/// with one read of the records after the checkpoint ([`tail_onto`]), then
+/// filtered by balance: first the page's `limit` (at least
+/// [`LIST_BLOCK_MIN`]), so an unfiltered page reads the records once; then,
+/// if a balance filter left the page short, the rest of `LIST_SCAN_MAX`.
 pub fn list_accounts(
     db: &Database,
     f: &ListFilter,
     after: Option<&str>,
     limit: usize,
 ) -> Result<(Vec<ListedAccount>, Option<String>), StoreError> {
-    list_accounts_in_blocks(db, f, after, limit, limit.max(LIST_BLOCK_MIN))
+    list_accounts_in_blocks(db, f, after, limit, limit.max(LIST_BLOCK_MIN), LIST_SCAN_MAX)
 }
 
+/// [`list_accounts`] with its first block and its scan bound given.
 pub(super) fn list_accounts_in_blocks(
     db: &Database,
     f: &ListFilter,
     after: Option<&str>,
     limit: usize,
     first_block: usize,
+    scan_max: usize,
 ) -> Result<(Vec<ListedAccount>, Option<String>), StoreError> {
     let txn = db.begin_read()?;
     let checkpoint = read_checkpoint(&txn)?;
     let chunks = txn.open_table(CHUNKS)?;
     let rows = txn.open_table(BALANCES)?;
     let accounts = txn.open_table(ACCOUNTS)?;
+    let meta_of = |id: &str| {
+        accounts
+            .get(id)?
+            .map(|v| AccountMeta::decode(v.value()))
+            .transpose()?
+            .ok_or_else(|| StoreError::Corrupt(format!("index names a missing account {id}")))
+    };
     let after = after.unwrap_or("");
     // Candidates in id order: from an index when there is one to use.
     let mut candidates: Box<dyn Iterator<Item = Result<String, StoreError>>> = match (&f.owner, &f.tag) {
@@ -293,7 +304,7 @@ pub(super) fn list_accounts_in_blocks(
         let mut block = Vec::new();
         let mut last_scanned = None;
         let mut exhausted = false;
-        while block.len() < block_len && scanned < LIST_SCAN_MAX {
+        while block.len() < block_len && scanned < scan_max {
             let Some(id) = candidates.next().transpose()? else {
                 exhausted = true;
                 break;
@@ -302,20 +313,17 @@ pub(super) fn list_accounts_in_blocks(
                 continue;
             }
             scanned += 1;
-            let meta = accounts
-                .get(id.as_str())?
-                .map(|v| AccountMeta::decode(v.value()))
-                .transpose()?
-                .ok_or_else(|| StoreError::Corrupt(format!("index names a missing account {id}")))?;
+            let meta = meta_of(&id)?;
             if meta.deleted.is_none() && f.tag.as_ref().is_none_or(|t| meta.tags.contains(t)) {
                 let (balance, last) = rows.get(meta.num)?.map_or((0, 0), |v| v.value());
-                block.push(Candidate { id: id.clone(), meta, balance, last });
+                block.push(Candidate { id: id.clone(), balance, last });
             }
             last_scanned = Some(id);
         }
         tail_onto(&chunks, checkpoint, &mut block)?;
-        for Candidate { id, meta, balance, .. } in block {
+        for Candidate { id, balance, .. } in block {
             if f.balance_min.is_none_or(|m| balance >= m) && f.balance_max.is_none_or(|m| balance <= m) {
+                let meta = meta_of(&id)?;
                 out.push(ListedAccount {
                     account: id.clone(),
                     owner: meta.owner,
@@ -332,9 +340,10 @@ pub(super) fn list_accounts_in_blocks(
         if exhausted {
             return Ok((out, None));
         }
-        if scanned >= LIST_SCAN_MAX {
+        if scanned >= scan_max {
             return Ok((out, last_scanned));
         }
-        block_len = block_len.saturating_mul(2);
+        // The second block is the rest of what one page may examine.
+        block_len = scan_max - scanned;
     }
 }
