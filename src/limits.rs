@@ -172,15 +172,23 @@ pub const LOGIN_UNDER_ATTACK: crate::guard::BackoffRule =
 pub const LOGIN_SOURCE: crate::guard::BackoffRule =
     crate::guard::BackoffRule { free: 20, base_ms: 1_000, cap_ms: 900_000, forget_ms: HOUR_MS };
 
-/// A full sweep of the balance rows completes within about this many
-/// records, which bounds the replay at start-up to about twice as many.
+/// A full sweep of the balance rows takes about one record for this many
+/// accounts, between [`SWEEP_RECORDS`] and [`SWEEP_RECORDS_MAX`]
+/// (`journal::commit::sweep_records`); the replay at start-up reads up to
+/// about two sweeps' records.
+pub const SWEEP_ACCOUNTS_PER_RECORD: usize = 4;
+/// The fewest records a full sweep of the balance rows takes (every ledger
+/// of up to about a million accounts).
 pub const SWEEP_RECORDS: usize = 262_144;
+/// The most records a full sweep of the balance rows takes (about 2.3 s
+/// of replay at 10M accounts for the two sweeps a start may read).
+pub const SWEEP_RECORDS_MAX: usize = 1_048_576;
 /// Recent idempotency keys held in memory before they are frozen into a
 /// run and merged into the `keys` table (`store::key_index`): ~100 bytes
 /// each, and at most two such sets at a time.
 pub const KEYS_FREEZE_AT: usize = 262_144;
 /// Records whose keys are held in memory before they are frozen: bounds
-/// what a start reads to rebuild them, as `SWEEP_RECORDS` bounds the replay.
+/// what a start reads to rebuild them, as the sweep bounds the replay.
 pub const KEYS_FREEZE_RECORDS: usize = 262_144;
 /// The least of a run a commit merges into the `keys` table (more when
 /// the commit brings more new keys: twice as many).

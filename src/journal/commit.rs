@@ -9,7 +9,9 @@ use redb::{Database, Durability, ReadTransaction, ReadableDatabase};
 
 use super::machine::{Cold, Writes};
 use crate::ledger::Book;
-use crate::limits::{SWEEP_CHUNK_IDLE, SWEEP_CHUNK_MIN, SWEEP_IDLE_COMMITS, SWEEP_RECORDS};
+use crate::limits::{
+    SWEEP_ACCOUNTS_PER_RECORD, SWEEP_CHUNK_IDLE, SWEEP_CHUNK_MIN, SWEEP_IDLE_COMMITS, SWEEP_RECORDS, SWEEP_RECORDS_MAX,
+};
 use crate::store::key_index::KeyPlan;
 use crate::store::{self, AccountMeta, Head, HoldRecord, KeyIndex, KeyRecord, RedeemRecord, StoreError, UserRecord};
 
@@ -236,7 +238,7 @@ fn sweep_slice(
 }
 
 /// How many account numbers a commit that wrote `records` records sweeps,
-/// of `len`: a full sweep takes about [`SWEEP_RECORDS`] records. Each
+/// of `len`: a full sweep takes about [`sweep_records`] records. Each
 /// commit sweeps in proportion to what it wrote, so the sweep costs the
 /// same per transfer whatever the batch size, and an account changed many
 /// times in one sweep has its row written once.
@@ -245,7 +247,17 @@ pub fn sweep_chunk(len: usize, records: usize) -> usize {
     if records == 0 {
         return (len / SWEEP_IDLE_COMMITS).max(SWEEP_CHUNK_IDLE);
     }
-    len.saturating_mul(records).div_ceil(SWEEP_RECORDS).max(SWEEP_CHUNK_MIN)
+    len.saturating_mul(records).div_ceil(sweep_records(len)).max(SWEEP_CHUNK_MIN)
+}
+
+/// How many records a full sweep of `len` accounts takes: the fewest up to
+/// about a million accounts, then one for every four accounts, up to the
+/// most. A sweep rewrites every leaf of balance rows it finds changed, so
+/// a longer one writes each leaf after more transfers (fewer bytes per
+/// transfer), at the price of a longer replay after a crash.
+#[must_use]
+pub fn sweep_records(len: usize) -> usize {
+    (len / SWEEP_ACCOUNTS_PER_RECORD).clamp(SWEEP_RECORDS, SWEEP_RECORDS_MAX)
 }
 
 #[cfg(test)]
@@ -264,19 +276,31 @@ mod tests {
     }
 
     #[test]
-    fn a_sweep_takes_about_sweep_records_whatever_the_batches() {
-        for len in [3, 1_000, 100_000, 1_000_000, 10_000_000] {
+    fn a_sweep_takes_about_its_records_whatever_the_batches() {
+        for len in [3, 1_000, 100_000, 1_000_000, 10_000_000, 100_000_000] {
             for batch in [1, 7, 100, 1024, 8192] {
                 let records = records_per_sweep(len, batch);
-                // The replay bound: a full sweep within SWEEP_RECORDS (plus
+                // The replay bound: a full sweep within its records (plus
                 // the batch that completes it).
-                assert!(records <= SWEEP_RECORDS + batch, "len {len} batch {batch}: {records}");
+                assert!(records <= sweep_records(len) + batch, "len {len} batch {batch}: {records}");
                 // And no commit sweeps less than the minimum.
                 assert!(sweep_chunk(len, batch) >= SWEEP_CHUNK_MIN);
             }
         }
-        // Proportional: a batch of 1,024 over 1M accounts sweeps 3,907 of them.
+        // Up to a million accounts a sweep takes 262,144 records; beyond,
+        // one for four accounts, up to 1,048,576 (at 4,194,304 accounts).
+        assert_eq!(sweep_records(3), SWEEP_RECORDS);
+        assert_eq!(sweep_records(1_048_576), SWEEP_RECORDS);
+        assert_eq!(sweep_records(1_048_580), SWEEP_RECORDS + 1);
+        assert_eq!(sweep_records(4_000_000), 1_000_000);
+        assert_eq!(sweep_records(4_194_300), 1_048_575);
+        assert_eq!(sweep_records(4_194_304), SWEEP_RECORDS_MAX);
+        assert_eq!(sweep_records(10_000_000), SWEEP_RECORDS_MAX);
+        assert_eq!(sweep_records(usize::MAX), SWEEP_RECORDS_MAX);
+        // Proportional: a batch of 1,024 over 1M accounts sweeps 3,907 of
+        // them; over 10M, 9,766 (39,063 with the shortest sweep).
         assert_eq!(sweep_chunk(1_000_000, 1024), 3907);
+        assert_eq!(sweep_chunk(10_000_000, 1024), 9766);
         // Idle commits: at least 1/64 of the accounts, at least 4,096.
         assert_eq!(sweep_chunk(1_000_000, 0), 15_625);
         assert_eq!(sweep_chunk(1_000, 0), SWEEP_CHUNK_IDLE);

@@ -29,7 +29,8 @@
 //! at the sweep's start, and that id is stored as the `checkpoint`. Start-up
 //! (and `audit`) read the rows and replay only the records after the
 //! checkpoint, applying a record to a row only if the row's last transfer
-//! is older: a few batches of work, never the whole history.
+//! is older: at most about two sweeps' records (`journal::commit::sweep_records`),
+//! never the whole history.
 //!
 //! Each record links to the previous record of each of its parties, and
 //! each account knows its last record, so an account's history is a linked

@@ -236,6 +236,8 @@ pub struct Loaded {
     pub head: Head,
     /// Open holds that expire: (expires_at, id).
     pub expiring: Vec<(u64, u64)>,
+    /// Records replayed: those after the checkpoint.
+    pub replayed: u64,
 }
 
 pub(super) fn read_u64(bytes: &[u8]) -> Result<u64, StoreError> {
@@ -368,7 +370,7 @@ pub(super) fn load_txn<T: Send>(
         };
         read?;
         let loaded = replay_onto(txn, book?)?;
-        tracing::debug!(ms = started.elapsed().as_millis() as u64, "the tail replayed");
+        tracing::debug!(ms = started.elapsed().as_millis() as u64, records = loaded.replayed, "the tail replayed");
         Ok((loaded, owners))
     })
 }
@@ -466,7 +468,7 @@ fn replay_onto(txn: &redb::ReadTransaction, mut book: Book) -> Result<Loaded, St
             expiring.push((h.expires_at, h.id));
         }
     }
-    Ok(Loaded { book, head, expiring })
+    Ok(Loaded { book, head, expiring, replayed: head.id - checkpoint })
 }
 
 pub(super) fn read_head(txn: &redb::ReadTransaction) -> Result<Head, StoreError> {
