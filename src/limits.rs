@@ -225,9 +225,6 @@ pub const REASON_BYTES_MAX: usize = 256;
 /// balance filter can match few accounts; the page then ends early with a
 /// `next` cursor, so no single request scans everything.
 pub const LIST_SCAN_MAX: usize = 200_000;
-/// The fewest candidates a `list_accounts` page brings up to date with one
-/// read of the records after the checkpoint (`store::list_accounts`).
-pub const LIST_BLOCK_MIN: usize = 1024;
 /// Replies a connection's writer gathers into one write.
 pub const WRITE_BATCH_BYTES: usize = 256 * 1024;
 /// Longest mail error passed on to the caller (an SMTP server's words).

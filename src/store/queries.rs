@@ -6,7 +6,7 @@ use super::recovery::{legs, read_checkpoint};
 use super::*;
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 
-use crate::limits::{LIST_BLOCK_MIN, LIST_SCAN_MAX};
+use crate::limits::LIST_SCAN_MAX;
 use crate::wire::{ListedAccount, TransferView};
 
 /// Redeem requests, newest first: all of them (optionally of one status),
@@ -255,16 +255,17 @@ fn index_members(
 ///
 /// Candidates are taken in at most two blocks, each brought up to date
 /// with one read of the records after the checkpoint ([`tail_onto`]), then
-/// filtered by balance: first the page's `limit` (at least
-/// [`LIST_BLOCK_MIN`]), so an unfiltered page reads the records once; then,
-/// if a balance filter left the page short, the rest of `LIST_SCAN_MAX`.
+/// filtered by balance: first the page's `limit`, so an unfiltered page
+/// examines only the open accounts it lists (and the deleted ones among
+/// them) and reads the records once; then, if a balance filter left the
+/// page short, the rest of `LIST_SCAN_MAX`.
 pub fn list_accounts(
     db: &Database,
     f: &ListFilter,
     after: Option<&str>,
     limit: usize,
 ) -> Result<(Vec<ListedAccount>, Option<String>), StoreError> {
-    list_accounts_in_blocks(db, f, after, limit, limit.max(LIST_BLOCK_MIN), LIST_SCAN_MAX)
+    list_accounts_in_blocks(db, f, after, limit, limit, LIST_SCAN_MAX)
 }
 
 /// [`list_accounts`] with its first block and its scan bound given.
