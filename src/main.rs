@@ -345,14 +345,16 @@ fn runtime(workers: Option<usize>) -> Option<tokio::runtime::Runtime> {
     }
 }
 
-/// Turns transparent huge pages off for a cluster member. mimalloc asks
-/// for them on its arenas, and every fresh 2 MiB page it touches is zeroed
-/// whole by the kernel: 18% of a three-member cluster's CPU under load
-/// (`perf`: `clear_page_erms` under `do_huge_pmd_anonymous_page`, from
-/// mimalloc extending its free lists); without them a replicated transfer
-/// costs ~20% less CPU. A single server keeps them: there they cost
-/// nothing measurable at 100k accounts and spare TLB misses on a large
-/// book (5-10% faster at 1M accounts). Figures: docs/performance.md.
+/// Turns transparent huge pages off for the server. mimalloc asks for
+/// them on its arenas, and every fresh 2 MiB page it touches is zeroed
+/// whole by the kernel, inline in whichever thread touched it. In a
+/// cluster that was 18% of the members' CPU under load (`perf`:
+/// `clear_page_erms` under `do_huge_pmd_anonymous_page`, from mimalloc
+/// extending its free lists). On a single server it is the latency tail:
+/// at 100,000 transfers/s offered, the journal or the runtime stalls for
+/// milliseconds on such a page, and the p99 was 1.5-3x that without them.
+/// The large book loses nothing measurable (10M accounts: the same
+/// throughput, and it loads faster). Figures: docs/performance.md.
 fn no_huge_pages() {
     #[cfg(target_os = "linux")]
     // SAFETY: PR_SET_THP_DISABLE only sets a flag on this process's memory
@@ -403,9 +405,7 @@ fn main() -> ExitCode {
                     return ExitCode::from(2);
                 }
             };
-            if config.cluster.is_some() {
-                no_huge_pages();
-            }
+            no_huge_pages();
             let workers = config.worker_threads();
             tracing::info!(workers, "starting the runtime");
             let Some(runtime) = runtime(Some(workers)) else { return ExitCode::FAILURE };
