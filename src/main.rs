@@ -350,11 +350,12 @@ fn runtime(workers: Option<usize>) -> Option<tokio::runtime::Runtime> {
 /// whole by the kernel, inline in whichever thread touched it. In a
 /// cluster that was 18% of the members' CPU under load (`perf`:
 /// `clear_page_erms` under `do_huge_pmd_anonymous_page`, from mimalloc
-/// extending its free lists). On a single server it is the latency tail:
-/// at 100,000 transfers/s offered, the journal or the runtime stalls for
-/// milliseconds on such a page, and the p99 was 1.5-3x that without them.
-/// The large book loses nothing measurable (10M accounts: the same
-/// throughput, and it loads faster). Figures: docs/performance.md.
+/// extending its free lists). On a single server they lengthened the
+/// latency tail: at 100,000 transfers/s offered, commits that stalled for
+/// milliseconds were 2-3x as many, and the p99 was 1.3-17x that without
+/// them (6 interleaved pairs). A large book lost nothing measurable (1M
+/// and 10M accounts: the same throughput within the noise, and 10M loaded
+/// faster). Figures: docs/performance.md.
 fn no_huge_pages() {
     #[cfg(target_os = "linux")]
     // SAFETY: PR_SET_THP_DISABLE only sets a flag on this process's memory

@@ -198,7 +198,7 @@ fn run(ctx: &Arc<Ctx>, p: Principal, items: Vec<Item>, atomic: bool, reply: Repl
     let (tx, answers) = mpsc::unbounded_channel::<Outgoing>();
     let (collect, collected) = mpsc::unbounded_channel::<(usize, Box<TransferCmd>)>();
     let mut results: Vec<Option<Result<Reply, ApiError>>> = (0..n).map(|_| None).collect();
-    let mut outbox = Outbox::for_debits(&ctx.router, n);
+    let mut outbox = Outbox::default();
     for (i, item) in items.into_iter().enumerate() {
         let (t, fee) = match item {
             Ok(item) => item,

@@ -28,12 +28,7 @@ pub async fn run(mut rx: tokio::sync::mpsc::UnboundedReceiver<Committed>, router
         }
         for (i, effects) in out.per_shard.iter_mut().enumerate() {
             if !effects.is_empty() {
-                // The next batch's list is made for as many effects as
-                // this one had, so that filling it does not copy it again
-                // each time it doubles. It holds at most one commit's
-                // effects per shard, until the next commit.
-                let next = Vec::with_capacity(effects.len());
-                router.cast(i, ShardMsg::Effects(std::mem::replace(effects, next)));
+                router.cast(i, ShardMsg::Effects(std::mem::take(effects)));
             }
         }
         for (reply, result) in out.replies.drain(..) {

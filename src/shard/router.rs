@@ -22,19 +22,6 @@ pub struct Outbox {
 }
 
 impl Outbox {
-    /// An outbox for about `n` debits at once (a batch's items): each
-    /// shard's list is made for its share up front, so that filling it does
-    /// not copy it again each time it doubles. It is dropped with the
-    /// batch, so the room is held only while the batch is sent.
-    #[must_use]
-    pub fn for_debits(router: &ShardRouter, n: usize) -> Self {
-        let shards = router.len().max(1);
-        // A fair share plus a quarter: keys are hashed, so a shard's share
-        // rarely goes further over; if it does, its list grows as before.
-        let share = n / shards + n / (4 * shards) + 1;
-        Outbox { per_shard: (0..router.len()).map(|_| Vec::with_capacity(share)).collect(), used: Vec::new() }
-    }
-
     /// Holds `req` for its owning shard.
     pub fn push(&mut self, router: &ShardRouter, req: DebitReq) {
         if self.per_shard.len() != router.len() {
