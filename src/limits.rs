@@ -225,6 +225,10 @@ pub const REASON_BYTES_MAX: usize = 256;
 /// balance filter can match few accounts; the page then ends early with a
 /// `next` cursor, so no single request scans everything.
 pub const LIST_SCAN_MAX: usize = 200_000;
+/// `list_accounts` pages read at once; the others wait their turn. A page
+/// holds up to [`LIST_SCAN_MAX`] small candidates (~20 MB) while it reads,
+/// so this bounds the sum however many staff callers ask together.
+pub const LIST_PAGES_AT_ONCE: usize = 2;
 /// Replies a connection's writer gathers into one write.
 pub const WRITE_BATCH_BYTES: usize = 256 * 1024;
 /// Longest mail error passed on to the caller (an SMTP server's words).

@@ -88,6 +88,8 @@ pub struct Ctx {
     /// Held while `audit` scans the journal: one scan at a time, however
     /// many callers ask.
     pub auditing: Arc<tokio::sync::Mutex<()>>,
+    /// `list_accounts` pages being read (`LIST_PAGES_AT_ONCE` at most).
+    pub listing: Arc<Semaphore>,
     /// Cancelled when the server shuts down: readers stop taking requests.
     pub shutdown: CancellationToken,
     /// The OTP supervisor: pending one-time-password sessions.
@@ -295,6 +297,28 @@ where
     });
 }
 
+/// Runs `f` on the blocking pool once `limit` gives it a permit, and
+/// answers with its result: at most as many run at once as `limit` has
+/// permits, and the others wait their turn (each caller's reply slot
+/// bounds how many can wait).
+fn blocking_within<F>(limit: Arc<Semaphore>, reply: ReplyTo, f: F)
+where
+    F: FnOnce() -> Result<Reply, ApiError> + Send + 'static,
+{
+    tokio::spawn(async move {
+        let Ok(permit) = limit.acquire_owned().await else {
+            return reply.err(ApiError::internal("the query could not start"));
+        };
+        let r = tokio::task::spawn_blocking(move || {
+            let _permit = permit;
+            f()
+        })
+        .await
+        .unwrap_or_else(|_| Err(ApiError::internal("the query failed")));
+        reply.send(r);
+    });
+}
+
 /// Sends the journal a command that answers through `done` once
 /// committed, and waits for that answer.
 async fn commit<T>(
@@ -352,4 +376,51 @@ fn validate_transfer(from: &str, to: &str, amount: i64, memo: Option<&str>, key:
 /// The caller's own account when the request names none.
 fn own(p: &Principal, account: Option<String>) -> String {
     account.unwrap_or_else(|| p.user.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicUsize, Ordering::SeqCst};
+    use std::time::{Duration, Instant};
+
+    use super::*;
+
+    /// Six queries behind a limit of two: never more than two run, two do
+    /// run together, and every caller is answered once released.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn queries_within_a_limit_run_at_most_its_permits_at_once() {
+        let limit = Arc::new(Semaphore::new(2));
+        let (running, most) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+        let (go, released) = crossbeam_channel::unbounded::<()>();
+        let mut answers = Vec::new();
+        for i in 0..6 {
+            let (reply, answer) = ReplyTo::channel();
+            let (running, most, released) = (running.clone(), most.clone(), released.clone());
+            blocking_within(limit.clone(), reply, move || {
+                most.fetch_max(running.fetch_add(1, SeqCst) + 1, SeqCst);
+                let waited = released.recv_timeout(Duration::from_secs(30));
+                running.fetch_sub(1, SeqCst);
+                waited.map_err(|_| ApiError::internal("never released"))?;
+                Ok(Reply::Text(["q0", "q1", "q2", "q3", "q4", "q5"][i]))
+            });
+            answers.push(answer);
+        }
+        // Every query has been handed over; wait (bounded) until the limit
+        // is full, which needs two of them running.
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while running.load(SeqCst) < 2 {
+            assert!(Instant::now() < deadline, "two queries never ran together");
+            tokio::task::yield_now().await;
+        }
+        assert_eq!(limit.available_permits(), 0);
+        for _ in 0..6 {
+            go.send(()).unwrap();
+        }
+        for (i, mut answer) in answers.into_iter().enumerate() {
+            let o = tokio::time::timeout(Duration::from_secs(30), answer.recv()).await.unwrap().unwrap();
+            assert!(matches!(o.result, Ok(Reply::Text(t)) if t == format!("q{i}")), "query {i}");
+        }
+        assert_eq!(most.load(SeqCst), 2);
+        assert_eq!(limit.available_permits(), 2);
+    }
 }
