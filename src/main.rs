@@ -352,7 +352,7 @@ fn runtime(workers: Option<usize>) -> Option<tokio::runtime::Runtime> {
 /// `clear_page_erms` under `do_huge_pmd_anonymous_page`, from mimalloc
 /// extending its free lists). On a single server they lengthened the
 /// latency tail: at 100,000 transfers/s offered, commits that stalled for
-/// milliseconds were 2-3x as many, and the p99 was 1.3-17x that without
+/// milliseconds were 1.5-3x as many, and the p99 was 1.3-17x that without
 /// them (6 interleaved pairs). A large book lost nothing measurable (1M
 /// and 10M accounts: the same throughput within the noise, and 10M loaded
 /// faster). Figures: docs/performance.md.
