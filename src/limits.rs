@@ -229,6 +229,10 @@ pub const LIST_SCAN_MAX: usize = 200_000;
 /// holds up to [`LIST_SCAN_MAX`] small candidates (~20 MB) while it reads,
 /// so this bounds the sum however many staff callers ask together.
 pub const LIST_PAGES_AT_ONCE: usize = 2;
+/// Longest a `list_accounts` page waits for its turn before it is refused
+/// `overloaded`: the queue behind [`LIST_PAGES_AT_ONCE`] is bounded by the
+/// callers' reply slots, but a wait must also be bounded in time.
+pub const LIST_WAIT_MAX_MS: u64 = 10_000;
 /// Replies a connection's writer gathers into one write.
 pub const WRITE_BATCH_BYTES: usize = 256 * 1024;
 /// Longest mail error passed on to the caller (an SMTP server's words).

@@ -121,11 +121,14 @@ async fn ten_thousand_concurrent_creates_are_listed_back_exactly() {
     assert_eq!(code(c.call("list_accounts", json!({"limit": 5000})).await), "bad_request");
     // Pages asked for together are read a few at a time
     // (`LIST_PAGES_AT_ONCE`); every caller still gets all of them.
-    let mut listers = Vec::new();
+    let mut clients = Vec::new();
     for _ in 0..8 {
-        let c = s.admin().await;
-        listers.push(tokio::spawn(async move { ids(&list_all(&c, json!({"balance_min": 95})).await) }));
+        clients.push(s.admin().await);
     }
+    let listers: Vec<_> = clients
+        .into_iter()
+        .map(|c| tokio::spawn(async move { ids(&list_all(&c, json!({"balance_min": 95})).await) }))
+        .collect();
     for l in listers {
         assert_eq!(l.await.unwrap().into_iter().collect::<BTreeSet<_>>(), want);
     }

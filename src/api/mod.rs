@@ -299,15 +299,22 @@ where
 
 /// Runs `f` on the blocking pool once `limit` gives it a permit, and
 /// answers with its result: at most as many run at once as `limit` has
-/// permits, and the others wait their turn (each caller's reply slot
-/// bounds how many can wait).
-fn blocking_within<F>(limit: Arc<Semaphore>, reply: ReplyTo, f: F)
+/// permits, and the others wait their turn (the callers' reply slots bound
+/// how many can wait), each at most `wait`, then refused `overloaded`.
+fn blocking_within<F>(limit: Arc<Semaphore>, wait: std::time::Duration, reply: ReplyTo, f: F)
 where
     F: FnOnce() -> Result<Reply, ApiError> + Send + 'static,
 {
     tokio::spawn(async move {
-        let Ok(permit) = limit.acquire_owned().await else {
-            return reply.err(ApiError::internal("the query could not start"));
+        let permit = match tokio::time::timeout(wait, limit.acquire_owned()).await {
+            Ok(Ok(permit)) => permit,
+            Ok(Err(_)) => return reply.err(ApiError::internal("the query could not start")),
+            Err(_) => {
+                return reply.err(ApiError::new(
+                    ErrorCode::Overloaded,
+                    format!("too many such queries at once: none started within {} ms; retry", wait.as_millis()),
+                ))
+            }
         };
         let r = tokio::task::spawn_blocking(move || {
             let _permit = permit;
@@ -396,7 +403,7 @@ mod tests {
         for i in 0..6 {
             let (reply, answer) = ReplyTo::channel();
             let (running, most, released) = (running.clone(), most.clone(), released.clone());
-            blocking_within(limit.clone(), reply, move || {
+            blocking_within(limit.clone(), Duration::from_secs(30), reply, move || {
                 most.fetch_max(running.fetch_add(1, SeqCst) + 1, SeqCst);
                 let waited = released.recv_timeout(Duration::from_secs(30));
                 running.fetch_sub(1, SeqCst);
@@ -422,5 +429,39 @@ mod tests {
         }
         assert_eq!(most.load(SeqCst), 2);
         assert_eq!(limit.available_permits(), 2);
+    }
+
+    /// A query that cannot get a permit within its wait is refused
+    /// `overloaded` and never runs; the one holding the permit finishes.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_query_that_waits_too_long_is_refused_overloaded() {
+        let limit = Arc::new(Semaphore::new(1));
+        let (go, released) = crossbeam_channel::unbounded::<()>();
+        let (first, mut first_answer) = ReplyTo::channel();
+        blocking_within(limit.clone(), Duration::from_secs(30), first, move || {
+            released.recv_timeout(Duration::from_secs(30)).map_err(|_| ApiError::internal("never released"))?;
+            Ok(Reply::Text("first"))
+        });
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while limit.available_permits() > 0 {
+            assert!(Instant::now() < deadline, "the first query never started");
+            tokio::task::yield_now().await;
+        }
+        let ran = Arc::new(AtomicUsize::new(0));
+        let (second, mut second_answer) = ReplyTo::channel();
+        let r = ran.clone();
+        blocking_within(limit.clone(), Duration::from_millis(50), second, move || {
+            r.fetch_add(1, SeqCst);
+            Ok(Reply::Text("second"))
+        });
+        // The first holds the only permit until released, which happens
+        // only after the second has been answered.
+        let o = tokio::time::timeout(Duration::from_secs(30), second_answer.recv()).await.unwrap().unwrap();
+        assert_eq!(o.result.unwrap_err().code, ErrorCode::Overloaded);
+        go.send(()).unwrap();
+        let o = tokio::time::timeout(Duration::from_secs(30), first_answer.recv()).await.unwrap().unwrap();
+        assert!(matches!(o.result, Ok(Reply::Text("first"))));
+        assert_eq!(ran.load(SeqCst), 0);
+        assert_eq!(limit.available_permits(), 1);
     }
 }
