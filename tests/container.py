@@ -141,6 +141,24 @@ def healthy(container):
     assert status == "healthy", status
 
 
+def answers_smtp(container):
+    """Waits until the relay container runs and greets an SMTP client on
+    its network address. Tally resolves the relay by its service name,
+    which exists only once the container runs; a transfer's code mailed
+    before that fails (seen once in CI: "Name does not resolve")."""
+    def greets():
+        if podman("inspect", "--format", "{{.State.Running}}", container, check=False).stdout.strip() != "true":
+            return False
+        ip = inspect(container, "{{range .NetworkSettings.Networks}}{{.IPAddress}}{{end}}")
+        try:
+            with socket.create_connection((ip, 1025), timeout=2) as s:
+                s.settimeout(2)
+                return s.recv(3) == b"220"
+        except OSError:
+            return False
+    until(f"{container} answering SMTP", greets)
+
+
 def uids(container):
     """The real, effective, saved and filesystem uids of the container's
     main process, read from the host."""
@@ -264,6 +282,7 @@ def compose_test():
             run(*compose, "up", "-d", env=env)
             tally, relay = f"{project}_tally_1", f"{project}_smtp_1"
             healthy(tally)
+            answers_smtp(relay)
             tls = ("127.0.0.1", 7708)
             with Client(*tls, tls=True, ca=str(ca_file)) as app:
                 assert app.auth(key=secret)["role"] == "operator"
@@ -351,6 +370,8 @@ def campus_transfer(addr, ca, admin_password, relay):
         admin.mint("ann", 100)
         ann.login("ann", PASSWORD)
         pending = ann.transfer("ben", 100)
+        if pending["delivered"] is not True:
+            print(podman("logs", relay, check=False).stdout[-2000:], file=sys.stderr)
         assert pending["delivered"] is True, pending
         code = until("the code at the relay", lambda: relayed_code(relay))
         try:
