@@ -291,10 +291,15 @@ fn blocking<F>(reply: ReplyTo, f: F)
 where
     F: FnOnce() -> Result<Reply, ApiError> + Send + 'static,
 {
-    tokio::spawn(async move {
-        let r = tokio::task::spawn_blocking(f).await.unwrap_or_else(|_| Err(ApiError::internal("the query failed")));
-        reply.send(r);
-    });
+    tokio::spawn(async move { reply.send(on_blocking_pool(f).await) });
+}
+
+/// `f`'s result, run on the blocking pool (`internal` if it panicked).
+async fn on_blocking_pool<F>(f: F) -> Result<Reply, ApiError>
+where
+    F: FnOnce() -> Result<Reply, ApiError> + Send + 'static,
+{
+    tokio::task::spawn_blocking(f).await.unwrap_or_else(|_| Err(ApiError::internal("the query failed")))
 }
 
 /// Runs `f` on the blocking pool once `limit` gives it a permit, and
@@ -316,12 +321,11 @@ where
                 ))
             }
         };
-        let r = tokio::task::spawn_blocking(move || {
+        let r = on_blocking_pool(move || {
             let _permit = permit;
             f()
         })
-        .await
-        .unwrap_or_else(|_| Err(ApiError::internal("the query failed")));
+        .await;
         reply.send(r);
     });
 }
