@@ -443,7 +443,7 @@ async fn start_on(
         logins: LoginGuard::default(),
         hashing: Arc::new(Semaphore::new(PASSWORD_HASHES_CONCURRENT_MAX)),
         key_creation: tokio::sync::Mutex::new(()),
-        auditing: Arc::new(tokio::sync::Mutex::new(())),
+        auditing: Arc::new(Semaphore::new(1)),
         listing: Arc::new(Semaphore::new(crate::limits::LIST_PAGES_AT_ONCE)),
         shutdown: CancellationToken::new(),
         otp,

@@ -47,6 +47,31 @@ async fn transfers_move_value_exactly() {
     assert_eq!(a["head"], m["hash"]);
 }
 
+/// Audits asked together run one at a time and each caller gets the whole
+/// answer: eight admins on their own connections ask at once.
+#[tokio::test]
+async fn audits_asked_together_each_get_the_whole_answer() {
+    let s = Server::start();
+    let c = s.admin().await;
+    create(&c, "alice", 100).await;
+    create(&c, "bob", 0).await;
+    // alice's initial 100 (a record from @mint), then the transfer.
+    let t = c.call("transfer", json!({"from": "alice", "to": "bob", "amount": 30})).await.unwrap();
+    let mut admins = Vec::new();
+    for _ in 0..8 {
+        admins.push(s.admin().await);
+    }
+    let answers = common::join_all(admins.iter().map(|a| Box::pin(a.call("audit", json!({})))).collect()).await;
+    for a in answers {
+        let a = a.expect("every audit is answered");
+        assert_eq!(a["sum"], 0);
+        assert_eq!(a["chain_ok"], true);
+        assert_eq!(a["accounts"], 5);
+        assert_eq!(a["transfers"], 2);
+        assert_eq!(a["head"], t["hash"]);
+    }
+}
+
 #[tokio::test]
 async fn refusals_change_nothing() {
     let s = Server::start();

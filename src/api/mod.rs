@@ -85,9 +85,9 @@ pub struct Ctx {
     pub hashing: Arc<Semaphore>,
     /// Held while a key is made, so that the key count checked is exact.
     pub key_creation: tokio::sync::Mutex<()>,
-    /// Held while `audit` scans the journal: one scan at a time, however
-    /// many callers ask.
-    pub auditing: Arc<tokio::sync::Mutex<()>>,
+    /// Its one permit is held while `audit` scans the journal: one scan at
+    /// a time, however many callers ask.
+    pub auditing: Arc<Semaphore>,
     /// `list_accounts` pages being read (`LIST_PAGES_AT_ONCE` at most).
     pub listing: Arc<Semaphore>,
     /// Cancelled when the server shuts down: readers stop taking requests.

@@ -104,17 +104,14 @@ fn counters(ctx: &Ctx, otp_sessions: u64) -> StatsReply {
 
 /// `audit` reads the whole journal: one scan at a time on the blocking
 /// pool, so callers asking over and over (any staff role may) queue behind
-/// each other instead of taking every blocking thread.
+/// each other instead of taking every blocking thread, each at most
+/// `AUDIT_WAIT_MAX_MS`.
 pub(super) fn audit(ctx: &Arc<Ctx>, args: &[u8], reply: ReplyTo) {
     args!(NoArgs, args, reply);
-    let (store, auditing) = (ctx.store.clone(), ctx.auditing.clone());
-    tokio::spawn(async move {
-        let _one = auditing.lock_owned().await;
-        let r =
-            tokio::task::spawn_blocking(move || store::audit(&*store.db()?).map(Reply::Audit).map_err(ApiError::from))
-                .await
-                .unwrap_or_else(|_| Err(ApiError::internal("the audit failed")));
-        reply.send(r);
+    let store = ctx.store.clone();
+    let wait = std::time::Duration::from_millis(crate::limits::AUDIT_WAIT_MAX_MS);
+    super::blocking_within(ctx.auditing.clone(), wait, reply, move || {
+        store::audit(&*store.db()?).map(Reply::Audit).map_err(ApiError::from)
     });
 }
 
