@@ -47,8 +47,9 @@ async fn transfers_move_value_exactly() {
     assert_eq!(a["head"], m["hash"]);
 }
 
-/// Audits asked together run one at a time and each caller gets the whole
-/// answer: eight admins on their own connections ask at once.
+/// Eight admins on their own connections ask for an audit at once: those
+/// queued behind the one scan wait their turn (not refused) and each gets
+/// the whole answer.
 #[tokio::test]
 async fn audits_asked_together_each_get_the_whole_answer() {
     let s = Server::start();

@@ -306,12 +306,21 @@ where
 /// answers with its result: at most as many run at once as `limit` has
 /// permits, and the others wait their turn (the callers' reply slots bound
 /// how many can wait), each at most `wait`, then refused `overloaded`.
-fn blocking_within<F>(limit: Arc<Semaphore>, wait: std::time::Duration, reply: ReplyTo, f: F)
+/// Once `stop` is cancelled (the server is shutting down) a query still
+/// waiting is refused `unavailable` instead of starting a long read that
+/// the shutdown would then wait for.
+fn blocking_within<F>(limit: Arc<Semaphore>, wait: std::time::Duration, stop: CancellationToken, reply: ReplyTo, f: F)
 where
     F: FnOnce() -> Result<Reply, ApiError> + Send + 'static,
 {
+    let stopping = || ApiError::new(ErrorCode::Unavailable, "the server is shutting down; retry");
     tokio::spawn(async move {
-        let permit = match tokio::time::timeout(wait, limit.acquire_owned()).await {
+        let permit = tokio::select! {
+            biased;
+            () = stop.cancelled() => return reply.err(stopping()),
+            permit = tokio::time::timeout(wait, limit.acquire_owned()) => permit,
+        };
+        let permit = match permit {
             Ok(Ok(permit)) => permit,
             Ok(Err(_)) => return reply.err(ApiError::internal("the query could not start")),
             Err(_) => {
@@ -407,7 +416,7 @@ mod tests {
         for i in 0..6 {
             let (reply, answer) = ReplyTo::channel();
             let (running, most, released) = (running.clone(), most.clone(), released.clone());
-            blocking_within(limit.clone(), Duration::from_secs(30), reply, move || {
+            blocking_within(limit.clone(), Duration::from_secs(30), CancellationToken::new(), reply, move || {
                 most.fetch_max(running.fetch_add(1, SeqCst) + 1, SeqCst);
                 let waited = released.recv_timeout(Duration::from_secs(30));
                 running.fetch_sub(1, SeqCst);
@@ -442,7 +451,7 @@ mod tests {
         let limit = Arc::new(Semaphore::new(1));
         let (go, released) = crossbeam_channel::unbounded::<()>();
         let (first, mut first_answer) = ReplyTo::channel();
-        blocking_within(limit.clone(), Duration::from_secs(30), first, move || {
+        blocking_within(limit.clone(), Duration::from_secs(30), CancellationToken::new(), first, move || {
             released.recv_timeout(Duration::from_secs(30)).map_err(|_| ApiError::internal("never released"))?;
             Ok(Reply::Text("first"))
         });
@@ -454,7 +463,7 @@ mod tests {
         let ran = Arc::new(AtomicUsize::new(0));
         let (second, mut second_answer) = ReplyTo::channel();
         let r = ran.clone();
-        blocking_within(limit.clone(), Duration::from_millis(50), second, move || {
+        blocking_within(limit.clone(), Duration::from_millis(50), CancellationToken::new(), second, move || {
             r.fetch_add(1, SeqCst);
             Ok(Reply::Text("second"))
         });
@@ -465,6 +474,36 @@ mod tests {
         go.send(()).unwrap();
         let o = tokio::time::timeout(Duration::from_secs(30), first_answer.recv()).await.unwrap().unwrap();
         assert!(matches!(o.result, Ok(Reply::Text("first"))));
+        assert_eq!(ran.load(SeqCst), 0);
+        assert_eq!(limit.available_permits(), 1);
+    }
+
+    /// Once the server stops, a query still waiting for its turn is
+    /// refused `unavailable` at once (not after its wait) and never runs,
+    /// and one asked after that does not run even with a permit free.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn waiting_queries_are_refused_unavailable_when_the_server_stops() {
+        let limit = Arc::new(Semaphore::new(1));
+        let stop = CancellationToken::new();
+        let held = limit.clone().acquire_owned().await.unwrap();
+        let ran = Arc::new(AtomicUsize::new(0));
+        let ask = |reply| {
+            let r = ran.clone();
+            blocking_within(limit.clone(), Duration::from_secs(3600), stop.clone(), reply, move || {
+                r.fetch_add(1, SeqCst);
+                Ok(Reply::Text("ran"))
+            });
+        };
+        let (waiting, mut waiting_answer) = ReplyTo::channel();
+        ask(waiting);
+        stop.cancel();
+        let o = tokio::time::timeout(Duration::from_secs(30), waiting_answer.recv()).await.unwrap().unwrap();
+        assert_eq!(o.result.unwrap_err().code, ErrorCode::Unavailable);
+        drop(held);
+        let (late, mut late_answer) = ReplyTo::channel();
+        ask(late);
+        let o = tokio::time::timeout(Duration::from_secs(30), late_answer.recv()).await.unwrap().unwrap();
+        assert_eq!(o.result.unwrap_err().code, ErrorCode::Unavailable);
         assert_eq!(ran.load(SeqCst), 0);
         assert_eq!(limit.available_permits(), 1);
     }

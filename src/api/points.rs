@@ -77,7 +77,7 @@ pub(super) fn list_accounts(ctx: &Arc<Ctx>, args: &[u8], reply: ReplyTo) {
         store::ListFilter { owner: a.owner, tag: a.tag, balance_min: a.balance_min, balance_max: a.balance_max };
     let store = ctx.store.clone();
     let wait = std::time::Duration::from_millis(crate::limits::LIST_WAIT_MAX_MS);
-    blocking_within(ctx.listing.clone(), wait, reply, move || {
+    blocking_within(ctx.listing.clone(), wait, ctx.shutdown.clone(), reply, move || {
         let (accounts, next) = store::list_accounts(&*store.db()?, &filter, a.after.as_deref(), limit)?;
         Ok(Reply::Accounts(AccountsPage { accounts, next }))
     });
