@@ -313,11 +313,12 @@ fn blocking_within<F>(limit: Arc<Semaphore>, wait: std::time::Duration, stop: Ca
 where
     F: FnOnce() -> Result<Reply, ApiError> + Send + 'static,
 {
-    let stopping = || ApiError::new(ErrorCode::Unavailable, "the server is shutting down; retry");
     tokio::spawn(async move {
         let permit = tokio::select! {
             biased;
-            () = stop.cancelled() => return reply.err(stopping()),
+            () = stop.cancelled() => {
+                return reply.err(ApiError::new(ErrorCode::Unavailable, "the server is shutting down; retry"))
+            }
             permit = tokio::time::timeout(wait, limit.acquire_owned()) => permit,
         };
         let permit = match permit {

@@ -3,7 +3,7 @@
 
 use std::sync::Arc;
 
-use super::{Ctx, Session};
+use super::{blocking_within, Ctx, Session};
 use crate::contract::Command;
 use crate::error::{ApiError, ErrorCode};
 use crate::limits::{HEALTH_FRESH_MS, HEALTH_PROBE_TIMEOUT_MS};
@@ -110,7 +110,7 @@ pub(super) fn audit(ctx: &Arc<Ctx>, args: &[u8], reply: ReplyTo) {
     args!(NoArgs, args, reply);
     let store = ctx.store.clone();
     let wait = std::time::Duration::from_millis(crate::limits::AUDIT_WAIT_MAX_MS);
-    super::blocking_within(ctx.auditing.clone(), wait, ctx.shutdown.clone(), reply, move || {
+    blocking_within(ctx.auditing.clone(), wait, ctx.shutdown.clone(), reply, move || {
         store::audit(&*store.db()?).map(Reply::Audit).map_err(ApiError::from)
     });
 }
