@@ -165,9 +165,12 @@ fn restrict(path: &std::path::Path, mode: u32) -> Result<(), StartError> {
 /// shards and the listener.
 pub async fn start(config: Config) -> Result<Running, StartError> {
     let ahead = Ahead::start(&config);
-    let store = open_data(&config).await?;
+    let (store, warming) = open_data(&config).await?;
     let bound = Bound::bind(&config).await?;
-    start_on(config, store, &bound, None, ahead).await
+    let running = start_on(config, store, &bound, None, ahead).await;
+    // Loaded: what is read from now on is read as it is needed.
+    drop(warming);
+    running
 }
 
 /// Memory for loading, made on a thread of its own while the database
@@ -246,14 +249,16 @@ impl Bound {
 }
 
 /// Opens (or makes) the data folder and the database, and makes sure
-/// there is an admin.
-async fn open_data(config: &Config) -> Result<Arc<Store>, StartError> {
+/// there is an admin. The file is read ahead meanwhile, until the
+/// returned [`store::Warming`] is dropped.
+async fn open_data(config: &Config) -> Result<(Arc<Store>, store::Warming), StartError> {
     let data = config.data.clone();
     std::fs::create_dir_all(&data).map_err(|source| StartError::Data { path: data.display().to_string(), source })?;
     // The folder holds password hashes, the JWT secret and live codes.
     restrict(&data, 0o700)?;
     let db_path = data.join("tally.redb");
     let opening = std::time::Instant::now();
+    let warming = store::Warming::start(&db_path);
     let store = Arc::new(Store::open(&db_path)?);
     tracing::info!(ms = opening.elapsed().as_millis() as u64, "database opened");
     restrict(&db_path, 0o600)?;
@@ -273,7 +278,7 @@ async fn open_data(config: &Config) -> Result<Arc<Store>, StartError> {
         .await
         .map_err(|e| StartError::Other(e.to_string()))??;
     }
-    Ok(store)
+    Ok((store, warming))
 }
 
 /// The server's ledger and listeners over an opened store. In a cluster,
@@ -524,7 +529,9 @@ pub async fn serve(config: Config) -> Result<(), StartError> {
 /// and answers the rest `not_leader`.
 async fn serve_member(config: Config) -> Result<(), StartError> {
     let Some(c) = config.cluster.clone() else { return Err(StartError::Other("no [cluster]".into())) };
-    let store = open_data(&config).await?;
+    // A member loads its ledger only once it leads: the read-ahead serves
+    // the open (and redb's repair) only.
+    let (store, _) = open_data(&config).await?;
     let node = crate::cluster::node::Node::start(&c, &config.data, store.clone(), config.ledger_limits())
         .await
         .map_err(StartError::Other)?;

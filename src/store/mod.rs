@@ -4,7 +4,8 @@
 //! - [`record`]: the stored record, the head, records in chunks;
 //! - [`rows`]: account metadata, users, holds, redeem requests;
 //! - [`recovery`]: loading the ledger, with the one replay rule;
-//! - [`queries`]: the read side; [`mod@audit`]: `backup` and `audit`.
+//! - [`queries`]: the read side; [`mod@audit`]: `backup` and `audit`;
+//! - [`warm`]: reading the file into the page cache while it opens and loads.
 //!
 //! # Tables
 //!
@@ -72,6 +73,7 @@ pub mod queries;
 pub mod record;
 pub mod recovery;
 pub mod rows;
+pub mod warm;
 
 pub use audit::{audit, backup, backup_txn};
 pub use key_index::KeyIndex;
@@ -84,6 +86,7 @@ pub use recovery::{
     load, load_with, replay, replay_noting, size_hint, write_size_hint, Loaded, LoadedAccount, LoadedAccounts, Room,
 };
 pub use rows::{AccountExtra, AccountMeta, HoldRecord, KeyRecord, RedeemRecord, RedeemStatus, Tombstone, UserRecord};
+pub use warm::Warming;
 
 /// The journal's records in chunks (module docs).
 pub const CHUNKS: TableDefinition<u64, &[u8]> = TableDefinition::new("chunks");
