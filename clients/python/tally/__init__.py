@@ -12,6 +12,14 @@ protocol's error ``code``.
 ...     c.transfer("bob", 30, from_="alice")["to_balance"]
 """
 
-from ._client import AsyncClient, Client, ClusterClient, Pipeline, TallyConnectionError, TallyError
+from ._client import AUDIT_TIMEOUT_S, AsyncClient, Client, ClusterClient, Pipeline, TallyConnectionError, TallyError
 
-__all__ = ["Client", "AsyncClient", "ClusterClient", "Pipeline", "TallyError", "TallyConnectionError"]
+__all__ = [
+    "AUDIT_TIMEOUT_S",
+    "Client",
+    "AsyncClient",
+    "ClusterClient",
+    "Pipeline",
+    "TallyError",
+    "TallyConnectionError",
+]

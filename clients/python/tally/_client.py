@@ -12,11 +12,27 @@ from typing import Any, Dict, List, Optional
 
 import msgpack
 
-__all__ = ["Client", "AsyncClient", "ClusterClient", "Pipeline", "TallyError", "TallyConnectionError"]
+__all__ = [
+    "AUDIT_TIMEOUT_S",
+    "Client",
+    "AsyncClient",
+    "ClusterClient",
+    "Pipeline",
+    "TallyError",
+    "TallyConnectionError",
+]
 
 _HEADER = struct.Struct(">I")
 #: Largest reply the client accepts (the server's default frame limit, with room).
 FRAME_BYTES_MAX = 16 * 1024 * 1024
+
+#: How long :meth:`audit` waits for its answer by default, in seconds. The
+#: server lets an audit wait up to 120 s for its turn behind another one,
+#: and the scan itself reads the whole journal (35-40 s at 44M records).
+AUDIT_TIMEOUT_S = 300.0
+
+# A call's timeout when none is given: the client's own.
+_OWN = object()
 
 
 class TallyError(Exception):
@@ -84,6 +100,11 @@ class _Ops:
     """
 
     def call(self, op: str, **args: Any) -> Any:  # pragma: no cover - overridden
+        raise NotImplementedError
+
+    def call_within(self, timeout: Optional[float], op: str, **args: Any) -> Any:  # pragma: no cover - overridden
+        """As ``call``, waiting at most ``timeout`` seconds for the answer
+        (``None``: no limit) instead of the client's own timeout."""
         raise NotImplementedError
 
     # Anyone
@@ -231,8 +252,11 @@ class _Ops:
     def decide_redeem(self, request: Any, accept: bool, note: Optional[str] = None) -> Any:
         return self.call("decide_redeem", request=request, accept=accept, note=note)
 
-    def audit(self) -> Any:
-        return self.call("audit")
+    def audit(self, timeout: Optional[float] = AUDIT_TIMEOUT_S) -> Any:
+        """Verifies the whole journal (sum, chain); waits up to ``timeout``
+        seconds, by default :data:`AUDIT_TIMEOUT_S`, not the client's own
+        timeout: an audit of a large journal takes longer."""
+        return self.call_within(timeout, "audit")
 
     def stats(self) -> Any:
         return self.call("stats")
@@ -337,29 +361,47 @@ class Client(_Ops):
                 raise TallyConnectionError("the server closed the connection")
             self._buf += chunk
 
-    def _exchange(self, requests: List[bytes], ids: List[int]) -> Dict[int, Any]:
+    def _exchange(self, requests: List[bytes], ids: List[int], timeout: Any = _OWN) -> Dict[int, Any]:
         with self._lock:
-            self._send(b"".join(requests))
-            want = set(ids)
-            got: Dict[int, Any] = {}
-            while want:
-                reply = self._read_reply()
-                rid = reply.get("id")
-                if rid is None:
-                    # The server could not read a request: fail them all.
-                    err = _result(reply)
-                    for i in want:
-                        got[i] = err
-                    break
-                if rid in want:
-                    want.discard(rid)
-                    got[rid] = _result(reply)
-            return got
+            own = self._sock.gettimeout()
+            if timeout is not _OWN:
+                self._sock.settimeout(timeout)
+            try:
+                return self._exchange_locked(requests, ids)
+            finally:
+                self._sock.settimeout(own)
+
+    def _exchange_locked(self, requests: List[bytes], ids: List[int]) -> Dict[int, Any]:
+        self._send(b"".join(requests))
+        want = set(ids)
+        got: Dict[int, Any] = {}
+        while want:
+            reply = self._read_reply()
+            rid = reply.get("id")
+            if rid is None:
+                # The server could not read a request: fail them all.
+                err = _result(reply)
+                for i in want:
+                    got[i] = err
+                break
+            # An answer to an earlier call that timed out is skipped.
+            if rid in want:
+                want.discard(rid)
+                got[rid] = _result(reply)
+        return got
 
     def call(self, op: str, **args: Any) -> Any:
         """Sends one request and returns its ``ok`` value (raises :class:`TallyError`)."""
+        return self._call(_OWN, op, args)
+
+    def call_within(self, timeout: Optional[float], op: str, **args: Any) -> Any:
+        """As :meth:`call`, waiting at most ``timeout`` seconds for the answer
+        (``None``: no limit) instead of the client's own timeout."""
+        return self._call(timeout, op, args)
+
+    def _call(self, timeout: Any, op: str, args: Dict[str, Any]) -> Any:
         rid = next(self._ids)
-        result = self._exchange([_frame(rid, op, args)], [rid])[rid]
+        result = self._exchange([_frame(rid, op, args)], [rid], timeout)[rid]
         if isinstance(result, TallyError):
             raise result
         return result
@@ -500,6 +542,14 @@ class AsyncClient(_Ops):
 
     async def call(self, op: str, **args: Any) -> Any:  # type: ignore[override]
         """Sends one request and awaits its ``ok`` value (raises :class:`TallyError`)."""
+        return await self._call(self._timeout or None, op, args)
+
+    async def call_within(self, timeout: Optional[float], op: str, **args: Any) -> Any:  # type: ignore[override]
+        """As :meth:`call`, waiting at most ``timeout`` seconds for the answer
+        (``None``: no limit) instead of the client's own timeout."""
+        return await self._call(timeout, op, args)
+
+    async def _call(self, timeout: Optional[float], op: str, args: Dict[str, Any]) -> Any:
         if self._writer is None:
             raise TallyConnectionError("not connected")
         if self._lost is not None:
@@ -513,7 +563,11 @@ class AsyncClient(_Ops):
         except OSError as e:
             self._pending.pop(rid, None)
             raise TallyConnectionError(str(e)) from e
-        result = await asyncio.wait_for(fut, self._timeout) if self._timeout else await fut
+        try:
+            result = await asyncio.wait_for(fut, timeout) if timeout is not None else await fut
+        finally:
+            # Timed out: its answer, if it comes, finds no one waiting.
+            self._pending.pop(rid, None)
         if isinstance(result, TallyError):
             raise result
         return result
@@ -592,6 +646,14 @@ class ClusterClient(_Ops):
 
     def call(self, op: str, **args: Any) -> Any:
         """Sends ``op`` to the leader, following it as described above."""
+        return self._call(_OWN, op, args)
+
+    def call_within(self, timeout: Optional[float], op: str, **args: Any) -> Any:
+        """As :meth:`call`, each send waiting at most ``timeout`` seconds
+        (``None``: no limit) for its answer instead of 10 s."""
+        return self._call(timeout, op, args)
+
+    def _call(self, timeout: Any, op: str, args: Dict[str, Any]) -> Any:
         import time
 
         resend = args.get("key") is not None or op in _READS
@@ -605,7 +667,7 @@ class ClusterClient(_Ops):
             c = self._leader(hint, deadline)
             hint = None
             try:
-                return c.call(op, **args)
+                return c._call(timeout, op, args)
             except TallyError as e:
                 if e.code == "not_leader":
                     self.close()

@@ -97,6 +97,29 @@ def test_async_client_pipelines(server):
     asyncio.run(main())
 
 
+def test_a_call_waits_as_long_as_it_is_told(server):
+    # A login hashes its password (argon2id, tens of ms): longer than 1 ms.
+    with Client(*server) as c:
+        with pytest.raises(TallyConnectionError):
+            c.call_within(0.001, "login", user="admin", password=ADMIN_PASSWORD)
+        # The client's own timeout is back, and the late answer is skipped.
+        c.login("admin", ADMIN_PASSWORD)
+        assert c.whoami()["user"] == "admin"
+        audit = c.audit()
+        assert audit["sum"] == 0 and audit["chain_ok"] is True
+
+    async def main():
+        async with AsyncClient(*server) as c:
+            with pytest.raises(asyncio.TimeoutError):
+                await c.call_within(0.001, "login", user="admin", password=ADMIN_PASSWORD)
+            assert c._pending == {}, "a call that timed out leaves nothing waiting"
+            await c.login("admin", ADMIN_PASSWORD)
+            assert (await c.whoami())["user"] == "admin"
+            assert (await c.audit())["sum"] == 0
+
+    asyncio.run(main())
+
+
 def test_idempotent_key(server):
     with admin(server) as c:
         c.create_account("alice", initial=10)
