@@ -529,9 +529,10 @@ pub async fn serve(config: Config) -> Result<(), StartError> {
 /// and answers the rest `not_leader`.
 async fn serve_member(config: Config) -> Result<(), StartError> {
     let Some(c) = config.cluster.clone() else { return Err(StartError::Other("no [cluster]".into())) };
-    // A member loads its ledger only once it leads: the read-ahead serves
-    // the open (and redb's repair) only.
-    let (store, _) = open_data(&config).await?;
+    // Read ahead until the first run below has loaded the ledger (every
+    // run loads it, a follower's too).
+    let (store, warming) = open_data(&config).await?;
+    let mut warming = Some(warming);
     let node = crate::cluster::node::Node::start(&c, &config.data, store.clone(), config.ledger_limits())
         .await
         .map_err(StartError::Other)?;
@@ -574,6 +575,7 @@ async fn serve_member(config: Config) -> Result<(), StartError> {
             deposed: deposed.clone(),
         });
         let running = start_on(config.clone(), store.clone(), &bound, Some((serving, replicate)), None).await?;
+        drop(warming.take());
         node.machine.hand_over(running.ctx.users.clone())?;
         if !announced {
             announce(&running);

@@ -33,6 +33,15 @@ AUDIT_TIMEOUT_S = 300.0
 
 # A call's timeout when none is given: the client's own.
 _OWN = object()
+# audit()'s timeout when none is given: AUDIT_TIMEOUT_S, or the client's own if longer.
+_LONG = object()
+
+
+def _checked_timeout(timeout: Optional[float]) -> Optional[float]:
+    # 0 would make a socket non-blocking and an asyncio wait end at once.
+    if timeout is not None and not timeout > 0:
+        raise ValueError(f"timeout must be a positive number of seconds or None, not {timeout!r}")
+    return timeout
 
 
 class TallyError(Exception):
@@ -103,8 +112,11 @@ class _Ops:
         raise NotImplementedError
 
     def call_within(self, timeout: Optional[float], op: str, **args: Any) -> Any:  # pragma: no cover - overridden
-        """As ``call``, waiting at most ``timeout`` seconds for the answer
-        (``None``: no limit) instead of the client's own timeout."""
+        """As ``call``, with ``timeout`` seconds (``None``: no limit) instead
+        of the client's own timeout."""
+        raise NotImplementedError
+
+    def _own_timeout(self) -> Optional[float]:  # pragma: no cover - overridden
         raise NotImplementedError
 
     # Anyone
@@ -252,10 +264,14 @@ class _Ops:
     def decide_redeem(self, request: Any, accept: bool, note: Optional[str] = None) -> Any:
         return self.call("decide_redeem", request=request, accept=accept, note=note)
 
-    def audit(self, timeout: Optional[float] = AUDIT_TIMEOUT_S) -> Any:
-        """Verifies the whole journal (sum, chain); waits up to ``timeout``
-        seconds, by default :data:`AUDIT_TIMEOUT_S`, not the client's own
-        timeout: an audit of a large journal takes longer."""
+    def audit(self, timeout: Any = _LONG) -> Any:
+        """Verifies the whole journal (sum, chain). ``timeout``: seconds
+        (``None``: no limit); by default :data:`AUDIT_TIMEOUT_S`, or the
+        client's own timeout if that is longer or has no limit: an audit of
+        a large journal takes longer than most calls."""
+        if timeout is _LONG:
+            own = self._own_timeout()
+            timeout = None if own is None else max(own, AUDIT_TIMEOUT_S)
         return self.call_within(timeout, "audit")
 
     def stats(self) -> Any:
@@ -309,6 +325,7 @@ class Client(_Ops):
         key: Optional[str] = None,
     ) -> None:
         _check_tls_args(tls, ca, cert, key)
+        self._timeout = _checked_timeout(timeout)
         try:
             sock = socket.create_connection((host, port), timeout=timeout)
         except OSError as e:
@@ -341,6 +358,8 @@ class Client(_Ops):
         try:
             self._sock.sendall(data)
         except OSError as e:
+            # Part of a frame may be out: nothing sent after it could be read.
+            self.close()
             raise TallyConnectionError(str(e)) from e
 
     def _read_reply(self) -> Dict[str, Any]:
@@ -363,13 +382,18 @@ class Client(_Ops):
 
     def _exchange(self, requests: List[bytes], ids: List[int], timeout: Any = _OWN) -> Dict[int, Any]:
         with self._lock:
-            own = self._sock.gettimeout()
-            if timeout is not _OWN:
-                self._sock.settimeout(timeout)
-            try:
+            if timeout is _OWN:
                 return self._exchange_locked(requests, ids)
-            finally:
-                self._sock.settimeout(own)
+            try:
+                self._sock.settimeout(timeout)
+                try:
+                    return self._exchange_locked(requests, ids)
+                finally:
+                    self._sock.settimeout(self._timeout)
+            except TallyConnectionError:
+                raise
+            except OSError as e:  # the socket was closed
+                raise TallyConnectionError(str(e)) from e
 
     def _exchange_locked(self, requests: List[bytes], ids: List[int]) -> Dict[int, Any]:
         self._send(b"".join(requests))
@@ -395,9 +419,14 @@ class Client(_Ops):
         return self._call(_OWN, op, args)
 
     def call_within(self, timeout: Optional[float], op: str, **args: Any) -> Any:
-        """As :meth:`call`, waiting at most ``timeout`` seconds for the answer
-        (``None``: no limit) instead of the client's own timeout."""
-        return self._call(timeout, op, args)
+        """As :meth:`call`, with ``timeout`` seconds (``None``: no limit)
+        instead of the client's own timeout, for each read of the socket:
+        then the outcome is unknown (:class:`TallyConnectionError`), and
+        the late answer is skipped."""
+        return self._call(_checked_timeout(timeout), op, args)
+
+    def _own_timeout(self) -> Optional[float]:
+        return self._timeout
 
     def _call(self, timeout: Any, op: str, args: Dict[str, Any]) -> Any:
         rid = next(self._ids)
@@ -436,6 +465,13 @@ class Pipeline(_Ops):
         self._requests.append(_frame(rid, op, args))
         self._ids.append(rid)
         return len(self._ids) - 1
+
+    def call_within(self, timeout: Optional[float], op: str, **args: Any) -> int:
+        """As :meth:`call`: a pipeline's replies are read with the client's timeout."""
+        return self.call(op, **args)
+
+    def _own_timeout(self) -> Optional[float]:
+        return self._client._timeout
 
     def execute(self) -> List[Any]:
         got = self._client._exchange(self._requests, self._ids) if self._ids else {}
@@ -545,9 +581,13 @@ class AsyncClient(_Ops):
         return await self._call(self._timeout or None, op, args)
 
     async def call_within(self, timeout: Optional[float], op: str, **args: Any) -> Any:  # type: ignore[override]
-        """As :meth:`call`, waiting at most ``timeout`` seconds for the answer
-        (``None``: no limit) instead of the client's own timeout."""
-        return await self._call(timeout, op, args)
+        """As :meth:`call`, waiting at most ``timeout`` seconds (``None``: no
+        limit) for the answer instead of the client's own timeout; then
+        raises :class:`asyncio.TimeoutError` (the outcome is unknown)."""
+        return await self._call(_checked_timeout(timeout), op, args)
+
+    def _own_timeout(self) -> Optional[float]:
+        return self._timeout or None
 
     async def _call(self, timeout: Optional[float], op: str, args: Dict[str, Any]) -> Any:
         if self._writer is None:
@@ -578,6 +618,11 @@ _READS = frozenset(
     "hello ping help health whoami balance account history get_transfer list_accounts "
     "delete_reason redeems my_redeems audit stats list_keys".split()
 )
+
+
+#: A cluster client's timeout for each answer: longer than the server's 3 s
+#: for a write to be confirmed, so that the server answers first.
+_MEMBER_TIMEOUT_S = 10.0
 
 
 def _split(addr: str):
@@ -626,9 +671,7 @@ class ClusterClient(_Ops):
         while True:
             for addr in ([hint] if hint else []) + self.members:
                 try:
-                    # Longer than the server's 3 s for a write to be
-                    # confirmed, so that the server answers first.
-                    c = Client(*_split(addr), timeout=10.0)
+                    c = Client(*_split(addr), timeout=_MEMBER_TIMEOUT_S)
                 except TallyConnectionError:
                     continue
                 try:
@@ -649,9 +692,14 @@ class ClusterClient(_Ops):
         return self._call(_OWN, op, args)
 
     def call_within(self, timeout: Optional[float], op: str, **args: Any) -> Any:
-        """As :meth:`call`, each send waiting at most ``timeout`` seconds
-        (``None``: no limit) for its answer instead of 10 s."""
-        return self._call(timeout, op, args)
+        """As :meth:`call`, each send with ``timeout`` seconds (``None``: no
+        limit) instead of 10 s. A send that timed out counts as a lost
+        answer: a read or a keyed write goes again while ``patience``
+        lasts."""
+        return self._call(_checked_timeout(timeout), op, args)
+
+    def _own_timeout(self) -> Optional[float]:
+        return _MEMBER_TIMEOUT_S
 
     def _call(self, timeout: Any, op: str, args: Dict[str, Any]) -> Any:
         import time
@@ -688,5 +736,5 @@ class ClusterClient(_Ops):
             if not resend:
                 raise TallyError("unknown_outcome", f"the answer to {op} was lost; it may or may not have been applied")
             if time.monotonic() >= deadline:
-                raise TallyError("unavailable", f"{op} found no leader in time")
+                raise TallyError("unavailable", f"{op} found no leader that answered in time")
             time.sleep(0.05)  # the cluster is changing leaders: give it a moment

@@ -102,11 +102,24 @@ def test_a_call_waits_as_long_as_it_is_told(server):
     with Client(*server) as c:
         with pytest.raises(TallyConnectionError):
             c.call_within(0.001, "login", user="admin", password=ADMIN_PASSWORD)
-        # The client's own timeout is back, and the late answer is skipped.
+        # The client's own timeout is back, and the late answer is skipped:
+        # a login's answer is not hello's.
+        assert c.hello()["server"] == "tally"
         c.login("admin", ADMIN_PASSWORD)
         assert c.whoami()["user"] == "admin"
         audit = c.audit()
         assert audit["sum"] == 0 and audit["chain_ok"] is True
+        with c.pipeline() as p:
+            p.audit()
+            p.ping()
+        assert p.results[0]["sum"] == 0 and p.results[1] == "pong"
+        for bad in (0, -1):
+            with pytest.raises(ValueError):
+                c.call_within(bad, "ping")
+    with Client(*server) as c:
+        c.close()
+        with pytest.raises(TallyConnectionError):
+            c.call_within(5, "ping")
 
     async def main():
         async with AsyncClient(*server) as c:
