@@ -13,13 +13,4 @@ protocol's error ``code``.
 """
 
 from ._client import AUDIT_TIMEOUT_S, AsyncClient, Client, ClusterClient, Pipeline, TallyConnectionError, TallyError
-
-__all__ = [
-    "AUDIT_TIMEOUT_S",
-    "Client",
-    "AsyncClient",
-    "ClusterClient",
-    "Pipeline",
-    "TallyError",
-    "TallyConnectionError",
-]
+from ._client import __all__  # the same public names
