@@ -317,7 +317,10 @@ async fn start_on(
         for map in &mut per_shard {
             map.reserve(share);
         }
-        for a in accounts.by_ref() {
+        while let Some(a) = accounts.next() {
+            if let Some(b) = accounts.ahead() {
+                per_shard[shard_index(b.id.as_str(), n)].prefetch(b.id.as_str());
+            }
             let shard = shard_index(a.id.as_str(), n);
             per_shard[shard].insert(a.id.clone(), Slot::loaded(a));
         }

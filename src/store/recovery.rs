@@ -93,6 +93,16 @@ impl LoadedAccounts {
     }
 }
 
+impl LoadedAccounts {
+    /// An account already read that comes a few after the one `next` last
+    /// returned: its owner can start loading that account's place in its
+    /// map (reached by hash, in no order) so that the cache miss overlaps.
+    #[must_use]
+    pub fn ahead(&self) -> Option<&LoadedAccount> {
+        self.batch.as_slice().get(PLACE_AHEAD)
+    }
+}
+
 impl Iterator for LoadedAccounts {
     type Item = LoadedAccount;
 
@@ -102,6 +112,7 @@ impl Iterator for LoadedAccounts {
             // for one a few accounts ahead lets its cache miss overlap.
             if let Some(ahead) = self.batch.as_slice().get(PLACE_AHEAD) {
                 self.book.prefetch(ahead.id.as_str(), Some(ahead.num));
+                self.book.prefetch_index(ahead.id.as_str());
             }
             if let Some(a) = self.batch.next() {
                 if let Err(e) = self.place(&a) {
