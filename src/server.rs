@@ -318,6 +318,8 @@ async fn start_on(
             map.reserve(share);
         }
         while let Some(a) = accounts.next() {
+            // Each insert lands at a place in no order: a few ahead, the
+            // place is loaded into the cache before it is needed.
             if let Some(b) = accounts.ahead() {
                 per_shard[shard_index(b.id.as_str(), n)].prefetch(b.id.as_str());
             }

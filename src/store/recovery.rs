@@ -65,6 +65,14 @@ pub struct LoadedAccounts {
 }
 
 impl LoadedAccounts {
+    /// An account already read that comes a few after the one `next` last
+    /// returned: its owner can start loading that account's place in its
+    /// map (reached by hash, in no order) so that the cache miss overlaps.
+    #[must_use]
+    pub fn ahead(&self) -> Option<&LoadedAccount> {
+        self.batch.as_slice().get(PLACE_AHEAD)
+    }
+
     /// Puts `a` in its place in the book, once.
     fn place(&mut self, a: &LoadedAccount) -> Result<(), StoreError> {
         let status = if a.deleted { Status::Deleted } else { Status::Open };
@@ -90,16 +98,6 @@ impl LoadedAccounts {
             return Err(StoreError::Corrupt(format!("account numbers skip {skipped}")));
         }
         Ok(self.book)
-    }
-}
-
-impl LoadedAccounts {
-    /// An account already read that comes a few after the one `next` last
-    /// returned: its owner can start loading that account's place in its
-    /// map (reached by hash, in no order) so that the cache miss overlaps.
-    #[must_use]
-    pub fn ahead(&self) -> Option<&LoadedAccount> {
-        self.batch.as_slice().get(PLACE_AHEAD)
     }
 }
 
