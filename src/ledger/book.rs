@@ -219,9 +219,9 @@ impl Book {
         self.index.find(self.hasher.hash_one(id), is_entry(&self.entries, id)).copied()
     }
 
-    /// Loads the part of the index where `id` goes into the cache: filling
-    /// the book, one a few accounts ahead, so that its insert does not
-    /// stall on it.
+    /// Brings the part of the index where `id` goes into the cache: asked
+    /// for an account a few ahead while the book is filled, so that its
+    /// insert does not stall on a cache miss.
     pub fn prefetch_index(&self, id: &str) {
         // The table offers no prefetch: a read whose result is kept (from
         // the optimizer) brings the line in.

@@ -106,9 +106,10 @@ impl Iterator for LoadedAccounts {
 
     fn next(&mut self) -> Option<LoadedAccount> {
         loop {
-            // The book's entries are reached by number, in no order: asking
-            // for one a few accounts ahead lets its cache miss overlap.
-            if let Some(ahead) = self.batch.as_slice().get(PLACE_AHEAD) {
+            // The book's entries (by number) and its index (by hash) are
+            // reached in no order: asking for an account's a few accounts
+            // ahead lets their cache misses overlap.
+            if let Some(ahead) = self.ahead() {
                 self.book.prefetch(ahead.id.as_str(), Some(ahead.num));
                 self.book.prefetch_index(ahead.id.as_str());
             }
