@@ -455,6 +455,8 @@ async fn start_on(
         key_creation: tokio::sync::Mutex::new(()),
         auditing: Arc::new(Semaphore::new(1)),
         listing: Arc::new(Semaphore::new(crate::limits::LIST_PAGES_AT_ONCE)),
+        #[cfg(feature = "fault-injection")]
+        held: std::sync::Mutex::default(),
         shutdown: CancellationToken::new(),
         otp,
         cluster: serving,

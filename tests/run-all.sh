@@ -17,8 +17,10 @@ export TALLY_TEST_PYTHON="$PWD/$venv/bin/python"
 
 cargo fmt --check
 cargo clippy --all-targets --all-features -- -D warnings
-# fault-injection adds one admin op (debug_panic) that tests/panics.rs uses
-# to prove a panic aborts the process and a restart recovers everything.
+# fault-injection adds admin ops for tests: debug_panic, which tests/panics.rs
+# uses to prove a panic aborts the process and a restart recovers
+# everything; debug_hold and debug_release, which tests/scan_limits.rs uses
+# to hold the scans' permits.
 cargo test --features fault-injection
 
 TALLY_BIN="$(realpath "${CARGO_TARGET_DIR:-target}")/debug/tally" "$venv/bin/python" -m pytest -q clients/python/tests

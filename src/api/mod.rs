@@ -90,6 +90,10 @@ pub struct Ctx {
     pub auditing: Arc<Semaphore>,
     /// `list_accounts` pages being read (`LIST_PAGES_AT_ONCE` at most).
     pub listing: Arc<Semaphore>,
+    /// Test builds only (`fault-injection`): the permits of `auditing` and
+    /// `listing` that `debug_hold` holds, and the wait that replaces theirs.
+    #[cfg(feature = "fault-injection")]
+    pub held: std::sync::Mutex<status::Held>,
     /// Cancelled when the server shuts down: readers stop taking requests.
     pub shutdown: CancellationToken,
     /// The OTP supervisor: pending one-time-password sessions.
@@ -134,8 +138,11 @@ pub async fn dispatch(ctx: &Arc<Ctx>, session: &mut Session, name: &str, args: &
     let Some(op) = Op::parse(name) else {
         session.outbox.flush(&ctx.router);
         #[cfg(feature = "fault-injection")]
-        if name == "debug_panic" {
-            return status::debug_panic(ctx, session, args, reply);
+        match name {
+            "debug_panic" => return status::debug_panic(ctx, session, args, reply),
+            "debug_hold" => return status::debug_hold(ctx, session, args, reply),
+            "debug_release" => return status::debug_release(ctx, session, args, reply),
+            _ => {}
         }
         return reply.err(ApiError::new(ErrorCode::UnknownOp, format!("unknown op {name:?}: try help")));
     };
@@ -338,6 +345,19 @@ where
         .await;
         reply.send(r);
     });
+}
+
+/// How long a `list_accounts` page or an `audit` waits for its turn:
+/// `max_ms`, or in test builds the wait `debug_hold` set while it holds
+/// their permits.
+fn scan_wait(ctx: &Ctx, max_ms: u64) -> std::time::Duration {
+    #[cfg(feature = "fault-injection")]
+    if let Some(ms) = ctx.held.lock().unwrap_or_else(std::sync::PoisonError::into_inner).wait_ms {
+        return std::time::Duration::from_millis(ms);
+    }
+    #[cfg(not(feature = "fault-injection"))]
+    let _ = ctx;
+    std::time::Duration::from_millis(max_ms)
 }
 
 /// Sends the journal a command that answers through `done` once

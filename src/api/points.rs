@@ -3,7 +3,7 @@
 
 use std::sync::Arc;
 
-use super::{account_id, blocking, blocking_within, page_limit, to_journal, validate_tags, Ctx};
+use super::{account_id, blocking, blocking_within, page_limit, scan_wait, to_journal, validate_tags, Ctx};
 use crate::auth::Principal;
 use crate::contract::{BulkCmd, CloseCmd, Command, ReapCmd, TagCmd};
 use crate::error::{ApiError, ErrorCode};
@@ -76,7 +76,7 @@ pub(super) fn list_accounts(ctx: &Arc<Ctx>, args: &[u8], reply: ReplyTo) {
     let filter =
         store::ListFilter { owner: a.owner, tag: a.tag, balance_min: a.balance_min, balance_max: a.balance_max };
     let store = ctx.store.clone();
-    let wait = std::time::Duration::from_millis(crate::limits::LIST_WAIT_MAX_MS);
+    let wait = scan_wait(ctx, crate::limits::LIST_WAIT_MAX_MS);
     blocking_within(ctx.listing.clone(), wait, ctx.shutdown.clone(), reply, move || {
         let (accounts, next) = store::list_accounts(&*store.db()?, &filter, a.after.as_deref(), limit)?;
         Ok(Reply::Accounts(AccountsPage { accounts, next }))

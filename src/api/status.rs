@@ -3,7 +3,7 @@
 
 use std::sync::Arc;
 
-use super::{blocking_within, Ctx, Session};
+use super::{blocking_within, scan_wait, Ctx, Session};
 use crate::contract::Command;
 use crate::error::{ApiError, ErrorCode};
 use crate::limits::{HEALTH_FRESH_MS, HEALTH_PROBE_TIMEOUT_MS};
@@ -109,7 +109,7 @@ fn counters(ctx: &Ctx, otp_sessions: u64) -> StatsReply {
 pub(super) fn audit(ctx: &Arc<Ctx>, args: &[u8], reply: ReplyTo) {
     args!(NoArgs, args, reply);
     let store = ctx.store.clone();
-    let wait = std::time::Duration::from_millis(crate::limits::AUDIT_WAIT_MAX_MS);
+    let wait = scan_wait(ctx, crate::limits::AUDIT_WAIT_MAX_MS);
     blocking_within(ctx.auditing.clone(), wait, ctx.shutdown.clone(), reply, move || {
         store::audit(&*store.db()?).map(Reply::Audit).map_err(ApiError::from)
     });
@@ -127,4 +127,63 @@ pub(super) fn debug_panic(ctx: &Arc<Ctx>, session: &mut Session, args: &[u8], re
     tracing::warn!(account = %a.account, "fault injection: panicking the shard that owns this account");
     ctx.router.send(&a.account, crate::shard::ShardMsg::Panic);
     reply.ok(Reply::Text("sent"));
+}
+
+/// What `debug_hold` holds: permits taken from `auditing` or `listing`, so
+/// that a test can see a scan wait for its turn without a long scan, and the
+/// wait that replaces the scans' own meanwhile, so that the test sees the
+/// refusal at the end of the wait without waiting minutes.
+#[cfg(feature = "fault-injection")]
+#[derive(Default)]
+pub struct Held {
+    permits: Vec<tokio::sync::OwnedSemaphorePermit>,
+    pub(super) wait_ms: Option<u64>,
+}
+
+#[cfg(feature = "fault-injection")]
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct HoldArgs {
+    /// `audit` or `list_accounts`.
+    what: String,
+    permits: u32,
+    wait_ms: u64,
+}
+
+/// Test builds only (`fault-injection`): the admin op `debug_hold {what,
+/// permits, wait_ms}` takes `permits` of the scans' permits for `what`
+/// (`audit` or `list_accounts`) and holds them until `debug_release`;
+/// meanwhile both scans wait `wait_ms` for their turn.
+#[cfg(feature = "fault-injection")]
+pub(super) fn debug_hold(ctx: &Arc<Ctx>, session: &mut Session, args: &[u8], reply: ReplyTo) {
+    let p = check!(super::users::current(ctx, session), reply);
+    if !p.is_admin() {
+        return reply.err(ApiError::forbidden("this op is for admins"));
+    }
+    let a = args!(HoldArgs, args, reply);
+    let semaphore = match a.what.as_str() {
+        "audit" => &ctx.auditing,
+        "list_accounts" => &ctx.listing,
+        _ => return reply.err(ApiError::bad_request("what must be audit or list_accounts")),
+    };
+    let Ok(permits) = semaphore.clone().try_acquire_many_owned(a.permits) else {
+        return reply.err(ApiError::new(ErrorCode::Overloaded, "not that many permits are free"));
+    };
+    let mut held = ctx.held.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+    held.permits.push(permits);
+    held.wait_ms = Some(a.wait_ms);
+    reply.ok(Reply::Text("held"));
+}
+
+/// Test builds only (`fault-injection`): `debug_release {}` gives back
+/// every permit `debug_hold` holds, and the scans their own waits.
+#[cfg(feature = "fault-injection")]
+pub(super) fn debug_release(ctx: &Arc<Ctx>, session: &mut Session, args: &[u8], reply: ReplyTo) {
+    let p = check!(super::users::current(ctx, session), reply);
+    if !p.is_admin() {
+        return reply.err(ApiError::forbidden("this op is for admins"));
+    }
+    args!(NoArgs, args, reply);
+    *ctx.held.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = Held::default();
+    reply.ok(Reply::Text("released"));
 }

@@ -1,0 +1,59 @@
+//! Proves the bounds on the two scans, `audit` and `list_accounts`, over
+//! TCP: one audit at a time and two list pages at a time, the others
+//! waiting their turn for a bounded time and then refused `overloaded`.
+//! The test-only `debug_hold` op of the `fault-injection` feature holds
+//! the scans' permits, as long scans would, and shortens their wait, so
+//! that the refusal comes in a fraction of a second.
+#![cfg(feature = "fault-injection")]
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::{audit_ok, code, create, Server};
+use serde_json::{json, Value};
+use tally::client::Client;
+
+/// Gives up on a call the server never answers, rather than hanging.
+async fn within(c: &Client, op: &str, args: Value) -> Result<Value, tally::client::ClientError> {
+    tokio::time::timeout(Duration::from_secs(30), c.call(op, args)).await.expect("no answer within 30 s")
+}
+
+fn accounts(page: &Value) -> Vec<&str> {
+    page["accounts"].as_array().unwrap().iter().map(|a| a["account"].as_str().unwrap()).collect()
+}
+
+#[tokio::test]
+async fn a_scan_waits_for_its_turn_and_is_refused_when_the_wait_ends() {
+    let s = Server::start();
+    let c = s.admin().await;
+    create(&c, "a", 10).await;
+    create(&c, "b", 0).await;
+
+    // One audit at a time: while its one permit is taken, the next waits
+    // its whole wait and is refused, and nobody can take a second permit.
+    within(&c, "debug_hold", json!({"what": "audit", "permits": 1, "wait_ms": 300})).await.unwrap();
+    let asked = Instant::now();
+    let refused = within(&c, "audit", json!({})).await.unwrap_err();
+    assert!(asked.elapsed() >= Duration::from_millis(300), "refused before its wait ended: {:?}", asked.elapsed());
+    assert_eq!(refused.code(), Some("overloaded"), "{refused}");
+    assert!(refused.to_string().contains("none started within 300 ms"), "{refused}");
+    let again = within(&c, "debug_hold", json!({"what": "audit", "permits": 1, "wait_ms": 300})).await;
+    assert_eq!(code(again), "overloaded");
+    within(&c, "debug_release", json!({})).await.unwrap();
+    let a = audit_ok(&c).await;
+    assert_eq!(a["transfers"], 1, "the mint of a's 10: {a}");
+
+    // Two list pages at a time: with one of the two permits taken a page
+    // still runs; with both taken it waits, then is refused.
+    within(&c, "debug_hold", json!({"what": "list_accounts", "permits": 1, "wait_ms": 300})).await.unwrap();
+    let page = within(&c, "list_accounts", json!({})).await.unwrap();
+    assert_eq!(accounts(&page), ["@mint", "@redeemed", "@treasury", "a", "b"]);
+    within(&c, "debug_hold", json!({"what": "list_accounts", "permits": 1, "wait_ms": 300})).await.unwrap();
+    let refused = within(&c, "list_accounts", json!({})).await.unwrap_err();
+    assert_eq!(refused.code(), Some("overloaded"), "{refused}");
+    assert!(refused.to_string().contains("none started within 300 ms"), "{refused}");
+    within(&c, "debug_release", json!({})).await.unwrap();
+    let page = within(&c, "list_accounts", json!({})).await.unwrap();
+    assert_eq!(accounts(&page), ["@mint", "@redeemed", "@treasury", "a", "b"]);
+}
