@@ -16,7 +16,10 @@ fi
 export TALLY_TEST_PYTHON="$PWD/$venv/bin/python"
 
 cargo fmt --check
+# Lints with every feature, then with none, as a release is built: some
+# code compiles only without the test-only features.
 cargo clippy --all-targets --all-features -- -D warnings
+cargo clippy --all-targets -- -D warnings
 # fault-injection adds admin ops for tests: debug_panic, which tests/panics.rs
 # uses to prove a panic aborts the process and a restart recovers
 # everything; debug_hold and debug_release, which tests/scan_limits.rs uses

@@ -115,24 +115,31 @@ pub(super) fn audit(ctx: &Arc<Ctx>, args: &[u8], reply: ReplyTo) {
     });
 }
 
+/// Test builds only (`fault-injection`): the debug ops are for admins.
+#[cfg(feature = "fault-injection")]
+fn admin_only(ctx: &Ctx, session: &mut Session) -> Result<(), ApiError> {
+    if super::users::current(ctx, session)?.is_admin() {
+        Ok(())
+    } else {
+        Err(ApiError::forbidden("this op is for admins"))
+    }
+}
+
 /// Test builds only (`fault-injection`): the admin op `debug_panic
 /// {account}` panics the shard owning the account, as a bug would.
 #[cfg(feature = "fault-injection")]
 pub(super) fn debug_panic(ctx: &Arc<Ctx>, session: &mut Session, args: &[u8], reply: ReplyTo) {
-    let p = check!(super::users::current(ctx, session), reply);
-    if !p.is_admin() {
-        return reply.err(ApiError::forbidden("this op is for admins"));
-    }
+    check!(admin_only(ctx, session), reply);
     let a = args!(crate::wire::AccountOnly, args, reply);
     tracing::warn!(account = %a.account, "fault injection: panicking the shard that owns this account");
     ctx.router.send(&a.account, crate::shard::ShardMsg::Panic);
     reply.ok(Reply::Text("sent"));
 }
 
-/// What `debug_hold` holds: permits taken from `auditing` or `listing`, so
-/// that a test can see a scan wait for its turn without a long scan, and the
-/// wait that replaces the scans' own meanwhile, so that the test sees the
-/// refusal at the end of the wait without waiting minutes.
+/// What `debug_hold` holds: permits taken from `auditing` or `listing`, as
+/// long scans would hold them, and the wait that replaces both scans' own
+/// meanwhile, so that a test sees a scan refused at the end of its wait
+/// without waiting minutes.
 #[cfg(feature = "fault-injection")]
 #[derive(Default)]
 pub struct Held {
@@ -146,7 +153,9 @@ pub struct Held {
 struct HoldArgs {
     /// `audit` or `list_accounts`.
     what: String,
+    /// How many of that scan's permits to take (it has 1 or 2).
     permits: u32,
+    /// How long either scan then waits for its turn before `overloaded`.
     wait_ms: u64,
 }
 
@@ -156,10 +165,7 @@ struct HoldArgs {
 /// meanwhile both scans wait `wait_ms` for their turn.
 #[cfg(feature = "fault-injection")]
 pub(super) fn debug_hold(ctx: &Arc<Ctx>, session: &mut Session, args: &[u8], reply: ReplyTo) {
-    let p = check!(super::users::current(ctx, session), reply);
-    if !p.is_admin() {
-        return reply.err(ApiError::forbidden("this op is for admins"));
-    }
+    check!(admin_only(ctx, session), reply);
     let a = args!(HoldArgs, args, reply);
     let semaphore = match a.what.as_str() {
         "audit" => &ctx.auditing,
@@ -179,10 +185,7 @@ pub(super) fn debug_hold(ctx: &Arc<Ctx>, session: &mut Session, args: &[u8], rep
 /// every permit `debug_hold` holds, and the scans their own waits.
 #[cfg(feature = "fault-injection")]
 pub(super) fn debug_release(ctx: &Arc<Ctx>, session: &mut Session, args: &[u8], reply: ReplyTo) {
-    let p = check!(super::users::current(ctx, session), reply);
-    if !p.is_admin() {
-        return reply.err(ApiError::forbidden("this op is for admins"));
-    }
+    check!(admin_only(ctx, session), reply);
     args!(NoArgs, args, reply);
     *ctx.held.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = Held::default();
     reply.ok(Reply::Text("released"));
