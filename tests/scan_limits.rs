@@ -26,6 +26,18 @@ fn accounts(page: &Value) -> Vec<&str> {
     page["accounts"].as_array().unwrap().iter().map(|a| a["account"].as_str().unwrap()).collect()
 }
 
+/// Asks `op` while its permits are held with a wait of 300 ms: it must be
+/// refused `overloaded`, and not before the wait has passed. A lower bound
+/// only, which cannot flake: the server's timer starts after the request
+/// has left, and a timer never fires early.
+async fn refused_after_its_wait(c: &Client, op: &str) {
+    let asked = Instant::now();
+    let refused = within(c, op, json!({})).await.unwrap_err();
+    assert!(asked.elapsed() >= Duration::from_millis(300), "{op} refused before its wait ended: {:?}", asked.elapsed());
+    assert_eq!(refused.code(), Some("overloaded"), "{op}: {refused}");
+    assert!(refused.to_string().contains("none started within 300 ms"), "{op}: {refused}");
+}
+
 #[tokio::test]
 async fn a_scan_finding_no_permit_free_is_refused_when_its_wait_ends() {
     let s = Server::start();
@@ -36,13 +48,7 @@ async fn a_scan_finding_no_permit_free_is_refused_when_its_wait_ends() {
     // One audit at a time: while its one permit is taken, the next waits
     // its whole wait and is refused, and nobody can take a second permit.
     within(&c, "debug_hold", json!({"what": "audit", "permits": 1, "wait_ms": 300})).await.unwrap();
-    // A lower bound only, which cannot flake: the server's timer starts
-    // after the request has left, and a timer never fires early.
-    let asked = Instant::now();
-    let refused = within(&c, "audit", json!({})).await.unwrap_err();
-    assert!(asked.elapsed() >= Duration::from_millis(300), "refused before its wait ended: {:?}", asked.elapsed());
-    assert_eq!(refused.code(), Some("overloaded"), "{refused}");
-    assert!(refused.to_string().contains("none started within 300 ms"), "{refused}");
+    refused_after_its_wait(&c, "audit").await;
     let again = within(&c, "debug_hold", json!({"what": "audit", "permits": 1, "wait_ms": 300})).await;
     assert_eq!(code(again), "overloaded");
     within(&c, "debug_release", json!({})).await.unwrap();
@@ -55,11 +61,7 @@ async fn a_scan_finding_no_permit_free_is_refused_when_its_wait_ends() {
     let page = within(&c, "list_accounts", json!({})).await.unwrap();
     assert_eq!(accounts(&page), ["@mint", "@redeemed", "@treasury", "a", "b"]);
     within(&c, "debug_hold", json!({"what": "list_accounts", "permits": 1, "wait_ms": 300})).await.unwrap();
-    let asked = Instant::now();
-    let refused = within(&c, "list_accounts", json!({})).await.unwrap_err();
-    assert!(asked.elapsed() >= Duration::from_millis(300), "refused before its wait ended: {:?}", asked.elapsed());
-    assert_eq!(refused.code(), Some("overloaded"), "{refused}");
-    assert!(refused.to_string().contains("none started within 300 ms"), "{refused}");
+    refused_after_its_wait(&c, "list_accounts").await;
     within(&c, "debug_release", json!({})).await.unwrap();
     let page = within(&c, "list_accounts", json!({})).await.unwrap();
     assert_eq!(accounts(&page), ["@mint", "@redeemed", "@treasury", "a", "b"]);
