@@ -94,8 +94,13 @@ impl<V> AccountMap<V> {
         self.table.is_empty()
     }
 
-    /// Starts loading the entry of `id` (the first one whose hash tag
-    /// matches) into the cache, without reading it; see [`Book::prefetch`](super::Book::prefetch).
+    /// Brings the table's probe group for `id` into the cache, and starts
+    /// loading the first entry whose hash tag matches without reading it;
+    /// see [`Book::prefetch`](super::Book::prefetch). Finding the group
+    /// reads it, so that part waits for its cache miss: asked a few
+    /// accounts ahead (loading), it waits beside the other lines on their
+    /// way, and the later insert or lookup finds the group cached. An id not
+    /// in the map yet (loading's case) has only its group brought in.
     pub fn prefetch(&self, id: &str) {
         if let Some(e) = self.table.iter_hash(self.hasher.hash_one(id)).next() {
             prefetch_lines(e);
