@@ -53,8 +53,6 @@ pub const ERROR_MESSAGE_BYTES_MAX: usize = 512;
 /// for all of it; on 2 cores with 4,096 requests in flight, 2,048 did best
 /// (docs/performance.md).
 pub const COMMIT_BATCH_MAX: usize = 2048;
-/// Most records in one stored chunk (one redb row): bounds what reading a
-/// single record (`get_transfer`, a history step) has to walk.
 /// Transfers in one `transfer_batch` by default (`limits.batch_max`).
 pub const BATCH_MAX_DEFAULT: usize = 1000;
 /// The most `limits.batch_max` may be set to.
@@ -65,6 +63,9 @@ pub const BATCH_MAX_LIMIT: usize = 10_000;
 pub const BATCH_ITEM_SLOT_BYTES: usize = 512;
 /// An item's error message in a `transfer_batch` reply is cut to this.
 pub const BATCH_ERROR_BYTES_MAX: usize = 160;
+/// Most records in one stored chunk (one redb row): bounds what reading a
+/// single record (`get_transfer`, a history step) has to walk and hash
+/// (the records before it in its chunk, each ~60 bytes).
 pub const CHUNK_RECORDS_MAX: usize = 64;
 /// The largest `limits.commit_batch_max` a configuration may set.
 pub const COMMIT_BATCH_LIMIT: usize = 65_536;

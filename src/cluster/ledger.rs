@@ -60,7 +60,7 @@ use crate::journal::commit::{self, Sweep};
 use crate::journal::machine::Writes;
 use crate::ledger::{Book, BookAccount, Limits};
 use crate::store::key_index::KeyPlan;
-use crate::store::{self, record_hash, Head, RecordRef, Store, StoreError};
+use crate::store::{self, Head, Store, StoreError};
 
 type Error = StorageError<u64>;
 
@@ -428,14 +428,15 @@ impl Inner {
             }
         }
         let mut prev = self.head;
-        for (i, (id, stored)) in d.writes.each_record().enumerate() {
-            let r = RecordRef::decode(stored)?;
-            if r.id != id || id != prev.id + 1 || *r.prev != prev.hash {
+        for (i, stored) in d.writes.each_record().enumerate() {
+            let stored = stored?;
+            let (id, r) = (stored.id, stored.record()?);
+            if r.id != id || id != prev.id + 1 || r.prev != prev.hash {
                 return Err(corrupt(format!("record {id} does not chain")));
             }
             let nums = d.writes.nums_of(i);
             store::replay_noting(&mut self.book, &r, nums, |num, before| undo.entries.push((num, before)))?;
-            prev = Head { id, hash: record_hash(stored) };
+            prev = Head { id, hash: stored.hash };
         }
         if prev != d.head {
             return Err(corrupt("its records do not end at its head".into()));

@@ -28,7 +28,8 @@ use crate::ledger::{
 };
 use crate::limits::{CHUNK_RECORDS_MAX, REVOKED_TOKENS_PER_USER_MAX, TAGS_PER_ACCOUNT_MAX};
 use crate::store::{
-    self, AccountMeta, Head, HoldRecord, KeyRecord, RecordRef, RedeemRecord, RedeemStatus, StoreError, UserRecord,
+    self, AccountMeta, Head, HoldRecord, KeyRecord, RecordRef, RedeemRecord, RedeemStatus, StoreError, Stored,
+    UserRecord,
 };
 use crate::wire::{BulkReply, CountReply, DeletedReply, Reply, SettleReply, TagsReply, TransferView};
 
@@ -49,8 +50,12 @@ pub trait Cold {
 /// carries (MessagePack), so that every member writes exactly these rows.
 #[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Writes {
-    /// The batch's records in chunk format (`len u32 | record` each), in
-    /// id order from `first_id`; `ends[i]` is where record `first_id + i` ends.
+    /// The batch's records as chunks (`store` module docs: a header at
+    /// each chunk's start, then `len u16 | record` each), in id order from
+    /// `first_id`; `ends[i]` is where record `first_id + i` ends. A chunk
+    /// starts at every [`CHUNK_RECORDS_MAX`]th record. (Entries written
+    /// before version 3 hold `len u32 | record` chunks without a header;
+    /// [`store::chunk_records`] reads both.)
     #[serde(with = "serde_bytes")]
     pub records: Vec<u8>,
     pub ends: Vec<usize>,
@@ -125,14 +130,9 @@ impl Writes {
         Some((n[0], n[1]))
     }
 
-    /// The stored bytes of each record, with its id.
-    pub fn each_record(&self) -> impl Iterator<Item = (u64, &[u8])> {
-        let mut start = 0;
-        self.ends.iter().enumerate().map(move |(i, &end)| {
-            let r = &self.records[start + 4..end];
-            start = end;
-            (self.first_id + i as u64, r)
-        })
+    /// Each record, with its id and hashes, as its chunk will hold it.
+    pub fn each_record(&self) -> impl Iterator<Item = Result<Stored<'_>, StoreError>> {
+        self.chunks().flat_map(|(first, bytes)| store::chunk_records(first, bytes))
     }
 }
 
@@ -318,20 +318,17 @@ impl Machine {
             memo: fields.memo,
             time: b.time,
             key: fields.key,
-            prev: &self.head.hash,
+            prev: self.head.hash,
             links,
             by: fields.by,
         };
-        // Chunk format: the length, then the record, straight into the batch's buffer.
-        let at = b.w.records.len();
-        b.w.records.extend_from_slice(&[0; 4]);
-        rec.encode(&mut b.w.records);
-        let len = u32::try_from(b.w.records.len() - at - 4).expect("a record is a few hundred bytes");
-        b.w.records[at..at + 4].copy_from_slice(&len.to_be_bytes());
+        // Straight into the batch's buffer in chunk format; `chunks` cuts
+        // it where each chunk's header is.
+        let starts_chunk = b.w.ends.len().is_multiple_of(CHUNK_RECORDS_MAX);
+        let hash = store::append_chunked(&mut b.w.records, starts_chunk, &rec);
         b.w.ends.push(b.w.records.len());
         let (f, t) = applied.nums.unwrap_or((u32::MAX, u32::MAX));
         b.w.nums.extend([f, t]);
-        let hash = store::record_hash(&b.w.records[at + 4..]);
         if let Some(key) = fields.key {
             b.w.keys.push((fields.from.into(), key.into(), id));
         }

@@ -1,7 +1,7 @@
 //! `backup` (a consistent copy through one read transaction) and `audit`
 //! (the whole chain re-verified, and the balances summed).
 
-use super::record::{for_each_record, record_hash, Head, RecordRef};
+use super::record::{for_each_record, Head};
 use super::recovery::{load_txn, read_head};
 use super::*;
 use std::path::Path;
@@ -55,10 +55,10 @@ pub fn audit(db: &Database) -> Result<AuditReply, StoreError> {
     let chunks = txn.open_table(CHUNKS)?;
     let mut prev = GENESIS;
     let mut count = 0u64;
-    let walked = for_each_record(&chunks, 1, |id, stored| {
-        let ok = RecordRef::decode(stored).is_ok_and(|r| *r.prev == prev && r.id == id && r.id == count + 1);
+    let walked = for_each_record(&chunks, 1, |stored| {
+        let ok = stored.record().is_ok_and(|r| r.prev == prev && r.id == stored.id && r.id == count + 1);
         if ok {
-            prev = record_hash(stored);
+            prev = stored.hash;
             count += 1;
         }
         Ok(ok)

@@ -70,7 +70,7 @@ use hashbrown::HashTable;
 use redb::{Database, ReadableDatabase, ReadableTable, ReadableTableMetadata};
 
 use super::record::{for_each_record, with_record};
-use super::{RecordRef, StoreError, CHUNKS, KEYS, META};
+use super::{StoreError, CHUNKS, KEYS, META};
 use crate::limits::{
     KEYS_FILTER_MAX, KEYS_FILTER_MIN, KEYS_FREEZE_AT, KEYS_FREEZE_RECORDS, KEYS_MERGE_MIN, KEYS_SORT_INLINE_MAX,
 };
@@ -256,11 +256,11 @@ impl KeyIndex {
             None => head.id + 1,
         };
         let mut fresh = Set::default();
-        for_each_record(&txn.open_table(CHUNKS)?, from, |id, stored| {
-            let r = RecordRef::decode(stored)?;
+        for_each_record(&txn.open_table(CHUNKS)?, from, |stored| {
+            let r = stored.record()?;
             if let Some(key) = r.key {
                 let hash = self.hash(r.from, key);
-                fresh.insert(hash, (r.from.into(), key.into()), id);
+                fresh.insert(hash, (r.from.into(), key.into()), stored.id);
             }
             Ok(true)
         })?;

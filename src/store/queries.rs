@@ -123,8 +123,8 @@ pub fn put_user(db: &Database, user: &UserRecord) -> Result<(), StoreError> {
     Ok(())
 }
 
-pub(super) fn view_of(stored: &[u8]) -> Result<TransferView, StoreError> {
-    Ok(TransferRecord::decode(stored)?.view(&record_hash(stored)))
+pub(super) fn view_of(stored: Stored<'_>) -> Result<TransferView, StoreError> {
+    Ok(stored.record()?.owned().view(&stored.hash))
 }
 
 /// Reads one transfer.
@@ -155,10 +155,10 @@ pub fn history(
     let mut id = start;
     while id != 0 && out.len() < limit {
         let (view, prev) = with_record(&chunks, id, |stored| {
-            let r = TransferRecord::decode(stored)?;
+            let r = stored.record()?.owned();
             let prev =
                 r.link_of(account).ok_or_else(|| StoreError::Corrupt(format!("transfer {id} is not {account}'s")))?;
-            Ok((r.view(&record_hash(stored)), prev))
+            Ok((r.view(&stored.hash), prev))
         })?
         .ok_or_else(|| StoreError::Corrupt(format!("history points at missing transfer {id}")))?;
         out.push(view);
@@ -172,8 +172,7 @@ pub fn history(
 /// `account`'s list. `None` if `after` is not one of the account's records.
 pub fn history_after(db: &Database, account: &str, after: u64) -> Result<Option<u64>, StoreError> {
     let txn = db.begin_read()?;
-    let link =
-        with_record(&txn.open_table(CHUNKS)?, after, |stored| Ok(TransferRecord::decode(stored)?.link_of(account)))?;
+    let link = with_record(&txn.open_table(CHUNKS)?, after, |stored| Ok(stored.record()?.owned().link_of(account)))?;
     Ok(link.flatten())
 }
 
@@ -211,8 +210,8 @@ fn tail_onto(
     let at: std::collections::HashMap<&str, usize> =
         block.iter().enumerate().map(|(i, c)| (c.id.as_str(), i)).collect();
     let mut balances: Vec<i64> = block.iter().map(|c| c.balance).collect();
-    for_each_record(chunks, checkpoint + 1, |_, stored| {
-        let r = RecordRef::decode(stored)?;
+    for_each_record(chunks, checkpoint + 1, |stored| {
+        let r = stored.record()?;
         for (account, delta) in legs(&r)? {
             match at.get(account) {
                 Some(&i) if delta != 0 && r.id > block[i].last => {

@@ -39,22 +39,24 @@ pub struct RecordRef<'a> {
     pub memo: Option<&'a str>,
     pub time: u64,
     pub key: Option<&'a str>,
-    pub prev: &'a [u8; 32],
+    pub prev: [u8; 32],
     pub links: Links,
     pub by: Option<&'a str>,
 }
 
 impl RecordRef<'_> {
-    /// Appends the stored form to `out`. Field lengths were bounded when the
-    /// request was validated; the casts below rely on that.
-    pub fn encode(&self, out: &mut Vec<u8>) {
-        out.push(RECORD_VERSION);
+    /// Appends the version 2 form to `out` (id and `prev` inside; what
+    /// data folders hold from before version 3, and what the tests of
+    /// reading it write). Field lengths were bounded when the request was
+    /// validated; the casts below rely on that.
+    pub fn encode_v2(&self, out: &mut Vec<u8>) {
+        out.push(2);
         out.extend_from_slice(&self.id.to_be_bytes());
         out.push(self.kind.to_u8());
         out.extend_from_slice(&self.amount.to_be_bytes());
         out.extend_from_slice(&self.fee.to_be_bytes());
         out.extend_from_slice(&self.time.to_be_bytes());
-        out.extend_from_slice(self.prev);
+        out.extend_from_slice(&self.prev);
         out.extend_from_slice(&self.links.from.to_be_bytes());
         out.extend_from_slice(&self.links.to.to_be_bytes());
         out.extend_from_slice(&self.links.fee.to_be_bytes());
@@ -72,12 +74,104 @@ impl RecordRef<'_> {
         short(out, self.key.unwrap_or(""));
         short(out, self.by.unwrap_or(""));
     }
+
+    /// Appends the stored form (version 3) to `out`: no id and no `prev`,
+    /// which its chunk gives, and integers as varints (module docs).
+    pub fn encode(&self, out: &mut Vec<u8>) {
+        out.push(RECORD_VERSION);
+        out.push(self.kind.to_u8());
+        put_varint(out, zigzag(self.amount));
+        put_varint(out, zigzag(self.fee));
+        put_varint(out, self.time);
+        put_varint(out, self.links.from);
+        put_varint(out, self.links.to);
+        put_varint(out, self.links.fee);
+        let short = |out: &mut Vec<u8>, s: &str| {
+            let n = u8::try_from(s.len()).expect("ids and keys are at most 64 bytes");
+            out.push(n);
+            out.extend_from_slice(s.as_bytes());
+        };
+        short(out, self.from);
+        short(out, self.to);
+        let memo = self.memo.unwrap_or("");
+        put_varint(out, memo.len() as u64);
+        out.extend_from_slice(memo.as_bytes());
+        short(out, self.key.unwrap_or(""));
+        short(out, self.by.unwrap_or(""));
+    }
+}
+
+/// Appends `v` as a LEB128 varint: 7 bits a byte, low bits first.
+fn put_varint(out: &mut Vec<u8>, mut v: u64) {
+    while v >= 0x80 {
+        out.push((v as u8) | 0x80);
+        v >>= 7;
+    }
+    out.push(v as u8);
+}
+
+/// Signed to unsigned with small magnitudes small (0, -1, 1, -2 -> 0, 1, 2, 3).
+fn zigzag(v: i64) -> u64 {
+    ((v << 1) ^ (v >> 63)) as u64
+}
+
+fn unzigzag(v: u64) -> i64 {
+    ((v >> 1) as i64) ^ -((v & 1) as i64)
+}
+
+/// Reads a version 3 record's fields in order; any read past the end, bad
+/// varint or bad UTF-8 is `Corrupt`.
+struct Cursor<'a> {
+    bytes: &'a [u8],
+    pos: usize,
+}
+
+impl<'a> Cursor<'a> {
+    fn take(&mut self, n: usize) -> Result<&'a [u8], StoreError> {
+        let end = self.pos.checked_add(n).filter(|&e| e <= self.bytes.len()).ok_or_else(Self::corrupt)?;
+        let s = &self.bytes[self.pos..end];
+        self.pos = end;
+        Ok(s)
+    }
+
+    fn byte(&mut self) -> Result<u8, StoreError> {
+        Ok(self.take(1)?[0])
+    }
+
+    fn varint(&mut self) -> Result<u64, StoreError> {
+        let mut v = 0u64;
+        for shift in (0..64).step_by(7) {
+            let b = self.byte()?;
+            // The tenth byte may carry only the top bit of a u64.
+            if shift == 63 && b > 1 {
+                return Err(Self::corrupt());
+            }
+            v |= u64::from(b & 0x7f) << shift;
+            if b < 0x80 {
+                return Ok(v);
+            }
+        }
+        Err(Self::corrupt())
+    }
+
+    fn text(&mut self, n: usize) -> Result<&'a str, StoreError> {
+        std::str::from_utf8(self.take(n)?).map_err(|_| Self::corrupt())
+    }
+
+    fn corrupt() -> StoreError {
+        StoreError::Corrupt("transfer record".into())
+    }
 }
 
 impl TransferRecord {
-    /// Appends the stored form to `out`.
+    /// Appends the stored form (version 3) to `out`.
     pub fn encode(&self, out: &mut Vec<u8>) {
         self.as_ref().encode(out);
+    }
+
+    /// Appends the version 2 form to `out` (see [`RecordRef::encode_v2`]).
+    pub fn encode_v2(&self, out: &mut Vec<u8>) {
+        self.as_ref().encode_v2(out);
     }
 
     /// The record's fields, borrowed.
@@ -93,22 +187,56 @@ impl TransferRecord {
             memo: self.memo.as_deref(),
             time: self.time,
             key: self.key.as_deref(),
-            prev: &self.prev,
+            prev: self.prev,
             links: self.links,
             by: self.by.as_deref(),
         }
     }
 
-    /// Parses the stored form.
-    pub fn decode(bytes: &[u8]) -> Result<TransferRecord, StoreError> {
-        RecordRef::decode(bytes).map(|r| r.owned())
+    /// Parses a version 1 or 2 record, which holds its id and `prev`.
+    pub fn decode_v2(bytes: &[u8]) -> Result<TransferRecord, StoreError> {
+        RecordRef::decode_v2(bytes).map(|r| r.owned())
     }
 }
 
 impl<'a> RecordRef<'a> {
-    /// Parses the stored form, borrowing its text from `bytes` (replays and
-    /// audits read every field but keep none).
-    pub fn decode(bytes: &'a [u8]) -> Result<RecordRef<'a>, StoreError> {
+    /// Parses record `id` whose previous hash is `prev`, borrowing its text
+    /// from `bytes` (replays and audits read every field but keep none).
+    /// A version 1 or 2 record holds its own id and `prev`, and gives
+    /// those: callers that check the chain compare them with theirs.
+    pub fn decode(id: u64, prev: [u8; 32], bytes: &'a [u8]) -> Result<RecordRef<'a>, StoreError> {
+        match bytes.first() {
+            Some(&RECORD_VERSION) => Self::decode_v3(id, prev, bytes),
+            _ => Self::decode_v2(bytes),
+        }
+    }
+
+    fn decode_v3(id: u64, prev: [u8; 32], bytes: &'a [u8]) -> Result<RecordRef<'a>, StoreError> {
+        let corrupt = || StoreError::Corrupt(format!("transfer record {id}"));
+        let mut c = Cursor { bytes, pos: 1 };
+        let kind = Kind::from_u8(c.byte()?).ok_or_else(corrupt)?;
+        let amount = unzigzag(c.varint()?);
+        let fee = unzigzag(c.varint()?);
+        let time = c.varint()?;
+        let links = Links { from: c.varint()?, to: c.varint()?, fee: c.varint()? };
+        let n = usize::from(c.byte()?);
+        let from = c.text(n)?;
+        let n = usize::from(c.byte()?);
+        let to = c.text(n)?;
+        let n = usize::try_from(c.varint()?).map_err(|_| corrupt())?;
+        let memo = Some(c.text(n)?).filter(|m| !m.is_empty());
+        let n = usize::from(c.byte()?);
+        let key = Some(c.text(n)?).filter(|k| !k.is_empty());
+        let n = usize::from(c.byte()?);
+        let by = Some(c.text(n)?).filter(|b| !b.is_empty());
+        if c.pos != bytes.len() {
+            return Err(corrupt());
+        }
+        Ok(RecordRef { id, kind, from, to, amount, fee, memo, time, key, prev, links, by })
+    }
+
+    /// Parses a version 1 or 2 record (its own id and `prev` inside).
+    pub fn decode_v2(bytes: &'a [u8]) -> Result<RecordRef<'a>, StoreError> {
         let corrupt = || StoreError::Corrupt("transfer record".into());
         let mut pos = 0usize;
         let mut take = |n: usize| -> Result<&'a [u8], StoreError> {
@@ -118,7 +246,7 @@ impl<'a> RecordRef<'a> {
         };
         // Version 1 ends at the key; version 2 adds who made the record.
         let version = take(1)?[0];
-        if version != 1 && version != RECORD_VERSION {
+        if version != 1 && version != 2 {
             return Err(corrupt());
         }
         let u64_at = |s: &[u8]| u64::from_be_bytes(s.try_into().unwrap_or([0; 8]));
@@ -127,7 +255,7 @@ impl<'a> RecordRef<'a> {
         let amount = u64_at(take(8)?) as i64;
         let fee = u64_at(take(8)?) as i64;
         let time = u64_at(take(8)?);
-        let prev: &'a [u8; 32] = take(32)?.try_into().map_err(|_| corrupt())?;
+        let prev: [u8; 32] = take(32)?.try_into().map_err(|_| corrupt())?;
         let links = Links { from: u64_at(take(8)?), to: u64_at(take(8)?), fee: u64_at(take(8)?) };
         let text = |s: &'a [u8]| -> Result<&'a str, StoreError> { std::str::from_utf8(s).map_err(|_| corrupt()) };
         let n = usize::from(take(1)?[0]);
@@ -164,7 +292,7 @@ impl<'a> RecordRef<'a> {
             memo: self.memo.map(Into::into),
             time: self.time,
             key: self.key.map(Into::into),
-            prev: *self.prev,
+            prev: self.prev,
             links: self.links,
             by: self.by.map(Into::into),
         }
@@ -206,10 +334,62 @@ impl TransferRecord {
     }
 }
 
-/// Hash of a stored record.
+/// Hash of a version 1 or 2 record: of its stored bytes, which hold `prev`.
 #[must_use]
 pub fn record_hash(stored: &[u8]) -> [u8; 32] {
     *blake3::hash(stored).as_bytes()
+}
+
+/// Hash of a version 3 record: of the hash before it, then its stored bytes.
+#[must_use]
+pub fn chained_hash(prev: &[u8; 32], stored: &[u8]) -> [u8; 32] {
+    *blake3::Hasher::new().update(prev).update(stored).finalize().as_bytes()
+}
+
+/// First byte of a chunk of version 3 records. A chunk of version 1 or 2
+/// records starts with the `u32` length of its first record, whose first
+/// byte is 0.
+pub const CHUNK_V3: u8 = 3;
+
+/// Bytes before a version 3 chunk's first record: [`CHUNK_V3`] and the
+/// hash before that record.
+pub const CHUNK_V3_HEADER: usize = 1 + 32;
+
+/// Appends `rec` to `out`, a buffer of version 3 chunks, as the journal
+/// writes a batch: the chunk's header first if `rec` starts a chunk, then
+/// `len u16 | record`. Returns the record's hash.
+pub fn append_chunked(out: &mut Vec<u8>, starts_chunk: bool, rec: &RecordRef<'_>) -> [u8; 32] {
+    if starts_chunk {
+        out.push(CHUNK_V3);
+        out.extend_from_slice(&rec.prev);
+    }
+    let at = out.len();
+    out.extend_from_slice(&[0; 2]);
+    rec.encode(out);
+    let len = u16::try_from(out.len() - at - 2).expect("a record is a few hundred bytes");
+    out[at..at + 2].copy_from_slice(&len.to_be_bytes());
+    chained_hash(&rec.prev, &out[at + 2..])
+}
+
+/// A record as its chunk holds it, with the hashes the chain gives it.
+#[derive(Clone, Copy, Debug)]
+pub struct Stored<'a> {
+    /// The chunk's key plus the record's place in it.
+    pub id: u64,
+    /// Its stored bytes.
+    pub bytes: &'a [u8],
+    /// The hash before it: the chunk's (version 3), the record's own
+    /// field (versions 1 and 2).
+    pub prev: [u8; 32],
+    /// Its own hash.
+    pub hash: [u8; 32],
+}
+
+impl<'a> Stored<'a> {
+    /// Its fields.
+    pub fn record(&self) -> Result<RecordRef<'a>, StoreError> {
+        RecordRef::decode(self.id, self.prev, self.bytes)
+    }
 }
 
 /// The last record of the journal.
@@ -239,7 +419,10 @@ impl Head {
     }
 }
 
-/// Collects a commit's records into chunks and inserts each full chunk.
+/// Collects version 1 or 2 records into chunks of that version and inserts
+/// each full chunk: the move of records kept one per row into chunks, and
+/// tests of reading what older versions wrote. The journal writes version
+/// 3 chunks with [`append_chunked`].
 #[derive(Default)]
 pub struct ChunkWriter {
     first: u64,
@@ -283,33 +466,70 @@ impl ChunkWriter {
     }
 }
 
-/// The records of one chunk, in order.
-pub(super) fn chunk_records(value: &[u8]) -> impl Iterator<Item = Result<&[u8], StoreError>> {
+/// The records of the chunk whose first record is `first`, in order, with
+/// their hashes: each hash costs one BLAKE3 of a record.
+pub fn chunk_records(first: u64, value: &[u8]) -> impl Iterator<Item = Result<Stored<'_>, StoreError>> {
+    let v3 = value.first() == Some(&CHUNK_V3);
     let mut rest = value;
+    let mut prev = [0u8; 32];
+    if v3 {
+        match value.get(1..CHUNK_V3_HEADER) {
+            Some(p) => {
+                prev.copy_from_slice(p);
+                rest = &value[CHUNK_V3_HEADER..];
+            }
+            None => rest = &[],
+        }
+    }
+    let cut = v3 && value.len() < CHUNK_V3_HEADER;
+    let mut id = first;
+    let mut failed = false;
     std::iter::from_fn(move || {
+        if failed {
+            return None;
+        }
+        if cut {
+            failed = true;
+            return Some(Err(StoreError::Corrupt(format!("chunk {first} ends inside its header"))));
+        }
         if rest.is_empty() {
             return None;
         }
-        let Some((len, tail)) = rest.split_first_chunk::<4>() else {
-            rest = &[];
-            return Some(Err(StoreError::Corrupt("a chunk ends inside a length".into())));
+        let width = if v3 { 2 } else { 4 };
+        let (len, tail) = match rest.split_at_checked(width) {
+            Some((len, tail)) => (len.iter().fold(0usize, |n, &b| n << 8 | usize::from(b)), tail),
+            None => {
+                failed = true;
+                return Some(Err(StoreError::Corrupt(format!("chunk {first} ends inside a length"))));
+            }
         };
-        let len = u32::from_be_bytes(*len) as usize;
-        if tail.len() < len {
-            rest = &[];
-            return Some(Err(StoreError::Corrupt("a chunk ends inside a record".into())));
-        }
-        let (record, tail) = tail.split_at(len);
+        let Some((bytes, tail)) = tail.split_at_checked(len) else {
+            failed = true;
+            return Some(Err(StoreError::Corrupt(format!("chunk {first} ends inside a record"))));
+        };
         rest = tail;
-        Some(Ok(record))
+        let stored = if v3 {
+            let hash = chained_hash(&prev, bytes);
+            Stored { id, bytes, prev: std::mem::replace(&mut prev, hash), hash }
+        } else {
+            // Versions 1 and 2 hold `prev` after version, id, kind,
+            // amount, fee and time.
+            let Some(p) = bytes.get(34..66) else {
+                failed = true;
+                return Some(Err(StoreError::Corrupt(format!("transfer record {id}"))));
+            };
+            Stored { id, bytes, prev: p.try_into().unwrap_or([0; 32]), hash: record_hash(bytes) }
+        };
+        id += 1;
+        Some(Ok(stored))
     })
 }
 
-/// Calls `f` with the stored bytes of record `id`, if there is one.
+/// Calls `f` with record `id`, if there is one.
 pub(super) fn with_record<T>(
     chunks: &impl ReadableTable<u64, &'static [u8]>,
     id: u64,
-    f: impl FnOnce(&[u8]) -> Result<T, StoreError>,
+    f: impl FnOnce(Stored<'_>) -> Result<T, StoreError>,
 ) -> Result<Option<T>, StoreError> {
     let Some(row) = chunks.range(..=id)?.next_back() else {
         return Ok(None);
@@ -321,17 +541,17 @@ pub(super) fn with_record<T>(
     if index >= CHUNK_RECORDS_MAX {
         return Ok(None);
     }
-    let record = chunk_records(value.value()).nth(index).transpose()?;
+    let record = chunk_records(first.value(), value.value()).nth(index).transpose()?;
     record.map(f).transpose()
 }
 
-/// Calls `f(id, record)` for every record from id `from` on, in order, until
+/// Calls `f(record)` for every record from id `from` on, in order, until
 /// it returns `false`. The ids are the chunks' (key + position); callers
-/// compare them with the ids inside the records.
+/// that check the chain compare them with the ids inside older records.
 pub(super) fn for_each_record(
     chunks: &impl ReadableTable<u64, &'static [u8]>,
     from: u64,
-    mut f: impl FnMut(u64, &[u8]) -> Result<bool, StoreError>,
+    mut f: impl FnMut(Stored<'_>) -> Result<bool, StoreError>,
 ) -> Result<(), StoreError> {
     let start = match chunks.range(..=from)?.next_back() {
         Some(row) => row?.0.value(),
@@ -339,8 +559,9 @@ pub(super) fn for_each_record(
     };
     for row in chunks.range(start..)? {
         let (first, value) = row?;
-        for (id, record) in (first.value()..).zip(chunk_records(value.value())) {
-            if id >= from && !f(id, record?)? {
+        for stored in chunk_records(first.value(), value.value()) {
+            let stored = stored?;
+            if stored.id >= from && !f(stored)? {
                 return Ok(());
             }
         }

@@ -440,17 +440,17 @@ fn replay_onto(txn: &redb::ReadTransaction, mut book: Book) -> Result<Loaded, St
     let chunks = txn.open_table(CHUNKS)?;
     let mut prev = match checkpoint {
         0 => GENESIS,
-        id => with_record(&chunks, id, |stored| Ok(record_hash(stored)))?
+        id => with_record(&chunks, id, |stored| Ok(stored.hash))?
             .ok_or_else(|| StoreError::Corrupt(format!("checkpoint record {id} is missing")))?,
     };
     let mut expected = checkpoint + 1;
-    for_each_record(&chunks, checkpoint + 1, |id, stored| {
-        let r = RecordRef::decode(stored)?;
-        if r.id != id || r.id != expected || *r.prev != prev {
-            return Err(StoreError::Corrupt(format!("the journal breaks at transfer {id}")));
+    for_each_record(&chunks, checkpoint + 1, |stored| {
+        let r = stored.record()?;
+        if r.id != stored.id || r.id != expected || r.prev != prev {
+            return Err(StoreError::Corrupt(format!("the journal breaks at transfer {}", stored.id)));
         }
         replay(&mut book, &r)?;
-        prev = record_hash(stored);
+        prev = stored.hash;
         expected += 1;
         Ok(true)
     })?;

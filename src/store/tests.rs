@@ -4,7 +4,7 @@
 use redb::ReadableDatabase;
 
 use super::queries::list_accounts_in_blocks;
-use super::record::{for_each_record, ChunkWriter};
+use super::record::{for_each_record, ChunkWriter, CHUNK_V3_HEADER};
 use super::recovery::{hint_fits, read_head};
 use super::*;
 use crate::ledger::{Kind, Limits, Links};
@@ -27,8 +27,82 @@ fn records_round_trip() {
     };
     let mut out = Vec::new();
     r.encode(&mut out);
-    assert_eq!(TransferRecord::decode(&out).unwrap(), r);
-    assert!(TransferRecord::decode(&out[..out.len() - 1]).is_err());
+    assert_eq!(out[0], 3);
+    assert_eq!(RecordRef::decode(42, [7; 32], &out).unwrap().owned(), r);
+    assert!(RecordRef::decode(42, [7; 32], &out[..out.len() - 1]).is_err());
+    let mut longer = out.clone();
+    longer.push(0);
+    assert!(RecordRef::decode(42, [7; 32], &longer).is_err());
+    // The same record as version 2: id and prev inside.
+    let mut v2 = Vec::new();
+    r.encode_v2(&mut v2);
+    assert_eq!(TransferRecord::decode_v2(&v2).unwrap(), r);
+    assert_eq!(RecordRef::decode(0, [0; 32], &v2).unwrap().owned(), r, "a version 2 record gives its own");
+    assert!(TransferRecord::decode_v2(&v2[..v2.len() - 1]).is_err());
+    assert_eq!(v2.len() - out.len(), 77, "version 3 leaves out id and prev and shortens the integers");
+}
+
+/// Any record decodes to what was encoded, in versions 2 and 3; a version
+/// 3 record cut anywhere is refused; no bytes make a chunk or a record
+/// panic.
+mod record_props {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn text(max: usize) -> impl Strategy<Value = String> {
+        proptest::collection::vec(proptest::char::any(), 1..max)
+            .prop_map(|c| c.into_iter().collect::<String>())
+            .prop_filter("bounded bytes", move |s| s.len() <= max)
+    }
+
+    fn record() -> impl Strategy<Value = TransferRecord> {
+        (
+            (any::<u64>(), 0u8..=8, any::<i64>(), any::<i64>(), any::<u64>()),
+            (text(64), text(64), proptest::option::of(text(256)), proptest::option::of(text(64))),
+            (any::<[u8; 32]>(), any::<(u64, u64, u64)>(), proptest::option::of(text(64))),
+        )
+            .prop_filter_map(
+                "a kind",
+                |((id, kind, amount, fee, time), (from, to, memo, key), (prev, links, by))| {
+                    Some(TransferRecord {
+                        id,
+                        kind: Kind::from_u8(kind)?,
+                        from: from.into(),
+                        to: to.into(),
+                        amount,
+                        fee,
+                        memo: memo.map(Into::into),
+                        time,
+                        key: key.map(Into::into),
+                        prev,
+                        links: Links { from: links.0, to: links.1, fee: links.2 },
+                        by: by.map(Into::into),
+                    })
+                },
+            )
+    }
+
+    proptest! {
+        #[test]
+        fn records_read_back_as_written(r in record(), cut in any::<proptest::sample::Index>()) {
+            let mut out = Vec::new();
+            r.encode(&mut out);
+            prop_assert_eq!(RecordRef::decode(r.id, r.prev, &out).unwrap().owned(), r.clone());
+            let at = cut.index(out.len());
+            prop_assert!(RecordRef::decode(r.id, r.prev, &out[..at]).is_err());
+            let mut v2 = Vec::new();
+            r.encode_v2(&mut v2);
+            prop_assert_eq!(TransferRecord::decode_v2(&v2).unwrap(), r);
+        }
+
+        #[test]
+        fn any_bytes_are_a_record_or_corrupt(bytes in proptest::collection::vec(any::<u8>(), 0..300), first in any::<u64>()) {
+            let _ = RecordRef::decode(1, [0; 32], &bytes);
+            for s in chunk_records(first, &bytes).flatten() {
+                let _ = s.record();
+            }
+        }
+    }
 }
 
 /// Records written before `by` existed (version 1) still read, as made
@@ -50,57 +124,101 @@ fn version_1_records_read_without_by() {
         by: None,
     };
     let mut v2 = Vec::new();
-    r.encode(&mut v2);
+    r.encode_v2(&mut v2);
     assert_eq!(v2[0], 2);
     assert_eq!(*v2.last().unwrap(), 0, "an empty by is one length byte");
     let mut v1 = v2[..v2.len() - 1].to_vec();
     v1[0] = 1;
-    assert_eq!(TransferRecord::decode(&v1).unwrap(), r);
+    assert_eq!(TransferRecord::decode_v2(&v1).unwrap(), r);
+    assert_eq!(RecordRef::decode(7, [1; 32], &v1).unwrap().owned(), r);
     let mut longer = v2.clone();
     longer[0] = 1;
-    assert!(TransferRecord::decode(&longer).is_err());
+    assert!(TransferRecord::decode_v2(&longer).is_err());
     let mut unknown = v2;
-    unknown[0] = 3;
-    assert!(TransferRecord::decode(&unknown).is_err());
+    unknown[0] = 4;
+    assert!(RecordRef::decode(7, [1; 32], &unknown).is_err());
+}
+
+/// How a test writes records: as the journal does (version 3 chunks), as
+/// it did before (version 2 chunks), or one version 2 record per row (the
+/// layout before chunks).
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Layout {
+    V3,
+    V2,
+    Rows,
+}
+
+/// Inserts `n` records made by `make(id)` after `head` into `chunks` as
+/// the journal writes one commit (version 3 chunks of
+/// [`CHUNK_RECORDS_MAX`](crate::limits::CHUNK_RECORDS_MAX), each record's
+/// `prev` the hash before it), and returns the new head.
+pub(super) fn put_chunked(
+    chunks: &mut redb::Table<'_, u64, &'static [u8]>,
+    head: Head,
+    n: u64,
+    mut make: impl FnMut(u64) -> TransferRecord,
+) -> Head {
+    let mut buf = Vec::new();
+    let (mut first, mut prev) = (head.id + 1, head.hash);
+    for (i, id) in (head.id + 1..=head.id + n).enumerate() {
+        let starts = i.is_multiple_of(crate::limits::CHUNK_RECORDS_MAX);
+        if starts && !buf.is_empty() {
+            chunks.insert(first, &buf[..]).unwrap();
+            buf.clear();
+            first = id;
+        }
+        let mut r = make(id);
+        r.prev = prev;
+        prev = append_chunked(&mut buf, starts, &r.as_ref());
+    }
+    if !buf.is_empty() {
+        chunks.insert(first, &buf[..]).unwrap();
+    }
+    Head { id: head.id + n, hash: prev }
 }
 
 /// Appends `n` chained records (@mint -> @redeemed, 1 unit each) after
-/// the head in one transaction, as the journal does (`legacy`: one row
-/// per record, the layout before chunks), and moves the head.
-fn append_chain(db: &Database, n: u64, legacy: bool) {
+/// the head in one transaction, in `layout`, and moves the head.
+fn append_chain(db: &Database, n: u64, layout: Layout) {
     let head = read_head(&db.begin_read().unwrap()).unwrap();
+    let make = |id: u64| TransferRecord {
+        id,
+        kind: Kind::Mint,
+        from: "@mint".into(),
+        to: "@redeemed".into(),
+        amount: 1,
+        fee: 0,
+        memo: None,
+        time: 1_700_000_000_000,
+        key: None,
+        prev: GENESIS,
+        links: Links { from: id - 1, to: id - 1, fee: 0 },
+        by: None,
+    };
     let txn = db.begin_write().unwrap();
     {
         let mut chunks = txn.open_table(CHUNKS).unwrap();
         let mut rows = txn.open_table(LEGACY_TRANSFERS).unwrap();
-        let mut pending = ChunkWriter::default();
-        let mut prev = head.hash;
-        for id in head.id + 1..=head.id + n {
-            let r = TransferRecord {
-                id,
-                kind: Kind::Mint,
-                from: "@mint".into(),
-                to: "@redeemed".into(),
-                amount: 1,
-                fee: 0,
-                memo: None,
-                time: 1_700_000_000_000,
-                key: None,
-                prev,
-                links: Links { from: id - 1, to: id - 1, fee: 0 },
-                by: None,
-            };
-            let mut out = Vec::new();
-            r.encode(&mut out);
-            prev = record_hash(&out);
-            if legacy {
-                rows.insert(id, &out[..]).unwrap();
-            } else {
-                pending.push(&mut chunks, id, &out).unwrap();
+        let head = if layout == Layout::V3 {
+            put_chunked(&mut chunks, head, n, make)
+        } else {
+            let mut pending = ChunkWriter::default();
+            let mut prev = head.hash;
+            for id in head.id + 1..=head.id + n {
+                let r = TransferRecord { prev, ..make(id) };
+                let mut out = Vec::new();
+                r.encode_v2(&mut out);
+                prev = record_hash(&out);
+                if layout == Layout::Rows {
+                    rows.insert(id, &out[..]).unwrap();
+                } else {
+                    pending.push(&mut chunks, id, &out).unwrap();
+                }
             }
-        }
-        pending.flush(&mut chunks).unwrap();
-        let head = Head { id: head.id + n, hash: prev };
+            pending.flush(&mut chunks).unwrap();
+            Head { id: head.id + n, hash: prev }
+        };
         txn.open_table(META).unwrap().insert(HEAD, &head.encode()[..]).unwrap();
     }
     txn.commit().unwrap();
@@ -120,12 +238,10 @@ fn append_records(db: &Database, records: &[(Kind, &str, &str, i64, i64)]) {
     let txn = db.begin_write().unwrap();
     {
         let mut chunks = txn.open_table(CHUNKS).unwrap();
-        let mut pending = ChunkWriter::default();
-        let mut prev = head.hash;
-        let mut id = head.id;
-        for &(kind, from, to, amount, fee) in records {
-            id += 1;
-            let r = TransferRecord {
+        let first = head.id + 1;
+        let head = put_chunked(&mut chunks, head, records.len() as u64, |id| {
+            let (kind, from, to, amount, fee) = records[(id - first) as usize];
+            TransferRecord {
                 id,
                 kind,
                 from: from.into(),
@@ -135,17 +251,11 @@ fn append_records(db: &Database, records: &[(Kind, &str, &str, i64, i64)]) {
                 memo: None,
                 time: 1_700_000_000_000,
                 key: None,
-                prev,
+                prev: GENESIS,
                 links: Links { from: 0, to: 0, fee: 0 },
                 by: None,
-            };
-            let mut out = Vec::new();
-            r.encode(&mut out);
-            prev = record_hash(&out);
-            pending.push(&mut chunks, id, &out).unwrap();
-        }
-        pending.flush(&mut chunks).unwrap();
-        let head = Head { id, hash: prev };
+            }
+        });
         txn.open_table(META).unwrap().insert(HEAD, &head.encode()[..]).unwrap();
     }
     txn.commit().unwrap();
@@ -316,11 +426,17 @@ fn listed_pages_in_blocks_give_the_balances_start_up_replays() {
 
 #[test]
 fn records_are_found_in_their_chunks() {
+    for layout in [Layout::V3, Layout::V2] {
+        records_are_found_in_chunks_of(layout);
+    }
+}
+
+fn records_are_found_in_chunks_of(layout: Layout) {
     let dir = tempfile::tempdir().unwrap();
     let db = open(&dir.path().join("t.redb")).unwrap();
     // Two commits: 100 records (chunks of 64 + 36), then 50 (a new chunk).
-    append_chain(&db, 100, false);
-    append_chain(&db, 50, false);
+    append_chain(&db, 100, layout);
+    append_chain(&db, 50, layout);
     assert_eq!(chunk_keys(&db), vec![1, 65, 101]);
     for id in [1, 2, 64, 65, 66, 100, 101, 150] {
         assert_eq!(get_transfer(&db, id).unwrap().map(|t| t.id), Some(id), "record {id}");
@@ -331,10 +447,16 @@ fn records_are_found_in_their_chunks() {
     let txn = db.begin_read().unwrap();
     let chunks = txn.open_table(CHUNKS).unwrap();
     let mut seen = Vec::new();
-    for_each_record(&chunks, 60, |id, stored| {
-        assert_eq!(TransferRecord::decode(stored).unwrap().id, id);
-        seen.push(id);
-        Ok(id < 120)
+    let mut prev = None;
+    for_each_record(&chunks, 60, |stored| {
+        let r = stored.record().unwrap();
+        assert_eq!(r.id, stored.id);
+        if let Some(p) = prev {
+            assert_eq!(r.prev, p, "record {} chains", r.id);
+        }
+        prev = Some(stored.hash);
+        seen.push(stored.id);
+        Ok(stored.id < 120)
     })
     .unwrap();
     assert_eq!(seen, (60..=120).collect::<Vec<_>>());
@@ -348,9 +470,15 @@ fn records_are_found_in_their_chunks() {
 
 #[test]
 fn audit_sees_a_changed_or_cut_chunk() {
+    for layout in [Layout::V3, Layout::V2] {
+        audit_sees_a_changed_or_cut_chunk_of(layout);
+    }
+}
+
+fn audit_sees_a_changed_or_cut_chunk_of(layout: Layout) {
     let dir = tempfile::tempdir().unwrap();
     let db = open(&dir.path().join("t.redb")).unwrap();
-    append_chain(&db, 100, false);
+    append_chain(&db, 100, layout);
     let original: Vec<u8> =
         db.begin_read().unwrap().open_table(CHUNKS).unwrap().get(65).unwrap().unwrap().value().to_vec();
     let put = |value: &[u8]| {
@@ -358,15 +486,32 @@ fn audit_sees_a_changed_or_cut_chunk() {
         txn.open_table(CHUNKS).unwrap().insert(65, value).unwrap();
         txn.commit().unwrap();
     };
-    // One byte of an amount in record 70 (the chunk's sixth record).
+    // One bit of the amount of record 70 (the chunk's sixth record).
     let mut changed = original.clone();
-    let mut at = 0;
-    for _ in 0..5 {
-        at += 4 + u32::from_be_bytes(changed[at..at + 4].try_into().unwrap()) as usize;
+    if layout == Layout::V3 {
+        let mut at = CHUNK_V3_HEADER;
+        for _ in 0..5 {
+            at += 2 + u16::from_be_bytes(changed[at..at + 2].try_into().unwrap()) as usize;
+        }
+        // len u16, version, kind, then the amount's one varint byte.
+        assert_eq!(changed[at + 2 + 2], 2, "1 as a zigzag varint");
+        changed[at + 2 + 2] ^= 1;
+    } else {
+        let mut at = 0;
+        for _ in 0..5 {
+            at += 4 + u32::from_be_bytes(changed[at..at + 4].try_into().unwrap()) as usize;
+        }
+        changed[at + 4 + 1 + 8 + 1 + 7] ^= 1;
     }
-    changed[at + 4 + 1 + 8 + 1 + 7] ^= 1;
     put(&changed);
     assert!(!audit(&db).unwrap().chain_ok);
+    if layout == Layout::V3 {
+        // The hash before the chunk, in its header.
+        let mut changed = original.clone();
+        changed[1] ^= 1;
+        put(&changed);
+        assert!(!audit(&db).unwrap().chain_ok);
+    }
     // The chunk cut inside its last record.
     put(&original[..original.len() - 3]);
     assert!(!audit(&db).unwrap().chain_ok);
@@ -380,7 +525,7 @@ fn records_kept_one_per_row_move_into_chunks_on_open() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("t.redb");
     let db = open(&path).unwrap();
-    append_chain(&db, 130, true);
+    append_chain(&db, 130, Layout::Rows);
     assert!(chunk_keys(&db).is_empty());
     drop(db);
     let db = open(&path).unwrap();
@@ -392,10 +537,14 @@ fn records_kept_one_per_row_move_into_chunks_on_open() {
     assert_eq!(get_transfer(&db, 77).unwrap().map(|t| t.amount), Some(1));
     let a = audit(&db).unwrap();
     assert_eq!((a.transfers, a.sum, a.chain_ok), (130, 0, true));
-    // New records carry on the migrated chain.
-    append_chain(&db, 5, false);
+    // New records carry on the migrated chain, in either chunk format.
+    append_chain(&db, 5, Layout::V2);
+    append_chain(&db, 70, Layout::V3);
     let a = audit(&db).unwrap();
-    assert_eq!((a.transfers, a.chain_ok), (135, true));
+    assert_eq!((a.transfers, a.chain_ok), (205, true));
+    assert_eq!(get_transfer(&db, 135).unwrap().map(|t| t.id), Some(135));
+    let after = get_transfer(&db, 136).unwrap().unwrap();
+    assert_eq!(after.prev, get_transfer(&db, 135).unwrap().unwrap().hash, "version 3 chains onto version 2");
 }
 
 /// `load_with` hands the owners each account as its rows stand, and the book marks `dirty` exactly the accounts the replayed

@@ -60,7 +60,7 @@ impl MemCold {
                 self.tags.remove(k);
             }
         }
-        self.records.extend(w.each_record().map(|(id, r)| (id, r.to_vec())));
+        self.records.extend(w.each_record().map(|s| s.map(|s| (s.id, s.bytes.to_vec())).unwrap()));
     }
 }
 
@@ -234,12 +234,18 @@ fn a_batch_applied_twice_from_the_same_state_gives_byte_identical_records() {
     assert_eq!(one.head.id, 2 + 6, "after the two funding mints of the setup");
     // The records chain: each one's prev is the hash of the one before.
     let mut prev = m.head.hash;
-    for (id, bytes) in w1.each_record() {
-        let r = crate::store::TransferRecord::decode(bytes).unwrap();
-        assert_eq!((r.id, r.prev, r.time), (id, prev, T0 + 5));
-        prev = crate::store::record_hash(bytes);
+    for stored in w1.each_record() {
+        let stored = stored.unwrap();
+        let r = stored.record().unwrap();
+        assert_eq!((r.id, r.prev, r.time), (stored.id, prev, T0 + 5));
+        assert_eq!(stored.hash, crate::store::chained_hash(&prev, stored.bytes));
+        prev = stored.hash;
     }
     assert_eq!(prev, one.head.hash);
+    // Chunks start every 64 records, each with the hash before it.
+    assert_eq!(w1.chunks().count(), 1);
+    assert_eq!(w1.records[0], crate::store::CHUNK_V3);
+    assert_eq!(w1.records[1..33], m.head.hash);
     // Another time gives other records.
     let mut three = m.clone();
     let mut w3 = Writes::default();
@@ -312,10 +318,43 @@ fn a_batch_reads_its_own_writes() {
     assert_eq!(w.accounts["erin"].tags, ["club"]);
 }
 
+/// Raft entries written before version 3 carry chunks of version 2
+/// records (`len u32 | record`, each with its id and `prev`): a member
+/// reads them, chain included, as it reads its own.
+#[test]
+fn writes_of_version_2_records_still_read() {
+    let (mut m, cold) = setup();
+    let mut w = Writes::default();
+    m.apply(&cold, &mixed_batch(), T0 + 5, &mut w).unwrap();
+    let mut old = Writes { first_id: w.first_id, ..Writes::default() };
+    let mut prev = GENESIS;
+    for s in w.each_record() {
+        let r = TransferRecord { prev, ..s.unwrap().record().unwrap().owned() };
+        let mut bytes = Vec::new();
+        r.encode_v2(&mut bytes);
+        prev = crate::store::record_hash(&bytes);
+        old.records.extend_from_slice(&u32::try_from(bytes.len()).unwrap().to_be_bytes());
+        old.records.extend_from_slice(&bytes);
+        old.ends.push(old.records.len());
+    }
+    let (mut read, mut prev) = (Vec::new(), GENESIS);
+    for s in old.each_record() {
+        let s = s.unwrap();
+        let r = s.record().unwrap().owned();
+        assert_eq!((r.id, r.prev, s.prev), (s.id, prev, prev), "record {} chains", s.id);
+        prev = s.hash;
+        read.push(TransferRecord { prev: GENESIS, ..r });
+    }
+    let new: Vec<_> =
+        w.each_record().map(|s| TransferRecord { prev: GENESIS, ..s.unwrap().record().unwrap().owned() }).collect();
+    assert_eq!(read.len(), 6);
+    assert_eq!(read, new);
+}
+
 fn by_of(w: &Writes) -> Vec<(Kind, Option<String>)> {
     w.each_record()
-        .map(|(_, r)| {
-            let r = TransferRecord::decode(r).unwrap();
+        .map(|s| {
+            let r = s.unwrap().record().unwrap();
             (r.kind, r.by.map(String::from))
         })
         .collect()

@@ -9,8 +9,7 @@ use redb::{Database, ReadableDatabase, ReadableTable};
 
 use super::*;
 use crate::ledger::{Kind, Links};
-use crate::store::record::ChunkWriter;
-use crate::store::{open, record_hash, Head, TransferRecord};
+use crate::store::{open, TransferRecord};
 use std::sync::Arc;
 
 /// Small limits, so that a few dozen commits freeze and merge many runs.
@@ -35,14 +34,16 @@ fn batch(db: &Database, index: &KeyIndex, keys: &[Option<(&str, String)>], commi
     let txn = db.begin_write().unwrap();
     let mut plan = index.plan().unwrap();
     let mut new: Vec<(Box<str>, Box<str>, u64)> = Vec::new();
-    let mut id = head.id;
+    let id;
     {
         let mut chunks = txn.open_table(CHUNKS).unwrap();
-        let mut pending = ChunkWriter::default();
-        let mut prev = head.hash;
-        for k in keys {
-            id += 1;
-            let r = TransferRecord {
+        let first = head.id + 1;
+        let head = crate::store::tests::put_chunked(&mut chunks, head, keys.len() as u64, |id| {
+            let k = &keys[(id - first) as usize];
+            if let Some((f, key)) = k {
+                new.push((Box::from(*f), Box::from(key.as_str()), id));
+            }
+            TransferRecord {
                 id,
                 kind: Kind::Mint,
                 from: k.as_ref().map_or("@mint", |(f, _)| f).into(),
@@ -52,20 +53,12 @@ fn batch(db: &Database, index: &KeyIndex, keys: &[Option<(&str, String)>], commi
                 memo: None,
                 time: 1_700_000_000_000,
                 key: k.as_ref().map(|(_, key)| key.as_str().into()),
-                prev,
+                prev: crate::store::GENESIS,
                 links: Links::default(),
                 by: None,
-            };
-            let mut out = Vec::new();
-            r.encode(&mut out);
-            prev = record_hash(&out);
-            pending.push(&mut chunks, id, &out).unwrap();
-            if let Some((f, key)) = k {
-                new.push((Box::from(*f), Box::from(key.as_str()), id));
             }
-        }
-        pending.flush(&mut chunks).unwrap();
-        let head = Head { id, hash: prev };
+        });
+        id = head.id;
         crate::store::write_head(&txn, head).unwrap();
     }
     plan.put(&txn, new.len()).unwrap();
