@@ -428,9 +428,17 @@ impl Inner {
             }
         }
         let mut prev = self.head;
+        let mut count = 0;
         for (i, stored) in d.writes.each_record().enumerate() {
             let stored = stored?;
             let (id, r) = (stored.id, stored.record()?);
+            // The rows stored and the sweep go by `ends`: each record must
+            // end where `ends` says, so what was checked is what is stored.
+            let end = stored.bytes.as_ptr() as usize + stored.bytes.len() - d.writes.records.as_ptr() as usize;
+            if d.writes.ends.get(i) != Some(&end) {
+                return Err(corrupt(format!("record {id} does not end where the entry says")));
+            }
+            count += 1;
             if r.id != id || id != prev.id + 1 || r.prev != prev.hash {
                 return Err(corrupt(format!("record {id} does not chain")));
             }
@@ -438,7 +446,7 @@ impl Inner {
             store::replay_noting(&mut self.book, &r, nums, |num, before| undo.entries.push((num, before)))?;
             prev = Head { id, hash: stored.hash };
         }
-        if prev != d.head {
+        if prev != d.head || count != d.writes.ends.len() {
             return Err(corrupt("its records do not end at its head".into()));
         }
         self.hold_changes(txn, d, undo)

@@ -1,7 +1,7 @@
 //! The read side: users, transfers, histories, account lists and redeem
 //! requests, each through one read transaction.
 
-use super::record::{for_each_record, with_record};
+use super::record::{for_each_record, with_record, ChunkCache};
 use super::recovery::{legs, read_checkpoint};
 use super::*;
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
@@ -153,14 +153,17 @@ pub fn history(
     let chunks = txn.open_table(CHUNKS)?;
     let mut out = Vec::with_capacity(limit.min(1024));
     let mut id = start;
+    let mut cache = ChunkCache::default();
     while id != 0 && out.len() < limit {
-        let (view, prev) = with_record(&chunks, id, |stored| {
-            let r = stored.record()?.owned();
-            let prev =
-                r.link_of(account).ok_or_else(|| StoreError::Corrupt(format!("transfer {id} is not {account}'s")))?;
-            Ok((r.view(&stored.hash), prev))
-        })?
-        .ok_or_else(|| StoreError::Corrupt(format!("history points at missing transfer {id}")))?;
+        let (view, prev) = cache
+            .with(&chunks, id, |stored| {
+                let r = stored.record()?.owned();
+                let prev = r
+                    .link_of(account)
+                    .ok_or_else(|| StoreError::Corrupt(format!("transfer {id} is not {account}'s")))?;
+                Ok((r.view(&stored.hash), prev))
+            })?
+            .ok_or_else(|| StoreError::Corrupt(format!("history points at missing transfer {id}")))?;
         out.push(view);
         id = prev;
     }

@@ -213,6 +213,9 @@ impl<'a> RecordRef<'a> {
 
     fn decode_v3(id: u64, prev: [u8; 32], bytes: &'a [u8]) -> Result<RecordRef<'a>, StoreError> {
         let corrupt = || StoreError::Corrupt(format!("transfer record {id}"));
+        if bytes.first() != Some(&RECORD_VERSION) {
+            return Err(corrupt());
+        }
         let mut c = Cursor { bytes, pos: 1 };
         let kind = Kind::from_u8(c.byte()?).ok_or_else(corrupt)?;
         let amount = unzigzag(c.varint()?);
@@ -383,12 +386,73 @@ pub struct Stored<'a> {
     pub prev: [u8; 32],
     /// Its own hash.
     pub hash: [u8; 32],
+    /// In a version 3 chunk: a record of another version there is corrupt.
+    v3: bool,
 }
 
 impl<'a> Stored<'a> {
-    /// Its fields.
+    /// Its fields, as its chunk's version reads them.
     pub fn record(&self) -> Result<RecordRef<'a>, StoreError> {
-        RecordRef::decode(self.id, self.prev, self.bytes)
+        if self.v3 {
+            RecordRef::decode_v3(self.id, self.prev, self.bytes)
+        } else {
+            RecordRef::decode_v2(self.bytes)
+        }
+    }
+}
+
+/// Reads records by id for a walk back through one account's history: it
+/// keeps the chunk it read last, with the hashes of its records up to the
+/// furthest one read, so a walk that stays in one chunk (an account in
+/// most records, such as `@treasury`) hashes each record once.
+#[derive(Default)]
+pub(super) struct ChunkCache {
+    first: u64,
+    value: Vec<u8>,
+    v3: bool,
+    /// Where each record read so far is in `value`, with its hashes.
+    found: Vec<(std::ops::Range<usize>, [u8; 32], [u8; 32])>,
+}
+
+impl ChunkCache {
+    /// Calls `f` with record `id`, if there is one.
+    pub(super) fn with<T>(
+        &mut self,
+        chunks: &impl ReadableTable<u64, &'static [u8]>,
+        id: u64,
+        f: impl FnOnce(Stored<'_>) -> Result<T, StoreError>,
+    ) -> Result<Option<T>, StoreError> {
+        let cached = id.checked_sub(self.first).and_then(|i| usize::try_from(i).ok()).filter(|&i| i < self.found.len());
+        let index = match cached {
+            Some(index) => index,
+            None => {
+                let Some(row) = chunks.range(..=id)?.next_back() else {
+                    return Ok(None);
+                };
+                let (first, value) = row?;
+                let index = match usize::try_from(id - first.value()) {
+                    Ok(i) if i < CHUNK_RECORDS_MAX => i,
+                    _ => return Ok(None),
+                };
+                self.first = first.value();
+                self.value.clear();
+                self.value.extend_from_slice(value.value());
+                self.v3 = self.value.first() == Some(&CHUNK_V3);
+                self.found.clear();
+                let base = self.value.as_ptr() as usize;
+                for stored in chunk_records(self.first, &self.value).take(index + 1) {
+                    let s = stored?;
+                    let at = s.bytes.as_ptr() as usize - base;
+                    self.found.push((at..at + s.bytes.len(), s.prev, s.hash));
+                }
+                if index >= self.found.len() {
+                    return Ok(None);
+                }
+                index
+            }
+        };
+        let (at, prev, hash) = self.found[index].clone();
+        f(Stored { id, bytes: &self.value[at], prev, hash, v3: self.v3 }).map(Some)
     }
 }
 
@@ -510,7 +574,7 @@ pub fn chunk_records(first: u64, value: &[u8]) -> impl Iterator<Item = Result<St
         rest = tail;
         let stored = if v3 {
             let hash = chained_hash(&prev, bytes);
-            Stored { id, bytes, prev: std::mem::replace(&mut prev, hash), hash }
+            Stored { id, bytes, prev: std::mem::replace(&mut prev, hash), hash, v3 }
         } else {
             // Versions 1 and 2 hold `prev` after version, id, kind,
             // amount, fee and time.
@@ -518,9 +582,13 @@ pub fn chunk_records(first: u64, value: &[u8]) -> impl Iterator<Item = Result<St
                 failed = true;
                 return Some(Err(StoreError::Corrupt(format!("transfer record {id}"))));
             };
-            Stored { id, bytes, prev: p.try_into().unwrap_or([0; 32]), hash: record_hash(bytes) }
+            Stored { id, bytes, prev: p.try_into().unwrap_or([0; 32]), hash: record_hash(bytes), v3 }
         };
-        id += 1;
+        let Some(next) = id.checked_add(1) else {
+            failed = true;
+            return Some(Err(StoreError::Corrupt(format!("chunk {first} runs past the last id"))));
+        };
+        id = next;
         Some(Ok(stored))
     })
 }

@@ -95,6 +95,30 @@ mod record_props {
             prop_assert_eq!(TransferRecord::decode_v2(&v2).unwrap(), r);
         }
 
+        /// A chunk as the journal writes it, with one byte changed or cut
+        /// anywhere: reading it gives records or `Corrupt`, never a panic.
+        #[test]
+        fn a_changed_chunk_reads_or_is_corrupt(
+            records in proptest::collection::vec(record(), 1..70),
+            at in any::<proptest::sample::Index>(),
+            byte in any::<u8>(),
+            cut in any::<bool>(),
+        ) {
+            let mut chunk = Vec::new();
+            for (i, r) in records.iter().take(crate::limits::CHUNK_RECORDS_MAX).enumerate() {
+                append_chunked(&mut chunk, i == 0, &r.as_ref());
+            }
+            let at = at.index(chunk.len());
+            if cut {
+                chunk.truncate(at);
+            } else {
+                chunk[at] = byte;
+            }
+            for s in chunk_records(u64::MAX - 100, &chunk).flatten() {
+                let _ = s.record();
+            }
+        }
+
         #[test]
         fn any_bytes_are_a_record_or_corrupt(bytes in proptest::collection::vec(any::<u8>(), 0..300), first in any::<u64>()) {
             let _ = RecordRef::decode(1, [0; 32], &bytes);
@@ -464,6 +488,16 @@ fn records_are_found_in_chunks_of(layout: Layout) {
     let (page, next) = history(&db, "@redeemed", 150, 90).unwrap();
     assert_eq!(page.iter().map(|t| t.id).collect::<Vec<_>>(), (61..=150).rev().collect::<Vec<_>>());
     assert_eq!(next, Some(61));
+    // The page's records, read through its chunk cache, are what reading
+    // each alone gives, hashes included.
+    let alone: Vec<String> =
+        (61..=150).rev().map(|id| format!("{:?}", get_transfer(&db, id).unwrap().unwrap())).collect();
+    assert_eq!(page.iter().map(|t| format!("{t:?}")).collect::<Vec<_>>(), alone);
+    let mut prev = page.last().unwrap().prev;
+    for t in page.iter().rev() {
+        assert_eq!(t.prev, prev, "record {} chains", t.id);
+        prev = t.hash;
+    }
     let a = audit(&db).unwrap();
     assert_eq!((a.transfers, a.sum, a.chain_ok), (150, 0, true));
 }
@@ -486,23 +520,28 @@ fn audit_sees_a_changed_or_cut_chunk_of(layout: Layout) {
         txn.open_table(CHUNKS).unwrap().insert(65, value).unwrap();
         txn.commit().unwrap();
     };
+    // Flips one bit of the amount (1) of the chunk's `nth` record.
+    let flip_amount = |chunk: &mut Vec<u8>, nth: usize| {
+        if layout == Layout::V3 {
+            let mut at = CHUNK_V3_HEADER;
+            for _ in 0..nth {
+                at += 2 + u16::from_be_bytes(chunk[at..at + 2].try_into().unwrap()) as usize;
+            }
+            // len u16, version, kind, then the amount's one varint byte.
+            assert_eq!(chunk[at + 2 + 2], 2, "1 as a zigzag varint");
+            chunk[at + 2 + 2] ^= 1;
+        } else {
+            let mut at = 0;
+            for _ in 0..nth {
+                at += 4 + u32::from_be_bytes(chunk[at..at + 4].try_into().unwrap()) as usize;
+            }
+            // len u32, version, id, kind, then the amount's 8 bytes (BE).
+            chunk[at + 4 + 1 + 8 + 1] ^= 1;
+        }
+    };
     // One bit of the amount of record 70 (the chunk's sixth record).
     let mut changed = original.clone();
-    if layout == Layout::V3 {
-        let mut at = CHUNK_V3_HEADER;
-        for _ in 0..5 {
-            at += 2 + u16::from_be_bytes(changed[at..at + 2].try_into().unwrap()) as usize;
-        }
-        // len u16, version, kind, then the amount's one varint byte.
-        assert_eq!(changed[at + 2 + 2], 2, "1 as a zigzag varint");
-        changed[at + 2 + 2] ^= 1;
-    } else {
-        let mut at = 0;
-        for _ in 0..5 {
-            at += 4 + u32::from_be_bytes(changed[at..at + 4].try_into().unwrap()) as usize;
-        }
-        changed[at + 4 + 1 + 8 + 1 + 7] ^= 1;
-    }
+    flip_amount(&mut changed, 5);
     put(&changed);
     assert!(!audit(&db).unwrap().chain_ok);
     if layout == Layout::V3 {
@@ -518,6 +557,19 @@ fn audit_sees_a_changed_or_cut_chunk_of(layout: Layout) {
     put(&original);
     let a = audit(&db).unwrap();
     assert_eq!((a.transfers, a.chain_ok), (100, true));
+    // A bit of the amount of record 64, the first chunk's last: the next
+    // chunk's `prev` (v3) or its first record's (v2) no longer matches.
+    let first: Vec<u8> = db.begin_read().unwrap().open_table(CHUNKS).unwrap().get(1).unwrap().unwrap().value().to_vec();
+    let mut changed = first.clone();
+    flip_amount(&mut changed, 63);
+    let txn = db.begin_write().unwrap();
+    txn.open_table(CHUNKS).unwrap().insert(1, &changed[..]).unwrap();
+    txn.commit().unwrap();
+    assert_eq!(
+        get_transfer(&db, 64).unwrap().map(|t| t.amount),
+        Some(if layout == Layout::V3 { -2 } else { 1 + (1 << 56) })
+    );
+    assert!(!audit(&db).unwrap().chain_ok);
 }
 
 #[test]

@@ -242,7 +242,7 @@ fn a_batch_applied_twice_from_the_same_state_gives_byte_identical_records() {
         prev = stored.hash;
     }
     assert_eq!(prev, one.head.hash);
-    // Chunks start every 64 records, each with the hash before it.
+    // Six records are one chunk, which starts with the hash before it.
     assert_eq!(w1.chunks().count(), 1);
     assert_eq!(w1.records[0], crate::store::CHUNK_V3);
     assert_eq!(w1.records[1..33], m.head.hash);
@@ -492,6 +492,44 @@ fn an_atomic_batch_applies_whole_or_leaves_no_trace() {
     assert_eq!(w.ends.len(), 4);
     let balance = |m: &Machine, id: &str| m.book.get(id).map(|a| a.balance);
     assert_eq!(["alice", "bob", "carol", "dave"].map(|id| balance(&m, id)), [Some(1), Some(10), Some(49), Some(49)]);
+}
+
+/// A batch of more than one chunk's records, with an atomic batch that
+/// fails across the chunk boundary (its records written, then taken
+/// back): the chunks still start every 64 records, each with the hash
+/// of the record before it, and the records chain from the head before
+/// to the head after.
+#[test]
+fn chunks_start_every_64_records_whatever_an_atomic_batch_took_back() {
+    for before in [62, 63, 64] {
+        let (mut m, mut cold) = setup();
+        let start = m.head;
+        let mut batch: Vec<Command> = (0..before).map(|_| transfer("alice", "bob", 1, None)).collect();
+        // Two records written, the third item refused: all three taken back.
+        batch.push(atomic(&[("alice", "bob", 1), ("alice", "bob", 1), ("alice", "bob", 1000)]));
+        batch.extend((0..5).map(|_| transfer("alice", "bob", 1, None)));
+        let (w, outcomes) = run(&mut m, &mut cold, &batch, T0 + 1);
+        assert_eq!(outcomes.iter().filter(|o| !ok(o)).count(), 1);
+        assert_eq!(w.ends.len(), before + 5);
+        assert_eq!(m.head.id, start.id + before as u64 + 5);
+        let chunks: Vec<_> = w.chunks().collect();
+        assert_eq!(chunks.iter().map(|(first, _)| first - start.id).collect::<Vec<_>>(), [1, 65], "{before}");
+        let mut prev = start.hash;
+        let mut seen = 0;
+        for (first, bytes) in chunks {
+            assert_eq!(bytes[0], crate::store::CHUNK_V3);
+            assert_eq!(bytes[1..33], prev, "chunk {first} starts with the hash before it");
+            for s in crate::store::chunk_records(first, bytes) {
+                let s = s.unwrap();
+                let r = s.record().unwrap();
+                assert_eq!((s.id, s.prev, r.from, r.to, r.amount), (start.id + 1 + seen, prev, "alice", "bob", 1));
+                prev = s.hash;
+                seen += 1;
+            }
+        }
+        assert_eq!(seen, before as u64 + 5);
+        assert_eq!(prev, m.head.hash, "{before}: the records chain to the head");
+    }
 }
 
 #[test]
