@@ -65,7 +65,7 @@ pub const BATCH_ITEM_SLOT_BYTES: usize = 512;
 pub const BATCH_ERROR_BYTES_MAX: usize = 160;
 /// Most records in one stored chunk (one redb row): bounds what reading a
 /// single record (`get_transfer`, a history step) has to walk and hash
-/// (the records before it in its chunk, each ~60 bytes).
+/// (it and the records before it in its chunk, each ~50-60 bytes).
 pub const CHUNK_RECORDS_MAX: usize = 64;
 /// The largest `limits.commit_batch_max` a configuration may set.
 pub const COMMIT_BATCH_LIMIT: usize = 65_536;

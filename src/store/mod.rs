@@ -71,12 +71,15 @@
 //! its stored bytes, so the journal is a hash chain that `audit`
 //! re-verifies from the start: a changed byte changes every hash after it
 //! up to the next chunk's `prev` or the head. Reading one record hashes
-//! the records before it in its chunk (at most 63, ~60 bytes each).
+//! it and the records before it in its chunk (at most 64, each ~50-60
+//! bytes for short ids and no memo); a history page keeps the last chunk
+//! it read, so a walk within one chunk hashes it once.
 //!
-//! Why: the chunks are most of the file (125 bytes a transfer in version
-//! 2, 32 of them `prev` and 8 the id), and after a crash redb reads every
-//! page of the file before it opens; fewer bytes a record is a shorter
-//! restart and less to write per commit.
+//! Why: the chunks are most of the file. The load harness's transfers
+//! took 125 bytes each in version 2, 32 of them `prev` and 8 the id, and
+//! take 53 in version 3 (docs/performance.md). Less to write per commit,
+//! and less disk; after a crash redb reads every page of the file before
+//! it opens (see there for what that costs).
 //!
 //! # Version 2 (read only)
 //!
