@@ -60,19 +60,14 @@ impl RecordRef<'_> {
         out.extend_from_slice(&self.links.from.to_be_bytes());
         out.extend_from_slice(&self.links.to.to_be_bytes());
         out.extend_from_slice(&self.links.fee.to_be_bytes());
-        let short = |out: &mut Vec<u8>, s: &str| {
-            let n = u8::try_from(s.len()).expect("ids and keys are at most 64 bytes");
-            out.push(n);
-            out.extend_from_slice(s.as_bytes());
-        };
-        short(out, self.from);
-        short(out, self.to);
+        put_short(out, self.from);
+        put_short(out, self.to);
         let memo = self.memo.unwrap_or("");
         let n = u16::try_from(memo.len()).expect("memos are at most 256 bytes");
         out.extend_from_slice(&n.to_be_bytes());
         out.extend_from_slice(memo.as_bytes());
-        short(out, self.key.unwrap_or(""));
-        short(out, self.by.unwrap_or(""));
+        put_short(out, self.key.unwrap_or(""));
+        put_short(out, self.by.unwrap_or(""));
     }
 
     /// Appends the stored form (version 3) to `out`: no id and no `prev`,
@@ -86,19 +81,22 @@ impl RecordRef<'_> {
         put_varint(out, self.links.from);
         put_varint(out, self.links.to);
         put_varint(out, self.links.fee);
-        let short = |out: &mut Vec<u8>, s: &str| {
-            let n = u8::try_from(s.len()).expect("ids and keys are at most 64 bytes");
-            out.push(n);
-            out.extend_from_slice(s.as_bytes());
-        };
-        short(out, self.from);
-        short(out, self.to);
+        put_short(out, self.from);
+        put_short(out, self.to);
         let memo = self.memo.unwrap_or("");
         put_varint(out, memo.len() as u64);
         out.extend_from_slice(memo.as_bytes());
-        short(out, self.key.unwrap_or(""));
-        short(out, self.by.unwrap_or(""));
+        put_short(out, self.key.unwrap_or(""));
+        put_short(out, self.by.unwrap_or(""));
     }
+}
+
+/// Appends `s` after its length in one byte (ids, keys and who made a
+/// record are at most 255 bytes: validated before any record is made).
+fn put_short(out: &mut Vec<u8>, s: &str) {
+    let n = u8::try_from(s.len()).expect("ids and keys are at most 64 bytes");
+    out.push(n);
+    out.extend_from_slice(s.as_bytes());
 }
 
 /// Appends `v` as a LEB128 varint: 7 bits a byte, low bits first.
