@@ -201,7 +201,9 @@ impl<'a> RecordRef<'a> {
     /// Parses record `id` whose previous hash is `prev`, borrowing its text
     /// from `bytes` (replays and audits read every field but keep none).
     /// A version 1 or 2 record holds its own id and `prev`, and gives
-    /// those: callers that check the chain compare them with theirs.
+    /// those. The store reads records through [`Stored::record`], which
+    /// goes by the chunk's version; this reads a lone record, in tests.
+    #[cfg(test)]
     pub fn decode(id: u64, prev: [u8; 32], bytes: &'a [u8]) -> Result<RecordRef<'a>, StoreError> {
         match bytes.first() {
             Some(&RECORD_VERSION) => Self::decode_v3(id, prev, bytes),
@@ -591,24 +593,14 @@ pub fn chunk_records(first: u64, value: &[u8]) -> impl Iterator<Item = Result<St
     })
 }
 
-/// Calls `f` with record `id`, if there is one.
+/// Calls `f` with record `id`, if there is one: one read, as a
+/// [`ChunkCache`] does it.
 pub(super) fn with_record<T>(
     chunks: &impl ReadableTable<u64, &'static [u8]>,
     id: u64,
     f: impl FnOnce(Stored<'_>) -> Result<T, StoreError>,
 ) -> Result<Option<T>, StoreError> {
-    let Some(row) = chunks.range(..=id)?.next_back() else {
-        return Ok(None);
-    };
-    let (first, value) = row?;
-    let Ok(index) = usize::try_from(id - first.value()) else {
-        return Ok(None);
-    };
-    if index >= CHUNK_RECORDS_MAX {
-        return Ok(None);
-    }
-    let record = chunk_records(first.value(), value.value()).nth(index).transpose()?;
-    record.map(f).transpose()
+    ChunkCache::default().with(chunks, id, f)
 }
 
 /// Calls `f(record)` for every record from id `from` on, in order, until
