@@ -66,3 +66,22 @@ async fn a_scan_finding_no_permit_free_is_refused_when_its_wait_ends() {
     let page = within(&c, "list_accounts", json!({})).await.unwrap();
     assert_eq!(accounts(&page), ["@mint", "@redeemed", "@treasury", "a", "b"]);
 }
+
+/// The debug ops are for admins: a user is refused `forbidden`, and the
+/// refusal holds nothing (an audit runs straight after).
+#[tokio::test]
+async fn the_debug_ops_refuse_a_user() {
+    let s = Server::start();
+    let admin = s.admin().await;
+    let user =
+        json!({"user": "ann", "role": "user", "name": "Ann", "email": "ann@example.com", "password": "ann-password-1"});
+    within(&admin, "create_user", user).await.unwrap();
+    let ann = s.client().await;
+    ann.login("ann", "ann-password-1").await.unwrap();
+    let hold = json!({"what": "audit", "permits": 1, "wait_ms": 300});
+    assert_eq!(code(within(&ann, "debug_hold", hold).await), "forbidden");
+    assert_eq!(code(within(&ann, "debug_release", json!({})).await), "forbidden");
+    assert_eq!(code(within(&ann, "debug_panic", json!({"account": "ann"})).await), "forbidden");
+    let a = audit_ok(&admin).await;
+    assert_eq!(a["chain_ok"], true, "{a}");
+}
