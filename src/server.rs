@@ -54,27 +54,45 @@ pub struct Running {
 }
 
 impl Running {
-    /// Stops accepting connections and reading requests, waits (bounded)
-    /// for the requests in flight to be answered, then has the journal
-    /// write a final checkpoint and stop. Acknowledged transfers were on
-    /// disk before they were acknowledged; this only makes the next start
-    /// quicker and the exit clean.
-    pub async fn shutdown(self, grace: Duration) {
+    /// Stops accepting connections and reading requests, waits for the
+    /// requests in flight to be answered and the mails they queued to be
+    /// handled, then has the journal write a final checkpoint and stop,
+    /// all within `grace`. Acknowledged transfers were on disk before they
+    /// were acknowledged; this only makes the next start quicker and the
+    /// exit clean. `true`: the journal said it stopped.
+    pub async fn shutdown(self, grace: Duration) -> bool {
+        let deadline = tokio::time::Instant::now() + grace;
         self.ctx.shutdown.cancel();
         for a in self.accept {
             let _ = a.await;
         }
         let all = u32::try_from(self.ctx.config.limits.inflight_max).unwrap_or(u32::MAX);
-        let drained = tokio::time::timeout(grace, self.ctx.inflight.acquire_many(all)).await;
-        match drained {
+        match tokio::time::timeout_at(deadline, self.ctx.inflight.acquire_many(all)).await {
             Ok(_) => tracing::info!("all requests answered"),
             Err(_) => tracing::warn!("shutdown grace ran out with requests in flight"),
         }
+        // A reset's answer goes out before its mail: let the mailer finish.
+        let mails = crate::limits::MAIL_QUEUE_MAX;
+        let queued = mails - self.ctx.mail_queue.available_permits();
+        if queued > 0 {
+            tracing::info!(mails = queued, "waiting for the mails queued to be handled");
+        }
+        let all_mails = u32::try_from(mails).unwrap_or(u32::MAX);
+        if tokio::time::timeout_at(deadline, self.ctx.mail_queue.acquire_many(all_mails)).await.is_err() {
+            tracing::warn!("shutdown grace ran out with mails not yet delivered");
+        }
         self.ctx.otp.stop(None);
         let (done, stopped) = tokio::sync::oneshot::channel();
-        if self.ctx.journal.send(Command::Shutdown(done)).is_ok() {
-            let _ = tokio::time::timeout(grace, stopped).await;
+        if self.ctx.journal.send(Command::Shutdown(done)).is_err() {
+            return false;
         }
+        // The journal may still be committing when the wait ends (a stalled
+        // disk): then it keeps the database, and the caller must not close it.
+        let stopped = matches!(tokio::time::timeout_at(deadline, stopped).await, Ok(Ok(())));
+        if !stopped {
+            tracing::warn!("shutdown grace ran out before the journal stopped");
+        }
+        stopped
     }
 }
 
@@ -407,9 +425,9 @@ async fn start_on(
     let from = config.mail.from.parse().map_err(|_| StartError::Other("mail.from is not a mail address".into()))?;
     let rules =
         Rules { ttl_ms: config.otp.ttl_s * 1000, tries_max: config.otp.tries_max, resends_max: config.otp.resends_max };
-    let (otp, _) = Actor::spawn(None, OtpActor, OtpArgs { rules, transport, from, clock: Clock::system() })
-        .await
-        .map_err(|e| StartError::Actor(e.to_string()))?;
+    let mail_queue = Arc::new(tokio::sync::Semaphore::new(crate::limits::MAIL_QUEUE_MAX));
+    let otp_args = OtpArgs { rules, transport, from, clock: Clock::system(), mail_queue: mail_queue.clone() };
+    let (otp, _) = Actor::spawn(None, OtpActor, otp_args).await.map_err(|e| StartError::Actor(e.to_string()))?;
 
     let listener = Bound::take(bound.plain.as_ref())?;
     let tls_acceptor = match (&config.tls.cert, &config.tls.key) {
@@ -459,6 +477,7 @@ async fn start_on(
         held: std::sync::Mutex::default(),
         shutdown: CancellationToken::new(),
         otp,
+        mail_queue,
         cluster: serving,
     });
     let connections = Arc::new(Semaphore::new(ctx.config.limits.connections_max));
@@ -521,9 +540,9 @@ pub enum Stopped {
     /// The ledger's database file is closed and nothing else needs
     /// cleaning up: the process may exit without freeing its memory.
     Closed,
-    /// Something may still hold a file open (a cluster member's Raft log,
-    /// or a reader the ledger's file waits for): the process exits the
-    /// usual way, dropping everything.
+    /// Something may still hold a file open (a cluster member's files, a
+    /// reader the ledger's file waits for, a journal that did not stop in
+    /// time): the process exits the usual way, dropping everything.
     Open,
 }
 
@@ -539,19 +558,21 @@ pub async fn serve(config: Config) -> Result<Stopped, StartError> {
     wait_for_signal().await;
     tracing::info!("shutting down");
     let store = running.ctx.store.clone();
-    let grace = Duration::from_secs(10);
-    running.shutdown(grace).await;
-    Ok(if close_database(&store, grace).await { Stopped::Closed } else { Stopped::Open })
+    let journal_stopped = running.shutdown(Duration::from_secs(10)).await;
+    // Readers that outlived their requests get a little more time.
+    let closed = journal_stopped && close_database(&store, Duration::from_secs(2)).await;
+    Ok(if closed { Stopped::Closed } else { Stopped::Open })
 }
 
 /// Takes the database out of `store` and closes it, which marks the file
 /// clean, once every reader still holding it has let go, waiting for them
-/// at most `wait`. Called after the journal stopped: what follows (freeing
-/// the ledger's memory took ~9 s with 10M accounts) must not leave a file
-/// that a kill in that time (a container's stop timeout) would make redb
-/// repair at the next start. `false`: a reader held on (a scan that
-/// outlived its request) and the file closes when it ends; a kill before
-/// then costs a repair, never a committed transfer.
+/// at most `wait`. Called once the journal has stopped (nothing writes
+/// any more): what follows (freeing the ledger's memory took 9-13 s with
+/// 10M accounts) must not leave a file that a kill in that time (a
+/// container's stop timeout) would make redb repair at the next start.
+/// `false`: a reader held on (a scan that outlived its request), and the
+/// file closes when it ends; or the close failed (a full or failing disk).
+/// A kill then costs a repair, never a committed transfer.
 async fn close_database(store: &Store, wait: Duration) -> bool {
     let Some(mut db) = store.take() else { return false };
     let deadline = tokio::time::Instant::now() + wait;
@@ -559,11 +580,17 @@ async fn close_database(store: &Store, wait: Duration) -> bool {
         match Arc::try_unwrap(db) {
             Ok(only) => {
                 // redb's close writes and syncs the header: off the runtime.
-                let closed = tokio::task::spawn_blocking(move || drop(only)).await.is_ok();
-                if closed {
-                    tracing::info!("database closed");
-                }
-                return closed;
+                return match tokio::task::spawn_blocking(move || only.close()).await {
+                    Ok(Ok(())) => {
+                        tracing::info!("database closed");
+                        true
+                    }
+                    Ok(Err(e)) => {
+                        tracing::warn!(error = %e, "the database did not close cleanly; the next start repairs it");
+                        false
+                    }
+                    Err(_) => false,
+                };
             }
             Err(shared) if tokio::time::Instant::now() < deadline => {
                 db = shared;
@@ -655,10 +682,10 @@ async fn serve_member(config: Config) -> Result<(), StartError> {
         }
     }
     tracing::info!("shutting down");
+    // The ledger's file is not closed early here, as a single server's is:
+    // openraft's state-machine worker may still apply an entry or install
+    // a snapshot after `stop` returns.
     node.stop().await;
-    // Raft has stopped applying: the ledger's file can close now. Raft's
-    // own log closes as the process drops it (`Stopped::Open`).
-    close_database(&store, Duration::from_secs(10)).await;
     Ok(())
 }
 

@@ -756,38 +756,6 @@ async fn a_partitioned_leader_refuses_writes_while_the_majority_goes_on_and_all_
     assert_eq!(common::balance(&majority, &account(1)).await, EACH + 15);
 }
 
-/// SIGTERM to a member: Raft stops, the ledger's file closes (the log says
-/// so, as a single server's does), the process exits 0, and the member
-/// starts again with what it had.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_member_stopped_by_sigterm_closes_its_ledger_and_exits_0() {
-    let mut cluster = Cluster::start(3);
-    let (leader, token, admin) = cluster.open_bank(2).await;
-    pay(&admin, 3, "before the stop").await;
-    let head = admin.call("audit", json!({})).await.unwrap();
-    cluster.agree_on(&token, &head).await;
-    for id in [*cluster.members.keys().find(|&&id| id != leader).unwrap(), leader] {
-        let m = cluster.members.get_mut(&id).unwrap();
-        m.signal("-TERM");
-        let mut child = m.child.take().unwrap();
-        let deadline = Instant::now() + WAIT;
-        let status = loop {
-            if let Some(status) = child.try_wait().unwrap() {
-                break status;
-            }
-            assert!(Instant::now() < deadline, "member {id} did not exit\n{}", m.log());
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        };
-        assert!(status.success(), "member {id}: {status:?}\n{}", m.log());
-        let log = m.log();
-        let stopping = log.rfind("shutting down").expect("the member logged its stop");
-        assert!(log[stopping..].contains("database closed"), "member {id}:\n{log}");
-        m.spawn();
-    }
-    cluster.leader().await;
-    cluster.agree_on(&token, &head).await;
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_changed_admin_password_survives_restarts_and_host_commands_refuse_a_members_folder() {
     let mut cluster = Cluster::start(3);

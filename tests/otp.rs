@@ -344,6 +344,58 @@ async fn the_code_travels_through_a_real_smtp_server() {
     assert_not_logged(&s, &otp);
 }
 
+/// A reset's answer goes out before its mail, so a SIGTERM can come while
+/// the mail is on its way: the stop waits (within its grace) for the
+/// mailer to hand it to the relay. Before, the stop went on, the process's
+/// end cancelled the mailer, and the code never left. The relay here is a
+/// real aiosmtpd behind a gate that lets the server's connection through
+/// only once the stop has begun and said it waits.
+#[tokio::test]
+async fn a_stop_right_after_a_reset_still_delivers_its_mail() {
+    let dir = tempfile::tempdir().unwrap();
+    let smtp = smtp_server(dir.path());
+    let gate = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let transport = format!("smtp://{}", gate.local_addr().unwrap());
+    let (open, opened) = tokio::sync::watch::channel(false);
+    let (knock, mut knocked) = tokio::sync::mpsc::unbounded_channel();
+    let relay = smtp.port;
+    tokio::spawn(async move {
+        while let Ok((mut conn, _)) = gate.accept().await {
+            let _ = knock.send(());
+            let mut opened = opened.clone();
+            tokio::spawn(async move {
+                if opened.wait_for(|open| *open).await.is_ok() {
+                    let mut upstream = tokio::net::TcpStream::connect(("127.0.0.1", relay)).await.unwrap();
+                    let _ = tokio::io::copy_bidirectional(&mut conn, &mut upstream).await;
+                }
+            });
+        }
+    });
+    let mut s = Server::start_with(&[("TALLY_MAIL_TRANSPORT", &transport), ("TALLY_LOG", "info")]);
+    signup(&s, "alice").await;
+    let r = s.client().await.call("reset_password", json!({"user": "alice"})).await.unwrap();
+    assert!(r["pending"].is_string(), "{r}");
+    knocked.recv().await.expect("the mailer reaches the gate");
+    let term = Command::new("kill").args(["-TERM", &s.pid().to_string()]).status().unwrap();
+    assert!(term.success());
+    // Nothing of this runtime needs to run meanwhile: the gate's
+    // connection waits for `open`.
+    let waiting = common::log_line(&s, &["waiting for the mails queued"]);
+    assert!(waiting.contains("mails=1"), "{waiting}");
+    open.send(true).unwrap();
+    let status = tokio::task::spawn_blocking(move || {
+        let status = s.wait_exit(Duration::from_secs(30));
+        (s, status)
+    })
+    .await
+    .unwrap()
+    .1;
+    assert_eq!(status.map(|s| s.code()), Some(Some(0)));
+    let (subject, _, text) = Inbox::new(smtp.maildir.join("new")).next();
+    assert_eq!(subject, "Tally: reset your password");
+    assert!(text.contains("To: alice@campus.example"), "{text}");
+}
+
 /// Fails if `secret` is in the server's log (timestamps aside: they are digits too).
 fn assert_not_logged(s: &Server, secret: &str) {
     let log = std::fs::read_to_string(common::log_path(s)).expect("the server log");

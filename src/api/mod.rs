@@ -98,6 +98,8 @@ pub struct Ctx {
     pub shutdown: CancellationToken,
     /// The OTP supervisor: pending one-time-password sessions.
     pub otp: ractor::ActorRef<OtpMsg>,
+    /// The OTP mailer's queue (its permits are mails not yet handled).
+    pub mail_queue: Arc<tokio::sync::Semaphore>,
     /// In a cluster: whether this run serves the ledger, and who leads.
     pub cluster: Option<Arc<crate::cluster::node::Serving>>,
 }

@@ -44,7 +44,7 @@ use self::sessions::otp_error;
 pub use self::sessions::{Action, BatchTransfer, Code, Issued, OutMail, Purpose, Rules, Sessions, CODE_DIGITS};
 use crate::clock::Clock;
 use crate::error::{ApiError, ErrorCode};
-use crate::limits::{MAIL_QUEUE_MAX, OTP_SWEEP_INTERVAL_MS};
+use crate::limits::OTP_SWEEP_INTERVAL_MS;
 
 /// The mail body: the code and when it expires.
 #[must_use]
@@ -103,6 +103,10 @@ pub struct OtpArgs {
     pub from: Mailbox,
     /// Expiry and budgets run on this clock.
     pub clock: Clock,
+    /// Permits for mails queued and not yet handled,
+    /// [`MAIL_QUEUE_MAX`](crate::limits::MAIL_QUEUE_MAX) of them: a stop
+    /// waits (bounded) until they are all back.
+    pub mail_queue: Arc<Semaphore>,
 }
 
 pub struct OtpState {
@@ -184,7 +188,7 @@ impl Actor for OtpActor {
             mailer,
             transport: args.transport,
             from: args.from,
-            mail_queue: Arc::new(Semaphore::new(MAIL_QUEUE_MAX)),
+            mail_queue: args.mail_queue,
             sweeper: None,
             clock: args.clock,
         })
