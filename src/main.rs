@@ -412,7 +412,7 @@ fn main() -> ExitCode {
             let Some(runtime) = runtime(Some(workers)) else { return ExitCode::FAILURE };
             match runtime.block_on(tally::server::serve(config)) {
                 // Everything is on disk and the file closed: leave now
-                // rather than free the ledger's memory piece by piece (~9 s
+                // rather than free the ledger's memory piece by piece (8-13 s
                 // with 10M accounts), which the system does at once.
                 Ok(tally::server::Stopped::Closed) => std::process::exit(0),
                 Ok(tally::server::Stopped::Open) => ExitCode::SUCCESS,

@@ -56,10 +56,12 @@ pub struct Running {
 impl Running {
     /// Stops accepting connections and reading requests, waits for the
     /// requests in flight to be answered and the mails they queued to be
-    /// handled, then has the journal write a final checkpoint and stop,
-    /// all within `grace`. Acknowledged transfers were on disk before they
-    /// were acknowledged; this only makes the next start quicker and the
-    /// exit clean. `true`: the journal said it stopped.
+    /// handled (both within `grace`; a mail still queued then is dropped),
+    /// then has the journal write a final checkpoint and stop (within a
+    /// `grace` of its own, so that a slow mail relay cannot leave it no
+    /// time). Acknowledged transfers were on disk before they were
+    /// acknowledged; this only makes the next start quicker and the exit
+    /// clean. `true`: the journal said it stopped.
     pub async fn shutdown(self, grace: Duration) -> bool {
         let deadline = tokio::time::Instant::now() + grace;
         self.ctx.shutdown.cancel();
@@ -88,7 +90,7 @@ impl Running {
         }
         // The journal may still be committing when the wait ends (a stalled
         // disk): then it keeps the database, and the caller must not close it.
-        let stopped = matches!(tokio::time::timeout_at(deadline, stopped).await, Ok(Ok(())));
+        let stopped = matches!(tokio::time::timeout(grace, stopped).await, Ok(Ok(())));
         if !stopped {
             tracing::warn!("shutdown grace ran out before the journal stopped");
         }
@@ -565,9 +567,12 @@ pub async fn serve(config: Config) -> Result<Stopped, StartError> {
 }
 
 /// Takes the database out of `store` and closes it, which marks the file
-/// clean, once every reader still holding it has let go, waiting for them
-/// at most `wait`. Called once the journal has stopped (nothing writes
-/// any more): what follows (freeing the ledger's memory took 9-13 s with
+/// clean, once every reader still holding an `Arc` of it has let go,
+/// waiting for them at most `wait`. (The key index's filter thread holds
+/// a `Weak` and reads through a transaction it began: if it is still
+/// building the filter, that read fails and says so; the next start builds
+/// it again.) Called once the journal has stopped (nothing writes
+/// any more): what follows (freeing the ledger's memory took 8-13 s with
 /// 10M accounts) must not leave a file that a kill in that time (a
 /// container's stop timeout) would make redb repair at the next start.
 /// `false`: a reader held on (a scan that outlived its request), and the
