@@ -568,16 +568,19 @@ pub async fn serve(config: Config) -> Result<Stopped, StartError> {
 
 /// Takes the database out of `store` and closes it, which marks the file
 /// clean, once every reader still holding an `Arc` of it has let go,
-/// waiting for them at most `wait`. (The key index's filter thread holds
-/// a `Weak` and reads through a transaction it began: if it is still
-/// building the filter, that read fails and says so; the next start builds
-/// it again.) Called once the journal has stopped (nothing writes
-/// any more): what follows (freeing the ledger's memory took 8-13 s with
-/// 10M accounts) must not leave a file that a kill in that time (a
-/// container's stop timeout) would make redb repair at the next start.
+/// waiting for them at most `wait`.
+///
+/// Called once the journal has stopped (nothing writes any more): what
+/// follows (freeing the ledger's memory took 8-13 s with 10M accounts)
+/// must not leave a file that a kill in that time (a container's stop
+/// timeout) would make redb repair at the next start.
+///
 /// `false`: a reader held on (a scan that outlived its request), and the
 /// file closes when it ends; or the close failed (a full or failing disk).
-/// A kill then costs a repair, never a committed transfer.
+/// A kill then costs a repair, never a committed transfer. The key index's
+/// filter thread holds only a `Weak` and reads through a transaction it
+/// began: if it is still building the filter, that read fails and says
+/// so, and the next start builds the filter again.
 async fn close_database(store: &Store, wait: Duration) -> bool {
     let Some(mut db) = store.take() else { return false };
     let deadline = tokio::time::Instant::now() + wait;
