@@ -406,8 +406,7 @@ async fn stopped_while_mailing(transport: &str) -> Server {
     signup(&s, "alice").await;
     let r = s.client().await.call("reset_password", json!({"user": "alice"})).await.unwrap();
     assert!(r["pending"].is_string(), "{r}");
-    let term = Command::new("kill").args(["-TERM", &s.pid().to_string()]).status().unwrap();
-    assert!(term.success());
+    s.send_sigterm();
     // Nothing of this runtime needs to run meanwhile: the gate holds the
     // mailer's connection until it is told.
     let waiting = common::log_line(&s, &["waiting for the mails queued"]);

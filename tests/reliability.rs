@@ -210,7 +210,7 @@ async fn sigterm_finishes_in_flight_work_and_exits_0() {
 /// On SIGTERM the server closes its database file once the journal has
 /// stopped, and says so; after that a kill (a container's stop timeout
 /// running out while the process frees millions of accounts' memory, as
-/// it did for ~9 s) leaves a file that redb opens without repairing it.
+/// it did for 8-13 s) leaves a file that redb opens without repairing it.
 /// Before, the file stayed open until that freeing ended, and the log
 /// never said `database closed`.
 #[tokio::test]
@@ -221,8 +221,7 @@ async fn sigterm_closes_the_database_before_the_process_ends() {
     create(&c, "b", 0).await;
     let t = c.call("transfer", json!({"from": "a", "to": "b", "amount": 7})).await.unwrap();
     drop(c);
-    let term = std::process::Command::new("kill").args(["-TERM", &s.pid().to_string()]).status().unwrap();
-    assert!(term.success());
+    s.send_sigterm();
     common::log_line(&s, &["database closed"]);
     s.kill9();
     let repaired = Arc::new(std::sync::atomic::AtomicBool::new(false));

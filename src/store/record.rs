@@ -92,7 +92,7 @@ impl RecordRef<'_> {
 }
 
 /// Appends `s` after its length in one byte (ids, keys and who made a
-/// record are at most 255 bytes: validated before any record is made).
+/// record are validated to at most 64 bytes before any record is made).
 fn put_short(out: &mut Vec<u8>, s: &str) {
     let n = u8::try_from(s.len()).expect("ids and keys are at most 64 bytes");
     out.push(n);

@@ -108,9 +108,14 @@ impl Server {
 
     /// Sends SIGTERM and waits for the server to exit.
     pub fn sigterm(&mut self) -> std::process::ExitStatus {
+        self.send_sigterm();
+        self.child.wait().expect("wait")
+    }
+
+    /// Sends SIGTERM and returns at once: the stop goes on meanwhile.
+    pub fn send_sigterm(&self) {
         let ok = Command::new("kill").args(["-TERM", &self.child.id().to_string()]).status().expect("kill");
         assert!(ok.success());
-        self.child.wait().expect("wait")
     }
 
     /// Resident memory of the server in KiB (Linux).
