@@ -108,9 +108,14 @@ pub struct LedgerMachine {
     /// The same store as `inner`'s, readable without its lock (an install
     /// swaps the database inside it).
     store: Arc<Store>,
-    /// Set when an apply failed: the book may be ahead of the database,
-    /// and Raft stops; nothing is read from it any more.
+    /// Set when an apply failed (the book may be ahead of the database,
+    /// and Raft stops) or the machine was closed: nothing is read from it
+    /// any more.
     broken: Arc<std::sync::atomic::AtomicBool>,
+    /// Only on the copy given to Raft ([`LedgerMachine::for_raft`]), which
+    /// its state-machine worker holds until it has run everything queued
+    /// and quit: a member's stop waits for this to be dropped.
+    _in_raft: Option<Arc<()>>,
     /// Where a test holds a snapshot build once its copy is begun.
     #[cfg(test)]
     build_gate: testing::Gate,
@@ -138,6 +143,9 @@ struct Inner {
     snapshot: Option<(SnapshotMeta<u64, Member>, PathBuf)>,
     /// How many snapshots were built, for their ids.
     built: u64,
+    /// Set by [`LedgerMachine::close`]: nothing touches the database any
+    /// more.
+    closed: bool,
 }
 
 impl LedgerMachine {
@@ -161,11 +169,13 @@ impl LedgerMachine {
             limits,
             snapshot: None,
             built: 0,
+            closed: false,
         };
         Ok(LedgerMachine {
             store: inner.store.clone(),
             inner: Arc::new(Mutex::new(inner)),
             broken: Arc::default(),
+            _in_raft: None,
             #[cfg(test)]
             build_gate: testing::Gate::default(),
         })
@@ -198,6 +208,34 @@ impl LedgerMachine {
         if self.broken.load(std::sync::atomic::Ordering::Acquire) {
             return Err(StoreError::Unavailable);
         }
+        Ok(())
+    }
+
+    /// The copy to give Raft, and what tells when its state-machine worker
+    /// has let go of it: openraft 0.9's `shutdown` does not wait for that
+    /// worker, which runs what it has queued (entries to apply, a snapshot
+    /// to install) after the core has stopped, then quits.
+    #[must_use]
+    pub fn for_raft(&self) -> (LedgerMachine, std::sync::Weak<()>) {
+        let token = Arc::new(());
+        let weak = Arc::downgrade(&token);
+        (LedgerMachine { _in_raft: Some(token), ..self.clone() }, weak)
+    }
+
+    /// Refuses every apply, install and snapshot build from now on, once
+    /// the apply or install running (if any) has ended; reads get
+    /// `Unavailable` too. A snapshot build already copying goes on (it
+    /// holds the database, which then closes only once it is done).
+    ///
+    /// For a member's stop, after waiting for Raft's state-machine worker
+    /// ([`Self::for_raft`]): if the worker did not finish in time, what it
+    /// still runs must not touch the file the server closes (an install
+    /// would replace and reopen it). Entries refused here stay in the log
+    /// and are applied at the next start. Blocks while an apply runs:
+    /// call it off the async threads.
+    pub fn close(&self) -> Result<(), StoreError> {
+        self.lock()?.closed = true;
+        self.broken.store(true, std::sync::atomic::Ordering::Release);
         Ok(())
     }
 
@@ -252,6 +290,9 @@ impl LedgerMachine {
         let inner = self.inner.clone();
         tokio::task::spawn_blocking(move || {
             let mut guard = inner.lock().map_err(|_| poisoned())?;
+            if guard.closed {
+                return Err(StoreError::Unavailable);
+            }
             f(&mut guard)
         })
         .await
@@ -529,6 +570,9 @@ impl LedgerMachine {
     fn build(&self) -> Result<(SnapshotMeta<u64, Member>, Vec<u8>), StoreError> {
         let (db, src, built, path) = {
             let mut inner = self.lock()?;
+            if inner.closed {
+                return Err(StoreError::Unavailable);
+            }
             let db = inner.store.db()?;
             let src = db.begin_read()?;
             let dir = inner.store.path().with_extension("snapshots");
@@ -592,7 +636,8 @@ impl RaftStateMachine<TypeConfig> for LedgerMachine {
     }
 
     async fn get_snapshot_builder(&mut self) -> LedgerMachine {
-        self.clone()
+        // A build may copy for a long time: a stop does not wait for it.
+        LedgerMachine { _in_raft: None, ..self.clone() }
     }
 
     async fn begin_receiving_snapshot(&mut self) -> Result<Box<Cursor<Vec<u8>>>, Error> {

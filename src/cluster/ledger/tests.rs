@@ -396,3 +396,42 @@ async fn account_numbers_a_batch_carries_are_checked_before_use() {
         assert_eq!(audit(m), audit(&a));
     }
 }
+
+/// A member's stop closes the machine before it closes the file: what
+/// openraft's state-machine worker still sends after that (an entry, a
+/// snapshot that would replace and reopen the file) is refused and leaves
+/// the file as it was, for the log to bring again at the next start.
+#[tokio::test]
+async fn a_closed_machine_applies_installs_and_builds_nothing() {
+    let (mut a, mut c) = (member(), member());
+    let mut journal = journal_on(&a);
+    let (base, writes) = decide(&mut journal, &a, &[create("alice", 50)], T0);
+    let e = entry(1, &DecidedRef { seq: 0, base, head: journal.head, writes: &writes });
+    a.machine.apply(vec![e.clone()]).await.unwrap();
+    let snap = a.machine.get_snapshot_builder().await.build_snapshot().await.unwrap();
+    let before = audit(&c);
+
+    c.machine.close().unwrap();
+    assert!(c.machine.apply(vec![e]).await.is_err());
+    assert!(c.machine.install_snapshot(&snap.meta, snap.snapshot).await.is_err());
+    assert!(c.machine.get_snapshot_builder().await.build_snapshot().await.is_err());
+    assert!(c.machine.read(|_, _| Ok(())).is_err());
+    // Nothing else holds the database: it closes, and reopens unchanged.
+    let db = Arc::try_unwrap(c.store.take().unwrap()).expect("no one else holds the database");
+    db.close().unwrap();
+    let reopened = Store::open(c.store.path()).unwrap();
+    assert_eq!(store::audit(&reopened.db().unwrap()).unwrap(), before);
+}
+
+/// A member's stop waits for the copy Raft's state-machine worker holds,
+/// not for a snapshot build, which may copy for a long time.
+#[tokio::test]
+async fn only_the_copy_given_to_raft_is_waited_for() {
+    let a = member();
+    let (mut copy, worker) = a.machine.for_raft();
+    let builder = copy.get_snapshot_builder().await;
+    assert_eq!(worker.strong_count(), 1);
+    drop(copy);
+    assert_eq!(worker.strong_count(), 0);
+    drop(builder);
+}
