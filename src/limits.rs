@@ -302,6 +302,11 @@ pub const CLUSTER_SNAPSHOT_CHUNK_TIMEOUT_MS: u64 = 30_000;
 /// How long `add_node` (a learner catching up, then joint consensus) or
 /// `remove_node` may take before it is answered `unknown_outcome`.
 pub const CLUSTER_MEMBERSHIP_TIMEOUT_MS: u64 = 60_000;
+/// How long a member's stop waits, once Raft has stopped, for openraft's
+/// state-machine worker to apply (or install) what it still has queued;
+/// what is left after that is refused, and the log brings it again at the
+/// next start.
+pub const CLUSTER_STOP_DRAIN_MS: u64 = 10_000;
 /// Raft entries per append message between members: each is one batch of
 /// up to `commit_batch_max` records, and a message must stay well below
 /// the member port's frame bound.

@@ -51,6 +51,9 @@ pub struct Running {
     pub http_addr: Option<SocketAddr>,
     pub ctx: Arc<Ctx>,
     accept: Vec<tokio::task::JoinHandle<()>>,
+    /// Whether a journal thread runs (a follower's ledger has none: its
+    /// state machine writes the file).
+    journal: bool,
 }
 
 impl Running {
@@ -61,7 +64,7 @@ impl Running {
     /// `grace` of its own, so that a slow mail relay cannot leave it no
     /// time). Acknowledged transfers were on disk before they were
     /// acknowledged; this only makes the next start quicker and the exit
-    /// clean. `true`: the journal said it stopped.
+    /// clean. `true`: the journal said it stopped, or there was none.
     pub async fn shutdown(self, grace: Duration) -> bool {
         let deadline = tokio::time::Instant::now() + grace;
         self.ctx.shutdown.cancel();
@@ -84,6 +87,9 @@ impl Running {
             tracing::warn!("shutdown grace ran out with mails not yet delivered");
         }
         self.ctx.otp.stop(None);
+        if !self.journal {
+            return true;
+        }
         let (done, stopped) = tokio::sync::oneshot::channel();
         if self.ctx.journal.send(Command::Shutdown(done)).is_err() {
             return false;
@@ -403,7 +409,8 @@ async fn start_on(
         None => (None, None),
     };
     // A follower's ledger is written by its state machine, not a journal.
-    if serving.is_none() || replicate.is_some() {
+    let journal = serving.is_none() || replicate.is_some();
+    if journal {
         let journal = Journal::new(JournalArgs {
             store: store.clone(),
             loaded,
@@ -507,7 +514,7 @@ async fn start_on(
         let app = crate::http::router(ctx.clone());
         accept.push(tokio::spawn(crate::net::accept_loop(listener, ctx.clone(), acceptor, Some(app), connections)));
     }
-    Ok(Running { addr, tls_addr, http_addr, ctx, accept })
+    Ok(Running { addr, tls_addr, http_addr, ctx, accept, journal })
 }
 
 /// A listener on `addr`, and the address it got (port 0 picks one).
@@ -539,12 +546,14 @@ fn raise_fd_limit() {
 /// How `tally serve` ended.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Stopped {
-    /// The ledger's database file is closed and nothing else needs
-    /// cleaning up: the process may exit without freeing its memory.
+    /// The ledger's database file is closed (and a member's log) and
+    /// nothing else needs cleaning up: the process may exit without
+    /// freeing its memory.
     Closed,
-    /// Something may still hold a file open (a cluster member's files, a
-    /// reader the ledger's file waits for, a journal that did not stop in
-    /// time): the process exits the usual way, dropping everything.
+    /// Something may still hold a file open (a reader the file waits for,
+    /// a journal that did not stop in time, a member's state machine that
+    /// could not be closed): the process exits the usual way, dropping
+    /// everything.
     Open,
 }
 
@@ -552,8 +561,7 @@ pub enum Stopped {
 pub async fn serve(config: Config) -> Result<Stopped, StartError> {
     raise_fd_limit();
     if config.cluster.is_some() {
-        serve_member(config).await?;
-        return Ok(Stopped::Open);
+        return serve_member(config).await;
     }
     let running = start(config).await?;
     announce(&running);
@@ -582,7 +590,15 @@ pub async fn serve(config: Config) -> Result<Stopped, StartError> {
 /// began: if it is still building the filter, that read fails and says
 /// so, and the next start builds the filter again.
 async fn close_database(store: &Store, wait: Duration) -> bool {
-    let Some(mut db) = store.take() else { return false };
+    match store.take() {
+        Some(db) => close_file(db, wait, "database").await,
+        None => false,
+    }
+}
+
+/// Closes `db` once it is the last `Arc` of it, waiting for the others at
+/// most `wait`; `what` names it in the log (`{what} closed`).
+async fn close_file(mut db: Arc<Database>, wait: Duration, what: &'static str) -> bool {
     let deadline = tokio::time::Instant::now() + wait;
     loop {
         match Arc::try_unwrap(db) {
@@ -590,11 +606,11 @@ async fn close_database(store: &Store, wait: Duration) -> bool {
                 // redb's close writes and syncs the header: off the runtime.
                 return match tokio::task::spawn_blocking(move || only.close()).await {
                     Ok(Ok(())) => {
-                        tracing::info!("database closed");
+                        tracing::info!("{what} closed");
                         true
                     }
                     Ok(Err(e)) => {
-                        tracing::warn!(error = %e, "the database did not close cleanly; the next start repairs it");
+                        tracing::warn!(error = %e, file = what, "the file did not close cleanly; the next start repairs it");
                         false
                     }
                     Err(_) => false,
@@ -605,7 +621,7 @@ async fn close_database(store: &Store, wait: Duration) -> bool {
                 tokio::time::sleep(Duration::from_millis(10)).await;
             }
             Err(_) => {
-                tracing::warn!("a reader still holds the database: it closes when that reader ends");
+                tracing::warn!(file = what, "a reader still holds the file: it closes when that reader ends");
                 return false;
             }
         }
@@ -617,7 +633,7 @@ async fn close_database(store: &Store, wait: Duration) -> bool {
 /// leader first applies everything the cluster committed, then loads its
 /// ledger from that; a follower serves `hello` and what needs no ledger,
 /// and answers the rest `not_leader`.
-async fn serve_member(config: Config) -> Result<(), StartError> {
+async fn serve_member(config: Config) -> Result<Stopped, StartError> {
     let Some(c) = config.cluster.clone() else { return Err(StartError::Other("no [cluster]".into())) };
     // Read ahead until the first run below has loaded the ledger (every
     // run loads it, a follower's too).
@@ -631,7 +647,7 @@ async fn serve_member(config: Config) -> Result<(), StartError> {
     tokio::pin!(signal);
     let mut metrics = node.raft.metrics();
     let mut announced = false;
-    loop {
+    let journal_stopped = loop {
         if let Err(e) = &node.raft.metrics().borrow().running_state {
             return Err(StartError::Other(format!("raft stopped: {e}")));
         }
@@ -684,17 +700,25 @@ async fn serve_member(config: Config) -> Result<(), StartError> {
         // This journal proposes nothing more, whatever it has queued: the
         // next one starts from what the cluster applied.
         deposed.cancel();
-        running.shutdown(Duration::from_secs(if stop { 10 } else { 2 })).await;
+        let journal_stopped = running.shutdown(Duration::from_secs(if stop { 10 } else { 2 })).await;
         if stop {
-            break;
+            break journal_stopped;
         }
-    }
+    };
     tracing::info!("shutting down");
-    // The ledger's file is not closed early here, as a single server's is:
-    // openraft's state-machine worker may still apply an entry or install
-    // a snapshot after `stop` returns.
-    node.stop().await;
-    Ok(())
+    // Once Raft has stopped and the state machine refuses anything more,
+    // both files close as a single server's does (see `close_database`).
+    let Some((log, machine)) = node.stop().await else { return Ok(Stopped::Open) };
+    let ledger = journal_stopped && close_database(&store, Duration::from_secs(2)).await;
+    // Only Raft's core wrote the log, and it has stopped.
+    let log = close_file(log, Duration::from_secs(2), "raft log").await;
+    if ledger && log {
+        // The process exits next and its memory goes with it: freeing the
+        // book entry by entry would take seconds at 10M accounts.
+        std::mem::forget(machine);
+        return Ok(Stopped::Closed);
+    }
+    Ok(Stopped::Open)
 }
 
 /// Returns once this member, leading in Raft's eyes, is confirmed by a

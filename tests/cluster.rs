@@ -927,3 +927,59 @@ async fn a_follower_answers_stale_reads_from_what_it_applied_and_refuses_the_res
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("login failed"), "{out:?}");
 }
+
+/// A member's stop closes its ledger and its log before the process frees
+/// its memory (seconds with millions of accounts), so that a kill in that
+/// time (a container's stop timeout) leaves no file for redb to repair.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_member_stopped_with_sigterm_closes_both_files_before_it_exits() {
+    let mut cluster = Cluster::start(3);
+    let (leader, token, admin) = cluster.open_bank(2).await;
+    pay(&admin, 5, "before-stop").await;
+    drop(admin);
+    // The leader: its journal stops, then Raft, then its state machine.
+    stopped_clean(cluster.members.get_mut(&leader).unwrap()).await;
+    let next = cluster.leader().await;
+    let admin = cluster.admin(next, &token).await;
+    pay(&admin, 3, "after-stop").await;
+    let head = common::audit_ok(&admin).await;
+    assert_eq!(head["transfers"], 2 + 5 + 3);
+    drop(admin);
+    // A follower: no journal; its state machine wrote its ledger.
+    let follower = *cluster.members.keys().find(|&&id| id != leader && id != next).unwrap();
+    stopped_clean(cluster.members.get_mut(&follower).unwrap()).await;
+    // Both come back with everything.
+    for id in [leader, follower] {
+        cluster.members.get_mut(&id).unwrap().spawn();
+    }
+    cluster.agree_on(&token, &head).await;
+}
+
+/// Sends the member SIGTERM, waits until it says both its files are
+/// closed, kills it at once (as a container's stop timeout would) and
+/// checks that neither file needs redb's repair.
+async fn stopped_clean(m: &mut Member) {
+    m.signal("-TERM");
+    let deadline = Instant::now() + WAIT;
+    while !["database closed", "raft log closed"].iter().all(|l| m.log().contains(l)) {
+        assert!(Instant::now() < deadline, "member {} did not close its files:\n{}", m.id, m.log());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    m.kill9();
+    for file in ["tally.redb", "raft.redb"] {
+        assert!(!needs_repair(&m.data.join(file)), "member {}'s {file} was left for redb to repair", m.id);
+    }
+}
+
+/// Whether redb repairs the file at `path` when it opens it.
+fn needs_repair(path: &std::path::Path) -> bool {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let repaired = Arc::new(AtomicBool::new(false));
+    let flag = repaired.clone();
+    let db = redb::Database::builder()
+        .set_repair_callback(move |_| flag.store(true, Ordering::SeqCst))
+        .open(path)
+        .expect("the file opens");
+    drop(db);
+    repaired.load(Ordering::SeqCst)
+}

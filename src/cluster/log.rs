@@ -73,6 +73,12 @@ impl LogStore {
         Ok(LogStore { db: Arc::new(db) })
     }
 
+    /// The log's database, for closing it once Raft has stopped.
+    #[must_use]
+    pub fn database(&self) -> Arc<Database> {
+        self.db.clone()
+    }
+
     /// Runs `f` on the blocking pool.
     async fn blocking<T, F>(&self, f: F) -> Result<T, Error>
     where

@@ -27,7 +27,7 @@ use crate::error::{ApiError, ErrorCode};
 use crate::ledger::Limits;
 use crate::limits::{
     CLUSTER_ELECTION_MAX_MS, CLUSTER_ELECTION_MIN_MS, CLUSTER_ENTRIES_PER_MESSAGE, CLUSTER_HEARTBEAT_MS,
-    CLUSTER_READ_LEASE_MS, CLUSTER_SNAPSHOT_CHUNK_TIMEOUT_MS,
+    CLUSTER_READ_LEASE_MS, CLUSTER_SNAPSHOT_CHUNK_TIMEOUT_MS, CLUSTER_STOP_DRAIN_MS,
 };
 use crate::store::Store;
 
@@ -144,6 +144,10 @@ pub struct Node {
     pub stale_reads: Arc<tokio::sync::Semaphore>,
     /// The read index reads on the leader wait for.
     pub reads: Arc<ReadIndex>,
+    /// The log's database (`raft.redb`), closed after Raft stops.
+    log: Arc<redb::Database>,
+    /// Dropped once Raft's state-machine worker has quit.
+    worker: std::sync::Weak<()>,
     stop: CancellationToken,
 }
 
@@ -154,6 +158,7 @@ impl Node {
     pub async fn start(c: &ClusterConfig, data: &Path, store: Arc<Store>, limits: Limits) -> Result<Node, String> {
         let secret = Secret::new(&c.secret)?;
         let log = LogStore::open(&data.join("raft.redb")).map_err(|e| format!("raft log: {e}"))?;
+        let log_db = log.database();
         let machine = LedgerMachine::open(store, limits).map_err(|e| format!("ledger: {e}"))?;
         let config = openraft::Config {
             cluster_name: "tally".into(),
@@ -176,7 +181,8 @@ impl Node {
         if let Ok(at) = c.raft_listen.parse::<std::net::SocketAddr>() {
             network = network.from_address(at.ip());
         }
-        let raft = Raft::new(c.id, config, network, log, machine.clone()).await.map_err(|e| format!("raft: {e}"))?;
+        let (for_raft, worker) = machine.for_raft();
+        let raft = Raft::new(c.id, config, network, log, for_raft).await.map_err(|e| format!("raft: {e}"))?;
         let listener = TcpListener::bind(&c.raft_listen)
             .await
             .map_err(|e| format!("cannot listen on cluster.raft_listen {}: {e}", c.raft_listen))?;
@@ -203,7 +209,7 @@ impl Node {
         tokio::spawn(watch(raft.clone(), view.clone(), stop.clone()));
         let stale_reads = Arc::new(tokio::sync::Semaphore::new(crate::limits::CLUSTER_STALE_READS_MAX));
         let reads = ReadIndex::of(raft.clone());
-        Ok(Node { raft, view, me: c.id, machine, stale_reads, reads, stop })
+        Ok(Node { raft, view, me: c.id, machine, stale_reads, reads, log: log_db, worker, stop })
     }
 
     /// Whether this member leads now, and in which term.
@@ -235,11 +241,37 @@ impl Node {
         matches!(tokio::time::timeout(within, waits).await, Ok(Some(_)))
     }
 
-    /// Stops the member port and Raft.
-    pub async fn stop(self) {
+    /// Stops the member port and Raft, lets the state-machine worker run
+    /// what it has queued (at most [`CLUSTER_STOP_DRAIN_MS`]), then closes
+    /// the state machine ([`LedgerMachine::close`]): nothing applies after
+    /// this returns. Gives back the log's database, for the caller to close
+    /// once the tasks Raft leaves behind have let go of it, and the
+    /// machine, whose book the caller may choose not to free; `None` if the
+    /// machine could not be closed (then the process exits the usual way,
+    /// dropping everything).
+    pub async fn stop(self) -> Option<(Arc<redb::Database>, LedgerMachine)> {
         self.stop.cancel();
         if let Err(e) = self.raft.shutdown().await {
             tracing::warn!(error = %e, "raft did not stop cleanly");
+        }
+        // The core is gone, so the worker's queue ends: it quits after
+        // running what is in it.
+        let deadline = tokio::time::Instant::now() + Duration::from_millis(CLUSTER_STOP_DRAIN_MS);
+        while self.worker.strong_count() > 0 {
+            if tokio::time::Instant::now() >= deadline {
+                tracing::warn!("the state machine had not run what Raft queued in time: the log keeps the rest");
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let machine = self.machine.clone();
+        match tokio::task::spawn_blocking(move || machine.close()).await {
+            Ok(Ok(())) => Some((self.log, self.machine)),
+            Ok(Err(e)) => {
+                tracing::warn!(error = %e, "the state machine did not close");
+                None
+            }
+            Err(_) => None,
         }
     }
 }
