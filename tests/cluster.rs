@@ -966,6 +966,8 @@ async fn stopped_clean(m: &mut Member) {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     m.kill9();
+    // The state-machine worker let go of its copy: the stop did not wait out its bound.
+    assert!(!m.log().contains("had not run what Raft queued in time"), "{}", m.log());
     for file in ["tally.redb", "raft.redb"] {
         assert!(!needs_repair(&m.data.join(file)), "member {}'s {file} was left for redb to repair", m.id);
     }

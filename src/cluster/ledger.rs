@@ -248,6 +248,9 @@ impl LedgerMachine {
     /// one an apply hands over.
     pub fn hand_over(&self, users: Arc<crate::auth::Users>) -> Result<(), StoreError> {
         let mut inner = self.lock()?;
+        if inner.closed {
+            return Err(StoreError::Unavailable);
+        }
         users.load(&*inner.store.db()?)?;
         inner.registry = Some(users);
         Ok(())

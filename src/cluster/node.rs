@@ -259,6 +259,7 @@ impl Node {
         let deadline = tokio::time::Instant::now() + Duration::from_millis(CLUSTER_STOP_DRAIN_MS);
         while self.worker.strong_count() > 0 {
             if tokio::time::Instant::now() >= deadline {
+                // openraft then logs the refusal of what is left as an error.
                 tracing::warn!("the state machine had not run what Raft queued in time: the log keeps the rest");
                 break;
             }
