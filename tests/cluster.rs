@@ -985,3 +985,81 @@ fn needs_repair(path: &std::path::Path) -> bool {
     drop(db);
     repaired.load(Ordering::SeqCst)
 }
+
+/// A member whose ledger is behind the start of its own Raft log (an
+/// older ledger file put back, or a snapshot install cut short: openraft
+/// purges the log as it queues the install) refuses to start, saying why
+/// and what to do; started with an empty folder, it comes back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_member_whose_ledger_is_behind_its_log_says_so_and_comes_back_emptied() {
+    let mut cluster = Cluster::start_with(3, "snapshot_every = 10");
+    let (leader, token, admin) = cluster.open_bank(2).await;
+    let behind = *cluster.members.keys().find(|&&id| id != leader).unwrap();
+    let old = cluster._dir.path().join("older-ledger.redb");
+    let m = cluster.members.get_mut(&behind).unwrap();
+    m.kill9();
+    std::fs::copy(m.data.join("tally.redb"), &old).unwrap();
+    let (_, last_then) = log_range(&m.data);
+    let last_then = last_then.expect("the member's log holds entries");
+    // Transfers until the member has snapshotted and purged its log past
+    // everything the older file could have applied.
+    let deadline = Instant::now() + WAIT;
+    let mut paid = 0;
+    loop {
+        cluster.members.get_mut(&behind).unwrap().spawn();
+        pay(&admin, 20, &format!("round-{paid}")).await;
+        paid += 20;
+        let head = common::audit_ok(&admin).await;
+        cluster.agree_on(&token, &head).await;
+        let m = cluster.members.get_mut(&behind).unwrap();
+        m.kill9();
+        if log_range(&m.data).0.is_some_and(|first| first > last_then + 1) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the member's log was not purged past entry {last_then}");
+    }
+    let m = cluster.members.get_mut(&behind).unwrap();
+    std::fs::copy(&old, m.data.join("tally.redb")).unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_tally"))
+        .args(["serve", "--config"])
+        .arg(&m.config)
+        .arg("--data")
+        .arg(&m.data)
+        .env("TALLY_AUTH_ADMIN_PASSWORD", ADMIN_PASSWORD)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + WAIT;
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("the member with an older ledger did not stop within {WAIT:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    let mut err = String::new();
+    std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut err).unwrap();
+    assert!(!status.success());
+    assert!(err.contains("cannot catch up from it") && err.contains("start it with an empty one"), "{err}");
+    // Emptied, it comes back through a snapshot with everything.
+    std::fs::remove_dir_all(&m.data).unwrap();
+    m.spawn();
+    let head = common::audit_ok(&admin).await;
+    assert_eq!(head["transfers"], 2 + paid);
+    cluster.agree_on(&token, &head).await;
+}
+
+/// The first and last entry indexes held in a stopped member's Raft log.
+fn log_range(data: &std::path::Path) -> (Option<u64>, Option<u64>) {
+    use redb::{ReadableDatabase, ReadableTable};
+    let db = redb::Database::open(data.join("raft.redb")).expect("the log opens");
+    let txn = db.begin_read().unwrap();
+    let table = txn.open_table(redb::TableDefinition::<u64, &[u8]>::new("raft_log")).unwrap();
+    let first = table.first().unwrap().map(|(k, _)| k.value());
+    let last = table.last().unwrap().map(|(k, _)| k.value());
+    (first, last)
+}

@@ -211,6 +211,11 @@ impl LedgerMachine {
         Ok(())
     }
 
+    /// The last log entry applied.
+    pub fn applied(&self) -> Result<Option<LogId<u64>>, StoreError> {
+        Ok(self.lock()?.applied)
+    }
+
     /// The copy to give Raft, and what tells when its state-machine worker
     /// has let go of it: openraft 0.9's `shutdown` does not wait for that
     /// worker, which runs what it has queued (entries to apply, a snapshot

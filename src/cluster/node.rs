@@ -13,6 +13,7 @@ use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use openraft::storage::RaftLogStorage;
 use openraft::{Raft, ServerState, SnapshotPolicy};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
@@ -157,9 +158,10 @@ impl Node {
     /// the member that does.
     pub async fn start(c: &ClusterConfig, data: &Path, store: Arc<Store>, limits: Limits) -> Result<Node, String> {
         let secret = Secret::new(&c.secret)?;
-        let log = LogStore::open(&data.join("raft.redb")).map_err(|e| format!("raft log: {e}"))?;
+        let mut log = LogStore::open(&data.join("raft.redb")).map_err(|e| format!("raft log: {e}"))?;
         let log_db = log.database();
         let machine = LedgerMachine::open(store, limits).map_err(|e| format!("ledger: {e}"))?;
+        ledger_reaches_log(&mut log, &machine).await?;
         let config = openraft::Config {
             cluster_name: "tally".into(),
             heartbeat_interval: CLUSTER_HEARTBEAT_MS,
@@ -274,6 +276,28 @@ impl Node {
             }
             Err(_) => None,
         }
+    }
+}
+
+/// Refuses a ledger that has not applied entries its own log no longer
+/// holds, with what to do about it; openraft would fail to re-apply them
+/// with a bare storage error. It happens when a snapshot install did not
+/// end (openraft 0.9 purges the log up to a snapshot as it queues the
+/// install, so a crash in between leaves the ledger behind) or when an
+/// older ledger file was put back into the folder.
+async fn ledger_reaches_log(log: &mut LogStore, machine: &LedgerMachine) -> Result<(), String> {
+    let purged = log.get_log_state().await.map_err(|e| format!("raft log: {e}"))?.last_purged_log_id;
+    let applied = machine.applied().map_err(|e| format!("ledger: {e}"))?;
+    let applied = applied.map(|a| a.index);
+    match purged.map(|p| p.index) {
+        Some(p) if applied < Some(p) => Err(format!(
+            "this member's ledger has applied the Raft log up to entry {}, but its log holds entries only after \
+             {p}: it cannot catch up from it (a snapshot install did not end, or an older ledger file was put \
+             back). Stop the member, move its data folder aside and start it with an empty one: it comes back \
+             through a snapshot from the leader",
+            applied.map_or_else(|| "none".to_owned(), |a| a.to_string()),
+        )),
+        _ => Ok(()),
     }
 }
 
