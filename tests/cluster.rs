@@ -67,19 +67,21 @@ impl Member {
         m
     }
 
-    fn spawn(&mut self) {
-        let log = std::fs::OpenOptions::new().create(true).append(true).open(&self.log).expect("log file");
-        let mut child = Command::new(env!("CARGO_BIN_EXE_tally"))
-            .args(["serve", "--config"])
+    /// The member's `tally serve` command, its output not yet directed.
+    fn command(&self) -> Command {
+        let mut c = Command::new(env!("CARGO_BIN_EXE_tally"));
+        c.args(["serve", "--config"])
             .arg(&self.config)
             .arg("--data")
             .arg(&self.data)
             .env("TALLY_AUTH_ADMIN_PASSWORD", ADMIN_PASSWORD)
-            .env("TALLY_LOG", "info,openraft=warn")
-            .stdout(Stdio::piped())
-            .stderr(Stdio::from(log))
-            .spawn()
-            .expect("spawn tally");
+            .env("TALLY_LOG", "info,openraft=warn");
+        c
+    }
+
+    fn spawn(&mut self) {
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(&self.log).expect("log file");
+        let mut child = self.command().stdout(Stdio::piped()).stderr(Stdio::from(log)).spawn().expect("spawn tally");
         let mut line = String::new();
         BufReader::new(child.stdout.take().expect("stdout")).read_line(&mut line).expect("a listening line");
         let want = format!("tally listening on {}", self.client);
@@ -1020,16 +1022,7 @@ async fn a_member_whose_ledger_is_behind_its_log_says_so_and_comes_back_emptied(
     }
     let m = cluster.members.get_mut(&behind).unwrap();
     std::fs::copy(&old, m.data.join("tally.redb")).unwrap();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_tally"))
-        .args(["serve", "--config"])
-        .arg(&m.config)
-        .arg("--data")
-        .arg(&m.data)
-        .env("TALLY_AUTH_ADMIN_PASSWORD", ADMIN_PASSWORD)
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut child = m.command().stdout(Stdio::null()).stderr(Stdio::piped()).spawn().unwrap();
     let deadline = Instant::now() + WAIT;
     let status = loop {
         if let Some(status) = child.try_wait().unwrap() {
