@@ -293,8 +293,8 @@ async fn ledger_reaches_log(log: &mut LogStore, machine: &LedgerMachine) -> Resu
         Some(p) if applied < Some(p) => Err(format!(
             "this member's ledger has applied the Raft log up to entry {}, but its log holds entries only after \
              {p}: it cannot catch up from it (a snapshot install did not end, or an older ledger file was put \
-             back). Stop the member, move its data folder aside and start it with an empty one: it comes back \
-             through a snapshot from the leader",
+             back). Move this member's data folder aside and start it with an empty one: it comes back through \
+             a snapshot from the leader",
             applied.map_or_else(|| "none".to_owned(), |a| a.to_string()),
         )),
         _ => Ok(()),
