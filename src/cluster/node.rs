@@ -288,8 +288,14 @@ impl Node {
 async fn ledger_reaches_log(log: &mut LogStore, machine: &LedgerMachine) -> Result<(), String> {
     let purged = log.get_log_state().await.map_err(|e| format!("raft log: {e}"))?.last_purged_log_id;
     let applied = machine.applied().map_err(|e| format!("ledger: {e}"))?;
-    let applied = applied.map(|a| a.index);
-    match purged.map(|p| p.index) {
+    reaches(applied.map(|a| a.index), purged.map(|p| p.index))
+}
+
+/// [`ledger_reaches_log`]'s rule: the entries after `applied` (none
+/// applied yet: from entry 0 on) must still be in the log, which holds
+/// only those after `purged`.
+fn reaches(applied: Option<u64>, purged: Option<u64>) -> Result<(), String> {
+    match purged {
         Some(p) if applied < Some(p) => Err(format!(
             "this member's ledger has applied the Raft log up to entry {}, but its log holds entries only after \
              {p}: it cannot catch up from it (a snapshot install did not end, or an older ledger file was put \
@@ -346,5 +352,28 @@ async fn watch(raft: Raft<TypeConfig>, view: Arc<View>, stop: CancellationToken)
             () = stop.cancelled() => return,
             changed = rx.changed() => if changed.is_err() { return },
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::reaches;
+
+    #[test]
+    fn a_ledger_must_have_applied_what_its_log_no_longer_holds() {
+        // Nothing purged: the whole log is there to apply.
+        assert!(reaches(None, None).is_ok());
+        assert!(reaches(Some(7), None).is_ok());
+        // Purged up to what was applied, or less: the rest follows on.
+        assert!(reaches(Some(7), Some(7)).is_ok());
+        assert!(reaches(Some(7), Some(3)).is_ok());
+        // Entry 0 is an entry: a ledger that applied none is behind a log
+        // purged up to it.
+        assert!(reaches(None, Some(0))
+            .unwrap_err()
+            .contains("up to entry none, but its log holds entries only after 0"));
+        assert!(reaches(Some(7), Some(8))
+            .unwrap_err()
+            .contains("up to entry 7, but its log holds entries only after 8"));
     }
 }
