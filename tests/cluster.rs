@@ -971,21 +971,8 @@ async fn stopped_clean(m: &mut Member) {
     // The state-machine worker let go of its copy: the stop did not wait out its bound.
     assert!(!m.log().contains("had not run what Raft queued in time"), "{}", m.log());
     for file in ["tally.redb", "raft.redb"] {
-        assert!(!needs_repair(&m.data.join(file)), "member {}'s {file} was left for redb to repair", m.id);
+        assert!(!common::needs_repair(&m.data.join(file)), "member {}'s {file} was left for redb to repair", m.id);
     }
-}
-
-/// Whether redb repairs the file at `path` when it opens it.
-fn needs_repair(path: &std::path::Path) -> bool {
-    use std::sync::atomic::{AtomicBool, Ordering};
-    let repaired = Arc::new(AtomicBool::new(false));
-    let flag = repaired.clone();
-    let db = redb::Database::builder()
-        .set_repair_callback(move |_| flag.store(true, Ordering::SeqCst))
-        .open(path)
-        .expect("the file opens");
-    drop(db);
-    repaired.load(Ordering::SeqCst)
 }
 
 /// A member whose ledger is behind the start of its own Raft log (an

@@ -411,3 +411,17 @@ pub fn set_file_size_limit(pid: u32, bytes: Option<u64>) {
     let rc = unsafe { libc::prlimit(pid as libc::pid_t, libc::RLIMIT_FSIZE, &raw const limit, std::ptr::null_mut()) };
     assert_eq!(rc, 0, "prlimit: {}", std::io::Error::last_os_error());
 }
+
+/// Whether redb repairs the file at `path` when it opens it (it was not
+/// closed cleanly).
+pub fn needs_repair(path: &Path) -> bool {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let repaired = std::sync::Arc::new(AtomicBool::new(false));
+    let flag = repaired.clone();
+    let db = redb::Database::builder()
+        .set_repair_callback(move |_| flag.store(true, Ordering::SeqCst))
+        .open(path)
+        .expect("the file opens");
+    drop(db);
+    repaired.load(Ordering::SeqCst)
+}
