@@ -7,8 +7,9 @@ use serde::Deserialize;
 
 use crate::limits::{
     BATCH_MAX_DEFAULT, BATCH_MAX_LIMIT, COMMIT_BATCH_LIMIT, COMMIT_BATCH_MAX, CONNECTIONS_MAX, DATA_DEFAULT,
-    FRAME_BYTES_MAX, FRAME_READ_TIMEOUT_MS, IDLE_ANONYMOUS_MS, INFLIGHT_MAX, INFLIGHT_PER_CONNECTION_MAX,
-    LISTEN_DEFAULT, SHARDS_DEFAULT, TOKEN_TTL_S_DEFAULT, WRITE_TIMEOUT_MS,
+    FRAME_BYTES_MAX, FRAME_READ_TIMEOUT_MS, HISTORY_SEGMENT_RECORDS, HISTORY_SEGMENT_RECORDS_LIMIT,
+    HISTORY_SEGMENT_RECORDS_MIN, IDLE_ANONYMOUS_MS, INFLIGHT_MAX, INFLIGHT_PER_CONNECTION_MAX, LISTEN_DEFAULT,
+    SHARDS_DEFAULT, TOKEN_TTL_S_DEFAULT, WRITE_TIMEOUT_MS,
 };
 
 /// A configuration that cannot be used.
@@ -224,6 +225,9 @@ pub struct LimitsConfig {
     pub write_timeout_ms: u64,
     /// How long a connection that is not logged in may stay silent.
     pub idle_anonymous_ms: u64,
+    /// Records in one sealed history segment; 0 keeps every record in the
+    /// ledger file (`store::history`).
+    pub history_segment_records: u64,
 }
 
 #[derive(Clone, Debug, Default, Deserialize)]
@@ -310,6 +314,7 @@ impl Default for LimitsConfig {
             frame_timeout_ms: FRAME_READ_TIMEOUT_MS,
             write_timeout_ms: WRITE_TIMEOUT_MS,
             idle_anonymous_ms: IDLE_ANONYMOUS_MS,
+            history_segment_records: HISTORY_SEGMENT_RECORDS,
         }
     }
 }
@@ -373,6 +378,7 @@ const KEYS: &[(&str, &[&str])] = &[
             "frame_timeout_ms",
             "write_timeout_ms",
             "idle_anonymous_ms",
+            "history_segment_records",
         ],
     ),
     ("policy", &["min_events", "fee_same_group_bps", "fee_cross_group_bps", "fee_rounding"]),
@@ -595,6 +601,10 @@ impl Config {
         }
         if !(1..=COMMIT_BATCH_LIMIT).contains(&self.limits.commit_batch_max) {
             return bad("limits.commit_batch_max must be 1..=65536");
+        }
+        let segment = self.limits.history_segment_records;
+        if segment != 0 && !(HISTORY_SEGMENT_RECORDS_MIN..=HISTORY_SEGMENT_RECORDS_LIMIT).contains(&segment) {
+            return bad("limits.history_segment_records must be 0 or 256..=4294967296");
         }
         if !(1..=1024).contains(&self.shards) {
             return bad("shards must be 1..=1024");

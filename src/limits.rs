@@ -69,6 +69,20 @@ pub const BATCH_ERROR_BYTES_MAX: usize = 160;
 pub const CHUNK_RECORDS_MAX: usize = 64;
 /// The largest `limits.commit_batch_max` a configuration may set.
 pub const COMMIT_BATCH_LIMIT: usize = 65_536;
+/// Records in one sealed history segment (`limits.history_segment_records`):
+/// ~4M records are ~400 MB, so the ledger file keeps at most about two
+/// segments' worth of records besides its accounts, and redb's repair
+/// after a crash walks that much rather than the whole history.
+pub const HISTORY_SEGMENT_RECORDS: u64 = 1 << 22;
+/// How long the history's thread waits after a segment failed to be
+/// written (a full disk, a folder it may not write) before it tries again.
+pub const HISTORY_RETRY_MS: u64 = 10_000;
+/// The nice value of the thread that copies history segments (background work).
+pub const HISTORY_NICE: libc::c_int = 10;
+/// The smallest non-zero `limits.history_segment_records` (four full chunks).
+pub const HISTORY_SEGMENT_RECORDS_MIN: u64 = 256;
+/// The largest `limits.history_segment_records`.
+pub const HISTORY_SEGMENT_RECORDS_LIMIT: u64 = 1 << 32;
 /// Number of shard actors; each is the single writer of the accounts hashed to it.
 pub const SHARDS_DEFAULT: usize = 32;
 /// Committed idempotency keys each shard keeps in memory (older ones are read from disk).

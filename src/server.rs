@@ -420,6 +420,7 @@ async fn start_on(
             fee_rounding: config.policy.fee_rounding,
             clock: Clock::system(),
             replicate,
+            segment_records: config.limits.history_segment_records,
         });
         std::thread::Builder::new()
             .name("tally-journal".into())

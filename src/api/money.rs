@@ -73,13 +73,18 @@ pub(super) fn history(ctx: &Arc<Ctx>, p: Principal, args: &[u8], reply: ReplyTo)
 pub(super) fn get_transfer(ctx: &Arc<Ctx>, p: Principal, args: &[u8], reply: ReplyTo) {
     let a = args!(GetTransferArgs, args, reply);
     let store = ctx.store.clone();
-    blocking(reply, move || transfer_shown(&*store.db()?, a.id, &p));
+    blocking(reply, move || transfer_shown(&*store.db()?, store.history(), a.id, &p));
 }
 
 /// Transfer `id` as `p` sees it, if `p` is staff or owns one of its
 /// parties (the leader's `get_transfer`, and a follower's stale one).
-pub(super) fn transfer_shown(db: &redb::Database, id: u64, p: &Principal) -> Result<Reply, ApiError> {
-    let mut t = store::get_transfer(db, id)?.ok_or_else(|| ApiError::not_found(format!("transfer {id}")))?;
+pub(super) fn transfer_shown(
+    db: &redb::Database,
+    history: &store::History,
+    id: u64,
+    p: &Principal,
+) -> Result<Reply, ApiError> {
+    let mut t = store::get_transfer(db, history, id)?.ok_or_else(|| ApiError::not_found(format!("transfer {id}")))?;
     t.shown_to(&p.user, p.sees_any());
     if !p.sees_any() {
         let party = [&t.from, &t.to].into_iter().any(|acct| {

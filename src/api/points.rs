@@ -129,7 +129,7 @@ pub(super) fn backup(ctx: &Arc<Ctx>, args: &[u8], reply: ReplyTo) {
         if path.exists() {
             return Err(ApiError::new(ErrorCode::Exists, format!("{} exists", path.display())));
         }
-        let head = store::backup(&*store.db()?, &path)?;
+        let head = store::backup(&*store.db()?, store.history(), &path)?;
         Ok(Reply::Backup(BackupReply { path: path.display().to_string(), transfers: head.id, head: Hash32(head.hash) }))
     });
 }

@@ -124,8 +124,15 @@ pub(super) fn read(admitted: Admitted, op: Op, p: Principal, args: &[u8], reply:
                 let (found, as_of) = machine.read_at(|book, db| Ok(account_of(book, db, &account, &p)))?;
                 let (_, acct) = found?;
                 // The page is read without the lock: records never change.
-                let mut page =
-                    crate::shard::history_page(&*machine.database()?, &account, acct.last, a.after, limit, &p)?;
+                let mut page = crate::shard::history_page(
+                    &*machine.database()?,
+                    machine.history(),
+                    &account,
+                    acct.last,
+                    a.after,
+                    limit,
+                    &p,
+                )?;
                 if let Reply::History(h) = &mut page {
                     h.as_of = Some(as_of);
                 }
@@ -136,7 +143,7 @@ pub(super) fn read(admitted: Admitted, op: Op, p: Principal, args: &[u8], reply:
             let a = args!(GetTransferArgs, args, reply);
             blocking(reply, move || {
                 let _running = permit;
-                super::money::transfer_shown(&*machine.database()?, a.id, &p)
+                super::money::transfer_shown(&*machine.database()?, machine.history(), a.id, &p)
             });
         }
         _ => reply.err(ApiError::internal("not a read a member answers stale")),

@@ -111,7 +111,7 @@ pub(super) fn audit(ctx: &Arc<Ctx>, args: &[u8], reply: ReplyTo) {
     let store = ctx.store.clone();
     let wait = scan_wait(ctx, crate::limits::AUDIT_WAIT_MAX_MS);
     blocking_within(ctx.auditing.clone(), wait, ctx.shutdown.clone(), reply, move || {
-        store::audit(&*store.db()?).map(Reply::Audit).map_err(ApiError::from)
+        store::audit(&*store.db()?, store.history()).map(Reply::Audit).map_err(ApiError::from)
     });
 }
 

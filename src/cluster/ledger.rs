@@ -269,6 +269,13 @@ impl LedgerMachine {
         self.store.db()
     }
 
+    /// The old records' segments (a member seals none, but reads those of
+    /// a folder that has them).
+    #[must_use]
+    pub fn history(&self) -> &store::History {
+        self.store.history()
+    }
+
     /// [`Self::blocking`] for an apply or an install: if it fails, the book
     /// may no longer match the database (one ahead of the other), so
     /// nothing is read from the machine after (marked before the lock is
@@ -564,7 +571,7 @@ impl Inner {
         tracing::info!(head = self.head.id, index = applied.map_or(0, |l| l.index), "installed a snapshot");
         let kept = dir.join(format!("installed-{}.redb", meta.snapshot_id));
         let _ = std::fs::remove_file(&kept);
-        self.store.db().and_then(|db| store::backup(&db, &kept).map(|_| ()))?;
+        self.store.db().and_then(|db| store::backup(&db, self.store.history(), &kept).map(|_| ()))?;
         if let Some((_, old)) = self.snapshot.replace((meta.clone(), kept)) {
             let _ = std::fs::remove_file(old);
         }
@@ -576,23 +583,24 @@ impl LedgerMachine {
     /// A consistent copy of the database, with the position it holds;
     /// the lock is held only to begin the copy's read transaction.
     fn build(&self) -> Result<(SnapshotMeta<u64, Member>, Vec<u8>), StoreError> {
-        let (db, src, built, path) = {
+        let (db, src, store, built, path) = {
             let mut inner = self.lock()?;
             if inner.closed {
                 return Err(StoreError::Unavailable);
             }
             let db = inner.store.db()?;
             let src = db.begin_read()?;
+            let store = inner.store.clone();
             let dir = inner.store.path().with_extension("snapshots");
             std::fs::create_dir_all(&dir)?;
             inner.built += 1;
             let built = inner.built;
-            (db, src, built, dir.join(format!("built-{built}.redb")))
+            (db, src, store, built, dir.join(format!("built-{built}.redb")))
         };
         #[cfg(test)]
         self.build_gate.pass();
         let _ = std::fs::remove_file(&path);
-        store::backup_txn(&src, &path)?;
+        store::backup_txn(&src, store.history(), &path)?;
         drop(src);
         drop(db);
         let copy = Database::open(&path)?;

@@ -92,6 +92,10 @@ pub struct Sweep {
 
 /// Commits one batch: its writes, the next slice of balance rows, the new
 /// head; fsynced (two-phase, see `store::begin_write`) before it returns.
+/// `sealed`: the history's segments are complete up to here
+/// (`store::history`); the commit records it and removes some of the
+/// chunks they hold. Returns where the ledger's own chunks now start
+/// (`archived`), if `sealed` was given.
 pub fn write(
     db: &Database,
     keys: &KeyIndex,
@@ -99,16 +103,19 @@ pub fn write(
     book: &mut Book,
     head: Head,
     sweep: &mut Sweep,
-) -> Result<(), StoreError> {
+    sealed: Option<u64>,
+) -> Result<Option<u64>, StoreError> {
     let mut txn = store::begin_write(db)?;
     txn.set_durability(Durability::Immediate).map_err(|e| StoreError::Corrupt(format!("durability: {e}")))?;
     let mut plan = keys.plan()?;
     put(&txn, w, book, head, sweep, &mut plan)?;
+    let archived = sealed.map(|s| store::history::note_sealed(&txn, s)).transpose()?;
     let durable = std::time::Instant::now();
     txn.commit()?;
     crate::metrics::FSYNC_MICROS.observe(u64::try_from(durable.elapsed().as_micros()).unwrap_or(u64::MAX));
     // The keys move to memory (the next batch clears the writes anyway).
-    keys.committed(plan, std::mem::take(&mut w.keys), head.id)
+    keys.committed(plan, std::mem::take(&mut w.keys), head.id)?;
+    Ok(archived)
 }
 
 /// Puts one batch's writes, the next slice of balance rows and the new

@@ -37,7 +37,7 @@ use crate::clock::Clock;
 use crate::contract::{Command, Committed, Outcome, SettleCmd, SettleOp};
 use crate::error::{ApiError, ErrorCode};
 use crate::ledger::FeeRounding;
-use crate::limits::{JOURNAL_RECOVERY_RETRY_MS, SWEEP_IDLE_AFTER_MS};
+use crate::limits::{HISTORY_NICE, HISTORY_RETRY_MS, JOURNAL_RECOVERY_RETRY_MS, SWEEP_IDLE_AFTER_MS};
 use crate::reply::ReplyTo;
 use crate::stats::Stats;
 use crate::store::{self, Store, StoreError};
@@ -154,6 +154,9 @@ pub struct JournalArgs {
     pub clock: Clock,
     /// In a cluster: propose batches rather than write them.
     pub replicate: Option<Replicate>,
+    /// Records in one history segment (`limits.history_segment_records`;
+    /// 0: keep every record in the ledger file).
+    pub segment_records: u64,
 }
 
 pub struct Journal {
@@ -169,6 +172,50 @@ pub struct Journal {
     /// Set while the journal cannot commit.
     failure: Option<Failure>,
     replicate: Option<Replicate>,
+    /// Seals history segments off the journal's thread (`store::history`).
+    archiver: Option<Archiver>,
+    /// The ledger's own chunks start after this (`None`: not read yet).
+    archived: Option<u64>,
+}
+
+/// The thread that writes history segments, woken after commits once
+/// enough old records have gathered; the journal then records each
+/// segment and trims what it holds, in its own commits.
+struct Archiver {
+    wake: crossbeam_channel::Sender<()>,
+    records: u64,
+}
+
+impl Archiver {
+    fn start(store: Arc<Store>, records: u64) -> std::io::Result<Archiver> {
+        // One wake-up waiting is enough: the thread seals all it can.
+        let (wake, woken) = crossbeam_channel::bounded::<()>(1);
+        std::thread::Builder::new().name("tally-history".into()).spawn(move || {
+            // Copying a segment is background work: on two cores it must
+            // not take turns with the journal and the runtime as an equal.
+            // SAFETY: setpriority only changes this thread's nice value.
+            unsafe { libc::setpriority(libc::PRIO_PROCESS, libc::gettid() as libc::id_t, HISTORY_NICE) };
+            while woken.recv().is_ok() {
+                loop {
+                    match store.db().and_then(|db| store.history().seal_next(&db, records)) {
+                        Ok(Some(_)) => {}
+                        Ok(None) => break,
+                        Err(e) => {
+                            // Nothing relies on a segment not yet recorded.
+                            // Every commit wakes this thread, so it waits
+                            // before it tries again rather than rewrite a
+                            // segment that fails at every commit.
+                            tracing::warn!(error = %e, "a history segment could not be written; trying again later");
+                            std::thread::sleep(Duration::from_millis(HISTORY_RETRY_MS));
+                            while woken.try_recv().is_ok() {}
+                            break;
+                        }
+                    }
+                }
+            }
+        })?;
+        Ok(Archiver { wake, records })
+    }
 }
 
 impl Journal {
@@ -185,7 +232,41 @@ impl Journal {
             clock: a.clock,
             sweep: Sweep { cursor: 0, from: head.id, checkpoint: 0 },
             failure: None,
+            archiver: None,
+            archived: None,
             replicate: a.replicate,
+        }
+        .with_archiver(a.segment_records)
+    }
+
+    /// Starts sealing history segments of `records` each (0: never). A
+    /// cluster's journal proposes rather than writes and seals none.
+    fn with_archiver(mut self, records: u64) -> Journal {
+        if records > 0 && self.replicate.is_none() {
+            match Archiver::start(self.store.clone(), records) {
+                Ok(a) => self.archiver = Some(a),
+                Err(e) => {
+                    tracing::warn!(error = %e, "the history's thread cannot start; every record stays in the ledger file")
+                }
+            }
+        }
+        self
+    }
+
+    /// The segments to record in the next commit, if any.
+    fn sealed_to_note(&self) -> Option<u64> {
+        self.archiver.as_ref()?;
+        let sealed = self.store.history().sealed();
+        (self.archived != Some(sealed)).then_some(sealed)
+    }
+
+    /// Wakes the history's thread once a segment's worth of records are
+    /// older than the checkpoint.
+    fn wake_archiver(&self) {
+        if let Some(a) = &self.archiver {
+            if self.sweep.checkpoint > self.store.history().sealed().saturating_add(a.records) {
+                let _ = a.wake.try_send(());
+            }
         }
     }
 
@@ -299,20 +380,29 @@ impl Journal {
         let time = self.clock.now_ms();
         let head_before = self.machine.head;
         self.writes.clear();
+        let sealed = self.sealed_to_note();
         let result = self.store.db().and_then(|db| {
             let outcomes = self.machine.apply(&RedbCold::new(&db), &batch, time, &mut self.writes)?;
-            commit::write(
+            let archived = commit::write(
                 &db,
                 self.store.keys(),
                 &mut self.writes,
                 &mut self.machine.book,
                 self.machine.head,
                 &mut self.sweep,
+                sealed,
             )?;
-            Ok(outcomes)
+            Ok((outcomes, archived))
         });
         match result {
-            Ok(outcomes) => {
+            Ok((outcomes, archived)) => {
+                if let Some(a) = archived.filter(|&a| Some(a) != self.archived) {
+                    if a > 0 && a == self.store.history().sealed() {
+                        tracing::info!(archived = a, "the ledger's own records now start after the history's segments");
+                    }
+                    self.archived = archived;
+                }
+                self.wake_archiver();
                 self.health.committed(time);
                 self.stats.record_batch(batch.len() as u64, self.machine.head.id - head_before.id);
                 Committed(batch.into_iter().zip(outcomes).collect())
@@ -430,11 +520,14 @@ impl Journal {
     /// that start-up, `audit` and `list_accounts` replay almost nothing.
     /// Stops as soon as real work arrives.
     fn catch_up(&mut self, rx: &Receiver<Command>) {
-        while self.sweep.checkpoint < self.machine.head.id && rx.is_empty() && self.failure.is_none() {
-            let before = (self.sweep.checkpoint, self.sweep.cursor);
+        while (self.sweep.checkpoint < self.machine.head.id || self.sealed_to_note().is_some())
+            && rx.is_empty()
+            && self.failure.is_none()
+        {
+            let before = (self.sweep.checkpoint, self.sweep.cursor, self.archived);
             let committed = self.commit(Vec::new());
             debug_assert!(committed.0.is_empty());
-            if (self.sweep.checkpoint, self.sweep.cursor) == before {
+            if (self.sweep.checkpoint, self.sweep.cursor, self.archived) == before {
                 // The commit failed (it was logged): try again on the next
                 // idle period rather than spinning on a sick disk.
                 break;

@@ -251,7 +251,7 @@ impl KeyReader {
                 let wanted: Vec<(Box<str>, Box<str>)> = lookups.iter().flat_map(|l| l.wanted.iter().cloned()).collect();
                 let found = store
                     .db()
-                    .and_then(|db| crate::store::key_index::lookup(&db, store.keys(), &wanted))
+                    .and_then(|db| crate::store::key_index::lookup(&db, store.history(), store.keys(), &wanted))
                     .map_err(ApiError::from);
                 let mut answers = found.map(Vec::into_iter);
                 for l in lookups {

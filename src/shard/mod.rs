@@ -289,6 +289,7 @@ fn may_use(principal: &Principal, slot: &Slot, account: &str, what: Use) -> bool
 /// follower's stale one.)
 pub(crate) fn history_page(
     db: &redb::Database,
+    records: &crate::store::History,
     account: &str,
     last: u64,
     after: Option<u64>,
@@ -297,10 +298,10 @@ pub(crate) fn history_page(
 ) -> Result<Reply, ApiError> {
     let start = match after {
         None => last,
-        Some(cursor) => store::history_after(db, account, cursor)?
+        Some(cursor) => store::history_after(db, records, account, cursor)?
             .ok_or_else(|| ApiError::bad_request(format!("after={cursor} is not a transfer of {account}")))?,
     };
-    let (mut transfers, next) = store::history(db, account, start, limit)?;
+    let (mut transfers, next) = store::history(db, records, account, start, limit)?;
     for t in &mut transfers {
         t.shown_to(&principal.user, principal.sees_any());
     }
@@ -370,7 +371,7 @@ impl ShardState {
                 store
                     .db()
                     .map_err(ApiError::from)
-                    .and_then(|db| history_page(&db, &account, last, after, limit, &principal)),
+                    .and_then(|db| history_page(&db, store.history(), &account, last, after, limit, &principal)),
             );
         });
     }

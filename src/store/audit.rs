@@ -1,7 +1,8 @@
 //! `backup` (a consistent copy through one read transaction) and `audit`
 //! (the whole chain re-verified, and the balances summed).
 
-use super::record::{for_each_record, Head};
+use super::history::{History, Records, ARCHIVED, SEALED};
+use super::record::Head;
 use super::recovery::{load_txn, read_head};
 use super::*;
 use std::path::Path;
@@ -13,15 +14,24 @@ use crate::wire::{AuditReply, Hash32};
 
 /// Copies every table through one read transaction into a new database at
 /// `out`: a consistent snapshot taken while the server keeps writing (the
-/// live file is never copied). Returns the head the copy ends at.
-pub fn backup(db: &Database, out: &Path) -> Result<Head, StoreError> {
-    backup_txn(&db.begin_read()?, out)
+/// live file is never copied). Returns the head the copy ends at. The
+/// copy is one file: the history's segments are copied into its own
+/// `chunks`, and it relies on no segment.
+pub fn backup(db: &Database, history: &History, out: &Path) -> Result<Head, StoreError> {
+    backup_txn(&db.begin_read()?, history, out)
 }
 
 /// [`backup`] of what the read transaction `src` sees.
-pub fn backup_txn(src: &redb::ReadTransaction, out: &Path) -> Result<Head, StoreError> {
+pub fn backup_txn(src: &redb::ReadTransaction, history: &History, out: &Path) -> Result<Head, StoreError> {
     let dst = Database::create(out)?;
     let w = begin_write(&dst)?;
+    {
+        let mut to = w.open_table(CHUNKS)?;
+        Records::open(src, history)?.for_each_chunk(|k, v| {
+            to.insert(k, v)?;
+            Ok(())
+        })?;
+    }
     macro_rules! copy {
         ($($def:expr),*) => {$({
             let from = src.open_table($def)?;
@@ -32,8 +42,13 @@ pub fn backup_txn(src: &redb::ReadTransaction, out: &Path) -> Result<Head, Store
             }
         })*};
     }
-    copy!(CHUNKS, BALANCES, ACCOUNTS, KEYS, TAGS, OWNERS, USERS, META);
+    copy!(BALANCES, ACCOUNTS, KEYS, TAGS, OWNERS, USERS, META);
     copy!(HOLDS, OPEN_HOLDS, REDEEMS, USER_REDEEMS, SERVICE_KEYS);
+    {
+        let mut meta = w.open_table(META)?;
+        meta.remove(SEALED)?;
+        meta.remove(ARCHIVED)?;
+    }
     w.commit()?;
     read_head(src)
 }
@@ -41,7 +56,7 @@ pub fn backup_txn(src: &redb::ReadTransaction, out: &Path) -> Result<Head, Store
 /// In one read transaction (one consistent instant): counts the accounts,
 /// sums every balance (rows plus the records after the checkpoint), and
 /// re-verifies the hash chain from the first record.
-pub fn audit(db: &Database) -> Result<AuditReply, StoreError> {
+pub fn audit(db: &Database, history: &History) -> Result<AuditReply, StoreError> {
     let txn = db.begin_read()?;
     let head = read_head(&txn)?;
     let (mut chain_ok, sum, accounts) = match load_txn(&txn, Limits::default(), None, |_| ()) {
@@ -52,10 +67,10 @@ pub fn audit(db: &Database) -> Result<AuditReply, StoreError> {
         }
         Err(e) => return Err(e),
     };
-    let chunks = txn.open_table(CHUNKS)?;
+    let records = Records::open(&txn, history)?;
     let mut prev = GENESIS;
     let mut count = 0u64;
-    let walked = for_each_record(&chunks, 1, |stored| {
+    let walked = records.for_each(1, |stored| {
         let ok = stored.record().is_ok_and(|r| r.prev == prev && r.id == stored.id && r.id == count + 1);
         if ok {
             prev = stored.hash;

@@ -69,8 +69,8 @@ use std::sync::{Arc, Mutex, Weak};
 use hashbrown::HashTable;
 use redb::{Database, ReadableDatabase, ReadableTable, ReadableTableMetadata};
 
-use super::record::{for_each_record, with_record};
-use super::{StoreError, CHUNKS, KEYS, META};
+use super::history::{History, Records};
+use super::{StoreError, KEYS, META};
 use crate::limits::{
     KEYS_FILTER_MAX, KEYS_FILTER_MIN, KEYS_FREEZE_AT, KEYS_FREEZE_RECORDS, KEYS_MERGE_MIN, KEYS_SORT_INLINE_MAX,
 };
@@ -245,18 +245,13 @@ impl KeyIndex {
     }
 
     /// Memory as the database holds it: the keys of the records from
-    /// `keys_from` on.
-    pub fn rebuild(&self, db: &Arc<Database>) -> Result<(), StoreError> {
+    /// `keys_from` on (some may be in the history's segments already).
+    pub fn rebuild(&self, db: &Arc<Database>, history: &History) -> Result<(), StoreError> {
         let txn = db.begin_read()?;
         let head = super::recovery::read_head(&txn)?;
-        // No `keys_from` only in a folder not yet opened by this version,
-        // whose keys are all in the table.
-        let from = match txn.open_table(META)?.get(KEYS_FROM)? {
-            Some(v) => super::recovery::read_u64(v.value())?,
-            None => head.id + 1,
-        };
+        let from = keys_from_or(&txn, head.id + 1)?;
         let mut fresh = Set::default();
-        for_each_record(&txn.open_table(CHUNKS)?, from, |stored| {
+        Records::open(&txn, history)?.for_each(from, |stored| {
             let r = stored.record()?;
             if let Some(key) = r.key {
                 let hash = self.hash(r.from, key);
@@ -484,6 +479,15 @@ impl Recent {
     }
 }
 
+/// `keys_from`; `otherwise` in a folder not yet opened by this version,
+/// whose keys are all in the table.
+fn keys_from_or(txn: &redb::ReadTransaction, otherwise: u64) -> Result<u64, StoreError> {
+    match txn.open_table(META)?.get(KEYS_FROM)? {
+        Some(v) => super::recovery::read_u64(v.value()),
+        None => Ok(otherwise),
+    }
+}
+
 /// Writes `keys_from` if the folder has none: a new folder, or one
 /// written before this index, whose keys are all in the table; either way
 /// every key from the next record on is in memory.
@@ -504,6 +508,7 @@ pub(super) fn mark_start(meta: &mut redb::Table<&str, &[u8]>) -> Result<(), Stor
 /// alone.
 pub fn lookup(
     db: &Database,
+    history: &History,
     index: &KeyIndex,
     wanted: &[(Box<str>, Box<str>)],
 ) -> Result<Vec<Result<Option<crate::wire::TransferView>, StoreError>>, StoreError> {
@@ -524,7 +529,7 @@ pub fn lookup(
     };
     let txn = db.begin_read()?;
     let keys = txn.open_table(KEYS)?;
-    let chunks = txn.open_table(CHUNKS)?;
+    let records = Records::open(&txn, history)?;
     let one = |(from, key): &(Box<str>, Box<str>), recent: Option<Option<u64>>| {
         let id = match recent {
             Some(Some(id)) => id,
@@ -534,7 +539,7 @@ pub fn lookup(
                 None => return Ok(None),
             },
         };
-        let view = with_record(&chunks, id, super::queries::view_of)?;
+        let view = records.with_record(id, super::queries::view_of)?;
         Ok(Some(view.ok_or_else(|| StoreError::Corrupt(format!("key points at missing transfer {id}")))?))
     };
     Ok(wanted.iter().zip(recent).map(|(w, r)| one(w, r)).collect())

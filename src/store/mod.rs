@@ -11,14 +11,14 @@
 //!
 //! | table | key | value | written by |
 //! |---|---|---|---|
-//! | `chunks` | id `u64` of its first record | up to [`CHUNK_RECORDS_MAX`](crate::limits::CHUNK_RECORDS_MAX) consecutive stored records (below) | journal, append-only |
+//! | `chunks` | id `u64` of its first record | up to [`CHUNK_RECORDS_MAX`](crate::limits::CHUNK_RECORDS_MAX) consecutive stored records (below) | journal, append-only; a single server moves the oldest out into sealed segments ([`history`]) |
 //! | `balances` | account number `u32` | (balance `i64`, last transfer id `u64`) | journal, swept in key order |
 //! | `accounts` | account | MessagePack [`AccountMeta`] | journal |
 //! | `keys` | (from account, key) | transfer id | journal: idempotency keys of the records before `meta.keys_from`, merged in sorted runs ([`key_index`]) |
 //! | `tags` | (tag, account) | `()` | journal: index for `list_accounts {tag}` and `bulk_add` |
 //! | `owners` | (owner, account) | `()` | journal: index for `list_accounts {owner}` |
 //! | `users` | user | MessagePack [`UserRecord`] | start-up, later the journal |
-//! | `meta` | name | bytes | `head` = last id (8 bytes BE) + its hash (32 bytes); `checkpoint` = id (8 bytes BE); `keys_from` = id (8 bytes BE) |
+//! | `meta` | name | bytes | `head` = last id (8 bytes BE) + its hash (32 bytes); `checkpoint` = id (8 bytes BE); `keys_from` = id (8 bytes BE); `sealed`, `archived` = ids (8 bytes BE, [`history`]) |
 //!
 //! The hot path only appends: a batch writes its records in chunks of
 //! consecutive ids (sequential keys, so always at the end of the tree) and
@@ -99,6 +99,7 @@ use crate::ledger::{Book, SYSTEM_ACCOUNTS};
 use crate::limits::REDB_CACHE_BYTES;
 
 pub mod audit;
+pub mod history;
 pub mod key_index;
 pub mod queries;
 pub mod record;
@@ -107,6 +108,7 @@ pub mod rows;
 pub mod warm;
 
 pub use audit::{audit, backup, backup_txn};
+pub use history::History;
 pub use key_index::KeyIndex;
 pub use queries::{
     account_meta, get_key, get_transfer, get_user, history, history_after, list_accounts, list_keys, load_keys,
@@ -215,15 +217,24 @@ pub struct Store {
     current: std::sync::RwLock<Option<Arc<Database>>>,
     /// The idempotency keys of the database's recent records.
     keys: KeyIndex,
+    /// The old records, in segments of their own.
+    history: History,
 }
 
 impl Store {
     /// Opens (or creates) the database at `path`.
     pub fn open(path: &Path) -> Result<Store, StoreError> {
         let db = Arc::new(open(path)?);
+        let history = History::open(path, history::sealed_in(&db)?)?;
         let keys = KeyIndex::default();
-        keys.rebuild(&db)?;
-        Ok(Store { path: path.to_owned(), current: std::sync::RwLock::new(Some(db)), keys })
+        keys.rebuild(&db, &history)?;
+        Ok(Store { path: path.to_owned(), current: std::sync::RwLock::new(Some(db)), keys, history })
+    }
+
+    /// The old records' segments.
+    #[must_use]
+    pub fn history(&self) -> &History {
+        &self.history
     }
 
     /// The keys of recent records, which are not all in the `keys` table
@@ -251,7 +262,7 @@ impl Store {
     /// Puts a (re)opened database in, with its recent keys read; if they
     /// cannot be read, the database stays out.
     pub fn put(&self, db: Arc<Database>) -> Result<(), StoreError> {
-        self.keys.rebuild(&db)?;
+        self.keys.rebuild(&db, &self.history)?;
         if let Ok(mut d) = self.current.write() {
             *d = Some(db);
         }

@@ -1,7 +1,8 @@
 //! The read side: users, transfers, histories, account lists and redeem
 //! requests, each through one read transaction.
 
-use super::record::{for_each_record, with_record, ChunkCache};
+use super::history::{History, Records};
+use super::record::{for_each_record, ChunkCache};
 use super::recovery::{legs, read_checkpoint};
 use super::*;
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
@@ -128,9 +129,9 @@ pub(super) fn view_of(stored: Stored<'_>) -> Result<TransferView, StoreError> {
 }
 
 /// Reads one transfer.
-pub fn get_transfer(db: &Database, id: u64) -> Result<Option<TransferView>, StoreError> {
+pub fn get_transfer(db: &Database, history: &History, id: u64) -> Result<Option<TransferView>, StoreError> {
     let txn = db.begin_read()?;
-    with_record(&txn.open_table(CHUNKS)?, id, view_of)
+    Records::open(&txn, history)?.with_record(id, view_of)
 }
 
 /// Owner of an account, if it exists.
@@ -145,18 +146,19 @@ pub fn account_meta(db: &Database, account: &str) -> Result<Option<AccountMeta>,
 /// the cursor of the next page.
 pub fn history(
     db: &Database,
+    records: &History,
     account: &str,
     start: u64,
     limit: usize,
 ) -> Result<(Vec<TransferView>, Option<u64>), StoreError> {
     let txn = db.begin_read()?;
-    let chunks = txn.open_table(CHUNKS)?;
+    let records = Records::open(&txn, records)?;
     let mut out = Vec::with_capacity(limit.min(1024));
     let mut id = start;
     let mut cache = ChunkCache::default();
     while id != 0 && out.len() < limit {
-        let (view, prev) = cache
-            .with(&chunks, id, |stored| {
+        let (view, prev) = records
+            .with(&mut cache, id, |stored| {
                 let r = stored.record()?.owned();
                 let prev = r
                     .link_of(account)
@@ -173,9 +175,10 @@ pub fn history(
 
 /// Where the page after cursor `after` starts: the record before `after` in
 /// `account`'s list. `None` if `after` is not one of the account's records.
-pub fn history_after(db: &Database, account: &str, after: u64) -> Result<Option<u64>, StoreError> {
+pub fn history_after(db: &Database, history: &History, account: &str, after: u64) -> Result<Option<u64>, StoreError> {
     let txn = db.begin_read()?;
-    let link = with_record(&txn.open_table(CHUNKS)?, after, |stored| Ok(stored.record()?.owned().link_of(account)))?;
+    let link =
+        Records::open(&txn, history)?.with_record(after, |stored| Ok(stored.record()?.owned().link_of(account)))?;
     Ok(link.flatten())
 }
 

@@ -463,10 +463,10 @@ fn records_are_found_in_chunks_of(layout: Layout) {
     append_chain(&db, 50, layout);
     assert_eq!(chunk_keys(&db), vec![1, 65, 101]);
     for id in [1, 2, 64, 65, 66, 100, 101, 150] {
-        assert_eq!(get_transfer(&db, id).unwrap().map(|t| t.id), Some(id), "record {id}");
+        assert_eq!(get_transfer(&db, &History::none(), id).unwrap().map(|t| t.id), Some(id), "record {id}");
     }
     for id in [0, 151, 1000] {
-        assert!(get_transfer(&db, id).unwrap().is_none(), "record {id}");
+        assert!(get_transfer(&db, &History::none(), id).unwrap().is_none(), "record {id}");
     }
     let txn = db.begin_read().unwrap();
     let chunks = txn.open_table(CHUNKS).unwrap();
@@ -485,20 +485,20 @@ fn records_are_found_in_chunks_of(layout: Layout) {
     .unwrap();
     assert_eq!(seen, (60..=120).collect::<Vec<_>>());
     // A history page walks the links back across chunk boundaries.
-    let (page, next) = history(&db, "@redeemed", 150, 90).unwrap();
+    let (page, next) = history(&db, &History::none(), "@redeemed", 150, 90).unwrap();
     assert_eq!(page.iter().map(|t| t.id).collect::<Vec<_>>(), (61..=150).rev().collect::<Vec<_>>());
     assert_eq!(next, Some(61));
     // The page's records, read through its chunk cache, are what reading
     // each alone gives, hashes included.
     let alone: Vec<String> =
-        (61..=150).rev().map(|id| format!("{:?}", get_transfer(&db, id).unwrap().unwrap())).collect();
+        (61..=150).rev().map(|id| format!("{:?}", get_transfer(&db, &History::none(), id).unwrap().unwrap())).collect();
     assert_eq!(page.iter().map(|t| format!("{t:?}")).collect::<Vec<_>>(), alone);
     let mut prev = page.last().unwrap().prev;
     for t in page.iter().rev() {
         assert_eq!(t.prev, prev, "record {} chains", t.id);
         prev = t.hash;
     }
-    let a = audit(&db).unwrap();
+    let a = audit(&db, &History::none()).unwrap();
     assert_eq!((a.transfers, a.sum, a.chain_ok), (150, 0, true));
 }
 
@@ -543,19 +543,19 @@ fn audit_sees_a_changed_or_cut_chunk_of(layout: Layout) {
     let mut changed = original.clone();
     flip_amount(&mut changed, 5);
     put(&changed);
-    assert!(!audit(&db).unwrap().chain_ok);
+    assert!(!audit(&db, &History::none()).unwrap().chain_ok);
     if layout == Layout::V3 {
         // The hash before the chunk, in its header.
         let mut changed = original.clone();
         changed[1] ^= 1;
         put(&changed);
-        assert!(!audit(&db).unwrap().chain_ok);
+        assert!(!audit(&db, &History::none()).unwrap().chain_ok);
     }
     // The chunk cut inside its last record.
     put(&original[..original.len() - 3]);
-    assert!(!audit(&db).unwrap().chain_ok);
+    assert!(!audit(&db, &History::none()).unwrap().chain_ok);
     put(&original);
-    let a = audit(&db).unwrap();
+    let a = audit(&db, &History::none()).unwrap();
     assert_eq!((a.transfers, a.chain_ok), (100, true));
     // A bit of the amount of record 64, the first chunk's last: the next
     // chunk's `prev` (v3) or its first record's (v2) no longer matches.
@@ -566,10 +566,10 @@ fn audit_sees_a_changed_or_cut_chunk_of(layout: Layout) {
     txn.open_table(CHUNKS).unwrap().insert(1, &changed[..]).unwrap();
     txn.commit().unwrap();
     assert_eq!(
-        get_transfer(&db, 64).unwrap().map(|t| t.amount),
+        get_transfer(&db, &History::none(), 64).unwrap().map(|t| t.amount),
         Some(if layout == Layout::V3 { -2 } else { 1 + (1 << 56) })
     );
-    assert!(!audit(&db).unwrap().chain_ok);
+    assert!(!audit(&db, &History::none()).unwrap().chain_ok);
 }
 
 #[test]
@@ -586,17 +586,21 @@ fn records_kept_one_per_row_move_into_chunks_on_open() {
         db.begin_read().unwrap().open_table(LEGACY_TRANSFERS),
         Err(redb::TableError::TableDoesNotExist(_))
     ));
-    assert_eq!(get_transfer(&db, 77).unwrap().map(|t| t.amount), Some(1));
-    let a = audit(&db).unwrap();
+    assert_eq!(get_transfer(&db, &History::none(), 77).unwrap().map(|t| t.amount), Some(1));
+    let a = audit(&db, &History::none()).unwrap();
     assert_eq!((a.transfers, a.sum, a.chain_ok), (130, 0, true));
     // New records carry on the migrated chain, in either chunk format.
     append_chain(&db, 5, Layout::V2);
     append_chain(&db, 70, Layout::V3);
-    let a = audit(&db).unwrap();
+    let a = audit(&db, &History::none()).unwrap();
     assert_eq!((a.transfers, a.chain_ok), (205, true));
-    assert_eq!(get_transfer(&db, 135).unwrap().map(|t| t.id), Some(135));
-    let after = get_transfer(&db, 136).unwrap().unwrap();
-    assert_eq!(after.prev, get_transfer(&db, 135).unwrap().unwrap().hash, "version 3 chains onto version 2");
+    assert_eq!(get_transfer(&db, &History::none(), 135).unwrap().map(|t| t.id), Some(135));
+    let after = get_transfer(&db, &History::none(), 136).unwrap().unwrap();
+    assert_eq!(
+        after.prev,
+        get_transfer(&db, &History::none(), 135).unwrap().unwrap().hash,
+        "version 3 chains onto version 2"
+    );
 }
 
 /// `load_with` hands the owners each account as its rows stand, and the book marks `dirty` exactly the accounts the replayed

@@ -77,7 +77,7 @@ fn member() -> Member {
 }
 
 fn audit(m: &Member) -> crate::wire::AuditReply {
-    store::audit(&m.store.db().unwrap()).unwrap()
+    store::audit(&m.store.db().unwrap(), m.store.history()).unwrap()
 }
 
 fn entry(index: u64, d: &DecidedRef<'_>) -> Entry<TypeConfig> {
@@ -420,7 +420,7 @@ async fn a_closed_machine_applies_installs_and_builds_nothing() {
     let db = Arc::try_unwrap(c.store.take().unwrap()).expect("no one else holds the database");
     db.close().unwrap();
     let reopened = Store::open(c.store.path()).unwrap();
-    assert_eq!(store::audit(&reopened.db().unwrap()).unwrap(), before);
+    assert_eq!(store::audit(&reopened.db().unwrap(), reopened.history()).unwrap(), before);
 }
 
 /// A member's stop waits for the copy Raft's state-machine worker holds,

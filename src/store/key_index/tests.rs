@@ -9,7 +9,7 @@ use redb::{Database, ReadableDatabase, ReadableTable};
 
 use super::*;
 use crate::ledger::{Kind, Links};
-use crate::store::{open, TransferRecord};
+use crate::store::{open, TransferRecord, CHUNKS};
 use std::sync::Arc;
 
 /// Small limits, so that a few dozen commits freeze and merge many runs.
@@ -21,7 +21,7 @@ fn small() -> KeyIndex {
 fn started(index: KeyIndex) -> (tempfile::TempDir, Arc<Database>, KeyIndex) {
     let dir = tempfile::tempdir().unwrap();
     let db = Arc::new(open(&dir.path().join("t.redb")).unwrap());
-    index.rebuild(&db).unwrap();
+    index.rebuild(&db, &crate::store::History::none()).unwrap();
     (dir, db, index)
 }
 
@@ -73,7 +73,11 @@ fn batch(db: &Database, index: &KeyIndex, keys: &[Option<(&str, String)>], commi
 }
 
 fn find(db: &Database, index: &KeyIndex, from: &str, key: &str) -> Option<u64> {
-    let found = lookup(db, index, &[(from.into(), key.into())]).unwrap().pop().unwrap().unwrap();
+    let found = lookup(db, &crate::store::History::none(), index, &[(from.into(), key.into())])
+        .unwrap()
+        .pop()
+        .unwrap()
+        .unwrap();
     found.map(|v| v.id)
 }
 
@@ -116,7 +120,7 @@ fn every_key_is_found_at_every_commit_and_after_a_restart_at_any_commit() {
             .collect();
         used.extend(batch(&db, &index, &keys, true));
         let restarted = small();
-        restarted.rebuild(&db).unwrap();
+        restarted.rebuild(&db, &crate::store::History::none()).unwrap();
         // Filters built, replaced as they fill (they are sized for a few
         // keys here), or not yet: either way no used key is "new".
         if round % 2 == 0 {
@@ -180,7 +184,7 @@ fn a_folder_without_keys_from_has_every_key_in_the_table() {
     txn.open_table(META).unwrap().remove(KEYS_FROM).unwrap();
     txn.commit().unwrap();
     let restarted = small();
-    restarted.rebuild(&db).unwrap();
+    restarted.rebuild(&db, &crate::store::History::none()).unwrap();
     assert!(restarted.is_empty());
     assert_eq!(find(&db, &restarted, "alice", "old"), Some(1));
 }
@@ -228,7 +232,7 @@ fn a_plan_made_before_a_rebuild_loses_no_key() {
     // This plan merges the last of a run; memory is then rebuilt (a run
     // of bob's and carol's keys) before the plan's transaction commits.
     let mut plan = index.plan().unwrap();
-    index.rebuild(&db).unwrap();
+    index.rebuild(&db, &crate::store::History::none()).unwrap();
     let txn = db.begin_write().unwrap();
     plan.put(&txn, 0).unwrap();
     assert!(plan.finished, "the plan merged the last of its run");

@@ -1,0 +1,421 @@
+//! The old records, moved out of `tally.redb` into sealed segment files.
+//!
+//! # Why
+//!
+//! After a crash redb walks every page reachable from its roots twice
+//! before it opens (checksums, then the allocator), on one thread, so a
+//! restart grew with the whole history: 12 s of repair for 108M records
+//! in an 11 GB file. Records older than the checkpoint and the key index's
+//! start are never written again and are read only by id (a transfer, a
+//! history page, a key's replay, `audit`, `backup`). So the history is cut
+//! into segments: each is a redb file of its own, written once, closed and
+//! never opened for writing again. A closed file needs no repair, and the
+//! ledger file keeps only the accounts and the newest records.
+//!
+//! # Files and their states
+//!
+//! `history/records-FIRST-LAST.redb` holds records `FIRST..=LAST` in a
+//! `chunks` table laid out as the ledger's (whole chunks, copied byte for
+//! byte, so every hash is unchanged). Two ids in the ledger's `meta` say
+//! what it relies on:
+//!
+//! - `sealed`: the segments from 1 to here are complete. Written in a
+//!   journal commit only after the segment's file is written, fsynced,
+//!   renamed into place and its folder fsynced.
+//! - `archived`: the ledger's own chunks up to here are removed, a few
+//!   hundred rows per commit (so no commit stalls), never past `sealed`.
+//!
+//! A reader's transaction sees one `archived`: records up to it come from
+//! the segments, later ones from the ledger's `chunks`. Records in
+//! `archived+1..=sealed` are in both, byte for byte the same.
+//!
+//! # Crash safety
+//!
+//! Every step leaves a state the next start accepts:
+//! - a crash while a segment is written leaves `*.tmp`, removed at start;
+//! - a crash after the rename but before `sealed` is committed leaves a
+//!   segment past `sealed`: removed at start (its records are all still in
+//!   the ledger), and written again later;
+//! - `sealed` and `archived` move in the journal's own commits, so they
+//!   are as durable as the head.
+//!
+//! A segment the ledger relies on that is missing, overlaps another or
+//! needs repair is refused at start with the file's name: the ledger
+//! cannot answer for those records without it.
+//!
+//! Only a single server seals segments. A cluster member's ledger is the
+//! Raft state machine and its snapshot is one file; it keeps every record.
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, RwLock};
+
+use redb::{ReadOnlyDatabase, ReadableDatabase, ReadableTable, ReadableTableMetadata};
+
+use super::record::{for_each_record, ChunkCache, Stored};
+use super::recovery::{read_checkpoint, read_u64};
+use super::{StoreError, CHUNKS, META};
+
+/// The ledger's `meta` row: segments complete from record 1 to here.
+pub(super) const SEALED: &str = "sealed";
+/// The ledger's `meta` row: its own chunks removed up to here.
+pub(super) const ARCHIVED: &str = "archived";
+/// What a segment keeps in its cache of pages: old records are read rarely.
+const SEGMENT_CACHE_BYTES: usize = 4 * 1024 * 1024;
+/// Chunk rows the journal removes from the ledger in one commit: a
+/// segment's 65,536 rows go in ~1,000 commits, a few seconds under load,
+/// without adding much to any one commit.
+pub const TRIM_ROWS_PER_COMMIT: usize = 64;
+/// Chunk rows a segment's file takes per commit (~17 MB): its fsyncs stay
+/// short, so the journal's own fsyncs, on the same disk, do not queue
+/// behind one of the whole segment.
+const SEAL_ROWS_PER_COMMIT: usize = 4_096;
+
+/// One sealed segment, open for reading.
+struct Segment {
+    first: u64,
+    last: u64,
+    db: ReadOnlyDatabase,
+}
+
+/// The sealed segments, in order from record 1 (see the module header).
+pub struct History {
+    dir: PathBuf,
+    segments: RwLock<Vec<Arc<Segment>>>,
+}
+
+impl History {
+    /// The segments next to the ledger file `ledger`, up to `sealed` as the
+    /// ledger records it. Leftovers of an interrupted seal are removed.
+    pub fn open(ledger: &Path, sealed: u64) -> Result<History, StoreError> {
+        let dir = ledger.parent().unwrap_or(Path::new(".")).join("history");
+        let history = History { dir, segments: RwLock::new(Vec::new()) };
+        if !history.dir.exists() {
+            if sealed > 0 {
+                return Err(StoreError::Corrupt(format!(
+                    "the ledger's records up to {sealed} are in {}, which is missing",
+                    history.dir.display()
+                )));
+            }
+            return Ok(history);
+        }
+        let mut found = Vec::new();
+        for entry in std::fs::read_dir(&history.dir)? {
+            let path = entry?.path();
+            let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("").to_owned();
+            match parse_name(&name) {
+                Some((first, last)) if last <= sealed => found.push((first, last, path)),
+                // Written, but the ledger never came to rely on it (or it
+                // is a leftover of a write): its records are in the ledger.
+                Some(_) => remove(&path)?,
+                None if name.ends_with(".tmp") => remove(&path)?,
+                None => {}
+            }
+        }
+        found.sort_unstable_by_key(|&(first, _, _)| first);
+        let mut next = 1;
+        let mut segments = Vec::with_capacity(found.len());
+        for (first, last, path) in found {
+            if first != next {
+                return Err(StoreError::Corrupt(format!(
+                    "history segment {} does not follow record {}: records {next}..{first} are missing",
+                    path.display(),
+                    next - 1
+                )));
+            }
+            segments.push(Arc::new(Segment { first, last, db: open_segment(&path)? }));
+            next = last + 1;
+        }
+        if next != sealed + 1 {
+            return Err(StoreError::Corrupt(format!(
+                "the ledger's records up to {sealed} are sealed in {}, but its segments end at {}",
+                history.dir.display(),
+                next - 1
+            )));
+        }
+        *history.segments.write().map_err(|_| poisoned())? = segments;
+        Ok(history)
+    }
+
+    /// No segments: a ledger that keeps every record (tests, tools).
+    #[must_use]
+    pub fn none() -> History {
+        History { dir: PathBuf::new(), segments: RwLock::new(Vec::new()) }
+    }
+
+    /// The last record in a complete segment (0: none).
+    pub fn sealed(&self) -> u64 {
+        self.segments.read().ok().and_then(|s| s.last().map(|s| s.last)).unwrap_or(0)
+    }
+
+    /// How many segments there are.
+    pub fn len(&self) -> usize {
+        self.segments.read().map_or(0, |s| s.len())
+    }
+
+    #[must_use]
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    fn segment_of(&self, id: u64) -> Result<Option<Arc<Segment>>, StoreError> {
+        let segments = self.segments.read().map_err(|_| poisoned())?;
+        let i = segments.partition_point(|s| s.last < id);
+        Ok(segments.get(i).filter(|s| s.first <= id).cloned())
+    }
+
+    /// Writes the next segment from the ledger's chunks, if at least
+    /// `records` of them are before the checkpoint (start-up's replay and
+    /// `list_accounts` read the ledger's chunks from the checkpoint's on):
+    /// records `sealed+1` up to the end of the last chunk that fits in
+    /// `records`. Returns its last record. The ledger does not
+    /// rely on it until the journal commits `sealed` ([`note_sealed`]).
+    pub fn seal_next(&self, ledger: &redb::Database, records: u64) -> Result<Option<u64>, StoreError> {
+        let sealed = self.sealed();
+        let txn = ledger.begin_read()?;
+        let old_below = read_checkpoint(&txn)?;
+        if records == 0 || old_below <= sealed.saturating_add(records) {
+            return Ok(None);
+        }
+        let chunks = txn.open_table(CHUNKS)?;
+        // The chunk after the segment's last: its key bounds what fits.
+        let Some(end) = chunks.range(..=sealed + 1 + records)?.next_back() else { return Ok(None) };
+        let end = end?.0.value();
+        if end <= sealed + 1 {
+            return Ok(None);
+        }
+        let (first, last) = (sealed + 1, end - 1);
+        // Nothing removes these rows before the segment is recorded, so
+        // each piece is read in a transaction of its own: a long copy
+        // keeps no old pages of the ledger from being reused.
+        drop((chunks, txn));
+        make_private_dir(&self.dir)?;
+        let tmp = self.dir.join(format!("{}.tmp", segment_name(first, last)));
+        let written = write_segment(&tmp, ledger, first..end);
+        if let Err(e) = written {
+            let _ = std::fs::remove_file(&tmp);
+            return Err(e);
+        }
+        let path = self.dir.join(segment_name(first, last));
+        std::fs::rename(&tmp, &path)?;
+        std::fs::File::open(&self.dir)?.sync_all()?;
+        let segment = Arc::new(Segment { first, last, db: open_segment(&path)? });
+        self.segments.write().map_err(|_| poisoned())?.push(segment);
+        tracing::info!(first, last, "history segment sealed");
+        Ok(Some(last))
+    }
+}
+
+/// Copies the ledger's chunk rows `keys` into a new file at `path`,
+/// readable by its owner only (like the ledger's), committed and closed.
+fn write_segment(path: &Path, ledger: &redb::Database, keys: std::ops::Range<u64>) -> Result<(), StoreError> {
+    let mut opts = std::fs::OpenOptions::new();
+    opts.read(true).write(true).create(true).truncate(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        opts.mode(0o600);
+    }
+    let out = redb::Database::builder().create_with_backend(redb::backends::FileBackend::new(opts.open(path)?)?)?;
+    let mut next = keys.start;
+    // A half-written file is never used (it keeps its `.tmp` name), so
+    // its commits need one phase.
+    while next < keys.end {
+        let txn = ledger.begin_read()?;
+        let chunks = txn.open_table(CHUNKS)?;
+        let w = out.begin_write()?;
+        {
+            let mut to = w.open_table(CHUNKS)?;
+            for row in chunks.range(next..keys.end)?.take(SEAL_ROWS_PER_COMMIT) {
+                let (k, v) = row?;
+                to.insert(k.value(), v.value())?;
+                next = k.value() + 1;
+            }
+        }
+        w.commit()?;
+        if chunks.range(next..keys.end)?.next().is_none() {
+            break;
+        }
+    }
+    Ok(())
+}
+
+/// Makes `dir` (owner only, as the data folder) if it is not there.
+fn make_private_dir(dir: &Path) -> std::io::Result<()> {
+    let mut b = std::fs::DirBuilder::new();
+    b.recursive(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::DirBuilderExt;
+        b.mode(0o700);
+    }
+    b.create(dir)
+}
+
+/// The file of records `first..=last`.
+fn segment_name(first: u64, last: u64) -> String {
+    format!("records-{first:020}-{last:020}.redb")
+}
+
+/// `(first, last)` of a segment's file name.
+fn parse_name(name: &str) -> Option<(u64, u64)> {
+    let (first, last) = name.strip_prefix("records-")?.strip_suffix(".redb")?.split_once('-')?;
+    let (first, last) = (first.parse().ok()?, last.parse().ok()?);
+    (first >= 1 && first <= last).then_some((first, last))
+}
+
+fn open_segment(path: &Path) -> Result<ReadOnlyDatabase, StoreError> {
+    redb::Builder::new()
+        .set_cache_size(SEGMENT_CACHE_BYTES)
+        .open_read_only(path)
+        .map_err(|e| StoreError::Corrupt(format!("history segment {}: {e}", path.display())))
+}
+
+fn remove(path: &Path) -> Result<(), StoreError> {
+    tracing::info!(file = %path.display(), "removing a history segment the ledger does not rely on");
+    std::fs::remove_file(path)?;
+    Ok(())
+}
+
+fn poisoned() -> StoreError {
+    StoreError::Corrupt("the history's lock was poisoned by a panic".into())
+}
+
+/// `sealed` and `archived` as a ledger transaction reads them.
+pub(super) fn marks(meta: &impl ReadableTable<&'static str, &'static [u8]>) -> Result<(u64, u64), StoreError> {
+    let get = |name| meta.get(name)?.map_or(Ok(0), |v| read_u64(v.value()));
+    Ok((get(SEALED)?, get(ARCHIVED)?))
+}
+
+/// `sealed` as the ledger records it (at start, to open the segments).
+pub fn sealed_in(ledger: &redb::Database) -> Result<u64, StoreError> {
+    let txn = ledger.begin_read()?;
+    Ok(marks(&txn.open_table(META)?)?.0)
+}
+
+/// In a journal commit: records that the segments up to `sealed` are
+/// complete, and removes up to [`TRIM_ROWS_PER_COMMIT`] of the ledger's
+/// chunk rows they hold. Returns `archived` as committed.
+pub fn note_sealed(txn: &redb::WriteTransaction, sealed: u64) -> Result<u64, StoreError> {
+    let mut meta = txn.open_table(META)?;
+    let (was_sealed, mut archived) = marks(&meta)?;
+    if sealed > was_sealed {
+        meta.insert(SEALED, &sealed.to_be_bytes()[..])?;
+    }
+    let sealed = sealed.max(was_sealed);
+    if archived >= sealed {
+        return Ok(archived);
+    }
+    let mut chunks = txn.open_table(CHUNKS)?;
+    for _ in 0..TRIM_ROWS_PER_COMMIT {
+        match chunks.first()? {
+            Some((k, _)) if k.value() <= sealed => {}
+            _ => break,
+        }
+        chunks.pop_first()?;
+    }
+    // Up to the chunk before the first one left (chunks never straddle a
+    // segment's end), at most `sealed`.
+    archived = match chunks.first()? {
+        Some((k, _)) => (k.value() - 1).min(sealed),
+        None => sealed,
+    };
+    meta.insert(ARCHIVED, &archived.to_be_bytes()[..])?;
+    Ok(archived)
+}
+
+/// The records as one read transaction of the ledger sees them: the
+/// segments up to its `archived`, its own chunks after.
+pub struct Records<'a> {
+    chunks: redb::ReadOnlyTable<u64, &'static [u8]>,
+    archived: u64,
+    history: &'a History,
+}
+
+impl<'a> Records<'a> {
+    pub fn open(txn: &redb::ReadTransaction, history: &'a History) -> Result<Records<'a>, StoreError> {
+        let (_, archived) = marks(&txn.open_table(META)?)?;
+        Ok(Records { chunks: txn.open_table(CHUNKS)?, archived, history })
+    }
+
+    /// Calls `f` with record `id`, if there is one, reading through `cache`.
+    pub(super) fn with<T>(
+        &self,
+        cache: &mut ChunkCache,
+        id: u64,
+        f: impl FnOnce(Stored<'_>) -> Result<T, StoreError>,
+    ) -> Result<Option<T>, StoreError> {
+        if id == 0 || id > self.archived {
+            return cache.with(&self.chunks, id, f);
+        }
+        let segment = self.segment(id)?;
+        let txn = segment.db.begin_read()?;
+        cache.with(&txn.open_table(CHUNKS)?, id, f)
+    }
+
+    /// Calls `f` with record `id`, if there is one.
+    pub fn with_record<T>(
+        &self,
+        id: u64,
+        f: impl FnOnce(Stored<'_>) -> Result<T, StoreError>,
+    ) -> Result<Option<T>, StoreError> {
+        self.with(&mut ChunkCache::default(), id, f)
+    }
+
+    /// Calls `f(record)` for every record from `from` on, in order, until
+    /// it returns `false`.
+    pub fn for_each(
+        &self,
+        from: u64,
+        mut f: impl FnMut(Stored<'_>) -> Result<bool, StoreError>,
+    ) -> Result<(), StoreError> {
+        let mut next = from.max(1);
+        let mut go_on = true;
+        while go_on && next <= self.archived {
+            let segment = self.segment(next)?;
+            let txn = segment.db.begin_read()?;
+            for_each_record(&txn.open_table(CHUNKS)?, next, |s| {
+                go_on = f(s)?;
+                Ok(go_on)
+            })?;
+            next = segment.last + 1;
+        }
+        if go_on {
+            for_each_record(&self.chunks, next, f)?;
+        }
+        Ok(())
+    }
+
+    /// How many chunk rows there are in all (the segments' and the ledger's).
+    pub fn chunk_rows(&self) -> Result<u64, StoreError> {
+        let mut n = self.chunks.len()?;
+        let segments = self.history.segments.read().map_err(|_| poisoned())?.clone();
+        for s in segments.iter().filter(|s| s.last <= self.archived) {
+            n += s.db.begin_read()?.open_table(CHUNKS)?.len()?;
+        }
+        Ok(n)
+    }
+
+    /// Every chunk row in key order: the segments' up to `archived`, then
+    /// the ledger's.
+    pub fn for_each_chunk(&self, mut f: impl FnMut(u64, &[u8]) -> Result<(), StoreError>) -> Result<(), StoreError> {
+        let segments = self.history.segments.read().map_err(|_| poisoned())?.clone();
+        for s in segments.iter().filter(|s| s.first <= self.archived) {
+            let txn = s.db.begin_read()?;
+            for row in txn.open_table(CHUNKS)?.range(..=self.archived)? {
+                let (k, v) = row?;
+                f(k.value(), v.value())?;
+            }
+        }
+        for row in self.chunks.range(self.archived + 1..)? {
+            let (k, v) = row?;
+            f(k.value(), v.value())?;
+        }
+        Ok(())
+    }
+
+    fn segment(&self, id: u64) -> Result<Arc<Segment>, StoreError> {
+        self.history.segment_of(id)?.ok_or_else(|| {
+            StoreError::Corrupt(format!("record {id} was moved to the history's segments, but none holds it"))
+        })
+    }
+}
