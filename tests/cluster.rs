@@ -932,7 +932,7 @@ async fn a_follower_answers_stale_reads_from_what_it_applied_and_refuses_the_res
 
 /// A member's stop closes its ledger and its log before the process frees
 /// its memory (seconds with millions of accounts), so that a kill in that
-/// time (a container's stop timeout) leaves no file for redb to repair.
+/// time (a container's stop timeout) leaves no file open for redb to recover.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_member_stopped_with_sigterm_closes_both_files_before_it_exits() {
     let mut cluster = Cluster::start(3);
@@ -959,7 +959,7 @@ async fn a_member_stopped_with_sigterm_closes_both_files_before_it_exits() {
 
 /// Sends the member SIGTERM, waits until it says both its files are
 /// closed, kills it at once (as a container's stop timeout would) and
-/// checks that neither file needs redb's repair.
+/// checks that neither file was left open.
 async fn stopped_clean(m: &mut Member) {
     m.signal("-TERM");
     let deadline = Instant::now() + WAIT;
@@ -971,7 +971,7 @@ async fn stopped_clean(m: &mut Member) {
     // The state-machine worker let go of its copy: the stop did not wait out its bound.
     assert!(!m.log().contains("had not run what Raft queued in time"), "{}", m.log());
     for file in ["tally.redb", "raft.redb"] {
-        assert!(!common::needs_repair(&m.data.join(file)), "member {}'s {file} was left for redb to repair", m.id);
+        assert!(!common::left_open(&m.data.join(file)), "member {}'s {file} was left open", m.id);
     }
 }
 

@@ -210,7 +210,8 @@ async fn sigterm_finishes_in_flight_work_and_exits_0() {
 /// On SIGTERM the server closes its database file once the journal has
 /// stopped, and says so; after that a kill (a container's stop timeout
 /// running out while the process frees millions of accounts' memory, as
-/// it did for 8-13 s) leaves a file that redb opens without repairing it.
+/// it did for 8-13 s) leaves a file that was closed (not one left open
+/// for redb to recover).
 /// Before, the file stayed open until that freeing ended, and the log
 /// never said `database closed`.
 #[tokio::test]
@@ -224,7 +225,7 @@ async fn sigterm_closes_the_database_before_the_process_ends() {
     s.send_sigterm();
     common::log_line(&s, &["database closed"]);
     s.kill9();
-    assert!(!common::needs_repair(&s.data.join("tally.redb")), "the file was left for redb to repair");
+    assert!(!common::left_open(&s.data.join("tally.redb")), "the file was left open");
     s.start_again();
     let c = s.admin().await;
     assert_eq!((balance(&c, "a").await, balance(&c, "b").await), (493, 7));
@@ -269,6 +270,7 @@ async fn torn_or_corrupt_data_files_never_serve_wrong_balances() {
     drop(c);
     s.kill9();
     let file = s.data.join("tally.redb");
+    assert!(common::left_open(&file), "a kill leaves the file open (what the stop tests rule out)");
     let original = std::fs::read(&file).unwrap();
     let log = s.data.parent().unwrap().join("torn.log");
 

@@ -412,16 +412,18 @@ pub fn set_file_size_limit(pid: u32, bytes: Option<u64>) {
     assert_eq!(rc, 0, "prlimit: {}", std::io::Error::last_os_error());
 }
 
-/// Whether redb repairs the file at `path` when it opens it (it was not
-/// closed cleanly).
-pub fn needs_repair(path: &Path) -> bool {
-    use std::sync::atomic::{AtomicBool, Ordering};
-    let repaired = std::sync::Arc::new(AtomicBool::new(false));
-    let flag = repaired.clone();
-    let db = redb::Database::builder()
-        .set_repair_callback(move |_| flag.store(true, Ordering::SeqCst))
-        .open(path)
-        .expect("the file opens");
-    drop(db);
-    repaired.load(Ordering::SeqCst)
+/// Whether the redb file at `path` was left open: its process ended
+/// without closing it. Read from redb's header (the "recovery required"
+/// bit of the byte after its 9-byte magic number, redb 4's layout), since
+/// the ledger's commits save redb's allocator state ("quick repair"), so
+/// opening a file left open repairs nothing and a repair callback cannot
+/// tell.
+pub fn left_open(path: &Path) -> bool {
+    const MAGIC: [u8; 9] = [b'r', b'e', b'd', b'b', 0x1A, 0x0A, 0xA9, 0x0D, 0x0A];
+    const RECOVERY_REQUIRED: u8 = 2;
+    let mut header = [0u8; 10];
+    std::io::Read::read_exact(&mut std::fs::File::open(path).expect("the file opens"), &mut header)
+        .expect("a redb header");
+    assert_eq!(header[..9], MAGIC, "{} is not a redb file", path.display());
+    header[9] & RECOVERY_REQUIRED != 0
 }
