@@ -77,6 +77,8 @@ pub const HISTORY_SEGMENT_RECORDS: u64 = 1 << 22;
 /// How long the history's thread waits after a segment failed to be
 /// written (a full disk, a folder it may not write) before it tries again.
 pub const HISTORY_RETRY_MS: u64 = 10_000;
+/// The longest wait between tries, the wait doubling after each failure.
+pub const HISTORY_RETRY_MAX_MS: u64 = 640_000;
 /// The nice value of the thread that copies history segments (background work).
 pub const HISTORY_NICE: libc::c_int = 10;
 /// The smallest non-zero `limits.history_segment_records` (four full chunks).

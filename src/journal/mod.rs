@@ -37,7 +37,9 @@ use crate::clock::Clock;
 use crate::contract::{Command, Committed, Outcome, SettleCmd, SettleOp};
 use crate::error::{ApiError, ErrorCode};
 use crate::ledger::FeeRounding;
-use crate::limits::{HISTORY_NICE, HISTORY_RETRY_MS, JOURNAL_RECOVERY_RETRY_MS, SWEEP_IDLE_AFTER_MS};
+use crate::limits::{
+    HISTORY_NICE, HISTORY_RETRY_MAX_MS, HISTORY_RETRY_MS, JOURNAL_RECOVERY_RETRY_MS, SWEEP_IDLE_AFTER_MS,
+};
 use crate::reply::ReplyTo;
 use crate::stats::Stats;
 use crate::store::{self, Store, StoreError};
@@ -195,18 +197,21 @@ impl Archiver {
             // not take turns with the journal and the runtime as an equal.
             // SAFETY: setpriority only changes this thread's nice value.
             unsafe { libc::setpriority(libc::PRIO_PROCESS, libc::gettid() as libc::id_t, HISTORY_NICE) };
+            let mut retry_ms = HISTORY_RETRY_MS;
             while woken.recv().is_ok() {
                 loop {
-                    match store.db().and_then(|db| store.history().seal_next(&db, records)) {
-                        Ok(Some(_)) => {}
+                    match store.history().seal_next(&|| store.db(), records) {
+                        Ok(Some(_)) => retry_ms = HISTORY_RETRY_MS,
                         Ok(None) => break,
+                        Err(StoreError::Unavailable) => break,
                         Err(e) => {
                             // Nothing relies on a segment not yet recorded.
                             // Every commit wakes this thread, so it waits
-                            // before it tries again rather than rewrite a
-                            // segment that fails at every commit.
-                            tracing::warn!(error = %e, "a history segment could not be written; trying again later");
-                            std::thread::sleep(Duration::from_millis(HISTORY_RETRY_MS));
+                            // before it tries again, longer each time, rather
+                            // than rewrite a segment that fails at every commit.
+                            tracing::warn!(error = %e, retry_s = retry_ms / 1000, "a history segment could not be written; trying again later");
+                            std::thread::sleep(Duration::from_millis(retry_ms));
+                            retry_ms = (retry_ms * 2).min(HISTORY_RETRY_MAX_MS);
                             while woken.try_recv().is_ok() {}
                             break;
                         }

@@ -33,15 +33,28 @@
 //!
 //! Every step leaves a state the next start accepts:
 //! - a crash while a segment is written leaves `*.tmp`, removed at start;
-//! - a crash after the rename but before `sealed` is committed leaves a
-//!   segment past `sealed`: removed at start (its records are all still in
-//!   the ledger), and written again later;
+//! - a crash after the rename but before `sealed` is committed leaves the
+//!   segment from `sealed+1`: removed at start if the ledger still holds
+//!   all its records (it does, unless the ledger file is not the one the
+//!   segment was written with), and written again later. Any other
+//!   segment past `sealed` is refused and nothing is removed: with a
+//!   ledger file replaced by a new or an older one, the segments may be
+//!   the only copy of their records;
+//! - a segment is checked (it opens cleanly, and holds exactly the rows
+//!   copied, from its first record to its last) before it is renamed;
 //! - `sealed` and `archived` move in the journal's own commits, so they
 //!   are as durable as the head.
 //!
 //! A segment the ledger relies on that is missing, overlaps another or
 //! needs repair is refused at start with the file's name: the ledger
 //! cannot answer for those records without it.
+//!
+//! A segment is written only with room to spare on the disk (twice its
+//! size estimated generously), so that it never takes the journal's last
+//! free space; a failed seal is tried again after 10 s, the wait doubling
+//! up to ~11 min. The copy reads and writes 4,096 rows at a time, each
+//! piece with the ledger's database fetched again, so a stop or a reopen
+//! waits for one piece at most.
 //!
 //! Only a single server seals segments. A cluster member's ledger is the
 //! Raft state machine and its snapshot is one file; it keeps every record.
@@ -65,6 +78,9 @@ const SEGMENT_CACHE_BYTES: usize = 4 * 1024 * 1024;
 /// segment's 65,536 rows go in ~1,000 commits, a few seconds under load,
 /// without adding much to any one commit.
 pub const TRIM_ROWS_PER_COMMIT: usize = 64;
+/// Bytes a segment is assumed to take per record when checking for room
+/// (a record takes ~70 bytes of a segment's file).
+const SEAL_BYTES_PER_RECORD: u64 = 128;
 /// Chunk rows a segment's file takes per commit (~17 MB): its fsyncs stay
 /// short, so the journal's own fsyncs, on the same disk, do not queue
 /// behind one of the whole segment.
@@ -84,10 +100,18 @@ pub struct History {
 }
 
 impl History {
-    /// The segments next to the ledger file `ledger`, up to `sealed` as the
-    /// ledger records it. Leftovers of an interrupted seal are removed.
-    pub fn open(ledger: &Path, sealed: u64) -> Result<History, StoreError> {
-        let dir = ledger.parent().unwrap_or(Path::new(".")).join("history");
+    /// The segments next to the ledger file at `path`, up to `sealed` as
+    /// the ledger `db` records it. Leftovers of an interrupted seal are
+    /// removed; any other file past `sealed` is refused, not removed: it
+    /// may be the only copy of records (a ledger file replaced by a new
+    /// or an older one).
+    pub fn open(path: &Path, db: &redb::Database) -> Result<History, StoreError> {
+        let (sealed, head, first_kept) = {
+            let txn = db.begin_read()?;
+            let first_kept = txn.open_table(CHUNKS)?.first()?.map(|(k, _)| k.value());
+            (marks(&txn.open_table(META)?)?.0, super::recovery::read_head(&txn)?.id, first_kept)
+        };
+        let dir = path.parent().unwrap_or(Path::new(".")).join("history");
         let history = History { dir, segments: RwLock::new(Vec::new()) };
         if !history.dir.exists() {
             if sealed > 0 {
@@ -99,17 +123,34 @@ impl History {
             return Ok(history);
         }
         let mut found = Vec::new();
+        let mut leftovers = Vec::new();
         for entry in std::fs::read_dir(&history.dir)? {
             let path = entry?.path();
             let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("").to_owned();
             match parse_name(&name) {
                 Some((first, last)) if last <= sealed => found.push((first, last, path)),
-                // Written, but the ledger never came to rely on it (or it
-                // is a leftover of a write): its records are in the ledger.
-                Some(_) => remove(&path)?,
-                None if name.ends_with(".tmp") => remove(&path)?,
+                // Written, but the journal had not recorded it: a crash
+                // between the rename and its commit. Only the next one
+                // can be that, and only if the ledger still holds all of
+                // its records.
+                Some((first, last))
+                    if first == sealed + 1 && last <= head && first_kept.is_some_and(|k| k <= first) =>
+                {
+                    leftovers.push(path);
+                }
+                Some(_) => {
+                    return Err(StoreError::Corrupt(format!(
+                        "history segment {} holds records past what the ledger file relies on (up to {sealed}, head \
+                         {head}): is this the ledger file these segments were written with? Nothing was removed",
+                        path.display()
+                    )))
+                }
+                None if name.ends_with(".tmp") => leftovers.push(path),
                 None => {}
             }
+        }
+        for path in leftovers {
+            remove(&path)?;
         }
         found.sort_unstable_by_key(|&(first, _, _)| first);
         let mut next = 1;
@@ -147,16 +188,6 @@ impl History {
         self.segments.read().ok().and_then(|s| s.last().map(|s| s.last)).unwrap_or(0)
     }
 
-    /// How many segments there are.
-    pub fn len(&self) -> usize {
-        self.segments.read().map_or(0, |s| s.len())
-    }
-
-    #[must_use]
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
-
     fn segment_of(&self, id: u64) -> Result<Option<Arc<Segment>>, StoreError> {
         let segments = self.segments.read().map_err(|_| poisoned())?;
         let i = segments.partition_point(|s| s.last < id);
@@ -169,9 +200,18 @@ impl History {
     /// records `sealed+1` up to the end of the last chunk that fits in
     /// `records`. Returns its last record. The ledger does not
     /// rely on it until the journal commits `sealed` ([`note_sealed`]).
-    pub fn seal_next(&self, ledger: &redb::Database, records: u64) -> Result<Option<u64>, StoreError> {
+    ///
+    /// `ledger` gives the database for each piece copied, so that a stop
+    /// (which takes it out of the store to close it) is never held up by
+    /// more than one piece.
+    pub fn seal_next(
+        &self,
+        ledger: &dyn Fn() -> Result<Arc<redb::Database>, StoreError>,
+        records: u64,
+    ) -> Result<Option<u64>, StoreError> {
         let sealed = self.sealed();
-        let txn = ledger.begin_read()?;
+        let db = ledger()?;
+        let txn = db.begin_read()?;
         let old_below = read_checkpoint(&txn)?;
         if records == 0 || old_below <= sealed.saturating_add(records) {
             return Ok(None);
@@ -187,10 +227,22 @@ impl History {
         // Nothing removes these rows before the segment is recorded, so
         // each piece is read in a transaction of its own: a long copy
         // keeps no old pages of the ledger from being reused.
-        drop((chunks, txn));
+        let rows = chunks.range(first..end)?.count() as u64;
+        drop((chunks, txn, db));
+        // A segment must not take the journal's last free space: it needs
+        // room for itself (records are ~70 bytes; twice that, for slack)
+        // and as much again to spare.
+        let wanted = (last - sealed).saturating_mul(2 * SEAL_BYTES_PER_RECORD);
         make_private_dir(&self.dir)?;
+        let free = free_bytes(&self.dir)?;
+        if free < wanted {
+            return Err(StoreError::Redb(redb::Error::Io(std::io::Error::other(format!(
+                "{free} bytes free in {}, a history segment wants {wanted}",
+                self.dir.display()
+            )))));
+        }
         let tmp = self.dir.join(format!("{}.tmp", segment_name(first, last)));
-        let written = write_segment(&tmp, ledger, first..end);
+        let written = write_segment(&tmp, ledger, first..end).and_then(|()| check_segment(&tmp, first, last, rows));
         if let Err(e) = written {
             let _ = std::fs::remove_file(&tmp);
             return Err(e);
@@ -207,7 +259,11 @@ impl History {
 
 /// Copies the ledger's chunk rows `keys` into a new file at `path`,
 /// readable by its owner only (like the ledger's), committed and closed.
-fn write_segment(path: &Path, ledger: &redb::Database, keys: std::ops::Range<u64>) -> Result<(), StoreError> {
+fn write_segment(
+    path: &Path,
+    ledger: &dyn Fn() -> Result<Arc<redb::Database>, StoreError>,
+    keys: std::ops::Range<u64>,
+) -> Result<(), StoreError> {
     let mut opts = std::fs::OpenOptions::new();
     opts.read(true).write(true).create(true).truncate(true);
     #[cfg(unix)]
@@ -215,12 +271,16 @@ fn write_segment(path: &Path, ledger: &redb::Database, keys: std::ops::Range<u64
         use std::os::unix::fs::OpenOptionsExt;
         opts.mode(0o600);
     }
-    let out = redb::Database::builder().create_with_backend(redb::backends::FileBackend::new(opts.open(path)?)?)?;
+    // Written pages stay in redb's cache: a small one, not the default GiB.
+    let out = redb::Database::builder()
+        .set_cache_size(SEGMENT_CACHE_BYTES)
+        .create_with_backend(redb::backends::FileBackend::new(opts.open(path)?)?)?;
     let mut next = keys.start;
     // A half-written file is never used (it keeps its `.tmp` name), so
     // its commits need one phase.
     while next < keys.end {
-        let txn = ledger.begin_read()?;
+        let db = ledger()?;
+        let txn = db.begin_read()?;
         let chunks = txn.open_table(CHUNKS)?;
         let w = out.begin_write()?;
         {
@@ -236,11 +296,51 @@ fn write_segment(path: &Path, ledger: &redb::Database, keys: std::ops::Range<u64
             break;
         }
     }
+    // Closed here, so that an error closing it is not lost.
+    out.close().map_err(|e| StoreError::Corrupt(format!("closing {}: {e}", path.display())))?;
     Ok(())
 }
 
-/// Makes `dir` (owner only, as the data folder) if it is not there.
+/// Before the ledger relies on it: the written file opens cleanly and
+/// holds exactly the `rows` chunk rows of records `first..=last`.
+fn check_segment(path: &Path, first: u64, last: u64, rows: u64) -> Result<(), StoreError> {
+    let db = open_segment(path)?;
+    let txn = db.begin_read()?;
+    let chunks = txn.open_table(CHUNKS)?;
+    let bad = |what: &str| StoreError::Corrupt(format!("history segment {} {what}", path.display()));
+    if chunks.len()? != rows {
+        return Err(bad("lacks rows it was given"));
+    }
+    if chunks.first()?.map(|(k, _)| k.value()) != Some(first) {
+        return Err(bad("does not start at its first record"));
+    }
+    let (k, v) = chunks.last()?.ok_or_else(|| bad("is empty"))?;
+    let ends = k.value() + super::record::chunk_records(k.value(), v.value()).count() as u64 - 1;
+    if ends != last {
+        return Err(bad("does not end at its last record"));
+    }
+    Ok(())
+}
+
+/// Bytes free to this process on the file system of `dir`.
+fn free_bytes(dir: &Path) -> Result<u64, StoreError> {
+    use std::os::unix::ffi::OsStrExt;
+    let c = std::ffi::CString::new(dir.as_os_str().as_bytes()).map_err(std::io::Error::other)?;
+    // SAFETY: `c` is a NUL-terminated path and `st` a zeroed statvfs that
+    // the call fills.
+    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+    if unsafe { libc::statvfs(c.as_ptr(), &raw mut st) } != 0 {
+        return Err(std::io::Error::last_os_error().into());
+    }
+    Ok(st.f_bavail.saturating_mul(st.f_frsize))
+}
+
+/// Makes `dir` (owner only, as the data folder) if it is not there, and
+/// makes its entry in the data folder durable.
 fn make_private_dir(dir: &Path) -> std::io::Result<()> {
+    if dir.exists() {
+        return Ok(());
+    }
     let mut b = std::fs::DirBuilder::new();
     b.recursive(true);
     #[cfg(unix)]
@@ -248,7 +348,8 @@ fn make_private_dir(dir: &Path) -> std::io::Result<()> {
         use std::os::unix::fs::DirBuilderExt;
         b.mode(0o700);
     }
-    b.create(dir)
+    b.create(dir)?;
+    std::fs::File::open(dir.parent().unwrap_or(Path::new(".")))?.sync_all()
 }
 
 /// The file of records `first..=last`.
@@ -284,12 +385,6 @@ fn poisoned() -> StoreError {
 pub(super) fn marks(meta: &impl ReadableTable<&'static str, &'static [u8]>) -> Result<(u64, u64), StoreError> {
     let get = |name| meta.get(name)?.map_or(Ok(0), |v| read_u64(v.value()));
     Ok((get(SEALED)?, get(ARCHIVED)?))
-}
-
-/// `sealed` as the ledger records it (at start, to open the segments).
-pub fn sealed_in(ledger: &redb::Database) -> Result<u64, StoreError> {
-    let txn = ledger.begin_read()?;
-    Ok(marks(&txn.open_table(META)?)?.0)
 }
 
 /// In a journal commit: records that the segments up to `sealed` are
@@ -383,16 +478,6 @@ impl<'a> Records<'a> {
             for_each_record(&self.chunks, next, f)?;
         }
         Ok(())
-    }
-
-    /// How many chunk rows there are in all (the segments' and the ledger's).
-    pub fn chunk_rows(&self) -> Result<u64, StoreError> {
-        let mut n = self.chunks.len()?;
-        let segments = self.history.segments.read().map_err(|_| poisoned())?.clone();
-        for s in segments.iter().filter(|s| s.last <= self.archived) {
-            n += s.db.begin_read()?.open_table(CHUNKS)?.len()?;
-        }
-        Ok(n)
     }
 
     /// Every chunk row in key order: the segments' up to `archived`, then

@@ -225,7 +225,7 @@ impl Store {
     /// Opens (or creates) the database at `path`.
     pub fn open(path: &Path) -> Result<Store, StoreError> {
         let db = Arc::new(open(path)?);
-        let history = History::open(path, history::sealed_in(&db)?)?;
+        let history = History::open(path, &db)?;
         let keys = KeyIndex::default();
         keys.rebuild(&db, &history)?;
         Ok(Store { path: path.to_owned(), current: std::sync::RwLock::new(Some(db)), keys, history })
