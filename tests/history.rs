@@ -20,8 +20,13 @@ const SEGMENT: u64 = 256;
 const TRANSFERS: u64 = 2_000;
 const BATCH: u64 = 50;
 
-fn start() -> Server {
-    Server::start_with(&[("TALLY_LIMITS_HISTORY_SEGMENT_RECORDS", "256"), ("TALLY_LOG", "info")])
+/// A server with small segments, and `alice` (funded) and `bob`.
+async fn bank() -> (Server, Client) {
+    let s = Server::start_with(&[("TALLY_LIMITS_HISTORY_SEGMENT_RECORDS", "256"), ("TALLY_LOG", "info")]);
+    let c = s.admin().await;
+    create(&c, "alice", 10_000_000).await;
+    create(&c, "bob", 0).await;
+    (s, c)
 }
 
 /// `(first, last)` of each segment file in `data/history`, in order.
@@ -112,10 +117,7 @@ async fn every_read_finds_them(c: &Client, ids: &[u64]) {
 
 #[tokio::test]
 async fn old_records_move_into_sealed_segments_and_every_read_still_finds_them() {
-    let mut s = start();
-    let c = s.admin().await;
-    create(&c, "alice", 10_000_000).await;
-    create(&c, "bob", 0).await;
+    let (mut s, c) = bank().await;
     let ids = pay(&c).await;
     let head = 1 + TRANSFERS;
     let sealed = settled(&s, head).await;
@@ -158,10 +160,7 @@ async fn old_records_move_into_sealed_segments_and_every_read_still_finds_them()
 
 #[tokio::test]
 async fn after_a_kill_9_the_start_cleans_up_an_interrupted_seal_or_names_what_is_missing() {
-    let mut s = start();
-    let c = s.admin().await;
-    create(&c, "alice", 10_000_000).await;
-    create(&c, "bob", 0).await;
+    let (mut s, c) = bank().await;
     let ids = pay(&c).await;
     settled(&s, 1 + TRANSFERS).await;
     drop(c);
@@ -224,10 +223,7 @@ async fn after_a_kill_9_the_start_cleans_up_an_interrupted_seal_or_names_what_is
 
 #[tokio::test]
 async fn a_kill_9_under_load_while_segments_are_sealed_loses_no_acknowledged_transfer() {
-    let mut s = start();
-    let c = s.admin().await;
-    create(&c, "alice", 10_000_000).await;
-    create(&c, "bob", 0).await;
+    let (mut s, c) = bank().await;
     // Batches go on until the kill; each acknowledged one is noted.
     let acked = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
     let paying = {
