@@ -804,3 +804,62 @@ fn the_size_hint_reads_back_only_a_count_the_file_could_hold() {
     assert!(hint_fits(22_369_621, gib, None) && !hint_fits(22_369_622, gib, None), "48 bytes of file an account");
     assert!(!hint_fits(u64::MAX, u64::MAX, Some(u64::MAX)), "no overflow");
 }
+
+/// Every record reads the same, from every start, before its move to a
+/// segment, while the ledger's chunks are trimmed (`archived` inside the
+/// segment, records in both places) and after.
+#[test]
+fn records_read_the_same_while_they_move_to_a_segment() {
+    use super::history::{note_sealed, Records};
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("tally.redb");
+    let db = Arc::new(open(&path).unwrap());
+    // 2,000 records in chunks of 10: a segment of 1,000 is 100 rows,
+    // more than one commit trims.
+    for _ in 0..200 {
+        append_chain(&db, 10, Layout::V3);
+    }
+    let txn = begin_write(&db).unwrap();
+    write_checkpoint(&txn, 2_000).unwrap();
+    txn.commit().unwrap();
+    let from = |history: &History, start: u64| {
+        let txn = db.begin_read().unwrap();
+        let mut out = Vec::new();
+        Records::open(&txn, history)
+            .unwrap()
+            .for_each(start, |s| {
+                out.push((s.id, s.hash));
+                Ok(true)
+            })
+            .unwrap();
+        out
+    };
+    let before = from(&History::none(), 1);
+    assert_eq!(before.len(), 2_000);
+
+    let history = History::open(&path, &db).unwrap();
+    let sealed = history.seal_next(&|| Ok(db.clone()), 1_000).unwrap().unwrap();
+    assert_eq!(sealed, 1_000, "whole chunks of 10 fill the segment exactly");
+    let mut seen = Vec::new();
+    loop {
+        let txn = begin_write(&db).unwrap();
+        let archived = note_sealed(&txn, sealed).unwrap();
+        txn.commit().unwrap();
+        seen.push(archived);
+        for start in [1, 2, archived, archived + 1, sealed, sealed + 1, 1_995] {
+            let start = start.max(1);
+            assert_eq!(from(&history, start), before[start as usize - 1..], "from {start}, archived {archived}");
+        }
+        let txn = db.begin_read().unwrap();
+        let records = Records::open(&txn, &history).unwrap();
+        for id in [1, archived, archived + 1, sealed, sealed + 1, 2_000] {
+            let id = id.max(1);
+            assert_eq!(records.with_record(id, |s| Ok(s.hash)).unwrap(), Some(before[id as usize - 1].1), "{id}");
+        }
+        if archived == sealed {
+            break;
+        }
+    }
+    assert_eq!(seen, [640, 1_000], "trimmed 64 rows, then the rest");
+    assert_eq!(chunk_keys(&db)[0], 1_001);
+}
