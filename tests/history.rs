@@ -263,3 +263,59 @@ async fn a_kill_9_under_load_while_segments_are_sealed_loses_no_acknowledged_tra
     let paid: u64 = (1..transfers).sum();
     assert_eq!(balance(&c, "bob").await, paid as i64, "bob holds exactly the applied payments");
 }
+
+/// Segment files the server at `pid` holds open.
+fn open_segment_files(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .filter_map(|e| std::fs::read_link(e.ok()?.path()).ok())
+        .filter(|target| target.to_string_lossy().contains("/history/records-"))
+        .count()
+}
+
+#[tokio::test]
+async fn segments_open_only_when_read_and_at_most_a_bounded_number_at_once() {
+    let (mut s, c) = bank().await;
+    create(&c, "carol", 1_000_000_000).await;
+    // More segments than stay open: 18 of 256 records at least.
+    let segment_count = tally::store::history::OPEN_SEGMENTS_MAX as u64 + 2;
+    let payments = (segment_count + 1) * SEGMENT;
+    let mut ids = Vec::new();
+    for b in 0..payments / 500 + 1 {
+        let items: Vec<Value> =
+            (1..=500).map(|i| json!({"from": "carol", "to": "bob", "amount": b * 500 + i})).collect();
+        let r = c.transfer_batch(&items, false).await.unwrap();
+        assert_eq!(r["applied"].as_u64(), Some(500), "{r}");
+        ids.extend(r["results"].as_array().unwrap().iter().map(|i| i["id"].as_u64().unwrap()));
+    }
+    // alice's and carol's funding, then the payments.
+    let head = 2 + ids.len() as u64;
+    let sealed = settled(&s, head).await;
+    let segs = segments(&s.data);
+    assert!(segs.len() as u64 >= segment_count, "{segs:?}");
+    drop(c);
+    assert!(s.sigterm().success());
+
+    // The start checks each segment, and its key index's rebuild reads
+    // the records from `keys_from` on: all of them here, with fewer than
+    // `KEYS_FREEZE_RECORDS` written. Only the last ones read stay open.
+    let most = tally::store::history::OPEN_SEGMENTS_MAX;
+    s.start_again();
+    let c = s.admin().await;
+    assert_eq!(open_segment_files(s.pid()), most, "after the start read every segment");
+    // Every transfer of every segment, twice over in turn, so that each
+    // read of a segment follows reads of all the others.
+    for _ in 0..2 {
+        for &(first, last) in &segs {
+            for id in [first.max(3), last] {
+                let t = c.call("get_transfer", json!({"id": id})).await.unwrap();
+                assert_eq!(t["amount"].as_u64(), Some(id - 2), "{t}");
+            }
+        }
+    }
+    assert_eq!(open_segment_files(s.pid()), most, "the most recently read segments stay open");
+    let a = audit_ok(&c).await;
+    assert_eq!(a["transfers"].as_u64(), Some(head), "{a}");
+    assert_eq!(open_segment_files(s.pid()), most, "after `audit` read every segment");
+    assert!(sealed >= segment_count * (SEGMENT - 64), "{sealed}");
+}

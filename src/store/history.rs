@@ -49,6 +49,17 @@
 //! needs repair is refused at start with the file's name: the ledger
 //! cannot answer for those records without it.
 //!
+//! # Open files
+//!
+//! A segment of the default size holds 4M records, so a long-lived ledger
+//! gathers hundreds of them. Each is checked and closed at start, and
+//! opened again only when a read needs it: at most [`OPEN_SEGMENTS_MAX`]
+//! stay open, the least recently read closed first (a reader still using
+//! one keeps it open until it is done, so the reads under way, a few
+//! blocking-pool threads, may add to that). That bounds the file
+//! descriptors and the segments' page caches (4 MiB each) however long
+//! the history.
+//!
 //! A segment is written only with room to spare on the disk (twice its
 //! size estimated generously), so that it never takes the journal's last
 //! free space; a failed seal is tried again after 10 s, the wait doubling
@@ -60,7 +71,7 @@
 //! Raft state machine and its snapshot is one file; it keeps every record.
 
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
 
 use redb::{ReadOnlyDatabase, ReadableDatabase, ReadableTable, ReadableTableMetadata};
 
@@ -86,17 +97,47 @@ const SEAL_BYTES_PER_RECORD: u64 = 128;
 /// behind one of the whole segment.
 const SEAL_ROWS_PER_COMMIT: usize = 4_096;
 
-/// One sealed segment, open for reading.
+/// Segments kept open between reads (see "Open files" above).
+pub const OPEN_SEGMENTS_MAX: usize = 16;
+
+/// One sealed segment's file.
+#[derive(Clone)]
 struct Segment {
     first: u64,
     last: u64,
-    db: ReadOnlyDatabase,
+    path: PathBuf,
+}
+
+/// One sealed segment, open for reading.
+struct Opened {
+    last: u64,
+    db: Arc<ReadOnlyDatabase>,
+}
+
+/// The segments open now, each with when it was last read.
+#[derive(Default)]
+struct OpenSegments {
+    reads: u64,
+    /// (first record, `reads` when last read, database).
+    open: Vec<(u64, u64, Arc<ReadOnlyDatabase>)>,
+}
+
+impl OpenSegments {
+    /// Counts a read, and gives the segment from `first` if it is open.
+    fn read(&mut self, first: u64) -> Option<Arc<ReadOnlyDatabase>> {
+        self.reads += 1;
+        let now = self.reads;
+        let entry = self.open.iter_mut().find(|e| e.0 == first)?;
+        entry.1 = now;
+        Some(entry.2.clone())
+    }
 }
 
 /// The sealed segments, in order from record 1 (see the module header).
 pub struct History {
     dir: PathBuf,
-    segments: RwLock<Vec<Arc<Segment>>>,
+    segments: RwLock<Vec<Segment>>,
+    open: Mutex<OpenSegments>,
 }
 
 impl History {
@@ -112,7 +153,7 @@ impl History {
             (marks(&txn.open_table(META)?)?.0, super::recovery::read_head(&txn)?.id, first_kept)
         };
         let dir = path.parent().unwrap_or(Path::new(".")).join("history");
-        let history = History { dir, segments: RwLock::new(Vec::new()) };
+        let history = History { dir, segments: RwLock::new(Vec::new()), open: Mutex::default() };
         if !history.dir.exists() {
             if sealed > 0 {
                 return Err(StoreError::Corrupt(format!(
@@ -163,7 +204,9 @@ impl History {
                     next - 1
                 )));
             }
-            segments.push(Arc::new(Segment { first, last, db: open_segment(&path)? }));
+            // Opened once to check it, then closed until a read needs it.
+            drop(open_segment(&path)?);
+            segments.push(Segment { first, last, path });
             next = last + 1;
         }
         if next != sealed + 1 {
@@ -180,7 +223,7 @@ impl History {
     /// No segments: a ledger that keeps every record (tests, tools).
     #[must_use]
     pub fn none() -> History {
-        History { dir: PathBuf::new(), segments: RwLock::new(Vec::new()) }
+        History { dir: PathBuf::new(), segments: RwLock::new(Vec::new()), open: Mutex::default() }
     }
 
     /// The last record in a complete segment (0: none).
@@ -188,10 +231,41 @@ impl History {
         self.segments.read().ok().and_then(|s| s.last().map(|s| s.last)).unwrap_or(0)
     }
 
-    fn segment_of(&self, id: u64) -> Result<Option<Arc<Segment>>, StoreError> {
-        let segments = self.segments.read().map_err(|_| poisoned())?;
-        let i = segments.partition_point(|s| s.last < id);
-        Ok(segments.get(i).filter(|s| s.first <= id).cloned())
+    /// The segment holding record `id`, opened if it is not open.
+    fn segment_of(&self, id: u64) -> Result<Option<Opened>, StoreError> {
+        let segment = {
+            let segments = self.segments.read().map_err(|_| poisoned())?;
+            let i = segments.partition_point(|s| s.last < id);
+            match segments.get(i).filter(|s| s.first <= id) {
+                Some(s) => s.clone(),
+                None => return Ok(None),
+            }
+        };
+        Ok(Some(Opened { last: segment.last, db: self.opened(&segment)? }))
+    }
+
+    /// `segment`'s database: the open one, or opened now (outside the
+    /// lock, so that reads of open segments do not wait for a file to
+    /// open), closing the least recently read one beyond
+    /// [`OPEN_SEGMENTS_MAX`].
+    fn opened(&self, segment: &Segment) -> Result<Arc<ReadOnlyDatabase>, StoreError> {
+        if let Some(db) = self.open.lock().map_err(|_| poisoned())?.read(segment.first) {
+            return Ok(db);
+        }
+        let db = Arc::new(open_segment(&segment.path)?);
+        let mut o = self.open.lock().map_err(|_| poisoned())?;
+        // Another reader may have opened it meanwhile: keep one.
+        if let Some(db) = o.read(segment.first) {
+            return Ok(db);
+        }
+        if o.open.len() >= OPEN_SEGMENTS_MAX {
+            if let Some(oldest) = o.open.iter().enumerate().min_by_key(|(_, e)| e.1).map(|(i, _)| i) {
+                o.open.swap_remove(oldest);
+            }
+        }
+        let now = o.reads;
+        o.open.push((segment.first, now, db.clone()));
+        Ok(db)
     }
 
     /// Writes the next segment from the ledger's chunks, if at least
@@ -250,8 +324,7 @@ impl History {
         let path = self.dir.join(segment_name(first, last));
         std::fs::rename(&tmp, &path)?;
         std::fs::File::open(&self.dir)?.sync_all()?;
-        let segment = Arc::new(Segment { first, last, db: open_segment(&path)? });
-        self.segments.write().map_err(|_| poisoned())?.push(segment);
+        self.segments.write().map_err(|_| poisoned())?.push(Segment { first, last, path });
         tracing::info!(first, last, "history segment sealed");
         Ok(Some(last))
     }
@@ -485,7 +558,7 @@ impl<'a> Records<'a> {
     pub fn for_each_chunk(&self, mut f: impl FnMut(u64, &[u8]) -> Result<(), StoreError>) -> Result<(), StoreError> {
         let segments = self.history.segments.read().map_err(|_| poisoned())?.clone();
         for s in segments.iter().filter(|s| s.first <= self.archived) {
-            let txn = s.db.begin_read()?;
+            let txn = self.history.opened(s)?.begin_read()?;
             for row in txn.open_table(CHUNKS)?.range(..=self.archived)? {
                 let (k, v) = row?;
                 f(k.value(), v.value())?;
@@ -498,7 +571,7 @@ impl<'a> Records<'a> {
         Ok(())
     }
 
-    fn segment(&self, id: u64) -> Result<Arc<Segment>, StoreError> {
+    fn segment(&self, id: u64) -> Result<Opened, StoreError> {
         self.history.segment_of(id)?.ok_or_else(|| {
             StoreError::Corrupt(format!("record {id} was moved to the history's segments, but none holds it"))
         })
