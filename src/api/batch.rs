@@ -235,18 +235,32 @@ async fn gather(
 ) -> Vec<Result<Reply, ApiError>> {
     let mut items = Vec::new();
     let mut heard = results.iter().filter(|r| r.is_some()).count();
-    fn take(results: &mut [Option<Result<Reply, ApiError>>], o: Outgoing) {
-        if let Some(slot) = o.id.and_then(|i| results.get_mut(usize::try_from(i).ok()?)) {
-            *slot = Some(o.result);
+    fn take(results: &mut [Option<Result<Reply, ApiError>>], got: &mut Vec<Outgoing>) {
+        for o in got.drain(..) {
+            if let Some(slot) = o.id.and_then(|i| results.get_mut(usize::try_from(i).ok()?)) {
+                *slot = Some(o.result);
+            }
         }
     }
-    while heard < results.len() {
+    // The fan-out answers a commit's items together, so answers are taken
+    // a run at a time; `biased` polls in order instead of drawing a random
+    // number at every wake-up. A channel that gives nothing is closed.
+    let most = results.len().max(1);
+    let mut got = Vec::new();
+    let (mut answering, mut collecting) = (true, true);
+    while heard < results.len() && (answering || collecting) {
         tokio::select! {
-            Some(o) = answers.recv() => take(&mut results, o),
-            Some(item) = collected.recv() => items.push(item),
-            else => break,
+            biased;
+            n = answers.recv_many(&mut got, most), if answering => {
+                answering = n > 0;
+                heard += n;
+                take(&mut results, &mut got);
+            }
+            n = collected.recv_many(&mut items, most), if collecting => {
+                collecting = n > 0;
+                heard += n;
+            }
         }
-        heard += 1;
     }
     if !items.is_empty() {
         items.sort_unstable_by_key(|(i, _)| *i);
@@ -256,8 +270,8 @@ async fn gather(
                 release(ctx, *b);
             }
         }
-        while let Some(o) = answers.recv().await {
-            take(&mut results, o);
+        while answers.recv_many(&mut got, most).await > 0 {
+            take(&mut results, &mut got);
         }
     }
     results.into_iter().map(|r| r.unwrap_or_else(|| Err(ApiError::internal("a batch item was lost")))).collect()
