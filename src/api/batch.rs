@@ -209,7 +209,7 @@ fn run(ctx: &Arc<Ctx>, p: Principal, items: Vec<Item>, atomic: bool, reply: Repl
         };
         let answer = ReplyTo::new(tx.clone(), Some(i as u64), Permits::default());
         let mut req =
-            DebitReq::new(Kind::Transfer, Shape::Transfer, t.from, t.to, t.amount, t.memo, t.key, p.clone(), answer)
+            DebitReq::new(Kind::Transfer, Shape::Item, t.from, t.to, t.amount, t.memo, t.key, p.clone(), answer)
                 .with_fee(fee);
         if atomic {
             req = req.collected(i, collect.clone());
@@ -317,9 +317,7 @@ fn answer(results: Vec<Result<Reply, ApiError>>, atomic: bool) -> Result<Reply, 
     let results: Vec<BatchItem> = results
         .into_iter()
         .map(|r| match r {
-            Ok(Reply::Transfer(v)) => {
-                BatchItem::Done { id: v.id, from_balance: v.from_balance, to_balance: v.to_balance }
-            }
+            Ok(Reply::Item(item @ BatchItem::Done { .. })) => item,
             Ok(_) => {
                 failed += 1;
                 BatchItem::Failed {

@@ -16,7 +16,7 @@ use crate::contract::{AdminEffect, Command, Committed, Done, Outcome, TransferCm
 use crate::error::ApiError;
 use crate::ledger::{Kind, Mode, MINT, TREASURY};
 use crate::reply::ReplyTo;
-use crate::wire::{Reply, TransferView, UserView};
+use crate::wire::{BatchItem, Reply, Shape, TransferView, UserView};
 
 /// Runs until the journal stops.
 pub async fn run(mut rx: tokio::sync::mpsc::UnboundedReceiver<Committed>, router: ShardRouter, users: Arc<Users>) {
@@ -198,6 +198,15 @@ impl Fanout<'_> {
                 self.settle(&t.to, t.amount - t.fee, 0, done.id);
                 if t.fee > 0 {
                     self.settle(TREASURY, t.fee, 0, done.id);
+                }
+                if t.key.is_none() && t.shape == Shape::Item {
+                    // No key keeps its view for a repeat, and the batch's
+                    // reply shows only this: no view is made.
+                    let (from_balance, to_balance) = (done.applied.from_balance, done.applied.to_balance);
+                    let item =
+                        BatchItem::Done { id: done.id, from_balance: Some(from_balance), to_balance: Some(to_balance) };
+                    self.replies.push((t.reply, Ok(Reply::Item(item))));
+                    return;
                 }
                 Ok(Arc::new(view_of(&mut t, &done)))
             }

@@ -264,6 +264,8 @@ pub enum Reply {
     Balance(BalanceReply),
     Account(Box<AccountView>),
     Transfer(Arc<TransferView>),
+    /// One item of a `transfer_batch`, on its way to the batch's reply.
+    Item(BatchItem),
     Batch(BatchReply),
     Added(AddReply),
     Hold(Box<HoldReply>),
@@ -508,6 +510,14 @@ pub enum BatchItem {
     },
 }
 
+impl BatchItem {
+    /// A committed item (or a repeat of its key).
+    #[must_use]
+    pub fn done(v: &TransferView) -> BatchItem {
+        BatchItem::Done { id: v.id, from_balance: v.from_balance, to_balance: v.to_balance }
+    }
+}
+
 /// `bulk_add`.
 #[derive(Clone, Debug, Serialize)]
 pub struct BulkReply {
@@ -542,6 +552,9 @@ pub struct BackupReply {
 pub enum Shape {
     /// The transfer record with both balances.
     Transfer,
+    /// An item of `transfer_batch`: its id and both balances, all the
+    /// batch's reply shows of it.
+    Item,
     /// `add`: `{account, balance, change, transfer}`.
     Add { account: Box<str>, delta: i64 },
     /// `hold`: `{hold, status, expires_at, transfer}`.
@@ -557,6 +570,7 @@ impl Shape {
     pub fn reply(&self, v: Arc<TransferView>) -> Reply {
         match self {
             Shape::Transfer => Reply::Transfer(v),
+            Shape::Item => Reply::Item(BatchItem::done(&v)),
             Shape::Add { account, delta } => Reply::Added(AddReply {
                 account: account.to_string(),
                 balance: if *delta > 0 { v.to_balance } else { v.from_balance },
