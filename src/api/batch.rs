@@ -197,8 +197,8 @@ fn run(ctx: &Arc<Ctx>, p: Principal, items: Vec<Item>, atomic: bool, reply: Repl
     let n = items.len();
     let (tx, answers) = mpsc::unbounded_channel::<Outgoing>();
     let (collect, collected) = mpsc::unbounded_channel::<(usize, Box<TransferCmd>)>();
-    let mut results: Vec<Option<Result<Reply, ApiError>>> = (0..n).map(|_| None).collect();
-    let mut outbox = Outbox::default();
+    let mut results: Vec<Option<Result<BatchItem, ApiError>>> = (0..n).map(|_| None).collect();
+    let mut outbox = Outbox::for_items(&ctx.router, n);
     for (i, item) in items.into_iter().enumerate() {
         let (t, fee) = match item {
             Ok(item) => item,
@@ -229,16 +229,16 @@ fn run(ctx: &Arc<Ctx>, p: Principal, items: Vec<Item>, atomic: bool, reply: Repl
 /// which then goes to the journal with the others and answers from there.
 async fn gather(
     ctx: &Ctx,
-    mut results: Vec<Option<Result<Reply, ApiError>>>,
+    mut results: Vec<Option<Result<BatchItem, ApiError>>>,
     mut answers: mpsc::UnboundedReceiver<Outgoing>,
     mut collected: mpsc::UnboundedReceiver<(usize, Box<TransferCmd>)>,
-) -> Vec<Result<Reply, ApiError>> {
+) -> Vec<Result<BatchItem, ApiError>> {
     let mut items = Vec::new();
     let mut heard = results.iter().filter(|r| r.is_some()).count();
-    fn take(results: &mut [Option<Result<Reply, ApiError>>], got: &mut Vec<Outgoing>) {
+    fn take(results: &mut [Option<Result<BatchItem, ApiError>>], got: &mut Vec<Outgoing>) {
         for o in got.drain(..) {
             if let Some(slot) = o.id.and_then(|i| results.get_mut(usize::try_from(i).ok()?)) {
-                *slot = Some(o.result);
+                *slot = Some(o.result.map(item_of));
             }
         }
     }
@@ -293,7 +293,7 @@ fn release(ctx: &Ctx, b: BatchCmd) {
 }
 
 /// The first failing item's error, naming the item.
-fn first_error<'a>(results: impl Iterator<Item = Option<&'a Result<Reply, ApiError>>>) -> Option<ApiError> {
+fn first_error<'a>(results: impl Iterator<Item = Option<&'a Result<BatchItem, ApiError>>>) -> Option<ApiError> {
     results.enumerate().find_map(|(i, r)| match r {
         Some(Err(e)) if e.item.is_none() => Some(e.clone().at_item(i)),
         Some(Err(e)) => Some(e.clone()),
@@ -301,8 +301,20 @@ fn first_error<'a>(results: impl Iterator<Item = Option<&'a Result<Reply, ApiErr
     })
 }
 
+/// What the batch's reply shows of an item's answer (kept as it arrives,
+/// so that the gathering holds only that).
+fn item_of(r: Reply) -> BatchItem {
+    match r {
+        Reply::Item(item) => item,
+        Reply::Transfer(v) => BatchItem::done(&v),
+        _ => {
+            BatchItem::Failed { code: crate::error::ErrorCode::Internal, message: "an answer of the wrong kind".into() }
+        }
+    }
+}
+
 /// The batch's reply: every item's result, or (atomic) the first failure.
-fn answer(results: Vec<Result<Reply, ApiError>>, atomic: bool) -> Result<Reply, ApiError> {
+fn answer(results: Vec<Result<BatchItem, ApiError>>, atomic: bool) -> Result<Reply, ApiError> {
     if atomic {
         if let Some(e) = first_error(results.iter().map(Some)) {
             // The other items say only that item k failed: answer with
@@ -313,23 +325,12 @@ fn answer(results: Vec<Result<Reply, ApiError>>, atomic: bool) -> Result<Reply, 
             });
         }
     }
-    let mut failed = 0;
     let results: Vec<BatchItem> = results
         .into_iter()
-        .map(|r| match r {
-            Ok(Reply::Item(item @ BatchItem::Done { .. })) => item,
-            Ok(_) => {
-                failed += 1;
-                BatchItem::Failed {
-                    code: crate::error::ErrorCode::Internal,
-                    message: "an answer of the wrong kind".into(),
-                }
-            }
-            Err(e) => {
-                failed += 1;
-                BatchItem::Failed { code: e.code, message: cut(e.message, BATCH_ERROR_BYTES_MAX) }
-            }
+        .map(|r| {
+            r.unwrap_or_else(|e| BatchItem::Failed { code: e.code, message: cut(e.message, BATCH_ERROR_BYTES_MAX) })
         })
         .collect();
+    let failed = results.iter().filter(|r| matches!(r, BatchItem::Failed { .. })).count();
     Ok(Reply::Batch(BatchReply { applied: results.len() - failed, failed, results }))
 }

@@ -19,9 +19,20 @@ pub struct Outbox {
     per_shard: Vec<Vec<DebitReq>>,
     /// Shards with debits waiting, in first-use order.
     used: Vec<usize>,
+    /// Room made for a shard's debits at its first one.
+    room: usize,
 }
 
 impl Outbox {
+    /// For `n` debits at once (a batch's items), spread over `router`'s
+    /// shards: each shard's list is made for about its share (a quarter
+    /// more, for the spread of accounts), not grown item by item.
+    #[must_use]
+    pub fn for_items(router: &ShardRouter, n: usize) -> Outbox {
+        let share = n.div_ceil(router.len().max(1));
+        Outbox { room: (share + share / 4).min(n), ..Outbox::default() }
+    }
+
     /// Holds `req` for its owning shard.
     pub fn push(&mut self, router: &ShardRouter, req: DebitReq) {
         if self.per_shard.len() != router.len() {
@@ -30,6 +41,7 @@ impl Outbox {
         let shard = router.shard_of(&req.from);
         if self.per_shard[shard].is_empty() {
             self.used.push(shard);
+            self.per_shard[shard].reserve(self.room);
         }
         self.per_shard[shard].push(req);
     }
