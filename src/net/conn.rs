@@ -268,7 +268,7 @@ pub(crate) fn permits(slots: usize, capacity: usize) -> u32 {
 /// a batch enough for its items.
 pub(crate) fn reply_slots(op: &str, args: &[u8]) -> usize {
     if op == Op::TransferBatch.name() {
-        let items = frame::decode_args::<BatchItems>(args).map_or(0, |b| b.transfers.0);
+        let items = frame::list_len(args, "transfers").unwrap_or_else(|| batch_items(args));
         return 1 + (items * BATCH_ITEM_SLOT_BYTES).div_ceil(REPLY_SLOT_BYTES);
     }
     #[derive(serde::Deserialize)]
@@ -285,7 +285,12 @@ pub(crate) fn reply_slots(op: &str, args: &[u8]) -> usize {
     1 + (items * PAGE_ITEM_BYTES_MAX).div_ceil(REPLY_SLOT_BYTES)
 }
 
-/// A `transfer_batch` request's item count, decoded without keeping the items.
+/// A `transfer_batch` request's item count as serde reads it (0 where it
+/// cannot), without keeping the items.
+fn batch_items(args: &[u8]) -> usize {
+    frame::decode_args::<BatchItems>(args).map_or(0, |b| b.transfers.0)
+}
+
 #[derive(serde::Deserialize)]
 struct BatchItems {
     transfers: Count,
@@ -372,4 +377,81 @@ async fn write_loop<W: AsyncWrite + Unpin>(
         }
     }
     let _ = wr.shutdown().await;
+}
+
+#[cfg(test)]
+mod tests {
+    use proptest::prelude::*;
+    use serde_json::{json, Value};
+
+    use super::batch_items;
+    use crate::wire::frame::list_len;
+
+    /// Values of every kind, a few levels deep.
+    fn value() -> impl Strategy<Value = Value> {
+        let leaf = prop_oneof![
+            Just(Value::Null),
+            any::<bool>().prop_map(Value::from),
+            any::<i64>().prop_map(Value::from),
+            "[a-z]{0,12}".prop_map(Value::from),
+        ];
+        leaf.prop_recursive(3, 24, 6, |inner| {
+            prop_oneof![
+                prop::collection::vec(inner.clone(), 0..6).prop_map(Value::Array),
+                prop::collection::btree_map("[a-z]{0,3}|transfers", inner, 0..4)
+                    .prop_map(|m| Value::Object(m.into_iter().collect())),
+            ]
+        })
+    }
+
+    /// Batch args as clients send them, and near misses: `transfers` as a
+    /// list or as something else, twice, beside other keys.
+    fn args() -> impl Strategy<Value = Vec<u8>> {
+        let pair = prop_oneof![
+            prop::collection::vec(value(), 0..40).prop_map(|v| ("transfers".to_owned(), Value::Array(v))),
+            value().prop_map(|v| ("transfers".to_owned(), v)),
+            ("[a-z]{0,10}", value()),
+        ];
+        prop::collection::vec(pair, 0..4).prop_map(|pairs| {
+            // A map with its pairs in order, repeats kept.
+            let mut out = Vec::new();
+            rmp::encode::write_map_len(&mut out, pairs.len() as u32).unwrap();
+            for (k, v) in pairs {
+                rmp::encode::write_str(&mut out, &k).unwrap();
+                out.extend(rmp_serde::to_vec(&v).unwrap());
+            }
+            out
+        })
+    }
+
+    proptest! {
+        /// Wherever the headers give a count, it is serde's.
+        #[test]
+        fn the_item_count_from_headers_is_serdes(args in args()) {
+            if let Some(n) = list_len(&args, "transfers") {
+                prop_assert_eq!(n, batch_items(&args));
+            }
+        }
+
+        /// Arbitrary bytes: an answer or none, never a panic.
+        #[test]
+        fn any_bytes_give_a_count_or_none(bytes in prop::collection::vec(any::<u8>(), 0..64)) {
+            let _ = list_len(&bytes, "transfers");
+        }
+    }
+
+    #[test]
+    fn the_count_comes_from_the_headers_of_a_batch() {
+        let items: Vec<Value> = (0..300).map(|i| json!({"from": "a", "to": "b", "amount": i})).collect();
+        let args = rmp_serde::to_vec_named(&json!({"transfers": items, "atomic": true})).unwrap();
+        assert_eq!(list_len(&args, "transfers"), Some(300));
+        assert_eq!(batch_items(&args), 300);
+        // Twice, or not a list: serde decides.
+        let twice = [0x82, 0xa9, b't', b'r', b'a', b'n', b's', b'f', b'e', b'r', b's', 0x90];
+        let twice = [&twice[..], &twice[1..]].concat();
+        assert_eq!(list_len(&twice, "transfers"), None);
+        let args = rmp_serde::to_vec_named(&json!({"transfers": 5})).unwrap();
+        assert_eq!(list_len(&args, "transfers"), None);
+        assert_eq!(list_len(&rmp_serde::to_vec_named(&json!({"atomic": true})).unwrap(), "transfers"), None);
+    }
 }

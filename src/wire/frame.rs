@@ -104,8 +104,14 @@ impl<'a> Cursor<'a> {
         Ok(v)
     }
 
-    /// Skips one value, checking lengths against the bytes present and depth.
+    /// Skips one value, checking lengths against the bytes present, depth
+    /// and its strings' UTF-8.
     fn skip(&mut self, depth: usize) -> Result<(), ApiError> {
+        self.walk(depth, true)
+    }
+
+    /// [`Cursor::skip`], checking strings' UTF-8 only with `utf8`.
+    fn walk(&mut self, depth: usize, utf8: bool) -> Result<(), ApiError> {
         if depth > DECODE_DEPTH_MAX {
             return Err(ApiError::new(ErrorCode::BadFrame, format!("nesting deeper than {DECODE_DEPTH_MAX}")));
         }
@@ -138,7 +144,7 @@ impl<'a> Cursor<'a> {
             0xde => (0, 2 * self.len(2)?),
             0xdf => (0, self.len(4)?.saturating_mul(2)),
         };
-        if (0xd9..=0xdb).contains(&m) || (0xa0..=0xbf).contains(&m) {
+        if utf8 && ((0xd9..=0xdb).contains(&m) || (0xa0..=0xbf).contains(&m)) {
             std::str::from_utf8(self.take(skip)?).map_err(|_| malformed("invalid UTF-8"))?;
         } else {
             self.take(skip)?;
@@ -149,7 +155,7 @@ impl<'a> Cursor<'a> {
             return Err(malformed("container claims more items than bytes"));
         }
         for _ in 0..items {
-            self.skip(depth + 1)?;
+            self.walk(depth + 1, utf8)?;
         }
         Ok(())
     }
@@ -212,6 +218,40 @@ pub fn validate_value(body: &[u8]) -> Result<(), ApiError> {
         return Err(malformed("trailing bytes"));
     }
     Ok(())
+}
+
+/// The number of items in the list under `field` of the map `args`, read
+/// from the headers alone (no string is checked or copied), for sizing a
+/// reply before the args are decoded (the envelope has checked the
+/// strings already: see [`parse_envelope`]). `None` unless `args` is a
+/// well-formed map whose keys are all strings and which holds `field`
+/// once, as a list: the caller then asks serde, which decides every other
+/// case (`net::conn` proves the two agree wherever this answers).
+pub fn list_len(args: &[u8], field: &str) -> Option<usize> {
+    let mut c = Cursor { buf: args, pos: 0 };
+    let mut found = None;
+    for _ in 0..c.map_len().ok()? {
+        let key = match c.u8().ok()? {
+            m @ 0xa0..=0xbf => usize::from(m & 0x1f),
+            0xd9 => c.len(1).ok()?,
+            0xda => c.len(2).ok()?,
+            0xdb => c.len(4).ok()?,
+            _ => return None,
+        };
+        if c.take(key).ok()? == field.as_bytes() {
+            let items = match c.buf.get(c.pos)? {
+                m @ 0x90..=0x9f => usize::from(m & 0x0f),
+                0xdc => Cursor { buf: c.buf, pos: c.pos + 1 }.len(2).ok()?,
+                0xdd => Cursor { buf: c.buf, pos: c.pos + 1 }.len(4).ok()?,
+                _ => return None,
+            };
+            if found.replace(items).is_some() {
+                return None;
+            }
+        }
+        c.walk(1, false).ok()?;
+    }
+    (c.pos == args.len()).then_some(found).flatten()
 }
 
 /// Decodes a request's `args` into the op's argument type.
