@@ -246,7 +246,7 @@ async fn gather(
     // a run at a time; `biased` polls in order instead of drawing a random
     // number at every wake-up. A channel that gives nothing is closed.
     let most = results.len().max(1);
-    let mut got = Vec::new();
+    let mut got = Vec::with_capacity(most);
     let (mut answering, mut collecting) = (true, true);
     while heard < results.len() && (answering || collecting) {
         tokio::select! {

@@ -28,7 +28,11 @@ pub async fn run(mut rx: tokio::sync::mpsc::UnboundedReceiver<Committed>, router
         }
         for (i, effects) in out.per_shard.iter_mut().enumerate() {
             if !effects.is_empty() {
-                router.cast(i, ShardMsg::Effects(std::mem::take(effects)));
+                // The next commit's list is made as large as this one's
+                // (a commit holds at most `commit_batch_max` commands), not
+                // grown effect by effect.
+                let room = effects.len();
+                router.cast(i, ShardMsg::Effects(std::mem::replace(effects, Vec::with_capacity(room))));
             }
         }
         for (reply, result) in out.replies.drain(..) {
