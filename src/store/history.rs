@@ -54,11 +54,11 @@
 //! A segment of the default size holds 4M records, so a long-lived ledger
 //! gathers hundreds of them. Each is checked and closed at start, and
 //! opened again only when a read needs it: at most [`OPEN_SEGMENTS_MAX`]
-//! stay open, the least recently read closed first (a reader still using
-//! one keeps it open until it is done, so the reads under way, a few
-//! blocking-pool threads, may add to that). That bounds the file
-//! descriptors and the segments' page caches (4 MiB each) however long
-//! the history.
+//! stay open, the least recently read closed first. A read still using a
+//! closed one keeps it open until it ends, so each read under way may add
+//! one (reads run on the blocking pool, at most 512 threads, and hold the
+//! server's in-flight permits). That bounds the file descriptors and the
+//! segments' page caches (4 MiB each) however long the history.
 //!
 //! A segment is written only with room to spare on the disk (twice its
 //! size estimated generously), so that it never takes the journal's last
