@@ -28,9 +28,10 @@ pub async fn run(mut rx: tokio::sync::mpsc::UnboundedReceiver<Committed>, router
         }
         for (i, effects) in out.per_shard.iter_mut().enumerate() {
             if !effects.is_empty() {
-                // The next commit's list is made as large as this one's
-                // (a commit holds at most `commit_batch_max` commands), not
-                // grown effect by effect.
+                // The next commit's list is made as large as this one's,
+                // not grown effect by effect: a commit holds about
+                // `commit_batch_max` transfers (an atomic batch's items
+                // counted) and a few effects for each.
                 let room = effects.len();
                 router.cast(i, ShardMsg::Effects(std::mem::replace(effects, Vec::with_capacity(room))));
             }

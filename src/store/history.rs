@@ -437,11 +437,17 @@ fn parse_name(name: &str) -> Option<(u64, u64)> {
     (first >= 1 && first <= last).then_some((first, last))
 }
 
+/// Opens a segment for reading. A file that cannot be read (gone, or no
+/// descriptor left) is an I/O error, which readers answer `unavailable`;
+/// only a file redb refuses is corrupt, which `audit` reports as a
+/// broken chain.
 fn open_segment(path: &Path) -> Result<ReadOnlyDatabase, StoreError> {
-    redb::Builder::new()
-        .set_cache_size(SEGMENT_CACHE_BYTES)
-        .open_read_only(path)
-        .map_err(|e| StoreError::Corrupt(format!("history segment {}: {e}", path.display())))
+    redb::Builder::new().set_cache_size(SEGMENT_CACHE_BYTES).open_read_only(path).map_err(|e| match e {
+        redb::DatabaseError::Storage(redb::StorageError::Io(io)) => StoreError::Redb(redb::Error::Io(
+            std::io::Error::new(io.kind(), format!("history segment {}: {io}", path.display())),
+        )),
+        e => StoreError::Corrupt(format!("history segment {}: {e}", path.display())),
+    })
 }
 
 fn remove(path: &Path) -> Result<(), StoreError> {
