@@ -306,7 +306,6 @@ fn first_error<'a>(results: impl Iterator<Item = Option<&'a Result<BatchItem, Ap
 fn item_of(r: Reply) -> BatchItem {
     match r {
         Reply::Item(item) => item,
-        Reply::Transfer(v) => BatchItem::done(&v),
         _ => {
             BatchItem::Failed { code: crate::error::ErrorCode::Internal, message: "an answer of the wrong kind".into() }
         }

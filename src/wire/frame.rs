@@ -77,6 +77,11 @@ impl<'a> Cursor<'a> {
     }
 
     fn str(&mut self) -> Result<&'a str, ApiError> {
+        std::str::from_utf8(self.str_bytes()?).map_err(|_| malformed("invalid UTF-8"))
+    }
+
+    /// A string's bytes, unchecked.
+    fn str_bytes(&mut self) -> Result<&'a [u8], ApiError> {
         let n = match self.u8()? {
             m @ 0xa0..=0xbf => usize::from(m & 0x1f),
             0xd9 => self.len(1)?,
@@ -84,7 +89,17 @@ impl<'a> Cursor<'a> {
             0xdb => self.len(4)?,
             _ => return Err(malformed("expected a string")),
         };
-        std::str::from_utf8(self.take(n)?).map_err(|_| malformed("invalid UTF-8"))
+        self.take(n)
+    }
+
+    /// Reads a list header, returning its number of items.
+    fn array_len(&mut self) -> Result<usize, ApiError> {
+        match self.u8()? {
+            m @ 0x90..=0x9f => Ok(usize::from(m & 0x0f)),
+            0xdc => self.len(2),
+            0xdd => self.len(4),
+            _ => Err(malformed("expected a list")),
+        }
     }
 
     /// Reads a non-negative integer of any width.
@@ -231,20 +246,9 @@ pub fn list_len(args: &[u8], field: &str) -> Option<usize> {
     let mut c = Cursor { buf: args, pos: 0 };
     let mut found = None;
     for _ in 0..c.map_len().ok()? {
-        let key = match c.u8().ok()? {
-            m @ 0xa0..=0xbf => usize::from(m & 0x1f),
-            0xd9 => c.len(1).ok()?,
-            0xda => c.len(2).ok()?,
-            0xdb => c.len(4).ok()?,
-            _ => return None,
-        };
-        if c.take(key).ok()? == field.as_bytes() {
-            let items = match c.buf.get(c.pos)? {
-                m @ 0x90..=0x9f => usize::from(m & 0x0f),
-                0xdc => Cursor { buf: c.buf, pos: c.pos + 1 }.len(2).ok()?,
-                0xdd => Cursor { buf: c.buf, pos: c.pos + 1 }.len(4).ok()?,
-                _ => return None,
-            };
+        if c.str_bytes().ok()? == field.as_bytes() {
+            // Read ahead: the walk below still steps over the whole list.
+            let items = Cursor { buf: c.buf, pos: c.pos }.array_len().ok()?;
             if found.replace(items).is_some() {
                 return None;
             }
