@@ -1,5 +1,5 @@
 //! Proves the byte and time bounds on connections: replies queued for
-//! peers that stop reading are bounded (the server stops reading from them)
+//! peers that stop reading (history pages, batches) are bounded (the server stops reading from them)
 //! and such peers are closed by the write timeout, releasing what they held;
 //! connections that are not logged in may send only small frames and may
 //! not sit idle for long.
@@ -104,4 +104,69 @@ async fn anonymous_connections_may_not_idle_or_send_large_frames() {
     // ...but read (and refused for its memo) once logged in.
     let e = admin.call("transfer", big).await.unwrap_err();
     assert_eq!(e.to_string(), "bad_request: memo is longer than 256 bytes");
+}
+
+#[tokio::test]
+async fn peers_that_send_batches_and_stop_reading_hold_bounded_memory() {
+    let s = Server::start_with(&[("TALLY_LIMITS_WRITE_TIMEOUT_MS", "2000")]);
+    let c = s.admin().await;
+    create(&c, "b", 0).await;
+    // Items from an account that does not exist fail at their owner with
+    // a message that names it: ~85 bytes asked, ~110 answered per item.
+    let missing = "m".repeat(64);
+    let items: Vec<_> = (0..1000).map(|_| json!({"from": missing, "to": "b", "amount": 1})).collect();
+    let batch = json!({ "transfers": items });
+    let answer = c.call("transfer_batch", batch.clone()).await.unwrap();
+    assert_eq!((answer["applied"].as_u64(), answer["failed"].as_u64()), (Some(0), Some(1000)));
+    let answered = answer["results"].as_array().unwrap();
+    assert!(answered.iter().all(|i| i["code"] == "not_found"), "{}", answered[0]);
+
+    let token = s.admin_token().await;
+    let mut bytes = tally::wire::frame::encode_request_vec(0, "auth", &json!({ "token": token }));
+    for id in 1..=128 {
+        bytes.extend(tally::wire::frame::encode_request_vec(id, "transfer_batch", &batch));
+    }
+    let peak_before = s.peak_rss_kb();
+    // 32 connections send 128 batches each (~14 MB of answers each, ~450 MB
+    // in all) and never read. The server stops reading them long before
+    // they are done sending, so each sends from a task of its own.
+    let mut senders = Vec::new();
+    for _ in 0..32 {
+        let mut conn = TcpStream::connect(s.addr).await.unwrap();
+        let bytes = bytes.clone();
+        senders.push(tokio::spawn(async move {
+            let _ = conn.write_all(&bytes).await;
+            // Held open, unread, until the server closes it.
+            let _ = closed_within(&mut conn, Duration::from_secs(120)).await;
+        }));
+    }
+    // A fresh client is served at once.
+    let fresh = s.client().await;
+    let started = Instant::now();
+    assert_eq!(fresh.call("ping", json!({})).await.unwrap(), "pong");
+    assert!(started.elapsed() < Duration::from_secs(1), "ping took {:?}", started.elapsed());
+    // The write timeout closes every stuck connection.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let open = c.call("stats", json!({})).await.unwrap()["connections"].as_u64().unwrap();
+        if open <= 2 {
+            break;
+        }
+        if Instant::now() >= deadline {
+            let grown_mb = s.peak_rss_kb().saturating_sub(peak_before) / 1024;
+            panic!("{open} connections still open; peak RSS grew by {grown_mb} MiB");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    for sender in senders {
+        sender.abort();
+    }
+    // Memory: a batch of 1,000 takes 251 of a connection's 1,024 reply
+    // slots, so each connection had at most 4 batches read and answered
+    // at once (2 MiB), never its 128 (measured: 96-106 MiB in all; with one
+    // slot per batch the server reads every batch and grows by ~1.8 GiB).
+    let grown_mb = s.peak_rss_kb().saturating_sub(peak_before) / 1024;
+    assert!(grown_mb < 256, "peak RSS grew by {grown_mb} MiB");
+    let answer = c.call("transfer_batch", batch).await.unwrap();
+    assert_eq!(answer["results"].as_array().unwrap().len(), 1000);
 }
