@@ -12,6 +12,7 @@ use crate::ledger::Book;
 use crate::limits::{
     SWEEP_ACCOUNTS_PER_RECORD, SWEEP_CHUNK_IDLE, SWEEP_CHUNK_MIN, SWEEP_IDLE_COMMITS, SWEEP_RECORDS, SWEEP_RECORDS_MAX,
 };
+use crate::store::balances::BLOCK_ACCOUNTS;
 use crate::store::key_index::KeyPlan;
 use crate::store::{self, AccountMeta, Head, HoldRecord, KeyIndex, KeyRecord, RedeemRecord, StoreError, UserRecord};
 
@@ -209,7 +210,7 @@ pub fn put(
 pub fn final_checkpoint(db: &Database, book: &mut Book, head: Head, sweep: &mut Sweep) -> Result<(), StoreError> {
     let txn = store::begin_write(db)?;
     let all = u32::try_from(book.len()).unwrap_or(u32::MAX);
-    store::write_rows(&txn, book, 0..all)?;
+    store::balances::write(&txn, book, 0..all)?;
     store::write_checkpoint(&txn, head.id)?;
     txn.commit()?;
     sweep.checkpoint = head.id;
@@ -229,9 +230,10 @@ fn sweep_slice(
     let len = book.len();
     let chunk = sweep_chunk(len, records);
     let start = sweep.cursor as usize;
-    let end = (start + chunk).min(len);
+    // Blocks are written whole: a slice ends at a block's end.
+    let end = (start + chunk).next_multiple_of(BLOCK_ACCOUNTS as usize).min(len);
     let to_u32 = |n: usize| u32::try_from(n).unwrap_or(u32::MAX);
-    store::write_rows(txn, book, to_u32(start)..to_u32(end))?;
+    store::balances::write(txn, book, to_u32(start)..to_u32(end))?;
     if end >= len {
         store::write_checkpoint(txn, sweep.from)?;
         sweep.checkpoint = sweep.from;

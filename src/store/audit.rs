@@ -42,7 +42,8 @@ pub fn backup_txn(src: &redb::ReadTransaction, history: &History, out: &Path) ->
             }
         })*};
     }
-    copy!(BALANCES, ACCOUNTS, KEYS, TAGS, OWNERS, USERS, META);
+    super::balances::copy(src, &w)?;
+    copy!(ACCOUNTS, KEYS, TAGS, OWNERS, USERS, META);
     copy!(HOLDS, OPEN_HOLDS, REDEEMS, USER_REDEEMS, SERVICE_KEYS);
     {
         let mut meta = w.open_table(META)?;

@@ -12,7 +12,7 @@
 //! | table | key | value | written by |
 //! |---|---|---|---|
 //! | `chunks` | id `u64` of its first record | up to [`CHUNK_RECORDS_MAX`](crate::limits::CHUNK_RECORDS_MAX) consecutive stored records (below) | journal, append-only; a single server moves the oldest out into sealed segments ([`history`]) |
-//! | `balances` | account number `u32` | (balance `i64`, last transfer id `u64`) | journal, swept in key order |
+//! | `balance_blocks` | account number `u32` / 64 | (balance `i64` LE, last transfer id `u64` LE) of up to 64 accounts ([`balances`]) | journal, swept in key order |
 //! | `accounts` | account | MessagePack [`AccountMeta`] | journal |
 //! | `keys` | (from account, key) | transfer id | journal: idempotency keys of the records before `meta.keys_from`, merged in sorted runs ([`key_index`]) |
 //! | `tags` | (tag, account) | `()` | journal: index for `list_accounts {tag}` and `bulk_add` |
@@ -95,10 +95,11 @@ use std::sync::Arc;
 
 use redb::{Database, ReadableTable, ReadableTableMetadata, TableDefinition, TableHandle};
 
-use crate::ledger::{Book, SYSTEM_ACCOUNTS};
+use crate::ledger::SYSTEM_ACCOUNTS;
 use crate::limits::REDB_CACHE_BYTES;
 
 pub mod audit;
+pub mod balances;
 pub mod history;
 pub mod key_index;
 pub mod queries;
@@ -128,7 +129,6 @@ pub use warm::Warming;
 pub const CHUNKS: TableDefinition<u64, &[u8]> = TableDefinition::new("chunks");
 /// One record per row: the layout before chunks, migrated by [`open`].
 const LEGACY_TRANSFERS: TableDefinition<u64, &[u8]> = TableDefinition::new("transfers");
-pub const BALANCES: TableDefinition<u32, (i64, u64)> = TableDefinition::new("balances");
 pub const ACCOUNTS: TableDefinition<&str, &[u8]> = TableDefinition::new("accounts");
 pub const KEYS: TableDefinition<(&str, &str), u64> = TableDefinition::new("keys");
 /// Index of accounts by tag: (tag, account).
@@ -304,6 +304,7 @@ pub fn open(path: &Path) -> Result<Database, StoreError> {
     let db = Database::builder().set_cache_size(REDB_CACHE_BYTES).create(path)?;
     let txn = begin_write(&db)?;
     migrate_legacy_records(&txn)?;
+    balances::migrate(&txn)?;
     {
         txn.open_table(CHUNKS)?;
         txn.open_table(KEYS)?;
@@ -320,8 +321,8 @@ pub fn open(path: &Path) -> Result<Database, StoreError> {
             meta.insert(HEAD, &Head { id: 0, hash: GENESIS }.encode()[..])?;
         }
         key_index::mark_start(&mut meta)?;
+        // The system accounts' balance rows are (0, 0): none is written.
         let mut accounts = txn.open_table(ACCOUNTS)?;
-        let mut balances = txn.open_table(BALANCES)?;
         for (num, id) in (0u32..).zip(SYSTEM_ACCOUNTS) {
             if accounts.get(id)?.is_none() {
                 let meta = AccountMeta {
@@ -331,7 +332,6 @@ pub fn open(path: &Path) -> Result<Database, StoreError> {
                     ..AccountMeta::default()
                 };
                 accounts.insert(id, &meta.encode()[..])?;
-                balances.insert(num, (0, 0))?;
             }
         }
     }
@@ -362,18 +362,6 @@ fn migrate_legacy_records(txn: &redb::WriteTransaction) -> Result<(), StoreError
         }
     }
     txn.delete_table(LEGACY_TRANSFERS).map_err(redb::Error::from)?;
-    Ok(())
-}
-
-/// Writes the balance rows of the dirty accounts numbered `nums`, in key order.
-pub fn write_rows(txn: &redb::WriteTransaction, book: &mut Book, nums: std::ops::Range<u32>) -> Result<(), StoreError> {
-    let mut rows = txn.open_table(BALANCES)?;
-    for num in nums {
-        if let Some(a) = book.by_num(num).filter(|a| a.dirty) {
-            rows.insert(num, (a.balance, a.last))?;
-            book.mark_clean(num);
-        }
-    }
     Ok(())
 }
 

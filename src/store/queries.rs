@@ -1,6 +1,7 @@
 //! The read side: users, transfers, histories, account lists and redeem
 //! requests, each through one read transaction.
 
+use super::balances::Rows;
 use super::history::{History, Records};
 use super::record::{for_each_record, ChunkCache};
 use super::recovery::{legs, read_checkpoint};
@@ -285,7 +286,7 @@ pub(super) fn list_accounts_in_blocks(
     let txn = db.begin_read()?;
     let checkpoint = read_checkpoint(&txn)?;
     let chunks = txn.open_table(CHUNKS)?;
-    let rows = txn.open_table(BALANCES)?;
+    let rows = Rows::open(&txn)?;
     let accounts = txn.open_table(ACCOUNTS)?;
     let meta_of = |id: &str| {
         accounts
@@ -321,7 +322,7 @@ pub(super) fn list_accounts_in_blocks(
             scanned += 1;
             let meta = meta_of(&id)?;
             if meta.deleted.is_none() && f.tag.as_ref().is_none_or(|t| meta.tags.contains(t)) {
-                let (balance, last) = rows.get(meta.num)?.map_or((0, 0), |v| v.value());
+                let (balance, last) = rows.get(meta.num)?;
                 block.push(Candidate { id: id.clone(), balance, last });
             }
             last_scanned = Some(id);

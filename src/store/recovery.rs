@@ -3,6 +3,7 @@
 //! onto each other and end at the head. Used at start-up, by the journal
 //! after a storage failure, and by `audit`.
 
+use super::balances::Rows;
 use super::record::{for_each_record, with_record};
 use super::*;
 use std::io::Read;
@@ -398,12 +399,11 @@ fn read_rows(
     // accounts by number: one pass over each table, where a lookup per
     // account read the balances tree in random order (~40 s of a 62 s
     // start with 10M accounts).
-    for row in txn.open_table(BALANCES)?.iter()? {
-        let (num, v) = row?;
-        *balances
-            .get_mut(num.value() as usize)
-            .ok_or_else(|| StoreError::Corrupt("balance rows without accounts".into()))? = v.value();
-    }
+    Rows::open(txn)?.for_each(|num, row| {
+        *balances.get_mut(num as usize).ok_or_else(|| StoreError::Corrupt("balance rows without accounts".into()))? =
+            row;
+        Ok(())
+    })?;
     let mut batch = Vec::with_capacity(LOADED_BATCH);
     for row in accounts_table.iter()? {
         let (k, v) = row?;

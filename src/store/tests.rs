@@ -365,7 +365,6 @@ fn listed_pages_in_blocks_give_the_balances_start_up_replays() {
     let txn = db.begin_write().unwrap();
     {
         let mut accounts = txn.open_table(ACCOUNTS).unwrap();
-        let mut balances = txn.open_table(BALANCES).unwrap();
         let mut tags = txn.open_table(TAGS).unwrap();
         for (i, name) in names.iter().enumerate() {
             let num = 3 + u32::try_from(i).unwrap();
@@ -379,7 +378,7 @@ fn listed_pages_in_blocks_give_the_balances_start_up_replays() {
             if tagged(i) {
                 tags.insert(("t", name.as_str()), ()).unwrap();
             }
-            balances.insert(num, (1000 + i64::try_from(i).unwrap(), last(i))).unwrap();
+            balances::put(&txn, num, (1000 + i64::try_from(i).unwrap(), last(i))).unwrap();
         }
     }
     txn.commit().unwrap();
@@ -615,7 +614,7 @@ fn the_owners_see_the_rows_and_the_book_marks_what_the_tail_changed() {
     // The rows take in record 1: the checkpoint is there.
     let mut book = load(&db, limits).unwrap().book;
     let txn = db.begin_write().unwrap();
-    write_rows(&txn, &mut book, 0..3).unwrap();
+    balances::write(&txn, &mut book, 0..3).unwrap();
     write_checkpoint(&txn, 1).unwrap();
     txn.commit().unwrap();
     // A tail after the checkpoint that moves only @treasury and @redeemed.
@@ -703,14 +702,13 @@ fn account_numbers_that_repeat_or_overflow_are_refused() {
         let txn = db.begin_write().unwrap();
         {
             let mut accounts = txn.open_table(ACCOUNTS).unwrap();
-            let mut balances = txn.open_table(BALANCES).unwrap();
             for i in 0..N {
                 let meta = AccountMeta { num: num_of(i), tags: vec!["t".into()], ..AccountMeta::default() };
                 accounts.insert(format!("a{i:07}").as_str(), &meta.encode()[..]).unwrap();
-                balances.insert(3 + i, (0, 0)).unwrap();
+                balances::put(&txn, 3 + i, (0, 0)).unwrap();
             }
             if let Some(num) = stray {
-                balances.insert(num, (0, 0)).unwrap();
+                balances::put(&txn, num, (0, 0)).unwrap();
             }
         }
         txn.commit().unwrap();
@@ -740,13 +738,12 @@ fn a_room_of_any_size_loads_what_loading_alone_does() {
     let txn = db.begin_write().unwrap();
     {
         let mut accounts = txn.open_table(ACCOUNTS).unwrap();
-        let mut balances = txn.open_table(BALANCES).unwrap();
         for i in 0..N {
             let meta = AccountMeta { num: 3 + i, created: u64::from(i), ..AccountMeta::default() };
             accounts.insert(format!("a{i:05}").as_str(), &meta.encode()[..]).unwrap();
             // Some accounts have no balance row yet: (0, 0).
             if i % 5 != 0 {
-                balances.insert(3 + i, (i64::from(i % 7), 0)).unwrap();
+                balances::put(&txn, 3 + i, (i64::from(i % 7), 0)).unwrap();
             }
         }
     }
@@ -862,4 +859,66 @@ fn records_read_the_same_while_they_move_to_a_segment() {
     }
     assert_eq!(seen, [640, 1_000], "trimmed 64 rows, then the rest");
     assert_eq!(chunk_keys(&db)[0], 1_001);
+}
+
+/// A folder written when each account had a balance row of its own: the
+/// first open moves the rows into blocks, loading gives the same book
+/// before and after, a later open changes nothing, and a version that
+/// reads the old table is refused rather than reading no balances.
+#[test]
+fn rows_of_one_account_each_move_into_blocks_once_and_old_readers_are_refused() {
+    const N: u32 = 300;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("t.redb");
+    let db = open(&path).unwrap();
+    // The folder as a version before blocks left it.
+    let txn = db.begin_write().unwrap();
+    {
+        assert!(txn.delete_table(balances::BALANCE_BLOCKS).unwrap());
+        assert!(txn.delete_table(TableDefinition::<&str, &str>::new("balances")).unwrap());
+        let mut accounts = txn.open_table(ACCOUNTS).unwrap();
+        let mut legacy = txn.open_table(balances::LEGACY_BALANCES).unwrap();
+        for i in 0..N {
+            let meta = AccountMeta { num: 3 + i, ..AccountMeta::default() };
+            accounts.insert(format!("a{i:05}").as_str(), &meta.encode()[..]).unwrap();
+            // Some accounts have no row yet: (0, 0).
+            if i % 7 != 3 {
+                legacy.insert(3 + i, (i64::from(i) * 11, u64::from(i % 5))).unwrap();
+            }
+        }
+    }
+    txn.commit().unwrap();
+    let limits = Limits { min_balance: 0, max_balance: None };
+    let book_of = |db: &Database| -> Vec<(String, i64, u64)> {
+        load(db, limits).unwrap().book.iter().map(|(id, a)| (id.to_owned(), a.balance, a.last)).collect()
+    };
+    let before = book_of(&db);
+    assert_eq!(before.iter().find(|(id, ..)| id == "a00299"), Some(&("a00299".to_owned(), 3289, 4)));
+    assert_eq!(before.iter().find(|(id, ..)| id == "a00003"), Some(&("a00003".to_owned(), 0, 0)));
+    drop(db);
+
+    let blocks = |db: &Database| -> Vec<(u32, Vec<u8>)> {
+        let txn = db.begin_read().unwrap();
+        let t = txn.open_table(balances::BALANCE_BLOCKS).unwrap();
+        t.iter().unwrap().map(|r| r.map(|(k, v)| (k.value(), v.value().to_vec())).unwrap()).collect()
+    };
+    let db = open(&path).unwrap();
+    assert_eq!(book_of(&db), before);
+    let moved = blocks(&db);
+    // Rows for accounts 3..303: blocks 0 to 4, the last ending at 302.
+    assert_eq!(
+        moved.iter().map(|(b, v)| (*b, v.len())).collect::<Vec<_>>(),
+        [(0, 1024), (1, 1024), (2, 1024), (3, 1024), (4, 752)]
+    );
+    {
+        let txn = db.begin_read().unwrap();
+        match txn.open_table(balances::LEGACY_BALANCES) {
+            Err(redb::TableError::TableTypeMismatch { .. }) => {}
+            other => panic!("an old reader would open the rows: {:?}", other.map(|_| ())),
+        }
+    }
+    drop(db);
+    let db = open(&path).unwrap();
+    assert_eq!(blocks(&db), moved);
+    assert_eq!(book_of(&db), before);
 }
