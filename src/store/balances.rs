@@ -58,9 +58,11 @@ fn entry(block: &[u8], slot: u32) -> Option<(i64, u64)> {
     ))
 }
 
-/// Checks a block's length: whole entries, at most [`BLOCK_ACCOUNTS`].
+/// Checks a block's length: whole entries, at least one (a write covers
+/// an account), at most [`BLOCK_ACCOUNTS`].
 fn check(block: u32, bytes: &[u8]) -> Result<(), StoreError> {
-    if !bytes.len().is_multiple_of(ENTRY_BYTES) || bytes.len() > BLOCK_ACCOUNTS as usize * ENTRY_BYTES {
+    let entries = bytes.len() / ENTRY_BYTES;
+    if !bytes.len().is_multiple_of(ENTRY_BYTES) || entries == 0 || entries > BLOCK_ACCOUNTS as usize {
         return Err(StoreError::Corrupt(format!("balance block {block} holds {} bytes", bytes.len())));
     }
     Ok(())
@@ -70,9 +72,12 @@ fn check(block: u32, bytes: &[u8]) -> Result<(), StoreError> {
 /// its block was last written: the block whole, from the book as it is, and
 /// all its accounts marked clean.
 pub fn write(txn: &redb::WriteTransaction, book: &mut Book, nums: std::ops::Range<u32>) -> Result<(), StoreError> {
-    let mut rows = txn.open_table(BALANCE_BLOCKS)?;
     let len = u32::try_from(book.len()).unwrap_or(u32::MAX);
     let end = nums.end.min(len);
+    if nums.start >= end {
+        return Ok(());
+    }
+    let mut rows = txn.open_table(BALANCE_BLOCKS)?;
     let mut buf = Vec::with_capacity(BLOCK_ACCOUNTS as usize * ENTRY_BYTES);
     let mut first = nums.start - nums.start % BLOCK_ACCOUNTS;
     while first < end {
@@ -328,7 +333,7 @@ mod tests {
     fn a_block_of_a_wrong_length_is_corrupt() {
         let dir = tempfile::tempdir().unwrap();
         let db = Database::create(dir.path().join("t.redb")).unwrap();
-        for bad in [vec![0u8; 15], vec![0u8; 65 * ENTRY_BYTES]] {
+        for bad in [vec![0u8; 15], Vec::new(), vec![0u8; 65 * ENTRY_BYTES]] {
             let txn = db.begin_write().unwrap();
             migrate(&txn).unwrap();
             txn.open_table(BALANCE_BLOCKS).unwrap().insert(2, &bad[..]).unwrap();

@@ -13,6 +13,7 @@
 //! |---|---|---|---|
 //! | `chunks` | id `u64` of its first record | up to [`CHUNK_RECORDS_MAX`](crate::limits::CHUNK_RECORDS_MAX) consecutive stored records (below) | journal, append-only; a single server moves the oldest out into sealed segments ([`history`]) |
 //! | `balance_blocks` | account number `u32` / 64 | (balance `i64` LE, last transfer id `u64` LE) of up to 64 accounts ([`balances`]) | journal, swept in key order |
+//! | `balances` | `&str` | `&str` | [`open`]: a marker of another type where rows were once kept one per account, so that older versions refuse the folder ([`balances`]) |
 //! | `accounts` | account | MessagePack [`AccountMeta`] | journal |
 //! | `keys` | (from account, key) | transfer id | journal: idempotency keys of the records before `meta.keys_from`, merged in sorted runs ([`key_index`]) |
 //! | `tags` | (tag, account) | `()` | journal: index for `list_accounts {tag}` and `bulk_add` |
@@ -24,8 +25,8 @@
 //! consecutive ids (sequential keys, so always at the end of the tree) and
 //! the new head. One B-tree insert per record was ~45% of the journal
 //! thread's time (perf); one per chunk of 64 is a small fraction of that.
-//! Balances live in memory. Each batch also writes the changed balance rows of the next slice
-//! of account numbers (a sweep in key order, so a batch touches few pages);
+//! Balances live in memory. Each batch also writes the balance blocks of the next slice
+//! of account numbers that changed (a sweep in key order, so a batch touches few pages);
 //! when a sweep completes, every row includes all transfers up to the head
 //! at the sweep's start, and that id is stored as the `checkpoint`. Start-up
 //! (and `audit`) read the rows and replay only the records after the

@@ -176,9 +176,11 @@ impl Room {
 /// hint: missing, unreadable or wrong, it costs time, never correctness.
 const SIZE_HINT_FILE: &str = "accounts.hint";
 
-/// Fewest bytes of the database file an account takes (its two rows):
-/// a hint claiming more accounts than the file can hold is ignored.
-const ACCOUNT_BYTES_MIN: u64 = 48;
+/// Fewest bytes of the database file an account takes (its row in
+/// `accounts`, id and metadata with redb's offsets, and its 16 bytes in a
+/// balance block): a hint claiming more accounts than the file can hold
+/// is ignored.
+const ACCOUNT_BYTES_MIN: u64 = 32;
 
 /// Most memory made ahead for an account (its book entry, balance, index
 /// bucket and shard map bucket, with their headroom): a hint whose memory
