@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 
 use common::{create, join_all, Server};
 use serde_json::json;
+use tally::client::Client;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
@@ -25,6 +26,28 @@ async fn closed_within(s: &mut TcpStream, within: Duration) -> bool {
             Ok(Ok(_)) => {}
             Err(_) => return false,
         }
+    }
+}
+
+/// While peers that stopped reading hold their replies: a fresh client
+/// is served at once, and the write timeout closes every stuck connection
+/// (all but `c`'s and the fresh one's) within a minute.
+async fn stuck_peers_closed(s: &Server, c: &Client, peak_before: u64) {
+    let fresh = s.client().await;
+    let started = Instant::now();
+    assert_eq!(fresh.call("ping", json!({})).await.unwrap(), "pong");
+    assert!(started.elapsed() < Duration::from_secs(1), "ping took {:?}", started.elapsed());
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let open = c.call("stats", json!({})).await.unwrap()["connections"].as_u64().unwrap();
+        if open <= 2 {
+            return;
+        }
+        if Instant::now() >= deadline {
+            let grown_mb = s.peak_rss_kb().saturating_sub(peak_before) / 1024;
+            panic!("{open} connections still open; peak RSS grew by {grown_mb} MiB");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
 
@@ -56,21 +79,7 @@ async fn peers_that_stop_reading_hold_bounded_memory_and_are_closed() {
         conn.write_all(&bytes).await.unwrap();
         stuck.push(conn);
     }
-    // A fresh client is served at once.
-    let fresh = s.client().await;
-    let started = Instant::now();
-    assert_eq!(fresh.call("ping", json!({})).await.unwrap(), "pong");
-    assert!(started.elapsed() < Duration::from_secs(1), "ping took {:?}", started.elapsed());
-    // The write timeout closes every stuck connection.
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        let open = c.call("stats", json!({})).await.unwrap()["connections"].as_u64().unwrap();
-        if open <= 2 {
-            break;
-        }
-        assert!(Instant::now() < deadline, "{open} connections still open");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    stuck_peers_closed(&s, &c, peak_before).await;
     // Memory: each stuck connection held one page at a time (its reply
     // slots), never its 64 (~29 MB each, ~930 MB in all). The bound in
     // protocol.md: 2 MiB of queued replies per connection plus the page
@@ -140,24 +149,7 @@ async fn peers_that_send_batches_and_stop_reading_hold_bounded_memory() {
             let _ = closed_within(&mut conn, Duration::from_secs(120)).await;
         }));
     }
-    // A fresh client is served at once.
-    let fresh = s.client().await;
-    let started = Instant::now();
-    assert_eq!(fresh.call("ping", json!({})).await.unwrap(), "pong");
-    assert!(started.elapsed() < Duration::from_secs(1), "ping took {:?}", started.elapsed());
-    // The write timeout closes every stuck connection.
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        let open = c.call("stats", json!({})).await.unwrap()["connections"].as_u64().unwrap();
-        if open <= 2 {
-            break;
-        }
-        if Instant::now() >= deadline {
-            let grown_mb = s.peak_rss_kb().saturating_sub(peak_before) / 1024;
-            panic!("{open} connections still open; peak RSS grew by {grown_mb} MiB");
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    stuck_peers_closed(&s, &c, peak_before).await;
     for sender in senders {
         sender.abort();
     }
