@@ -192,6 +192,60 @@ async fn a_snapshot_carries_a_new_member_to_the_same_ledger_and_position() {
     assert_eq!(audit(&c), audit(&a));
 }
 
+/// A snapshot from a member not yet upgraded keeps one balance row per
+/// account: an upgraded member checks it, installs it with its rows moved
+/// into blocks, and holds the same ledger as the leader.
+#[tokio::test]
+async fn a_snapshot_with_rows_of_one_account_each_installs_in_blocks() {
+    use crate::store::balances::{Rows, BALANCE_BLOCKS};
+    let (mut a, mut c) = (member(), member());
+    let mut journal = journal_on(&a);
+    let (base, writes) = decide(&mut journal, &a, &[create("alice", 50), create("bob", 5)], T0);
+    a.machine.apply(vec![entry(1, &DecidedRef { seq: 0, base, head: journal.head, writes: &writes })]).await.unwrap();
+    let (base, writes) = decide(&mut journal, &a, &[transfer("alice", "bob", 8, "k")], T0 + 1);
+    a.machine.apply(vec![entry(2, &DecidedRef { seq: 1, base, head: journal.head, writes: &writes })]).await.unwrap();
+    let snap = a.machine.get_snapshot_builder().await.build_snapshot().await.unwrap();
+
+    // The snapshot as an older leader would have sent it.
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("old.redb");
+    std::fs::write(&path, snap.snapshot.get_ref()).unwrap();
+    let old = redb::Database::open(&path).unwrap();
+    let mut rows = Vec::new();
+    Rows::open(&old.begin_read().unwrap())
+        .unwrap()
+        .for_each(|num, row| {
+            rows.push((num, row));
+            Ok(())
+        })
+        .unwrap();
+    assert!(rows.iter().any(|&(_, (balance, last))| balance == 42 && last > 0), "alice's row: {rows:?}");
+    let txn = old.begin_write().unwrap();
+    assert!(txn.delete_table(BALANCE_BLOCKS).unwrap());
+    assert!(txn.delete_table(redb::TableDefinition::<&str, &str>::new("balances")).unwrap());
+    {
+        let mut legacy = txn.open_table(redb::TableDefinition::<u32, (i64, u64)>::new("balances")).unwrap();
+        for (num, row) in &rows {
+            legacy.insert(num, row).unwrap();
+        }
+    }
+    txn.commit().unwrap();
+    assert!(matches!(Rows::open(&old.begin_read().unwrap()).unwrap(), Rows::Legacy(_)));
+    drop(old);
+
+    let bytes = std::fs::read(&path).unwrap();
+    c.machine.install_snapshot(&snap.meta, Box::new(std::io::Cursor::new(bytes))).await.unwrap();
+    assert_eq!(audit(&c), audit(&a));
+    assert!(matches!(Rows::open(&c.store.db().unwrap().begin_read().unwrap()).unwrap(), Rows::Blocks(_)));
+    let (base, writes) = decide(&mut journal, &a, &[transfer("bob", "alice", 3, "k2")], T0 + 2);
+    let e = entry(3, &DecidedRef { seq: 2, base, head: journal.head, writes: &writes });
+    assert_eq!(a.machine.apply(vec![e.clone()]).await.unwrap(), vec![Verdict::Applied]);
+    assert_eq!(c.machine.apply(vec![e]).await.unwrap(), vec![Verdict::Applied]);
+    assert_eq!(audit(&c), audit(&a));
+    let balance = |m: &Member, id| m.machine.read(|book, _| Ok(book.get(id).map(|x| x.balance))).unwrap();
+    assert_eq!((balance(&c, "alice"), balance(&c, "bob")), (Some(45), Some(10)));
+}
+
 /// Followers answer stale reads from the machine's book: after every
 /// batch, holds opened, posted and voided included, its balances, held
 /// amounts and last records are what a start-up would load from the same
