@@ -29,14 +29,22 @@ async fn closed_within(s: &mut TcpStream, within: Duration) -> bool {
     }
 }
 
-/// While peers that stopped reading hold their replies: a fresh client
-/// is served at once, and the write timeout closes every stuck connection
-/// (all but `c`'s and the fresh one's) within a minute.
-async fn stuck_peers_closed(s: &Server, c: &Client, peak_before: u64) {
-    let fresh = s.client().await;
-    let started = Instant::now();
-    assert_eq!(fresh.call("ping", json!({})).await.unwrap(), "pong");
-    assert!(started.elapsed() < Duration::from_secs(1), "ping took {:?}", started.elapsed());
+/// The write timeout of the stuck peers' tests: long enough that a fresh
+/// client is served well before it closes them, on a loaded machine too.
+const STUCK_WRITE_TIMEOUT_MS: &str = "10000";
+
+/// While `stuck` peers that stopped reading hold their replies: a fresh
+/// client is served while they are still open (they do not hold up the
+/// others; some may not be counted yet when the server is busy), and the
+/// write timeout then closes every stuck connection (all but `c`'s and the
+/// fresh one's) within a minute.
+async fn stuck_peers_closed(s: &Server, c: &Client, stuck: u64, peak_before: u64) {
+    let fresh = s.admin().await;
+    let open = fresh.call("stats", json!({})).await.unwrap()["connections"].as_u64().unwrap();
+    assert!(
+        (3..=stuck + 2).contains(&open),
+        "{open} open: the fresh client was served only once stuck peers were closed"
+    );
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
         let open = c.call("stats", json!({})).await.unwrap()["connections"].as_u64().unwrap();
@@ -53,7 +61,7 @@ async fn stuck_peers_closed(s: &Server, c: &Client, peak_before: u64) {
 
 #[tokio::test]
 async fn peers_that_stop_reading_hold_bounded_memory_and_are_closed() {
-    let s = Server::start_with(&[("TALLY_LIMITS_WRITE_TIMEOUT_MS", "2000")]);
+    let s = Server::start_with(&[("TALLY_LIMITS_WRITE_TIMEOUT_MS", STUCK_WRITE_TIMEOUT_MS)]);
     let c = s.admin().await;
     create(&c, "a", 1_000_000).await;
     create(&c, "b", 0).await;
@@ -79,7 +87,7 @@ async fn peers_that_stop_reading_hold_bounded_memory_and_are_closed() {
         conn.write_all(&bytes).await.unwrap();
         stuck.push(conn);
     }
-    stuck_peers_closed(&s, &c, peak_before).await;
+    stuck_peers_closed(&s, &c, 32, peak_before).await;
     // Memory: each stuck connection held one page at a time (its reply
     // slots), never its 64 (~29 MB each, ~930 MB in all). The bound in
     // protocol.md: 2 MiB of queued replies per connection plus the page
@@ -117,7 +125,7 @@ async fn anonymous_connections_may_not_idle_or_send_large_frames() {
 
 #[tokio::test]
 async fn peers_that_send_batches_and_stop_reading_hold_bounded_memory() {
-    let s = Server::start_with(&[("TALLY_LIMITS_WRITE_TIMEOUT_MS", "2000")]);
+    let s = Server::start_with(&[("TALLY_LIMITS_WRITE_TIMEOUT_MS", STUCK_WRITE_TIMEOUT_MS)]);
     let c = s.admin().await;
     create(&c, "b", 0).await;
     // Items from an account that does not exist fail at their owner with
@@ -149,7 +157,7 @@ async fn peers_that_send_batches_and_stop_reading_hold_bounded_memory() {
             let _ = closed_within(&mut conn, Duration::from_secs(120)).await;
         }));
     }
-    stuck_peers_closed(&s, &c, peak_before).await;
+    stuck_peers_closed(&s, &c, 32, peak_before).await;
     for sender in senders {
         sender.abort();
     }
