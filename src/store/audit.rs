@@ -1,6 +1,7 @@
 //! `backup` (a consistent copy through one read transaction) and `audit`
 //! (the whole chain re-verified, and the balances summed).
 
+use super::balances::{Rows, BALANCE_BLOCKS, LEGACY_BALANCES, MOVED};
 use super::history::{History, Records, ARCHIVED, SEALED};
 use super::record::Head;
 use super::recovery::{load_txn, read_head};
@@ -42,7 +43,16 @@ pub fn backup_txn(src: &redb::ReadTransaction, history: &History, out: &Path) ->
             }
         })*};
     }
-    super::balances::copy(src, &w)?;
+    // The balance rows as they are: a backup not yet in blocks moves them
+    // when it is opened.
+    match Rows::open(src)? {
+        Rows::Blocks(_) => {
+            copy!(BALANCE_BLOCKS, MOVED);
+        }
+        Rows::Legacy(_) => {
+            copy!(LEGACY_BALANCES);
+        }
+    }
     copy!(ACCOUNTS, KEYS, TAGS, OWNERS, USERS, META);
     copy!(HOLDS, OPEN_HOLDS, REDEEMS, USER_REDEEMS, SERVICE_KEYS);
     {

@@ -44,7 +44,7 @@ pub const BALANCE_BLOCKS: TableDefinition<u32, &[u8]> = TableDefinition::new("ba
 /// One row per account: the layout before blocks, migrated by [`migrate`].
 pub(super) const LEGACY_BALANCES: TableDefinition<u32, (i64, u64)> = TableDefinition::new("balances");
 /// What [`migrate`] leaves in place of `balances`: a table of another type.
-const MOVED: TableDefinition<&str, &str> = TableDefinition::new("balances");
+pub(super) const MOVED: TableDefinition<&str, &str> = TableDefinition::new("balances");
 
 /// An account's `(balance, last)` in `block` (the block's bytes), or
 /// `None` past the block's end.
@@ -198,30 +198,6 @@ pub fn migrate(txn: &redb::WriteTransaction) -> Result<(), StoreError> {
         txn.open_table(BALANCE_BLOCKS)?;
     }
     txn.open_table(MOVED)?.insert("moved to", BALANCE_BLOCKS.name())?;
-    Ok(())
-}
-
-/// Copies the rows of `src` into `dst` as they are (a backup; one not yet
-/// in blocks is migrated when it is opened), and in blocks, what
-/// [`migrate`] leaves in place of the old table.
-pub fn copy(src: &redb::ReadTransaction, dst: &redb::WriteTransaction) -> Result<(), StoreError> {
-    match Rows::open(src)? {
-        Rows::Blocks(from) => {
-            let mut to = dst.open_table(BALANCE_BLOCKS)?;
-            for row in from.iter()? {
-                let (k, v) = row?;
-                to.insert(k.value(), v.value())?;
-            }
-            dst.open_table(MOVED)?.insert("moved to", BALANCE_BLOCKS.name())?;
-        }
-        Rows::Legacy(from) => {
-            let mut to = dst.open_table(LEGACY_BALANCES)?;
-            for row in from.iter()? {
-                let (k, v) = row?;
-                to.insert(k.value(), v.value())?;
-            }
-        }
-    }
     Ok(())
 }
 
