@@ -55,7 +55,8 @@ usage: cargo bench --bench load -- [flags]
   --atomic              with --batch: atomic batches
   --keys                give every transfer an idempotency key
   --rate R              open loop: offer R transfers/s in all on a fixed schedule, whatever
-                        the replies; latency counts from the scheduled send time
+                        the replies; latency counts from the scheduled send time, and
+                        `sent after due` says how much of it is the harness's own lateness
   --workload W          uniform | zipf | hot (default uniform)
   --reads PCT           share of balance reads instead of transfers (default 0)
   --logins K            K users logging in over and over meanwhile
@@ -702,6 +703,16 @@ async fn open(dial: &Dial, token: &str) -> Box<dyn Io> {
 /// Requests in flight on one connection: id -> (sent at, is a read).
 type Sent = HashMap<u64, (Instant, bool), foldhash::fast::FixedState>;
 
+/// What one connection measured.
+struct Drove {
+    /// Every request's latency.
+    hist: Histogram<u64>,
+    /// Latency per second of the run, for the plot.
+    per_second: Vec<Histogram<u64>>,
+    /// Open loop: how long after it was due each request was sent.
+    late: Histogram<u64>,
+}
+
 /// One connection sending requests until `stop`: closed loop, keeping
 /// `pipeline` requests in flight; or open loop (`--rate`), sending on a
 /// fixed schedule whatever the replies, each request's latency counted from
@@ -719,8 +730,9 @@ async fn drive(
     totals: Arc<Totals>,
     start: Instant,
     follow: Option<Follow>,
-) -> (Histogram<u64>, Vec<Histogram<u64>>) {
+) -> Drove {
     let mut hist = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).unwrap();
+    let mut late = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).unwrap();
     // Latency per second of the run, for the plot.
     let mut per_second: Vec<Histogram<u64>> = Vec::new();
     let mut out = BytesMut::new();
@@ -765,6 +777,7 @@ async fn drive(
         if let Some(interval) = interval {
             let now = Instant::now();
             while due <= now && !stop.load(Ordering::Relaxed) {
+                let _ = late.record((now.duration_since(due).as_micros() as u64).max(1));
                 make(&mut out, &mut sent, &mut rng, due);
                 due += interval;
             }
@@ -826,7 +839,7 @@ async fn drive(
         }
         buf.advance(pos);
         if sent.is_empty() && stop.load(Ordering::Relaxed) {
-            return (hist, per_second);
+            return Drove { hist, per_second, late };
         }
         if !broken && !out.is_empty() {
             // flush: a no-op on TCP; TLS may hold the last record back until then.
@@ -850,7 +863,7 @@ async fn drive(
                 _ => stream.read_buf(&mut buf).await,
             };
             match read {
-                Ok(0) if follow.is_none() => return (hist, per_second),
+                Ok(0) if follow.is_none() => return Drove { hist, per_second, late },
                 Ok(0) => broken = true,
                 Ok(_) => {}
                 Err(_) if follow.is_some() => broken = true,
@@ -858,16 +871,16 @@ async fn drive(
             }
         }
         if broken {
-            let Some(f) = &follow else { return (hist, per_second) };
+            let Some(f) = &follow else { return Drove { hist, per_second, late } };
             totals.error("lost", sent.len() as u64);
             sent.clear();
             buf.clear();
             out.clear();
             if stop.load(Ordering::Relaxed) {
-                return (hist, per_second);
+                return Drove { hist, per_second, late };
             }
             let Some(leader) = find_leader(&f.members, Duration::from_secs(30)).await else {
-                return (hist, per_second);
+                return Drove { hist, per_second, late };
             };
             let dial = Dial { addr: f.members[leader].clone(), tls: f.tls.clone() };
             let Some(s) = try_open(&dial, &f.token).await else { continue };
@@ -1033,9 +1046,11 @@ async fn main() {
     stop.store(true, Ordering::Relaxed);
     let mut hist = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).unwrap();
     let mut per_second: Vec<Histogram<u64>> = Vec::new();
+    let mut late = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).unwrap();
     for t in tasks {
-        let (h, seconds) = t.await.unwrap();
+        let Drove { hist: h, per_second: seconds, late: l } = t.await.unwrap();
         hist.add(h).unwrap();
+        late.add(l).unwrap();
         for (i, s) in seconds.into_iter().enumerate() {
             if per_second.len() <= i {
                 per_second.push(s);
@@ -1118,6 +1133,15 @@ async fn main() {
         hist.value_at_quantile(0.999),
         hist.max()
     );
+    if o.rate.is_some() {
+        // The harness's own share of the latency above.
+        println!(
+            "sent after due us: p50 {} p99 {} max {}",
+            late.value_at_quantile(0.5),
+            late.value_at_quantile(0.99),
+            late.max()
+        );
+    }
     println!(
         "server: commits {} batch_mean {:.1} batch_max {}; counters agree: {counters_agree}; audit sum {} chain_ok {}",
         after["commits"],
@@ -1168,6 +1192,7 @@ async fn main() {
                 "p99_per_s_us": per_second.iter().map(|h| h.value_at_quantile(0.99)).collect::<Vec<_>>(),
                 "batch": o.batch, "atomic": o.atomic, "keys": o.keys, "rate": o.rate,
                 "requests": hist.len(), "max_gap_ms": max_gap_ms,
+                "late_p99_us": o.rate.map(|_| late.value_at_quantile(0.99)),
             })
         );
     }
