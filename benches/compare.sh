@@ -16,7 +16,10 @@
 #   SECONDS_EACH=20 bash benches/compare.sh
 #
 # The peers come from Debian's packages (apt-get, as root). Tally runs the
-# release build of the load harness, which starts its own server.
+# release build of the load harness, which starts its own server. Every
+# row starts with `sync`: the files the row before wrote (a peer's data, a
+# stopped PostgreSQL's checkpoint, the release build) are on disk first,
+# so no system's fsyncs queue behind another's write-back.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ACCOUNTS=100000
@@ -67,6 +70,7 @@ redis.call('XADD', 'journal', '*', 'from', KEYS[1], 'to', KEYS[2], 'amount', amo
 return 1")
     local n=$((SECONDS_EACH * 60000))
     local out
+    sync
     out=$(redis-benchmark -p "$REDIS_PORT" -c 50 -P 16 -n "$n" -r "$ACCOUNTS" -q \
         EVALSHA "$sha" 2 "acct:__rand_int__" "acct:__rand_int__" 1 | tr '\r' '\n' | grep -v '^$' | tail -1)
     local rps
@@ -112,6 +116,7 @@ cat >"$work/transfer.sql" <<SQL
 SELECT transfer(:a, :b, 1);
 SQL
 chmod 644 "$work/transfer.sql"
+sync
 pg_out=$(runuser -u postgres -- "$PG_BIN/pgbench" -h "$work/pgsock" -p "$PG_PORT" -n -c 64 -j 2 -T "$SECONDS_EACH" \
     -f "$work/transfer.sql" postgres 2>&1)
 pg_tps=$(echo "$pg_out" | grep -oE 'tps = [0-9.]+' | head -1 | cut -d' ' -f3)
@@ -124,6 +129,7 @@ cargo build --release --bench load --bin tally 2>/dev/null
 tally_run() { # name, harness flags...
     local name=$1; shift
     local json
+    sync
     json=$(cargo bench --bench load -- --spawn --accounts "$ACCOUNTS" --duration "$SECONDS_EACH" --json "$@" 2>/dev/null | tail -1)
     local tps p99
     tps=$(echo "$json" | python3 -c 'import json,sys; print(int(json.load(sys.stdin)["transfers_per_s"]))')
