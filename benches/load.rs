@@ -700,6 +700,11 @@ async fn open(dial: &Dial, token: &str) -> Box<dyn Io> {
     stream
 }
 
+/// A histogram of microseconds, 1 µs to a minute, 3 significant digits.
+fn latency_histogram() -> Histogram<u64> {
+    Histogram::new_with_bounds(1, 60_000_000, 3).expect("valid bounds")
+}
+
 /// Requests in flight on one connection: id -> (sent at, is a read).
 type Sent = HashMap<u64, (Instant, bool), foldhash::fast::FixedState>;
 
@@ -731,8 +736,8 @@ async fn drive(
     start: Instant,
     follow: Option<Follow>,
 ) -> Drove {
-    let mut hist = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).unwrap();
-    let mut late = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).unwrap();
+    let mut hist = latency_histogram();
+    let mut late = latency_histogram();
     // Latency per second of the run, for the plot.
     let mut per_second: Vec<Histogram<u64>> = Vec::new();
     let mut out = BytesMut::new();
@@ -1003,7 +1008,7 @@ async fn main() {
                     json!({"user": user, "name": "Bench", "email": "bench@example.org", "password": password}),
                 )
                 .await;
-            let mut hist = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).unwrap();
+            let mut hist = latency_histogram();
             while !stop.load(Ordering::Relaxed) {
                 let t0 = Instant::now();
                 c.login(&user, password).await.expect("login");
@@ -1044,9 +1049,9 @@ async fn main() {
     }
     bar.finish_and_clear();
     stop.store(true, Ordering::Relaxed);
-    let mut hist = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).unwrap();
+    let mut hist = latency_histogram();
     let mut per_second: Vec<Histogram<u64>> = Vec::new();
-    let mut late = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).unwrap();
+    let mut late = latency_histogram();
     for t in tasks {
         let Drove { hist: h, per_second: seconds, late: l } = t.await.unwrap();
         hist.add(h).unwrap();
@@ -1068,7 +1073,7 @@ async fn main() {
     let transfers = totals.transfers.load(Ordering::Relaxed);
     let reads = totals.reads.load(Ordering::Relaxed);
     let errors = totals.errors.lock().unwrap().clone();
-    let mut logins = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).unwrap();
+    let mut logins = latency_histogram();
     for t in login_tasks {
         logins.add(t.await.unwrap()).unwrap();
     }
