@@ -626,3 +626,40 @@ pub(super) fn for_each_record(
     }
     Ok(())
 }
+
+/// [`for_each_record`] a group at a time: `f(group)` gets up to `size`
+/// consecutive records (fewer at a chunk's end), in order, until it
+/// returns `false`. A caller that fetches what a whole group touches
+/// before it works on any lets the cache misses overlap.
+pub(super) fn for_each_record_group(
+    chunks: &impl ReadableTable<u64, &'static [u8]>,
+    from: u64,
+    size: usize,
+    mut f: impl FnMut(&[Stored<'_>]) -> Result<bool, StoreError>,
+) -> Result<(), StoreError> {
+    let start = match chunks.range(..=from)?.next_back() {
+        Some(row) => row?.0.value(),
+        None => from,
+    };
+    for row in chunks.range(start..)? {
+        let (first, value) = row?;
+        let mut group = Vec::with_capacity(size);
+        for stored in chunk_records(first.value(), value.value()) {
+            let stored = stored?;
+            if stored.id < from {
+                continue;
+            }
+            group.push(stored);
+            if group.len() == size.max(1) {
+                if !f(&group)? {
+                    return Ok(());
+                }
+                group.clear();
+            }
+        }
+        if !group.is_empty() && !f(&group)? {
+            return Ok(());
+        }
+    }
+    Ok(())
+}

@@ -4,7 +4,7 @@
 use redb::ReadableDatabase;
 
 use super::queries::list_accounts_in_blocks;
-use super::record::{for_each_record, ChunkWriter, CHUNK_V3_HEADER};
+use super::record::{for_each_record, for_each_record_group, ChunkWriter, CHUNK_V3_HEADER};
 use super::recovery::{hint_fits, read_head};
 use super::*;
 use crate::ledger::{Kind, Limits, Links};
@@ -502,6 +502,61 @@ fn records_are_found_in_chunks_of(layout: Layout) {
 }
 
 #[test]
+fn records_in_groups_are_the_records_one_by_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = open(&dir.path().join("t.redb")).unwrap();
+    // Chunks of 64 + 36 records, then 50.
+    append_chain(&db, 100, Layout::V3);
+    append_chain(&db, 50, Layout::V3);
+    let txn = db.begin_read().unwrap();
+    let chunks = txn.open_table(CHUNKS).unwrap();
+    let one_by_one = |from: u64| {
+        let mut seen = Vec::new();
+        for_each_record(&chunks, from, |s| {
+            seen.push((s.id, s.hash));
+            Ok(true)
+        })
+        .unwrap();
+        seen
+    };
+    for size in [1, 2, 7, 32, 64, 200] {
+        for from in [1, 2, 60, 64, 65, 101, 150, 151] {
+            let mut seen = Vec::new();
+            let mut sizes = Vec::new();
+            for_each_record_group(&chunks, from, size, |group| {
+                sizes.push(group.len());
+                seen.extend(group.iter().map(|s| (s.id, s.hash)));
+                Ok(true)
+            })
+            .unwrap();
+            assert_eq!(seen, one_by_one(from), "size {size} from {from}");
+            assert!(sizes.iter().all(|&n| (1..=size).contains(&n)), "size {size} from {from}: {sizes:?}");
+            // Only a chunk's last group is short: here the chunks hold
+            // ids 1-64, 65-100 and 101-150.
+            let firsts: Vec<u64> = std::iter::once(from)
+                .chain(sizes.iter().scan(from, |at, &n| {
+                    *at += n as u64;
+                    Some(*at)
+                }))
+                .collect();
+            for (i, &n) in sizes.iter().enumerate() {
+                let last = firsts[i] + n as u64 - 1;
+                let chunk_end = [64, 100, 150].into_iter().find(|&end| end >= firsts[i]).unwrap();
+                assert!(n == size || last == chunk_end, "size {size} from {from}: group {i} of {n} ends at {last}");
+            }
+        }
+    }
+    // Stopping after the second group reads no more.
+    let mut groups = 0;
+    for_each_record_group(&chunks, 1, 10, |_| {
+        groups += 1;
+        Ok(groups < 2)
+    })
+    .unwrap();
+    assert_eq!(groups, 2);
+}
+
+#[test]
 fn audit_sees_a_changed_or_cut_chunk() {
     for layout in [Layout::V3, Layout::V2] {
         audit_sees_a_changed_or_cut_chunk_of(layout);
@@ -600,6 +655,69 @@ fn records_kept_one_per_row_move_into_chunks_on_open() {
         get_transfer(&db, &History::none(), 135).unwrap().unwrap().hash,
         "version 3 chains onto version 2"
     );
+}
+
+/// Loading checks that the records after the checkpoint chain onto each
+/// other, wherever a gap falls among the groups it replays them in.
+#[test]
+fn loading_refuses_a_tail_with_a_chunk_missing() {
+    for (missing, next) in [(65, 129), (129, 193), (257, 300)] {
+        let dir = tempfile::tempdir().unwrap();
+        let db = open(&dir.path().join("t.redb")).unwrap();
+        // Chunks of 64 records: 1, 65, 129, 193, 257 (up to 300).
+        append_chain(&db, 300, Layout::V3);
+        let limits = Limits { min_balance: 0, max_balance: None };
+        assert_eq!(load(&db, limits).unwrap().book.get("@redeemed").unwrap().balance, 300);
+        let txn = db.begin_write().unwrap();
+        txn.open_table(CHUNKS).unwrap().remove(missing).unwrap();
+        txn.commit().unwrap();
+        match load(&db, limits) {
+            Err(StoreError::Corrupt(e)) if missing == 257 => {
+                assert_eq!(e, format!("the journal ends at transfer 256 but its head says {next}"));
+            }
+            Err(StoreError::Corrupt(e)) => assert_eq!(e, format!("the journal breaks at transfer {next}")),
+            other => panic!("chunk {missing} missing: {:?}", other.map(|l| l.replayed).map_err(|e| e.to_string())),
+        }
+    }
+    // Version 2 records each hold their `prev`: one that is wrong breaks
+    // the chain inside a chunk and inside a group.
+    for wrong in [1, 2, 40, 64, 65, 100] {
+        let dir = tempfile::tempdir().unwrap();
+        let db = open(&dir.path().join("t.redb")).unwrap();
+        let txn = db.begin_write().unwrap();
+        {
+            let mut chunks = txn.open_table(CHUNKS).unwrap();
+            let mut pending = ChunkWriter::default();
+            let mut prev = GENESIS;
+            for id in 1..=100 {
+                let r = TransferRecord {
+                    id,
+                    kind: Kind::Mint,
+                    from: "@mint".into(),
+                    to: "@redeemed".into(),
+                    amount: 1,
+                    fee: 0,
+                    memo: None,
+                    time: 1_700_000_000_000,
+                    key: None,
+                    prev: if id == wrong { [9; 32] } else { prev },
+                    links: Links { from: id - 1, to: id - 1, fee: 0 },
+                    by: None,
+                };
+                let mut out = Vec::new();
+                r.encode_v2(&mut out);
+                prev = record_hash(&out);
+                pending.push(&mut chunks, id, &out).unwrap();
+            }
+            pending.flush(&mut chunks).unwrap();
+            txn.open_table(META).unwrap().insert(HEAD, &Head { id: 100, hash: prev }.encode()[..]).unwrap();
+        }
+        txn.commit().unwrap();
+        match load(&db, Limits { min_balance: 0, max_balance: None }) {
+            Err(StoreError::Corrupt(e)) => assert_eq!(e, format!("the journal breaks at transfer {wrong}")),
+            other => panic!("record {wrong} wrong: {:?}", other.map(|l| l.replayed).map_err(|e| e.to_string())),
+        }
+    }
 }
 
 /// `load_with` hands the owners each account as its rows stand, and the book marks `dirty` exactly the accounts the replayed
