@@ -197,9 +197,11 @@ pub const SWEEP_ACCOUNTS_PER_RECORD: usize = 4;
 /// The fewest records a full sweep of the balance rows takes (every ledger
 /// of up to about a million accounts).
 pub const SWEEP_RECORDS: usize = 262_144;
-/// The most records a full sweep of the balance rows takes (about 2.3 s
-/// of replay at 10M accounts for the two sweeps a start may read).
-pub const SWEEP_RECORDS_MAX: usize = 1_048_576;
+/// The most records a full sweep of the balance rows takes (about 2 s of
+/// replay at 10M accounts for the two sweeps a start may read). A longer
+/// sweep writes each leaf of rows after more transfers: 1.22x the
+/// throughput of half this at 10M accounts (docs/performance.md).
+pub const SWEEP_RECORDS_MAX: usize = 2_097_152;
 /// Recent idempotency keys held in memory before they are frozen into a
 /// run and merged into the `keys` table (`store::key_index`): ~100 bytes
 /// each, and at most two such sets at a time.

@@ -297,19 +297,21 @@ mod tests {
             }
         }
         // Up to a million accounts a sweep takes 262,144 records; beyond,
-        // one for four accounts, up to 1,048,576 (at 4,194,304 accounts).
+        // one for four accounts, up to 2,097,152 (at 8,388,608 accounts).
         assert_eq!(sweep_records(3), SWEEP_RECORDS);
         assert_eq!(sweep_records(1_048_576), SWEEP_RECORDS);
         assert_eq!(sweep_records(1_048_580), SWEEP_RECORDS + 1);
         assert_eq!(sweep_records(4_000_000), 1_000_000);
         assert_eq!(sweep_records(4_194_300), 1_048_575);
-        assert_eq!(sweep_records(4_194_304), SWEEP_RECORDS_MAX);
+        assert_eq!(sweep_records(4_194_304), 1_048_576);
+        assert_eq!(sweep_records(8_388_600), 2_097_150);
+        assert_eq!(sweep_records(8_388_608), SWEEP_RECORDS_MAX);
         assert_eq!(sweep_records(10_000_000), SWEEP_RECORDS_MAX);
         assert_eq!(sweep_records(usize::MAX), SWEEP_RECORDS_MAX);
         // Proportional: a batch of 1,024 over 1M accounts sweeps 3,907 of
-        // them; over 10M, 9,766 (39,063 with the shortest sweep).
+        // them; over 10M, 4,883 (39,063 with the shortest sweep).
         assert_eq!(sweep_chunk(1_000_000, 1024), 3907);
-        assert_eq!(sweep_chunk(10_000_000, 1024), 9766);
+        assert_eq!(sweep_chunk(10_000_000, 1024), 4883);
         // Idle commits: at least 1/64 of the accounts, at least 4,096.
         assert_eq!(sweep_chunk(1_000_000, 0), 15_625);
         assert_eq!(sweep_chunk(1_000, 0), SWEEP_CHUNK_IDLE);
