@@ -628,29 +628,41 @@ pub(super) fn for_each_record(
 }
 
 /// [`for_each_record`] a group at a time: `f(group)` gets up to `size`
-/// consecutive records (fewer at a chunk's end), in order, until it
-/// returns `false`. A caller that fetches what a whole group touches
-/// before it works on any lets the cache misses overlap.
+/// consecutive records (at least one; fewer at a chunk's end and before a
+/// fault), in order, until it returns `false`. A caller that fetches what
+/// a whole group touches before it works on any lets the cache misses
+/// overlap.
 pub(super) fn for_each_record_group(
     chunks: &impl ReadableTable<u64, &'static [u8]>,
     from: u64,
     size: usize,
     mut f: impl FnMut(&[Stored<'_>]) -> Result<bool, StoreError>,
 ) -> Result<(), StoreError> {
+    let size = size.max(1);
     let start = match chunks.range(..=from)?.next_back() {
         Some(row) => row?.0.value(),
         None => from,
     };
     for row in chunks.range(start..)? {
         let (first, value) = row?;
-        let mut group = Vec::with_capacity(size);
+        let mut group = Vec::with_capacity(size.min(crate::limits::CHUNK_RECORDS_MAX));
         for stored in chunk_records(first.value(), value.value()) {
-            let stored = stored?;
+            let stored = match stored {
+                Ok(stored) => stored,
+                // The records before a fault are handed over first, as
+                // one at a time they would have been.
+                Err(e) => {
+                    if !group.is_empty() && !f(&group)? {
+                        return Ok(());
+                    }
+                    return Err(e);
+                }
+            };
             if stored.id < from {
                 continue;
             }
             group.push(stored);
-            if group.len() == size.max(1) {
+            if group.len() == size {
                 if !f(&group)? {
                     return Ok(());
                 }

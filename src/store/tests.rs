@@ -546,14 +546,59 @@ fn records_in_groups_are_the_records_one_by_one() {
             }
         }
     }
-    // Stopping after the second group reads no more.
-    let mut groups = 0;
-    for_each_record_group(&chunks, 1, 10, |_| {
-        groups += 1;
-        Ok(groups < 2)
+    // A size of 0 counts as 1.
+    let mut sizes = Vec::new();
+    for_each_record_group(&chunks, 140, 0, |group| {
+        sizes.push(group.len());
+        Ok(true)
     })
     .unwrap();
-    assert_eq!(groups, 2);
+    assert_eq!(sizes, [1; 11]);
+    // Stopping after a group reads no more: a full group, and a chunk's
+    // short last one.
+    for (from, stop_after, seen_ids) in [(1, 2, 1..=20), (61, 1, 61..=64), (47, 2, 47..=64)] {
+        let (mut groups, mut seen) = (0, Vec::new());
+        for_each_record_group(&chunks, from, 10, |group| {
+            groups += 1;
+            seen.extend(group.iter().map(|s| s.id));
+            Ok(groups < stop_after)
+        })
+        .unwrap();
+        assert_eq!((groups, seen), (stop_after, seen_ids.collect::<Vec<_>>()), "from {from}");
+    }
+}
+
+/// A record that cannot be read ends the walk with an error, after the
+/// records before it were handed over, as one at a time.
+#[test]
+fn records_in_groups_before_a_fault_are_handed_over() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = open(&dir.path().join("t.redb")).unwrap();
+    append_chain(&db, 100, Layout::V3);
+    // Chunk 65 (records 65-100) cut inside its records.
+    let txn = db.begin_write().unwrap();
+    {
+        let mut chunks = txn.open_table(CHUNKS).unwrap();
+        let whole = chunks.get(65).unwrap().unwrap().value().to_vec();
+        chunks.insert(65, &whole[..whole.len() - 10]).unwrap();
+    }
+    txn.commit().unwrap();
+    let txn = db.begin_read().unwrap();
+    let chunks = txn.open_table(CHUNKS).unwrap();
+    let mut one_by_one = Vec::new();
+    let err = for_each_record(&chunks, 1, |s| {
+        one_by_one.push(s.id);
+        Ok(true)
+    });
+    assert!(matches!(err, Err(StoreError::Corrupt(_))));
+    assert_eq!(one_by_one, (1..=99).collect::<Vec<_>>());
+    let mut seen = Vec::new();
+    let err = for_each_record_group(&chunks, 1, 32, |group| {
+        seen.extend(group.iter().map(|s| s.id));
+        Ok(true)
+    });
+    assert!(matches!(err, Err(StoreError::Corrupt(_))));
+    assert_eq!(seen, one_by_one);
 }
 
 #[test]
@@ -655,6 +700,27 @@ fn records_kept_one_per_row_move_into_chunks_on_open() {
         get_transfer(&db, &History::none(), 135).unwrap().unwrap().hash,
         "version 3 chains onto version 2"
     );
+}
+
+/// A checkpoint inside a chunk: loading replays exactly the records after
+/// it, in groups that start there.
+#[test]
+fn loading_replays_the_records_after_a_checkpoint_inside_a_chunk() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = open(&dir.path().join("t.redb")).unwrap();
+    let limits = Limits { min_balance: 0, max_balance: None };
+    // Chunks 1-64 and 65-150; the rows as of record 40 (@mint is number
+    // 0, @redeemed 2).
+    append_chain(&db, 150, Layout::V3);
+    let txn = db.begin_write().unwrap();
+    balances::put(&txn, 0, (-40, 40)).unwrap();
+    balances::put(&txn, 2, (40, 40)).unwrap();
+    write_checkpoint(&txn, 40).unwrap();
+    txn.commit().unwrap();
+    let loaded = load(&db, limits).unwrap();
+    assert_eq!((loaded.replayed, loaded.head.id), (110, 150));
+    let balances: Vec<(&str, i64, u64)> = loaded.book.iter().map(|(id, a)| (id, a.balance, a.last)).collect();
+    assert_eq!(balances, [("@mint", -150, 150), ("@treasury", 0, 0), ("@redeemed", 150, 150)]);
 }
 
 /// Loading checks that the records after the checkpoint chain onto each
