@@ -3,7 +3,7 @@
 
 use super::balances::Rows;
 use super::history::{History, Records};
-use super::record::{for_each_record, ChunkCache};
+use super::record::{for_each_record_unhashed, ChunkCache};
 use super::recovery::{legs, read_checkpoint};
 use super::*;
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
@@ -214,11 +214,12 @@ fn tail_onto(
     if block.is_empty() {
         return Ok(());
     }
-    let at: std::collections::HashMap<&str, usize> =
+    let at: std::collections::HashMap<&str, usize, foldhash::fast::RandomState> =
         block.iter().enumerate().map(|(i, c)| (c.id.as_str(), i)).collect();
     let mut balances: Vec<i64> = block.iter().map(|c| c.balance).collect();
-    for_each_record(chunks, checkpoint + 1, |stored| {
-        let r = stored.record()?;
+    // Neither the chain nor the hashes: the records' moves are all a page
+    // needs, and the chain is checked at start-up and by `audit`.
+    for_each_record_unhashed(chunks, checkpoint + 1, |r| {
         for (account, delta) in legs(&r)? {
             match at.get(account) {
                 Some(&i) if delta != 0 && r.id > block[i].last => {

@@ -533,6 +533,51 @@ impl ChunkWriter {
 /// The records of the chunk whose first record is `first`, in order, with
 /// their hashes: each hash costs one BLAKE3 of a record.
 pub fn chunk_records(first: u64, value: &[u8]) -> impl Iterator<Item = Result<Stored<'_>, StoreError>> {
+    let Frames { v3, mut prev, records } = chunk_frames(first, value);
+    fuse(records.map(move |frame| {
+        let (id, bytes) = frame?;
+        Ok(if v3 {
+            let hash = chained_hash(&prev, bytes);
+            Stored { id, bytes, prev: std::mem::replace(&mut prev, hash), hash, v3 }
+        } else {
+            // Versions 1 and 2 hold `prev` after version, id, kind,
+            // amount, fee and time.
+            let p = bytes.get(34..66).ok_or_else(|| StoreError::Corrupt(format!("transfer record {id}")))?;
+            Stored { id, bytes, prev: p.try_into().unwrap_or([0; 32]), hash: record_hash(bytes), v3 }
+        })
+    }))
+}
+
+/// The records of the chunk whose first record is `first`, decoded, in
+/// order, each with its id (the chunk's key plus its place), without their
+/// hashes, for readers that need neither the chain nor the hashes (a
+/// `list_accounts` page's pass over the tail): they save a BLAKE3 a
+/// record. A version 3 record's `prev` is not known here and reads as
+/// zeros.
+pub(super) fn chunk_records_unhashed(
+    first: u64,
+    value: &[u8],
+) -> impl Iterator<Item = Result<(u64, RecordRef<'_>), StoreError>> {
+    let Frames { v3, records, .. } = chunk_frames(first, value);
+    fuse(records.map(move |frame| {
+        let (id, bytes) = frame?;
+        let record = if v3 { RecordRef::decode_v3(id, [0; 32], bytes) } else { RecordRef::decode_v2(bytes) };
+        Ok((id, record?))
+    }))
+}
+
+/// A chunk as stored: its version, the hash before its first record
+/// (version 3), and its records' ids and bytes.
+struct Frames<I> {
+    v3: bool,
+    prev: [u8; 32],
+    records: I,
+}
+
+/// Splits the chunk whose first record is `first` into its records, each
+/// with its id (the chunk's key plus its place), stopping at the first
+/// fault.
+fn chunk_frames(first: u64, value: &[u8]) -> Frames<impl Iterator<Item = Result<(u64, &[u8]), StoreError>>> {
     let v3 = value.first() == Some(&CHUNK_V3);
     let mut rest = value;
     let mut prev = [0u8; 32];
@@ -548,7 +593,7 @@ pub fn chunk_records(first: u64, value: &[u8]) -> impl Iterator<Item = Result<St
     let cut = v3 && value.len() < CHUNK_V3_HEADER;
     let mut id = first;
     let mut failed = false;
-    std::iter::from_fn(move || {
+    let records = std::iter::from_fn(move || {
         if failed {
             return None;
         }
@@ -572,24 +617,26 @@ pub fn chunk_records(first: u64, value: &[u8]) -> impl Iterator<Item = Result<St
             return Some(Err(StoreError::Corrupt(format!("chunk {first} ends inside a record"))));
         };
         rest = tail;
-        let stored = if v3 {
-            let hash = chained_hash(&prev, bytes);
-            Stored { id, bytes, prev: std::mem::replace(&mut prev, hash), hash, v3 }
-        } else {
-            // Versions 1 and 2 hold `prev` after version, id, kind,
-            // amount, fee and time.
-            let Some(p) = bytes.get(34..66) else {
-                failed = true;
-                return Some(Err(StoreError::Corrupt(format!("transfer record {id}"))));
-            };
-            Stored { id, bytes, prev: p.try_into().unwrap_or([0; 32]), hash: record_hash(bytes), v3 }
-        };
+        let this = id;
         let Some(next) = id.checked_add(1) else {
             failed = true;
             return Some(Err(StoreError::Corrupt(format!("chunk {first} runs past the last id"))));
         };
         id = next;
-        Some(Ok(stored))
+        Some(Ok((this, bytes)))
+    });
+    Frames { v3, prev, records }
+}
+
+/// Ends `items` after its first error.
+fn fuse<T>(items: impl Iterator<Item = Result<T, StoreError>>) -> impl Iterator<Item = Result<T, StoreError>> {
+    let mut failed = false;
+    items.map_while(move |item| {
+        if failed {
+            return None;
+        }
+        failed = item.is_err();
+        Some(item)
     })
 }
 
@@ -611,11 +658,7 @@ pub(super) fn for_each_record(
     from: u64,
     mut f: impl FnMut(Stored<'_>) -> Result<bool, StoreError>,
 ) -> Result<(), StoreError> {
-    let start = match chunks.range(..=from)?.next_back() {
-        Some(row) => row?.0.value(),
-        None => from,
-    };
-    for row in chunks.range(start..)? {
+    for row in chunks_from(chunks, from)? {
         let (first, value) = row?;
         for stored in chunk_records(first.value(), value.value()) {
             let stored = stored?;
@@ -625,6 +668,38 @@ pub(super) fn for_each_record(
         }
     }
     Ok(())
+}
+
+/// [`for_each_record`] decoded and without the hashes
+/// ([`chunk_records_unhashed`]): `f(record)` for every record from id
+/// `from` on, in order, until it returns `false`.
+pub(super) fn for_each_record_unhashed(
+    chunks: &impl ReadableTable<u64, &'static [u8]>,
+    from: u64,
+    mut f: impl FnMut(RecordRef<'_>) -> Result<bool, StoreError>,
+) -> Result<(), StoreError> {
+    for row in chunks_from(chunks, from)? {
+        let (first, value) = row?;
+        for record in chunk_records_unhashed(first.value(), value.value()) {
+            let (id, record) = record?;
+            if id >= from && !f(record)? {
+                return Ok(());
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The chunks from the one that holds record `from` on, in order.
+fn chunks_from(
+    chunks: &impl ReadableTable<u64, &'static [u8]>,
+    from: u64,
+) -> Result<redb::Range<'_, u64, &'static [u8]>, StoreError> {
+    let start = match chunks.range(..=from)?.next_back() {
+        Some(row) => row?.0.value(),
+        None => from,
+    };
+    Ok(chunks.range(start..)?)
 }
 
 /// [`for_each_record`] a group at a time: `f(group)` gets up to `size`
@@ -639,11 +714,7 @@ pub(super) fn for_each_record_group(
     mut f: impl FnMut(&[Stored<'_>]) -> Result<bool, StoreError>,
 ) -> Result<(), StoreError> {
     let size = size.max(1);
-    let start = match chunks.range(..=from)?.next_back() {
-        Some(row) => row?.0.value(),
-        None => from,
-    };
-    for row in chunks.range(start..)? {
+    for row in chunks_from(chunks, from)? {
         let (first, value) = row?;
         let mut group = Vec::with_capacity(size.min(crate::limits::CHUNK_RECORDS_MAX));
         for stored in chunk_records(first.value(), value.value()) {

@@ -4,7 +4,7 @@
 use redb::ReadableDatabase;
 
 use super::queries::list_accounts_in_blocks;
-use super::record::{for_each_record, for_each_record_group, ChunkWriter, CHUNK_V3_HEADER};
+use super::record::{for_each_record, for_each_record_group, for_each_record_unhashed, ChunkWriter, CHUNK_V3_HEADER};
 use super::recovery::{hint_fits, read_head};
 use super::*;
 use crate::ledger::{Kind, Limits, Links};
@@ -46,8 +46,10 @@ fn records_round_trip() {
 /// 3 record cut anywhere is refused; no bytes make a chunk or a record
 /// panic.
 mod record_props {
+    use super::super::record::{chunk_records_unhashed, CHUNK_V3};
     use super::*;
     use proptest::prelude::*;
+    use proptest::test_runner::TestCaseError;
 
     fn text(max: usize) -> impl Strategy<Value = String> {
         proptest::collection::vec(proptest::char::any(), 1..max)
@@ -117,6 +119,8 @@ mod record_props {
             for s in chunk_records(u64::MAX - 100, &chunk).flatten() {
                 let _ = s.record();
             }
+            unhashed_reads_the_same(u64::MAX - 100, &chunk)?;
+            unhashed_reads_the_same(7, &chunk)?;
         }
 
         #[test]
@@ -125,7 +129,34 @@ mod record_props {
             for s in chunk_records(first, &bytes).flatten() {
                 let _ = s.record();
             }
+            unhashed_reads_the_same(first, &bytes)?;
         }
+    }
+
+    /// What [`chunk_records_unhashed`] must give: the records
+    /// [`chunk_records`] gives, decoded, up to the first that cannot be
+    /// read (then a fault, and no more), a version 3 record's `prev` read
+    /// as zeros.
+    fn unhashed_reads_the_same(first: u64, chunk: &[u8]) -> Result<(), TestCaseError> {
+        let v3 = chunk.first() == Some(&CHUNK_V3);
+        let mut want = Vec::new();
+        for s in chunk_records(first, chunk) {
+            match s.and_then(|s| Ok((s.id, s.record()?.owned()))) {
+                Ok((id, mut r)) => {
+                    if v3 {
+                        r.prev = [0; 32];
+                    }
+                    want.push(Some((id, r)));
+                }
+                Err(_) => {
+                    want.push(None);
+                    break;
+                }
+            }
+        }
+        let got: Vec<_> = chunk_records_unhashed(first, chunk).map(|r| r.ok().map(|(id, r)| (id, r.owned()))).collect();
+        prop_assert_eq!(got, want);
+        Ok(())
     }
 }
 
@@ -530,6 +561,13 @@ fn records_in_groups_are_the_records_one_by_one() {
             })
             .unwrap();
             assert_eq!(seen, one_by_one(from), "size {size} from {from}");
+            let mut unhashed = Vec::new();
+            for_each_record_unhashed(&chunks, from, |r| {
+                unhashed.push(r.id);
+                Ok(true)
+            })
+            .unwrap();
+            assert_eq!(unhashed, seen.iter().map(|&(id, _)| id).collect::<Vec<_>>(), "unhashed from {from}");
             assert!(sizes.iter().all(|&n| (1..=size).contains(&n)), "size {size} from {from}: {sizes:?}");
             // Only a chunk's last group is short: here the chunks hold
             // ids 1-64, 65-100 and 101-150.
