@@ -233,11 +233,10 @@ pub(super) fn put_chunked(
     Head { id: head.id + n, hash: prev }
 }
 
-/// Appends `n` chained records (@mint -> @redeemed, 1 unit each) after
-/// the head in one transaction, in `layout`, and moves the head.
-fn append_chain(db: &Database, n: u64, layout: Layout) {
-    let head = read_head(&db.begin_read().unwrap()).unwrap();
-    let make = |id: u64| TransferRecord {
+/// Record `id` of a chain [`append_chain`] writes: 1 unit from @mint to
+/// @redeemed (its `prev` is set as it is written).
+fn mint_record(id: u64) -> TransferRecord {
+    TransferRecord {
         id,
         kind: Kind::Mint,
         from: "@mint".into(),
@@ -250,7 +249,14 @@ fn append_chain(db: &Database, n: u64, layout: Layout) {
         prev: GENESIS,
         links: Links { from: id - 1, to: id - 1, fee: 0 },
         by: None,
-    };
+    }
+}
+
+/// Appends `n` chained records (@mint -> @redeemed, 1 unit each) after
+/// the head in one transaction, in `layout`, and moves the head.
+fn append_chain(db: &Database, n: u64, layout: Layout) {
+    let head = read_head(&db.begin_read().unwrap()).unwrap();
+    let make = mint_record;
     let txn = db.begin_write().unwrap();
     {
         let mut chunks = txn.open_table(CHUNKS).unwrap();
@@ -794,20 +800,7 @@ fn loading_refuses_a_tail_with_a_chunk_missing() {
             let mut pending = ChunkWriter::default();
             let mut prev = GENESIS;
             for id in 1..=100 {
-                let r = TransferRecord {
-                    id,
-                    kind: Kind::Mint,
-                    from: "@mint".into(),
-                    to: "@redeemed".into(),
-                    amount: 1,
-                    fee: 0,
-                    memo: None,
-                    time: 1_700_000_000_000,
-                    key: None,
-                    prev: if id == wrong { [9; 32] } else { prev },
-                    links: Links { from: id - 1, to: id - 1, fee: 0 },
-                    by: None,
-                };
+                let r = TransferRecord { prev: if id == wrong { [9; 32] } else { prev }, ..mint_record(id) };
                 let mut out = Vec::new();
                 r.encode_v2(&mut out);
                 prev = record_hash(&out);
