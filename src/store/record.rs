@@ -628,6 +628,21 @@ fn chunk_frames(first: u64, value: &[u8]) -> Frames<impl Iterator<Item = Result<
     Frames { v3, prev, records }
 }
 
+/// The number of records in the chunk whose first record is `first`,
+/// without decoding or hashing them; an error if it does not split
+/// cleanly into records.
+pub(super) fn chunk_len(first: u64, value: &[u8]) -> Result<u64, StoreError> {
+    let mut n = 0;
+    for frame in chunk_frames(first, value).records {
+        frame?;
+        n += 1;
+    }
+    if n == 0 {
+        return Err(StoreError::Corrupt(format!("chunk {first} holds no record")));
+    }
+    Ok(n)
+}
+
 /// Ends `items` after its first error.
 fn fuse<T>(items: impl Iterator<Item = Result<T, StoreError>>) -> impl Iterator<Item = Result<T, StoreError>> {
     let mut failed = false;

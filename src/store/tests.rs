@@ -1076,6 +1076,37 @@ fn records_read_the_same_while_they_move_to_a_segment() {
     assert_eq!(chunk_keys(&db)[0], 1_001);
 }
 
+/// A segment is copied only from chunks that hold every record of it in
+/// order: a chunk missing inside the segment, or its last one missing,
+/// leaves no segment and nothing sealed.
+#[test]
+fn a_segment_is_not_sealed_from_chunks_that_skip_records() {
+    for (missing, error) in [
+        (501, "the ledger's chunks skip from record 501 to 511"),
+        (991, "the ledger's chunks end at record 991, not 1001"),
+    ] {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("tally.redb");
+        let db = Arc::new(open(&path).unwrap());
+        for _ in 0..200 {
+            append_chain(&db, 10, Layout::V3);
+        }
+        let txn = begin_write(&db).unwrap();
+        write_checkpoint(&txn, 2_000).unwrap();
+        txn.open_table(CHUNKS).unwrap().remove(missing).unwrap().unwrap();
+        txn.commit().unwrap();
+        let history = History::open(&path, &db).unwrap();
+        match history.seal_next(&|| Ok(db.clone()), 1_000) {
+            Err(StoreError::Corrupt(e)) => assert_eq!(e, error),
+            other => panic!("without chunk {missing}: {:?}", other.map_err(|e| e.to_string())),
+        }
+        assert_eq!(history.sealed(), 0);
+        let left: Vec<_> =
+            std::fs::read_dir(dir.path().join("history")).unwrap().map(|e| e.unwrap().file_name()).collect();
+        assert!(left.is_empty(), "without chunk {missing}: {left:?}");
+    }
+}
+
 /// A folder written when each account had a balance row of its own: the
 /// first open moves the rows into blocks, loading gives the same book
 /// before and after, a later open changes nothing, and a version that
