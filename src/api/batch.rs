@@ -41,13 +41,16 @@ use crate::limits::{BATCH_ERROR_BYTES_MAX, USER_BATCH_MAX};
 use crate::otp::{Action, BatchTransfer};
 use crate::reply::{Outgoing, Permits, ReplyTo};
 use crate::shard::{DebitReq, Effect, Outbox, ShardMsg};
-use crate::wire::{BatchItem, BatchReply, Reply, Shape, TransferBatchArgs};
+use crate::wire::{BatchItem, BatchReply, Reply, Shape};
 
 /// An item ready for its owner: checked, with its fee.
 type Item = Result<(BatchTransfer, i64), ApiError>;
 
 pub(super) fn transfer_batch(ctx: &Arc<Ctx>, p: Principal, args: &[u8], session: &Session, reply: ReplyTo) {
-    let a = args!(TransferBatchArgs, args, reply);
+    let a = match crate::wire::frame::decode_transfer_batch(args) {
+        Ok(a) => a,
+        Err(e) => return reply.err(e),
+    };
     let atomic = a.atomic.unwrap_or(false);
     let max = if p.role == Role::User {
         USER_BATCH_MAX.min(ctx.config.limits.batch_max)

@@ -227,3 +227,199 @@ proptest! {
         prop_assert_eq!(&fast[..], &serde[..]);
     }
 }
+
+fn batch_reply() -> impl Strategy<Value = crate::wire::BatchReply> {
+    use crate::error::ErrorCode;
+    use crate::wire::BatchItem;
+    let item = prop_oneof![
+        (edge_ints(), prop::option::of(edge_ints()), prop::option::of(edge_ints()))
+            .prop_map(|(id, f, t)| { BatchItem::Done { id: id.unsigned_abs(), from_balance: f, to_balance: t } }),
+        (prop::sample::select(ErrorCode::ALL.to_vec()), ".{0,300}")
+            .prop_map(|(code, message)| BatchItem::Failed { code, message }),
+    ];
+    (prop::collection::vec(item, 0..300usize), edge_ints(), edge_ints()).prop_map(|(results, a, f)| {
+        crate::wire::BatchReply { results, applied: a.unsigned_abs() as usize, failed: f.unsigned_abs() as usize }
+    })
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(512))]
+
+    /// The hand-written batch reply is byte for byte what serde writes.
+    #[test]
+    fn batch_replies_encode_as_serde_does(b in batch_reply(), id in prop::option::of(edge_ints())) {
+        let id = id.map(i64::unsigned_abs);
+        let reply = Ok(crate::wire::Reply::Batch(b));
+        let (mut fast, mut serde) = (BytesMut::from(&b"xy"[..]), BytesMut::from(&b"xy"[..]));
+        encode_reply(&mut fast, id, &reply);
+        encode_response(&mut serde, id, &reply);
+        prop_assert_eq!(&fast[..], &serde[..]);
+    }
+}
+
+/// A MessagePack value for the batch reader's tests, written with the
+/// integer width chosen (MessagePack lets a sender pick any that fits).
+#[derive(Clone, Debug)]
+enum Mp {
+    Nil,
+    Bool(bool),
+    Int(i64, u8),
+    Big(u64),
+    F64(f64),
+    Str(String),
+    Bin(Vec<u8>),
+    Arr(Vec<Mp>),
+    Map(Vec<(Mp, Mp)>),
+}
+
+impl Mp {
+    fn write(&self, out: &mut Vec<u8>) {
+        use rmp::encode::*;
+        match self {
+            Mp::Nil => write_nil(out).unwrap(),
+            Mp::Bool(b) => write_bool(out, *b).unwrap(),
+            Mp::Int(v, width) => {
+                let v = *v;
+                // The narrowest form, or a wider one when asked.
+                match (width % 3, v >= 0) {
+                    (1, true) => write_u64(out, v.unsigned_abs()).unwrap(),
+                    (2, _) => write_i64(out, v).unwrap(),
+                    (_, true) => drop(write_uint(out, v.unsigned_abs()).unwrap()),
+                    (_, false) => drop(write_sint(out, v).unwrap()),
+                }
+            }
+            Mp::Big(v) => write_u64(out, *v).unwrap(),
+            Mp::F64(v) => write_f64(out, *v).unwrap(),
+            Mp::Str(s) => write_str(out, s).unwrap(),
+            Mp::Bin(b) => write_bin(out, b).unwrap(),
+            Mp::Arr(items) => {
+                write_array_len(out, items.len() as u32).unwrap();
+                items.iter().for_each(|i| i.write(out));
+            }
+            Mp::Map(pairs) => {
+                write_map_len(out, pairs.len() as u32).unwrap();
+                for (k, v) in pairs {
+                    k.write(out);
+                    v.write(out);
+                }
+            }
+        }
+    }
+}
+
+fn mp_leaf() -> impl Strategy<Value = Mp> {
+    prop_oneof![
+        4 => "[a-z@:]{0,12}".prop_map(Mp::Str),
+        4 => (edge_ints(), any::<u8>()).prop_map(|(v, w)| Mp::Int(v, w)),
+        1 => Just(Mp::Nil),
+        1 => any::<bool>().prop_map(Mp::Bool),
+        1 => prop_oneof![Just(u64::MAX), Just(1u64 << 63), any::<u64>()].prop_map(Mp::Big),
+        1 => any::<f64>().prop_map(Mp::F64),
+        1 => prop::collection::vec(any::<u8>(), 0..6).prop_map(Mp::Bin),
+        1 => prop::collection::vec(edge_ints().prop_map(|v| Mp::Int(v, 0)), 0..3).prop_map(Mp::Arr),
+    ]
+}
+
+/// A key from `names` (so duplicates come up), now and then another
+/// name, or an integer.
+fn mp_key(names: &'static [&'static str]) -> impl Strategy<Value = Mp> {
+    prop_oneof![
+        8 => prop::sample::select(names).prop_map(|k| Mp::Str(k.into())),
+        1 => "[a-z]{1,8}".prop_map(Mp::Str),
+        1 => (0i64..6).prop_map(|v| Mp::Int(v, 0)),
+    ]
+}
+
+/// An item of a batch: mostly the fields `transfer` takes, with the
+/// right types, sometimes not.
+fn mp_item() -> impl Strategy<Value = Mp> {
+    let value = |good: BoxedStrategy<Mp>| prop_oneof![16 => good, 1 => mp_leaf()];
+    let name = || "[a-z@]{1,10}".prop_map(Mp::Str).boxed();
+    let amount = || (edge_ints(), any::<u8>()).prop_map(|(v, w)| Mp::Int(v, w)).boxed();
+    let opt = |s: BoxedStrategy<Mp>| prop_oneof![3 => s, 1 => Just(Mp::Nil)].boxed();
+    prop_oneof![
+        // The fields in order, each present or not.
+        8 => (
+            prop::option::of(value(opt(name()))),
+            prop::option::weighted(0.95, value(name())),
+            prop::option::weighted(0.95, value(amount())),
+            prop::option::of(value(opt(".{0,20}".prop_map(Mp::Str).boxed()))),
+            prop::option::of(value(opt("[a-z0-9]{1,12}".prop_map(Mp::Str).boxed()))),
+            // Now and then one field twice.
+            prop::option::weighted(0.1, any::<prop::sample::Index>()),
+        )
+            .prop_map(|(from, to, amount, memo, key, twice)| {
+                let fields = [("from", from), ("to", to), ("amount", amount), ("memo", memo), ("key", key)];
+                let mut pairs: Vec<_> =
+                    fields.into_iter().filter_map(|(k, v)| v.map(|v| (Mp::Str(k.into()), v))).collect();
+                if let (Some(i), false) = (twice, pairs.is_empty()) {
+                    pairs.push(i.get(&pairs).clone());
+                }
+                pairs
+            })
+            .prop_shuffle()
+            .prop_map(Mp::Map),
+        // Any keys, repeats included.
+        1 => prop::collection::vec((mp_key(&["from", "to", "amount", "memo", "key"]), mp_leaf()), 0..7).prop_map(Mp::Map),
+        1 => mp_leaf(),
+    ]
+}
+
+fn mp_batch() -> impl Strategy<Value = Mp> {
+    let transfers = prop_oneof![8 => prop::collection::vec(mp_item(), 0..5).prop_map(Mp::Arr), 1 => mp_leaf()];
+    let atomic = prop_oneof![2 => any::<bool>().prop_map(Mp::Bool), 1 => Just(Mp::Nil), 1 => mp_leaf()];
+    prop_oneof![
+        6 => (transfers.clone(), prop::option::of(atomic.clone())).prop_map(|(t, a)| {
+            let mut pairs = vec![(Mp::Str("transfers".into()), t)];
+            pairs.extend(a.map(|a| (Mp::Str("atomic".into()), a)));
+            pairs
+        }).prop_shuffle().prop_map(Mp::Map),
+        1 => prop::collection::vec((mp_key(&["transfers", "atomic"]), prop_oneof![transfers, atomic]), 0..4)
+            .prop_map(Mp::Map),
+    ]
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(4096))]
+
+    /// Wherever the batch reader answers, serde gives the same args; where
+    /// serde refuses, the reader leaves it to serde.
+    #[test]
+    fn batch_args_read_by_hand_as_serde_reads_them(args in mp_batch()) {
+        let mut raw = Vec::new();
+        args.write(&mut raw);
+        let serde = rmp_serde::from_slice::<crate::wire::TransferBatchArgs>(&raw);
+        match (read_transfer_batch(&raw), &serde) {
+            (None, _) => {}
+            (Some(fast), Ok(serde)) => prop_assert_eq!(format!("{fast:?}"), format!("{serde:?}")),
+            (Some(fast), Err(e)) => prop_assert!(false, "read {fast:?}, serde refused: {e}"),
+        }
+        let decoded = decode_transfer_batch(&raw).map(|a| format!("{a:?}")).map_err(|e| e.message);
+        let expected = decode_args::<crate::wire::TransferBatchArgs>(&raw).map(|a| format!("{a:?}")).map_err(|e| e.message);
+        prop_assert_eq!(decoded, expected);
+    }
+}
+
+/// A batch as the clients send it, with or without its optional fields,
+/// with every kind of integer, is read by hand.
+#[test]
+fn batches_as_clients_send_them_are_read_by_hand() {
+    let items = serde_json::json!([
+        {"from": "alice", "to": "bob", "amount": 1},
+        {"to": "bob", "amount": -40_000},
+        {"from": null, "to": "b", "amount": 4_294_967_296_i64, "memo": "lunch ☕", "key": "k1"},
+        {"to": "b", "amount": i64::MAX, "memo": null, "key": null},
+        {"to": "b", "amount": i64::MIN},
+    ]);
+    for args in [
+        serde_json::json!({"transfers": items}),
+        serde_json::json!({"transfers": items, "atomic": true}),
+        serde_json::json!({"atomic": null, "transfers": items}),
+        serde_json::json!({"transfers": []}),
+    ] {
+        let raw = rmp_serde::to_vec_named(&args).unwrap();
+        let fast = read_transfer_batch(&raw).unwrap_or_else(|| panic!("not read by hand: {args}"));
+        let serde = rmp_serde::from_slice::<crate::wire::TransferBatchArgs>(&raw).unwrap();
+        assert_eq!(format!("{fast:?}"), format!("{serde:?}"));
+    }
+}
