@@ -353,33 +353,37 @@ fn write_segment(
     let out = redb::Database::builder()
         .set_cache_size(SEGMENT_CACHE_BYTES)
         .create_with_backend(redb::backends::FileBackend::new(opts.open(path)?)?)?;
-    // The first record not yet copied.
-    let mut next = keys.start;
+    // The first record not yet copied, and the first key not yet read:
+    // each piece reads on from the key after the last row read, not from
+    // `next`, so that a row inside the last chunk copied (a chunk that
+    // overlaps it) is seen and refused, whichever piece it falls in.
+    let (mut next, mut from) = (keys.start, keys.start);
     let mut rows = 0u64;
     // A half-written file is never used (it keeps its `.tmp` name), so
     // its commits need one phase.
-    while next < keys.end {
+    while from < keys.end {
         let db = ledger()?;
         let txn = db.begin_read()?;
         let chunks = txn.open_table(CHUNKS)?;
         let w = out.begin_write()?;
         {
             let mut to = w.open_table(CHUNKS)?;
-            for row in chunks.range(next..keys.end)?.take(SEAL_ROWS_PER_COMMIT) {
+            for row in chunks.range(from..keys.end)?.take(SEAL_ROWS_PER_COMMIT) {
                 let (k, v) = row?;
                 if k.value() != next {
                     return Err(StoreError::Corrupt(format!(
-                        "the ledger's chunks skip from record {next} to {}",
+                        "the ledger's chunks break at record {next}: the next one starts at {}",
                         k.value()
                     )));
                 }
                 to.insert(k.value(), v.value())?;
                 next = k.value() + super::record::chunk_len(k.value(), v.value())?;
+                from = k.value() + 1;
                 rows += 1;
             }
         }
         w.commit()?;
-        if chunks.range(next..keys.end)?.next().is_none() {
+        if chunks.range(from..keys.end)?.next().is_none() {
             break;
         }
     }

@@ -1077,33 +1077,70 @@ fn records_read_the_same_while_they_move_to_a_segment() {
 }
 
 /// A segment is copied only from chunks that hold every record of it in
-/// order: a chunk missing inside the segment, or its last one missing,
-/// leaves no segment and nothing sealed.
+/// order: a chunk missing inside the segment, its last one missing, a
+/// chunk overlapping the one before (at the end of a piece copied in one
+/// commit, where the next piece reads on) or a chunk cut short leave no
+/// segment and nothing sealed.
 #[test]
-fn a_segment_is_not_sealed_from_chunks_that_skip_records() {
-    for (missing, error) in [
-        (501, "the ledger's chunks skip from record 501 to 511"),
-        (991, "the ledger's chunks end at record 991, not 1001"),
-    ] {
+fn a_segment_is_not_sealed_from_chunks_that_skip_or_overlap_records() {
+    use crate::store::record::{CHUNK_V3, CHUNK_V3_HEADER};
+    // A chunk of `n` one-byte records: sealing reads only the framing.
+    let chunk = |n: usize| {
+        let mut v = vec![CHUNK_V3];
+        v.resize(CHUNK_V3_HEADER, 0);
+        (0..n).for_each(|_| v.extend_from_slice(&[0, 1, 0]));
+        v
+    };
+    type Change = fn(&mut redb::Table<'_, u64, &'static [u8]>, &dyn Fn(usize) -> Vec<u8>);
+    // Unchanged, the same chunks seal.
+    let sealed = |change: Change| {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("tally.redb");
         let db = Arc::new(open(&path).unwrap());
-        for _ in 0..200 {
-            append_chain(&db, 10, Layout::V3);
-        }
         let txn = begin_write(&db).unwrap();
-        write_checkpoint(&txn, 2_000).unwrap();
-        txn.open_table(CHUNKS).unwrap().remove(missing).unwrap().unwrap();
+        {
+            let mut t = txn.open_table(CHUNKS).unwrap();
+            let mut id = 1;
+            while id <= 5_000 {
+                let n = if id == 4_096 { 10 } else { 1 };
+                t.insert(id, &chunk(n)[..]).unwrap();
+                id += n as u64;
+            }
+            change(&mut t, &chunk);
+        }
+        write_checkpoint(&txn, 5_000).unwrap();
         txn.commit().unwrap();
         let history = History::open(&path, &db).unwrap();
-        match history.seal_next(&|| Ok(db.clone()), 1_000) {
-            Err(StoreError::Corrupt(e)) => assert_eq!(e, error),
-            other => panic!("without chunk {missing}: {:?}", other.map_err(|e| e.to_string())),
-        }
-        assert_eq!(history.sealed(), 0);
+        let result = history.seal_next(&|| Ok(db.clone()), 4_300);
         let left: Vec<_> =
             std::fs::read_dir(dir.path().join("history")).unwrap().map(|e| e.unwrap().file_name()).collect();
-        assert!(left.is_empty(), "without chunk {missing}: {left:?}");
+        (result, history.sealed(), left)
+    };
+    let (result, _, left) = sealed(|_, _| {});
+    assert_eq!(result.unwrap(), Some(4_300));
+    assert_eq!(left, ["records-00000000000000000001-00000000000000004300.redb"]);
+    let cases: [(Change, &str); 4] = [
+        (
+            |t, _| drop(t.remove(2_501).unwrap().unwrap()),
+            "the ledger's chunks break at record 2501: the next one starts at 2502",
+        ),
+        (|t, _| drop(t.remove(4_300).unwrap().unwrap()), "the ledger's chunks end at record 4300, not 4301"),
+        // 4,096 rows are copied in a commit: the 4,096th chunk holds
+        // records 4096..=4105, and a row at 4100 overlaps it.
+        (
+            |t, chunk| drop(t.insert(4_100, &chunk(1)[..]).unwrap()),
+            "the ledger's chunks break at record 4106: the next one starts at 4100",
+        ),
+        (|t, chunk| drop(t.insert(3_000, &chunk(1)[..chunk(1).len() - 1]).unwrap()), "chunk 3000 ends inside a record"),
+    ];
+    for (change, error) in cases {
+        let (result, sealed_to, left) = sealed(change);
+        match result {
+            Err(StoreError::Corrupt(e)) => assert_eq!(e, error),
+            other => panic!("{error}: {:?}", other.map_err(|e| e.to_string())),
+        }
+        assert_eq!(sealed_to, 0);
+        assert!(left.is_empty(), "{error}: {left:?}");
     }
 }
 

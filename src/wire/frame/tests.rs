@@ -401,7 +401,10 @@ proptest! {
 }
 
 /// A batch as the clients send it, with or without its optional fields,
-/// with every kind of integer, is read by hand.
+/// with every kind of integer, is read by hand: the Rust client's (keys
+/// in sorted order, through a JSON value), and the Python client's and the
+/// harness's (keys in the order written: `transfers` first or last, an
+/// item's `from`, `to`, `amount`, ...).
 #[test]
 fn batches_as_clients_send_them_are_read_by_hand() {
     let items = serde_json::json!([
@@ -411,14 +414,33 @@ fn batches_as_clients_send_them_are_read_by_hand() {
         {"to": "b", "amount": i64::MAX, "memo": null, "key": null},
         {"to": "b", "amount": i64::MIN},
     ]);
-    for args in [
+    let mut bodies: Vec<Vec<u8>> = [
         serde_json::json!({"transfers": items}),
         serde_json::json!({"transfers": items, "atomic": true}),
-        serde_json::json!({"atomic": null, "transfers": items}),
         serde_json::json!({"transfers": []}),
+    ]
+    .iter()
+    .map(|args| rmp_serde::to_vec_named(args).unwrap())
+    .collect();
+    let s = |v: &str| Mp::Str(v.into());
+    let item = |fields: Vec<(&str, Mp)>| Mp::Map(fields.into_iter().map(|(k, v)| (s(k), v)).collect());
+    let written = Mp::Arr(vec![
+        item(vec![("from", s("alice")), ("to", s("bob")), ("amount", Mp::Int(1, 0))]),
+        item(vec![("from", s("alice")), ("to", s("bob")), ("amount", Mp::Int(7, 0)), ("key", s("run-1-0"))]),
+        item(vec![("to", s("b")), ("amount", Mp::Int(-3, 0)), ("memo", s("fee")), ("from", Mp::Nil)]),
+        item(vec![("from", s("a")), ("to", s("b")), ("amount", Mp::Int(70_000, 1)), ("memo", Mp::Nil)]),
+    ]);
+    for pairs in [
+        vec![(s("transfers"), written.clone()), (s("atomic"), Mp::Bool(false))],
+        vec![(s("atomic"), Mp::Bool(true)), (s("transfers"), written.clone())],
+        vec![(s("transfers"), written)],
     ] {
-        let raw = rmp_serde::to_vec_named(&args).unwrap();
-        let fast = read_transfer_batch(&raw).unwrap_or_else(|| panic!("not read by hand: {args}"));
+        let mut raw = Vec::new();
+        Mp::Map(pairs).write(&mut raw);
+        bodies.push(raw);
+    }
+    for raw in bodies {
+        let fast = read_transfer_batch(&raw).unwrap_or_else(|| panic!("not read by hand: {raw:?}"));
         let serde = rmp_serde::from_slice::<crate::wire::TransferBatchArgs>(&raw).unwrap();
         assert_eq!(format!("{fast:?}"), format!("{serde:?}"));
     }
