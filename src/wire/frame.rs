@@ -436,12 +436,22 @@ pub fn encode_reply(out: &mut BytesMut, id: Option<u64>, result: &Result<Reply, 
 /// a batch's reply holds an answer an item, and serde's encoding of them
 /// was ~4% of the server's CPU under batched load.
 fn encode_batch_response(out: &mut BytesMut, id: Option<u64>, b: &BatchReply) {
+    encode_framed(out, 32 + 40 * b.results.len(), |w| write_batch(w, id, b));
+}
+
+/// Appends one frame, length prefix first, whose body `write` writes
+/// (about `room` bytes, reserved first).
+fn encode_framed(
+    out: &mut BytesMut,
+    room: usize,
+    write: impl FnOnce(&mut bytes::buf::Writer<&mut BytesMut>) -> std::io::Result<()>,
+) {
     let start = out.len();
-    out.reserve(HEADER_BYTES + 32 + 40 * b.results.len());
+    out.reserve(HEADER_BYTES + room);
     out.put_u32(0);
     let mut w = out.writer();
     // Writing to a `BytesMut` cannot fail.
-    let _ = write_batch(&mut w, id, b);
+    let _ = write(&mut w);
     let out = w.into_inner();
     let body_len = u32::try_from(out.len() - start - HEADER_BYTES).unwrap_or(u32::MAX);
     out[start..start + HEADER_BYTES].copy_from_slice(&body_len.to_be_bytes());
@@ -492,15 +502,8 @@ fn write_batch<W: std::io::Write>(w: &mut W, id: Option<u64>, b: &BatchReply) ->
 /// Values go through `rmp::encode`, as serde's do; the constant keys are
 /// written with their string headers in one go.
 fn encode_transfer_response(out: &mut BytesMut, id: Option<u64>, v: &TransferView) {
-    let start = out.len();
-    out.reserve(HEADER_BYTES + 256 + v.from.len() + v.to.len() + v.memo.as_ref().map_or(0, String::len));
-    out.put_u32(0);
-    let mut w = out.writer();
-    // Writing to a `BytesMut` cannot fail.
-    let _ = write_transfer(&mut w, id, v);
-    let out = w.into_inner();
-    let body_len = u32::try_from(out.len() - start - HEADER_BYTES).unwrap_or(u32::MAX);
-    out[start..start + HEADER_BYTES].copy_from_slice(&body_len.to_be_bytes());
+    let room = 256 + v.from.len() + v.to.len() + v.memo.as_ref().map_or(0, String::len);
+    encode_framed(out, room, |w| write_transfer(w, id, v));
 }
 
 fn write_transfer<W: std::io::Write>(w: &mut W, id: Option<u64>, v: &TransferView) -> std::io::Result<()> {
