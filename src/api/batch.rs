@@ -47,10 +47,7 @@ use crate::wire::{BatchItem, BatchReply, Reply, Shape};
 type Item = Result<(BatchTransfer, i64), ApiError>;
 
 pub(super) fn transfer_batch(ctx: &Arc<Ctx>, p: Principal, args: &[u8], session: &Session, reply: ReplyTo) {
-    let a = match crate::wire::frame::decode_transfer_batch(args) {
-        Ok(a) => a,
-        Err(e) => return reply.err(e),
-    };
+    let a = check!(crate::wire::frame::decode_transfer_batch(args), reply);
     let atomic = a.atomic.unwrap_or(false);
     let max = if p.role == Role::User {
         USER_BATCH_MAX.min(ctx.config.limits.batch_max)

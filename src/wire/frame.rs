@@ -457,14 +457,20 @@ fn encode_framed(
     out[start..start + HEADER_BYTES].copy_from_slice(&body_len.to_be_bytes());
 }
 
-fn write_batch<W: std::io::Write>(w: &mut W, id: Option<u64>, b: &BatchReply) -> std::io::Result<()> {
-    use rmp::encode::{write_array_len, write_map_len, write_nil, write_sint, write_str, write_uint};
+/// `{"id": id, "ok": ` as rmp-serde writes the start of a reply.
+fn write_ok_head<W: std::io::Write>(w: &mut W, id: Option<u64>) -> std::io::Result<()> {
     w.write_all(b"\x82\xa2id")?;
     match id {
-        Some(id) => write_uint(w, id).map(drop)?,
-        None => write_nil(w)?,
+        Some(id) => rmp::encode::write_uint(w, id).map(drop)?,
+        None => rmp::encode::write_nil(w)?,
     }
-    w.write_all(b"\xa2ok\x83\xa7results")?;
+    w.write_all(b"\xa2ok")
+}
+
+fn write_batch<W: std::io::Write>(w: &mut W, id: Option<u64>, b: &BatchReply) -> std::io::Result<()> {
+    use rmp::encode::{write_array_len, write_map_len, write_sint, write_str, write_uint};
+    write_ok_head(w, id)?;
+    w.write_all(b"\x83\xa7results")?;
     let len = u32::try_from(b.results.len()).map_err(std::io::Error::other)?;
     write_array_len(w, len)?;
     for item in &b.results {
@@ -512,12 +518,7 @@ fn write_transfer<W: std::io::Write>(w: &mut W, id: Option<u64>, v: &TransferVie
         Some(s) => write_str(w, s).map_err(std::io::Error::from),
         None => write_nil(w),
     };
-    w.write_all(b"\x82\xa2id")?;
-    match id {
-        Some(id) => write_uint(w, id).map(drop)?,
-        None => write_nil(w)?,
-    }
-    w.write_all(b"\xa2ok")?;
+    write_ok_head(w, id)?;
     let optional = u32::from(v.by.is_some()) + u32::from(v.from_balance.is_some()) + u32::from(v.to_balance.is_some());
     write_map_len(w, 11 + optional)?;
     w.write_all(b"\xa2id")?;

@@ -445,3 +445,15 @@ fn batches_as_clients_send_them_are_read_by_hand() {
         assert_eq!(format!("{fast:?}"), format!("{serde:?}"));
     }
 }
+
+/// A batch whose list claims more items than its bytes hold is left to
+/// serde without the hand reader reserving room for the claim (4 billion
+/// items would be ~400 GiB).
+#[test]
+fn a_claimed_batch_length_reserves_no_more_than_a_mebibyte() {
+    let mut raw = vec![0x81, 0xa9];
+    raw.extend_from_slice(b"transfers");
+    raw.extend_from_slice(&[0xdd, 0xff, 0xff, 0xff, 0xff]);
+    assert!(read_transfer_batch(&raw).is_none());
+    assert_eq!(decode_transfer_batch(&raw).unwrap_err().code, ErrorCode::BadRequest);
+}
