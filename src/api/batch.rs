@@ -39,7 +39,7 @@ use crate::error::{cut, ApiError};
 use crate::ledger::{Kind, MINT};
 use crate::limits::{BATCH_ERROR_BYTES_MAX, USER_BATCH_MAX};
 use crate::otp::{Action, BatchTransfer};
-use crate::reply::{Outgoing, Permits, ReplyTo};
+use crate::reply::{ReplyTo, Slots};
 use crate::shard::{DebitReq, Effect, Outbox, ShardMsg};
 use crate::wire::{BatchItem, BatchReply, Reply, Shape};
 
@@ -195,32 +195,34 @@ async fn with_fees(
 /// once every item has.
 fn run(ctx: &Arc<Ctx>, p: Principal, items: Vec<Item>, atomic: bool, reply: ReplyTo) {
     let n = items.len();
-    let (tx, answers) = mpsc::unbounded_channel::<Outgoing>();
+    // Items refused already have their answer in place.
+    let slots = Slots::new(items.iter().map(|i| i.as_ref().err().map(|e| Err(e.clone()))).collect());
     let (collect, collected) = mpsc::unbounded_channel::<(usize, Box<TransferCmd>)>();
-    let mut results: Vec<Option<Result<BatchItem, ApiError>>> = (0..n).map(|_| None).collect();
     let mut outbox = Outbox::for_items(&ctx.router, n);
     for (i, item) in items.into_iter().enumerate() {
-        let (t, fee) = match item {
-            Ok(item) => item,
-            Err(e) => {
-                results[i] = Some(Err(e));
-                continue;
-            }
-        };
-        let answer = ReplyTo::new(tx.clone(), Some(i as u64), Permits::default());
-        let mut req =
-            DebitReq::new(Kind::Transfer, Shape::Item, t.from, t.to, t.amount, t.memo, t.key, p.clone(), answer)
-                .with_fee(fee);
+        let Ok((t, fee)) = item else { continue };
+        let mut req = DebitReq::new(
+            Kind::Transfer,
+            Shape::Item,
+            t.from,
+            t.to,
+            t.amount,
+            t.memo,
+            t.key,
+            p.clone(),
+            ReplyTo::item(&slots, i),
+        )
+        .with_fee(fee);
         if atomic {
             req = req.collected(i, collect.clone());
         }
         outbox.push(&ctx.router, req);
     }
     outbox.flush(&ctx.router);
-    drop((tx, collect));
+    drop(collect);
     let ctx = ctx.clone();
     tokio::spawn(async move {
-        let results = gather(&ctx, results, answers, collected).await;
+        let results = gather(&ctx, &slots, n, atomic.then_some(collected)).await;
         reply.send(answer(results, atomic));
     });
 }
@@ -229,52 +231,34 @@ fn run(ctx: &Arc<Ctx>, p: Principal, items: Vec<Item>, atomic: bool, reply: Repl
 /// which then goes to the journal with the others and answers from there.
 async fn gather(
     ctx: &Ctx,
-    mut results: Vec<Option<Result<BatchItem, ApiError>>>,
-    mut answers: mpsc::UnboundedReceiver<Outgoing>,
-    mut collected: mpsc::UnboundedReceiver<(usize, Box<TransferCmd>)>,
+    slots: &Slots,
+    n: usize,
+    collected: Option<mpsc::UnboundedReceiver<(usize, Box<TransferCmd>)>>,
 ) -> Vec<Result<BatchItem, ApiError>> {
-    let mut items = Vec::new();
-    let mut heard = results.iter().filter(|r| r.is_some()).count();
-    fn take(results: &mut [Option<Result<BatchItem, ApiError>>], got: &mut Vec<Outgoing>) {
-        for o in got.drain(..) {
-            if let Some(slot) = o.id.and_then(|i| results.get_mut(usize::try_from(i).ok()?)) {
-                *slot = Some(o.result.map(item_of));
+    if let Some(mut collected) = collected {
+        // Each item either answers (refused by its owner, or its key's
+        // result repeated) or is reserved and handed back, never both.
+        let mut items = Vec::new();
+        let mut collecting = true;
+        loop {
+            tokio::select! {
+                biased;
+                () = slots.answered(n.saturating_sub(items.len())) => break,
+                k = collected.recv_many(&mut items, n.max(1)), if collecting => collecting = k > 0,
+            }
+        }
+        if !items.is_empty() {
+            items.sort_unstable_by_key(|(i, _)| *i);
+            let refused = slots.read(|r| first_error(r.iter().map(Option::as_ref)));
+            if let Err(cmd) = ctx.journal.send(Command::Batch(Box::new(BatchCmd { items, refused }))) {
+                if let Command::Batch(b) = *cmd {
+                    release(ctx, *b);
+                }
             }
         }
     }
-    // The fan-out answers a commit's items together, so answers are taken
-    // a run at a time; `biased` polls in order instead of drawing a random
-    // number at every wake-up. A channel that gives nothing is closed.
-    let most = results.len().max(1);
-    let mut got = Vec::with_capacity(most);
-    let (mut answering, mut collecting) = (true, true);
-    while heard < results.len() && (answering || collecting) {
-        tokio::select! {
-            biased;
-            n = answers.recv_many(&mut got, most), if answering => {
-                answering = n > 0;
-                heard += n;
-                take(&mut results, &mut got);
-            }
-            n = collected.recv_many(&mut items, most), if collecting => {
-                collecting = n > 0;
-                heard += n;
-            }
-        }
-    }
-    if !items.is_empty() {
-        items.sort_unstable_by_key(|(i, _)| *i);
-        let refused = first_error(results.iter().map(Option::as_ref));
-        if let Err(cmd) = ctx.journal.send(Command::Batch(Box::new(BatchCmd { items, refused }))) {
-            if let Command::Batch(b) = *cmd {
-                release(ctx, *b);
-            }
-        }
-        while answers.recv_many(&mut got, most).await > 0 {
-            take(&mut results, &mut got);
-        }
-    }
-    results.into_iter().map(|r| r.unwrap_or_else(|| Err(ApiError::internal("a batch item was lost")))).collect()
+    slots.answered(n).await;
+    slots.take().into_iter().map(|r| r.unwrap_or_else(|| Err(ApiError::internal("a batch item was lost")))).collect()
 }
 
 /// The journal has stopped (the server is stopping): the owners release
@@ -299,17 +283,6 @@ fn first_error<'a>(results: impl Iterator<Item = Option<&'a Result<BatchItem, Ap
         Some(Err(e)) => Some(e.clone()),
         _ => None,
     })
-}
-
-/// What the batch's reply shows of an item's answer (kept as it arrives,
-/// so that the gathering holds only that).
-fn item_of(r: Reply) -> BatchItem {
-    match r {
-        Reply::Item(item) => item,
-        _ => {
-            BatchItem::Failed { code: crate::error::ErrorCode::Internal, message: "an answer of the wrong kind".into() }
-        }
-    }
 }
 
 /// The batch's reply: every item's result, or (atomic) the first failure.
