@@ -195,6 +195,13 @@ async fn with_fees(
 /// once every item has.
 fn run(ctx: &Arc<Ctx>, p: Principal, items: Vec<Item>, atomic: bool, reply: ReplyTo) {
     let n = items.len();
+    // Every item holds the caller's name (its record names who moved it),
+    // and counts one more reference to it while it travels. A name of
+    // the batch's own keeps those counts in a cache line of their own:
+    // with the session's, shared by every request of every connection,
+    // the journal's reads of the name and the fan-out's releases on
+    // another core took turns over one line, item after item.
+    let p = Principal { user: Arc::from(&*p.user), ..p };
     // Items refused already have their answer in place.
     let slots = Slots::new(items.iter().map(|i| i.as_ref().err().map(|e| Err(e.clone()))).collect());
     let (collect, collected) = mpsc::unbounded_channel::<(usize, Box<TransferCmd>)>();
