@@ -446,6 +446,14 @@ mod tests {
         let args = rmp_serde::to_vec_named(&json!({"transfers": items, "atomic": true})).unwrap();
         assert_eq!(list_len(&args, "transfers"), Some(300));
         assert_eq!(batch_items(&args), 300);
+        // A list in the last pair is counted from its header alone (the
+        // envelope has walked it): a cut list shows it is not walked again.
+        let mut alone = rmp_serde::to_vec_named(&json!({"transfers": items})).unwrap();
+        alone.pop();
+        assert_eq!(list_len(&alone, "transfers"), Some(300));
+        // But a header may not claim more items than there are bytes.
+        let claims = [&[0x81, 0xa9][..], b"transfers", &[0xdd, 0xff, 0xff, 0xff, 0xff, 0x01]].concat();
+        assert_eq!(list_len(&claims, "transfers"), None);
         // Twice, or not a list: serde decides.
         let twice = [0x82, 0xa9, b't', b'r', b'a', b'n', b's', b'f', b'e', b'r', b's', 0x90];
         let twice = [&twice[..], &twice[1..]].concat();
