@@ -136,7 +136,8 @@ impl Inner {
 /// messages, each moved twice and each waking the gathering task; the
 /// answers' traffic was about a fifth of the runtime worker's time under
 /// batched load. Here an answer takes a lock no one else holds for long,
-/// and the gatherer is woken once, when the answers it waits for are in.
+/// and the gatherer is woken when the answers it waits for are in, not
+/// at each one.
 ///
 /// Why it always ends: every [`ReplyTo::item`] answers exactly once (sent,
 /// or dropped unanswered, which answers `internal`), so the count of
@@ -172,13 +173,15 @@ impl Slots {
             },
         });
         let mut s = self.lock();
-        let Some(slot) = s.results.get_mut(index) else { return };
-        // A place answers once: a `ReplyTo` is consumed by its answer.
-        if slot.replace(item).is_none() {
-            s.answered += 1;
-            if s.answered >= s.awaited {
-                self.woken.notify_one();
-            }
+        debug_assert!(index < s.results.len(), "a batch's replies are made for its places");
+        // A place answers once (a `ReplyTo` is consumed by its answer, and
+        // the places answered before the items were sent get none): an
+        // answer for a place that has one changes nothing.
+        let Some(slot @ None) = s.results.get_mut(index) else { return };
+        *slot = Some(item);
+        s.answered += 1;
+        if s.answered >= s.awaited {
+            self.woken.notify_one();
         }
     }
 
@@ -247,6 +250,9 @@ mod tests {
         assert!(!ready(slots.answered(4)), "two of four answered");
         a.send(done(10));
         assert!(!ready(slots.answered(4)), "three of four answered");
+        // A place answered already keeps its answer, and is not counted again.
+        ReplyTo::item(&slots, 1).send(done(99));
+        assert!(!ready(slots.answered(4)), "still three of four answered");
         // A dropped reply answers `internal`; an answer of another kind is refused.
         drop(c);
         assert!(ready(slots.answered(4)));

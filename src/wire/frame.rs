@@ -254,7 +254,8 @@ pub fn list_len(args: &[u8], field: &str) -> Option<usize> {
     let pairs = c.map_len().ok()?;
     for pair in 0..pairs {
         if c.str_bytes().ok()? == field.as_bytes() {
-            // Read ahead: the walk below still steps over the whole list.
+            // Read ahead: unless the list ends the map, the walk below
+            // still steps over it.
             let mut ahead = Cursor { buf: c.buf, pos: c.pos };
             let items = ahead.array_len().ok()?;
             if found.replace(items).is_some() {
