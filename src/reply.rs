@@ -155,8 +155,8 @@ struct SlotsState {
 }
 
 impl Slots {
-    /// Room for `n` items, of which those already `Some` count as answered
-    /// (refused before they were sent anywhere).
+    /// Room for `results.len()` items, of which those already `Some`
+    /// count as answered (refused before they were sent anywhere).
     #[must_use]
     pub fn new(results: Vec<Option<Result<BatchItem, ApiError>>>) -> Arc<Slots> {
         let answered = results.iter().filter(|r| r.is_some()).count();
