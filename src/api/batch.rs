@@ -204,7 +204,8 @@ fn run(ctx: &Arc<Ctx>, p: Principal, items: Vec<Item>, atomic: bool, reply: Repl
     let p = Principal { user: Arc::from(&*p.user), ..p };
     // Items refused already have their answer in place.
     let slots = Slots::new(items.iter().map(|i| i.as_ref().err().map(|e| Err(e.clone()))).collect());
-    let (collect, collected) = mpsc::unbounded_channel::<(usize, Box<TransferCmd>)>();
+    // An atomic batch's owners hand its reserved items back through this.
+    let (collect, collected) = atomic.then(mpsc::unbounded_channel::<(usize, Box<TransferCmd>)>).unzip();
     let mut outbox = Outbox::for_items(&ctx.router, n);
     for (i, item) in items.into_iter().enumerate() {
         let Ok((t, fee)) = item else { continue };
@@ -220,7 +221,7 @@ fn run(ctx: &Arc<Ctx>, p: Principal, items: Vec<Item>, atomic: bool, reply: Repl
             ReplyTo::item(&slots, i),
         )
         .with_fee(fee);
-        if atomic {
+        if let Some(collect) = &collect {
             req = req.collected(i, collect.clone());
         }
         outbox.push(&ctx.router, req);
@@ -229,7 +230,7 @@ fn run(ctx: &Arc<Ctx>, p: Principal, items: Vec<Item>, atomic: bool, reply: Repl
     drop(collect);
     let ctx = ctx.clone();
     tokio::spawn(async move {
-        let results = gather(&ctx, &slots, n, atomic.then_some(collected)).await;
+        let results = gather(&ctx, &slots, n, collected).await;
         reply.send(answer(results, atomic));
     });
 }

@@ -504,7 +504,10 @@ pub fn note_sealed(txn: &redb::WriteTransaction, sealed: u64) -> Result<u64, Sto
     // The rows go in one removal of a range: a `first` and a `pop_first`
     // for each went down the tree twice a row and rebuilt its leftmost
     // branch at every removal (15% of the journal thread under batched
-    // load). The range ends at the last row of this commit's share.
+    // load). The range ends at the last row of this commit's share. (Its
+    // rows are read twice, the second time from the cache: one pass of
+    // `extract_from_if` cost no less, the time going to the first reads
+    // of the old rows' pages.)
     let mut last = None;
     for row in chunks.range(..=sealed)?.take(TRIM_ROWS_PER_COMMIT) {
         last = Some(row?.0.value());
