@@ -612,6 +612,19 @@ fn fast_head(body: &[u8]) -> Option<(u64, bool, &[u8])> {
     }
 }
 
+/// The counts of a `transfer_batch` reply, for one that [`fast_head`]
+/// cannot read (its results are skipped).
+#[derive(serde::Deserialize)]
+struct BatchCounts {
+    applied: u64,
+    failed: u64,
+}
+
+#[derive(serde::Deserialize)]
+struct BatchHead {
+    ok: Option<BatchCounts>,
+}
+
 /// `(applied, failed)` of a `transfer_batch` reply's `ok` value, its
 /// per-item results skipped by their lengths alone: decoded with serde,
 /// as before, the results (every string checked as UTF-8) were a quarter
@@ -630,6 +643,16 @@ fn batch_counts(mut rd: &[u8]) -> Option<(u64, u64)> {
         }
     }
     Some((applied?, failed?))
+}
+
+/// `(applied, failed)` of the batch reply `body`, whose `ok` value
+/// [`fast_head`] found at `ok` (empty if it found none: a reply laid out
+/// otherwise than the server's is decoded whole).
+fn reply_counts(body: &[u8], ok: &[u8]) -> Option<(u64, u64)> {
+    batch_counts(ok).or_else(|| {
+        let head = rmp_serde::from_slice::<BatchHead>(body).ok()?;
+        head.ok.map(|c| (c.applied, c.failed))
+    })
 }
 
 /// The length of the MessagePack value at the start of `b` (`None` if it
@@ -661,12 +684,12 @@ fn skip_value(b: &[u8]) -> Option<usize> {
             0xd6 => (5, 0),
             0xd7 => (9, 0),
             0xd8 => (17, 0),
-            0xc4 | 0xd9 => (1 + be(pos, 1)?, 0),
-            0xc5 | 0xda => (2 + be(pos, 2)?, 0),
-            0xc6 | 0xdb => (4 + be(pos, 4)?, 0),
-            0xc7 => (2 + be(pos, 1)?, 0),
-            0xc8 => (3 + be(pos, 2)?, 0),
-            0xc9 => (5 + be(pos, 4)?, 0),
+            0xc4 | 0xd9 => (be(pos, 1)?.checked_add(1)?, 0),
+            0xc5 | 0xda => (be(pos, 2)?.checked_add(2)?, 0),
+            0xc6 | 0xdb => (be(pos, 4)?.checked_add(4)?, 0),
+            0xc7 => (be(pos, 1)?.checked_add(2)?, 0),
+            0xc8 => (be(pos, 2)?.checked_add(3)?, 0),
+            0xc9 => (be(pos, 4)?.checked_add(5)?, 0),
             0xdc => (2, be(pos, 2)? as u64),
             0xdd => (4, be(pos, 4)? as u64),
             0xde => (2, 2 * be(pos, 2)? as u64),
@@ -901,7 +924,7 @@ async fn drive(
             } else if is_read {
                 totals.reads.fetch_add(1, Ordering::Relaxed);
             } else if o.batch > 0 {
-                let (applied, failed) = batch_counts(ok).expect("a batch reply with its counts");
+                let (applied, failed) = reply_counts(body, ok).expect("a batch reply with its counts");
                 totals.transfers.fetch_add(applied, Ordering::Relaxed);
                 if failed > 0 {
                     *totals.errors.lock().unwrap().entry("batch_item".into()).or_default() += failed;
@@ -1027,12 +1050,53 @@ fn check_hand_coding() {
         applied: u64,
         failed: u64,
     }
-    let results = json!([{"id": 9, "from_balance": -5, "to_balance": 5}, {"err": {"code": "insufficient_funds", "message": "é"}}]);
-    let body = rmp_serde::to_vec_named(&Counts { results: results.clone(), applied: 1, failed: 1 }).unwrap();
-    assert_eq!(batch_counts(&body), Some((1, 1)));
+    #[derive(serde::Serialize)]
+    struct Reply {
+        id: u64,
+        ok: Counts,
+    }
+    // Items as the server writes them: applied, and failed.
+    let results =
+        json!([{"id": 9, "from_balance": -5, "to_balance": 5}, {"code": "insufficient_funds", "message": "é"}]);
+    let body =
+        rmp_serde::to_vec_named(&Reply { id: 42, ok: Counts { results: results.clone(), applied: 1, failed: 1 } })
+            .unwrap();
+    let (id, ok, rest) = fast_head(&body).expect("a reply laid out as the server's");
+    assert_eq!((id, ok, reply_counts(&body, rest)), (42, true, Some((1, 1))));
+    let mut reordered = vec![0x82, 0xa2, b'o', b'k'];
+    reordered.extend(rmp_serde::to_vec(&json!({"applied": 3, "failed": 4, "results": []})).unwrap());
+    reordered.extend([0xa2, b'i', b'd', 42]);
+    assert_eq!(fast_head(&reordered), None);
+    assert_eq!(reply_counts(&reordered, &[]), Some((3, 4)));
+    assert_eq!(batch_counts(&rest[..rest.len() - 1]), None);
     let sorted = rmp_serde::to_vec(&json!({"applied": 1_000, "failed": 0, "results": results})).unwrap();
     assert_eq!(batch_counts(&sorted), Some((1_000, 0)));
-    assert_eq!(batch_counts(&body[..body.len() - 1]), None);
+    // The widths serde_json's values never take: bin, ext and fixext,
+    // float32, and 16- and 32-bit array and map lengths.
+    let mut b = Vec::new();
+    rmp::encode::write_array_len(&mut b, 70_000).unwrap();
+    rmp::encode::write_map_len(&mut b, 16).unwrap();
+    for i in 0..16u8 {
+        rmp::encode::write_uint(&mut b, u64::from(i)).unwrap();
+        rmp::encode::write_f32(&mut b, 0.5).unwrap();
+    }
+    rmp::encode::write_map_len(&mut b, 70_000).unwrap();
+    for i in 0..70_000u32 {
+        rmp::encode::write_u32(&mut b, i).unwrap();
+        rmp::encode::write_nil(&mut b).unwrap();
+    }
+    for len in [0, 1, 2, 3, 4, 5, 8, 16, 17, 300, 70_000] {
+        rmp::encode::write_bin(&mut b, &vec![7; len]).unwrap();
+        rmp::encode::write_ext_meta(&mut b, len as u32, 5).unwrap();
+        b.extend(std::iter::repeat_n(9, len));
+    }
+    let items = 2 + 22;
+    for _ in items..70_000 {
+        rmp::encode::write_bool(&mut b, true).unwrap();
+    }
+    assert_eq!(skip_value(&b), Some(b.len()), "skipping the other widths");
+    let cut = (0..b.len()).step_by(b.len() / 64 + 1).find(|&k| skip_value(&b[..k]).is_some());
+    assert_eq!(cut, None, "the other widths cut short are not skipped");
 }
 
 // One thread, like redis-benchmark: it keeps up (about 1 µs of CPU per
