@@ -48,9 +48,10 @@ pub const PAGE_ITEM_BYTES_MAX: usize = 1536;
 /// Longest error message sent; longer ones (which may quote input) are cut.
 pub const ERROR_MESSAGE_BYTES_MAX: usize = 512;
 
-/// Most commands the journal applies in one redb write transaction. Larger
-/// batches cost less per transfer, but a request that just misses one waits
-/// for all of it; on 2 cores with 4,096 requests in flight, 2,048 did best
+/// Most commands the journal applies in one redb write transaction, unless
+/// more than twice that waits (`journal::commit_limit`). Larger batches
+/// cost less per transfer, but a request that just misses one waits for
+/// all of it; on 2 cores with 4,096 requests in flight, 2,048 did best
 /// (docs/performance.md).
 pub const COMMIT_BATCH_MAX: usize = 2048;
 /// Transfers in one `transfer_batch` by default (`limits.batch_max`).
@@ -69,6 +70,9 @@ pub const BATCH_ERROR_BYTES_MAX: usize = 160;
 pub const CHUNK_RECORDS_MAX: usize = 64;
 /// The largest `limits.commit_batch_max` a configuration may set.
 pub const COMMIT_BATCH_LIMIT: usize = 65_536;
+/// How many times `commit_batch_max` a single server's commit may take
+/// when the queue behind the journal is deep (`journal::commit_limit`).
+pub const COMMIT_DEEP_QUEUE_FACTOR: usize = 4;
 /// Records in one sealed history segment (`limits.history_segment_records`):
 /// ~4M records are ~400 MB, so the ledger file keeps at most about two
 /// segments' worth of records besides its accounts, and redb's repair

@@ -163,7 +163,7 @@ impl Journal {
                     None => return,
                 }
             }
-            self.fill(&mut batch, rx, &mut stops);
+            self.fill(&mut batch, rx, self.batch_max, &mut stops);
             if !batch.is_empty() {
                 let seq = first + pending.len() as u64;
                 let f = self.start(batch, &pending, seq, &answers_tx);

@@ -30,8 +30,9 @@ pub async fn run(mut rx: tokio::sync::mpsc::UnboundedReceiver<Committed>, router
             if !effects.is_empty() {
                 // The next commit's list is made as large as this one's,
                 // not grown effect by effect: a commit holds about
-                // `commit_batch_max` transfers (an atomic batch's items
-                // counted) and a few effects for each.
+                // `commit_batch_max` transfers, up to four times that under
+                // a deep queue (an atomic batch's items counted), and a few
+                // effects for each.
                 let room = effects.len();
                 router.cast(i, ShardMsg::Effects(std::mem::replace(effects, Vec::with_capacity(room))));
             }
