@@ -48,8 +48,10 @@ pub const PAGE_ITEM_BYTES_MAX: usize = 1536;
 /// Longest error message sent; longer ones (which may quote input) are cut.
 pub const ERROR_MESSAGE_BYTES_MAX: usize = 512;
 
-/// Most commands the journal applies in one redb write transaction, unless
-/// more than twice that waits (`journal::commit_limit`). Larger batches
+/// Most commands the journal applies in one redb write transaction (an
+/// atomic batch counting its items); on a single server, up to
+/// [`COMMIT_DEEP_QUEUE_FACTOR`] times that when more than twice as many
+/// commands wait (`journal::commit_limit`). Larger batches
 /// cost less per transfer, but a request that just misses one waits for
 /// all of it; on 2 cores with 4,096 requests in flight, 2,048 did best
 /// (docs/performance.md).

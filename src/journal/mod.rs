@@ -227,7 +227,10 @@ impl Archiver {
 
 /// How much a single server's commit takes when `queued` commands wait:
 /// `commit_batch_max`, or half of the queue once more than twice that
-/// waits, up to four times `commit_batch_max` (and [`COMMIT_BATCH_LIMIT`]).
+/// many wait, up to four times `commit_batch_max` (and
+/// [`COMMIT_BATCH_LIMIT`]). The queue counts an atomic batch once, where
+/// the limit counts its items: a queue of atomic batches looks shallower
+/// than it is, which errs towards the setting.
 ///
 /// A commit's two fsyncs take about as long whatever it holds. When
 /// batches keep the queue deep (tens of thousands of transfers waiting
