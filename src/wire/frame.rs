@@ -235,6 +235,18 @@ pub fn validate_value(body: &[u8]) -> Result<(), ApiError> {
     Ok(())
 }
 
+/// The length of the one MessagePack value at the start of `buf`: its
+/// lengths checked against the bytes present, its strings' UTF-8 not (for
+/// a reader that only steps over values, as the load harness steps over a
+/// batch reply's results). `None` if it is cut short, nests deeper than
+/// [`DECODE_DEPTH_MAX`] or uses the reserved byte.
+#[must_use]
+pub fn value_len(buf: &[u8]) -> Option<usize> {
+    let mut c = Cursor { buf, pos: 0 };
+    c.walk(0, false).ok()?;
+    Some(c.pos)
+}
+
 /// The number of items in the list under `field` of the map `args`, read
 /// from the headers alone (no string is checked or copied), for sizing a
 /// reply before the args are decoded. `args` are as the envelope gives

@@ -225,6 +225,8 @@ proptest! {
         encode_reply(&mut fast, id, &reply);
         encode_response(&mut serde, id, &reply);
         prop_assert_eq!(&fast[..], &serde[..]);
+        // After "xy" and the length prefix: one value, stepped over whole.
+        prop_assert_eq!(value_len(&fast[6..]), Some(fast.len() - 6));
     }
 }
 
@@ -456,4 +458,28 @@ fn a_claimed_batch_length_reserves_no_more_than_a_mebibyte() {
     raw.extend_from_slice(&[0xdd, 0xff, 0xff, 0xff, 0xff]);
     assert!(read_transfer_batch(&raw).is_none());
     assert_eq!(decode_transfer_batch(&raw).unwrap_err().code, ErrorCode::BadRequest);
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(512))]
+
+    /// `value_len` steps over exactly one value, whatever follows it, never
+    /// over a cut one, and takes random bytes without a panic.
+    #[test]
+    fn value_len_steps_over_exactly_one_value(
+        v in mp_batch(),
+        tail in prop::collection::vec(any::<u8>(), 0..8),
+        cut in any::<prop::sample::Index>(),
+        noise in prop::collection::vec(any::<u8>(), 0..256),
+    ) {
+        let mut b = Vec::new();
+        v.write(&mut b);
+        let n = b.len();
+        prop_assert_eq!(value_len(&b[..cut.index(n)]), None);
+        b.extend(&tail);
+        prop_assert_eq!(value_len(&b), Some(n));
+        if let Some(len) = value_len(&noise) {
+            prop_assert!(len <= noise.len());
+        }
+    }
 }
