@@ -126,53 +126,81 @@ impl<'a> Cursor<'a> {
     }
 
     /// [`Cursor::skip`], checking strings' UTF-8 only with `utf8`.
+    ///
+    /// A loop over the values with a count of those left at each open
+    /// level, not a call per value: a batch's args are some seven values
+    /// an item, and the envelope walks every one of them. The depth
+    /// limit keeps the counts in a small array on the stack.
     fn walk(&mut self, depth: usize, utf8: bool) -> Result<(), ApiError> {
-        if depth > DECODE_DEPTH_MAX {
-            return Err(ApiError::new(ErrorCode::BadFrame, format!("nesting deeper than {DECODE_DEPTH_MAX}")));
+        // `open[l]`: values still to read in the container opened at level `l`.
+        let mut open = [0usize; DECODE_DEPTH_MAX + 1];
+        let mut level = 0;
+        let mut left = 1usize;
+        loop {
+            while left == 0 {
+                if level == 0 {
+                    return Ok(());
+                }
+                level -= 1;
+                left = open[level];
+            }
+            left -= 1;
+            if depth + level > DECODE_DEPTH_MAX {
+                return Err(ApiError::new(ErrorCode::BadFrame, format!("nesting deeper than {DECODE_DEPTH_MAX}")));
+            }
+            let m = self.u8()?;
+            let (skip, items) = match m {
+                0x00..=0x7f | 0xe0..=0xff | 0xc0 | 0xc2 | 0xc3 => continue,
+                0xa0..=0xbf => {
+                    let s = self.take(usize::from(m & 0x1f))?;
+                    if utf8 && !s.is_ascii() {
+                        std::str::from_utf8(s).map_err(|_| malformed("invalid UTF-8"))?;
+                    }
+                    continue;
+                }
+                0x80..=0x8f => (0, 2 * usize::from(m & 0x0f)),
+                0x90..=0x9f => (0, usize::from(m & 0x0f)),
+                0xc1 => return Err(malformed("reserved byte 0xc1")),
+                0xc4 | 0xd9 => (self.len(1)?, 0),
+                0xc5 | 0xda => (self.len(2)?, 0),
+                0xc6 | 0xdb => (self.len(4)?, 0),
+                0xc7 => (self.len(1)? + 1, 0),
+                0xc8 => (self.len(2)? + 1, 0),
+                0xc9 => (self.len(4)? + 1, 0),
+                0xca => (4, 0),
+                0xcb => (8, 0),
+                0xcc | 0xd0 => (1, 0),
+                0xcd | 0xd1 => (2, 0),
+                0xce | 0xd2 => (4, 0),
+                0xcf | 0xd3 => (8, 0),
+                0xd4 => (2, 0),
+                0xd5 => (3, 0),
+                0xd6 => (5, 0),
+                0xd7 => (9, 0),
+                0xd8 => (17, 0),
+                0xdc => (0, self.len(2)?),
+                0xdd => (0, self.len(4)?),
+                0xde => (0, 2 * self.len(2)?),
+                0xdf => (0, self.len(4)?.saturating_mul(2)),
+            };
+            if utf8 && (0xd9..=0xdb).contains(&m) {
+                std::str::from_utf8(self.take(skip)?).map_err(|_| malformed("invalid UTF-8"))?;
+            } else {
+                self.take(skip)?;
+            }
+            if items > 0 {
+                // Each item takes at least one byte, so a claimed count larger
+                // than what is left is rejected before looping over it.
+                if items > self.buf.len() - self.pos {
+                    return Err(malformed("container claims more items than bytes"));
+                }
+                // `depth + level <= DECODE_DEPTH_MAX` (checked above), so
+                // `level` is within `open`.
+                open[level] = left;
+                level += 1;
+                left = items;
+            }
         }
-        let m = self.u8()?;
-        let (skip, items) = match m {
-            0x00..=0x7f | 0xe0..=0xff | 0xc0 | 0xc2 | 0xc3 => (0, 0),
-            0x80..=0x8f => (0, 2 * usize::from(m & 0x0f)),
-            0x90..=0x9f => (0, usize::from(m & 0x0f)),
-            0xa0..=0xbf => (usize::from(m & 0x1f), 0),
-            0xc1 => return Err(malformed("reserved byte 0xc1")),
-            0xc4 | 0xd9 => (self.len(1)?, 0),
-            0xc5 | 0xda => (self.len(2)?, 0),
-            0xc6 | 0xdb => (self.len(4)?, 0),
-            0xc7 => (self.len(1)? + 1, 0),
-            0xc8 => (self.len(2)? + 1, 0),
-            0xc9 => (self.len(4)? + 1, 0),
-            0xca => (4, 0),
-            0xcb => (8, 0),
-            0xcc | 0xd0 => (1, 0),
-            0xcd | 0xd1 => (2, 0),
-            0xce | 0xd2 => (4, 0),
-            0xcf | 0xd3 => (8, 0),
-            0xd4 => (2, 0),
-            0xd5 => (3, 0),
-            0xd6 => (5, 0),
-            0xd7 => (9, 0),
-            0xd8 => (17, 0),
-            0xdc => (0, self.len(2)?),
-            0xdd => (0, self.len(4)?),
-            0xde => (0, 2 * self.len(2)?),
-            0xdf => (0, self.len(4)?.saturating_mul(2)),
-        };
-        if utf8 && ((0xd9..=0xdb).contains(&m) || (0xa0..=0xbf).contains(&m)) {
-            std::str::from_utf8(self.take(skip)?).map_err(|_| malformed("invalid UTF-8"))?;
-        } else {
-            self.take(skip)?;
-        }
-        // Each item takes at least one byte, so a claimed count larger than
-        // what is left is rejected before looping over it.
-        if items > self.buf.len() - self.pos {
-            return Err(malformed("container claims more items than bytes"));
-        }
-        for _ in 0..items {
-            self.walk(depth + 1, utf8)?;
-        }
-        Ok(())
     }
 }
 

@@ -483,3 +483,88 @@ proptest! {
         }
     }
 }
+
+/// The walker written the plain way, one call per value: the loop of
+/// `Cursor::walk` must agree with it on every input.
+fn walk_by_calls(c: &mut Cursor<'_>, depth: usize, utf8: bool) -> Result<(), ApiError> {
+    if depth > DECODE_DEPTH_MAX {
+        return Err(ApiError::new(ErrorCode::BadFrame, format!("nesting deeper than {DECODE_DEPTH_MAX}")));
+    }
+    let m = c.u8()?;
+    let (skip, items) = match m {
+        0x00..=0x7f | 0xe0..=0xff | 0xc0 | 0xc2 | 0xc3 => (0, 0),
+        0x80..=0x8f => (0, 2 * usize::from(m & 0x0f)),
+        0x90..=0x9f => (0, usize::from(m & 0x0f)),
+        0xa0..=0xbf => (usize::from(m & 0x1f), 0),
+        0xc1 => return Err(malformed("reserved byte 0xc1")),
+        0xc4 | 0xd9 => (c.len(1)?, 0),
+        0xc5 | 0xda => (c.len(2)?, 0),
+        0xc6 | 0xdb => (c.len(4)?, 0),
+        0xc7 => (c.len(1)? + 1, 0),
+        0xc8 => (c.len(2)? + 1, 0),
+        0xc9 => (c.len(4)? + 1, 0),
+        0xca => (4, 0),
+        0xcb => (8, 0),
+        0xcc | 0xd0 => (1, 0),
+        0xcd | 0xd1 => (2, 0),
+        0xce | 0xd2 => (4, 0),
+        0xcf | 0xd3 => (8, 0),
+        0xd4 => (2, 0),
+        0xd5 => (3, 0),
+        0xd6 => (5, 0),
+        0xd7 => (9, 0),
+        0xd8 => (17, 0),
+        0xdc => (0, c.len(2)?),
+        0xdd => (0, c.len(4)?),
+        0xde => (0, 2 * c.len(2)?),
+        0xdf => (0, c.len(4)?.saturating_mul(2)),
+    };
+    if utf8 && ((0xd9..=0xdb).contains(&m) || (0xa0..=0xbf).contains(&m)) {
+        std::str::from_utf8(c.take(skip)?).map_err(|_| malformed("invalid UTF-8"))?;
+    } else {
+        c.take(skip)?;
+    }
+    if items > c.buf.len() - c.pos {
+        return Err(malformed("container claims more items than bytes"));
+    }
+    for _ in 0..items {
+        walk_by_calls(c, depth + 1, utf8)?;
+    }
+    Ok(())
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(4096))]
+
+    /// `Cursor::walk` ends where a call per value ends, with the same
+    /// error, at every starting depth and with and without UTF-8 checks:
+    /// on batches wrapped in lists up to past the depth limit, with bytes
+    /// changed (invalid UTF-8, wrong lengths and markers) and cut short,
+    /// and on random bytes.
+    #[test]
+    fn the_walk_agrees_with_a_call_per_value(
+        v in mp_batch(),
+        nest in 0usize..20,
+        flips in prop::collection::vec((any::<prop::sample::Index>(), any::<u8>()), 0..3),
+        cut in any::<prop::sample::Index>(),
+        noise in prop::collection::vec(any::<u8>(), 0..128),
+        depth in 0usize..3,
+        utf8 in any::<bool>(),
+    ) {
+        let mut b = vec![0x91; nest];
+        v.write(&mut b);
+        for (at, byte) in flips {
+            let i = at.index(b.len());
+            b[i] = byte;
+        }
+        let cut = b[..cut.index(b.len() + 1)].to_vec();
+        for input in [&b, &cut, &noise] {
+            let run = |f: &dyn Fn(&mut Cursor<'_>) -> Result<(), ApiError>| {
+                let mut c = Cursor { buf: input, pos: 0 };
+                let r = f(&mut c).map_err(|e| (e.code, e.message));
+                (r, c.pos)
+            };
+            prop_assert_eq!(run(&|c| c.walk(depth, utf8)), run(&|c| walk_by_calls(c, depth, utf8)));
+        }
+    }
+}
