@@ -132,7 +132,8 @@ impl<'a> Cursor<'a> {
     /// an item, and the envelope walks every one of them. The depth
     /// limit keeps the counts in a small array on the stack.
     fn walk(&mut self, depth: usize, utf8: bool) -> Result<(), ApiError> {
-        // `open[l]`: values still to read in the container opened at level `l`.
+        // `open[l]`: the values left at level `l` after the container opened
+        // there, taken up again when it closes.
         let mut open = [0usize; DECODE_DEPTH_MAX + 1];
         let mut level = 0;
         let mut left = 1usize;
@@ -164,9 +165,9 @@ impl<'a> Cursor<'a> {
                 0xc4 | 0xd9 => (self.len(1)?, 0),
                 0xc5 | 0xda => (self.len(2)?, 0),
                 0xc6 | 0xdb => (self.len(4)?, 0),
-                0xc7 => (self.len(1)? + 1, 0),
-                0xc8 => (self.len(2)? + 1, 0),
-                0xc9 => (self.len(4)? + 1, 0),
+                0xc7 => (self.len(1)?.saturating_add(1), 0),
+                0xc8 => (self.len(2)?.saturating_add(1), 0),
+                0xc9 => (self.len(4)?.saturating_add(1), 0),
                 0xca => (4, 0),
                 0xcb => (8, 0),
                 0xcc | 0xd0 => (1, 0),

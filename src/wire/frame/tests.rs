@@ -484,6 +484,33 @@ proptest! {
     }
 }
 
+/// Every string width has its UTF-8 checked when asked, whatever the
+/// others do, and a bin or ext with the same bytes is not; `value_len`
+/// checks none.
+#[test]
+fn the_walk_checks_utf8_in_every_string_width() {
+    let bad = [0xc3, 0x28];
+    for head in [vec![0xa2], vec![0xd9, 2], vec![0xda, 0, 2], vec![0xdb, 0, 0, 0, 2]] {
+        let mut v = head.clone();
+        v.extend(bad);
+        let e = validate_value(&v).unwrap_err();
+        assert_eq!(
+            (e.code, e.message.as_str()),
+            (ErrorCode::BadFrame, "malformed MessagePack: invalid UTF-8"),
+            "{v:x?}"
+        );
+        assert_eq!(value_len(&v), Some(v.len()), "{v:x?}");
+        let mut ok = head;
+        ok.extend("é".as_bytes());
+        assert_eq!(validate_value(&ok), Ok(()), "{ok:x?}");
+    }
+    for head in [vec![0xc4, 2], vec![0xc5, 0, 2], vec![0xc6, 0, 0, 0, 2], vec![0xd5, 7]] {
+        let mut v = head;
+        v.extend(bad);
+        assert_eq!(validate_value(&v), Ok(()), "{v:x?}");
+    }
+}
+
 /// The walker written the plain way, one call per value: the loop of
 /// `Cursor::walk` must agree with it on every input.
 fn walk_by_calls(c: &mut Cursor<'_>, depth: usize, utf8: bool) -> Result<(), ApiError> {
@@ -500,9 +527,9 @@ fn walk_by_calls(c: &mut Cursor<'_>, depth: usize, utf8: bool) -> Result<(), Api
         0xc4 | 0xd9 => (c.len(1)?, 0),
         0xc5 | 0xda => (c.len(2)?, 0),
         0xc6 | 0xdb => (c.len(4)?, 0),
-        0xc7 => (c.len(1)? + 1, 0),
-        0xc8 => (c.len(2)? + 1, 0),
-        0xc9 => (c.len(4)? + 1, 0),
+        0xc7 => (c.len(1)?.saturating_add(1), 0),
+        0xc8 => (c.len(2)?.saturating_add(1), 0),
+        0xc9 => (c.len(4)?.saturating_add(1), 0),
         0xca => (4, 0),
         0xcb => (8, 0),
         0xcc | 0xd0 => (1, 0),
