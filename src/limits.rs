@@ -52,7 +52,8 @@ pub const ERROR_MESSAGE_BYTES_MAX: usize = 512;
 /// atomic batch counting its items); on a single server, up to
 /// [`COMMIT_DEEP_QUEUE_FACTOR`] times that when more than twice as many
 /// commands wait (`journal::commit_limit`). Larger batches cost less per
-/// transfer, but a request that just misses one waits for all of it; on 2 cores with 4,096 requests in flight, 2,048 did best
+/// transfer, but a request that just misses one waits for all of it; on 2
+/// cores with 4,096 requests in flight, 2,048 did best
 /// (docs/performance.md).
 pub const COMMIT_BATCH_MAX: usize = 2048;
 /// Transfers in one `transfer_batch` by default (`limits.batch_max`).

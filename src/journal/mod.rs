@@ -4,10 +4,10 @@
 //! `commit_batch_max`, more under a deep queue: [`commit_limit`]), has the
 //! state machine ([`machine`]) apply them in order to the ledger in
 //! memory, writes what they did in one redb transaction ([`commit`]) and
-//! commits with fsync. Only then does the
-//! fan-out (`shard::fanout`) tell the owning shards what changed and answer
-//! the clients. An idle journal commits at once; under load the queue fills
-//! while it syncs, so batches grow by themselves.
+//! commits with fsync. Only then does the fan-out (`shard::fanout`) tell
+//! the owning shards what changed and answer the clients. An idle journal
+//! commits at once; under load the queue fills while it syncs, so batches
+//! grow by themselves.
 //!
 //! In a cluster (`[cluster]`), the leader's journal decides a batch the
 //! same way and proposes what it decided as one Raft entry instead of
@@ -236,11 +236,11 @@ impl Archiver {
 /// batches keep the queue deep (tens of thousands of transfers waiting
 /// behind the journal), commits of ~2,000 left the two cores 12% idle
 /// (waiting for the disk included): the runtime had handed everything in
-/// flight to the journal and waited with it. Taking half leaves the other half for the next commit, so the runtime
-/// keeps working while this one is written; with less waiting (single
-/// transfers, 4,096 in flight) nothing changes. A cluster's leader keeps
-/// `commit_batch_max`: there, larger proposals left none in flight while
-/// one was replicated.
+/// flight to the journal and waited with it. Taking half leaves the other
+/// half for the next commit, so the runtime keeps working while this one
+/// is written; with less waiting (single transfers, 4,096 in flight)
+/// nothing changes. A cluster's leader keeps `commit_batch_max`: there,
+/// larger proposals left none in flight while one was replicated.
 fn commit_limit(batch_max: usize, queued: usize) -> usize {
     let most = batch_max.saturating_mul(COMMIT_DEEP_QUEUE_FACTOR).min(COMMIT_BATCH_LIMIT).max(batch_max);
     (queued / 2).clamp(batch_max, most)
