@@ -4,6 +4,12 @@
 //! request id and its answer is matched by that id, in whatever order the
 //! server sends them.
 //!
+//! Every wait on the server is bounded: connecting, and each call's answer,
+//! by the client's timeout ([`TIMEOUT`] unless [`Client::with_timeout`] says
+//! otherwise), `audit` by [`AUDIT_TIMEOUT`]. A call that timed out has an
+//! unknown outcome ([`ClientError::Timeout`]); its answer, if it comes
+//! later, is skipped.
+//!
 //! ```no_run
 //! # async fn demo() -> Result<(), tally::client::ClientError> {
 //! use serde_json::json;
@@ -23,11 +29,23 @@ use std::sync::{Arc, Mutex};
 use bytes::BytesMut;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
+use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpSocket, TcpStream, ToSocketAddrs};
+
 use tokio::sync::oneshot;
 
 use crate::wire::frame;
+
+/// How long a client waits to connect, and for each answer, unless told
+/// otherwise: far beyond any answer a working server gives, and short
+/// enough that a stopped or unreachable one is noticed.
+pub const TIMEOUT: Duration = Duration::from_secs(10);
+
+/// How long [`Client::audit`] waits at least: the server lets an audit wait
+/// up to 120 s for its turn behind another, and the audit itself reads the
+/// whole journal (35-40 s at 44M records).
+pub const AUDIT_TIMEOUT: Duration = Duration::from_secs(300);
 
 /// What can go wrong with a call.
 #[derive(Debug, thiserror::Error)]
@@ -48,6 +66,10 @@ pub enum ClientError {
     Protocol(String),
     #[error("the connection closed before the answer came")]
     Closed,
+    /// No answer came in time. The request may or may not have been
+    /// applied: send it again only with its idempotency key.
+    #[error("no answer within the timeout; the outcome is unknown")]
+    Timeout,
 }
 
 impl ClientError {
@@ -85,10 +107,14 @@ type Pending = Arc<Mutex<HashMap<u64, oneshot::Sender<Result<Value, ClientError>
 pub struct Client {
     writer: tokio::sync::Mutex<Box<dyn AsyncWrite + Send + Unpin>>,
     pending: Pending,
-    /// Set by the reader when the connection ends; calls fail from then on.
+    /// Set by the reader when the connection ends, or by a call whose
+    /// timeout cut its request short (the server would read the next
+    /// request's bytes as the rest of it); calls fail from then on.
     closed: Arc<std::sync::atomic::AtomicBool>,
     next_id: AtomicU64,
     reader: tokio::task::JoinHandle<()>,
+    /// Each call's timeout (`None`: none).
+    timeout: Option<Duration>,
 }
 
 #[derive(Deserialize)]
@@ -107,9 +133,9 @@ struct RawError {
 }
 
 impl Client {
-    /// Connects in binary mode.
+    /// Connects in binary mode, within [`TIMEOUT`].
     pub async fn connect(addr: impl ToSocketAddrs) -> Result<Client, ClientError> {
-        Client::from_stream(TcpStream::connect(addr).await?)
+        Client::from_stream(within_timeout(TcpStream::connect(addr)).await?)
     }
 
     /// Connects from a given local address (e.g. 127.0.0.2, to act as
@@ -117,18 +143,22 @@ impl Client {
     pub async fn connect_from(local: IpAddr, addr: SocketAddr) -> Result<Client, ClientError> {
         let socket = if local.is_ipv4() { TcpSocket::new_v4()? } else { TcpSocket::new_v6()? };
         socket.bind(SocketAddr::new(local, 0))?;
-        Client::from_stream(socket.connect(addr).await?)
+        Client::from_stream(within_timeout(socket.connect(addr)).await?)
     }
 
     /// Connects over TLS to `addr` (`host:port`), checking that the
     /// server's certificate chains to `tls.ca` (or the system's roots) and
-    /// names `host`.
+    /// names `host`. Connecting and the handshake together take at most
+    /// [`TIMEOUT`].
     pub async fn connect_tls(addr: &str, tls: &crate::tls::ClientTls) -> Result<Client, ClientError> {
         let config = tls.config().map_err(|e| ClientError::Protocol(e.to_string()))?;
         let name = crate::tls::server_name(addr).map_err(|e| ClientError::Protocol(e.to_string()))?;
-        let stream = TcpStream::connect(addr).await?;
-        stream.set_nodelay(true)?;
-        let stream = tokio_rustls::TlsConnector::from(config).connect(name, stream).await?;
+        let stream = within_timeout(async {
+            let stream = TcpStream::connect(addr).await?;
+            stream.set_nodelay(true)?;
+            tokio_rustls::TlsConnector::from(config).connect(name, stream).await
+        })
+        .await?;
         Ok(Client::from_io(stream))
     }
 
@@ -171,12 +201,45 @@ impl Client {
             c.store(true, Ordering::SeqCst);
             p.lock().map(|mut m| m.clear()).ok();
         });
-        Client { writer: tokio::sync::Mutex::new(wr), pending, closed, next_id: AtomicU64::new(1), reader }
+        Client {
+            writer: tokio::sync::Mutex::new(wr),
+            pending,
+            closed,
+            next_id: AtomicU64::new(1),
+            reader,
+            timeout: Some(TIMEOUT),
+        }
+    }
+
+    /// This client with each call waiting at most `timeout` for its answer
+    /// (`None`: as long as it takes) instead of [`TIMEOUT`].
+    #[must_use]
+    pub fn with_timeout(mut self, timeout: Option<Duration>) -> Client {
+        self.timeout = timeout;
+        self
+    }
+
+    /// How long each call waits for its answer (`None`: no limit).
+    #[must_use]
+    pub fn timeout(&self) -> Option<Duration> {
+        self.timeout
     }
 
     /// Sends `op` with `args` (any serializable map, e.g. `json!({...})`) and
-    /// waits for its answer's `ok` value.
+    /// waits for its answer's `ok` value, at most the client's timeout.
     pub async fn call<A: Serialize>(&self, op: &str, args: A) -> Result<Value, ClientError> {
+        self.call_within(self.timeout, op, args).await
+    }
+
+    /// [`Client::call`], waiting at most `timeout` (`None`: no limit)
+    /// instead of the client's own. The time counts from the call, so it
+    /// includes waiting for other calls' requests to be written.
+    pub async fn call_within<A: Serialize>(
+        &self,
+        timeout: Option<Duration>,
+        op: &str,
+        args: A,
+    ) -> Result<Value, ClientError> {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let mut out = BytesMut::with_capacity(128);
         frame::encode_request(&mut out, id, op, &args).map_err(|e| ClientError::Protocol(e.to_string()))?;
@@ -190,21 +253,43 @@ impl Client {
             }
             return Err(ClientError::Closed);
         }
-        let written = {
-            let mut w = self.writer.lock().await;
-            // Flushing is a no-op on TCP; TLS may hold the bytes back until then.
-            match w.write_all(&out).await {
-                Ok(()) => w.flush().await,
-                Err(e) => Err(e),
+        // Whether the request is being written, and whether all of it was.
+        let (mut writing, mut written) = (false, false);
+        let exchange = async {
+            {
+                let mut w = self.writer.lock().await;
+                writing = true;
+                // Flushing is a no-op on TCP; TLS may hold the bytes back until then.
+                w.write_all(&out).await?;
+                w.flush().await?;
+                written = true;
             }
+            rx.await.map_err(|_| ClientError::Closed)?
         };
-        if let Err(e) = written {
+        let result = match timeout {
+            None => exchange.await,
+            Some(limit) => tokio::time::timeout(limit, exchange).await.unwrap_or(Err(ClientError::Timeout)),
+        };
+        if result.is_err() {
+            // Its answer, if one comes later, finds no one waiting.
             if let Ok(mut m) = self.pending.lock() {
                 m.remove(&id);
             }
-            return Err(e.into());
         }
-        rx.await.map_err(|_| ClientError::Closed)?
+        if writing && !written {
+            // Part of the request may be on the wire, and the rest never
+            // will: nothing more can be sent on this connection.
+            self.closed.store(true, Ordering::SeqCst);
+        }
+        result
+    }
+
+    /// Runs `audit`, waiting at least [`AUDIT_TIMEOUT`] (or the client's
+    /// own timeout if that is longer or has no limit): it reads the whole
+    /// journal, after waiting for its turn behind another audit.
+    pub async fn audit(&self) -> Result<Value, ClientError> {
+        let timeout = self.timeout.map(|own| own.max(AUDIT_TIMEOUT));
+        self.call_within(timeout, "audit", serde_json::json!({})).await
     }
 
     /// Logs in and binds this connection to the user.
@@ -240,6 +325,11 @@ impl Drop for Client {
     fn drop(&mut self) {
         self.reader.abort();
     }
+}
+
+/// `f` within [`TIMEOUT`], its running out an I/O error (`TimedOut`).
+async fn within_timeout<T>(f: impl std::future::Future<Output = std::io::Result<T>>) -> std::io::Result<T> {
+    tokio::time::timeout(TIMEOUT, f).await.unwrap_or_else(|_| Err(std::io::ErrorKind::TimedOut.into()))
 }
 
 fn deliver(pending: &Pending, body: &[u8]) {
@@ -287,8 +377,8 @@ const READS: &[&str] = &[
 /// - A `not_leader` answer changed nothing: the call goes again to the
 ///   leader it names (or, if it names none, to whichever member says it
 ///   leads), up to a deadline.
-/// - A call whose answer was lost (the connection closed, or
-///   `unknown_outcome`) may or may not have been applied. It is sent again
+/// - A call whose answer was lost (the connection closed, no answer within
+///   [`TIMEOUT`], or `unknown_outcome`) may or may not have been applied. It is sent again
 ///   only if its arguments carry an idempotency `key`, which makes the
 ///   second send answer with the first one's record; without a key the
 ///   caller gets `unknown_outcome` and decides (it is never retried
@@ -305,6 +395,11 @@ pub struct ClusterClient {
     current: tokio::sync::Mutex<Option<(String, Arc<Client>)>>,
     /// How long a call may spend finding a leader.
     pub patience: std::time::Duration,
+    /// How long each send waits for the member's answer (`None`: no
+    /// limit); [`TIMEOUT`] by default, longer than the 3 s a member takes
+    /// at most to confirm a write, so that the member answers first. A
+    /// send that timed out counts as a lost answer.
+    pub timeout: Option<Duration>,
 }
 
 impl ClusterClient {
@@ -317,6 +412,7 @@ impl ClusterClient {
             tls: None,
             current: tokio::sync::Mutex::new(None),
             patience: std::time::Duration::from_secs(10),
+            timeout: Some(TIMEOUT),
         }
     }
 
@@ -348,10 +444,11 @@ impl ClusterClient {
     }
 
     async fn connect(&self, addr: &str) -> Result<Client, ClientError> {
-        match &self.tls {
+        let c = match &self.tls {
             Some(tls) => Client::connect_tls(addr, tls).await,
             None => Client::connect(addr).await,
-        }
+        };
+        c.map(|c| c.with_timeout(self.timeout))
     }
 
     /// The member a call goes to now: `hint` if given, else the one that
@@ -433,7 +530,7 @@ impl ClusterClient {
                 }
                 Err(ClientError::Server { code, .. }) if code == "unknown_outcome" => true,
                 Err(ClientError::Server { code, .. }) if code == "unavailable" && lost_before && keyed => true,
-                Err(ClientError::Closed | ClientError::Io(_)) => {
+                Err(ClientError::Closed | ClientError::Io(_) | ClientError::Timeout) => {
                     self.drop_connection(&c).await;
                     true
                 }

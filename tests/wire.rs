@@ -221,3 +221,58 @@ async fn requests_read_together_are_applied_in_the_order_sent() {
     assert_eq!((balance(&c, "a").await, balance(&c, "x").await, balance(&c, "b").await), (0, 0, 15));
     audit_ok(&c).await;
 }
+
+/// Sends `sig` (`-STOP`, `-CONT`) to the server's process.
+fn signal(s: &Server, sig: &str) {
+    let pid = s.pid().to_string();
+    assert!(std::process::Command::new("kill").args([sig, &pid]).status().unwrap().success());
+}
+
+/// The Rust client bounds each wait: a stopped server's silence is a
+/// `Timeout`, the connection goes on once the server answers again, and
+/// the late answer to the timed-out call reaches no later call.
+#[tokio::test]
+async fn a_call_answered_too_late_times_out_and_the_connection_goes_on() {
+    use tally::client::ClientError;
+    let s = Server::start();
+    let c = s.client().await.with_timeout(Some(Duration::from_millis(300)));
+    assert_eq!(c.call("ping", serde_json::json!({})).await.unwrap(), "pong");
+    signal(&s, "-STOP");
+    let silent = tokio::time::timeout(Duration::from_secs(30), c.call("hello", serde_json::json!({}))).await;
+    signal(&s, "-CONT");
+    assert!(matches!(silent, Ok(Err(ClientError::Timeout))), "{silent:?}");
+    // The server answers `hello` now, to no one; `ping` gets its own answer.
+    let pong = tokio::time::timeout(Duration::from_secs(30), c.call_within(None, "ping", serde_json::json!({})));
+    assert_eq!(pong.await.expect("an answer once the server runs").unwrap(), "pong");
+}
+
+/// A call whose timeout cuts its request short leaves a half-written frame
+/// that the server would complete with the next request's bytes: the
+/// client sends nothing more on that connection.
+#[tokio::test]
+async fn a_request_cut_short_by_its_timeout_ends_the_connection_for_later_calls() {
+    use tally::client::ClientError;
+    let s = Server::start();
+    let c = std::sync::Arc::new(s.client().await.with_timeout(Some(Duration::from_millis(500))));
+    signal(&s, "-STOP");
+    // 48 requests of 900 KiB (each under `frame_bytes_max`) are more than
+    // the sockets can buffer for a server that reads nothing: a write is
+    // blocked halfway when its call's time runs out.
+    let pad = "x".repeat(900 * 1024);
+    let calls: Vec<_> = (0..48)
+        .map(|_| {
+            let (c, pad) = (c.clone(), pad.clone());
+            tokio::spawn(async move { c.call("ping", serde_json::json!({ "pad": pad })).await })
+        })
+        .collect();
+    let mut outcomes = Vec::new();
+    for call in calls {
+        outcomes.push(tokio::time::timeout(Duration::from_secs(30), call).await.expect("bounded").unwrap());
+    }
+    signal(&s, "-CONT");
+    assert!(outcomes.iter().all(|r| matches!(r, Err(ClientError::Timeout))), "{outcomes:?}");
+    let after = c.call("ping", serde_json::json!({})).await;
+    assert!(matches!(after, Err(ClientError::Closed)), "{after:?}");
+    // The server itself serves everyone else.
+    assert_eq!(s.client().await.call("ping", serde_json::json!({})).await.unwrap(), "pong");
+}
