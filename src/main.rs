@@ -71,7 +71,8 @@ enum Command {
     /// Arguments are key=value pairs, typed like the text mode: integers,
     /// true/false, null, [a,b] lists, anything else a string.
     /// Exits 1 with the error code on stderr when the server refuses, and 3
-    /// when the outcome of a write is unknown (unknown_outcome).
+    /// when the outcome of a write is unknown (unknown_outcome, or no
+    /// answer within --timeout).
     ///
     /// Examples:
     ///   tally call ping
@@ -127,6 +128,20 @@ struct Connect {
     /// Send a password or key without TLS to a host that is not this one.
     #[arg(long)]
     allow_plaintext: bool,
+    /// Seconds to wait for the answer. Default: 10, and 3600 for `audit`
+    /// and `backup`, which read the whole ledger. Connecting takes at most
+    /// 10 s whatever this says.
+    #[arg(long, value_parser = seconds)]
+    timeout: Option<std::time::Duration>,
+}
+
+/// A positive number of seconds.
+fn seconds(s: &str) -> Result<std::time::Duration, String> {
+    s.parse::<f64>()
+        .ok()
+        .and_then(|f| std::time::Duration::try_from_secs_f64(f).ok())
+        .filter(|d| !d.is_zero())
+        .ok_or_else(|| format!("{s:?} is not a positive number of seconds"))
 }
 
 impl Connect {
@@ -149,6 +164,14 @@ impl Connect {
     /// The addresses in `--connect`: one server's, or a cluster's members'.
     fn addresses(&self) -> Vec<&str> {
         self.connect.split(',').map(str::trim).filter(|a| !a.is_empty()).collect()
+    }
+
+    /// How long `op`'s answer may take: `--timeout`, else by the op.
+    fn timeout(&self, op: &str) -> std::time::Duration {
+        self.timeout.unwrap_or(match op {
+            "audit" | "backup" => std::time::Duration::from_secs(3600),
+            _ => tally::client::TIMEOUT,
+        })
     }
 
     fn tls(&self) -> tally::tls::ClientTls {
@@ -275,7 +298,7 @@ async fn call(connect: &Connect, who: As<'_>, op: &str, args: &[String]) -> Exit
         return cluster_call(connect, who, op, serde_json::Value::Object(map)).await;
     }
     let client = match connect.client().await {
-        Ok(c) => c,
+        Ok(c) => c.with_timeout(Some(connect.timeout(op))),
         Err(e) => {
             eprintln!("tally: cannot connect to {}: {e}", connect.connect);
             return ExitCode::FAILURE;
@@ -297,6 +320,7 @@ async fn call(connect: &Connect, who: As<'_>, op: &str, args: &[String]) -> Exit
 async fn cluster_call(connect: &Connect, who: As<'_>, op: &str, args: serde_json::Value) -> ExitCode {
     let members = connect.addresses().into_iter().map(str::to_owned).collect();
     let mut client = tally::client::ClusterClient::new(members);
+    client.timeout = Some(connect.timeout(op));
     if connect.tls {
         client = client.with_tls(connect.tls());
     }
@@ -323,7 +347,7 @@ fn answer(got: Result<serde_json::Value, tally::client::ClientError>) -> ExitCod
         }
         Err(e) => {
             eprintln!("tally: {e}");
-            if e.code() == Some("unknown_outcome") {
+            if e.code() == Some("unknown_outcome") || matches!(e, tally::client::ClientError::Timeout) {
                 return ExitCode::from(3);
             }
             ExitCode::FAILURE

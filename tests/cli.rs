@@ -1,8 +1,9 @@
 //! Proves the command line against the real server: `tally call` prints
 //! JSON on stdout, the error code on stderr with exit status 1, usage
-//! errors with status 2; `tally serve` refuses a misspelt variable, makes an
-//! admin with a generated password on a fresh data folder, keeps its files
-//! private; `tally admin reset-password` works on a stopped server only.
+//! errors with status 2, no answer in time with status 3; `tally serve`
+//! refuses a misspelt variable, makes an admin with a generated password
+//! on a fresh data folder, keeps its files private; `tally admin
+//! reset-password` works on a stopped server only.
 
 mod common;
 
@@ -57,6 +58,27 @@ fn call_prints_results_and_fails_with_the_error_code() {
 
     let b = json(&call(&s, &["balance", "account=bob"]));
     assert_eq!(b["balance"], 30);
+}
+
+/// A server that does not answer within `--timeout` (here: stopped) ends
+/// the call with exit status 3, the outcome unknown, not a wait forever.
+#[test]
+fn call_gives_up_after_its_timeout_with_the_outcome_unknown() {
+    let s = Server::start();
+    let pid = s.pid().to_string();
+    assert!(Command::new("kill").args(["-STOP", &pid]).status().unwrap().success());
+    let silent = Command::new(env!("CARGO_BIN_EXE_tally"))
+        .args(["call", "--connect", &s.addr.to_string(), "--timeout", "0.5", "ping"])
+        .env_remove("TALLY_PASSWORD")
+        .output()
+        .unwrap();
+    assert!(Command::new("kill").args(["-CONT", &pid]).status().unwrap().success());
+    assert_eq!(silent.status.code(), Some(3), "stderr: {}", String::from_utf8_lossy(&silent.stderr));
+    assert!(String::from_utf8_lossy(&silent.stderr).contains("no answer within the timeout"));
+    assert!(silent.stdout.is_empty());
+    let zero = call(&s, &["--timeout", "0", "ping"]);
+    assert_eq!(zero.status.code(), Some(2), "a timeout of 0 s is a usage error");
+    assert_eq!(json(&call(&s, &["--timeout", "5", "ping"])), "pong");
 }
 
 #[test]
