@@ -62,6 +62,10 @@ usage: cargo bench --bench load -- [flags]
   --logins K            K users logging in over and over meanwhile
   --admin-ops           time bulk_add and a full list_accounts walk first
   --plot FILE.svg       latency over time and histogram
+  --timeout S           the longest the harness waits for the server at any one step
+                        (connecting, logging in, a call, a reply on a load connection;
+                        the audit that ends the run: at least 300 s) before it ends the
+                        run with a message and exit status 1 (default 30)
   --json                the summary as one JSON object on the last line";
 
 /// The same allocator as the server, so the load generator stays cheap.
@@ -105,6 +109,8 @@ struct Opts {
     /// Members of a cluster to start (0: none).
     cluster: usize,
     failover: bool,
+    /// The longest wait for the server at any one step.
+    timeout: Duration,
 }
 
 fn parse_opts() -> Opts {
@@ -133,6 +139,7 @@ fn parse_opts() -> Opts {
         rate: None,
         cluster: 0,
         failover: false,
+        timeout: Duration::from_secs(30),
     };
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
@@ -168,6 +175,12 @@ fn parse_opts() -> Opts {
             "--rate" => o.rate = Some(val().parse().expect("--rate R")),
             "--cluster" => o.cluster = val().parse().expect("--cluster N"),
             "--failover" => o.failover = true,
+            "--timeout" => {
+                o.timeout = Duration::try_from_secs_f64(val().parse().expect("--timeout S"))
+                    .ok()
+                    .filter(|t| !t.is_zero())
+                    .expect("--timeout S: a positive number of seconds");
+            }
             "--bench" => {} // passed by `cargo bench`
             "--help" | "-h" => {
                 println!("{USAGE}");
@@ -198,6 +211,47 @@ fn parse_opts() -> Opts {
 
 /// The admin password of a server the harness starts.
 const SPAWNED_PASSWORD: &str = "bench-admin";
+
+/// The server processes and data folders this run started. A run that
+/// ends early ([`give_up`], or a panic, which aborts in the bench profile
+/// without dropping anything) stops and removes them in [`clean_up`], so
+/// it leaves no server behind holding a port, a core or a folder.
+static STARTED: std::sync::Mutex<Started> = std::sync::Mutex::new(Started { pids: Vec::new(), dirs: Vec::new() });
+
+struct Started {
+    pids: Vec<u32>,
+    dirs: Vec<std::path::PathBuf>,
+}
+
+fn started() -> std::sync::MutexGuard<'static, Started> {
+    STARTED.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// Kills a server the harness started and waits for it to end.
+fn stop_server(child: &mut Child) {
+    let _ = child.kill();
+    let _ = child.wait();
+    started().pids.retain(|&p| p != child.id());
+}
+
+/// Kills every server still running that this run started, and removes
+/// their folders.
+fn clean_up() {
+    let mut s = started();
+    for pid in s.pids.drain(..) {
+        let _ = Command::new("kill").args(["-KILL", &pid.to_string()]).status();
+    }
+    for dir in s.dirs.drain(..) {
+        let _ = std::fs::remove_dir_all(dir);
+    }
+}
+
+/// Ends the run with `why` and exit status 1, leaving nothing it started.
+fn give_up(why: &str) -> ! {
+    eprintln!("{why}");
+    clean_up();
+    std::process::exit(1)
+}
 
 /// xorshift64*: fast, good enough to pick accounts.
 struct Rng(u64);
@@ -257,6 +311,8 @@ fn spawn_server(bin: Option<&str>, tls: bool) -> (Child, String, Option<String>,
         pki.ca.display().to_string()
     });
     let mut child = cmd.spawn().expect("spawn tally");
+    started().pids.push(child.id());
+    started().dirs.push(dir.path().to_owned());
     let mut out = std::io::BufReader::new(child.stdout.take().unwrap());
     let mut line = String::new();
     std::io::BufRead::read_line(&mut out, &mut line).unwrap();
@@ -286,8 +342,7 @@ impl Members {
 
     fn kill(&mut self, i: usize) {
         if let Some(mut c) = self.children.get_mut(i).and_then(Option::take) {
-            let _ = c.kill();
-            let _ = c.wait();
+            stop_server(&mut c);
         }
     }
 }
@@ -295,6 +350,7 @@ impl Members {
 /// Starts `n` members on loopback, each with its own folder.
 fn spawn_cluster(n: usize, bin: Option<&str>) -> Members {
     let dir = tempfile::tempdir().expect("temp dir");
+    started().dirs.push(dir.path().to_owned());
     let port = || std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
     let addrs: Vec<_> = (0..n).map(|_| (port(), port())).collect();
     let nodes: String = addrs
@@ -321,6 +377,7 @@ fn spawn_cluster(n: usize, bin: Option<&str>) -> Members {
             .stdout(Stdio::piped())
             .spawn()
             .expect("spawn tally");
+        started().pids.push(child.id());
         let mut out = std::io::BufReader::new(child.stdout.take().unwrap());
         let mut line = String::new();
         std::io::BufRead::read_line(&mut out, &mut line).unwrap();
@@ -356,28 +413,26 @@ impl<T: AsyncRead + AsyncWrite + Unpin + Send> Io for T {}
 struct Dial {
     addr: String,
     tls: Option<ClientTls>,
+    /// Each call's timeout (`--timeout`).
+    timeout: Duration,
 }
 
 impl Dial {
     async fn client(&self) -> Client {
-        match &self.tls {
-            None => Client::connect(self.addr.as_str()).await.expect("connect"),
-            Some(tls) => Client::connect_tls(&self.addr, tls).await.expect("TLS connect"),
+        let c = match &self.tls {
+            None => Client::connect(self.addr.as_str()).await,
+            Some(tls) => Client::connect_tls(&self.addr, tls).await,
+        };
+        match c {
+            Ok(c) => c.with_timeout(Some(self.timeout)),
+            Err(e) => give_up(&format!("cannot connect to {}: {e}", self.addr)),
         }
     }
+}
 
-    async fn stream(&self) -> Box<dyn Io> {
-        let stream = TcpStream::connect(self.addr.as_str()).await.unwrap();
-        stream.set_nodelay(true).unwrap();
-        match &self.tls {
-            None => Box::new(stream),
-            Some(tls) => {
-                let name = tally::tls::server_name(&self.addr).unwrap();
-                let connector = tokio_rustls::TlsConnector::from(tls.config().unwrap());
-                Box::new(connector.connect(name, stream).await.unwrap())
-            }
-        }
-    }
+/// `r`'s value, or the run ends saying what failed (`Timeout` included).
+fn or_give_up<T>(r: Result<T, tally::client::ClientError>, what: &str) -> T {
+    r.unwrap_or_else(|e| give_up(&format!("{what}: {e}")))
 }
 
 fn account_name(i: usize) -> String {
@@ -424,7 +479,7 @@ async fn setup(dial: &Dial, o: &Opts) -> Result<(Client, String), String> {
         let n = o.accounts;
         tasks.push(tokio::spawn(async move {
             let c = Arc::new(dial.client().await);
-            c.call("auth", json!({ "token": token })).await.unwrap();
+            or_give_up(c.call("auth", json!({ "token": token })).await, "auth");
             let mut inflight = Vec::new();
             for i in part * per..((part + 1) * per).min(n) {
                 let c = c.clone();
@@ -434,7 +489,7 @@ async fn setup(dial: &Dial, o: &Opts) -> Result<(Client, String), String> {
                     match r {
                         Ok(_) => {}
                         Err(e) if e.code() == Some("exists") => {}
-                        Err(e) => panic!("create_account: {e}"),
+                        Err(e) => give_up(&format!("create_account: {e}")),
                     }
                 }));
                 if inflight.len() >= 256 {
@@ -481,6 +536,7 @@ struct Follow {
     members: Arc<Vec<String>>,
     token: String,
     tls: Option<ClientTls>,
+    timeout: Duration,
 }
 
 fn encode(out: &mut BytesMut, id: u64, op: &str, args: &Value) {
@@ -491,15 +547,18 @@ fn encode(out: &mut BytesMut, id: u64, op: &str, args: &Value) {
 /// walk, before the transfer run.
 async fn admin_ops(admin: &Client, accounts: usize) {
     let t0 = Instant::now();
-    let r = admin.call("bulk_add", json!({"tag": "bench", "delta": 1, "memo": "bench bonus"})).await.unwrap();
+    let r = or_give_up(
+        admin.call("bulk_add", json!({"tag": "bench", "delta": 1, "memo": "bench bonus"})).await,
+        "bulk_add",
+    );
     println!("bulk_add on {} tagged accounts: {:.3}s", r["count"], t0.elapsed().as_secs_f64());
     let t0 = Instant::now();
-    let first = admin.call("list_accounts", json!({"limit": 1000})).await.unwrap();
+    let first = or_give_up(admin.call("list_accounts", json!({"limit": 1000})).await, "list_accounts");
     let page_s = t0.elapsed().as_secs_f64();
     let mut listed = first["accounts"].as_array().unwrap().len();
     let mut next = first["next"].clone();
     while let Some(after) = next.as_str() {
-        let p = admin.call("list_accounts", json!({"limit": 1000, "after": after})).await.unwrap();
+        let p = or_give_up(admin.call("list_accounts", json!({"limit": 1000, "after": after})).await, "list_accounts");
         listed += p["accounts"].as_array().unwrap().len();
         next = p["next"].clone();
     }
@@ -710,45 +769,51 @@ fn encode_transfers(out: &mut BytesMut, id: u64, transfers: &[(usize, usize)], s
     out[start..start + 4].copy_from_slice(&len.to_be_bytes());
 }
 
-/// [`open`], or `None` if the member is gone or refuses the token.
-async fn try_open(dial: &Dial, token: &str) -> Option<Box<dyn Io>> {
-    let stream = TcpStream::connect(dial.addr.as_str()).await.ok()?;
-    stream.set_nodelay(true).ok()?;
-    let mut stream: Box<dyn Io> = match &dial.tls {
-        None => Box::new(stream),
-        Some(tls) => {
-            let name = tally::tls::server_name(&dial.addr).ok()?;
-            let connector = tokio_rustls::TlsConnector::from(tls.config().ok()?);
-            Box::new(connector.connect(name, stream).await.ok()?)
+/// [`open`], or why not: the server is gone, refuses the token, or does
+/// not answer within the dial's timeout.
+async fn try_open(dial: &Dial, token: &str) -> Result<Box<dyn Io>, String> {
+    let opening = async {
+        let stream = TcpStream::connect(dial.addr.as_str()).await.map_err(|e| format!("connect: {e}"))?;
+        stream.set_nodelay(true).map_err(|e| e.to_string())?;
+        let mut stream: Box<dyn Io> = match &dial.tls {
+            None => Box::new(stream),
+            Some(tls) => {
+                let name = tally::tls::server_name(&dial.addr).map_err(|e| e.to_string())?;
+                let connector = tokio_rustls::TlsConnector::from(tls.config().map_err(|e| e.to_string())?);
+                Box::new(connector.connect(name, stream).await.map_err(|e| format!("TLS: {e}"))?)
+            }
+        };
+        let mut out = BytesMut::new();
+        encode(&mut out, 0, "auth", &json!({ "token": token }));
+        let mut body = Vec::new();
+        let exchanged: std::io::Result<()> = async {
+            stream.write_all(&out).await?;
+            stream.flush().await?;
+            let mut len = [0u8; 4];
+            stream.read_exact(&mut len).await?;
+            body.resize(u32::from_be_bytes(len) as usize, 0);
+            stream.read_exact(&mut body).await?;
+            Ok(())
+        }
+        .await;
+        exchanged.map_err(|e| format!("auth: {e}"))?;
+        let v: Value = rmp_serde::from_slice(&body).map_err(|e| format!("auth's answer: {e}"))?;
+        if v["ok"].is_object() {
+            Ok(stream)
+        } else {
+            Err(format!("auth failed: {v}"))
         }
     };
-    let mut out = BytesMut::new();
-    encode(&mut out, 0, "auth", &json!({ "token": token }));
-    stream.write_all(&out).await.ok()?;
-    stream.flush().await.ok()?;
-    let mut len = [0u8; 4];
-    stream.read_exact(&mut len).await.ok()?;
-    let mut body = vec![0u8; u32::from_be_bytes(len) as usize];
-    stream.read_exact(&mut body).await.ok()?;
-    let v: Value = rmp_serde::from_slice(&body).ok()?;
-    v["ok"].is_object().then_some(stream)
+    match tokio::time::timeout(dial.timeout, opening).await {
+        Ok(opened) => opened,
+        Err(_) => Err(format!("no answer within {} s", dial.timeout.as_secs_f64())),
+    }
 }
 
 /// Opens a connection and binds it with the admin token (no password
 /// hashing per connection, so the run starts at full speed).
 async fn open(dial: &Dial, token: &str) -> Box<dyn Io> {
-    let mut stream = dial.stream().await;
-    let mut out = BytesMut::new();
-    encode(&mut out, 0, "auth", &json!({ "token": token }));
-    stream.write_all(&out).await.unwrap();
-    stream.flush().await.unwrap();
-    let mut len = [0u8; 4];
-    stream.read_exact(&mut len).await.unwrap();
-    let mut body = vec![0u8; u32::from_be_bytes(len) as usize];
-    stream.read_exact(&mut body).await.unwrap();
-    let v: Value = rmp_serde::from_slice(&body).unwrap();
-    assert!(v["ok"].is_object(), "auth failed: {v}");
-    stream
+    try_open(dial, token).await.unwrap_or_else(|e| give_up(&format!("opening a load connection to {}: {e}", dial.addr)))
 }
 
 /// A histogram of microseconds, 1 µs to a minute, 3 significant digits.
@@ -828,8 +893,23 @@ async fn drive(
             make(&mut out, &mut sent, &mut rng, Instant::now());
         }
     }
+    // When the server was last heard from, or had nothing to answer: a
+    // connection waiting on it for longer than `--timeout` is not measuring.
+    let mut heard = Instant::now();
     loop {
         let mut broken = false;
+        if sent.is_empty() {
+            heard = Instant::now();
+        } else if heard.elapsed() >= o.timeout {
+            if follow.is_none() {
+                give_up(&format!(
+                    "no reply from the server for {} s with {} requests in flight on a load connection",
+                    o.timeout.as_secs_f64(),
+                    sent.len()
+                ));
+            }
+            broken = true;
+        }
         if let Some(interval) = interval {
             let now = Instant::now();
             while due <= now && !stop.load(Ordering::Relaxed) {
@@ -911,17 +991,20 @@ async fn drive(
             }
         }
         if !broken {
-            let read = match interval {
-                Some(_) if !stop.load(Ordering::Relaxed) => tokio::select! {
-                    r = stream.read_buf(&mut buf) => r,
-                    () = tokio::time::sleep_until(due.into()) => continue,
-                },
-                _ => stream.read_buf(&mut buf).await,
+            // Woken by a reply, the next request due (open loop), or the
+            // server's silence reaching `--timeout`, checked above.
+            let wake = match interval {
+                Some(_) if !stop.load(Ordering::Relaxed) => due.min(heard + o.timeout),
+                _ => heard + o.timeout,
+            };
+            let read = tokio::select! {
+                r = stream.read_buf(&mut buf) => r,
+                () = tokio::time::sleep_until(wake.into()) => continue,
             };
             match read {
                 Ok(0) if follow.is_none() => return Drove { hist, per_second, late },
                 Ok(0) => broken = true,
-                Ok(_) => {}
+                Ok(_) => heard = Instant::now(),
                 Err(_) if follow.is_some() => broken = true,
                 Err(e) => panic!("read: {e}"),
             }
@@ -938,8 +1021,8 @@ async fn drive(
             let Some(leader) = find_leader(&f.members, Duration::from_secs(30)).await else {
                 return Drove { hist, per_second, late };
             };
-            let dial = Dial { addr: f.members[leader].clone(), tls: f.tls.clone() };
-            let Some(s) = try_open(&dial, &f.token).await else { continue };
+            let dial = Dial { addr: f.members[leader].clone(), tls: f.tls.clone(), timeout: f.timeout };
+            let Ok(s) = try_open(&dial, &f.token).await else { continue };
             stream = s;
             if interval.is_none() {
                 for _ in 0..o.pipeline {
@@ -1021,11 +1104,16 @@ fn check_hand_coding() {
 async fn main() {
     let o = parse_opts();
     check_hand_coding();
+    let report = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        report(info);
+        clean_up();
+    }));
     let mut members: Option<Members> = None;
     let (child, dial, _dir) = if o.spawn {
         let (c, addr, ca, d) = spawn_server(o.bin.as_deref(), o.tls);
         let tls = ca.map(|ca| ClientTls { ca: Some(ca.into()), cert: None });
-        (Some(c), Dial { addr, tls }, Some(d))
+        (Some(c), Dial { addr, tls, timeout: o.timeout }, Some(d))
     } else {
         let tls = o.tls.then(|| ClientTls { ca: o.ca.clone().map(Into::into), cert: None });
         let m = if o.cluster > 0 {
@@ -1047,34 +1135,25 @@ async fn main() {
         if m.addrs.len() > 1 {
             members = Some(m);
         }
-        (None, Dial { addr, tls }, None)
+        (None, Dial { addr, tls, timeout: o.timeout }, None)
     };
     let t_setup = Instant::now();
     let (admin, token) = match setup(&dial, &o).await {
         Ok(a) => a,
-        Err(e) => {
-            eprintln!("{e}");
-            if let Some(mut c) = child {
-                let _ = c.kill();
-                let _ = c.wait();
-            }
-            if let Some(m) = &mut members {
-                (0..m.children.len()).for_each(|i| m.kill(i));
-            }
-            std::process::exit(1);
-        }
+        Err(e) => give_up(&e),
     };
     let follow = members.as_ref().map(|m| Follow {
         members: Arc::new(m.addrs.clone()),
         token: token.clone(),
         tls: dial.tls.clone(),
+        timeout: o.timeout,
     });
     let setup_s = t_setup.elapsed().as_secs_f64();
     eprintln!("created {} accounts in {setup_s:.1}s", o.accounts);
     if o.admin_ops {
         admin_ops(&admin, o.accounts).await;
     }
-    let before = admin.call("stats", json!({})).await.unwrap();
+    let before = or_give_up(admin.call("stats", json!({})).await, "stats");
 
     let stop = Arc::new(AtomicBool::new(false));
     let totals = Arc::new(Totals {
@@ -1121,7 +1200,7 @@ async fn main() {
             let mut hist = latency_histogram();
             while !stop.load(Ordering::Relaxed) {
                 let t0 = Instant::now();
-                c.login(&user, password).await.expect("login");
+                or_give_up(c.login(&user, password).await, "login");
                 let _ = hist.record(t0.elapsed().as_micros() as u64);
             }
             hist
@@ -1203,14 +1282,14 @@ async fn main() {
         None => admin,
         Some(m) => {
             let leader = find_leader(&m.addrs, Duration::from_secs(30)).await.expect("a leader after the run");
-            let c = Client::connect(m.addrs[leader].as_str()).await.expect("connect to the leader");
-            c.call("auth", json!({ "token": token })).await.expect("auth at the leader");
+            let c = Dial { addr: m.addrs[leader].clone(), tls: None, timeout: o.timeout }.client().await;
+            or_give_up(c.call("auth", json!({ "token": token })).await, "auth at the leader");
             c
         }
     };
-    let after = admin.call("stats", json!({})).await.unwrap();
+    let after = or_give_up(admin.call("stats", json!({})).await, "stats");
     let server_transfers = after["transfers"].as_u64().unwrap() - before["transfers"].as_u64().unwrap_or(0);
-    let audit = admin.call("audit", json!({})).await.unwrap();
+    let audit = or_give_up(admin.audit().await, "audit");
     let counters_agree = members.is_some() || server_transfers == transfers;
     let audit_ok = audit["sum"] == 0 && audit["chain_ok"] == true;
 
@@ -1312,14 +1391,12 @@ async fn main() {
         );
     }
     if let Some(mut c) = child {
-        let _ = c.kill();
-        let _ = c.wait();
+        stop_server(&mut c);
     }
     if let Some(m) = &mut members {
         (0..m.children.len()).for_each(|i| m.kill(i));
     }
     if !counters_agree || !audit_ok {
-        eprintln!("verification failed");
-        std::process::exit(1);
+        give_up("verification failed");
     }
 }
