@@ -4,11 +4,11 @@
 //! request id and its answer is matched by that id, in whatever order the
 //! server sends them.
 //!
-//! Every wait on the server is bounded: connecting, and each call's answer,
-//! by the client's timeout ([`TIMEOUT`] unless [`Client::with_timeout`] says
-//! otherwise), `audit` by [`AUDIT_TIMEOUT`]. A call that timed out has an
-//! unknown outcome ([`ClientError::Timeout`]); its answer, if it comes
-//! later, is skipped.
+//! Connecting takes at most [`CONNECT_TIMEOUT`], and each call waits for
+//! its answer at most [`timeout_for`] its op unless
+//! [`Client::with_timeout`] or [`Client::call_within`] say otherwise. A
+//! call that timed out has an unknown outcome ([`ClientError::Timeout`]);
+//! its answer, if it comes later, is skipped.
 //!
 //! ```no_run
 //! # async fn demo() -> Result<(), tally::client::ClientError> {
@@ -25,27 +25,61 @@ use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use bytes::BytesMut;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
-use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpSocket, TcpStream, ToSocketAddrs};
-
 use tokio::sync::oneshot;
 
+use crate::limits::CLUSTER_MEMBERSHIP_TIMEOUT_MS;
 use crate::wire::frame;
 
-/// How long a client waits to connect, and for each answer, unless told
-/// otherwise: far beyond any answer a working server gives, and short
-/// enough that a stopped or unreachable one is noticed.
-pub const TIMEOUT: Duration = Duration::from_secs(10);
+/// How long connecting (and a TLS handshake) may take.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// How long [`Client::audit`] waits at least: the server lets an audit wait
-/// up to 120 s for its turn behind another, and the audit itself reads the
-/// whole journal (35-40 s at 44M records).
-pub const AUDIT_TIMEOUT: Duration = Duration::from_secs(300);
+/// How long a call waits for its answer by default: beyond every wait the
+/// server itself may impose before it answers (a list page's turn, 10 s; a
+/// confirmation code's mail, ~33 s), so that the server's answer, even a
+/// refusal, comes first; and a stopped or unreachable server is noticed.
+pub const TIMEOUT: Duration = Duration::from_secs(60);
+
+/// How long the ops that read or change the whole ledger wait by default
+/// (`audit`, `backup`, `bulk_add`, `reap`): their time grows with the
+/// ledger (an audit reads every record: 35-40 s at 44M records), and an
+/// audit may first wait up to 120 s for its turn behind another.
+pub const LONG_TIMEOUT: Duration = Duration::from_secs(3600);
+
+/// How long a call of `op` waits for its answer unless told otherwise.
+#[must_use]
+pub fn timeout_for(op: &str) -> Duration {
+    match op {
+        "audit" | "backup" | "bulk_add" | "reap" => LONG_TIMEOUT,
+        // The server answers `unknown_outcome` once its own deadline passes.
+        "add_node" | "remove_node" => Duration::from_millis(CLUSTER_MEMBERSHIP_TIMEOUT_MS) + TIMEOUT,
+        _ => TIMEOUT,
+    }
+}
+
+/// A client's timeout for its calls.
+#[derive(Clone, Copy, Debug)]
+enum Limit {
+    /// [`timeout_for`] each call's op.
+    ByOp,
+    /// The same for every call (`None`: no limit).
+    Fixed(Option<Duration>),
+}
+
+impl Limit {
+    fn of(self, op: &str) -> Option<Duration> {
+        match self {
+            Limit::ByOp => Some(timeout_for(op)),
+            Limit::Fixed(t) => t,
+        }
+    }
+}
 
 /// What can go wrong with a call.
 #[derive(Debug, thiserror::Error)]
@@ -103,18 +137,42 @@ impl ClientError {
 
 type Pending = Arc<Mutex<HashMap<u64, oneshot::Sender<Result<Value, ClientError>>>>>;
 
+/// The connection's sending half.
+struct Writer {
+    io: Box<dyn AsyncWrite + Send + Unpin>,
+    /// Set while a request is being written. Found set by the next call to
+    /// take the lock, it means a call gave up (its timeout, an error, or its
+    /// future dropped) with part of its frame on the wire: the server would
+    /// read the next request's bytes as the rest of it, so nothing more is
+    /// sent on this connection.
+    torn: bool,
+}
+
+/// A call's place in `pending`, given up when the call ends however it
+/// ends (answered, failed, timed out, or its future dropped): an answer
+/// that comes later finds no one, and the map holds only calls waiting.
+struct Waiting<'a> {
+    pending: &'a Pending,
+    id: u64,
+}
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        if let Ok(mut m) = self.pending.lock() {
+            m.remove(&self.id);
+        }
+    }
+}
+
 /// One connection to a Tally server. Cheap to share: `call` takes `&self`.
 pub struct Client {
-    writer: tokio::sync::Mutex<Box<dyn AsyncWrite + Send + Unpin>>,
+    writer: tokio::sync::Mutex<Writer>,
     pending: Pending,
-    /// Set by the reader when the connection ends, or by a call whose
-    /// timeout cut its request short (the server would read the next
-    /// request's bytes as the rest of it); calls fail from then on.
+    /// Set by the reader when the connection ends; calls fail from then on.
     closed: Arc<std::sync::atomic::AtomicBool>,
     next_id: AtomicU64,
     reader: tokio::task::JoinHandle<()>,
-    /// Each call's timeout (`None`: none).
-    timeout: Option<Duration>,
+    timeout: Limit,
 }
 
 #[derive(Deserialize)]
@@ -133,7 +191,7 @@ struct RawError {
 }
 
 impl Client {
-    /// Connects in binary mode, within [`TIMEOUT`].
+    /// Connects in binary mode, within [`CONNECT_TIMEOUT`].
     pub async fn connect(addr: impl ToSocketAddrs) -> Result<Client, ClientError> {
         Client::from_stream(within_timeout(TcpStream::connect(addr)).await?)
     }
@@ -149,7 +207,7 @@ impl Client {
     /// Connects over TLS to `addr` (`host:port`), checking that the
     /// server's certificate chains to `tls.ca` (or the system's roots) and
     /// names `host`. Connecting and the handshake together take at most
-    /// [`TIMEOUT`].
+    /// [`CONNECT_TIMEOUT`].
     pub async fn connect_tls(addr: &str, tls: &crate::tls::ClientTls) -> Result<Client, ClientError> {
         let config = tls.config().map_err(|e| ClientError::Protocol(e.to_string()))?;
         let name = crate::tls::server_name(addr).map_err(|e| ClientError::Protocol(e.to_string()))?;
@@ -202,33 +260,27 @@ impl Client {
             p.lock().map(|mut m| m.clear()).ok();
         });
         Client {
-            writer: tokio::sync::Mutex::new(wr),
+            writer: tokio::sync::Mutex::new(Writer { io: wr, torn: false }),
             pending,
             closed,
             next_id: AtomicU64::new(1),
             reader,
-            timeout: Some(TIMEOUT),
+            timeout: Limit::ByOp,
         }
     }
 
-    /// This client with each call waiting at most `timeout` for its answer
-    /// (`None`: as long as it takes) instead of [`TIMEOUT`].
+    /// This client with every call waiting at most `timeout` for its
+    /// answer (`None`: as long as it takes) instead of [`timeout_for`] its op.
     #[must_use]
     pub fn with_timeout(mut self, timeout: Option<Duration>) -> Client {
-        self.timeout = timeout;
+        self.timeout = Limit::Fixed(timeout);
         self
-    }
-
-    /// How long each call waits for its answer (`None`: no limit).
-    #[must_use]
-    pub fn timeout(&self) -> Option<Duration> {
-        self.timeout
     }
 
     /// Sends `op` with `args` (any serializable map, e.g. `json!({...})`) and
     /// waits for its answer's `ok` value, at most the client's timeout.
     pub async fn call<A: Serialize>(&self, op: &str, args: A) -> Result<Value, ClientError> {
-        self.call_within(self.timeout, op, args).await
+        self.call_within(self.timeout.of(op), op, args).await
     }
 
     /// [`Client::call`], waiting at most `timeout` (`None`: no limit)
@@ -245,51 +297,31 @@ impl Client {
         frame::encode_request(&mut out, id, op, &args).map_err(|e| ClientError::Protocol(e.to_string()))?;
         let (tx, rx) = oneshot::channel();
         self.pending.lock().map_err(|_| ClientError::Closed)?.insert(id, tx);
+        let _waiting = Waiting { pending: &self.pending, id };
         // Checked after inserting: the reader sets the flag before it clears
         // the map, so a call can never wait on a connection that has ended.
         if self.closed.load(Ordering::SeqCst) {
-            if let Ok(mut m) = self.pending.lock() {
-                m.remove(&id);
-            }
             return Err(ClientError::Closed);
         }
-        // Whether the request is being written, and whether all of it was.
-        let (mut writing, mut written) = (false, false);
         let exchange = async {
             {
                 let mut w = self.writer.lock().await;
-                writing = true;
-                // Flushing is a no-op on TCP; TLS may hold the bytes back until then.
-                w.write_all(&out).await?;
-                w.flush().await?;
-                written = true;
+                if w.torn {
+                    return Err(ClientError::Closed);
+                }
+                w.torn = true;
+                w.io.write_all(&out).await?;
+                w.torn = false;
+                // A no-op on TCP. TLS may hold the bytes back until then, and
+                // keeps what it has not sent for the next write or flush.
+                w.io.flush().await?;
             }
             rx.await.map_err(|_| ClientError::Closed)?
         };
-        let result = match timeout {
+        match timeout {
             None => exchange.await,
             Some(limit) => tokio::time::timeout(limit, exchange).await.unwrap_or(Err(ClientError::Timeout)),
-        };
-        if result.is_err() {
-            // Its answer, if one comes later, finds no one waiting.
-            if let Ok(mut m) = self.pending.lock() {
-                m.remove(&id);
-            }
         }
-        if writing && !written {
-            // Part of the request may be on the wire, and the rest never
-            // will: nothing more can be sent on this connection.
-            self.closed.store(true, Ordering::SeqCst);
-        }
-        result
-    }
-
-    /// Runs `audit`, waiting at least [`AUDIT_TIMEOUT`] (or the client's
-    /// own timeout if that is longer or has no limit): it reads the whole
-    /// journal, after waiting for its turn behind another audit.
-    pub async fn audit(&self) -> Result<Value, ClientError> {
-        let timeout = self.timeout.map(|own| own.max(AUDIT_TIMEOUT));
-        self.call_within(timeout, "audit", serde_json::json!({})).await
     }
 
     /// Logs in and binds this connection to the user.
@@ -327,9 +359,9 @@ impl Drop for Client {
     }
 }
 
-/// `f` within [`TIMEOUT`], its running out an I/O error (`TimedOut`).
+/// `f` within [`CONNECT_TIMEOUT`], its running out an I/O error (`TimedOut`).
 async fn within_timeout<T>(f: impl std::future::Future<Output = std::io::Result<T>>) -> std::io::Result<T> {
-    tokio::time::timeout(TIMEOUT, f).await.unwrap_or_else(|_| Err(std::io::ErrorKind::TimedOut.into()))
+    tokio::time::timeout(CONNECT_TIMEOUT, f).await.unwrap_or_else(|_| Err(std::io::ErrorKind::TimedOut.into()))
 }
 
 fn deliver(pending: &Pending, body: &[u8]) {
@@ -348,6 +380,20 @@ fn deliver(pending: &Pending, body: &[u8]) {
     let waiter = pending.lock().ok().and_then(|mut m| m.remove(&id));
     if let Some(w) = waiter {
         let _ = w.send(result);
+    }
+}
+
+/// `unknown_outcome` for a write whose answer was lost, and whose resends
+/// got no definite answer either (`why`): it may or may not have been
+/// applied. Never `unavailable`, which says that nothing changed.
+fn lost_answer(op: &str, why: &str) -> ClientError {
+    ClientError::Server {
+        code: "unknown_outcome".into(),
+        message: format!(
+            "the answer to {op} was lost and resending it found {why}; it may or may not have been applied"
+        ),
+        item: None,
+        leader: None,
     }
 }
 
@@ -377,12 +423,13 @@ const READS: &[&str] = &[
 /// - A `not_leader` answer changed nothing: the call goes again to the
 ///   leader it names (or, if it names none, to whichever member says it
 ///   leads), up to a deadline.
-/// - A call whose answer was lost (the connection closed, no answer within
-///   [`TIMEOUT`], or `unknown_outcome`) may or may not have been applied. It is sent again
-///   only if its arguments carry an idempotency `key`, which makes the
-///   second send answer with the first one's record; without a key the
-///   caller gets `unknown_outcome` and decides (it is never retried
-///   silently).
+/// - A call whose answer was lost (the connection closed, no answer in
+///   time, or `unknown_outcome`) may or may not have been applied. It is
+///   sent again only if its arguments carry an idempotency `key`, which
+///   makes the second send answer with the first one's record; without a
+///   key the caller gets `unknown_outcome` and decides (it is never
+///   retried silently). A keyed write whose resends got no definite answer
+///   within `patience` is `unknown_outcome` too, never `unavailable`.
 /// - The credentials given to [`ClusterClient::auth`] are presented again
 ///   on every new connection (a token works on every member).
 /// - It connects only to the addresses it was given: a `not_leader` that
@@ -395,11 +442,9 @@ pub struct ClusterClient {
     current: tokio::sync::Mutex<Option<(String, Arc<Client>)>>,
     /// How long a call may spend finding a leader.
     pub patience: std::time::Duration,
-    /// How long each send waits for the member's answer (`None`: no
-    /// limit); [`TIMEOUT`] by default, longer than the 3 s a member takes
-    /// at most to confirm a write, so that the member answers first. A
-    /// send that timed out counts as a lost answer.
-    pub timeout: Option<Duration>,
+    /// How long each send waits for the member's answer: [`timeout_for`]
+    /// its op unless [`ClusterClient::with_timeout`] says otherwise.
+    timeout: Limit,
 }
 
 impl ClusterClient {
@@ -412,7 +457,7 @@ impl ClusterClient {
             tls: None,
             current: tokio::sync::Mutex::new(None),
             patience: std::time::Duration::from_secs(10),
-            timeout: Some(TIMEOUT),
+            timeout: Limit::ByOp,
         }
     }
 
@@ -424,6 +469,15 @@ impl ClusterClient {
     /// Presents the service key `secret` on every connection.
     pub fn auth_key(&mut self, secret: impl Into<String>) {
         self.credential = Some(serde_json::json!({ "key": secret.into() }));
+    }
+
+    /// Every send waiting at most `timeout` for the member's answer
+    /// (`None`: as long as it takes) instead of [`timeout_for`] its op. A
+    /// send that timed out counts as a lost answer.
+    #[must_use]
+    pub fn with_timeout(mut self, timeout: Option<Duration>) -> ClusterClient {
+        self.timeout = Limit::Fixed(timeout);
+        self
     }
 
     /// Speaks TLS to every member (each address must be a name or address
@@ -444,11 +498,10 @@ impl ClusterClient {
     }
 
     async fn connect(&self, addr: &str) -> Result<Client, ClientError> {
-        let c = match &self.tls {
+        match &self.tls {
             Some(tls) => Client::connect_tls(addr, tls).await,
             None => Client::connect(addr).await,
-        };
-        c.map(|c| c.with_timeout(self.timeout))
+        }
     }
 
     /// The member a call goes to now: `hint` if given, else the one that
@@ -505,7 +558,8 @@ impl ClusterClient {
     /// Sends `op` to the leader, following it as described above.
     pub async fn call(&self, op: &str, args: Value) -> Result<Value, ClientError> {
         // A read changes nothing, so it is as safe to send again as a keyed write.
-        let keyed = args.get("key").is_some_and(|k| !k.is_null()) || READS.contains(&op);
+        let read = READS.contains(&op);
+        let keyed = args.get("key").is_some_and(|k| !k.is_null()) || read;
         let deadline = tokio::time::Instant::now() + self.patience;
         let mut hint = None;
         // Once an answer was lost, an `unavailable` for the resend says only
@@ -513,8 +567,12 @@ impl ClusterClient {
         // applied): only the key's own answer is definite.
         let mut lost_before = false;
         loop {
-            let c = self.leader(hint.take()).await?;
-            let lost = match c.call(op, &args).await {
+            let c = match self.leader(hint.take()).await {
+                Ok(c) => c,
+                Err(e) if lost_before && !read => return Err(lost_answer(op, &e.to_string())),
+                Err(e) => return Err(e),
+            };
+            let lost = match c.call_within(self.timeout.of(op), op, &args).await {
                 Err(ClientError::Server { code, leader, .. }) if code == "not_leader" => {
                     self.drop_connection(&c).await;
                     // Only a member it was given: a hint is an address the
@@ -550,6 +608,9 @@ impl ClusterClient {
                 tokio::time::sleep(std::time::Duration::from_millis(50)).await;
             }
             if tokio::time::Instant::now() >= deadline {
+                if lost_before && !read {
+                    return Err(lost_answer(op, "no leader in time"));
+                }
                 return Err(ClientError::Server {
                     code: "unavailable".into(),
                     message: format!("{op} found no leader in time"),

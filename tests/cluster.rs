@@ -425,6 +425,28 @@ async fn pay(c: &Client, n: usize, tag: &str) {
     }
 }
 
+/// A keyed write whose answer timed out, and whose resend found no leader
+/// within the client's patience, may have been applied: the client says
+/// `unknown_outcome`, never `unavailable` (which says nothing changed).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_keyed_write_whose_answer_timed_out_is_an_unknown_outcome() {
+    let cluster = Cluster::start(3);
+    let (old, token, _admin) = cluster.open_bank(2).await;
+    let members = cluster.members.values().map(|m| m.client.to_string()).collect();
+    let mut c = tally::client::ClusterClient::new(members).with_timeout(Some(Duration::from_millis(500)));
+    c.patience = Duration::from_millis(100);
+    c.auth(token);
+    // Bound to the leader by a read, then the leader stops answering.
+    let b = c.call("balance", json!({"account": account(0)})).await.expect("a balance from the leader");
+    assert_eq!(b["balance"], EACH);
+    cluster.members[&old].signal("-STOP");
+    let t = json!({"from": account(0), "to": account(1), "amount": 1, "key": "timed-out"});
+    let sent = tokio::time::timeout(WAIT, c.call("transfer", t)).await;
+    cluster.members[&old].signal("-CONT");
+    let e = sent.expect("an answer within the client's own bounds").expect_err("no answer from a stopped leader");
+    assert_eq!(e.code(), Some("unknown_outcome"), "{e}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_paused_leader_is_replaced_and_once_resumed_accepts_no_write_as_leader() {
     let cluster = Cluster::start(3);
