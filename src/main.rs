@@ -71,8 +71,8 @@ enum Command {
     /// Arguments are key=value pairs, typed like the text mode: integers,
     /// true/false, null, [a,b] lists, anything else a string.
     /// Exits 1 with the error code on stderr when the server refuses, and 3
-    /// when the outcome of a write is unknown (unknown_outcome, or no
-    /// answer within --timeout).
+    /// when the outcome is unknown (unknown_outcome, or no answer: none
+    /// within --timeout, or the connection lost).
     ///
     /// Examples:
     ///   tally call ping
@@ -128,9 +128,9 @@ struct Connect {
     /// Send a password or key without TLS to a host that is not this one.
     #[arg(long)]
     allow_plaintext: bool,
-    /// Seconds to wait for the answer. Default: 10, and 3600 for `audit`
-    /// and `backup`, which read the whole ledger. Connecting takes at most
-    /// 10 s whatever this says.
+    /// Seconds to wait for each answer. Default: 60, and 3600 for audit,
+    /// backup, bulk_add and reap, whose time grows with the ledger.
+    /// Connecting takes at most 10 s whatever this says.
     #[arg(long, value_parser = seconds)]
     timeout: Option<std::time::Duration>,
 }
@@ -166,12 +166,10 @@ impl Connect {
         self.connect.split(',').map(str::trim).filter(|a| !a.is_empty()).collect()
     }
 
-    /// How long `op`'s answer may take: `--timeout`, else by the op.
+    /// How long `op`'s answer may take: `--timeout`, else the client's
+    /// default for the op.
     fn timeout(&self, op: &str) -> std::time::Duration {
-        self.timeout.unwrap_or(match op {
-            "audit" | "backup" => std::time::Duration::from_secs(3600),
-            _ => tally::client::TIMEOUT,
-        })
+        self.timeout.unwrap_or_else(|| tally::client::timeout_for(op))
     }
 
     fn tls(&self) -> tally::tls::ClientTls {
@@ -319,8 +317,7 @@ async fn call(connect: &Connect, who: As<'_>, op: &str, args: &[String]) -> Exit
 /// `tally call` against a cluster: to whichever member leads.
 async fn cluster_call(connect: &Connect, who: As<'_>, op: &str, args: serde_json::Value) -> ExitCode {
     let members = connect.addresses().into_iter().map(str::to_owned).collect();
-    let mut client = tally::client::ClusterClient::new(members);
-    client.timeout = Some(connect.timeout(op));
+    let mut client = tally::client::ClusterClient::new(members).with_timeout(Some(connect.timeout(op)));
     if connect.tls {
         client = client.with_tls(connect.tls());
     }
@@ -347,7 +344,14 @@ fn answer(got: Result<serde_json::Value, tally::client::ClientError>) -> ExitCod
         }
         Err(e) => {
             eprintln!("tally: {e}");
-            if e.code() == Some("unknown_outcome") || matches!(e, tally::client::ClientError::Timeout) {
+            // Sent, and then no answer: it may or may not have been applied.
+            let lost = matches!(
+                e,
+                tally::client::ClientError::Timeout
+                    | tally::client::ClientError::Closed
+                    | tally::client::ClientError::Io(_)
+            );
+            if lost || e.code() == Some("unknown_outcome") {
                 return ExitCode::from(3);
             }
             ExitCode::FAILURE
