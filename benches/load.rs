@@ -63,9 +63,10 @@ usage: cargo bench --bench load -- [flags]
   --admin-ops           time bulk_add and a full list_accounts walk first
   --plot FILE.svg       latency over time and histogram
   --timeout S           the longest the harness waits for the server at any one step
-                        (connecting, logging in, a call, a reply on a load connection;
-                        the audit that ends the run: at least 300 s) before it ends the
-                        run with a message and exit status 1 (default 30)
+                        (logging in, a call, a reply or a write on a load connection;
+                        connecting: at most 10 s; bulk_add and the audit that ends the
+                        run: at least 3600 s) before it ends the run with a message and
+                        exit status 1 (default 30)
   --json                the summary as one JSON object on the last line";
 
 /// The same allocator as the server, so the load generator stays cheap.
@@ -178,8 +179,8 @@ fn parse_opts() -> Opts {
             "--timeout" => {
                 o.timeout = Duration::try_from_secs_f64(val().parse().expect("--timeout S"))
                     .ok()
-                    .filter(|t| !t.is_zero())
-                    .expect("--timeout S: a positive number of seconds");
+                    .filter(|t| !t.is_zero() && *t <= Duration::from_secs(86_400))
+                    .expect("--timeout S: a positive number of seconds, at most a day");
             }
             "--bench" => {} // passed by `cargo bench`
             "--help" | "-h" => {
@@ -547,10 +548,8 @@ fn encode(out: &mut BytesMut, id: u64, op: &str, args: &Value) {
 /// walk, before the transfer run.
 async fn admin_ops(admin: &Client, accounts: usize) {
     let t0 = Instant::now();
-    let r = or_give_up(
-        admin.call("bulk_add", json!({"tag": "bench", "delta": 1, "memo": "bench bonus"})).await,
-        "bulk_add",
-    );
+    let args = json!({"tag": "bench", "delta": 1, "memo": "bench bonus"});
+    let r = or_give_up(admin.call_within(Some(tally::client::LONG_TIMEOUT), "bulk_add", args).await, "bulk_add");
     println!("bulk_add on {} tagged accounts: {:.3}s", r["count"], t0.elapsed().as_secs_f64());
     let t0 = Instant::now();
     let first = or_give_up(admin.call("list_accounts", json!({"limit": 1000})).await, "list_accounts");
@@ -896,6 +895,10 @@ async fn drive(
     // When the server was last heard from, or had nothing to answer: a
     // connection waiting on it for longer than `--timeout` is not measuring.
     let mut heard = Instant::now();
+    // Its timer, moved on only when it fires (not at every reply, which
+    // would cost the closed loop a timer's update per read).
+    let silence = tokio::time::sleep_until((heard + o.timeout).into());
+    tokio::pin!(silence);
     loop {
         let mut broken = false;
         if sent.is_empty() {
@@ -978,28 +981,61 @@ async fn drive(
             return Drove { hist, per_second, late };
         }
         if !broken && !out.is_empty() {
-            // flush: a no-op on TCP; TLS may hold the last record back until then.
-            let written = match stream.write_all(&out).await {
-                Ok(()) => stream.flush().await,
-                Err(e) => Err(e),
+            // Written a piece at a time (a cancelled `write` writes nothing),
+            // so that a server that stops reading is noticed like one that
+            // stops answering. Only a reply counts as hearing from it: the
+            // kernel takes megabytes for a server that reads nothing.
+            let written = loop {
+                let flushing = out.is_empty();
+                let step = async {
+                    if flushing {
+                        // A no-op on TCP; TLS may hold the last record back until then.
+                        stream.flush().await.map(|()| None)
+                    } else {
+                        stream.write(&out).await.map(Some)
+                    }
+                };
+                tokio::select! {
+                    r = step => match r {
+                        Ok(None) => break Ok(()),
+                        Ok(Some(0)) => break Err(std::io::ErrorKind::WriteZero.into()),
+                        Ok(Some(n)) => out.advance(n),
+                        Err(e) => break Err(e),
+                    },
+                    () = &mut silence => {
+                        if heard.elapsed() >= o.timeout {
+                            break Err(std::io::ErrorKind::TimedOut.into());
+                        }
+                        silence.as_mut().reset((heard + o.timeout).into());
+                    }
+                }
             };
             out.clear();
             match written {
                 Ok(()) => {}
                 Err(_) if follow.is_some() => broken = true,
+                Err(e) if e.kind() == std::io::ErrorKind::TimedOut => give_up(&format!(
+                    "the server read none of a load connection's requests for {} s",
+                    o.timeout.as_secs_f64()
+                )),
                 Err(e) => panic!("write: {e}"),
             }
         }
         if !broken {
             // Woken by a reply, the next request due (open loop), or the
             // server's silence reaching `--timeout`, checked above.
-            let wake = match interval {
-                Some(_) if !stop.load(Ordering::Relaxed) => due.min(heard + o.timeout),
-                _ => heard + o.timeout,
-            };
-            let read = tokio::select! {
-                r = stream.read_buf(&mut buf) => r,
-                () = tokio::time::sleep_until(wake.into()) => continue,
+            let read = match interval {
+                Some(_) if !stop.load(Ordering::Relaxed) => tokio::select! {
+                    r = stream.read_buf(&mut buf) => r,
+                    () = tokio::time::sleep_until(due.min(heard + o.timeout).into()) => continue,
+                },
+                _ => tokio::select! {
+                    r = stream.read_buf(&mut buf) => r,
+                    () = &mut silence => {
+                        silence.as_mut().reset((heard + o.timeout).into());
+                        continue;
+                    }
+                },
             };
             match read {
                 Ok(0) if follow.is_none() => return Drove { hist, per_second, late },
@@ -1024,6 +1060,7 @@ async fn drive(
             let dial = Dial { addr: f.members[leader].clone(), tls: f.tls.clone(), timeout: f.timeout };
             let Ok(s) = try_open(&dial, &f.token).await else { continue };
             stream = s;
+            heard = Instant::now();
             if interval.is_none() {
                 for _ in 0..o.pipeline {
                     make(&mut out, &mut sent, &mut rng, Instant::now());
@@ -1124,8 +1161,7 @@ async fn main() {
         };
         let addr = if m.addrs.len() > 1 {
             let Some(leader) = find_leader(&m.addrs, Duration::from_secs(60)).await else {
-                eprintln!("no member of {:?} says it leads", m.addrs);
-                std::process::exit(1);
+                give_up(&format!("no member of {:?} says it leads", m.addrs));
             };
             eprintln!("driving the leader, member {} at {}", leader + 1, m.addrs[leader]);
             m.addrs[leader].clone()
@@ -1289,7 +1325,8 @@ async fn main() {
     };
     let after = or_give_up(admin.call("stats", json!({})).await, "stats");
     let server_transfers = after["transfers"].as_u64().unwrap() - before["transfers"].as_u64().unwrap_or(0);
-    let audit = or_give_up(admin.audit().await, "audit");
+    let audit_within = o.timeout.max(tally::client::LONG_TIMEOUT);
+    let audit = or_give_up(admin.call_within(Some(audit_within), "audit", json!({})).await, "audit");
     let counters_agree = members.is_some() || server_transfers == transfers;
     let audit_ok = audit["sum"] == 0 && audit["chain_ok"] == true;
 
