@@ -100,6 +100,12 @@ pub enum ClientError {
     Protocol(String),
     #[error("the connection closed before the answer came")]
     Closed,
+    /// The request never left whole, so nothing was applied: the
+    /// connection had ended, or the call's time ran out before all of its
+    /// frame was written (the server never runs a frame it has not read
+    /// whole).
+    #[error("the request was not sent; nothing was applied")]
+    NotSent,
     /// No answer came in time. The request may or may not have been
     /// applied: send it again only with its idempotency key.
     #[error("no answer within the timeout; the outcome is unknown")]
@@ -140,11 +146,11 @@ type Pending = Arc<Mutex<HashMap<u64, oneshot::Sender<Result<Value, ClientError>
 /// The connection's sending half.
 struct Writer {
     io: Box<dyn AsyncWrite + Send + Unpin>,
-    /// Set while a request is being written. Found set by the next call to
-    /// take the lock, it means a call gave up (its timeout, an error, or its
-    /// future dropped) with part of its frame on the wire: the server would
-    /// read the next request's bytes as the rest of it, so nothing more is
-    /// sent on this connection.
+    /// Set while part of a request's frame is written and the rest is not.
+    /// Found set by the next call to take the lock, it means a call gave up
+    /// halfway (its timeout, an error, or its future dropped): the server
+    /// would read the next request's bytes as the rest of that frame, so
+    /// nothing more is sent on this connection.
     torn: bool,
 }
 
@@ -296,31 +302,45 @@ impl Client {
         let mut out = BytesMut::with_capacity(128);
         frame::encode_request(&mut out, id, op, &args).map_err(|e| ClientError::Protocol(e.to_string()))?;
         let (tx, rx) = oneshot::channel();
-        self.pending.lock().map_err(|_| ClientError::Closed)?.insert(id, tx);
+        self.pending.lock().map_err(|_| ClientError::NotSent)?.insert(id, tx);
         let _waiting = Waiting { pending: &self.pending, id };
         // Checked after inserting: the reader sets the flag before it clears
         // the map, so a call can never wait on a connection that has ended.
         if self.closed.load(Ordering::SeqCst) {
-            return Err(ClientError::Closed);
+            return Err(ClientError::NotSent);
         }
+        // Whether all of the frame was handed to the connection: from then
+        // on the server may run it.
+        let mut whole = false;
         let exchange = async {
             {
                 let mut w = self.writer.lock().await;
                 if w.torn {
-                    return Err(ClientError::Closed);
+                    return Err(ClientError::NotSent);
                 }
-                w.torn = true;
-                w.io.write_all(&out).await?;
-                w.torn = false;
+                let mut done = 0;
+                while done < out.len() {
+                    let n = w.io.write(&out[done..]).await?;
+                    if n == 0 {
+                        return Err(std::io::Error::from(std::io::ErrorKind::WriteZero).into());
+                    }
+                    done += n;
+                    w.torn = done < out.len();
+                }
+                whole = true;
                 // A no-op on TCP. TLS may hold the bytes back until then, and
                 // keeps what it has not sent for the next write or flush.
                 w.io.flush().await?;
             }
             rx.await.map_err(|_| ClientError::Closed)?
         };
-        match timeout {
+        let result = match timeout {
             None => exchange.await,
             Some(limit) => tokio::time::timeout(limit, exchange).await.unwrap_or(Err(ClientError::Timeout)),
+        };
+        match result {
+            Err(ClientError::Timeout) if !whole => Err(ClientError::NotSent),
+            other => other,
         }
     }
 
@@ -397,6 +417,10 @@ fn lost_answer(op: &str, why: &str) -> ClientError {
     }
 }
 
+/// Refusals that come before a request's idempotency key is looked at: to
+/// a resend, they say nothing of what the first send did.
+const UNSETTLED: &[&str] = &["unavailable", "overloaded", "rate_limited", "internal", "unauthenticated"];
+
 /// Ops that change nothing: sent again after a lost answer.
 const READS: &[&str] = &[
     "hello",
@@ -430,6 +454,9 @@ const READS: &[&str] = &[
 ///   key the caller gets `unknown_outcome` and decides (it is never
 ///   retried silently). A keyed write whose resends got no definite answer
 ///   within `patience` is `unknown_outcome` too, never `unavailable`.
+/// - A call that was never sent ([`ClientError::NotSent`], e.g. on a
+///   connection the member closed when it stopped leading) goes again on a
+///   new connection.
 /// - The credentials given to [`ClusterClient::auth`] are presented again
 ///   on every new connection (a token works on every member).
 /// - It connects only to the addresses it was given: a `not_leader` that
@@ -529,7 +556,12 @@ impl ClusterClient {
                     continue;
                 }
                 if let Some(credential) = &self.credential {
-                    c.call("auth", credential).await?;
+                    match c.call_within(self.timeout.of("auth"), "auth", credential).await {
+                        Ok(_) => {}
+                        Err(e @ ClientError::Server { .. }) => return Err(e),
+                        // No answer from this member: ask the next.
+                        Err(_) => continue,
+                    }
                 }
                 let c = Arc::new(c);
                 *current = Some((addr, c.clone()));
@@ -560,7 +592,7 @@ impl ClusterClient {
         // A read changes nothing, so it is as safe to send again as a keyed write.
         let read = READS.contains(&op);
         let keyed = args.get("key").is_some_and(|k| !k.is_null()) || read;
-        let deadline = tokio::time::Instant::now() + self.patience;
+        let mut deadline = tokio::time::Instant::now() + self.patience;
         let mut hint = None;
         // Once an answer was lost, an `unavailable` for the resend says only
         // that the resend changed nothing (the first send may have been
@@ -587,13 +619,26 @@ impl ClusterClient {
                     false
                 }
                 Err(ClientError::Server { code, .. }) if code == "unknown_outcome" => true,
-                Err(ClientError::Server { code, .. }) if code == "unavailable" && lost_before && keyed => true,
+                // Refused before its key was looked at: says nothing of the first send.
+                Err(ClientError::Server { code, .. }) if lost_before && keyed && UNSETTLED.contains(&code.as_str()) => {
+                    true
+                }
+                Err(ClientError::NotSent) => {
+                    // Never sent: as if not yet tried, on a new connection.
+                    self.drop_connection(&c).await;
+                    false
+                }
                 Err(ClientError::Closed | ClientError::Io(_) | ClientError::Timeout) => {
                     self.drop_connection(&c).await;
                     true
                 }
                 other => return other,
             };
+            if lost && !lost_before {
+                // The first loss may come after the patience (a timeout is
+                // longer): the resend still gets a full turn.
+                deadline = deadline.max(tokio::time::Instant::now() + self.patience);
+            }
             lost_before |= lost;
             if lost && !keyed {
                 return Err(ClientError::Server {
