@@ -335,7 +335,7 @@ async fn cluster_call(connect: &Connect, who: As<'_>, op: &str, args: serde_json
 }
 
 /// Prints an answer, or the error; the exit code says which (3: the
-/// outcome of a write is unknown).
+/// request may or may not have been applied).
 fn answer(got: Result<serde_json::Value, tally::client::ClientError>) -> ExitCode {
     match got {
         Ok(v) => {
@@ -344,7 +344,8 @@ fn answer(got: Result<serde_json::Value, tally::client::ClientError>) -> ExitCod
         }
         Err(e) => {
             eprintln!("tally: {e}");
-            // Sent, and then no answer: it may or may not have been applied.
+            // Sent whole, and then no answer: it may or may not have been
+            // applied. (`NotSent` was not: 1.)
             let lost = matches!(
                 e,
                 tally::client::ClientError::Timeout
