@@ -63,10 +63,10 @@ usage: cargo bench --bench load -- [flags]
   --admin-ops           time bulk_add and a full list_accounts walk first
   --plot FILE.svg       latency over time and histogram
   --timeout S           the longest the harness waits for the server at any one step
-                        (logging in, a call, a reply or a write on a load connection;
-                        connecting: at most 10 s; bulk_add and the audit that ends the
-                        run: at least 3600 s) before it ends the run with a message and
-                        exit status 1 (default 30)
+                        (connecting, logging in, a call, a reply or a write on a load
+                        connection; bulk_add and the audit that ends the run: at least
+                        3600 s) before it ends the run with a message and exit status 1
+                        (default 30)
   --json                the summary as one JSON object on the last line";
 
 /// The same allocator as the server, so the load generator stays cheap.
@@ -815,6 +815,9 @@ async fn open(dial: &Dial, token: &str) -> Box<dyn Io> {
     try_open(dial, token).await.unwrap_or_else(|e| give_up(&format!("opening a load connection to {}: {e}", dial.addr)))
 }
 
+/// The most an open-loop connection writes before it reads again.
+const WRITE_PIECE: usize = 256 * 1024;
+
 /// A histogram of microseconds, 1 µs to a minute, 3 significant digits.
 fn latency_histogram() -> Histogram<u64> {
     Histogram::new_with_bounds(1, 60_000_000, 3).expect("valid bounds")
@@ -892,7 +895,7 @@ async fn drive(
             make(&mut out, &mut sent, &mut rng, Instant::now());
         }
     }
-    // When the server was last heard from, or had nothing to answer: a
+    // When the server last answered, or had nothing to answer: a
     // connection waiting on it for longer than `--timeout` is not measuring.
     let mut heard = Instant::now();
     // Its timer, moved on only when it fires (not at every reply, which
@@ -946,6 +949,7 @@ async fn drive(
                 continue;
             };
             let now = Instant::now();
+            heard = now;
             let us = now.duration_since(t0).as_micros() as u64;
             let _ = hist.record(us.max(1));
             let second = now.duration_since(start).as_secs() as usize;
@@ -984,7 +988,11 @@ async fn drive(
             // Written a piece at a time (a cancelled `write` writes nothing),
             // so that a server that stops reading is noticed like one that
             // stops answering. Only a reply counts as hearing from it: the
-            // kernel takes megabytes for a server that reads nothing.
+            // kernel takes megabytes for a server that reads nothing. The
+            // open loop reads between pieces of `WRITE_PIECE`: after a stall
+            // its backlog may be more than the server takes in before its
+            // answers are read.
+            let mut wrote = 0;
             let written = loop {
                 let flushing = out.is_empty();
                 let step = async {
@@ -999,7 +1007,13 @@ async fn drive(
                     r = step => match r {
                         Ok(None) => break Ok(()),
                         Ok(Some(0)) => break Err(std::io::ErrorKind::WriteZero.into()),
-                        Ok(Some(n)) => out.advance(n),
+                        Ok(Some(n)) => {
+                            out.advance(n);
+                            wrote += n;
+                            if interval.is_some() && wrote >= WRITE_PIECE && !out.is_empty() {
+                                break Ok(());
+                            }
+                        }
                         Err(e) => break Err(e),
                     },
                     () = &mut silence => {
@@ -1010,12 +1024,11 @@ async fn drive(
                     }
                 }
             };
-            out.clear();
             match written {
                 Ok(()) => {}
                 Err(_) if follow.is_some() => broken = true,
                 Err(e) if e.kind() == std::io::ErrorKind::TimedOut => give_up(&format!(
-                    "the server read none of a load connection's requests for {} s",
+                    "no reply from the server for {} s while a load connection's requests waited to be written",
                     o.timeout.as_secs_f64()
                 )),
                 Err(e) => panic!("write: {e}"),
@@ -1040,7 +1053,7 @@ async fn drive(
             match read {
                 Ok(0) if follow.is_none() => return Drove { hist, per_second, late },
                 Ok(0) => broken = true,
-                Ok(_) => heard = Instant::now(),
+                Ok(_) => {}
                 Err(_) if follow.is_some() => broken = true,
                 Err(e) => panic!("read: {e}"),
             }
@@ -1054,12 +1067,20 @@ async fn drive(
             if stop.load(Ordering::Relaxed) {
                 return Drove { hist, per_second, late };
             }
-            let Some(leader) = find_leader(&f.members, Duration::from_secs(30)).await else {
-                return Drove { hist, per_second, late };
+            stream = loop {
+                if stop.load(Ordering::Relaxed) {
+                    return Drove { hist, per_second, late };
+                }
+                let Some(leader) = find_leader(&f.members, Duration::from_secs(30)).await else {
+                    return Drove { hist, per_second, late };
+                };
+                let dial = Dial { addr: f.members[leader].clone(), tls: f.tls.clone(), timeout: f.timeout };
+                match try_open(&dial, &f.token).await {
+                    Ok(s) => break s,
+                    // Leadership moved again, or the leader is not serving yet.
+                    Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+                }
             };
-            let dial = Dial { addr: f.members[leader].clone(), tls: f.tls.clone(), timeout: f.timeout };
-            let Ok(s) = try_open(&dial, &f.token).await else { continue };
-            stream = s;
             heard = Instant::now();
             if interval.is_none() {
                 for _ in 0..o.pipeline {
