@@ -101,9 +101,9 @@ pub enum ClientError {
     #[error("the connection closed before the answer came")]
     Closed,
     /// The request never left whole, so nothing was applied: the
-    /// connection had ended, or the call's time ran out before all of its
-    /// frame was written (the server never runs a frame it has not read
-    /// whole).
+    /// connection had ended, or writing it failed or ran out of time before
+    /// all of its frame was written (the server never runs a frame it has
+    /// not read whole).
     #[error("the request was not sent; nothing was applied")]
     NotSent,
     /// No answer came in time. The request may or may not have been
@@ -339,7 +339,7 @@ impl Client {
             Some(limit) => tokio::time::timeout(limit, exchange).await.unwrap_or(Err(ClientError::Timeout)),
         };
         match result {
-            Err(ClientError::Timeout) if !whole => Err(ClientError::NotSent),
+            Err(ClientError::Timeout | ClientError::Io(_)) if !whole => Err(ClientError::NotSent),
             other => other,
         }
     }

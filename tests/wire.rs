@@ -285,3 +285,21 @@ async fn a_request_cut_short_by_its_timeout_ends_the_connection_for_later_calls(
     // The server itself serves everyone else.
     assert_eq!(s.client().await.call("ping", serde_json::json!({})).await.unwrap(), "pong");
 }
+
+/// A connection the server has closed (here: a frame past the anonymous
+/// limit) sends nothing more: the next call is `NotSent`, which says that
+/// nothing was applied, not `Closed`, which leaves the outcome unknown.
+#[tokio::test]
+async fn a_call_on_a_connection_the_server_closed_is_not_sent() {
+    use tally::client::ClientError;
+    let s = Server::start();
+    let c = s.client().await;
+    let pad = "x".repeat(128 * 1024);
+    let refused = c.call("ping", serde_json::json!({ "pad": pad })).await;
+    // The refusal names no id (the frame was never read), and the server
+    // closes: after the frame was written (`Closed`), or while the rest of
+    // it still was (`NotSent`).
+    assert!(matches!(refused, Err(ClientError::Closed | ClientError::NotSent)), "{refused:?}");
+    let next = c.call("ping", serde_json::json!({})).await;
+    assert!(matches!(next, Err(ClientError::NotSent)), "{next:?}");
+}
