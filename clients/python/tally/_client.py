@@ -624,6 +624,24 @@ _READS = frozenset(
 #: for a write to be confirmed, so that the server answers first.
 _MEMBER_TIMEOUT_S = 10.0
 
+#: How long a member may take to answer ``hello`` when the client looks
+#: for the leader: a member that does not answer is skipped.
+_PROBE_TIMEOUT_S = 1.0
+
+#: Refusals that come before a request's idempotency key is looked at: to
+#: a resend, they say nothing of what the first send did.
+_UNSETTLED = frozenset(["unavailable", "overloaded", "rate_limited", "internal", "unauthenticated"])
+
+
+def _lost_answer(op: str, why: str) -> TallyError:
+    """``unknown_outcome`` for a write whose answer was lost, and whose
+    resends got no definite answer either: it may or may not have been
+    applied. Never ``unavailable``, which says that nothing changed."""
+    return TallyError(
+        "unknown_outcome",
+        f"the answer to {op} was lost and resending it found {why}; it may or may not have been applied",
+    )
+
 
 def _split(addr: str):
     host, port = addr.rsplit(":", 1)
@@ -639,7 +657,10 @@ class ClusterClient(_Ops):
     or ``unknown_outcome``) is sent again only if it carries an idempotency
     ``key`` (or is a read): the second send then answers with the first
     one's record. Without a key the caller gets ``unknown_outcome`` and
-    decides; such a write is never retried silently. ``token`` (from a
+    decides; such a write is never retried silently. A keyed write whose
+    resends get no definite answer within ``patience`` (counted again from
+    the first lost answer) is ``unknown_outcome`` too, never
+    ``unavailable``, which says nothing changed. ``token`` (from a
     ``login`` at any member) is presented on every new connection. Only
     the given addresses are dialled: a ``not_leader`` naming another is
     followed by asking the given members.
@@ -675,7 +696,7 @@ class ClusterClient(_Ops):
                 except TallyConnectionError:
                     continue
                 try:
-                    if c.hello().get("role") == "leader":
+                    if c.call_within(_PROBE_TIMEOUT_S, "hello").get("role") == "leader":
                         if self.token is not None:
                             c.auth(token=self.token)
                         self._client = c
@@ -704,15 +725,23 @@ class ClusterClient(_Ops):
     def _call(self, timeout: Any, op: str, args: Dict[str, Any]) -> Any:
         import time
 
-        resend = args.get("key") is not None or op in _READS
+        read = op in _READS
+        resend = args.get("key") is not None or read
         deadline = time.monotonic() + self.patience
         hint: Optional[str] = None
-        # Once an answer was lost, ``unavailable`` for the resend says only
+        # Once an answer was lost, a refusal of the resend that comes before
+        # its key is looked at (``unavailable``, ``overloaded``...) says only
         # that the resend changed nothing (the first send may have been
-        # applied): only the key's own answer is definite.
+        # applied): only the key's own answer is definite, and a write that
+        # never gets one is ``unknown_outcome``.
         lost_before = False
         while True:
-            c = self._leader(hint, deadline)
+            try:
+                c = self._leader(hint, deadline)
+            except TallyError:
+                if lost_before and not read:
+                    raise _lost_answer(op, "no leader in time") from None
+                raise
             hint = None
             try:
                 return c._call(timeout, op, args)
@@ -724,17 +753,25 @@ class ClusterClient(_Ops):
                     hint = e.leader if e.leader in self.members else None
                     if hint is None:
                         if time.monotonic() >= deadline:
+                            if lost_before and not read:
+                                raise _lost_answer(op, "no leader in time") from None
                             raise
                         time.sleep(0.05)  # a leader not serving yet: poll, not spin
                     continue
-                if e.code != "unknown_outcome" and not (e.code == "unavailable" and lost_before and resend):
+                if e.code != "unknown_outcome" and not (lost_before and resend and e.code in _UNSETTLED):
                     raise
             except TallyConnectionError:
                 self.close()
             # The answer was lost.
+            if not lost_before:
+                # The first loss may come after the patience (a timeout is
+                # longer): the resend still gets a full turn.
+                deadline = max(deadline, time.monotonic() + self.patience)
             lost_before = True
             if not resend:
                 raise TallyError("unknown_outcome", f"the answer to {op} was lost; it may or may not have been applied")
             if time.monotonic() >= deadline:
+                if not read:
+                    raise _lost_answer(op, "no leader that answered in time")
                 raise TallyError("unavailable", f"{op} found no leader that answered in time")
             time.sleep(0.05)  # the cluster is changing leaders: give it a moment

@@ -4,6 +4,7 @@ keyless write whose answer was lost as ``unknown_outcome``."""
 
 import itertools
 import os
+import signal
 import socket
 import subprocess
 import time
@@ -109,3 +110,27 @@ def test_the_cluster_client_follows_the_leader_and_resends_only_keyed_writes(clu
         with pytest.raises(TallyError) as e:
             cc.transfer("b", 1, from_="a")
         assert e.value.code == "unknown_outcome"
+
+
+def test_a_keyed_write_whose_answer_timed_out_is_an_unknown_outcome(cluster):
+    """No member answers (all stopped) after the client bound itself to the
+    leader: the keyed write may have been applied, so the client says
+    ``unknown_outcome``, never ``unavailable`` (which says nothing changed)."""
+    addrs, procs = cluster
+    leader = _leader(addrs)
+    host, port = addrs[leader].rsplit(":", 1)
+    with Client(host, int(port)) as c:
+        token = c.login("admin", ADMIN_PASSWORD)["token"]
+    with ClusterClient(list(addrs.values()), token=token) as cc:
+        cc.create_account("a", initial=100)
+        cc.create_account("b")
+        cc.patience = 0.5
+        for p in procs.values():
+            p.send_signal(signal.SIGSTOP)
+        try:
+            with pytest.raises(TallyError) as e:
+                cc.call_within(2.0, "transfer", to="b", amount=1, key="timed-out", **{"from": "a"})
+        finally:
+            for p in procs.values():
+                p.send_signal(signal.SIGCONT)
+        assert e.value.code == "unknown_outcome", e.value
