@@ -12,5 +12,18 @@ protocol's error ``code``.
 ...     c.transfer("bob", 30, from_="alice")["to_balance"]
 """
 
-from ._client import AUDIT_TIMEOUT_S, AsyncClient, Client, ClusterClient, Pipeline, TallyConnectionError, TallyError
+from ._client import (
+    AUDIT_TIMEOUT_S,
+    BY_OP,
+    CONNECT_TIMEOUT_S,
+    LONG_TIMEOUT_S,
+    TIMEOUT_S,
+    AsyncClient,
+    Client,
+    ClusterClient,
+    Pipeline,
+    TallyConnectionError,
+    TallyError,
+    timeout_for,
+)
 from ._client import __all__  # the same public names

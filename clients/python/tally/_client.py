@@ -14,6 +14,11 @@ import msgpack
 
 __all__ = [
     "AUDIT_TIMEOUT_S",
+    "BY_OP",
+    "CONNECT_TIMEOUT_S",
+    "LONG_TIMEOUT_S",
+    "TIMEOUT_S",
+    "timeout_for",
     "Client",
     "AsyncClient",
     "ClusterClient",
@@ -26,10 +31,39 @@ _HEADER = struct.Struct(">I")
 #: Largest reply the client accepts (the server's default frame limit, with room).
 FRAME_BYTES_MAX = 16 * 1024 * 1024
 
-#: How long :meth:`audit` waits for its answer by default, in seconds. The
-#: server lets an audit wait up to 120 s for its turn behind another one,
-#: and the scan itself reads the whole journal (35-40 s at 44M records).
-AUDIT_TIMEOUT_S = 300.0
+#: How long connecting (and a TLS handshake) may take by default, in seconds.
+CONNECT_TIMEOUT_S = 10.0
+
+#: How long a call waits for its answer by default, in seconds: beyond
+#: every wait the server itself may impose before it answers (a list page's
+#: turn, 10 s; a confirmation code's mail, ~33 s), so that the server's
+#: answer, even a refusal, comes first; and a stopped server is noticed.
+TIMEOUT_S = 60.0
+
+#: How long the ops that read or change the whole ledger wait by default
+#: (``audit``, ``backup``, ``bulk_add``, ``reap``): their time grows with
+#: the ledger (an audit reads every record: 35-40 s at 44M records), and an
+#: audit may first wait up to 120 s for its turn behind another.
+LONG_TIMEOUT_S = 3600.0
+
+#: How long :meth:`audit` waits at least, whatever the client's timeout.
+AUDIT_TIMEOUT_S = LONG_TIMEOUT_S
+
+
+def timeout_for(op: str) -> float:
+    """How long a call of ``op`` waits for its answer by default, in seconds
+    (the Rust client's ``timeout_for``)."""
+    if op in ("audit", "backup", "bulk_add", "reap"):
+        return LONG_TIMEOUT_S
+    if op in ("add_node", "remove_node"):
+        # The server answers ``unknown_outcome`` once its own 60 s pass.
+        return 60.0 + TIMEOUT_S
+    return TIMEOUT_S
+
+
+#: A client's ``timeout`` when none is given: connecting within
+#: :data:`CONNECT_TIMEOUT_S`, each call within :func:`timeout_for` its op.
+BY_OP: Any = object()
 
 # A call's timeout when none is given: the client's own.
 _OWN = object()
@@ -317,7 +351,7 @@ class Client(_Ops):
         self,
         host: str = "127.0.0.1",
         port: int = 7707,
-        timeout: Optional[float] = 10.0,
+        timeout: Any = BY_OP,
         *,
         tls: bool = False,
         ca: Optional[str] = None,
@@ -325,9 +359,11 @@ class Client(_Ops):
         key: Optional[str] = None,
     ) -> None:
         _check_tls_args(tls, ca, cert, key)
-        self._timeout = _checked_timeout(timeout)
+        self._by_op = timeout is BY_OP
+        self._timeout = TIMEOUT_S if self._by_op else _checked_timeout(timeout)
+        connect_timeout = CONNECT_TIMEOUT_S if self._by_op else self._timeout
         try:
-            sock = socket.create_connection((host, port), timeout=timeout)
+            sock = socket.create_connection((host, port), timeout=connect_timeout)
         except OSError as e:
             raise TallyConnectionError(f"cannot connect to {host}:{port}: {e}") from e
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -337,6 +373,7 @@ class Client(_Ops):
             except (ssl.SSLError, OSError):
                 sock.close()
                 raise
+        sock.settimeout(self._timeout)
         self._sock = sock
         self._lock = threading.Lock()
         self._ids = itertools.count(1)
@@ -416,7 +453,12 @@ class Client(_Ops):
 
     def call(self, op: str, **args: Any) -> Any:
         """Sends one request and returns its ``ok`` value (raises :class:`TallyError`)."""
-        return self._call(_OWN, op, args)
+        return self._call(self._timeout_of(op), op, args)
+
+    def _timeout_of(self, op: str) -> Any:
+        if self._by_op and timeout_for(op) != self._timeout:
+            return timeout_for(op)
+        return _OWN
 
     def call_within(self, timeout: Optional[float], op: str, **args: Any) -> Any:
         """As :meth:`call`, with ``timeout`` seconds (``None``: no limit)
@@ -498,7 +540,7 @@ class AsyncClient(_Ops):
         self,
         host: str = "127.0.0.1",
         port: int = 7707,
-        timeout: Optional[float] = 10.0,
+        timeout: Any = BY_OP,
         *,
         tls: bool = False,
         ca: Optional[str] = None,
@@ -506,7 +548,9 @@ class AsyncClient(_Ops):
         key: Optional[str] = None,
     ) -> None:
         _check_tls_args(tls, ca, cert, key)
-        self._host, self._port, self._timeout = host, port, timeout
+        self._by_op = timeout is BY_OP
+        self._host, self._port = host, port
+        self._timeout: Optional[float] = TIMEOUT_S if self._by_op else timeout
         self._ssl: Optional[ssl.SSLContext] = _tls_context(ca, cert, key) if tls else None
         self._reader: Optional[asyncio.StreamReader] = None
         self._writer: Optional[asyncio.StreamWriter] = None
@@ -517,7 +561,7 @@ class AsyncClient(_Ops):
 
     @classmethod
     async def connect(
-        cls, host: str = "127.0.0.1", port: int = 7707, timeout: Optional[float] = 10.0, **tls: Any
+        cls, host: str = "127.0.0.1", port: int = 7707, timeout: Any = BY_OP, **tls: Any
     ) -> "AsyncClient":
         """Connects; ``tls``, ``ca``, ``cert``, ``key`` as for :class:`Client`."""
         c = cls(host, port, timeout, **tls)
@@ -527,7 +571,8 @@ class AsyncClient(_Ops):
     async def _open(self) -> None:
         try:
             self._reader, self._writer = await asyncio.wait_for(
-                asyncio.open_connection(self._host, self._port, ssl=self._ssl), self._timeout
+                asyncio.open_connection(self._host, self._port, ssl=self._ssl),
+                CONNECT_TIMEOUT_S if self._by_op else self._timeout,
             )
         except (OSError, asyncio.TimeoutError) as e:
             raise TallyConnectionError(f"cannot connect to {self._host}:{self._port}: {e}") from e
@@ -578,7 +623,7 @@ class AsyncClient(_Ops):
 
     async def call(self, op: str, **args: Any) -> Any:  # type: ignore[override]
         """Sends one request and awaits its ``ok`` value (raises :class:`TallyError`)."""
-        return await self._call(self._timeout or None, op, args)
+        return await self._call(timeout_for(op) if self._by_op else (self._timeout or None), op, args)
 
     async def call_within(self, timeout: Optional[float], op: str, **args: Any) -> Any:  # type: ignore[override]
         """As :meth:`call`, waiting at most ``timeout`` seconds (``None``: no
@@ -619,10 +664,6 @@ _READS = frozenset(
     "delete_reason redeems my_redeems audit stats list_keys".split()
 )
 
-
-#: A cluster client's timeout for each answer: longer than the server's 3 s
-#: for a write to be confirmed, so that the server answers first.
-_MEMBER_TIMEOUT_S = 10.0
 
 #: How long a member may take to answer ``hello`` when the client looks
 #: for the leader: a member that does not answer is skipped.
@@ -692,7 +733,7 @@ class ClusterClient(_Ops):
         while True:
             for addr in ([hint] if hint else []) + self.members:
                 try:
-                    c = Client(*_split(addr), timeout=_MEMBER_TIMEOUT_S)
+                    c = Client(*_split(addr))
                 except TallyConnectionError:
                     continue
                 try:
@@ -709,18 +750,19 @@ class ClusterClient(_Ops):
             time.sleep(0.05)
 
     def call(self, op: str, **args: Any) -> Any:
-        """Sends ``op`` to the leader, following it as described above."""
-        return self._call(_OWN, op, args)
+        """Sends ``op`` to the leader, following it as described above; each
+        send waits :func:`timeout_for` its op."""
+        return self._call(timeout_for(op), op, args)
 
     def call_within(self, timeout: Optional[float], op: str, **args: Any) -> Any:
         """As :meth:`call`, each send with ``timeout`` seconds (``None``: no
-        limit) instead of 10 s. A send that timed out counts as a lost
-        answer: a read or a keyed write goes again while ``patience``
-        lasts."""
+        limit) instead of :func:`timeout_for` its op. A send that timed out
+        counts as a lost answer: a read or a keyed write goes again while
+        ``patience`` lasts."""
         return self._call(_checked_timeout(timeout), op, args)
 
     def _own_timeout(self) -> Optional[float]:
-        return _MEMBER_TIMEOUT_S
+        return TIMEOUT_S
 
     def _call(self, timeout: Any, op: str, args: Dict[str, Any]) -> Any:
         import time

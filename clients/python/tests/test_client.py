@@ -5,7 +5,16 @@ import asyncio
 
 import pytest
 
-from tally import AsyncClient, Client, TallyConnectionError, TallyError
+from tally import (
+    AUDIT_TIMEOUT_S,
+    LONG_TIMEOUT_S,
+    TIMEOUT_S,
+    AsyncClient,
+    Client,
+    TallyConnectionError,
+    TallyError,
+    timeout_for,
+)
 
 from conftest import ADMIN_PASSWORD
 
@@ -163,6 +172,15 @@ def test_transfer_batch_each_on_its_own_or_all_or_none(server):
             )
         assert (e.value.code, e.value.item) == ("insufficient_funds", 1)
         assert (c.balance("pa")["balance"], c.balance("pb")["balance"]) == (30, 20)
+
+
+def test_calls_wait_by_their_op_unless_told():
+    # Beyond the server's own waits (a code's mail, ~33 s); the whole
+    # ledger's ops longer; a membership change past the server's 60 s.
+    assert timeout_for("transfer") == timeout_for("list_accounts") == TIMEOUT_S == 60.0
+    for op in ("audit", "backup", "bulk_add", "reap"):
+        assert timeout_for(op) == LONG_TIMEOUT_S == AUDIT_TIMEOUT_S == 3600.0
+    assert timeout_for("add_node") == timeout_for("remove_node") == 120.0
 
 
 def test_connection_errors_are_distinct():
