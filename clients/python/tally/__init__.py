@@ -24,6 +24,7 @@ from ._client import (
     Pipeline,
     TallyConnectionError,
     TallyError,
+    TallyNotSentError,
     timeout_for,
 )
 from ._client import __all__  # the same public names

@@ -25,6 +25,7 @@ __all__ = [
     "Pipeline",
     "TallyError",
     "TallyConnectionError",
+    "TallyNotSentError",
 ]
 
 _HEADER = struct.Struct(">I")
@@ -98,6 +99,12 @@ class TallyError(Exception):
 
 class TallyConnectionError(ConnectionError):
     """The connection failed or closed; the outcome of calls in flight is unknown."""
+
+
+class TallyNotSentError(TallyConnectionError):
+    """The request never left whole (the connection had failed or was
+    closed), so nothing was applied: the server never runs a frame it has
+    not read whole."""
 
 
 def _tls_context(
@@ -397,7 +404,7 @@ class Client(_Ops):
         except OSError as e:
             # Part of a frame may be out: nothing sent after it could be read.
             self.close()
-            raise TallyConnectionError(str(e)) from e
+            raise TallyNotSentError(str(e)) from e
 
     def _read_reply(self) -> Dict[str, Any]:
         while True:
@@ -423,14 +430,15 @@ class Client(_Ops):
                 return self._exchange_locked(requests, ids)
             try:
                 self._sock.settimeout(timeout)
-                try:
-                    return self._exchange_locked(requests, ids)
-                finally:
-                    self._sock.settimeout(self._timeout)
-            except TallyConnectionError:
-                raise
             except OSError as e:  # the socket was closed
-                raise TallyConnectionError(str(e)) from e
+                raise TallyNotSentError(str(e)) from e
+            try:
+                return self._exchange_locked(requests, ids)
+            finally:
+                try:
+                    self._sock.settimeout(self._timeout)
+                except OSError:
+                    pass  # closed meanwhile: the next call says so
 
     def _exchange_locked(self, requests: List[bytes], ids: List[int]) -> Dict[int, Any]:
         self._send(b"".join(requests))
@@ -787,6 +795,15 @@ class ClusterClient(_Ops):
             hint = None
             try:
                 return c._call(timeout, op, args)
+            except TallyNotSentError:
+                # Never sent (e.g. on a connection the member closed when it
+                # stopped leading): as if not yet tried, on a new connection.
+                self.close()
+                if time.monotonic() >= deadline:
+                    if lost_before and not read:
+                        raise _lost_answer(op, "no leader in time") from None
+                    raise TallyError("unavailable", f"{op} found no leader that answered in time") from None
+                continue
             except TallyError as e:
                 if e.code == "not_leader":
                     self.close()

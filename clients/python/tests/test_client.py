@@ -13,6 +13,7 @@ from tally import (
     Client,
     TallyConnectionError,
     TallyError,
+    TallyNotSentError,
     timeout_for,
 )
 
@@ -127,8 +128,11 @@ def test_a_call_waits_as_long_as_it_is_told(server):
                 c.call_within(bad, "ping")
     with Client(*server) as c:
         c.close()
-        with pytest.raises(TallyConnectionError):
+        # Never sent, so nothing was applied: a subclass of the connection error.
+        with pytest.raises(TallyNotSentError):
             c.call_within(5, "ping")
+        with pytest.raises(TallyNotSentError):
+            c.ping()
 
     async def main():
         async with AsyncClient(*server) as c:
