@@ -603,7 +603,9 @@ class AsyncClient(_Ops):
                 await self._writer.wait_closed()
             except OSError:
                 pass
-        self._fail_all(TallyConnectionError("the client was closed"))
+        closed = TallyConnectionError("the client was closed")
+        self._lost = self._lost or closed
+        self._fail_all(closed)
 
     def _fail_all(self, error: Exception) -> None:
         for f in self._pending.values():
@@ -644,9 +646,9 @@ class AsyncClient(_Ops):
 
     async def _call(self, timeout: Optional[float], op: str, args: Dict[str, Any]) -> Any:
         if self._writer is None:
-            raise TallyConnectionError("not connected")
+            raise TallyNotSentError("not connected")
         if self._lost is not None:
-            raise self._lost
+            raise TallyNotSentError(str(self._lost)) from self._lost
         rid = next(self._ids)
         fut: "asyncio.Future[Any]" = asyncio.get_running_loop().create_future()
         self._pending[rid] = fut

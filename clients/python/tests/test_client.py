@@ -142,6 +142,10 @@ def test_a_call_waits_as_long_as_it_is_told(server):
             await c.login("admin", ADMIN_PASSWORD)
             assert (await c.whoami())["user"] == "admin"
             assert (await c.audit())["sum"] == 0
+        with pytest.raises(TallyNotSentError):
+            await c.ping()  # closed: nothing sent
+        with pytest.raises(TallyNotSentError):
+            await AsyncClient(*server).ping()  # never connected: nothing sent
 
     asyncio.run(main())
 
