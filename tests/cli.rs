@@ -65,14 +65,13 @@ fn call_prints_results_and_fails_with_the_error_code() {
 #[test]
 fn call_gives_up_after_its_timeout_with_the_outcome_unknown() {
     let s = Server::start();
-    let pid = s.pid().to_string();
-    assert!(Command::new("kill").args(["-STOP", &pid]).status().unwrap().success());
+    common::signal(s.pid(), "-STOP");
     let silent = Command::new(env!("CARGO_BIN_EXE_tally"))
         .args(["call", "--connect", &s.addr.to_string(), "--timeout", "0.5", "ping"])
         .env_remove("TALLY_PASSWORD")
         .output()
         .unwrap();
-    assert!(Command::new("kill").args(["-CONT", &pid]).status().unwrap().success());
+    common::signal(s.pid(), "-CONT");
     assert_eq!(silent.status.code(), Some(3), "stderr: {}", String::from_utf8_lossy(&silent.stderr));
     assert!(String::from_utf8_lossy(&silent.stderr).contains("no answer within the timeout"));
     assert!(silent.stdout.is_empty());

@@ -90,8 +90,7 @@ impl Member {
     }
 
     fn signal(&self, sig: &str) {
-        let pid = self.child.as_ref().expect("running").id().to_string();
-        assert!(Command::new("kill").args([sig, &pid]).status().unwrap().success());
+        common::signal(self.child.as_ref().expect("running").id(), sig);
     }
 
     fn kill9(&mut self) {

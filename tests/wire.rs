@@ -224,8 +224,7 @@ async fn requests_read_together_are_applied_in_the_order_sent() {
 
 /// Sends `sig` (`-STOP`, `-CONT`) to the server's process.
 fn signal(s: &Server, sig: &str) {
-    let pid = s.pid().to_string();
-    assert!(std::process::Command::new("kill").args([sig, &pid]).status().unwrap().success());
+    common::signal(s.pid(), sig);
 }
 
 /// The Rust client bounds each wait: a stopped server's silence is a

@@ -360,6 +360,37 @@ pub async fn join_all<F: std::future::Future + Unpin>(mut calls: Vec<F>) -> Vec<
     done.into_iter().flatten().collect()
 }
 
+/// Sends the signal `sig` (as `kill` spells it: "-STOP") to process `pid`.
+///
+/// After SIGSTOP it returns only once every thread of the process has
+/// stopped. `kill` returns as soon as the signal is queued for one thread;
+/// the others run on until that one is scheduled and stops them (seen to
+/// take up to ~40 ms on a loaded 2-core machine), long enough for a
+/// "stopped" member to answer a request sent after `kill` returned.
+pub fn signal(pid: u32, sig: &str) {
+    assert!(Command::new("kill").args([sig, &pid.to_string()]).status().expect("kill").success());
+    if sig == "-STOP" {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !all_threads_stopped(pid) {
+            assert!(Instant::now() < deadline, "process {pid} did not stop within 10 s of SIGSTOP");
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+}
+
+/// Whether every thread of `pid` is in the stopped state (`T` in
+/// `/proc/<pid>/task/<tid>/stat`).
+fn all_threads_stopped(pid: u32) -> bool {
+    let tasks = std::fs::read_dir(format!("/proc/{pid}/task")).expect("the process's threads");
+    tasks.flatten().all(|task| {
+        // A thread that ended meanwhile is not running either.
+        let Ok(stat) = std::fs::read_to_string(task.path().join("stat")) else { return true };
+        // The state follows the command name, which is in parentheses and
+        // may itself hold spaces or parentheses.
+        stat.rsplit_once(") ").is_some_and(|(_, rest)| rest.starts_with('T'))
+    })
+}
+
 /// Polls `check` every 20 ms until it holds; fails the test after `within`.
 pub async fn eventually<F, Fut>(within: Duration, what: &str, mut check: F)
 where

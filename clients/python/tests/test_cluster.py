@@ -61,6 +61,31 @@ def cluster(tmp_path):
         p.wait()
 
 
+def _stop(proc, within=10.0):
+    """Sends SIGSTOP and returns once every thread of the process has
+    stopped: the signal is queued for one thread, and the others run on
+    until that one stops them (up to ~40 ms on a loaded machine), long
+    enough for a "stopped" member to answer a request sent meanwhile."""
+    proc.send_signal(signal.SIGSTOP)
+    deadline = time.monotonic() + within
+    while not _all_threads_stopped(proc.pid):
+        assert time.monotonic() < deadline, f"process {proc.pid} did not stop within {within} s"
+        time.sleep(0.001)
+
+
+def _all_threads_stopped(pid):
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        try:
+            with open(f"/proc/{pid}/task/{tid}/stat") as f:
+                stat = f.read()
+        except FileNotFoundError:
+            continue  # a thread that ended meanwhile is not running either
+        # The state follows the command name, which is in parentheses.
+        if not stat[stat.rindex(")") + 2 :].startswith("T"):
+            return False
+    return True
+
+
 def _leader(addrs, within=30.0):
     deadline = time.monotonic() + within
     while time.monotonic() < deadline:
@@ -126,7 +151,7 @@ def test_a_keyed_write_whose_answer_timed_out_is_an_unknown_outcome(cluster):
         cc.create_account("b")
         cc.patience = 0.5
         for p in procs.values():
-            p.send_signal(signal.SIGSTOP)
+            _stop(p)
         try:
             with pytest.raises(TallyError) as e:
                 cc.call_within(2.0, "transfer", to="b", amount=1, key="timed-out", **{"from": "a"})
