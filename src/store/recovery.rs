@@ -1,7 +1,8 @@
 //! Loading the ledger: the balance rows, then the records after the
 //! checkpoint replayed by the one replay rule (`legs`), checked to chain
-//! onto each other and end at the head. Used at start-up, by the journal
-//! after a storage failure, and by `audit`.
+//! onto each other and end at the head. Used at start-up and by the
+//! journal after a storage failure; `audit` follows the same rules
+//! without building a book.
 
 use super::balances::Rows;
 use super::record::{for_each_record_group, with_record, Stored};
@@ -336,8 +337,8 @@ pub fn load_with<T: Send>(
     load_txn(&txn, limits, room, owners)
 }
 
-/// [`load_with`] within one read transaction (`audit` reads more in it).
-pub(super) fn load_txn<T: Send>(
+/// [`load_with`] within one read transaction.
+fn load_txn<T: Send>(
     txn: &redb::ReadTransaction,
     limits: Limits,
     room: Option<Room>,
@@ -478,6 +479,23 @@ fn replay_onto(txn: &redb::ReadTransaction, mut book: Book) -> Result<Loaded, St
     }
     // What is held: the open holds, committed with the records above.
     let mut expiring = Vec::new();
+    for_each_open_hold(txn, |h| {
+        let held =
+            book.held(&h.hold.from).checked_add(h.hold.amount).ok_or_else(|| StoreError::Corrupt("held".into()))?;
+        book.set_held(&h.hold.from, held);
+        if h.expires_at > 0 {
+            expiring.push((h.expires_at, h.id));
+        }
+        Ok(())
+    })?;
+    Ok(Loaded { book, head, expiring, replayed: head.id - checkpoint })
+}
+
+/// Calls `f` with every open hold, each checked to be stored and open.
+pub(super) fn for_each_open_hold(
+    txn: &redb::ReadTransaction,
+    mut f: impl FnMut(&HoldRecord) -> Result<(), StoreError>,
+) -> Result<(), StoreError> {
     let holds = txn.open_table(HOLDS)?;
     for row in txn.open_table(OPEN_HOLDS)?.iter()? {
         let id = row?.0.value();
@@ -486,14 +504,9 @@ fn replay_onto(txn: &redb::ReadTransaction, mut book: Book) -> Result<Loaded, St
         if h.hold.status != crate::ledger::HoldStatus::Open {
             return Err(StoreError::Corrupt(format!("hold {id} is listed open but is {}", h.hold.status.as_str())));
         }
-        let held =
-            book.held(&h.hold.from).checked_add(h.hold.amount).ok_or_else(|| StoreError::Corrupt("held".into()))?;
-        book.set_held(&h.hold.from, held);
-        if h.expires_at > 0 {
-            expiring.push((h.expires_at, h.id));
-        }
+        f(&h)?;
     }
-    Ok(Loaded { book, head, expiring, replayed: head.id - checkpoint })
+    Ok(())
 }
 
 pub(super) fn read_head(txn: &redb::ReadTransaction) -> Result<Head, StoreError> {
