@@ -179,7 +179,8 @@ pub(super) fn balances_sum(txn: &redb::ReadTransaction, group: usize) -> Result<
             if i == 2 && delta == 0 {
                 continue;
             }
-            tail.legs.push(Leg { account: account.into(), id: r.id, delta, num: 0 });
+            let at = u32::try_from(tail.legs.len()).expect("a group is far below 2^32 legs");
+            tail.legs.push(Leg { account: account.into(), id: r.id, delta, num: 0, at });
         }
         if tail.legs.len() >= group {
             tail.settle()?;
@@ -213,16 +214,19 @@ pub(super) fn balances_sum(txn: &redb::ReadTransaction, group: usize) -> Result<
 /// order and then in number order, so that neighbouring lookups share
 /// redb's pages. One at a time in record order, at 10M accounts nearly
 /// every lookup read a page in: an audit after 20 s of load took ~50 s
-/// longer than loading's book. A group holds ~64 MiB at most.
+/// longer than loading's book. A group holds ~56 MiB at most.
 const LEG_GROUP: usize = 1 << 20;
 
 /// A leg to add to `num`'s balance if its row does not hold record `id`.
 struct Leg {
-    account: Box<str>,
+    /// Inline when short, so that sorting by it compares bytes in place.
+    account: crate::ledger::AccountKey,
     id: u64,
     delta: i64,
     /// Its account's number, once looked up.
     num: u32,
+    /// Its place among the group's legs, in record order.
+    at: u32,
 }
 
 /// The walk of the records after the checkpoint in [`balances_sum`].
@@ -243,27 +247,27 @@ impl Tail<'_> {
     /// account, in that order).
     fn settle(&mut self) -> Result<(), StoreError> {
         let legs = &mut self.legs;
-        let mut order: Vec<usize> = (0..legs.len()).collect();
-        order.sort_unstable_by(|&a, &b| legs[a].account.cmp(&legs[b].account));
-        let mut before: Option<usize> = None;
-        for &i in &order {
-            legs[i].num = match before {
-                Some(b) if legs[b].account == legs[i].account => legs[b].num,
+        legs.sort_unstable_by(|a, b| a.account.as_str().cmp(b.account.as_str()));
+        for i in 0..legs.len() {
+            legs[i].num = match i.checked_sub(1).map(|b| &legs[b]) {
+                Some(b) if b.account.as_str() == legs[i].account.as_str() => b.num,
                 _ => {
-                    let meta = self.accounts.get(&*legs[i].account)?.ok_or_else(|| {
+                    let meta = self.accounts.get(legs[i].account.as_str())?.ok_or_else(|| {
                         StoreError::Corrupt(format!("replaying transfer {}: unknown account", legs[i].id))
                     })?;
                     StoredMeta::decode(meta.value())?.num
                 }
             };
-            before = Some(i);
         }
-        order.sort_unstable_by_key(|&i| legs[i].num);
-        for &i in &order {
-            if let std::collections::hash_map::Entry::Vacant(e) = self.touched.entry(legs[i].num) {
-                e.insert(self.rows.get(legs[i].num)?);
+        let mut nums: Vec<u32> = legs.iter().map(|l| l.num).collect();
+        nums.sort_unstable();
+        nums.dedup();
+        for num in nums {
+            if let std::collections::hash_map::Entry::Vacant(e) = self.touched.entry(num) {
+                e.insert(self.rows.get(num)?);
             }
         }
+        legs.sort_unstable_by_key(|l| l.at);
         for leg in legs.drain(..) {
             let row = self.touched.get_mut(&leg.num).expect("looked up above");
             if leg.id > row.1 {
