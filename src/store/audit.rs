@@ -167,11 +167,17 @@ pub(super) fn balances_sum(txn: &redb::ReadTransaction, group: usize) -> Result<
             .ok_or_else(|| corrupt(format!("checkpoint record {id} is missing")))?,
     };
     let mut expected = checkpoint + 1;
-    let mut tail = Tail { accounts: &accounts, rows: &rows, touched: Default::default(), legs: Vec::new(), sum };
+    let waiting = Vec::with_capacity(group.clamp(3, 1 << 12));
+    let mut tail = Tail { accounts: &accounts, rows: &rows, touched: Default::default(), legs: waiting, sum };
     for_each_record(&chunks, checkpoint + 1, |stored| {
         let r = stored.record()?;
         if r.id != stored.id || r.id != expected || r.prev != prev {
             return Err(corrupt(format!("the journal breaks at transfer {}", stored.id)));
+        }
+        // A record's legs (at most 3) join a group only whole, and the
+        // group never grows past `group`.
+        if tail.legs.len() + 3 > group.max(3) {
+            tail.settle()?;
         }
         for (i, (account, delta)) in legs(&r)?.into_iter().enumerate() {
             // As in `recovery::replay_noting`: both parties must exist,
@@ -181,9 +187,6 @@ pub(super) fn balances_sum(txn: &redb::ReadTransaction, group: usize) -> Result<
             }
             let at = u32::try_from(tail.legs.len()).expect("a group is far below 2^32 legs");
             tail.legs.push(Leg { account: account.into(), id: r.id, delta, num: 0, at });
-        }
-        if tail.legs.len() >= group {
-            tail.settle()?;
         }
         prev = stored.hash;
         expected += 1;

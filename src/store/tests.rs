@@ -1216,6 +1216,7 @@ fn rows_of_one_account_each_move_into_blocks_once_and_old_readers_are_refused() 
 
 mod audit_sum {
     use super::*;
+    use crate::ledger::TREASURY;
     use proptest::prelude::*;
     use proptest::sample::Index;
 
@@ -1223,12 +1224,14 @@ mod audit_sum {
         #![proptest_config(ProptestConfig::with_cases(96))]
         /// `audit` sums the balances as loading does, without loading's
         /// book: rows that already hold some of the records after the
-        /// checkpoint (whose legs must not count twice), fees, and holds
-        /// and voids (which move nothing).
+        /// checkpoint (whose legs must not count twice), fees, holds and
+        /// voids (which move nothing), and records that name an account
+        /// twice (a party to itself, or `@treasury` paid its own fee),
+        /// whose second leg loading skips.
         #[test]
         fn the_audit_sums_what_loading_loads(
             rows in proptest::collection::vec((-1000i64..1000, any::<Index>()), 2..12),
-            tail in proptest::collection::vec((0u8..4, any::<Index>(), any::<Index>(), 1i64..100), 0..60),
+            tail in proptest::collection::vec((0u8..7, any::<Index>(), any::<Index>(), 1i64..100), 0..60),
             group in 1usize..8,
             checkpoint in any::<Index>(),
         ) {
@@ -1241,13 +1244,16 @@ mod audit_sum {
                 .map(|(kind, from, to, amount)| {
                     let from = from.index(n);
                     let to = (from + 1 + to.index(n - 1)) % n;
-                    let (kind, fee) = match kind {
-                        0 => (Kind::Hold, 0),
-                        1 => (Kind::Void, 0),
-                        2 => (Kind::Transfer, amount / 3),
-                        _ => (Kind::Transfer, 0),
-                    };
-                    (kind, names[from].as_str(), names[to].as_str(), *amount, fee)
+                    let (from, to) = (names[from].as_str(), names[to].as_str());
+                    match kind {
+                        0 => (Kind::Hold, from, to, *amount, 0),
+                        1 => (Kind::Void, from, to, *amount, 0),
+                        2 => (Kind::Transfer, from, to, *amount, amount / 3),
+                        3 => (Kind::Transfer, from, from, *amount, amount / 3),
+                        4 => (Kind::Transfer, TREASURY, to, *amount, amount / 3),
+                        5 => (Kind::Transfer, from, TREASURY, *amount, amount / 3),
+                        _ => (Kind::Transfer, from, to, *amount, 0),
+                    }
                 })
                 .collect();
             let txn = db.begin_write().unwrap();
@@ -1278,6 +1284,57 @@ mod audit_sum {
             // Its legs looked up a few at a time, as a long tail is.
             let grouped = super::super::audit::balances_sum(&db.begin_read().unwrap(), group).unwrap();
             prop_assert_eq!(grouped, loaded.book.sum());
+        }
+    }
+
+    /// Whether a leg counts, and whether a balance overflows, depend on
+    /// the order of the records: the audit refuses exactly what loading
+    /// refuses, in groups of any size.
+    #[test]
+    fn the_audit_refuses_what_loading_refuses() {
+        // a00 starts 10 below the top: paying 50 then being paid 50 fits,
+        // the other way round overflows.
+        let fits: &[(Kind, &str, &str, i64, i64)] =
+            &[(Kind::Transfer, "a00", "a01", 50, 0), (Kind::Transfer, "a01", "a00", 50, 0)];
+        let overflows: &[(Kind, &str, &str, i64, i64)] =
+            &[(Kind::Transfer, "a01", "a00", 50, 0), (Kind::Transfer, "a00", "a01", 50, 0)];
+        let unknown: &[(Kind, &str, &str, i64, i64)] =
+            &[(Kind::Transfer, "a00", "a01", 5, 0), (Kind::Transfer, "a01", "ghost", 5, 0)];
+        for (records, refused) in [(fits, None), (overflows, Some("overflow")), (unknown, Some("unknown account"))] {
+            let dir = tempfile::tempdir().unwrap();
+            let db = open(&dir.path().join("t.redb")).unwrap();
+            let txn = db.begin_write().unwrap();
+            {
+                let mut accounts = txn.open_table(ACCOUNTS).unwrap();
+                for (i, balance) in [i64::MAX - 10, 0].into_iter().enumerate() {
+                    let num = 3 + u32::try_from(i).unwrap();
+                    accounts
+                        .insert(
+                            format!("a{i:02}").as_str(),
+                            &AccountMeta { num, ..AccountMeta::default() }.encode()[..],
+                        )
+                        .unwrap();
+                    balances::put(&txn, num, (balance, 0)).unwrap();
+                }
+            }
+            txn.commit().unwrap();
+            append_records(&db, records);
+            let loaded = load(&db, Limits::default());
+            for group in 1..=7 {
+                let summed = super::super::audit::balances_sum(&db.begin_read().unwrap(), group);
+                match (refused, &loaded, summed) {
+                    (None, Ok(l), Ok(sum)) => assert_eq!(sum, l.book.sum(), "group {group}"),
+                    (Some(why), Err(StoreError::Corrupt(l)), Err(StoreError::Corrupt(a))) => {
+                        assert!(l.contains(why) && a.contains(why), "group {group}: loading {l}, audit {a}");
+                    }
+                    (_, l, a) => panic!(
+                        "group {group}: wanted {refused:?}, loading {:?}, audit {:?}",
+                        l.as_ref().map(|_| ()).map_err(ToString::to_string),
+                        a.map_err(|e| e.to_string())
+                    ),
+                }
+            }
+            assert_eq!(audit(&db, &History::none()).unwrap().chain_ok, refused.is_none());
         }
     }
 }
