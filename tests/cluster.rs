@@ -669,6 +669,94 @@ async fn the_rust_client_follows_the_leader_and_resends_only_keyed_writes() {
     assert_ne!(cluster.leader().await, leader);
 }
 
+/// A proxy in front of one member's client port that can end every
+/// connection it carries with a reset. A member closes a connection with
+/// a FIN, which the client may notice only after its next request has
+/// left; after a reset, the client's next write fails before a byte of it
+/// leaves, if its reader has not already seen the connection end.
+struct ClientProxy {
+    addr: SocketAddr,
+    cut: tokio::sync::watch::Sender<u64>,
+    accepted: Arc<std::sync::atomic::AtomicUsize>,
+    reset: tokio::sync::mpsc::UnboundedReceiver<()>,
+}
+
+impl ClientProxy {
+    async fn start(real: SocketAddr) -> ClientProxy {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (cut, watch) = tokio::sync::watch::channel(0u64);
+        let (was_reset, reset) = tokio::sync::mpsc::unbounded_channel();
+        let accepted = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let count = accepted.clone();
+        tokio::spawn(async move {
+            loop {
+                let Ok((mut inbound, _)) = listener.accept().await else { return };
+                count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                // Only cuts made from now on end this connection.
+                let mut watch = watch.clone();
+                watch.borrow_and_update();
+                let was_reset = was_reset.clone();
+                tokio::spawn(async move {
+                    let Ok(mut outbound) = tokio::net::TcpStream::connect(real).await else { return };
+                    let cut = {
+                        let copy = tokio::io::copy_bidirectional(&mut inbound, &mut outbound);
+                        tokio::pin!(copy);
+                        tokio::select! {
+                            _ = &mut copy => false,
+                            r = watch.changed() => r.is_ok(),
+                        }
+                    };
+                    if cut {
+                        // Deprecated as blocking the thread on close, which
+                        // a zero linger never does: it resets at once.
+                        #[allow(deprecated)]
+                        inbound.set_linger(Some(Duration::ZERO)).expect("SO_LINGER");
+                        drop(inbound);
+                        was_reset.send(()).ok();
+                    }
+                });
+            }
+        });
+        ClientProxy { addr, cut, accepted, reset }
+    }
+
+    /// Resets the `live` connections it carries, and returns once they are.
+    async fn cut(&mut self, live: usize) {
+        self.cut.send_modify(|g| *g += 1);
+        for _ in 0..live {
+            tokio::time::timeout(WAIT, self.reset.recv()).await.expect("a connection reset").expect("the proxy runs");
+        }
+    }
+
+    fn accepted(&self) -> usize {
+        self.accepted.load(std::sync::atomic::Ordering::SeqCst)
+    }
+}
+
+/// A call on a connection that ended before the call began never left,
+/// so it goes again on a new connection, an unkeyed write too, and is
+/// applied once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_never_sent_on_an_ended_connection_goes_again_on_a_new_one() {
+    let cluster = Cluster::start(3);
+    let (leader, token, admin) = cluster.open_bank(2).await;
+    let mut proxy = ClientProxy::start(cluster.members[&leader].client).await;
+    let mut client = tally::client::ClusterClient::new(vec![proxy.addr.to_string()]);
+    client.patience = WAIT;
+    client.auth(token);
+    let b = client.call("balance", json!({"account": account(1)})).await.expect("a balance through the proxy");
+    assert_eq!(b["balance"], EACH);
+    assert_eq!(proxy.accepted(), 1);
+    proxy.cut(1).await;
+    let t = json!({"from": account(0), "to": account(1), "amount": 7});
+    let r = client.call("transfer", t).await.expect("the unkeyed transfer, sent on a new connection");
+    assert_eq!((r["from_balance"].as_i64(), r["to_balance"].as_i64()), (Some(EACH - 7), Some(EACH + 7)), "{r}");
+    assert_eq!(proxy.accepted(), 2);
+    let b = admin.call("balance", json!({"account": account(1)})).await.expect("a balance at the leader");
+    assert_eq!(b["balance"], EACH + 7);
+}
+
 /// A fault-injecting network between members: a proxy in front of each
 /// member's Raft port. Member `i` listens on 127.0.0.(10+i) and dials from
 /// that address, so a proxy knows which member is calling; connections

@@ -1,12 +1,16 @@
 """The cluster client against three real members on loopback: it follows
-the leader, resends keyed writes after the leader is killed, and reports a
-keyless write whose answer was lost as ``unknown_outcome``."""
+the leader, resends keyed writes after the leader is killed, reports a
+keyless write whose answer was lost as ``unknown_outcome``, and sends a
+write that never left again on a new connection."""
 
 import itertools
 import os
+import selectors
 import signal
 import socket
+import struct
 import subprocess
+import threading
 import time
 
 import pytest
@@ -159,3 +163,102 @@ def test_a_keyed_write_whose_answer_timed_out_is_an_unknown_outcome(cluster):
             for p in procs.values():
                 p.send_signal(signal.SIGCONT)
         assert e.value.code == "unknown_outcome", e.value
+
+
+class _ResettingProxy:
+    """A proxy in front of one member's client port that can end every
+    connection it carries with a reset (:meth:`cut`). After a reset, a
+    client's next write fails before a byte of it leaves (after a member's
+    FIN it would still leave). One thread moves the bytes, so no other
+    thread is inside a call on a socket when it is reset (a socket closed
+    under a blocked ``recv`` is released, and reset, only once that returns)."""
+
+    def __init__(self, target: str) -> None:
+        host, port = target.rsplit(":", 1)
+        self._target = (host, int(port))
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self.addr = "127.0.0.1:%d" % self._listener.getsockname()[1]
+        self.accepted = 0
+        self._wake, self._woken = socket.socketpair()
+        self._reset = threading.Event()
+        threading.Thread(target=self._run, daemon=True).start()
+
+    def cut(self, within: float = 30.0) -> None:
+        """Resets every connection it carries; returns once they are reset."""
+        self._reset.clear()
+        self._wake.send(b"x")
+        assert self._reset.wait(within), "the proxy did not reset its connections"
+
+    def close(self) -> None:
+        self._wake.close()
+
+    def _run(self) -> None:
+        sel = selectors.DefaultSelector()
+        sel.register(self._listener, selectors.EVENT_READ)
+        sel.register(self._woken, selectors.EVENT_READ)
+        other = {}  # each end of a carried connection -> its other end
+        inbound = []
+
+        def drop(s):
+            for end in (s, other.get(s)):
+                if end in other:
+                    sel.unregister(end)
+                    del other[end]
+                    end.close()
+
+        while True:
+            for key, _ in sel.select():
+                s = key.fileobj
+                if s is self._listener:
+                    a, _ = s.accept()
+                    b = socket.create_connection(self._target)
+                    self.accepted += 1
+                    other[a], other[b] = b, a
+                    inbound.append(a)
+                    sel.register(a, selectors.EVENT_READ)
+                    sel.register(b, selectors.EVENT_READ)
+                elif s is self._woken:
+                    if not s.recv(1):
+                        self._listener.close()
+                        return
+                    for a in inbound:
+                        if a in other:
+                            a.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                            drop(a)
+                    inbound.clear()
+                    self._reset.set()
+                elif s in other:  # not dropped earlier in this round
+                    try:
+                        data = s.recv(65536)
+                        if data:
+                            other[s].sendall(data)
+                            continue
+                    except OSError:
+                        pass
+                    drop(s)
+
+
+def test_a_write_never_sent_on_an_ended_connection_goes_again_on_a_new_one(cluster):
+    """A write on a connection that ended before it was sent never left, so
+    it goes again on a new connection, a keyless one too, and is applied once."""
+    addrs, _ = cluster
+    leader = _leader(addrs)
+    host, port = addrs[leader].rsplit(":", 1)
+    with Client(host, int(port)) as c:
+        token = c.login("admin", ADMIN_PASSWORD)["token"]
+        c.create_account("a", initial=100)
+        c.create_account("b")
+    proxy = _ResettingProxy(addrs[leader])
+    try:
+        with ClusterClient([proxy.addr], token=token, patience=30.0) as cc:
+            assert cc.balance("b")["balance"] == 0
+            assert proxy.accepted == 1
+            proxy.cut()
+            r = cc.transfer("b", 7, from_="a")
+            assert (r["from_balance"], r["to_balance"]) == (93, 7)
+            assert proxy.accepted == 2
+    finally:
+        proxy.close()
+    with Client(host, int(port)) as c:
+        c.auth(token=token)
+        assert c.balance("b")["balance"] == 7
