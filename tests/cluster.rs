@@ -669,64 +669,102 @@ async fn the_rust_client_follows_the_leader_and_resends_only_keyed_writes() {
     assert_ne!(cluster.leader().await, leader);
 }
 
-/// A proxy in front of one member's client port that can end every
-/// connection it carries with a reset. A member closes a connection with
-/// a FIN, which the client may notice only after its next request has
-/// left; after a reset, the client's next write fails before a byte of it
-/// leaves, if its reader has not already seen the connection end.
+/// A proxy in front of one member's client port that can end the
+/// connections it carries with a reset. A member closes a connection with
+/// a FIN, after which a client's next request still leaves; after a reset
+/// it cannot. On loopback the reset reaches the client's socket before the
+/// proxy's `close` returns, so once [`ClientProxy::cut`] returns, the
+/// client's next write on that connection fails, if its reader has not
+/// already seen the connection end.
 struct ClientProxy {
     addr: SocketAddr,
-    cut: tokio::sync::watch::Sender<u64>,
+    /// Connections accepted so far.
     accepted: Arc<std::sync::atomic::AtomicUsize>,
-    reset: tokio::sync::mpsc::UnboundedReceiver<()>,
+    /// Connections being carried now.
+    live: Arc<tokio::sync::watch::Sender<usize>>,
+    cut: tokio::sync::watch::Sender<u64>,
+    /// Reset the connection whose client sends bytes next, forwarding none
+    /// of them.
+    swallow: Arc<std::sync::atomic::AtomicBool>,
+}
+
+/// One connection carried: counted in `live` until it ends.
+struct Carried(Arc<tokio::sync::watch::Sender<usize>>);
+
+impl Drop for Carried {
+    fn drop(&mut self) {
+        self.0.send_modify(|n| *n -= 1);
+    }
 }
 
 impl ClientProxy {
     async fn start(real: SocketAddr) -> ClientProxy {
+        use std::sync::atomic::Ordering::SeqCst;
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let (cut, watch) = tokio::sync::watch::channel(0u64);
-        let (was_reset, reset) = tokio::sync::mpsc::unbounded_channel();
+        let live = Arc::new(tokio::sync::watch::channel(0usize).0);
         let accepted = Arc::new(std::sync::atomic::AtomicUsize::new(0));
-        let count = accepted.clone();
+        let swallow = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (count, carried, swallowing) = (accepted.clone(), live.clone(), swallow.clone());
         tokio::spawn(async move {
             loop {
                 let Ok((mut inbound, _)) = listener.accept().await else { return };
-                count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-                // Only cuts made from now on end this connection.
+                count.fetch_add(1, SeqCst);
+                carried.send_modify(|n| *n += 1);
+                let carried = Carried(carried.clone());
+                // A cut sent before this connection was accepted does not end it.
                 let mut watch = watch.clone();
                 watch.borrow_and_update();
-                let was_reset = was_reset.clone();
+                let swallow = swallowing.clone();
                 tokio::spawn(async move {
                     let Ok(mut outbound) = tokio::net::TcpStream::connect(real).await else { return };
-                    let cut = {
-                        let copy = tokio::io::copy_bidirectional(&mut inbound, &mut outbound);
-                        tokio::pin!(copy);
+                    let reset = {
+                        let (mut from_client, mut to_client) = inbound.split();
+                        let (mut from_member, mut to_member) = outbound.split();
+                        let up = async {
+                            let mut buf = vec![0u8; 64 * 1024];
+                            loop {
+                                let n = from_client.read(&mut buf).await.unwrap_or(0);
+                                if n == 0 {
+                                    return false;
+                                }
+                                if swallow.swap(false, SeqCst) {
+                                    return true;
+                                }
+                                if to_member.write_all(&buf[..n]).await.is_err() {
+                                    return false;
+                                }
+                            }
+                        };
                         tokio::select! {
-                            _ = &mut copy => false,
+                            reset = up => reset,
+                            _ = tokio::io::copy(&mut from_member, &mut to_client) => false,
                             r = watch.changed() => r.is_ok(),
                         }
                     };
-                    if cut {
+                    if reset {
                         // Deprecated as blocking the thread on close, which
                         // a zero linger never does: it resets at once.
                         #[allow(deprecated)]
                         inbound.set_linger(Some(Duration::ZERO)).expect("SO_LINGER");
-                        drop(inbound);
-                        was_reset.send(()).ok();
                     }
+                    // Closed (and reset) before it counts as ended.
+                    drop(inbound);
+                    drop(carried);
                 });
             }
         });
-        ClientProxy { addr, cut, accepted, reset }
+        ClientProxy { addr, accepted, live, cut, swallow }
     }
 
-    /// Resets the `live` connections it carries, and returns once they are.
-    async fn cut(&mut self, live: usize) {
+    /// Resets every connection it carries, and returns once they are.
+    async fn cut(&self) {
+        let mut live = self.live.subscribe();
         self.cut.send_modify(|g| *g += 1);
-        for _ in 0..live {
-            tokio::time::timeout(WAIT, self.reset.recv()).await.expect("a connection reset").expect("the proxy runs");
-        }
+        let none = tokio::time::timeout(WAIT, live.wait_for(|&n| n == 0)).await;
+        none.expect("the connections reset in time").expect("the proxy runs");
     }
 
     fn accepted(&self) -> usize {
@@ -741,18 +779,47 @@ impl ClientProxy {
 async fn a_write_never_sent_on_an_ended_connection_goes_again_on_a_new_one() {
     let cluster = Cluster::start(3);
     let (leader, token, admin) = cluster.open_bank(2).await;
-    let mut proxy = ClientProxy::start(cluster.members[&leader].client).await;
+    let proxy = ClientProxy::start(cluster.members[&leader].client).await;
     let mut client = tally::client::ClusterClient::new(vec![proxy.addr.to_string()]);
     client.patience = WAIT;
     client.auth(token);
     let b = client.call("balance", json!({"account": account(1)})).await.expect("a balance through the proxy");
     assert_eq!(b["balance"], EACH);
-    assert_eq!(proxy.accepted(), 1);
-    proxy.cut(1).await;
+    proxy.cut().await;
+    let before = proxy.accepted();
     let t = json!({"from": account(0), "to": account(1), "amount": 7});
     let r = client.call("transfer", t).await.expect("the unkeyed transfer, sent on a new connection");
     assert_eq!((r["from_balance"].as_i64(), r["to_balance"].as_i64()), (Some(EACH - 7), Some(EACH + 7)), "{r}");
-    assert_eq!(proxy.accepted(), 2);
+    assert!(proxy.accepted() > before, "sent on a new connection");
+    let b = admin.call("balance", json!({"account": account(1)})).await.expect("a balance at the leader");
+    assert_eq!(b["balance"], EACH + 7);
+}
+
+/// An unkeyed write whose answer was lost may have been applied, so the
+/// client says `unknown_outcome` and does not send it again. Here it was
+/// not (the proxy forwarded none of it), so a resend would show in the
+/// balance.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unkeyed_write_whose_answer_was_lost_is_not_sent_again() {
+    let cluster = Cluster::start(3);
+    let (leader, token, admin) = cluster.open_bank(2).await;
+    let proxy = ClientProxy::start(cluster.members[&leader].client).await;
+    let mut client = tally::client::ClusterClient::new(vec![proxy.addr.to_string()]);
+    client.patience = WAIT;
+    client.auth(token);
+    let b = client.call("balance", json!({"account": account(1)})).await.expect("a balance through the proxy");
+    assert_eq!(b["balance"], EACH);
+    proxy.swallow.store(true, std::sync::atomic::Ordering::SeqCst);
+    let t = json!({"from": account(0), "to": account(1), "amount": 7});
+    let e = client.call("transfer", t).await.expect_err("the connection was reset after the request left");
+    assert_eq!(e.code(), Some("unknown_outcome"), "{e}");
+    let b = admin.call("balance", json!({"account": account(1)})).await.expect("a balance at the leader");
+    assert_eq!(b["balance"], EACH, "the transfer was sent again");
+    // A keyed one, its answer lost the same way, is sent again, once.
+    proxy.swallow.store(true, std::sync::atomic::Ordering::SeqCst);
+    let t = json!({"from": account(0), "to": account(1), "amount": 7, "key": "lost-once"});
+    let r = client.call("transfer", t).await.expect("the keyed transfer, sent again");
+    assert_eq!(r["to_balance"].as_i64(), Some(EACH + 7), "{r}");
     let b = admin.call("balance", json!({"account": account(1)})).await.expect("a balance at the leader");
     assert_eq!(b["balance"], EACH + 7);
 }
