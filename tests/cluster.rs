@@ -683,9 +683,9 @@ struct ClientProxy {
     /// Connections being carried now.
     live: Arc<tokio::sync::watch::Sender<usize>>,
     cut: tokio::sync::watch::Sender<u64>,
-    /// Reset the connection whose client sends bytes next, forwarding none
-    /// of them.
-    swallow: Arc<std::sync::atomic::AtomicBool>,
+    /// Reset the connection to which the member answers next, the answer
+    /// not passed on: the request was applied and its answer lost.
+    lose_answer: Arc<std::sync::atomic::AtomicBool>,
 }
 
 /// One connection carried: counted in `live` until it ends.
@@ -706,8 +706,8 @@ impl ClientProxy {
         let (cut, watch) = tokio::sync::watch::channel(0u64);
         let live = Arc::new(tokio::sync::watch::channel(0usize).0);
         let accepted = Arc::new(std::sync::atomic::AtomicUsize::new(0));
-        let swallow = Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let (count, carried, swallowing) = (accepted.clone(), live.clone(), swallow.clone());
+        let lose_answer = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (count, carried, losing) = (accepted.clone(), live.clone(), lose_answer.clone());
         tokio::spawn(async move {
             loop {
                 let Ok((mut inbound, _)) = listener.accept().await else { return };
@@ -717,30 +717,34 @@ impl ClientProxy {
                 // A cut sent before this connection was accepted does not end it.
                 let mut watch = watch.clone();
                 watch.borrow_and_update();
-                let swallow = swallowing.clone();
+                let lose = losing.clone();
                 tokio::spawn(async move {
-                    let Ok(mut outbound) = tokio::net::TcpStream::connect(real).await else { return };
+                    let Ok(mut outbound) = tokio::net::TcpStream::connect(real).await else {
+                        drop(inbound);
+                        drop(carried);
+                        return;
+                    };
                     let reset = {
                         let (mut from_client, mut to_client) = inbound.split();
                         let (mut from_member, mut to_member) = outbound.split();
-                        let up = async {
+                        let down = async {
                             let mut buf = vec![0u8; 64 * 1024];
                             loop {
-                                let n = from_client.read(&mut buf).await.unwrap_or(0);
+                                let n = from_member.read(&mut buf).await.unwrap_or(0);
                                 if n == 0 {
                                     return false;
                                 }
-                                if swallow.swap(false, SeqCst) {
+                                if lose.swap(false, SeqCst) {
                                     return true;
                                 }
-                                if to_member.write_all(&buf[..n]).await.is_err() {
+                                if to_client.write_all(&buf[..n]).await.is_err() {
                                     return false;
                                 }
                             }
                         };
                         tokio::select! {
-                            reset = up => reset,
-                            _ = tokio::io::copy(&mut from_member, &mut to_client) => false,
+                            reset = down => reset,
+                            _ = tokio::io::copy(&mut from_client, &mut to_member) => false,
                             r = watch.changed() => r.is_ok(),
                         }
                     };
@@ -756,15 +760,22 @@ impl ClientProxy {
                 });
             }
         });
-        ClientProxy { addr, accepted, live, cut, swallow }
+        ClientProxy { addr, accepted, live, cut, lose_answer }
     }
 
-    /// Resets every connection it carries, and returns once they are.
+    /// Resets every connection it carries, and returns once they are. No
+    /// connection may arrive meanwhile: one accepted as the cut is sent
+    /// may not be reset, and the wait would then run out.
     async fn cut(&self) {
         let mut live = self.live.subscribe();
         self.cut.send_modify(|g| *g += 1);
         let none = tokio::time::timeout(WAIT, live.wait_for(|&n| n == 0)).await;
         none.expect("the connections reset in time").expect("the proxy runs");
+    }
+
+    /// Loses the next answer the member sends (see `lose_answer`).
+    fn lose_next_answer(&self) {
+        self.lose_answer.store(true, std::sync::atomic::Ordering::SeqCst);
     }
 
     fn accepted(&self) -> usize {
@@ -795,33 +806,42 @@ async fn a_write_never_sent_on_an_ended_connection_goes_again_on_a_new_one() {
     assert_eq!(b["balance"], EACH + 7);
 }
 
-/// An unkeyed write whose answer was lost may have been applied, so the
-/// client says `unknown_outcome` and does not send it again. Here it was
-/// not (the proxy forwarded none of it), so a resend would show in the
+/// A write whose answer was lost may have been applied: an unkeyed one is
+/// `unknown_outcome` and not sent again, a keyed one is sent again, and
+/// its key makes the resend answer with the first send's record. Here
+/// both first sends were applied, so a resend of either shows in the
 /// balance.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_unkeyed_write_whose_answer_was_lost_is_not_sent_again() {
+async fn a_write_whose_answer_was_lost_is_sent_again_only_with_its_key() {
     let cluster = Cluster::start(3);
     let (leader, token, admin) = cluster.open_bank(2).await;
     let proxy = ClientProxy::start(cluster.members[&leader].client).await;
     let mut client = tally::client::ClusterClient::new(vec![proxy.addr.to_string()]);
     client.patience = WAIT;
     client.auth(token);
+    let admin = &admin;
+    let balance = move |c: &'static str| async move {
+        let b = admin.call("balance", json!({"account": account(1)})).await.expect(c);
+        b["balance"].as_i64().expect("a balance")
+    };
+    // Bound to the leader, so the next answer is the transfer's.
     let b = client.call("balance", json!({"account": account(1)})).await.expect("a balance through the proxy");
     assert_eq!(b["balance"], EACH);
-    proxy.swallow.store(true, std::sync::atomic::Ordering::SeqCst);
+    proxy.lose_next_answer();
     let t = json!({"from": account(0), "to": account(1), "amount": 7});
-    let e = client.call("transfer", t).await.expect_err("the connection was reset after the request left");
+    let e = client.call("transfer", t).await.expect_err("the answer was lost");
     assert_eq!(e.code(), Some("unknown_outcome"), "{e}");
-    let b = admin.call("balance", json!({"account": account(1)})).await.expect("a balance at the leader");
-    assert_eq!(b["balance"], EACH, "the transfer was sent again");
-    // A keyed one, its answer lost the same way, is sent again, once.
-    proxy.swallow.store(true, std::sync::atomic::Ordering::SeqCst);
-    let t = json!({"from": account(0), "to": account(1), "amount": 7, "key": "lost-once"});
-    let r = client.call("transfer", t).await.expect("the keyed transfer, sent again");
-    assert_eq!(r["to_balance"].as_i64(), Some(EACH + 7), "{r}");
-    let b = admin.call("balance", json!({"account": account(1)})).await.expect("a balance at the leader");
+    assert_eq!(balance("a balance at the leader").await, EACH + 7, "applied once, not sent again");
+
+    let b = client.call("balance", json!({"account": account(1)})).await.expect("a balance on a new connection");
     assert_eq!(b["balance"], EACH + 7);
+    let before = proxy.accepted();
+    proxy.lose_next_answer();
+    let t = json!({"from": account(0), "to": account(1), "amount": 5, "key": "lost-once"});
+    let r = client.call("transfer", t).await.expect("the keyed transfer, sent again");
+    assert_eq!((r["amount"].as_i64(), r["key"].as_str()), (Some(5), Some("lost-once")), "{r}");
+    assert!(proxy.accepted() > before, "sent again on a new connection");
+    assert_eq!(balance("a balance at the leader").await, EACH + 12, "applied once");
 }
 
 /// A fault-injecting network between members: a proxy in front of each

@@ -200,48 +200,49 @@ class _ResettingProxy:
         assert not self._thread.is_alive(), "the proxy did not stop"
 
     def _run(self) -> None:
+        self._sel = selectors.DefaultSelector()
+        self._other = {}  # each end of a carried connection -> its other end
+        self._inbound = []
         try:
-            self._carry()
+            self._sel.register(self._listener, selectors.EVENT_READ)
+            self._sel.register(self._woken, selectors.EVENT_READ)
+            self._move()
         finally:
-            for s in (self._listener, self._woken):
-                s.close()
+            for end in list(self._other):
+                self._drop(end)
+            self._sel.close()
+            self._listener.close()
+            self._woken.close()
 
-    def _carry(self) -> None:
-        sel = selectors.DefaultSelector()
-        sel.register(self._listener, selectors.EVENT_READ)
-        sel.register(self._woken, selectors.EVENT_READ)
-        other = {}  # each end of a carried connection -> its other end
-        inbound = []
+    def _drop(self, s) -> None:
+        """Closes both ends of the connection `s` is an end of."""
+        for end in (s, self._other.get(s)):
+            if end in self._other:
+                self._sel.unregister(end)
+                del self._other[end]
+                end.close()
 
-        def drop(s):
-            for end in (s, other.get(s)):
-                if end in other:
-                    sel.unregister(end)
-                    del other[end]
-                    end.close()
-
+    def _move(self) -> None:
+        other = self._other
         while True:
-            for key, _ in sel.select():
+            for key, _ in self._sel.select():
                 s = key.fileobj
                 if s is self._listener:
                     a, _ = s.accept()
                     b = socket.create_connection(self._target)
                     self.accepted += 1
                     other[a], other[b] = b, a
-                    inbound.append(a)
-                    sel.register(a, selectors.EVENT_READ)
-                    sel.register(b, selectors.EVENT_READ)
+                    self._inbound.append(a)
+                    self._sel.register(a, selectors.EVENT_READ)
+                    self._sel.register(b, selectors.EVENT_READ)
                 elif s is self._woken:
                     if not s.recv(1):
-                        for end in list(other):
-                            drop(end)
-                        sel.close()
                         return
-                    for a in inbound:
+                    for a in self._inbound:
                         if a in other:
                             a.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-                            drop(a)
-                    inbound.clear()
+                            self._drop(a)
+                    self._inbound.clear()
                     self._reset.set()
                 elif s in other:  # not dropped earlier in this round
                     try:
@@ -251,7 +252,7 @@ class _ResettingProxy:
                             continue
                     except OSError:
                         pass
-                    drop(s)
+                    self._drop(s)
 
 
 def test_a_write_never_sent_on_an_ended_connection_goes_again_on_a_new_one(cluster):
