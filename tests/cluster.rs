@@ -781,6 +781,21 @@ impl ClientProxy {
     fn accepted(&self) -> usize {
         self.accepted.load(std::sync::atomic::Ordering::SeqCst)
     }
+
+    /// A cluster with two accounts of [`EACH`], a proxy in front of its
+    /// leader, a cluster client given only the proxy and bound to the
+    /// leader through it by a read, and an admin connection to the leader.
+    async fn bound() -> (Cluster, ClientProxy, tally::client::ClusterClient, Client) {
+        let cluster = Cluster::start(3);
+        let (leader, token, admin) = cluster.open_bank(2).await;
+        let proxy = ClientProxy::start(cluster.members[&leader].client).await;
+        let mut client = tally::client::ClusterClient::new(vec![proxy.addr.to_string()]);
+        client.patience = WAIT;
+        client.auth(token);
+        let b = client.call("balance", json!({"account": account(1)})).await.expect("a balance through the proxy");
+        assert_eq!(b["balance"], EACH);
+        (cluster, proxy, client, admin)
+    }
 }
 
 /// A call on a connection that ended before the call began never left,
@@ -788,14 +803,7 @@ impl ClientProxy {
 /// applied once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_write_never_sent_on_an_ended_connection_goes_again_on_a_new_one() {
-    let cluster = Cluster::start(3);
-    let (leader, token, admin) = cluster.open_bank(2).await;
-    let proxy = ClientProxy::start(cluster.members[&leader].client).await;
-    let mut client = tally::client::ClusterClient::new(vec![proxy.addr.to_string()]);
-    client.patience = WAIT;
-    client.auth(token);
-    let b = client.call("balance", json!({"account": account(1)})).await.expect("a balance through the proxy");
-    assert_eq!(b["balance"], EACH);
+    let (_cluster, proxy, client, admin) = ClientProxy::bound().await;
     proxy.cut().await;
     let before = proxy.accepted();
     let t = json!({"from": account(0), "to": account(1), "amount": 7});
@@ -813,20 +821,13 @@ async fn a_write_never_sent_on_an_ended_connection_goes_again_on_a_new_one() {
 /// balance.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_write_whose_answer_was_lost_is_sent_again_only_with_its_key() {
-    let cluster = Cluster::start(3);
-    let (leader, token, admin) = cluster.open_bank(2).await;
-    let proxy = ClientProxy::start(cluster.members[&leader].client).await;
-    let mut client = tally::client::ClusterClient::new(vec![proxy.addr.to_string()]);
-    client.patience = WAIT;
-    client.auth(token);
+    let (_cluster, proxy, client, admin) = ClientProxy::bound().await;
     let admin = &admin;
     let balance = move |c: &'static str| async move {
         let b = admin.call("balance", json!({"account": account(1)})).await.expect(c);
         b["balance"].as_i64().expect("a balance")
     };
     // Bound to the leader, so the next answer is the transfer's.
-    let b = client.call("balance", json!({"account": account(1)})).await.expect("a balance through the proxy");
-    assert_eq!(b["balance"], EACH);
     proxy.lose_next_answer();
     let t = json!({"from": account(0), "to": account(1), "amount": 7});
     let e = client.call("transfer", t).await.expect_err("the answer was lost");
